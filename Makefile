@@ -1,0 +1,68 @@
+# loupe.c - build and test. `make` builds ./loupe; `make test` runs the test suite.
+CC      ?= cc
+PYTHON  ?= python3
+CFLAGS  ?= -O3
+WARN     = -std=c99 -Wall -Wextra -pedantic
+LDLIBS   = -lm
+# OpenMP is used when the compiler has it; `make OPENMP=0` builds without it.
+OPENMP  ?= $(shell printf 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo 1 || echo 0)
+ifeq ($(OPENMP),1)
+OMPFLAGS = -fopenmp
+endif
+ALLFLAGS = $(WARN) $(CFLAGS) $(OMPFLAGS)
+
+BUILD   ?= build
+GOLDEN  ?= ../shared/golden
+CASES    = test/golden/tiny-a test/golden/tiny-b
+
+.PHONY: all test test-full test-case test-unit test-convert clean
+
+all: loupe
+
+loupe: loupe.c loupe.h
+	$(CC) $(ALLFLAGS) -o $@ loupe.c $(LDLIBS)
+
+$(BUILD):
+	mkdir -p $(BUILD)
+
+$(BUILD)/check_golden: loupe.c loupe.h test/check_golden.c | $(BUILD)
+	$(CC) $(ALLFLAGS) -DLOUPE_NO_MAIN -o $@ loupe.c test/check_golden.c $(LDLIBS)
+
+$(BUILD)/test_kernels: loupe.c loupe.h test/test_kernels.c | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/test_kernels.c $(LDLIBS)
+
+$(BUILD)/make_weights: test/make_weights.c | $(BUILD)
+	$(CC) $(WARN) $(CFLAGS) -o $@ test/make_weights.c $(LDLIBS)
+
+test: loupe test-unit test-convert
+	@for c in $(CASES); do $(MAKE) --no-print-directory test-case CASE=$$c || exit 1; done
+
+test-unit: $(BUILD)/test_kernels
+	$(BUILD)/test_kernels
+
+test-convert:
+	$(PYTHON) test/test_convert.py
+
+# Converts a golden case's weights the way users have them and checks every tensor:
+# backbone.pt + heads.safetensors if present, else model.safetensors, else weights
+# regenerated from keys.json and the config's seed by the make_weights formula.
+test-case: $(BUILD)/check_golden $(BUILD)/make_weights
+	@test -n "$(CASE)" || { echo "usage: make test-case CASE=path/to/case"; exit 2; }
+	@name=$$(basename $(CASE)); out=$(BUILD)/$$name.bin; \
+	if [ -f $(CASE)/backbone.pt ] && [ -f $(CASE)/heads.safetensors ]; then \
+	  src="$(CASE)/backbone.pt $(CASE)/heads.safetensors"; \
+	elif [ -f $(CASE)/model.safetensors ]; then \
+	  src="$(CASE)/model.safetensors"; \
+	else \
+	  seed=$$($(PYTHON) -c "import json,sys; print(json.load(open(sys.argv[1]))['seed'])" $(CASE)/config.json) || exit 1; \
+	  $(BUILD)/make_weights $(CASE)/keys.json $$seed $(BUILD)/$$name.safetensors || exit 1; \
+	  src="$(BUILD)/$$name.safetensors"; \
+	fi; \
+	$(PYTHON) tools/convert.py --config $(CASE)/config.json -o $$out $$src && \
+	$(BUILD)/check_golden $$out $(CASE)
+
+test-full:
+	$(MAKE) --no-print-directory test-case CASE=$(GOLDEN)/full-1
+
+clean:
+	rm -rf loupe $(BUILD)

@@ -1,0 +1,92 @@
+/* loupe.h - public API of loupe.c, a dependency-free C99 implementation of Loupe
+ * (Jiang et al., arXiv 2506.16819), the IJCAI 2025 deepfake detection and
+ * localization winner. MIT licensed; see LICENSE.
+ *
+ * Usage in three calls:
+ *     loupe_model   *m = loupe_model_load("loupe.bin", err, sizeof err);
+ *     loupe_session *s = loupe_session_new(m, err, sizeof err);
+ *     loupe_forward(s, pixel_values, err, sizeof err);   then read loupe_outputs(s)
+ *
+ * Errors: every function that can fail returns NULL or -1 and writes one sentence
+ * into err (err may be NULL). The library never prints and never exits.
+ * Threads: a loupe_model is read-only after loading and may be shared by any number
+ * of sessions on any threads; a loupe_session must be used by one thread at a time.
+ * With OpenMP, each forward uses up to loupe_set_threads() threads.
+ */
+#ifndef LOUPE_H
+#define LOUPE_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- Model: the weight file, memory-mapped (or read once) ---- */
+
+typedef struct loupe_model loupe_model;
+
+/* Hyperparameters of a loaded model (read-only view). */
+typedef struct loupe_config {
+    int image_size, patch_size, grid;            /* S, P, g = S / P */
+    int width, layers, heads, mlp_width;         /* Perception Encoder ViT */
+    int pool_heads, pool_mlp_width;              /* attention pooling */
+    int cls_hidden, cls_layers;                  /* classifier MLPs */
+    int feature_size, mask_feature_size, hidden_dim, m2f_heads;  /* Mask2Former */
+    int enc_layers, enc_ffn, dec_layers, dec_ffn, num_queries, num_labels;
+    int gn_groups, deform_levels, deform_points;
+    float ln_eps, fpn_ln_eps, gn_eps, rope_theta;
+} loupe_config;
+
+/* Loads and validates a weight file written by tools/convert.py. Returns NULL on
+ * error (missing file, bad magic, unsupported version, truncation, an index entry
+ * outside the file or overlapping another, a missing or mis-shaped tensor). */
+loupe_model *loupe_model_load(const char *path, char *err, size_t errsize);
+const loupe_config *loupe_model_config(const loupe_model *m);
+void loupe_model_free(loupe_model *m);
+
+/* ---- Session: activations and outputs of one forward pass ---- */
+
+typedef struct loupe_session loupe_session;
+
+/* Everything a forward pass produces. Pointers stay valid until the next forward
+ * or loupe_session_free. Shapes use g = grid, Q = num_queries, M = 4g. */
+typedef struct loupe_outputs {
+    float global_logit;          /* global classifier logit */
+    float fused_logit;           /* fuser output: upstream cls_logits */
+    float prob;                  /* sigmoid(fused_logit): probability of forgery */
+    const float *patch_logits;   /* [g*g] row-major patch logits */
+    const float *class_logits;   /* [Q][num_labels+1] final class logits */
+    const float *mask_logits;    /* [Q][M][M] final mask logits */
+    const float *seg_prob;       /* [384][384] forgery probability map */
+    int grid, num_queries, mask_size, seg_size;
+} loupe_outputs;
+
+/* Allocates one planned activation arena for the model's sizes. */
+loupe_session *loupe_session_new(const loupe_model *m, char *err, size_t errsize);
+void loupe_session_free(loupe_session *s);
+
+/* Runs stage "test" of upstream Loupe on a normalized image tensor
+ * pixel_values[3][S][S] ((x/255 - 0.5) / 0.5, channels R, G, B). */
+int loupe_forward(loupe_session *s, const float *pixel_values, char *err, size_t errsize);
+const loupe_outputs *loupe_get_outputs(const loupe_session *s);
+
+/* Post-processing at the original image size: seg_prob (may be NULL) receives
+ * [height][width] probabilities, mask (may be NULL) bytes 255 forged / 0 real. */
+int loupe_postprocess(const loupe_session *s, int width, int height, float *seg_prob,
+                      unsigned char *mask, char *err, size_t errsize);
+
+/* Observes named intermediate tensors during loupe_forward (for tests and
+ * teaching). dims are in upstream's order (e.g. 1, C, H, W); channels_last is 1
+ * when the data is stored as [H*W][C] instead of [C][H][W]. */
+typedef void (*loupe_tap_fn)(void *user, const char *name, const float *data,
+                             int ndim, const int *dims, int channels_last);
+void loupe_set_tap(loupe_session *s, loupe_tap_fn fn, void *user);
+
+/* Number of threads a forward may use (OpenMP builds; ignored otherwise). */
+void loupe_set_threads(int n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
