@@ -550,7 +550,7 @@ static norm_w bind_norm(binder *b, int n, const char *prefix)
 /* nn.MultiheadAttention: packed in_proj_weight [3E][E] and out_proj. */
 static void bind_mha(binder *b, int e, const char *prefix, linear_w *qkv, linear_w *out)
 {
-    char name[200];
+    char name[256];
     qkv->w = bind(b, 3 * e, e, 0, 0, "%s.in_proj_weight", prefix);
     qkv->b = bind(b, 3 * e, 0, 0, 0, "%s.in_proj_bias", prefix);
     snprintf(name, sizeof name, "%s.out_proj", prefix);
@@ -595,7 +595,7 @@ static void repack_conv3x3(float *dst, const float *src, int co, int ci)
 /* Binds one ScaleBlock (segmentor.fpn.scale_layers[i][j]); conv1 absent for max-pool. */
 static void bind_scale_block(binder *b, scale_block_w *s, int w, int transposed, const char *prefix, const float **raw_dw)
 {
-    char name[200];
+    char name[256];
     if (transposed) {
         s->conv1.w = bind(b, w, w, 2, 2, "%s.conv1.weight", prefix);
         s->conv1.b = bind(b, w, 0, 0, 0, "%s.conv1.bias", prefix);
@@ -848,16 +848,10 @@ void loupe_model_free(loupe_model *m)
 /* Minimum multiply-adds before a kernel starts threads. */
 #define PARALLEL_MIN_WORK 32768.0
 
-/* True when a kernel of the given size should fork threads. */
-static int parallel_ok(double work)
-{
 #ifdef _OPENMP
-    return work >= PARALLEL_MIN_WORK && !omp_in_parallel();
-#else
-    (void)work;
-    return 0;
+/* True when a kernel of the given size should fork threads. */
+static int parallel_ok(double work) { return work >= PARALLEL_MIN_WORK && !omp_in_parallel(); }
 #endif
-}
 
 /* Register tile of the matmul: GEMM_MR rows of A times GEMM_NR rows of B, each dot
  * product kept in GEMM_LANES independent partial sums so that it vectorises. */
