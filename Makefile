@@ -13,7 +13,6 @@ ALLFLAGS = $(WARN) $(CFLAGS) $(OMPFLAGS)
 
 BUILD   ?= build
 GOLDEN  ?= ../shared/golden
-CASES    = test/golden/tiny-a test/golden/tiny-b
 
 .PHONY: all test test-full test-case test-unit test-convert clean
 
@@ -34,11 +33,20 @@ $(BUILD)/test_kernels: loupe.c loupe.h test/test_kernels.c | $(BUILD)
 $(BUILD)/make_weights: test/make_weights.c | $(BUILD)
 	$(CC) $(WARN) $(CFLAGS) -o $@ test/make_weights.c $(LDLIBS)
 
-test: loupe test-unit test-convert
-	@for c in $(CASES); do $(MAKE) --no-print-directory test-case CASE=$$c || exit 1; done
+# Every suite prints a line "N passed, M failed"; test/summary.sh adds them up and
+# fails when any suite failed or none ran.
+test: loupe $(BUILD)/test_kernels $(BUILD)/check_golden $(BUILD)/make_weights
+	@sh test/summary.sh $(BUILD)/test-log.txt \
+	  "$(MAKE) --no-print-directory test-convert" \
+	  "$(MAKE) --no-print-directory test-case CASE=test/golden/tiny-a" \
+	  "$(MAKE) --no-print-directory test-case CASE=test/golden/tiny-b" \
+	  "$(MAKE) --no-print-directory test-unit"
 
-test-unit: $(BUILD)/test_kernels
-	$(BUILD)/test_kernels
+test-unit: $(BUILD)/test_kernels $(BUILD)/tiny-a.bin
+	$(BUILD)/test_kernels $(BUILD)/tiny-a.bin
+
+$(BUILD)/tiny-a.bin: test/golden/tiny-a/model.safetensors tools/convert.py | $(BUILD)
+	$(PYTHON) tools/convert.py --config test/golden/tiny-a/config.json -o $@ test/golden/tiny-a/model.safetensors
 
 test-convert:
 	$(PYTHON) test/test_convert.py
