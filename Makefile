@@ -14,7 +14,7 @@ ALLFLAGS = $(WARN) $(CFLAGS) $(OMPFLAGS)
 BUILD   ?= build
 GOLDEN  ?= ../shared/golden
 
-.PHONY: all test test-full test-case test-unit test-convert clean
+.PHONY: all test test-full test-case test-unit test-convert test-images test-cli bench clean
 
 all: loupe
 
@@ -30,14 +30,22 @@ $(BUILD)/check_golden: loupe.c loupe.h test/check_golden.c | $(BUILD)
 $(BUILD)/test_kernels: loupe.c loupe.h test/test_kernels.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/test_kernels.c $(LDLIBS)
 
+$(BUILD)/check_images: loupe.c loupe.h test/check_images.c | $(BUILD)
+	$(CC) $(ALLFLAGS) -DLOUPE_NO_MAIN -o $@ loupe.c test/check_images.c $(LDLIBS)
+
+$(BUILD)/bench: loupe.c loupe.h test/bench.c | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/bench.c $(LDLIBS)
+
 $(BUILD)/make_weights: test/make_weights.c | $(BUILD)
 	$(CC) $(WARN) $(CFLAGS) -o $@ test/make_weights.c $(LDLIBS)
 
 # Every suite prints a line "N passed, M failed"; test/summary.sh adds them up and
 # fails when any suite failed or none ran.
-test: loupe $(BUILD)/test_kernels $(BUILD)/check_golden $(BUILD)/make_weights
+test: loupe $(BUILD)/test_kernels $(BUILD)/check_golden $(BUILD)/check_images $(BUILD)/make_weights
 	@sh test/summary.sh $(BUILD)/test-log.txt \
 	  "$(MAKE) --no-print-directory test-convert" \
+	  "$(MAKE) --no-print-directory test-images" \
+	  "$(MAKE) --no-print-directory test-cli" \
 	  "$(MAKE) --no-print-directory test-case CASE=test/golden/tiny-a" \
 	  "$(MAKE) --no-print-directory test-case CASE=test/golden/tiny-b" \
 	  "$(MAKE) --no-print-directory test-unit"
@@ -50,6 +58,25 @@ $(BUILD)/tiny-a.bin: test/golden/tiny-a/model.safetensors tools/convert.py | $(B
 
 test-convert:
 	$(PYTHON) test/test_convert.py
+
+# Decoders and resize against PIL's results for every file of a manifest
+# (default: the corpus copied into test/corpus; any manifest in that format works).
+MANIFEST ?= test/corpus/manifest.txt
+test-images: $(BUILD)/check_images
+	$(BUILD)/check_images $(MANIFEST)
+
+test-cli: loupe $(BUILD)/tiny-a.bin
+	sh test/test_cli.sh ./loupe $(BUILD)/tiny-a.bin
+
+# Speed and memory of the full-size model on the full-1 photo (never part of make test).
+bench: $(BUILD)/bench $(BUILD)/make_weights
+	@test -f $(BUILD)/full-1.bin || $(MAKE) --no-print-directory $(BUILD)/full-1.bin
+	$(BUILD)/bench $(BUILD)/full-1.bin $(GOLDEN)/full-1/image.png
+
+$(BUILD)/full-1.bin: $(BUILD)/make_weights
+	$(BUILD)/make_weights test/golden/full-1/keys.json 1 $(BUILD)/full-1.safetensors
+	$(PYTHON) tools/convert.py --config test/golden/full-1/config.json -o $@ $(BUILD)/full-1.safetensors
+	rm -f $(BUILD)/full-1.safetensors
 
 # Converts a golden case's weights the way users have them and checks every tensor:
 # backbone.pt + heads.safetensors if present, else model.safetensors, else weights

@@ -19,8 +19,10 @@
 #define _POSIX_C_SOURCE 200809L
 #include "loupe.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <float.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -28,14 +30,19 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <time.h>
+
+/* POSIX systems get mmap for weights, directories as CLI inputs and a monotonic clock;
+ * elsewhere the weight file is read into memory and inputs are files. */
 #if defined(__unix__) || defined(__APPLE__)
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#define LOUPE_HAVE_MMAP 1
+#define LOUPE_POSIX 1
 #else
-#define LOUPE_HAVE_MMAP 0
+#define LOUPE_POSIX 0
 #endif
 
 #ifdef _OPENMP
@@ -115,6 +122,18 @@ static int thread_id(void)
 #endif
 }
 
+/* Wall-clock seconds from an arbitrary origin (for timings only). */
+static double now_seconds(void)
+{
+#if LOUPE_POSIX
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+#else
+    return (double)clock() / CLOCKS_PER_SEC;
+#endif
+}
+
 void loupe_set_threads(int n)
 {
 #ifdef _OPENMP
@@ -122,6 +141,4512 @@ void loupe_set_threads(int n)
 #else
     (void)n;
 #endif
+}
+
+/* ========================================================================== */
+/* 2. Image I/O                                                               */
+/* ========================================================================== */
+/* Decoders with the semantics of PIL 9.4's Image.open(path).convert("RGB") (PNG with
+ * its own inflate, JPEG bit-exact with libjpeg-turbo's default decode, binary
+ * PPM/PGM), PIL's bilinear resize, and a small PNG encoder for the masks. */
+
+/* ---- PNG: a decoder with Pillow 9.4's semantics, and a small encoder ----
+ *
+ * png_decode returns exactly the pixels of Pillow 9.4's Image.open(f).convert("RGB")
+ * and fails exactly where Pillow raises. What Pillow does (the pixel rules and the CRC,
+ * Adler-32 and truncation cases are confirmed by the reference corpus; the rest is read
+ * from Pillow's PngImagePlugin.py, ImageFile.py and ZipDecode.c):
+ *  - Pixels. Gray 1-bit -> 0/255; gray 2- and 4-bit scaled by 85 and 17; gray 16-bit
+ *    becomes a 32-bit "I" image and I -> RGB clamps: min(v, 255), no scaling;
+ *    16-bit RGB, RGBA and gray+alpha keep the high byte; alpha and tRNS are dropped,
+ *    never composited; palette indices past the end of PLTE (or with no PLTE) map
+ *    to gray (i, i, i), because Pillow's palettes start as a gray ramp.
+ *  - Chunks before the first IDAT must have good CRCs; IDAT and later CRCs are never
+ *    read. Chunk types may use [A-Za-z0-9_]. Some ancillary chunks are validated
+ *    (a short gAMA, a tRNS too short for its colour type, ... raise), also after IDAT.
+ *  - Image data is fed to zlib in reads of at most 64 KiB, one IDAT at a time, one
+ *    row of output per inflate call, and decoding stops as soon as the last row is
+ *    out. So the Adler-32 is checked only when it lies in the read that completes
+ *    the last row; garbage after the last row is ignored; a zlib stream that ends
+ *    exactly at a row boundary within the read that completed that row ends the
+ *    image early (the remaining rows stay 0); any other shortfall is an error.
+ *  - Multiple IHDRs, PLTE before IHDR, APNG fcTL/fdAT chunks: handled the way
+ *    Pillow's chunk handlers do (see png_handle_chunk and png_read_header).
+ *
+ * The inflater (inflate_*) is a complete RFC 1950/1951 decoder that stops and resumes
+ * at output boundaries and rejects what zlib 1.2.13 rejects, with one simplification:
+ * a window declared smaller than 32 KiB is not enforced (zlib can reject a distance
+ * beyond it; only broken encoders write such streams). */
+
+
+/* ---- zlib / deflate decoding ---- */
+
+#define INFLATE_WINDOW_SIZE 32768u   /* deflate's maximum match distance */
+#define INFLATE_MAX_CODE_BITS 15     /* longest Huffman code */
+#define INFLATE_FAST_BITS 9          /* codes up to this long are decoded with one table lookup */
+#define INFLATE_FAST_SIZE (1u << INFLATE_FAST_BITS)
+#define INFLATE_NUM_LITLEN 288       /* literal/length symbols of the fixed code */
+#define INFLATE_NUM_DIST 32          /* distance symbols of the fixed code */
+#define INFLATE_FIXED_DIST_BITS 5    /* the fixed code's distance codes are 5 bits */
+#define INFLATE_NUM_LENGTHS 29       /* length symbols 257..285 */
+#define INFLATE_MAX_HLIT 286         /* literal/length codes a dynamic block may declare */
+#define INFLATE_MAX_HDIST 30         /* distance codes a dynamic block may declare */
+#define INFLATE_NUM_CLEN 19          /* code-length code symbols */
+#define INFLATE_END_OF_BLOCK 256
+#define INFLATE_FIRST_LENGTH_SYMBOL 257
+#define INFLATE_MAX_LENGTH_SYMBOL 285
+#define INFLATE_REPEAT_PREVIOUS 16    /* code-length symbols: repeat the previous length 3-6 times, */
+#define INFLATE_REPEAT_ZERO 17        /* ... a zero length 3-10 times (18: 11-138 times) */
+#define INFLATE_STORED_BLOCK 0
+#define INFLATE_FIXED_BLOCK 1
+#define INFLATE_DYNAMIC_BLOCK 2
+#define ZLIB_METHOD_DEFLATE 8
+#define ZLIB_MAX_CINFO 7             /* window size 2^(7+8) = 32 KiB */
+#define ZLIB_FLAG_DICTIONARY 0x20    /* FDICT: a preset dictionary, which zlib cannot supply */
+#define ZLIB_HEADER_MODULUS 31
+#define ADLER_MODULUS 65521u
+#define ADLER_BLOCK 5552             /* bytes summed before s2 could overflow 32 bits */
+#define ZLIB_ADLER_SIZE 4            /* big-endian Adler-32 after the deflate data */
+
+/* What inflate_run reports. */
+enum { INFLATE_FULL, INFLATE_END, INFLATE_STARVED, INFLATE_BAD };
+/* What one decoding step reports. */
+enum { INFLATE_STEP_OK, INFLATE_STEP_STARVED, INFLATE_STEP_BAD };
+/* Where the decoder is in the stream. */
+enum { INFLATE_MODE_ZLIB_HEADER, INFLATE_MODE_BLOCK_HEADER, INFLATE_MODE_STORED, INFLATE_MODE_SYMBOL,
+       INFLATE_MODE_LITERAL, INFLATE_MODE_MATCH, INFLATE_MODE_CHECK, INFLATE_MODE_DONE };
+
+static const unsigned short inflate_length_base[INFLATE_NUM_LENGTHS] = {
+    3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31,
+    35, 43, 51, 59, 67, 83, 99, 115, 131, 163, 195, 227, 258 };
+static const unsigned char inflate_length_extra[INFLATE_NUM_LENGTHS] = {
+    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0 };
+static const unsigned short inflate_dist_base[INFLATE_MAX_HDIST] = {
+    1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193,
+    257, 385, 513, 769, 1025, 1537, 2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577 };
+static const unsigned char inflate_dist_extra[INFLATE_MAX_HDIST] = {
+    0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13 };
+static const unsigned char inflate_clen_order[INFLATE_NUM_CLEN] = {
+    16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15 };
+
+/* Compressed input, handed over in blocks; refill (may be NULL) fetches the next block
+ * and returns 0 when there is none. */
+typedef struct inflate_input {
+    const unsigned char *next;
+    size_t avail;
+    int (*refill)(struct inflate_input *in);
+} inflate_input;
+
+/* A canonical Huffman code: how many codes of each length and the symbols in code order;
+ * for a complete code also a table indexed by the next INFLATE_FAST_BITS input bits giving
+ * symbol + (length << INFLATE_FAST_BITS) of a code that short, or 0. */
+typedef struct inflate_huffman {
+    unsigned short count[INFLATE_MAX_CODE_BITS + 1];
+    unsigned short symbol[INFLATE_NUM_LITLEN];
+    unsigned short fast[INFLATE_FAST_SIZE];
+    int ncodes, max_len, complete;
+} inflate_huffman;
+
+typedef struct inflate_state {
+    inflate_input *in;
+    uint32_t bits;                 /* bit buffer, least significant bit next; fewer than 8 between reads */
+    int nbits;
+    int input_end;                 /* the input ran out (sticky); bits read since then are zeros */
+    int stop_reading;              /* the caller's last output is complete: read no further block */
+    unsigned long refills;         /* input blocks fetched so far */
+    unsigned long refills_at_full; /* ... when the current output buffer became full */
+    int mode, last_block;
+    size_t stored_left;            /* bytes left in a stored block */
+    unsigned literal, match_len, match_dist;
+    inflate_huffman lencode, distcode;
+    uint32_t adler;
+    size_t total;                  /* bytes output so far */
+    unsigned char window[INFLATE_WINDOW_SIZE];
+} inflate_state;
+
+/* Folds n bytes into an Adler-32 checksum. */
+static uint32_t adler32_update(uint32_t adler, const unsigned char *p, size_t n)
+{
+    uint32_t s1 = adler & 0xFFFF, s2 = adler >> 16;
+    while (n > 0) {
+        size_t k = n < ADLER_BLOCK ? n : ADLER_BLOCK;
+        n -= k;
+        while (k-- > 0) {
+            s1 += *p++;
+            s2 += s1;
+        }
+        s1 %= ADLER_MODULUS;
+        s2 %= ADLER_MODULUS;
+    }
+    return (s2 << 16) | s1;
+}
+
+/* Starts decoding a new zlib stream read from in. */
+static void inflate_reset(inflate_state *z, inflate_input *in)
+{
+    z->in = in;
+    z->bits = 0;
+    z->nbits = 0;
+    z->input_end = 0;
+    z->stop_reading = 0;
+    z->refills = 0;
+    z->refills_at_full = 0;
+    z->mode = INFLATE_MODE_ZLIB_HEADER;
+    z->last_block = 0;
+    z->stored_left = 0;
+    z->adler = 1;
+    z->total = 0;
+}
+
+/* Returns the next input byte; at the end of the input, 0 with input_end set. */
+static unsigned inflate_next_byte(inflate_state *z)
+{
+    inflate_input *in = z->in;
+    while (in->avail == 0) {
+        if (z->input_end || z->stop_reading || !in->refill || !in->refill(in)) {
+            z->input_end = 1;
+            return 0;
+        }
+        z->refills++;
+    }
+    in->avail--;
+    return *in->next++;
+}
+
+/* Reads n <= 16 bits, least significant first, pulling input bytes only as needed (as zlib does). */
+static unsigned inflate_bits(inflate_state *z, int n)
+{
+    unsigned v;
+    while (z->nbits < n) {
+        z->bits |= (uint32_t)inflate_next_byte(z) << z->nbits;
+        z->nbits += 8;
+    }
+    v = (unsigned)(z->bits & ((1u << n) - 1));
+    z->bits >>= n;
+    z->nbits -= n;
+    return v;
+}
+
+/* Drops the bits up to the next byte boundary. */
+static void inflate_align(inflate_state *z)
+{
+    z->bits >>= z->nbits;
+    z->nbits = 0;
+}
+
+/* Sets up a canonical code from n code lengths; returns the unused code space
+ * (0 for a complete code) or -1 for an over-subscribed one. */
+static int inflate_build(inflate_huffman *h, const unsigned char *lengths, int n)
+{
+    int offset[INFLATE_MAX_CODE_BITS + 1], len, sym, left = 1, i;
+    unsigned next_code[INFLATE_MAX_CODE_BITS + 1], code, reversed, k;
+
+    memset(h->count, 0, sizeof h->count);
+    for (sym = 0; sym < n; sym++)
+        h->count[lengths[sym]]++;
+    h->ncodes = n - h->count[0];
+    h->count[0] = 0;
+    h->max_len = 0;
+    for (len = 1; len <= INFLATE_MAX_CODE_BITS; len++) {
+        left = 2 * left - h->count[len];
+        if (left < 0)
+            return -1;
+        if (h->count[len])
+            h->max_len = len;
+    }
+    offset[1] = 0;
+    next_code[1] = 0;
+    for (len = 1; len < INFLATE_MAX_CODE_BITS; len++) {
+        offset[len + 1] = offset[len] + h->count[len];
+        next_code[len + 1] = (next_code[len] + h->count[len]) << 1;
+    }
+    h->complete = left == 0;
+    memset(h->fast, 0, sizeof h->fast);
+    for (sym = 0; sym < n; sym++) {
+        len = lengths[sym];
+        if (!len)
+            continue;
+        h->symbol[offset[len]++] = (unsigned short)sym;
+        code = next_code[len]++;
+        if (len > INFLATE_FAST_BITS || !h->complete)
+            continue;
+        for (reversed = 0, i = 0; i < len; i++) /* the stream sends a code's first bit first */
+            reversed |= ((code >> i) & 1u) << (len - 1 - i);
+        for (k = reversed; k < INFLATE_FAST_SIZE; k += 1u << len)
+            h->fast[k] = (unsigned short)(sym | len << INFLATE_FAST_BITS);
+    }
+    return left;
+}
+
+/* zlib accepts a complete literal/length or distance code, or one with at most one
+ * code of length 1 (or none); returns 1 when the code built from n lengths is usable. */
+static int inflate_build_usable(inflate_huffman *h, const unsigned char *lengths, int n)
+{
+    int left = inflate_build(h, lengths, n);
+    return left == 0 || (left > 0 && h->max_len <= 1);
+}
+
+/* Decodes one symbol, pulling input bytes only while the code is not yet complete (as
+ * zlib does): by table lookup for short codes of a complete code, otherwise bit by bit;
+ * -1 for a bit string that no code can start with. */
+static int inflate_decode(inflate_state *z, const inflate_huffman *h)
+{
+    int len, code = 0, first = 0, index = 0;
+    unsigned entry;
+
+    while (h->complete) {
+        entry = h->fast[z->bits & (INFLATE_FAST_SIZE - 1)]; /* bits above nbits are zero */
+        if (entry && (int)(entry >> INFLATE_FAST_BITS) <= z->nbits) {
+            z->bits >>= entry >> INFLATE_FAST_BITS;
+            z->nbits -= (int)(entry >> INFLATE_FAST_BITS);
+            return (int)(entry & (INFLATE_FAST_SIZE - 1));
+        }
+        if (z->nbits >= INFLATE_FAST_BITS)
+            break; /* a longer code */
+        z->bits |= (uint32_t)inflate_next_byte(z) << z->nbits;
+        z->nbits += 8;
+    }
+    for (len = 1; len <= INFLATE_MAX_CODE_BITS; len++) {
+        code |= (int)inflate_bits(z, 1);
+        if (code - first < h->count[len])
+            return h->symbol[index + code - first];
+        index += h->count[len];
+        if (index >= h->ncodes)
+            return -1;
+        first = (first + h->count[len]) << 1;
+        code <<= 1;
+    }
+    return -1;
+}
+
+/* Reads and checks the two-byte zlib header. */
+static int inflate_zlib_header(inflate_state *z)
+{
+    unsigned cmf = inflate_bits(z, 8), flg = inflate_bits(z, 8);
+    if (z->input_end)
+        return INFLATE_STEP_STARVED;
+    if ((cmf * 256 + flg) % ZLIB_HEADER_MODULUS != 0 || (cmf & 15) != ZLIB_METHOD_DEFLATE ||
+        (cmf >> 4) > ZLIB_MAX_CINFO || (flg & ZLIB_FLAG_DICTIONARY))
+        return INFLATE_STEP_BAD;
+    z->mode = INFLATE_MODE_BLOCK_HEADER;
+    return INFLATE_STEP_OK;
+}
+
+/* Installs the fixed Huffman codes of RFC 1951 section 3.2.6: literals 0-143 have 8-bit
+ * codes, 144-255 9-bit, symbols 256-279 7-bit and 280-287 8-bit; distances 5-bit. */
+static void inflate_fixed_codes(inflate_state *z)
+{
+    unsigned char lengths[INFLATE_NUM_LITLEN];
+    int sym;
+    for (sym = 0; sym < INFLATE_NUM_LITLEN; sym++)
+        lengths[sym] = sym < 144 ? 8 : sym < 256 ? 9 : sym < 280 ? 7 : 8;
+    inflate_build(&z->lencode, lengths, INFLATE_NUM_LITLEN);
+    memset(lengths, INFLATE_FIXED_DIST_BITS, INFLATE_NUM_DIST);
+    inflate_build(&z->distcode, lengths, INFLATE_NUM_DIST);
+}
+
+/* Reads the code definitions of a dynamic block, checking them in zlib's order. */
+static int inflate_dynamic_codes(inflate_state *z)
+{
+    unsigned char lengths[INFLATE_MAX_HLIT + INFLATE_MAX_HDIST], clen[INFLATE_NUM_CLEN] = {0};
+    inflate_huffman clcode;
+    int hlit, hdist, hclen, i, n, sym, repeat, value;
+
+    hlit = (int)inflate_bits(z, 5) + INFLATE_FIRST_LENGTH_SYMBOL;
+    hdist = (int)inflate_bits(z, 5) + 1;
+    hclen = (int)inflate_bits(z, 4) + 4;
+    if (z->input_end)
+        return INFLATE_STEP_STARVED;
+    if (hlit > INFLATE_MAX_HLIT || hdist > INFLATE_MAX_HDIST)
+        return INFLATE_STEP_BAD;
+    for (i = 0; i < hclen; i++)
+        clen[inflate_clen_order[i]] = (unsigned char)inflate_bits(z, 3);
+    if (z->input_end)
+        return INFLATE_STEP_STARVED;
+    if (inflate_build(&clcode, clen, INFLATE_NUM_CLEN) != 0)
+        return INFLATE_STEP_BAD;
+    n = hlit + hdist;
+    for (i = 0; i < n;) {
+        sym = inflate_decode(z, &clcode);
+        if (z->input_end)
+            return INFLATE_STEP_STARVED;
+        if (sym < INFLATE_REPEAT_PREVIOUS) {
+            lengths[i++] = (unsigned char)sym;
+            continue;
+        }
+        if (sym == INFLATE_REPEAT_PREVIOUS) {
+            repeat = 3 + (int)inflate_bits(z, 2);
+            value = i > 0 ? lengths[i - 1] : -1;
+        } else if (sym == INFLATE_REPEAT_ZERO) {
+            repeat = 3 + (int)inflate_bits(z, 3);
+            value = 0;
+        } else { /* 18 */
+            repeat = 11 + (int)inflate_bits(z, 7);
+            value = 0;
+        }
+        if (z->input_end)
+            return INFLATE_STEP_STARVED;
+        if (value < 0 || repeat > n - i)
+            return INFLATE_STEP_BAD;
+        while (repeat-- > 0)
+            lengths[i++] = (unsigned char)value;
+    }
+    if (lengths[INFLATE_END_OF_BLOCK] == 0 || !inflate_build_usable(&z->lencode, lengths, hlit) ||
+        !inflate_build_usable(&z->distcode, lengths + hlit, hdist))
+        return INFLATE_STEP_BAD;
+    return INFLATE_STEP_OK;
+}
+
+/* Reads a block header (and a stored block's lengths or a dynamic block's codes). */
+static int inflate_block_header(inflate_state *z)
+{
+    unsigned type, len, nlen;
+    int rc;
+
+    z->last_block = (int)inflate_bits(z, 1);
+    type = inflate_bits(z, 2);
+    if (z->input_end)
+        return INFLATE_STEP_STARVED;
+    if (type == INFLATE_STORED_BLOCK) {
+        inflate_align(z);
+        len = inflate_bits(z, 16);
+        nlen = inflate_bits(z, 16);
+        if (z->input_end)
+            return INFLATE_STEP_STARVED;
+        if (len != (~nlen & 0xFFFFu))
+            return INFLATE_STEP_BAD;
+        z->stored_left = len;
+        z->mode = INFLATE_MODE_STORED;
+        return INFLATE_STEP_OK;
+    }
+    if (type == INFLATE_FIXED_BLOCK) {
+        inflate_fixed_codes(z);
+    } else if (type == INFLATE_DYNAMIC_BLOCK) {
+        rc = inflate_dynamic_codes(z);
+        if (rc != INFLATE_STEP_OK)
+            return rc;
+    } else {
+        return INFLATE_STEP_BAD;
+    }
+    z->mode = INFLATE_MODE_SYMBOL;
+    return INFLATE_STEP_OK;
+}
+
+/* Decodes one literal, end-of-block, or length/distance pair (zlib decodes a whole pair
+ * before it looks for room to copy it). */
+static int inflate_symbol(inflate_state *z)
+{
+    int sym = inflate_decode(z, &z->lencode), dsym;
+
+    if (z->input_end)
+        return INFLATE_STEP_STARVED;
+    if (sym < 0 || sym > INFLATE_MAX_LENGTH_SYMBOL)
+        return INFLATE_STEP_BAD;
+    if (sym < INFLATE_END_OF_BLOCK) {
+        z->literal = (unsigned)sym;
+        z->mode = INFLATE_MODE_LITERAL;
+        return INFLATE_STEP_OK;
+    }
+    if (sym == INFLATE_END_OF_BLOCK) {
+        z->mode = z->last_block ? INFLATE_MODE_CHECK : INFLATE_MODE_BLOCK_HEADER;
+        return INFLATE_STEP_OK;
+    }
+    sym -= INFLATE_FIRST_LENGTH_SYMBOL;
+    z->match_len = inflate_length_base[sym] + inflate_bits(z, inflate_length_extra[sym]);
+    if (z->input_end)
+        return INFLATE_STEP_STARVED;
+    dsym = inflate_decode(z, &z->distcode);
+    if (z->input_end)
+        return INFLATE_STEP_STARVED;
+    if (dsym < 0 || dsym >= INFLATE_MAX_HDIST)
+        return INFLATE_STEP_BAD;
+    z->match_dist = inflate_dist_base[dsym] + inflate_bits(z, inflate_dist_extra[dsym]);
+    if (z->input_end)
+        return INFLATE_STEP_STARVED;
+    z->mode = INFLATE_MODE_MATCH;
+    return INFLATE_STEP_OK;
+}
+
+/* Reads the big-endian Adler-32 trailer and compares it with the output's. */
+static int inflate_check(inflate_state *z)
+{
+    uint32_t expected = 0;
+    int i;
+    inflate_align(z);
+    for (i = 0; i < ZLIB_ADLER_SIZE; i++)
+        expected = (expected << 8) | inflate_bits(z, 8);
+    if (z->input_end)
+        return INFLATE_STEP_STARVED;
+    if (expected != z->adler)
+        return INFLATE_STEP_BAD;
+    z->mode = INFLATE_MODE_DONE;
+    return INFLATE_STEP_OK;
+}
+
+/* Appends one byte to out and to the history window. */
+static void inflate_emit(inflate_state *z, unsigned char *out, size_t *n, unsigned char byte)
+{
+    out[(*n)++] = byte;
+    z->window[z->total % INFLATE_WINDOW_SIZE] = byte;
+    z->total++;
+}
+
+/* Decompresses into out[0..len) like one zlib inflate call: after out is full it goes on
+ * with work that needs no output (block ends, headers, the checksum) until it needs
+ * output or input. With last set the input ends where the current block ends once out
+ * is full. *done gets the bytes written. Returns INFLATE_FULL (out is full), INFLATE_END
+ * (stream complete and checked), INFLATE_STARVED (input ended first) or INFLATE_BAD. */
+static int inflate_run(inflate_state *z, unsigned char *out, size_t len, int last, size_t *done)
+{
+    size_t n = 0, folded = 0;
+    int full = 0, step = INFLATE_STEP_OK, result;
+
+    z->stop_reading = 0;
+    for (;;) {
+        if (n == len && !full) {
+            full = 1;
+            z->stop_reading = last;
+            z->refills_at_full = z->refills;
+        }
+        if (z->input_end && z->mode != INFLATE_MODE_DONE)
+            step = INFLATE_STEP_STARVED;
+        if (step != INFLATE_STEP_OK) {
+            result = step == INFLATE_STEP_BAD ? INFLATE_BAD : n == len ? INFLATE_FULL : INFLATE_STARVED;
+            break;
+        }
+        switch (z->mode) {
+        case INFLATE_MODE_ZLIB_HEADER:
+            step = inflate_zlib_header(z);
+            continue;
+        case INFLATE_MODE_BLOCK_HEADER:
+            step = inflate_block_header(z);
+            continue;
+        case INFLATE_MODE_SYMBOL:
+            step = inflate_symbol(z);
+            continue;
+        case INFLATE_MODE_CHECK:
+            z->adler = adler32_update(z->adler, out + folded, n - folded);
+            folded = n;
+            step = inflate_check(z);
+            continue;
+        case INFLATE_MODE_DONE:
+            result = INFLATE_END;
+            break;
+        case INFLATE_MODE_STORED:
+            if (z->stored_left == 0) {
+                z->mode = z->last_block ? INFLATE_MODE_CHECK : INFLATE_MODE_BLOCK_HEADER;
+                continue;
+            }
+            if (n < len) {
+                unsigned char byte = (unsigned char)inflate_next_byte(z);
+                if (!z->input_end) {
+                    inflate_emit(z, out, &n, byte);
+                    z->stored_left--;
+                }
+                continue;
+            }
+            result = INFLATE_FULL;
+            break;
+        case INFLATE_MODE_LITERAL:
+            if (n < len) {
+                inflate_emit(z, out, &n, (unsigned char)z->literal);
+                z->mode = INFLATE_MODE_SYMBOL;
+                continue;
+            }
+            result = INFLATE_FULL;
+            break;
+        default: /* INFLATE_MODE_MATCH */
+            if (n < len) {
+                if (z->match_dist > z->total) { /* zlib: "invalid distance too far back" */
+                    step = INFLATE_STEP_BAD;
+                    continue;
+                }
+                while (z->match_len > 0 && n < len) {
+                    inflate_emit(z, out, &n, z->window[(z->total - z->match_dist) % INFLATE_WINDOW_SIZE]);
+                    z->match_len--;
+                }
+                if (z->match_len == 0)
+                    z->mode = INFLATE_MODE_SYMBOL;
+                continue;
+            }
+            result = INFLATE_FULL;
+            break;
+        }
+        break; /* INFLATE_END, or INFLATE_FULL because the next step needs room for output */
+    }
+    z->adler = adler32_update(z->adler, out + folded, n - folded);
+    *done = n;
+    return result;
+}
+
+/* ---- PNG decoding ---- */
+
+#define PNG_SIGNATURE_SIZE 8
+#define PNG_CHUNK_HEAD 8               /* 4-byte length, 4-byte type */
+#define PNG_CRC_SIZE 4
+#define PNG_IHDR_SIZE 13
+#define PNG_ACTL_SIZE 8
+#define PNG_FCTL_SIZE 26
+#define PNG_SEQUENCE_SIZE 4            /* fdAT starts with a sequence number */
+#define PNG_GAMA_SIZE 4
+#define PNG_CHRM_VALUE_SIZE 4          /* cHRM holds 32-bit values */
+#define PNG_SRGB_SIZE 1
+#define PNG_PHYS_SIZE 9
+#define PNG_TRNS_GRAY_SIZE 2           /* one 16-bit gray value */
+#define PNG_TRNS_RGB_SIZE 6            /* three 16-bit values */
+#define PNG_READ_BLOCK 65536u          /* Pillow reads image data in blocks of this size (ImageFile.MAXBLOCK) */
+#define PNG_TEXT_LIMIT 1048576u        /* Pillow refuses a zTXt/iTXt/iCCP payload inflating beyond this */
+#define PNG_BOMB_PIXELS 178956970u     /* Pillow's DecompressionBombError threshold (2 * MAX_IMAGE_PIXELS) */
+#define PNG_MAX_FRAMES 0x80000000u     /* Pillow ignores an acTL with more frames than this */
+#define PNG_PALETTE_ENTRIES 256
+#define PNG_SAMPLE_MAX 255             /* largest 8-bit sample */
+#define PNG_LUT_SIZE (3 * PNG_PALETTE_ENTRIES)
+#define PNG_FILTER_TYPES 5             /* None, Sub, Up, Average, Paeth */
+#define PNG_ADAM7_PASSES 7
+#define PNG_CRC_POLY 0xEDB88320u
+#define PNG_TEXT_MEMORY_LIMIT (64u * PNG_TEXT_LIMIT) /* Pillow's budget for all text values */
+#define PNG_TEXT_SCRATCH 4096          /* output buffer used while inflating text */
+
+enum { PNG_GRAY = 0, PNG_RGB = 2, PNG_PALETTE = 3, PNG_GRAY_ALPHA = 4, PNG_RGBA = 6 };
+enum { PNG_FILTER_NONE, PNG_FILTER_SUB, PNG_FILTER_UP, PNG_FILTER_AVERAGE, PNG_FILTER_PAETH };
+enum { PNG_TEXT_OK, PNG_TEXT_CORRUPT, PNG_TEXT_TOO_LARGE };
+
+static const unsigned char png_signature[PNG_SIGNATURE_SIZE] = { 0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n' };
+
+/* Adam7 passes: first column, first row, column step, row step. */
+static const unsigned char png_adam7[PNG_ADAM7_PASSES][4] = {
+    {0, 0, 8, 8}, {4, 0, 8, 8}, {0, 4, 4, 8}, {2, 0, 4, 4}, {0, 2, 2, 4}, {1, 0, 2, 2}, {0, 1, 1, 2} };
+static const unsigned char png_single_pass[4] = { 0, 0, 1, 1 };
+
+/* What Pillow's PngStream learns from the chunks, plus the decoder's own workspace. */
+typedef struct png_decoder {
+    const unsigned char *file;
+    size_t size;
+    uint32_t crc_table[256];
+    inflate_state *z;                  /* allocated when first needed */
+    uint32_t width, height;            /* of the last IHDR */
+    int depth, color, have_mode;       /* of the last IHDR with a supported depth/colour type */
+    int interlaced;                    /* any IHDR had a nonzero interlace byte */
+    const unsigned char *palette;      /* last PLTE seen while the mode was palette */
+    size_t palette_len;
+    int have_palette;
+    int trns_value;                    /* the last tRNS gave Pillow a number or tuple, not alpha bytes */
+    int have_seq;                      /* APNG sequence numbers */
+    uint32_t seq;
+    int have_frames, default_image, animated;
+    uint32_t frames;
+    int have_bbox;                     /* fcTL frame region, used by the IDAT that follows */
+    uint32_t bbox_x, bbox_y, bbox_w, bbox_h;
+    int frame_is_bbox;                 /* the image data fills the fcTL region */
+    size_t data_pos, data_len;         /* first image data chunk: data offset and length */
+    uint64_t text_memory;              /* characters of text values so far */
+} png_decoder;
+
+/* Reads a big-endian 32-bit value. */
+static uint32_t png_be32(const unsigned char *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* Writes a big-endian 32-bit value. */
+static void png_put_be32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
+}
+
+/* Fills the CRC-32 lookup table (reflected polynomial 0xEDB88320). */
+static void png_crc_init(uint32_t table[256])
+{
+    uint32_t c;
+    int n, k;
+    for (n = 0; n < 256; n++) {
+        c = (uint32_t)n;
+        for (k = 0; k < 8; k++)
+            c = (c & 1) ? PNG_CRC_POLY ^ (c >> 1) : c >> 1;
+        table[n] = c;
+    }
+}
+
+/* Continues a CRC-32 (start with 0) over n bytes. */
+static uint32_t png_crc_update(const uint32_t table[256], uint32_t crc, const unsigned char *p, size_t n)
+{
+    crc = ~crc;
+    while (n-- > 0)
+        crc = table[(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+    return ~crc;
+}
+
+/* Returns 1 when the 4 type bytes match Pillow's chunk-type pattern [A-Za-z0-9_]{4}. */
+static int png_is_chunk_type(const unsigned char *type)
+{
+    int i;
+    for (i = 0; i < 4; i++) {
+        unsigned char c = type[i];
+        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_'))
+            return 0;
+    }
+    return 1;
+}
+
+/* Returns 1 when the chunk type equals the 4-letter name. */
+static int png_type_is(const unsigned char *type, const char *name)
+{
+    return memcmp(type, name, 4) == 0;
+}
+
+/* Channels of a bit depth / colour type combination Pillow supports, or 0. */
+static int png_channels(int depth, int color)
+{
+    switch (color) {
+    case PNG_GRAY:
+        return (depth == 1 || depth == 2 || depth == 4 || depth == 8 || depth == 16) ? 1 : 0;
+    case PNG_PALETTE:
+        return (depth == 1 || depth == 2 || depth == 4 || depth == 8) ? 1 : 0;
+    case PNG_RGB:
+        return (depth == 8 || depth == 16) ? 3 : 0;
+    case PNG_GRAY_ALPHA:
+        return (depth == 8 || depth == 16) ? 2 : 0;
+    case PNG_RGBA:
+        return (depth == 8 || depth == 16) ? 4 : 0;
+    default:
+        return 0;
+    }
+}
+
+/* Returns the inflater, allocating it on first use (NULL when out of memory). */
+static inflate_state *png_inflater(png_decoder *d)
+{
+    if (!d->z)
+        d->z = malloc(sizeof *d->z);
+    return d->z;
+}
+
+/* Accepts an APNG sequence number: Pillow wants 0 first (fcTL only) and then +1 each time. */
+static int png_next_sequence(png_decoder *d, uint32_t seq, int may_start)
+{
+    int ok = d->have_seq ? (uint64_t)d->seq + 1 == seq : (may_start && seq == 0);
+    if (ok) {
+        d->seq = seq;
+        d->have_seq = 1;
+    }
+    return ok;
+}
+
+/* Reads the sequence number that starts an fdAT chunk at *cur, as Pillow's handler does;
+ * then moves *cur past it and shortens *len. Returns 0, or -1 with a message. */
+static int png_fdat_sequence(png_decoder *d, size_t *cur, size_t *len, char *err, size_t errsize)
+{
+    if (*len < PNG_SEQUENCE_SIZE)
+        return fail(err, errsize, "APNG frame data chunk (fdAT) is too short");
+    if (d->size - *cur < PNG_SEQUENCE_SIZE)
+        return fail(err, errsize, "PNG file is truncated");
+    if (!png_next_sequence(d, png_be32(d->file + *cur), 0))
+        return fail(err, errsize, "APNG chunks are out of sequence");
+    *cur += PNG_SEQUENCE_SIZE;
+    *len -= PNG_SEQUENCE_SIZE;
+    return 0;
+}
+
+/* IHDR: size and mode; an unsupported depth/colour type leaves the previous mode. */
+static int png_on_ihdr(png_decoder *d, const unsigned char *s, size_t len, char *err, size_t errsize)
+{
+    if (len < PNG_IHDR_SIZE)
+        return fail(err, errsize, "PNG header chunk (IHDR) is too short");
+    d->width = png_be32(s);
+    d->height = png_be32(s + 4);
+    if (png_channels(s[8], s[9])) {
+        d->depth = s[8];
+        d->color = s[9];
+        d->have_mode = 1;
+    }
+    if (s[12])
+        d->interlaced = 1;
+    if (s[11])
+        return fail(err, errsize, "PNG uses an unknown filter method");
+    return 0;
+}
+
+/* Returns 1 when a palette tRNS matches Pillow's pattern ^\xff*\x00\xff*$ ('$' also
+ * matches before a final newline), which Pillow stores as a single transparent index. */
+static int png_single_transparent_index(const unsigned char *s, size_t len)
+{
+    size_t i = 0;
+    if (len > 0 && s[len - 1] == '\n')
+        len--;
+    while (i < len && s[i] == 0xFF)
+        i++;
+    if (i == len || s[i] != 0)
+        return 0;
+    for (i++; i < len && s[i] == 0xFF; i++)
+        ;
+    return i == len;
+}
+
+/* tRNS: Pillow keeps a palette index or alpha bytes, a 16-bit gray value, or three 16-bit
+ * RGB values (failing when they are missing), and ignores it for gray+alpha and RGBA. */
+static int png_on_trns(png_decoder *d, const unsigned char *s, size_t len, char *err, size_t errsize)
+{
+    if (!d->have_mode)
+        return 0;
+    if (d->color == PNG_PALETTE) {
+        d->trns_value = png_single_transparent_index(s, len);
+    } else if (d->color == PNG_GRAY || d->color == PNG_RGB) {
+        if (len < (d->color == PNG_GRAY ? PNG_TRNS_GRAY_SIZE : PNG_TRNS_RGB_SIZE))
+            return fail(err, errsize, "PNG transparency chunk (tRNS) is too short");
+        d->trns_value = 1;
+    }
+    return 0;
+}
+
+/* A strict UTF-8 check (what Python's bytes.decode("utf-8") accepts) fed piece by piece,
+ * counting characters. */
+typedef struct png_utf8 {
+    int need;                  /* continuation bytes still expected */
+    unsigned char lo, hi;      /* allowed range of the next continuation byte */
+    int bad;
+    uint64_t chars;
+} png_utf8;
+
+/* Feeds n bytes to the UTF-8 check. */
+static void png_utf8_feed(png_utf8 *u, const unsigned char *p, size_t n)
+{
+    size_t i;
+    for (i = 0; i < n && !u->bad; i++) {
+        unsigned c = p[i];
+        if (u->need > 0) {
+            u->bad = c < u->lo || c > u->hi;
+            u->lo = 0x80;
+            u->hi = 0xBF;
+            u->need--;
+            continue;
+        }
+        u->chars++;
+        u->lo = 0x80;
+        u->hi = 0xBF;
+        if (c < 0x80)
+            continue;
+        if (c >= 0xC2 && c <= 0xDF)
+            u->need = 1;
+        else if (c >= 0xE0 && c <= 0xEF)
+            u->need = 2;
+        else if (c >= 0xF0 && c <= 0xF4)
+            u->need = 3;
+        else
+            u->bad = 1;
+        if (c == 0xE0) /* no overlong forms, surrogates or code points past U+10FFFF */
+            u->lo = 0xA0;
+        else if (c == 0xED)
+            u->hi = 0x9F;
+        else if (c == 0xF0)
+            u->lo = 0x90;
+        else if (c == 0xF4)
+            u->hi = 0x8F;
+    }
+}
+
+/* Returns 1 when n bytes are complete, strict UTF-8. */
+static int png_utf8_valid(const unsigned char *p, size_t n)
+{
+    png_utf8 u = {0, 0x80, 0xBF, 0, 0};
+    png_utf8_feed(&u, p, n);
+    return !u.bad && u.need == 0;
+}
+
+/* Inflates a text payload the way Pillow's _safe_zlib_decompress (CPython's
+ * decompressobj().decompress(data, 1 MiB)) does: sets *length to the bytes it yields,
+ * feeds them to utf8 when given; returns PNG_TEXT_OK, PNG_TEXT_CORRUPT (zlib raises; the
+ * output is discarded) or PNG_TEXT_TOO_LARGE (input left over at 1 MiB). */
+static int png_inflate_text(inflate_state *z, const unsigned char *data, size_t len, png_utf8 *utf8,
+                            uint64_t *length)
+{
+    unsigned char scratch[PNG_TEXT_SCRATCH];
+    inflate_input in;
+    size_t total = 0, done, want;
+    int rc;
+
+    in.next = data;
+    in.avail = len;
+    in.refill = NULL;
+    inflate_reset(z, &in);
+    do {
+        want = PNG_TEXT_LIMIT - total < sizeof scratch ? PNG_TEXT_LIMIT - total : sizeof scratch;
+        rc = inflate_run(z, scratch, want, 0, &done);
+        if (utf8)
+            png_utf8_feed(utf8, scratch, done);
+        total += done;
+    } while (rc == INFLATE_FULL && total < PNG_TEXT_LIMIT);
+    *length = total;
+    if (rc == INFLATE_BAD)
+        return PNG_TEXT_CORRUPT;
+    return rc == INFLATE_FULL && in.avail > 0 ? PNG_TEXT_TOO_LARGE : PNG_TEXT_OK;
+}
+
+/* Adds a text value's length to Pillow's running total, which may not exceed 64 MiB. */
+static int png_count_text(png_decoder *d, uint64_t chars, char *err, size_t errsize)
+{
+    d->text_memory += chars;
+    if (d->text_memory > PNG_TEXT_MEMORY_LIMIT)
+        return fail(err, errsize, "PNG text chunks hold more than 64 MiB of text");
+    return 0;
+}
+
+/* tEXt, zTXt, iTXt, iCCP as Pillow reads them: unknown compression methods and payloads
+ * inflating past 1 MiB raise, corrupt payloads are ignored, text values are counted. */
+static int png_on_text(png_decoder *d, const unsigned char *type, const unsigned char *s, size_t len,
+                       char *err, size_t errsize)
+{
+    const unsigned char *nul = len ? memchr(s, 0, len) : NULL, *lang, *lang_end, *trans_end, *text;
+    size_t key_len = nul ? (size_t)(nul - s) : len, off = key_len + 1;
+    uint64_t length;
+    int method, rc;
+    png_utf8 utf8 = {0, 0x80, 0xBF, 0, 0};
+
+    if (png_type_is(type, "tEXt"))
+        return key_len > 0 && nul ? png_count_text(d, len - off, err, errsize) : 0;
+    if (png_type_is(type, "iTXt")) { /* keyword, flag, method, language, translated keyword, text */
+        if (!nul || len - off < 2)
+            return 0;
+        lang = s + off + 2;
+        lang_end = memchr(lang, 0, (size_t)(s + len - lang));
+        trans_end = lang_end ? memchr(lang_end + 1, 0, (size_t)(s + len - lang_end - 1)) : NULL;
+        if (!trans_end || (s[off] != 0 && s[off + 1] != 0))
+            return 0; /* malformed, or compressed with an unknown method: skipped */
+        text = trans_end + 1;
+        if (s[off] == 0) {
+            png_utf8_feed(&utf8, text, (size_t)(s + len - text));
+        } else {
+            if (!png_inflater(d))
+                return fail(err, errsize, "out of memory");
+            rc = png_inflate_text(d->z, text, (size_t)(s + len - text), &utf8, &length);
+            if (rc == PNG_TEXT_TOO_LARGE)
+                return fail(err, errsize, "PNG text chunk (iTXt) inflates to more than 1 MiB");
+            if (rc == PNG_TEXT_CORRUPT)
+                return 0;
+        }
+        if (utf8.bad || utf8.need > 0 || !png_utf8_valid(lang, (size_t)(lang_end - lang)) ||
+            !png_utf8_valid(lang_end + 1, (size_t)(trans_end - lang_end - 1)))
+            return 0; /* not UTF-8: skipped */
+        return png_count_text(d, utf8.chars, err, errsize);
+    }
+    if (png_type_is(type, "iCCP")) {
+        if (len == 0)
+            return fail(err, errsize, "PNG ICC profile chunk (iCCP) is empty");
+        /* Pillow reads the method from the separator itself (always 0) when there is one */
+        method = nul ? 0 : s[len - 1];
+        off = nul ? key_len + 2 : 1;
+    } else { /* zTXt: keyword, method, compressed text */
+        method = nul && off < len ? s[off] : 0;
+        off++;
+    }
+    if (method != 0)
+        return fail(err, errsize, "PNG chunk '%.4s' uses an unknown compression method", (const char *)type);
+    length = 0;
+    if (off < len) {
+        if (!png_inflater(d))
+            return fail(err, errsize, "out of memory");
+        rc = png_inflate_text(d->z, s + off, len - off, NULL, &length);
+        if (rc == PNG_TEXT_TOO_LARGE)
+            return fail(err, errsize, "PNG chunk '%.4s' inflates to more than 1 MiB", (const char *)type);
+        if (rc == PNG_TEXT_CORRUPT)
+            length = 0;
+    }
+    return png_count_text(d, png_type_is(type, "zTXt") && key_len > 0 ? length : 0, err, errsize);
+}
+
+/* acTL: a second one cancels the first, as in Pillow. */
+static int png_on_actl(png_decoder *d, const unsigned char *s, size_t len, char *err, size_t errsize)
+{
+    uint32_t frames;
+    if (len < PNG_ACTL_SIZE)
+        return fail(err, errsize, "APNG animation control chunk (acTL) is too short");
+    if (d->have_frames) {
+        d->have_frames = 0;
+        return 0;
+    }
+    frames = png_be32(s);
+    if (frames != 0 && frames <= PNG_MAX_FRAMES) {
+        d->frames = frames;
+        d->have_frames = 1;
+    }
+    return 0;
+}
+
+/* fcTL: sequence number and a frame region inside the image. */
+static int png_on_fctl(png_decoder *d, const unsigned char *s, size_t len, char *err, size_t errsize)
+{
+    uint32_t w, h, x, y;
+    if (len < PNG_FCTL_SIZE)
+        return fail(err, errsize, "APNG frame control chunk (fcTL) is too short");
+    if (!png_next_sequence(d, png_be32(s), 1))
+        return fail(err, errsize, "APNG chunks are out of sequence");
+    w = png_be32(s + 4);
+    h = png_be32(s + 8);
+    x = png_be32(s + 12);
+    y = png_be32(s + 16);
+    if ((uint64_t)x + w > d->width || (uint64_t)y + h > d->height)
+        return fail(err, errsize, "APNG frame lies outside the image");
+    d->have_bbox = 1;
+    d->bbox_x = x;
+    d->bbox_y = y;
+    d->bbox_w = w;
+    d->bbox_h = h;
+    return 0;
+}
+
+/* Runs Pillow's handler for one complete chunk (anything but IDAT, fdAT and IEND):
+ * records what it learns and fails where Pillow's handler raises. */
+static int png_handle_chunk(png_decoder *d, const unsigned char *type, const unsigned char *s,
+                            size_t len, char *err, size_t errsize)
+{
+    if (png_type_is(type, "IHDR"))
+        return png_on_ihdr(d, s, len, err, errsize);
+    if (png_type_is(type, "PLTE")) {
+        if (d->have_mode && d->color == PNG_PALETTE) {
+            d->palette = s;
+            d->palette_len = len;
+            d->have_palette = 1;
+        }
+        return 0;
+    }
+    if (png_type_is(type, "tRNS"))
+        return png_on_trns(d, s, len, err, errsize);
+    if ((png_type_is(type, "gAMA") && len < PNG_GAMA_SIZE) ||
+        (png_type_is(type, "cHRM") && len % PNG_CHRM_VALUE_SIZE != 0) ||
+        (png_type_is(type, "sRGB") && len < PNG_SRGB_SIZE) || (png_type_is(type, "pHYs") && len < PNG_PHYS_SIZE))
+        return fail(err, errsize, "PNG chunk '%.4s' has an invalid length", (const char *)type);
+    if (png_type_is(type, "tEXt") || png_type_is(type, "zTXt") || png_type_is(type, "iTXt") ||
+        png_type_is(type, "iCCP"))
+        return png_on_text(d, type, s, len, err, errsize);
+    if (png_type_is(type, "acTL"))
+        return png_on_actl(d, s, len, err, errsize);
+    if (png_type_is(type, "fcTL"))
+        return png_on_fctl(d, s, len, err, errsize);
+    return 0;
+}
+
+/* Pillow's IDAT handler: marks an APNG's default image (even when it then fails for
+ * want of a usable IHDR); with a usable mode the image data starts here. Returns 1 then. */
+static int png_on_image_data(png_decoder *d, size_t pos, size_t len)
+{
+    if (d->have_frames && !d->have_bbox)
+        d->default_image = 1;
+    if (!d->have_mode)
+        return 0;
+    d->data_pos = pos;
+    d->data_len = len;
+    d->frame_is_bbox = d->have_bbox;
+    d->animated = d->have_frames && (uint64_t)d->frames + (unsigned)d->default_image > 1;
+    return 1;
+}
+
+/* Walks the chunks up to the first image data like Pillow's PngImageFile._open:
+ * handlers run, every chunk's CRC is checked. */
+static int png_read_header(png_decoder *d, char *err, size_t errsize)
+{
+    size_t cur = PNG_SIGNATURE_SIZE, len, start;
+    const unsigned char *type;
+
+    for (;;) {
+        if (d->size - cur < PNG_CHUNK_HEAD)
+            return fail(err, errsize, "PNG file ends before its image data");
+        len = png_be32(d->file + cur);
+        type = d->file + cur + 4;
+        cur += PNG_CHUNK_HEAD;
+        if (!png_is_chunk_type(type))
+            return fail(err, errsize, "PNG file contains an invalid chunk type");
+        if (png_type_is(type, "IEND"))
+            return fail(err, errsize, d->have_mode ? "PNG file has no image data"
+                                                   : "PNG has no header with a supported bit depth and colour type");
+        if (png_type_is(type, "fdAT")) {
+            size_t data_len = len;
+            if (png_fdat_sequence(d, &cur, &data_len, err, errsize) != 0)
+                return -1;
+            if (png_on_image_data(d, cur, data_len))
+                return 0;
+        } else if (png_type_is(type, "IDAT") && png_on_image_data(d, cur, len)) {
+            return 0;
+        }
+        /* any other chunk, and image data before a usable IHDR, is read whole and CRC-checked */
+        start = cur;
+        if (len > d->size - cur)
+            return fail(err, errsize, "PNG chunk '%.4s' runs past the end of the file", (const char *)type);
+        if (png_handle_chunk(d, type, d->file + cur, len, err, errsize) != 0)
+            return -1;
+        cur += len;
+        if (d->size - cur < PNG_CRC_SIZE)
+            return fail(err, errsize, "PNG file is truncated");
+        if (png_crc_update(d->crc_table, png_crc_update(d->crc_table, 0, type, 4), d->file + start, len) !=
+            png_be32(d->file + cur))
+            return fail(err, errsize, "PNG chunk '%.4s' has a bad CRC", (const char *)type);
+        cur += PNG_CRC_SIZE;
+    }
+}
+
+/* Walks the chunks after the image data like Pillow's PngImageFile.load_end: a chunk
+ * header that is missing or malformed ends the walk quietly, chunk data must be
+ * complete and pass its handler, CRCs are not read. */
+static int png_read_trailer(png_decoder *d, size_t cur, char *err, size_t errsize)
+{
+    size_t len;
+    const unsigned char *type;
+
+    for (;;) {
+        cur = d->size - cur < PNG_CRC_SIZE ? d->size : cur + PNG_CRC_SIZE;
+        if (d->size - cur < PNG_CHUNK_HEAD)
+            return 0;
+        len = png_be32(d->file + cur);
+        type = d->file + cur + 4;
+        cur += PNG_CHUNK_HEAD;
+        if (!png_is_chunk_type(type) || png_type_is(type, "IEND") ||
+            (png_type_is(type, "fcTL") && d->animated))
+            return 0;
+        if (png_type_is(type, "fdAT") && png_fdat_sequence(d, &cur, &len, err, errsize) != 0)
+            return -1;
+        if (len > d->size - cur)
+            return fail(err, errsize, "PNG chunk '%.4s' runs past the end of the file", (const char *)type);
+        if (!png_type_is(type, "IDAT") && !png_type_is(type, "fdAT") &&
+            png_handle_chunk(d, type, d->file + cur, len, err, errsize) != 0)
+            return -1;
+        cur += len;
+    }
+}
+
+/* Reads the image data the way Pillow does: one IDAT (or DDAT, or fdAT after its sequence
+ * number) after another, in blocks of at most 64 KiB; the chunk CRCs are skipped unread. */
+typedef struct png_data_reader {
+    inflate_input in;              /* first member: the inflater sees only this */
+    png_decoder *d;
+    size_t cur;                    /* file position */
+    size_t chunk_left;             /* data of the current chunk not yet read */
+} png_data_reader;
+
+/* inflate_input refill: the next block of image data, or 0 at the end of the image data. */
+static int png_data_refill(inflate_input *in)
+{
+    png_data_reader *r = (png_data_reader *)in;
+    png_decoder *d = r->d;
+    size_t len, n;
+    const unsigned char *type;
+
+    while (r->chunk_left == 0) {
+        r->cur = d->size - r->cur < PNG_CRC_SIZE ? d->size : r->cur + PNG_CRC_SIZE;
+        if (d->size - r->cur < PNG_CHUNK_HEAD)
+            return 0;
+        len = png_be32(d->file + r->cur);
+        type = d->file + r->cur + 4;
+        r->cur += PNG_CHUNK_HEAD;
+        if (png_type_is(type, "fdAT")) {
+            if (png_fdat_sequence(d, &r->cur, &len, NULL, 0) != 0)
+                return 0;
+        } else if (!png_type_is(type, "IDAT") && !png_type_is(type, "DDAT")) {
+            return 0;
+        }
+        r->chunk_left = len;
+    }
+    n = r->chunk_left < PNG_READ_BLOCK ? r->chunk_left : PNG_READ_BLOCK;
+    r->chunk_left -= n;
+    if (n > d->size - r->cur)
+        n = d->size - r->cur;
+    if (n == 0)
+        return 0;
+    in->next = d->file + r->cur;
+    in->avail = n;
+    r->cur += n;
+    return 1;
+}
+
+/* The PNG filter predictor of a byte from its left (a), upper (b) and upper-left (c) neighbours. */
+static unsigned png_predict(int filter, unsigned a, unsigned b, unsigned c)
+{
+    int pa, pb, pc;
+    switch (filter) {
+    case PNG_FILTER_SUB:
+        return a;
+    case PNG_FILTER_UP:
+        return b;
+    case PNG_FILTER_AVERAGE:
+        return (a + b) / 2;
+    case PNG_FILTER_PAETH:
+        pa = abs((int)b - (int)c);
+        pb = abs((int)a - (int)c);
+        pc = abs((int)a + (int)b - 2 * (int)c);
+        return (pa <= pb && pa <= pc) ? a : (pb <= pc) ? b : c;
+    default:
+        return 0;
+    }
+}
+
+/* Undoes the filter of row[1..len] (row[0] is the filter type) given the previous row. */
+static void png_unfilter(unsigned char *row, const unsigned char *prev, size_t len, size_t bpp)
+{
+    size_t i;
+    int filter = row[0];
+    if (filter == PNG_FILTER_NONE)
+        return;
+    for (i = 1; i <= len; i++) {
+        unsigned a = i > bpp ? row[i - bpp] : 0, c = i > bpp ? prev[i - bpp] : 0;
+        row[i] = (unsigned char)(row[i] + png_predict(filter, a, prev[i], c));
+    }
+}
+
+/* Builds the RGB of every 8-bit gray level or palette index: a gray ramp, overlaid with
+ * the palette when Pillow applies one; returns how gray samples scale to 8 bits. */
+static int png_build_lut(const png_decoder *d, unsigned char lut[PNG_LUT_SIZE])
+{
+    size_t i, entries = d->have_palette ? d->palette_len / 3 : 0;
+    for (i = 0; i < PNG_PALETTE_ENTRIES; i++)
+        lut[3 * i] = lut[3 * i + 1] = lut[3 * i + 2] = (unsigned char)i;
+    if (entries > 0)
+        memcpy(lut, d->palette, 3 * entries);
+    if (d->color == PNG_PALETTE || d->depth >= 8)
+        return 1;
+    return PNG_SAMPLE_MAX / ((1 << d->depth) - 1); /* 1-bit 255, 2-bit 85, 4-bit 17 */
+}
+
+/* Converts n pixels of an unfiltered row to RGB, writing them step bytes apart. */
+static void png_row_to_rgb(const png_decoder *d, const unsigned char *lut, int scale,
+                           const unsigned char *row, size_t n, unsigned char *dst, size_t step)
+{
+    size_t k, s = d->depth == 16 ? 2 : 1;
+    size_t pixel = s * (size_t)png_channels(d->depth, d->color);
+    const unsigned char *p;
+    unsigned v;
+
+    for (k = 0; k < n; k++, dst += step) {
+        if ((d->color == PNG_GRAY || d->color == PNG_PALETTE) && d->depth < 8) {
+            size_t bit = k * (size_t)d->depth;
+            unsigned shift = 8u - (unsigned)d->depth - (unsigned)(bit % 8);
+            v = (row[bit / 8] >> shift) & ((1u << d->depth) - 1);
+            memcpy(dst, lut + 3 * (v * (unsigned)scale), 3);
+            continue;
+        }
+        p = row + k * pixel;
+        if (d->color == PNG_RGB || d->color == PNG_RGBA) {
+            dst[0] = p[0];
+            dst[1] = p[s];
+            dst[2] = p[2 * s];
+        } else if (d->color == PNG_GRAY && d->depth == 16) {
+            v = (unsigned)p[0] << 8 | p[1];
+            dst[0] = dst[1] = dst[2] = (unsigned char)(v > PNG_SAMPLE_MAX ? PNG_SAMPLE_MAX : v);
+        } else if (d->depth == 16) { /* gray+alpha 16: Pillow unpacks to RGBA, high bytes */
+            dst[0] = dst[1] = dst[2] = p[0];
+        } else { /* gray 8, palette 8, gray+alpha 8 */
+            memcpy(dst, lut + 3 * p[0], 3);
+        }
+    }
+}
+
+/* Frame geometry: the region the image data fills, and the pixel offsets Pillow uses. */
+typedef struct png_frame {
+    uint32_t x, y, w, h;
+} png_frame;
+
+/* Number of pixels of a pass along one axis of n pixels, starting at first, every step. */
+static uint32_t png_pass_size(uint32_t n, unsigned first, unsigned step)
+{
+    return n > first ? (n - first + step - 1) / step : 0;
+}
+
+/* Inflates, unfilters and converts the image data into rgb (already holding the zero
+ * pixel everywhere); *end_pos gets the file position where Pillow stops reading. */
+static int png_decode_pixels(png_decoder *d, const png_frame *f, const unsigned char *lut, int scale,
+                             unsigned char *rgb, size_t *end_pos, char *err, size_t errsize)
+{
+    const unsigned char (*passes)[4] = d->interlaced ? png_adam7 : &png_single_pass;
+    int npasses = d->interlaced ? PNG_ADAM7_PASSES : 1, pass, last_pass = -1, rc, last, status = 0;
+    size_t bits = (size_t)d->depth * (size_t)png_channels(d->depth, d->color), bpp = (bits + 7) / 8;
+    size_t max_row = ((size_t)f->w * bits + 7) / 8, row_len, done, stride = 3 * (size_t)d->width;
+    uint32_t cols, rows, r, x0 = d->interlaced ? 0 : f->x, y0 = d->interlaced ? 0 : f->y;
+    unsigned char *buf, *cur, *prev, *swap;
+    png_data_reader reader;
+    inflate_state *z = png_inflater(d);
+
+    buf = malloc(2 * (max_row + 1));
+    if (!z || !buf) {
+        free(buf);
+        return fail(err, errsize, "out of memory");
+    }
+    for (pass = 0; pass < npasses; pass++)
+        if (png_pass_size(f->w, passes[pass][0], passes[pass][2]) &&
+            png_pass_size(f->h, passes[pass][1], passes[pass][3]))
+            last_pass = pass;
+    reader.in.next = NULL;
+    reader.in.avail = 0;
+    reader.in.refill = png_data_refill;
+    reader.d = d;
+    reader.cur = d->data_pos;
+    reader.chunk_left = d->data_len;
+    inflate_reset(z, &reader.in);
+    cur = buf;
+    prev = buf + max_row + 1;
+    for (pass = 0; pass <= last_pass; pass++) {
+        const unsigned char *ps = passes[pass];
+        cols = png_pass_size(f->w, ps[0], ps[2]);
+        rows = png_pass_size(f->h, ps[1], ps[3]);
+        if (cols == 0 || rows == 0)
+            continue;
+        row_len = ((size_t)cols * bits + 7) / 8;
+        memset(prev, 0, row_len + 1);
+        for (r = 0; r < rows; r++) {
+            last = pass == last_pass && r == rows - 1;
+            rc = inflate_run(z, cur, row_len + 1, last, &done);
+            if (rc == INFLATE_BAD) {
+                status = fail(err, errsize, "PNG image data is corrupt (zlib error)");
+                goto finish;
+            }
+            if (rc == INFLATE_STARVED || done < row_len + 1 ||
+                (rc == INFLATE_END && z->refills_at_full != z->refills)) {
+                status = fail(err, errsize, "PNG image data is truncated");
+                goto finish;
+            }
+            if (cur[0] >= PNG_FILTER_TYPES) {
+                status = fail(err, errsize, "PNG image data uses an unknown filter type (%d)", cur[0]);
+                goto finish;
+            }
+            png_unfilter(cur, prev, row_len, bpp);
+            png_row_to_rgb(d, lut, scale, cur + 1, cols,
+                           rgb + (y0 + ps[1] + (size_t)r * ps[3]) * stride + 3 * ((size_t)x0 + ps[0]),
+                           3 * (size_t)ps[2]);
+            if (rc == INFLATE_END) /* stream ended at a row boundary: the remaining rows stay 0 */
+                goto finish;
+            swap = cur;
+            cur = prev;
+            prev = swap;
+        }
+    }
+finish:
+    free(buf);
+    *end_pos = reader.chunk_left > d->size - reader.cur ? d->size : reader.cur + reader.chunk_left;
+    return status;
+}
+
+/* Checks everything Pillow checks between reading the header and decoding, and sets up
+ * the frame, the lookup table and its gray scale. */
+static int png_prepare(png_decoder *d, size_t max_pixels, png_frame *f, unsigned char *lut, int *scale,
+                       char *err, size_t errsize)
+{
+    uint64_t pixels = (uint64_t)d->width * d->height;
+    int bits = d->depth * png_channels(d->depth, d->color);
+    int gray_mode = (d->color == PNG_GRAY && d->depth > 1 && d->depth < 16) ||
+                    (d->color == PNG_GRAY_ALPHA && d->depth == 8);
+
+    if (d->width == 0 || d->height == 0)
+        return fail(err, errsize, "PNG image has zero width or height");
+    if (d->width > INT_MAX || d->height > INT_MAX || pixels > PNG_BOMB_PIXELS)
+        return fail(err, errsize, "PNG image is too large (%lux%lu)", (unsigned long)d->width,
+                    (unsigned long)d->height);
+    if (pixels > max_pixels)
+        return fail(err, errsize, "PNG image has %llu pixels, more than the limit of %llu",
+                    (unsigned long long)pixels, (unsigned long long)max_pixels);
+    /* Pillow attaches a PLTE read while the mode was "P" even when a later IHDR changed the
+     * mode: an "L" or "LA" image then becomes palette-mapped, other modes fail */
+    if (d->have_palette && d->color != PNG_PALETTE && !gray_mode)
+        return fail(err, errsize, "PNG has a palette that does not fit its colour type");
+    if (d->have_palette && d->palette_len / 3 > PNG_PALETTE_ENTRIES)
+        return fail(err, errsize, "PNG palette has more than 256 entries");
+    /* convert() then passes the missing palette to putpalette, which raises */
+    if (d->color == PNG_PALETTE && !d->have_palette && d->trns_value)
+        return fail(err, errsize, "PNG has a transparent colour but no palette");
+    f->x = 0;
+    f->y = 0;
+    f->w = d->width;
+    f->h = d->height;
+    if (d->frame_is_bbox && !(d->bbox_x == 0 && d->bbox_w == 0)) {
+        f->x = d->bbox_x;
+        f->y = d->bbox_y;
+        f->w = d->bbox_w;
+        f->h = d->bbox_h;
+        if (f->w == 0 || f->h == 0 || (uint64_t)f->x + f->w > d->width || (uint64_t)f->y + f->h > d->height)
+            return fail(err, errsize, "APNG frame lies outside the image");
+    }
+    if (f->w > (uint32_t)(INT_MAX / bits - 7)) /* Pillow's decoder setup refuses such rows */
+        return fail(err, errsize, "PNG rows are too long");
+    *scale = png_build_lut(d, lut);
+    return 0;
+}
+
+/* Decodes a PNG held in memory into 8-bit RGB exactly as Pillow 9.4's
+ * Image.open(...).convert("RGB") does. Returns 0, or -1 with *out empty and a message. */
+static int png_decode(const unsigned char *data, size_t size, size_t max_pixels,
+                      loupe_image *out, char *err, size_t errsize)
+{
+    static const unsigned char zero_sample[8] = {0}; /* one pixel of any format */
+    png_decoder d;
+    png_frame f = {0, 0, 0, 0};
+    unsigned char lut[PNG_LUT_SIZE], zero[3], *rgb = NULL;
+    size_t npix, i, end_pos = 0;
+    int scale = 1, rc = -1;
+
+    out->width = out->height = 0;
+    out->rgb = NULL;
+    if (!data || size < PNG_SIGNATURE_SIZE || memcmp(data, png_signature, PNG_SIGNATURE_SIZE) != 0)
+        return fail(err, errsize, "not a PNG file");
+    memset(&d, 0, sizeof d);
+    d.file = data;
+    d.size = size;
+    png_crc_init(d.crc_table);
+    if (png_read_header(&d, err, errsize) != 0 || png_prepare(&d, max_pixels, &f, lut, &scale, err, errsize) != 0)
+        goto done;
+    npix = (size_t)d.width * d.height;
+    if (npix > SIZE_MAX / 3 || !(rgb = malloc(3 * npix))) {
+        fail(err, errsize, "out of memory");
+        goto done;
+    }
+    /* Pillow's image starts as zeros; convert("RGB") maps 0 like any sample */
+    png_row_to_rgb(&d, lut, scale, zero_sample, 1, zero, 3);
+    for (i = 0; i < npix; i++)
+        memcpy(rgb + 3 * i, zero, 3);
+    if (png_decode_pixels(&d, &f, lut, scale, rgb, &end_pos, err, errsize) != 0 ||
+        png_read_trailer(&d, end_pos, err, errsize) != 0)
+        goto done;
+    out->width = (int)d.width;
+    out->height = (int)d.height;
+    out->rgb = rgb;
+    rgb = NULL;
+    rc = 0;
+done:
+    free(rgb);
+    free(d.z);
+    return rc;
+}
+
+/* ---- PNG encoding: adaptive filters, fixed-Huffman deflate with greedy LZ77 ---- */
+
+#define DEFLATE_HASH_BITS 15
+#define DEFLATE_HASH_SIZE (1u << DEFLATE_HASH_BITS)
+#define DEFLATE_HASH_MULTIPLIER 2654435761u /* 2^32 / golden ratio */
+#define DEFLATE_MIN_MATCH 3
+#define DEFLATE_MAX_MATCH 258
+#define DEFLATE_NO_POSITION SIZE_MAX
+#define ZLIB_HEADER_CMF 0x78           /* deflate, 32 KiB window */
+#define ZLIB_HEADER_FLG 0x01           /* makes CMF*256 + FLG a multiple of 31 */
+#define PNG_MAX_CHUNK_LEN 0x7FFFFFFFu  /* chunk lengths are limited to 2^31 - 1 */
+#define PNG_ENCODE_DEPTH 8            /* bits per sample written */
+
+/* A little-endian bit writer into a buffer sized in advance. */
+typedef struct deflate_writer {
+    unsigned char *buf;
+    size_t pos;
+    uint32_t bits;
+    int nbits;
+} deflate_writer;
+
+/* Appends n <= 24 bits, least significant first. */
+static void deflate_put_bits(deflate_writer *w, uint32_t value, int n)
+{
+    w->bits |= value << w->nbits;
+    w->nbits += n;
+    while (w->nbits >= 8) {
+        w->buf[w->pos++] = (unsigned char)w->bits;
+        w->bits >>= 8;
+        w->nbits -= 8;
+    }
+}
+
+/* Appends a Huffman code of len bits, most significant bit first. */
+static void deflate_put_code(deflate_writer *w, uint32_t code, int len)
+{
+    uint32_t reversed = 0;
+    int i;
+    for (i = 0; i < len; i++)
+        reversed |= ((code >> i) & 1u) << (len - 1 - i);
+    deflate_put_bits(w, reversed, len);
+}
+
+/* Appends a literal/length symbol in the fixed code (its canonical codes for the four
+ * symbol ranges start at 0x30, 0x190, 0 and 0xC0). */
+static void deflate_put_litlen(deflate_writer *w, unsigned sym)
+{
+    if (sym < 144)
+        deflate_put_code(w, 0x30 + sym, 8);
+    else if (sym < 256)
+        deflate_put_code(w, 0x190 + sym - 144, 9);
+    else if (sym < 280)
+        deflate_put_code(w, sym - 256, 7);
+    else
+        deflate_put_code(w, 0xC0 + sym - 280, 8);
+}
+
+/* Appends a match of len bytes at distance dist. */
+static void deflate_put_match(deflate_writer *w, unsigned len, unsigned dist)
+{
+    int i = INFLATE_NUM_LENGTHS - 1, j = INFLATE_MAX_HDIST - 1;
+    while (inflate_length_base[i] > len)
+        i--;
+    deflate_put_litlen(w, INFLATE_FIRST_LENGTH_SYMBOL + (unsigned)i);
+    deflate_put_bits(w, len - inflate_length_base[i], inflate_length_extra[i]);
+    while (inflate_dist_base[j] > dist)
+        j--;
+    deflate_put_code(w, (uint32_t)j, INFLATE_FIXED_DIST_BITS);
+    deflate_put_bits(w, dist - inflate_dist_base[j], inflate_dist_extra[j]);
+}
+
+/* Hash of the 3 bytes at p, for finding earlier occurrences (Fibonacci hashing). */
+static unsigned deflate_hash(const unsigned char *p)
+{
+    uint32_t v = (uint32_t)p[0] << 16 | (uint32_t)p[1] << 8 | p[2];
+    return (unsigned)((v * DEFLATE_HASH_MULTIPLIER) >> (32 - DEFLATE_HASH_BITS));
+}
+
+/* Compresses src[0..n) as a zlib stream of one fixed-Huffman block into dst, which
+ * holds at least n + n/8 + 16 bytes; head is DEFLATE_HASH_SIZE positions of scratch.
+ * Returns the compressed size. */
+static size_t deflate_fixed(const unsigned char *src, size_t n, unsigned char *dst, size_t *head)
+{
+    deflate_writer w;
+    size_t i = 0, j, cand = 0, len, max;
+    unsigned h;
+
+    w.buf = dst;
+    w.pos = 0;
+    w.bits = 0;
+    w.nbits = 0;
+    deflate_put_bits(&w, ZLIB_HEADER_CMF, 8);
+    deflate_put_bits(&w, ZLIB_HEADER_FLG, 8);
+    deflate_put_bits(&w, 1, 1); /* final block */
+    deflate_put_bits(&w, INFLATE_FIXED_BLOCK, 2);
+    for (j = 0; j < DEFLATE_HASH_SIZE; j++)
+        head[j] = DEFLATE_NO_POSITION;
+    while (i < n) {
+        len = 0;
+        if (n - i >= DEFLATE_MIN_MATCH) {
+            h = deflate_hash(src + i);
+            cand = head[h];
+            head[h] = i;
+            if (cand != DEFLATE_NO_POSITION && i - cand <= INFLATE_WINDOW_SIZE) {
+                max = n - i < DEFLATE_MAX_MATCH ? n - i : DEFLATE_MAX_MATCH;
+                while (len < max && src[cand + len] == src[i + len])
+                    len++;
+            }
+        }
+        if (len >= DEFLATE_MIN_MATCH) {
+            deflate_put_match(&w, (unsigned)len, (unsigned)(i - cand));
+            for (j = i + 1; j < i + len && n - j >= DEFLATE_MIN_MATCH; j++)
+                head[deflate_hash(src + j)] = j;
+            i += len;
+        } else {
+            deflate_put_litlen(&w, src[i++]);
+        }
+    }
+    deflate_put_litlen(&w, INFLATE_END_OF_BLOCK);
+    deflate_put_bits(&w, 0, 7); /* flush to a byte boundary */
+    png_put_be32(w.buf + w.pos, adler32_update(1, src, n));
+    return w.pos + ZLIB_ADLER_SIZE;
+}
+
+/* Filters one row (prev NULL: the row above is zeros) with the filter type whose output has
+ * the smallest sum of absolute values as signed bytes; writes the type byte, then the bytes. */
+static void png_filter_row(const unsigned char *row, const unsigned char *prev, size_t len, size_t bpp,
+                           unsigned char *dst)
+{
+    unsigned long best_sum = ULONG_MAX, sum;
+    int filter, best = PNG_FILTER_NONE;
+    size_t i;
+
+    for (filter = 0; filter <= PNG_FILTER_TYPES; filter++) {
+        int f = filter < PNG_FILTER_TYPES ? filter : best; /* last round: write the best one */
+        sum = 0;
+        for (i = 0; i < len; i++) {
+            unsigned a = i >= bpp ? row[i - bpp] : 0, b = prev ? prev[i] : 0;
+            unsigned c = prev && i >= bpp ? prev[i - bpp] : 0;
+            unsigned char v = (unsigned char)(row[i] - png_predict(f, a, b, c));
+            if (filter == PNG_FILTER_TYPES)
+                dst[1 + i] = v;
+            else
+                sum += v < 128 ? v : 256u - v;
+        }
+        if (filter < PNG_FILTER_TYPES && sum < best_sum) {
+            best_sum = sum;
+            best = filter;
+        }
+    }
+    dst[0] = (unsigned char)best;
+}
+
+/* Writes one chunk (length, type, data, CRC) at p; returns the bytes written. */
+static size_t png_put_chunk(unsigned char *p, const uint32_t crc_table[256], const char *type,
+                            const unsigned char *data, size_t len)
+{
+    png_put_be32(p, (uint32_t)len);
+    memcpy(p + 4, type, 4);
+    if (len)
+        memmove(p + PNG_CHUNK_HEAD, data, len);
+    png_put_be32(p + PNG_CHUNK_HEAD + len, png_crc_update(crc_table, 0, p + 4, 4 + len));
+    return PNG_CHUNK_HEAD + len + PNG_CRC_SIZE;
+}
+
+/* Encodes an 8-bit gray (channels 1) or RGB (channels 3) image as a PNG in a malloc'd
+ * buffer (*png, *png_size). Returns 0, or -1 with a message. */
+int loupe_png_encode(const unsigned char *pixels, int width, int height, int channels,
+                      unsigned char **png, size_t *png_size, char *err, size_t errsize)
+{
+    uint32_t crc_table[256];
+    unsigned char ihdr[PNG_IHDR_SIZE], *filtered = NULL, *file = NULL, *p;
+    size_t *head = NULL, row_len, raw_size, bound, zsize, y;
+    int rc = -1;
+
+    if (png)
+        *png = NULL;
+    if (png_size)
+        *png_size = 0;
+    if (!pixels || !png || !png_size || width <= 0 || height <= 0 || (channels != 1 && channels != 3))
+        return fail(err, errsize, "invalid arguments to the PNG encoder");
+    if ((size_t)width > (PNG_MAX_CHUNK_LEN - 1) / (size_t)channels ||
+        (size_t)width * (size_t)channels + 1 > PNG_MAX_CHUNK_LEN / (size_t)height)
+        return fail(err, errsize, "image too large to encode as PNG");
+    row_len = (size_t)width * (size_t)channels;
+    raw_size = (row_len + 1) * (size_t)height;
+    bound = raw_size + raw_size / 8 + 16; /* fixed Huffman: at most 9 bits a byte, plus framing */
+    if (bound > PNG_MAX_CHUNK_LEN)
+        return fail(err, errsize, "image too large to encode as PNG");
+    filtered = malloc(raw_size);
+    head = malloc(DEFLATE_HASH_SIZE * sizeof *head);
+    file = malloc(PNG_SIGNATURE_SIZE + 3 * (PNG_CHUNK_HEAD + PNG_CRC_SIZE) + PNG_IHDR_SIZE + bound);
+    if (!filtered || !head || !file) {
+        fail(err, errsize, "out of memory");
+        goto done;
+    }
+    for (y = 0; y < (size_t)height; y++)
+        png_filter_row(pixels + y * row_len, y ? pixels + (y - 1) * row_len : NULL, row_len,
+                       (size_t)channels, filtered + y * (row_len + 1));
+    png_crc_init(crc_table);
+    p = file;
+    memcpy(p, png_signature, PNG_SIGNATURE_SIZE);
+    p += PNG_SIGNATURE_SIZE;
+    png_put_be32(ihdr, (uint32_t)width);
+    png_put_be32(ihdr + 4, (uint32_t)height);
+    ihdr[8] = PNG_ENCODE_DEPTH;
+    ihdr[9] = channels == 1 ? PNG_GRAY : PNG_RGB;  /* colour type */
+    ihdr[10] = ihdr[11] = ihdr[12] = 0;            /* deflate, adaptive filtering, no interlace */
+    p += png_put_chunk(p, crc_table, "IHDR", ihdr, PNG_IHDR_SIZE);
+    zsize = deflate_fixed(filtered, raw_size, p + PNG_CHUNK_HEAD, head);
+    p += png_put_chunk(p, crc_table, "IDAT", p + PNG_CHUNK_HEAD, zsize); /* data already in place */
+    p += png_put_chunk(p, crc_table, "IEND", NULL, 0);
+    *png = file;
+    *png_size = (size_t)(p - file);
+    file = NULL;
+    rc = 0;
+done:
+    free(filtered);
+    free(head);
+    free(file);
+    return rc;
+}
+
+/* ---- PPM/PGM: binary P6 and P5 with Pillow 9.4's semantics ----
+ *
+ * ppm_decode gives the pixels of Pillow 9.4's Image.open(f).convert("RGB") and fails
+ * where Pillow raises:
+ *  - Header: the magic is read up to whitespace (at most 6 bytes); then width, height
+ *    and maxval, each a token of at most 10 bytes after optional whitespace, parsed
+ *    like Python's int() (sign, '_' between digits). A '#' starts a comment through
+ *    CR or LF wherever it appears, even inside a token (whose parts then join up).
+ *    The one whitespace byte ending maxval is the last header byte.
+ *  - maxval 255 (and a P5 with 65535) is copied raw; other maxvals are rescaled per
+ *    sample to round(v / maxval * M) (round half to even, M = 255; for a P5 with
+ *    maxval > 255, M = 65535 into a 32-bit "I" image), capped at M. A P5 whose maxval
+ *    exceeds 255 is an "I" image, and I -> RGB clamps to 255.
+ *  - Truncated pixel data fails; bytes after the pixels are ignored. */
+
+
+#define PPM_MAGIC_MAX 6             /* Pillow reads at most this many magic bytes */
+#define PPM_TOKEN_MAX 10            /* longest header token Pillow accepts */
+#define PPM_MAXVAL_LIMIT 65536      /* maxval must be below this */
+#define PPM_BYTE_MAXVAL 255         /* the maxval stored as plain bytes */
+#define PPM_WORD_MAXVAL 65535       /* the maxval a P5 stores as raw 16-bit */
+#define PPM_BOMB_PIXELS 178956970u  /* Pillow's DecompressionBombError threshold */
+
+/* A read position in the file. */
+typedef struct ppm_reader {
+    const unsigned char *data;
+    size_t size, pos;
+} ppm_reader;
+
+/* Returns 1 for the whitespace bytes Pillow's PPM reader knows. */
+static int ppm_is_space(int c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\v' || c == '\f' || c == '\r';
+}
+
+/* Reads one header token as Pillow does; returns its length, 0 at the end of the file,
+ * or PPM_TOKEN_MAX + 1 when it is too long. */
+static size_t ppm_read_token(ppm_reader *r, char token[PPM_TOKEN_MAX + 1])
+{
+    size_t n = 0;
+    while (n <= PPM_TOKEN_MAX && r->pos < r->size) {
+        unsigned char c = r->data[r->pos++];
+        if (ppm_is_space(c)) {
+            if (n > 0)
+                break;
+        } else if (c == '#') {
+            while (r->pos < r->size && r->data[r->pos] != '\r' && r->data[r->pos] != '\n')
+                r->pos++;
+            if (r->pos < r->size)
+                r->pos++;
+        } else {
+            token[n++] = (char)c;
+        }
+    }
+    return n;
+}
+
+/* Parses a token like Python's int(): optional sign, decimal digits with single
+ * underscores between them. Returns 0 and *value, or -1. */
+static int ppm_parse_int(const char *s, size_t n, long long *value)
+{
+    size_t i = 0;
+    int negative = 0, digits = 0;
+    long long v = 0;
+
+    if (i < n && (s[i] == '+' || s[i] == '-'))
+        negative = s[i++] == '-';
+    for (; i < n; i++) {
+        if (s[i] == '_' && digits > 0 && i + 1 < n && s[i + 1] >= '0' && s[i + 1] <= '9')
+            continue;
+        if (s[i] < '0' || s[i] > '9')
+            return -1;
+        v = 10 * v + (s[i] - '0'); /* at most 10 digits: no overflow */
+        digits++;
+    }
+    if (digits == 0)
+        return -1;
+    *value = negative ? -v : v;
+    return 0;
+}
+
+/* Reads the next header number. */
+static int ppm_read_number(ppm_reader *r, long long *value, char *err, size_t errsize)
+{
+    char token[PPM_TOKEN_MAX + 1];
+    size_t n = ppm_read_token(r, token);
+    if (n == 0)
+        return fail(err, errsize, "PPM header ends early");
+    if (n > PPM_TOKEN_MAX)
+        return fail(err, errsize, "PPM header has a token longer than %d bytes", PPM_TOKEN_MAX);
+    if (ppm_parse_int(token, n, value) != 0)
+        return fail(err, errsize, "PPM header has a malformed number");
+    return 0;
+}
+
+/* Pillow's rescaling of a sample: min(out_max, round(v / maxval * out_max)), half to even. */
+static unsigned ppm_rescale(unsigned v, unsigned maxval, unsigned out_max)
+{
+    double ratio = (double)v / (double)maxval; /* two roundings to double, as in Python */
+    double scaled = ratio * (double)out_max;
+    double rounded = nearbyint(scaled);
+    return rounded > out_max ? out_max : (unsigned)rounded;
+}
+
+/* Decodes a binary PGM (P5) or PPM (P6) held in memory into 8-bit RGB exactly as Pillow
+ * 9.4's Image.open(...).convert("RGB") does. Returns 0, or -1 with *out empty and a message. */
+static int ppm_decode(const unsigned char *data, size_t size, size_t max_pixels,
+                      loupe_image *out, char *err, size_t errsize)
+{
+    ppm_reader r;
+    char magic[PPM_MAGIC_MAX];
+    size_t n = 0, channels, sample_bytes, npix, nsamples, i;
+    long long width, height, maxval;
+    unsigned out_max, v, c;
+    unsigned char *rgb;
+
+    out->width = out->height = 0;
+    out->rgb = NULL;
+    r.data = data;
+    r.size = data ? size : 0;
+    r.pos = 0;
+    while (n < PPM_MAGIC_MAX && r.pos < r.size && !ppm_is_space(r.data[r.pos]))
+        magic[n++] = (char)r.data[r.pos++];
+    if (n < PPM_MAGIC_MAX && r.pos < r.size)
+        r.pos++; /* the whitespace after the magic */
+    if (n != 2 || magic[0] != 'P' || (magic[1] != '5' && magic[1] != '6'))
+        return fail(err, errsize, "not a binary PGM (P5) or PPM (P6) file");
+    channels = magic[1] == '6' ? 3 : 1;
+    if (ppm_read_number(&r, &width, err, errsize) != 0 || ppm_read_number(&r, &height, err, errsize) != 0 ||
+        ppm_read_number(&r, &maxval, err, errsize) != 0)
+        return -1;
+    if (maxval <= 0 || maxval >= PPM_MAXVAL_LIMIT)
+        return fail(err, errsize, "PPM maxval must be between 1 and 65535");
+    if (width <= 0 || height <= 0)
+        return fail(err, errsize, "PPM image has zero or negative size");
+    if (width > INT_MAX || height > INT_MAX || (unsigned long long)width * (unsigned long long)height > PPM_BOMB_PIXELS)
+        return fail(err, errsize, "PPM image is too large (%lldx%lld)", width, height);
+    npix = (size_t)width * (size_t)height;
+    if (npix > max_pixels)
+        return fail(err, errsize, "PPM image has %llu pixels, more than the limit of %llu",
+                    (unsigned long long)npix, (unsigned long long)max_pixels);
+    sample_bytes = maxval > PPM_BYTE_MAXVAL ? 2 : 1;
+    nsamples = npix * channels;
+    if (nsamples * sample_bytes > r.size - r.pos)
+        return fail(err, errsize, "PPM pixel data is truncated");
+    /* a P5 with maxval > 255 becomes Pillow's 32-bit "I" image, scaled to 65535 */
+    out_max = channels == 1 && maxval > PPM_BYTE_MAXVAL ? PPM_WORD_MAXVAL : PPM_BYTE_MAXVAL;
+    rgb = malloc(3 * npix);
+    if (!rgb)
+        return fail(err, errsize, "out of memory");
+    for (i = 0; i < nsamples; i++) {
+        const unsigned char *p = r.data + r.pos + i * sample_bytes;
+        v = sample_bytes == 2 ? (unsigned)p[0] << 8 | p[1] : p[0];
+        if (maxval != PPM_BYTE_MAXVAL && !(channels == 1 && maxval == PPM_WORD_MAXVAL))
+            v = ppm_rescale(v, (unsigned)maxval, out_max);
+        v = v > PPM_BYTE_MAXVAL ? PPM_BYTE_MAXVAL : v; /* I -> RGB clamps */
+        if (channels == 3) {
+            rgb[i] = (unsigned char)v;
+        } else {
+            for (c = 0; c < 3; c++)
+                rgb[3 * i + c] = (unsigned char)v;
+        }
+    }
+    out->width = (int)width;
+    out->height = (int)height;
+    out->rgb = rgb;
+    return 0;
+}
+
+/* ======================================================================
+ * JPEG decoder
+ *
+ * Reproduces, bit for bit, what PIL 9.4 returns for
+ * Image.open(path).convert("RGB") on a JPEG file.  PIL parses the markers
+ * itself to pick the image mode, then hands the whole file to libjpeg-turbo
+ * 2.1.5 with default settings, feeding it 64 KiB at a time through a
+ * suspending data source.  So this decoder follows libjpeg-turbo's rules:
+ * the accurate integer IDCT, "fancy" chroma upsampling, the fixed-point
+ * YCbCr->RGB tables, Huffman and arithmetic entropy coding (sequential and
+ * progressive), restart markers and their resynchronisation, block smoothing
+ * of incomplete progressive images, and its recovery from corrupt data.
+ * On top of that it applies PIL's own header checks, PIL's treatment of an
+ * input that ends early (an error), and PIL's CMYK -> RGB formula.
+ *
+ * Data flow: markers -> scans -> coefficient blocks -> IDCT -> sample
+ * planes -> upsampling -> colour conversion -> RGB rows.  Files with a single
+ * scan are inverse-transformed as each MCU is decoded; multi-scan files
+ * (progressive or non-interleaved) first collect every coefficient.
+ * ====================================================================== */
+
+#define JPEG_BLOCK 8                   /* samples per block side */
+#define JPEG_BLOCK_SIZE 64             /* coefficients per block */
+#define JPEG_NATURAL_ORDER_SIZE 80     /* zig-zag table plus overrun guard */
+#define JPEG_MAX_COMPONENTS 10         /* libjpeg's MAX_COMPONENTS */
+#define JPEG_MAX_SCAN_COMPONENTS 4     /* components in one scan */
+#define JPEG_MAX_MCU_BLOCKS 10         /* blocks in one MCU */
+#define JPEG_MAX_SAMPLING 4            /* largest sampling factor */
+#define JPEG_MAX_DIMENSION 65500       /* libjpeg's JPEG_MAX_DIMENSION */
+#define JPEG_NUM_TABLES 4              /* quantisation and Huffman table slots */
+#define JPEG_NUM_ARITH_TABLES 16       /* arithmetic conditioning table slots */
+#define JPEG_MAX_SCANS 1000            /* refuse files with more scans (bounded work) */
+#define JPEG_MAX_PASSES 64             /* decoded blocks may total 64 times the image's blocks */
+#define JPEG_MAX_DATALESS_PASSES 2     /* ... but only 2 times when decoded after the data ran out */
+#define JPEG_MIN_WORK 65536            /* block budget floor for tiny images */
+#define JPEG_HUFF_LOOKAHEAD 8          /* bits resolved by one table lookup */
+#define JPEG_HUFF_MAX_BITS 16          /* longest Huffman code */
+#define JPEG_HUFF_SYMBOLS 256          /* symbols in a Huffman table */
+#define JPEG_BIT_BUFFER_FILL 57        /* libjpeg-turbo refills its 64-bit buffer to >= 57 bits */
+#define JPEG_PIL_READ_SIZE 65536       /* PIL passes the file to libjpeg in reads of this size */
+#define JPEG_SMOOTH_COEFS 10           /* block smoothing predicts zig-zag coefficients 0..9 */
+#define JPEG_ARITH_DC_BINS 64          /* arithmetic decoder statistics bins */
+#define JPEG_ARITH_AC_BINS 256
+#define JPEG_ARITH_FIXED_STATE 113     /* probability state for "fixed 0.5" bins */
+#define JPEG_ARITH_STATES 114
+#define JPEG_COLOR_SCALE_BITS 16       /* fixed point of libjpeg's YCbCr->RGB tables */
+
+/* Marker codes (the byte after 0xFF). */
+enum {
+    JPEG_M_TEM = 0x01, JPEG_M_SOF0 = 0xC0, JPEG_M_SOF1 = 0xC1, JPEG_M_SOF2 = 0xC2,
+    JPEG_M_DHT = 0xC4, JPEG_M_SOF9 = 0xC9, JPEG_M_SOF10 = 0xCA, JPEG_M_DAC = 0xCC,
+    JPEG_M_RST0 = 0xD0, JPEG_M_RST7 = 0xD7, JPEG_M_SOI = 0xD8, JPEG_M_EOI = 0xD9,
+    JPEG_M_SOS = 0xDA, JPEG_M_DQT = 0xDB, JPEG_M_DNL = 0xDC, JPEG_M_DRI = 0xDD,
+    JPEG_M_APP0 = 0xE0, JPEG_M_APP1 = 0xE1, JPEG_M_APP2 = 0xE2, JPEG_M_APP13 = 0xED,
+    JPEG_M_APP14 = 0xEE, JPEG_M_APP15 = 0xEF, JPEG_M_COM = 0xFE
+};
+
+/* Results of the marker-level readers.  JPEG_SUSPENDED means "the input
+ * ended here": libjpeg would suspend and wait for more data, which PIL
+ * cannot give, so whether that is fatal depends on where it happens. */
+enum { JPEG_OK = 0, JPEG_FAILED = -1, JPEG_SUSPENDED = -2, JPEG_AT_SOS = 1, JPEG_AT_EOI = 2 };
+
+/* What a scan carries. */
+enum { JPEG_SCAN_SEQUENTIAL, JPEG_SCAN_DC_FIRST, JPEG_SCAN_AC_FIRST, JPEG_SCAN_DC_REFINE, JPEG_SCAN_AC_REFINE };
+
+/* Colour spaces of the coded data (libjpeg's guess from the markers). */
+enum { JPEG_CS_GRAY, JPEG_CS_YCBCR, JPEG_CS_RGB, JPEG_CS_CMYK, JPEG_CS_YCCK, JPEG_CS_UNKNOWN };
+
+/* How a component is brought to full resolution (libjpeg-turbo jdsample.c). */
+enum { JPEG_UP_FULL, JPEG_UP_H2V1_FANCY, JPEG_UP_H1V2_FANCY, JPEG_UP_H2V2_FANCY, JPEG_UP_REPLICATE };
+
+/* Natural (row-major) position of each zig-zag index; the 16 trailing
+ * entries absorb run lengths that overshoot index 63 in corrupt data. */
+static const unsigned char jpeg_natural_order[JPEG_NATURAL_ORDER_SIZE] = {
+     0,  1,  8, 16,  9,  2,  3, 10, 17, 24, 32, 25, 18, 11,  4,  5,
+    12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13,  6,  7, 14, 21, 28,
+    35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51,
+    58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63,
+    63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63
+};
+
+/* Huffman tables of ITU-T T.81 Annex K.3, which libjpeg installs in slots 0
+ * and 1 when a sequential Huffman file defines none (Motion-JPEG style). */
+static const unsigned char jpeg_std_dc_luma_counts[17] = { 0, 0, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0 };
+static const unsigned char jpeg_std_dc_chroma_counts[17] = { 0, 0, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0 };
+static const unsigned char jpeg_std_dc_symbols[12] = { 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 };
+static const unsigned char jpeg_std_ac_luma_counts[17] = { 0, 0, 2, 1, 3, 3, 2, 4, 3, 5, 5, 4, 4, 0, 0, 1, 125 };
+static const unsigned char jpeg_std_ac_luma_symbols[162] = {
+    0x01, 0x02, 0x03, 0x00, 0x04, 0x11, 0x05, 0x12, 0x21, 0x31, 0x41, 0x06, 0x13, 0x51, 0x61, 0x07,
+    0x22, 0x71, 0x14, 0x32, 0x81, 0x91, 0xa1, 0x08, 0x23, 0x42, 0xb1, 0xc1, 0x15, 0x52, 0xd1, 0xf0,
+    0x24, 0x33, 0x62, 0x72, 0x82, 0x09, 0x0a, 0x16, 0x17, 0x18, 0x19, 0x1a, 0x25, 0x26, 0x27, 0x28,
+    0x29, 0x2a, 0x34, 0x35, 0x36, 0x37, 0x38, 0x39, 0x3a, 0x43, 0x44, 0x45, 0x46, 0x47, 0x48, 0x49,
+    0x4a, 0x53, 0x54, 0x55, 0x56, 0x57, 0x58, 0x59, 0x5a, 0x63, 0x64, 0x65, 0x66, 0x67, 0x68, 0x69,
+    0x6a, 0x73, 0x74, 0x75, 0x76, 0x77, 0x78, 0x79, 0x7a, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89,
+    0x8a, 0x92, 0x93, 0x94, 0x95, 0x96, 0x97, 0x98, 0x99, 0x9a, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7,
+    0xa8, 0xa9, 0xaa, 0xb2, 0xb3, 0xb4, 0xb5, 0xb6, 0xb7, 0xb8, 0xb9, 0xba, 0xc2, 0xc3, 0xc4, 0xc5,
+    0xc6, 0xc7, 0xc8, 0xc9, 0xca, 0xd2, 0xd3, 0xd4, 0xd5, 0xd6, 0xd7, 0xd8, 0xd9, 0xda, 0xe1, 0xe2,
+    0xe3, 0xe4, 0xe5, 0xe6, 0xe7, 0xe8, 0xe9, 0xea, 0xf1, 0xf2, 0xf3, 0xf4, 0xf5, 0xf6, 0xf7, 0xf8,
+    0xf9, 0xfa
+};
+static const unsigned char jpeg_std_ac_chroma_counts[17] = { 0, 0, 2, 1, 2, 4, 4, 3, 4, 7, 5, 4, 4, 0, 1, 2, 119 };
+static const unsigned char jpeg_std_ac_chroma_symbols[162] = {
+    0x00, 0x01, 0x02, 0x03, 0x11, 0x04, 0x05, 0x21, 0x31, 0x06, 0x12, 0x41, 0x51, 0x07, 0x61, 0x71,
+    0x13, 0x22, 0x32, 0x81, 0x08, 0x14, 0x42, 0x91, 0xa1, 0xb1, 0xc1, 0x09, 0x23, 0x33, 0x52, 0xf0,
+    0x15, 0x62, 0x72, 0xd1, 0x0a, 0x16, 0x24, 0x34, 0xe1, 0x25, 0xf1, 0x17, 0x18, 0x19, 0x1a, 0x26,
+    0x27, 0x28, 0x29, 0x2a, 0x35, 0x36, 0x37, 0x38, 0x39, 0x3a, 0x43, 0x44, 0x45, 0x46, 0x47, 0x48,
+    0x49, 0x4a, 0x53, 0x54, 0x55, 0x56, 0x57, 0x58, 0x59, 0x5a, 0x63, 0x64, 0x65, 0x66, 0x67, 0x68,
+    0x69, 0x6a, 0x73, 0x74, 0x75, 0x76, 0x77, 0x78, 0x79, 0x7a, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87,
+    0x88, 0x89, 0x8a, 0x92, 0x93, 0x94, 0x95, 0x96, 0x97, 0x98, 0x99, 0x9a, 0xa2, 0xa3, 0xa4, 0xa5,
+    0xa6, 0xa7, 0xa8, 0xa9, 0xaa, 0xb2, 0xb3, 0xb4, 0xb5, 0xb6, 0xb7, 0xb8, 0xb9, 0xba, 0xc2, 0xc3,
+    0xc4, 0xc5, 0xc6, 0xc7, 0xc8, 0xc9, 0xca, 0xd2, 0xd3, 0xd4, 0xd5, 0xd6, 0xd7, 0xd8, 0xd9, 0xda,
+    0xe2, 0xe3, 0xe4, 0xe5, 0xe6, 0xe7, 0xe8, 0xe9, 0xea, 0xf2, 0xf3, 0xf4, 0xf5, 0xf6, 0xf7, 0xf8,
+    0xf9, 0xfa
+};
+
+/* Probability estimation state machine of the arithmetic decoder
+ * (ITU-T T.81 Table D.2), plus libjpeg's extra state 113 for fixed 0.5. */
+typedef struct {
+    unsigned short qe;                 /* LPS probability estimate */
+    unsigned char next_lps, next_mps;  /* next state after an LPS / an MPS */
+    unsigned char switch_mps;          /* 1: an LPS in this state swaps the MPS sense */
+} jpeg_arith_state;
+
+static const jpeg_arith_state jpeg_arith_states[JPEG_ARITH_STATES] = {
+    { 0x5a1d,   1,   1, 1 }, { 0x2586,  14,   2, 0 }, { 0x1114,  16,   3, 0 }, { 0x080b,  18,   4, 0 },
+    { 0x03d8,  20,   5, 0 }, { 0x01da,  23,   6, 0 }, { 0x00e5,  25,   7, 0 }, { 0x006f,  28,   8, 0 },
+    { 0x0036,  30,   9, 0 }, { 0x001a,  33,  10, 0 }, { 0x000d,  35,  11, 0 }, { 0x0006,   9,  12, 0 },
+    { 0x0003,  10,  13, 0 }, { 0x0001,  12,  13, 0 }, { 0x5a7f,  15,  15, 1 }, { 0x3f25,  36,  16, 0 },
+    { 0x2cf2,  38,  17, 0 }, { 0x207c,  39,  18, 0 }, { 0x17b9,  40,  19, 0 }, { 0x1182,  42,  20, 0 },
+    { 0x0cef,  43,  21, 0 }, { 0x09a1,  45,  22, 0 }, { 0x072f,  46,  23, 0 }, { 0x055c,  48,  24, 0 },
+    { 0x0406,  49,  25, 0 }, { 0x0303,  51,  26, 0 }, { 0x0240,  52,  27, 0 }, { 0x01b1,  54,  28, 0 },
+    { 0x0144,  56,  29, 0 }, { 0x00f5,  57,  30, 0 }, { 0x00b7,  59,  31, 0 }, { 0x008a,  60,  32, 0 },
+    { 0x0068,  62,  33, 0 }, { 0x004e,  63,  34, 0 }, { 0x003b,  32,  35, 0 }, { 0x002c,  33,   9, 0 },
+    { 0x5ae1,  37,  37, 1 }, { 0x484c,  64,  38, 0 }, { 0x3a0d,  65,  39, 0 }, { 0x2ef1,  67,  40, 0 },
+    { 0x261f,  68,  41, 0 }, { 0x1f33,  69,  42, 0 }, { 0x19a8,  70,  43, 0 }, { 0x1518,  72,  44, 0 },
+    { 0x1177,  73,  45, 0 }, { 0x0e74,  74,  46, 0 }, { 0x0bfb,  75,  47, 0 }, { 0x09f8,  77,  48, 0 },
+    { 0x0861,  78,  49, 0 }, { 0x0706,  79,  50, 0 }, { 0x05cd,  48,  51, 0 }, { 0x04de,  50,  52, 0 },
+    { 0x040f,  50,  53, 0 }, { 0x0363,  51,  54, 0 }, { 0x02d4,  52,  55, 0 }, { 0x025c,  53,  56, 0 },
+    { 0x01f8,  54,  57, 0 }, { 0x01a4,  55,  58, 0 }, { 0x0160,  56,  59, 0 }, { 0x0125,  57,  60, 0 },
+    { 0x00f6,  58,  61, 0 }, { 0x00cb,  59,  62, 0 }, { 0x00ab,  61,  63, 0 }, { 0x008f,  61,  32, 0 },
+    { 0x5b12,  65,  65, 1 }, { 0x4d04,  80,  66, 0 }, { 0x412c,  81,  67, 0 }, { 0x37d8,  82,  68, 0 },
+    { 0x2fe8,  83,  69, 0 }, { 0x293c,  84,  70, 0 }, { 0x2379,  86,  71, 0 }, { 0x1edf,  87,  72, 0 },
+    { 0x1aa9,  87,  73, 0 }, { 0x174e,  72,  74, 0 }, { 0x1424,  72,  75, 0 }, { 0x119c,  74,  76, 0 },
+    { 0x0f6b,  74,  77, 0 }, { 0x0d51,  75,  78, 0 }, { 0x0bb6,  77,  79, 0 }, { 0x0a40,  77,  48, 0 },
+    { 0x5832,  80,  81, 1 }, { 0x4d1c,  88,  82, 0 }, { 0x438e,  89,  83, 0 }, { 0x3bdd,  90,  84, 0 },
+    { 0x34ee,  91,  85, 0 }, { 0x2eae,  92,  86, 0 }, { 0x299a,  93,  87, 0 }, { 0x2516,  86,  71, 0 },
+    { 0x5570,  88,  89, 1 }, { 0x4ca9,  95,  90, 0 }, { 0x44d9,  96,  91, 0 }, { 0x3e22,  97,  92, 0 },
+    { 0x3824,  99,  93, 0 }, { 0x32b4,  99,  94, 0 }, { 0x2e17,  93,  86, 0 }, { 0x56a8,  95,  96, 1 },
+    { 0x4f46, 101,  97, 0 }, { 0x47e5, 102,  98, 0 }, { 0x41cf, 103,  99, 0 }, { 0x3c3d, 104, 100, 0 },
+    { 0x375e,  99,  93, 0 }, { 0x5231, 105, 102, 0 }, { 0x4c0f, 106, 103, 0 }, { 0x4639, 107, 104, 0 },
+    { 0x415e, 103,  99, 0 }, { 0x5627, 105, 106, 1 }, { 0x50e7, 108, 107, 0 }, { 0x4b85, 109, 103, 0 },
+    { 0x5597, 110, 109, 0 }, { 0x504f, 111, 107, 0 }, { 0x5a10, 110, 111, 1 }, { 0x5522, 112, 109, 0 },
+    { 0x59eb, 112, 111, 1 }, { 0x5a1d, 113, 113, 0 }
+};
+
+/* Block smoothing kernels of libjpeg-turbo 2.1.5 (jdcoefct.c), as 5x5 weights
+ * over the DC values of the surrounding blocks (row-major, current block at
+ * the centre), for zig-zag coefficients 0..9.  Set 0 applies when some AC
+ * data is known, set 1 ("DC interpolation") when none of coefficients 1..9
+ * was ever transmitted; set 0 predicts only coefficients 1..5. */
+static const short jpeg_smooth_kernels[2][JPEG_SMOOTH_COEFS][25] = {
+    {
+        { 0 },
+        { 0, 0, 0, 0, 0,   0, 0, 0, 0, 0,   -7, 50, 0, -50, 7,   0, 0, 0, 0, 0,   0, 0, 0, 0, 0 },
+        { 0, 0, -7, 0, 0,   0, 0, 50, 0, 0,   0, 0, 0, 0, 0,   0, 0, -50, 0, 0,   0, 0, 7, 0, 0 },
+        { 0, 0, -1, 0, 0,   0, 0, 13, 0, 0,   0, 0, -24, 0, 0,   0, 0, 13, 0, 0,   0, 0, -1, 0, 0 },
+        { 0, -1, 0, 1, 0,   -1, 10, 0, -10, 1,   0, 0, 0, 0, 0,   1, -10, 0, 10, -1,   0, 1, 0, -1, 0 },
+        { 0, 0, 0, 0, 0,   0, 0, 0, 0, 0,   -1, 13, -24, 13, -1,   0, 0, 0, 0, 0,   0, 0, 0, 0, 0 },
+        { 0 }, { 0 }, { 0 }, { 0 }
+    },
+    {
+        { -2, -6, -8, -6, -2,   -6, 6, 42, 6, -6,   -8, 42, 152, 42, -8,   -6, 6, 42, 6, -6,   -2, -6, -8, -6, -2 },
+        { -1, -1, 0, 1, 1,   -3, 13, 0, -13, 3,   -3, 38, 0, -38, 3,   -3, 13, 0, -13, 3,   -1, -1, 0, 1, 1 },
+        { -1, -3, -3, -3, -1,   -1, 13, 38, 13, -1,   0, 0, 0, 0, 0,   1, -13, -38, -13, 1,   1, 3, 3, 3, 1 },
+        { 0, 0, 1, 0, 0,   0, 2, 7, 2, 0,   0, -5, -14, -5, 0,   0, 2, 7, 2, 0,   0, 0, 1, 0, 0 },
+        { -1, 0, 0, 0, 1,   0, 9, 0, -9, 0,   0, 0, 0, 0, 0,   0, -9, 0, 9, 0,   1, 0, 0, 0, -1 },
+        { 0, 0, 0, 0, 0,   0, 2, -5, 2, 0,   1, 7, -14, 7, 1,   0, 2, -5, 2, 0,   0, 0, 0, 0, 0 },
+        { 0, 0, 0, 0, 0,   0, 1, 0, -1, 0,   0, 2, 0, -2, 0,   0, 1, 0, -1, 0,   0, 0, 0, 0, 0 },
+        { 0, 0, 0, 0, 0,   0, 1, -3, 1, 0,   0, 0, 0, 0, 0,   0, -1, 3, -1, 0,   0, 0, 0, 0, 0 },
+        { 0, 0, 0, 0, 0,   0, 1, 0, -1, 0,   0, -3, 0, 3, 0,   0, 1, 0, -1, 0,   0, 0, 0, 0, 0 },
+        { 0, 0, 0, 0, 0,   0, 1, 2, 1, 0,   0, 0, 0, 0, 0,   0, -1, -2, -1, 0,   0, 0, 0, 0, 0 }
+    }
+};
+
+/* A Huffman table as transmitted in a DHT segment. */
+typedef struct {
+    int defined;
+    unsigned char counts[JPEG_HUFF_MAX_BITS + 1];  /* counts[l]: codes of length l */
+    unsigned char symbols[JPEG_HUFF_SYMBOLS];      /* symbols in code order, zero padded */
+} jpeg_huff_spec;
+
+/* Decoding form of a Huffman table (libjpeg's d_derived_tbl). */
+typedef struct {
+    int32_t maxcode[JPEG_HUFF_MAX_BITS + 2];   /* largest code of each length, -1 if none */
+    int32_t valoffset[JPEG_HUFF_MAX_BITS + 2]; /* symbol index minus code, per length */
+    unsigned short lookup[1 << JPEG_HUFF_LOOKAHEAD]; /* (length << 8) | symbol for short codes */
+    unsigned char symbols[JPEG_HUFF_SYMBOLS];
+} jpeg_huff_table;
+
+/* One image component: frame parameters, storage and output method. */
+typedef struct {
+    int id, h, v, quant_index;         /* from the frame header */
+    int dc_table, ac_table;            /* from the latest scan header */
+    int blocks_w, blocks_h;            /* blocks that hold image data */
+    int coef_w, coef_h;                /* coefficient array size in blocks (whole MCUs) */
+    int samples_w, samples_h;          /* libjpeg's downsampled_width / downsampled_height */
+    int quant_latched;                 /* quantisation table copied at its first scan */
+    uint16_t quant[JPEG_BLOCK_SIZE];   /* that table, natural order */
+    int32_t idct_quant[JPEG_BLOCK_SIZE]; /* the same as libjpeg's signed 16-bit IDCT multipliers */
+    int coef_bits[JPEG_BLOCK_SIZE];    /* progressive: Al of the latest scan per zig-zag index, -1 = none */
+    int prev_coef_bits[JPEG_BLOCK_SIZE]; /* the same before the component's latest scan */
+    int16_t *coefs;                    /* multi-scan files: coef_w * coef_h blocks */
+    unsigned char *plane;              /* decoded samples, blocks_w*8 wide, blocks_h*8 high */
+    size_t plane_stride;
+    int upsample;                      /* JPEG_UP_* */
+    int h_expand, v_expand;            /* replication factors for JPEG_UP_REPLICATE */
+    unsigned char *row;                /* one row brought to full resolution */
+} jpeg_component;
+
+/* Everything the decoder knows about one file. */
+typedef struct {
+    const unsigned char *data;         /* the whole file */
+    size_t size;
+    size_t pos;                        /* next byte to read */
+    size_t limit;                      /* end of the bytes readable now (see JPEG_PIL_READ_SIZE) */
+    char *err;
+    size_t errsize;
+
+    /* markers */
+    int unread_marker;                 /* marker code already read but not processed, or 0 */
+    int saw_soi, saw_sof, saw_jfif, saw_adobe, adobe_transform;
+    int restart_interval;
+    uint16_t quant_tables[JPEG_NUM_TABLES][JPEG_BLOCK_SIZE];
+    int quant_defined[JPEG_NUM_TABLES];
+    jpeg_huff_spec huff_dc[JPEG_NUM_TABLES], huff_ac[JPEG_NUM_TABLES];
+    unsigned char arith_dc_low[JPEG_NUM_ARITH_TABLES], arith_dc_high[JPEG_NUM_ARITH_TABLES];
+    unsigned char arith_ac_split[JPEG_NUM_ARITH_TABLES];
+
+    /* frame */
+    int progressive, arithmetic, precision, width, height, ncomp;
+    jpeg_component comp[JPEG_MAX_COMPONENTS];
+    int max_h, max_v, imcu_rows;
+    int multiscan;                     /* coefficients are buffered until the end of the file */
+    int color_space;                   /* JPEG_CS_* */
+
+    /* current scan */
+    int scan_count;
+    int scan_ncomp;
+    jpeg_component *scan_comp[JPEG_MAX_SCAN_COMPONENTS];
+    int ss, se, ah, al;                /* spectral selection and successive approximation */
+    int scan_kind;                     /* JPEG_SCAN_* */
+    int mcus_per_row, mcu_rows, blocks_in_mcu;
+    int mcu_member[JPEG_MAX_MCU_BLOCKS]; /* scan position of each block of an MCU */
+    int next_restart;                  /* number of the next expected RSTn */
+    unsigned restarts_left;            /* MCUs until the next restart marker */
+    int last_good_imcu_row;            /* last iMCU row decoded with real data */
+    uint64_t work_left;                /* blocks that may still be decoded */
+    uint64_t dataless_left;            /* blocks that may still be decoded without data */
+
+    /* Huffman decoding */
+    jpeg_huff_table dc_tables[JPEG_NUM_TABLES], ac_tables[JPEG_NUM_TABLES];
+    uint64_t bit_buffer;
+    int bits_left;
+    int out_of_data;                   /* hit a marker: rest of the segment decodes as zeros */
+    int32_t last_dc[JPEG_MAX_SCAN_COMPONENTS];
+    unsigned eob_run;
+
+    /* arithmetic decoding */
+    int64_t arith_c, arith_a;
+    int arith_ct;                      /* -16 at start, 0..7 running, -1 after an error */
+    int dc_context[JPEG_MAX_SCAN_COMPONENTS];
+    unsigned char dc_stats[JPEG_NUM_ARITH_TABLES][JPEG_ARITH_DC_BINS];
+    unsigned char ac_stats[JPEG_NUM_ARITH_TABLES][JPEG_ARITH_AC_BINS];
+    unsigned char fixed_bin[4];
+
+    /* failures detected inside the entropy decoders */
+    int input_ended;                   /* needed a byte beyond the readable data */
+    int bad_dc;                        /* progressive DC value overflowed */
+
+    /* single-scan files: one MCU of coefficients */
+    int16_t mcu_blocks[JPEG_MAX_MCU_BLOCKS][JPEG_BLOCK_SIZE];
+    int16_t *mcu_ptr[JPEG_MAX_MCU_BLOCKS];
+
+    /* output */
+    int cr_to_r[256], cb_to_b[256];    /* libjpeg's YCbCr->RGB tables */
+    int32_t cr_to_g[256], cb_to_g[256];
+    int *colsums;                      /* h2v2 fancy upsampling work row */
+} jpeg_decoder;
+
+/* Wraps a 32-bit value to 16 bits the way a cast to libjpeg's JCOEF does. */
+static int16_t jpeg_coef(uint32_t v)
+{
+    uint32_t low = v & 0xFFFFu;
+    return (int16_t)(low >= 0x8000u ? (int32_t)low - 0x10000 : (int32_t)low);
+}
+
+/* Wraps a 64-bit value to 32 bits the way a cast to int does. */
+static int32_t jpeg_wrap32(int64_t v)
+{
+    uint32_t low = (uint32_t)((uint64_t)v & 0xFFFFFFFFu);
+    return (int32_t)((int64_t)(low ^ 0x80000000u) - (int64_t)0x80000000);
+}
+
+/* Floor division by 2^bits (an arithmetic right shift) without relying on
+ * implementation-defined shifts of negative numbers. */
+static int64_t jpeg_shift_down(int64_t v, int bits)
+{
+    int64_t d = (int64_t)1 << bits;
+    return v >= 0 ? v / d : -((-v + d - 1) / d);
+}
+
+/* Turns a magnitude-category value into a signed coefficient (T.81 F.2.2.1). */
+static int jpeg_extend(int r, int s)
+{
+    return r < (1 << (s - 1)) ? r - (1 << s) + 1 : r;
+}
+
+/* Ceiling of a / b for positive values. */
+static int jpeg_div_up(long a, long b)
+{
+    return (int)((a + b - 1) / b);
+}
+
+/* Multiplies two sizes, reporting overflow. */
+static int jpeg_mul_size(size_t a, size_t b, size_t *out)
+{
+    if (a != 0 && b > (size_t)-1 / a)
+        return -1;
+    *out = a * b;
+    return 0;
+}
+
+/* Reads a big-endian 16-bit value. */
+static unsigned jpeg_be16(const unsigned char *p)
+{
+    return ((unsigned)p[0] << 8) | p[1];
+}
+
+/* ---------------------------------------------------------------------
+ * PIL's own header walk (JpegImagePlugin._open)
+ * ------------------------------------------------------------------- */
+
+/* What PIL learns from the header: the last frame header before the first scan. */
+typedef struct {
+    int layers, width, height;
+} jpeg_pil_header;
+
+/* Checks PIL's rule for ICC_PROFILE chunks at a frame header: after sorting,
+ * the first chunk must be long enough to hold its chunk count. */
+static int jpeg_pil_icc_ok(const unsigned char *first, size_t first_len)
+{
+    return first == NULL || first_len >= 14;
+}
+
+/* Returns nonzero if byte string a sorts before b (Python bytes order). */
+static int jpeg_bytes_less(const unsigned char *a, size_t alen, const unsigned char *b, size_t blen)
+{
+    size_t n = alen < blen ? alen : blen;
+    int c = memcmp(a, b, n);
+    return c < 0 || (c == 0 && alen < blen);
+}
+
+/* Walks the markers up to the first SOS as PIL's JPEG plugin does and
+ * rejects what it rejects; reports the frame size and layer count. */
+static int jpeg_pil_probe(const unsigned char *p, size_t n, jpeg_pil_header *hdr, char *err, size_t errsize)
+{
+    size_t pos = 3;
+    int cur = 0xFF;
+    const unsigned char *icc_first = NULL;
+    size_t icc_first_len = 0;
+
+    memset(hdr, 0, sizeof *hdr);
+    if (n < 3 || p[0] != 0xFF || p[1] != 0xD8 || p[2] != 0xFF)
+        return fail(err, errsize, "not a JPEG file");
+    for (;;) {
+        int code;
+        size_t seg_len;
+        const unsigned char *seg;
+
+        if (cur != 0xFF) {             /* PIL skips junk between segments */
+            if (pos >= n)
+                return fail(err, errsize, "JPEG header ends before the first scan");
+            cur = p[pos++];
+            continue;
+        }
+        if (pos >= n)
+            return fail(err, errsize, "JPEG header ends before the first scan");
+        code = p[pos++];
+        if (code == 0xFF)
+            continue;                  /* fill byte: stay on 0xFF */
+        if (code == 0x00) {
+            if (pos >= n)
+                return fail(err, errsize, "JPEG header ends before the first scan");
+            cur = p[pos++];
+            continue;
+        }
+        if (code < 0xC0)
+            return fail(err, errsize, "invalid JPEG marker in the header");
+        if (code == 0xC8 || (code >= JPEG_M_RST0 && code <= JPEG_M_EOI) || (code >= 0xF0 && code <= 0xFD)) {
+            if (pos >= n)              /* parameterless as far as PIL is concerned */
+                return fail(err, errsize, "JPEG header ends before the first scan");
+            cur = p[pos++];
+            continue;
+        }
+        if (pos + 2 > n)
+            return fail(err, errsize, "JPEG header ends before the first scan");
+        seg_len = jpeg_be16(p + pos) >= 2 ? jpeg_be16(p + pos) - 2 : 0;
+        if (pos + 2 + seg_len > n)
+            return fail(err, errsize, "JPEG marker segment is truncated");
+        seg = p + pos + 2;
+        pos += 2 + seg_len;
+
+        if ((code >= 0xC0 && code <= 0xCF && code != JPEG_M_DHT && code != JPEG_M_DAC) || code == 0xDE) {
+            if (seg_len < 6 || seg[0] != 8)
+                return fail(err, errsize, "unsupported JPEG frame header (PIL needs 8-bit samples)");
+            if (seg[5] != 1 && seg[5] != 3 && seg[5] != 4)
+                return fail(err, errsize, "JPEG files with %d components are not supported", seg[5]);
+            if ((seg_len - 6) % 3 != 0)
+                return fail(err, errsize, "malformed JPEG frame header");
+            if (!jpeg_pil_icc_ok(icc_first, icc_first_len))
+                return fail(err, errsize, "malformed ICC profile chunk in the JPEG header");
+            icc_first = NULL;
+            hdr->height = (int)jpeg_be16(seg + 1);
+            hdr->width = (int)jpeg_be16(seg + 3);
+            hdr->layers = seg[5];
+        } else if (code == JPEG_M_DQT) {
+            size_t off = 0;
+            while (off < seg_len) {
+                size_t table_len = (seg[off] >> 4) == 0 ? 65 : 129;
+                if (seg_len - off < table_len)
+                    return fail(err, errsize, "bad JPEG quantization table segment");
+                off += table_len;
+            }
+        } else if (code == JPEG_M_APP0 && seg_len >= 4 && memcmp(seg, "JFIF", 4) == 0 && seg_len < 7) {
+            return fail(err, errsize, "truncated JFIF segment");
+        } else if (code == JPEG_M_APP14 && seg_len >= 5 && memcmp(seg, "Adobe", 5) == 0 && seg_len < 7) {
+            return fail(err, errsize, "truncated Adobe segment");
+        } else if (code == JPEG_M_APP2 && seg_len >= 12 && memcmp(seg, "ICC_PROFILE", 12) == 0) {
+            if (icc_first == NULL || jpeg_bytes_less(seg, seg_len, icc_first, icc_first_len)) {
+                icc_first = seg;
+                icc_first_len = seg_len;
+            }
+        } else if (code == JPEG_M_SOS) {
+            break;
+        }
+        if (pos >= n)
+            return fail(err, errsize, "JPEG header ends before the first scan");
+        cur = p[pos++];
+    }
+    if (hdr->layers == 0 || hdr->width <= 0 || hdr->height <= 0)
+        return fail(err, errsize, "JPEG scan without a valid frame header");
+    return 0;
+}
+
+/* ---------------------------------------------------------------------
+ * Input and marker segments, following libjpeg (jdmarker.c, jdinput.c)
+ * ------------------------------------------------------------------- */
+
+/* Reads one byte; JPEG_SUSPENDED when the readable data is exhausted. */
+static int jpeg_read_u8(jpeg_decoder *d, unsigned *v)
+{
+    if (d->pos >= d->limit)
+        return JPEG_SUSPENDED;
+    *v = d->data[d->pos++];
+    return JPEG_OK;
+}
+
+/* Reads a big-endian 16-bit value. */
+static int jpeg_read_u16(jpeg_decoder *d, unsigned *v)
+{
+    unsigned hi, lo;
+    int r;
+    if ((r = jpeg_read_u8(d, &hi)) != JPEG_OK || (r = jpeg_read_u8(d, &lo)) != JPEG_OK)
+        return r;
+    *v = (hi << 8) | lo;
+    return JPEG_OK;
+}
+
+/* Skips n bytes (nothing if n <= 0). */
+static int jpeg_skip(jpeg_decoder *d, long n)
+{
+    if (n <= 0)
+        return JPEG_OK;
+    if ((size_t)n > d->limit - d->pos) {
+        d->pos = d->limit;
+        return JPEG_SUSPENDED;
+    }
+    d->pos += (size_t)n;
+    return JPEG_OK;
+}
+
+/* Finds the next marker, discarding garbage bytes, fill bytes and stuffed
+ * 0xFF00 pairs on the way, and stores its code in unread_marker. */
+static int jpeg_next_marker(jpeg_decoder *d)
+{
+    unsigned c;
+    int r;
+    for (;;) {
+        if ((r = jpeg_read_u8(d, &c)) != JPEG_OK)
+            return r;
+        while (c != 0xFF)
+            if ((r = jpeg_read_u8(d, &c)) != JPEG_OK)
+                return r;
+        do {
+            if ((r = jpeg_read_u8(d, &c)) != JPEG_OK)
+                return r;
+        } while (c == 0xFF);
+        if (c != 0)
+            break;
+    }
+    d->unread_marker = (int)c;
+    return JPEG_OK;
+}
+
+/* Reads the SOI that must start the datastream. */
+static int jpeg_first_marker(jpeg_decoder *d)
+{
+    unsigned c1, c2;
+    int r;
+    if ((r = jpeg_read_u8(d, &c1)) != JPEG_OK || (r = jpeg_read_u8(d, &c2)) != JPEG_OK)
+        return r;
+    if (c1 != 0xFF || c2 != JPEG_M_SOI)
+        return fail(d->err, d->errsize, "JPEG datastream does not start with SOI");
+    d->unread_marker = (int)c2;
+    return JPEG_OK;
+}
+
+/* SOI: resets the parameters a new datastream starts with. */
+static int jpeg_get_soi(jpeg_decoder *d)
+{
+    int i;
+    if (d->saw_soi)
+        return fail(d->err, d->errsize, "JPEG file has two SOI markers");
+    for (i = 0; i < JPEG_NUM_ARITH_TABLES; i++) {
+        d->arith_dc_low[i] = 0;
+        d->arith_dc_high[i] = 1;
+        d->arith_ac_split[i] = 5;
+    }
+    d->restart_interval = 0;
+    d->saw_jfif = d->saw_adobe = d->adobe_transform = 0;
+    d->saw_soi = 1;
+    return JPEG_OK;
+}
+
+/* SOFn: image size, precision and components. */
+static int jpeg_get_sof(jpeg_decoder *d, int progressive, int arithmetic)
+{
+    unsigned length, precision, height, width, ncomp, i;
+    int r;
+    d->progressive = progressive;
+    d->arithmetic = arithmetic;
+    if ((r = jpeg_read_u16(d, &length)) != JPEG_OK || (r = jpeg_read_u8(d, &precision)) != JPEG_OK ||
+        (r = jpeg_read_u16(d, &height)) != JPEG_OK || (r = jpeg_read_u16(d, &width)) != JPEG_OK ||
+        (r = jpeg_read_u8(d, &ncomp)) != JPEG_OK)
+        return r;
+    if (d->saw_sof)
+        return fail(d->err, d->errsize, "JPEG file has two frame headers");
+    if (height == 0 || width == 0 || ncomp == 0)
+        return fail(d->err, d->errsize, "JPEG image is empty");
+    if ((long)length - 8 != (long)ncomp * 3)
+        return fail(d->err, d->errsize, "JPEG frame header has a bad length");
+    d->precision = (int)precision;
+    d->height = (int)height;
+    d->width = (int)width;
+    d->ncomp = (int)ncomp;
+    for (i = 0; i < ncomp; i++) {
+        unsigned id, hv, tq;
+        if ((r = jpeg_read_u8(d, &id)) != JPEG_OK || (r = jpeg_read_u8(d, &hv)) != JPEG_OK ||
+            (r = jpeg_read_u8(d, &tq)) != JPEG_OK)
+            return r;
+        if (i < JPEG_MAX_COMPONENTS) {  /* more components are refused at the first scan */
+            jpeg_component *c = &d->comp[i];
+            c->id = (int)id;
+            c->h = (int)(hv >> 4);
+            c->v = (int)(hv & 15);
+            c->quant_index = (int)tq;
+        }
+    }
+    d->saw_sof = 1;
+    return JPEG_OK;
+}
+
+/* SOS: the components and coding parameters of the next scan. */
+static int jpeg_get_sos(jpeg_decoder *d)
+{
+    unsigned length, n, i, ss, se, a;
+    int r;
+    if (!d->saw_sof)
+        return fail(d->err, d->errsize, "JPEG scan comes before the frame header");
+    if ((r = jpeg_read_u16(d, &length)) != JPEG_OK || (r = jpeg_read_u8(d, &n)) != JPEG_OK)
+        return r;
+    if (length != n * 2 + 6 || n < 1 || n > JPEG_MAX_SCAN_COMPONENTS)
+        return fail(d->err, d->errsize, "JPEG scan header has a bad length");
+    d->scan_ncomp = (int)n;
+    for (i = 0; i < n; i++) {
+        unsigned id, tables;
+        int ci, pi, found = -1;
+        if ((r = jpeg_read_u8(d, &id)) != JPEG_OK || (r = jpeg_read_u8(d, &tables)) != JPEG_OK)
+            return r;
+        /* libjpeg-turbo looks only at the first four components, and only at
+         * component indexes not below this scan position */
+        for (ci = (int)i; ci < d->ncomp && ci < JPEG_MAX_SCAN_COMPONENTS; ci++)
+            if (d->comp[ci].id == (int)id) {
+                found = ci;
+                break;
+            }
+        if (found < 0)
+            return fail(d->err, d->errsize, "JPEG scan refers to an unknown component");
+        for (pi = 0; pi < (int)i; pi++)
+            if (d->scan_comp[pi] == &d->comp[found])
+                return fail(d->err, d->errsize, "JPEG scan lists a component twice");
+        d->scan_comp[i] = &d->comp[found];
+        d->comp[found].dc_table = (int)(tables >> 4);
+        d->comp[found].ac_table = (int)(tables & 15);
+    }
+    if ((r = jpeg_read_u8(d, &ss)) != JPEG_OK || (r = jpeg_read_u8(d, &se)) != JPEG_OK ||
+        (r = jpeg_read_u8(d, &a)) != JPEG_OK)
+        return r;
+    d->ss = (int)ss;
+    d->se = (int)se;
+    d->ah = (int)(a >> 4);
+    d->al = (int)(a & 15);
+    d->next_restart = 0;
+    d->scan_count++;
+    return JPEG_OK;
+}
+
+/* DHT: one or more Huffman tables. */
+static int jpeg_get_dht(jpeg_decoder *d)
+{
+    unsigned length_word;
+    long length;
+    int r;
+    if ((r = jpeg_read_u16(d, &length_word)) != JPEG_OK)
+        return r;
+    length = (long)length_word - 2;
+    while (length > JPEG_HUFF_MAX_BITS) {
+        unsigned index, v;
+        unsigned char counts[JPEG_HUFF_MAX_BITS + 1];
+        unsigned char symbols[JPEG_HUFF_SYMBOLS];
+        jpeg_huff_spec *spec;
+        long count = 0;
+        int i;
+        if ((r = jpeg_read_u8(d, &index)) != JPEG_OK)
+            return r;
+        counts[0] = 0;
+        for (i = 1; i <= JPEG_HUFF_MAX_BITS; i++) {
+            if ((r = jpeg_read_u8(d, &v)) != JPEG_OK)
+                return r;
+            counts[i] = (unsigned char)v;
+            count += (long)v;
+        }
+        length -= 1 + JPEG_HUFF_MAX_BITS;
+        if (count > JPEG_HUFF_SYMBOLS || count > length)
+            return fail(d->err, d->errsize, "bad JPEG Huffman table");
+        memset(symbols, 0, sizeof symbols);
+        for (i = 0; i < count; i++) {
+            if ((r = jpeg_read_u8(d, &v)) != JPEG_OK)
+                return r;
+            symbols[i] = (unsigned char)v;
+        }
+        length -= count;
+        if (index & 0x10) {
+            index -= 0x10;
+            if (index >= JPEG_NUM_TABLES)
+                return fail(d->err, d->errsize, "bad JPEG Huffman table index");
+            spec = &d->huff_ac[index];
+        } else {
+            if (index >= JPEG_NUM_TABLES)
+                return fail(d->err, d->errsize, "bad JPEG Huffman table index");
+            spec = &d->huff_dc[index];
+        }
+        spec->defined = 1;
+        memcpy(spec->counts, counts, sizeof counts);
+        memcpy(spec->symbols, symbols, sizeof symbols);
+    }
+    if (length != 0)
+        return fail(d->err, d->errsize, "JPEG Huffman table segment has a bad length");
+    return JPEG_OK;
+}
+
+/* DQT: one or more quantisation tables (8- or 16-bit entries). */
+static int jpeg_get_dqt(jpeg_decoder *d)
+{
+    unsigned length_word;
+    long length;
+    int r;
+    if ((r = jpeg_read_u16(d, &length_word)) != JPEG_OK)
+        return r;
+    length = (long)length_word - 2;
+    while (length > 0) {
+        unsigned n, v;
+        int wide, i;
+        if ((r = jpeg_read_u8(d, &n)) != JPEG_OK)
+            return r;
+        wide = (n >> 4) != 0;
+        n &= 15;
+        if (n >= JPEG_NUM_TABLES)
+            return fail(d->err, d->errsize, "bad JPEG quantization table index");
+        d->quant_defined[n] = 1;
+        for (i = 0; i < JPEG_BLOCK_SIZE; i++) {
+            r = wide ? jpeg_read_u16(d, &v) : jpeg_read_u8(d, &v);
+            if (r != JPEG_OK)
+                return r;
+            d->quant_tables[n][jpeg_natural_order[i]] = (uint16_t)v;
+        }
+        length -= JPEG_BLOCK_SIZE + 1 + (wide ? JPEG_BLOCK_SIZE : 0);
+    }
+    if (length != 0)
+        return fail(d->err, d->errsize, "JPEG quantization table segment has a bad length");
+    return JPEG_OK;
+}
+
+/* DRI: the restart interval in MCUs. */
+static int jpeg_get_dri(jpeg_decoder *d)
+{
+    unsigned length, interval;
+    int r;
+    if ((r = jpeg_read_u16(d, &length)) != JPEG_OK)
+        return r;
+    if (length != 4)
+        return fail(d->err, d->errsize, "JPEG restart interval segment has a bad length");
+    if ((r = jpeg_read_u16(d, &interval)) != JPEG_OK)
+        return r;
+    d->restart_interval = (int)interval;
+    return JPEG_OK;
+}
+
+/* DAC: arithmetic coding conditioning values. */
+static int jpeg_get_dac(jpeg_decoder *d)
+{
+    unsigned length_word;
+    long length;
+    int r;
+    if ((r = jpeg_read_u16(d, &length_word)) != JPEG_OK)
+        return r;
+    length = (long)length_word - 2;
+    while (length > 0) {
+        unsigned index, v;
+        if ((r = jpeg_read_u8(d, &index)) != JPEG_OK || (r = jpeg_read_u8(d, &v)) != JPEG_OK)
+            return r;
+        length -= 2;
+        if (index >= 2 * JPEG_NUM_ARITH_TABLES)
+            return fail(d->err, d->errsize, "bad JPEG arithmetic conditioning table index");
+        if (index >= JPEG_NUM_ARITH_TABLES) {
+            d->arith_ac_split[index - JPEG_NUM_ARITH_TABLES] = (unsigned char)v;
+        } else {
+            d->arith_dc_low[index] = (unsigned char)(v & 15);
+            d->arith_dc_high[index] = (unsigned char)(v >> 4);
+            if (d->arith_dc_low[index] > d->arith_dc_high[index])
+                return fail(d->err, d->errsize, "bad JPEG arithmetic conditioning value");
+        }
+    }
+    if (length != 0)
+        return fail(d->err, d->errsize, "JPEG arithmetic conditioning segment has a bad length");
+    return JPEG_OK;
+}
+
+/* APP0 / APP14: notes a JFIF or Adobe marker, which decide the colour space. */
+static int jpeg_get_app_id(jpeg_decoder *d, int marker)
+{
+    enum { APP_HEAD = 14 };            /* bytes libjpeg examines */
+    unsigned char head[APP_HEAD];
+    unsigned length_word, v;
+    long length, take, i;
+    int r;
+    if ((r = jpeg_read_u16(d, &length_word)) != JPEG_OK)
+        return r;
+    length = (long)length_word - 2;
+    take = length >= APP_HEAD ? APP_HEAD : (length > 0 ? length : 0);
+    for (i = 0; i < take; i++) {
+        if ((r = jpeg_read_u8(d, &v)) != JPEG_OK)
+            return r;
+        head[i] = (unsigned char)v;
+    }
+    length -= take;
+    if (marker == JPEG_M_APP0 && take >= 14 && memcmp(head, "JFIF", 5) == 0)
+        d->saw_jfif = 1;
+    if (marker == JPEG_M_APP14 && take >= 12 && memcmp(head, "Adobe", 5) == 0) {
+        d->saw_adobe = 1;
+        d->adobe_transform = head[11];
+    }
+    return jpeg_skip(d, length);
+}
+
+/* Skips a segment whose contents do not matter. */
+static int jpeg_skip_segment(jpeg_decoder *d)
+{
+    unsigned length;
+    int r;
+    if ((r = jpeg_read_u16(d, &length)) != JPEG_OK)
+        return r;
+    return jpeg_skip(d, (long)length - 2);
+}
+
+/* Processes markers until an SOS (JPEG_AT_SOS) or EOI (JPEG_AT_EOI). */
+static int jpeg_read_markers(jpeg_decoder *d)
+{
+    for (;;) {
+        int r = JPEG_OK, m;
+        if (!d->unread_marker) {
+            r = d->saw_soi ? jpeg_next_marker(d) : jpeg_first_marker(d);
+            if (r != JPEG_OK)
+                return r;
+        }
+        m = d->unread_marker;
+        if (m == JPEG_M_SOS) {
+            if ((r = jpeg_get_sos(d)) != JPEG_OK)
+                return r;
+            d->unread_marker = 0;
+            return JPEG_AT_SOS;
+        }
+        if (m == JPEG_M_EOI) {
+            d->unread_marker = 0;
+            return JPEG_AT_EOI;
+        }
+        if (m == JPEG_M_SOI)
+            r = jpeg_get_soi(d);
+        else if (m == JPEG_M_SOF0 || m == JPEG_M_SOF1)
+            r = jpeg_get_sof(d, 0, 0);
+        else if (m == JPEG_M_SOF2)
+            r = jpeg_get_sof(d, 1, 0);
+        else if (m == JPEG_M_SOF9)
+            r = jpeg_get_sof(d, 0, 1);
+        else if (m == JPEG_M_SOF10)
+            r = jpeg_get_sof(d, 1, 1);
+        else if (m >= JPEG_M_SOF0 && m <= 0xCF && m != JPEG_M_DHT && m != JPEG_M_DAC)
+            return fail(d->err, d->errsize, "unsupported JPEG process (lossless or hierarchical)");
+        else if (m == JPEG_M_DHT)
+            r = jpeg_get_dht(d);
+        else if (m == JPEG_M_DAC)
+            r = jpeg_get_dac(d);
+        else if (m == JPEG_M_DQT)
+            r = jpeg_get_dqt(d);
+        else if (m == JPEG_M_DRI)
+            r = jpeg_get_dri(d);
+        else if (m == JPEG_M_APP0 || m == JPEG_M_APP14)
+            r = jpeg_get_app_id(d, m);
+        else if ((m >= JPEG_M_APP0 && m <= JPEG_M_APP15) || m == JPEG_M_COM || m == JPEG_M_DNL)
+            r = jpeg_skip_segment(d);
+        else if (!((m >= JPEG_M_RST0 && m <= JPEG_M_RST7) || m == JPEG_M_TEM))
+            return fail(d->err, d->errsize, "unknown JPEG marker 0x%02X", (unsigned)m);
+        if (r != JPEG_OK)
+            return r;
+        d->unread_marker = 0;
+    }
+}
+
+/* Reads up to the first scan, accepting tables-only datastreams before it. */
+static int jpeg_read_header(jpeg_decoder *d)
+{
+    for (;;) {
+        int r = jpeg_read_markers(d);
+        if (r == JPEG_AT_SOS)
+            return 0;
+        if (r == JPEG_SUSPENDED)
+            return fail(d->err, d->errsize, "JPEG file is truncated");
+        if (r != JPEG_AT_EOI)
+            return -1;
+        if (d->saw_sof)
+            return fail(d->err, d->errsize, "JPEG frame has no scan");
+        d->saw_soi = 0;                /* libjpeg starts over on the next datastream */
+    }
+}
+
+/* ---------------------------------------------------------------------
+ * Frame setup (libjpeg's initial_setup, default colour space, jdsample.c)
+ * ------------------------------------------------------------------- */
+
+/* libjpeg's guess of the coded colour space from markers and component ids. */
+static int jpeg_guess_color_space(const jpeg_decoder *d)
+{
+    if (d->ncomp == 1)
+        return JPEG_CS_GRAY;
+    if (d->ncomp == 3) {
+        if (d->saw_jfif)
+            return JPEG_CS_YCBCR;
+        if (d->saw_adobe)
+            return d->adobe_transform == 0 ? JPEG_CS_RGB : JPEG_CS_YCBCR;
+        if (d->comp[0].id == 'R' && d->comp[1].id == 'G' && d->comp[2].id == 'B')
+            return JPEG_CS_RGB;
+        return JPEG_CS_YCBCR;
+    }
+    if (d->ncomp == 4)
+        return d->saw_adobe && d->adobe_transform != 0 ? JPEG_CS_YCCK : JPEG_CS_CMYK;
+    return JPEG_CS_UNKNOWN;
+}
+
+/* Chooses libjpeg-turbo's upsampling method for one component. */
+static int jpeg_choose_upsampling(jpeg_decoder *d, jpeg_component *c)
+{
+    if (d->max_h % c->h != 0 || d->max_v % c->v != 0)
+        return fail(d->err, d->errsize, "JPEG sampling factors are not integral ratios");
+    c->h_expand = d->max_h / c->h;
+    c->v_expand = d->max_v / c->v;
+    if (c->h_expand == 1 && c->v_expand == 1)
+        c->upsample = JPEG_UP_FULL;
+    else if (c->h_expand == 2 && c->v_expand == 1 && c->samples_w > 2)
+        c->upsample = JPEG_UP_H2V1_FANCY;
+    else if (c->h_expand == 1 && c->v_expand == 2)
+        c->upsample = JPEG_UP_H1V2_FANCY;
+    else if (c->h_expand == 2 && c->v_expand == 2 && c->samples_w > 2)
+        c->upsample = JPEG_UP_H2V2_FANCY;
+    else
+        c->upsample = JPEG_UP_REPLICATE;
+    return 0;
+}
+
+/* Fills libjpeg's fixed-point YCbCr->RGB tables (jdcolor.c). */
+static void jpeg_build_color_tables(jpeg_decoder *d)
+{
+    enum { FIX_1_40200 = 91881, FIX_1_77200 = 116130, FIX_0_71414 = 46802, FIX_0_34414 = 22554 };
+    const int64_t one_half = (int64_t)1 << (JPEG_COLOR_SCALE_BITS - 1);
+    int i;
+    for (i = 0; i < 256; i++) {
+        int64_t x = i - 128;
+        d->cr_to_r[i] = (int)jpeg_shift_down(FIX_1_40200 * x + one_half, JPEG_COLOR_SCALE_BITS);
+        d->cb_to_b[i] = (int)jpeg_shift_down(FIX_1_77200 * x + one_half, JPEG_COLOR_SCALE_BITS);
+        d->cr_to_g[i] = (int32_t)(-FIX_0_71414 * x);
+        d->cb_to_g[i] = (int32_t)(-FIX_0_34414 * x + one_half);
+    }
+}
+
+/* Installs the Annex K tables in empty slots 0 and 1 (sequential Huffman only). */
+static void jpeg_install_std_tables(jpeg_decoder *d)
+{
+    const unsigned char *counts[4] = { jpeg_std_dc_luma_counts, jpeg_std_dc_chroma_counts,
+                                       jpeg_std_ac_luma_counts, jpeg_std_ac_chroma_counts };
+    const unsigned char *symbols[4] = { jpeg_std_dc_symbols, jpeg_std_dc_symbols,
+                                        jpeg_std_ac_luma_symbols, jpeg_std_ac_chroma_symbols };
+    jpeg_huff_spec *slots[4] = { &d->huff_dc[0], &d->huff_dc[1], &d->huff_ac[0], &d->huff_ac[1] };
+    int t, l, n;
+    for (t = 0; t < 4; t++) {
+        jpeg_huff_spec *s = slots[t];
+        if (s->defined)
+            continue;
+        memcpy(s->counts, counts[t], sizeof s->counts);
+        for (n = 0, l = 1; l <= JPEG_HUFF_MAX_BITS; l++)
+            n += counts[t][l];
+        memset(s->symbols, 0, sizeof s->symbols);
+        memcpy(s->symbols, symbols[t], (size_t)n);
+        s->defined = 1;
+    }
+}
+
+/* Allocates a zeroed array of n * size bytes, with overflow checking. */
+static void *jpeg_alloc(jpeg_decoder *d, size_t n, size_t size)
+{
+    size_t bytes;
+    void *p;
+    if (jpeg_mul_size(n, size, &bytes) != 0 || bytes == 0) {
+        fail(d->err, d->errsize, "JPEG image is too large");
+        return NULL;
+    }
+    p = calloc(1, bytes);
+    if (p == NULL)
+        fail(d->err, d->errsize, "out of memory decoding JPEG");
+    return p;
+}
+
+/* Bounds the decoding work: hostile files can repeat scans (or let the
+ * arithmetic decoder run on without data) far beyond what any encoder
+ * produces, so block decodes are limited to a multiple of the image size. */
+static void jpeg_set_work_budget(jpeg_decoder *d)
+{
+    uint64_t blocks = 0;
+    int ci;
+    for (ci = 0; ci < d->ncomp; ci++)
+        blocks += (uint64_t)d->comp[ci].coef_w * (uint64_t)d->comp[ci].coef_h;
+    d->work_left = JPEG_MAX_PASSES * blocks + JPEG_MIN_WORK;
+    d->dataless_left = JPEG_MAX_DATALESS_PASSES * blocks + JPEG_MIN_WORK;
+}
+
+/* Charges one MCU to the work budget; nonzero when the budget is exhausted. */
+static int jpeg_charge_mcu(jpeg_decoder *d)
+{
+    uint64_t n = (uint64_t)d->blocks_in_mcu;
+    if (d->work_left < n)
+        return -1;
+    d->work_left -= n;
+    if (d->arithmetic && d->unread_marker) {   /* decoding zeros after a marker */
+        if (d->dataless_left < n)
+            return -1;
+        d->dataless_left -= n;
+    }
+    return 0;
+}
+
+/* Validates the frame at its first scan and allocates sample and coefficient storage. */
+static int jpeg_setup_frame(jpeg_decoder *d, const jpeg_pil_header *pil)
+{
+    int ci;
+    if (d->width > JPEG_MAX_DIMENSION || d->height > JPEG_MAX_DIMENSION)
+        return fail(d->err, d->errsize, "JPEG image is too large");
+    if (d->precision != 8)
+        return fail(d->err, d->errsize, "%d-bit JPEG samples are not supported", d->precision);
+    if (d->ncomp > JPEG_MAX_COMPONENTS)
+        return fail(d->err, d->errsize, "JPEG file has too many components");
+    if (d->ncomp != pil->layers || d->width != pil->width || d->height != pil->height)
+        return fail(d->err, d->errsize, "JPEG file has inconsistent frame headers");
+    d->max_h = d->max_v = 1;
+    for (ci = 0; ci < d->ncomp; ci++) {
+        jpeg_component *c = &d->comp[ci];
+        if (c->h < 1 || c->h > JPEG_MAX_SAMPLING || c->v < 1 || c->v > JPEG_MAX_SAMPLING)
+            return fail(d->err, d->errsize, "bad JPEG sampling factors");
+        if (c->h > d->max_h)
+            d->max_h = c->h;
+        if (c->v > d->max_v)
+            d->max_v = c->v;
+    }
+    for (ci = 0; ci < d->ncomp; ci++) {
+        jpeg_component *c = &d->comp[ci];
+        c->blocks_w = jpeg_div_up((long)d->width * c->h, (long)d->max_h * JPEG_BLOCK);
+        c->blocks_h = jpeg_div_up((long)d->height * c->v, (long)d->max_v * JPEG_BLOCK);
+        c->samples_w = jpeg_div_up((long)d->width * c->h, d->max_h);
+        c->samples_h = jpeg_div_up((long)d->height * c->v, d->max_v);
+        c->coef_w = jpeg_div_up(c->blocks_w, c->h) * c->h;
+        c->coef_h = jpeg_div_up(c->blocks_h, c->v) * c->v;
+    }
+    d->imcu_rows = jpeg_div_up(d->height, (long)d->max_v * JPEG_BLOCK);
+    d->multiscan = d->scan_ncomp < d->ncomp || d->progressive;
+    d->color_space = jpeg_guess_color_space(d);
+    for (ci = 0; ci < d->ncomp; ci++)
+        if (jpeg_choose_upsampling(d, &d->comp[ci]) != 0)
+            return -1;
+    if (!d->progressive && !d->arithmetic)
+        jpeg_install_std_tables(d);
+    for (ci = 0; ci < d->ncomp; ci++) {
+        jpeg_component *c = &d->comp[ci];
+        size_t rows = (size_t)c->blocks_h * JPEG_BLOCK, k;
+        c->plane_stride = (size_t)c->blocks_w * JPEG_BLOCK;
+        if ((c->plane = jpeg_alloc(d, c->plane_stride, rows)) == NULL)
+            return -1;
+        if ((c->row = jpeg_alloc(d, (size_t)d->width + JPEG_MAX_SAMPLING, 1)) == NULL)
+            return -1;
+        if (d->multiscan) {
+            size_t blocks = (size_t)c->coef_w * (size_t)c->coef_h;
+            if ((c->coefs = jpeg_alloc(d, blocks, JPEG_BLOCK_SIZE * sizeof(int16_t))) == NULL)
+                return -1;
+        }
+        for (k = 0; k < JPEG_BLOCK_SIZE; k++)
+            c->coef_bits[k] = -1;
+    }
+    if ((d->colsums = jpeg_alloc(d, (size_t)d->width + JPEG_MAX_SAMPLING, sizeof(int))) == NULL)
+        return -1;
+    jpeg_build_color_tables(d);
+    jpeg_set_work_budget(d);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------
+ * Scan setup (per_scan_setup, latch_quant_tables, entropy start_pass)
+ * ------------------------------------------------------------------- */
+
+/* Builds the decoding form of a Huffman table, rejecting what libjpeg rejects. */
+static int jpeg_build_huff_table(jpeg_decoder *d, const jpeg_huff_spec *spec, int is_dc, jpeg_huff_table *t)
+{
+    unsigned char sizes[JPEG_HUFF_SYMBOLS + 1];
+    unsigned codes[JPEG_HUFF_SYMBOLS];
+    unsigned code;
+    int p, l, i, nsymbols, si;
+
+    if (!spec->defined)
+        return fail(d->err, d->errsize, "JPEG scan uses an undefined Huffman table");
+    for (p = 0, l = 1; l <= JPEG_HUFF_MAX_BITS; l++) {
+        int n = spec->counts[l];
+        if (p + n > JPEG_HUFF_SYMBOLS)
+            return fail(d->err, d->errsize, "bad JPEG Huffman table");
+        while (n--)
+            sizes[p++] = (unsigned char)l;
+    }
+    sizes[p] = 0;
+    nsymbols = p;
+    code = 0;
+    si = sizes[0];
+    for (p = 0; sizes[p]; si++) {
+        while (sizes[p] == si)
+            codes[p++] = code++;
+        if (code >= (1u << si))        /* the all-ones code is reserved */
+            return fail(d->err, d->errsize, "bad JPEG Huffman table");
+        code <<= 1;
+    }
+    for (p = 0, l = 1; l <= JPEG_HUFF_MAX_BITS; l++) {
+        if (spec->counts[l]) {
+            t->valoffset[l] = p - (int32_t)codes[p];
+            p += spec->counts[l];
+            t->maxcode[l] = (int32_t)codes[p - 1];
+        } else {
+            t->maxcode[l] = -1;
+        }
+    }
+    t->valoffset[JPEG_HUFF_MAX_BITS + 1] = 0;
+    t->maxcode[JPEG_HUFF_MAX_BITS + 1] = 0xFFFFF;   /* sentinel ends every search */
+    for (i = 0; i < (1 << JPEG_HUFF_LOOKAHEAD); i++)
+        t->lookup[i] = (JPEG_HUFF_LOOKAHEAD + 1) << 8;
+    for (p = 0, l = 1; l <= JPEG_HUFF_LOOKAHEAD; l++) {
+        for (i = 0; i < spec->counts[l]; i++, p++) {
+            int first = (int)(codes[p] << (JPEG_HUFF_LOOKAHEAD - l)), k;
+            for (k = 0; k < (1 << (JPEG_HUFF_LOOKAHEAD - l)); k++)
+                t->lookup[first + k] = (unsigned short)((l << 8) | spec->symbols[p]);
+        }
+    }
+    memcpy(t->symbols, spec->symbols, sizeof t->symbols);
+    if (is_dc)
+        for (i = 0; i < nsymbols; i++)
+            if (spec->symbols[i] > 15)
+                return fail(d->err, d->errsize, "bad JPEG Huffman table");
+    return 0;
+}
+
+/* Works out the MCU layout of the current scan. */
+static int jpeg_layout_scan(jpeg_decoder *d)
+{
+    int i;
+    if (d->scan_ncomp == 1) {
+        jpeg_component *c = d->scan_comp[0];
+        d->mcus_per_row = c->blocks_w;
+        d->mcu_rows = c->blocks_h;
+        d->blocks_in_mcu = 1;
+        d->mcu_member[0] = 0;
+        return 0;
+    }
+    d->mcus_per_row = jpeg_div_up(d->width, (long)d->max_h * JPEG_BLOCK);
+    d->mcu_rows = d->imcu_rows;
+    d->blocks_in_mcu = 0;
+    for (i = 0; i < d->scan_ncomp; i++) {
+        jpeg_component *c = d->scan_comp[i];
+        int n = c->h * c->v;
+        if (d->blocks_in_mcu + n > JPEG_MAX_MCU_BLOCKS)
+            return fail(d->err, d->errsize, "JPEG MCU has too many blocks");
+        while (n-- > 0)
+            d->mcu_member[d->blocks_in_mcu++] = i;
+    }
+    return 0;
+}
+
+/* Copies each component's quantisation table at the first scan that uses it. */
+static int jpeg_latch_quant_tables(jpeg_decoder *d)
+{
+    int i, k;
+    for (i = 0; i < d->scan_ncomp; i++) {
+        jpeg_component *c = d->scan_comp[i];
+        if (c->quant_latched)
+            continue;
+        if (c->quant_index >= JPEG_NUM_TABLES || !d->quant_defined[c->quant_index])
+            return fail(d->err, d->errsize, "JPEG scan uses an undefined quantization table");
+        memcpy(c->quant, d->quant_tables[c->quant_index], sizeof c->quant);
+        for (k = 0; k < JPEG_BLOCK_SIZE; k++)
+            c->idct_quant[k] = c->quant[k] >= 0x8000 ? (int32_t)c->quant[k] - 0x10000 : (int32_t)c->quant[k];
+        c->quant_latched = 1;
+    }
+    return 0;
+}
+
+/* Checks progressive scan parameters and records which bits of which
+ * coefficients have now been sent (used by block smoothing). */
+static int jpeg_start_progressive(jpeg_decoder *d)
+{
+    int bad = 0, i, k;
+    if (d->ss == 0) {
+        if (d->se != 0)
+            bad = 1;
+    } else if (d->ss > d->se || d->se >= JPEG_BLOCK_SIZE || d->scan_ncomp != 1) {
+        bad = 1;
+    }
+    if (d->ah != 0 && d->al != d->ah - 1)
+        bad = 1;
+    if (d->al > 13)
+        bad = 1;
+    if (bad)
+        return fail(d->err, d->errsize, "invalid progressive JPEG scan parameters");
+    for (i = 0; i < d->scan_ncomp; i++) {
+        jpeg_component *c = d->scan_comp[i];
+        int first = d->ss < 1 ? d->ss : 1, last = d->se > 9 ? d->se : 9;
+        for (k = first; k <= last; k++)
+            c->prev_coef_bits[k] = d->scan_count > 1 ? c->coef_bits[k] : 0;
+        for (k = d->ss; k <= d->se; k++)
+            c->coef_bits[k] = d->al;
+    }
+    return 0;
+}
+
+/* Builds the Huffman table in DC or AC slot `slot` for use in this scan. */
+static int jpeg_prepare_huff_table(jpeg_decoder *d, int slot, int is_dc)
+{
+    if (slot >= JPEG_NUM_TABLES)
+        return fail(d->err, d->errsize, "JPEG scan uses an undefined Huffman table");
+    if (is_dc)
+        return jpeg_build_huff_table(d, &d->huff_dc[slot], 1, &d->dc_tables[slot]);
+    return jpeg_build_huff_table(d, &d->huff_ac[slot], 0, &d->ac_tables[slot]);
+}
+
+/* Prepares the Huffman decoder for the current scan. */
+static int jpeg_start_huffman(jpeg_decoder *d)
+{
+    int want_dc = !d->progressive || (d->ss == 0 && d->ah == 0);
+    int want_ac = !d->progressive || d->ss != 0;
+    int i;
+    for (i = 0; i < d->scan_ncomp; i++) {
+        jpeg_component *c = d->scan_comp[i];
+        if (want_dc && jpeg_prepare_huff_table(d, c->dc_table, 1) != 0)
+            return -1;
+        if (want_ac && jpeg_prepare_huff_table(d, c->ac_table, 0) != 0)
+            return -1;
+    }
+    d->bit_buffer = 0;
+    d->bits_left = 0;
+    d->out_of_data = 0;
+    return 0;
+}
+
+/* Prepares the arithmetic decoder for the current scan. */
+static int jpeg_start_arithmetic(jpeg_decoder *d)
+{
+    int i;
+    for (i = 0; i < d->scan_ncomp; i++) {
+        jpeg_component *c = d->scan_comp[i];
+        if (!d->progressive || (d->ss == 0 && d->ah == 0)) {
+            if (c->dc_table >= JPEG_NUM_ARITH_TABLES)
+                return fail(d->err, d->errsize, "JPEG scan uses an undefined arithmetic table");
+            memset(d->dc_stats[c->dc_table], 0, JPEG_ARITH_DC_BINS);
+        }
+        if (!d->progressive || d->ss != 0) {
+            if (c->ac_table >= JPEG_NUM_ARITH_TABLES)
+                return fail(d->err, d->errsize, "JPEG scan uses an undefined arithmetic table");
+            memset(d->ac_stats[c->ac_table], 0, JPEG_ARITH_AC_BINS);
+        }
+    }
+    d->arith_c = 0;
+    d->arith_a = 0;
+    d->arith_ct = -16;                 /* forces reading two bytes into C */
+    return 0;
+}
+
+/* Everything libjpeg does between reading an SOS and decoding its data. */
+static int jpeg_start_scan(jpeg_decoder *d)
+{
+    int i;
+    if (d->scan_count > JPEG_MAX_SCANS)
+        return fail(d->err, d->errsize, "JPEG file has more than %d scans", JPEG_MAX_SCANS);
+    if (jpeg_layout_scan(d) != 0 || jpeg_latch_quant_tables(d) != 0)
+        return -1;
+    if (d->progressive && jpeg_start_progressive(d) != 0)
+        return -1;
+    if ((d->arithmetic ? jpeg_start_arithmetic(d) : jpeg_start_huffman(d)) != 0)
+        return -1;
+    if (!d->progressive)
+        d->scan_kind = JPEG_SCAN_SEQUENTIAL;
+    else if (d->ss == 0)
+        d->scan_kind = d->ah == 0 ? JPEG_SCAN_DC_FIRST : JPEG_SCAN_DC_REFINE;
+    else
+        d->scan_kind = d->ah == 0 ? JPEG_SCAN_AC_FIRST : JPEG_SCAN_AC_REFINE;
+    for (i = 0; i < JPEG_MAX_SCAN_COMPONENTS; i++) {
+        d->last_dc[i] = 0;
+        d->dc_context[i] = 0;
+    }
+    d->eob_run = 0;
+    d->restarts_left = (unsigned)d->restart_interval;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------
+ * Restart markers (read_restart_marker, jpeg_resync_to_restart)
+ * ------------------------------------------------------------------- */
+
+/* libjpeg's recovery when the marker found is not the expected RSTn:
+ * skip ahead, accept it, or leave it unread so the segment decodes empty. */
+static int jpeg_resync(jpeg_decoder *d)
+{
+    int desired = d->next_restart;
+    for (;;) {
+        int m = d->unread_marker, r;
+        if (m >= JPEG_M_SOF0) {
+            if (m < JPEG_M_RST0 || m > JPEG_M_RST7)
+                return JPEG_OK;        /* a real marker: leave it for later */
+            if (m == JPEG_M_RST0 + ((desired + 1) & 7) || m == JPEG_M_RST0 + ((desired + 2) & 7))
+                return JPEG_OK;        /* a later restart: the missed segments stay empty */
+            if (m != JPEG_M_RST0 + ((desired + 7) & 7) && m != JPEG_M_RST0 + ((desired + 6) & 7)) {
+                d->unread_marker = 0;  /* too far off to trust: ignore it */
+                return JPEG_OK;
+            }
+        }
+        if ((r = jpeg_next_marker(d)) != JPEG_OK)  /* bogus or earlier marker: scan on */
+            return r;
+    }
+}
+
+/* Consumes the restart marker that should follow a restart interval. */
+static int jpeg_read_restart_marker(jpeg_decoder *d)
+{
+    int r;
+    if (!d->unread_marker && (r = jpeg_next_marker(d)) != JPEG_OK)
+        return r;
+    if (d->unread_marker == JPEG_M_RST0 + d->next_restart)
+        d->unread_marker = 0;
+    else if ((r = jpeg_resync(d)) != JPEG_OK)
+        return r;
+    d->next_restart = (d->next_restart + 1) & 7;
+    return JPEG_OK;
+}
+
+/* ---------------------------------------------------------------------
+ * Huffman decoding (jdhuff.c, jdphuff.c)
+ * ------------------------------------------------------------------- */
+
+/* Refills the bit buffer as libjpeg-turbo does: to at least 57 bits, never
+ * past a marker.  When that leaves fewer than nbits bits the data segment is
+ * exhausted: zero bits are supplied and out_of_data is raised. */
+static void jpeg_fill_bits(jpeg_decoder *d, int nbits)
+{
+    while (!d->unread_marker && !d->input_ended && d->bits_left < JPEG_BIT_BUFFER_FILL) {
+        unsigned c;
+        if (d->pos >= d->limit) {
+            d->input_ended = 1;
+            break;
+        }
+        c = d->data[d->pos++];
+        if (c == 0xFF) {
+            do {
+                if (d->pos >= d->limit) {
+                    d->input_ended = 1;
+                    break;
+                }
+                c = d->data[d->pos++];
+            } while (c == 0xFF);
+            if (d->input_ended)
+                break;
+            if (c != 0) {
+                d->unread_marker = (int)c;
+                break;
+            }
+            c = 0xFF;                  /* 0xFF00 is a stuffed 0xFF data byte */
+        }
+        d->bit_buffer = (d->bit_buffer << 8) | c;
+        d->bits_left += 8;
+    }
+    if (nbits > d->bits_left) {
+        d->out_of_data = 1;
+        d->bit_buffer <<= JPEG_BIT_BUFFER_FILL - d->bits_left;
+        d->bits_left = JPEG_BIT_BUFFER_FILL;
+    }
+}
+
+/* Takes the next n (1..16) bits. */
+static int jpeg_get_bits(jpeg_decoder *d, int n)
+{
+    if (d->bits_left < n)
+        jpeg_fill_bits(d, n);
+    d->bits_left -= n;
+    return (int)((d->bit_buffer >> d->bits_left) & ((1u << n) - 1));
+}
+
+/* Decodes a code of at least `length` bits one bit at a time (T.81 F.16). */
+static int jpeg_huff_decode_long(jpeg_decoder *d, const jpeg_huff_table *t, int length)
+{
+    int32_t code = jpeg_get_bits(d, length);
+    while (code > t->maxcode[length]) {
+        code = (code << 1) | jpeg_get_bits(d, 1);
+        length++;
+    }
+    if (length > JPEG_HUFF_MAX_BITS)
+        return 0;                      /* invalid code: libjpeg substitutes symbol 0 */
+    return t->symbols[(code + t->valoffset[length]) & 0xFF];
+}
+
+/* Decodes one Huffman-coded symbol. */
+static int jpeg_huff_decode(jpeg_decoder *d, const jpeg_huff_table *t)
+{
+    int look, entry;
+    if (d->bits_left < JPEG_HUFF_LOOKAHEAD) {
+        jpeg_fill_bits(d, 0);
+        if (d->bits_left < JPEG_HUFF_LOOKAHEAD)
+            return jpeg_huff_decode_long(d, t, 1);
+    }
+    look = (int)((d->bit_buffer >> (d->bits_left - JPEG_HUFF_LOOKAHEAD)) & ((1u << JPEG_HUFF_LOOKAHEAD) - 1));
+    entry = t->lookup[look];
+    if ((entry >> 8) > JPEG_HUFF_LOOKAHEAD)
+        return jpeg_huff_decode_long(d, t, JPEG_HUFF_LOOKAHEAD + 1);
+    d->bits_left -= entry >> 8;
+    return entry & 0xFF;
+}
+
+/* Decodes one block of a sequential scan. */
+static void jpeg_huff_sequential_block(jpeg_decoder *d, int16_t *block, int ci)
+{
+    const jpeg_component *c = d->scan_comp[ci];
+    const jpeg_huff_table *ac = &d->ac_tables[c->ac_table];
+    int s = jpeg_huff_decode(d, &d->dc_tables[c->dc_table]), k;
+    if (s)
+        s = jpeg_extend(jpeg_get_bits(d, s), s);
+    d->last_dc[ci] = jpeg_wrap32((int64_t)d->last_dc[ci] + s);
+    block[0] = jpeg_coef((uint32_t)d->last_dc[ci]);
+    for (k = 1; k < JPEG_BLOCK_SIZE; k++) {
+        int rs = jpeg_huff_decode(d, ac), r = rs >> 4;
+        s = rs & 15;
+        if (s) {
+            k += r;
+            block[jpeg_natural_order[k]] = (int16_t)jpeg_extend(jpeg_get_bits(d, s), s);
+        } else if (r == 15) {
+            k += 15;                   /* run of 16 zeros */
+        } else {
+            break;                     /* end of block */
+        }
+    }
+}
+
+/* Progressive DC first pass: DC differences, scaled by 2^Al. */
+static void jpeg_huff_dc_first(jpeg_decoder *d, int16_t *block, int ci)
+{
+    const jpeg_component *c = d->scan_comp[ci];
+    int32_t last = d->last_dc[ci];
+    int s = jpeg_huff_decode(d, &d->dc_tables[c->dc_table]);
+    if (s)
+        s = jpeg_extend(jpeg_get_bits(d, s), s);
+    if ((last >= 0 && s > INT32_MAX - last) || (last < 0 && s < INT32_MIN - last)) {
+        d->bad_dc = 1;
+        return;
+    }
+    d->last_dc[ci] = last + s;
+    block[0] = jpeg_coef((uint32_t)d->last_dc[ci] << d->al);
+}
+
+/* Progressive AC first pass over Ss..Se of one block, with end-of-band runs. */
+static void jpeg_huff_ac_first(jpeg_decoder *d, int16_t *block)
+{
+    const jpeg_huff_table *t = &d->ac_tables[d->scan_comp[0]->ac_table];
+    int k;
+    if (d->eob_run > 0) {
+        d->eob_run--;
+        return;
+    }
+    for (k = d->ss; k <= d->se; k++) {
+        int rs = jpeg_huff_decode(d, t), r = rs >> 4, s = rs & 15;
+        if (s) {
+            k += r;
+            block[jpeg_natural_order[k]] = jpeg_coef((uint32_t)jpeg_extend(jpeg_get_bits(d, s), s) << d->al);
+        } else if (r == 15) {
+            k += 15;
+        } else {
+            d->eob_run = 1u << r;
+            if (r)
+                d->eob_run += (unsigned)jpeg_get_bits(d, r);
+            d->eob_run--;
+            break;
+        }
+    }
+}
+
+/* Adds one refinement bit to an already nonzero coefficient. */
+static void jpeg_huff_refine_coef(jpeg_decoder *d, int16_t *coef, int p1)
+{
+    if (jpeg_get_bits(d, 1) && (*coef & p1) == 0)
+        *coef = jpeg_coef((uint32_t)(*coef >= 0 ? *coef + p1 : *coef - p1));
+}
+
+/* Progressive AC refinement pass over Ss..Se of one block (jdphuff.c). */
+static void jpeg_huff_ac_refine(jpeg_decoder *d, int16_t *block)
+{
+    const jpeg_huff_table *t = &d->ac_tables[d->scan_comp[0]->ac_table];
+    int p1 = 1 << d->al, k = d->ss;
+    if (d->eob_run == 0) {
+        for (; k <= d->se; k++) {
+            int rs = jpeg_huff_decode(d, t), r = rs >> 4, s = rs & 15;
+            if (s) {
+                s = jpeg_get_bits(d, 1) ? p1 : -p1;   /* a newly nonzero coefficient */
+            } else if (r != 15) {
+                d->eob_run = 1u << r;
+                if (r)
+                    d->eob_run += (unsigned)jpeg_get_bits(d, r);
+                break;
+            }
+            /* skip r zero coefficients, refining the nonzero ones passed */
+            do {
+                int16_t *coef = &block[jpeg_natural_order[k]];
+                if (*coef != 0)
+                    jpeg_huff_refine_coef(d, coef, p1);
+                else if (--r < 0)
+                    break;
+                k++;
+            } while (k <= d->se);
+            if (s)
+                block[jpeg_natural_order[k]] = (int16_t)s;
+        }
+    }
+    if (d->eob_run > 0) {
+        for (; k <= d->se; k++)
+            if (block[jpeg_natural_order[k]] != 0)
+                jpeg_huff_refine_coef(d, &block[jpeg_natural_order[k]], p1);
+        d->eob_run--;
+    }
+}
+
+/* Restart for the Huffman decoders: drop buffered bits, read RSTn, reset predictions. */
+static void jpeg_huff_restart(jpeg_decoder *d)
+{
+    int i;
+    d->bits_left = 0;
+    if (jpeg_read_restart_marker(d) != JPEG_OK) {
+        d->input_ended = 1;
+        return;
+    }
+    for (i = 0; i < JPEG_MAX_SCAN_COMPONENTS; i++)
+        d->last_dc[i] = 0;
+    d->eob_run = 0;
+    d->restarts_left = (unsigned)d->restart_interval;
+    if (!d->unread_marker)
+        d->out_of_data = 0;
+}
+
+/* Decodes one MCU of a Huffman-coded scan. */
+static void jpeg_huff_mcu(jpeg_decoder *d)
+{
+    int b;
+    if (d->restart_interval && d->restarts_left == 0)
+        jpeg_huff_restart(d);
+    if (!d->out_of_data && !d->input_ended) {
+        for (b = 0; b < d->blocks_in_mcu && !d->bad_dc; b++) {
+            int16_t *block = d->mcu_ptr[b];
+            switch (d->scan_kind) {
+            case JPEG_SCAN_SEQUENTIAL:
+                jpeg_huff_sequential_block(d, block, d->mcu_member[b]);
+                break;
+            case JPEG_SCAN_DC_FIRST:
+                jpeg_huff_dc_first(d, block, d->mcu_member[b]);
+                break;
+            case JPEG_SCAN_DC_REFINE:
+                if (jpeg_get_bits(d, 1))
+                    block[0] = (int16_t)(block[0] | (1 << d->al));
+                break;
+            case JPEG_SCAN_AC_FIRST:
+                jpeg_huff_ac_first(d, block);
+                break;
+            default:
+                jpeg_huff_ac_refine(d, block);
+                break;
+            }
+        }
+    }
+    if (d->restart_interval)
+        d->restarts_left--;
+}
+
+/* ---------------------------------------------------------------------
+ * Arithmetic decoding (jdarith.c)
+ * ------------------------------------------------------------------- */
+
+/* Next entropy byte; past the readable data it flags the failure and yields 0. */
+static int jpeg_arith_byte(jpeg_decoder *d)
+{
+    if (d->pos >= d->limit) {
+        d->input_ended = 1;
+        return 0;
+    }
+    return d->data[d->pos++];
+}
+
+/* Decodes one binary decision using statistics bin *st (T.81 D.2.4-D.2.6). */
+static int jpeg_arith_decode(jpeg_decoder *d, unsigned char *st)
+{
+    const jpeg_arith_state *q;
+    unsigned char after_lps;
+    int sv;
+    int64_t temp;
+    while (d->arith_a < 0x8000) {      /* renormalise, reading bytes into C */
+        if (--d->arith_ct < 0) {
+            int data = 0;
+            if (!d->unread_marker) {
+                data = jpeg_arith_byte(d);
+                if (data == 0xFF) {
+                    do
+                        data = jpeg_arith_byte(d);
+                    while (data == 0xFF);
+                    if (data == 0) {
+                        data = 0xFF;
+                    } else {           /* a marker: zeros from here on */
+                        d->unread_marker = data;
+                        data = 0;
+                    }
+                }
+            }
+            d->arith_c = (d->arith_c << 8) | data;
+            if ((d->arith_ct += 8) < 0 && ++d->arith_ct == 0)
+                d->arith_a = 0x8000;   /* the two initial bytes are in */
+        }
+        d->arith_a <<= 1;
+    }
+    sv = *st;
+    q = &jpeg_arith_states[sv & 0x7F];
+    after_lps = (unsigned char)((q->switch_mps << 7) | q->next_lps);
+    temp = d->arith_a - q->qe;
+    d->arith_a = temp;
+    temp <<= d->arith_ct;
+    if (d->arith_c >= temp) {
+        d->arith_c -= temp;
+        if (d->arith_a < q->qe) {
+            d->arith_a = q->qe;
+            *st = (unsigned char)((sv & 0x80) ^ q->next_mps);
+        } else {
+            d->arith_a = q->qe;
+            *st = (unsigned char)((sv & 0x80) ^ after_lps);
+            sv ^= 0x80;
+        }
+    } else if (d->arith_a < 0x8000) {
+        if (d->arith_a < q->qe) {
+            *st = (unsigned char)((sv & 0x80) ^ after_lps);
+            sv ^= 0x80;
+        } else {
+            *st = (unsigned char)((sv & 0x80) ^ q->next_mps);
+        }
+    }
+    return sv >> 7;
+}
+
+/* Decodes a DC difference (T.81 F.1.4.4.1); -1 marks corrupt data. */
+static int jpeg_arith_dc_diff(jpeg_decoder *d, int ci, int tbl, int *diff)
+{
+    unsigned char *st = d->dc_stats[tbl] + d->dc_context[ci];
+    int sign, m, v;
+    if (jpeg_arith_decode(d, st) == 0) {
+        d->dc_context[ci] = 0;
+        *diff = 0;
+        return 0;
+    }
+    sign = jpeg_arith_decode(d, st + 1);
+    st += 2 + sign;
+    if ((m = jpeg_arith_decode(d, st)) != 0) {
+        st = d->dc_stats[tbl] + 20;
+        while (jpeg_arith_decode(d, st)) {
+            if ((m <<= 1) == 0x8000)
+                return -1;
+            st++;
+        }
+    }
+    if (m < (1 << d->arith_dc_low[tbl]) >> 1)
+        d->dc_context[ci] = 0;
+    else if (m > (1 << d->arith_dc_high[tbl]) >> 1)
+        d->dc_context[ci] = 12 + sign * 4;
+    else
+        d->dc_context[ci] = 4 + sign * 4;
+    v = m;
+    st += 14;
+    while (m >>= 1)
+        if (jpeg_arith_decode(d, st))
+            v |= m;
+    v += 1;
+    *diff = sign ? -v : v;
+    return 0;
+}
+
+/* Decodes AC coefficients ss..se of one block, scaled by 2^al (T.81 F.1.4.4.2). */
+static void jpeg_arith_ac_block(jpeg_decoder *d, int16_t *block, int tbl, int ss, int se, int al)
+{
+    int k;
+    for (k = ss; k <= se; k++) {
+        unsigned char *st = d->ac_stats[tbl] + 3 * (k - 1);
+        int sign, m, v;
+        if (jpeg_arith_decode(d, st))
+            break;                     /* end of block */
+        while (jpeg_arith_decode(d, st + 1) == 0) {
+            st += 3;
+            if (++k > se) {
+                d->arith_ct = -1;      /* spectral overflow */
+                return;
+            }
+        }
+        sign = jpeg_arith_decode(d, d->fixed_bin);
+        st += 2;
+        if ((m = jpeg_arith_decode(d, st)) != 0 && jpeg_arith_decode(d, st)) {
+            m <<= 1;
+            st = d->ac_stats[tbl] + (k <= d->arith_ac_split[tbl] ? 189 : 217);
+            while (jpeg_arith_decode(d, st)) {
+                if ((m <<= 1) == 0x8000) {
+                    d->arith_ct = -1;  /* magnitude overflow */
+                    return;
+                }
+                st++;
+            }
+        }
+        v = m;
+        st += 14;
+        while (m >>= 1)
+            if (jpeg_arith_decode(d, st))
+                v |= m;
+        v += 1;
+        block[jpeg_natural_order[k]] = jpeg_coef((uint32_t)(sign ? -v : v) << al);
+    }
+}
+
+/* Decodes the DC of a sequential or progressive-first block, scaled by
+ * 2^shift; 0 on success. */
+static int jpeg_arith_dc_block(jpeg_decoder *d, int16_t *block, int ci, int shift)
+{
+    int diff;
+    if (jpeg_arith_dc_diff(d, ci, d->scan_comp[ci]->dc_table, &diff) != 0) {
+        d->arith_ct = -1;              /* magnitude overflow */
+        return -1;
+    }
+    d->last_dc[ci] = (int32_t)(((uint32_t)d->last_dc[ci] + (uint32_t)diff) & 0xFFFFu);
+    block[0] = jpeg_coef((uint32_t)d->last_dc[ci] << shift);
+    return 0;
+}
+
+/* Progressive AC refinement of one block (jdarith.c decode_mcu_AC_refine). */
+static void jpeg_arith_ac_refine(jpeg_decoder *d, int16_t *block)
+{
+    int tbl = d->scan_comp[0]->ac_table, p1 = 1 << d->al, k, kex;
+    for (kex = d->se; kex > 0; kex--)  /* end of block in the previous stage */
+        if (block[jpeg_natural_order[kex]])
+            break;
+    for (k = d->ss; k <= d->se; k++) {
+        unsigned char *st = d->ac_stats[tbl] + 3 * (k - 1);
+        if (k > kex && jpeg_arith_decode(d, st))
+            break;
+        for (;;) {
+            int16_t *coef = &block[jpeg_natural_order[k]];
+            if (*coef) {
+                if (jpeg_arith_decode(d, st + 2))
+                    *coef = jpeg_coef((uint32_t)(*coef < 0 ? *coef - p1 : *coef + p1));
+                break;
+            }
+            if (jpeg_arith_decode(d, st + 1)) {
+                *coef = (int16_t)(jpeg_arith_decode(d, d->fixed_bin) ? -p1 : p1);
+                break;
+            }
+            st += 3;
+            if (++k > d->se) {
+                d->arith_ct = -1;      /* spectral overflow */
+                return;
+            }
+        }
+    }
+}
+
+/* Restart for the arithmetic decoder: read RSTn, reset statistics and registers. */
+static void jpeg_arith_restart(jpeg_decoder *d)
+{
+    int i;
+    if (jpeg_read_restart_marker(d) != JPEG_OK) {
+        d->input_ended = 1;
+        return;
+    }
+    for (i = 0; i < d->scan_ncomp; i++) {
+        const jpeg_component *c = d->scan_comp[i];
+        if (!d->progressive || (d->ss == 0 && d->ah == 0)) {
+            memset(d->dc_stats[c->dc_table], 0, JPEG_ARITH_DC_BINS);
+            d->last_dc[i] = 0;
+            d->dc_context[i] = 0;
+        }
+        if (!d->progressive || d->ss != 0)
+            memset(d->ac_stats[c->ac_table], 0, JPEG_ARITH_AC_BINS);
+    }
+    d->arith_c = 0;
+    d->arith_a = 0;
+    d->arith_ct = -16;
+    d->restarts_left = (unsigned)d->restart_interval;
+}
+
+/* Decodes one MCU of an arithmetic-coded scan. */
+static void jpeg_arith_mcu(jpeg_decoder *d)
+{
+    int b;
+    if (d->restart_interval) {
+        if (d->restarts_left == 0)
+            jpeg_arith_restart(d);
+        d->restarts_left--;
+    }
+    for (b = 0; b < d->blocks_in_mcu && d->arith_ct != -1 && !d->input_ended; b++) {
+        int16_t *block = d->mcu_ptr[b];
+        int ci = d->mcu_member[b];
+        switch (d->scan_kind) {
+        case JPEG_SCAN_SEQUENTIAL:
+            if (jpeg_arith_dc_block(d, block, ci, 0) == 0)
+                jpeg_arith_ac_block(d, block, d->scan_comp[ci]->ac_table, 1, JPEG_BLOCK_SIZE - 1, 0);
+            break;
+        case JPEG_SCAN_DC_FIRST:
+            jpeg_arith_dc_block(d, block, ci, d->al);
+            break;
+        case JPEG_SCAN_DC_REFINE:
+            if (jpeg_arith_decode(d, d->fixed_bin))
+                block[0] = (int16_t)(block[0] | (1 << d->al));
+            break;
+        case JPEG_SCAN_AC_FIRST:
+            jpeg_arith_ac_block(d, block, d->scan_comp[0]->ac_table, d->ss, d->se, d->al);
+            break;
+        default:
+            jpeg_arith_ac_refine(d, block);
+            break;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------
+ * Inverse DCT: the accurate integer "islow" method (jidctint.c) exactly as
+ * libjpeg-turbo runs it on x86-64, i.e. its SSE2/AVX2 version.  On valid
+ * data that equals the C code; on corrupt data the SIMD arithmetic differs:
+ * dequantised values and some sums wrap to 16 bits, the intermediate rows
+ * saturate to 16 bits and the output saturates instead of wrapping.
+ * ------------------------------------------------------------------- */
+
+/* Wraps to a signed 16-bit value (16-bit SIMD lane arithmetic). */
+static int32_t jpeg_wrap16(int64_t v)
+{
+    uint32_t low = (uint32_t)((uint64_t)v & 0xFFFFu);
+    return (int32_t)low - (low >= 0x8000u ? 0x10000 : 0);
+}
+
+/* Saturates to a signed 16-bit value (packssdw). */
+static int32_t jpeg_sat16(int32_t v)
+{
+    return v < -32768 ? -32768 : v > 32767 ? 32767 : v;
+}
+
+/* Rounding arithmetic right shift (paddd + psrad). */
+static int32_t jpeg_descale32(int32_t v, int bits)
+{
+    return (int32_t)jpeg_shift_down((int64_t)v + ((int64_t)1 << (bits - 1)), bits);
+}
+
+/* One 8-point 1-D IDCT over in[0], in[step], ... in[7*step] (16-bit
+ * values), written to out[0], out[step], ... saturated to 16 bits after
+ * descaling by `bits`.  With 16-bit inputs every sum below stays under
+ * 2^31 in magnitude, so 32-bit arithmetic is exact, as in the SIMD code. */
+static void jpeg_idct_1d(const int32_t *in, int step, int32_t *out, int bits)
+{
+    enum {
+        CONST_BITS = 13,
+        F_0_298 = 2446, F_0_390 = 3196, F_0_541 = 4433, F_0_765 = 6270, F_0_899 = 7373,
+        F_1_175 = 9633, F_1_501 = 12299, F_1_847 = 15137, F_1_961 = 16069, F_2_053 = 16819,
+        F_2_562 = 20995, F_3_072 = 25172
+    };
+    int32_t x0 = in[0], x1 = in[step], x2 = in[2 * step], x3 = in[3 * step];
+    int32_t x4 = in[4 * step], x5 = in[5 * step], x6 = in[6 * step], x7 = in[7 * step];
+    int32_t t0, t1, t2, t3, t10, t11, t12, t13, z3, z4;
+
+    /* even part */
+    t3 = x2 * (F_0_541 + F_0_765) + x6 * F_0_541;
+    t2 = x2 * F_0_541 + x6 * (F_0_541 - F_1_847);
+    t0 = jpeg_wrap16((int64_t)x0 + x4) * (1 << CONST_BITS);
+    t1 = jpeg_wrap16((int64_t)x0 - x4) * (1 << CONST_BITS);
+    t10 = t0 + t3;
+    t13 = t0 - t3;
+    t11 = t1 + t2;
+    t12 = t1 - t2;
+    /* odd part */
+    z3 = jpeg_wrap16((int64_t)x3 + x7);
+    z4 = jpeg_wrap16((int64_t)x1 + x5);
+    t0 = z3 * (F_1_175 - F_1_961) + z4 * F_1_175;          /* z3 after rotation */
+    z4 = z3 * F_1_175 + z4 * (F_1_175 - F_0_390);          /* z4 after rotation */
+    z3 = t0;
+    t0 = x7 * (F_0_298 - F_0_899) - x1 * F_0_899 + z3;
+    t3 = -x7 * F_0_899 + x1 * (F_1_501 - F_0_899) + z4;
+    t1 = x5 * (F_2_053 - F_2_562) - x3 * F_2_562 + z4;
+    t2 = -x5 * F_2_562 + x3 * (F_3_072 - F_2_562) + z3;
+    /* outputs */
+    out[0] = jpeg_sat16(jpeg_descale32(t10 + t3, bits));
+    out[7 * step] = jpeg_sat16(jpeg_descale32(t10 - t3, bits));
+    out[step] = jpeg_sat16(jpeg_descale32(t11 + t2, bits));
+    out[6 * step] = jpeg_sat16(jpeg_descale32(t11 - t2, bits));
+    out[2 * step] = jpeg_sat16(jpeg_descale32(t12 + t1, bits));
+    out[5 * step] = jpeg_sat16(jpeg_descale32(t12 - t1, bits));
+    out[3 * step] = jpeg_sat16(jpeg_descale32(t13 + t0, bits));
+    out[4 * step] = jpeg_sat16(jpeg_descale32(t13 - t0, bits));
+}
+
+/* Inverse-transforms one block (coefficients in natural order, dequantised
+ * with the 16-bit multipliers quant) into an 8x8 area of out.  The
+ * shortcuts for zero columns and rows give exactly what the full
+ * computation would. */
+static void jpeg_idct_islow(const int16_t *in, const int32_t *quant, unsigned char *out, size_t stride)
+{
+    enum { CONST_BITS = 13, PASS1_BITS = 2 };
+    int32_t deq[JPEG_BLOCK_SIZE], ws[JPEG_BLOCK_SIZE], row[JPEG_BLOCK];
+    int i, x, rows_zero = 1;
+
+    for (i = 0; i < JPEG_BLOCK_SIZE; i++) {
+        deq[i] = jpeg_wrap16((int64_t)in[i] * quant[i]);
+        if (i >= JPEG_BLOCK && in[i] != 0)
+            rows_zero = 0;
+    }
+    for (i = 0; i < JPEG_BLOCK; i++) {             /* columns */
+        const int32_t *c = deq + i;
+        int32_t *w = ws + i;
+        if (rows_zero) {                           /* SIMD special case: 16-bit wrap */
+            w[0] = w[8] = w[16] = w[24] = w[32] = w[40] = w[48] = w[56] = jpeg_wrap16((int64_t)c[0] * (1 << PASS1_BITS));
+        } else if (c[8] == 0 && c[16] == 0 && c[24] == 0 && c[32] == 0 && c[40] == 0 && c[48] == 0 && c[56] == 0) {
+            w[0] = w[8] = w[16] = w[24] = w[32] = w[40] = w[48] = w[56] = jpeg_sat16(c[0] * (1 << PASS1_BITS));
+        } else {
+            jpeg_idct_1d(c, JPEG_BLOCK, w, CONST_BITS - PASS1_BITS);
+        }
+    }
+    for (i = 0; i < JPEG_BLOCK; i++) {             /* rows */
+        const int32_t *w = ws + i * JPEG_BLOCK;
+        unsigned char *o = out + (size_t)i * stride;
+        if (w[1] == 0 && w[2] == 0 && w[3] == 0 && w[4] == 0 && w[5] == 0 && w[6] == 0 && w[7] == 0) {
+            int32_t v = (int32_t)jpeg_shift_down((int64_t)w[0] + 16, PASS1_BITS + 3);
+            memset(o, (v < -128 ? -128 : v > 127 ? 127 : v) + 128, JPEG_BLOCK);
+            continue;
+        }
+        jpeg_idct_1d(w, 1, row, CONST_BITS + PASS1_BITS + 3);
+        for (x = 0; x < JPEG_BLOCK; x++)           /* saturate to -128..127, then centre */
+            o[x] = (unsigned char)((row[x] < -128 ? -128 : row[x] > 127 ? 127 : row[x]) + 128);
+    }
+}
+
+/* Inverse-transforms one block of component c into its sample plane. */
+static void jpeg_idct_to_plane(const jpeg_component *c, const int16_t *block, int block_row, int block_col)
+{
+    unsigned char *dst = c->plane + (size_t)block_row * JPEG_BLOCK * c->plane_stride + (size_t)block_col * JPEG_BLOCK;
+    jpeg_idct_islow(block, c->idct_quant, dst, c->plane_stride);
+}
+
+/* ---------------------------------------------------------------------
+ * Scan decoding (jdcoefct.c consume_data / decompress_onepass)
+ * ------------------------------------------------------------------- */
+
+/* Points mcu_ptr at the blocks of MCU (row, col): zeroed scratch blocks for
+ * single-scan files, else the blocks in the coefficient arrays. */
+static void jpeg_locate_mcu(jpeg_decoder *d, int row, int col)
+{
+    int b = 0, i, x, y;
+    if (!d->multiscan) {
+        memset(d->mcu_blocks, 0, (size_t)d->blocks_in_mcu * sizeof d->mcu_blocks[0]);
+        for (b = 0; b < d->blocks_in_mcu; b++)
+            d->mcu_ptr[b] = d->mcu_blocks[b];
+        return;
+    }
+    for (i = 0; i < d->scan_ncomp; i++) {
+        const jpeg_component *c = d->scan_comp[i];
+        int mw = d->scan_ncomp == 1 ? 1 : c->h, mh = d->scan_ncomp == 1 ? 1 : c->v;
+        for (y = 0; y < mh; y++)
+            for (x = 0; x < mw; x++)
+                d->mcu_ptr[b++] = c->coefs + ((size_t)(row * mh + y) * (size_t)c->coef_w + (size_t)(col * mw + x)) * JPEG_BLOCK_SIZE;
+    }
+}
+
+/* Inverse-transforms the blocks of a decoded MCU of a single-scan file,
+ * skipping the dummy blocks that pad MCUs at the right and bottom edges. */
+static void jpeg_idct_mcu(jpeg_decoder *d, int row, int col)
+{
+    int b = 0, i, x, y;
+    for (i = 0; i < d->scan_ncomp; i++) {
+        const jpeg_component *c = d->scan_comp[i];
+        int mw = d->scan_ncomp == 1 ? 1 : c->h, mh = d->scan_ncomp == 1 ? 1 : c->v;
+        for (y = 0; y < mh; y++)
+            for (x = 0; x < mw; x++, b++) {
+                int br = row * mh + y, bc = col * mw + x;
+                if (br < c->blocks_h && bc < c->blocks_w)
+                    jpeg_idct_to_plane(c, d->mcu_ptr[b], br, bc);
+            }
+    }
+}
+
+/* True when the rest of a buffered Huffman scan can change nothing: its data
+ * ran out and no restart marker can bring it back. */
+static int jpeg_scan_exhausted(const jpeg_decoder *d)
+{
+    int m = d->unread_marker;
+    if (d->arithmetic || !d->out_of_data)
+        return 0;
+    return d->restart_interval == 0 || (m >= JPEG_M_SOF0 && (m < JPEG_M_RST0 || m > JPEG_M_RST7));
+}
+
+/* Reports why the entropy decoder had to stop. */
+static int jpeg_scan_failure(const jpeg_decoder *d)
+{
+    if (d->bad_dc)
+        return fail(d->err, d->errsize, "corrupt DC coefficient in progressive JPEG");
+    if (d->limit < d->size)
+        return fail(d->err, d->errsize,
+                    "arithmetic-coded JPEG data crosses a 64 KiB boundary, which PIL cannot decode");
+    return fail(d->err, d->errsize, "JPEG file is truncated");
+}
+
+/* Decodes every MCU of the current scan. */
+static int jpeg_decode_mcus(jpeg_decoder *d)
+{
+    int row, col;
+    for (row = 0; row < d->mcu_rows; row++) {
+        int imcu_row = d->scan_ncomp == 1 ? row / d->scan_comp[0]->v : row;
+        for (col = 0; col < d->mcus_per_row; col++) {
+            if (jpeg_charge_mcu(d) != 0)
+                return fail(d->err, d->errsize, "JPEG file needs too much decoding work (too many scans)");
+            jpeg_locate_mcu(d, row, col);
+            if (!d->out_of_data)
+                d->last_good_imcu_row = imcu_row;
+            if (d->arithmetic)
+                jpeg_arith_mcu(d);
+            else
+                jpeg_huff_mcu(d);
+            if (d->input_ended || d->bad_dc)
+                return jpeg_scan_failure(d);
+            if (!d->multiscan)
+                jpeg_idct_mcu(d, row, col);
+            else if (jpeg_scan_exhausted(d))
+                return 0;
+        }
+    }
+    return 0;
+}
+
+/* Decodes the current scan.  PIL hands libjpeg the file in 64 KiB reads and
+ * libjpeg's arithmetic decoder cannot wait for more input, so an
+ * arithmetic-coded scan may only use bytes up to the end of the read in
+ * which its header arrived. */
+static int jpeg_decode_scan(jpeg_decoder *d)
+{
+    int r;
+    if (d->arithmetic) {
+        size_t gap = (JPEG_PIL_READ_SIZE - d->pos % JPEG_PIL_READ_SIZE) % JPEG_PIL_READ_SIZE;
+        if (gap < d->size - d->pos)
+            d->limit = d->pos + gap;
+    }
+    r = jpeg_decode_mcus(d);
+    d->limit = d->size;
+    return r;
+}
+
+/* ---------------------------------------------------------------------
+ * Multi-scan output: block smoothing (jdcoefct.c decompress_smooth_data)
+ * ------------------------------------------------------------------- */
+
+/* libjpeg-turbo's smoothing_ok: smoothing applies to a progressive file when
+ * every component has DC data and usable quantisers, and some component
+ * lacks full precision in one of the first nine AC coefficients. */
+static int jpeg_smoothing_wanted(const jpeg_decoder *d)
+{
+    int ci, k, useful = 0;
+    if (!d->progressive)
+        return 0;
+    for (ci = 0; ci < d->ncomp; ci++) {
+        const jpeg_component *c = &d->comp[ci];
+        if (!c->quant_latched || c->coef_bits[0] < 0)
+            return 0;
+        for (k = 0; k < JPEG_SMOOTH_COEFS; k++)
+            if (c->quant[jpeg_natural_order[k]] == 0)
+                return 0;
+        for (k = 1; k < JPEG_SMOOTH_COEFS; k++)
+            if (c->coef_bits[k] != 0)
+                useful = 1;
+    }
+    return useful;
+}
+
+/* Estimates a coefficient from the weighted neighbourhood sum num, limited
+ * to the bits not yet transmitted (al > 0). */
+static int16_t jpeg_smooth_predict(int64_t num, int64_t q, int al)
+{
+    int64_t pred = ((q << 7) + (num >= 0 ? num : -num)) / (q << 8);
+    if (al > 0 && pred >= ((int64_t)1 << al))
+        pred = ((int64_t)1 << al) - 1;
+    return jpeg_coef((uint32_t)(uint64_t)(num >= 0 ? pred : -pred));
+}
+
+/* Fills in missing low-frequency coefficients of one block from the 5x5
+ * window of neighbouring DC values dc (row-major). */
+static void jpeg_smooth_block(int16_t *ws, const jpeg_component *c, const int *bits, int dc_mode, const int *dc)
+{
+    int64_t q00 = c->quant[0];
+    int k, i;
+    for (k = 1; k < JPEG_SMOOTH_COEFS; k++) {
+        int pos = jpeg_natural_order[k];
+        int64_t sum = 0;
+        if (!dc_mode && k > 5)
+            break;
+        if (bits[k] == 0 || ws[pos] != 0)
+            continue;
+        for (i = 0; i < 25; i++)
+            sum += (int64_t)jpeg_smooth_kernels[dc_mode][k][i] * dc[i];
+        ws[pos] = jpeg_smooth_predict(q00 * sum, c->quant[pos], bits[k]);
+    }
+    if (dc_mode) {
+        int64_t sum = 0;
+        for (i = 0; i < 25; i++)
+            sum += (int64_t)jpeg_smooth_kernels[1][0][i] * dc[i];
+        ws[0] = jpeg_smooth_predict(q00 * sum, q00, 0);
+    }
+}
+
+/* Inverse-transforms one component of a progressive file with block
+ * smoothing, reproducing libjpeg-turbo's choice of neighbour rows (per iMCU
+ * row) and its sliding window of DC values. */
+static void jpeg_smooth_component(const jpeg_decoder *d, const jpeg_component *c)
+{
+    int last_imcu = d->imcu_rows - 1, last_col = c->blocks_w - 1, br, bc, r, k;
+    int cur_bits[JPEG_SMOOTH_COEFS], prev_bits[JPEG_SMOOTH_COEFS];
+    int16_t ws[JPEG_BLOCK_SIZE];
+
+    for (k = 0; k < JPEG_SMOOTH_COEFS; k++) {
+        cur_bits[k] = c->coef_bits[k];
+        prev_bits[k] = d->scan_count > 1 ? c->prev_coef_bits[k] : -1;
+    }
+    for (br = 0; br < c->blocks_h; br++) {
+        int imcu = br / c->v, in_row = br % c->v;
+        int block_rows = imcu < last_imcu ? c->v : c->blocks_h - imcu * c->v;
+        const int16_t *rows[5];
+        const int *bits = imcu > d->last_good_imcu_row ? prev_bits : cur_bits;
+        int dc_mode = 1, dc[25];
+        size_t row_blocks = (size_t)c->coef_w * JPEG_BLOCK_SIZE;
+
+        rows[2] = c->coefs + (size_t)br * row_blocks;
+        rows[1] = (in_row > 0 || imcu > 0) ? rows[2] - row_blocks : rows[2];
+        rows[0] = (in_row > 1 || imcu > 1) ? rows[2] - 2 * row_blocks : rows[1];
+        rows[3] = (in_row < block_rows - 1 || imcu < last_imcu) ? rows[2] + row_blocks : rows[2];
+        rows[4] = (in_row < block_rows - 2 || imcu + 1 < last_imcu) ? rows[2] + 2 * row_blocks : rows[3];
+        for (k = 1; k < JPEG_SMOOTH_COEFS; k++)
+            if (bits[k] != -1)
+                dc_mode = 0;           /* interpolate DC only when no AC data was sent */
+        for (r = 0; r < 5; r++)
+            for (k = 0; k < 5; k++)
+                dc[r * 5 + k] = rows[r][0];
+        for (bc = 0; bc <= last_col; bc++) {
+            for (r = 0; r < 5; r++) {
+                if (bc == 0 && bc < last_col)
+                    dc[r * 5 + 3] = rows[r][JPEG_BLOCK_SIZE];
+                if (bc + 1 < last_col)
+                    dc[r * 5 + 4] = rows[r][(size_t)(bc + 2) * JPEG_BLOCK_SIZE];
+            }
+            memcpy(ws, rows[2] + (size_t)bc * JPEG_BLOCK_SIZE, sizeof ws);
+            jpeg_smooth_block(ws, c, bits, dc_mode, dc);
+            jpeg_idct_to_plane(c, ws, br, bc);
+            for (r = 0; r < 5; r++)
+                for (k = 0; k < 4; k++)
+                    dc[r * 5 + k] = dc[r * 5 + k + 1];
+        }
+    }
+}
+
+/* Inverse-transforms all buffered coefficients of a multi-scan file. */
+static void jpeg_transform_buffered(jpeg_decoder *d)
+{
+    int smooth = jpeg_smoothing_wanted(d), ci, br, bc;
+    for (ci = 0; ci < d->ncomp; ci++) {
+        const jpeg_component *c = &d->comp[ci];
+        if (smooth) {
+            jpeg_smooth_component(d, c);
+            continue;
+        }
+        for (br = 0; br < c->blocks_h; br++)
+            for (bc = 0; bc < c->blocks_w; bc++)
+                jpeg_idct_to_plane(c, c->coefs + ((size_t)br * c->coef_w + (size_t)bc) * JPEG_BLOCK_SIZE, br, bc);
+    }
+}
+
+/* ---------------------------------------------------------------------
+ * Upsampling (jdsample.c) and colour conversion (jdcolor.c, PIL Convert.c)
+ * ------------------------------------------------------------------- */
+
+/* Row y of component c brought to full width: a plain copy, a triangle
+ * filter for 2:1 ratios (libjpeg's "fancy" upsampling), or replication. */
+static const unsigned char *jpeg_upsample_row(const jpeg_decoder *d, const jpeg_component *c, int y)
+{
+    const unsigned char *near_row, *far_row;
+    unsigned char *out = c->row;
+    int x, w = c->samples_w, near_y, far_y;
+
+    if (c->upsample == JPEG_UP_FULL)
+        return c->plane + (size_t)y * c->plane_stride;
+    if (c->upsample == JPEG_UP_REPLICATE) {
+        near_row = c->plane + (size_t)(y / c->v_expand) * c->plane_stride;
+        for (x = 0; x < d->width; x++)
+            out[x] = near_row[x / c->h_expand];
+        return out;
+    }
+    if (c->upsample == JPEG_UP_H2V1_FANCY) {
+        near_row = c->plane + (size_t)y * c->plane_stride;
+        out[0] = near_row[0];
+        out[1] = (unsigned char)((near_row[0] * 3 + near_row[1] + 2) >> 2);
+        for (x = 1; x < w - 1; x++) {
+            int v = near_row[x] * 3;
+            out[2 * x] = (unsigned char)((v + near_row[x - 1] + 1) >> 2);
+            out[2 * x + 1] = (unsigned char)((v + near_row[x + 1] + 2) >> 2);
+        }
+        out[2 * w - 2] = (unsigned char)((near_row[w - 1] * 3 + near_row[w - 2] + 1) >> 2);
+        out[2 * w - 1] = near_row[w - 1];
+        return out;
+    }
+    /* vertical 2:1: blend the nearer source row (3/4) with the next nearer (1/4) */
+    near_y = y >> 1;
+    far_y = (y & 1) ? near_y + 1 : near_y - 1;
+    if (far_y < 0)
+        far_y = 0;
+    if (far_y > c->samples_h - 1)
+        far_y = c->samples_h - 1;
+    near_row = c->plane + (size_t)near_y * c->plane_stride;
+    far_row = c->plane + (size_t)far_y * c->plane_stride;
+    if (c->upsample == JPEG_UP_H1V2_FANCY) {
+        int bias = (y & 1) ? 2 : 1;
+        for (x = 0; x < w; x++)
+            out[x] = (unsigned char)((near_row[x] * 3 + far_row[x] + bias) >> 2);
+        return out;
+    }
+    {
+        int *sum = d->colsums;                     /* JPEG_UP_H2V2_FANCY */
+        for (x = 0; x < w; x++)
+            sum[x] = near_row[x] * 3 + far_row[x];
+        out[0] = (unsigned char)((sum[0] * 4 + 8) >> 4);
+        out[1] = (unsigned char)((sum[0] * 3 + sum[1] + 7) >> 4);
+        for (x = 1; x < w - 1; x++) {
+            out[2 * x] = (unsigned char)((sum[x] * 3 + sum[x - 1] + 8) >> 4);
+            out[2 * x + 1] = (unsigned char)((sum[x] * 3 + sum[x + 1] + 7) >> 4);
+        }
+        out[2 * w - 2] = (unsigned char)((sum[w - 1] * 3 + sum[w - 2] + 8) >> 4);
+        out[2 * w - 1] = (unsigned char)((sum[w - 1] * 4 + 7) >> 4);
+    }
+    return out;
+}
+
+/* Clamps to 0..255. */
+static unsigned char jpeg_clamp(int v)
+{
+    return (unsigned char)(v < 0 ? 0 : v > 255 ? 255 : v);
+}
+
+/* PIL's MULDIV255: round(a * b / 255) in integers. */
+static int jpeg_muldiv255(int a, int b)
+{
+    int t = a * b + 128;
+    return ((t >> 8) + t) >> 8;
+}
+
+/* PIL's CMYK -> RGB for the samples libjpeg outputs: PIL reads them as
+ * Adobe-style inverted CMYK ("CMYK;I") and then computes
+ * R = K - round((255 - C) * K / 255), likewise G and B. */
+static void jpeg_cmyk_to_rgb(int c, int m, int y, int k, unsigned char *rgb)
+{
+    rgb[0] = jpeg_clamp(k - jpeg_muldiv255(255 - c, k));
+    rgb[1] = jpeg_clamp(k - jpeg_muldiv255(255 - m, k));
+    rgb[2] = jpeg_clamp(k - jpeg_muldiv255(255 - y, k));
+}
+
+/* Converts one row of full-resolution component samples to RGB as PIL
+ * would produce it from libjpeg's output. */
+static void jpeg_convert_row(const jpeg_decoder *d, const unsigned char *const *in, unsigned char *rgb)
+{
+    int x;
+    for (x = 0; x < d->width; x++, rgb += 3) {
+        int y = in[0][x], cb, cr, g;
+        switch (d->color_space) {
+        case JPEG_CS_GRAY:
+            rgb[0] = rgb[1] = rgb[2] = (unsigned char)y;
+            break;
+        case JPEG_CS_RGB:
+            rgb[0] = (unsigned char)y;
+            rgb[1] = in[1][x];
+            rgb[2] = in[2][x];
+            break;
+        case JPEG_CS_YCBCR:
+            cb = in[1][x];
+            cr = in[2][x];
+            g = (int)jpeg_shift_down((int64_t)d->cb_to_g[cb] + d->cr_to_g[cr], JPEG_COLOR_SCALE_BITS);
+            rgb[0] = jpeg_clamp(y + d->cr_to_r[cr]);
+            rgb[1] = jpeg_clamp(y + g);
+            rgb[2] = jpeg_clamp(y + d->cb_to_b[cb]);
+            break;
+        case JPEG_CS_CMYK:
+            jpeg_cmyk_to_rgb(y, in[1][x], in[2][x], in[3][x], rgb);
+            break;
+        default:                       /* JPEG_CS_YCCK: libjpeg makes CMYK first */
+            cb = in[1][x];
+            cr = in[2][x];
+            g = (int)jpeg_shift_down((int64_t)d->cb_to_g[cb] + d->cr_to_g[cr], JPEG_COLOR_SCALE_BITS);
+            jpeg_cmyk_to_rgb(jpeg_clamp(255 - (y + d->cr_to_r[cr])), jpeg_clamp(255 - (y + g)),
+                             jpeg_clamp(255 - (y + d->cb_to_b[cb])), in[3][x], rgb);
+            break;
+        }
+    }
+}
+
+/* Produces the RGB image from the decoded sample planes. */
+static int jpeg_write_rgb(jpeg_decoder *d, loupe_image *out)
+{
+    const unsigned char *rows[JPEG_MAX_COMPONENTS];
+    size_t row_bytes = (size_t)d->width * 3;
+    unsigned char *rgb;
+    int y, ci;
+    if ((rgb = jpeg_alloc(d, row_bytes, (size_t)d->height)) == NULL)
+        return -1;
+    for (y = 0; y < d->height; y++) {
+        for (ci = 0; ci < d->ncomp; ci++)
+            rows[ci] = jpeg_upsample_row(d, &d->comp[ci], y);
+        jpeg_convert_row(d, rows, rgb + (size_t)y * row_bytes);
+    }
+    out->width = d->width;
+    out->height = d->height;
+    out->rgb = rgb;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------
+ * Driver
+ * ------------------------------------------------------------------- */
+
+/* Reads and decodes every scan; for a single-scan file, then reads on to EOI
+ * the way jpeg_finish_decompress does, where running out of input is fine. */
+static int jpeg_read_scans(jpeg_decoder *d)
+{
+    for (;;) {
+        int r;
+        if (jpeg_start_scan(d) != 0 || jpeg_decode_scan(d) != 0)
+            return -1;
+        r = jpeg_read_markers(d);
+        if (r == JPEG_FAILED)
+            return -1;
+        if (!d->multiscan) {
+            if (r == JPEG_AT_SOS)
+                return fail(d->err, d->errsize, "JPEG file has an unexpected extra scan");
+            return 0;
+        }
+        if (r == JPEG_AT_EOI)
+            return 0;
+        if (r == JPEG_SUSPENDED)
+            return fail(d->err, d->errsize, "JPEG file is truncated");
+    }
+}
+
+/* Frees everything the decoder allocated (not the output image). */
+static void jpeg_release(jpeg_decoder *d)
+{
+    int ci;
+    for (ci = 0; ci < JPEG_MAX_COMPONENTS; ci++) {
+        free(d->comp[ci].coefs);
+        free(d->comp[ci].plane);
+        free(d->comp[ci].row);
+    }
+    free(d->colsums);
+}
+
+/* Decodes a JPEG file held in memory into 8-bit RGB exactly as PIL 9.4's
+ * Image.open(...).convert("RGB") does.  Returns 0, or -1 with a message in
+ * err and *out left empty. */
+static int jpeg_decode(const unsigned char *data, size_t size, size_t max_pixels, loupe_image *out,
+                       char *err, size_t errsize)
+{
+    jpeg_pil_header pil;
+    jpeg_decoder *d;
+    int r;
+
+    out->width = out->height = 0;
+    out->rgb = NULL;
+    if (jpeg_pil_probe(data, size, &pil, err, errsize) != 0)
+        return -1;
+    if ((size_t)pil.width * (size_t)pil.height > max_pixels)
+        return fail(err, errsize, "JPEG image of %dx%d pixels exceeds the pixel limit", pil.width, pil.height);
+    d = calloc(1, sizeof *d);
+    if (d == NULL)
+        return fail(err, errsize, "out of memory decoding JPEG");
+    d->data = data;
+    d->size = d->limit = size;
+    d->err = err;
+    d->errsize = errsize;
+    d->fixed_bin[0] = JPEG_ARITH_FIXED_STATE;
+    r = jpeg_read_header(d);
+    if (r == 0)
+        r = jpeg_setup_frame(d, &pil);
+    if (r == 0)
+        r = jpeg_read_scans(d);
+    if (r == 0 && d->multiscan)
+        jpeg_transform_buffered(d);
+    if (r == 0)
+        r = jpeg_write_rgb(d, out);
+    jpeg_release(d);
+    free(d);
+    return r;
+}
+
+/* ---- Resize: Pillow 9.4 Image.resize((dw, dh), Image.BILINEAR) on 8-bit RGB ----
+ *
+ * Pillow resamples separably: a horizontal pass (only when the width changes)
+ * produces an 8-bit intermediate image, then a vertical pass (only when the
+ * height changes) produces the output. Each output sample is a weighted sum of
+ * a run of consecutive input samples. The weights come from a triangle filter
+ * whose radius grows with the reduction factor (so shrinking averages over all
+ * covered pixels instead of aliasing); they are normalised in double precision
+ * and then rounded to fixed point with RESIZE_PRECISION_BITS fractional bits.
+ *
+ * Bit-exactness notes (all verified against Pillow's output):
+ *  - the double-precision expressions below are written in Pillow's evaluation
+ *    order; none of them is a multiply-add whose fusing could change a result
+ *    (the one product that is added to, w * 2^22, is exact);
+ *  - the horizontal pass is rounded and clamped to 8 bits before the vertical
+ *    pass reads it (no wider intermediate);
+ *  - triangle weights are never negative, so the sums below are in
+ *    [0, 255 * 2^23 + 2^21] and fit in int32_t: every rounded weight k_j is at
+ *    most w_j * 2^22 + 1/2 and only w_j >= 2^-23 gives k_j > 0, at most 2^23 of
+ *    them, so the weights add up to at most 2^22 + 2^22. */
+
+
+#define RESIZE_CHANNELS 3                    /* R, G, B */
+#define RESIZE_PRECISION_BITS 22             /* fraction bits of the fixed-point weights (32 - 8 - 2) */
+#define RESIZE_ROUND_HALF (1 << (RESIZE_PRECISION_BITS - 1)) /* 0.5 in fixed point */
+#define RESIZE_WEIGHT_SCALE ((double)(1 << RESIZE_PRECISION_BITS)) /* 1.0 in fixed point */
+#define RESIZE_FILTER_SUPPORT 1.0            /* triangle radius in input pixels at scale 1 */
+#define RESIZE_SAMPLE_MAX 255                /* largest 8-bit sample */
+
+/* Filter taps for one axis: output index i reads count[i] consecutive input
+ * indices starting at first[i], weighted by weights[offset[i] ...]. */
+typedef struct resize_axis {
+    int *first;        /* first input index read by each output index */
+    int *count;        /* number of input indices read by each output index */
+    size_t *offset;    /* start of each output index's weights in weights[] */
+    int32_t *weights;  /* fixed-point weights, RESIZE_PRECISION_BITS fraction bits */
+} resize_axis;
+
+/* The triangle ("bilinear") filter: 1 - |t| inside (-1, 1), else 0. */
+static double resize_triangle(double t)
+{
+    if (t < 0.0)
+        t = -t;
+    return t < 1.0 ? 1.0 - t : 0.0;
+}
+
+/* Releases an axis's tables (safe on a zeroed or partly built axis). */
+static void resize_axis_free(resize_axis *ax)
+{
+    free(ax->first);
+    free(ax->count);
+    free(ax->offset);
+    free(ax->weights);
+    memset(ax, 0, sizeof *ax);
+}
+
+/* Maps output index i to its input run [first, first+count) for this axis. */
+static void resize_span(int in_size, double scale, double support, int i,
+                        int *first, int *count)
+{
+    double center = (i + 0.5) * scale;
+    double lo = center - support + 0.5;
+    double hi = center + support + 0.5;
+    /* Pillow truncates toward zero with an int cast, then clamps to [0, in_size];
+     * clamping in double first gives the same result without overflowing the cast. */
+    int xmin = lo <= 0.0 ? 0 : (int)lo;
+    int xmax = hi >= (double)in_size ? in_size : (int)hi;
+    *first = xmin;
+    *count = xmax - xmin;
+}
+
+/* Builds the filter taps resampling in_size samples to out_size; 0 or -1 (no memory). */
+static int resize_axis_init(resize_axis *ax, int in_size, int out_size)
+{
+    double scale = (double)in_size / out_size;
+    double filterscale = scale > 1.0 ? scale : 1.0; /* widen the filter only when shrinking */
+    double support = RESIZE_FILTER_SUPPORT * filterscale;
+    double inv_filterscale = 1.0 / filterscale;     /* Pillow multiplies by the reciprocal */
+    double *w = NULL;
+    size_t total = 0;
+    int max_count = 0, i, j;
+
+    memset(ax, 0, sizeof *ax);
+    ax->first = malloc((size_t)out_size * sizeof *ax->first);
+    ax->count = malloc((size_t)out_size * sizeof *ax->count);
+    ax->offset = malloc((size_t)out_size * sizeof *ax->offset);
+    if (!ax->first || !ax->count || !ax->offset)
+        goto oom;
+    for (i = 0; i < out_size; i++) {
+        resize_span(in_size, scale, support, i, &ax->first[i], &ax->count[i]);
+        ax->offset[i] = total;
+        total += (size_t)ax->count[i];
+        if (ax->count[i] > max_count)
+            max_count = ax->count[i];
+    }
+    if (total > SIZE_MAX / sizeof *ax->weights)
+        goto oom;
+    ax->weights = malloc((total ? total : 1) * sizeof *ax->weights);
+    w = malloc((max_count ? (size_t)max_count : 1) * sizeof *w);
+    if (!ax->weights || !w)
+        goto oom;
+    for (i = 0; i < out_size; i++) {
+        double center = (i + 0.5) * scale;
+        double sum = 0.0;
+        int32_t *k = ax->weights + ax->offset[i];
+        for (j = 0; j < ax->count[i]; j++) {
+            w[j] = resize_triangle(((j + ax->first[i]) - center + 0.5) * inv_filterscale);
+            sum += w[j];
+        }
+        for (j = 0; j < ax->count[i]; j++) {
+            double wn = sum != 0.0 ? w[j] / sum : w[j];
+            k[j] = (int32_t)(wn * RESIZE_WEIGHT_SCALE + 0.5); /* w >= 0: round half up */
+        }
+    }
+    free(w);
+    return 0;
+oom:
+    free(w);
+    resize_axis_free(ax);
+    return -1;
+}
+
+/* Rounds a fixed-point sum to an 8-bit sample, clamping to [0, 255]. */
+static unsigned char resize_clip8(int32_t acc)
+{
+    int32_t v = acc >> RESIZE_PRECISION_BITS;
+    if (v < 0)
+        return 0;
+    return (unsigned char)(v > RESIZE_SAMPLE_MAX ? RESIZE_SAMPLE_MAX : v);
+}
+
+/* Horizontal pass: resamples rows [row0, row0+rows) of src (sw wide) to dw wide in dst. */
+static void resize_horizontal(const unsigned char *src, int sw, int row0, int rows,
+                              const resize_axis *ax, unsigned char *dst, int dw)
+{
+    size_t src_stride = (size_t)sw * RESIZE_CHANNELS;
+    size_t dst_stride = (size_t)dw * RESIZE_CHANNELS;
+    int y, x, j, c;
+    for (y = 0; y < rows; y++) {
+        const unsigned char *in = src + (size_t)(row0 + y) * src_stride;
+        unsigned char *out = dst + (size_t)y * dst_stride;
+        for (x = 0; x < dw; x++) {
+            const int32_t *k = ax->weights + ax->offset[x];
+            const unsigned char *p = in + (size_t)ax->first[x] * RESIZE_CHANNELS;
+            for (c = 0; c < RESIZE_CHANNELS; c++) {
+                int32_t acc = RESIZE_ROUND_HALF;
+                for (j = 0; j < ax->count[x]; j++)
+                    acc += p[(size_t)j * RESIZE_CHANNELS + c] * k[j];
+                out[(size_t)x * RESIZE_CHANNELS + c] = resize_clip8(acc);
+            }
+        }
+    }
+}
+
+/* Vertical pass: resamples src (width w, its row 0 is input row row0) to dh rows in dst. */
+static void resize_vertical(const unsigned char *src, int w, int row0,
+                            const resize_axis *ax, unsigned char *dst, int dh)
+{
+    size_t stride = (size_t)w * RESIZE_CHANNELS;
+    size_t i;
+    int y, j;
+    for (y = 0; y < dh; y++) {
+        const int32_t *k = ax->weights + ax->offset[y];
+        const unsigned char *in = src + (size_t)(ax->first[y] - row0) * stride;
+        unsigned char *out = dst + (size_t)y * stride;
+        for (i = 0; i < stride; i++) {
+            int32_t acc = RESIZE_ROUND_HALF;
+            for (j = 0; j < ax->count[y]; j++)
+                acc += in[(size_t)j * stride + i] * k[j];
+            out[i] = resize_clip8(acc);
+        }
+    }
+}
+
+/* Checks that a w x h RGB image's byte count fits in size_t. */
+static int resize_size_ok(int w, int h)
+{
+    return w > 0 && h > 0 && (size_t)w <= SIZE_MAX / RESIZE_CHANNELS / (size_t)h;
+}
+
+int loupe_resize_rgb(const unsigned char *src, int sw, int sh,
+                     unsigned char *dst, int dw, int dh)
+{
+    resize_axis hor, ver;
+    unsigned char *tmp = NULL;
+    int need_h = dw != sw, need_v = dh != sh;
+    int rc = -1;
+
+    if (!src || !dst || sw <= 0 || sh <= 0 || dw <= 0 || dh <= 0
+        || !resize_size_ok(sw, sh) || !resize_size_ok(dw, dh))
+        return -1;
+    memset(&hor, 0, sizeof hor);
+    memset(&ver, 0, sizeof ver);
+    if ((need_h && resize_axis_init(&hor, sw, dw) != 0)
+        || (need_v && resize_axis_init(&ver, sh, dh) != 0))
+        goto done;
+    if (!need_h && !need_v) {
+        memcpy(dst, src, (size_t)sw * (size_t)sh * RESIZE_CHANNELS);
+    } else if (!need_v) {
+        resize_horizontal(src, sw, 0, sh, &hor, dst, dw);
+    } else if (!need_h) {
+        resize_vertical(src, sw, 0, &ver, dst, dh);
+    } else {
+        /* The horizontal pass is needed only for the input rows the vertical pass reads. */
+        int row0 = ver.first[0];
+        int rows = ver.first[dh - 1] + ver.count[dh - 1] - row0;
+        if (!resize_size_ok(dw, rows))
+            goto done;
+        tmp = malloc((size_t)rows * (size_t)dw * RESIZE_CHANNELS);
+        if (!tmp)
+            goto done;
+        resize_horizontal(src, sw, row0, rows, &hor, tmp, dw);
+        resize_vertical(tmp, dw, row0, &ver, dst, dh);
+    }
+    rc = 0;
+done:
+    free(tmp);
+    resize_axis_free(&hor);
+    resize_axis_free(&ver);
+    return rc;
+}
+
+/* ---- Image loading: format sniffing, file reading, freeing ----
+ *
+ * loupe_image_decode looks at the first bytes to pick a decoder, the way PIL's
+ * Image.open tries its plugins' signature checks; loupe_image_load reads a
+ * whole file into memory and decodes it. */
+
+
+#define LOAD_FIRST_CHUNK ((size_t)1 << 16) /* initial read buffer; doubled as needed */
+#define LOAD_ERR_MAX 256                   /* decoder message buffer, before the path prefix */
+
+/* The format decoders (parts png.c, jpeg.c, ppm.c): 0, or -1 with *out left empty. */
+static int png_decode(const unsigned char *data, size_t size, size_t max_pixels,
+                      loupe_image *out, char *err, size_t errsize);
+static int jpeg_decode(const unsigned char *data, size_t size, size_t max_pixels,
+                       loupe_image *out, char *err, size_t errsize);
+static int ppm_decode(const unsigned char *data, size_t size, size_t max_pixels,
+                      loupe_image *out, char *err, size_t errsize);
+
+static const unsigned char dispatch_png_magic[8] = { 0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n' };
+static const unsigned char dispatch_jpeg_magic[3] = { 0xFF, 0xD8, 0xFF };
+
+/* Returns 1 when data (size bytes) starts with the n bytes of magic. */
+static int dispatch_starts_with(const unsigned char *data, size_t size,
+                                const unsigned char *magic, size_t n)
+{
+    return size >= n && memcmp(data, magic, n) == 0;
+}
+
+/* Returns 1 for a binary PGM (P5) or PPM (P6) header. */
+static int dispatch_is_pnm(const unsigned char *data, size_t size)
+{
+    return size >= 2 && data[0] == 'P' && (data[1] == '5' || data[1] == '6');
+}
+
+void loupe_image_free(loupe_image *img)
+{
+    if (!img)
+        return;
+    free(img->rgb);
+    img->rgb = NULL;
+    img->width = 0;
+    img->height = 0;
+}
+
+int loupe_image_decode(const void *data, size_t size, size_t max_pixels,
+                       loupe_image *out, char *err, size_t errsize)
+{
+    const unsigned char *p = data;
+    int rc;
+
+    if (err && errsize)
+        err[0] = '\0';
+    if (!out)
+        return fail(err, errsize, "no output image given");
+    out->width = 0;
+    out->height = 0;
+    out->rgb = NULL;
+    if (!p && size > 0)
+        return fail(err, errsize, "no input data given");
+    if (size == 0)
+        return fail(err, errsize, "empty input");
+    if (dispatch_starts_with(p, size, dispatch_png_magic, sizeof dispatch_png_magic))
+        rc = png_decode(p, size, max_pixels, out, err, errsize);
+    else if (dispatch_starts_with(p, size, dispatch_jpeg_magic, sizeof dispatch_jpeg_magic))
+        rc = jpeg_decode(p, size, max_pixels, out, err, errsize);
+    else if (dispatch_is_pnm(p, size))
+        rc = ppm_decode(p, size, max_pixels, out, err, errsize);
+    else
+        return fail(err, errsize, "not a PNG, JPEG or PPM/PGM image");
+    if (rc != 0) {
+        loupe_image_free(out); /* whatever a decoder may have left, *out ends up empty */
+        if (err && errsize && err[0] == '\0')
+            return fail(err, errsize, "cannot decode image");
+        return -1;
+    }
+    return 0;
+}
+
+/* Reads a whole stream into a malloc'd buffer (*buf, *len); 0, or -1 with a message. */
+static int dispatch_read_all(FILE *f, const char *path, unsigned char **buf, size_t *len,
+                             char *err, size_t errsize)
+{
+    size_t cap = LOAD_FIRST_CHUNK, used = 0, got;
+    unsigned char *data = malloc(cap), *bigger;
+
+    *buf = NULL;
+    *len = 0;
+    if (!data)
+        return fail(err, errsize, "%s: out of memory", path);
+    for (;;) {
+        if (used == cap) {
+            if (cap > SIZE_MAX / 2) {
+                free(data);
+                return fail(err, errsize, "%s: file too large", path);
+            }
+            bigger = realloc(data, cap * 2);
+            if (!bigger) {
+                free(data);
+                return fail(err, errsize, "%s: out of memory", path);
+            }
+            data = bigger;
+            cap *= 2;
+        }
+        got = fread(data + used, 1, cap - used, f);
+        used += got;
+        if (got == 0 || used < cap) {
+            if (ferror(f)) {
+                free(data);
+                return fail(err, errsize, "%s: read error", path);
+            }
+            if (feof(f))
+                break;
+        }
+    }
+    *buf = data;
+    *len = used;
+    return 0;
+}
+
+int loupe_image_load(const char *path, size_t max_pixels, loupe_image *out,
+                     char *err, size_t errsize)
+{
+    char msg[LOAD_ERR_MAX];
+    unsigned char *data;
+    size_t size;
+    FILE *f;
+    int rc;
+
+    if (out) {
+        out->width = 0;
+        out->height = 0;
+        out->rgb = NULL;
+    }
+    if (!path)
+        return fail(err, errsize, "(null): no file name given");
+    if (!out)
+        return fail(err, errsize, "%s: no output image given", path);
+    errno = 0;
+    f = fopen(path, "rb");
+    if (!f) /* C99 does not promise that fopen sets errno; POSIX does */
+        return errno ? fail(err, errsize, "%s: cannot open (%s)", path, strerror(errno))
+                     : fail(err, errsize, "%s: cannot open", path);
+    rc = dispatch_read_all(f, path, &data, &size, err, errsize);
+    fclose(f);
+    if (rc != 0)
+        return -1;
+    if (size == 0) {
+        free(data);
+        return fail(err, errsize, "%s: empty file", path);
+    }
+    rc = loupe_image_decode(data, size, max_pixels, out, msg, sizeof msg);
+    free(data);
+    if (rc != 0)
+        return fail(err, errsize, "%s: %s", path, msg);
+    return 0;
 }
 
 /* ========================================================================== */
@@ -279,7 +4804,7 @@ static int weights_map_file(loupe_model *m, const char *path, char *err, size_t 
 {
     FILE *f = fopen(path, "rb");
     if (!f) return fail(err, errsize, "%s: cannot open weight file: %s", path, strerror(errno));
-#if LOUPE_HAVE_MMAP
+#if LOUPE_POSIX
     {
         struct stat st;
         if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
@@ -824,7 +5349,7 @@ const loupe_config *loupe_model_config(const loupe_model *m) { return &m->cfg; }
 void loupe_model_free(loupe_model *m)
 {
     if (!m) return;
-#if LOUPE_HAVE_MMAP
+#if LOUPE_POSIX
     if (m->mapped) munmap(m->data, m->size);
     else free(m->data);
 #else
@@ -1788,8 +6313,30 @@ static void masked_attention_decoder(loupe_session *s)
 }
 
 /* ========================================================================== */
-/* 8. Post-processing (LoupeImageProcessor.post_process_segmentation)         */
+/* 8. Pre- and post-processing (LoupeImageProcessor)                          */
 /* ========================================================================== */
+
+int loupe_preprocess(const loupe_model *m, const loupe_image *img, float *pixel_values, char *err, size_t errsize)
+{
+    int S, c, p;
+    unsigned char *resized;
+    if (!m || !img || !img->rgb || !pixel_values) return fail(err, errsize, "loupe_preprocess needs a model, an image and an output");
+    S = m->cfg.image_size;
+    resized = malloc((size_t)S * S * 3);
+    if (!resized) return fail(err, errsize, "out of memory");
+    if (loupe_resize_rgb(img->rgb, img->width, img->height, resized, S, S)) {
+        free(resized);
+        return fail(err, errsize, "cannot resize a %dx%d image", img->width, img->height);
+    }
+    /* x * (1/255) in double, rounded to float, then (x - 0.5) / 0.5 in float, HWC -> CHW */
+    for (c = 0; c < 3; c++)
+        for (p = 0; p < S * S; p++) {
+            float v = (float)((double)resized[(size_t)p * 3 + c] * (1.0 / 255.0));
+            pixel_values[(size_t)c * S * S + p] = (v - 0.5f) / 0.5f;
+        }
+    free(resized);
+    return 0;
+}
 
 /* Mask logits -> bilinear 384x384 -> sum over queries of softmax(class)[forgery] *
  * sigmoid(mask): the forgery probability map seg [384][384] (may exceed 1). */
@@ -1812,8 +6359,8 @@ static void post_process_segmentation(loupe_session *s)
     tap(s, "seg_prob_384", s->seg, 0, 4, 1, 1, SEG_SIZE, SEG_SIZE);
 }
 
-int loupe_postprocess(const loupe_session *s, int width, int height, float *seg_prob, unsigned char *mask,
-                      char *err, size_t errsize)
+int loupe_postprocess(const loupe_session *s, int width, int height, float threshold, float *seg_prob,
+                      unsigned char *mask, char *err, size_t errsize)
 {
     float *prob = seg_prob, *scratch;
     size_t n, i;
@@ -1827,7 +6374,7 @@ int loupe_postprocess(const loupe_session *s, int width, int height, float *seg_
     if (!prob) prob = scratch + INTERP_SCRATCH(height, width);
     interp_plane(s->seg, SEG_SIZE, SEG_SIZE, prob, height, width, scratch);
     if (mask)
-        for (i = 0; i < n; i++) mask[i] = prob[i] > 0.5f ? 255 : 0;
+        for (i = 0; i < n; i++) mask[i] = prob[i] > threshold ? 255 : 0;
     free(scratch);
     return 0;
 }
@@ -1835,19 +6382,29 @@ int loupe_postprocess(const loupe_session *s, int width, int height, float *seg_
 int loupe_forward(loupe_session *s, const float *pixel_values, char *err, size_t errsize)
 {
     const loupe_config *c;
+    double t[LOUPE_STAGE_COUNT + 1];
+    int i;
     if (!s || !pixel_values) return fail(err, errsize, "loupe_forward needs a session and an input tensor");
     c = &s->m->cfg;
     if (max_threads() > s->threads)
         return fail(err, errsize, "the session was created for %d threads but %d are requested; create sessions "
                     "after loupe_set_threads", s->threads, max_threads());
     tap(s, "pixel_values", pixel_values, 0, 4, 1, 3, c->image_size, c->image_size);
+    t[0] = now_seconds();
     vision_transformer(s, pixel_values);
+    t[1] = now_seconds();
     loupe_classifier(s);
     conditional_query(s);
+    t[2] = now_seconds();
     feature_pyramid(s);
+    t[3] = now_seconds();
     pixel_decoder(s);
+    t[4] = now_seconds();
     masked_attention_decoder(s);
+    t[5] = now_seconds();
     post_process_segmentation(s);
+    t[6] = now_seconds();
+    for (i = 0; i < LOUPE_STAGE_COUNT; i++) s->out.stage_seconds[i] = t[i + 1] - t[i];
     s->out.global_logit = s->global_logit;
     s->out.fused_logit = s->fused_logit;
     s->out.prob = s->prob;
@@ -1864,22 +6421,365 @@ int loupe_forward(loupe_session *s, const float *pixel_values, char *err, size_t
 
 const loupe_outputs *loupe_get_outputs(const loupe_session *s) { return &s->out; }
 
+
 /* ========================================================================== */
-/* 9. CLI                                                                     */
+/* 9. CLI: the `loupe` command                                                */
 /* ========================================================================== */
 #ifndef LOUPE_NO_MAIN
-int main(int argc, char **argv)
+
+static const char usage_text[] =
+    "usage: loupe -m MODEL.bin [options] IMAGE_OR_DIR...\n"
+    "\n"
+    "Detects and localizes image forgeries with Loupe. Prints one line per image,\n"
+    "`name,probability` (the line upstream writes to predictions.txt).\n"
+    "\n"
+    "  -m, --model FILE      weight file written by tools/convert.py (required)\n"
+    "  -o, --output DIR      also write DIR/predictions.txt and DIR/masks/<stem>.png\n"
+    "                        (8-bit gray at the original size, 255 = forged, 0 = real)\n"
+    "      --overlay         with -o, also write DIR/overlays/<stem>.png: the photo\n"
+    "                        tinted red by the forgery probability map\n"
+    "      --threshold T     mask threshold on the probability map (default 0.5)\n"
+    "      --threads N       number of threads (default: all cores)\n"
+    "      --max-pixels N    refuse images with more pixels (default 100000000)\n"
+    "  -q, --quiet           no progress on stderr (errors are still reported)\n"
+    "  -h, --help            show this help\n"
+    "\n"
+    "Directories are scanned for .png, .jpg, .jpeg, .ppm and .pgm files (sorted by name).\n"
+    "Masks are named after the file's stem (photo.jpg -> photo.png); when two inputs share\n"
+    "a stem, after the whole name (photo.jpg.png).\n"
+    "A file that cannot be read or decoded is reported and skipped; the exit status is\n"
+    "then 1. Outputs are written under a temporary name and renamed when complete.\n";
+
+/* Overlay tint: pixel = (1 - a) * photo + a * red, a = OVERLAY_ALPHA * min(prob, 1). */
+#define OVERLAY_ALPHA 0.6f
+#define PATH_MAX_LEN 4096
+
+typedef struct cli_options {
+    const char *model, *outdir;
+    float threshold;
+    int threads, overlay, quiet;
+    size_t max_pixels;
+    char **inputs; /* image paths after expanding directories */
+    int n_inputs, cap_inputs;
+} cli_options;
+
+/* Copies a string into a new allocation (strdup is not C99). */
+static char *cli_strdup(const char *s)
 {
-    char err[512];
-    loupe_model *m;
-    if (argc < 3 || strcmp(argv[1], "-m") != 0) {
-        fprintf(stderr, "usage: loupe -m MODEL.bin\n");
-        return 2;
+    size_t n = strlen(s) + 1;
+    char *d = malloc(n);
+    if (d) memcpy(d, s, n);
+    return d;
+}
+
+/* Appends one input path. */
+static int cli_add_input(cli_options *o, const char *path)
+{
+    if (o->n_inputs == o->cap_inputs) {
+        int cap = o->cap_inputs ? 2 * o->cap_inputs : 16;
+        char **grown = realloc(o->inputs, (size_t)cap * sizeof *grown);
+        if (!grown) return -1;
+        o->inputs = grown;
+        o->cap_inputs = cap;
     }
-    m = loupe_model_load(argv[2], err, sizeof err);
-    if (!m) { fprintf(stderr, "loupe: %s\n", err); return 1; }
-    printf("image_size %d\n", loupe_model_config(m)->image_size);
-    loupe_model_free(m);
+    if (!(o->inputs[o->n_inputs] = cli_strdup(path))) return -1;
+    o->n_inputs++;
     return 0;
 }
+
+/* True when the file name ends in an image extension we decode (any case). */
+static int cli_is_image_name(const char *name)
+{
+    static const char *const exts[] = {".png", ".jpg", ".jpeg", ".ppm", ".pgm"};
+    size_t n = strlen(name), i, k;
+    for (i = 0; i < sizeof exts / sizeof exts[0]; i++) {
+        size_t e = strlen(exts[i]);
+        int same = n > e;
+        for (k = 0; same && k < e; k++) same = tolower((unsigned char)name[n - e + k]) == exts[i][k];
+        if (same) return 1;
+    }
+    return 0;
+}
+
+static int cli_cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* Adds a file, or every image file of a directory in name order. */
+static int cli_expand(cli_options *o, const char *path)
+{
+#if LOUPE_POSIX
+    struct stat st;
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) {
+        DIR *d = opendir(path);
+        struct dirent *e;
+        int first = o->n_inputs;
+        char full[PATH_MAX_LEN];
+        if (!d) { fprintf(stderr, "loupe: %s: cannot open directory: %s\n", path, strerror(errno)); return 1; }
+        while ((e = readdir(d)) != NULL) {
+            if (e->d_name[0] == '.' || !cli_is_image_name(e->d_name)) continue;
+            snprintf(full, sizeof full, "%s/%s", path, e->d_name);
+            if (stat(full, &st) != 0 || !S_ISREG(st.st_mode)) continue;
+            if (cli_add_input(o, full)) { closedir(d); return -1; }
+        }
+        closedir(d);
+        qsort(o->inputs + first, (size_t)(o->n_inputs - first), sizeof *o->inputs, cli_cmp_str);
+        return 0;
+    }
 #endif
+    return cli_add_input(o, path);
+}
+
+/* Parses a number argument; returns 0 on success. */
+static int cli_number(const char *opt, const char *arg, double lo, double hi, double *v)
+{
+    char *end;
+    if (!arg) { fprintf(stderr, "loupe: %s needs a value\n", opt); return -1; }
+    errno = 0;
+    *v = strtod(arg, &end);
+    if (errno || *end || end == arg || !(*v >= lo && *v <= hi)) {
+        fprintf(stderr, "loupe: %s: '%s' is not a number in [%g, %g]\n", opt, arg, lo, hi);
+        return -1;
+    }
+    return 0;
+}
+
+/* Parses the command line; 0 to run, 1 when help was shown, 2 on a usage error. */
+static int cli_parse(int argc, char **argv, cli_options *o)
+{
+    int i, only_files = 0;
+    double v;
+    o->threshold = 0.5f;
+    o->max_pixels = LOUPE_DEFAULT_MAX_PIXELS;
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i], *next = i + 1 < argc ? argv[i + 1] : NULL;
+        if (only_files || a[0] != '-' || !a[1]) {
+            int rc = cli_expand(o, a);
+            if (rc < 0) { fprintf(stderr, "loupe: out of memory\n"); return 2; }
+            if (rc > 0) return 2;
+        } else if (!strcmp(a, "--")) only_files = 1;
+        else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(usage_text, stdout); return 1; }
+        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { if (!next) goto missing; o->model = next; i++; }
+        else if (!strcmp(a, "-o") || !strcmp(a, "--output")) { if (!next) goto missing; o->outdir = next; i++; }
+        else if (!strcmp(a, "--overlay")) o->overlay = 1;
+        else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) o->quiet = 1;
+        else if (!strcmp(a, "--threshold")) { if (cli_number(a, next, 0, 1e9, &v)) return 2; o->threshold = (float)v; i++; }
+        else if (!strcmp(a, "--threads")) { if (cli_number(a, next, 1, 4096, &v) || v != floor(v)) return 2; o->threads = (int)v; i++; }
+        else if (!strcmp(a, "--max-pixels")) { if (cli_number(a, next, 1, 1e15, &v)) return 2; o->max_pixels = (size_t)v; i++; }
+        else { fprintf(stderr, "loupe: unknown option %s (see loupe -h)\n", a); return 2; }
+        continue;
+    missing:
+        fprintf(stderr, "loupe: %s needs a value (see loupe -h)\n", a);
+        return 2;
+    }
+    if (!o->model) { fprintf(stderr, "loupe: no model given: use -m MODEL.bin (see loupe -h)\n"); return 2; }
+    if (o->n_inputs == 0) { fprintf(stderr, "loupe: no images given (see loupe -h)\n"); return 2; }
+    if (o->overlay && !o->outdir) { fprintf(stderr, "loupe: --overlay needs -o DIR\n"); return 2; }
+    return 0;
+}
+
+/* Creates a directory unless it exists. */
+static int cli_mkdir(const char *path)
+{
+#if LOUPE_POSIX
+    struct stat st;
+    if (mkdir(path, 0777) == 0 || (errno == EEXIST && stat(path, &st) == 0 && S_ISDIR(st.st_mode))) return 0;
+    fprintf(stderr, "loupe: cannot create directory %s: %s\n", path, strerror(errno));
+    return -1;
+#else
+    (void)path;
+    return 0; /* the directory must exist; writing into it reports the problem */
+#endif
+}
+
+/* Writes data to path via path.part and a rename, so no half-written file remains. */
+static int cli_write_atomic(const char *path, const void *data, size_t n)
+{
+    char tmp[PATH_MAX_LEN + 8];
+    FILE *f;
+    int ok;
+    snprintf(tmp, sizeof tmp, "%s.part", path);
+    f = fopen(tmp, "wb");
+    if (!f) { fprintf(stderr, "loupe: cannot write %s: %s\n", tmp, strerror(errno)); return -1; }
+    ok = fwrite(data, 1, n, f) == n;
+    ok = (fclose(f) == 0) && ok;
+    if (!ok || rename(tmp, path) != 0) {
+        fprintf(stderr, "loupe: cannot write %s: %s\n", path, strerror(errno));
+        remove(tmp);
+        return -1;
+    }
+    return 0;
+}
+
+/* The file name without directories ("a/b/c.jpg" -> "c.jpg"). */
+static const char *cli_basename(const char *path)
+{
+    const char *b = path, *p;
+    for (p = path; *p; p++)
+        if (*p == '/' || *p == '\\') b = p + 1;
+    return b;
+}
+
+/* Length of the file name without its extension ("c.jpg" -> 1). */
+static int cli_stem_len(const char *name)
+{
+    const char *dot = strrchr(name, '.');
+    return (int)(dot && dot != name ? (size_t)(dot - name) : strlen(name));
+}
+
+/* Orders inputs by the stem of their file name. */
+static int cli_cmp_stem(const void *a, const void *b)
+{
+    const char *x = cli_basename(*(char *const *)a), *y = cli_basename(*(char *const *)b);
+    int lx = cli_stem_len(x), ly = cli_stem_len(y), c = strncmp(x, y, (size_t)(lx < ly ? lx : ly));
+    return c ? c : lx - ly;
+}
+
+/* Marks inputs whose stem another input shares (a.jpg, a.png): their outputs are
+ * named after the whole file name (a.jpg.png) so that none overwrites another. */
+static unsigned char *cli_stem_clashes(char **inputs, int n)
+{
+    char **sorted = malloc((size_t)n * sizeof *sorted);
+    unsigned char *clash = calloc((size_t)n, 1);
+    int i, j;
+    if (!sorted || !clash) { free(sorted); free(clash); return NULL; }
+    memcpy(sorted, inputs, (size_t)n * sizeof *sorted);
+    qsort(sorted, (size_t)n, sizeof *sorted, cli_cmp_stem);
+    for (i = 0; i + 1 < n; i++)
+        if (cli_cmp_stem(&sorted[i], &sorted[i + 1]) == 0)
+            for (j = 0; j < n; j++)
+                if (inputs[j] == sorted[i] || inputs[j] == sorted[i + 1]) clash[j] = 1;
+    free(sorted);
+    return clash;
+}
+
+/* Encodes and writes one PNG (channels 1 or 3) as DIR/SUB/<stem>.png, or as
+ * DIR/SUB/<name>.png when the stem clashes with another input's. */
+static int cli_write_png(const char *dir, const char *sub, const char *name, int clash, const unsigned char *pix,
+                         int w, int h, int channels)
+{
+    char path[PATH_MAX_LEN], err[256];
+    unsigned char *png;
+    size_t n;
+    int rc;
+    snprintf(path, sizeof path, "%s/%s/%.*s.png", dir, sub, clash ? (int)strlen(name) : cli_stem_len(name), name);
+    if (loupe_png_encode(pix, w, h, channels, &png, &n, err, sizeof err)) {
+        fprintf(stderr, "loupe: %s: %s\n", path, err);
+        return -1;
+    }
+    rc = cli_write_atomic(path, png, n);
+    free(png);
+    return rc;
+}
+
+/* Tints the photo red by the probability map, in place. */
+static void cli_overlay(unsigned char *rgb, const float *prob, size_t n)
+{
+    size_t i;
+    for (i = 0; i < n; i++) {
+        float a = OVERLAY_ALPHA * (prob[i] < 0.0f ? 0.0f : prob[i] > 1.0f ? 1.0f : prob[i]);
+        rgb[3 * i] = (unsigned char)((1.0f - a) * rgb[3 * i] + a * 255.0f + 0.5f);
+        rgb[3 * i + 1] = (unsigned char)((1.0f - a) * rgb[3 * i + 1] + 0.5f);
+        rgb[3 * i + 2] = (unsigned char)((1.0f - a) * rgb[3 * i + 2] + 0.5f);
+    }
+}
+
+/* Runs one image end to end; appends its line to *pred. Returns 0 or -1 (reported). */
+static int cli_image(const cli_options *o, const loupe_model *m, loupe_session *s, const char *path, int clash,
+                     float *pixels, char **pred, size_t *pred_len, size_t *pred_cap)
+{
+    char err[512], line[PATH_MAX_LEN + 32];
+    loupe_image img;
+    float *prob = NULL;
+    unsigned char *mask = NULL;
+    const char *name = cli_basename(path);
+    int rc = -1, n;
+    size_t npix;
+    if (loupe_image_load(path, o->max_pixels, &img, err, sizeof err) || loupe_preprocess(m, &img, pixels, err, sizeof err) ||
+        loupe_forward(s, pixels, err, sizeof err)) {
+        fprintf(stderr, "loupe: %s\n", err);
+        loupe_image_free(&img);
+        return -1;
+    }
+    n = snprintf(line, sizeof line, "%s,%.4f\n", name, loupe_get_outputs(s)->prob);
+    fputs(line, stdout);
+    fflush(stdout);
+    if (!o->outdir) { loupe_image_free(&img); return 0; }
+    if (*pred_len + (size_t)n + 1 > *pred_cap) {
+        size_t cap = 2 * (*pred_cap + (size_t)n + 1);
+        char *g = realloc(*pred, cap);
+        if (!g) { fprintf(stderr, "loupe: out of memory\n"); loupe_image_free(&img); return -1; }
+        *pred = g;
+        *pred_cap = cap;
+    }
+    memcpy(*pred + *pred_len, line, (size_t)n);
+    *pred_len += (size_t)n;
+    npix = (size_t)img.width * img.height;
+    prob = malloc(npix * sizeof *prob);
+    mask = malloc(npix);
+    if (!prob || !mask) { fprintf(stderr, "loupe: %s: out of memory for the mask\n", path); goto done; }
+    if (loupe_postprocess(s, img.width, img.height, o->threshold, prob, mask, err, sizeof err)) {
+        fprintf(stderr, "loupe: %s: %s\n", path, err);
+        goto done;
+    }
+    if (cli_write_png(o->outdir, "masks", name, clash, mask, img.width, img.height, 1)) goto done;
+    if (o->overlay) {
+        cli_overlay(img.rgb, prob, npix);
+        if (cli_write_png(o->outdir, "overlays", name, clash, img.rgb, img.width, img.height, 3)) goto done;
+    }
+    rc = 0;
+done:
+    free(prob);
+    free(mask);
+    loupe_image_free(&img);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    cli_options o;
+    char err[512], path[PATH_MAX_LEN];
+    loupe_model *m = NULL;
+    loupe_session *s = NULL;
+    float *pixels = NULL;
+    char *pred = NULL;
+    unsigned char *clash = NULL;
+    size_t pred_len = 0, pred_cap = 0;
+    int status = 0, i, rc;
+    memset(&o, 0, sizeof o);
+    rc = cli_parse(argc, argv, &o);
+    if (rc) { status = rc == 1 ? 0 : 2; goto done; }
+    if (o.threads) loupe_set_threads(o.threads);
+    if (!(m = loupe_model_load(o.model, err, sizeof err)) || !(s = loupe_session_new(m, err, sizeof err))) {
+        fprintf(stderr, "loupe: %s\n", err);
+        status = 1;
+        goto done;
+    }
+    pixels = malloc(3 * sizeof *pixels * (size_t)loupe_model_config(m)->image_size * loupe_model_config(m)->image_size);
+    clash = cli_stem_clashes(o.inputs, o.n_inputs);
+    if (!pixels || !clash) { fprintf(stderr, "loupe: out of memory\n"); status = 1; goto done; }
+    if (o.outdir) {
+        snprintf(path, sizeof path, "%s/masks", o.outdir);
+        if (cli_mkdir(o.outdir) || cli_mkdir(path)) { status = 1; goto done; }
+        snprintf(path, sizeof path, "%s/overlays", o.outdir);
+        if (o.overlay && cli_mkdir(path)) { status = 1; goto done; }
+    }
+    for (i = 0; i < o.n_inputs; i++) {
+        double t0 = now_seconds();
+        if (cli_image(&o, m, s, o.inputs[i], clash[i], pixels, &pred, &pred_len, &pred_cap)) status = 1;
+        if (!o.quiet && o.n_inputs > 1)
+            fprintf(stderr, "[%d/%d] %s %.0f ms\n", i + 1, o.n_inputs, o.inputs[i], 1000.0 * (now_seconds() - t0));
+    }
+    if (o.outdir) {
+        snprintf(path, sizeof path, "%s/predictions.txt", o.outdir);
+        if (cli_write_atomic(path, pred ? pred : "", pred_len)) status = 1;
+    }
+done:
+    for (i = 0; i < o.n_inputs; i++) free(o.inputs[i]);
+    free(o.inputs);
+    free(pred);
+    free(clash);
+    free(pixels);
+    loupe_session_free(s);
+    loupe_model_free(m);
+    return status;
+}
+#endif /* LOUPE_NO_MAIN */

@@ -2,10 +2,13 @@
  * (Jiang et al., arXiv 2506.16819), the IJCAI 2025 deepfake detection and
  * localization winner. MIT licensed; see LICENSE.
  *
- * Usage in three calls:
+ * Usage:
  *     loupe_model   *m = loupe_model_load("loupe.bin", err, sizeof err);
  *     loupe_session *s = loupe_session_new(m, err, sizeof err);
- *     loupe_forward(s, pixel_values, err, sizeof err);   then read loupe_outputs(s)
+ *     loupe_image_load("photo.jpg", LOUPE_DEFAULT_MAX_PIXELS, &img, err, sizeof err);
+ *     loupe_preprocess(m, &img, pixel_values, err, sizeof err);
+ *     loupe_forward(s, pixel_values, err, sizeof err);    then loupe_get_outputs(s)
+ *     loupe_postprocess(s, img.width, img.height, 0.5f, NULL, mask, err, sizeof err);
  *
  * Errors: every function that can fail returns NULL or -1 and writes one sentence
  * into err (err may be NULL). The library never prints and never exits.
@@ -21,6 +24,37 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* ---- Images ---- */
+
+/* An 8-bit RGB image: width*height pixels, 3 bytes each (R, G, B), rows top to
+ * bottom, no padding. rgb is owned by the image; release it with loupe_image_free. */
+typedef struct loupe_image { int width, height; unsigned char *rgb; } loupe_image;
+
+/* Default pixel budget: larger images are refused before any allocation. */
+#define LOUPE_DEFAULT_MAX_PIXELS 100000000u
+
+/* Decodes a PNG, JPEG or binary PPM/PGM (P6/P5) held in memory with the semantics of
+ * PIL's Image.open(...).convert("RGB") (EXIF orientation ignored, alpha dropped).
+ * Returns 0, or -1 with *out empty and one sentence in err. */
+int loupe_image_decode(const void *data, size_t size, size_t max_pixels,
+                       loupe_image *out, char *err, size_t errsize);
+
+/* Reads and decodes a file; error messages start with the file name. */
+int loupe_image_load(const char *path, size_t max_pixels, loupe_image *out,
+                     char *err, size_t errsize);
+
+void loupe_image_free(loupe_image *img);
+
+/* PIL's Image.resize((dw, dh), Image.BILINEAR) on 8-bit RGB, bit for bit; dst holds
+ * dw*dh*3 bytes. Returns 0, or -1 for invalid sizes or when out of memory. */
+int loupe_resize_rgb(const unsigned char *src, int sw, int sh,
+                     unsigned char *dst, int dw, int dh);
+
+/* Encodes 8-bit gray (channels 1) or RGB (channels 3) pixels as a PNG into a malloc'd
+ * buffer (*png, *png_size; release with free). Returns 0 or -1 with a message. */
+int loupe_png_encode(const unsigned char *pixels, int width, int height, int channels,
+                     unsigned char **png, size_t *png_size, char *err, size_t errsize);
 
 /* ---- Model: the weight file, memory-mapped (or read once) ---- */
 
@@ -49,6 +83,12 @@ void loupe_model_free(loupe_model *m);
 
 typedef struct loupe_session loupe_session;
 
+/* The stages of a forward pass, as timed in loupe_outputs.stage_seconds. */
+enum {
+    LOUPE_STAGE_BACKBONE, LOUPE_STAGE_CLASSIFIER, LOUPE_STAGE_FEATURE_PYRAMID, LOUPE_STAGE_PIXEL_DECODER,
+    LOUPE_STAGE_TRANSFORMER_DECODER, LOUPE_STAGE_POSTPROCESS, LOUPE_STAGE_COUNT
+};
+
 /* Everything a forward pass produces. Pointers stay valid until the next forward
  * or loupe_session_free. Shapes use g = grid, Q = num_queries, M = 4g. */
 typedef struct loupe_outputs {
@@ -60,11 +100,17 @@ typedef struct loupe_outputs {
     const float *mask_logits;    /* [Q][M][M] final mask logits */
     const float *seg_prob;       /* [384][384] forgery probability map */
     int grid, num_queries, mask_size, seg_size;
+    double stage_seconds[LOUPE_STAGE_COUNT]; /* wall time of each stage of the last forward */
 } loupe_outputs;
 
 /* Allocates one planned activation arena for the model's sizes. */
 loupe_session *loupe_session_new(const loupe_model *m, char *err, size_t errsize);
 void loupe_session_free(loupe_session *s);
+
+/* Upstream's LoupeImageProcessor: PIL bilinear resize to S x S, then x / 255 (in
+ * double, rounded to float) and (x - 0.5) / 0.5 -> pixel_values [3][S][S]. */
+int loupe_preprocess(const loupe_model *m, const loupe_image *img, float *pixel_values,
+                     char *err, size_t errsize);
 
 /* Runs stage "test" of upstream Loupe on a normalized image tensor
  * pixel_values[3][S][S] ((x/255 - 0.5) / 0.5, channels R, G, B). */
@@ -72,9 +118,10 @@ int loupe_forward(loupe_session *s, const float *pixel_values, char *err, size_t
 const loupe_outputs *loupe_get_outputs(const loupe_session *s);
 
 /* Post-processing at the original image size: seg_prob (may be NULL) receives
- * [height][width] probabilities, mask (may be NULL) bytes 255 forged / 0 real. */
-int loupe_postprocess(const loupe_session *s, int width, int height, float *seg_prob,
-                      unsigned char *mask, char *err, size_t errsize);
+ * [height][width] probabilities, mask (may be NULL) bytes 255 where seg_prob >
+ * threshold (upstream: 0.5), else 0. */
+int loupe_postprocess(const loupe_session *s, int width, int height, float threshold,
+                      float *seg_prob, unsigned char *mask, char *err, size_t errsize);
 
 /* Observes named intermediate tensors during loupe_forward (for tests and
  * teaching). dims are in upstream's order (e.g. 1, C, H, W); channels_last is 1

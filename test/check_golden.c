@@ -5,7 +5,10 @@
  * CASE_DIR is a folder in the golden layout (golden.txt + golden.safetensors; see
  * ../shared/golden/README.md). The forward pass runs on the case's pixel_values;
  * every intermediate tensor loupe.c reports through its tap is compared with the
- * golden tensor of the same name when the case has it. Tolerances (golden README,
+ * golden tensor of the same name when the case has it. When the case folder holds
+ * its image (image.png / image.jpg), the run starts from the file instead, the way
+ * users run it: decoded pixels (input_rgb), the PIL resize (resized_rgb) and the
+ * normalized pixel_values must then match exactly. Tolerances (golden README,
  * section 7: about 100x upstream's own fp32-vs-fp64 error):
  *   float tensors               max|c - g| <= 1e-4 * max|g|
  *   global_logit, fused_logit   abs 1e-5;   fused_prob, pseudo_label   abs 3e-6
@@ -29,6 +32,7 @@
 #define PROB_ABS_TOL 3e-6
 #define TIE_MARGIN 1e-3
 #define MIN_MASK_AGREEMENT 0.999
+#define UPSTREAM_THRESHOLD 0.5f
 
 typedef struct golden_tensor {
     char name[NAME_LEN];
@@ -113,6 +117,7 @@ static int load_golden(checker *ck, const char *dir)
     return 0;
 }
 
+/* The golden tensor called name, or NULL. */
 static golden_tensor *find(checker *ck, const char *name)
 {
     int i;
@@ -147,7 +152,8 @@ static int compare(checker *ck, golden_tensor *g, const float *ours)
         if (!(d <= maxd)) maxd = d; /* NaN counts as the worst error */
         if (fabs(g->data[i]) > maxg) maxg = fabs(g->data[i]);
     }
-    if (!strcmp(g->name, "global_logit") || !strcmp(g->name, "fused_logit")) { tol = LOGIT_ABS_TOL; kind = "abs"; }
+    if (!strcmp(g->name, "pixel_values")) { tol = 0.0; kind = "exact"; }
+    else if (!strcmp(g->name, "global_logit") || !strcmp(g->name, "fused_logit")) { tol = LOGIT_ABS_TOL; kind = "abs"; }
     else if (!strcmp(g->name, "fused_prob") || !strcmp(g->name, "pseudo_label")) { tol = PROB_ABS_TOL; kind = "abs"; }
     else tol = REL_TOL * maxg;
     ok = maxd <= tol;
@@ -209,7 +215,7 @@ static void check_postprocess(checker *ck, loupe_session *s)
     n = (long)width * height;
     prob = malloc((size_t)n * sizeof *prob);
     mask = malloc((size_t)n);
-    if (!prob || !mask || loupe_postprocess(s, width, height, prob, mask, err, sizeof err)) {
+    if (!prob || !mask || loupe_postprocess(s, width, height, UPSTREAM_THRESHOLD, prob, mask, err, sizeof err)) {
         printf("post-processing FAIL: %s\n", err);
         ck->failures++;
         free(prob); free(mask);
@@ -237,6 +243,65 @@ static void check_postprocess(checker *ck, loupe_session *s)
     free(mask);
 }
 
+/* Compares bytes with a golden float tensor holding 0..255 values exactly. */
+static void compare_bytes(checker *ck, const char *name, const unsigned char *bytes, long n)
+{
+    golden_tensor *g = find(ck, name);
+    long i, differ = 0;
+    if (!g) return;
+    if (g->numel != n) {
+        printf("%-26s FAIL shape: %ld values, golden has %ld\n", name, n, g->numel);
+        ck->failures++;
+    } else {
+        for (i = 0; i < n; i++) differ += (float)bytes[i] != g->data[i];
+        printf("%-26s %-4s %ld of %ld bytes differ (exact match required)\n", name, differ ? "FAIL" : "ok", differ, n);
+        if (differ) ck->failures++;
+    }
+    ck->compared++;
+    g->compared = 1;
+}
+
+/* The path users take: decode the case's image file, resize like PIL, normalize.
+ * Returns malloc'd pixel_values, or NULL when the case has no image file. */
+static float *pixels_from_image(checker *ck, const char *dir, const loupe_model *m)
+{
+    static const char *const names[] = {"image.png", "image.jpg", "image.jpeg", "image.ppm"};
+    char path[1024], err[512];
+    loupe_image img;
+    size_t i;
+    int S = loupe_model_config(m)->image_size;
+    unsigned char *resized;
+    float *px;
+    FILE *f = NULL;
+    for (i = 0; i < sizeof names / sizeof names[0] && !f; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        f = fopen(path, "rb");
+    }
+    if (!f) return NULL;
+    fclose(f);
+    if (loupe_image_load(path, LOUPE_DEFAULT_MAX_PIXELS, &img, err, sizeof err)) {
+        printf("%-26s FAIL %s\n", "image", err);
+        ck->failures++;
+        return NULL;
+    }
+    printf("image: %s, %dx%d\n", path, img.width, img.height);
+    compare_bytes(ck, "input_rgb", img.rgb, 3L * img.width * img.height);
+    resized = malloc((size_t)S * S * 3);
+    px = malloc((size_t)S * S * 3 * sizeof *px);
+    if (!resized || !px || loupe_resize_rgb(img.rgb, img.width, img.height, resized, S, S) ||
+        loupe_preprocess(m, &img, px, err, sizeof err)) {
+        printf("%-26s FAIL cannot preprocess\n", "image");
+        ck->failures++;
+        free(resized); free(px);
+        loupe_image_free(&img);
+        return NULL;
+    }
+    compare_bytes(ck, "resized_rgb", resized, 3L * S * S);
+    free(resized);
+    loupe_image_free(&img);
+    return px;
+}
+
 int main(int argc, char **argv)
 {
     static checker ck;
@@ -244,6 +309,7 @@ int main(int argc, char **argv)
     loupe_model *m;
     loupe_session *s;
     golden_tensor *px;
+    float *image_pixels;
     int i, rc;
     if (argc != 3) {
         fprintf(stderr, "usage: check_golden MODEL.bin CASE_DIR\n");
@@ -260,8 +326,12 @@ int main(int argc, char **argv)
         fprintf(stderr, "check_golden: pixel_values of %s do not fit the model's image size\n", argv[2]);
         return 1;
     }
+    /* Run from the image file when the case has one (pixel_values are then compared
+     * exactly through the tap); otherwise from the golden pixel_values. */
+    image_pixels = pixels_from_image(&ck, argv[2], m);
     loupe_set_tap(s, on_tensor, &ck);
-    rc = loupe_forward(s, px->data, err, sizeof err);
+    rc = loupe_forward(s, image_pixels ? image_pixels : px->data, err, sizeof err);
+    free(image_pixels);
     if (rc) { fprintf(stderr, "check_golden: %s\n", err); return 1; }
     check_postprocess(&ck, s);
     printf("not compared (not computed by the forward pass):");

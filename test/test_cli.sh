@@ -1,0 +1,103 @@
+#!/bin/sh
+# test_cli.sh LOUPE MODEL: the command line end to end on the tiny-a golden case.
+# Checks the printed line, the files written with -o and --overlay, batch behaviour
+# with a damaged file, exit statuses, and that no partial output is left behind.
+# PNG outputs are verified with an independent reader (Python's zlib) against the
+# golden mask. Prints "N passed, M failed".
+loupe=$1
+model=$2
+case=test/golden/tiny-a
+tmp=${TMPDIR:-/tmp}/loupe-cli-test.$$
+python=${PYTHON:-python3}
+passed=0
+failed=0
+mkdir -p "$tmp"
+trap 'rm -rf "$tmp"' EXIT
+
+check() { # check DESCRIPTION COMMAND...
+    what=$1; shift
+    if "$@"; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAIL $what"; fi
+}
+
+# Decodes an 8-bit gray or RGB PNG written by loupe with zlib and compares its pixels
+# (or, for RGB, only its size) with the reference PNG.
+png_same() { # png_same OURS REFERENCE
+    "$python" - "$1" "$2" <<'EOF'
+import struct, sys, zlib
+def read(path):
+    b = open(path, 'rb').read()
+    assert b[:8] == b'\x89PNG\r\n\x1a\n', 'signature'
+    i, idat, w = 8, b'', None
+    while i < len(b):
+        n, = struct.unpack('>I', b[i:i + 4]); kind = b[i + 4:i + 8]; data = b[i + 8:i + 8 + n]
+        assert zlib.crc32(kind + data) == struct.unpack('>I', b[i + 8 + n:i + 12 + n])[0], 'crc'
+        if kind == b'IHDR': w, h, depth, ctype, _, _, lace = struct.unpack('>IIBBBBB', data)
+        if kind == b'IDAT': idat += data
+        i += 12 + n
+    assert depth == 8 and lace == 0, 'layout'
+    ch = {0: 1, 2: 3}[ctype]
+    raw, rows, prev, stride = zlib.decompress(idat), [], bytearray(w * ch), w * ch
+    for y in range(h):
+        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for x in range(stride):
+            a = line[x - ch] if x >= ch else 0; up = prev[x]; c = prev[x - ch] if x >= ch else 0
+            if f == 1: line[x] = (line[x] + a) & 255
+            elif f == 2: line[x] = (line[x] + up) & 255
+            elif f == 3: line[x] = (line[x] + (a + up) // 2) & 255
+            elif f == 4:
+                p = a + up - c; pa, pb, pc = abs(p - a), abs(p - up), abs(p - c)
+                line[x] = (line[x] + (a if pa <= pb and pa <= pc else up if pb <= pc else c)) & 255
+        rows.append(bytes(line)); prev = line
+    return w, h, ch, b''.join(rows)
+ours, ref = read(sys.argv[1]), read(sys.argv[2])
+sys.exit(0 if ours[:2] == ref[:2] and (ours[2] == 3 or ours == ref) else 1)
+EOF
+}
+
+# 1. help and usage errors
+"$loupe" -h > "$tmp/help" 2>&1; rc=$?
+check "loupe -h exits 0 and prints the usage" sh -c "[ $rc -eq 0 ] && grep -q 'usage: loupe -m MODEL.bin' '$tmp/help'"
+"$loupe" > /dev/null 2> "$tmp/err"; rc=$?
+check "no arguments is a usage error (exit 2)" sh -c "[ $rc -eq 2 ] && grep -q 'no model given' '$tmp/err'"
+"$loupe" -m "$tmp/missing.bin" "$case/image.png" > /dev/null 2> "$tmp/err"; rc=$?
+check "a missing weight file is named (exit 1)" sh -c "[ $rc -eq 1 ] && grep -q 'missing.bin: cannot open' '$tmp/err'"
+"$loupe" -m "$model" --threshold abc "$case/image.png" > /dev/null 2> "$tmp/err"; rc=$?
+check "a bad option value is a usage error" sh -c "[ $rc -eq 2 ] && grep -q 'threshold' '$tmp/err'"
+
+# 2. one image: exactly upstream's predictions.txt line, nothing on stderr
+"$loupe" -m "$model" "$case/image.png" > "$tmp/out" 2> "$tmp/err"; rc=$?
+check "one image prints name,prob and exits 0" sh -c "[ $rc -eq 0 ] && [ \"\$(cat '$tmp/out')\" = 'image.png,0.5035' ]"
+check "one image writes nothing to stderr" sh -c "[ ! -s '$tmp/err' ]"
+
+# 3. a batch with a damaged file: the good images still get results, exit 1
+head -c 5000 "$case/image.png" > "$tmp/cut.png"
+cp test/corpus/png/basn2c08.png "$tmp/second.png"
+"$loupe" -m "$model" -o "$tmp/o" --overlay "$case/image.png" "$tmp/cut.png" "$tmp/second.png" \
+    > "$tmp/out" 2> "$tmp/err"; rc=$?
+check "a batch with a damaged file exits 1" sh -c "[ $rc -eq 1 ]"
+check "the damaged file is named with a reason" grep -q "cut.png: " "$tmp/err"
+check "progress lines i/n on stderr" grep -q "^\[3/3\] .*second.png [0-9]* ms" "$tmp/err"
+check "both good images are printed" sh -c "[ \$(wc -l < '$tmp/out') -eq 2 ] && grep -q '^second.png,0\.[0-9]\{4\}$' '$tmp/out'"
+check "predictions.txt holds the same lines" cmp -s "$tmp/out" "$tmp/o/predictions.txt"
+check "the mask equals upstream's mask.png pixel for pixel" png_same "$tmp/o/masks/image.png" "$case/mask.png"
+check "the overlay is a valid RGB PNG at the original size" png_same "$tmp/o/overlays/image.png" "$case/mask.png"
+check "the damaged file has no mask" sh -c "[ ! -e '$tmp/o/masks/cut.png' ]"
+check "no partial files are left" sh -c "! ls -R '$tmp/o' | grep -q '\.part$'"
+
+# 4. -q silences progress; a directory argument is scanned
+mkdir -p "$tmp/dir"
+cp "$case/image.png" "$tmp/dir/a.png"
+cp test/corpus/png/basn2c08.png "$tmp/dir/b.PNG"
+echo "not an image" > "$tmp/dir/notes.txt"
+"$loupe" -m "$model" -q "$tmp/dir" > "$tmp/out" 2> "$tmp/err"; rc=$?
+check "a directory is scanned in name order, -q is quiet" \
+    sh -c "[ $rc -eq 0 ] && [ ! -s '$tmp/err' ] && [ \"\$(cut -d, -f1 '$tmp/out' | tr '\n' ' ')\" = 'a.png b.PNG ' ]"
+
+# 5. inputs sharing a stem keep separate masks
+cp test/corpus/jpeg/face_33x17_422.jpg "$tmp/dir/a.jpg"
+"$loupe" -m "$model" -q -o "$tmp/o2" "$tmp/dir/a.png" "$tmp/dir/a.jpg" > /dev/null 2>&1; rc=$?
+check "a.png and a.jpg get a.png.png and a.jpg.png" \
+    sh -c "[ $rc -eq 0 ] && [ -f '$tmp/o2/masks/a.png.png' ] && [ -f '$tmp/o2/masks/a.jpg.png' ]"
+
+echo "test_cli: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
