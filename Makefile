@@ -14,6 +14,7 @@ ALLFLAGS = $(WARN) $(CFLAGS) $(OMPFLAGS)
 BUILD   ?= build
 GOLDEN  ?= ../shared/golden
 
+.PHONY: fuzz fuzz-run
 .PHONY: all test test-full test-case test-unit test-convert test-images test-cli bench clean
 
 all: loupe
@@ -98,6 +99,27 @@ test-case: $(BUILD)/check_golden $(BUILD)/make_weights
 
 test-full:
 	$(MAKE) --no-print-directory test-case CASE=$(GOLDEN)/full-1
+
+# libFuzzer targets with AddressSanitizer and UndefinedBehaviorSanitizer (clang).
+# `make fuzz-run FUZZ_RUNS=N` runs each for N executions from the seed corpora.
+FUZZ_CC    ?= clang
+FUZZ_FLAGS  = -std=c99 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+FUZZ_RUNS  ?= 10000000
+FUZZ_TARGETS = png jpeg ppm weights
+fuzz: $(foreach t,$(FUZZ_TARGETS),$(BUILD)/fuzz_$(t))
+
+$(BUILD)/fuzz_%: test/fuzz.c loupe.c loupe.h | $(BUILD)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -DFUZZ_$$(echo $* | tr a-z A-Z) -o $@ test/fuzz.c -lm
+
+fuzz-run: fuzz
+	@for t in $(FUZZ_TARGETS); do \
+	  case $$t in png) seeds="test/corpus/png";; jpeg) seeds="test/corpus/jpeg test/corpus/fuzz";; \
+	    ppm) seeds="test/fuzz/ppm";; weights) seeds="test/fuzz/weights";; esac; \
+	  mkdir -p $(BUILD)/fuzz-corpus/$$t && \
+	  $(BUILD)/fuzz_$$t -runs=$(FUZZ_RUNS) -max_len=262144 -timeout=10 -rss_limit_mb=2048 \
+	    -artifact_prefix=$(BUILD)/fuzz-crash-$$t- -print_final_stats=1 $(BUILD)/fuzz-corpus/$$t $$seeds \
+	    2>&1 | tail -25 || exit 1; \
+	done
 
 clean:
 	rm -rf loupe $(BUILD)

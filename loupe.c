@@ -4687,6 +4687,9 @@ static const unsigned dtype_sizes[DTYPE_COUNT] = {4, 2, 1};
 #define MAX_CLS_LAYERS 8
 #define SEG_SIZE 384 /* upstream post-processing resizes mask logits to 384x384 */
 
+/* Where a model's bytes live, which decides how they are released. */
+enum { WEIGHTS_MAPPED, WEIGHTS_READ, WEIGHTS_BORROWED };
+
 typedef struct tensor_entry {
     const char *name; /* points into the mapped index, not NUL-terminated */
     int name_len, dtype, ndim;
@@ -4764,9 +4767,9 @@ typedef struct loupe_tables {
 
 struct loupe_model {
     loupe_config cfg;
-    unsigned char *data; /* the whole file: mapped or read */
+    unsigned char *data; /* the whole file: mapped, read, or borrowed from the caller */
     size_t size;
-    int mapped;
+    int storage;         /* WEIGHTS_MAPPED, WEIGHTS_READ or WEIGHTS_BORROWED */
     tensor_entry *entries;
     int n_entries;
     loupe_weights w;
@@ -4820,7 +4823,7 @@ static int weights_map_file(loupe_model *m, const char *path, char *err, size_t 
             void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE, fileno(f), 0);
             if (p != MAP_FAILED) {
                 m->data = p;
-                m->mapped = 1;
+                m->storage = WEIGHTS_MAPPED;
                 fclose(f);
                 return 0;
             }
@@ -4845,7 +4848,7 @@ static int weights_map_file(loupe_model *m, const char *path, char *err, size_t 
         fclose(f);
         m->data = buf;
         m->size = n;
-        m->mapped = 0;
+        m->storage = WEIGHTS_READ;
     }
     return 0;
 }
@@ -5328,6 +5331,16 @@ static int weights_bind(loupe_model *m, char *err, size_t errsize)
     return 0;
 }
 
+/* Validates the bytes of a model (already in m->data) and binds its tensors. */
+static loupe_model *model_finish(loupe_model *m, char *err, size_t errsize)
+{
+    if (weights_parse(m, err, errsize) || weights_config(m, err, errsize) || weights_bind(m, err, errsize)) {
+        loupe_model_free(m);
+        return NULL;
+    }
+    return m;
+}
+
 loupe_model *loupe_model_load(const char *path, char *err, size_t errsize)
 {
     loupe_model *m;
@@ -5336,12 +5349,29 @@ loupe_model *loupe_model_load(const char *path, char *err, size_t errsize)
     m = calloc(1, sizeof *m);
     if (!m) { fail(err, errsize, "%s: out of memory", path); return NULL; }
     snprintf(m->path, sizeof m->path, "%s", path);
-    if (weights_map_file(m, path, err, errsize) || weights_parse(m, err, errsize) ||
-        weights_config(m, err, errsize) || weights_bind(m, err, errsize)) {
+    if (weights_map_file(m, path, err, errsize)) {
         loupe_model_free(m);
         return NULL;
     }
-    return m;
+    return model_finish(m, err, errsize);
+}
+
+loupe_model *loupe_model_load_memory(const void *data, size_t size, char *err, size_t errsize)
+{
+    loupe_model *m;
+    if (!data) { fail(err, errsize, "(memory): no weight data given"); return NULL; }
+    if ((uintptr_t)data % sizeof(float) != 0) {
+        fail(err, errsize, "(memory): weight data must be aligned to %u bytes", (unsigned)sizeof(float));
+        return NULL;
+    }
+    if (!host_is_little_endian()) { fail(err, errsize, "(memory): big-endian hosts are not supported"); return NULL; }
+    m = calloc(1, sizeof *m);
+    if (!m) { fail(err, errsize, "(memory): out of memory"); return NULL; }
+    snprintf(m->path, sizeof m->path, "(memory)");
+    m->data = (unsigned char *)(uintptr_t)data; /* read only: never written through */
+    m->size = size;
+    m->storage = WEIGHTS_BORROWED;
+    return model_finish(m, err, errsize);
 }
 
 const loupe_config *loupe_model_config(const loupe_model *m) { return &m->cfg; }
@@ -5350,11 +5380,9 @@ void loupe_model_free(loupe_model *m)
 {
     if (!m) return;
 #if LOUPE_POSIX
-    if (m->mapped) munmap(m->data, m->size);
-    else free(m->data);
-#else
-    free(m->data);
+    if (m->storage == WEIGHTS_MAPPED) munmap(m->data, m->size);
 #endif
+    if (m->storage == WEIGHTS_READ) free(m->data);
     free(m->entries);
     free(m->w.blocks);
     free(m->w.enc);
@@ -5723,10 +5751,12 @@ static void sine_position_embedding(float *out, int ld, int h, int w, int npf)
 static void sample_bilinear_acc(float *acc, const float *value, int ld, int h, int w, float ix, float iy,
                                 float weight, int dh)
 {
-    int x0 = (int)floorf(ix), y0 = (int)floorf(iy), x1 = x0 + 1, y1 = y0 + 1, d;
-    float fx = ix - (float)x0, fy = iy - (float)y0;
-    float wts[4], *wp = wts;
-    int xs[4], ys[4], k;
+    int x0, y0, x1, y1, d, xs[4], ys[4], k;
+    float fx, fy, wts[4], *wp = wts;
+    /* Points at or beyond one pixel outside the map (and NaN) only meet zero padding. */
+    if (!(ix > -1.0f && ix < (float)w && iy > -1.0f && iy < (float)h)) return;
+    x0 = (int)floorf(ix); y0 = (int)floorf(iy); x1 = x0 + 1; y1 = y0 + 1;
+    fx = ix - (float)x0; fy = iy - (float)y0;
     wts[0] = (1.0f - fx) * (1.0f - fy); xs[0] = x0; ys[0] = y0;
     wts[1] = fx * (1.0f - fy);          xs[1] = x1; ys[1] = y0;
     wts[2] = (1.0f - fx) * fy;          xs[2] = x0; ys[2] = y1;
@@ -6675,7 +6705,7 @@ static void cli_overlay(unsigned char *rgb, const float *prob, size_t n)
 {
     size_t i;
     for (i = 0; i < n; i++) {
-        float a = OVERLAY_ALPHA * (prob[i] < 0.0f ? 0.0f : prob[i] > 1.0f ? 1.0f : prob[i]);
+        float a = OVERLAY_ALPHA * (!(prob[i] > 0.0f) ? 0.0f : prob[i] > 1.0f ? 1.0f : prob[i]); /* NaN -> 0 */
         rgb[3 * i] = (unsigned char)((1.0f - a) * rgb[3 * i] + a * 255.0f + 0.5f);
         rgb[3 * i + 1] = (unsigned char)((1.0f - a) * rgb[3 * i + 1] + 0.5f);
         rgb[3 * i + 2] = (unsigned char)((1.0f - a) * rgb[3 * i + 2] + 0.5f);

@@ -76,6 +76,10 @@ typedef struct loupe_config {
  * error (missing file, bad magic, unsupported version, truncation, an index entry
  * outside the file or overlapping another, a missing or mis-shaped tensor). */
 loupe_model *loupe_model_load(const char *path, char *err, size_t errsize);
+/* The same from bytes already in memory (e.g. weights linked into firmware). The
+ * model borrows data, which must stay valid and unchanged until loupe_model_free
+ * and be aligned to 4 bytes (64 for best speed). */
+loupe_model *loupe_model_load_memory(const void *data, size_t size, char *err, size_t errsize);
 const loupe_config *loupe_model_config(const loupe_model *m);
 void loupe_model_free(loupe_model *m);
 

@@ -126,7 +126,7 @@ int main(int argc, char **argv)
     printf("loupe.c bench: %s, %dx%d image, S=%d, %d thread%s, %d runs after a warm-up\n", argv[2], img.width,
            img.height, m->cfg.image_size, threads, threads > 1 ? "s" : "", runs);
     printf("FMA peak (measured): %.1f GFLOP/s\n\n", peak);
-    printf("| stage | median ms | GFLOP | GFLOP/s | % of peak |\n|---|---:|---:|---:|---:|\n");
+    printf("| stage | median ms | GFLOP | GFLOP/s | %% of peak |\n|---|---:|---:|---:|---:|\n");
     for (k = 0; k < LOUPE_STAGE_COUNT; k++) {
         double med;
         qsort(stage[k], (size_t)runs, sizeof(double), cmp_double);

@@ -311,6 +311,22 @@ static void test_loader(const char *path)
     d = malloc(size);
     if (fread(d, 1, size, f) != size) size = 0;
     fclose(f);
+    {
+        /* the same bytes from memory: borrowed, 4-byte alignment required */
+        unsigned char *buf = malloc(size + ARENA_ALIGN + 1);
+        unsigned char *al = buf ? buf + (ARENA_ALIGN - (uintptr_t)buf % ARENA_ALIGN) % ARENA_ALIGN : NULL;
+        if (al) {
+            memcpy(al, d, size);
+            m = loupe_model_load_memory(al, size, err, sizeof err);
+            check(m != NULL, "a weight file in memory loads");
+            loupe_model_free(m);
+            memmove(al + 1, al, size);
+            m = loupe_model_load_memory(al + 1, size, err, sizeof err);
+            check(!m && strstr(err, "aligned") != NULL, "misaligned weight data in memory is refused");
+            loupe_model_free(m);
+        }
+        free(buf);
+    }
     m = loupe_model_load("build/no-such-file.bin", err, sizeof err);
     check(!m && strstr(err, "cannot open") != NULL, "a missing file is reported");
     expect_refused(d, size, 0, 0, NULL, 0, "bad magic", "an empty file is refused");
