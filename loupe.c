@@ -162,8 +162,9 @@ void loupe_set_threads(int n)
  *    never composited; palette indices past the end of PLTE (or with no PLTE) map
  *    to gray (i, i, i), because Pillow's palettes start as a gray ramp.
  *  - Chunks before the first IDAT must have good CRCs; IDAT and later CRCs are never
- *    read. Chunk types may use [A-Za-z0-9_]. Some ancillary chunks are validated
- *    (a short gAMA, a tRNS too short for its colour type, ... raise), also after IDAT.
+ *    read. Chunk types may use [A-Za-z0-9_]. Some ancillary chunks are validated, also
+ *    after IDAT: a short gAMA, a tRNS too short for its colour type, a zTXt/iTXt/iCCP
+ *    inflating past 1 MiB, text values totalling over 64 MiB, ... raise.
  *  - Image data is fed to zlib in reads of at most 64 KiB, one IDAT at a time, one
  *    row of output per inflate call, and decoding stops as soon as the last row is
  *    out. So the Adler-32 is checked only when it lies in the read that completes
@@ -1913,12 +1914,15 @@ static int ppm_decode(const unsigned char *data, size_t size, size_t max_pixels,
  * itself to pick the image mode, then hands the whole file to libjpeg-turbo
  * 2.1.5 with default settings, feeding it 64 KiB at a time through a
  * suspending data source.  So this decoder follows libjpeg-turbo's rules:
- * the accurate integer IDCT, "fancy" chroma upsampling, the fixed-point
- * YCbCr->RGB tables, Huffman and arithmetic entropy coding (sequential and
- * progressive), restart markers and their resynchronisation, block smoothing
- * of incomplete progressive images, and its recovery from corrupt data.
- * On top of that it applies PIL's own header checks, PIL's treatment of an
- * input that ends early (an error), and PIL's CMYK -> RGB formula.
+ * the accurate integer IDCT (as its x86-64 SIMD code computes it), "fancy"
+ * chroma upsampling, the fixed-point YCbCr->RGB tables, Huffman and
+ * arithmetic entropy coding (sequential and progressive), restart markers
+ * and their resynchronisation, block smoothing of incomplete progressive
+ * images, and its recovery from corrupt data, including the quirks of its
+ * fast Huffman path.  On top of that it applies PIL's own header checks,
+ * PIL's treatment of input that ends early (an error), the effect of PIL's
+ * 64 KiB reads (libjpeg's arithmetic decoder cannot wait for the next one),
+ * and PIL's CMYK -> RGB formula.
  *
  * Data flow: markers -> scans -> coefficient blocks -> IDCT -> sample
  * planes -> upsampling -> colour conversion -> RGB rows.  Files with a single
@@ -1945,11 +1949,21 @@ static int ppm_decode(const unsigned char *data, size_t size, size_t max_pixels,
 #define JPEG_HUFF_SYMBOLS 256          /* symbols in a Huffman table */
 #define JPEG_BIT_BUFFER_FILL 57        /* libjpeg-turbo refills its 64-bit buffer to >= 57 bits */
 #define JPEG_PIL_READ_SIZE 65536       /* PIL passes the file to libjpeg in reads of this size */
+#define JPEG_FAST_BYTES_PER_BLOCK 512  /* libjpeg-turbo's fast Huffman path needs this much input */
+#define JPEG_FAST_REFILL_BITS 16       /* ... and refills its buffer when down to this many bits */
+#define JPEG_FAST_REFILL_BYTES 6       /* ... by this many bytes */
 #define JPEG_SMOOTH_COEFS 10           /* block smoothing predicts zig-zag coefficients 0..9 */
 #define JPEG_ARITH_DC_BINS 64          /* arithmetic decoder statistics bins */
 #define JPEG_ARITH_AC_BINS 256
 #define JPEG_ARITH_FIXED_STATE 113     /* probability state for "fixed 0.5" bins */
 #define JPEG_ARITH_STATES 114
+#define JPEG_ARITH_HALF 0x8000         /* interval size below which the decoder renormalises */
+#define JPEG_ARITH_MAX_MAGNITUDE 0x8000 /* a magnitude reaching this is corrupt data */
+#define JPEG_ARITH_DC_X1 20            /* DC magnitude bins start here (T.81 Table F.4) */
+#define JPEG_ARITH_AC_LOW_X2 189       /* AC magnitude bins for k <= Kx (T.81 Table F.5) */
+#define JPEG_ARITH_AC_HIGH_X2 217      /* ... and for k > Kx */
+#define JPEG_ARITH_BITS_OFFSET 14      /* magnitude bit bins follow their category bins */
+#define JPEG_PIL_ICC_HEADER 14         /* "ICC_PROFILE\0", chunk number, chunk count */
 #define JPEG_COLOR_SCALE_BITS 16       /* fixed point of libjpeg's YCbCr->RGB tables */
 
 /* Marker codes (the byte after 0xFF). */
@@ -1958,7 +1972,7 @@ enum {
     JPEG_M_DHT = 0xC4, JPEG_M_SOF9 = 0xC9, JPEG_M_SOF10 = 0xCA, JPEG_M_DAC = 0xCC,
     JPEG_M_RST0 = 0xD0, JPEG_M_RST7 = 0xD7, JPEG_M_SOI = 0xD8, JPEG_M_EOI = 0xD9,
     JPEG_M_SOS = 0xDA, JPEG_M_DQT = 0xDB, JPEG_M_DNL = 0xDC, JPEG_M_DRI = 0xDD,
-    JPEG_M_APP0 = 0xE0, JPEG_M_APP1 = 0xE1, JPEG_M_APP2 = 0xE2, JPEG_M_APP13 = 0xED,
+    JPEG_M_APP0 = 0xE0, JPEG_M_APP2 = 0xE2, JPEG_M_APP13 = 0xED,
     JPEG_M_APP14 = 0xEE, JPEG_M_APP15 = 0xEF, JPEG_M_COM = 0xFE
 };
 
@@ -2129,7 +2143,9 @@ typedef struct {
     const unsigned char *data;         /* the whole file */
     size_t size;
     size_t pos;                        /* next byte to read */
-    size_t limit;                      /* end of the bytes readable now (see JPEG_PIL_READ_SIZE) */
+    size_t avail;                      /* end of the data PIL has handed to libjpeg so far */
+    int can_suspend;                   /* 0 while the arithmetic decoder reads (it cannot wait) */
+    int suspended;                     /* a reader needed more than PIL had handed over */
     char *err;
     size_t errsize;
 
@@ -2171,6 +2187,7 @@ typedef struct {
     int out_of_data;                   /* hit a marker: rest of the segment decodes as zeros */
     int32_t last_dc[JPEG_MAX_SCAN_COMPONENTS];
     unsigned eob_run;
+    int fast_hit_marker;               /* the fast path met a marker */
 
     /* arithmetic decoding */
     int64_t arith_c, arith_a;
@@ -2256,7 +2273,7 @@ typedef struct {
  * the first chunk must be long enough to hold its chunk count. */
 static int jpeg_pil_icc_ok(const unsigned char *first, size_t first_len)
 {
-    return first == NULL || first_len >= 14;
+    return first == NULL || first_len >= JPEG_PIL_ICC_HEADER;
 }
 
 /* Returns nonzero if byte string a sorts before b (Python bytes order). */
@@ -2265,6 +2282,34 @@ static int jpeg_bytes_less(const unsigned char *a, size_t alen, const unsigned c
     size_t n = alen < blen ? alen : blen;
     int c = memcmp(a, b, n);
     return c < 0 || (c == 0 && alen < blen);
+}
+
+/* PIL's walk over the Photoshop "8BIM" resources of an APP13 segment: it
+ * stops quietly on most malformations, but a resource that ends right after
+ * its 2-byte id makes it fail. */
+static int jpeg_pil_photoshop_ok(const unsigned char *s, size_t n)
+{
+    size_t off = 14;                   /* after "Photoshop 3.0\0" */
+    while (off + 4 <= n && memcmp(s + off, "8BIM", 4) == 0) {
+        size_t size;
+        off += 4;
+        if (off + 2 > n)
+            return 1;
+        off += 2;
+        if (off >= n)
+            return 0;
+        off += 1 + (size_t)s[off];     /* resource name, padded to even length */
+        off += off & 1;
+        if (off + 4 > n)
+            return 1;
+        size = ((size_t)s[off] << 24) | ((size_t)s[off + 1] << 16) | ((size_t)s[off + 2] << 8) | s[off + 3];
+        off += 4;
+        if (size > n - off)
+            return 1;
+        off += size;
+        off += off & 1;
+    }
+    return 1;
 }
 
 /* Walks the markers up to the first SOS as PIL's JPEG plugin does and
@@ -2333,15 +2378,19 @@ static int jpeg_pil_probe(const unsigned char *p, size_t n, jpeg_pil_header *hdr
         } else if (code == JPEG_M_DQT) {
             size_t off = 0;
             while (off < seg_len) {
-                size_t table_len = (seg[off] >> 4) == 0 ? 65 : 129;
+                size_t table_len = 1 + ((seg[off] >> 4) == 0 ? 1 : 2) * JPEG_BLOCK_SIZE;
                 if (seg_len - off < table_len)
                     return fail(err, errsize, "bad JPEG quantization table segment");
                 off += table_len;
             }
         } else if (code == JPEG_M_APP0 && seg_len >= 4 && memcmp(seg, "JFIF", 4) == 0 && seg_len < 7) {
+            /* PIL reads a 16-bit version at offset 5 of JFIF and Adobe segments */
             return fail(err, errsize, "truncated JFIF segment");
         } else if (code == JPEG_M_APP14 && seg_len >= 5 && memcmp(seg, "Adobe", 5) == 0 && seg_len < 7) {
             return fail(err, errsize, "truncated Adobe segment");
+        } else if (code == JPEG_M_APP13 && seg_len >= 14 && memcmp(seg, "Photoshop 3.0", 14) == 0 &&
+                   !jpeg_pil_photoshop_ok(seg, seg_len)) {
+            return fail(err, errsize, "malformed Photoshop segment in the JPEG header");
         } else if (code == JPEG_M_APP2 && seg_len >= 12 && memcmp(seg, "ICC_PROFILE", 12) == 0) {
             if (icc_first == NULL || jpeg_bytes_less(seg, seg_len, icc_first, icc_first_len)) {
                 icc_first = seg;
@@ -2363,10 +2412,31 @@ static int jpeg_pil_probe(const unsigned char *p, size_t n, jpeg_pil_header *hdr
  * Input and marker segments, following libjpeg (jdmarker.c, jdinput.c)
  * ------------------------------------------------------------------- */
 
-/* Reads one byte; JPEG_SUSPENDED when the readable data is exhausted. */
+/* Appends PIL's next read to the data handed over (libjpeg suspended). */
+static void jpeg_pil_next_read(jpeg_decoder *d)
+{
+    d->avail += d->size - d->avail < JPEG_PIL_READ_SIZE ? d->size - d->avail : JPEG_PIL_READ_SIZE;
+    d->suspended = 1;
+}
+
+/* Makes the byte at d->pos readable, following how PIL feeds libjpeg: the
+ * file arrives in 64 KiB reads, and a reader that runs past the data handed
+ * over so far suspends until PIL appends the next read.  Nonzero at the end
+ * of the file, or when the reader cannot suspend (arithmetic decoding). */
+static int jpeg_byte_ready(jpeg_decoder *d)
+{
+    if (d->pos < d->avail)
+        return 0;
+    if (d->avail >= d->size || !d->can_suspend)
+        return -1;
+    jpeg_pil_next_read(d);
+    return 0;
+}
+
+/* Reads one byte; JPEG_SUSPENDED when the input is exhausted. */
 static int jpeg_read_u8(jpeg_decoder *d, unsigned *v)
 {
-    if (d->pos >= d->limit)
+    if (jpeg_byte_ready(d) != 0)
         return JPEG_SUSPENDED;
     *v = d->data[d->pos++];
     return JPEG_OK;
@@ -2388,11 +2458,13 @@ static int jpeg_skip(jpeg_decoder *d, long n)
 {
     if (n <= 0)
         return JPEG_OK;
-    if ((size_t)n > d->limit - d->pos) {
-        d->pos = d->limit;
+    if ((size_t)n > d->size - d->pos) {
+        d->pos = d->size;
         return JPEG_SUSPENDED;
     }
     d->pos += (size_t)n;
+    while (d->avail < d->pos)          /* PIL discards the skipped data read by read */
+        jpeg_pil_next_read(d);
     return JPEG_OK;
 }
 
@@ -2666,7 +2738,7 @@ static int jpeg_get_dac(jpeg_decoder *d)
 /* APP0 / APP14: notes a JFIF or Adobe marker, which decide the colour space. */
 static int jpeg_get_app_id(jpeg_decoder *d, int marker)
 {
-    enum { APP_HEAD = 14 };            /* bytes libjpeg examines */
+    enum { APP_HEAD = 14, JFIF_HEAD = 14, ADOBE_HEAD = 12 };  /* bytes libjpeg examines / requires */
     unsigned char head[APP_HEAD];
     unsigned length_word, v;
     long length, take, i;
@@ -2681,9 +2753,9 @@ static int jpeg_get_app_id(jpeg_decoder *d, int marker)
         head[i] = (unsigned char)v;
     }
     length -= take;
-    if (marker == JPEG_M_APP0 && take >= 14 && memcmp(head, "JFIF", 5) == 0)
+    if (marker == JPEG_M_APP0 && take >= JFIF_HEAD && memcmp(head, "JFIF", 5) == 0)
         d->saw_jfif = 1;
-    if (marker == JPEG_M_APP14 && take >= 12 && memcmp(head, "Adobe", 5) == 0) {
+    if (marker == JPEG_M_APP14 && take >= ADOBE_HEAD && memcmp(head, "Adobe", 5) == 0) {
         d->saw_adobe = 1;
         d->adobe_transform = head[11];
     }
@@ -3217,14 +3289,14 @@ static void jpeg_fill_bits(jpeg_decoder *d, int nbits)
 {
     while (!d->unread_marker && !d->input_ended && d->bits_left < JPEG_BIT_BUFFER_FILL) {
         unsigned c;
-        if (d->pos >= d->limit) {
+        if (jpeg_byte_ready(d) != 0) {
             d->input_ended = 1;
             break;
         }
         c = d->data[d->pos++];
         if (c == 0xFF) {
             do {
-                if (d->pos >= d->limit) {
+                if (jpeg_byte_ready(d) != 0) {
                     d->input_ended = 1;
                     break;
                 }
@@ -3308,6 +3380,167 @@ static void jpeg_huff_sequential_block(jpeg_decoder *d, int16_t *block, int ci)
         } else {
             break;                     /* end of block */
         }
+    }
+}
+
+/* One byte into the bit buffer the way libjpeg-turbo's fast path reads:
+ * 0xFF00 is a stuffed 0xFF, but 0xFF followed by anything else (even
+ * another 0xFF fill byte) counts as a marker and yields zero bits. */
+static void jpeg_fast_byte(jpeg_decoder *d)
+{
+    unsigned c0, c1;
+    d->bit_buffer <<= 8;
+    d->bits_left += 8;
+    if (d->pos + 1 >= d->size) {       /* cannot happen within the fast path's margin */
+        d->fast_hit_marker = 1;
+        return;
+    }
+    c0 = d->data[d->pos];
+    c1 = d->data[d->pos + 1];
+    d->bit_buffer |= c0;
+    d->pos++;
+    if (c0 == 0xFF) {
+        d->pos++;
+        if (c1 != 0) {
+            d->fast_hit_marker = 1;
+            d->pos -= 2;
+            d->bit_buffer &= ~(uint64_t)0xFF;
+        }
+    }
+}
+
+/* The fast path's refill: six bytes whenever 16 bits or fewer are left. */
+static void jpeg_fast_fill(jpeg_decoder *d)
+{
+    int i;
+    if (d->bits_left <= JPEG_FAST_REFILL_BITS)
+        for (i = 0; i < JPEG_FAST_REFILL_BYTES; i++)
+            jpeg_fast_byte(d);
+}
+
+/* Takes n bits after a fast-path refill (enough bits are always present). */
+static int jpeg_fast_bits(jpeg_decoder *d, int n)
+{
+    d->bits_left -= n;
+    return (int)((d->bit_buffer >> d->bits_left) & ((1u << n) - 1));
+}
+
+/* Decodes one Huffman symbol as the fast path does. */
+static int jpeg_fast_decode(jpeg_decoder *d, const jpeg_huff_table *t)
+{
+    int entry, length;
+    int32_t code;
+    jpeg_fast_fill(d);
+    entry = t->lookup[(d->bit_buffer >> (d->bits_left - JPEG_HUFF_LOOKAHEAD)) & ((1u << JPEG_HUFF_LOOKAHEAD) - 1)];
+    length = entry >> 8;
+    if (length <= JPEG_HUFF_LOOKAHEAD) {
+        d->bits_left -= length;
+        return entry & 0xFF;
+    }
+    code = jpeg_fast_bits(d, length);
+    while (code > t->maxcode[length]) {
+        code = (code << 1) | jpeg_fast_bits(d, 1);
+        length++;
+    }
+    return length > JPEG_HUFF_MAX_BITS ? 0 : t->symbols[(code + t->valoffset[length]) & 0xFF];
+}
+
+/* libjpeg-turbo's decode_mcu_fast for a sequential MCU.  Returns 0 if it
+ * met a marker: libjpeg-turbo then decodes the MCU again with the careful
+ * reader, over whatever this attempt already wrote into the blocks. */
+static int jpeg_huff_fast_mcu(jpeg_decoder *d)
+{
+    int32_t last_dc[JPEG_MAX_SCAN_COMPONENTS];
+    int b;
+    memcpy(last_dc, d->last_dc, sizeof last_dc);
+    d->fast_hit_marker = 0;
+    for (b = 0; b < d->blocks_in_mcu; b++) {
+        int ci = d->mcu_member[b], k, s;
+        const jpeg_component *c = d->scan_comp[ci];
+        const jpeg_huff_table *ac = &d->ac_tables[c->ac_table];
+        int16_t *block = d->mcu_ptr[b];
+        s = jpeg_fast_decode(d, &d->dc_tables[c->dc_table]);
+        if (s) {
+            jpeg_fast_fill(d);
+            s = jpeg_extend(jpeg_fast_bits(d, s), s);
+        }
+        last_dc[ci] = jpeg_wrap32((int64_t)last_dc[ci] + s);
+        block[0] = jpeg_coef((uint32_t)last_dc[ci]);
+        for (k = 1; k < JPEG_BLOCK_SIZE; k++) {
+            int rs = jpeg_fast_decode(d, ac), r = rs >> 4;
+            s = rs & 15;
+            if (s) {
+                k += r;
+                jpeg_fast_fill(d);
+                block[jpeg_natural_order[k]] = (int16_t)jpeg_extend(jpeg_fast_bits(d, s), s);
+            } else if (r == 15) {
+                k += 15;
+            } else {
+                break;
+            }
+        }
+    }
+    if (d->fast_hit_marker)
+        return 0;
+    memcpy(d->last_dc, last_dc, sizeof last_dc);
+    return 1;
+}
+
+/* Bit reader and prediction state at the start of an MCU, for retries. */
+typedef struct {
+    size_t pos;
+    uint64_t bit_buffer;
+    int bits_left, unread_marker, out_of_data;
+    int32_t last_dc[JPEG_MAX_SCAN_COMPONENTS];
+} jpeg_mcu_start;
+
+/* Records the state at the start of an MCU. */
+static void jpeg_save_mcu_start(const jpeg_decoder *d, jpeg_mcu_start *m)
+{
+    m->pos = d->pos;
+    m->bit_buffer = d->bit_buffer;
+    m->bits_left = d->bits_left;
+    m->unread_marker = d->unread_marker;
+    m->out_of_data = d->out_of_data;
+    memcpy(m->last_dc, d->last_dc, sizeof m->last_dc);
+}
+
+/* Returns to the state at the start of an MCU. */
+static void jpeg_restore_mcu_start(jpeg_decoder *d, const jpeg_mcu_start *m)
+{
+    d->pos = m->pos;
+    d->bit_buffer = m->bit_buffer;
+    d->bits_left = m->bits_left;
+    d->unread_marker = m->unread_marker;
+    d->out_of_data = m->out_of_data;
+    memcpy(d->last_dc, m->last_dc, sizeof d->last_dc);
+}
+
+/* Decodes one MCU of a sequential Huffman scan as libjpeg-turbo's
+ * decode_mcu does under PIL: with the fast path when at least 512 bytes
+ * per block are in the buffer (falling back to the careful reader at a
+ * marker), and starting the MCU over whenever the careful reader had to
+ * wait for PIL's next 64 KiB read. */
+static void jpeg_huff_sequential_mcu(jpeg_decoder *d)
+{
+    jpeg_mcu_start start;
+    for (;;) {
+        int b, use_fast = !d->restart_interval && !d->unread_marker &&
+                          d->avail - d->pos >= (size_t)JPEG_FAST_BYTES_PER_BLOCK * (size_t)d->blocks_in_mcu;
+        jpeg_save_mcu_start(d, &start);
+        if (use_fast) {
+            if (jpeg_huff_fast_mcu(d))
+                return;
+            jpeg_restore_mcu_start(d, &start);
+        }
+        d->suspended = 0;
+        for (b = 0; b < d->blocks_in_mcu; b++)
+            jpeg_huff_sequential_block(d, d->mcu_ptr[b], d->mcu_member[b]);
+        if (!d->suspended || d->input_ended)
+            return;
+        jpeg_restore_mcu_start(d, &start);
+        if (!d->multiscan)             /* libjpeg clears its one-MCU buffer before each try */
+            memset(d->mcu_blocks, 0, (size_t)d->blocks_in_mcu * sizeof d->mcu_blocks[0]);
     }
 }
 
@@ -3420,13 +3653,12 @@ static void jpeg_huff_mcu(jpeg_decoder *d)
     int b;
     if (d->restart_interval && d->restarts_left == 0)
         jpeg_huff_restart(d);
-    if (!d->out_of_data && !d->input_ended) {
+    if (d->scan_kind == JPEG_SCAN_SEQUENTIAL && !d->out_of_data && !d->input_ended) {
+        jpeg_huff_sequential_mcu(d);
+    } else if (!d->out_of_data && !d->input_ended) {
         for (b = 0; b < d->blocks_in_mcu && !d->bad_dc; b++) {
             int16_t *block = d->mcu_ptr[b];
             switch (d->scan_kind) {
-            case JPEG_SCAN_SEQUENTIAL:
-                jpeg_huff_sequential_block(d, block, d->mcu_member[b]);
-                break;
             case JPEG_SCAN_DC_FIRST:
                 jpeg_huff_dc_first(d, block, d->mcu_member[b]);
                 break;
@@ -3454,7 +3686,7 @@ static void jpeg_huff_mcu(jpeg_decoder *d)
 /* Next entropy byte; past the readable data it flags the failure and yields 0. */
 static int jpeg_arith_byte(jpeg_decoder *d)
 {
-    if (d->pos >= d->limit) {
+    if (jpeg_byte_ready(d) != 0) {
         d->input_ended = 1;
         return 0;
     }
@@ -3468,7 +3700,7 @@ static int jpeg_arith_decode(jpeg_decoder *d, unsigned char *st)
     unsigned char after_lps;
     int sv;
     int64_t temp;
-    while (d->arith_a < 0x8000) {      /* renormalise, reading bytes into C */
+    while (d->arith_a < JPEG_ARITH_HALF) {  /* renormalise, reading bytes into C */
         if (--d->arith_ct < 0) {
             int data = 0;
             if (!d->unread_marker) {
@@ -3487,7 +3719,7 @@ static int jpeg_arith_decode(jpeg_decoder *d, unsigned char *st)
             }
             d->arith_c = (d->arith_c << 8) | data;
             if ((d->arith_ct += 8) < 0 && ++d->arith_ct == 0)
-                d->arith_a = 0x8000;   /* the two initial bytes are in */
+                d->arith_a = JPEG_ARITH_HALF;  /* the two initial bytes are in */
         }
         d->arith_a <<= 1;
     }
@@ -3507,7 +3739,7 @@ static int jpeg_arith_decode(jpeg_decoder *d, unsigned char *st)
             *st = (unsigned char)((sv & 0x80) ^ after_lps);
             sv ^= 0x80;
         }
-    } else if (d->arith_a < 0x8000) {
+    } else if (d->arith_a < JPEG_ARITH_HALF) {
         if (d->arith_a < q->qe) {
             *st = (unsigned char)((sv & 0x80) ^ after_lps);
             sv ^= 0x80;
@@ -3531,9 +3763,9 @@ static int jpeg_arith_dc_diff(jpeg_decoder *d, int ci, int tbl, int *diff)
     sign = jpeg_arith_decode(d, st + 1);
     st += 2 + sign;
     if ((m = jpeg_arith_decode(d, st)) != 0) {
-        st = d->dc_stats[tbl] + 20;
+        st = d->dc_stats[tbl] + JPEG_ARITH_DC_X1;
         while (jpeg_arith_decode(d, st)) {
-            if ((m <<= 1) == 0x8000)
+            if ((m <<= 1) == JPEG_ARITH_MAX_MAGNITUDE)
                 return -1;
             st++;
         }
@@ -3545,7 +3777,7 @@ static int jpeg_arith_dc_diff(jpeg_decoder *d, int ci, int tbl, int *diff)
     else
         d->dc_context[ci] = 4 + sign * 4;
     v = m;
-    st += 14;
+    st += JPEG_ARITH_BITS_OFFSET;
     while (m >>= 1)
         if (jpeg_arith_decode(d, st))
             v |= m;
@@ -3574,9 +3806,9 @@ static void jpeg_arith_ac_block(jpeg_decoder *d, int16_t *block, int tbl, int ss
         st += 2;
         if ((m = jpeg_arith_decode(d, st)) != 0 && jpeg_arith_decode(d, st)) {
             m <<= 1;
-            st = d->ac_stats[tbl] + (k <= d->arith_ac_split[tbl] ? 189 : 217);
+            st = d->ac_stats[tbl] + (k <= d->arith_ac_split[tbl] ? JPEG_ARITH_AC_LOW_X2 : JPEG_ARITH_AC_HIGH_X2);
             while (jpeg_arith_decode(d, st)) {
-                if ((m <<= 1) == 0x8000) {
+                if ((m <<= 1) == JPEG_ARITH_MAX_MAGNITUDE) {
                     d->arith_ct = -1;  /* magnitude overflow */
                     return;
                 }
@@ -3584,7 +3816,7 @@ static void jpeg_arith_ac_block(jpeg_decoder *d, int16_t *block, int tbl, int ss
             }
         }
         v = m;
-        st += 14;
+        st += JPEG_ARITH_BITS_OFFSET;
         while (m >>= 1)
             if (jpeg_arith_decode(d, st))
                 v |= m;
@@ -3872,7 +4104,7 @@ static int jpeg_scan_failure(const jpeg_decoder *d)
 {
     if (d->bad_dc)
         return fail(d->err, d->errsize, "corrupt DC coefficient in progressive JPEG");
-    if (d->limit < d->size)
+    if (d->avail < d->size)
         return fail(d->err, d->errsize,
                     "arithmetic-coded JPEG data crosses a 64 KiB boundary, which PIL cannot decode");
     return fail(d->err, d->errsize, "JPEG file is truncated");
@@ -3905,20 +4137,15 @@ static int jpeg_decode_mcus(jpeg_decoder *d)
     return 0;
 }
 
-/* Decodes the current scan.  PIL hands libjpeg the file in 64 KiB reads and
- * libjpeg's arithmetic decoder cannot wait for more input, so an
- * arithmetic-coded scan may only use bytes up to the end of the read in
- * which its header arrived. */
+/* Decodes the current scan.  libjpeg's arithmetic decoder cannot suspend,
+ * so an arithmetic-coded scan fails if it needs more than PIL has handed
+ * over by the time the scan starts. */
 static int jpeg_decode_scan(jpeg_decoder *d)
 {
     int r;
-    if (d->arithmetic) {
-        size_t gap = (JPEG_PIL_READ_SIZE - d->pos % JPEG_PIL_READ_SIZE) % JPEG_PIL_READ_SIZE;
-        if (gap < d->size - d->pos)
-            d->limit = d->pos + gap;
-    }
+    d->can_suspend = !d->arithmetic;
     r = jpeg_decode_mcus(d);
-    d->limit = d->size;
+    d->can_suspend = 1;
     return r;
 }
 
@@ -4032,19 +4259,24 @@ static void jpeg_smooth_component(const jpeg_decoder *d, const jpeg_component *c
     }
 }
 
-/* Inverse-transforms all buffered coefficients of a multi-scan file. */
+/* Inverse-transforms all buffered coefficients of a multi-scan file, then
+ * frees them. */
 static void jpeg_transform_buffered(jpeg_decoder *d)
 {
     int smooth = jpeg_smoothing_wanted(d), ci, br, bc;
     for (ci = 0; ci < d->ncomp; ci++) {
-        const jpeg_component *c = &d->comp[ci];
+        jpeg_component *c = &d->comp[ci];
         if (smooth) {
             jpeg_smooth_component(d, c);
-            continue;
+        } else {
+            for (br = 0; br < c->blocks_h; br++)
+                for (bc = 0; bc < c->blocks_w; bc++)
+                    jpeg_idct_to_plane(c, c->coefs + ((size_t)br * c->coef_w + (size_t)bc) * JPEG_BLOCK_SIZE, br, bc);
         }
-        for (br = 0; br < c->blocks_h; br++)
-            for (bc = 0; bc < c->blocks_w; bc++)
-                jpeg_idct_to_plane(c, c->coefs + ((size_t)br * c->coef_w + (size_t)bc) * JPEG_BLOCK_SIZE, br, bc);
+    }
+    for (ci = 0; ci < d->ncomp; ci++) {  /* smoothing reads neighbours, so free only now */
+        free(d->comp[ci].coefs);
+        d->comp[ci].coefs = NULL;
     }
 }
 
@@ -4252,7 +4484,9 @@ static int jpeg_decode(const unsigned char *data, size_t size, size_t max_pixels
     if (d == NULL)
         return fail(err, errsize, "out of memory decoding JPEG");
     d->data = data;
-    d->size = d->limit = size;
+    d->size = size;
+    d->avail = size < JPEG_PIL_READ_SIZE ? size : JPEG_PIL_READ_SIZE;
+    d->can_suspend = 1;
     d->err = err;
     d->errsize = errsize;
     d->fixed_bin[0] = JPEG_ARITH_FIXED_STATE;
