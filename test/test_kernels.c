@@ -259,6 +259,33 @@ static void test_sampling(void)
     check(acc == 0.0f, "sampling far outside returns zero");
 }
 
+static void test_png_roundtrip(void)
+{
+    /* loupe_png_encode -> loupe_image_decode gives the pixels back (gray as R=G=B). */
+    static const int sizes[][2] = {{1, 1}, {7, 3}, {64, 33}, {301, 17}};
+    uint64_t st = 5;
+    size_t k;
+    int channels;
+    char what[96], err[256];
+    for (k = 0; k < sizeof sizes / sizeof sizes[0]; k++)
+        for (channels = 1; channels <= 3; channels += 2) {
+            int w = sizes[k][0], h = sizes[k][1], ok = 1;
+            size_t n = (size_t)w * h * channels, i, png_size = 0;
+            unsigned char *pix = malloc(n), *png = NULL;
+            loupe_image img;
+            for (i = 0; i < n; i++) pix[i] = (unsigned char)(i % 5 == 0 ? 255 : (rnd(&st) + 1.0f) * 127.5f);
+            ok = loupe_png_encode(pix, w, h, channels, &png, &png_size, err, sizeof err) == 0 &&
+                 loupe_image_decode(png, png_size, LOUPE_DEFAULT_MAX_PIXELS, &img, err, sizeof err) == 0 &&
+                 img.width == w && img.height == h;
+            for (i = 0; ok && i < (size_t)w * h * 3; i++) ok = img.rgb[i] == pix[channels == 3 ? i : i / 3];
+            snprintf(what, sizeof what, "PNG round trip %dx%d, %d channel%s", w, h, channels, channels > 1 ? "s" : "");
+            check(ok, what);
+            if (ok) loupe_image_free(&img);
+            free(png);
+            free(pix);
+        }
+}
+
 /* Writes a modified copy of the weight file and expects the loader to refuse it
  * with a message containing `expect`. */
 static void expect_refused(const unsigned char *orig, size_t size, size_t keep, size_t patch_at, const void *patch,
@@ -367,6 +394,7 @@ int main(int argc, char **argv)
     test_attention();
     test_interpolation();
     test_sampling();
+    test_png_roundtrip();
     if (argc > 1) test_loader(argv[1]);
     printf("test_kernels: %d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
