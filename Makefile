@@ -9,7 +9,11 @@ OPENMP  ?= $(shell printf 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o
 ifeq ($(OPENMP),1)
 OMPFLAGS = -fopenmp
 endif
-ALLFLAGS = $(WARN) $(CFLAGS) $(OMPFLAGS)
+# Tuned for the building machine when the compiler can (AVX-512 / AVX2 matmul kernels);
+# `make NATIVE=` builds for the generic target, `-DLOUPE_NO_SIMD` in CFLAGS forces the
+# portable C kernels.
+NATIVE  ?= $(shell printf 'int main(void){return 0;}' | $(CC) -march=native -x c - -o /dev/null 2>/dev/null && echo -march=native)
+ALLFLAGS = $(WARN) $(CFLAGS) $(NATIVE) $(OMPFLAGS)
 
 BUILD   ?= build
 GOLDEN  ?= ../shared/golden

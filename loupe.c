@@ -5640,73 +5640,351 @@ void loupe_model_free(loupe_model *m)
 static int parallel_ok(double work) { return work >= PARALLEL_MIN_WORK && !omp_in_parallel(); }
 #endif
 
-/* Register tile of the matmul: GEMM_MR rows of A times GEMM_NR rows of B, each dot
- * product kept in GEMM_LANES independent partial sums so that it vectorises. */
-#define GEMM_MR 4
-#define GEMM_NR 4
-#define GEMM_LANES 8
+/* Matrix products: gemm_nt (C (+)= A B^T + bias, B a PyTorch weight [out][in]) and
+ * gemm_nn (C (+)= A B, B stored [K][N]), plus fma_peak_gflops for the benchmarks.
+ *
+ * Blocking scheme (Goto / BLIS, with A read in place and B packed on the fly):
+ *   - C is cut into tasks: chunks of at most GEMM_MC rows times ranges of columns,
+ *     enough tasks to keep every thread busy (threads take them one by one);
+ *   - a task walks K in steps of GEMM_KC, and within a step its columns in blocks of
+ *     GEMM_NC: the KC x NC block of B is packed into a stack buffer (it stays in L2)
+ *     as panels of NR columns stored k-major, zero-padded to NR, so the micro-kernel
+ *     reads NR consecutive floats per k;
+ *   - for every strip of MR rows of A (MR x KC floats read in place, kept in L1 while
+ *     it meets every panel of the block) the micro-kernel keeps an MR x NR tile of C
+ *     in registers for the whole step: per k it loads NR floats of B, broadcasts MR
+ *     floats of A and does MR x NR multiply-adds; then it adds the tile to C (first
+ *     step: bias + tile, onto the old C when accumulating).
+ * Each element of C is summed in the same order (k ascending within a step, steps in
+ * order) whichever task, thread or tile computes it, so results do not depend on the
+ * number of threads. Scratch is one packed block (GEMM_KC x GEMM_NC floats, 64 KiB)
+ * and one tile on the stack of the calling thread: nothing is allocated. */
 
-/* One tile of gemm_nt: mr <= GEMM_MR rows, nr <= GEMM_NR columns. */
-static void gemm_nt_tile(int mr, int nr, int K, const float *A, int lda, const float *B, int ldb,
-                         const float *bias, float *C, int ldc, int accumulate)
+/* Vector type, micro-tile and cache blocking for each instruction set. gemm_vec holds
+ * GEMM_LANES floats; a micro-tile is GEMM_MR rows x GEMM_NV vectors (GEMM_NR floats). */
+#if defined(__AVX512F__) && !defined(LOUPE_NO_SIMD)
+#include <immintrin.h>
+#define GEMM_ISA "AVX-512"
+typedef __m512 gemm_vec;
+#define GEMM_LANES 16
+#define GEMM_MR 12
+#define GEMM_NV 2
+#define GEMM_KC 128
+#define GEMM_NC 128
+#define GEMM_MC 2048
+#define GEMM_PEAK_CHAINS 12
+#define vec_zero() _mm512_setzero_ps()
+#define vec_load(p) _mm512_loadu_ps(p)
+#define vec_store(p, v) _mm512_storeu_ps(p, v)
+#define vec_bcast(p) _mm512_set1_ps(*(p))
+#define vec_fma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vec_add(a, b) _mm512_add_ps(a, b)
+#define GEMM_TRANSPOSE8 1
+#define gemm_prefetch(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(LOUPE_NO_SIMD)
+#include <immintrin.h>
+#define GEMM_ISA "AVX2+FMA"
+typedef __m256 gemm_vec;
+#define GEMM_LANES 8
+#define GEMM_MR 6
+#define GEMM_NV 2
+#define GEMM_KC 256
+#define GEMM_NC 64
+#define GEMM_MC 1024
+#define GEMM_PEAK_CHAINS 12
+#define vec_zero() _mm256_setzero_ps()
+#define vec_load(p) _mm256_loadu_ps(p)
+#define vec_store(p, v) _mm256_storeu_ps(p, v)
+#define vec_bcast(p) _mm256_broadcast_ss(p)
+#define vec_fma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vec_add(a, b) _mm256_add_ps(a, b)
+#define GEMM_TRANSPOSE8 1
+#define gemm_prefetch(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#elif defined(__ARM_NEON) && defined(__aarch64__) && !defined(LOUPE_NO_SIMD)
+#include <arm_neon.h>
+#define GEMM_ISA "NEON"
+typedef float32x4_t gemm_vec;
+#define GEMM_LANES 4
+#define GEMM_MR 6
+#define GEMM_NV 4
+#define GEMM_KC 256
+#define GEMM_NC 64
+#define GEMM_MC 1024
+#define GEMM_PEAK_CHAINS 12
+#define vec_zero() vdupq_n_f32(0.0f)
+#define vec_load(p) vld1q_f32(p)
+#define vec_store(p, v) vst1q_f32(p, v)
+#define vec_bcast(p) vld1q_dup_f32(p)
+#define vec_fma(a, b, c) vfmaq_f32(c, a, b)
+#define vec_add(a, b) vaddq_f32(a, b)
+#define gemm_prefetch(p) ((void)(p)) /* no prefetch hint in C99 */
+#else
+/* Portable C: one "vector" is one float and the compiler vectorises the loops over a
+ * tile row. Where the target has a fast fused multiply-add, use it (ISO C mode
+ * forbids the compiler to fuse a * b + c on its own). */
+#define GEMM_ISA "portable C"
+typedef float gemm_vec;
+#define GEMM_LANES 1
+#define GEMM_MR 2
+#define GEMM_NV 64
+#define GEMM_KC 256
+#define GEMM_NC 64
+#define GEMM_MC 1024
+#define GEMM_PEAK_CHAINS 96
+#define vec_zero() 0.0f
+#define vec_load(p) (*(p))
+#define vec_store(p, v) (*(p) = (v))
+#define vec_bcast(p) (*(p))
+#ifdef FP_FAST_FMAF
+#define vec_fma(a, b, c) fmaf(a, b, c)
+#else
+#define vec_fma(a, b, c) ((a) * (b) + (c))
+#endif
+#define vec_add(a, b) ((a) + (b))
+#define gemm_prefetch(p) ((void)(p)) /* no portable prefetch hint */
+#endif
+
+#define GEMM_NR (GEMM_LANES * GEMM_NV)
+/* Floats in a cache line: packed blocks start on one. */
+#define GEMM_LINE_FLOATS 16
+/* Threads get about this many tasks each, so that uneven tasks still balance. */
+#define GEMM_TASKS_PER_THREAD 8
+
+/* Where the micro-kernel puts its tile: C = tile (+ bias) (+ C when load_c). */
+typedef struct gemm_out {
+    float *c;
+    size_t ldc;
+    const float *bias; /* NR values or NULL */
+    int load_c;
+} gemm_out;
+
+/* The micro-kernel: the MR x NR tile a[0..MR)[0..kc) x bp[0..kc)[0..NR), accumulated
+ * in registers, then written to out. a[r] points at row r of A at the step's first k;
+ * bp is a packed panel (k-major, NR floats per k). */
+static void gemm_micro(int kc, const float *const a[GEMM_MR], const float *bp, gemm_out out)
 {
-    const float *a[GEMM_MR], *b[GEMM_NR];
-    float acc[GEMM_MR][GEMM_NR][GEMM_LANES];
-    int i, j, l, k;
-    for (i = 0; i < GEMM_MR; i++) a[i] = A + (size_t)(i < mr ? i : mr - 1) * lda;
-    for (j = 0; j < GEMM_NR; j++) b[j] = B + (size_t)(j < nr ? j : nr - 1) * ldb;
-    memset(acc, 0, sizeof acc);
-    for (k = 0; k + GEMM_LANES <= K; k += GEMM_LANES)
-        for (i = 0; i < GEMM_MR; i++)
-            for (j = 0; j < GEMM_NR; j++)
-                for (l = 0; l < GEMM_LANES; l++) acc[i][j][l] += a[i][k + l] * b[j][k + l];
-    for (i = 0; i < mr; i++)
-        for (j = 0; j < nr; j++) {
-            float s = 0.0f;
-            int kk;
-            for (l = 0; l < GEMM_LANES; l++) s += acc[i][j][l];
-            for (kk = k; kk < K; kk++) s += a[i][kk] * b[j][kk];
-            if (bias) s += bias[j];
-            if (accumulate) C[(size_t)i * ldc + j] += s;
-            else C[(size_t)i * ldc + j] = s;
+    gemm_vec acc[GEMM_MR][GEMM_NV];
+    int r, v, k;
+    for (r = 0; r < GEMM_MR; r++) {
+        gemm_prefetch(out.c + (size_t)r * out.ldc);
+        gemm_prefetch(out.c + (size_t)r * out.ldc + GEMM_NR - 1);
+        for (v = 0; v < GEMM_NV; v++) acc[r][v] = vec_zero();
+    }
+#if GEMM_LANES > 1
+    /* k outermost: the NV vectors of B loaded for one k serve all MR rows. */
+    for (k = 0; k < kc; k++, bp += GEMM_NR) {
+        gemm_vec b[GEMM_NV];
+        for (v = 0; v < GEMM_NV; v++) b[v] = vec_load(bp + v * GEMM_LANES);
+        for (r = 0; r < GEMM_MR; r++) {
+            gemm_vec ar = vec_bcast(a[r] + k);
+            for (v = 0; v < GEMM_NV; v++) acc[r][v] = vec_fma(ar, b[v], acc[r][v]);
         }
+    }
+#else
+    /* Portable: one row at a time, so that the innermost loop is a multiply-add over
+     * the NR columns, the form compilers vectorise reliably (with k outermost they
+     * tend to vectorise over k instead, needing shuffles). */
+    for (r = 0; r < GEMM_MR; r++)
+        for (k = 0; k < kc; k++)
+            for (v = 0; v < GEMM_NV; v++) acc[r][v] = vec_fma(a[r][k], bp[(size_t)k * GEMM_NR + v], acc[r][v]);
+#endif
+    for (r = 0; r < GEMM_MR; r++)
+        for (v = 0; v < GEMM_NV; v++) {
+            float *c = out.c + (size_t)r * out.ldc + v * GEMM_LANES;
+            gemm_vec t = acc[r][v];
+            if (out.bias) t = vec_add(t, vec_load(out.bias + v * GEMM_LANES));
+            if (out.load_c) t = vec_add(vec_load(c), t);
+            vec_store(c, t);
+        }
+}
+
+#ifdef GEMM_TRANSPOSE8
+/* Writes the transpose of the 8 x 8 block at s (rows ldb apart) to d (rows GEMM_NR apart). */
+static void gemm_transpose8(const float *s, size_t ldb, float *d)
+{
+    __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + ldb), r2 = _mm256_loadu_ps(s + 2 * ldb);
+    __m256 r3 = _mm256_loadu_ps(s + 3 * ldb), r4 = _mm256_loadu_ps(s + 4 * ldb), r5 = _mm256_loadu_ps(s + 5 * ldb);
+    __m256 r6 = _mm256_loadu_ps(s + 6 * ldb), r7 = _mm256_loadu_ps(s + 7 * ldb);
+    /* pairs of rows interleaved, then quads, then the two 128-bit halves */
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3);
+    __m256 t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(d + GEMM_NR, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(d + 2 * GEMM_NR, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(d + 3 * GEMM_NR, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(d + 4 * GEMM_NR, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(d + 5 * GEMM_NR, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(d + 6 * GEMM_NR, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(d + 7 * GEMM_NR, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+#endif
+
+/* Packs one panel: nr <= NR columns of C over kc values of k into d (kc x NR, k-major,
+ * zero-padded to NR columns). B points at the panel's first element; it is [N][K]
+ * (ldb apart per column of C) when b_kn == 0 and [K][N] (ldb apart per k) otherwise. */
+static void gemm_pack_panel(int nr, int kc, const float *B, size_t ldb, int b_kn, float *d)
+{
+    int j = 0, k;
+    if (b_kn) {
+        for (k = 0; k < kc; k++) {
+            for (j = 0; j < nr; j++) d[(size_t)k * GEMM_NR + j] = B[(size_t)k * ldb + j];
+            for (; j < GEMM_NR; j++) d[(size_t)k * GEMM_NR + j] = 0.0f;
+        }
+        return;
+    }
+#ifdef GEMM_TRANSPOSE8
+    for (; j + 8 <= nr; j += 8) {
+        for (k = 0; k + 8 <= kc; k += 8) gemm_transpose8(B + (size_t)j * ldb + k, ldb, d + (size_t)k * GEMM_NR + j);
+        for (; k < kc; k++) {
+            int i;
+            for (i = 0; i < 8; i++) d[(size_t)k * GEMM_NR + j + i] = B[(size_t)(j + i) * ldb + k];
+        }
+    }
+#endif
+    /* the rest one column at a time: read a row of B in order, write a column of d */
+    for (; j < nr; j++)
+        for (k = 0; k < kc; k++) d[(size_t)k * GEMM_NR + j] = B[(size_t)j * ldb + k];
+    for (; j < GEMM_NR; j++)
+        for (k = 0; k < kc; k++) d[(size_t)k * GEMM_NR + j] = 0.0f;
+}
+
+/* Everything a task needs to know about the product. */
+typedef struct gemm_args {
+    int M, N, K;
+    const float *A, *B, *bias;
+    size_t lda, ldb, ldc;
+    int b_kn, accumulate;
+    float *C;
+} gemm_args;
+
+/* One packed block: rows m0..m1 (whole strips from m0) of C, columns n0..n0+nc,
+ * k-range p0..p0+kc, with bp the block of B packed for that range. */
+static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p0, int kc, const float *bp)
+{
+    float tile[GEMM_MR * GEMM_NR];
+    int i0, j0, first = p0 == 0, load_c = !first || g->accumulate;
+    for (i0 = m0; i0 < m1; i0 += GEMM_MR) {
+        int mr = m1 - i0 < GEMM_MR ? m1 - i0 : GEMM_MR, r;
+        const float *a[GEMM_MR];
+        for (r = 0; r < GEMM_MR; r++) a[r] = g->A + (size_t)(i0 + (r < mr ? r : mr - 1)) * g->lda + p0;
+        for (j0 = 0; j0 < nc; j0 += GEMM_NR) {
+            int nr = nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR, j;
+            const float *panel = bp + (size_t)j0 * kc, *bias = first && g->bias ? g->bias + n0 + j0 : NULL;
+            float *c = g->C + (size_t)i0 * g->ldc + n0 + j0;
+            gemm_out out;
+            if (mr == GEMM_MR && nr == GEMM_NR) {
+                out.c = c;
+                out.ldc = g->ldc;
+                out.bias = bias;
+                out.load_c = load_c;
+                gemm_micro(kc, a, panel, out);
+                continue;
+            }
+            /* Edge tile: compute the whole tile aside, then add its valid part with
+             * the same operations as above. */
+            out.c = tile;
+            out.ldc = GEMM_NR;
+            out.bias = NULL;
+            out.load_c = 0;
+            gemm_micro(kc, a, panel, out);
+            for (r = 0; r < mr; r++)
+                for (j = 0; j < nr; j++) {
+                    float t = tile[r * GEMM_NR + j], *cij = c + (size_t)r * g->ldc + j;
+                    if (bias) t += bias[j];
+                    *cij = load_c ? *cij + t : t;
+                }
+        }
+    }
+}
+
+/* One task: rows m0..m1 and columns n0..n1 of C. For each KC step, each NC-wide block
+ * of B is packed and multiplied with the task's rows of A, whose KC-wide slice
+ * (at most GEMM_MC rows) stays in L2 across the blocks. */
+static void gemm_task(const gemm_args *g, int m0, int m1, int n0, int n1)
+{
+    float block[GEMM_KC * GEMM_NC + GEMM_LINE_FLOATS];
+    float *bp = block + (GEMM_LINE_FLOATS - (uintptr_t)block / sizeof(float) % GEMM_LINE_FLOATS) % GEMM_LINE_FLOATS;
+    int p0, kc, jc, j0;
+    for (p0 = 0; p0 < g->K; p0 += kc) {
+        kc = g->K - p0 < GEMM_KC ? g->K - p0 : GEMM_KC;
+        for (jc = n0; jc < n1; jc += GEMM_NC) {
+            int nc = n1 - jc < GEMM_NC ? n1 - jc : GEMM_NC;
+            for (j0 = 0; j0 < nc; j0 += GEMM_NR)
+                gemm_pack_panel(nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR, kc,
+                                g->b_kn ? g->B + (size_t)p0 * g->ldb + jc + j0 : g->B + (size_t)(jc + j0) * g->ldb + p0,
+                                g->ldb, g->b_kn, bp + (size_t)j0 * kc);
+            gemm_block(g, m0, m1, jc, nc, p0, kc, bp);
+        }
+    }
+}
+
+/* Splits C into tasks, row chunks of at most GEMM_MC rows times column ranges of whole
+ * NC blocks, enough of them to keep every thread busy, and runs them: on all threads
+ * when that pays and the caller is not already in a parallel region. */
+static void gemm_run(const gemm_args *g)
+{
+    int strips = (g->M + GEMM_MR - 1) / GEMM_MR, blocks = (g->N + GEMM_NC - 1) / GEMM_NC;
+    int threads = 1, chunks, strips_per_chunk, ranges, blocks_per_range, tasks, t;
+    if (g->M <= 0 || g->N <= 0) return;
+    if (g->K <= 0) {
+        int i, j;
+        for (i = 0; i < g->M; i++)
+            for (j = 0; j < g->N; j++) {
+                float *c = g->C + (size_t)i * g->ldc + j, v = g->bias ? g->bias[j] : 0.0f;
+                *c = g->accumulate ? *c + v : v;
+            }
+        return;
+    }
+#ifdef _OPENMP
+    if (parallel_ok((double)g->M * g->N * g->K)) threads = omp_get_max_threads();
+#endif
+    chunks = (strips * GEMM_MR + GEMM_MC - 1) / GEMM_MC;
+    strips_per_chunk = (strips + chunks - 1) / chunks;
+    chunks = (strips + strips_per_chunk - 1) / strips_per_chunk;
+    ranges = (GEMM_TASKS_PER_THREAD * threads + chunks - 1) / chunks;
+    if (ranges > blocks) ranges = blocks;
+    blocks_per_range = (blocks + ranges - 1) / ranges;
+    ranges = (blocks + blocks_per_range - 1) / blocks_per_range;
+    tasks = chunks * ranges;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) if (threads > 1)
+#endif
+    for (t = 0; t < tasks; t++) {
+        int m0 = t / ranges * strips_per_chunk * GEMM_MR, n0 = t % ranges * blocks_per_range * GEMM_NC;
+        int m1 = m0 + strips_per_chunk * GEMM_MR, n1 = n0 + blocks_per_range * GEMM_NC;
+        gemm_task(g, m0, m1 < g->M ? m1 : g->M, n0, n1 < g->N ? n1 : g->N);
+    }
 }
 
 /* C[M][N] (+)= A[M][K] B[N][K]^T (+ bias[N]): B is a PyTorch weight [out][in]. */
 static void gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int ldb, const float *bias,
                     float *C, int ldc, int accumulate)
 {
-    int mb = (M + GEMM_MR - 1) / GEMM_MR, nb = (N + GEMM_NR - 1) / GEMM_NR, jb, ib;
-#ifdef _OPENMP
-#pragma omp parallel for collapse(2) schedule(static) if (parallel_ok((double)M * N * K))
-#endif
-    for (jb = 0; jb < nb; jb++)
-        for (ib = 0; ib < mb; ib++) {
-            int i0 = ib * GEMM_MR, j0 = jb * GEMM_NR;
-            int mr = M - i0 < GEMM_MR ? M - i0 : GEMM_MR, nr = N - j0 < GEMM_NR ? N - j0 : GEMM_NR;
-            gemm_nt_tile(mr, nr, K, A + (size_t)i0 * lda, lda, B + (size_t)j0 * ldb, ldb, bias ? bias + j0 : NULL,
-                         C + (size_t)i0 * ldc + j0, ldc, accumulate);
-        }
+    gemm_args g;
+    g.M = M; g.N = N; g.K = K;
+    g.A = A; g.B = B; g.bias = bias; g.C = C;
+    g.lda = (size_t)lda; g.ldb = (size_t)ldb; g.ldc = (size_t)ldc;
+    g.b_kn = 0;
+    g.accumulate = accumulate;
+    gemm_run(&g);
 }
 
 /* C[M][N] (+)= A[M][K] B[K][N]: the second operand stored row by row (e.g. values). */
 static void gemm_nn(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc,
                     int accumulate)
 {
-    int i;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)M * N * K))
-#endif
-    for (i = 0; i < M; i++) {
-        float *c = C + (size_t)i * ldc;
-        int k, n;
-        if (!accumulate)
-            for (n = 0; n < N; n++) c[n] = 0.0f;
-        for (k = 0; k < K; k++) {
-            const float a = A[(size_t)i * lda + k], *b = B + (size_t)k * ldb;
-            for (n = 0; n < N; n++) c[n] += a * b[n];
-        }
-    }
+    gemm_args g;
+    g.M = M; g.N = N; g.K = K;
+    g.A = A; g.B = B; g.bias = NULL; g.C = C;
+    g.lda = (size_t)lda; g.ldb = (size_t)ldb; g.ldc = (size_t)ldc;
+    g.b_kn = 1;
+    g.accumulate = accumulate;
+    gemm_run(&g);
 }
 
 /* y[rows][out] = x[rows][in] W^T + b: nn.Linear on a batch of rows. */

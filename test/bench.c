@@ -15,37 +15,54 @@
 #endif
 
 #define MAX_RUNS 64
-#define PEAK_ITERS 50000000L /* FMA chain length of the peak microbenchmark per lane group */
-#define PEAK_LANES 64        /* independent accumulators: enough to hide FMA latency */
 
-/* Multiply-adds per second of independent FMA chains on one thread (portable C that
- * the compiler vectorises and contracts to FMA instructions when it can). */
-static double fma_peak_thread(void)
-{
-    float acc[PEAK_LANES], mul = 0.999999f, add = 1e-7f;
-    double t0, t;
-    long it;
-    int l;
-    for (l = 0; l < PEAK_LANES; l++) acc[l] = (float)l;
-    t0 = now_seconds();
-    for (it = 0; it < PEAK_ITERS / 16; it++)
-        for (l = 0; l < PEAK_LANES; l++) acc[l] = acc[l] * mul + add;
-    t = now_seconds() - t0;
-    for (l = 1; l < PEAK_LANES; l++) acc[0] += acc[l];
-    if (acc[0] == 12345.0f) printf(" "); /* keeps the loop alive */
-    return 2.0 * (double)(PEAK_ITERS / 16) * PEAK_LANES / t;
-}
+/* Multiply-adds each chain does in fma_peak_gflops. */
+#define GEMM_PEAK_ITERS 10000000L
 
-/* FMA peak in GFLOP/s with every thread running the microbenchmark at once. */
+/* Measured fused multiply-add throughput in GFLOP/s with the given number of threads
+ * (the ceiling for the products above): GEMM_PEAK_CHAINS independent chains per
+ * thread, enough to hide the FMA latency on every unit. */
 static double fma_peak_gflops(int threads)
 {
-    double total = 0.0;
-    int i;
+    volatile float sink = 0.0f;
+    double seconds;
+    int used = 1;
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(threads) reduction(+ : total)
+    double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+#else
+    clock_t t0 = clock();
+    (void)threads;
 #endif
-    for (i = 0; i < threads; i++) total += fma_peak_thread();
-    return total / 1e9;
+    {
+        const float one = 1.0f, scale = 0.999f, shift = 0.001f; /* keeps every chain at 1 */
+        gemm_vec acc[GEMM_PEAK_CHAINS], x = vec_bcast(&scale), y = vec_bcast(&shift);
+        float lanes[GEMM_LANES], sum = 0.0f;
+        long it;
+        int c, l;
+        for (c = 0; c < GEMM_PEAK_CHAINS; c++) acc[c] = vec_bcast(&one);
+        for (it = 0; it < GEMM_PEAK_ITERS; it++)
+            for (c = 0; c < GEMM_PEAK_CHAINS; c++) acc[c] = vec_fma(acc[c], x, y);
+        for (c = 0; c < GEMM_PEAK_CHAINS; c++) {
+            vec_store(lanes, acc[c]);
+            for (l = 0; l < GEMM_LANES; l++) sum += lanes[l];
+        }
+#ifdef _OPENMP
+#pragma omp critical
+        {
+            sink = sink + sum;
+            used = omp_get_num_threads();
+        }
+#else
+        sink = sink + sum;
+#endif
+    }
+#ifdef _OPENMP
+    seconds = omp_get_wtime() - t0;
+#else
+    seconds = (double)(clock() - t0) / CLOCKS_PER_SEC;
+#endif
+    return 2.0 * GEMM_LANES * GEMM_PEAK_CHAINS * GEMM_PEAK_ITERS * used / seconds * 1e-9;
 }
 
 /* Floating-point operations of each stage (2 per multiply-add; matrix products,
