@@ -3405,6 +3405,17 @@ static void tta_refresh_tables(loupe_tta *t)
 
 /* ---- Backward pass of the segmentor, module by module (reverse order of section 7) ---- */
 
+/* Backward of Mask2FormerMaskPredictor's einsum masks[r][p] = me[r] . mf[p] (all rows of
+ * all predictions at once): d_mask [rows][P] -> d_me [rows][F] +=, d_mf [P][F] +=.
+ * mf_t: scratch of F*P floats (mf transposed, so that d_me is a gemm_nt). */
+static void mask_einsum_backward(float *d_me, float *d_mf, const float *d_mask, const float *me, const float *mf,
+                                 int rows, int P, int F, float *mf_t)
+{
+    transpose(mf_t, mf, P, F);
+    gemm_nt(rows, F, P, d_mask, P, mf_t, P, NULL, d_me, F, 1);
+    gemm_tn(P, F, rows, d_mask, P, me, F, d_mf, F);
+}
+
 /* Mask2FormerMaskPredictor + class_predictor backward for prediction i: the loss's
  * d class logits [Q][C] and d mask embedding (wk.d_me) -> d query_hidden[i] dqh [Q][F] (=). */
 static void mask_predictor_backward(loupe_tta *t, int i, float *dqh)
@@ -3512,10 +3523,9 @@ static void masked_attention_decoder_backward(loupe_tta *t)
     size_t QF = (size_t)Q * F;
     float *dcur = k->d_h0, *dnext = k->d_h1, *swap, *gqf = grad_of(t, w->query_feat);
     /* the mask einsum of all L predictions: masks[q][p] = me[q] . mask_features[p] */
-    transpose(k->mf_t, t->s->mask_features, M2, F);
-    gemm_nt(L * Q, F, M2, k->d_mask, M2, k->mf_t, M2, NULL, k->d_me, F, 0);
+    zero(k->d_me, (size_t)L * QF);
     zero(k->d_mf, (size_t)M2 * F);
-    gemm_tn(M2, F, L * Q, k->d_mask, M2, t->tape.me, F, k->d_mf, F);
+    mask_einsum_backward(k->d_me, k->d_mf, k->d_mask, t->tape.me, t->s->mask_features, L * Q, M2, F, k->mf_t);
     zero(k->d_dec_feat, (size_t)tb->tokens * F);
     /* hidden[i] feeds prediction i (through the decoder LayerNorm) and layer i */
     for (i = L - 1; i >= 0; i--) {
