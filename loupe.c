@@ -3142,7 +3142,7 @@ static void add_norm(param_builder *pb, norm_w *n, int dim, const char *prefix)
 }
 static void add_mha(param_builder *pb, linear_w *qkv, linear_w *out, int e, const char *prefix)
 {
-    char name[TTA_NAME_LEN];
+    char name[TTA_NAME_LEN + 16];
     add_param(pb, &qkv->w, PARAM_PLAIN, 3 * e, e, 0, 0, "%s.in_proj_weight", prefix);
     add_param(pb, &qkv->b, PARAM_PLAIN, 3 * e, 0, 0, 0, "%s.in_proj_bias", prefix);
     snprintf(name, sizeof name, "%s.out_proj", prefix);
@@ -3732,23 +3732,21 @@ static void segmentor_backward(loupe_tta *t, float *d_grid)
 
 /* ---- One step: forward, pseudo-label loss, backward; clipping and AdamW ---- */
 
-/* LoupeModel.forward in stage test with labels = None, then backward: runs the forward
- * of pixel_values with the adapted segmentor, turns the classifier's verdict into pseudo
- * targets, evaluates LoupeSegLoss and adds weight * its gradient to t->grad (and the
- * patch grid's into d_grid [g*g][W] when not NULL). */
-static int tta_accumulate(loupe_tta *t, const float *pixel_values, float weight, loupe_tta_loss *out, float *d_grid,
-                          char *err, size_t errsize)
+/* LoupeModel.forward in stage test with labels = None: runs the forward of pixel_values
+ * with the adapted segmentor (keeping the tape), turns the classifier's verdict into
+ * pseudo targets and evaluates LoupeSegLoss; its gradients w.r.t. every prediction's
+ * logits land in wk.d_class, wk.d_mask (=). */
+static int tta_forward_loss(loupe_tta *t, const float *pixel_values, loupe_tta_loss *out, char *err, size_t errsize)
 {
     const loupe_config *c = &t->m->cfg;
     loupe_session *s = t->s;
     tta_work *k = &t->wk;
     int L = c->dec_layers, Q = c->num_queries, C = c->num_labels + 1, g = c->grid, M = 4 * g, i;
-    size_t nc = (size_t)L * Q * C, nm = (size_t)L * Q * M * M, j;
     double total;
     if (loupe_forward(s, pixel_values, err, errsize)) return -1;
     for (i = 0; i < g * g; i++) k->pseudo_mask[i] = sigmoidf(s->patch_logits[i]);
-    zero(k->d_class, nc);
-    zero(k->d_mask, nm);
+    zero(k->d_class, (size_t)L * Q * C);
+    zero(k->d_mask, (size_t)L * Q * M * M);
     for (i = 0; i < L; i++) {
         t->preds[i].class_logits = s->class_logits + (size_t)i * Q * C;
         t->preds[i].mask_logits = s->mask_logits + (size_t)i * Q * M * M;
@@ -3756,22 +3754,34 @@ static int tta_accumulate(loupe_tta *t, const float *pixel_values, float weight,
         t->preds[i].grad_mask_logits = k->d_mask + (size_t)i * Q * M * M;
     }
     loupe_seg_loss(&t->loss_cfg, L, Q, M, g, t->preds, s->prob, k->pseudo_mask, &t->rng, &k->loss, t->calls, &total);
+    memset(out, 0, sizeof *out);
+    out->total = total;
+    for (i = 0; i < L; i++) {
+        out->mask += t->calls[i].weighted_mask;
+        out->dice += t->calls[i].weighted_dice;
+        out->cross_entropy += t->calls[i].weighted_cross_entropy;
+    }
+    out->prob = s->prob;
+    out->has_target = s->prob > SEG_PSEUDO_LABEL_THRESHOLD;
+    return 0;
+}
+
+/* tta_forward_loss, then the backward: adds weight * the gradient to t->grad (and the
+ * patch grid's into d_grid [g*g][W] when not NULL). */
+static int tta_accumulate(loupe_tta *t, const float *pixel_values, float weight, loupe_tta_loss *out, float *d_grid,
+                          char *err, size_t errsize)
+{
+    const loupe_config *c = &t->m->cfg;
+    size_t nc = (size_t)c->dec_layers * c->num_queries * (c->num_labels + 1);
+    size_t nm = (size_t)c->dec_layers * c->num_queries * 16 * c->grid * c->grid, j;
+    loupe_tta_loss loss;
+    if (tta_forward_loss(t, pixel_values, &loss, err, errsize)) return -1;
     if (weight != 1.0f) {
-        for (j = 0; j < nc; j++) k->d_class[j] *= weight;
-        for (j = 0; j < nm; j++) k->d_mask[j] *= weight;
+        for (j = 0; j < nc; j++) t->wk.d_class[j] *= weight;
+        for (j = 0; j < nm; j++) t->wk.d_mask[j] *= weight;
     }
     segmentor_backward(t, d_grid);
-    if (out) {
-        memset(out, 0, sizeof *out);
-        out->total = total;
-        for (i = 0; i < L; i++) {
-            out->mask += t->calls[i].weighted_mask;
-            out->dice += t->calls[i].weighted_dice;
-            out->cross_entropy += t->calls[i].weighted_cross_entropy;
-        }
-        out->prob = s->prob;
-        out->has_target = s->prob > SEG_PSEUDO_LABEL_THRESHOLD;
-    }
+    if (out) *out = loss;
     return 0;
 }
 
@@ -4099,18 +4109,238 @@ int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsi
 /* 10. CLI                                                                    */
 /* ========================================================================== */
 #ifndef LOUPE_NO_MAIN
+
+/* ---- Test-time adaptation options: parsed and run the same way by any front end ---- */
+
+static const char cli_tta_usage[] =
+    "Test-time adaptation (Loupe's pseudo-label fine-tuning of the segmentor on the given\n"
+    "images; the predictions then use the adapted segmentor):\n"
+    "      --tta-steps N     AdamW steps before predicting (default 0: no adaptation)\n"
+    "      --tta-batch B     images averaged into each step, taken in order and cycling\n"
+    "                        (default: all images, every step sees the whole set)\n"
+    "      --tta-lr LR       learning rate (default 1e-4; clipping 1.0, weight decay 1e-3)\n"
+    "      --tta-seed S      seed of the loss's random sample points (default 0)\n"
+    "      --save-adapted F  also write the adapted model as a weight file F\n";
+
+/* The command line's TTA settings. */
+typedef struct cli_tta {
+    int steps, batch;            /* batch 0: all images */
+    double lr;
+    unsigned long long seed;
+    const char *save;
+} cli_tta;
+
+/* Parses a number argument within [lo, hi]; prints the problem and returns -1. */
+static int cli_tta_number(const char *opt, const char *arg, double lo, double hi, int integer, double *v)
+{
+    char *end;
+    if (!arg) { fprintf(stderr, "loupe: %s needs a value (see loupe -h)\n", opt); return -1; }
+    *v = strtod(arg, &end);
+    if (end == arg || *end || !(*v >= lo && *v <= hi) || (integer && *v != floor(*v))) {
+        fprintf(stderr, "loupe: %s %s: expected %s between %g and %g\n", opt, arg, integer ? "an integer" : "a number",
+                lo, hi);
+        return -1;
+    }
+    return 0;
+}
+
+/* Handles one TTA option a (with its value next): returns the arguments used (2), 0 when
+ * a is not a TTA option, -1 after printing why its value is bad. */
+static int cli_tta_option(cli_tta *o, const char *a, const char *next)
+{
+    double v;
+    if (!strcmp(a, "--tta-steps")) { if (cli_tta_number(a, next, 0, 1e9, 1, &v)) return -1; o->steps = (int)v; }
+    else if (!strcmp(a, "--tta-batch")) { if (cli_tta_number(a, next, 1, 1e9, 1, &v)) return -1; o->batch = (int)v; }
+    else if (!strcmp(a, "--tta-lr")) { if (cli_tta_number(a, next, 0, 0.999, 0, &v)) return -1; o->lr = v; }
+    else if (!strcmp(a, "--tta-seed")) { if (cli_tta_number(a, next, 0, 9007199254740992.0, 1, &v)) return -1; o->seed = (unsigned long long)v; }
+    else if (!strcmp(a, "--save-adapted")) {
+        if (!next) { fprintf(stderr, "loupe: %s needs a value (see loupe -h)\n", a); return -1; }
+        o->save = next;
+    } else return 0;
+    return 2;
+}
+
+/* What loupe_tta_adapt's callbacks share: the front end's loader and the options. */
+typedef struct cli_tta_context {
+    loupe_tta_source load;
+    void *user;
+    const cli_tta *o;
+} cli_tta_context;
+
+/* Loads image index for loupe_tta_adapt through the front end's loader. */
+static int cli_tta_load(void *user, int index, float *pixel_values, char *err, size_t errsize)
+{
+    const cli_tta_context *ctx = user;
+    return ctx->load(ctx->user, index, pixel_values, err, errsize);
+}
+
+/* Prints one line per step on stderr. */
+static void cli_tta_progress(void *user, int step, const loupe_tta_loss *loss)
+{
+    const cli_tta_context *ctx = user;
+    fprintf(stderr, "tta step %d/%d: loss %.5f (mask %.4f, dice %.4f, class %.4f), %d image(s) with a target, "
+            "gradient norm %.4g\n", step + 1, ctx->o->steps, loss->total, loss->mask, loss->dice, loss->cross_entropy,
+            loss->has_target, loss->grad_norm);
+}
+
+/* Upstream's test-stage values: no adaptation unless asked. */
+static void cli_tta_init(cli_tta *o)
+{
+    loupe_tta_options opt;
+    loupe_tta_default_options(&opt);
+    o->steps = 0;
+    o->batch = 0;
+    o->lr = opt.lr;
+    o->seed = opt.seed;
+    o->save = NULL;
+}
+
+/* Adapts on n images (load fills image i's pixel_values), saves the adapted model when
+ * asked and makes s predict with it; *out receives the adapter (NULL when nothing was
+ * asked), which must outlive those predictions. Returns 0, or 1 after printing the error. */
+static int cli_tta_run(const cli_tta *o, const loupe_model *m, loupe_session *s, int n, loupe_tta_source load,
+                       void *user, int quiet, loupe_tta **out)
+{
+    loupe_tta_options opt;
+    loupe_tta *t;
+    cli_tta_context ctx;
+    char err[512];
+    *out = NULL;
+    if (o->steps == 0 && !o->save) return 0;
+    loupe_tta_default_options(&opt);
+    opt.lr = o->lr;
+    opt.seed = o->seed;
+    if (!(t = loupe_tta_new(m, &opt, err, sizeof err))) { fprintf(stderr, "loupe: %s\n", err); return 1; }
+    ctx.load = load;
+    ctx.user = user;
+    ctx.o = o;
+    if (loupe_tta_adapt(t, n, cli_tta_load, &ctx, o->steps, o->batch ? o->batch : n, quiet ? NULL : cli_tta_progress,
+                        err, sizeof err) ||
+        (o->save && loupe_tta_save(t, o->save, err, sizeof err)) || loupe_session_use_tta(s, t, err, sizeof err)) {
+        fprintf(stderr, "loupe: test-time adaptation: %s\n", err);
+        loupe_tta_free(t);
+        return 1;
+    }
+    *out = t;
+    return 0;
+}
+
+/* ---- The command (this branch: binary PPM input of the model's size; see README) ---- */
+
+static const char usage_text[] =
+    "usage: loupe -m MODEL.bin [options] IMAGE.ppm...\n"
+    "\n"
+    "Detects and localizes image forgeries with Loupe. Prints one line per image,\n"
+    "`name,probability`. Images: binary PPM (P6, maxval 255) of exactly the model's\n"
+    "input size (336x336 for the full model).\n"
+    "\n"
+    "  -m, --model FILE      weight file written by tools/convert.py (required)\n"
+    "      --threads N       number of threads (default: all cores)\n"
+    "  -q, --quiet           no progress on stderr (errors are still reported)\n"
+    "  -h, --help            show this help\n"
+    "\n";
+
+/* Largest PPM header accepted, in bytes. */
+#define PPM_HEADER_MAX 256
+
+/* Reads a binary PPM of exactly S x S pixels into pixel_values [3][S][S] with upstream's
+ * normalization ((x / 255 - 0.5) / 0.5). */
+static int cli_read_ppm(const char *path, int S, float *pixel_values, char *err, size_t errsize)
+{
+    FILE *f = fopen(path, "rb");
+    int w = 0, h = 0, maxval = 0, c, p;
+    unsigned char *rgb;
+    if (!f) return fail(err, errsize, "%s: cannot open: %s", path, strerror(errno));
+    if (fscanf(f, "P6 %d %d %d", &w, &h, &maxval) != 3 || fgetc(f) == EOF || maxval != 255) {
+        fclose(f);
+        return fail(err, errsize, "%s: not a binary PPM (P6, maxval 255)", path);
+    }
+    if (w != S || h != S) {
+        fclose(f);
+        return fail(err, errsize, "%s: is %dx%d; this build needs %dx%d PPM input", path, w, h, S, S);
+    }
+    rgb = malloc((size_t)S * S * 3);
+    if (!rgb || fread(rgb, 3, (size_t)S * S, f) != (size_t)S * S) {
+        free(rgb);
+        fclose(f);
+        return fail(err, errsize, "%s: truncated image data", path);
+    }
+    fclose(f);
+    for (c = 0; c < 3; c++)
+        for (p = 0; p < S * S; p++) {
+            float v = (float)((double)rgb[(size_t)p * 3 + c] * (1.0 / 255.0));
+            pixel_values[(size_t)c * S * S + p] = (v - 0.5f) / 0.5f;
+        }
+    free(rgb);
+    return 0;
+}
+
+/* The command's image list, for cli_tta_run's loader. */
+typedef struct cli_inputs {
+    char **paths;
+    int S;
+} cli_inputs;
+
+static int cli_load_input(void *user, int index, float *pixel_values, char *err, size_t errsize)
+{
+    const cli_inputs *in = user;
+    return cli_read_ppm(in->paths[index], in->S, pixel_values, err, errsize);
+}
+
 int main(int argc, char **argv)
 {
     char err[512];
-    loupe_model *m;
-    if (argc < 3 || strcmp(argv[1], "-m") != 0) {
-        fprintf(stderr, "usage: loupe -m MODEL.bin\n");
-        return 2;
+    const char *model = NULL;
+    cli_tta tta;
+    cli_inputs in;
+    loupe_model *m = NULL;
+    loupe_session *s = NULL;
+    loupe_tta *adapter = NULL;
+    float *pixels = NULL;
+    int i, n = 0, quiet = 0, status = 0, used;
+    double v;
+    cli_tta_init(&tta);
+    in.paths = malloc((size_t)argc * sizeof *in.paths);
+    if (!in.paths) { fprintf(stderr, "loupe: out of memory\n"); return 1; }
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i], *next = i + 1 < argc ? argv[i + 1] : NULL;
+        if (a[0] != '-' || !a[1]) in.paths[n++] = argv[i];
+        else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(usage_text, stdout); fputs(cli_tta_usage, stdout); goto done; }
+        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { model = next; i++; }
+        else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) quiet = 1;
+        else if (!strcmp(a, "--threads")) {
+            if (cli_tta_number(a, next, 1, 4096, 1, &v)) { status = 2; goto done; }
+            loupe_set_threads((int)v);
+            i++;
+        } else if ((used = cli_tta_option(&tta, a, next)) != 0) {
+            if (used < 0) { status = 2; goto done; }
+            i += used - 1;
+        } else { fprintf(stderr, "loupe: unknown option %s (see loupe -h)\n", a); status = 2; goto done; }
     }
-    m = loupe_model_load(argv[2], err, sizeof err);
-    if (!m) { fprintf(stderr, "loupe: %s\n", err); return 1; }
-    printf("image_size %d\n", loupe_model_config(m)->image_size);
+    if (!model || n == 0) { fprintf(stderr, "loupe: give a model (-m MODEL.bin) and images (see loupe -h)\n"); status = 2; goto done; }
+    if (!(m = loupe_model_load(model, err, sizeof err)) || !(s = loupe_session_new(m, err, sizeof err))) {
+        fprintf(stderr, "loupe: %s\n", err);
+        status = 1;
+        goto done;
+    }
+    in.S = loupe_model_config(m)->image_size;
+    pixels = malloc((size_t)3 * in.S * in.S * sizeof *pixels);
+    if (!pixels) { fprintf(stderr, "loupe: out of memory\n"); status = 1; goto done; }
+    if (cli_tta_run(&tta, m, s, n, cli_load_input, &in, quiet, &adapter)) { status = 1; goto done; }
+    for (i = 0; i < n; i++) {
+        if (cli_read_ppm(in.paths[i], in.S, pixels, err, sizeof err) || loupe_forward(s, pixels, err, sizeof err)) {
+            fprintf(stderr, "loupe: %s\n", err);
+            status = 1;
+            continue;
+        }
+        printf("%s,%.4f\n", in.paths[i], loupe_get_outputs(s)->prob);
+    }
+done:
+    loupe_session_free(s);
+    loupe_tta_free(adapter);
     loupe_model_free(m);
-    return 0;
+    free(pixels);
+    free(in.paths);
+    return status;
 }
 #endif

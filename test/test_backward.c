@@ -414,29 +414,26 @@ static void test_einsum(void)
 #define E2E_TOL 2e-2        /* |fd - analytic| <= E2E_TOL * |analytic| + E2E_ABS */
 #define E2E_ABS 1e-3
 
-/* Total loss of the current adapted weights (gradient weight 0: nothing accumulates);
- * the loss's random stream restarts at the same point every time. */
+/* Total loss of the current adapted weights (forward and loss only); the loss's random
+ * stream restarts at the same point every time. */
 static double e2e_loss(loupe_tta *t, const float *pixels)
 {
     loupe_tta_loss loss;
     char err[256];
     tta_refresh_tables(t);
     t->rng_state.counter = 0;
-    if (tta_accumulate(t, pixels, 0.0f, &loss, NULL, err, sizeof err)) { printf("%s\n", err); return NAN; }
+    if (tta_forward_loss(t, pixels, &loss, err, sizeof err)) { printf("%s\n", err); return NAN; }
     return loss.total;
 }
 
-/* One tensor of every module the backward walks (suffixes of segmentor tensor names). */
+/* Tensors whose gradients pass through every kind of module the backward walks
+ * (suffixes of segmentor tensor names). */
 static const char *const e2e_tensors[] = {
-    "fpn.scale_layers.0.0.conv1.weight", "fpn.scale_layers.0.1.norm.weight", "fpn.scale_layers.3.0.conv2.weight",
-    "label_embedding.1", "pixel_decoder.level_embed", "input_projections.0.0.weight", "input_projections.2.1.bias",
-    "encoder.layers.0.self_attn.sampling_offsets.weight", "encoder.layers.1.self_attn.attention_weights.weight",
-    "encoder.layers.0.self_attn.value_proj.weight", "encoder.layers.0.cross_attn.in_proj_weight",
-    "encoder.layers.1.fc1.weight", "adapter_1.0.weight", "adapter_1.1.weight", "layer_1.0.weight",
-    "mask_projection.weight", "queries_embedder.weight", "queries_features.weight",
-    "decoder.layers.0.cross_attn.in_proj_weight", "decoder.layers.1.self_attn.q_proj.weight",
-    "decoder.layers.0.fc2.weight", "decoder.layernorm.weight", "mask_embedder.0.0.weight",
-    "mask2former_decoder.level_embed.weight", "class_predictor.weight"};
+    "fpn.scale_layers.0.0.conv1.weight", "fpn.scale_layers.3.0.conv2.weight", "label_embedding.1",
+    "pixel_decoder.level_embed", "encoder.layers.0.self_attn.sampling_offsets.weight",
+    "encoder.layers.1.self_attn.attention_weights.weight", "adapter_1.0.weight", "layer_1.0.weight",
+    "queries_embedder.weight", "decoder.layers.0.cross_attn.in_proj_weight", "decoder.layers.1.self_attn.q_proj.weight",
+    "mask_embedder.0.0.weight", "class_predictor.weight"};
 #define E2E_COUNT ((int)(sizeof e2e_tensors / sizeof e2e_tensors[0]))
 
 /* True when name ends with suffix. */
@@ -488,6 +485,49 @@ static void synthetic_pixels(float *px, int S)
                 px[((size_t)c * S + y) * S + x] = 0.8f * sinf(0.05f * (float)(x * (c + 1)) + 0.07f * (float)y) - 0.1f * (float)c;
 }
 
+/* After a step: a session using the adapter, the adapter saved as a weight file and
+ * reloaded, and the model itself. The first two must agree bit for bit, the model must
+ * differ, and switching the session back must restore the model's outputs. */
+static void test_adapted_model(loupe_model *m, loupe_tta *t, const float *px)
+{
+    const char *path = "build/test_backward_adapted.bin";
+    char err[512];
+    const loupe_config *c = &m->cfg;
+    size_t n = (size_t)c->num_queries * 16 * c->grid * c->grid, i;
+    loupe_session *s = loupe_session_new(m, err, sizeof err), *s2;
+    loupe_model *m2;
+    loupe_tta_loss loss;
+    float *base = malloc(n * sizeof *base), *adapted = malloc(n * sizeof *adapted);
+    int same = 1, differs = 0, restored = 1;
+    if (!s || !base || !adapted || loupe_forward(s, px, err, sizeof err)) { printf("FAIL %s\n", err); failed++; return; }
+    memcpy(base, loupe_get_outputs(s)->mask_logits, n * sizeof *base);
+    memset(&loss, 0, sizeof loss);
+    i = (size_t)loupe_tta_step(t, px, &loss, err, sizeof err);
+    check(i == 0 && loss.grad_norm > 0.0, "loupe_tta_step runs one step (gradient norm)", loss.grad_norm);
+    check(loupe_session_use_tta(s, t, err, sizeof err) == 0 && loupe_forward(s, px, err, sizeof err) == 0,
+          "a session predicts with the adapted segmentor", 0.0);
+    memcpy(adapted, loupe_get_outputs(s)->mask_logits, n * sizeof *adapted);
+    check(loupe_tta_save(t, path, err, sizeof err) == 0, "loupe_tta_save writes a weight file", 0.0);
+    m2 = loupe_model_load(path, err, sizeof err);
+    s2 = m2 ? loupe_session_new(m2, err, sizeof err) : NULL;
+    check(s2 && loupe_forward(s2, px, err, sizeof err) == 0, "the saved adapted model loads and runs", 0.0);
+    for (i = 0; s2 && i < n; i++) {
+        same &= loupe_get_outputs(s2)->mask_logits[i] == adapted[i];
+        differs |= adapted[i] != base[i];
+    }
+    check(s2 && same && differs, "the saved model predicts exactly as the adapter (and unlike the model)", 0.0);
+    loupe_session_use_tta(s, NULL, err, sizeof err);
+    loupe_forward(s, px, err, sizeof err);
+    for (i = 0; i < n; i++) restored &= loupe_get_outputs(s)->mask_logits[i] == base[i];
+    check(restored, "loupe_session_use_tta(s, NULL) restores the model's segmentor", 0.0);
+    loupe_session_free(s2);
+    loupe_model_free(m2);
+    loupe_session_free(s);
+    remove(path);
+    free(base);
+    free(adapted);
+}
+
 static void test_tta(const char *path)
 {
     char err[512], what[160];
@@ -495,6 +535,7 @@ static void test_tta(const char *path)
     loupe_tta *t;
     loupe_tta_loss loss;
     float *px, *negated;
+    const float *fuser;
     const loupe_config *c;
     int L, Q, M, i, k, finite = 1, unmatched = 1, bad;
     size_t j, N;
@@ -512,7 +553,7 @@ static void test_tta(const char *path)
     /* no target: force p below 0.5 by negating the fuser (the model is read-only: swap the view) */
     {
         const float *orig = m->w.fuser;
-        tta_accumulate(t, px, 0.0f, &loss, NULL, err, sizeof err);
+        tta_forward_loss(t, px, &loss, err, sizeof err);
         for (j = 0; j < N; j++) negated[j] = loss.prob > 0.5f ? -orig[j] : orig[j];
         m->w.fuser = negated;
         t->w.fuser = negated;
@@ -542,6 +583,7 @@ static void test_tta(const char *path)
         m->w.fuser = orig;
         t->w.fuser = orig;
     }
+    fuser = m->w.fuser;
     /* forged target, every point drawn at random (no top-k selection: the loss is smooth) */
     zero(t->grad, t->n_floats);
     t->loss_cfg.importance_sample_ratio = 0.0;
@@ -554,6 +596,8 @@ static void test_tta(const char *path)
     bad = e2e_fd(t, px, &worst);
     snprintf(what, sizeof what, "target case: %d tensors' gradients vs central differences of the loss", E2E_COUNT);
     check(bad == 0, what, worst);
+    m->w.fuser = t->w.fuser = fuser;
+    test_adapted_model(m, t, px);
     loupe_tta_free(t);
     loupe_model_free(m);
     free(px);
