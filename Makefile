@@ -14,7 +14,7 @@ ALLFLAGS = $(WARN) $(CFLAGS) $(OMPFLAGS)
 BUILD   ?= build
 GOLDEN  ?= ../shared/golden
 
-.PHONY: all test test-full test-case test-unit test-convert bench clean
+.PHONY: all test test-full test-case test-unit test-convert bench bench-tta clean
 
 all: loupe
 
@@ -35,6 +35,9 @@ $(BUILD)/check_tta: loupe.c loupe.h test/check_tta.c | $(BUILD)
 
 $(BUILD)/test_backward: loupe.c loupe.h test/test_backward.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/test_backward.c $(LDLIBS)
+
+$(BUILD)/bench_tta: loupe.c loupe.h test/bench_tta.c | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/bench_tta.c $(LDLIBS)
 
 $(BUILD)/make_weights: test/make_weights.c | $(BUILD)
 	$(CC) $(WARN) $(CFLAGS) -o $@ test/make_weights.c $(LDLIBS)
@@ -81,6 +84,15 @@ test-case: $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/make_weights
 
 test-full:
 	$(MAKE) --no-print-directory test-case CASE=$(GOLDEN)/full-1
+
+# Time and memory of one test-time-adaptation step against a forward on the full-size
+# model (converted by `make test-full`); BENCH_MODEL and BENCH_CASE override.
+BENCH_MODEL ?= $(BUILD)/full-1.bin
+BENCH_CASE  ?= $(GOLDEN)/full-1
+bench: bench-tta
+bench-tta: $(BUILD)/bench_tta
+	@test -f $(BENCH_MODEL) || { echo "bench: $(BENCH_MODEL) is missing; run make test-full first"; exit 2; }
+	$(BUILD)/bench_tta $(BENCH_MODEL) $(BENCH_CASE)
 
 clean:
 	rm -rf loupe $(BUILD)
