@@ -3053,7 +3053,6 @@ typedef struct tta_param {
     char name[TTA_NAME_LEN];     /* upstream state-dict key without "loupe." */
     int dims[MAX_TENSOR_DIMS];   /* upstream shape, trailing zeros */
     int layout;
-    const float **view;          /* the adapted weights' pointer that reads this tensor */
     size_t offset, numel;        /* position in loupe_tta's param, grad, adam_m, adam_v */
     int decay;                   /* AdamW weight decay applies: the name has no "bias" */
 } tta_param;
@@ -3118,7 +3117,6 @@ static void add_param(param_builder *pb, const float **view, int layout, int d0,
         memcpy(p->name, name, sizeof name);
         p->dims[0] = d0; p->dims[1] = d1; p->dims[2] = d2; p->dims[3] = d3;
         p->layout = layout;
-        p->view = view;
         p->offset = pb->floats;
         p->numel = numel;
         p->decay = strstr(name, "bias") == NULL;
@@ -3732,18 +3730,16 @@ static void segmentor_backward(loupe_tta *t, float *d_grid)
 
 /* ---- One step: forward, pseudo-label loss, backward; clipping and AdamW ---- */
 
-/* LoupeModel.forward in stage test with labels = None: runs the forward of pixel_values
- * with the adapted segmentor (keeping the tape), turns the classifier's verdict into
- * pseudo targets and evaluates LoupeSegLoss; its gradients w.r.t. every prediction's
- * logits land in wk.d_class, wk.d_mask (=). */
-static int tta_forward_loss(loupe_tta *t, const float *pixel_values, loupe_tta_loss *out, char *err, size_t errsize)
+/* The loss half of LoupeModel.forward in stage test with labels = None, after a forward
+ * of t->s: turns the classifier's verdict into pseudo targets and evaluates LoupeSegLoss;
+ * its gradients w.r.t. every prediction's logits land in wk.d_class, wk.d_mask (=). */
+static void tta_loss(loupe_tta *t, loupe_tta_loss *out)
 {
     const loupe_config *c = &t->m->cfg;
     loupe_session *s = t->s;
     tta_work *k = &t->wk;
     int L = c->dec_layers, Q = c->num_queries, C = c->num_labels + 1, g = c->grid, M = 4 * g, i;
     double total;
-    if (loupe_forward(s, pixel_values, err, errsize)) return -1;
     for (i = 0; i < g * g; i++) k->pseudo_mask[i] = sigmoidf(s->patch_logits[i]);
     zero(k->d_class, (size_t)L * Q * C);
     zero(k->d_mask, (size_t)L * Q * M * M);
@@ -3763,6 +3759,14 @@ static int tta_forward_loss(loupe_tta *t, const float *pixel_values, loupe_tta_l
     }
     out->prob = s->prob;
     out->has_target = s->prob > SEG_PSEUDO_LABEL_THRESHOLD;
+}
+
+/* LoupeModel.forward in stage test with labels = None: the forward of pixel_values with
+ * the adapted segmentor (keeping the tape), then tta_loss. */
+static int tta_forward_loss(loupe_tta *t, const float *pixel_values, loupe_tta_loss *out, char *err, size_t errsize)
+{
+    if (loupe_forward(t->s, pixel_values, err, errsize)) return -1;
+    tta_loss(t, out);
     return 0;
 }
 

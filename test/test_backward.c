@@ -413,6 +413,7 @@ static void test_einsum(void)
 #define E2E_STEP 1e-3f      /* perturbation of one parameter element */
 #define E2E_TOL 2e-2        /* |fd - analytic| <= E2E_TOL * |analytic| + E2E_ABS */
 #define E2E_ABS 1e-3
+#define GRID_PICKS 8        /* patch-grid elements checked: the largest gradient and 7 others */
 
 /* Total loss of the current adapted weights (forward and loss only); the loss's random
  * stream restarts at the same point every time. */
@@ -483,6 +484,53 @@ static void synthetic_pixels(float *px, int S)
         for (y = 0; y < S; y++)
             for (x = 0; x < S; x++)
                 px[((size_t)c * S + y) * S + x] = 0.8f * sinf(0.05f * (float)(x * (c + 1)) + 0.07f * (float)y) - 0.1f * (float)c;
+}
+
+/* Loss after re-running the segmentor alone on the session's (perturbed) patch grid. */
+static double grid_loss(loupe_tta *t)
+{
+    loupe_tta_loss loss;
+    conditional_query(t->s);
+    feature_pyramid(t->s);
+    pixel_decoder(t->s);
+    masked_attention_decoder(t->s);
+    t->rng_state.counter = 0;
+    tta_loss(t, &loss);
+    return loss.total;
+}
+
+/* The gradient w.r.t. the backbone's patch grid (frozen in TTA, computed on request:
+ * it reaches the max-pool, the first transposed convolutions and the 1x input
+ * projection's input gradients) against central differences of the loss. */
+static void test_grid_gradient(loupe_tta *t, const float *px)
+{
+    const loupe_config *c = &t->m->cfg;
+    size_t n = (size_t)c->grid * c->grid * c->width, i, best = 0, picks[GRID_PICKS];
+    float *d_grid = calloc(n, sizeof *d_grid), *grid = t->s->feats + c->width;
+    loupe_tta_loss loss;
+    char err[256];
+    double worst = 0.0;
+    int k, bad = 0;
+    t->rng_state.counter = 0;
+    if (!d_grid || tta_accumulate(t, px, 1.0f, &loss, d_grid, err, sizeof err)) { printf("FAIL %s\n", err); failed++; return; }
+    zero(t->grad, t->n_floats);
+    for (i = 1; i < n; i++)
+        if (fabs(d_grid[i]) > fabs(d_grid[best])) best = i;
+    for (k = 0; k < GRID_PICKS; k++) picks[k] = k ? (best + (size_t)k * 7919u * 13u) % n : best;
+    for (k = 0; k < GRID_PICKS; k++) {
+        float keep = grid[picks[k]];
+        double fp, fm, fd, e;
+        grid[picks[k]] = keep + E2E_STEP; fp = grid_loss(t);
+        grid[picks[k]] = keep - E2E_STEP; fm = grid_loss(t);
+        grid[picks[k]] = keep;
+        fd = (fp - fm) / ((double)(keep + E2E_STEP) - (double)(keep - E2E_STEP));
+        e = fabs(fd - d_grid[picks[k]]) / (E2E_TOL * fabs(d_grid[picks[k]]) + E2E_ABS);
+        if (e > worst) worst = e;
+        if (!(e <= 1.0)) { bad++; printf("  grid[%lu]: analytic %.6g, central difference %.6g\n", (unsigned long)picks[k], d_grid[picks[k]], fd); }
+    }
+    grid_loss(t);
+    check(bad == 0, "target case: gradient of the patch grid vs central differences", worst);
+    free(d_grid);
 }
 
 /* After a step: a session using the adapter, the adapter saved as a weight file and
@@ -596,6 +644,7 @@ static void test_tta(const char *path)
     bad = e2e_fd(t, px, &worst);
     snprintf(what, sizeof what, "target case: %d tensors' gradients vs central differences of the loss", E2E_COUNT);
     check(bad == 0, what, worst);
+    test_grid_gradient(t, px);
     m->w.fuser = t->w.fuser = fuser;
     test_adapted_model(m, t, px);
     loupe_tta_free(t);
