@@ -208,6 +208,33 @@ static void replay_fill(void *state, float *out, size_t n)
     memcpy(out, r->arr[r->next++], n * sizeof *out);
 }
 
+/* The golden generator can negate the fuser (tta.json "flip_fuser_sign": true) to reach
+ * the no-target branch. When the case's weights do not carry that flip (our p is 1 - the
+ * golden p), the fuser is negated here too (the model is read-only: the view is swapped). */
+static int flip_fuser_sign(const char *dir, loupe_model *m, loupe_tta *t, const float *pixels, const golden *gp)
+{
+    static float *negated;
+    char path[1024], err[256];
+    size_t size, i, n = (size_t)m->cfg.grid * m->cfg.grid + 1;
+    unsigned char *json;
+    loupe_tta_loss loss;
+    int flip;
+    snprintf(path, sizeof path, "%s/tta.json", dir);
+    json = slurp(path, &size);
+    flip = json && strstr((char *)json, "\"flip_fuser_sign\": true") != NULL;
+    free(json);
+    if (!flip || !gp) return 0;
+    if (tta_forward_loss(t, pixels, &loss, err, sizeof err)) { fprintf(stderr, "check_tta: %s\n", err); return -1; }
+    t->rng_state.counter = 0;
+    if (fabs(loss.prob - gp->data[0]) <= PROB_ABS_TOL || fabs(1.0f - loss.prob - gp->data[0]) > PROB_ABS_TOL) return 0;
+    negated = malloc(n * sizeof *negated);
+    if (!negated) return -1;
+    for (i = 0; i < n; i++) negated[i] = -m->w.fuser[i];
+    m->w.fuser = t->w.fuser = negated;
+    printf("tta.json: flip_fuser_sign: the fuser is negated here (the weights do not carry the flip)\n");
+    return 0;
+}
+
 /* Short group name of a parameter for the summary. */
 static const char *group_of(const char *name)
 {
@@ -250,14 +277,18 @@ int main(int argc, char **argv)
     L = c->dec_layers; Q = c->num_queries; C = c->num_labels + 1; M = 4 * c->grid;
     t = loupe_tta_new(m, NULL, err, sizeof err);
     if (!t) { fprintf(stderr, "check_tta: %s\n", err); return 1; }
+    /* the recorded draws in call order; an empty one (torch.rand of zero elements, e.g.
+     * point sampling without a target) draws nothing and is skipped */
     for (k = 0; k < MAX_RAND; k++) {
         golden *r;
         snprintf(name, sizeof name, "tta_rand_%d", k);
         if (!(r = find(&gs, name))) break;
-        rp.arr[k] = r->data;
-        rp.len[k] = r->numel;
+        if (r->numel == 0) continue;
+        rp.arr[rp.count] = r->data;
+        rp.len[rp.count] = r->numel;
         rp.count++;
     }
+    if (flip_fuser_sign(argv[2], m, t, px->data, find(&gs, "tta.fused_prob"))) return 1;
     t->rng.fill = replay_fill;
     t->rng.state = &rp;
     if (tta_accumulate(t, px->data, 1.0f, &loss, NULL, err, sizeof err)) { fprintf(stderr, "check_tta: %s\n", err); return 1; }
@@ -272,7 +303,11 @@ int main(int argc, char **argv)
         printf("%-44s %-4s ours %.8f golden %.8f\n", "tta.fused_prob", ok ? "ok" : "FAIL", loss.prob, gp->data[0]);
         verdict(ok);
     }
-    compare_tensor(&gs, "tta.pseudo_mask_labels", t->wk.pseudo_mask, (long)c->grid * c->grid, TENSOR_REL_TOL);
+    if ((gp = find(&gs, "tta.pseudo_mask_labels")) && gp->numel == 0) {
+        printf("%-44s %-4s golden has no target mask; ours %s\n", "tta.pseudo_mask_labels", loss.has_target ? "FAIL" : "ok",
+               loss.has_target ? "has one" : "neither");
+        verdict(!loss.has_target);
+    } else compare_tensor(&gs, "tta.pseudo_mask_labels", t->wk.pseudo_mask, (long)c->grid * c->grid, TENSOR_REL_TOL);
     compare_tensor(&gs, "tta.conditional_query", t->s->cond_query, c->feature_size, TENSOR_REL_TOL);
     for (i = 0; i < L; i++) {
         snprintf(name, sizeof name, "tta.dec_class_logits_%d", i);
