@@ -3047,6 +3047,8 @@ enum {
 
 #define TTA_NAME_LEN 128
 #define TTA_SEGMENTOR_PREFIX "segmentor."
+#define TTA_CLIP_EPS 1e-6           /* clip_grad_norm_ divides by norm + 1e-6 */
+#define TTA_MAX_WEIGHT 1e6f         /* largest gradient weight loupe_tta_accumulate accepts */
 
 /* One trainable tensor. */
 typedef struct tta_param {
@@ -3981,7 +3983,8 @@ int loupe_tta_accumulate(loupe_tta *t, const float *pixel_values, float weight, 
                          size_t errsize)
 {
     if (!t || !pixel_values) return fail(err, errsize, "loupe_tta_accumulate needs an adapter and an input tensor");
-    if (!(weight >= 0.0f && weight <= 1e6f)) return fail(err, errsize, "gradient weight %g is invalid", (double)weight);
+    if (!(weight >= 0.0f && weight <= TTA_MAX_WEIGHT))
+        return fail(err, errsize, "gradient weight %g is outside 0..%g", (double)weight, (double)TTA_MAX_WEIGHT);
     return tta_accumulate(t, pixel_values, weight, loss, NULL, err, errsize);
 }
 
@@ -3994,8 +3997,8 @@ int loupe_tta_update(loupe_tta *t, double *grad_norm, char *err, size_t errsize)
         zero(t->grad, t->n_floats);
         return fail(err, errsize, "the gradient is not finite; the update was skipped");
     }
-    /* clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1 */
-    adamw_step(t, (float)fmin(1.0, t->opt.clip_norm / (norm + 1e-6)));
+    /* clip_grad_norm_: scale by max_norm / (norm + eps) when that is below 1 */
+    adamw_step(t, (float)fmin(1.0, t->opt.clip_norm / (norm + TTA_CLIP_EPS)));
     if (grad_norm) *grad_norm = norm;
     return 0;
 }
@@ -4126,6 +4129,10 @@ static const char cli_tta_usage[] =
     "      --tta-seed S      seed of the loss's random sample points (default 0)\n"
     "      --save-adapted F  also write the adapted model as a weight file F\n";
 
+#define CLI_TTA_MAX_COUNT 1e9      /* largest --tta-steps / --tta-batch */
+#define CLI_TTA_MAX_LR 0.999       /* loupe_tta_new accepts learning rates below 1 */
+#define CLI_TTA_MAX_SEED 9007199254740992.0 /* 2^53: every seed up to it is exact in a double */
+
 /* The command line's TTA settings. */
 typedef struct cli_tta {
     int steps, batch;            /* batch 0: all images */
@@ -4153,10 +4160,10 @@ static int cli_tta_number(const char *opt, const char *arg, double lo, double hi
 static int cli_tta_option(cli_tta *o, const char *a, const char *next)
 {
     double v;
-    if (!strcmp(a, "--tta-steps")) { if (cli_tta_number(a, next, 0, 1e9, 1, &v)) return -1; o->steps = (int)v; }
-    else if (!strcmp(a, "--tta-batch")) { if (cli_tta_number(a, next, 1, 1e9, 1, &v)) return -1; o->batch = (int)v; }
-    else if (!strcmp(a, "--tta-lr")) { if (cli_tta_number(a, next, 0, 0.999, 0, &v)) return -1; o->lr = v; }
-    else if (!strcmp(a, "--tta-seed")) { if (cli_tta_number(a, next, 0, 9007199254740992.0, 1, &v)) return -1; o->seed = (unsigned long long)v; }
+    if (!strcmp(a, "--tta-steps")) { if (cli_tta_number(a, next, 0, CLI_TTA_MAX_COUNT, 1, &v)) return -1; o->steps = (int)v; }
+    else if (!strcmp(a, "--tta-batch")) { if (cli_tta_number(a, next, 1, CLI_TTA_MAX_COUNT, 1, &v)) return -1; o->batch = (int)v; }
+    else if (!strcmp(a, "--tta-lr")) { if (cli_tta_number(a, next, 0, CLI_TTA_MAX_LR, 0, &v)) return -1; o->lr = v; }
+    else if (!strcmp(a, "--tta-seed")) { if (cli_tta_number(a, next, 0, CLI_TTA_MAX_SEED, 1, &v)) return -1; o->seed = (unsigned long long)v; }
     else if (!strcmp(a, "--save-adapted")) {
         if (!next) { fprintf(stderr, "loupe: %s needs a value (see loupe -h)\n", a); return -1; }
         o->save = next;
@@ -4243,9 +4250,6 @@ static const char usage_text[] =
     "  -q, --quiet           no progress on stderr (errors are still reported)\n"
     "  -h, --help            show this help\n"
     "\n";
-
-/* Largest PPM header accepted, in bytes. */
-#define PPM_HEADER_MAX 256
 
 /* Reads a binary PPM of exactly S x S pixels into pixel_values [3][S][S] with upstream's
  * normalization ((x / 255 - 0.5) / 0.5). */
