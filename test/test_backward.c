@@ -533,6 +533,30 @@ static void test_grid_gradient(loupe_tta *t, const float *px)
     free(d_grid);
 }
 
+/* Gradients with one thread and with all of them must agree bit for bit. */
+static void test_thread_determinism(loupe_tta *t, const float *px)
+{
+    char err[256];
+    loupe_tta_loss loss;
+    float *one = malloc(t->n_floats * sizeof *one);
+    size_t i, differ = 0;
+    int all = max_threads();
+    if (!one) return;
+    zero(t->grad, t->n_floats);
+    loupe_set_threads(1);
+    t->rng_state.counter = 0;
+    tta_accumulate(t, px, 1.0f, &loss, NULL, err, sizeof err);
+    memcpy(one, t->grad, t->n_floats * sizeof *one);
+    zero(t->grad, t->n_floats);
+    loupe_set_threads(all);
+    t->rng_state.counter = 0;
+    tta_accumulate(t, px, 1.0f, &loss, NULL, err, sizeof err);
+    for (i = 0; i < t->n_floats; i++) differ += one[i] != t->grad[i];
+    zero(t->grad, t->n_floats);
+    check(differ == 0, "gradients are identical with 1 thread and with all threads", (double)differ);
+    free(one);
+}
+
 /* After a step: a session using the adapter, the adapter saved as a weight file and
  * reloaded, and the model itself. The first two must agree bit for bit, the model must
  * differ, and switching the session back must restore the model's outputs. */
@@ -645,6 +669,7 @@ static void test_tta(const char *path)
     snprintf(what, sizeof what, "target case: %d tensors' gradients vs central differences of the loss", E2E_COUNT);
     check(bad == 0, what, worst);
     test_grid_gradient(t, px);
+    test_thread_determinism(t, px);
     m->w.fuser = t->w.fuser = fuser;
     test_adapted_model(m, t, px);
     loupe_tta_free(t);
