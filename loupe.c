@@ -2502,12 +2502,13 @@ const loupe_outputs *loupe_get_outputs(const loupe_session *s) { return &s->out;
  *
  * Precision: the sampled values that feed discrete decisions (top-k of uncertainty,
  * the matching) are computed in float with the operations of PyTorch's CPU kernel in
- * its order (so they should agree to the bit; not verified here, as no PyTorch); the loss
- * formulas are evaluated in double from those float samples and every sum is
+ * its order (test/check_tta: upstream's matches, and every loss term within rel 6e-7);
+ * the loss formulas are evaluated in double from those float samples and every sum is
  * accumulated in double. Log-sigmoid forms keep all terms finite for any finite logit.
  *
  * Random numbers come from a caller-supplied source (loss_rng) in upstream's
- * torch.rand call order, so a test can replay PyTorch's exact draws.
+ * torch.rand call order, so a test can replay PyTorch's exact draws (without a target
+ * upstream's point sampling draws zero numbers, so nothing is drawn here).
  *
  * Differences from upstream, by design: with no target upstream's Tversky term is the
  * mean over zero masks (NaN) and so is the total; here loss_dice (and loss_mask) is
@@ -2521,6 +2522,8 @@ const loupe_outputs *loupe_get_outputs(const loupe_session *s) { return &s->out;
 #define SEG_TVERSKY_SMOOTH 1e-6           /* TverskyLoss: added to numerator and denominator */
 #define SEG_MATCHER_COST_LIMIT 1e10f      /* matcher clamps costs to +-1e10 before the assignment */
 #define SEG_SPLITMIX_GOLDEN 0x9E3779B97F4A7C15ull /* splitmix64 increment */
+#define SEG_SPLITMIX_MUL1 0xBF58476D1CE4E5B9ull   /* splitmix64 finalizer multipliers */
+#define SEG_SPLITMIX_MUL2 0x94D049BB133111EBull
 #define SEG_UNIFORM_BITS 24               /* float32 uniforms carry 24 random bits */
 #define SEG_UNIFORM_SCALE (1.0f / 16777216.0f) /* 2^-24 */
 
@@ -2550,8 +2553,8 @@ static void splitmix_uniform_fill(void *state, float *out, size_t n)
     size_t i;
     for (i = 0; i < n; i++) {
         uint64_t z = s->seed + ++s->counter * SEG_SPLITMIX_GOLDEN;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z = (z ^ (z >> 30)) * SEG_SPLITMIX_MUL1;
+        z = (z ^ (z >> 27)) * SEG_SPLITMIX_MUL2;
         z ^= z >> 31;
         out[i] = (float)(z >> (64 - SEG_UNIFORM_BITS)) * SEG_UNIFORM_SCALE;
     }
