@@ -92,7 +92,9 @@ void loupe_set_threads(int n);
  * otherwise no target. A loupe_tta owns writable copies of every segmentor.* tensor and
  * AdamW's state; the model (backbone, classifier) stays read-only and shared. One step:
  * forward, pseudo labels, LoupeSegLoss (final + auxiliary predictions), backward,
- * gradient-norm clipping, AdamW. See README "Test-time adaptation". */
+ * gradient-norm clipping, AdamW. See README "Test-time adaptation". An adapter (and
+ * the sessions using it) must be used by one thread at a time; create it after
+ * loupe_set_threads, like a session. */
 
 typedef struct loupe_tta loupe_tta;
 

@@ -6,7 +6,7 @@
  * backward, clipping + AdamW) REPEATS times (default 3) on the case's pixel_values (or a
  * synthetic image), reports the median of each phase, the ratio to the forward, and the
  * adapter's memory: saved activations, backward scratch, parameters + gradients + AdamW
- * moments, and its own session. */
+ * moments, and its own session. Wall and process CPU time are both reported. */
 #define LOUPE_NO_MAIN
 #include "../loupe.c"
 
@@ -65,6 +65,8 @@ int main(int argc, char **argv)
     const loupe_config *c;
     float *px;
     double fwd[MAX_REPEATS], tfwd[MAX_REPEATS], bwd[MAX_REPEATS], upd[MAX_REPEATS], step[MAX_REPEATS], t0, t1, t2, t3;
+    double cpu_fwd[MAX_REPEATS], cpu_step[MAX_REPEATS];
+    clock_t c0;
     size_t n, i;
     int r, repeats = argc > 3 ? atoi(argv[3]) : 3;
     if (argc < 2) { fprintf(stderr, "usage: bench_tta MODEL.bin [CASE_DIR] [REPEATS]\n"); return 2; }
@@ -82,15 +84,19 @@ int main(int argc, char **argv)
     if (!t) { fprintf(stderr, "bench_tta: %s\n", err); return 1; }
     for (r = 0; r < repeats; r++) {
         t0 = now();
+        c0 = clock();
         if (loupe_forward(s, px, err, sizeof err)) { fprintf(stderr, "bench_tta: %s\n", err); return 1; }
         fwd[r] = now() - t0;
+        cpu_fwd[r] = (double)(clock() - c0) / CLOCKS_PER_SEC;
         t0 = now();
+        c0 = clock();
         if (tta_forward_loss(t, px, &loss, err, sizeof err)) { fprintf(stderr, "bench_tta: %s\n", err); return 1; }
         t1 = now();
         segmentor_backward(t, NULL);
         t2 = now();
         loupe_tta_update(t, &loss.grad_norm, err, sizeof err);
         t3 = now();
+        cpu_step[r] = (double)(clock() - c0) / CLOCKS_PER_SEC;
         tfwd[r] = t1 - t0; bwd[r] = t2 - t1; upd[r] = t3 - t2; step[r] = t3 - t0;
     }
     loupe_tta_get_memory(t, &mem);
@@ -98,6 +104,8 @@ int main(int argc, char **argv)
     printf("inference forward                  %8.3f s\n", median(fwd, repeats));
     printf("TTA step                           %8.3f s  (%.2fx the forward)\n", median(step, repeats),
            median(step, repeats) / median(fwd, repeats));
+    printf("process CPU time: forward %.3f s, TTA step %.3f s (%.2fx; all threads, a loaded machine inflates wall time)\n",
+           median(cpu_fwd, repeats), median(cpu_step, repeats), median(cpu_step, repeats) / median(cpu_fwd, repeats));
     printf("  forward with tape + loss         %8.3f s\n", median(tfwd, repeats));
     printf("  backward                         %8.3f s\n", median(bwd, repeats));
     printf("  clipping + AdamW                 %8.3f s\n", median(upd, repeats));
