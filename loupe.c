@@ -3340,8 +3340,10 @@ static void tta_work_layout(loupe_tta *t, arena *a)
     size_t Te = (size_t)t->m->t.tokens, M2 = 16 * g * g, L = (size_t)c->dec_layers, C = (size_t)c->num_labels + 1;
     size_t noff = (size_t)c->m2f_heads * 3 * (size_t)c->deform_points, QF = Q * F;
     size_t P = (size_t)t->loss_cfg.train_num_points, cand = (size_t)(P * t->loss_cfg.oversample_ratio);
-    size_t wt = max3(max3(W * W, 4 * g * g * W, F * (size_t)c->enc_ffn), max3(F * (size_t)c->dec_ffn, 9 * F * F + M2 * F, 3 * F * F),
-                     max3(W * F, noff * 2 * F, C * F));
+    /* transposed weights (linear_backward: in*out), convolution scratch (transposed taps,
+     * gathered outputs, shifted inputs) */
+    size_t wt = max3(max3(W * W, 4 * g * g * W, F * (size_t)c->enc_ffn), max3(F * (size_t)c->dec_ffn, 9 * F * F + M2 * F, C * F),
+                     max3(W * F, noff * 2 * F, 2 * F * F));
     size_t att = (size_t)max_threads() * 2 * max3(Q * 4 * g * g, Te, Q * Q);
     k->d_class = arena_floats(a, L * Q * C);
     k->d_mask = arena_floats(a, L * Q * M2);
