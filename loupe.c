@@ -3805,7 +3805,8 @@ static double tta_grad_norm(const loupe_tta *t)
     return sqrt(sum);
 }
 
-/* torch.optim.AdamW (one step, PyTorch's float32 operations in its order) on gradients
+/* torch.optim.AdamW (one step, PyTorch's float32 operations in its order: lerp, addcmul,
+ * addcdiv as self + value * t1 / t2; upstream's step1 is reproduced bit for bit) on gradients
  * scaled by clip_coef, as clip_grad_norm_ leaves them; weight decay only for tensors
  * whose name has no "bias". Zeroes the gradients and refreshes the derived tables. */
 static void adamw_step(loupe_tta *t, float clip_coef)
@@ -3832,7 +3833,7 @@ static void adamw_step(loupe_tta *t, float clip_coef)
             m[i] += one_b1 * (gi - m[i]);
             v[i] = v[i] * b2 + one_b2 * gi * gi;
             denom = sqrtf(v[i]) / bc2_sqrt + eps;
-            w[i] -= step_size * (m[i] / denom);
+            w[i] -= step_size * m[i] / denom;
         }
     }
     zero(t->grad, t->n_floats);
