@@ -3997,14 +3997,16 @@ int loupe_tta_accumulate(loupe_tta *t, const float *pixel_values, float weight, 
 int loupe_tta_update(loupe_tta *t, double *grad_norm, char *err, size_t errsize)
 {
     double norm;
+    float coef;
     if (!t) return fail(err, errsize, "loupe_tta_update needs an adapter");
     norm = tta_grad_norm(t);
     if (!isfinite(norm)) {
         zero(t->grad, t->n_floats);
         return fail(err, errsize, "the gradient is not finite; the update was skipped");
     }
-    /* clip_grad_norm_: scale by max_norm / (norm + eps) when that is below 1 */
-    adamw_step(t, (float)fmin(1.0, t->opt.clip_norm / (norm + TTA_CLIP_EPS)));
+    /* clip_grad_norm_ (in float32, like PyTorch): scale by max_norm / (norm + eps) when below 1 */
+    coef = (float)t->opt.clip_norm / ((float)norm + (float)TTA_CLIP_EPS);
+    adamw_step(t, coef < 1.0f ? coef : 1.0f);
     if (grad_norm) *grad_norm = norm;
     return 0;
 }
