@@ -19,7 +19,7 @@ BUILD   ?= build
 GOLDEN  ?= ../shared/golden
 
 .PHONY: fuzz fuzz-run
-.PHONY: all test test-full test-case test-unit test-convert test-images test-cli bench clean
+.PHONY: all test test-full test-case test-unit test-convert test-images test-cli bench bench-tta clean
 
 all: loupe
 
@@ -41,12 +41,21 @@ $(BUILD)/check_images: loupe.c loupe.h test/check_images.c | $(BUILD)
 $(BUILD)/bench: loupe.c loupe.h test/bench.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/bench.c $(LDLIBS)
 
+$(BUILD)/check_tta: loupe.c loupe.h test/check_tta.c | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/check_tta.c $(LDLIBS)
+
+$(BUILD)/test_backward: loupe.c loupe.h test/test_backward.c | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/test_backward.c $(LDLIBS)
+
+$(BUILD)/bench_tta: loupe.c loupe.h test/bench_tta.c | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/bench_tta.c $(LDLIBS)
+
 $(BUILD)/make_weights: test/make_weights.c | $(BUILD)
 	$(CC) $(WARN) $(CFLAGS) -o $@ test/make_weights.c $(LDLIBS)
 
 # Every suite prints a line "N passed, M failed"; test/summary.sh adds them up and
 # fails when any suite failed or none ran.
-test: loupe $(BUILD)/test_kernels $(BUILD)/check_golden $(BUILD)/check_images $(BUILD)/make_weights
+test: loupe $(BUILD)/test_kernels $(BUILD)/test_backward $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/check_images $(BUILD)/make_weights
 	@sh test/summary.sh $(BUILD)/test-log.txt \
 	  "$(MAKE) --no-print-directory test-convert" \
 	  "$(MAKE) --no-print-directory test-images" \
@@ -55,8 +64,9 @@ test: loupe $(BUILD)/test_kernels $(BUILD)/check_golden $(BUILD)/check_images $(
 	  "$(MAKE) --no-print-directory test-case CASE=test/golden/tiny-b" \
 	  "$(MAKE) --no-print-directory test-unit"
 
-test-unit: $(BUILD)/test_kernels $(BUILD)/tiny-a.bin
+test-unit: $(BUILD)/test_kernels $(BUILD)/test_backward $(BUILD)/tiny-a.bin
 	$(BUILD)/test_kernels $(BUILD)/tiny-a.bin
+	$(BUILD)/test_backward $(BUILD)/tiny-a.bin
 
 $(BUILD)/tiny-a.bin: test/golden/tiny-a/model.safetensors tools/convert.py | $(BUILD)
 	$(PYTHON) tools/convert.py --config test/golden/tiny-a/config.json -o $@ test/golden/tiny-a/model.safetensors
@@ -86,7 +96,8 @@ $(BUILD)/full-1.bin: $(BUILD)/make_weights
 # Converts a golden case's weights the way users have them and checks every tensor:
 # backbone.pt + heads.safetensors if present, else model.safetensors, else weights
 # regenerated from keys.json and the config's seed by the make_weights formula.
-test-case: $(BUILD)/check_golden $(BUILD)/make_weights
+# A case with tta.safetensors also gets the test-time-adaptation check.
+test-case: $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/make_weights
 	@test -n "$(CASE)" || { echo "usage: make test-case CASE=path/to/case"; exit 2; }
 	@name=$$(basename $(CASE)); out=$(BUILD)/$$name.bin; \
 	if [ -f $(CASE)/backbone.pt ] && [ -f $(CASE)/heads.safetensors ]; then \
@@ -98,8 +109,10 @@ test-case: $(BUILD)/check_golden $(BUILD)/make_weights
 	  $(BUILD)/make_weights $(CASE)/keys.json $$seed $(BUILD)/$$name.safetensors || exit 1; \
 	  src="$(BUILD)/$$name.safetensors"; \
 	fi; \
-	$(PYTHON) tools/convert.py --config $(CASE)/config.json -o $$out $$src && \
-	$(BUILD)/check_golden $$out $(CASE)
+	$(PYTHON) tools/convert.py --config $(CASE)/config.json -o $$out $$src || exit 1; \
+	status=0; $(BUILD)/check_golden $$out $(CASE) || status=1; \
+	if [ -f $(CASE)/tta.safetensors ]; then $(BUILD)/check_tta $$out $(CASE) || status=1; fi; \
+	exit $$status
 
 test-full:
 	$(MAKE) --no-print-directory test-case CASE=$(GOLDEN)/full-1
@@ -124,6 +137,14 @@ fuzz-run: fuzz
 	    -artifact_prefix=$(BUILD)/fuzz-crash-$$t- -print_final_stats=1 $(BUILD)/fuzz-corpus/$$t $$seeds \
 	    2>&1 | tail -25 || exit 1; \
 	done
+
+# Time and memory of one test-time-adaptation step against a forward on the full-size
+# model (converted by `make test-full`); BENCH_MODEL and BENCH_CASE override.
+BENCH_MODEL ?= $(BUILD)/full-1.bin
+BENCH_CASE  ?= $(GOLDEN)/full-1
+bench-tta: $(BUILD)/bench_tta
+	@test -f $(BENCH_MODEL) || { echo "bench: $(BENCH_MODEL) is missing; run make test-full first"; exit 2; }
+	$(BUILD)/bench_tta $(BENCH_MODEL) $(BENCH_CASE)
 
 clean:
 	rm -rf loupe $(BUILD)

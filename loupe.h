@@ -137,6 +137,79 @@ void loupe_set_tap(loupe_session *s, loupe_tap_fn fn, void *user);
 /* Number of threads a forward may use (OpenMP builds; ignored otherwise). */
 void loupe_set_threads(int n);
 
+/* ---- Test-time adaptation (TTA): Loupe's pseudo-label fine-tuning of the segmentor ---- */
+/* The classifier's verdict on an unlabeled image supervises the segmentor: p = the
+ * forgery probability; if p > 0.5 the target is one forgery mask sigmoid(patch logits),
+ * otherwise no target. A loupe_tta owns writable copies of every segmentor.* tensor and
+ * AdamW's state; the model (backbone, classifier) stays read-only and shared. One step:
+ * forward, pseudo labels, LoupeSegLoss (final + auxiliary predictions), backward,
+ * gradient-norm clipping, AdamW. See README "Test-time adaptation". An adapter (and
+ * the sessions using it) must be used by one thread at a time; create it after
+ * loupe_set_threads, like a session. */
+
+typedef struct loupe_tta loupe_tta;
+
+typedef struct loupe_tta_options {
+    double lr;                   /* AdamW learning rate (1e-4) */
+    double beta1, beta2, eps;    /* AdamW (0.9, 0.999, 1e-8) */
+    double weight_decay;         /* 1e-3; 0 for tensors whose name contains "bias" */
+    double clip_norm;            /* total gradient L2 norm is clipped to this (1.0) */
+    unsigned long long seed;     /* seed of the loss's random points (splitmix64 stream) */
+} loupe_tta_options;
+
+/* Loss of one image (or, from loupe_tta_adapt's progress, the mean over a step's images). */
+typedef struct loupe_tta_loss {
+    double total;                /* the minimized loss: sum of the weighted terms below */
+    double mask, dice, cross_entropy; /* 5 * focal, 5 * Tversky, 2 * cross-entropy, summed
+                                    over the final and auxiliary predictions */
+    float prob;                  /* pseudo label p (one image) */
+    int has_target;              /* p > 0.5 (adapt: number of such images in the step) */
+    double grad_norm;            /* gradient norm before clipping (after an update) */
+} loupe_tta_loss;
+
+/* Memory of an adapter, in bytes (trainable: number of trainable floats). */
+typedef struct loupe_tta_memory {
+    size_t saved_activations, backward_scratch, parameters, session, trainable;
+} loupe_tta_memory;
+
+void loupe_tta_default_options(loupe_tta_options *o);
+
+/* Copies the model's segmentor (the model must outlive the adapter). opt may be NULL
+ * (defaults: upstream's test-stage hyperparameters). */
+loupe_tta *loupe_tta_new(const loupe_model *m, const loupe_tta_options *opt, char *err, size_t errsize);
+void loupe_tta_free(loupe_tta *t);
+
+/* One optimizer step on one image: accumulate with weight 1, then update. */
+int loupe_tta_step(loupe_tta *t, const float *pixel_values, loupe_tta_loss *loss, char *err, size_t errsize);
+
+/* Forward + loss + backward of one image; adds weight * gradient to the pending sum
+ * (use weight 1/B to average B images into one step). */
+int loupe_tta_accumulate(loupe_tta *t, const float *pixel_values, float weight, loupe_tta_loss *loss,
+                         char *err, size_t errsize);
+
+/* Clips the pending gradient to opt.clip_norm, applies AdamW and clears it;
+ * *grad_norm (may be NULL) receives the norm before clipping. */
+int loupe_tta_update(loupe_tta *t, double *grad_norm, char *err, size_t errsize);
+
+/* Supplies pixel_values [3][S][S] of image `index` (0..n-1); returns 0 or -1 with err. */
+typedef int (*loupe_tta_source)(void *user, int index, float *pixel_values, char *err, size_t errsize);
+/* Called after each step with the step's mean loss (may be NULL). */
+typedef void (*loupe_tta_progress)(void *user, int step, const loupe_tta_loss *loss);
+
+/* `steps` optimizer steps, each on the mean loss of the next `batch` images of the
+ * set (cycling in order; batch >= n uses the whole set every step). */
+int loupe_tta_adapt(loupe_tta *t, int n_images, loupe_tta_source source, void *user, int steps, int batch,
+                    loupe_tta_progress progress, char *err, size_t errsize);
+
+/* Makes the session's forward use the adapter's current segmentor (t NULL: the
+ * model's again). The adapter must outlive that use. */
+int loupe_session_use_tta(loupe_session *s, const loupe_tta *t, char *err, size_t errsize);
+
+/* Writes a weight file: the model's, with the adapted segmentor (loads like any other). */
+int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsize);
+
+void loupe_tta_get_memory(const loupe_tta *t, loupe_tta_memory *mem);
+
 #ifdef __cplusplus
 }
 #endif
