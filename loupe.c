@@ -6340,10 +6340,12 @@ static void attention(float *out, int ldo, const float *Q, int ldq, const float 
     }
 }
 
-/* Backward of attention for every head h: with P = softmax(scale Q_h K_h^T, masked),
- * dP = dO_h V_h^T, dV_h += P^T dO_h, dS = P (dP - rowsum(P dP)), dQ_h += scale dS K_h,
- * dK_h += scale dS^T Q_h. Heads own disjoint columns (deterministic). scratch holds
- * max_threads() * 2 * Tq * Tk floats (one head's P and dP per thread). */
+/* Backward of attention (nn.MultiheadAttention's core, masked or not): dO [Tq][heads*dh]
+ * -> dQ [Tq][heads*dh], dK, dV [Tk][heads*dh] += (row strides ld*). For every head h, with
+ * P = softmax(scale Q_h K_h^T, masked): dP = dO_h V_h^T, dV_h += P^T dO_h,
+ * dS = P (dP - rowsum(P dP)), dQ_h += scale dS K_h, dK_h += scale dS^T Q_h. Heads own
+ * disjoint columns (deterministic). scratch holds max_threads() * 2 * Tq * Tk floats
+ * (one head's P and dP per thread). */
 static void attention_backward(float *dQ, int lddq, float *dK, int lddk, float *dV, int lddv, const float *dO,
                                int lddo, const float *Q, int ldq, const float *K, int ldk, const float *V, int ldv,
                                int Tq, int Tk, int heads, int dh, float scale, const unsigned char *mask,

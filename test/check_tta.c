@@ -379,7 +379,7 @@ int main(int argc, char **argv)
         if (strstr(pname, "self_attn.k_proj.bias")) { tol = KPROJ_BIAS_ABS_TOL; rel = -1.0; }
         else { tol = GRAD_REL_TOL * maxg; rel = maxg > 0.0 ? maxd / maxg : maxd; }
         ok = maxd <= tol;
-        printf("%-44.44s %-4s max|d| %.3g  tol %.3g  max|g| %.3g\n", pname, ok ? "ok" : "FAIL", maxd, tol, maxg);
+        printf("%-44s %-4s max|d| %.3g  tol %.3g  max|g| %.3g\n", pname, ok ? "ok" : "FAIL", maxd, tol, maxg);
         verdict(ok);
         for (gi = 0; gi < n_groups && strcmp(group_names[gi], group_of(pname)); gi++) continue;
         if (gi == n_groups && n_groups < N_GROUPS) { group_names[n_groups] = group_of(pname); group_worst[n_groups++] = 0.0; }
