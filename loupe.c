@@ -5673,7 +5673,7 @@ typedef __m512 gemm_vec;
 #define GEMM_NV 2
 #define GEMM_KC 128
 #define GEMM_NC 128
-#define GEMM_MC 2048
+#define GEMM_MC 1024
 #define GEMM_PEAK_CHAINS 12
 #define vec_zero() _mm512_setzero_ps()
 #define vec_load(p) _mm512_loadu_ps(p)
@@ -5692,7 +5692,7 @@ typedef __m256 gemm_vec;
 #define GEMM_NV 2
 #define GEMM_KC 256
 #define GEMM_NC 64
-#define GEMM_MC 1024
+#define GEMM_MC 320
 #define GEMM_PEAK_CHAINS 12
 #define vec_zero() _mm256_setzero_ps()
 #define vec_load(p) _mm256_loadu_ps(p)
@@ -5711,7 +5711,7 @@ typedef float32x4_t gemm_vec;
 #define GEMM_NV 4
 #define GEMM_KC 256
 #define GEMM_NC 64
-#define GEMM_MC 1024
+#define GEMM_MC 320
 #define GEMM_PEAK_CHAINS 12
 #define vec_zero() vdupq_n_f32(0.0f)
 #define vec_load(p) vld1q_f32(p)
@@ -5731,7 +5731,7 @@ typedef float gemm_vec;
 #define GEMM_NV 64
 #define GEMM_KC 256
 #define GEMM_NC 64
-#define GEMM_MC 1024
+#define GEMM_MC 320
 #define GEMM_PEAK_CHAINS 96
 #define vec_zero() 0.0f
 #define vec_load(p) (*(p))
@@ -5905,8 +5905,8 @@ static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p
 }
 
 /* One task: rows m0..m1 and columns n0..n1 of C. For each KC step, each NC-wide block
- * of B is packed and multiplied with the task's rows of A, whose KC-wide slice
- * (at most GEMM_MC rows) stays in L2 across the blocks. */
+ * of B is packed and multiplied with the task's rows of A, whose KC-wide slice (at
+ * most GEMM_MC x GEMM_KC floats, about half of L2) stays in L2 across the blocks. */
 static void gemm_task(const gemm_args *g, int m0, int m1, int n0, int n1)
 {
     float block[GEMM_KC * GEMM_NC + GEMM_LINE_FLOATS];
