@@ -18,12 +18,16 @@ ALLFLAGS = $(WARN) $(CFLAGS) $(NATIVE) $(OMPFLAGS)
 BUILD   ?= build
 GOLDEN  ?= ../shared/golden
 
-.PHONY: fuzz fuzz-run
+.PHONY: fuzz fuzz-run test-asan
 .PHONY: all test test-full test-case test-unit test-convert test-images test-cli bench bench-tta clean
 
 all: loupe
 
 loupe: loupe.c loupe.h
+	$(CC) $(ALLFLAGS) -o $@ loupe.c $(LDLIBS)
+
+# The tests use their own copy of the command, built with the test flags.
+$(BUILD)/loupe: loupe.c loupe.h | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ loupe.c $(LDLIBS)
 
 $(BUILD):
@@ -55,7 +59,7 @@ $(BUILD)/make_weights: test/make_weights.c | $(BUILD)
 
 # Every suite prints a line "N passed, M failed"; test/summary.sh adds them up and
 # fails when any suite failed or none ran.
-test: loupe $(BUILD)/test_kernels $(BUILD)/test_backward $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/check_images $(BUILD)/make_weights
+test: loupe $(BUILD)/loupe $(BUILD)/test_kernels $(BUILD)/test_backward $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/check_images $(BUILD)/make_weights
 	@sh test/summary.sh $(BUILD)/test-log.txt \
 	  "$(MAKE) --no-print-directory test-convert" \
 	  "$(MAKE) --no-print-directory test-images" \
@@ -80,8 +84,8 @@ MANIFEST ?= test/corpus/manifest.txt
 test-images: $(BUILD)/check_images
 	$(BUILD)/check_images $(MANIFEST)
 
-test-cli: loupe $(BUILD)/tiny-a.bin
-	sh test/test_cli.sh ./loupe $(BUILD)/tiny-a.bin
+test-cli: $(BUILD)/loupe $(BUILD)/tiny-a.bin
+	sh test/test_cli.sh $(BUILD)/loupe $(BUILD)/tiny-a.bin
 
 # Speed and memory of the full-size model on the full-1 photo (never part of make test).
 bench: $(BUILD)/bench $(BUILD)/make_weights
@@ -116,6 +120,12 @@ test-case: $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/make_weights
 
 test-full:
 	$(MAKE) --no-print-directory test-case CASE=$(GOLDEN)/full-1
+
+# The whole suite under AddressSanitizer and UndefinedBehaviorSanitizer, in its own
+# build directory.
+test-asan:
+	$(MAKE) --no-print-directory test BUILD=$(BUILD)/asan \
+	  CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 
 # libFuzzer targets with AddressSanitizer and UndefinedBehaviorSanitizer (clang).
 # `make fuzz-run FUZZ_RUNS=N` runs each for N executions from the seed corpora.
