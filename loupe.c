@@ -5956,8 +5956,8 @@ static void gemm_run(const gemm_args *g)
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1) if (threads > 1)
 #endif
-    for (t = 0; t < tasks; t++) {
-        int m0 = t / ranges * strips_per_chunk * GEMM_MR, n0 = t % ranges * blocks_per_range * GEMM_NC;
+    for (t = 0; t < tasks; t++) { /* neighbouring tasks share columns: B is read once */
+        int m0 = t % chunks * strips_per_chunk * GEMM_MR, n0 = t / chunks * blocks_per_range * GEMM_NC;
         int m1 = m0 + strips_per_chunk * GEMM_MR, n1 = n0 + blocks_per_range * GEMM_NC;
         gemm_task(g, m0, m1 < g->M ? m1 : g->M, n0, n1 < g->N ? n1 : g->N);
     }
