@@ -122,8 +122,8 @@ test-case: $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/make_weights
 	if [ -f $(CASE)/tta.safetensors ]; then $(BUILD)/check_tta $$out $(CASE) || status=1; fi; \
 	exit $$status
 
-test-full:
-	$(MAKE) --no-print-directory test-case CASE=$(GOLDEN)/full-1
+test-full: $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/make_weights
+	@sh test/summary.sh $(BUILD)/test-full-log.txt "$(MAKE) --no-print-directory test-case CASE=$(GOLDEN)/full-1"
 
 # The whole suite under AddressSanitizer and UndefinedBehaviorSanitizer, in its own
 # build directory.
