@@ -5732,7 +5732,7 @@ typedef float gemm_vec;
 #define GEMM_KC 256
 #define GEMM_NC 64
 #define GEMM_MC 320
-#define GEMM_PEAK_CHAINS 96
+#define GEMM_PEAK_CHAINS 64
 #define vec_zero() 0.0f
 #define vec_load(p) (*(p))
 #define vec_store(p, v) (*(p) = (v))

@@ -35,12 +35,15 @@ static double fma_peak_gflops(int threads)
     (void)threads;
 #endif
     {
-        const float one = 1.0f, scale = 0.999f, shift = 0.001f; /* keeps every chain at 1 */
+        /* chains move from 0.5 towards 1; read through volatile so that the compiler
+         * cannot work them out in advance */
+        volatile float start_v = 0.5f, scale_v = 0.999f, shift_v = 0.001f;
+        const float start = start_v, scale = scale_v, shift = shift_v;
         gemm_vec acc[GEMM_PEAK_CHAINS], x = vec_bcast(&scale), y = vec_bcast(&shift);
         float lanes[GEMM_LANES], sum = 0.0f;
         long it;
         int c, l;
-        for (c = 0; c < GEMM_PEAK_CHAINS; c++) acc[c] = vec_bcast(&one);
+        for (c = 0; c < GEMM_PEAK_CHAINS; c++) acc[c] = vec_bcast(&start);
         for (it = 0; it < GEMM_PEAK_ITERS; it++)
             for (c = 0; c < GEMM_PEAK_CHAINS; c++) acc[c] = vec_fma(acc[c], x, y);
         for (c = 0; c < GEMM_PEAK_CHAINS; c++) {
