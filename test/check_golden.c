@@ -19,6 +19,7 @@
  *                               to 0.5 than our measured seg_prob_full error; >= 99.9 %
  * Prints one line per tensor and a summary; exits non-zero on any failure. */
 #include "../loupe.h"
+#include "golden_io.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -26,7 +27,6 @@
 #include <string.h>
 
 #define MAX_TENSORS 1024
-#define NAME_LEN 96
 #define REL_TOL 1e-4
 #define LOGIT_ABS_TOL 1e-5
 #define PROB_ABS_TOL 3e-6
@@ -34,86 +34,16 @@
 #define MIN_MASK_AGREEMENT 0.999
 #define UPSTREAM_THRESHOLD 0.5f
 
-typedef struct golden_tensor {
-    char name[NAME_LEN];
-    int ndim;
-    long dims[6];
-    long numel;
-    float *data;
-    int compared;
-} golden_tensor;
-
 typedef struct checker {
     golden_tensor t[MAX_TENSORS];
     int n, failures, compared, ties;
 } checker;
 
-/* Reads a whole file; returns NULL (with a message) on failure. */
-static unsigned char *read_file(const char *path, size_t *size)
-{
-    FILE *f = fopen(path, "rb");
-    unsigned char *buf;
-    long n;
-    if (!f) { fprintf(stderr, "check_golden: cannot open %s\n", path); return NULL; }
-    if (fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
-        fprintf(stderr, "check_golden: cannot size %s\n", path);
-        fclose(f);
-        return NULL;
-    }
-    buf = malloc((size_t)n + 1);
-    if (!buf || fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        fprintf(stderr, "check_golden: cannot read %s\n", path);
-        free(buf);
-        fclose(f);
-        return NULL;
-    }
-    fclose(f);
-    *size = (size_t)n;
-    return buf;
-}
-
-/* Loads golden.txt (name dtype dims offset length) and the tensors it points to. */
+/* Loads golden.txt and golden.safetensors of the case folder dir. */
 static int load_golden(checker *ck, const char *dir)
 {
-    char path[1024], line[1024];
-    unsigned char *blob;
-    size_t size;
-    FILE *f;
-    snprintf(path, sizeof path, "%s/golden.safetensors", dir);
-    blob = read_file(path, &size);
-    if (!blob) return -1;
-    snprintf(path, sizeof path, "%s/golden.txt", dir);
-    f = fopen(path, "r");
-    if (!f) { fprintf(stderr, "check_golden: cannot open %s\n", path); free(blob); return -1; }
-    while (fgets(line, sizeof line, f)) {
-        golden_tensor *g = &ck->t[ck->n];
-        char dtype[16], dims[256], *tok;
-        unsigned long long off, len;
-        if (ck->n == MAX_TENSORS) { fprintf(stderr, "check_golden: too many tensors in %s\n", path); break; }
-        if (sscanf(line, "%95s %15s %255s %llu %llu", g->name, dtype, dims, &off, &len) != 5 || strcmp(dtype, "F32")) {
-            fprintf(stderr, "check_golden: %s: cannot parse line: %s", path, line);
-            fclose(f); free(blob);
-            return -1;
-        }
-        g->ndim = 0;
-        g->numel = 1;
-        for (tok = strtok(dims, ","); tok && g->ndim < 6; tok = strtok(NULL, ",")) {
-            g->dims[g->ndim++] = atol(tok);
-            g->numel *= atol(tok);
-        }
-        if (off + len > size || len != (unsigned long long)g->numel * 4) {
-            fprintf(stderr, "check_golden: %s: tensor %s lies outside golden.safetensors\n", path, g->name);
-            fclose(f); free(blob);
-            return -1;
-        }
-        g->data = malloc(len ? len : 1);
-        if (!g->data) { fclose(f); free(blob); return -1; }
-        memcpy(g->data, blob + off, len);
-        ck->n++;
-    }
-    fclose(f);
-    free(blob);
-    if (ck->n == 0) { fprintf(stderr, "check_golden: %s lists no tensors\n", path); return -1; }
+    if (golden_load("check_golden", dir, "golden", ck->t, MAX_TENSORS, &ck->n)) return -1;
+    if (ck->n == 0) { fprintf(stderr, "check_golden: %s/golden.txt lists no tensors\n", dir); return -1; }
     return 0;
 }
 

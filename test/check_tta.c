@@ -25,9 +25,9 @@
  * about lr * sign(g): tiny gradients make it noise, README section 7). */
 #define LOUPE_NO_MAIN
 #include "../loupe.c"
+#include "golden_io.h"
 
 #define MAX_GOLDEN 2048
-#define GOLDEN_NAME_LEN 160
 #define PROB_ABS_TOL 3e-6
 #define TENSOR_REL_TOL 1e-4
 #define LOSS_REL_TOL 1e-4
@@ -41,12 +41,7 @@
 #define END_TO_END_MOVE 1e-6
 #define MAX_RAND 256
 
-typedef struct golden {
-    char name[GOLDEN_NAME_LEN];
-    int ndim;
-    long dims[6], numel;
-    float *data;
-} golden;
+typedef golden_tensor golden;
 
 typedef struct golden_set {
     golden t[MAX_GOLDEN];
@@ -57,66 +52,11 @@ static int passed, failed;
 
 static void verdict(int ok) { if (ok) passed++; else failed++; }
 
-/* Reads a whole file. */
-static unsigned char *slurp(const char *path, size_t *size)
-{
-    FILE *f = fopen(path, "rb");
-    unsigned char *buf;
-    long n;
-    if (!f) return NULL;
-    if (fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) { fclose(f); return NULL; }
-    buf = malloc((size_t)n + 1);
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) { free(buf); buf = NULL; }
-    fclose(f);
-    *size = (size_t)n;
-    return buf;
-}
-
-/* Loads DIR/stem.txt (name dtype dims offset length) and DIR/stem.safetensors; a name
- * listed twice is read once. */
+/* Loads DIR/stem.txt and DIR/stem.safetensors into the set; a name listed twice is
+ * read once. */
 static int load_set(golden_set *gs, const char *dir, const char *stem)
 {
-    char path[1024], line[1024];
-    size_t size;
-    unsigned char *blob;
-    FILE *f;
-    snprintf(path, sizeof path, "%s/%s.safetensors", dir, stem);
-    blob = slurp(path, &size);
-    if (!blob) { fprintf(stderr, "check_tta: cannot read %s\n", path); return -1; }
-    snprintf(path, sizeof path, "%s/%s.txt", dir, stem);
-    f = fopen(path, "r");
-    if (!f) { fprintf(stderr, "check_tta: cannot open %s\n", path); free(blob); return -1; }
-    while (gs->n < MAX_GOLDEN && fgets(line, sizeof line, f)) {
-        golden *g = &gs->t[gs->n];
-        char dtype[16], dims[256], *tok;
-        unsigned long long off, len;
-        int i, dup = 0;
-        if (sscanf(line, "%159s %15s %255s %llu %llu", g->name, dtype, dims, &off, &len) != 5 || strcmp(dtype, "F32")) {
-            fprintf(stderr, "check_tta: %s: cannot parse line: %s", path, line);
-            fclose(f); free(blob);
-            return -1;
-        }
-        for (i = 0; i < gs->n; i++) dup |= !strcmp(gs->t[i].name, g->name);
-        if (dup) continue;
-        g->ndim = 0;
-        g->numel = 1;
-        for (tok = strtok(dims, ","); tok && g->ndim < 6; tok = strtok(NULL, ",")) {
-            g->dims[g->ndim++] = atol(tok);
-            g->numel *= atol(tok);
-        }
-        if (off + len > size || len != (unsigned long long)g->numel * 4) {
-            fprintf(stderr, "check_tta: %s: tensor %s lies outside its file\n", path, g->name);
-            fclose(f); free(blob);
-            return -1;
-        }
-        g->data = malloc(len ? len : 1);
-        if (!g->data) { fclose(f); free(blob); return -1; }
-        memcpy(g->data, blob + off, len);
-        gs->n++;
-    }
-    fclose(f);
-    free(blob);
-    return 0;
+    return golden_load("check_tta", dir, stem, gs->t, MAX_GOLDEN, &gs->n);
 }
 
 static golden *find(golden_set *gs, const char *name)
@@ -220,7 +160,7 @@ static int flip_fuser_sign(const char *dir, loupe_model *m, loupe_tta *t, const 
     loupe_tta_loss loss;
     int flip;
     snprintf(path, sizeof path, "%s/tta.json", dir);
-    json = slurp(path, &size);
+    json = golden_read_file(path, &size);
     flip = json && strstr((char *)json, "\"flip_fuser_sign\": true") != NULL;
     free(json);
     if (!flip || !gp) return 0;
