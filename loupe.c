@@ -8554,6 +8554,28 @@ static void mask_predictor_backward(loupe_tta *t, int i, float *dqh)
                     w->mask_embed[0].w, k->wt);
 }
 
+/* Backward of the post-norm ReLU feed-forward block of the encoder and decoder layers,
+ * LayerNorm(a), a = x + fc2(relu(fc1(x))): d out [rows][F] -> dx [rows][F] (=), using d_ln
+ * [rows][F] and d_h, d_h2 [rows][E] as scratch; a, x and h = relu(fc1(x)) were saved by
+ * the forward. Parameter gradients are accumulated. */
+static void ffn_block_backward(loupe_tta *t, float *dx, float *d_ln, const float *dy, const float *a, const float *x,
+                               const float *h, int rows, int E, linear_w fc1, linear_w fc2, norm_w ln, float *d_h,
+                               float *d_h2)
+{
+    const loupe_config *c = &t->m->cfg;
+    tta_work *k = &t->wk;
+    int F = c->feature_size;
+    size_t n = (size_t)rows * F, ne = (size_t)rows * E;
+    zero(d_ln, n);
+    layernorm_backward(d_ln, grad_of(t, ln.w), grad_of(t, ln.b), dy, a, rows, F, ln, c->ln_eps, k->stats);
+    memcpy(dx, d_ln, n * sizeof *dx);
+    zero(d_h, ne);
+    linear_backward(d_h, grad_of(t, fc2.w), grad_of(t, fc2.b), d_ln, F, h, rows, E, F, fc2.w, k->wt);
+    zero(d_h2, ne);
+    relu_backward(d_h2, d_h, h, ne);
+    linear_backward(dx, grad_of(t, fc1.w), grad_of(t, fc1.b), d_h2, E, x, rows, F, E, fc1.w, k->wt);
+}
+
 /* Mask2FormerMaskedAttentionDecoderLayer backward for layer i: d hout [Q][F] ->
  * d hin [Q][F] (=); d of its level's features += into wk.d_dec_feat. */
 static void masked_attention_decoder_layer_backward(loupe_tta *t, int i, const float *dout, float *din)
@@ -8571,15 +8593,8 @@ static void masked_attention_decoder_layer_backward(loupe_tta *t, int i, const f
     float *gqkv = grad_of(t, d->cross_qkv.w), *gqkv_b = grad_of(t, d->cross_qkv.b);
     float scale = 1.0f / sqrtf((float)dh);
     /* feed-forward and final_layer_norm: a3 = h2 + fc2(relu(fc1(h2))) */
-    zero(k->d_x1, QF);
-    layernorm_backward(k->d_x1, grad_of(t, d->ln_final.w), grad_of(t, d->ln_final.b), dout, A->a3, Q, F, d->ln_final,
-                       c->ln_eps, k->stats);
-    memcpy(k->d_x2, k->d_x1, QF * sizeof *k->d_x2);
-    zero(k->d_qffn, (size_t)Q * E);
-    linear_backward(k->d_qffn, grad_of(t, d->fc2.w), grad_of(t, d->fc2.b), k->d_x1, F, A->ffn, Q, E, F, d->fc2.w, k->wt);
-    zero(k->d_qffn2, (size_t)Q * E);
-    relu_backward(k->d_qffn2, k->d_qffn, A->ffn, (size_t)Q * E);
-    linear_backward(k->d_x2, grad_of(t, d->fc1.w), grad_of(t, d->fc1.b), k->d_qffn2, E, A->h2, Q, F, E, d->fc1.w, k->wt);
+    ffn_block_backward(t, k->d_x2, k->d_x1, dout, A->a3, A->h2, A->ffn, Q, E, d->fc1, d->fc2, d->ln_final, k->d_qffn,
+                       k->d_qffn2);
     /* self-attention and its norm: a2 = h1 + o(attention(q(h1 + pos), k(h1 + pos), v(h1))) */
     zero(k->d_x1, QF);
     layernorm_backward(k->d_x1, grad_of(t, d->ln_self.w), grad_of(t, d->ln_self.b), k->d_x2, A->a2, Q, F, d->ln_self,
@@ -8666,15 +8681,8 @@ static void pixel_decoder_encoder_layer_backward(loupe_tta *t, int i, const floa
     float *gqkv = grad_of(t, e->cross_qkv.w), *gqkv_b = grad_of(t, e->cross_qkv.b);
     float scale = 1.0f / sqrtf((float)dh);
     /* feed-forward and final_layer_norm */
-    zero(k->d_t1, TF);
-    layernorm_backward(k->d_t1, grad_of(t, e->ln_final.w), grad_of(t, e->ln_final.b), dout, A->a3, T, F, e->ln_final,
-                       c->ln_eps, k->stats);
-    memcpy(k->d_t2, k->d_t1, TF * sizeof *k->d_t2);
-    zero(k->d_effn, (size_t)T * E);
-    linear_backward(k->d_effn, grad_of(t, e->fc2.w), grad_of(t, e->fc2.b), k->d_t1, F, A->ffn, T, E, F, e->fc2.w, k->wt);
-    zero(k->d_effn2, (size_t)T * E);
-    relu_backward(k->d_effn2, k->d_effn, A->ffn, (size_t)T * E);
-    linear_backward(k->d_t2, grad_of(t, e->fc1.w), grad_of(t, e->fc1.b), k->d_effn2, E, A->h2, T, F, E, e->fc1.w, k->wt);
+    ffn_block_backward(t, k->d_t2, k->d_t1, dout, A->a3, A->h2, A->ffn, T, E, e->fc1, e->fc2, e->ln_final, k->d_effn,
+                       k->d_effn2);
     /* conditional cross-attention: a2 = h1 + co on every token */
     zero(k->d_t1, TF);
     layernorm_backward(k->d_t1, grad_of(t, e->ln_cross.w), grad_of(t, e->ln_cross.b), k->d_t2, A->a2, T, F, e->ln_cross,
