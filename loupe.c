@@ -4943,9 +4943,9 @@ typedef struct pe_block_w { norm_w ln_1, ln_2; linear_w qkv, out, fc, proj; } pe
 typedef struct pe_pool_w { const float *probe; linear_w qkv, out; norm_w ln; linear_w fc, proj; } pe_pool_w;
 /* classifier.{classifier,patch_classifier} */
 typedef struct cls_head_w { linear_w layers[MAX_CLS_LAYERS]; } cls_head_w;
-/* segmentor.fpn.scale_layers[i][j]: conv1 is NULL for the max-pool block;
- * convt holds conv1 repacked [2][2][Cout][Cin], dw holds conv2 repacked [9][C]. */
-typedef struct scale_block_w { linear_w conv1; const float *convt, *dw; norm_w norm; } scale_block_w;
+/* segmentor.fpn.scale_layers[i][j]: conv1 (ConvTranspose2d, read in place as
+ * [Cin][Cout*4]) is NULL for the max-pool block; dw holds conv2 repacked [9][C]. */
+typedef struct scale_block_w { linear_w conv1; const float *dw; norm_w norm; } scale_block_w;
 /* segmentor.pixel_decoder.encoder.layers[i] */
 typedef struct enc_layer_w {
     linear_w offsets, attn_weights, value, output;
@@ -5338,15 +5338,6 @@ static void repack_depthwise(float *dst, const float *src, int c)
         for (ch = 0; ch < c; ch++) dst[(size_t)t * c + ch] = src[(size_t)ch * 9 + t];
 }
 
-/* Repacks a ConvTranspose2d kernel [Ci][Co][2][2] into [2][2][Co][Ci]. */
-static void repack_convt(float *dst, const float *src, int ci, int co)
-{
-    int i, o, t;
-    for (t = 0; t < 4; t++)
-        for (o = 0; o < co; o++)
-            for (i = 0; i < ci; i++) dst[((size_t)t * co + o) * ci + i] = src[((size_t)i * co + o) * 4 + t];
-}
-
 /* Repacks a 3x3 convolution [Co][Ci][3][3] into tap-major [9][Co][Ci]. */
 static void repack_conv3x3(float *dst, const float *src, int co, int ci)
 {
@@ -5539,7 +5530,7 @@ static int weights_bind(loupe_model *m, char *err, size_t errsize)
     level_sizes(c, &m->t);
     rope_n = (size_t)(1 + g * g) * (size_t)(W / c->heads);
     tok_n = (size_t)m->t.tokens * (size_t)F;
-    derived_floats = 3 * 4 * (size_t)W * W + 4 * 9 * (size_t)W + 9 * (size_t)F * F + 2 * rope_n + 2 * tok_n + 2 * (size_t)m->t.tokens;
+    derived_floats = 4 * 9 * (size_t)W + 9 * (size_t)F * F + 2 * rope_n + 2 * tok_n + 2 * (size_t)m->t.tokens;
     dv = aligned_block(derived_floats * sizeof(float), &m->derived_raw);
     if (!dv) return fail(err, errsize, "%s: out of memory", m->path);
     {
@@ -5549,11 +5540,6 @@ static int weights_bind(loupe_model *m, char *err, size_t errsize)
             repack_depthwise(dv + off, raw_dw[k], W);
             blocks[k]->dw = dv + off;
             off += 9 * (size_t)W;
-            if (blocks[k]->conv1.w) {
-                repack_convt(dv + off, blocks[k]->conv1.w, W, W);
-                blocks[k]->convt = dv + off;
-                off += 4 * (size_t)W * W;
-            }
         }
     }
     repack_conv3x3(dv + off, raw_layer_1, F, F);
@@ -6466,43 +6452,54 @@ static void interp_hwc_backward(float *din, const float *dout, int ih, int iw, i
     }
 }
 
+/* The 2 x 2 output pixels of a stride-2 transposed convolution: tap t = 2 * di + dj. */
+#define CONVT_TAPS 4
+
 /* nn.ConvTranspose2d(kernel 2, stride 2) on channels-last maps:
- * in [h*w][ci] -> out [2h*2w][co]; wt is the kernel repacked [2][2][co][ci]. */
-static void conv_transpose2x2_hwc(float *out, const float *in, int h, int w, int ci, int co, const float *wt,
-                                  const float *bias)
+ * in [h*w][ci] -> out [2h*2w][co]. Every input pixel feeds its own 2 x 2 output pixels,
+ * so the whole layer is one product with the PyTorch weight read in place as
+ * [ci][co*4]: prod [h*w][co*4] = in x weight, whose column 4*o + t is channel o of
+ * output pixel (2i + di, 2j + dj); then each column goes to its pixel, plus the bias.
+ * prod: scratch of h*w*co*4 floats. */
+static void conv_transpose2x2_hwc(float *out, const float *in, int h, int w, int ci, int co, const float *weight,
+                                  const float *bias, float *prod)
 {
-    int i, t;
-    for (i = 0; i < h; i++)
-        for (t = 0; t < 4; t++) {
-            int di = t / 2, dj = t % 2;
-            gemm_nt(w, co, ci, in + (size_t)i * w * ci, ci, wt + (size_t)t * co * ci, ci, bias,
-                    out + ((size_t)(2 * i + di) * 2 * w + dj) * co, 2 * co, 0);
+    int i;
+    gemm_nn(h * w, CONVT_TAPS * co, ci, in, ci, weight, CONVT_TAPS * co, prod, CONVT_TAPS * co, 0);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)h * w * co * CONVT_TAPS))
+#endif
+    for (i = 0; i < h; i++) {
+        int j, t, o;
+        for (j = 0; j < w; j++) {
+            const float *p = prod + ((size_t)i * w + j) * CONVT_TAPS * co;
+            for (t = 0; t < CONVT_TAPS; t++) {
+                float *dst = out + ((size_t)(2 * i + t / 2) * 2 * w + 2 * j + t % 2) * co;
+                for (o = 0; o < co; o++) dst[o] = p[(size_t)o * CONVT_TAPS + t] + bias[o];
+            }
         }
+    }
 }
 
 /* nn.ConvTranspose2d(2, stride 2) backward on channels-last maps: dout [2h*2w][co] ->
- * din [h*w][ci] += (when din), dwt [2][2][co][ci] += (the repacked kernel's layout),
- * db [co] +=. scratch: max(ci*co, h*w*co) floats. */
-static void conv_transpose2x2_hwc_backward(float *din, float *dwt, float *db, const float *dout, const float *in,
-                                           int h, int w, int ci, int co, const float *wt, float *scratch)
+ * din [h*w][ci] += (when din), dweight [ci][co][2][2] +=, db [co] +=. The output
+ * gradient is gathered into the product's layout dprod [h*w][co*4] (scratch of
+ * h*w*co*4 floats); then din += dprod weight^T and dweight += in^T dprod. */
+static void conv_transpose2x2_hwc_backward(float *din, float *dweight, float *db, const float *dout, const float *in,
+                                           int h, int w, int ci, int co, const float *weight, float *dprod)
 {
-    int i, j, t;
+    int i, j, t, o, n = CONVT_TAPS * co;
     bias_backward(db, dout, co, 4 * h * w, co);
-    for (t = 0; t < 4; t++) {
-        int di = t / 2, dj = t % 2;
-        if (din) {
-            transpose(scratch, wt + (size_t)t * co * ci, co, ci);
-            for (i = 0; i < h; i++)
-                gemm_nt(w, ci, co, dout + ((size_t)(2 * i + di) * 2 * w + dj) * co, 2 * co, scratch, co, NULL,
-                        din + (size_t)i * w * ci, ci, 1);
+    for (i = 0; i < h; i++)
+        for (j = 0; j < w; j++) {
+            float *p = dprod + ((size_t)i * w + j) * n;
+            for (t = 0; t < CONVT_TAPS; t++) {
+                const float *src = dout + ((size_t)(2 * i + t / 2) * 2 * w + 2 * j + t % 2) * co;
+                for (o = 0; o < co; o++) p[(size_t)o * CONVT_TAPS + t] = src[o];
+            }
         }
-        /* this tap's output pixels, gathered into [h*w][co], times the input */
-        for (i = 0; i < h; i++)
-            for (j = 0; j < w; j++)
-                memcpy(scratch + ((size_t)i * w + j) * co, dout + ((size_t)(2 * i + di) * 2 * w + 2 * j + dj) * co,
-                       (size_t)co * sizeof *scratch);
-        gemm_tn(co, ci, h * w, scratch, co, in, ci, dwt + (size_t)t * co * ci, ci);
-    }
+    if (din) gemm_nt(h * w, ci, n, dprod, n, weight, n, NULL, din, ci, 1);
+    gemm_tn(ci, n, h * w, in, ci, dprod, n, dweight, n);
 }
 
 /* nn.MaxPool2d(2, 2) on a channels-last map: [h*w][c] -> [(h/2)*(w/2)][c]. */
@@ -7154,8 +7151,8 @@ static void scale_block(loupe_session *s, const scale_block_w *b, const float *i
     int W = c->width;
     float *dw = A->dw ? A->dw : out;
     size_t n;
-    if (b->convt) {
-        conv_transpose2x2_hwc(A->pre, in, h, w, W, W, b->convt, b->conv1.b);
+    if (b->conv1.w) { /* out is free until the end: the product's scratch */
+        conv_transpose2x2_hwc(A->pre, in, h, w, W, W, b->conv1.w, b->conv1.b, out);
         *oh = 2 * h; *ow = 2 * w;
     } else {
         maxpool2x2_hwc(A->pre, in, h, w, W);
@@ -8145,7 +8142,6 @@ static void loupe_seg_loss(const seg_loss_config *cfg, int L, int Q, int M, int 
 /* Layout of a trainable tensor inside loupe_tta: the one the forward reads. */
 enum {
     PARAM_PLAIN,     /* as upstream */
-    PARAM_CONVT,     /* ConvTranspose2d [ci][co][2][2] kept repacked [2][2][co][ci] */
     PARAM_DEPTHWISE, /* depthwise conv [c][1][3][3] kept tap-major [9][c] */
     PARAM_CONV3X3    /* 3x3 conv [co][ci][3][3] kept tap-major [9][co][ci] */
 };
@@ -8168,7 +8164,6 @@ typedef struct tta_param {
 static void param_from_upstream(const tta_param *p, const float *src, float *dst)
 {
     switch (p->layout) {
-    case PARAM_CONVT: repack_convt(dst, src, p->dims[0], p->dims[1]); break;
     case PARAM_DEPTHWISE: repack_depthwise(dst, src, p->dims[0]); break;
     case PARAM_CONV3X3: repack_conv3x3(dst, src, p->dims[0], p->dims[1]); break;
     default: memcpy(dst, src, p->numel * sizeof *dst);
@@ -8180,11 +8175,6 @@ static void param_to_upstream(const tta_param *p, const float *src, float *dst)
 {
     int a = p->dims[0], b = p->dims[1], i, j, t;
     switch (p->layout) {
-    case PARAM_CONVT: /* [4][co=b][ci=a] -> [ci][co][2][2] */
-        for (t = 0; t < 4; t++)
-            for (j = 0; j < b; j++)
-                for (i = 0; i < a; i++) dst[((size_t)i * b + j) * 4 + t] = src[((size_t)t * b + j) * a + i];
-        break;
     case PARAM_DEPTHWISE: /* [9][c=a] -> [c][1][3][3] */
         for (t = 0; t < 9; t++)
             for (i = 0; i < a; i++) dst[(size_t)i * 9 + t] = src[(size_t)t * a + i];
@@ -8265,8 +8255,8 @@ static void segmentor_params(param_builder *pb, loupe_weights *w, const loupe_co
     for (k = 0; k < 4; k++) {
         scale_block_w *b = blocks[k];
         const char *s = fpn_names[k];
-        if (b->convt) {
-            add_param(pb, &b->convt, PARAM_CONVT, W, W, 2, 2, "segmentor.fpn.scale_layers.%s.conv1.weight", s);
+        if (b->conv1.w) {
+            add_param(pb, &b->conv1.w, PARAM_PLAIN, W, W, 2, 2, "segmentor.fpn.scale_layers.%s.conv1.weight", s);
             add_param(pb, &b->conv1.b, PARAM_PLAIN, W, 0, 0, 0, "segmentor.fpn.scale_layers.%s.conv1.bias", s);
         }
         add_param(pb, &b->dw, PARAM_DEPTHWISE, W, 1, 3, 3, "segmentor.fpn.scale_layers.%s.conv2.weight", s);
@@ -8790,7 +8780,7 @@ static void scale_block_backward(loupe_tta *t, const scale_block_w *b, int blk, 
     const loupe_config *c = &t->m->cfg;
     const scale_block_acts *A = &t->tape.fpn[blk];
     tta_work *k = &t->wk;
-    int W = c->width, oh = b->convt ? 2 * h : h / 2, ow = b->convt ? 2 * w : w / 2;
+    int W = c->width, oh = b->conv1.w ? 2 * h : h / 2, ow = b->conv1.w ? 2 * w : w / 2;
     size_t n = (size_t)oh * ow * W;
     zero(k->d_f1, n);
     layernorm_backward(k->d_f1, grad_of(t, b->norm.w), grad_of(t, b->norm.b), dout, A->dw, oh * ow, W, b->norm,
@@ -8799,9 +8789,9 @@ static void scale_block_backward(loupe_tta *t, const scale_block_w *b, int blk, 
     depthwise3x3_hwc_backward(k->d_f2, grad_of(t, b->dw), k->d_f1, A->act, oh, ow, W, b->dw);
     zero(k->d_f1, n);
     gelu_backward(k->d_f1, k->d_f2, A->pre, n);
-    if (b->convt)
-        conv_transpose2x2_hwc_backward(din, grad_of(t, b->convt), grad_of(t, b->conv1.b), k->d_f1, in, h, w, W, W,
-                                       b->convt, k->wt);
+    if (b->conv1.w) /* d_f2 (n floats) is free again: the product's scratch */
+        conv_transpose2x2_hwc_backward(din, grad_of(t, b->conv1.w), grad_of(t, b->conv1.b), k->d_f1, in, h, w, W, W,
+                                       b->conv1.w, k->d_f2);
     else if (din)
         maxpool2x2_hwc_backward(din, k->d_f1, in, h, w, W);
 }

@@ -319,10 +319,11 @@ typedef struct conv_ctx {
 static double conv_f(void *p)
 {
     conv_ctx *c = p;
-    float out[IP_OH * IP_OW * CV_CO + 4 * CV_H * CV_W * CV_CO], scratch[INTERP_SCRATCH(IP_OH, IP_OW)];
+    float out[IP_OH * IP_OW * CV_CO + 4 * CV_H * CV_W * CV_CO], prod[4 * CV_H * CV_W * CV_CO];
+    float scratch[INTERP_SCRATCH(IP_OH, IP_OW)];
     size_t n;
     switch (c->kind) {
-    case 0: conv_transpose2x2_hwc(out, c->in, CV_H, CV_W, CV_CI, CV_CO, c->wt, c->b); n = 4 * CV_H * CV_W * CV_CO; break;
+    case 0: conv_transpose2x2_hwc(out, c->in, CV_H, CV_W, CV_CI, CV_CO, c->wt, c->b, prod); n = 4 * CV_H * CV_W * CV_CO; break;
     case 1: depthwise3x3_hwc(out, c->in, CV_H, CV_W, CV_CO, c->wt); n = CV_H * CV_W * CV_CO; break;
     case 2: conv3x3_hwc(out, c->in, CV_H, CV_W, CV_CI, CV_CO, c->wt); n = CV_H * CV_W * CV_CO; break;
     case 3: maxpool2x2_hwc(out, c->in, CV_H, CV_W, CV_CO); n = (CV_H / 2) * (CV_W / 2) * CV_CO; break;

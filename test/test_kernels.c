@@ -109,7 +109,7 @@ static void test_convolutions(void)
     enum { H = 5, Wd = 7, CI = 6, CO = 9 };
     uint64_t st = 7;
     float in[H * Wd * CI], k3[CO * CI * 9], kr[9 * CO * CI], kd[CI * 9], kdr[9 * CI];
-    float kt[CI * CO * 4], ktr[4 * CO * CI], bias[CO], out[4 * H * Wd * CO], pooled[(H / 2) * (Wd / 2) * CI];
+    float kt[CI * CO * 4], prod[4 * H * Wd * CO], bias[CO], out[4 * H * Wd * CO], pooled[(H / 2) * (Wd / 2) * CI];
     double ref[4 * H * Wd * CO];
     int y, x, o, i, di, dj, ok;
     fill(in, sizeof in / sizeof *in, &st); fill(k3, sizeof k3 / sizeof *k3, &st); fill(kd, sizeof kd / sizeof *kd, &st);
@@ -123,8 +123,7 @@ static void test_convolutions(void)
     naive_conv3x3(ref, in, H, Wd, CI, CI, kd, 1);
     check(max_diff_d(out, ref, (size_t)H * Wd * CI) < KERNEL_TOL * 9, "depthwise3x3_hwc against a direct convolution");
     /* ConvTranspose2d(2, stride 2): out[2y+di][2x+dj][o] = b[o] + sum_i in[y][x][i] k[i][o][di][dj] */
-    repack_convt(ktr, kt, CI, CO);
-    conv_transpose2x2_hwc(out, in, H, Wd, CI, CO, ktr, bias);
+    conv_transpose2x2_hwc(out, in, H, Wd, CI, CO, kt, bias, prod);
     for (y = 0; y < H; y++)
         for (x = 0; x < Wd; x++)
             for (di = 0; di < 2; di++)
