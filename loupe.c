@@ -6231,6 +6231,83 @@ static void groupnorm_hwc_backward(float *dx, float *dw, float *db, const float 
     }
 }
 
+/* ---- exp and erf as plain arithmetic ----
+ * libm's expf and erff are one call per element, which no compiler vectorises; the
+ * softmax and GELU loops spend most of their time in them. These versions use only
+ * multiply, add and bit operations, inline, so the loops around them vectorise. */
+
+/* The float's bits and back (memcpy: the C99 way to reinterpret, no aliasing). */
+static inline uint32_t float_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+static inline float bits_float(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+#define EXP_LOG2E 1.44269504088896341f
+/* ln 2 in two parts: HI has few significant bits, so n * HI is exact for our n. */
+#define EXP_LN2_HI 0.693359375f
+#define EXP_LN2_LO (-2.12194440054690583e-4f)
+/* 1.5 * 2^23: adding it to a float below 2^22 rounds it to an integer that then sits
+ * in the low mantissa bits. */
+#define EXP_ROUNDER 12582912.0f
+#define EXP_MIN_ARG (-87.3365447505531f) /* e^x below FLT_MIN: flushed to 0 */
+#define EXP_MAX_ARG 88.0f                /* larger x saturate (never reached here) */
+#define FLOAT_EXP_BIAS 127u
+#define FLOAT_MANT_BITS 23
+
+/* e^x: x = n ln 2 + r with |r| <= ln 2 / 2, e^r by its Taylor series to r^7 (the rest
+ * is below 1e-8 relative), times 2^n written into the exponent bits. Within 2 ulp of
+ * expf; e^-inf = 0, NaN stays NaN. */
+static inline float exp_f32(float x)
+{
+    float xc = x < EXP_MIN_ARG ? EXP_MIN_ARG : x > EXP_MAX_ARG ? EXP_MAX_ARG : x;
+    float t = xc * EXP_LOG2E + EXP_ROUNDER, n = t - EXP_ROUNDER;
+    float r = (xc - n * EXP_LN2_HI) - n * EXP_LN2_LO;
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 1.0f / 2;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    p *= bits_float((float_bits(t) - float_bits(EXP_ROUNDER) + FLOAT_EXP_BIAS) << FLOAT_MANT_BITS);
+    return x < EXP_MIN_ARG ? 0.0f : p;
+}
+
+/* erf(x) / x as a Chebyshev series in u = x^2 / 8 - 1 over |x| <= 4 (k = 0 term
+ * halved); tools/erf_coefficients.py derives it. Beyond |x| = 4, erf rounds to +-1. */
+#define ERF_SATURATE 4.0f
+#define ERF_TERMS 18
+static const float erf_chebyshev[ERF_TERMS] = {
+    9.718259138e-01f, -3.454078550e-01f, 1.618291012e-01f, -7.648275611e-02f, 3.466993680e-02f,
+    -1.481186415e-02f, 5.922937956e-03f, -2.211840659e-03f, 7.714154278e-04f, -2.515965878e-04f,
+    7.688658221e-05f, -2.206549594e-05f, 5.961274041e-06f, -1.519775071e-06f, 3.664930433e-07f,
+    -8.378998354e-08f, 1.820144884e-08f, -3.764477919e-09f
+};
+
+/* erf(x) by Clenshaw's recurrence on that series: within 3e-7 of the exact value
+ * (libm's erff: 6e-8), far below the forward pass's float noise. */
+static inline float erf_f32(float x)
+{
+    float xc = x < -ERF_SATURATE ? -ERF_SATURATE : x > ERF_SATURATE ? ERF_SATURATE : x;
+    float u = xc * xc * (2.0f / (ERF_SATURATE * ERF_SATURATE)) - 1.0f, b1 = 0.0f, b2 = 0.0f;
+    int k;
+    for (k = ERF_TERMS - 1; k > 0; k--) {
+        float b = erf_chebyshev[k] + 2.0f * u * b1 - b2;
+        b2 = b1;
+        b1 = b;
+    }
+    return xc * (0.5f * erf_chebyshev[0] + u * b1 - b2);
+}
+
 /* Exact (erf) GELU, in place: x * (1 + erf(x / sqrt 2)) / 2. */
 static void gelu(float *x, size_t n)
 {
@@ -6238,7 +6315,7 @@ static void gelu(float *x, size_t n)
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (parallel_ok((double)n * 16))
 #endif
-    for (i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * (float)LOUPE_SQRT1_2));
+    for (i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erf_f32(x[i] * (float)LOUPE_SQRT1_2));
 }
 
 /* GELU backward from its input x: dx += dy (Phi(x) + x phi(x)), Phi, phi the normal
@@ -6273,14 +6350,33 @@ static void relu_backward(float *dx, const float *dy, const float *y, size_t n)
 /* Logistic sigmoid as PyTorch computes it in float32. */
 static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-/* Softmax of each row of x[rows][n], in place. */
-static void softmax_rows(float *x, int rows, int n)
+/* Row maxima and sums are kept in this many lanes, combined in a fixed order at the
+ * end: the loops vectorise and the result is the same on every instruction set. */
+#define ROW_LANES 8
+
+/* Softmax of scale * x over each row of x [rows][n], in place; entries whose mask byte
+ * is nonzero ([rows][n], NULL for none) count as -inf. */
+static void softmax_rows(float *x, int rows, int n, float scale, const unsigned char *mask)
 {
-    int r, i;
+    int r, i, l;
     for (r = 0; r < rows; r++) {
-        float *v = x + (size_t)r * n, mx = v[0], sum = 0.0f;
-        for (i = 1; i < n; i++) mx = v[i] > mx ? v[i] : mx;
-        for (i = 0; i < n; i++) { v[i] = expf(v[i] - mx); sum += v[i]; }
+        float *v = x + (size_t)r * n, part[ROW_LANES], mx, sum;
+        const unsigned char *m = mask ? mask + (size_t)r * n : NULL;
+        if (m)
+            for (i = 0; i < n; i++) v[i] = m[i] ? -INFINITY : v[i] * scale;
+        else
+            for (i = 0; i < n; i++) v[i] *= scale;
+        for (l = 0; l < ROW_LANES; l++) part[l] = -INFINITY;
+        for (i = 0; i + ROW_LANES <= n; i += ROW_LANES)
+            for (l = 0; l < ROW_LANES; l++) part[l] = v[i + l] > part[l] ? v[i + l] : part[l];
+        for (l = 0; i < n; i++, l++) part[l] = v[i] > part[l] ? v[i] : part[l];
+        for (mx = part[0], l = 1; l < ROW_LANES; l++) mx = part[l] > mx ? part[l] : mx;
+        for (i = 0; i < n; i++) v[i] = exp_f32(v[i] - mx);
+        for (l = 0; l < ROW_LANES; l++) part[l] = 0.0f;
+        for (i = 0; i + ROW_LANES <= n; i += ROW_LANES)
+            for (l = 0; l < ROW_LANES; l++) part[l] += v[i + l];
+        for (l = 0; i < n; i++, l++) part[l] += v[i];
+        for (sum = part[0], l = 1; l < ROW_LANES; l++) sum += part[l];
         for (i = 0; i < n; i++) v[i] /= sum;
     }
 }
@@ -6318,10 +6414,8 @@ static void attention(float *out, int ldo, const float *Q, int ldq, const float 
 #endif
     for (h = 0; h < heads; h++) {
         float *S = scratch + (size_t)thread_id() * Tq * Tk;
-        size_t i, n = (size_t)Tq * Tk;
         gemm_nt(Tq, Tk, dh, Q + (size_t)h * dh, ldq, K + (size_t)h * dh, ldk, NULL, S, Tk, 0);
-        for (i = 0; i < n; i++) S[i] = mask && mask[i] ? -INFINITY : S[i] * scale;
-        softmax_rows(S, Tq, Tk);
+        softmax_rows(S, Tq, Tk, scale, mask);
         gemm_nn(Tq, dh, Tk, S, Tk, V + (size_t)h * dh, ldv, out + (size_t)h * dh, ldo, 0);
     }
 }
@@ -6343,11 +6437,10 @@ static void attention_backward(float *dQ, int lddq, float *dK, int lddk, float *
 #endif
     for (h = 0; h < heads; h++) {
         float *P = scratch + (size_t)thread_id() * 2 * Tq * Tk, *dP = P + (size_t)Tq * Tk;
-        size_t i, n = (size_t)Tq * Tk, ho = (size_t)h * dh;
+        size_t ho = (size_t)h * dh;
         int r, j;
         gemm_nt(Tq, Tk, dh, Q + ho, ldq, K + ho, ldk, NULL, P, Tk, 0);
-        for (i = 0; i < n; i++) P[i] = mask && mask[i] ? -INFINITY : P[i] * scale;
-        softmax_rows(P, Tq, Tk);
+        softmax_rows(P, Tq, Tk, scale, mask);
         gemm_nt(Tq, Tk, dh, dO + ho, lddo, V + ho, ldv, NULL, dP, Tk, 0);
         gemm_tn(Tk, dh, Tq, P, Tk, dO + ho, lddo, dV + ho, lddv);
         for (r = 0; r < Tq; r++) {
@@ -7268,7 +7361,7 @@ static void pixel_decoder_encoder_layer(loupe_session *s, const enc_layer_w *e, 
     linear(A->value, hin, T, F, F, e->value);
     linear(A->offs, A->qpos, T, F, 2 * noff, e->offsets);
     linear(A->aw, A->qpos, T, F, noff, e->attn_weights);
-    softmax_rows(A->aw, T * H, 3 * c->deform_points);
+    softmax_rows(A->aw, T * H, 3 * c->deform_points, 1.0f, NULL);
     ms_deform_attn_core(A->msda, A->value, A->offs, A->aw, tb, F, H, c->deform_points);
     linear(A->a1, A->msda, T, F, F, e->output);
     add(A->a1, A->a1, hin, (size_t)T * F);

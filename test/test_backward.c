@@ -187,7 +187,7 @@ static double act_f(void *p)
     memcpy(y, c->x, sizeof y);
     if (c->kind == 0) gelu(y, ACT_N);
     else if (c->kind == 1) relu(y, ACT_N);
-    else softmax_rows(y, SM_ROWS, SM_N);
+    else softmax_rows(y, SM_ROWS, SM_N, 1.0f, NULL);
     return dot(c->r, y, c->kind == 2 ? SM_ROWS * SM_N : ACT_N);
 }
 static int relu_kink(void *p, size_t i) { return fabs(((act_ctx *)p)->x[i]) < KINK_MARGIN; }
@@ -206,7 +206,7 @@ static void test_activations(void)
         memset(dx, 0, sizeof dx);
         if (k == 0) gelu_backward(dx, c.r, c.x, n);
         else if (k == 1) { relu(y, n); relu_backward(dx, c.r, y, n); }
-        else { softmax_rows(y, SM_ROWS, SM_N); softmax_rows_backward(dx, c.r, y, SM_ROWS, SM_N); }
+        else { softmax_rows(y, SM_ROWS, SM_N, 1.0f, NULL); softmax_rows_backward(dx, c.r, y, SM_ROWS, SM_N); }
         report(names[k], "x", fd_error(act_f, &c, c.x, dx, n, k == 1 ? FD_STEP_KINK : FD_STEP, k == 1 ? relu_kink : NULL));
         memcpy(dx2, dx, sizeof dx);
         if (k == 0) gelu_backward(dx2, c.r, c.x, n);
