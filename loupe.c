@@ -6075,6 +6075,10 @@ static void linear_backward(float *dx, float *dw, float *db, const float *dy, in
     if (db) bias_backward(db, dy, ldy, rows, out);
 }
 
+/* Row sums and maxima are kept in this many lanes, combined in a fixed order at the
+ * end: the loops vectorise and the result is the same on every instruction set. */
+#define ROW_LANES 8
+
 /* nn.LayerNorm over the last dimension of rows (in place allowed). */
 static void layernorm(float *y, const float *x, int rows, int dim, norm_w n, float eps)
 {
@@ -6085,12 +6089,20 @@ static void layernorm(float *y, const float *x, int rows, int dim, norm_w n, flo
     for (r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * dim;
         float *yr = y + (size_t)r * dim;
-        double mean = 0.0, var = 0.0;
+        double mean = 0.0, var = 0.0, part[ROW_LANES];
         float fm, rstd;
-        int i;
-        for (i = 0; i < dim; i++) mean += xr[i];
+        int i, l;
+        for (l = 0; l < ROW_LANES; l++) part[l] = 0.0;
+        for (i = 0; i + ROW_LANES <= dim; i += ROW_LANES)
+            for (l = 0; l < ROW_LANES; l++) part[l] += xr[i + l];
+        for (l = 0; i < dim; i++, l++) part[l] += xr[i];
+        for (l = 0; l < ROW_LANES; l++) mean += part[l];
         mean /= dim;
-        for (i = 0; i < dim; i++) var += (xr[i] - mean) * (xr[i] - mean);
+        for (l = 0; l < ROW_LANES; l++) part[l] = 0.0;
+        for (i = 0; i + ROW_LANES <= dim; i += ROW_LANES)
+            for (l = 0; l < ROW_LANES; l++) part[l] += (xr[i + l] - mean) * (xr[i + l] - mean);
+        for (l = 0; i < dim; i++, l++) part[l] += (xr[i] - mean) * (xr[i] - mean);
+        for (l = 0; l < ROW_LANES; l++) var += part[l];
         var /= dim;
         fm = (float)mean;
         rstd = (float)(1.0 / sqrt(var + eps));
@@ -6366,10 +6378,6 @@ static void relu_backward(float *dx, const float *dy, const float *y, size_t n)
 
 /* Logistic sigmoid as PyTorch computes it in float32. */
 static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
-
-/* Row maxima and sums are kept in this many lanes, combined in a fixed order at the
- * end: the loops vectorise and the result is the same on every instruction set. */
-#define ROW_LANES 8
 
 /* Softmax of scale * x over each row of x [rows][n], in place; entries whose mask byte
  * is nonzero ([rows][n], NULL for none) count as -inf. */
