@@ -15,6 +15,8 @@
 #endif
 
 #define MAX_RUNS 64
+/* Timed single-thread runs (after a warm-up) for the speed-up line. */
+#define SCALING_RUNS 3
 
 /* Multiply-adds each chain does in fma_peak_gflops. */
 #define GEMM_PEAK_ITERS 10000000L
@@ -160,6 +162,20 @@ int main(int argc, char **argv)
     printf("peak RSS: %.0f MiB (weight file %.0f MiB, activation arena %.0f MiB)\n", peak_rss_mib(),
            m->size / 1048576.0, s->bytes / 1048576.0);
     printf("forgery probability: %.4f\n", s->out.prob);
+    if (threads > 1) { /* the same forward on one thread: the parallel speed-up */
+        double one[SCALING_RUNS];
+        loupe_set_threads(1);
+        for (r = -1; r < SCALING_RUNS; r++) {
+            double t0 = now_seconds();
+            if (loupe_forward(s, px, err, sizeof err)) { fprintf(stderr, "bench: %s\n", err); return 1; }
+            if (loupe_postprocess(s, img.width, img.height, 0.5f, NULL, NULL, err, sizeof err)) return 1;
+            if (r >= 0) one[r] = now_seconds() - t0;
+        }
+        qsort(one, SCALING_RUNS, sizeof *one, cmp_double);
+        printf("1 thread: median %.3f s; 1 -> %d threads speed-up %.2fx\n", one[SCALING_RUNS / 2], threads,
+               one[SCALING_RUNS / 2] / wall[runs / 2]);
+    }
+    printf("OpenMP wait policy: %s\n", getenv("OMP_WAIT_POLICY") ? getenv("OMP_WAIT_POLICY") : "(default)");
     free(px);
     loupe_image_free(&img);
     loupe_session_free(s);
