@@ -323,7 +323,7 @@ static size_t find_record(const unsigned char *d, const char *name)
 static void test_loader(const char *path)
 {
     char err[512];
-    unsigned char *d, v2[4] = {2, 0, 0, 0}, big[8], bad_dim[4] = {7, 0, 0, 0};
+    unsigned char *d, v3[4] = {WEIGHTS_VERSION + 1, 0, 0, 0}, big[8], bad_dim[4] = {7, 0, 0, 0};
     size_t size = 0, rec, nd, len;
     loupe_model *m = loupe_model_load(path, err, sizeof err);
     FILE *f;
@@ -358,7 +358,7 @@ static void test_loader(const char *path)
     check(!m && strstr(err, "cannot open") != NULL, "a missing file is reported");
     expect_refused(d, size, 0, 0, NULL, 0, "bad magic", "an empty file is refused");
     expect_refused(d, size, size, 0, "NOTLOUPE", 8, "bad magic", "a wrong magic is refused");
-    expect_refused(d, size, size, 8, v2, 4, "version 2", "a newer format version is refused");
+    expect_refused(d, size, size, 8, v3, 4, "version 3", "a newer format version is refused");
     expect_refused(d, size, size - 1, 0, NULL, 0, "truncated", "a truncated file is refused");
     expect_refused(d, size, size / 2, 0, NULL, 0, "truncated", "a file cut in half is refused");
     rec = find_record(d, "backbone.ln_pre.weight");
@@ -382,6 +382,23 @@ static void test_loader(const char *path)
     {
         unsigned char code = 9;
         expect_refused(d, size, size, rec + 2, &code, 1, "unknown dtype", "an unknown dtype is refused");
+    }
+    {
+        /* BF16 in a version-1 file; then a version-2 file whose LayerNorm weight is BF16
+         * (a consistent byte count): only weight matrices may be stored so */
+        unsigned char code = DTYPE_BF16, *d2 = malloc(size);
+        uint64_t half;
+        expect_refused(d, size, size, rec + 2, &code, 1, "format version 1 does not define",
+                       "a BF16 tensor in a version-1 file is refused");
+        if (d2) {
+            memcpy(d2, d, size);
+            d2[8] = WEIGHTS_VERSION;
+            half = rd_u64(d2 + rec + 4 + len + 4 * nd + 8) / 2;
+            memcpy(d2 + rec + 4 + len + 4 * nd + 8, &half, 8);
+            expect_refused(d2, size, size, rec + 2, &code, 1, "only weight matrices",
+                           "a BF16 LayerNorm weight is refused by name");
+            free(d2);
+        }
     }
     free(d);
 }
