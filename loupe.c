@@ -6039,10 +6039,40 @@ typedef struct gemm_args {
     float *C;
 } gemm_args;
 
+#ifdef GEMM_TRANSPOSE8
+/* Values c0..c0+8 of row `row` of a BF16 or Q8 matrix as float32 (c0 a multiple of 8,
+ * so the 8 values share one Q8 scale); the same values as wmat_to_float. */
+static __m256 gemm_load8_float(const wmat *m, size_t row, size_t c0)
+{
+    if (m->dtype == DTYPE_BF16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(const void *)((const uint16_t *)m->data + row * m->ld + c0));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else {
+        __m128i q = _mm_loadl_epi64((const __m128i *)(const void *)((const int8_t *)m->data + row * m->ld + c0));
+        __m256 scale = _mm256_set1_ps(m->scale[row * (m->ld / Q8_BLOCK) + c0 / Q8_BLOCK]);
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), scale);
+    }
+}
+
+/* gemm_pack_panel for a whole panel (NR columns, kc a multiple of 8) of a BF16 or Q8
+ * B: every 8 x 8 block is converted in registers, then transposed like a float one. */
+static void gemm_pack_panel_convert(const wmat *m, size_t n0, size_t p0, int kc, float *d)
+{
+    float rows[8 * 8];
+    int j, k, i;
+    for (j = 0; j < GEMM_NR; j += 8)
+        for (k = 0; k < kc; k += 8) {
+            for (i = 0; i < 8; i++) _mm256_storeu_ps(rows + 8 * i, gemm_load8_float(m, n0 + (size_t)(j + i), p0 + (size_t)k));
+            gemm_transpose8(rows, 8, d + (size_t)k * GEMM_NR + j);
+        }
+}
+#endif
+
 /* Packs the panel of B for columns n0..n0+nr of C and k-range p0..p0+kc into d. A BF16
- * or Q8 weight is first converted to float32 rows in strip (NR x KC floats): the
- * conversion is paid once per packed block, not per row of A, and no float32 copy
- * of the weight exists anywhere else. */
+ * or Q8 weight is converted to float32 on the way (in registers for whole panels on
+ * AVX, else through float32 rows in strip, NR x KC floats): the conversion is paid
+ * once per packed block, not per row of A, and no float32 copy of the weight exists
+ * anywhere else. */
 static void gemm_pack_b(const gemm_args *g, int n0, int nr, int p0, int kc, float *strip, float *d)
 {
     const float *b = g->B.data;
@@ -6051,6 +6081,12 @@ static void gemm_pack_b(const gemm_args *g, int n0, int nr, int p0, int kc, floa
         gemm_pack_panel(nr, kc, g->b_kn ? b + (size_t)p0 * ldb + n0 : b + (size_t)n0 * ldb + p0, ldb, g->b_kn, d);
         return;
     }
+#ifdef GEMM_TRANSPOSE8
+    if (nr == GEMM_NR && kc % 8 == 0) {
+        gemm_pack_panel_convert(&g->B, (size_t)n0, (size_t)p0, kc, d);
+        return;
+    }
+#endif
     wmat_to_float(g->B, (size_t)n0, nr, (size_t)p0, kc, strip, (size_t)kc);
     gemm_pack_panel(nr, kc, strip, (size_t)kc, 0, d);
 }
