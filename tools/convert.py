@@ -375,8 +375,8 @@ def f32_to_bf16(raw):
     """Round float32s to bfloat16 (nearest, ties to even) and keep the upper halves.
 
     Works on chunks as one big integer of 32-bit lanes: adding 0x7FFF + the lane's bit 16
-    never carries out of a lane for finite values, infinities, and NaNs whose top byte is
-    not 0xFF; a chunk holding such a NaN is rounded lane by lane instead.
+    never carries out of a lane below 2^127 in magnitude. A chunk with a larger value, an
+    infinity or a NaN (top byte 0x7F or 0xFF) is rounded lane by lane, NaNs kept NaN.
     """
     raw = bytes(raw)
     out = bytearray(len(raw) // 2)
@@ -384,9 +384,11 @@ def f32_to_bf16(raw):
     for start in range(0, len(raw), step):
         chunk = raw[start:start + step]
         n = len(chunk) // 4
-        if b"\xff" in chunk[3::4]:
+        top = chunk[3::4]
+        if b"\x7f" in top or b"\xff" in top:
             lanes = struct.unpack("<%dI" % n, chunk)
-            rounded = struct.pack("<%dI" % n, *(((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFFFFFF) for u in lanes))
+            rounded = struct.pack("<%dI" % n, *((u | 0x400000) if u & 0x7FFFFFFF > 0x7F800000
+                                                else u + 0x7FFF + ((u >> 16) & 1) for u in lanes))
         else:
             ones = int.from_bytes(b"\x01\x00\x00\x00" * n, "little")
             x = int.from_bytes(chunk, "little")
