@@ -49,6 +49,9 @@ $(BUILD)/check_images: loupe.c loupe.h test/check_images.c | $(BUILD)
 $(BUILD)/check_lowp: loupe.c loupe.h test/check_lowp.c test/golden_io.h | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/check_lowp.c $(LDLIBS)
 
+$(BUILD)/bench_formats: loupe.c loupe.h test/bench_formats.c | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/bench_formats.c $(LDLIBS)
+
 $(BUILD)/bench: loupe.c loupe.h test/bench.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/bench.c $(LDLIBS)
 
@@ -98,11 +101,14 @@ test-cli: $(BUILD)/loupe $(BUILD)/tiny-a.bin
 
 # Speed and memory of the full-size model on the full-1 photo (never part of make test),
 # then accuracy, size, memory and time of the F32, BF16 and Q8 weight files on every
-# golden case (full-1 files converted once, kept in $(BUILD)).
-bench: $(BUILD)/bench $(BUILD)/make_weights $(BUILD)/check_lowp
+# golden case (full-1 files converted once, kept in $(BUILD)), and the forward time of
+# the three full-1 files measured in interleaved rounds.
+BENCH_ROUNDS ?= 3
+bench: $(BUILD)/bench $(BUILD)/make_weights $(BUILD)/check_lowp $(BUILD)/bench_formats
 	@test -f $(BUILD)/full-1.bin || $(MAKE) --no-print-directory $(BUILD)/full-1.bin
 	$(BUILD)/bench $(BUILD)/full-1.bin $(GOLDEN)/full-1/image.png
 	@sh test/lowp.sh bench "$(PYTHON)" $(BUILD) test/golden/tiny-a test/golden/tiny-b $(GOLDEN)/full-1
+	$(BUILD)/bench_formats $(GOLDEN)/full-1/image.png $(BENCH_ROUNDS) $(BUILD)/full-1.bin $(BUILD)/full-1-bf16.bin $(BUILD)/full-1-q8.bin
 
 $(BUILD)/full-1.bin: $(BUILD)/make_weights
 	$(BUILD)/make_weights test/golden/full-1/keys.json 1 $(BUILD)/full-1.safetensors
