@@ -112,7 +112,7 @@ static double peak_rss_mib(void)
 /* How the file stores its weight matrices: the dtype of most of its bytes that are not F32. */
 static int matrix_dtype(const loupe_model *m, double *f32_bytes)
 {
-    double bytes[DTYPE_COUNT] = {0};
+    double bytes[DTYPE_COUNT] = {0}, most = 0.0;
     int i, best = DTYPE_F32;
     *f32_bytes = (double)m->size;
     for (i = 0; i < m->n_entries; i++) {
@@ -122,7 +122,10 @@ static int matrix_dtype(const loupe_model *m, double *f32_bytes)
         *f32_bytes += 4.0 * (double)entry_numel(e) - (double)e->nbytes;
     }
     for (i = DTYPE_F32 + 1; i < DTYPE_COUNT; i++)
-        if (bytes[i] > bytes[best == DTYPE_F32 ? i : best] || (best == DTYPE_F32 && bytes[i] > 0)) best = i;
+        if (bytes[i] > most) {
+            most = bytes[i];
+            best = i;
+        }
     return best;
 }
 
