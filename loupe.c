@@ -4904,7 +4904,8 @@ int loupe_image_load(const char *path, size_t max_pixels, loupe_image *out,
  *         scales: value (r, c) = q[r][c] * scale[r][c / Q8_BLOCK]. Each block of
  *         Q8_BLOCK consecutive values of a row is quantised symmetrically, scale =
  *         max|w| / 127, q = round-to-nearest-even(w / scale).
- * Everything else (norms, biases, embeddings) stays F32. The converter writes
+ * Everything else (norms, biases, embeddings, the depthwise kernels and the fuser)
+ * stays F32: bind refuses it in any other dtype. The converter writes
  * version 1 when every tensor is F32, so older readers still load such files. */
 
 #define WEIGHTS_MAGIC "LOUPEWTS"
@@ -4913,9 +4914,9 @@ int loupe_image_load(const char *path, size_t max_pixels, loupe_image *out,
 #define WEIGHTS_VERSION_F32_ONLY 1
 /* Values per Q8 scale: small enough that one outlier spoils few values, large
  * enough that the scales add only 4 / 32 bytes per value (README "Smaller weight
- * files" has the measured choice); a divisor of every GEMM_KC. */
+ * files" has the measured choice); a multiple of the 8 values the packing converts
+ * at once (gemm_load8_float). */
 #define Q8_BLOCK 32
-#define Q8_MAX 127
 #define WEIGHTS_HEADER_BYTES 64
 #define HPARAM_RECORD_BYTES 48
 #define HPARAM_NAME_BYTES 40
