@@ -6063,7 +6063,8 @@ static void gemm_pack_panel_convert(const wmat *m, size_t n0, size_t p0, int kc,
     int j, k, i;
     for (j = 0; j < GEMM_NR; j += 8)
         for (k = 0; k < kc; k += 8) {
-            for (i = 0; i < 8; i++) _mm256_storeu_ps(rows + 8 * i, gemm_load8_float(m, n0 + (size_t)(j + i), p0 + (size_t)k));
+            for (i = 0; i < 8; i++)
+                _mm256_storeu_ps(rows + 8 * i, gemm_load8_float(m, n0 + (size_t)(j + i), p0 + (size_t)k));
             gemm_transpose8(rows, 8, d + (size_t)k * GEMM_NR + j);
         }
 }
@@ -8793,8 +8794,8 @@ static void mask_predictor_backward(loupe_tta *t, int i, float *dqh)
     /* mask_embedder: Linear-ReLU-Linear-ReLU-Linear, walked back from the last layer */
     for (l = 2; l > 0; l--) {
         zero(k->d_x1, QF);
-        linear_backward(k->d_x1, grad_of(t, tta_matrix(w->mask_embed[l].w)), grad_of(t, w->mask_embed[l].b), dy, F, acts[l - 1],
-                        Q, F, F, tta_matrix(w->mask_embed[l].w), k->wt);
+        linear_backward(k->d_x1, grad_of(t, tta_matrix(w->mask_embed[l].w)), grad_of(t, w->mask_embed[l].b), dy, F,
+                        acts[l - 1], Q, F, F, tta_matrix(w->mask_embed[l].w), k->wt);
         zero(k->d_x2, QF);
         relu_backward(k->d_x2, k->d_x1, acts[l - 1], QF);
         memcpy(k->d_x3, k->d_x2, QF * sizeof *k->d_x3);
@@ -8820,10 +8821,12 @@ static void ffn_block_backward(loupe_tta *t, float *dx, float *d_ln, const float
     layernorm_backward(d_ln, grad_of(t, ln.w), grad_of(t, ln.b), dy, a, rows, F, ln, c->ln_eps, k->stats);
     memcpy(dx, d_ln, n * sizeof *dx);
     zero(d_h, ne);
-    linear_backward(d_h, grad_of(t, tta_matrix(fc2.w)), grad_of(t, fc2.b), d_ln, F, h, rows, E, F, tta_matrix(fc2.w), k->wt);
+    linear_backward(d_h, grad_of(t, tta_matrix(fc2.w)), grad_of(t, fc2.b), d_ln, F, h, rows, E, F, tta_matrix(fc2.w),
+                    k->wt);
     zero(d_h2, ne);
     relu_backward(d_h2, d_h, h, ne);
-    linear_backward(dx, grad_of(t, tta_matrix(fc1.w)), grad_of(t, fc1.b), d_h2, E, x, rows, F, E, tta_matrix(fc1.w), k->wt);
+    linear_backward(dx, grad_of(t, tta_matrix(fc1.w)), grad_of(t, fc1.b), d_h2, E, x, rows, F, E, tta_matrix(fc1.w),
+                    k->wt);
 }
 
 /* Mask2FormerMaskedAttentionDecoderLayer backward for layer i: d hout [Q][F] ->
@@ -8851,15 +8854,19 @@ static void masked_attention_decoder_layer_backward(loupe_tta *t, int i, const f
                        c->ln_eps, k->stats);
     memcpy(k->d_x2, k->d_x1, QF * sizeof *k->d_x2);
     zero(k->d_att, QF);
-    linear_backward(k->d_att, grad_of(t, tta_matrix(d->o.w)), grad_of(t, d->o.b), k->d_x1, F, A->att2, Q, F, F, tta_matrix(d->o.w), k->wt);
+    linear_backward(k->d_att, grad_of(t, tta_matrix(d->o.w)), grad_of(t, d->o.b), k->d_x1, F, A->att2, Q, F, F,
+                    tta_matrix(d->o.w), k->wt);
     zero(k->d_q, QF);
     zero(k->d_kv2, 2 * QF);
     attention_backward(k->d_q, F, k->d_kv2, F, k->d_kv2 + QF, F, k->d_att, F, A->q2, F, A->kv2, F, A->kv2 + QF, F, Q, Q,
                        H, dh, scale, NULL, k->att);
     zero(k->d_hq, QF);
-    linear_backward(k->d_hq, grad_of(t, tta_matrix(d->q.w)), grad_of(t, d->q.b), k->d_q, F, A->hq2, Q, F, F, tta_matrix(d->q.w), k->wt);
-    linear_backward(k->d_hq, grad_of(t, tta_matrix(d->k.w)), grad_of(t, d->k.b), k->d_kv2, F, A->hq2, Q, F, F, tta_matrix(d->k.w), k->wt);
-    linear_backward(k->d_x2, grad_of(t, tta_matrix(d->v.w)), grad_of(t, d->v.b), k->d_kv2 + QF, F, A->h1, Q, F, F, tta_matrix(d->v.w), k->wt);
+    linear_backward(k->d_hq, grad_of(t, tta_matrix(d->q.w)), grad_of(t, d->q.b), k->d_q, F, A->hq2, Q, F, F,
+                    tta_matrix(d->q.w), k->wt);
+    linear_backward(k->d_hq, grad_of(t, tta_matrix(d->k.w)), grad_of(t, d->k.b), k->d_kv2, F, A->hq2, Q, F, F,
+                    tta_matrix(d->k.w), k->wt);
+    linear_backward(k->d_x2, grad_of(t, tta_matrix(d->v.w)), grad_of(t, d->v.b), k->d_kv2 + QF, F, A->h1, Q, F, F,
+                    tta_matrix(d->v.w), k->wt);
     add(k->d_x2, k->d_x2, k->d_hq, QF);
     add(dqe, dqe, k->d_hq, QF);
     /* masked cross-attention and its norm: a1 = hin + out(attention(q(hin + pos), k(feat + pos), v(feat))) */
@@ -8868,17 +8875,18 @@ static void masked_attention_decoder_layer_backward(loupe_tta *t, int i, const f
                        d->ln_cross, c->ln_eps, k->stats);
     memcpy(din, k->d_x1, QF * sizeof *din);
     zero(k->d_att, QF);
-    linear_backward(k->d_att, grad_of(t, tta_matrix(d->cross_out.w)), grad_of(t, d->cross_out.b), k->d_x1, F, A->att1, Q, F, F,
-                    tta_matrix(d->cross_out.w), k->wt);
+    linear_backward(k->d_att, grad_of(t, tta_matrix(d->cross_out.w)), grad_of(t, d->cross_out.b), k->d_x1, F, A->att1,
+                    Q, F, F, tta_matrix(d->cross_out.w), k->wt);
     zero(k->d_q, QF);
     zero(k->d_kv, (size_t)n * 2 * F);
     attention_backward(k->d_q, F, k->d_kv, 2 * F, k->d_kv + F, 2 * F, k->d_att, F, A->q1, F, A->kv, 2 * F, A->kv + F,
                        2 * F, Q, n, H, dh, scale, A->mask, k->att);
     zero(k->d_hq, QF);
     linear_backward(k->d_hq, gqkv, gqkv_b, k->d_q, F, A->hq1, Q, F, F, tta_matrix(d->cross_qkv.w), k->wt);
-    linear_backward(dfeat, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, A->kin, n, F, F, tta_matrix(d->cross_qkv.w) + FF, k->wt);
-    linear_backward(dfeat, gqkv + 2 * FF, gqkv_b + 2 * F, k->d_kv + F, 2 * F, feat, n, F, F, tta_matrix(d->cross_qkv.w) + 2 * FF,
+    linear_backward(dfeat, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, A->kin, n, F, F, tta_matrix(d->cross_qkv.w) + FF,
                     k->wt);
+    linear_backward(dfeat, gqkv + 2 * FF, gqkv_b + 2 * F, k->d_kv + F, 2 * F, feat, n, F, F,
+                    tta_matrix(d->cross_qkv.w) + 2 * FF, k->wt);
     add(din, din, k->d_hq, QF);
     add(dqe, dqe, k->d_hq, QF);
 }
@@ -8941,22 +8949,23 @@ static void pixel_decoder_encoder_layer_backward(loupe_tta *t, int i, const floa
     zero(k->d_co, (size_t)F);
     bias_backward(k->d_co, k->d_t1, F, T, F);
     zero(k->d_catt, (size_t)F);
-    linear_backward(k->d_catt, grad_of(t, tta_matrix(e->cross_out.w)), grad_of(t, e->cross_out.b), k->d_co, F, A->catt, 1, F, F,
-                    tta_matrix(e->cross_out.w), k->wt);
+    linear_backward(k->d_catt, grad_of(t, tta_matrix(e->cross_out.w)), grad_of(t, e->cross_out.b), k->d_co, F,
+                    A->catt, 1, F, F, tta_matrix(e->cross_out.w), k->wt);
     zero(k->d_cq, (size_t)F);
     zero(k->d_kv, TF * 2);
     attention_backward(k->d_cq, F, k->d_kv, 2 * F, k->d_kv + F, 2 * F, k->d_catt, F, A->cq, F, A->kv, 2 * F, A->kv + F,
                        2 * F, 1, T, H, dh, scale, NULL, k->att);
     linear_backward(k->d_cond, gqkv, gqkv_b, k->d_cq, F, t->s->cond_query, 1, F, F, tta_matrix(e->cross_qkv.w), k->wt);
-    linear_backward(k->d_t2, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, A->h1, T, F, 2 * F, tta_matrix(e->cross_qkv.w) + FF, k->wt);
+    linear_backward(k->d_t2, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, A->h1, T, F, 2 * F,
+                    tta_matrix(e->cross_qkv.w) + FF, k->wt);
     /* multi-scale deformable self-attention: a1 = hin + output(msda(value(hin), offsets(q), softmax(weights(q)))) */
     zero(k->d_t1, TF);
     layernorm_backward(k->d_t1, grad_of(t, e->ln_self.w), grad_of(t, e->ln_self.b), k->d_t2, A->a1, T, F, e->ln_self,
                        c->ln_eps, k->stats);
     memcpy(din, k->d_t1, TF * sizeof *din);
     zero(k->d_msda, TF);
-    linear_backward(k->d_msda, grad_of(t, tta_matrix(e->output.w)), grad_of(t, e->output.b), k->d_t1, F, A->msda, T, F, F,
-                    tta_matrix(e->output.w), k->wt);
+    linear_backward(k->d_msda, grad_of(t, tta_matrix(e->output.w)), grad_of(t, e->output.b), k->d_t1, F, A->msda, T,
+                    F, F, tta_matrix(e->output.w), k->wt);
     zero(k->d_value, TF);
     zero(k->d_offs, (size_t)T * 2 * noff);
     zero(k->d_aw, (size_t)T * noff);
@@ -8964,11 +8973,12 @@ static void pixel_decoder_encoder_layer_backward(loupe_tta *t, int i, const floa
     zero(k->d_awl, (size_t)T * noff);
     softmax_rows_backward(k->d_awl, k->d_aw, A->aw, T * H, 3 * P);
     zero(k->d_qpos, TF);
-    linear_backward(k->d_qpos, grad_of(t, tta_matrix(e->attn_weights.w)), grad_of(t, e->attn_weights.b), k->d_awl, noff, A->qpos, T,
-                    F, noff, tta_matrix(e->attn_weights.w), k->wt);
-    linear_backward(k->d_qpos, grad_of(t, tta_matrix(e->offsets.w)), grad_of(t, e->offsets.b), k->d_offs, 2 * noff, A->qpos, T, F,
-                    2 * noff, tta_matrix(e->offsets.w), k->wt);
-    linear_backward(din, grad_of(t, tta_matrix(e->value.w)), grad_of(t, e->value.b), k->d_value, F, hin, T, F, F, tta_matrix(e->value.w), k->wt);
+    linear_backward(k->d_qpos, grad_of(t, tta_matrix(e->attn_weights.w)), grad_of(t, e->attn_weights.b), k->d_awl,
+                    noff, A->qpos, T, F, noff, tta_matrix(e->attn_weights.w), k->wt);
+    linear_backward(k->d_qpos, grad_of(t, tta_matrix(e->offsets.w)), grad_of(t, e->offsets.b), k->d_offs, 2 * noff,
+                    A->qpos, T, F, 2 * noff, tta_matrix(e->offsets.w), k->wt);
+    linear_backward(din, grad_of(t, tta_matrix(e->value.w)), grad_of(t, e->value.b), k->d_value, F, hin, T, F, F,
+                    tta_matrix(e->value.w), k->wt);
     /* q = hin + position, position = sine + level_embed[level] */
     add(din, din, k->d_qpos, TF);
     for (l = 0; l < 3; l++)
@@ -8995,8 +9005,8 @@ static void pixel_decoder_backward(loupe_tta *t, float *d_grid)
     d_inputs[0] = k->d_fpn_half; d_inputs[1] = d_grid; d_inputs[2] = k->d_fpn2;
     /* mask_projection, ReLU, layer_1 GroupNorm and 3x3 convolution */
     zero(k->d_m1, MF);
-    linear_backward(k->d_m1, grad_of(t, tta_matrix(w->mask_projection.w)), grad_of(t, w->mask_projection.b), k->d_mf, F, s->fpn_out,
-                    M * M, F, F, tta_matrix(w->mask_projection.w), k->wt);
+    linear_backward(k->d_m1, grad_of(t, tta_matrix(w->mask_projection.w)), grad_of(t, w->mask_projection.b), k->d_mf,
+                    F, s->fpn_out, M * M, F, F, tta_matrix(w->mask_projection.w), k->wt);
     zero(k->d_m2, MF);
     relu_backward(k->d_m2, k->d_m1, s->fpn_out, MF);
     zero(k->d_m1, MF);
@@ -9012,7 +9022,8 @@ static void pixel_decoder_backward(loupe_tta *t, float *d_grid)
     groupnorm_hwc_backward(k->d_m1, grad_of(t, w->adapter_gn.w), grad_of(t, w->adapter_gn.b), k->d_m2, t->tape.lat_pre,
                            M * M, F, c->gn_groups, w->adapter_gn, c->gn_eps);
     zero(k->d_fpn4, (size_t)M * M * W);
-    linear_backward(k->d_fpn4, grad_of(t, tta_matrix(w->adapter_1.w)), NULL, k->d_m1, F, s->fpn4, M * M, W, F, tta_matrix(w->adapter_1.w), k->wt);
+    linear_backward(k->d_fpn4, grad_of(t, tta_matrix(w->adapter_1.w)), NULL, k->d_m1, F, s->fpn4, M * M, W, F,
+                    tta_matrix(w->adapter_1.w), k->wt);
     /* the deformable encoder, last layer first */
     for (i = c->enc_layers - 1; i >= 0; i--) {
         pixel_decoder_encoder_layer_backward(t, i, dcur, dnext);
@@ -9027,8 +9038,8 @@ static void pixel_decoder_backward(loupe_tta *t, float *d_grid)
         zero(k->d_t1, (size_t)n * F);
         groupnorm_hwc_backward(k->d_t1, grad_of(t, w->input_gn[l].w), grad_of(t, w->input_gn[l].b), dcur + at,
                                t->tape.proj + at, n, F, c->gn_groups, w->input_gn[l], c->gn_eps);
-        linear_backward(d_inputs[l], grad_of(t, tta_matrix(w->input_proj[l].w)), grad_of(t, w->input_proj[l].b), k->d_t1, F,
-                        inputs[l], n, W, F, tta_matrix(w->input_proj[l].w), k->wt);
+        linear_backward(d_inputs[l], grad_of(t, tta_matrix(w->input_proj[l].w)), grad_of(t, w->input_proj[l].b),
+                        k->d_t1, F, inputs[l], n, W, F, tta_matrix(w->input_proj[l].w), k->wt);
     }
 }
 
