@@ -27,7 +27,7 @@ BUILD   ?= build
 GOLDEN  ?= ../shared/golden
 
 .PHONY: fuzz fuzz-run test-asan
-.PHONY: all test test-full test-case test-unit test-convert test-images test-cli bench bench-tta clean
+.PHONY: all test test-full test-case test-unit test-convert test-images test-cli bench bench-tta clean test-lowp
 
 all: loupe
 
@@ -50,6 +50,12 @@ $(BUILD)/test_kernels: loupe.c loupe.h test/test_kernels.c | $(BUILD)
 $(BUILD)/check_images: loupe.c loupe.h test/check_images.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -DLOUPE_NO_MAIN -o $@ loupe.c test/check_images.c $(LDLIBS)
 
+$(BUILD)/check_lowp: loupe.c loupe.h test/check_lowp.c test/golden_io.h | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/check_lowp.c $(LDLIBS)
+
+$(BUILD)/bench_formats: loupe.c loupe.h test/bench_formats.c | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/bench_formats.c $(LDLIBS)
+
 $(BUILD)/bench: loupe.c loupe.h test/bench.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/bench.c $(LDLIBS)
 
@@ -67,13 +73,15 @@ $(BUILD)/make_weights: test/make_weights.c | $(BUILD)
 
 # Every suite prints a line "N passed, M failed"; test/summary.sh adds them up and
 # fails when any suite failed or none ran.
-test: loupe $(BUILD)/loupe $(BUILD)/test_kernels $(BUILD)/test_backward $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/check_images $(BUILD)/make_weights
+test: loupe $(BUILD)/loupe $(BUILD)/test_kernels $(BUILD)/test_backward $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/check_images $(BUILD)/make_weights $(BUILD)/check_lowp
 	@sh test/summary.sh $(BUILD)/test-log.txt \
 	  "$(MAKE) --no-print-directory test-convert" \
 	  "$(MAKE) --no-print-directory test-images" \
 	  "$(MAKE) --no-print-directory test-cli" \
 	  "$(MAKE) --no-print-directory test-case CASE=test/golden/tiny-a" \
 	  "$(MAKE) --no-print-directory test-case CASE=test/golden/tiny-b" \
+	  "$(MAKE) --no-print-directory test-lowp CASE=test/golden/tiny-a" \
+	  "$(MAKE) --no-print-directory test-lowp CASE=test/golden/tiny-b" \
 	  "$(MAKE) --no-print-directory test-unit"
 
 test-unit: $(BUILD)/test_kernels $(BUILD)/test_backward $(BUILD)/tiny-a.bin
@@ -95,12 +103,18 @@ test-images: $(BUILD)/check_images
 test-cli: $(BUILD)/loupe $(BUILD)/tiny-a.bin
 	sh test/test_cli.sh $(BUILD)/loupe $(BUILD)/tiny-a.bin
 
-# Speed and memory of the full-size model on the full-1 photo (never part of make test).
-# Threads spin between the forward's parallel regions (measured about 6 % faster than sleeping).
+# Speed and memory of the full-size model on the full-1 photo (never part of make test),
+# then accuracy, size, memory and time of the F32, BF16 and Q8 weight files on every
+# golden case (full-1 files converted once, kept in $(BUILD)), and the forward time of
+# the three full-1 files measured in interleaved rounds. Threads spin between the
+# forward's parallel regions (measured about 6 % faster than sleeping).
+BENCH_ROUNDS ?= 3
 BENCH_WAIT_POLICY ?= active
-bench: $(BUILD)/bench $(BUILD)/make_weights
+bench: $(BUILD)/bench $(BUILD)/make_weights $(BUILD)/check_lowp $(BUILD)/bench_formats
 	@test -f $(BUILD)/full-1.bin || $(MAKE) --no-print-directory $(BUILD)/full-1.bin
 	OMP_WAIT_POLICY=$(BENCH_WAIT_POLICY) $(BUILD)/bench $(BUILD)/full-1.bin $(GOLDEN)/full-1/image.png
+	@sh test/lowp.sh bench "$(PYTHON)" $(BUILD) test/golden/tiny-a test/golden/tiny-b $(GOLDEN)/full-1
+	OMP_WAIT_POLICY=$(BENCH_WAIT_POLICY) $(BUILD)/bench_formats $(GOLDEN)/full-1/image.png $(BENCH_ROUNDS) $(BUILD)/full-1.bin $(BUILD)/full-1-bf16.bin $(BUILD)/full-1-q8.bin
 
 $(BUILD)/full-1.bin: $(BUILD)/make_weights
 	$(BUILD)/make_weights test/golden/full-1/keys.json 1 $(BUILD)/full-1.safetensors
@@ -127,6 +141,12 @@ test-case: $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/make_weights
 	status=0; $(BUILD)/check_golden $$out $(CASE) || status=1; \
 	if [ -f $(CASE)/tta.safetensors ]; then $(BUILD)/check_tta $$out $(CASE) || status=1; fi; \
 	exit $$status
+
+# The case converted with BF16 and with Q8 weight matrices, each checked against its
+# accuracy targets (test/check_lowp.c).
+test-lowp: $(BUILD)/check_lowp $(BUILD)/make_weights
+	@test -n "$(CASE)" || { echo "usage: make test-lowp CASE=path/to/case"; exit 2; }
+	@sh test/lowp.sh check "$(PYTHON)" $(BUILD) $(CASE)
 
 test-full: $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/make_weights
 	@sh test/summary.sh $(BUILD)/test-full-log.txt "$(MAKE) --no-print-directory test-case CASE=$(GOLDEN)/full-1"

@@ -4893,11 +4893,30 @@ int loupe_image_load(const char *path, size_t max_pixels, loupe_image *out,
  *   n_hparams x 48 bytes: char name[40] (NUL-padded), f64 value
  *   n_tensors index records: u16 name_len, u8 dtype, u8 ndim, name, u32 dims[ndim],
  *                            u64 offset, u64 nbytes
- *   tensor data, each tensor 64-byte aligned.                                  */
+ *   tensor data, each tensor 64-byte aligned.
+ * Version 1 files hold F32 tensors only. Version 2 adds two storages for weight
+ * matrices (a tensor of shape [d0][d1]...[dn] is the matrix of rows = d0 and
+ * cols = d1 x ... x dn values, row-major):
+ *   BF16  rows x cols bfloat16 values (the upper 16 bits of the float32, rounded
+ *         to nearest even), 2 bytes each;
+ *   Q8    rows x cols8 int8 values, where cols8 is cols rounded up to a multiple of
+ *         Q8_BLOCK (zero padding), followed by rows x cols8 / Q8_BLOCK float32
+ *         scales: value (r, c) = q[r][c] * scale[r][c / Q8_BLOCK]. Each block of
+ *         Q8_BLOCK consecutive values of a row is quantised symmetrically, scale =
+ *         max|w| / 127, q = round-to-nearest-even(w / scale).
+ * Everything else (norms, biases, embeddings, the depthwise kernels and the fuser)
+ * stays F32: bind refuses it in any other dtype. The converter writes
+ * version 1 when every tensor is F32, so older readers still load such files. */
 
 #define WEIGHTS_MAGIC "LOUPEWTS"
 #define WEIGHTS_MAGIC_LEN 8
-#define WEIGHTS_VERSION 1
+#define WEIGHTS_VERSION 2
+#define WEIGHTS_VERSION_F32_ONLY 1
+/* Values per Q8 scale: small enough that one outlier spoils few values, large
+ * enough that the scales add only 4 / 32 bytes per value (README "Smaller weight
+ * files" has the measured choice); a multiple of the 8 values the packing converts
+ * at once (gemm_load8_float). */
+#define Q8_BLOCK 32
 #define WEIGHTS_HEADER_BYTES 64
 #define HPARAM_RECORD_BYTES 48
 #define HPARAM_NAME_BYTES 40
@@ -4933,8 +4952,17 @@ typedef struct tensor_entry {
     uint64_t offset, nbytes;
 } tensor_entry;
 
+/* A weight matrix [rows][cols] as the file stores it (F32, BF16 or Q8, layout above).
+ * gemm_nt_w reads it directly, converting one packed block at a time. */
+typedef struct wmat {
+    const void *data;    /* row 0: float, bfloat16 bits (uint16_t) or int8 values */
+    const float *scale;  /* Q8: the scales of row 0 (ld / Q8_BLOCK per row); else NULL */
+    size_t ld;           /* values from one row to the next (Q8: cols padded to blocks) */
+    int dtype;
+} wmat;
+
 /* nn.Linear (weight [out][in], bias [out] or NULL) and norm (weight, bias) views. */
-typedef struct linear_w { const float *w, *b; } linear_w;
+typedef struct linear_w { wmat w; const float *b; } linear_w;
 typedef struct norm_w { const float *w, *b; } norm_w;
 
 /* backbone.transformer.resblocks[i] */
@@ -4943,9 +4971,10 @@ typedef struct pe_block_w { norm_w ln_1, ln_2; linear_w qkv, out, fc, proj; } pe
 typedef struct pe_pool_w { const float *probe; linear_w qkv, out; norm_w ln; linear_w fc, proj; } pe_pool_w;
 /* classifier.{classifier,patch_classifier} */
 typedef struct cls_head_w { linear_w layers[MAX_CLS_LAYERS]; } cls_head_w;
-/* segmentor.fpn.scale_layers[i][j]: conv1 (ConvTranspose2d, read in place as
- * [Cin][Cout*4]) is NULL for the max-pool block; dw holds conv2 repacked [9][C]. */
-typedef struct scale_block_w { linear_w conv1; const float *dw; norm_w norm; } scale_block_w;
+/* segmentor.fpn.scale_layers[i][j]: conv1 (ConvTranspose2d) is absent for the
+ * max-pool block; convt is its weight as float32 [Cin][Cout*4] (NULL when absent),
+ * dw holds conv2 repacked [9][C]. */
+typedef struct scale_block_w { linear_w conv1; const float *convt, *dw; norm_w norm; } scale_block_w;
 /* segmentor.pixel_decoder.encoder.layers[i] */
 typedef struct enc_layer_w {
     linear_w offsets, attn_weights, value, output;
@@ -4969,7 +4998,8 @@ typedef struct dec_layer_w {
  * read-only tables derived once at load time. */
 typedef struct loupe_weights {
     /* backbone */
-    const float *class_embedding, *positional_embedding, *conv1;
+    const float *class_embedding, *positional_embedding;
+    wmat conv1;          /* patch embedding [W][3*P*P] */
     norm_w ln_pre, ln_post;
     pe_block_w *blocks;
     pe_pool_w pool;
@@ -5104,6 +5134,14 @@ static double header_hparam(const unsigned char *hp, uint32_t n, const char *nam
     return 0.0;
 }
 
+/* Bytes of a tensor of rows x cols values stored as dtype (layout at the top). */
+static uint64_t tensor_bytes(int dtype, uint64_t rows, uint64_t cols)
+{
+    uint64_t cols8 = (cols + Q8_BLOCK - 1) / Q8_BLOCK * Q8_BLOCK;
+    if (dtype == DTYPE_Q8) return rows * cols8 + rows * (cols8 / Q8_BLOCK) * sizeof(float);
+    return rows * cols * dtype_sizes[dtype];
+}
+
 /* Orders tensor entries by offset (for the overlap check). */
 static int entry_offset_cmp(const void *a, const void *b)
 {
@@ -5175,7 +5213,10 @@ static int weights_parse(loupe_model *m, char *err, size_t errsize)
         if (e->dtype >= DTYPE_COUNT)
             return fail(err, errsize, "%s: tensor %.*s has unknown dtype code %d (written by a newer converter?)", path,
                         e->name_len, e->name, e->dtype);
-        if (e->dtype != DTYPE_Q8 && e->nbytes != numel * dtype_sizes[e->dtype])
+        if (e->dtype != DTYPE_F32 && version == WEIGHTS_VERSION_F32_ONLY)
+            return fail(err, errsize, "%s: tensor %.*s is %s, which format version %d does not define", path,
+                        e->name_len, e->name, dtype_names[e->dtype], WEIGHTS_VERSION_F32_ONLY);
+        if (e->nbytes != tensor_bytes(e->dtype, e->dims[0], numel / e->dims[0]))
             return fail(err, errsize, "%s: tensor %.*s: %llu bytes do not match its %s shape", path, e->name_len, e->name,
                         (unsigned long long)e->nbytes, dtype_names[e->dtype]);
         if (e->offset % TENSOR_ALIGN != 0 || e->offset < data_offset || e->offset > file_size ||
@@ -5258,18 +5299,98 @@ typedef struct binder {
     int failed;
 } binder;
 
-/* Returns the F32 tensor called name (printf format) if its shape is exactly
- * d0..d3 (trailing zeros = fewer dimensions), or NULL after recording an error. */
-static const float *bind(binder *b, int d0, int d1, int d2, int d3, const char *fmt, ...)
+/* The float32 whose upper half is the bfloat16 h (lower half zero). */
+static float bf16_to_float(uint16_t h)
 {
-    char name[256], want[96], got[96];
-    const int dims[MAX_TENSOR_DIMS] = {d0, d1, d2, d3};
-    int ndim = d3 ? 4 : d2 ? 3 : d1 ? 2 : 1, i, k;
-    va_list ap;
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Cols of a Q8 row rounded up to whole blocks. */
+static size_t q8_padded(size_t cols) { return (cols + Q8_BLOCK - 1) / Q8_BLOCK * Q8_BLOCK; }
+
+/* A float32 matrix whose rows are ld values apart. */
+static wmat wmat_f32(const float *data, size_t ld)
+{
+    wmat m;
+    m.data = data;
+    m.scale = NULL;
+    m.ld = ld;
+    m.dtype = DTYPE_F32;
+    return m;
+}
+
+/* The matrix m from its row r on (e.g. the key rows of a packed q/k/v projection). */
+static wmat wmat_rows(wmat m, size_t r)
+{
+    switch (m.dtype) {
+    case DTYPE_BF16: m.data = (const uint16_t *)m.data + r * m.ld; break;
+    case DTYPE_Q8:
+        m.data = (const int8_t *)m.data + r * m.ld;
+        m.scale += r * (m.ld / Q8_BLOCK);
+        break;
+    default: m.data = (const float *)m.data + r * m.ld;
+    }
+    return m;
+}
+
+/* Converts rows r0..r0+nr and columns c0..c0+nc of m to float32 in dst (rows ldd apart). */
+static void wmat_to_float(wmat m, size_t r0, int nr, size_t c0, int nc, float *dst, size_t ldd)
+{
+    int i, j;
+    for (i = 0; i < nr; i++) {
+        size_t row = r0 + (size_t)i;
+        float *d = dst + (size_t)i * ldd;
+        if (m.dtype == DTYPE_BF16) {
+            const uint16_t *h = (const uint16_t *)m.data + row * m.ld + c0;
+            for (j = 0; j < nc; j++) d[j] = bf16_to_float(h[j]);
+        } else if (m.dtype == DTYPE_Q8) {
+            const int8_t *q = (const int8_t *)m.data + row * m.ld;
+            const float *scale = m.scale + row * (m.ld / Q8_BLOCK);
+            size_t c = c0, end = c0 + (size_t)nc;
+            while (c < end) { /* one block (or the part of it in range) at a time */
+                size_t stop = (c / Q8_BLOCK + 1) * Q8_BLOCK;
+                float sc = scale[c / Q8_BLOCK];
+                if (stop > end) stop = end;
+                for (; c < stop; c++) d[c - c0] = (float)q[c] * sc;
+            }
+        } else {
+            memcpy(d, (const float *)m.data + row * m.ld + c0, (size_t)nc * sizeof *d);
+        }
+    }
+}
+
+/* The number of values of a tensor. */
+static size_t entry_numel(const tensor_entry *e)
+{
+    size_t n = 1;
+    int k;
+    for (k = 0; k < e->ndim; k++) n *= e->dims[k];
+    return n;
+}
+
+/* A tensor of the file as a weight matrix [dims[0]][the other dimensions]. */
+static wmat entry_matrix(const loupe_model *m, const tensor_entry *e)
+{
+    size_t rows = e->dims[0], cols = entry_numel(e) / rows;
+    wmat w = wmat_f32((const float *)(const void *)(m->data + e->offset), cols);
+    w.dtype = e->dtype;
+    if (e->dtype == DTYPE_Q8) {
+        w.ld = q8_padded(cols);
+        w.scale = (const float *)(const void *)(m->data + e->offset + rows * w.ld);
+    }
+    return w;
+}
+
+/* The tensor called name if its shape is exactly dims (trailing zeros = fewer
+ * dimensions), or NULL after recording an error. */
+static const tensor_entry *bind_entry(binder *b, const int dims[MAX_TENSOR_DIMS], const char *name)
+{
+    char want[96], got[96];
+    int ndim = dims[3] ? 4 : dims[2] ? 3 : dims[1] ? 2 : 1, i, k;
     if (b->failed) return NULL;
-    va_start(ap, fmt);
-    vsnprintf(name, sizeof name, fmt, ap);
-    va_end(ap);
     for (i = 0; i < b->m->n_entries; i++) {
         const tensor_entry *e = &b->m->entries[i];
         int same = e->ndim == ndim;
@@ -5283,24 +5404,67 @@ static const float *bind(binder *b, int d0, int d1, int d2, int d3, const char *
             fail(b->err, b->errsize, "%s: tensor %s has shape [%s], expected [%s]", b->m->path, name, got, want);
             return NULL;
         }
-        if (e->dtype != DTYPE_F32) {
-            b->failed = 1;
-            fail(b->err, b->errsize, "%s: tensor %s is %s; this build reads F32 tensors only", b->m->path, name,
-                 dtype_names[e->dtype]);
-            return NULL;
-        }
-        return (const float *)(const void *)(b->m->data + e->offset);
+        return e;
     }
     b->failed = 1;
     fail(b->err, b->errsize, "%s: tensor %s is missing", b->m->path, name);
     return NULL;
 }
 
+/* Returns the F32 tensor called name (printf format) if its shape is exactly
+ * d0..d3 (trailing zeros = fewer dimensions), or NULL after recording an error. */
+static const float *bind(binder *b, int d0, int d1, int d2, int d3, const char *fmt, ...)
+{
+    char name[256];
+    const int dims[MAX_TENSOR_DIMS] = {d0, d1, d2, d3};
+    const tensor_entry *e;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    if (!(e = bind_entry(b, dims, name))) return NULL;
+    if (e->dtype != DTYPE_F32) {
+        b->failed = 1;
+        fail(b->err, b->errsize, "%s: tensor %s is %s; only weight matrices may be stored as BF16 or Q8", b->m->path,
+             name, dtype_names[e->dtype]);
+        return NULL;
+    }
+    return (const float *)(const void *)(b->m->data + e->offset);
+}
+
+/* Returns the weight matrix called name (printf format, any storage) of shape d0..d3,
+ * viewed as [d0][d1 x d2 x d3]; data NULL after recording an error. */
+static wmat bind_matrix(binder *b, int d0, int d1, int d2, int d3, const char *fmt, ...)
+{
+    char name[256];
+    const int dims[MAX_TENSOR_DIMS] = {d0, d1, d2, d3};
+    const tensor_entry *e;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    e = bind_entry(b, dims, name);
+    return e ? entry_matrix(b->m, e) : wmat_f32(NULL, 0);
+}
+
+/* The float32 values of a weight matrix [rows][cols]: the file's own when it is F32,
+ * else converted into a malloc'd copy that *copy receives (free it after use). NULL
+ * when out of memory. Used where weights are copied or repacked, never per image. */
+static const float *wmat_values(wmat m, size_t rows, size_t cols, float **copy)
+{
+    size_t r;
+    *copy = NULL;
+    if (m.dtype == DTYPE_F32) return m.data;
+    if (!(*copy = malloc(rows * cols * sizeof **copy))) return NULL;
+    for (r = 0; r < rows; r++) wmat_to_float(m, r, 1, 0, (int)cols, *copy + r * cols, cols);
+    return *copy;
+}
+
 /* Shorthands: a linear layer (weight [out][in], optional bias [out]) and a norm. */
 static linear_w bind_linear(binder *b, int out, int in, int has_bias, const char *prefix)
 {
     linear_w l;
-    l.w = bind(b, out, in, 0, 0, "%s.weight", prefix);
+    l.w = bind_matrix(b, out, in, 0, 0, "%s.weight", prefix);
     l.b = has_bias ? bind(b, out, 0, 0, 0, "%s.bias", prefix) : NULL;
     return l;
 }
@@ -5315,7 +5479,7 @@ static norm_w bind_norm(binder *b, int n, const char *prefix)
 static void bind_mha(binder *b, int e, const char *prefix, linear_w *qkv, linear_w *out)
 {
     char name[256];
-    qkv->w = bind(b, 3 * e, e, 0, 0, "%s.in_proj_weight", prefix);
+    qkv->w = bind_matrix(b, 3 * e, e, 0, 0, "%s.in_proj_weight", prefix);
     qkv->b = bind(b, 3 * e, 0, 0, 0, "%s.in_proj_bias", prefix);
     snprintf(name, sizeof name, "%s.out_proj", prefix);
     *out = bind_linear(b, e, e, 1, name);
@@ -5325,7 +5489,7 @@ static void bind_mha(binder *b, int e, const char *prefix, linear_w *qkv, linear
 static linear_w bind_conv1x1(binder *b, int out, int in, int has_bias, const char *prefix)
 {
     linear_w l;
-    l.w = bind(b, out, in, 1, 1, "%s.weight", prefix);
+    l.w = bind_matrix(b, out, in, 1, 1, "%s.weight", prefix);
     l.b = has_bias ? bind(b, out, 0, 0, 0, "%s.bias", prefix) : NULL;
     return l;
 }
@@ -5352,10 +5516,11 @@ static void bind_scale_block(binder *b, scale_block_w *s, int w, int transposed,
 {
     char name[256];
     if (transposed) {
-        s->conv1.w = bind(b, w, w, 2, 2, "%s.conv1.weight", prefix);
+        s->conv1.w = bind_matrix(b, w, w, 2, 2, "%s.conv1.weight", prefix);
         s->conv1.b = bind(b, w, 0, 0, 0, "%s.conv1.bias", prefix);
     } else {
-        s->conv1.w = s->conv1.b = NULL;
+        s->conv1.w = wmat_f32(NULL, 0);
+        s->conv1.b = NULL;
     }
     *raw_dw = bind(b, w, 1, 3, 3, "%s.conv2.weight", prefix);
     snprintf(name, sizeof name, "%s.norm", prefix);
@@ -5427,7 +5592,10 @@ static int weights_bind(loupe_model *m, char *err, size_t errsize)
     char p[200];
     int W = c->width, g = c->grid, F = c->feature_size, i, k;
     int n_off = c->m2f_heads * c->deform_levels * c->deform_points;
-    const float *raw_dw[4], *raw_layer_1;
+    const float *raw_dw[4], *values;
+    float *copy;
+    wmat raw_layer_1;
+    scale_block_w *blocks[4];
     size_t rope_n, tok_n, derived_floats, off = 0;
     float *dv;
 
@@ -5435,7 +5603,7 @@ static int weights_bind(loupe_model *m, char *err, size_t errsize)
     /* backbone (VisionTransformer) */
     w->class_embedding = bind(&b, W, 0, 0, 0, "backbone.class_embedding");
     w->positional_embedding = bind(&b, 1 + g * g, W, 0, 0, "backbone.positional_embedding");
-    w->conv1 = bind(&b, W, 3, c->patch_size, c->patch_size, "backbone.conv1.weight");
+    w->conv1 = bind_matrix(&b, W, 3, c->patch_size, c->patch_size, "backbone.conv1.weight");
     w->ln_pre = bind_norm(&b, W, "backbone.ln_pre");
     w->ln_post = bind_norm(&b, W, "backbone.ln_post");
     w->blocks = calloc((size_t)c->layers, sizeof *w->blocks);
@@ -5497,7 +5665,7 @@ static int weights_bind(loupe_model *m, char *err, size_t errsize)
     w->mask_projection = bind_conv1x1(&b, F, F, 1, "segmentor.pixel_decoder.mask_projection");
     w->adapter_1 = bind_conv1x1(&b, F, W, 0, "segmentor.pixel_decoder.adapter_1.0");
     w->adapter_gn = bind_norm(&b, F, "segmentor.pixel_decoder.adapter_1.1");
-    raw_layer_1 = bind(&b, F, F, 3, 3, "segmentor.pixel_decoder.layer_1.0.weight");
+    raw_layer_1 = bind_matrix(&b, F, F, 3, 3, "segmentor.pixel_decoder.layer_1.0.weight");
     w->layer_1_gn = bind_norm(&b, F, "segmentor.pixel_decoder.layer_1.1");
     /* transformer decoder */
     w->query_embed = bind(&b, c->num_queries, F, 0, 0, "segmentor.mask2former_decoder.queries_embedder.weight");
@@ -5526,23 +5694,36 @@ static int weights_bind(loupe_model *m, char *err, size_t errsize)
     w->class_predictor = bind_linear(&b, c->num_labels + 1, F, 1, "segmentor.class_predictor");
     if (b.failed) return -1;
 
-    /* Derived, read-only: repacked kernels and constant tables, one block. */
+    /* Derived, read-only: repacked kernels and constant tables, one block. The
+     * kernels used outside gemm_nt_w are float32 whatever the file stores: a BF16 or
+     * Q8 kernel is converted here, once (the transposed convolutions of an F32 file
+     * are read in place). */
+    blocks[0] = &w->fpn4[0]; blocks[1] = &w->fpn4[1]; blocks[2] = &w->fpn2; blocks[3] = &w->fpn_half;
     level_sizes(c, &m->t);
     rope_n = (size_t)(1 + g * g) * (size_t)(W / c->heads);
     tok_n = (size_t)m->t.tokens * (size_t)F;
     derived_floats = 4 * 9 * (size_t)W + 9 * (size_t)F * F + 2 * rope_n + 2 * tok_n + 2 * (size_t)m->t.tokens;
+    for (k = 0; k < 4; k++)
+        if (blocks[k]->conv1.w.data && blocks[k]->conv1.w.dtype != DTYPE_F32) derived_floats += 4 * (size_t)W * W;
     dv = aligned_block(derived_floats * sizeof(float), &m->derived_raw);
     if (!dv) return fail(err, errsize, "%s: out of memory", m->path);
-    {
-        scale_block_w *blocks[4];
-        blocks[0] = &w->fpn4[0]; blocks[1] = &w->fpn4[1]; blocks[2] = &w->fpn2; blocks[3] = &w->fpn_half;
-        for (k = 0; k < 4; k++) {
-            repack_depthwise(dv + off, raw_dw[k], W);
-            blocks[k]->dw = dv + off;
-            off += 9 * (size_t)W;
+    for (k = 0; k < 4; k++) {
+        repack_depthwise(dv + off, raw_dw[k], W);
+        blocks[k]->dw = dv + off;
+        off += 9 * (size_t)W;
+        if (!blocks[k]->conv1.w.data) continue;
+        if (blocks[k]->conv1.w.dtype == DTYPE_F32) {
+            blocks[k]->convt = blocks[k]->conv1.w.data;
+        } else {
+            wmat_to_float(blocks[k]->conv1.w, 0, W, 0, 4 * W, dv + off, 4 * (size_t)W);
+            blocks[k]->convt = dv + off;
+            off += 4 * (size_t)W * W;
         }
     }
-    repack_conv3x3(dv + off, raw_layer_1, F, F);
+    if (!(values = wmat_values(raw_layer_1, (size_t)F, 9 * (size_t)F, &copy)))
+        return fail(err, errsize, "%s: out of memory", m->path);
+    repack_conv3x3(dv + off, values, F, F);
+    free(copy);
     w->layer_1 = dv + off; off += 9 * (size_t)F * F;
     m->t.rope_cos = dv + off; off += rope_n;
     m->t.rope_sin = dv + off; off += rope_n;
@@ -5841,14 +6022,69 @@ static void gemm_pack_panel(int nr, int kc, const float *B, size_t ldb, int b_kn
         for (k = 0; k < kc; k++) d[(size_t)k * GEMM_NR + j] = 0.0f;
 }
 
-/* Everything a task needs to know about the product. */
+/* Everything a task needs to know about the product. B is F32 unless it is a weight
+ * matrix of gemm_nt_w. */
 typedef struct gemm_args {
     int M, N, K;
-    const float *A, *B, *bias;
-    size_t lda, ldb, ldc;
+    const float *A, *bias;
+    wmat B;
+    size_t lda, ldc;
     int b_kn, accumulate;
     float *C;
 } gemm_args;
+
+#ifdef GEMM_TRANSPOSE8
+/* Values c0..c0+8 of row `row` of a BF16 or Q8 matrix as float32 (c0 a multiple of 8,
+ * so the 8 values share one Q8 scale); the same values as wmat_to_float. */
+static __m256 gemm_load8_float(const wmat *m, size_t row, size_t c0)
+{
+    if (m->dtype == DTYPE_BF16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(const void *)((const uint16_t *)m->data + row * m->ld + c0));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else {
+        __m128i q = _mm_loadl_epi64((const __m128i *)(const void *)((const int8_t *)m->data + row * m->ld + c0));
+        __m256 scale = _mm256_set1_ps(m->scale[row * (m->ld / Q8_BLOCK) + c0 / Q8_BLOCK]);
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), scale);
+    }
+}
+
+/* gemm_pack_panel for a whole panel (NR columns, kc a multiple of 8) of a BF16 or Q8
+ * B: every 8 x 8 block is converted in registers, then transposed like a float one. */
+static void gemm_pack_panel_convert(const wmat *m, size_t n0, size_t p0, int kc, float *d)
+{
+    float rows[8 * 8];
+    int j, k, i;
+    for (j = 0; j < GEMM_NR; j += 8)
+        for (k = 0; k < kc; k += 8) {
+            for (i = 0; i < 8; i++)
+                _mm256_storeu_ps(rows + 8 * i, gemm_load8_float(m, n0 + (size_t)(j + i), p0 + (size_t)k));
+            gemm_transpose8(rows, 8, d + (size_t)k * GEMM_NR + j);
+        }
+}
+#endif
+
+/* Packs the panel of B for columns n0..n0+nr of C and k-range p0..p0+kc into d. A BF16
+ * or Q8 weight is converted to float32 on the way (in registers for whole panels on
+ * AVX, else through float32 rows in strip, NR x KC floats): the conversion is paid
+ * once per packed block, not per row of A, and no float32 copy of the weight exists
+ * anywhere else. */
+static void gemm_pack_b(const gemm_args *g, int n0, int nr, int p0, int kc, float *strip, float *d)
+{
+    const float *b = g->B.data;
+    size_t ldb = g->B.ld;
+    if (g->B.dtype == DTYPE_F32) {
+        gemm_pack_panel(nr, kc, g->b_kn ? b + (size_t)p0 * ldb + n0 : b + (size_t)n0 * ldb + p0, ldb, g->b_kn, d);
+        return;
+    }
+#ifdef GEMM_TRANSPOSE8
+    if (nr == GEMM_NR && kc % 8 == 0) {
+        gemm_pack_panel_convert(&g->B, (size_t)n0, (size_t)p0, kc, d);
+        return;
+    }
+#endif
+    wmat_to_float(g->B, (size_t)n0, nr, (size_t)p0, kc, strip, (size_t)kc);
+    gemm_pack_panel(nr, kc, strip, (size_t)kc, 0, d);
+}
 
 /* One packed block: rows m0..m1 (whole strips from m0) of C, columns n0..n0+nc,
  * k-range p0..p0+kc, with bp the block of B packed for that range. */
@@ -5895,7 +6131,7 @@ static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p
  * most GEMM_MC x GEMM_KC floats, about half of L2) stays in L2 across the blocks. */
 static void gemm_task(const gemm_args *g, int m0, int m1, int n0, int n1)
 {
-    float block[GEMM_KC * GEMM_NC + GEMM_LINE_FLOATS];
+    float block[GEMM_KC * GEMM_NC + GEMM_LINE_FLOATS], strip[GEMM_NR * GEMM_KC];
     float *bp = block + (GEMM_LINE_FLOATS - (uintptr_t)block / sizeof(float) % GEMM_LINE_FLOATS) % GEMM_LINE_FLOATS;
     int p0, kc, jc, j0;
     for (p0 = 0; p0 < g->K; p0 += kc) {
@@ -5903,9 +6139,7 @@ static void gemm_task(const gemm_args *g, int m0, int m1, int n0, int n1)
         for (jc = n0; jc < n1; jc += GEMM_NC) {
             int nc = n1 - jc < GEMM_NC ? n1 - jc : GEMM_NC;
             for (j0 = 0; j0 < nc; j0 += GEMM_NR)
-                gemm_pack_panel(nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR, kc,
-                                g->b_kn ? g->B + (size_t)p0 * g->ldb + jc + j0 : g->B + (size_t)(jc + j0) * g->ldb + p0,
-                                g->ldb, g->b_kn, bp + (size_t)j0 * kc);
+                gemm_pack_b(g, jc + j0, nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR, p0, kc, strip, bp + (size_t)j0 * kc);
             gemm_block(g, m0, m1, jc, nc, p0, kc, bp);
         }
     }
@@ -5949,17 +6183,25 @@ static void gemm_run(const gemm_args *g)
     }
 }
 
-/* C[M][N] (+)= A[M][K] B[N][K]^T (+ bias[N]): B is a PyTorch weight [out][in]. */
-static void gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int ldb, const float *bias,
-                    float *C, int ldc, int accumulate)
+/* C[M][N] (+)= A[M][K] B[N][K]^T (+ bias[N]): B is a weight matrix [out][in] in any
+ * storage (F32, BF16, Q8). */
+static void gemm_nt_w(int M, int N, int K, const float *A, int lda, wmat B, const float *bias, float *C, int ldc,
+                      int accumulate)
 {
     gemm_args g;
     g.M = M; g.N = N; g.K = K;
     g.A = A; g.B = B; g.bias = bias; g.C = C;
-    g.lda = (size_t)lda; g.ldb = (size_t)ldb; g.ldc = (size_t)ldc;
+    g.lda = (size_t)lda; g.ldc = (size_t)ldc;
     g.b_kn = 0;
     g.accumulate = accumulate;
     gemm_run(&g);
+}
+
+/* C[M][N] (+)= A[M][K] B[N][K]^T (+ bias[N]) with float32 B, e.g. a PyTorch weight [out][in]. */
+static void gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int ldb, const float *bias,
+                    float *C, int ldc, int accumulate)
+{
+    gemm_nt_w(M, N, K, A, lda, wmat_f32(B, (size_t)ldb), bias, C, ldc, accumulate);
 }
 
 /* C[M][N] (+)= A[M][K] B[K][N]: the second operand stored row by row (e.g. values). */
@@ -5968,8 +6210,8 @@ static void gemm_nn(int M, int N, int K, const float *A, int lda, const float *B
 {
     gemm_args g;
     g.M = M; g.N = N; g.K = K;
-    g.A = A; g.B = B; g.bias = NULL; g.C = C;
-    g.lda = (size_t)lda; g.ldb = (size_t)ldb; g.ldc = (size_t)ldc;
+    g.A = A; g.B = wmat_f32(B, (size_t)ldb); g.bias = NULL; g.C = C;
+    g.lda = (size_t)lda; g.ldc = (size_t)ldc;
     g.b_kn = 1;
     g.accumulate = accumulate;
     gemm_run(&g);
@@ -5978,7 +6220,7 @@ static void gemm_nn(int M, int N, int K, const float *A, int lda, const float *B
 /* y[rows][out] = x[rows][in] W^T + b: nn.Linear on a batch of rows. */
 static void linear(float *y, const float *x, int rows, int in, int out, linear_w l)
 {
-    gemm_nt(rows, out, in, x, in, l.w, in, l.b, y, out, 0);
+    gemm_nt_w(rows, out, in, x, in, l.w, l.b, y, out, 0);
 }
 
 /* Register tile and K-block of gemm_tn. */
@@ -7110,7 +7352,7 @@ static void pe_embed(loupe_session *s, const float *pixels)
                 for (kx = 0; kx < P; kx++)
                     row[(ch * P + ky) * P + kx] = pixels[((size_t)ch * S + py * P + ky) * S + px * P + kx];
     }
-    gemm_nt(g * g, W, K, s->patches, K, w->conv1, K, NULL, s->x + W, W, 0);
+    gemm_nt_w(g * g, W, K, s->patches, K, w->conv1, NULL, s->x + W, W, 0);
     memcpy(s->x, w->class_embedding, (size_t)W * sizeof *s->x);
     add(s->x, s->x, w->positional_embedding, (size_t)T * W);
     layernorm(s->x, s->x, T, W, w->ln_pre, c->ln_eps);
@@ -7151,11 +7393,11 @@ static void pe_residual_attention_block(loupe_session *s, const pe_block_w *b)
     pe_rope2d(s->qkv, T, W, c->heads, s->m->t.rope_cos, s->m->t.rope_sin);
     attention(s->att, W, s->qkv, 3 * W, s->qkv + W, 3 * W, s->qkv + 2 * W, 3 * W, T, T, c->heads, dh,
               1.0f / sqrtf((float)dh), NULL, s->scores);
-    gemm_nt(T, W, W, s->att, W, b->out.w, W, b->out.b, s->x, W, 1);
+    gemm_nt_w(T, W, W, s->att, W, b->out.w, b->out.b, s->x, W, 1);
     layernorm(s->h, s->x, T, W, b->ln_2, c->ln_eps);
     linear(s->wide, s->h, T, W, M, b->fc);
     gelu(s->wide, (size_t)T * M);
-    gemm_nt(T, W, M, s->wide, M, b->proj.w, M, b->proj.b, s->x, W, 1);
+    gemm_nt_w(T, W, M, s->wide, M, b->proj.w, b->proj.b, s->x, W, 1);
 }
 
 /* AttentionPooling.forward: a learned probe attends over all tokens, then a residual
@@ -7165,15 +7407,15 @@ static void pe_attention_pooling(loupe_session *s)
     const loupe_config *c = &s->m->cfg;
     const pe_pool_w *p = &s->m->w.pool;
     int g = c->grid, T = 1 + g * g, W = c->width, M = c->pool_mlp_width, dh = W / c->pool_heads;
-    gemm_nt(1, W, W, p->probe, W, p->qkv.w, W, p->qkv.b, s->pool_q, W, 0);
-    gemm_nt(T, 2 * W, W, s->feats, W, p->qkv.w + (size_t)W * W, W, p->qkv.b + W, s->qkv, 2 * W, 0);
+    gemm_nt_w(1, W, W, p->probe, W, p->qkv.w, p->qkv.b, s->pool_q, W, 0);
+    gemm_nt_w(T, 2 * W, W, s->feats, W, wmat_rows(p->qkv.w, (size_t)W), p->qkv.b + W, s->qkv, 2 * W, 0);
     attention(s->pool_att, W, s->pool_q, W, s->qkv, 2 * W, s->qkv + W, 2 * W, 1, T, c->pool_heads, dh,
               1.0f / sqrtf((float)dh), NULL, s->scores);
     linear(s->pooled, s->pool_att, 1, W, W, p->out);
     layernorm(s->pool_h, s->pooled, 1, W, p->ln, c->ln_eps);
     linear(s->wide, s->pool_h, 1, W, M, p->fc);
     gelu(s->wide, (size_t)M);
-    gemm_nt(1, W, M, s->wide, M, p->proj.w, M, p->proj.b, s->pooled, W, 1);
+    gemm_nt_w(1, W, M, s->wide, M, p->proj.w, p->proj.b, s->pooled, W, 1);
 }
 
 /* VisionTransformer.forward_features(norm=True) + _pool:
@@ -7269,8 +7511,8 @@ static void scale_block(loupe_session *s, const scale_block_w *b, const float *i
     int W = c->width;
     float *dw = A->dw ? A->dw : out;
     size_t n;
-    if (b->conv1.w) { /* out is free until the end: the product's scratch */
-        conv_transpose2x2_hwc(A->pre, in, h, w, W, W, b->conv1.w, b->conv1.b, out);
+    if (b->convt) { /* out is free until the end: the product's scratch */
+        conv_transpose2x2_hwc(A->pre, in, h, w, W, W, b->convt, b->conv1.b, out);
         *oh = 2 * h; *ow = 2 * w;
     } else {
         maxpool2x2_hwc(A->pre, in, h, w, W);
@@ -7392,8 +7634,8 @@ static void pixel_decoder_encoder_layer(loupe_session *s, const enc_layer_w *e, 
     add(A->a1, A->a1, hin, (size_t)T * F);
     layernorm(h1, A->a1, T, F, e->ln_self, c->ln_eps);
     /* cross_attn (nn.MultiheadAttention): query = conditional query, keys/values = tokens */
-    gemm_nt(1, F, F, s->cond_query, F, e->cross_qkv.w, F, e->cross_qkv.b, A->cq, F, 0);
-    gemm_nt(T, 2 * F, F, h1, F, e->cross_qkv.w + (size_t)F * F, F, e->cross_qkv.b + F, A->kv, 2 * F, 0);
+    gemm_nt_w(1, F, F, s->cond_query, F, e->cross_qkv.w, e->cross_qkv.b, A->cq, F, 0);
+    gemm_nt_w(T, 2 * F, F, h1, F, wmat_rows(e->cross_qkv.w, (size_t)F), e->cross_qkv.b + F, A->kv, 2 * F, 0);
     attention(A->catt, F, A->cq, F, A->kv, 2 * F, A->kv + F, 2 * F, 1, T, H, dh, scale, NULL, s->scores);
     linear(A->co, A->catt, 1, F, F, e->cross_out);
     for (t = 0; t < T; t++) add(a2 + (size_t)t * F, h1 + (size_t)t * F, A->co, (size_t)F);
@@ -7402,7 +7644,7 @@ static void pixel_decoder_encoder_layer(loupe_session *s, const enc_layer_w *e, 
     linear(A->ffn, h2, T, F, E, e->fc1);
     relu(A->ffn, (size_t)T * E);
     copy_unless_same(a3, h2, (size_t)T * F);
-    gemm_nt(T, F, E, A->ffn, E, e->fc2.w, E, e->fc2.b, a3, F, 1);
+    gemm_nt_w(T, F, E, A->ffn, E, e->fc2.w, e->fc2.b, a3, F, 1);
     layernorm(hout, a3, T, F, e->ln_final, c->ln_eps);
 }
 
@@ -7512,13 +7754,13 @@ static void masked_attention_decoder_layer(loupe_session *s, const dec_layer_w *
     }
     /* cross_attn (nn.MultiheadAttention): q = hidden + query pos, k = features + pos, v = features */
     add(A->hq1, hin, w->query_embed, (size_t)Q * F);
-    gemm_nt(Q, F, F, A->hq1, F, d->cross_qkv.w, F, d->cross_qkv.b, A->q1, F, 0);
+    gemm_nt_w(Q, F, F, A->hq1, F, d->cross_qkv.w, d->cross_qkv.b, A->q1, F, 0);
     add(A->kin, feat, pos, (size_t)n * F);
-    gemm_nt(n, F, F, A->kin, F, d->cross_qkv.w + (size_t)F * F, F, d->cross_qkv.b + F, A->kv, 2 * F, 0);
-    gemm_nt(n, F, F, feat, F, d->cross_qkv.w + (size_t)2 * F * F, F, d->cross_qkv.b + 2 * F, A->kv + F, 2 * F, 0);
+    gemm_nt_w(n, F, F, A->kin, F, wmat_rows(d->cross_qkv.w, (size_t)F), d->cross_qkv.b + F, A->kv, 2 * F, 0);
+    gemm_nt_w(n, F, F, feat, F, wmat_rows(d->cross_qkv.w, (size_t)2 * F), d->cross_qkv.b + 2 * F, A->kv + F, 2 * F, 0);
     attention(A->att1, F, A->q1, F, A->kv, 2 * F, A->kv + F, 2 * F, Q, n, H, dh, scale, A->mask, s->scores);
     copy_unless_same(A->a1, hin, (size_t)Q * F);
-    gemm_nt(Q, F, F, A->att1, F, d->cross_out.w, F, d->cross_out.b, A->a1, F, 1);
+    gemm_nt_w(Q, F, F, A->att1, F, d->cross_out.w, d->cross_out.b, A->a1, F, 1);
     layernorm(A->h1, A->a1, Q, F, d->ln_cross, c->ln_eps);
     /* self_attn (Mask2FormerAttention): q, k from hidden + query pos, v from hidden */
     add(A->hq2, A->h1, w->query_embed, (size_t)Q * F);
@@ -7527,13 +7769,13 @@ static void masked_attention_decoder_layer(loupe_session *s, const dec_layer_w *
     linear(A->kv2 + (size_t)Q * F, A->h1, Q, F, F, d->v);
     attention(A->att2, F, A->q2, F, A->kv2, F, A->kv2 + (size_t)Q * F, F, Q, Q, H, dh, scale, NULL, s->scores);
     copy_unless_same(A->a2, A->h1, (size_t)Q * F);
-    gemm_nt(Q, F, F, A->att2, F, d->o.w, F, d->o.b, A->a2, F, 1);
+    gemm_nt_w(Q, F, F, A->att2, F, d->o.w, d->o.b, A->a2, F, 1);
     layernorm(A->h2, A->a2, Q, F, d->ln_self, c->ln_eps);
     /* feed-forward */
     linear(A->ffn, A->h2, Q, F, E, d->fc1);
     relu(A->ffn, (size_t)Q * E);
     copy_unless_same(A->a3, A->h2, (size_t)Q * F);
-    gemm_nt(Q, F, E, A->ffn, E, d->fc2.w, E, d->fc2.b, A->a3, F, 1);
+    gemm_nt_w(Q, F, E, A->ffn, E, d->fc2.w, d->fc2.b, A->a3, F, 1);
     layernorm(hout, A->a3, Q, F, d->ln_final, c->ln_eps);
 }
 
@@ -8328,7 +8570,15 @@ static void add_param(param_builder *pb, const float **view, int layout, int d0,
     va_end(ap);
     if (pb->params) {
         tta_param *p = &pb->params[pb->count];
-        const float *src = bind(&pb->b, d0, d1, d2, d3, "%s", name);
+        const int dims[MAX_TENSOR_DIMS] = {d0, d1, d2, d3};
+        const tensor_entry *e = bind_entry(&pb->b, dims, name);
+        const float *src = NULL;
+        float *copy = NULL;
+        /* a BF16 or Q8 weight matrix is converted: the adapter trains float32 copies */
+        if (e && !(src = wmat_values(entry_matrix(pb->b.m, e), e->dims[0], numel / e->dims[0], &copy))) {
+            pb->b.failed = 1;
+            fail(pb->b.err, pb->b.errsize, "out of memory");
+        }
         memcpy(p->name, name, sizeof name);
         p->dims[0] = d0; p->dims[1] = d1; p->dims[2] = d2; p->dims[3] = d3;
         p->layout = layout;
@@ -8336,6 +8586,7 @@ static void add_param(param_builder *pb, const float **view, int layout, int d0,
         p->numel = numel;
         p->decay = strstr(name, "bias") == NULL;
         if (src) param_from_upstream(p, src, pb->data + p->offset);
+        free(copy);
         *view = pb->data + p->offset;
     }
     pb->count++;
@@ -8345,7 +8596,9 @@ static void add_param(param_builder *pb, const float **view, int layout, int d0,
 /* A linear layer's weight [out][in] and optional bias, or a norm's weight and bias. */
 static void add_linear(param_builder *pb, linear_w *l, int out, int in, int conv1x1, const char *prefix)
 {
-    add_param(pb, &l->w, PARAM_PLAIN, out, in, conv1x1, conv1x1, "%s.weight", prefix);
+    const float *w = NULL;
+    add_param(pb, &w, PARAM_PLAIN, out, in, conv1x1, conv1x1, "%s.weight", prefix);
+    if (pb->params) l->w = wmat_f32(w, (size_t)in);
     if (l->b) add_param(pb, &l->b, PARAM_PLAIN, out, 0, 0, 0, "%s.bias", prefix);
 }
 static void add_norm(param_builder *pb, norm_w *n, int dim, const char *prefix)
@@ -8356,7 +8609,9 @@ static void add_norm(param_builder *pb, norm_w *n, int dim, const char *prefix)
 static void add_mha(param_builder *pb, linear_w *qkv, linear_w *out, int e, const char *prefix)
 {
     char name[TTA_NAME_LEN + 16];
-    add_param(pb, &qkv->w, PARAM_PLAIN, 3 * e, e, 0, 0, "%s.in_proj_weight", prefix);
+    const float *w = NULL;
+    add_param(pb, &w, PARAM_PLAIN, 3 * e, e, 0, 0, "%s.in_proj_weight", prefix);
+    if (pb->params) qkv->w = wmat_f32(w, (size_t)e);
     add_param(pb, &qkv->b, PARAM_PLAIN, 3 * e, 0, 0, 0, "%s.in_proj_bias", prefix);
     snprintf(name, sizeof name, "%s.out_proj", prefix);
     add_linear(pb, out, e, e, 0, name);
@@ -8373,8 +8628,8 @@ static void segmentor_params(param_builder *pb, loupe_weights *w, const loupe_co
     for (k = 0; k < 4; k++) {
         scale_block_w *b = blocks[k];
         const char *s = fpn_names[k];
-        if (b->conv1.w) {
-            add_param(pb, &b->conv1.w, PARAM_PLAIN, W, W, 2, 2, "segmentor.fpn.scale_layers.%s.conv1.weight", s);
+        if (b->convt) {
+            add_param(pb, &b->convt, PARAM_PLAIN, W, W, 2, 2, "segmentor.fpn.scale_layers.%s.conv1.weight", s);
             add_param(pb, &b->conv1.b, PARAM_PLAIN, W, 0, 0, 0, "segmentor.fpn.scale_layers.%s.conv1.bias", s);
         }
         add_param(pb, &b->dw, PARAM_DEPTHWISE, W, 1, 3, 3, "segmentor.fpn.scale_layers.%s.conv2.weight", s);
@@ -8491,6 +8746,9 @@ static float *grad_of(loupe_tta *t, const float *p)
 {
     return t->grad + (p - t->param);
 }
+
+/* The values of one of the adapter's weight matrices: its own float32 copies. */
+static const float *tta_matrix(wmat m) { return m.data; }
 
 /* Zeroes n floats. */
 static void zero(float *x, size_t n)
@@ -8646,20 +8904,20 @@ static void mask_predictor_backward(loupe_tta *t, int i, float *dqh)
     acts[0] = t->tape.me_a + (size_t)i * QF;
     acts[1] = t->tape.me_b + (size_t)i * QF;
     zero(dqh, QF);
-    linear_backward(dqh, grad_of(t, w->class_predictor.w), grad_of(t, w->class_predictor.b),
-                    k->d_class + (size_t)i * Q * C, C, qh, Q, F, C, w->class_predictor.w, k->wt);
+    linear_backward(dqh, grad_of(t, tta_matrix(w->class_predictor.w)), grad_of(t, w->class_predictor.b),
+                    k->d_class + (size_t)i * Q * C, C, qh, Q, F, C, tta_matrix(w->class_predictor.w), k->wt);
     /* mask_embedder: Linear-ReLU-Linear-ReLU-Linear, walked back from the last layer */
     for (l = 2; l > 0; l--) {
         zero(k->d_x1, QF);
-        linear_backward(k->d_x1, grad_of(t, w->mask_embed[l].w), grad_of(t, w->mask_embed[l].b), dy, F, acts[l - 1],
-                        Q, F, F, w->mask_embed[l].w, k->wt);
+        linear_backward(k->d_x1, grad_of(t, tta_matrix(w->mask_embed[l].w)), grad_of(t, w->mask_embed[l].b), dy, F,
+                        acts[l - 1], Q, F, F, tta_matrix(w->mask_embed[l].w), k->wt);
         zero(k->d_x2, QF);
         relu_backward(k->d_x2, k->d_x1, acts[l - 1], QF);
         memcpy(k->d_x3, k->d_x2, QF * sizeof *k->d_x3);
         dy = k->d_x3;
     }
-    linear_backward(dqh, grad_of(t, w->mask_embed[0].w), grad_of(t, w->mask_embed[0].b), dy, F, qh, Q, F, F,
-                    w->mask_embed[0].w, k->wt);
+    linear_backward(dqh, grad_of(t, tta_matrix(w->mask_embed[0].w)), grad_of(t, w->mask_embed[0].b), dy, F, qh, Q, F, F,
+                    tta_matrix(w->mask_embed[0].w), k->wt);
 }
 
 /* Backward of the post-norm ReLU feed-forward block of the encoder and decoder layers,
@@ -8678,10 +8936,12 @@ static void ffn_block_backward(loupe_tta *t, float *dx, float *d_ln, const float
     layernorm_backward(d_ln, grad_of(t, ln.w), grad_of(t, ln.b), dy, a, rows, F, ln, c->ln_eps, k->stats);
     memcpy(dx, d_ln, n * sizeof *dx);
     zero(d_h, ne);
-    linear_backward(d_h, grad_of(t, fc2.w), grad_of(t, fc2.b), d_ln, F, h, rows, E, F, fc2.w, k->wt);
+    linear_backward(d_h, grad_of(t, tta_matrix(fc2.w)), grad_of(t, fc2.b), d_ln, F, h, rows, E, F, tta_matrix(fc2.w),
+                    k->wt);
     zero(d_h2, ne);
     relu_backward(d_h2, d_h, h, ne);
-    linear_backward(dx, grad_of(t, fc1.w), grad_of(t, fc1.b), d_h2, E, x, rows, F, E, fc1.w, k->wt);
+    linear_backward(dx, grad_of(t, tta_matrix(fc1.w)), grad_of(t, fc1.b), d_h2, E, x, rows, F, E, tta_matrix(fc1.w),
+                    k->wt);
 }
 
 /* Mask2FormerMaskedAttentionDecoderLayer backward for layer i: d hout [Q][F] ->
@@ -8698,7 +8958,7 @@ static void masked_attention_decoder_layer_backward(loupe_tta *t, int i, const f
     size_t QF = (size_t)Q * F, FF = (size_t)F * F;
     const float *feat = t->s->dec_feat + (size_t)tb->level_start[level] * F;
     float *dfeat = k->d_dec_feat + (size_t)tb->level_start[level] * F, *dqe = grad_of(t, t->w.query_embed);
-    float *gqkv = grad_of(t, d->cross_qkv.w), *gqkv_b = grad_of(t, d->cross_qkv.b);
+    float *gqkv = grad_of(t, tta_matrix(d->cross_qkv.w)), *gqkv_b = grad_of(t, d->cross_qkv.b);
     float scale = 1.0f / sqrtf((float)dh);
     /* feed-forward and final_layer_norm: a3 = h2 + fc2(relu(fc1(h2))) */
     ffn_block_backward(t, k->d_x2, k->d_x1, dout, A->a3, A->h2, A->ffn, Q, E, d->fc1, d->fc2, d->ln_final, k->d_qffn,
@@ -8709,15 +8969,19 @@ static void masked_attention_decoder_layer_backward(loupe_tta *t, int i, const f
                        c->ln_eps, k->stats);
     memcpy(k->d_x2, k->d_x1, QF * sizeof *k->d_x2);
     zero(k->d_att, QF);
-    linear_backward(k->d_att, grad_of(t, d->o.w), grad_of(t, d->o.b), k->d_x1, F, A->att2, Q, F, F, d->o.w, k->wt);
+    linear_backward(k->d_att, grad_of(t, tta_matrix(d->o.w)), grad_of(t, d->o.b), k->d_x1, F, A->att2, Q, F, F,
+                    tta_matrix(d->o.w), k->wt);
     zero(k->d_q, QF);
     zero(k->d_kv2, 2 * QF);
     attention_backward(k->d_q, F, k->d_kv2, F, k->d_kv2 + QF, F, k->d_att, F, A->q2, F, A->kv2, F, A->kv2 + QF, F, Q, Q,
                        H, dh, scale, NULL, k->att);
     zero(k->d_hq, QF);
-    linear_backward(k->d_hq, grad_of(t, d->q.w), grad_of(t, d->q.b), k->d_q, F, A->hq2, Q, F, F, d->q.w, k->wt);
-    linear_backward(k->d_hq, grad_of(t, d->k.w), grad_of(t, d->k.b), k->d_kv2, F, A->hq2, Q, F, F, d->k.w, k->wt);
-    linear_backward(k->d_x2, grad_of(t, d->v.w), grad_of(t, d->v.b), k->d_kv2 + QF, F, A->h1, Q, F, F, d->v.w, k->wt);
+    linear_backward(k->d_hq, grad_of(t, tta_matrix(d->q.w)), grad_of(t, d->q.b), k->d_q, F, A->hq2, Q, F, F,
+                    tta_matrix(d->q.w), k->wt);
+    linear_backward(k->d_hq, grad_of(t, tta_matrix(d->k.w)), grad_of(t, d->k.b), k->d_kv2, F, A->hq2, Q, F, F,
+                    tta_matrix(d->k.w), k->wt);
+    linear_backward(k->d_x2, grad_of(t, tta_matrix(d->v.w)), grad_of(t, d->v.b), k->d_kv2 + QF, F, A->h1, Q, F, F,
+                    tta_matrix(d->v.w), k->wt);
     add(k->d_x2, k->d_x2, k->d_hq, QF);
     add(dqe, dqe, k->d_hq, QF);
     /* masked cross-attention and its norm: a1 = hin + out(attention(q(hin + pos), k(feat + pos), v(feat))) */
@@ -8726,17 +8990,18 @@ static void masked_attention_decoder_layer_backward(loupe_tta *t, int i, const f
                        d->ln_cross, c->ln_eps, k->stats);
     memcpy(din, k->d_x1, QF * sizeof *din);
     zero(k->d_att, QF);
-    linear_backward(k->d_att, grad_of(t, d->cross_out.w), grad_of(t, d->cross_out.b), k->d_x1, F, A->att1, Q, F, F,
-                    d->cross_out.w, k->wt);
+    linear_backward(k->d_att, grad_of(t, tta_matrix(d->cross_out.w)), grad_of(t, d->cross_out.b), k->d_x1, F, A->att1,
+                    Q, F, F, tta_matrix(d->cross_out.w), k->wt);
     zero(k->d_q, QF);
     zero(k->d_kv, (size_t)n * 2 * F);
     attention_backward(k->d_q, F, k->d_kv, 2 * F, k->d_kv + F, 2 * F, k->d_att, F, A->q1, F, A->kv, 2 * F, A->kv + F,
                        2 * F, Q, n, H, dh, scale, A->mask, k->att);
     zero(k->d_hq, QF);
-    linear_backward(k->d_hq, gqkv, gqkv_b, k->d_q, F, A->hq1, Q, F, F, d->cross_qkv.w, k->wt);
-    linear_backward(dfeat, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, A->kin, n, F, F, d->cross_qkv.w + FF, k->wt);
-    linear_backward(dfeat, gqkv + 2 * FF, gqkv_b + 2 * F, k->d_kv + F, 2 * F, feat, n, F, F, d->cross_qkv.w + 2 * FF,
+    linear_backward(k->d_hq, gqkv, gqkv_b, k->d_q, F, A->hq1, Q, F, F, tta_matrix(d->cross_qkv.w), k->wt);
+    linear_backward(dfeat, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, A->kin, n, F, F, tta_matrix(d->cross_qkv.w) + FF,
                     k->wt);
+    linear_backward(dfeat, gqkv + 2 * FF, gqkv_b + 2 * F, k->d_kv + F, 2 * F, feat, n, F, F,
+                    tta_matrix(d->cross_qkv.w) + 2 * FF, k->wt);
     add(din, din, k->d_hq, QF);
     add(dqe, dqe, k->d_hq, QF);
 }
@@ -8786,7 +9051,7 @@ static void pixel_decoder_encoder_layer_backward(loupe_tta *t, int i, const floa
     int noff = H * 3 * P, l;
     size_t TF = (size_t)T * F, FF = (size_t)F * F;
     const float *hin = t->s->enc_h + (size_t)i * TF;
-    float *gqkv = grad_of(t, e->cross_qkv.w), *gqkv_b = grad_of(t, e->cross_qkv.b);
+    float *gqkv = grad_of(t, tta_matrix(e->cross_qkv.w)), *gqkv_b = grad_of(t, e->cross_qkv.b);
     float scale = 1.0f / sqrtf((float)dh);
     /* feed-forward and final_layer_norm */
     ffn_block_backward(t, k->d_t2, k->d_t1, dout, A->a3, A->h2, A->ffn, T, E, e->fc1, e->fc2, e->ln_final, k->d_effn,
@@ -8799,22 +9064,23 @@ static void pixel_decoder_encoder_layer_backward(loupe_tta *t, int i, const floa
     zero(k->d_co, (size_t)F);
     bias_backward(k->d_co, k->d_t1, F, T, F);
     zero(k->d_catt, (size_t)F);
-    linear_backward(k->d_catt, grad_of(t, e->cross_out.w), grad_of(t, e->cross_out.b), k->d_co, F, A->catt, 1, F, F,
-                    e->cross_out.w, k->wt);
+    linear_backward(k->d_catt, grad_of(t, tta_matrix(e->cross_out.w)), grad_of(t, e->cross_out.b), k->d_co, F,
+                    A->catt, 1, F, F, tta_matrix(e->cross_out.w), k->wt);
     zero(k->d_cq, (size_t)F);
     zero(k->d_kv, TF * 2);
     attention_backward(k->d_cq, F, k->d_kv, 2 * F, k->d_kv + F, 2 * F, k->d_catt, F, A->cq, F, A->kv, 2 * F, A->kv + F,
                        2 * F, 1, T, H, dh, scale, NULL, k->att);
-    linear_backward(k->d_cond, gqkv, gqkv_b, k->d_cq, F, t->s->cond_query, 1, F, F, e->cross_qkv.w, k->wt);
-    linear_backward(k->d_t2, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, A->h1, T, F, 2 * F, e->cross_qkv.w + FF, k->wt);
+    linear_backward(k->d_cond, gqkv, gqkv_b, k->d_cq, F, t->s->cond_query, 1, F, F, tta_matrix(e->cross_qkv.w), k->wt);
+    linear_backward(k->d_t2, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, A->h1, T, F, 2 * F,
+                    tta_matrix(e->cross_qkv.w) + FF, k->wt);
     /* multi-scale deformable self-attention: a1 = hin + output(msda(value(hin), offsets(q), softmax(weights(q)))) */
     zero(k->d_t1, TF);
     layernorm_backward(k->d_t1, grad_of(t, e->ln_self.w), grad_of(t, e->ln_self.b), k->d_t2, A->a1, T, F, e->ln_self,
                        c->ln_eps, k->stats);
     memcpy(din, k->d_t1, TF * sizeof *din);
     zero(k->d_msda, TF);
-    linear_backward(k->d_msda, grad_of(t, e->output.w), grad_of(t, e->output.b), k->d_t1, F, A->msda, T, F, F,
-                    e->output.w, k->wt);
+    linear_backward(k->d_msda, grad_of(t, tta_matrix(e->output.w)), grad_of(t, e->output.b), k->d_t1, F, A->msda, T,
+                    F, F, tta_matrix(e->output.w), k->wt);
     zero(k->d_value, TF);
     zero(k->d_offs, (size_t)T * 2 * noff);
     zero(k->d_aw, (size_t)T * noff);
@@ -8822,11 +9088,12 @@ static void pixel_decoder_encoder_layer_backward(loupe_tta *t, int i, const floa
     zero(k->d_awl, (size_t)T * noff);
     softmax_rows_backward(k->d_awl, k->d_aw, A->aw, T * H, 3 * P);
     zero(k->d_qpos, TF);
-    linear_backward(k->d_qpos, grad_of(t, e->attn_weights.w), grad_of(t, e->attn_weights.b), k->d_awl, noff, A->qpos, T,
-                    F, noff, e->attn_weights.w, k->wt);
-    linear_backward(k->d_qpos, grad_of(t, e->offsets.w), grad_of(t, e->offsets.b), k->d_offs, 2 * noff, A->qpos, T, F,
-                    2 * noff, e->offsets.w, k->wt);
-    linear_backward(din, grad_of(t, e->value.w), grad_of(t, e->value.b), k->d_value, F, hin, T, F, F, e->value.w, k->wt);
+    linear_backward(k->d_qpos, grad_of(t, tta_matrix(e->attn_weights.w)), grad_of(t, e->attn_weights.b), k->d_awl,
+                    noff, A->qpos, T, F, noff, tta_matrix(e->attn_weights.w), k->wt);
+    linear_backward(k->d_qpos, grad_of(t, tta_matrix(e->offsets.w)), grad_of(t, e->offsets.b), k->d_offs, 2 * noff,
+                    A->qpos, T, F, 2 * noff, tta_matrix(e->offsets.w), k->wt);
+    linear_backward(din, grad_of(t, tta_matrix(e->value.w)), grad_of(t, e->value.b), k->d_value, F, hin, T, F, F,
+                    tta_matrix(e->value.w), k->wt);
     /* q = hin + position, position = sine + level_embed[level] */
     add(din, din, k->d_qpos, TF);
     for (l = 0; l < 3; l++)
@@ -8853,8 +9120,8 @@ static void pixel_decoder_backward(loupe_tta *t, float *d_grid)
     d_inputs[0] = k->d_fpn_half; d_inputs[1] = d_grid; d_inputs[2] = k->d_fpn2;
     /* mask_projection, ReLU, layer_1 GroupNorm and 3x3 convolution */
     zero(k->d_m1, MF);
-    linear_backward(k->d_m1, grad_of(t, w->mask_projection.w), grad_of(t, w->mask_projection.b), k->d_mf, F, s->fpn_out,
-                    M * M, F, F, w->mask_projection.w, k->wt);
+    linear_backward(k->d_m1, grad_of(t, tta_matrix(w->mask_projection.w)), grad_of(t, w->mask_projection.b), k->d_mf,
+                    F, s->fpn_out, M * M, F, F, tta_matrix(w->mask_projection.w), k->wt);
     zero(k->d_m2, MF);
     relu_backward(k->d_m2, k->d_m1, s->fpn_out, MF);
     zero(k->d_m1, MF);
@@ -8870,7 +9137,8 @@ static void pixel_decoder_backward(loupe_tta *t, float *d_grid)
     groupnorm_hwc_backward(k->d_m1, grad_of(t, w->adapter_gn.w), grad_of(t, w->adapter_gn.b), k->d_m2, t->tape.lat_pre,
                            M * M, F, c->gn_groups, w->adapter_gn, c->gn_eps);
     zero(k->d_fpn4, (size_t)M * M * W);
-    linear_backward(k->d_fpn4, grad_of(t, w->adapter_1.w), NULL, k->d_m1, F, s->fpn4, M * M, W, F, w->adapter_1.w, k->wt);
+    linear_backward(k->d_fpn4, grad_of(t, tta_matrix(w->adapter_1.w)), NULL, k->d_m1, F, s->fpn4, M * M, W, F,
+                    tta_matrix(w->adapter_1.w), k->wt);
     /* the deformable encoder, last layer first */
     for (i = c->enc_layers - 1; i >= 0; i--) {
         pixel_decoder_encoder_layer_backward(t, i, dcur, dnext);
@@ -8885,8 +9153,8 @@ static void pixel_decoder_backward(loupe_tta *t, float *d_grid)
         zero(k->d_t1, (size_t)n * F);
         groupnorm_hwc_backward(k->d_t1, grad_of(t, w->input_gn[l].w), grad_of(t, w->input_gn[l].b), dcur + at,
                                t->tape.proj + at, n, F, c->gn_groups, w->input_gn[l], c->gn_eps);
-        linear_backward(d_inputs[l], grad_of(t, w->input_proj[l].w), grad_of(t, w->input_proj[l].b), k->d_t1, F,
-                        inputs[l], n, W, F, w->input_proj[l].w, k->wt);
+        linear_backward(d_inputs[l], grad_of(t, tta_matrix(w->input_proj[l].w)), grad_of(t, w->input_proj[l].b),
+                        k->d_t1, F, inputs[l], n, W, F, tta_matrix(w->input_proj[l].w), k->wt);
     }
 }
 
@@ -8898,7 +9166,7 @@ static void scale_block_backward(loupe_tta *t, const scale_block_w *b, int blk, 
     const loupe_config *c = &t->m->cfg;
     const scale_block_acts *A = &t->tape.fpn[blk];
     tta_work *k = &t->wk;
-    int W = c->width, oh = b->conv1.w ? 2 * h : h / 2, ow = b->conv1.w ? 2 * w : w / 2;
+    int W = c->width, oh = b->convt ? 2 * h : h / 2, ow = b->convt ? 2 * w : w / 2;
     size_t n = (size_t)oh * ow * W;
     zero(k->d_f1, n);
     layernorm_backward(k->d_f1, grad_of(t, b->norm.w), grad_of(t, b->norm.b), dout, A->dw, oh * ow, W, b->norm,
@@ -8907,9 +9175,9 @@ static void scale_block_backward(loupe_tta *t, const scale_block_w *b, int blk, 
     depthwise3x3_hwc_backward(k->d_f2, grad_of(t, b->dw), k->d_f1, A->act, oh, ow, W, b->dw);
     zero(k->d_f1, n);
     gelu_backward(k->d_f1, k->d_f2, A->pre, n);
-    if (b->conv1.w) /* d_f2 (n floats) is free again: the product's scratch */
-        conv_transpose2x2_hwc_backward(din, grad_of(t, b->conv1.w), grad_of(t, b->conv1.b), k->d_f1, in, h, w, W, W,
-                                       b->conv1.w, k->d_f2);
+    if (b->convt) /* d_f2 (n floats) is free again: the product's scratch */
+        conv_transpose2x2_hwc_backward(din, grad_of(t, b->convt), grad_of(t, b->conv1.b), k->d_f1, in, h, w, W, W,
+                                       b->convt, k->d_f2);
     else if (din)
         maxpool2x2_hwc_backward(din, k->d_f1, in, h, w, W);
 }
@@ -9303,6 +9571,13 @@ int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsi
     int p, i, ok = 1;
     if (!t || !path) return fail(err, errsize, "loupe_tta_save needs an adapter and a path");
     if (strlen(path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", path);
+    for (i = 0; i < t->m->n_entries; i++) { /* the adapted tensors are written over the file's own */
+        const tensor_entry *e = &t->m->entries[i];
+        size_t n = strlen(TTA_SEGMENTOR_PREFIX);
+        if (e->dtype != DTYPE_F32 && (size_t)e->name_len >= n && !memcmp(e->name, TTA_SEGMENTOR_PREFIX, n))
+            return fail(err, errsize, "%s: saving an adapted model needs an F32 weight file (%.*s is %s; convert with --dtype f32)",
+                        t->m->path, e->name_len, e->name, dtype_names[e->dtype]);
+    }
     for (p = 0; p < t->n_params; p++) most = t->params[p].numel > most ? t->params[p].numel : most;
     buf = malloc(most * sizeof *buf);
     if (!buf) return fail(err, errsize, "out of memory");

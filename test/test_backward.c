@@ -111,8 +111,8 @@ static double lin_f(void *p)
     linear_w l;
     int i, j;
     double s = 0.0;
-    l.w = c->w; l.b = c->b;
-    gemm_nt(LIN_ROWS, LIN_OUT, LIN_IN, c->x, LIN_IN, l.w, LIN_IN, l.b, y, LIN_LDY, 0);
+    l.w = wmat_f32(c->w, LIN_IN); l.b = c->b;
+    gemm_nt_w(LIN_ROWS, LIN_OUT, LIN_IN, c->x, LIN_IN, l.w, l.b, y, LIN_LDY, 0);
     for (i = 0; i < LIN_ROWS; i++)
         for (j = 0; j < LIN_OUT; j++) s += (double)c->r[i * LIN_LDY + j] * y[i * LIN_LDY + j];
     return s;

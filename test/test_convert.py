@@ -426,10 +426,92 @@ def test_interrupt_leaves_no_file(tmp):
     assert os.listdir(tmp) == [], "files left behind: %s" % os.listdir(tmp)
 
 
+def test_bf16_rounding_and_q8_refusals(tmp):
+    """bfloat16: round to nearest, ties to even, infinities kept, NaNs stay NaN (both the
+    big-integer and the lane-by-lane path); Q8 refuses non-finite weights by name."""
+    cases = [(0x3F808000, 0x3F80), (0x3F818000, 0x3F82), (0x3F80FFFF, 0x3F81), (0x3F807FFF, 0x3F80),
+             (0xBF818000, 0xBF82), (0x00000000, 0x0000), (0x80000000, 0x8000), (0x7F7FFFFF, 0x7F80)]
+    specials = [(0x7F800000, 0x7F80), (0xFF800000, 0xFF80)]
+    for values in (cases, cases + specials):                 # without and with the lane-by-lane path
+        raw = struct.pack("<%dI" % len(values), *(u for u, _ in values))
+        got = struct.unpack("<%dH" % len(values), convert.f32_to_bf16(raw))
+        assert list(got) == [h for _, h in values], [hex(h) for h in got]
+    for nan in (0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000):
+        (h,) = struct.unpack("<H", convert.f32_to_bf16(struct.pack("<I", nan)))
+        assert h & 0x7F80 == 0x7F80 and h & 0x7F, "NaN %#x became %#x" % (nan, h)
+    for bad in (float("inf"), float("nan")):
+        try:
+            convert.f32_to_q8(struct.pack("<2f", 1.0, bad), 1, 2, "w")
+        except convert.ConvertError as e:
+            assert "w: non-finite" in str(e), e
+        else:
+            raise AssertionError("Q8 accepted %r" % bad)
+
+
+def test_low_precision_files(tmp):
+    """--dtype bf16 / q8: version 2, weight matrices in the chosen dtype (all others F32 and
+    byte-identical to the F32 file), BF16 the rounded values, Q8 rows padded to 32-value
+    blocks with scale max|w| / 127 and |q * scale - w| <= scale / 2; --keep-f32 keeps a
+    group in F32; an F32 file stays version 1."""
+    d = golden_case("tiny-a")
+    cfg, src = os.path.join(d, "config.json"), os.path.join(d, "model.safetensors")
+    files = {}
+    for dtype, extra in (("f32", []), ("bf16", []), ("q8", []), ("q8", ["--keep-f32", "segmentor.fpn."])):
+        out = os.path.join(tmp, "%s%d.bin" % (dtype, len(extra)))
+        code, _, err = run_convert("--config", cfg, "--dtype", dtype, *extra, "-o", out, src)
+        assert code == 0, err
+        with open(out, "rb") as f:
+            data = f.read()
+        header, _, index = convert.read_weights(out)
+        files[(dtype, bool(extra))] = (header, data, {t[0]: t[1:] for t in index})
+    f32_header, f32_data, f32_index = files[("f32", False)]
+    assert f32_header["version"] == 1
+    n_matrices = 0
+    for (dtype, keep), (header, data, index) in files.items():
+        if dtype == "f32":
+            continue
+        assert header["version"] == 2
+        for name, (code, dims, offset, nbytes) in index.items():
+            _, _, f_off, f_n = f32_index[name]
+            ref = array.array("f")
+            ref.frombytes(f32_data[f_off:f_off + f_n])
+            low = convert.is_weight_matrix(name, dims) and not (keep and name.startswith("segmentor.fpn."))
+            assert code == (convert.MATRIX_DTYPES[dtype] if low else 0), name
+            n_matrices += low
+            if code == 0:
+                assert data[offset:offset + nbytes] == f32_data[f_off:f_off + f_n], name
+            elif code == 1:
+                got = array.array("f")
+                got.frombytes(convert.bf16_to_f32(data[offset:offset + nbytes]))
+                assert all(abs(g - r) <= abs(r) * 2.0 ** -8 for g, r in zip(got, ref)), name
+            else:
+                rows = dims[0]
+                cols = len(ref) // rows
+                padded = convert.q8_padded(cols)
+                assert padded % 32 == 0 and nbytes == rows * padded + 4 * rows * padded // 32, name
+                q = array.array("b")
+                q.frombytes(data[offset:offset + rows * padded])
+                scales = array.array("f")
+                scales.frombytes(data[offset + rows * padded:offset + nbytes])
+                for r in range(rows):
+                    row = ref[r * cols:(r + 1) * cols]
+                    assert all(v == 0 for v in q[r * padded + cols:(r + 1) * padded]), name + ": padding"
+                    for b in range(padded // 32):
+                        block = row[32 * b:32 * b + 32]
+                        scale = scales[r * padded // 32 + b]
+                        assert scale == array.array("f", [max(map(abs, block)) / 127])[0], name
+                        for c, w in enumerate(block):
+                            assert abs(q[r * padded + 32 * b + c] * scale - w) <= scale / 2 * (1 + 1e-6), name
+    assert n_matrices == 62 + 62 + 59, "%d weight matrices stored in low precision" % n_matrices
+    sizes = {k: len(v[1]) for k, v in files.items()}
+    assert sizes[("bf16", False)] < 0.53 * sizes[("f32", False)] and sizes[("q8", False)] < 0.32 * sizes[("f32", False)]
+
+
 TESTS = [test_split_checkpoints_equal_model, test_strided_and_shared_storages, test_f16_override_order_and_dtypes,
          test_malicious_pickle_refused, test_missing_and_misshaped_tensors, test_bad_input_files,
          test_unsupported_config, test_builtin_config_is_full_loupe, test_required_tensors_match_keys_json,
-         test_dump_and_layout, test_interrupt_leaves_no_file]
+         test_dump_and_layout, test_interrupt_leaves_no_file, test_bf16_rounding_and_q8_refusals,
+         test_low_precision_files]
 
 
 def main():

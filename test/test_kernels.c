@@ -83,6 +83,63 @@ static void test_gemm(void)
             }
 }
 
+/* gemm_nt_w with BF16 and Q8 weight matrices (whole and partial panels, K below and
+ * above one k-step, not a multiple of 8 or of a Q8 block, a row offset) against a
+ * double-precision product with the stored values converted by hand. */
+static void test_gemm_lowp(void)
+{
+    static const int ms[] = {1, 7}, ns[] = {5, 16, 37, 70}, ks[] = {3, 8, 45, 64, 300};
+    enum { ROW_OFFSET = 3 };
+    uint64_t st = 7;
+    size_t a, b, k;
+    int d;
+    char what[128];
+    for (a = 0; a < 2; a++)
+        for (b = 0; b < 4; b++)
+            for (k = 0; k < 5; k++)
+                for (d = DTYPE_BF16; d <= DTYPE_Q8; d++) {
+                    int M = ms[a], N = ns[b], K = ks[k], rows = N + ROW_OFFSET, i, j, l;
+                    size_t ld = d == DTYPE_Q8 ? q8_padded((size_t)K) : (size_t)K, nblk = ld / Q8_BLOCK;
+                    float *A = malloc(sizeof(float) * M * K), *bias = malloc(sizeof(float) * N);
+                    float *C = malloc(sizeof(float) * M * N), *Bf = malloc(sizeof(float) * rows * K);
+                    float *scale = malloc(sizeof(float) * rows * (nblk ? nblk : 1));
+                    uint16_t *bh = malloc(sizeof(uint16_t) * rows * ld);
+                    int8_t *bq = malloc((size_t)rows * ld);
+                    double *R = malloc(sizeof(double) * M * N);
+                    wmat w;
+                    fill(A, (size_t)M * K, &st); fill(bias, (size_t)N, &st);
+                    for (i = 0; i < rows; i++) {
+                        if (d == DTYPE_Q8)
+                            for (l = 0; l < (int)nblk; l++) scale[i * nblk + l] = 0.01f * (1.0f + rnd(&st));
+                        for (l = 0; l < (int)ld; l++) {
+                            float v = rnd(&st);
+                            uint32_t u;
+                            memcpy(&u, &v, sizeof u);
+                            bh[i * ld + l] = (uint16_t)(u >> 16);
+                            bq[i * ld + l] = (int8_t)(l < K ? (int)(127.0f * v) : 0);
+                            if (l < K) /* the value each storage means */
+                                Bf[i * K + l] = d == DTYPE_BF16 ? bf16_to_float(bh[i * ld + l])
+                                                                : (float)bq[i * ld + l] * scale[i * nblk + l / Q8_BLOCK];
+                        }
+                    }
+                    w = wmat_f32(NULL, ld);
+                    w.data = d == DTYPE_BF16 ? (const void *)bh : (const void *)bq;
+                    w.scale = d == DTYPE_Q8 ? scale : NULL;
+                    w.dtype = d;
+                    for (i = 0; i < M; i++)
+                        for (j = 0; j < N; j++) {
+                            double sum = bias[j];
+                            for (l = 0; l < K; l++) sum += (double)A[i * K + l] * Bf[(j + ROW_OFFSET) * K + l];
+                            R[i * N + j] = sum;
+                        }
+                    gemm_nt_w(M, N, K, A, K, wmat_rows(w, ROW_OFFSET), bias, C, N, 0);
+                    snprintf(what, sizeof what, "gemm_nt_w %s M=%d N=%d K=%d from row %d", dtype_names[d], M, N, K,
+                             ROW_OFFSET);
+                    check(max_diff_d(C, R, (size_t)M * N) < KERNEL_TOL * K, what);
+                    free(A); free(bias); free(C); free(Bf); free(scale); free(bh); free(bq); free(R);
+                }
+}
+
 /* Naive 3x3 convolution on a channels-last map, padding 1, raw [co][ci][3][3] kernel. */
 static void naive_conv3x3(double *out, const float *in, int h, int w, int ci, int co, const float *k, int depthwise)
 {
@@ -322,7 +379,7 @@ static size_t find_record(const unsigned char *d, const char *name)
 static void test_loader(const char *path)
 {
     char err[512];
-    unsigned char *d, v2[4] = {2, 0, 0, 0}, big[8], bad_dim[4] = {7, 0, 0, 0};
+    unsigned char *d, v3[4] = {WEIGHTS_VERSION + 1, 0, 0, 0}, big[8], bad_dim[4] = {7, 0, 0, 0};
     size_t size = 0, rec, nd, len;
     loupe_model *m = loupe_model_load(path, err, sizeof err);
     FILE *f;
@@ -357,7 +414,7 @@ static void test_loader(const char *path)
     check(!m && strstr(err, "cannot open") != NULL, "a missing file is reported");
     expect_refused(d, size, 0, 0, NULL, 0, "bad magic", "an empty file is refused");
     expect_refused(d, size, size, 0, "NOTLOUPE", 8, "bad magic", "a wrong magic is refused");
-    expect_refused(d, size, size, 8, v2, 4, "version 2", "a newer format version is refused");
+    expect_refused(d, size, size, 8, v3, 4, "version 3", "a newer format version is refused");
     expect_refused(d, size, size - 1, 0, NULL, 0, "truncated", "a truncated file is refused");
     expect_refused(d, size, size / 2, 0, NULL, 0, "truncated", "a file cut in half is refused");
     rec = find_record(d, "backbone.ln_pre.weight");
@@ -381,6 +438,23 @@ static void test_loader(const char *path)
     {
         unsigned char code = 9;
         expect_refused(d, size, size, rec + 2, &code, 1, "unknown dtype", "an unknown dtype is refused");
+    }
+    {
+        /* BF16 in a version-1 file; then a version-2 file whose LayerNorm weight is BF16
+         * (a consistent byte count): only weight matrices may be stored so */
+        unsigned char code = DTYPE_BF16, *d2 = malloc(size);
+        uint64_t half;
+        expect_refused(d, size, size, rec + 2, &code, 1, "format version 1 does not define",
+                       "a BF16 tensor in a version-1 file is refused");
+        if (d2) {
+            memcpy(d2, d, size);
+            d2[8] = WEIGHTS_VERSION;
+            half = rd_u64(d2 + rec + 4 + len + 4 * nd + 8) / 2;
+            memcpy(d2 + rec + 4 + len + 4 * nd + 8, &half, 8);
+            expect_refused(d2, size, size, rec + 2, &code, 1, "only weight matrices",
+                           "a BF16 LayerNorm weight is refused by name");
+            free(d2);
+        }
     }
     free(d);
 }
@@ -420,6 +494,7 @@ int main(int argc, char **argv)
 {
     test_exp_erf();
     test_gemm();
+    test_gemm_lowp();
     test_convolutions();
     test_norms();
     test_attention();

@@ -2,7 +2,7 @@
 """Convert Loupe checkpoints into the loupe.c weight file (parts/FORMAT.md, version 1).
 
 Usage:
-    python3 tools/convert.py [--config config.json] -o OUT.bin CKPT [CKPT ...]
+    python3 tools/convert.py [--config config.json] [--dtype f32|bf16|q8] -o OUT.bin CKPT [CKPT ...]
     python3 tools/convert.py --dump FILE.bin
 
 CKPT files are applied in order, later ones overriding earlier ones (like upstream's
@@ -10,7 +10,9 @@ CKPT files are applied in order, later ones overriding earlier ones (like upstre
   * PyTorch `torch.save` zip archives (.pt/.pth), read with a restricted unpickler that
     only rebuilds tensors and dicts: a checkpoint can never execute code;
   * .safetensors files.
-Source dtypes F32, F16 and BF16 are written as F32.
+Source dtypes F32, F16 and BF16 are written as F32, or with --dtype bf16 / q8 the weight
+matrices (every linear and convolution weight but the depthwise kernels and the fuser) as
+bfloat16 or as int8 with one float32 scale per block of 32 values (format version 2).
 
 Key names: a leading `module.` is stripped; a file with `visual.*` keys is a Perception
 Encoder release checkpoint (`visual.X` -> `backbone.X`, everything else is dropped); a
@@ -23,12 +25,14 @@ loupe, mask2former) or, without it, from the built-in full Loupe configuration
 Python 3 standard library only.
 """
 import argparse
+import array
 import collections
 import contextlib
 import io
 import itertools
 import json
 import math
+import operator
 import os
 import pickle
 import struct
@@ -42,7 +46,8 @@ import zlib
 # --------------------------------------------------------------------------------------
 
 MAGIC = b"LOUPEWTS"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                          # BF16 and Q8 weight matrices
+FORMAT_VERSION_F32_ONLY = 1                 # written when every tensor is F32: older readers load it
 ALIGN = 64                                  # header size and tensor data alignment
 HEADER = struct.Struct("<8sIIIIQQ24x")      # magic, version, n_hparams, n_tensors, reserved, data_offset, file_size
 HPARAM = struct.Struct("<40sd")             # NUL-padded name, f64 value
@@ -50,8 +55,19 @@ HPARAM_NAME_MAX = 39
 INDEX_HEAD = struct.Struct("<HBB")          # name_len, dtype, ndim; then name, u32 dims[ndim], u64 offset, u64 nbytes
 INDEX_TAIL = struct.Struct("<QQ")
 MAX_NDIM = 4
-OUT_DTYPES = {0: ("F32", 4), 1: ("BF16", 2), 2: ("Q8", None)}   # code -> (name, bytes per element)
-DTYPE_F32 = 0
+OUT_DTYPES = {0: "F32", 1: "BF16", 2: "Q8"}  # code -> name
+DTYPE_F32, DTYPE_BF16, DTYPE_Q8 = 0, 1, 2
+# --dtype -> the code of weight matrices (everything else stays F32)
+MATRIX_DTYPES = {"f32": DTYPE_F32, "bf16": DTYPE_BF16, "q8": DTYPE_Q8}
+# Q8: int8 values with one float32 scale per block of Q8_BLOCK consecutive values of a
+# row (rows padded with zeros to whole blocks), symmetric: scale = max|w| / Q8_MAX.
+Q8_BLOCK = 32
+Q8_MAX = 127
+# Weight tensors (>= 2 dimensions, named *weight) that stay F32: the depthwise kernels
+# (9 values a row, nothing to gain), the fuser (one row read by a dot product) and the
+# embeddings of the transformer decoder.
+F32_WEIGHT_SUFFIXES = (".conv2.weight", "fuser.fuse.weight", "queries_embedder.weight",
+                       "queries_features.weight", "level_embed.weight")
 assert HEADER.size == ALIGN and HPARAM.size == 48
 
 # Source dtypes this converter can read, with their element sizes.
@@ -353,6 +369,86 @@ def f16_to_f32(raw):
 
 
 TO_F32 = {"F32": lambda raw: raw, "BF16": bf16_to_f32, "F16": f16_to_f32}
+
+
+def f32_to_bf16(raw):
+    """Round float32s to bfloat16 (nearest, ties to even) and keep the upper halves.
+
+    Works on chunks as one big integer of 32-bit lanes: adding 0x7FFF + the lane's bit 16
+    never carries out of a lane below 2^127 in magnitude. A chunk with a larger value, an
+    infinity or a NaN (top byte 0x7F or 0xFF) is rounded lane by lane, NaNs kept NaN.
+    """
+    raw = bytes(raw)
+    out = bytearray(len(raw) // 2)
+    step = 4 * CHUNK_ELEMS
+    for start in range(0, len(raw), step):
+        chunk = raw[start:start + step]
+        n = len(chunk) // 4
+        top = chunk[3::4]
+        if b"\x7f" in top or b"\xff" in top:
+            lanes = struct.unpack("<%dI" % n, chunk)
+            rounded = struct.pack("<%dI" % n, *((u | 0x400000) if u & 0x7FFFFFFF > 0x7F800000
+                                                else u + 0x7FFF + ((u >> 16) & 1) for u in lanes))
+        else:
+            ones = int.from_bytes(b"\x01\x00\x00\x00" * n, "little")
+            x = int.from_bytes(chunk, "little")
+            rounded = (x + 0x7FFF * ones + ((x >> 16) & ones)).to_bytes(4 * n, "little")
+        out[start // 2:start // 2 + 2 * n:2] = rounded[2::4]
+        out[start // 2 + 1:start // 2 + 2 * n:2] = rounded[3::4]
+    return out
+
+
+def q8_padded(cols):
+    return (cols + Q8_BLOCK - 1) // Q8_BLOCK * Q8_BLOCK
+
+
+def f32_to_q8(raw, rows, cols, name):
+    """int8 rows padded to whole blocks, then the float32 scale of every block (format
+    version 2, Q8). q = round-half-even(w / scale), scale = max|w| of the block / 127
+    rounded to float32; an all-zero block has scale 0."""
+    values = array.array("f")
+    values.frombytes(bytes(raw))
+    padded = q8_padded(cols)
+    if padded != cols:
+        rows_padded, zeros = array.array("f"), array.array("f", bytes(4 * (padded - cols)))
+        for r in range(rows):
+            rows_padded += values[r * cols:(r + 1) * cols]
+            rows_padded += zeros
+        values = rows_padded
+    magnitudes = [map(abs, values[k::Q8_BLOCK]) for k in range(Q8_BLOCK)]
+    scales = array.array("f", map(operator.truediv, map(max, *magnitudes), itertools.repeat(float(Q8_MAX))))
+    divisors = [s if s else 1.0 for s in scales]
+    per_value = itertools.chain.from_iterable(map(itertools.repeat, divisors, itertools.repeat(Q8_BLOCK)))
+    try:
+        q = array.array("b", map(round, map(operator.truediv, values, per_value)))
+    except (ValueError, OverflowError):
+        raise ConvertError("%s: non-finite weights cannot be stored as Q8" % name)
+    return q.tobytes() + scales.tobytes()
+
+
+def tensor_nbytes(dtype, shape):
+    """Bytes of a tensor stored as dtype (a Q8 tensor is the matrix [shape[0]][the rest])."""
+    numel = math.prod(shape)
+    if dtype == DTYPE_Q8:
+        rows = shape[0]
+        padded = q8_padded(numel // rows)
+        return rows * padded + 4 * rows * (padded // Q8_BLOCK)
+    return {DTYPE_F32: 4, DTYPE_BF16: 2}[dtype] * numel
+
+
+def is_weight_matrix(name, shape):
+    """True for the tensors --dtype bf16/q8 stores in low precision."""
+    return (len(shape) >= 2 and (name.endswith(".weight") or name.endswith("in_proj_weight"))
+            and not name.endswith(F32_WEIGHT_SUFFIXES))
+
+
+def encode_tensor(data, dtype, shape, name):
+    """F32 bytes of a tensor -> its bytes in the output dtype."""
+    if dtype == DTYPE_BF16:
+        return f32_to_bf16(data)
+    if dtype == DTYPE_Q8:
+        return f32_to_q8(data, shape[0], math.prod(shape) // shape[0], name)
+    return data
 
 
 def strided_bytes(buf, itemsize, offset, shape, stride):
@@ -687,36 +783,45 @@ def _align(n):
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def layout(hparams, required):
-    """(data_offset, [tensor offsets], file_size) of a F32 weight file."""
+def tensor_dtypes(required, matrix_dtype=DTYPE_F32, keep_f32=()):
+    """The output dtype of every required tensor: matrix_dtype for weight matrices whose
+    names do not start with one of the keep_f32 prefixes, else F32."""
+    return [matrix_dtype if is_weight_matrix(name, shape) and not name.startswith(tuple(keep_f32)) else DTYPE_F32
+            for name, shape in required]
+
+
+def layout(hparams, required, dtypes):
+    """(data_offset, [tensor offsets], file_size) of a weight file."""
     index_size = sum(INDEX_HEAD.size + len(n.encode()) + 4 * len(s) + INDEX_TAIL.size for n, s in required)
     data_offset = _align(HEADER.size + HPARAM.size * len(hparams) + index_size)
     offsets, cursor = [], data_offset
-    for _, shape in required:
+    for (_, shape), dtype in zip(required, dtypes):
         offsets.append(_align(cursor))
-        cursor = offsets[-1] + 4 * math.prod(shape)
+        cursor = offsets[-1] + tensor_nbytes(dtype, shape)
     return data_offset, offsets, cursor
 
 
-def encode_metadata(hparams, required):
+def encode_metadata(hparams, required, dtypes):
     """Header + hyperparameters + tensor index, zero-padded up to data_offset."""
-    data_offset, offsets, file_size = layout(hparams, required)
-    out = bytearray(HEADER.pack(MAGIC, FORMAT_VERSION, len(hparams), len(required), 0, data_offset, file_size))
+    data_offset, offsets, file_size = layout(hparams, required, dtypes)
+    version = FORMAT_VERSION if any(d != DTYPE_F32 for d in dtypes) else FORMAT_VERSION_F32_ONLY
+    out = bytearray(HEADER.pack(MAGIC, version, len(hparams), len(required), 0, data_offset, file_size))
     for name, value in hparams:
         assert len(name) <= HPARAM_NAME_MAX
         out += HPARAM.pack(name.encode(), float(value))
-    for (name, shape), offset in zip(required, offsets):
+    for (name, shape), offset, dtype in zip(required, offsets, dtypes):
         assert 1 <= len(shape) <= MAX_NDIM
         encoded = name.encode()
-        out += INDEX_HEAD.pack(len(encoded), DTYPE_F32, len(shape)) + encoded
-        out += struct.pack("<%dI" % len(shape), *shape) + INDEX_TAIL.pack(offset, 4 * math.prod(shape))
+        out += INDEX_HEAD.pack(len(encoded), dtype, len(shape)) + encoded
+        out += struct.pack("<%dI" % len(shape), *shape) + INDEX_TAIL.pack(offset, tensor_nbytes(dtype, shape))
     out += bytes(data_offset - len(out))
     return out, offsets
 
 
-def write_weights(out_path, hparams, required, found):
+def write_weights(out_path, hparams, required, found, dtypes=None):
     """Write the weight file through a temporary file in the same directory, then rename it."""
-    metadata, offsets = encode_metadata(hparams, required)
+    dtypes = dtypes or tensor_dtypes(required)
+    metadata, offsets = encode_metadata(hparams, required, dtypes)
     directory = os.path.dirname(os.path.abspath(out_path))
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(out_path) + ".", suffix=".tmp")
@@ -725,13 +830,13 @@ def write_weights(out_path, hparams, required, found):
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(metadata)
-            for (name, shape), offset in zip(required, offsets):
+            for (name, shape), offset, dtype in zip(required, offsets, dtypes):
                 tensor, _ = found[name]
                 data = TO_F32[tensor.dtype](tensor.read())
                 if len(data) != 4 * math.prod(shape):
                     raise ConvertError("%s: read %d bytes, expected %d" % (name, len(data), 4 * math.prod(shape)))
                 f.write(bytes(offset - f.tell()))
-                f.write(data)
+                f.write(encode_tensor(data, dtype, shape, name))
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -762,8 +867,8 @@ def read_weights(path):
             magic, version, n_hparams, n_tensors, _, data_offset, file_size = HEADER.unpack(data)
             if magic != MAGIC:
                 fail("bad magic %r (not a loupe.c weight file)" % magic)
-            if version != FORMAT_VERSION:
-                fail("format version %d, this tool reads %d" % (version, FORMAT_VERSION))
+            if not FORMAT_VERSION_F32_ONLY <= version <= FORMAT_VERSION:
+                fail("format version %d, this tool reads %d to %d" % (version, FORMAT_VERSION_F32_ONLY, FORMAT_VERSION))
             if file_size != actual_size:
                 fail("file_size field says %d bytes, file has %d" % (file_size, actual_size))
             if data_offset % ALIGN or data_offset > file_size:
@@ -797,14 +902,16 @@ def read_weights(path):
         fail("tensor index overlaps the data (ends at %d, data_offset %d)" % (pos, data_offset))
     end = data_offset
     for name, dtype, dims, offset, nbytes in sorted(tensors, key=lambda t: t[3]):
-        if dtype not in OUT_DTYPES or OUT_DTYPES[dtype][1] is None:
+        if dtype not in OUT_DTYPES:
             fail("%s: unknown dtype %d" % (name, dtype))
+        if dtype != DTYPE_F32 and version == FORMAT_VERSION_F32_ONLY:
+            fail("%s: dtype %s in a format version %d file" % (name, OUT_DTYPES[dtype], version))
         if not 1 <= len(dims) <= MAX_NDIM:
             fail("%s: ndim %d out of range" % (name, len(dims)))
         if offset % ALIGN or offset < end or offset + nbytes > file_size:
             fail("%s: bad offset %d (misaligned, overlapping or past the end)" % (name, offset))
-        if nbytes != OUT_DTYPES[dtype][1] * math.prod(dims):
-            fail("%s: nbytes %d does not match %s %s" % (name, nbytes, OUT_DTYPES[dtype][0], dims))
+        if nbytes != tensor_nbytes(dtype, dims):
+            fail("%s: nbytes %d does not match %s %s" % (name, nbytes, OUT_DTYPES[dtype], dims))
         end = offset + nbytes
     return header, hparams, tensors
 
@@ -819,7 +926,7 @@ def dump(path):
         print("  %-24s %s" % (name, int(value) if value.is_integer() else repr(value)))
     print("tensors: offset nbytes dtype shape name")
     for name, dtype, dims, offset, nbytes in tensors:
-        print("  %d %d %s %s %s" % (offset, nbytes, OUT_DTYPES[dtype][0], "x".join(map(str, dims)), name))
+        print("  %d %d %s %s %s" % (offset, nbytes, OUT_DTYPES[dtype], "x".join(map(str, dims)), name))
 
 
 # --------------------------------------------------------------------------------------
@@ -842,8 +949,9 @@ def load_config(path):
     return cfg
 
 
-def convert(checkpoints, out_path, config_path=None, log=sys.stderr):
-    """Convert checkpoints into out_path; raise ConvertError on any problem (no file is left)."""
+def convert(checkpoints, out_path, config_path=None, log=sys.stderr, dtype="f32", keep_f32=()):
+    """Convert checkpoints into out_path, weight matrices stored as dtype (f32, bf16, q8)
+    except those named keep_f32*; raise ConvertError on any problem (no file is left)."""
     config = load_config(config_path)
     try:
         hparams = hparams_from_config(config)
@@ -853,10 +961,13 @@ def convert(checkpoints, out_path, config_path=None, log=sys.stderr):
     with contextlib.ExitStack() as stack:
         found, dropped = gather_tensors(checkpoints, required, stack)
         check_tensors(found, required)
-        write_weights(out_path, hparams, required, found)
+        dtypes = tensor_dtypes(required, MATRIX_DTYPES[dtype], keep_f32)
+        write_weights(out_path, hparams, required, found, dtypes)
     n_params = sum(math.prod(shape) for _, shape in required)
-    print("wrote %s: %d tensors, %d parameters (F32), %d bytes"
-          % (out_path, len(required), n_params, os.path.getsize(out_path)), file=log)
+    n_matrix = sum(math.prod(shape) for (_, shape), d in zip(required, dtypes) if d != DTYPE_F32)
+    stored = "F32" if not n_matrix else "%d of them as %s" % (n_matrix, OUT_DTYPES[MATRIX_DTYPES[dtype]])
+    print("wrote %s: %d tensors, %d parameters (%s), %d bytes"
+          % (out_path, len(required), n_params, stored, os.path.getsize(out_path)), file=log)
     for path, key in dropped:
         print("  dropped (not used by loupe.c): %s: %s" % (path, key), file=log)
 
@@ -866,6 +977,12 @@ def main(argv=None):
     ap.add_argument("checkpoints", nargs="*", metavar="CKPT", help=".pt/.pth/.safetensors files, applied in order")
     ap.add_argument("-o", "--output", metavar="OUT.bin", help="weight file to write")
     ap.add_argument("--config", metavar="config.json", help="hyperparameters (golden config.json format)")
+    ap.add_argument("--dtype", choices=sorted(MATRIX_DTYPES), default="f32",
+                    help="storage of the weight matrices: f32 (default), bf16, or q8 (int8 + a float32 scale "
+                         "per %d values)" % Q8_BLOCK)
+    ap.add_argument("--keep-f32", action="append", default=[], metavar="PREFIX",
+                    help="with --dtype bf16/q8: keep the weight matrices whose names start with PREFIX in F32 "
+                         "(repeatable), e.g. segmentor.mask2former_decoder.")
     ap.add_argument("--dump", metavar="FILE.bin", help="print header, hyperparameters and tensor index of FILE")
     args = ap.parse_args(argv)
     if args.dump and (args.checkpoints or args.output):
@@ -876,7 +993,7 @@ def main(argv=None):
         if args.dump:
             dump(args.dump)
         else:
-            convert(args.checkpoints, args.output, args.config)
+            convert(args.checkpoints, args.output, args.config, dtype=args.dtype, keep_f32=args.keep_f32)
     except ConvertError as e:
         print("convert.py: error: %s" % e, file=sys.stderr)
         return 1
