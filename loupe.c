@@ -18,6 +18,7 @@
  * the upstream PyTorch module it implements (Kamichanw/Loupe, transformers' Mask2Former).
  */
 #define _POSIX_C_SOURCE 200809L
+#define _FILE_OFFSET_BITS 64 /* 64-bit off_t for fstat and mmap on 32-bit POSIX systems */
 #include "loupe.h"
 
 #include <ctype.h>
@@ -34,7 +35,8 @@
 #include <time.h>
 
 /* POSIX systems get mmap for weights, directories as CLI inputs and a monotonic clock;
- * elsewhere the weight file is read into memory and inputs are files. */
+ * Windows maps the weight file with MapViewOfFile; elsewhere the weight file is read
+ * into memory and inputs are files. */
 #if defined(__unix__) || defined(__APPLE__)
 #include <dirent.h>
 #include <fcntl.h>
@@ -44,6 +46,11 @@
 #define LOUPE_POSIX 1
 #else
 #define LOUPE_POSIX 0
+#endif
+#ifdef _WIN32
+#define WIN32_LEAN_AND_MEAN /* no winsock: its bind() would clash with the weight binder */
+#include <io.h>
+#include <windows.h>
 #endif
 
 #ifdef _OPENMP
@@ -5065,6 +5072,25 @@ static int weights_map_file(loupe_model *m, const char *path, char *err, size_t 
             }
         }
     }
+#elif defined(_WIN32)
+    {
+        /* Windows: a read-only view of the whole file (the view keeps the mapping alive) */
+        HANDLE file = (HANDLE)_get_osfhandle(_fileno(f)), map;
+        LARGE_INTEGER size;
+        if (GetFileSizeEx(file, &size) && (uint64_t)size.QuadPart <= (uint64_t)SIZE_MAX &&
+            (size_t)size.QuadPart >= WEIGHTS_HEADER_BYTES &&
+            (map = CreateFileMappingA(file, NULL, PAGE_READONLY, 0, 0, NULL)) != NULL) {
+            void *p = MapViewOfFile(map, FILE_MAP_READ, 0, 0, 0);
+            CloseHandle(map);
+            if (p) {
+                m->data = p;
+                m->size = (size_t)size.QuadPart;
+                m->storage = WEIGHTS_MAPPED;
+                fclose(f);
+                return 0;
+            }
+        }
+    }
 #endif
     {
         /* Portable fallback: read the file once into memory, in chunks. */
@@ -5617,6 +5643,8 @@ void loupe_model_free(loupe_model *m)
     if (!m) return;
 #if LOUPE_POSIX
     if (m->storage == WEIGHTS_MAPPED) munmap(m->data, m->size);
+#elif defined(_WIN32)
+    if (m->storage == WEIGHTS_MAPPED) UnmapViewOfFile(m->data);
 #endif
     if (m->storage == WEIGHTS_READ) free(m->data);
     free(m->entries);
@@ -9186,42 +9214,75 @@ void loupe_tta_get_memory(const loupe_tta *t, loupe_tta_memory *mem)
 /* Bytes copied per write while saving. */
 #define SAVE_CHUNK (1 << 20)
 
+/* An adapted tensor's place in the weight file: saving writes the file front to back
+ * (no seeking, so no file offsets wider than long are needed). */
+typedef struct save_patch { uint64_t offset, nbytes; int param; } save_patch;
+
+static int save_patch_cmp(const void *a, const void *b)
+{
+    uint64_t x = ((const save_patch *)a)->offset, y = ((const save_patch *)b)->offset;
+    return (x > y) - (x < y);
+}
+
+/* Writes n bytes in chunks; returns 1 on success. */
+static int write_bytes(FILE *f, const unsigned char *p, uint64_t n)
+{
+    while (n > 0) {
+        size_t k = n < SAVE_CHUNK ? (size_t)n : SAVE_CHUNK;
+        if (fwrite(p, 1, k, f) != k) return 0;
+        p += k;
+        n -= k;
+    }
+    return 1;
+}
+
 int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsize)
 {
     char tmp[1024];
     FILE *f;
-    size_t done = 0, most = 0;
+    size_t most = 0;
+    uint64_t pos = 0;
     float *buf;
-    int p, i, ok = 1;
+    save_patch *patches;
+    int p, i, n = 0, ok = 1;
     if (!t || !path) return fail(err, errsize, "loupe_tta_save needs an adapter and a path");
     if (strlen(path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", path);
     for (p = 0; p < t->n_params; p++) most = t->params[p].numel > most ? t->params[p].numel : most;
     buf = malloc(most * sizeof *buf);
-    if (!buf) return fail(err, errsize, "out of memory");
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    f = fopen(tmp, "wb");
-    if (!f) {
-        free(buf);
-        return fail(err, errsize, "%s: cannot create: %s", tmp, strerror(errno));
-    }
-    /* the model's file as it is, then each segmentor tensor overwritten in place */
-    while (ok && done < t->m->size) {
-        size_t n = t->m->size - done < SAVE_CHUNK ? t->m->size - done : SAVE_CHUNK;
-        ok = fwrite(t->m->data + done, 1, n, f) == n;
-        done += n;
-    }
-    for (p = 0; ok && p < t->n_params; p++) {
+    patches = malloc((size_t)t->n_params * sizeof *patches + 1);
+    if (!buf || !patches) { free(buf); free(patches); return fail(err, errsize, "out of memory"); }
+    /* the model's file as it is, with each segmentor tensor replaced by the adapted one */
+    for (p = 0; p < t->n_params; p++) {
         const tta_param *tp = &t->params[p];
         for (i = 0; i < t->m->n_entries; i++) {
             const tensor_entry *e = &t->m->entries[i];
             if ((size_t)e->name_len != strlen(tp->name) || memcmp(e->name, tp->name, (size_t)e->name_len)) continue;
-            param_to_upstream(tp, t->param + tp->offset, buf);
-            ok = e->nbytes == tp->numel * sizeof *buf && fseek(f, (long)e->offset, SEEK_SET) == 0 &&
-                 fwrite(buf, sizeof *buf, tp->numel, f) == tp->numel;
+            ok = ok && e->nbytes == tp->numel * sizeof *buf;
+            patches[n].offset = e->offset;
+            patches[n].nbytes = e->nbytes;
+            patches[n++].param = p;
             break;
         }
     }
+    qsort(patches, (size_t)n, sizeof *patches, save_patch_cmp);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    f = ok ? fopen(tmp, "wb") : NULL;
+    if (!f) {
+        free(buf);
+        free(patches);
+        return ok ? fail(err, errsize, "%s: cannot create: %s", tmp, strerror(errno))
+                  : fail(err, errsize, "%s: an adapted tensor does not match the model's file", path);
+    }
+    for (i = 0; ok && i < n; i++) {
+        const tta_param *tp = &t->params[patches[i].param];
+        param_to_upstream(tp, t->param + tp->offset, buf);
+        ok = write_bytes(f, t->m->data + pos, patches[i].offset - pos) &&
+             fwrite(buf, sizeof *buf, tp->numel, f) == tp->numel;
+        pos = patches[i].offset + patches[i].nbytes;
+    }
+    ok = ok && write_bytes(f, t->m->data + pos, t->m->size - pos);
     free(buf);
+    free(patches);
     if (fclose(f) != 0) ok = 0;
     if (!ok || rename(tmp, path) != 0) {
         remove(tmp);
@@ -9417,6 +9478,7 @@ static int cli_add_input(cli_options *o, const char *path)
     return 0;
 }
 
+#if LOUPE_POSIX /* directory inputs: helpers used only where directories can be listed */
 /* True when the file name ends in an image extension we decode (any case). */
 static int cli_is_image_name(const char *name)
 {
@@ -9432,6 +9494,7 @@ static int cli_is_image_name(const char *name)
 }
 
 static int cli_cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+#endif
 
 /* Adds a file, or every image file of a directory in name order. */
 static int cli_expand(cli_options *o, const char *path)

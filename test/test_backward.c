@@ -560,10 +560,9 @@ static void test_thread_determinism(loupe_tta *t, const float *px)
 /* After a step: a session using the adapter, the adapter saved as a weight file and
  * reloaded, and the model itself. The first two must agree bit for bit, the model must
  * differ, and switching the session back must restore the model's outputs. */
-static void test_adapted_model(loupe_model *m, loupe_tta *t, const float *px)
+static void test_adapted_model(loupe_model *m, loupe_tta *t, const float *px, const char *model_path)
 {
-    const char *path = "build/test_backward_adapted.bin";
-    char err[512];
+    char path[1024], err[512];
     const loupe_config *c = &m->cfg;
     size_t n = (size_t)c->num_queries * 16 * c->grid * c->grid, i;
     loupe_session *s = loupe_session_new(m, err, sizeof err), *s2;
@@ -571,6 +570,7 @@ static void test_adapted_model(loupe_model *m, loupe_tta *t, const float *px)
     loupe_tta_loss loss;
     float *base = malloc(n * sizeof *base), *adapted = malloc(n * sizeof *adapted);
     int same = 1, differs = 0, restored = 1;
+    snprintf(path, sizeof path, "%s.adapted", model_path);
     if (!s || !base || !adapted || loupe_forward(s, px, err, sizeof err)) { printf("FAIL %s\n", err); failed++; return; }
     memcpy(base, loupe_get_outputs(s)->mask_logits, n * sizeof *base);
     memset(&loss, 0, sizeof loss);
@@ -671,7 +671,7 @@ static void test_tta(const char *path)
     test_grid_gradient(t, px);
     test_thread_determinism(t, px);
     m->w.fuser = t->w.fuser = fuser;
-    test_adapted_model(m, t, px);
+    test_adapted_model(m, t, px, path);
     loupe_tta_free(t);
     loupe_model_free(m);
     free(px);

@@ -286,12 +286,15 @@ static void test_png_roundtrip(void)
         }
 }
 
+/* Next to the reference weight file: where the damaged copies are written. */
+static char damaged_path[1024];
+
 /* Writes a modified copy of the weight file and expects the loader to refuse it
  * with a message containing `expect`. */
 static void expect_refused(const unsigned char *orig, size_t size, size_t keep, size_t patch_at, const void *patch,
                            size_t patch_len, const char *expect, const char *what)
 {
-    const char *tmp = "build/test_kernels_damaged.bin";
+    const char *tmp = damaged_path;
     char err[512] = "";
     unsigned char *copy = malloc(size);
     FILE *f = fopen(tmp, "wb");
@@ -322,7 +325,7 @@ static size_t find_record(const unsigned char *d, const char *name)
 
 static void test_loader(const char *path)
 {
-    char err[512];
+    char err[512], missing[1024];
     unsigned char *d, v2[4] = {2, 0, 0, 0}, big[8], bad_dim[4] = {7, 0, 0, 0};
     size_t size = 0, rec, nd, len;
     loupe_model *m = loupe_model_load(path, err, sizeof err);
@@ -354,7 +357,9 @@ static void test_loader(const char *path)
         }
         free(buf);
     }
-    m = loupe_model_load("build/no-such-file.bin", err, sizeof err);
+    snprintf(damaged_path, sizeof damaged_path, "%s.damaged", path);
+    snprintf(missing, sizeof missing, "%s.no-such-file", path);
+    m = loupe_model_load(missing, err, sizeof err);
     check(!m && strstr(err, "cannot open") != NULL, "a missing file is reported");
     expect_refused(d, size, 0, 0, NULL, 0, "bad magic", "an empty file is refused");
     expect_refused(d, size, size, 0, "NOTLOUPE", 8, "bad magic", "a wrong magic is refused");
