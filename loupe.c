@@ -6423,7 +6423,8 @@ static void interp_axis(int in, int out, int *i0, int *i1, float *w0, float *w1)
     }
 }
 
-/* Scratch floats interp_plane needs for an out_h x out_w output. */
+/* Scratch floats interp_plane needs for an out_h x out_w output. Half of it holds int
+ * indices, so it must be allocated memory (malloc, arena), never a declared float array. */
 #define INTERP_SCRATCH(oh, ow) (4 * (size_t)((oh) + (ow)))
 
 /* F.interpolate(mode="bilinear", align_corners=False) of one [ih][iw] plane. */

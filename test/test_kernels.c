@@ -226,8 +226,10 @@ static void test_interpolation(void)
     /* F.interpolate(bilinear, align_corners=False) of a ramp f(x) = x reproduces the
      * clamped source coordinate; a constant map stays constant. */
     enum { IH = 3, IW = 4, OH = 7, OW = 9 };
-    float in[IH * IW], out[OH * OW], scratch[INTERP_SCRATCH(OH, OW)];
+    /* allocated, not a float array: the scratch holds int indices as well as floats */
+    float in[IH * IW], out[OH * OW], *scratch = malloc(INTERP_SCRATCH(OH, OW) * sizeof *scratch);
     int y, x, ok = 1;
+    if (!scratch) { check(0, "scratch for bilinear interpolation"); return; }
     for (y = 0; y < IH; y++)
         for (x = 0; x < IW; x++) in[y * IW + x] = (float)x;
     interp_plane(in, IH, IW, out, OH, OW, scratch);
@@ -241,6 +243,7 @@ static void test_interpolation(void)
     for (y = 0; y < IH * IW; y++) in[y] = 2.5f;
     interp_plane(in, IH, IW, out, 2, 1, scratch);
     check(out[0] == 2.5f && out[1] == 2.5f, "bilinear downsampling keeps a constant");
+    free(scratch);
 }
 
 static void test_sampling(void)
