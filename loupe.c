@@ -35,8 +35,8 @@
 #include <time.h>
 
 /* POSIX systems get mmap for weights, directories as CLI inputs and a monotonic clock;
- * Windows maps the weight file with MapViewOfFile; elsewhere the weight file is read
- * into memory and inputs are files. */
+ * Windows maps the weight file with MapViewOfFile and lists directories with
+ * FindFirstFile; elsewhere the weight file is read into memory and inputs are files. */
 #if defined(__unix__) || defined(__APPLE__)
 #include <dirent.h>
 #include <fcntl.h>
@@ -49,6 +49,7 @@
 #endif
 #ifdef _WIN32
 #define WIN32_LEAN_AND_MEAN /* no winsock: its bind() would clash with the weight binder */
+#include <direct.h>
 #include <io.h>
 #include <windows.h>
 #endif
@@ -9479,7 +9480,7 @@ static int cli_add_input(cli_options *o, const char *path)
     return 0;
 }
 
-#if LOUPE_POSIX /* directory inputs: helpers used only where directories can be listed */
+#if LOUPE_POSIX || defined(_WIN32) /* directory inputs: helpers used only where directories can be listed */
 /* True when the file name ends in an image extension we decode (any case). */
 static int cli_is_image_name(const char *name)
 {
@@ -9515,6 +9516,26 @@ static int cli_expand(cli_options *o, const char *path)
             if (cli_add_input(o, full)) { closedir(d); return -1; }
         }
         closedir(d);
+        qsort(o->inputs + first, (size_t)(o->n_inputs - first), sizeof *o->inputs, cli_cmp_str);
+        return 0;
+    }
+#elif defined(_WIN32)
+    DWORD attr = GetFileAttributesA(path);
+    if (attr != INVALID_FILE_ATTRIBUTES && (attr & FILE_ATTRIBUTE_DIRECTORY)) {
+        WIN32_FIND_DATAA e;
+        HANDLE d;
+        int first = o->n_inputs;
+        char full[PATH_MAX_LEN];
+        snprintf(full, sizeof full, "%s/*", path);
+        d = FindFirstFileA(full, &e);
+        if (d == INVALID_HANDLE_VALUE) { fprintf(stderr, "loupe: %s: cannot open directory\n", path); return 1; }
+        do {
+            if (e.cFileName[0] == '.' || !cli_is_image_name(e.cFileName) || (e.dwFileAttributes & FILE_ATTRIBUTE_DIRECTORY))
+                continue;
+            snprintf(full, sizeof full, "%s/%s", path, e.cFileName);
+            if (cli_add_input(o, full)) { FindClose(d); return -1; }
+        } while (FindNextFileA(d, &e));
+        FindClose(d);
         qsort(o->inputs + first, (size_t)(o->n_inputs - first), sizeof *o->inputs, cli_cmp_str);
         return 0;
     }
@@ -9580,6 +9601,10 @@ static int cli_mkdir(const char *path)
 #if LOUPE_POSIX
     struct stat st;
     if (mkdir(path, 0777) == 0 || (errno == EEXIST && stat(path, &st) == 0 && S_ISDIR(st.st_mode))) return 0;
+    fprintf(stderr, "loupe: cannot create directory %s: %s\n", path, strerror(errno));
+    return -1;
+#elif defined(_WIN32)
+    if (_mkdir(path) == 0 || errno == EEXIST) return 0;
     fprintf(stderr, "loupe: cannot create directory %s: %s\n", path, strerror(errno));
     return -1;
 #else

@@ -24,8 +24,8 @@ can_link() {
 
 mkdir -p "$dir"
 for config in $configs; do
-    # what to build and run: label, requirement check, make variables, suites
-    run='' exe='' native='NATIVE_DEFAULT' suites='' skip=''
+    # what to build and run: label, requirement check, make variables
+    run='' exe='' native='NATIVE_DEFAULT' skip=''
     case $config in
     gcc-O0|gcc-O3|clang-O0|clang-O3)
         cc=${config%-*} opt=${config#*-}
@@ -48,11 +48,9 @@ for config in $configs; do
         if ! can_link "$cc" -fopenmp; then skip="$cc not installed (Debian: gcc-aarch64-linux-gnu)"
         elif ! command -v qemu-aarch64 > /dev/null 2>&1; then skip="qemu-aarch64 not installed (Debian: qemu-user)"; fi ;;
     mingw-wine)
-        # statically linked so that wine needs no MinGW DLLs; the command line's
-        # directory handling is POSIX-only, so test-cli is left out
+        # statically linked so that wine needs no MinGW DLLs
         cc="x86_64-w64-mingw32-gcc -static" opt=O3 label="mingw-w64 -O3 openmp (wine)"; omp=1 native='' exe=.exe
         run=wine
-        suites="test-convert test-images test-tiny-a test-tiny-b test-unit test-example"
         if ! can_link x86_64-w64-mingw32-gcc -static -fopenmp; then skip="x86_64-w64-mingw32-gcc not installed (Debian: gcc-mingw-w64)"
         elif ! command -v wine > /dev/null 2>&1; then skip="wine not installed (Debian: wine64)"; fi ;;
     *)
@@ -66,7 +64,6 @@ for config in $configs; do
     mkdir -p "$build"
     set -- CC="$cc" CFLAGS="-$opt -Werror" OPENMP=$omp BUILD="$build" RUN="$run" EXE="$exe"
     [ "$native" = NATIVE_DEFAULT ] || set -- "$@" NATIVE="$native"
-    [ -z "$suites" ] || set -- "$@" TEST_SUITES="$suites"
     start=$(date +%s)
     if WINEDEBUG=-all $make --no-print-directory test "$@" > "$build/make-log.txt" 2>&1; then result=ok; else result=FAIL; status=1; fi
     seconds=$(( $(date +%s) - start ))
