@@ -17,9 +17,9 @@ int main(void) { return (int)sqrt(0.0); }'
 
 # can_link CC FLAGS...: the compiler exists and links a C program with libm.
 can_link() {
-    cc=$1; shift
-    command -v "$cc" > /dev/null 2>&1 || return 1
-    printf '%s\n' "$program" | "$cc" "$@" -x c - -o "$dir/probe.out" -lm > /dev/null 2>&1
+    probe_cc=$1; shift
+    command -v "$probe_cc" > /dev/null 2>&1 || return 1
+    printf '%s\n' "$program" | "$probe_cc" "$@" -x c - -o "$dir/probe.out" -lm > /dev/null 2>&1
 }
 
 mkdir -p "$dir"
