@@ -12,8 +12,9 @@ dir=$1; shift
 configs=${*:-gcc-O0 gcc-O0-omp gcc-O3 gcc-O3-omp clang-O0 clang-O0-omp clang-O3 clang-O3-omp tcc gcc-m32 aarch64-qemu mingw-wine}
 make=${MAKE:-make}
 status=0
-program='#include <math.h>
-int main(void) { return (int)sqrt(0.0); }'
+program='#include <errno.h>
+#include <math.h>
+int main(void) { return (int)sqrt(0.0) + (errno == EDOM); }'
 
 # can_link CC FLAGS...: the compiler exists and links a C program with libm.
 can_link() {
@@ -41,7 +42,14 @@ for config in $configs; do
         can_link tcc || skip="tcc not installed (Debian: tcc)" ;;
     gcc-m32)
         cc="gcc -m32" opt=O3 label="gcc -m32 -O3 openmp"; omp=1
-        can_link gcc -m32 -fopenmp || skip="gcc -m32 cannot link (Debian: gcc-multilib)" ;;
+        # Debian's gcc-multilib conflicts with the aarch64 cross compiler; of what it
+        # adds, -m32 lacks only the link /usr/include/asm to the (bi-arch) kernel headers
+        asm=/usr/include/x86_64-linux-gnu/asm
+        if ! can_link $cc -fopenmp && [ -d $asm ] && [ ! -e /usr/include/asm ]; then
+            mkdir -p "$dir/m32-include" && ln -sf $asm "$dir/m32-include/asm"
+            cc="gcc -m32 -I$dir/m32-include"
+        fi
+        can_link $cc -fopenmp || skip="gcc -m32 cannot link (Debian: gcc-multilib)" ;;
     aarch64-qemu)
         cc=aarch64-linux-gnu-gcc opt=O3 label="aarch64 gcc -O3 openmp (qemu)"; omp=1 native=''
         run="qemu-aarch64 -L /usr/aarch64-linux-gnu"
