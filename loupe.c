@@ -74,6 +74,16 @@ static int fail(char *err, size_t errsize, const char *fmt, ...)
     return -1;
 }
 
+/* rename() that replaces an existing file everywhere (Windows' rename refuses to). */
+static int replace_file(const char *from, const char *to)
+{
+#ifdef _WIN32
+    return MoveFileExA(from, to, MOVEFILE_REPLACE_EXISTING) ? 0 : -1;
+#else
+    return rename(from, to);
+#endif
+}
+
 /* Byte alignment of every arena block and of the arena itself (one cache line). */
 #define ARENA_ALIGN 64
 
@@ -9251,7 +9261,7 @@ int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsi
     if (strlen(path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", path);
     for (p = 0; p < t->n_params; p++) most = t->params[p].numel > most ? t->params[p].numel : most;
     buf = malloc(most * sizeof *buf);
-    patches = malloc((size_t)t->n_params * sizeof *patches + 1);
+    patches = malloc((size_t)t->n_params * sizeof *patches + 1); /* + 1: never malloc(0) */
     if (!buf || !patches) { free(buf); free(patches); return fail(err, errsize, "out of memory"); }
     /* the model's file as it is, with each segmentor tensor replaced by the adapted one */
     for (p = 0; p < t->n_params; p++) {
@@ -9286,7 +9296,7 @@ int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsi
     free(buf);
     free(patches);
     if (fclose(f) != 0) ok = 0;
-    if (!ok || rename(tmp, path) != 0) {
+    if (!ok || replace_file(tmp, path) != 0) {
         remove(tmp);
         return fail(err, errsize, "%s: cannot write the adapted weight file", path);
     }
@@ -9624,7 +9634,7 @@ static int cli_write_atomic(const char *path, const void *data, size_t n)
     if (!f) { fprintf(stderr, "loupe: cannot write %s: %s\n", tmp, strerror(errno)); return -1; }
     ok = fwrite(data, 1, n, f) == n;
     ok = (fclose(f) == 0) && ok;
-    if (!ok || rename(tmp, path) != 0) {
+    if (!ok || replace_file(tmp, path) != 0) {
         fprintf(stderr, "loupe: cannot write %s: %s\n", path, strerror(errno));
         remove(tmp);
         return -1;

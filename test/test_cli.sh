@@ -106,6 +106,9 @@ cp test/corpus/jpeg/face_33x17_422.jpg "$tmp/dir/a.jpg"
 run_loupe -m "$model" -q -o "$tmp/o2" "$tmp/dir/a.png" "$tmp/dir/a.jpg" > /dev/null 2>&1; rc=$?
 check "a.png and a.jpg get a.png.png and a.jpg.png" \
     sh -c "[ $rc -eq 0 ] && [ -f '$tmp/o2/masks/a.png.png' ] && [ -f '$tmp/o2/masks/a.jpg.png' ]"
+run_loupe -m "$model" -q -o "$tmp/o2" "$tmp/dir/a.png" > /dev/null 2>&1; rc=$?
+check "a second run into the same -o DIR replaces the outputs" \
+    sh -c "[ $rc -eq 0 ] && [ \$(wc -l < '$tmp/o2/predictions.txt') -eq 1 ]"
 
 echo "test_cli: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
