@@ -6086,12 +6086,14 @@ static void gemm_tn(int M, int N, int K, const float *A, int lda, const float *B
 /* dst[n][m] = src[m][n]^T. */
 static void transpose(float *dst, const float *src, int m, int n)
 {
-    int i, j;
+    int j;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (parallel_ok((double)m * n))
 #endif
-    for (j = 0; j < n; j++)
+    for (j = 0; j < n; j++) {
+        int i; /* declared here: private to each thread */
         for (i = 0; i < m; i++) dst[(size_t)j * m + i] = src[(size_t)i * n + j];
+    }
 }
 
 /* Columns handled together by bias_backward (double accumulators on the stack). */
