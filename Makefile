@@ -25,9 +25,16 @@ export OMP_WAIT_POLICY ?= passive
 
 BUILD   ?= build
 GOLDEN  ?= ../shared/golden
+# Test programs run through $(RUN): an emulator prefix for cross builds, e.g.
+# `make test CC=aarch64-linux-gnu-gcc NATIVE= RUN="qemu-aarch64 -L /usr/aarch64-linux-gnu"`.
+RUN     ?=
+export RUN
+# Suffix of executables: `make EXE=.exe` for Windows targets (mingw-w64 adds it anyway).
+EXE     ?=
+export EXE
 
 .PHONY: fuzz fuzz-run test-asan
-.PHONY: all test test-full test-case test-unit test-convert test-images test-cli bench bench-tta clean test-lowp
+.PHONY: all test test-full test-case test-unit test-convert test-images test-cli test-example portability bench bench-tta clean test-lowp
 
 all: loupe
 
@@ -35,58 +42,68 @@ loupe: loupe.c loupe.h
 	$(CC) $(ALLFLAGS) -o $@ loupe.c $(LDLIBS)
 
 # The tests use their own copy of the command, built with the test flags.
-$(BUILD)/loupe: loupe.c loupe.h | $(BUILD)
+$(BUILD)/loupe$(EXE): loupe.c loupe.h | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ loupe.c $(LDLIBS)
 
 $(BUILD):
 	mkdir -p $(BUILD)
 
-$(BUILD)/check_golden: loupe.c loupe.h test/check_golden.c | $(BUILD)
+$(BUILD)/check_golden$(EXE): loupe.c loupe.h test/check_golden.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -DLOUPE_NO_MAIN -o $@ loupe.c test/check_golden.c $(LDLIBS)
 
-$(BUILD)/test_kernels: loupe.c loupe.h test/test_kernels.c | $(BUILD)
+$(BUILD)/test_kernels$(EXE): loupe.c loupe.h test/test_kernels.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/test_kernels.c $(LDLIBS)
 
-$(BUILD)/check_images: loupe.c loupe.h test/check_images.c | $(BUILD)
+$(BUILD)/check_images$(EXE): loupe.c loupe.h test/check_images.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -DLOUPE_NO_MAIN -o $@ loupe.c test/check_images.c $(LDLIBS)
 
-$(BUILD)/check_lowp: loupe.c loupe.h test/check_lowp.c test/golden_io.h | $(BUILD)
+$(BUILD)/check_lowp$(EXE): loupe.c loupe.h test/check_lowp.c test/golden_io.h | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/check_lowp.c $(LDLIBS)
 
-$(BUILD)/bench_formats: loupe.c loupe.h test/bench_formats.c | $(BUILD)
+$(BUILD)/bench_formats$(EXE): loupe.c loupe.h test/bench_formats.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/bench_formats.c $(LDLIBS)
 
-$(BUILD)/bench: loupe.c loupe.h test/bench.c | $(BUILD)
+$(BUILD)/bench$(EXE): loupe.c loupe.h test/bench.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/bench.c $(LDLIBS)
 
-$(BUILD)/check_tta: loupe.c loupe.h test/check_tta.c | $(BUILD)
+$(BUILD)/check_tta$(EXE): loupe.c loupe.h test/check_tta.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/check_tta.c $(LDLIBS)
 
-$(BUILD)/test_backward: loupe.c loupe.h test/test_backward.c | $(BUILD)
+$(BUILD)/test_backward$(EXE): loupe.c loupe.h test/test_backward.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/test_backward.c $(LDLIBS)
 
-$(BUILD)/bench_tta: loupe.c loupe.h test/bench_tta.c | $(BUILD)
+$(BUILD)/bench_tta$(EXE): loupe.c loupe.h test/bench_tta.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/bench_tta.c $(LDLIBS)
 
-$(BUILD)/make_weights: test/make_weights.c | $(BUILD)
+$(BUILD)/make_weights$(EXE): test/make_weights.c | $(BUILD)
 	$(CC) $(WARN) $(CFLAGS) -o $@ test/make_weights.c $(LDLIBS)
+
+# loupe.c as a library (no command line) and the embedding example, which uses only loupe.h.
+$(BUILD)/loupe-lib.o: loupe.c loupe.h | $(BUILD)
+	$(CC) $(ALLFLAGS) -DLOUPE_NO_MAIN -c -o $@ loupe.c
+
+$(BUILD)/example$(EXE): test/example.c loupe.h $(BUILD)/loupe-lib.o
+	$(CC) $(ALLFLAGS) -o $@ test/example.c $(BUILD)/loupe-lib.o $(LDLIBS)
 
 # Every suite prints a line "N passed, M failed"; test/summary.sh adds them up and
 # fails when any suite failed or none ran.
-test: loupe $(BUILD)/loupe $(BUILD)/test_kernels $(BUILD)/test_backward $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/check_images $(BUILD)/make_weights $(BUILD)/check_lowp
+# Everything is built in $(BUILD) (the ./loupe of `make` is not needed), so builds with
+# other compilers can run side by side (see `make portability`).
+TEST_SUITES = test-convert test-images test-cli test-tiny-a test-tiny-b test-lowp-tiny-a test-lowp-tiny-b test-unit test-example
+test: $(BUILD)/loupe$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE)
 	@sh test/summary.sh $(BUILD)/test-log.txt \
-	  "$(MAKE) --no-print-directory test-convert" \
-	  "$(MAKE) --no-print-directory test-images" \
-	  "$(MAKE) --no-print-directory test-cli" \
-	  "$(MAKE) --no-print-directory test-case CASE=test/golden/tiny-a" \
-	  "$(MAKE) --no-print-directory test-case CASE=test/golden/tiny-b" \
-	  "$(MAKE) --no-print-directory test-lowp CASE=test/golden/tiny-a" \
-	  "$(MAKE) --no-print-directory test-lowp CASE=test/golden/tiny-b" \
-	  "$(MAKE) --no-print-directory test-unit"
+	  $(foreach t,$(TEST_SUITES),"$(MAKE) --no-print-directory $(t)")
 
-test-unit: $(BUILD)/test_kernels $(BUILD)/test_backward $(BUILD)/tiny-a.bin
-	$(BUILD)/test_kernels $(BUILD)/tiny-a.bin
-	$(BUILD)/test_backward $(BUILD)/tiny-a.bin
+test-tiny-%:
+	@$(MAKE) --no-print-directory test-case CASE=test/golden/tiny-$*
+
+test-unit: $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/tiny-a.bin
+	$(RUN) $(BUILD)/test_kernels$(EXE) $(BUILD)/tiny-a.bin
+	$(RUN) $(BUILD)/test_backward$(EXE) $(BUILD)/tiny-a.bin
+
+# The embedding example on the tiny-a case: probability and mask against the golden values.
+test-example: $(BUILD)/example$(EXE) $(BUILD)/tiny-a.bin
+	sh test/test_example.sh $(BUILD)/example$(EXE) $(BUILD)/tiny-a.bin test/golden/tiny-a
 
 $(BUILD)/tiny-a.bin: test/golden/tiny-a/model.safetensors tools/convert.py | $(BUILD)
 	$(PYTHON) tools/convert.py --config test/golden/tiny-a/config.json -o $@ test/golden/tiny-a/model.safetensors
@@ -97,11 +114,18 @@ test-convert:
 # Decoders and resize against PIL's results for every file of a manifest
 # (default: the corpus copied into test/corpus; any manifest in that format works).
 MANIFEST ?= test/corpus/manifest.txt
-test-images: $(BUILD)/check_images
-	$(BUILD)/check_images $(MANIFEST)
+test-images: $(BUILD)/check_images$(EXE)
+	$(RUN) $(BUILD)/check_images$(EXE) $(MANIFEST)
 
-test-cli: $(BUILD)/loupe $(BUILD)/tiny-a.bin
-	sh test/test_cli.sh $(BUILD)/loupe $(BUILD)/tiny-a.bin
+test-cli: $(BUILD)/loupe$(EXE) $(BUILD)/tiny-a.bin
+	sh test/test_cli.sh $(BUILD)/loupe$(EXE) $(BUILD)/tiny-a.bin
+
+# Every compiler and target this machine has (gcc, clang, tcc, -m32, aarch64 under qemu,
+# mingw-w64 under wine), one line per configuration, each built and tested in its own
+# $(BUILD)/portability/NAME; CONFIGS="clang-O3 tcc" runs some (test/portability.sh).
+CONFIGS ?=
+portability:
+	@MAKE="$(MAKE)" sh test/portability.sh $(BUILD)/portability $(CONFIGS)
 
 # Speed and memory of the full-size model on the full-1 photo (never part of make test),
 # then accuracy, size, memory and time of the F32, BF16 and Q8 weight files on every
@@ -110,14 +134,14 @@ test-cli: $(BUILD)/loupe $(BUILD)/tiny-a.bin
 # forward's parallel regions (measured about 6 % faster than sleeping).
 BENCH_ROUNDS ?= 3
 BENCH_WAIT_POLICY ?= active
-bench: $(BUILD)/bench $(BUILD)/make_weights $(BUILD)/check_lowp $(BUILD)/bench_formats
+bench: $(BUILD)/bench$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/bench_formats$(EXE)
 	@test -f $(BUILD)/full-1.bin || $(MAKE) --no-print-directory $(BUILD)/full-1.bin
-	OMP_WAIT_POLICY=$(BENCH_WAIT_POLICY) $(BUILD)/bench $(BUILD)/full-1.bin $(GOLDEN)/full-1/image.png
+	OMP_WAIT_POLICY=$(BENCH_WAIT_POLICY) $(RUN) $(BUILD)/bench$(EXE) $(BUILD)/full-1.bin $(GOLDEN)/full-1/image.png
 	@sh test/lowp.sh bench "$(PYTHON)" $(BUILD) test/golden/tiny-a test/golden/tiny-b $(GOLDEN)/full-1
-	OMP_WAIT_POLICY=$(BENCH_WAIT_POLICY) $(BUILD)/bench_formats $(GOLDEN)/full-1/image.png $(BENCH_ROUNDS) $(BUILD)/full-1.bin $(BUILD)/full-1-bf16.bin $(BUILD)/full-1-q8.bin
+	OMP_WAIT_POLICY=$(BENCH_WAIT_POLICY) $(RUN) $(BUILD)/bench_formats$(EXE) $(GOLDEN)/full-1/image.png $(BENCH_ROUNDS) $(BUILD)/full-1.bin $(BUILD)/full-1-bf16.bin $(BUILD)/full-1-q8.bin
 
-$(BUILD)/full-1.bin: $(BUILD)/make_weights
-	$(BUILD)/make_weights test/golden/full-1/keys.json 1 $(BUILD)/full-1.safetensors
+$(BUILD)/full-1.bin: $(BUILD)/make_weights$(EXE)
+	$(RUN) $(BUILD)/make_weights$(EXE) test/golden/full-1/keys.json 1 $(BUILD)/full-1.safetensors
 	$(PYTHON) tools/convert.py --config test/golden/full-1/config.json -o $@ $(BUILD)/full-1.safetensors
 	rm -f $(BUILD)/full-1.safetensors
 
@@ -125,7 +149,7 @@ $(BUILD)/full-1.bin: $(BUILD)/make_weights
 # backbone.pt + heads.safetensors if present, else model.safetensors, else weights
 # regenerated from keys.json and the config's seed by the make_weights formula.
 # A case with tta.safetensors also gets the test-time-adaptation check.
-test-case: $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/make_weights
+test-case: $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/make_weights$(EXE)
 	@test -n "$(CASE)" || { echo "usage: make test-case CASE=path/to/case"; exit 2; }
 	@name=$$(basename $(CASE)); out=$(BUILD)/$$name.bin; \
 	if [ -f $(CASE)/backbone.pt ] && [ -f $(CASE)/heads.safetensors ]; then \
@@ -134,21 +158,24 @@ test-case: $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/make_weights
 	  src="$(CASE)/model.safetensors"; \
 	else \
 	  seed=$$($(PYTHON) -c "import json,sys; print(json.load(open(sys.argv[1]))['seed'])" $(CASE)/config.json) || exit 1; \
-	  $(BUILD)/make_weights $(CASE)/keys.json $$seed $(BUILD)/$$name.safetensors || exit 1; \
+	  $(RUN) $(BUILD)/make_weights$(EXE) $(CASE)/keys.json $$seed $(BUILD)/$$name.safetensors || exit 1; \
 	  src="$(BUILD)/$$name.safetensors"; \
 	fi; \
 	$(PYTHON) tools/convert.py --config $(CASE)/config.json -o $$out $$src || exit 1; \
-	status=0; $(BUILD)/check_golden $$out $(CASE) || status=1; \
-	if [ -f $(CASE)/tta.safetensors ]; then $(BUILD)/check_tta $$out $(CASE) || status=1; fi; \
+	status=0; $(RUN) $(BUILD)/check_golden$(EXE) $$out $(CASE) || status=1; \
+	if [ -f $(CASE)/tta.safetensors ]; then $(RUN) $(BUILD)/check_tta$(EXE) $$out $(CASE) || status=1; fi; \
 	exit $$status
 
 # The case converted with BF16 and with Q8 weight matrices, each checked against its
 # accuracy targets (test/check_lowp.c).
-test-lowp: $(BUILD)/check_lowp $(BUILD)/make_weights
+test-lowp: $(BUILD)/check_lowp$(EXE) $(BUILD)/make_weights$(EXE)
 	@test -n "$(CASE)" || { echo "usage: make test-lowp CASE=path/to/case"; exit 2; }
 	@sh test/lowp.sh check "$(PYTHON)" $(BUILD) $(CASE)
 
-test-full: $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/make_weights
+test-lowp-tiny-%:
+	@$(MAKE) --no-print-directory test-lowp CASE=test/golden/tiny-$*
+
+test-full: $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/make_weights$(EXE)
 	@sh test/summary.sh $(BUILD)/test-full-log.txt "$(MAKE) --no-print-directory test-case CASE=$(GOLDEN)/full-1"
 
 # The whole suite under AddressSanitizer and UndefinedBehaviorSanitizer, in its own
@@ -182,9 +209,9 @@ fuzz-run: fuzz
 # model (converted by `make test-full`); BENCH_MODEL and BENCH_CASE override.
 BENCH_MODEL ?= $(BUILD)/full-1.bin
 BENCH_CASE  ?= $(GOLDEN)/full-1
-bench-tta: $(BUILD)/bench_tta
+bench-tta: $(BUILD)/bench_tta$(EXE)
 	@test -f $(BENCH_MODEL) || { echo "bench: $(BENCH_MODEL) is missing; run make test-full first"; exit 2; }
-	$(BUILD)/bench_tta $(BENCH_MODEL) $(BENCH_CASE)
+	$(RUN) $(BUILD)/bench_tta$(EXE) $(BENCH_MODEL) $(BENCH_CASE)
 
 clean:
 	rm -rf loupe $(BUILD)

@@ -18,6 +18,7 @@
  * the upstream PyTorch module it implements (Kamichanw/Loupe, transformers' Mask2Former).
  */
 #define _POSIX_C_SOURCE 200809L
+#define _FILE_OFFSET_BITS 64 /* 64-bit off_t for fstat and mmap on 32-bit POSIX systems */
 #include "loupe.h"
 
 #include <ctype.h>
@@ -34,7 +35,8 @@
 #include <time.h>
 
 /* POSIX systems get mmap for weights, directories as CLI inputs and a monotonic clock;
- * elsewhere the weight file is read into memory and inputs are files. */
+ * Windows maps the weight file with MapViewOfFile and lists directories with
+ * FindFirstFile; elsewhere the weight file is read into memory and inputs are files. */
 #if defined(__unix__) || defined(__APPLE__)
 #include <dirent.h>
 #include <fcntl.h>
@@ -44,6 +46,12 @@
 #define LOUPE_POSIX 1
 #else
 #define LOUPE_POSIX 0
+#endif
+#ifdef _WIN32
+#define WIN32_LEAN_AND_MEAN /* no winsock: its bind() would clash with the weight binder */
+#include <direct.h>
+#include <io.h>
+#include <windows.h>
 #endif
 
 #ifdef _OPENMP
@@ -64,6 +72,16 @@ static int fail(char *err, size_t errsize, const char *fmt, ...)
         va_end(ap);
     }
     return -1;
+}
+
+/* rename() that replaces an existing file everywhere (Windows' rename refuses to). */
+static int replace_file(const char *from, const char *to)
+{
+#ifdef _WIN32
+    return MoveFileExA(from, to, MOVEFILE_REPLACE_EXISTING) ? 0 : -1;
+#else
+    return rename(from, to);
+#endif
 }
 
 /* Byte alignment of every arena block and of the arena itself (one cache line). */
@@ -5095,6 +5113,25 @@ static int weights_map_file(loupe_model *m, const char *path, char *err, size_t 
             }
         }
     }
+#elif defined(_WIN32)
+    {
+        /* Windows: a read-only view of the whole file (the view keeps the mapping alive) */
+        HANDLE file = (HANDLE)_get_osfhandle(_fileno(f)), map;
+        LARGE_INTEGER size;
+        if (GetFileSizeEx(file, &size) && (uint64_t)size.QuadPart <= (uint64_t)SIZE_MAX &&
+            (size_t)size.QuadPart >= WEIGHTS_HEADER_BYTES &&
+            (map = CreateFileMappingA(file, NULL, PAGE_READONLY, 0, 0, NULL)) != NULL) {
+            void *p = MapViewOfFile(map, FILE_MAP_READ, 0, 0, 0);
+            CloseHandle(map);
+            if (p) {
+                m->data = p;
+                m->size = (size_t)size.QuadPart;
+                m->storage = WEIGHTS_MAPPED;
+                fclose(f);
+                return 0;
+            }
+        }
+    }
 #endif
     {
         /* Portable fallback: read the file once into memory, in chunks. */
@@ -5784,6 +5821,8 @@ void loupe_model_free(loupe_model *m)
     if (!m) return;
 #if LOUPE_POSIX
     if (m->storage == WEIGHTS_MAPPED) munmap(m->data, m->size);
+#elif defined(_WIN32)
+    if (m->storage == WEIGHTS_MAPPED) UnmapViewOfFile(m->data);
 #endif
     if (m->storage == WEIGHTS_READ) free(m->data);
     free(m->entries);
@@ -6275,12 +6314,14 @@ static void gemm_tn(int M, int N, int K, const float *A, int lda, const float *B
 /* dst[n][m] = src[m][n]^T. */
 static void transpose(float *dst, const float *src, int m, int n)
 {
-    int i, j;
+    int j;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (parallel_ok((double)m * n))
 #endif
-    for (j = 0; j < n; j++)
+    for (j = 0; j < n; j++) {
+        int i; /* declared here: private to each thread */
         for (i = 0; i < m; i++) dst[(size_t)j * m + i] = src[(size_t)i * n + j];
+    }
 }
 
 /* Columns handled together by bias_backward (double accumulators on the stack). */
@@ -6741,7 +6782,8 @@ static void interp_axis(int in, int out, int *i0, int *i1, float *w0, float *w1)
     }
 }
 
-/* Scratch floats interp_plane needs for an out_h x out_w output. */
+/* Scratch floats interp_plane needs for an out_h x out_w output. Half of it holds int
+ * indices, so it must be allocated memory (malloc, arena), never a declared float array. */
 #define INTERP_SCRATCH(oh, ow) (4 * (size_t)((oh) + (ow)))
 
 /* F.interpolate(mode="bilinear", align_corners=False) of one [ih][iw] plane. */
@@ -9562,13 +9604,37 @@ void loupe_tta_get_memory(const loupe_tta *t, loupe_tta_memory *mem)
 /* Bytes copied per write while saving. */
 #define SAVE_CHUNK (1 << 20)
 
+/* An adapted tensor's place in the weight file: saving writes the file front to back
+ * (no seeking, so no file offsets wider than long are needed). */
+typedef struct save_patch { uint64_t offset, nbytes; int param; } save_patch;
+
+static int save_patch_cmp(const void *a, const void *b)
+{
+    uint64_t x = ((const save_patch *)a)->offset, y = ((const save_patch *)b)->offset;
+    return (x > y) - (x < y);
+}
+
+/* Writes n bytes in chunks; returns 1 on success. */
+static int write_bytes(FILE *f, const unsigned char *p, uint64_t n)
+{
+    while (n > 0) {
+        size_t k = n < SAVE_CHUNK ? (size_t)n : SAVE_CHUNK;
+        if (fwrite(p, 1, k, f) != k) return 0;
+        p += k;
+        n -= k;
+    }
+    return 1;
+}
+
 int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsize)
 {
     char tmp[1024];
     FILE *f;
-    size_t done = 0, most = 0;
+    size_t most = 0;
+    uint64_t pos = 0;
     float *buf;
-    int p, i, ok = 1;
+    save_patch *patches;
+    int p, i, n = 0, ok = 1;
     if (!t || !path) return fail(err, errsize, "loupe_tta_save needs an adapter and a path");
     if (strlen(path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", path);
     for (i = 0; i < t->m->n_entries; i++) { /* the adapted tensors are written over the file's own */
@@ -9580,33 +9646,42 @@ int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsi
     }
     for (p = 0; p < t->n_params; p++) most = t->params[p].numel > most ? t->params[p].numel : most;
     buf = malloc(most * sizeof *buf);
-    if (!buf) return fail(err, errsize, "out of memory");
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    f = fopen(tmp, "wb");
-    if (!f) {
-        free(buf);
-        return fail(err, errsize, "%s: cannot create: %s", tmp, strerror(errno));
-    }
-    /* the model's file as it is, then each segmentor tensor overwritten in place */
-    while (ok && done < t->m->size) {
-        size_t n = t->m->size - done < SAVE_CHUNK ? t->m->size - done : SAVE_CHUNK;
-        ok = fwrite(t->m->data + done, 1, n, f) == n;
-        done += n;
-    }
-    for (p = 0; ok && p < t->n_params; p++) {
+    patches = malloc((size_t)t->n_params * sizeof *patches + 1); /* + 1: never malloc(0) */
+    if (!buf || !patches) { free(buf); free(patches); return fail(err, errsize, "out of memory"); }
+    /* the model's file as it is, with each segmentor tensor replaced by the adapted one */
+    for (p = 0; p < t->n_params; p++) {
         const tta_param *tp = &t->params[p];
         for (i = 0; i < t->m->n_entries; i++) {
             const tensor_entry *e = &t->m->entries[i];
             if ((size_t)e->name_len != strlen(tp->name) || memcmp(e->name, tp->name, (size_t)e->name_len)) continue;
-            param_to_upstream(tp, t->param + tp->offset, buf);
-            ok = e->nbytes == tp->numel * sizeof *buf && fseek(f, (long)e->offset, SEEK_SET) == 0 &&
-                 fwrite(buf, sizeof *buf, tp->numel, f) == tp->numel;
+            ok = ok && e->nbytes == tp->numel * sizeof *buf;
+            patches[n].offset = e->offset;
+            patches[n].nbytes = e->nbytes;
+            patches[n++].param = p;
             break;
         }
     }
+    qsort(patches, (size_t)n, sizeof *patches, save_patch_cmp);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    f = ok ? fopen(tmp, "wb") : NULL;
+    if (!f) {
+        free(buf);
+        free(patches);
+        return ok ? fail(err, errsize, "%s: cannot create: %s", tmp, strerror(errno))
+                  : fail(err, errsize, "%s: an adapted tensor does not match the model's file", path);
+    }
+    for (i = 0; ok && i < n; i++) {
+        const tta_param *tp = &t->params[patches[i].param];
+        param_to_upstream(tp, t->param + tp->offset, buf);
+        ok = write_bytes(f, t->m->data + pos, patches[i].offset - pos) &&
+             fwrite(buf, sizeof *buf, tp->numel, f) == tp->numel;
+        pos = patches[i].offset + patches[i].nbytes;
+    }
+    ok = ok && write_bytes(f, t->m->data + pos, t->m->size - pos);
     free(buf);
+    free(patches);
     if (fclose(f) != 0) ok = 0;
-    if (!ok || rename(tmp, path) != 0) {
+    if (!ok || replace_file(tmp, path) != 0) {
         remove(tmp);
         return fail(err, errsize, "%s: cannot write the adapted weight file", path);
     }
@@ -9800,6 +9875,7 @@ static int cli_add_input(cli_options *o, const char *path)
     return 0;
 }
 
+#if LOUPE_POSIX || defined(_WIN32) /* directory inputs: helpers used only where directories can be listed */
 /* True when the file name ends in an image extension we decode (any case). */
 static int cli_is_image_name(const char *name)
 {
@@ -9815,6 +9891,7 @@ static int cli_is_image_name(const char *name)
 }
 
 static int cli_cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+#endif
 
 /* Adds a file, or every image file of a directory in name order. */
 static int cli_expand(cli_options *o, const char *path)
@@ -9834,6 +9911,26 @@ static int cli_expand(cli_options *o, const char *path)
             if (cli_add_input(o, full)) { closedir(d); return -1; }
         }
         closedir(d);
+        qsort(o->inputs + first, (size_t)(o->n_inputs - first), sizeof *o->inputs, cli_cmp_str);
+        return 0;
+    }
+#elif defined(_WIN32)
+    DWORD attr = GetFileAttributesA(path);
+    if (attr != INVALID_FILE_ATTRIBUTES && (attr & FILE_ATTRIBUTE_DIRECTORY)) {
+        WIN32_FIND_DATAA e;
+        HANDLE d;
+        int first = o->n_inputs;
+        char full[PATH_MAX_LEN];
+        snprintf(full, sizeof full, "%s/*", path);
+        d = FindFirstFileA(full, &e);
+        if (d == INVALID_HANDLE_VALUE) { fprintf(stderr, "loupe: %s: cannot open directory\n", path); return 1; }
+        do {
+            if (e.cFileName[0] == '.' || !cli_is_image_name(e.cFileName) || (e.dwFileAttributes & FILE_ATTRIBUTE_DIRECTORY))
+                continue;
+            snprintf(full, sizeof full, "%s/%s", path, e.cFileName);
+            if (cli_add_input(o, full)) { FindClose(d); return -1; }
+        } while (FindNextFileA(d, &e));
+        FindClose(d);
         qsort(o->inputs + first, (size_t)(o->n_inputs - first), sizeof *o->inputs, cli_cmp_str);
         return 0;
     }
@@ -9901,6 +9998,10 @@ static int cli_mkdir(const char *path)
     if (mkdir(path, 0777) == 0 || (errno == EEXIST && stat(path, &st) == 0 && S_ISDIR(st.st_mode))) return 0;
     fprintf(stderr, "loupe: cannot create directory %s: %s\n", path, strerror(errno));
     return -1;
+#elif defined(_WIN32)
+    if (_mkdir(path) == 0 || errno == EEXIST) return 0;
+    fprintf(stderr, "loupe: cannot create directory %s: %s\n", path, strerror(errno));
+    return -1;
 #else
     (void)path;
     return 0; /* the directory must exist; writing into it reports the problem */
@@ -9918,7 +10019,7 @@ static int cli_write_atomic(const char *path, const void *data, size_t n)
     if (!f) { fprintf(stderr, "loupe: cannot write %s: %s\n", tmp, strerror(errno)); return -1; }
     ok = fwrite(data, 1, n, f) == n;
     ok = (fclose(f) == 0) && ok;
-    if (!ok || rename(tmp, path) != 0) {
+    if (!ok || replace_file(tmp, path) != 0) {
         fprintf(stderr, "loupe: cannot write %s: %s\n", path, strerror(errno));
         remove(tmp);
         return -1;

@@ -10,10 +10,19 @@
  *     loupe_forward(s, pixel_values, err, sizeof err);    then loupe_get_outputs(s)
  *     loupe_postprocess(s, img.width, img.height, 0.5f, NULL, mask, err, sizeof err);
  *
- * Errors: every function that can fail returns NULL or -1 and writes one sentence
- * into err (err may be NULL). The library never prints and never exits.
+ * Building: compile loupe.c with -DLOUPE_NO_MAIN (no command line, no main) and link
+ * it with your program and -lm; test/example.c is a complete program using only this
+ * header. C99, libc and libm; OpenMP (-fopenmp) is optional.
+ *
+ * Errors: every function that can fail returns NULL or -1 and writes one sentence,
+ * truncated to errsize bytes and NUL-terminated, into err (err may be NULL). The
+ * library never prints and never exits or aborts; out of memory is an ordinary error.
+ * Ownership: the caller owns every buffer it passes in (sizes as documented below) and
+ * frees every object it receives with the matching *_free function (all accept NULL).
+ * Pointers into a model or session (config, outputs) live as long as that object.
  * Threads: a loupe_model is read-only after loading and may be shared by any number
- * of sessions on any threads; a loupe_session must be used by one thread at a time.
+ * of sessions on any threads; a loupe_session (and a loupe_tta) must be used by one
+ * thread at a time. The decoders, the resize and the PNG encoder are reentrant.
  * With OpenMP, each forward uses up to loupe_set_threads() threads.
  */
 #ifndef LOUPE_H
@@ -112,7 +121,8 @@ loupe_session *loupe_session_new(const loupe_model *m, char *err, size_t errsize
 void loupe_session_free(loupe_session *s);
 
 /* Upstream's LoupeImageProcessor: PIL bilinear resize to S x S, then x / 255 (in
- * double, rounded to float) and (x - 0.5) / 0.5 -> pixel_values [3][S][S]. */
+ * double, rounded to float) and (x - 0.5) / 0.5 -> pixel_values [3][S][S] (caller's
+ * buffer of 3*S*S floats, S = loupe_model_config(m)->image_size). */
 int loupe_preprocess(const loupe_model *m, const loupe_image *img, float *pixel_values,
                      char *err, size_t errsize);
 
@@ -134,7 +144,9 @@ typedef void (*loupe_tap_fn)(void *user, const char *name, const float *data,
                              int ndim, const int *dims, int channels_last);
 void loupe_set_tap(loupe_session *s, loupe_tap_fn fn, void *user);
 
-/* Number of threads a forward may use (OpenMP builds; ignored otherwise). */
+/* Number of threads a forward may use (OpenMP builds; ignored otherwise). Like
+ * omp_set_num_threads it applies to the calling thread: call it before creating the
+ * sessions that thread will run (their scratch is sized for it). */
 void loupe_set_threads(int n);
 
 /* ---- Test-time adaptation (TTA): Loupe's pseudo-label fine-tuning of the segmentor ---- */

@@ -314,13 +314,14 @@ static void test_msda(void)
 enum { CV_H = 4, CV_W = 5, CV_CI = 3, CV_CO = 4, IP_OH = 7, IP_OW = 11 };
 typedef struct conv_ctx {
     float in[CV_H * CV_W * CV_CO], wt[9 * CV_CO * CV_CI], b[CV_CO], r[4 * CV_H * CV_W * CV_CO];
-    int kind; /* 0 transposed, 1 depthwise, 2 3x3, 3 max-pool, 4 interpolation */
+    float *interp; /* INTERP_SCRATCH floats, allocated: it holds int indices as well */
+    int kind;      /* 0 transposed, 1 depthwise, 2 3x3, 3 max-pool, 4 interpolation */
 } conv_ctx;
 static double conv_f(void *p)
 {
     conv_ctx *c = p;
     float out[IP_OH * IP_OW * CV_CO + 4 * CV_H * CV_W * CV_CO], prod[4 * CV_H * CV_W * CV_CO];
-    float scratch[INTERP_SCRATCH(IP_OH, IP_OW)];
+    float *scratch = c->interp;
     size_t n;
     switch (c->kind) {
     case 0: conv_transpose2x2_hwc(out, c->in, CV_H, CV_W, CV_CI, CV_CO, c->wt, c->b, prod); n = 4 * CV_H * CV_W * CV_CO; break;
@@ -351,9 +352,11 @@ static void test_convolutions(void)
     static const char *const names[5] = {"conv_transpose2x2_hwc_backward", "depthwise3x3_hwc_backward",
                                          "conv3x3_hwc_backward", "maxpool2x2_hwc_backward", "interp_hwc_backward"};
     float din[CV_H * CV_W * CV_CO], dwt[9 * CV_CO * CV_CI], db[CV_CO], din2[CV_H * CV_W * CV_CO];
-    float scratch[9 * CV_CO * CV_CI + 4 * CV_H * CV_W * CV_CO + INTERP_SCRATCH(IP_OH, IP_OW)];
+    float scratch[9 * CV_CO * CV_CI + 4 * CV_H * CV_W * CV_CO];
     uint64_t s = 6;
     int k, rep;
+    c.interp = malloc(INTERP_SCRATCH(IP_OH, IP_OW) * sizeof *c.interp);
+    if (!c.interp) { printf("FAIL out of memory\n"); failed++; return; }
     for (k = 0; k < 5; k++) {
         size_t nin = (size_t)CV_H * CV_W * (k == 0 || k == 2 ? CV_CI : CV_CO);
         size_t nw = k == 0 ? 4 * CV_CO * CV_CI : k == 1 ? 9 * CV_CO : k == 2 ? 9 * CV_CO * CV_CI : 0;
@@ -368,7 +371,7 @@ static void test_convolutions(void)
             case 1: depthwise3x3_hwc_backward(rep ? din2 : din, dwt, c.r, c.in, CV_H, CV_W, CV_CO, c.wt); break;
             case 2: conv3x3_hwc_backward(rep ? din2 : din, dwt, c.r, c.in, CV_H, CV_W, CV_CI, CV_CO, c.wt, scratch); break;
             case 3: maxpool2x2_hwc_backward(rep ? din2 : din, c.r, c.in, CV_H, CV_W, CV_CO); break;
-            default: interp_hwc_backward(rep ? din2 : din, c.r, CV_H, CV_W, CV_CO, IP_OH, IP_OW, scratch);
+            default: interp_hwc_backward(rep ? din2 : din, c.r, CV_H, CV_W, CV_CO, IP_OH, IP_OW, c.interp);
             }
             if (rep) break;
             report(names[k], "input", fd_error(conv_f, &c, c.in, din, nin, k == 3 ? FD_STEP_KINK : FD_STEP,
@@ -378,6 +381,7 @@ static void test_convolutions(void)
         }
         report_add(names[k], doubling_error(din, din2, nin));
     }
+    free(c.interp);
 }
 
 /* ---- the mask einsum: masks[q][p] = embeddings[q] . mask_features[p] ---- */
@@ -561,10 +565,9 @@ static void test_thread_determinism(loupe_tta *t, const float *px)
 /* After a step: a session using the adapter, the adapter saved as a weight file and
  * reloaded, and the model itself. The first two must agree bit for bit, the model must
  * differ, and switching the session back must restore the model's outputs. */
-static void test_adapted_model(loupe_model *m, loupe_tta *t, const float *px)
+static void test_adapted_model(loupe_model *m, loupe_tta *t, const float *px, const char *model_path)
 {
-    const char *path = "build/test_backward_adapted.bin";
-    char err[512];
+    char path[1024], err[512];
     const loupe_config *c = &m->cfg;
     size_t n = (size_t)c->num_queries * 16 * c->grid * c->grid, i;
     loupe_session *s = loupe_session_new(m, err, sizeof err), *s2;
@@ -572,6 +575,7 @@ static void test_adapted_model(loupe_model *m, loupe_tta *t, const float *px)
     loupe_tta_loss loss;
     float *base = malloc(n * sizeof *base), *adapted = malloc(n * sizeof *adapted);
     int same = 1, differs = 0, restored = 1;
+    snprintf(path, sizeof path, "%s.adapted", model_path);
     if (!s || !base || !adapted || loupe_forward(s, px, err, sizeof err)) { printf("FAIL %s\n", err); failed++; return; }
     memcpy(base, loupe_get_outputs(s)->mask_logits, n * sizeof *base);
     memset(&loss, 0, sizeof loss);
@@ -672,7 +676,7 @@ static void test_tta(const char *path)
     test_grid_gradient(t, px);
     test_thread_determinism(t, px);
     m->w.fuser = t->w.fuser = fuser;
-    test_adapted_model(m, t, px);
+    test_adapted_model(m, t, px, path);
     loupe_tta_free(t);
     loupe_model_free(m);
     free(px);

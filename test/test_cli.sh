@@ -3,7 +3,8 @@
 # Checks the printed line, the files written with -o and --overlay, batch behaviour
 # with a damaged file, exit statuses, and that no partial output is left behind.
 # PNG outputs are verified with an independent reader (Python's zlib) against the
-# golden mask. Prints "N passed, M failed".
+# golden mask. Prints "N passed, M failed". $RUN (e.g. an emulator or wine) prefixes
+# every run of LOUPE.
 loupe=$1
 model=$2
 case=test/golden/tiny-a
@@ -13,6 +14,13 @@ passed=0
 failed=0
 mkdir -p "$tmp"
 trap 'rm -rf "$tmp"' EXIT
+
+# Runs LOUPE through $RUN; its stdout without the CRs of Windows text mode.
+run_loupe() {
+    $RUN "$loupe" "$@" > "$tmp/stdout"; status=$?
+    tr -d '\r' < "$tmp/stdout"
+    return $status
+}
 
 check() { # check DESCRIPTION COMMAND...
     what=$1; shift
@@ -55,24 +63,24 @@ EOF
 }
 
 # 1. help and usage errors
-"$loupe" -h > "$tmp/help" 2>&1; rc=$?
+run_loupe -h > "$tmp/help" 2>&1; rc=$?
 check "loupe -h exits 0 and prints the usage" sh -c "[ $rc -eq 0 ] && grep -q 'usage: loupe -m MODEL.bin' '$tmp/help'"
-"$loupe" > /dev/null 2> "$tmp/err"; rc=$?
+run_loupe > /dev/null 2> "$tmp/err"; rc=$?
 check "no arguments is a usage error (exit 2)" sh -c "[ $rc -eq 2 ] && grep -q 'no model given' '$tmp/err'"
-"$loupe" -m "$tmp/missing.bin" "$case/image.png" > /dev/null 2> "$tmp/err"; rc=$?
+run_loupe -m "$tmp/missing.bin" "$case/image.png" > /dev/null 2> "$tmp/err"; rc=$?
 check "a missing weight file is named (exit 1)" sh -c "[ $rc -eq 1 ] && grep -q 'missing.bin: cannot open' '$tmp/err'"
-"$loupe" -m "$model" --threshold abc "$case/image.png" > /dev/null 2> "$tmp/err"; rc=$?
+run_loupe -m "$model" --threshold abc "$case/image.png" > /dev/null 2> "$tmp/err"; rc=$?
 check "a bad option value is a usage error" sh -c "[ $rc -eq 2 ] && grep -q 'threshold' '$tmp/err'"
 
 # 2. one image: exactly upstream's predictions.txt line, nothing on stderr
-"$loupe" -m "$model" "$case/image.png" > "$tmp/out" 2> "$tmp/err"; rc=$?
+run_loupe -m "$model" "$case/image.png" > "$tmp/out" 2> "$tmp/err"; rc=$?
 check "one image prints name,prob and exits 0" sh -c "[ $rc -eq 0 ] && [ \"\$(cat '$tmp/out')\" = 'image.png,0.5035' ]"
 check "one image writes nothing to stderr" sh -c "[ ! -s '$tmp/err' ]"
 
 # 3. a batch with a damaged file: the good images still get results, exit 1
 head -c 5000 "$case/image.png" > "$tmp/cut.png"
 cp test/corpus/png/basn2c08.png "$tmp/second.png"
-"$loupe" -m "$model" -o "$tmp/o" --overlay "$case/image.png" "$tmp/cut.png" "$tmp/second.png" \
+run_loupe -m "$model" -o "$tmp/o" --overlay "$case/image.png" "$tmp/cut.png" "$tmp/second.png" \
     > "$tmp/out" 2> "$tmp/err"; rc=$?
 check "a batch with a damaged file exits 1" sh -c "[ $rc -eq 1 ]"
 check "the damaged file is named with a reason" grep -q "cut.png: " "$tmp/err"
@@ -89,15 +97,18 @@ mkdir -p "$tmp/dir"
 cp "$case/image.png" "$tmp/dir/a.png"
 cp test/corpus/png/basn2c08.png "$tmp/dir/b.PNG"
 echo "not an image" > "$tmp/dir/notes.txt"
-"$loupe" -m "$model" -q "$tmp/dir" > "$tmp/out" 2> "$tmp/err"; rc=$?
+run_loupe -m "$model" -q "$tmp/dir" > "$tmp/out" 2> "$tmp/err"; rc=$?
 check "a directory is scanned in name order, -q is quiet" \
     sh -c "[ $rc -eq 0 ] && [ ! -s '$tmp/err' ] && [ \"\$(cut -d, -f1 '$tmp/out' | tr '\n' ' ')\" = 'a.png b.PNG ' ]"
 
 # 5. inputs sharing a stem keep separate masks
 cp test/corpus/jpeg/face_33x17_422.jpg "$tmp/dir/a.jpg"
-"$loupe" -m "$model" -q -o "$tmp/o2" "$tmp/dir/a.png" "$tmp/dir/a.jpg" > /dev/null 2>&1; rc=$?
+run_loupe -m "$model" -q -o "$tmp/o2" "$tmp/dir/a.png" "$tmp/dir/a.jpg" > /dev/null 2>&1; rc=$?
 check "a.png and a.jpg get a.png.png and a.jpg.png" \
     sh -c "[ $rc -eq 0 ] && [ -f '$tmp/o2/masks/a.png.png' ] && [ -f '$tmp/o2/masks/a.jpg.png' ]"
+run_loupe -m "$model" -q -o "$tmp/o2" "$tmp/dir/a.png" > /dev/null 2>&1; rc=$?
+check "a second run into the same -o DIR replaces the outputs" \
+    sh -c "[ $rc -eq 0 ] && [ \$(wc -l < '$tmp/o2/predictions.txt') -eq 1 ]"
 
 echo "test_cli: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

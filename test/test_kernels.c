@@ -282,8 +282,10 @@ static void test_interpolation(void)
     /* F.interpolate(bilinear, align_corners=False) of a ramp f(x) = x reproduces the
      * clamped source coordinate; a constant map stays constant. */
     enum { IH = 3, IW = 4, OH = 7, OW = 9 };
-    float in[IH * IW], out[OH * OW], scratch[INTERP_SCRATCH(OH, OW)];
+    /* allocated, not a float array: the scratch holds int indices as well as floats */
+    float in[IH * IW], out[OH * OW], *scratch = malloc(INTERP_SCRATCH(OH, OW) * sizeof *scratch);
     int y, x, ok = 1;
+    if (!scratch) { check(0, "scratch for bilinear interpolation"); return; }
     for (y = 0; y < IH; y++)
         for (x = 0; x < IW; x++) in[y * IW + x] = (float)x;
     interp_plane(in, IH, IW, out, OH, OW, scratch);
@@ -297,6 +299,7 @@ static void test_interpolation(void)
     for (y = 0; y < IH * IW; y++) in[y] = 2.5f;
     interp_plane(in, IH, IW, out, 2, 1, scratch);
     check(out[0] == 2.5f && out[1] == 2.5f, "bilinear downsampling keeps a constant");
+    free(scratch);
 }
 
 static void test_sampling(void)
@@ -342,12 +345,15 @@ static void test_png_roundtrip(void)
         }
 }
 
+/* Next to the reference weight file: where the damaged copies are written. */
+static char damaged_path[1024];
+
 /* Writes a modified copy of the weight file and expects the loader to refuse it
  * with a message containing `expect`. */
 static void expect_refused(const unsigned char *orig, size_t size, size_t keep, size_t patch_at, const void *patch,
                            size_t patch_len, const char *expect, const char *what)
 {
-    const char *tmp = "build/test_kernels_damaged.bin";
+    const char *tmp = damaged_path;
     char err[512] = "";
     unsigned char *copy = malloc(size);
     FILE *f = fopen(tmp, "wb");
@@ -378,7 +384,7 @@ static size_t find_record(const unsigned char *d, const char *name)
 
 static void test_loader(const char *path)
 {
-    char err[512];
+    char err[512], missing[1024];
     unsigned char *d, v3[4] = {WEIGHTS_VERSION + 1, 0, 0, 0}, big[8], bad_dim[4] = {7, 0, 0, 0};
     size_t size = 0, rec, nd, len;
     loupe_model *m = loupe_model_load(path, err, sizeof err);
@@ -410,7 +416,9 @@ static void test_loader(const char *path)
         }
         free(buf);
     }
-    m = loupe_model_load("build/no-such-file.bin", err, sizeof err);
+    snprintf(damaged_path, sizeof damaged_path, "%s.damaged", path);
+    snprintf(missing, sizeof missing, "%s.no-such-file", path);
+    m = loupe_model_load(missing, err, sizeof err);
     check(!m && strstr(err, "cannot open") != NULL, "a missing file is reported");
     expect_refused(d, size, 0, 0, NULL, 0, "bad magic", "an empty file is refused");
     expect_refused(d, size, size, 0, "NOTLOUPE", 8, "bad magic", "a wrong magic is refused");
