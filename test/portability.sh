@@ -4,12 +4,14 @@
 # (its log: DIR/CONFIG/test-log.txt), one after the other, and prints one line per
 # configuration. Without CONFIG arguments, all of them:
 #   gcc-O0 gcc-O0-omp gcc-O3 gcc-O3-omp clang-O0 clang-O0-omp clang-O3 clang-O3-omp
-#   tcc gcc-m32 aarch64-qemu mingw-wine
+#   tcc gcc-m32 gcc-m32-sse2 aarch64-qemu mingw-wine
+# (gcc-m32 does its float arithmetic on the x87 unit, gcc-m32-sse2 with SSE2, as
+# every x86 processor since 2003 can; see the README's Build anywhere section.)
 # A configuration whose tools are missing prints "skipped" with the reason. Every
 # build uses -Werror (warning-free is part of passing). Exits 1 when any
 # configuration that ran failed.
 dir=$1; shift
-configs=${*:-gcc-O0 gcc-O0-omp gcc-O3 gcc-O3-omp clang-O0 clang-O0-omp clang-O3 clang-O3-omp tcc gcc-m32 aarch64-qemu mingw-wine}
+configs=${*:-gcc-O0 gcc-O0-omp gcc-O3 gcc-O3-omp clang-O0 clang-O0-omp clang-O3 clang-O3-omp tcc gcc-m32 gcc-m32-sse2 aarch64-qemu mingw-wine}
 make=${MAKE:-make}
 status=0
 program='#include <errno.h>
@@ -40,14 +42,15 @@ for config in $configs; do
     tcc)
         cc=tcc opt=O3 label="tcc"; omp=0 native=''
         can_link tcc || skip="tcc not installed (Debian: tcc)" ;;
-    gcc-m32)
-        cc="gcc -m32" opt=O3 label="gcc -m32 -O3 openmp"; omp=1
+    gcc-m32|gcc-m32-sse2)
+        cc="gcc -m32" opt=O3 label="gcc -m32 -O3 openmp (x87)"; omp=1
+        if [ $config = gcc-m32-sse2 ]; then cc="gcc -m32 -msse2 -mfpmath=sse" label="gcc -m32 -O3 openmp (SSE2)"; fi
         # Debian's gcc-multilib conflicts with the aarch64 cross compiler; of what it
         # adds, -m32 lacks only the link /usr/include/asm to the (bi-arch) kernel headers
         asm=/usr/include/x86_64-linux-gnu/asm
         if ! can_link $cc -fopenmp && [ -d $asm ] && [ ! -e /usr/include/asm ]; then
             mkdir -p "$dir/m32-include" && ln -sf $asm "$dir/m32-include/asm"
-            cc="gcc -m32 -I$dir/m32-include"
+            cc="$cc -I$dir/m32-include"
         fi
         can_link $cc -fopenmp || skip="gcc -m32 cannot link (Debian: gcc-multilib)" ;;
     aarch64-qemu)
