@@ -23,7 +23,7 @@ BUILD   ?= build
 GOLDEN  ?= ../shared/golden
 
 .PHONY: fuzz fuzz-run test-asan
-.PHONY: all test test-full test-case test-unit test-convert test-images test-cli bench bench-tta clean
+.PHONY: all test test-full test-case test-unit test-convert test-images test-cli test-regress bench bench-tta clean
 
 all: loupe
 
@@ -58,16 +58,21 @@ $(BUILD)/test_backward: loupe.c loupe.h test/test_backward.c | $(BUILD)
 $(BUILD)/bench_tta: loupe.c loupe.h test/bench_tta.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/bench_tta.c $(LDLIBS)
 
+# Replays files through the fuzz targets' checks without libFuzzer (test/fuzz.c).
+$(BUILD)/fuzz_replay: loupe.c loupe.h test/fuzz.c | $(BUILD)
+	$(CC) $(ALLFLAGS) -DFUZZ_REPLAY -o $@ test/fuzz.c $(LDLIBS)
+
 $(BUILD)/make_weights: test/make_weights.c | $(BUILD)
 	$(CC) $(WARN) $(CFLAGS) -o $@ test/make_weights.c $(LDLIBS)
 
 # Every suite prints a line "N passed, M failed"; test/summary.sh adds them up and
 # fails when any suite failed or none ran.
-test: loupe $(BUILD)/loupe $(BUILD)/test_kernels $(BUILD)/test_backward $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/check_images $(BUILD)/make_weights
+test: loupe $(BUILD)/loupe $(BUILD)/test_kernels $(BUILD)/test_backward $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/check_images $(BUILD)/make_weights $(BUILD)/fuzz_replay
 	@sh test/summary.sh $(BUILD)/test-log.txt \
 	  "$(MAKE) --no-print-directory test-convert" \
 	  "$(MAKE) --no-print-directory test-images" \
 	  "$(MAKE) --no-print-directory test-cli" \
+	  "$(MAKE) --no-print-directory test-regress" \
 	  "$(MAKE) --no-print-directory test-case CASE=test/golden/tiny-a" \
 	  "$(MAKE) --no-print-directory test-case CASE=test/golden/tiny-b" \
 	  "$(MAKE) --no-print-directory test-unit"
@@ -90,6 +95,14 @@ test-images: $(BUILD)/check_images
 
 test-cli: $(BUILD)/loupe $(BUILD)/tiny-a.bin
 	sh test/test_cli.sh $(BUILD)/loupe $(BUILD)/tiny-a.bin
+
+# Every input that once crashed a fuzz target, named after the target (png-*, jpeg-*,
+# ppm-*, weights-*), replayed through the same checks.
+test-regress: $(BUILD)/fuzz_replay
+	@for t in png jpeg ppm weights; do \
+	  set -- test/fuzz/regress/$$t-*; [ -e "$$1" ] || continue; \
+	  $(BUILD)/fuzz_replay $$t "$$@" || exit 1; \
+	done
 
 # Speed and memory of the full-size model on the full-1 photo (never part of make test).
 bench: $(BUILD)/bench $(BUILD)/make_weights
@@ -144,10 +157,10 @@ $(BUILD)/fuzz_%: test/fuzz.c loupe.c loupe.h | $(BUILD)
 
 fuzz-run: fuzz
 	@for t in $(FUZZ_TARGETS); do \
-	  case $$t in png) seeds="test/corpus/png";; jpeg) seeds="test/corpus/jpeg test/corpus/fuzz";; \
+	  case $$t in png) seeds="test/corpus/png test/corpus/fuzz";; jpeg) seeds="test/corpus/jpeg test/corpus/fuzz";; \
 	    ppm) seeds="test/fuzz/ppm";; weights) seeds="test/fuzz/weights";; esac; \
 	  mkdir -p $(BUILD)/fuzz-corpus/$$t && \
-	  $(BUILD)/fuzz_$$t -runs=$(FUZZ_RUNS) -max_len=262144 -timeout=10 -rss_limit_mb=2048 \
+	  $(BUILD)/fuzz_$$t -runs=$(FUZZ_RUNS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
 	    -artifact_prefix=$(BUILD)/fuzz-crash-$$t- -print_final_stats=1 $(BUILD)/fuzz-corpus/$$t $$seeds \
 	    2>&1 | tail -25 || exit 1; \
 	done

@@ -1480,6 +1480,7 @@ static int png_decode(const unsigned char *data, size_t size, size_t max_pixels,
     png_frame f = {0, 0, 0, 0};
     unsigned char lut[PNG_LUT_SIZE], zero[3], *rgb = NULL;
     size_t npix, i, end_pos = 0;
+    uint32_t width, height;
     int scale = 1, rc = -1;
 
     out->width = out->height = 0;
@@ -1492,7 +1493,11 @@ static int png_decode(const unsigned char *data, size_t size, size_t max_pixels,
     png_crc_init(d.crc_table);
     if (png_read_header(&d, err, errsize) != 0 || png_prepare(&d, max_pixels, &f, lut, &scale, err, errsize) != 0)
         goto done;
-    npix = (size_t)d.width * d.height;
+    /* the image keeps this size: an IHDR after the image data (read by the trailer) changes
+     * d.width and d.height but, as in Pillow, not the image */
+    width = d.width;
+    height = d.height;
+    npix = (size_t)width * height;
     if (npix > SIZE_MAX / 3 || !(rgb = malloc(3 * npix))) {
         fail(err, errsize, "out of memory");
         goto done;
@@ -1504,8 +1509,8 @@ static int png_decode(const unsigned char *data, size_t size, size_t max_pixels,
     if (png_decode_pixels(&d, &f, lut, scale, rgb, &end_pos, err, errsize) != 0 ||
         png_read_trailer(&d, end_pos, err, errsize) != 0)
         goto done;
-    out->width = (int)d.width;
-    out->height = (int)d.height;
+    out->width = (int)width;
+    out->height = (int)height;
     out->rgb = rgb;
     rgb = NULL;
     rc = 0;
