@@ -23,7 +23,7 @@ BUILD   ?= build
 GOLDEN  ?= ../shared/golden
 
 .PHONY: fuzz fuzz-run test-asan
-.PHONY: all test test-full test-case test-unit test-convert test-images test-cli test-regress bench bench-tta clean
+.PHONY: all test test-full test-case test-unit test-convert test-images test-cli test-regress test-hostile bench bench-tta clean
 
 all: loupe
 
@@ -73,6 +73,7 @@ test: loupe $(BUILD)/loupe $(BUILD)/test_kernels $(BUILD)/test_backward $(BUILD)
 	  "$(MAKE) --no-print-directory test-images" \
 	  "$(MAKE) --no-print-directory test-cli" \
 	  "$(MAKE) --no-print-directory test-regress" \
+	  "$(MAKE) --no-print-directory test-hostile" \
 	  "$(MAKE) --no-print-directory test-case CASE=test/golden/tiny-a" \
 	  "$(MAKE) --no-print-directory test-case CASE=test/golden/tiny-b" \
 	  "$(MAKE) --no-print-directory test-unit"
@@ -95,6 +96,11 @@ test-images: $(BUILD)/check_images
 
 test-cli: $(BUILD)/loupe $(BUILD)/tiny-a.bin
 	sh test/test_cli.sh $(BUILD)/loupe $(BUILD)/tiny-a.bin
+
+# Damaged images and weight files on the command line; writes the measured table of
+# inputs, exit statuses and messages to $(BUILD)/hostile-table.md.
+test-hostile: $(BUILD)/loupe $(BUILD)/tiny-a.bin
+	$(PYTHON) test/test_hostile.py $(BUILD)/loupe $(BUILD)/tiny-a.bin --table $(BUILD)/hostile-table.md
 
 # Every input that once crashed a fuzz target, named after the target (png-*, jpeg-*,
 # ppm-*, weights-*), replayed through the same checks.

@@ -5126,6 +5126,10 @@ static int weights_parse(loupe_model *m, char *err, size_t errsize)
     size_t pos;
     tensor_entry *sorted;
 
+    if (m->size == 0) return fail(err, errsize, "%s: file is empty", path);
+    if (m->size >= WEIGHTS_MAGIC_LEN && memcmp(d, WEIGHTS_MAGIC, WEIGHTS_MAGIC_LEN) == 0 && m->size < WEIGHTS_HEADER_BYTES)
+        return fail(err, errsize, "%s: file is %llu bytes, shorter than the %d-byte header (truncated)", path,
+                    (unsigned long long)m->size, WEIGHTS_HEADER_BYTES);
     if (m->size < WEIGHTS_HEADER_BYTES || memcmp(d, WEIGHTS_MAGIC, WEIGHTS_MAGIC_LEN) != 0)
         return fail(err, errsize, "%s: not a loupe weight file (bad magic; convert checkpoints with tools/convert.py)", path);
     version = rd_u32(d + 8);
