@@ -22,7 +22,7 @@ export OMP_WAIT_POLICY ?= passive
 BUILD   ?= build
 GOLDEN  ?= ../shared/golden
 
-.PHONY: fuzz fuzz-run test-asan
+.PHONY: fuzz fuzz-run test-asan test-valgrind
 .PHONY: all test test-full test-case test-unit test-convert test-images test-cli test-regress test-hostile bench bench-tta clean
 
 all: loupe
@@ -149,6 +149,18 @@ test-full: $(BUILD)/check_golden $(BUILD)/check_tta $(BUILD)/make_weights
 test-asan:
 	$(MAKE) --no-print-directory test BUILD=$(BUILD)/asan \
 	  CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+
+# One end-to-end run of the command under valgrind's memcheck: a batch with a damaged
+# image, masks and overlays written; any error or leak fails. Built without OpenMP (its
+# thread pool is never torn down) and for the generic target (valgrind lacks AVX-512).
+VALGRIND ?= valgrind
+test-valgrind: $(BUILD)/tiny-a.bin
+	$(MAKE) --no-print-directory $(BUILD)/valgrind/loupe BUILD=$(BUILD)/valgrind OPENMP=0 NATIVE= CFLAGS="-O2 -g"
+	rm -rf $(BUILD)/valgrind/out && head -c 5000 test/golden/tiny-a/image.png > $(BUILD)/valgrind/cut.png
+	$(VALGRIND) --tool=memcheck --leak-check=full --show-leak-kinds=all --errors-for-leak-kinds=all \
+	  --error-exitcode=99 $(BUILD)/valgrind/loupe -m $(BUILD)/tiny-a.bin -o $(BUILD)/valgrind/out --overlay \
+	  test/golden/tiny-a/image.png $(BUILD)/valgrind/cut.png test/corpus/jpeg/face_33x17_422.jpg; \
+	  test $$? -eq 1 # the damaged image makes the batch exit 1; valgrind's errors exit 99
 
 # libFuzzer targets with AddressSanitizer and UndefinedBehaviorSanitizer (clang).
 # `make fuzz-run FUZZ_RUNS=N` runs each for N executions from the seed corpora.
