@@ -180,7 +180,7 @@ class Suite:
                 ok = ok and status == 1 and stdout == '' and len(err) == 1 and \
                     err[0].startswith('loupe: %s: ' % path) and not os.path.exists(out)
                 msg = err[0][len('loupe: %s: ' % path):] if err else '(none)'
-                msg = re.sub(r'\d+', 'N', re.sub(r'(tensors?) \S+( and \S+)?', r'\1 T', msg))
+                msg = re.sub(r'\b\d+\b', 'N', re.sub(r'(tensors?) (?!index\b)[\w.]+( and [\w.]+)?', r'\1 T', msg))
                 messages[msg] = messages.get(msg, 0) + 1
             shutil.rmtree(out, ignore_errors=True)
         self.check(ok, label + ': every variant is refused with one message (exit 1, no output) or runs completely')
