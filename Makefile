@@ -163,7 +163,8 @@ test-valgrind: $(BUILD)/tiny-a.bin
 	  test $$? -eq 1 # the damaged image makes the batch exit 1; valgrind's errors exit 99
 
 # libFuzzer targets with AddressSanitizer and UndefinedBehaviorSanitizer (clang).
-# `make fuzz-run FUZZ_RUNS=N` runs each for N executions from the seed corpora.
+# `make fuzz-run FUZZ_RUNS=N` runs each for N executions from the seed corpora, one after
+# another, and prints a table of executions and coverage (test/fuzz_stats.sh).
 FUZZ_CC    ?= clang
 FUZZ_FLAGS  = -std=c99 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
 FUZZ_RUNS  ?= 10000000
@@ -174,14 +175,16 @@ $(BUILD)/fuzz_%: test/fuzz.c loupe.c loupe.h | $(BUILD)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -DFUZZ_$$(echo $* | tr a-z A-Z) -o $@ test/fuzz.c -lm
 
 fuzz-run: fuzz
-	@for t in $(FUZZ_TARGETS); do \
+	@status=0; for t in $(FUZZ_TARGETS); do \
 	  case $$t in png) seeds="test/corpus/png test/corpus/fuzz";; jpeg) seeds="test/corpus/jpeg test/corpus/fuzz";; \
 	    ppm) seeds="test/fuzz/ppm";; weights) seeds="test/fuzz/weights";; esac; \
-	  mkdir -p $(BUILD)/fuzz-corpus/$$t && \
+	  mkdir -p $(BUILD)/fuzz-corpus/$$t; \
+	  echo "fuzz_$$t: $(FUZZ_RUNS) runs, log in $(BUILD)/fuzz-$$t.log"; \
 	  $(BUILD)/fuzz_$$t -runs=$(FUZZ_RUNS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
 	    -artifact_prefix=$(BUILD)/fuzz-crash-$$t- -print_final_stats=1 $(BUILD)/fuzz-corpus/$$t $$seeds \
-	    2>&1 | tail -25 || exit 1; \
-	done
+	    > $(BUILD)/fuzz-$$t.log 2>&1 || status=1; \
+	done; \
+	sh test/fuzz_stats.sh $(foreach t,$(FUZZ_TARGETS),$(BUILD)/fuzz-$(t).log); exit $$status
 
 # Time and memory of one test-time-adaptation step against a forward on the full-size
 # model (converted by `make test-full`); BENCH_MODEL and BENCH_CASE override.
