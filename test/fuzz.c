@@ -36,8 +36,8 @@
 
 /* Small enough that a hostile header cannot make one run slow or huge: with libFuzzer's
  * comparison tracing in every pixel loop, a limit of 1 << 22 pixels held the JPEG target
- * to 30 runs a second. Larger images take the same code paths. */
-#define FUZZ_MAX_PIXELS (1u << 18)
+ * to 30 runs a second, 1 << 18 to 50. Larger images take the same code paths. */
+#define FUZZ_MAX_PIXELS (1u << 14)
 /* Side of the square every decoded image is resized to (small: resizing dominated runs). */
 #define FUZZ_RESIZE 24
 /* Weight files are copied to memory with this alignment, as a loader's caller would. */
