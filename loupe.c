@@ -4485,7 +4485,9 @@ static int jpeg_decode(const unsigned char *data, size_t size, size_t max_pixels
     if (jpeg_pil_probe(data, size, &pil, err, errsize) != 0)
         return -1;
     if ((size_t)pil.width * (size_t)pil.height > max_pixels)
-        return fail(err, errsize, "JPEG image of %dx%d pixels exceeds the pixel limit", pil.width, pil.height);
+        return fail(err, errsize, "JPEG image has %llu pixels (%dx%d), more than the limit of %llu",
+                    (unsigned long long)pil.width * (unsigned long long)pil.height, pil.width, pil.height,
+                    (unsigned long long)max_pixels);
     d = calloc(1, sizeof *d);
     if (d == NULL)
         return fail(err, errsize, "out of memory decoding JPEG");

@@ -326,7 +326,8 @@ def main():
         s.bad_image('JPEG with SOI bit-flipped (wrong magic)', 'soi.jpg', flip(jpeg, 1, 0), 'not a PNG, JPEG or PPM')
         sof = jpeg_marker_offset(jpeg, 0xc0)
         s.bad_image('JPEG, SOF precision 12', 'prec.jpg', flip(jpeg, sof + 4, 2), 'JPEG')
-        s.bad_image('JPEG claiming 65535x65535', 'huge.jpg', jpeg_with_size(jpeg, 65535, 65535), 'pixel limit')
+        s.bad_image('JPEG claiming 65535x65535', 'huge.jpg', jpeg_with_size(jpeg, 65535, 65535),
+                    'more than the limit of 100000000')
         s.bad_image('JPEG claiming 0x17', 'zero.jpg', jpeg_with_size(jpeg, 0, 17), 'JPEG')
         s.bad_image('PPM truncated in the pixels', 'cut.ppm', ppm[:-5], 'PPM')
         s.bad_image('PPM claiming 100000x100000', 'huge.ppm', b'P6 100000 100000 255\n' + b'\0' * 64, 'too large|limit')
