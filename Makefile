@@ -33,8 +33,9 @@ export RUN
 EXE     ?=
 export EXE
 
-.PHONY: fuzz fuzz-run test-asan
-.PHONY: all test test-full test-case test-unit test-convert test-images test-cli test-example portability bench bench-tta clean test-lowp
+.PHONY: fuzz fuzz-run test-asan test-valgrind
+.PHONY: all test test-full test-case test-unit test-convert test-images test-cli test-regress test-hostile
+.PHONY: test-example test-lowp portability bench bench-tta clean
 
 all: loupe
 
@@ -75,6 +76,10 @@ $(BUILD)/test_backward$(EXE): loupe.c loupe.h test/test_backward.c | $(BUILD)
 $(BUILD)/bench_tta$(EXE): loupe.c loupe.h test/bench_tta.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/bench_tta.c $(LDLIBS)
 
+# Replays files through the fuzz targets' checks without libFuzzer (test/fuzz.c).
+$(BUILD)/fuzz_replay$(EXE): loupe.c loupe.h test/fuzz.c | $(BUILD)
+	$(CC) $(ALLFLAGS) -DFUZZ_REPLAY -o $@ test/fuzz.c $(LDLIBS)
+
 $(BUILD)/make_weights$(EXE): test/make_weights.c | $(BUILD)
 	$(CC) $(WARN) $(CFLAGS) -o $@ test/make_weights.c $(LDLIBS)
 
@@ -89,8 +94,9 @@ $(BUILD)/example$(EXE): test/example.c loupe.h $(BUILD)/loupe-lib.o
 # fails when any suite failed or none ran.
 # Everything is built in $(BUILD) (the ./loupe of `make` is not needed), so builds with
 # other compilers can run side by side (see `make portability`).
-TEST_SUITES = test-convert test-images test-cli test-tiny-a test-tiny-b test-lowp-tiny-a test-lowp-tiny-b test-unit test-example
-test: $(BUILD)/loupe$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE)
+TEST_SUITES = test-convert test-images test-cli test-regress test-hostile test-tiny-a test-tiny-b \
+              test-lowp-tiny-a test-lowp-tiny-b test-unit test-example
+test: $(BUILD)/loupe$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/fuzz_replay$(EXE)
 	@sh test/summary.sh $(BUILD)/test-log.txt \
 	  $(foreach t,$(TEST_SUITES),"$(MAKE) --no-print-directory $(t)")
 
@@ -119,6 +125,19 @@ test-images: $(BUILD)/check_images$(EXE)
 
 test-cli: $(BUILD)/loupe$(EXE) $(BUILD)/tiny-a.bin
 	sh test/test_cli.sh $(BUILD)/loupe$(EXE) $(BUILD)/tiny-a.bin
+
+# Damaged images and weight files on the command line; writes the measured table of
+# inputs, exit statuses and messages to $(BUILD)/hostile-table.md.
+test-hostile: $(BUILD)/loupe$(EXE) $(BUILD)/tiny-a.bin
+	$(PYTHON) test/test_hostile.py $(BUILD)/loupe$(EXE) $(BUILD)/tiny-a.bin --table $(BUILD)/hostile-table.md
+
+# Every input that once crashed a fuzz target, named after the target (png-*, jpeg-*,
+# ppm-*, weights-*), replayed through the same checks.
+test-regress: $(BUILD)/fuzz_replay$(EXE)
+	@for t in png jpeg ppm weights; do \
+	  set -- test/fuzz/regress/$$t-*; [ -e "$$1" ] || continue; \
+	  $(RUN) $(BUILD)/fuzz_replay$(EXE) $$t "$$@" || exit 1; \
+	done
 
 # Every compiler and target this machine has (gcc, clang, tcc, -m32, aarch64 under qemu,
 # mingw-w64 under wine), one line per configuration, each built and tested in its own
@@ -184,8 +203,21 @@ test-asan:
 	$(MAKE) --no-print-directory test BUILD=$(BUILD)/asan \
 	  CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 
+# One end-to-end run of the command under valgrind's memcheck: a batch with a damaged
+# image, masks and overlays written; any error or leak fails. Built without OpenMP (its
+# thread pool is never torn down) and for the generic target (valgrind lacks AVX-512).
+VALGRIND ?= valgrind
+test-valgrind: $(BUILD)/tiny-a.bin
+	$(MAKE) --no-print-directory $(BUILD)/valgrind/loupe BUILD=$(BUILD)/valgrind OPENMP=0 NATIVE= CFLAGS="-O2 -g"
+	rm -rf $(BUILD)/valgrind/out && head -c 5000 test/golden/tiny-a/image.png > $(BUILD)/valgrind/cut.png
+	$(VALGRIND) --tool=memcheck --leak-check=full --show-leak-kinds=all --errors-for-leak-kinds=all \
+	  --error-exitcode=99 $(BUILD)/valgrind/loupe -m $(BUILD)/tiny-a.bin -o $(BUILD)/valgrind/out --overlay \
+	  test/golden/tiny-a/image.png $(BUILD)/valgrind/cut.png test/corpus/jpeg/face_33x17_422.jpg; \
+	  test $$? -eq 1 # the damaged image makes the batch exit 1; valgrind's errors exit 99
+
 # libFuzzer targets with AddressSanitizer and UndefinedBehaviorSanitizer (clang).
-# `make fuzz-run FUZZ_RUNS=N` runs each for N executions from the seed corpora.
+# `make fuzz-run FUZZ_RUNS=N` runs each for N executions from the seed corpora, one after
+# another, and prints a table of executions and coverage (test/fuzz_stats.sh).
 FUZZ_CC    ?= clang
 FUZZ_FLAGS  = -std=c99 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
 FUZZ_RUNS  ?= 10000000
@@ -196,14 +228,16 @@ $(BUILD)/fuzz_%: test/fuzz.c loupe.c loupe.h | $(BUILD)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -DFUZZ_$$(echo $* | tr a-z A-Z) -o $@ test/fuzz.c -lm
 
 fuzz-run: fuzz
-	@for t in $(FUZZ_TARGETS); do \
-	  case $$t in png) seeds="test/corpus/png";; jpeg) seeds="test/corpus/jpeg test/corpus/fuzz";; \
+	@status=0; for t in $(FUZZ_TARGETS); do \
+	  case $$t in png) seeds="test/corpus/png test/corpus/fuzz";; jpeg) seeds="test/corpus/jpeg test/corpus/fuzz";; \
 	    ppm) seeds="test/fuzz/ppm";; weights) seeds="test/fuzz/weights";; esac; \
-	  mkdir -p $(BUILD)/fuzz-corpus/$$t && \
-	  $(BUILD)/fuzz_$$t -runs=$(FUZZ_RUNS) -max_len=262144 -timeout=10 -rss_limit_mb=2048 \
+	  mkdir -p $(BUILD)/fuzz-corpus/$$t; \
+	  echo "fuzz_$$t: $(FUZZ_RUNS) runs, log in $(BUILD)/fuzz-$$t.log"; \
+	  $(BUILD)/fuzz_$$t -runs=$(FUZZ_RUNS) -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
 	    -artifact_prefix=$(BUILD)/fuzz-crash-$$t- -print_final_stats=1 $(BUILD)/fuzz-corpus/$$t $$seeds \
-	    2>&1 | tail -25 || exit 1; \
-	done
+	    > $(BUILD)/fuzz-$$t.log 2>&1 || status=1; \
+	done; \
+	sh test/fuzz_stats.sh $(foreach t,$(FUZZ_TARGETS),$(BUILD)/fuzz-$(t).log); exit $$status
 
 # Time and memory of one test-time-adaptation step against a forward on the full-size
 # model (converted by `make test-full`); BENCH_MODEL and BENCH_CASE override.

@@ -1498,6 +1498,7 @@ static int png_decode(const unsigned char *data, size_t size, size_t max_pixels,
     png_frame f = {0, 0, 0, 0};
     unsigned char lut[PNG_LUT_SIZE], zero[3], *rgb = NULL;
     size_t npix, i, end_pos = 0;
+    uint32_t width, height;
     int scale = 1, rc = -1;
 
     out->width = out->height = 0;
@@ -1510,7 +1511,11 @@ static int png_decode(const unsigned char *data, size_t size, size_t max_pixels,
     png_crc_init(d.crc_table);
     if (png_read_header(&d, err, errsize) != 0 || png_prepare(&d, max_pixels, &f, lut, &scale, err, errsize) != 0)
         goto done;
-    npix = (size_t)d.width * d.height;
+    /* the image keeps this size: an IHDR after the image data (read by the trailer) changes
+     * d.width and d.height but, as in Pillow, not the image */
+    width = d.width;
+    height = d.height;
+    npix = (size_t)width * height;
     if (npix > SIZE_MAX / 3 || !(rgb = malloc(3 * npix))) {
         fail(err, errsize, "out of memory");
         goto done;
@@ -1522,8 +1527,8 @@ static int png_decode(const unsigned char *data, size_t size, size_t max_pixels,
     if (png_decode_pixels(&d, &f, lut, scale, rgb, &end_pos, err, errsize) != 0 ||
         png_read_trailer(&d, end_pos, err, errsize) != 0)
         goto done;
-    out->width = (int)d.width;
-    out->height = (int)d.height;
+    out->width = (int)width;
+    out->height = (int)height;
     out->rgb = rgb;
     rgb = NULL;
     rc = 0;
@@ -4498,7 +4503,9 @@ static int jpeg_decode(const unsigned char *data, size_t size, size_t max_pixels
     if (jpeg_pil_probe(data, size, &pil, err, errsize) != 0)
         return -1;
     if ((size_t)pil.width * (size_t)pil.height > max_pixels)
-        return fail(err, errsize, "JPEG image of %dx%d pixels exceeds the pixel limit", pil.width, pil.height);
+        return fail(err, errsize, "JPEG image has %llu pixels (%dx%d), more than the limit of %llu",
+                    (unsigned long long)pil.width * (unsigned long long)pil.height, pil.width, pil.height,
+                    (unsigned long long)max_pixels);
     d = calloc(1, sizeof *d);
     if (d == NULL)
         return fail(err, errsize, "out of memory decoding JPEG");
@@ -5196,11 +5203,15 @@ static int weights_parse(loupe_model *m, char *err, size_t errsize)
     size_t pos;
     tensor_entry *sorted;
 
+    if (m->size == 0) return fail(err, errsize, "%s: file is empty", path);
+    if (m->size >= WEIGHTS_MAGIC_LEN && memcmp(d, WEIGHTS_MAGIC, WEIGHTS_MAGIC_LEN) == 0 && m->size < WEIGHTS_HEADER_BYTES)
+        return fail(err, errsize, "%s: file is %llu bytes, shorter than the %d-byte header (truncated)", path,
+                    (unsigned long long)m->size, WEIGHTS_HEADER_BYTES);
     if (m->size < WEIGHTS_HEADER_BYTES || memcmp(d, WEIGHTS_MAGIC, WEIGHTS_MAGIC_LEN) != 0)
         return fail(err, errsize, "%s: not a loupe weight file (bad magic; convert checkpoints with tools/convert.py)", path);
     version = rd_u32(d + 8);
     if (version == 0 || version > WEIGHTS_VERSION)
-        return fail(err, errsize, "%s: weight file format version %u is not supported (this build reads version %d)",
+        return fail(err, errsize, "%s: weight file format version %u is not supported (this build reads versions 1 to %d)",
                     path, (unsigned)version, WEIGHTS_VERSION);
     n_hp = rd_u32(d + 12);
     n_t = rd_u32(d + 16);

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -126,6 +127,12 @@ def pickled_state_dict(items):
     """items: [(name, pickled value)] -> a complete data.pkl holding an OrderedDict."""
     body = b"".join(op_str(name) + value for name, value in items)
     return PROTO2 + op_global("collections", "OrderedDict") + EMPTY_TUPLE + REDUCE + MARK + body + SETITEMS + STOP
+
+
+def small_safetensors(header, data):
+    """A safetensors file with exactly this (possibly hostile) JSON header and data."""
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
 
 
 def write_torch_zip(path, pkl, storages, root="archive"):
@@ -255,8 +262,11 @@ def test_malicious_pickle_refused(tmp):
              + TUPLE1 + REDUCE)]),
         "os.popen": PROTO2 + MARK + command + b"ios\npopen\n" + STOP,                      # INST opcode
     }
+    class Payload:  # what an attacker's pickle.dumps produces: os.system under its real module name
+        def __reduce__(self):
+            return os.system, ("touch " + marker,)
     out = os.path.join(tmp, "evil.bin")
-    for name, pkl in attacks.items():
+    for name, pkl in list(attacks.items()) + [("%s.system" % os.system.__module__, pickle.dumps(Payload()))]:
         ckpt = os.path.join(tmp, "evil.pt")
         write_torch_zip(ckpt, pkl, {"0": bytes(256)})
         expect_failure(tmp, out, [ckpt], "evil.pt", "refusing to load pickle global '%s'" % name)
@@ -306,6 +316,16 @@ def test_bad_input_files(tmp):
         "crc.pt": (torch_zip[:2000] + bytes(1000) + torch_zip[3000:], "corrupt zip archive"),
         "text.pt": (b"hello, world\n" * 4, "neither a torch.save zip archive nor a safetensors file"),
         "legacy.pt": (b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.", "legacy (pre-1.6, non-zip) torch.save format"),
+        "huge-header.safetensors": (struct.pack("<Q", 1 << 63) + model[8:], "truncated safetensors file"),
+        "offsets-past-end.safetensors": (small_safetensors({"a": {"dtype": "F32", "shape": [4],
+                                                                  "data_offsets": [0, 16]}}, bytes(8)),
+                                         "truncated safetensors file (a ends at data byte 16, only 8 present)"),
+        "size-mismatch.safetensors": (small_safetensors({"a": {"dtype": "F32", "shape": [4],
+                                                               "data_offsets": [0, 12]}}, bytes(16)),
+                                      "a: data size 12 does not match F32 [4]"),
+        "negative-offset.safetensors": (small_safetensors({"a": {"dtype": "F32", "shape": [1],
+                                                                 "data_offsets": [-4, 0]}}, bytes(4)),
+                                        "bad safetensors header entry for 'a'"),
     }
     out = os.path.join(tmp, "out.bin")
     for name, (content, fragment) in cases.items():

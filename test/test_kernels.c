@@ -420,7 +420,8 @@ static void test_loader(const char *path)
     snprintf(missing, sizeof missing, "%s.no-such-file", path);
     m = loupe_model_load(missing, err, sizeof err);
     check(!m && strstr(err, "cannot open") != NULL, "a missing file is reported");
-    expect_refused(d, size, 0, 0, NULL, 0, "bad magic", "an empty file is refused");
+    expect_refused(d, size, 0, 0, NULL, 0, "file is empty", "an empty file is refused");
+    expect_refused(d, size, 40, 0, NULL, 0, "shorter than the 64-byte header", "a cut header is refused");
     expect_refused(d, size, size, 0, "NOTLOUPE", 8, "bad magic", "a wrong magic is refused");
     expect_refused(d, size, size, 8, v3, 4, "version 3", "a newer format version is refused");
     expect_refused(d, size, size - 1, 0, NULL, 0, "truncated", "a truncated file is refused");
