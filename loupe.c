@@ -5480,17 +5480,15 @@ static const float *bind(binder *b, int d0, int d1, int d2, int d3, const char *
     return (const float *)(const void *)(b->m->data + e->offset);
 }
 
-/* Returns the weight matrix called name (printf format, any storage) of shape d0..d3,
- * viewed as [d0][d1 x d2 x d3]; data NULL after recording an error. */
-static wmat bind_matrix(binder *b, int d0, int d1, int d2, int d3, const char *fmt, ...)
+/* Returns the weight matrix called prefix + suffix (any storage) of shape d0..d3,
+ * viewed as [d0][d1 x d2 x d3]; data NULL after recording an error. Not variadic: tcc
+ * passes the arguments of a variadic function that returns a structure wrongly. */
+static wmat bind_matrix(binder *b, int d0, int d1, int d2, int d3, const char *prefix, const char *suffix)
 {
     char name[256];
     const int dims[MAX_TENSOR_DIMS] = {d0, d1, d2, d3};
     const tensor_entry *e;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(name, sizeof name, fmt, ap);
-    va_end(ap);
+    snprintf(name, sizeof name, "%s%s", prefix, suffix);
     e = bind_entry(b, dims, name);
     return e ? entry_matrix(b->m, e) : wmat_f32(NULL, 0);
 }
@@ -5512,7 +5510,7 @@ static const float *wmat_values(wmat m, size_t rows, size_t cols, float **copy)
 static linear_w bind_linear(binder *b, int out, int in, int has_bias, const char *prefix)
 {
     linear_w l;
-    l.w = bind_matrix(b, out, in, 0, 0, "%s.weight", prefix);
+    l.w = bind_matrix(b, out, in, 0, 0, prefix, ".weight");
     l.b = has_bias ? bind(b, out, 0, 0, 0, "%s.bias", prefix) : NULL;
     return l;
 }
@@ -5527,7 +5525,7 @@ static norm_w bind_norm(binder *b, int n, const char *prefix)
 static void bind_mha(binder *b, int e, const char *prefix, linear_w *qkv, linear_w *out)
 {
     char name[256];
-    qkv->w = bind_matrix(b, 3 * e, e, 0, 0, "%s.in_proj_weight", prefix);
+    qkv->w = bind_matrix(b, 3 * e, e, 0, 0, prefix, ".in_proj_weight");
     qkv->b = bind(b, 3 * e, 0, 0, 0, "%s.in_proj_bias", prefix);
     snprintf(name, sizeof name, "%s.out_proj", prefix);
     *out = bind_linear(b, e, e, 1, name);
@@ -5537,7 +5535,7 @@ static void bind_mha(binder *b, int e, const char *prefix, linear_w *qkv, linear
 static linear_w bind_conv1x1(binder *b, int out, int in, int has_bias, const char *prefix)
 {
     linear_w l;
-    l.w = bind_matrix(b, out, in, 1, 1, "%s.weight", prefix);
+    l.w = bind_matrix(b, out, in, 1, 1, prefix, ".weight");
     l.b = has_bias ? bind(b, out, 0, 0, 0, "%s.bias", prefix) : NULL;
     return l;
 }
@@ -5564,7 +5562,7 @@ static void bind_scale_block(binder *b, scale_block_w *s, int w, int transposed,
 {
     char name[256];
     if (transposed) {
-        s->conv1.w = bind_matrix(b, w, w, 2, 2, "%s.conv1.weight", prefix);
+        s->conv1.w = bind_matrix(b, w, w, 2, 2, prefix, ".conv1.weight");
         s->conv1.b = bind(b, w, 0, 0, 0, "%s.conv1.bias", prefix);
     } else {
         s->conv1.w = wmat_f32(NULL, 0);
@@ -5651,7 +5649,7 @@ static int weights_bind(loupe_model *m, char *err, size_t errsize)
     /* backbone (VisionTransformer) */
     w->class_embedding = bind(&b, W, 0, 0, 0, "backbone.class_embedding");
     w->positional_embedding = bind(&b, 1 + g * g, W, 0, 0, "backbone.positional_embedding");
-    w->conv1 = bind_matrix(&b, W, 3, c->patch_size, c->patch_size, "backbone.conv1.weight");
+    w->conv1 = bind_matrix(&b, W, 3, c->patch_size, c->patch_size, "backbone.conv1.weight", "");
     w->ln_pre = bind_norm(&b, W, "backbone.ln_pre");
     w->ln_post = bind_norm(&b, W, "backbone.ln_post");
     w->blocks = calloc((size_t)c->layers, sizeof *w->blocks);
@@ -5713,7 +5711,7 @@ static int weights_bind(loupe_model *m, char *err, size_t errsize)
     w->mask_projection = bind_conv1x1(&b, F, F, 1, "segmentor.pixel_decoder.mask_projection");
     w->adapter_1 = bind_conv1x1(&b, F, W, 0, "segmentor.pixel_decoder.adapter_1.0");
     w->adapter_gn = bind_norm(&b, F, "segmentor.pixel_decoder.adapter_1.1");
-    raw_layer_1 = bind_matrix(&b, F, F, 3, 3, "segmentor.pixel_decoder.layer_1.0.weight");
+    raw_layer_1 = bind_matrix(&b, F, F, 3, 3, "segmentor.pixel_decoder.layer_1.0.weight", "");
     w->layer_1_gn = bind_norm(&b, F, "segmentor.pixel_decoder.layer_1.1");
     /* transformer decoder */
     w->query_embed = bind(&b, c->num_queries, F, 0, 0, "segmentor.mask2former_decoder.queries_embedder.weight");
