@@ -58,13 +58,13 @@ $(BUILD)/test_kernels$(EXE): loupe.c loupe.h test/test_kernels.c | $(BUILD)
 $(BUILD)/check_images$(EXE): loupe.c loupe.h test/check_images.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -DLOUPE_NO_MAIN -o $@ loupe.c test/check_images.c $(LDLIBS)
 
-$(BUILD)/check_lowp$(EXE): loupe.c loupe.h test/check_lowp.c test/golden_io.h | $(BUILD)
+$(BUILD)/check_lowp$(EXE): loupe.c loupe.h test/check_lowp.c test/golden_io.h test/measure.h | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/check_lowp.c $(LDLIBS)
 
 $(BUILD)/bench_formats$(EXE): loupe.c loupe.h test/bench_formats.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/bench_formats.c $(LDLIBS)
 
-$(BUILD)/bench$(EXE): loupe.c loupe.h test/bench.c | $(BUILD)
+$(BUILD)/bench$(EXE): loupe.c loupe.h test/bench.c test/measure.h | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/bench.c $(LDLIBS)
 
 $(BUILD)/check_tta$(EXE): loupe.c loupe.h test/check_tta.c | $(BUILD)
@@ -73,7 +73,7 @@ $(BUILD)/check_tta$(EXE): loupe.c loupe.h test/check_tta.c | $(BUILD)
 $(BUILD)/test_backward$(EXE): loupe.c loupe.h test/test_backward.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/test_backward.c $(LDLIBS)
 
-$(BUILD)/bench_tta$(EXE): loupe.c loupe.h test/bench_tta.c | $(BUILD)
+$(BUILD)/bench_tta$(EXE): loupe.c loupe.h test/bench_tta.c test/measure.h | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/bench_tta.c $(LDLIBS)
 
 # Replays files through the fuzz targets' checks without libFuzzer (test/fuzz.c).

@@ -9,10 +9,7 @@
  * nothing: targets are read off its table. */
 #define LOUPE_NO_MAIN
 #include "../loupe.c"
-
-#if LOUPE_POSIX
-#include <sys/resource.h>
-#endif
+#include "measure.h"
 
 #define MAX_RUNS 64
 /* Timed single-thread runs (after a warm-up) for the speed-up line. */
@@ -93,22 +90,6 @@ static void stage_flops(const loupe_config *c, const loupe_tables *t, double *fl
                                           2 * (lvl * 2 * F * F + (L - 1) * Q * (6 * F * F + 2 * F * c->dec_ffn)) +
                                           2 * lvl * Q * 2 * F;
     fl[LOUPE_STAGE_POSTPROCESS] = Q * (double)SEG_SIZE * SEG_SIZE * 8;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-/* Peak resident set size in MiB (0 where the system cannot tell). */
-static double peak_rss_mib(void)
-{
-#if LOUPE_POSIX
-    struct rusage ru;
-    if (getrusage(RUSAGE_SELF, &ru) == 0) return ru.ru_maxrss / 1024.0;
-#endif
-    return 0.0;
 }
 
 int main(int argc, char **argv)

@@ -9,23 +9,9 @@
  * moments, and its own session. Wall and process CPU time are both reported. */
 #define LOUPE_NO_MAIN
 #include "../loupe.c"
-
-#include <time.h>
+#include "measure.h"
 
 #define MAX_REPEATS 32
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
 
 static double median(double *v, int n)
 {
@@ -83,19 +69,19 @@ int main(int argc, char **argv)
     t = s ? loupe_tta_new(m, NULL, err, sizeof err) : NULL;
     if (!t) { fprintf(stderr, "bench_tta: %s\n", err); return 1; }
     for (r = 0; r < repeats; r++) {
-        t0 = now();
+        t0 = now_seconds();
         c0 = clock();
         if (loupe_forward(s, px, err, sizeof err)) { fprintf(stderr, "bench_tta: %s\n", err); return 1; }
-        fwd[r] = now() - t0;
+        fwd[r] = now_seconds() - t0;
         cpu_fwd[r] = (double)(clock() - c0) / CLOCKS_PER_SEC;
-        t0 = now();
+        t0 = now_seconds();
         c0 = clock();
         if (tta_forward_loss(t, px, &loss, err, sizeof err)) { fprintf(stderr, "bench_tta: %s\n", err); return 1; }
-        t1 = now();
+        t1 = now_seconds();
         segmentor_backward(t, NULL);
-        t2 = now();
+        t2 = now_seconds();
         loupe_tta_update(t, &loss.grad_norm, err, sizeof err);
-        t3 = now();
+        t3 = now_seconds();
         cpu_step[r] = (double)(clock() - c0) / CLOCKS_PER_SEC;
         tfwd[r] = t1 - t0; bwd[r] = t2 - t1; upd[r] = t3 - t2; step[r] = t3 - t0;
     }
@@ -116,6 +102,7 @@ int main(int argc, char **argv)
     printf("        TTA parameters (%zu floats: weights, gradients, AdamW m and v) %8.1f MiB\n", mem.trainable,
            (double)mem.parameters / (1 << 20));
     printf("        TTA session                %8.1f MiB\n", (double)mem.session / (1 << 20));
+    printf("        peak RSS of the process    %8.1f MiB (weights mapped, both sessions, the adapter)\n", peak_rss_mib());
     loupe_tta_free(t);
     loupe_session_free(s);
     loupe_model_free(m);

@@ -25,11 +25,8 @@
  * exits non-zero when a target is missed. */
 #define LOUPE_NO_MAIN
 #include "../loupe.c"
+#include "measure.h"
 #include "golden_io.h"
-
-#if LOUPE_POSIX
-#include <sys/resource.h>
-#endif
 
 #define MAX_GOLDEN 1024
 #define MAX_RUNS 64
@@ -91,22 +88,6 @@ static int cmp_error_desc(const void *a, const void *b)
 {
     double x = ((const tensor_error *)a)->rel, y = ((const tensor_error *)b)->rel;
     return x < y ? 1 : x > y ? -1 : 0;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-/* Peak resident set size in MiB (0 where the system cannot tell). */
-static double peak_rss_mib(void)
-{
-#if LOUPE_POSIX
-    struct rusage ru;
-    if (getrusage(RUSAGE_SELF, &ru) == 0) return ru.ru_maxrss / 1024.0;
-#endif
-    return 0.0;
 }
 
 /* How the file stores its weight matrices: the dtype of most of its bytes that are not F32. */
