@@ -4996,10 +4996,10 @@ typedef struct pe_block_w { norm_w ln_1, ln_2; linear_w qkv, out, fc, proj; } pe
 typedef struct pe_pool_w { const float *probe; linear_w qkv, out; norm_w ln; linear_w fc, proj; } pe_pool_w;
 /* classifier.{classifier,patch_classifier} */
 typedef struct cls_head_w { linear_w layers[MAX_CLS_LAYERS]; } cls_head_w;
-/* segmentor.fpn.scale_layers[i][j]: conv1 (ConvTranspose2d) is absent for the
- * max-pool block; convt is its weight as float32 [Cin][Cout*4] (NULL when absent),
- * dw holds conv2 repacked [9][C]. */
-typedef struct scale_block_w { linear_w conv1; const float *convt, *dw; norm_w norm; } scale_block_w;
+/* segmentor.fpn.scale_layers[i][j]: conv1 (ConvTranspose2d), its weight read in place
+ * as a matrix [Cin][Cout*4], is absent (data NULL) for the max-pool block; dw holds
+ * conv2 repacked [9][C]. */
+typedef struct scale_block_w { linear_w conv1; const float *dw; norm_w norm; } scale_block_w;
 /* segmentor.pixel_decoder.encoder.layers[i] */
 typedef struct enc_layer_w {
     linear_w offsets, attn_weights, value, output;
@@ -5740,31 +5740,20 @@ static int weights_bind(loupe_model *m, char *err, size_t errsize)
     w->class_predictor = bind_linear(&b, c->num_labels + 1, F, 1, "segmentor.class_predictor");
     if (b.failed) return -1;
 
-    /* Derived, read-only: repacked kernels and constant tables, one block. The
-     * kernels used outside gemm_nt_w are float32 whatever the file stores: a BF16 or
-     * Q8 kernel is converted here, once (the transposed convolutions of an F32 file
-     * are read in place). */
+    /* Derived, read-only: repacked kernels and constant tables, one block. The 3x3
+     * convolution's kernel is float32 whatever the file stores (a BF16 or Q8 one is
+     * converted here, once); the products read every other weight matrix in place. */
     blocks[0] = &w->fpn4[0]; blocks[1] = &w->fpn4[1]; blocks[2] = &w->fpn2; blocks[3] = &w->fpn_half;
     level_sizes(c, &m->t);
     rope_n = (size_t)(1 + g * g) * (size_t)(W / c->heads);
     tok_n = (size_t)m->t.tokens * (size_t)F;
     derived_floats = 4 * 9 * (size_t)W + 9 * (size_t)F * F + 2 * rope_n + 2 * tok_n + 2 * (size_t)m->t.tokens;
-    for (k = 0; k < 4; k++)
-        if (blocks[k]->conv1.w.data && blocks[k]->conv1.w.dtype != DTYPE_F32) derived_floats += 4 * (size_t)W * W;
     dv = aligned_block(derived_floats * sizeof(float), &m->derived_raw);
     if (!dv) return fail(err, errsize, "%s: out of memory", m->path);
     for (k = 0; k < 4; k++) {
         repack_depthwise(dv + off, raw_dw[k], W);
         blocks[k]->dw = dv + off;
         off += 9 * (size_t)W;
-        if (!blocks[k]->conv1.w.data) continue;
-        if (blocks[k]->conv1.w.dtype == DTYPE_F32) {
-            blocks[k]->convt = blocks[k]->conv1.w.data;
-        } else {
-            wmat_to_float(blocks[k]->conv1.w, 0, W, 0, 4 * W, dv + off, 4 * (size_t)W);
-            blocks[k]->convt = dv + off;
-            off += 4 * (size_t)W * W;
-        }
     }
     if (!(values = wmat_values(raw_layer_1, (size_t)F, 9 * (size_t)F, &copy)))
         return fail(err, errsize, "%s: out of memory", m->path);
@@ -6071,7 +6060,7 @@ static void gemm_pack_panel(int nr, int kc, const float *B, size_t ldb, int b_kn
 }
 
 /* Everything a task needs to know about the product. B is F32 unless it is a weight
- * matrix of gemm_nt_w. */
+ * matrix of gemm_nt_w or gemm_nn_w. */
 typedef struct gemm_args {
     int M, N, K;
     const float *A, *bias;
@@ -6112,16 +6101,24 @@ static void gemm_pack_panel_convert(const wmat *m, size_t n0, size_t p0, int kc,
 #endif
 
 /* Packs the panel of B for columns n0..n0+nr of C and k-range p0..p0+kc into d. A BF16
- * or Q8 weight is converted to float32 on the way (in registers for whole panels on
- * AVX, else through float32 rows in strip, NR x KC floats): the conversion is paid
+ * or Q8 weight is converted to float32 on the way (a [K][N] one straight into the
+ * panel; an [N][K] one in registers for whole panels on AVX, else through float32
+ * rows in strip, NR x KC floats): the conversion is paid
  * once per packed block, not per row of A, and no float32 copy of the weight exists
  * anywhere else. */
 static void gemm_pack_b(const gemm_args *g, int n0, int nr, int p0, int kc, float *strip, float *d)
 {
     const float *b = g->B.data;
     size_t ldb = g->B.ld;
+    int k;
     if (g->B.dtype == DTYPE_F32) {
         gemm_pack_panel(nr, kc, g->b_kn ? b + (size_t)p0 * ldb + n0 : b + (size_t)n0 * ldb + p0, ldb, g->b_kn, d);
+        return;
+    }
+    if (g->b_kn) { /* rows of B are already rows of the panel: convert them in place */
+        wmat_to_float(g->B, (size_t)p0, kc, (size_t)n0, nr, d, GEMM_NR);
+        if (nr < GEMM_NR)
+            for (k = 0; k < kc; k++) memset(d + (size_t)k * GEMM_NR + nr, 0, (size_t)(GEMM_NR - nr) * sizeof *d);
         return;
     }
 #ifdef GEMM_TRANSPOSE8
@@ -6252,17 +6249,23 @@ static void gemm_nt(int M, int N, int K, const float *A, int lda, const float *B
     gemm_nt_w(M, N, K, A, lda, wmat_f32(B, (size_t)ldb), bias, C, ldc, accumulate);
 }
 
-/* C[M][N] (+)= A[M][K] B[K][N]: the second operand stored row by row (e.g. values). */
-static void gemm_nn(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc,
-                    int accumulate)
+/* C[M][N] (+)= A[M][K] B[K][N]: B stored row by row, a weight matrix in any storage. */
+static void gemm_nn_w(int M, int N, int K, const float *A, int lda, wmat B, float *C, int ldc, int accumulate)
 {
     gemm_args g;
     g.M = M; g.N = N; g.K = K;
-    g.A = A; g.B = wmat_f32(B, (size_t)ldb); g.bias = NULL; g.C = C;
+    g.A = A; g.B = B; g.bias = NULL; g.C = C;
     g.lda = (size_t)lda; g.ldc = (size_t)ldc;
     g.b_kn = 1;
     g.accumulate = accumulate;
     gemm_run(&g);
+}
+
+/* C[M][N] (+)= A[M][K] B[K][N] with float32 B stored row by row (e.g. attention values). */
+static void gemm_nn(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc,
+                    int accumulate)
+{
+    gemm_nn_w(M, N, K, A, lda, wmat_f32(B, (size_t)ldb), C, ldc, accumulate);
 }
 
 /* y[rows][out] = x[rows][in] W^T + b: nn.Linear on a batch of rows. */
@@ -6869,14 +6872,14 @@ static void interp_hwc_backward(float *din, const float *dout, int ih, int iw, i
 /* nn.ConvTranspose2d(kernel 2, stride 2) on channels-last maps:
  * in [h*w][ci] -> out [2h*2w][co]. Every input pixel feeds its own 2 x 2 output pixels,
  * so the whole layer is one product with the PyTorch weight read in place as
- * [ci][co*4]: prod [h*w][co*4] = in x weight, whose column 4*o + t is channel o of
+ * [ci][co*4] (any storage): prod [h*w][co*4] = in x weight, whose column 4*o + t is channel o of
  * output pixel (2i + di, 2j + dj); then each column goes to its pixel, plus the bias.
  * prod: scratch of h*w*co*4 floats. */
-static void conv_transpose2x2_hwc(float *out, const float *in, int h, int w, int ci, int co, const float *weight,
+static void conv_transpose2x2_hwc(float *out, const float *in, int h, int w, int ci, int co, wmat weight,
                                   const float *bias, float *prod)
 {
     int i;
-    gemm_nn(h * w, CONVT_TAPS * co, ci, in, ci, weight, CONVT_TAPS * co, prod, CONVT_TAPS * co, 0);
+    gemm_nn_w(h * w, CONVT_TAPS * co, ci, in, ci, weight, prod, CONVT_TAPS * co, 0);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (parallel_ok((double)h * w * co * CONVT_TAPS))
 #endif
@@ -7562,8 +7565,8 @@ static void scale_block(loupe_session *s, const scale_block_w *b, const float *i
     int W = c->width;
     float *dw = A->dw ? A->dw : out;
     size_t n;
-    if (b->convt) { /* out is free until the end: the product's scratch */
-        conv_transpose2x2_hwc(A->pre, in, h, w, W, W, b->convt, b->conv1.b, out);
+    if (b->conv1.w.data) { /* out is free until the end: the product's scratch */
+        conv_transpose2x2_hwc(A->pre, in, h, w, W, W, b->conv1.w, b->conv1.b, out);
         *oh = 2 * h; *ow = 2 * w;
     } else {
         maxpool2x2_hwc(A->pre, in, h, w, W);
@@ -8679,8 +8682,10 @@ static void segmentor_params(param_builder *pb, loupe_weights *w, const loupe_co
     for (k = 0; k < 4; k++) {
         scale_block_w *b = blocks[k];
         const char *s = fpn_names[k];
-        if (b->convt) {
-            add_param(pb, &b->convt, PARAM_PLAIN, W, W, 2, 2, "segmentor.fpn.scale_layers.%s.conv1.weight", s);
+        if (b->conv1.w.data) {
+            const float *convt = NULL;
+            add_param(pb, &convt, PARAM_PLAIN, W, W, 2, 2, "segmentor.fpn.scale_layers.%s.conv1.weight", s);
+            if (pb->params) b->conv1.w = wmat_f32(convt, (size_t)CONVT_TAPS * W);
             add_param(pb, &b->conv1.b, PARAM_PLAIN, W, 0, 0, 0, "segmentor.fpn.scale_layers.%s.conv1.bias", s);
         }
         add_param(pb, &b->dw, PARAM_DEPTHWISE, W, 1, 3, 3, "segmentor.fpn.scale_layers.%s.conv2.weight", s);
@@ -9217,7 +9222,8 @@ static void scale_block_backward(loupe_tta *t, const scale_block_w *b, int blk, 
     const loupe_config *c = &t->m->cfg;
     const scale_block_acts *A = &t->tape.fpn[blk];
     tta_work *k = &t->wk;
-    int W = c->width, oh = b->convt ? 2 * h : h / 2, ow = b->convt ? 2 * w : w / 2;
+    const float *convt = tta_matrix(b->conv1.w);
+    int W = c->width, oh = convt ? 2 * h : h / 2, ow = convt ? 2 * w : w / 2;
     size_t n = (size_t)oh * ow * W;
     zero(k->d_f1, n);
     layernorm_backward(k->d_f1, grad_of(t, b->norm.w), grad_of(t, b->norm.b), dout, A->dw, oh * ow, W, b->norm,
@@ -9226,9 +9232,9 @@ static void scale_block_backward(loupe_tta *t, const scale_block_w *b, int blk, 
     depthwise3x3_hwc_backward(k->d_f2, grad_of(t, b->dw), k->d_f1, A->act, oh, ow, W, b->dw);
     zero(k->d_f1, n);
     gelu_backward(k->d_f1, k->d_f2, A->pre, n);
-    if (b->convt) /* d_f2 (n floats) is free again: the product's scratch */
-        conv_transpose2x2_hwc_backward(din, grad_of(t, b->convt), grad_of(t, b->conv1.b), k->d_f1, in, h, w, W, W,
-                                       b->convt, k->d_f2);
+    if (convt) /* d_f2 (n floats) is free again: the product's scratch */
+        conv_transpose2x2_hwc_backward(din, grad_of(t, convt), grad_of(t, b->conv1.b), k->d_f1, in, h, w, W, W,
+                                       convt, k->d_f2);
     else if (din)
         maxpool2x2_hwc_backward(din, k->d_f1, in, h, w, W);
 }

@@ -324,7 +324,10 @@ static double conv_f(void *p)
     float *scratch = c->interp;
     size_t n;
     switch (c->kind) {
-    case 0: conv_transpose2x2_hwc(out, c->in, CV_H, CV_W, CV_CI, CV_CO, c->wt, c->b, prod); n = 4 * CV_H * CV_W * CV_CO; break;
+    case 0:
+        conv_transpose2x2_hwc(out, c->in, CV_H, CV_W, CV_CI, CV_CO, wmat_f32(c->wt, (size_t)CONVT_TAPS * CV_CO), c->b, prod);
+        n = 4 * CV_H * CV_W * CV_CO;
+        break;
     case 1: depthwise3x3_hwc(out, c->in, CV_H, CV_W, CV_CO, c->wt); n = CV_H * CV_W * CV_CO; break;
     case 2: conv3x3_hwc(out, c->in, CV_H, CV_W, CV_CI, CV_CO, c->wt); n = CV_H * CV_W * CV_CO; break;
     case 3: maxpool2x2_hwc(out, c->in, CV_H, CV_W, CV_CO); n = (CV_H / 2) * (CV_W / 2) * CV_CO; break;

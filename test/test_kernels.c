@@ -85,7 +85,8 @@ static void test_gemm(void)
 
 /* gemm_nt_w with BF16 and Q8 weight matrices (whole and partial panels, K below and
  * above one k-step, not a multiple of 8 or of a Q8 block, a row offset) against a
- * double-precision product with the stored values converted by hand. */
+ * double-precision product with the stored values converted by hand; then gemm_nn_w
+ * with the same rows as its [K][N] operand (columns from the middle of a Q8 block). */
 static void test_gemm_lowp(void)
 {
     static const int ms[] = {1, 7}, ns[] = {5, 16, 37, 70}, ks[] = {3, 8, 45, 64, 300};
@@ -101,6 +102,8 @@ static void test_gemm_lowp(void)
                     int M = ms[a], N = ns[b], K = ks[k], rows = N + ROW_OFFSET, i, j, l;
                     size_t ld = d == DTYPE_Q8 ? q8_padded((size_t)K) : (size_t)K, nblk = ld / Q8_BLOCK;
                     float *A = malloc(sizeof(float) * M * K), *bias = malloc(sizeof(float) * N);
+                    float *A2 = malloc(sizeof(float) * M * N), *C2 = malloc(sizeof(float) * M * K);
+                    double *R2 = malloc(sizeof(double) * M * K);
                     float *C = malloc(sizeof(float) * M * N), *Bf = malloc(sizeof(float) * rows * K);
                     float *scale = malloc(sizeof(float) * rows * (nblk ? nblk : 1));
                     uint16_t *bh = malloc(sizeof(uint16_t) * rows * ld);
@@ -136,7 +139,19 @@ static void test_gemm_lowp(void)
                     snprintf(what, sizeof what, "gemm_nt_w %s M=%d N=%d K=%d from row %d", dtype_names[d], M, N, K,
                              ROW_OFFSET);
                     check(max_diff_d(C, R, (size_t)M * N) < KERNEL_TOL * K, what);
+                    fill(A2, (size_t)M * N, &st);
+                    for (i = 0; i < M; i++)
+                        for (j = 0; j < K; j++) {
+                            double sum = 0.0;
+                            for (l = 0; l < N; l++) sum += (double)A2[i * N + l] * Bf[(l + ROW_OFFSET) * K + j];
+                            R2[i * K + j] = sum;
+                        }
+                    gemm_nn_w(M, K, N, A2, N, wmat_rows(w, ROW_OFFSET), C2, K, 0);
+                    snprintf(what, sizeof what, "gemm_nn_w %s M=%d N=%d K=%d from row %d", dtype_names[d], M, K, N,
+                             ROW_OFFSET);
+                    check(max_diff_d(C2, R2, (size_t)M * K) < KERNEL_TOL * N, what);
                     free(A); free(bias); free(C); free(Bf); free(scale); free(bh); free(bq); free(R);
+                    free(A2); free(C2); free(R2);
                 }
 }
 
@@ -180,7 +195,7 @@ static void test_convolutions(void)
     naive_conv3x3(ref, in, H, Wd, CI, CI, kd, 1);
     check(max_diff_d(out, ref, (size_t)H * Wd * CI) < KERNEL_TOL * 9, "depthwise3x3_hwc against a direct convolution");
     /* ConvTranspose2d(2, stride 2): out[2y+di][2x+dj][o] = b[o] + sum_i in[y][x][i] k[i][o][di][dj] */
-    conv_transpose2x2_hwc(out, in, H, Wd, CI, CO, kt, bias, prod);
+    conv_transpose2x2_hwc(out, in, H, Wd, CI, CO, wmat_f32(kt, (size_t)CONVT_TAPS * CO), bias, prod);
     for (y = 0; y < H; y++)
         for (x = 0; x < Wd; x++)
             for (di = 0; di < 2; di++)
