@@ -219,12 +219,15 @@ test-valgrind: $(BUILD)/tiny-a.bin
 # `make fuzz-run FUZZ_RUNS=N` runs each for N executions from the seed corpora, one after
 # another, and prints a table of executions and coverage (test/fuzz_stats.sh).
 FUZZ_CC    ?= clang
-FUZZ_FLAGS  = -std=c99 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+# -O2: a third more executions a second than -O1 on the JPEG target. The kernels listed
+# in test/fuzz/no-coverage.txt are built without coverage tracing (still sanitized).
+FUZZ_FLAGS  = -std=c99 -g -O2 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
+              -fsanitize-coverage-ignorelist=test/fuzz/no-coverage.txt
 FUZZ_RUNS  ?= 10000000
 FUZZ_TARGETS = png jpeg ppm weights
 fuzz: $(foreach t,$(FUZZ_TARGETS),$(BUILD)/fuzz_$(t))
 
-$(BUILD)/fuzz_%: test/fuzz.c loupe.c loupe.h | $(BUILD)
+$(BUILD)/fuzz_%: test/fuzz.c loupe.c loupe.h test/fuzz/no-coverage.txt | $(BUILD)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -DFUZZ_$$(echo $* | tr a-z A-Z) -o $@ test/fuzz.c -lm
 
 fuzz-run: fuzz

@@ -46,7 +46,7 @@
  * of loadable inputs it runs forward: one in FUZZ_FORWARD_EVERY, picked by a hash of
  * the input so that every run of the same input does the same thing. */
 #define FUZZ_MAX_FORWARD_BYTES (64u << 20)
-#define FUZZ_FORWARD_EVERY 16u
+#define FUZZ_FORWARD_EVERY 64u
 /* Inputs shorter than their header's file size are zero-padded up to this size. */
 #define FUZZ_MAX_PADDED (1u << 20)
 #define FUZZ_FILE_SIZE_AT 32 /* where the header keeps the u64 file size */
