@@ -9348,10 +9348,20 @@ static double tta_grad_norm(const loupe_tta *t)
     return sqrt(sum);
 }
 
+/* sqrtf(x) rounded to float32 on every target: on x87 (FLT_EVAL_METHOD 2) gcc keeps the
+ * square root's 64-bit result and drops casts of it, but a volatile float must be stored. */
+static float sqrt_f32(float x)
+{
+    volatile float r = sqrtf(x);
+    return r;
+}
+
 /* torch.optim.AdamW (one step, PyTorch's float32 operations in its order: lerp, addcmul,
  * addcdiv as self + value * t1 / t2; upstream's step1 is reproduced bit for bit) on gradients
  * scaled by clip_coef, as clip_grad_norm_ leaves them; weight decay only for tensors
- * whose name has no "bias". Zeroes the gradients and refreshes the derived tables. */
+ * whose name has no "bias". Zeroes the gradients and refreshes the derived tables.
+ * The casts round every operation to float32 as PyTorch does, also where C evaluates
+ * float expressions in a wider format (x87: FLT_EVAL_METHOD 2). */
 static void adamw_step(loupe_tta *t, float clip_coef)
 {
     const loupe_tta_options *o = &t->opt;
@@ -9373,10 +9383,10 @@ static void adamw_step(loupe_tta *t, float clip_coef)
         for (i = 0; i < tp->numel; i++) {
             float gi = g[i] * clip_coef, denom;
             w[i] *= decay;
-            m[i] += one_b1 * (gi - m[i]);
-            v[i] = v[i] * b2 + one_b2 * gi * gi;
-            denom = sqrtf(v[i]) / bc2_sqrt + eps;
-            w[i] -= step_size * m[i] / denom;
+            m[i] += (float)(one_b1 * (float)(gi - m[i]));
+            v[i] = (float)(v[i] * b2) + (float)((float)(one_b2 * gi) * gi);
+            denom = (float)(sqrt_f32(v[i]) / bc2_sqrt) + eps;
+            w[i] -= (float)((float)(step_size * m[i]) / denom);
         }
     }
     zero(t->grad, t->n_floats);
