@@ -151,7 +151,7 @@ portability:
 # golden case (full-1 files converted once, kept in $(BUILD)), and the forward time of
 # the three full-1 files measured in interleaved rounds. Threads spin between the
 # forward's parallel regions (measured about 6 % faster than sleeping).
-BENCH_ROUNDS ?= 3
+BENCH_ROUNDS ?= 7
 BENCH_WAIT_POLICY ?= active
 bench: $(BUILD)/bench$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/bench_formats$(EXE)
 	@test -f $(BUILD)/full-1.bin || $(MAKE) --no-print-directory $(BUILD)/full-1.bin
