@@ -5178,10 +5178,13 @@ static double header_hparam(const unsigned char *hp, uint32_t n, const char *nam
     return 0.0;
 }
 
+/* Cols of a Q8 row rounded up to whole blocks. */
+static uint64_t q8_padded(uint64_t cols) { return (cols + Q8_BLOCK - 1) / Q8_BLOCK * Q8_BLOCK; }
+
 /* Bytes of a tensor of rows x cols values stored as dtype (layout at the top). */
 static uint64_t tensor_bytes(int dtype, uint64_t rows, uint64_t cols)
 {
-    uint64_t cols8 = (cols + Q8_BLOCK - 1) / Q8_BLOCK * Q8_BLOCK;
+    uint64_t cols8 = q8_padded(cols);
     if (dtype == DTYPE_Q8) return rows * cols8 + rows * (cols8 / Q8_BLOCK) * sizeof(float);
     return rows * cols * dtype_sizes[dtype];
 }
@@ -5356,9 +5359,6 @@ static float bf16_to_float(uint16_t h)
     return f;
 }
 
-/* Cols of a Q8 row rounded up to whole blocks. */
-static size_t q8_padded(size_t cols) { return (cols + Q8_BLOCK - 1) / Q8_BLOCK * Q8_BLOCK; }
-
 /* A float32 matrix whose rows are ld values apart. */
 static wmat wmat_f32(const float *data, size_t ld)
 {
@@ -5426,7 +5426,7 @@ static wmat entry_matrix(const loupe_model *m, const tensor_entry *e)
     wmat w = wmat_f32((const float *)(const void *)(m->data + e->offset), cols);
     w.dtype = e->dtype;
     if (e->dtype == DTYPE_Q8) {
-        w.ld = q8_padded(cols);
+        w.ld = (size_t)q8_padded(cols);
         w.scale = (const float *)(const void *)(m->data + e->offset + rows * w.ld);
     }
     return w;
@@ -9664,8 +9664,8 @@ int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsi
     if (strlen(path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", path);
     for (i = 0; i < t->m->n_entries; i++) { /* the adapted tensors are written over the file's own */
         const tensor_entry *e = &t->m->entries[i];
-        size_t n = strlen(TTA_SEGMENTOR_PREFIX);
-        if (e->dtype != DTYPE_F32 && (size_t)e->name_len >= n && !memcmp(e->name, TTA_SEGMENTOR_PREFIX, n))
+        const size_t plen = sizeof TTA_SEGMENTOR_PREFIX - 1;
+        if (e->dtype != DTYPE_F32 && (size_t)e->name_len >= plen && !memcmp(e->name, TTA_SEGMENTOR_PREFIX, plen))
             return fail(err, errsize, "%s: saving an adapted model needs an F32 weight file (%.*s is %s; convert with --dtype f32)",
                         t->m->path, e->name_len, e->name, dtype_names[e->dtype]);
     }
