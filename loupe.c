@@ -8049,6 +8049,7 @@ const loupe_outputs *loupe_get_outputs(const loupe_session *s) { return &s->out;
 typedef struct loss_rng {
     void (*fill)(void *state, float *out, size_t n);
     void *state;
+    void (*seek)(void *state, uint64_t position); /* next fill starts at number `position` */
 } loss_rng;
 
 /* State of splitmix_uniform_fill: number i of the stream (counting from 0 over all
@@ -8071,6 +8072,12 @@ static void splitmix_uniform_fill(void *state, float *out, size_t n)
         z ^= z >> 31;
         out[i] = (float)(z >> (64 - SEG_UNIFORM_BITS)) * SEG_UNIFORM_SCALE;
     }
+}
+
+/* Moves the splitmix stream to number `position` (counter-based: any order of reads). */
+static void splitmix_uniform_seek(void *state, uint64_t position)
+{
+    ((splitmix_uniform *)state)->counter = position;
 }
 
 /* Hyperparameters of LoupeSegLoss (values of Loupe's configs in seg_loss_config_default). */
@@ -8243,18 +8250,18 @@ static double pair_wise_dice_loss(const float *pred, const float *target, int n)
 }
 
 /* LoupeHungarianMatcher.forward for one image with one target: class_logits [Q][2],
- * mask_logits [Q][M][M], target [g][g], points [P][2] (the matcher's uniform draw);
+ * mask_logits [Q][M][M], target [th][tw], points [P][2] (the matcher's uniform draw);
  * scratch [2P] floats. Returns the matched query. The cost matrix is float32 [Q][1]
  * as upstream; scipy's linear_sum_assignment on one column returns the cheapest row,
  * the lowest index among equal costs (it scans columns of the transposed 1 x Q problem
  * from the last to the first and keeps the last minimum it sees). */
 static int hungarian_matcher(const seg_loss_config *cfg, int Q, int M, const float *class_logits,
-                             const float *mask_logits, const float *target, int g, const float *points,
+                             const float *mask_logits, const float *target, int th, int tw, const float *points,
                              int P, float *scratch)
 {
     float *target_points = scratch, *pred_points = scratch + P, best = 0.0f;
     int q, best_q = 0;
-    sample_point_forward(target, g, g, points, P, target_points);
+    sample_point_forward(target, th, tw, points, P, target_points);
     for (q = 0; q < Q; q++) {
         const float *z = class_logits + (size_t)q * SEG_NUM_CLASSES;
         float mx = z[0] > z[1] ? z[0] : z[1];
@@ -8298,15 +8305,18 @@ static int uncertain_point_cmp(const void *a, const void *b)
  * oversample_ratio) candidates, keeps the int(importance_sample_ratio * P) with the
  * largest calculate_uncertainty = -|logit| (torch.topk; ties, which topk leaves
  * unspecified, go to the earlier candidate), then draws the remaining points uniformly.
+ * The candidates are read from rng at position cand_pos, the uniform points at extra_pos.
  * points_out [P][2]; candidates [int(P * oversample_ratio)][2] floats, order [same count]. */
 static void sample_points_using_uncertainty(const seg_loss_config *cfg, const float *mask_logits, int M,
-                                            const loss_rng *rng, float *points_out, float *candidates,
-                                            float *candidate_logits, uncertain_point *order)
+                                            const loss_rng *rng, uint64_t cand_pos, uint64_t extra_pos,
+                                            float *points_out, float *candidates, float *candidate_logits,
+                                            uncertain_point *order)
 {
     int P = cfg->train_num_points;
     int num_sampled = (int)(P * cfg->oversample_ratio);
     int num_uncertain = (int)(cfg->importance_sample_ratio * P);
     int i;
+    rng->seek(rng->state, cand_pos);
     rng->fill(rng->state, candidates, (size_t)num_sampled * 2);
     sample_point_forward(mask_logits, M, M, candidates, num_sampled, candidate_logits);
     for (i = 0; i < num_sampled; i++) {
@@ -8318,6 +8328,7 @@ static void sample_points_using_uncertainty(const seg_loss_config *cfg, const fl
         points_out[2 * i] = candidates[2 * order[i].index];
         points_out[2 * i + 1] = candidates[2 * order[i].index + 1];
     }
+    rng->seek(rng->state, extra_pos);
     if (P > num_uncertain)
         rng->fill(rng->state, points_out + (size_t)num_uncertain * 2, (size_t)(P - num_uncertain) * 2);
 }
@@ -8409,14 +8420,15 @@ typedef struct loss_masks_scratch {
 } loss_masks_scratch;
 
 /* LoupeSegLoss.loss_masks forward for one matched mask (num_masks as get_num_masks):
- * mask_logits [M][M] of the matched query, target [g][g], points [P][2] ->
- * loss_mask = mean Poly-1 focal / num_masks, loss_dice = Tversky (mean over 1 mask). */
+ * mask_logits [M][M] of the matched query, target [th][tw], points [P][2] ->
+ * loss_mask = mean Poly-1 focal / num_masks, loss_dice = Tversky of this mask (the
+ * caller averages over the batch's masks). */
 static void loss_masks_forward(const seg_loss_config *cfg, const float *mask_logits, int M, const float *target,
-                               int g, const float *points, double num_masks, loss_masks_scratch *s,
+                               int th, int tw, const float *points, double num_masks, loss_masks_scratch *s,
                                double *loss_mask, double *loss_dice)
 {
     int P = cfg->train_num_points;
-    sample_point_forward(target, g, g, points, P, s->point_labels);
+    sample_point_forward(target, th, tw, points, P, s->point_labels);
     sample_point_forward(mask_logits, M, M, points, P, s->point_logits);
     *loss_mask = poly1_focal_loss_forward(cfg, s->point_logits, s->point_labels, P) / num_masks;
     *loss_dice = tversky_loss_forward(cfg, s->point_logits, s->point_labels, P);
@@ -8450,30 +8462,35 @@ static double loss_labels_class_weight(const seg_loss_config *cfg, int cls)
     return cls == SEG_NO_OBJECT_CLASS ? cfg->no_object_weight : 1.0;
 }
 
-/* Mask2FormerLoss.loss_labels forward: class_logits [Q][2], matched_query (-1: none) ->
- * weighted-mean cross-entropy sum_q w_q (-log softmax(z_q)[c_q]) / sum_q w_q. */
-static double loss_labels_forward(const seg_loss_config *cfg, const float *class_logits, int Q, int matched_query)
+/* The denominator of loss_labels' weighted mean over a whole batch: the class weights
+ * of all B*Q queries, `targets` of them matched (forgery, weight 1), the rest no-object. */
+static double loss_labels_weight_sum(const seg_loss_config *cfg, int images, int Q, int targets)
 {
-    double num = 0.0, den = 0.0;
+    return (double)targets + ((double)images * Q - targets) * cfg->no_object_weight;
+}
+
+/* Mask2FormerLoss.loss_labels forward, one image's share: class_logits [Q][2],
+ * matched_query (-1: none), den = loss_labels_weight_sum of the batch ->
+ * sum_q w_q (-log softmax(z_q)[c_q]) / den (the batch's term is the sum of its images'). */
+static double loss_labels_forward(const seg_loss_config *cfg, const float *class_logits, int Q, int matched_query,
+                                  double den)
+{
+    double num = 0.0;
     int q;
     for (q = 0; q < Q; q++) {
         const float *z = class_logits + (size_t)q * SEG_NUM_CLASSES;
         int c = loss_labels_target(q, matched_query);
-        double w = loss_labels_class_weight(cfg, c);
         /* -log softmax(z)[c] = softplus(z[other] - z[c]) for two classes */
-        num += w * seg_softplus((double)z[1 - c] - z[c]);
-        den += w;
+        num += loss_labels_class_weight(cfg, c) * seg_softplus((double)z[1 - c] - z[c]);
     }
     return num / den;
 }
 
-/* loss_labels backward: grad [Q][2] += scale * w_q / sum(w) * (softmax(z_q) - onehot(c_q)). */
+/* loss_labels backward: grad [Q][2] += scale * w_q / den * (softmax(z_q) - onehot(c_q)). */
 static void loss_labels_backward(const seg_loss_config *cfg, const float *class_logits, int Q, int matched_query,
-                                 double scale, float *grad_class_logits)
+                                 double den, double scale, float *grad_class_logits)
 {
-    double den = 0.0;
     int q, j;
-    for (q = 0; q < Q; q++) den += loss_labels_class_weight(cfg, loss_labels_target(q, matched_query));
     for (q = 0; q < Q; q++) {
         const float *z = class_logits + (size_t)q * SEG_NUM_CLASSES;
         int c = loss_labels_target(q, matched_query);
@@ -8487,67 +8504,123 @@ static void loss_labels_backward(const seg_loss_config *cfg, const float *class_
 
 /* ---- The whole loss ---- */
 
+/* Ascending ints, for qsort. */
+static int int_cmp(const void *a, const void *b)
+{
+    int x = *(const int *)a, y = *(const int *)b;
+    return (x > y) - (x < y);
+}
+
 /* Mask2FormerLoss.get_num_masks: number of targets, clamped to >= 1 (one process). */
 static double get_num_masks(int num_targets)
 {
     return num_targets > 1 ? (double)num_targets : 1.0;
 }
 
-/* Scratch of loupe_seg_loss (planned in the loupe_tta arena): the matcher's points and
+/* Scratch of loupe_seg_loss (planned in the trainer's arena): the matcher's points and
  * samples [2P] each, the selected points [P][2], the oversampled candidates [3P][2], their
- * logits [3P] and sort order [3P], and loss_masks' buffers. */
+ * logits [3P] and sort order [3P], and loss_masks' buffers. topk, when a test sets it,
+ * receives each call's importance-sampled candidate indices, ascending ([L][0.75 P]). */
 typedef struct seg_loss_scratch {
     float *matcher_points, *matcher_scratch, *points, *candidates, *candidate_logits;
     uncertain_point *order;
     loss_masks_scratch masks;
+    int *topk;
 } seg_loss_scratch;
 
+/* Where one image sits in its batch. The loss is a batch's (upstream collates B images):
+ * num_masks, the Tversky mean and the cross-entropy's weighted mean run over all the
+ * batch's targets and queries, and the random draws come in the batch's order. Images
+ * have 0 or 1 target (one forgery class), so everything is known before any forward and
+ * the images can be processed one at a time, each adding its share. */
+typedef struct seg_batch {
+    int images;                  /* B */
+    int targets;                 /* targets in the whole batch */
+    int image;                   /* this image's index b */
+    int targets_before;          /* targets of images 0..b-1 (this image's mask index) */
+    uint64_t base;               /* stream position of the batch's first random number */
+} seg_batch;
+
+/* Random numbers one loss call draws for a whole batch: per image the matcher's points
+ * [P][2], then candidates [n][3P][2] and extra points [n][P - 0.75 P][2] for the n
+ * targets of the batch (upstream's torch.rand calls, in order). */
+static uint64_t seg_call_draws(const seg_loss_config *cfg, int images, int targets)
+{
+    uint64_t P = (uint64_t)cfg->train_num_points;
+    uint64_t cand = (uint64_t)(int)(cfg->train_num_points * cfg->oversample_ratio);
+    uint64_t extra = P - (uint64_t)(int)(cfg->importance_sample_ratio * cfg->train_num_points);
+    return (uint64_t)images * 2 * P + (uint64_t)targets * 2 * (cand + extra);
+}
+
+/* Random numbers of one training step of a batch: the decoder's L-1 layerdrop draws
+ * (unused: layerdrop 0), then L loss calls. */
+static uint64_t seg_batch_draws(const seg_loss_config *cfg, int L, int images, int targets)
+{
+    return (uint64_t)(L - 1) + (uint64_t)L * seg_call_draws(cfg, images, targets);
+}
+
 /* LoupeSegLoss.forward (with its auxiliary calls) followed by LoupeSegmentor.get_loss,
- * and the gradient of the total. preds [L] in decoder order (prediction i has class
- * logits [Q][2], mask logits [Q][M][M]); pseudo_label p and pseudo_mask [g][g] =
- * sigmoid(patch logits) (read only when p > 0.5). Fills calls [L] (in loss-call order)
- * and *total, and accumulates the gradients into the preds' grad buffers. Consumes the
- * random numbers listed at loss_rng. */
-static void loupe_seg_loss(const seg_loss_config *cfg, int L, int Q, int M, int g, const seg_prediction *preds,
-                           float pseudo_label, const float *pseudo_mask, const loss_rng *rng, seg_loss_scratch *s,
-                           seg_loss_call *calls, double *total)
+ * one image's share, and the gradient of `scale` times it. preds [L] in decoder order
+ * (prediction i has class logits [Q][2], mask logits [Q][M][M]); target [th][tw] (read
+ * when has_target): the image's forgery mask (training: mask_labels, S x S; test-time
+ * adaptation: sigmoid(patch logits), g x g). Adds this image's share of each term to
+ * calls [L] (in loss-call order; the caller zeroes them per batch), sets their
+ * matched_query to this image's, adds the weighted share to *total, and accumulates the
+ * gradients into the preds' grad buffers. Reads the random numbers of rng at the batch's
+ * positions (seg_batch). */
+static void loupe_seg_loss(const seg_loss_config *cfg, int L, int Q, int M, const seg_prediction *preds,
+                           int has_target, const float *target, int th, int tw, const seg_batch *bt, double scale,
+                           const loss_rng *rng, seg_loss_scratch *s, seg_loss_call *calls, double *total)
 {
     int P = cfg->train_num_points;
-    int has_target = pseudo_label > SEG_PSEUDO_LABEL_THRESHOLD;
-    double num_masks = get_num_masks(has_target);
-    float skip;
-    int k;
+    int cand = (int)(P * cfg->oversample_ratio), uncertain = (int)(cfg->importance_sample_ratio * P);
+    double num_masks = get_num_masks(bt->targets);
+    double ce_den = loss_labels_weight_sum(cfg, bt->images, Q, bt->targets);
+    uint64_t per_call = seg_call_draws(cfg, bt->images, bt->targets);
+    int k, i;
 
-    /* the decoder's layerdrop draws precede the loss in upstream's random stream */
-    for (k = 0; k < L - 1; k++) rng->fill(rng->state, &skip, 1);
-
-    *total = 0.0;
     for (k = 0; k < L; k++) {
         seg_loss_call *c = &calls[k];
         const seg_prediction *pr = &preds[k == 0 ? L - 1 : k - 1];
+        uint64_t start = bt->base + (uint64_t)(L - 1) + (uint64_t)k * per_call;
+        double loss_mask = 0.0, loss_dice = 0.0, ce;
         c->prediction = k == 0 ? L - 1 : k - 1;
         c->num_masks = num_masks;
-        /* the matcher draws its points even when there is no target to match */
-        rng->fill(rng->state, s->matcher_points, (size_t)P * 2);
-        c->matched_query = has_target ? hungarian_matcher(cfg, Q, M, pr->class_logits, pr->mask_logits,
-                                                          pseudo_mask, g, s->matcher_points, P, s->matcher_scratch)
-                                      : -1;
-        c->loss_mask = c->loss_dice = 0.0;
+        c->matched_query = -1;
         if (has_target) {
-            const float *mask = pr->mask_logits + (size_t)c->matched_query * M * M;
-            sample_points_using_uncertainty(cfg, mask, M, rng, s->points, s->candidates, s->candidate_logits,
-                                            s->order);
-            loss_masks_forward(cfg, mask, M, pseudo_mask, g, s->points, num_masks, &s->masks, &c->loss_mask,
-                               &c->loss_dice);
-            loss_masks_backward(cfg, M, s->points, num_masks, cfg->mask_weight, cfg->dice_weight, &s->masks,
+            const float *mask;
+            uint64_t after = start + (uint64_t)bt->images * 2 * P;
+            rng->seek(rng->state, start + (uint64_t)bt->image * 2 * P);
+            rng->fill(rng->state, s->matcher_points, (size_t)P * 2);
+            c->matched_query = hungarian_matcher(cfg, Q, M, pr->class_logits, pr->mask_logits, target, th, tw,
+                                                 s->matcher_points, P, s->matcher_scratch);
+            mask = pr->mask_logits + (size_t)c->matched_query * M * M;
+            /* this mask's rows of the batch's candidate and extra-point draws */
+            sample_points_using_uncertainty(cfg, mask, M, rng, after + (uint64_t)bt->targets_before * 2 * cand,
+                                            after + (uint64_t)bt->targets * 2 * cand +
+                                                (uint64_t)bt->targets_before * 2 * (P - uncertain),
+                                            s->points, s->candidates, s->candidate_logits, s->order);
+            if (s->topk) {
+                int *dst = s->topk + (size_t)k * uncertain;
+                for (i = 0; i < uncertain; i++) dst[i] = s->order[i].index;
+                qsort(dst, (size_t)uncertain, sizeof *dst, int_cmp);
+            }
+            loss_masks_forward(cfg, mask, M, target, th, tw, s->points, num_masks, &s->masks, &loss_mask, &loss_dice);
+            loss_dice /= bt->targets;   /* Tversky: mean over the batch's masks */
+            loss_masks_backward(cfg, M, s->points, num_masks, scale * cfg->mask_weight,
+                                scale * cfg->dice_weight / bt->targets, &s->masks,
                                 pr->grad_mask_logits + (size_t)c->matched_query * M * M);
         }
-        c->loss_cross_entropy = loss_labels_forward(cfg, pr->class_logits, Q, c->matched_query);
-        loss_labels_backward(cfg, pr->class_logits, Q, c->matched_query, cfg->class_weight, pr->grad_class_logits);
-        c->weighted_mask = cfg->mask_weight * c->loss_mask;
-        c->weighted_dice = cfg->dice_weight * c->loss_dice;
-        c->weighted_cross_entropy = cfg->class_weight * c->loss_cross_entropy;
-        *total += c->weighted_mask + c->weighted_dice + c->weighted_cross_entropy;
+        ce = loss_labels_forward(cfg, pr->class_logits, Q, c->matched_query, ce_den);
+        loss_labels_backward(cfg, pr->class_logits, Q, c->matched_query, ce_den, scale * cfg->class_weight,
+                             pr->grad_class_logits);
+        c->loss_mask += loss_mask;
+        c->loss_dice += loss_dice;
+        c->loss_cross_entropy += ce;
+        c->weighted_mask += cfg->mask_weight * loss_mask;
+        c->weighted_dice += cfg->dice_weight * loss_dice;
+        c->weighted_cross_entropy += cfg->class_weight * ce;
+        *total += cfg->mask_weight * loss_mask + cfg->dice_weight * loss_dice + cfg->class_weight * ce;
     }
 }
 
@@ -8793,6 +8866,7 @@ struct loupe_tta {
     seg_prediction *preds;            /* [L] */
     splitmix_uniform rng_state;
     loss_rng rng;                     /* the loss's random points (tests replay upstream's) */
+    uint64_t rng_position;            /* where the next batch's draws start in rng's stream */
     void *raw;
     size_t tape_bytes, work_bytes, state_bytes;
 };
@@ -9290,6 +9364,7 @@ static void tta_loss(loupe_tta *t, loupe_tta_loss *out)
     tta_work *k = &t->wk;
     int L = c->dec_layers, Q = c->num_queries, C = c->num_labels + 1, g = c->grid, M = 4 * g, i;
     double total;
+    seg_batch bt;
     for (i = 0; i < g * g; i++) k->pseudo_mask[i] = sigmoidf(s->patch_logits[i]);
     zero(k->d_class, (size_t)L * Q * C);
     zero(k->d_mask, (size_t)L * Q * M * M);
@@ -9299,7 +9374,16 @@ static void tta_loss(loupe_tta *t, loupe_tta_loss *out)
         t->preds[i].grad_class_logits = k->d_class + (size_t)i * Q * C;
         t->preds[i].grad_mask_logits = k->d_mask + (size_t)i * Q * M * M;
     }
-    loupe_seg_loss(&t->loss_cfg, L, Q, M, g, t->preds, s->prob, k->pseudo_mask, &t->rng, &k->loss, t->calls, &total);
+    /* one image, its own batch; the stream moves on by the batch's draws */
+    bt.images = 1;
+    bt.targets = s->prob > SEG_PSEUDO_LABEL_THRESHOLD;
+    bt.image = bt.targets_before = 0;
+    bt.base = t->rng_position;
+    memset(t->calls, 0, (size_t)L * sizeof *t->calls);
+    total = 0.0;
+    loupe_seg_loss(&t->loss_cfg, L, Q, M, t->preds, bt.targets, k->pseudo_mask, g, g, &bt, 1.0, &t->rng, &k->loss,
+                   t->calls, &total);
+    t->rng_position += seg_batch_draws(&t->loss_cfg, L, 1, bt.targets);
     memset(out, 0, sizeof *out);
     out->total = total;
     for (i = 0; i < L; i++) {
@@ -9515,6 +9599,7 @@ loupe_tta *loupe_tta_new(const loupe_model *m, const loupe_tta_options *opt, cha
     t->rng_state.seed = t->opt.seed;
     t->rng_state.counter = 0;
     t->rng.fill = splitmix_uniform_fill;
+    t->rng.seek = splitmix_uniform_seek;
     t->rng.state = &t->rng_state;
     return t;
 oom:
