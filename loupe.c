@@ -7232,6 +7232,8 @@ struct loupe_session {
     float *cls_a, *cls_b;         /* [g*g][cls_hidden] MLP hidden layers */
     float *patch_logits;          /* [g*g] */
     float global_logit, fused_logit, prob;
+    float cond_label;             /* training: the conditional query's label (1 forged, 0 not);
+                                     negative: the classifier's probability (inference, TTA) */
     /* segmentor: feature pyramid */
     float *cond_query;            /* [F] */
     float *fpn4, *fpn2, *fpn_half;/* [(4g)^2][W], [(2g)^2][W], [(g/2)^2][W] */
@@ -7350,6 +7352,7 @@ loupe_session *loupe_session_new(const loupe_model *m, char *err, size_t errsize
     s->w = &m->w;
     s->t = &m->t;
     s->threads = max_threads();
+    s->cond_label = -1.0f;
     session_layout(s, &a); /* measure */
     a.cap = a.used;
     a.used = 0;
@@ -7537,13 +7540,20 @@ static void loupe_classifier(loupe_session *s)
 /* 7. Segmentor (LoupeSegmentor: FeaturePyramid, PixelDecoder, Mask2Former)    */
 /* ========================================================================== */
 
+/* The conditional query's label: the forgery probability p (inference, test-time
+ * adaptation) or, in training, whether the image has a target (upstream's labels). */
+static float conditional_label(const loupe_session *s)
+{
+    return s->cond_label >= 0.0f ? s->cond_label : s->prob;
+}
+
 /* LoupeSegmentor.forward, conditional queries: the label embeddings mixed by the
- * forgery probability p: label_embedding[1] * p + label_embedding[0] * (1 - p) -> [F]. */
+ * label p: label_embedding[1] * p + label_embedding[0] * (1 - p) -> [F]. */
 static void conditional_query(loupe_session *s)
 {
     const loupe_weights *w = s->w;
     int F = s->m->cfg.feature_size, i;
-    float p = s->prob;
+    float p = conditional_label(s);
     for (i = 0; i < F; i++) s->cond_query[i] = w->label_embedding[1][i] * p + w->label_embedding[0][i] * (1.0f - p);
     tap(s, "conditional_query", s->cond_query, 0, 3, 1, 1, F, 0);
 }
@@ -8633,22 +8643,24 @@ enum {
     PARAM_CONV3X3    /* 3x3 conv [co][ci][3][3] kept tap-major [9][co][ci] */
 };
 
-#define TTA_NAME_LEN 128
+#define TRAIN_NAME_LEN 128
 #define TTA_SEGMENTOR_PREFIX "segmentor."
 #define TTA_CLIP_EPS 1e-6           /* clip_grad_norm_ divides by norm + 1e-6 */
 #define TTA_MAX_WEIGHT 1e6f         /* largest gradient weight loupe_tta_accumulate accepts */
 
 /* One trainable tensor. */
-typedef struct tta_param {
-    char name[TTA_NAME_LEN];     /* upstream state-dict key without "loupe." */
+typedef struct train_param {
+    char name[TRAIN_NAME_LEN];   /* upstream state-dict key without "loupe." */
     int dims[MAX_TENSOR_DIMS];   /* upstream shape, trailing zeros */
     int layout;
-    size_t offset, numel;        /* position in loupe_tta's param, grad, adam_m, adam_v */
-    int decay;                   /* AdamW weight decay applies: the name has no "bias" */
-} tta_param;
+    size_t offset, numel;        /* position in the trainer's param, grad, adam_m, adam_v */
+    double lr, weight_decay;     /* its parameter group's (LitModel.configure_optimizers): the
+                                    backbone's learning rate for names with "backbone", no
+                                    weight decay for names with "bias" */
+} train_param;
 
 /* Converts a tensor from upstream layout to the layout the forward reads. */
-static void param_from_upstream(const tta_param *p, const float *src, float *dst)
+static void param_from_upstream(const train_param *p, const float *src, float *dst)
 {
     switch (p->layout) {
     case PARAM_DEPTHWISE: repack_depthwise(dst, src, p->dims[0]); break;
@@ -8658,7 +8670,7 @@ static void param_from_upstream(const tta_param *p, const float *src, float *dst
 }
 
 /* Converts a tensor (or its gradient) back to upstream layout. */
-static void param_to_upstream(const tta_param *p, const float *src, float *dst)
+static void param_to_upstream(const train_param *p, const float *src, float *dst)
 {
     int a = p->dims[0], b = p->dims[1], i, j, t;
     switch (p->layout) {
@@ -8677,9 +8689,10 @@ static void param_to_upstream(const tta_param *p, const float *src, float *dst)
 
 /* Collects the trainable tensors: counts them (params NULL) or records and copies them. */
 typedef struct param_builder {
-    tta_param *params;           /* NULL while counting */
-    float *data;                 /* the adapted values, when recording */
+    train_param *params;         /* NULL while counting */
+    float *data;                 /* the trained values, when recording */
     binder b;                    /* finds each tensor in the weight file by name and shape */
+    const loupe_train_options *opt; /* learning rates and weight decay of the groups */
     int count;
     size_t floats;
 } param_builder;
@@ -8689,14 +8702,14 @@ typedef struct param_builder {
 static void add_param(param_builder *pb, const float **view, int layout, int d0, int d1, int d2, int d3,
                       const char *fmt, ...)
 {
-    char name[TTA_NAME_LEN];
+    char name[TRAIN_NAME_LEN];
     size_t numel = (size_t)d0 * (d1 ? d1 : 1) * (d2 ? d2 : 1) * (d3 ? d3 : 1);
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(name, sizeof name, fmt, ap);
     va_end(ap);
     if (pb->params) {
-        tta_param *p = &pb->params[pb->count];
+        train_param *p = &pb->params[pb->count];
         const int dims[MAX_TENSOR_DIMS] = {d0, d1, d2, d3};
         const tensor_entry *e = bind_entry(&pb->b, dims, name);
         const float *src = NULL;
@@ -8711,7 +8724,8 @@ static void add_param(param_builder *pb, const float **view, int layout, int d0,
         p->layout = layout;
         p->offset = pb->floats;
         p->numel = numel;
-        p->decay = strstr(name, "bias") == NULL;
+        p->lr = strstr(name, "backbone") ? pb->opt->backbone_lr : pb->opt->lr;
+        p->weight_decay = strstr(name, "bias") ? 0.0 : pb->opt->weight_decay;
         if (src) param_from_upstream(p, src, pb->data + p->offset);
         free(copy);
         *view = pb->data + p->offset;
@@ -8735,7 +8749,7 @@ static void add_norm(param_builder *pb, norm_w *n, int dim, const char *prefix)
 }
 static void add_mha(param_builder *pb, linear_w *qkv, linear_w *out, int e, const char *prefix)
 {
-    char name[TTA_NAME_LEN + 16];
+    char name[TRAIN_NAME_LEN + 16];
     const float *w = NULL;
     add_param(pb, &w, PARAM_PLAIN, 3 * e, e, 0, 0, "%s.in_proj_weight", prefix);
     if (pb->params) qkv->w = wmat_f32(w, (size_t)e);
@@ -8744,13 +8758,63 @@ static void add_mha(param_builder *pb, linear_w *qkv, linear_w *out, int e, cons
     add_linear(pb, out, e, e, 0, name);
 }
 
+/* Walks the backbone's tensors in upstream's state-dict order: only the class and
+ * position embeddings when not full (upstream trains those two even in a frozen
+ * backbone), else all; w->blocks must be the trainer's own copy of the views. */
+static void backbone_params(param_builder *pb, loupe_weights *w, const loupe_config *c, int full)
+{
+    int W = c->width, g = c->grid, P = c->patch_size, i;
+    char p[TRAIN_NAME_LEN];
+    add_param(pb, &w->class_embedding, PARAM_PLAIN, W, 0, 0, 0, "backbone.class_embedding");
+    add_param(pb, &w->positional_embedding, PARAM_PLAIN, 1 + g * g, W, 0, 0, "backbone.positional_embedding");
+    if (!full) return;
+    {
+        const float *conv1 = NULL;
+        add_param(pb, &conv1, PARAM_PLAIN, W, 3, P, P, "backbone.conv1.weight");
+        if (pb->params) w->conv1 = wmat_f32(conv1, (size_t)3 * P * P);
+    }
+    add_norm(pb, &w->ln_pre, W, "backbone.ln_pre");
+    add_norm(pb, &w->ln_post, W, "backbone.ln_post");
+    for (i = 0; i < c->layers; i++) {
+        pe_block_w *bl = &w->blocks[i];
+#define BLK(s) (snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.%s", i, s), p)
+        add_mha(pb, &bl->qkv, &bl->out, W, BLK("attn"));
+        add_norm(pb, &bl->ln_1, W, BLK("ln_1"));
+        add_norm(pb, &bl->ln_2, W, BLK("ln_2"));
+        add_linear(pb, &bl->fc, c->mlp_width, W, 0, BLK("mlp.c_fc"));
+        add_linear(pb, &bl->proj, W, c->mlp_width, 0, BLK("mlp.c_proj"));
+#undef BLK
+    }
+    add_param(pb, &w->pool.probe, PARAM_PLAIN, 1, 1, W, 0, "backbone.attn_pool.probe");
+    add_mha(pb, &w->pool.qkv, &w->pool.out, W, "backbone.attn_pool.attn");
+    add_norm(pb, &w->pool.ln, W, "backbone.attn_pool.layernorm");
+    add_linear(pb, &w->pool.fc, c->pool_mlp_width, W, 0, "backbone.attn_pool.mlp.c_fc");
+    add_linear(pb, &w->pool.proj, W, c->pool_mlp_width, 0, "backbone.attn_pool.mlp.c_proj");
+}
+
+/* Walks the classifier's tensors (LoupeClassifier: two MLP heads and the fuser). */
+static void classifier_params(param_builder *pb, loupe_weights *w, const loupe_config *c)
+{
+    int k, i;
+    char p[TRAIN_NAME_LEN];
+    for (k = 0; k < 2; k++) {
+        cls_head_w *h = k ? &w->patch_head : &w->global_head;
+        for (i = 0; i < c->cls_layers; i++) {
+            int in = i == 0 ? c->width : c->cls_hidden, out = i == c->cls_layers - 1 ? 1 : c->cls_hidden;
+            snprintf(p, sizeof p, "classifier.%s.layers.%d", k ? "patch_classifier" : "classifier", i);
+            add_linear(pb, &h->layers[i], out, in, 0, p);
+        }
+    }
+    add_param(pb, &w->fuser, PARAM_PLAIN, 1, 1 + c->grid * c->grid, 0, 0, "classifier.fuser.fuse.weight");
+}
+
 /* Walks every segmentor tensor of w in upstream's state-dict order. */
 static void segmentor_params(param_builder *pb, loupe_weights *w, const loupe_config *c)
 {
     static const char *const fpn_names[4] = {"0.0", "0.1", "1.0", "3.0"};
     scale_block_w *blocks[4];
     int W = c->width, F = c->feature_size, n_off = c->m2f_heads * c->deform_levels * c->deform_points, i, k;
-    char p[TTA_NAME_LEN];
+    char p[TRAIN_NAME_LEN];
     blocks[0] = &w->fpn4[0]; blocks[1] = &w->fpn4[1]; blocks[2] = &w->fpn2; blocks[3] = &w->fpn_half;
     for (k = 0; k < 4; k++) {
         scale_block_w *b = blocks[k];
@@ -8824,6 +8888,7 @@ static void segmentor_params(param_builder *pb, loupe_weights *w, const loupe_co
 typedef struct tta_work {
     float *d_class, *d_mask;          /* [L][Q][C], [L][Q][(4g)^2]: the loss's gradients */
     float *pseudo_mask;               /* [g*g] sigmoid(patch logits) */
+    float *d_feats;                   /* [1+g*g][W] gradient of backbone_features */
     float *d_me, *mf_t, *d_mf;        /* [L][Q][F]; [F][(4g)^2] mask features transposed; [(4g)^2][F] */
     float *d_qh, *d_x1, *d_x2, *d_x3; /* [Q][F] mask predictor and decoder temporaries */
     float *d_h0, *d_h1;               /* [Q][F] gradient of the decoder hidden state (two, swapped) */
@@ -8846,15 +8911,19 @@ typedef struct tta_work {
     seg_loss_scratch loss;
 } tta_work;
 
-struct loupe_tta {
+struct loupe_trainer {
     const loupe_model *m;
     loupe_session *s;                 /* runs the forward with w, t and tape */
-    loupe_weights w;                  /* the model's views, the segmentor's pointing into param */
-    loupe_tables t;                   /* the model's tables; enc_pos from the adapted level embedding */
-    enc_layer_w *enc;                 /* w.enc, w.dec: adapted copies of the layer views */
+    loupe_weights w;                  /* the model's views, the trained ones pointing into param */
+    loupe_tables t;                   /* the model's tables; enc_pos from the trained level embedding */
+    enc_layer_w *enc;                 /* w.enc, w.dec, w.blocks: the trainer's copies of the layer views */
     dec_layer_w *dec;
-    loupe_tta_options opt;
-    tta_param *params;
+    pe_block_w *blocks;
+    loupe_train_options opt;
+    int has_cls, has_seg;             /* the stage's modules (and losses) */
+    int pseudo;                       /* test-time adaptation: pseudo labels from the classifier */
+    int backbone_backward;            /* some backbone tensor trains: gradients flow into the backbone */
+    train_param *params;
     int n_params;
     size_t n_floats;
     float *param, *grad, *adam_m, *adam_v; /* [n_floats] each */
@@ -8872,8 +8941,10 @@ struct loupe_tta {
 };
 
 /* The gradient buffer of an adapted tensor (p points into t->param). */
-static float *grad_of(loupe_tta *t, const float *p)
+static float *grad_of(loupe_trainer *t, const float *p)
 {
+    uintptr_t a = (uintptr_t)p, lo = (uintptr_t)t->param, hi = (uintptr_t)(t->param + t->n_floats);
+    if (!p || a < lo || a >= hi) return NULL;   /* a frozen tensor: the model's own */
     return t->grad + (p - t->param);
 }
 
@@ -8887,7 +8958,7 @@ static void zero(float *x, size_t n)
 }
 
 /* Assigns (or, while measuring, counts) the saved activations. */
-static void tta_tape_layout(loupe_tta *t, arena *a)
+static void tta_tape_layout(loupe_trainer *t, arena *a)
 {
     const loupe_config *c = &t->m->cfg;
     size_t g = (size_t)c->grid, W = (size_t)c->width, F = (size_t)c->feature_size, Q = (size_t)c->num_queries;
@@ -8930,7 +9001,7 @@ static void tta_tape_layout(loupe_tta *t, arena *a)
 }
 
 /* Assigns (or counts) the backward scratch. */
-static void tta_work_layout(loupe_tta *t, arena *a)
+static void tta_work_layout(loupe_trainer *t, arena *a)
 {
     const loupe_config *c = &t->m->cfg;
     tta_work *k = &t->wk;
@@ -8946,6 +9017,7 @@ static void tta_work_layout(loupe_tta *t, arena *a)
     k->d_class = arena_floats(a, L * Q * C);
     k->d_mask = arena_floats(a, L * Q * M2);
     k->pseudo_mask = arena_floats(a, g * g);
+    k->d_feats = arena_floats(a, (1 + g * g) * W);
     k->d_me = arena_floats(a, L * QF);
     k->mf_t = arena_floats(a, M2 * F);
     k->d_mf = arena_floats(a, M2 * F);
@@ -8985,7 +9057,7 @@ static void tta_work_layout(loupe_tta *t, arena *a)
 }
 
 /* Assigns (or counts) the adapted parameters, their gradients and AdamW's moments. */
-static void tta_state_layout(loupe_tta *t, arena *a)
+static void tta_state_layout(loupe_trainer *t, arena *a)
 {
     t->param = arena_floats(a, t->n_floats);
     t->grad = arena_floats(a, t->n_floats);
@@ -8996,7 +9068,7 @@ static void tta_state_layout(loupe_tta *t, arena *a)
 
 /* Recomputes the tables derived from adapted weights: the pixel decoder's position
  * embedding plus level embedding (as tables_fill does for the model). */
-static void tta_refresh_tables(loupe_tta *t)
+static void tta_refresh_tables(loupe_trainer *t)
 {
     const loupe_tables *mt = &t->m->t;
     int F = t->m->cfg.feature_size, l, i, ch;
@@ -9021,7 +9093,7 @@ static void mask_einsum_backward(float *d_me, float *d_mf, const float *d_mask, 
 
 /* Mask2FormerMaskPredictor + class_predictor backward for prediction i: the loss's
  * d class logits [Q][C] and d mask embedding (wk.d_me) -> d query_hidden[i] dqh [Q][F] (=). */
-static void mask_predictor_backward(loupe_tta *t, int i, float *dqh)
+static void mask_predictor_backward(loupe_trainer *t, int i, float *dqh)
 {
     const loupe_config *c = &t->m->cfg;
     const loupe_weights *w = &t->w;
@@ -9054,7 +9126,7 @@ static void mask_predictor_backward(loupe_tta *t, int i, float *dqh)
  * LayerNorm(a), a = x + fc2(relu(fc1(x))): d out [rows][F] -> dx [rows][F] (=), using d_ln
  * [rows][F] and d_h, d_h2 [rows][E] as scratch; a, x and h = relu(fc1(x)) were saved by
  * the forward. Parameter gradients are accumulated. */
-static void ffn_block_backward(loupe_tta *t, float *dx, float *d_ln, const float *dy, const float *a, const float *x,
+static void ffn_block_backward(loupe_trainer *t, float *dx, float *d_ln, const float *dy, const float *a, const float *x,
                                const float *h, int rows, int E, linear_w fc1, linear_w fc2, norm_w ln, float *d_h,
                                float *d_h2)
 {
@@ -9076,7 +9148,7 @@ static void ffn_block_backward(loupe_tta *t, float *dx, float *d_ln, const float
 
 /* Mask2FormerMaskedAttentionDecoderLayer backward for layer i: d hout [Q][F] ->
  * d hin [Q][F] (=); d of its level's features += into wk.d_dec_feat. */
-static void masked_attention_decoder_layer_backward(loupe_tta *t, int i, const float *dout, float *din)
+static void masked_attention_decoder_layer_backward(loupe_trainer *t, int i, const float *dout, float *din)
 {
     const loupe_config *c = &t->m->cfg;
     const loupe_tables *tb = &t->t;
@@ -9138,7 +9210,7 @@ static void masked_attention_decoder_layer_backward(loupe_tta *t, int i, const f
 
 /* Mask2FormerMaskedAttentionDecoder backward: the loss's gradients of every prediction
  * -> d mask features (wk.d_mf), d multi-scale features (wk.d_dec_feat), parameter gradients. */
-static void masked_attention_decoder_backward(loupe_tta *t)
+static void masked_attention_decoder_backward(loupe_trainer *t)
 {
     const loupe_config *c = &t->m->cfg;
     const loupe_tables *tb = &t->t;
@@ -9170,7 +9242,7 @@ static void masked_attention_decoder_backward(loupe_tta *t)
 
 /* PixelDecoderEncoderLayer backward for layer i: d hout [Te][F] -> d hin [Te][F] (=);
  * the conditional query's gradient += into wk.d_cond. */
-static void pixel_decoder_encoder_layer_backward(loupe_tta *t, int i, const float *dout, float *din)
+static void pixel_decoder_encoder_layer_backward(loupe_trainer *t, int i, const float *dout, float *din)
 {
     const loupe_config *c = &t->m->cfg;
     const loupe_tables *tb = &t->t;
@@ -9234,7 +9306,7 @@ static void pixel_decoder_encoder_layer_backward(loupe_tta *t, int i, const floa
 /* PixelDecoder backward: d mask features and d multi-scale features -> d of the
  * pyramid levels it reads (wk.d_fpn4, d_fpn2, d_fpn_half; the 1x level into d_grid
  * when not NULL), parameter gradients. */
-static void pixel_decoder_backward(loupe_tta *t, float *d_grid)
+static void pixel_decoder_backward(loupe_trainer *t, float *d_grid)
 {
     const loupe_config *c = &t->m->cfg;
     const loupe_tables *tb = &t->t;
@@ -9290,7 +9362,7 @@ static void pixel_decoder_backward(loupe_tta *t, float *d_grid)
 
 /* ScaleBlock backward for block blk of the tape: dout [h'*w'][W] -> din [h*w][W] +=
  * (when din), parameter gradients. */
-static void scale_block_backward(loupe_tta *t, const scale_block_w *b, int blk, const float *in, int h, int w,
+static void scale_block_backward(loupe_trainer *t, const scale_block_w *b, int blk, const float *in, int h, int w,
                                  const float *dout, float *din)
 {
     const loupe_config *c = &t->m->cfg;
@@ -9315,7 +9387,7 @@ static void scale_block_backward(loupe_tta *t, const scale_block_w *b, int blk, 
 
 /* FeaturePyramid backward: the pixel decoder's gradients of the 4x, 2x and 0.5x maps
  * -> parameter gradients (and d of the patch grid into d_grid when not NULL). */
-static void feature_pyramid_backward(loupe_tta *t, float *d_grid)
+static void feature_pyramid_backward(loupe_trainer *t, float *d_grid)
 {
     const loupe_config *c = &t->m->cfg;
     const loupe_weights *w = &t->w;
@@ -9330,10 +9402,11 @@ static void feature_pyramid_backward(loupe_tta *t, float *d_grid)
 }
 
 /* Backward of conditional_query: label_embedding[1] gets p * d, label_embedding[0] (1 - p) * d. */
-static void conditional_query_backward(loupe_tta *t)
+static void conditional_query_backward(loupe_trainer *t)
 {
     int F = t->m->cfg.feature_size, i;
-    float p = t->s->prob, *g0 = grad_of(t, t->w.label_embedding[0]), *g1 = grad_of(t, t->w.label_embedding[1]);
+    float p = conditional_label(t->s), *g0 = grad_of(t, t->w.label_embedding[0]);
+    float *g1 = grad_of(t, t->w.label_embedding[1]);
     for (i = 0; i < F; i++) {
         g1[i] += p * t->wk.d_cond[i];
         g0[i] += (1.0f - p) * t->wk.d_cond[i];
@@ -9343,7 +9416,7 @@ static void conditional_query_backward(loupe_tta *t)
 /* LoupeSegmentor backward after a TTA forward and the loss (wk.d_class, wk.d_mask):
  * every segmentor parameter's gradient +=; the patch grid's (backbone features) into
  * d_grid [g*g][W] += when not NULL (loupe.c keeps the backbone frozen; tests use it). */
-static void segmentor_backward(loupe_tta *t, float *d_grid)
+static void segmentor_backward(loupe_trainer *t, float *d_grid)
 {
     zero(t->wk.d_cond, (size_t)t->m->cfg.feature_size);
     masked_attention_decoder_backward(t);
@@ -9357,7 +9430,7 @@ static void segmentor_backward(loupe_tta *t, float *d_grid)
 /* The loss half of LoupeModel.forward in stage test with labels = None, after a forward
  * of t->s: turns the classifier's verdict into pseudo targets and evaluates LoupeSegLoss;
  * its gradients w.r.t. every prediction's logits land in wk.d_class, wk.d_mask (=). */
-static void tta_loss(loupe_tta *t, loupe_tta_loss *out)
+static void tta_loss(loupe_trainer *t, loupe_tta_loss *out)
 {
     const loupe_config *c = &t->m->cfg;
     loupe_session *s = t->s;
@@ -9395,18 +9468,38 @@ static void tta_loss(loupe_tta *t, loupe_tta_loss *out)
     out->has_target = s->prob > SEG_PSEUDO_LABEL_THRESHOLD;
 }
 
+/* LoupeModel.forward of a training stage without its loss: the modules the stage built,
+ * with the trainer's weights, keeping what the backward needs. cond_label: the
+ * conditional query's label (negative: the classifier's probability). */
+static int trainer_forward(loupe_trainer *t, const float *pixel_values, float cond_label, char *err, size_t errsize)
+{
+    loupe_session *s = t->s;
+    if (max_threads() > s->threads)
+        return fail(err, errsize, "the trainer was created for %d threads but %d are requested; create it after "
+                    "loupe_set_threads", s->threads, max_threads());
+    vision_transformer(s, pixel_values);
+    if (t->has_cls || t->pseudo) loupe_classifier(s);
+    if (!t->has_seg) return 0;
+    s->cond_label = cond_label;
+    conditional_query(s);
+    feature_pyramid(s);
+    pixel_decoder(s);
+    masked_attention_decoder(s);
+    return 0;
+}
+
 /* LoupeModel.forward in stage test with labels = None: the forward of pixel_values with
  * the adapted segmentor (keeping the tape), then tta_loss. */
-static int tta_forward_loss(loupe_tta *t, const float *pixel_values, loupe_tta_loss *out, char *err, size_t errsize)
+static int tta_forward_loss(loupe_trainer *t, const float *pixel_values, loupe_tta_loss *out, char *err, size_t errsize)
 {
-    if (loupe_forward(t->s, pixel_values, err, errsize)) return -1;
+    if (trainer_forward(t, pixel_values, -1.0f, err, errsize)) return -1;
     tta_loss(t, out);
     return 0;
 }
 
 /* tta_forward_loss, then the backward: adds weight * the gradient to t->grad (and the
  * patch grid's into d_grid [g*g][W] when not NULL). */
-static int tta_accumulate(loupe_tta *t, const float *pixel_values, float weight, loupe_tta_loss *out, float *d_grid,
+static int tta_accumulate(loupe_trainer *t, const float *pixel_values, float weight, loupe_tta_loss *out, float *d_grid,
                           char *err, size_t errsize)
 {
     const loupe_config *c = &t->m->cfg;
@@ -9423,8 +9516,87 @@ static int tta_accumulate(loupe_tta *t, const float *pixel_values, float weight,
     return 0;
 }
 
+/* Points the loss's prediction views at the session's logits and zeroes their gradients. */
+static void trainer_bind_predictions(loupe_trainer *t)
+{
+    const loupe_config *c = &t->m->cfg;
+    int L = c->dec_layers, Q = c->num_queries, C = c->num_labels + 1, M = 4 * c->grid, i;
+    zero(t->wk.d_class, (size_t)L * Q * C);
+    zero(t->wk.d_mask, (size_t)L * Q * M * M);
+    for (i = 0; i < L; i++) {
+        t->preds[i].class_logits = t->s->class_logits + (size_t)i * Q * C;
+        t->preds[i].mask_logits = t->s->mask_logits + (size_t)i * Q * M * M;
+        t->preds[i].grad_class_logits = t->wk.d_class + (size_t)i * Q * C;
+        t->preds[i].grad_mask_logits = t->wk.d_mask + (size_t)i * Q * M * M;
+    }
+}
+
+/* LitModel.training_step for one image of a batch (bt): forward, this image's share of
+ * the stage's loss (added to *loss), backward of scale times it into the gradients. */
+static int trainer_image(loupe_trainer *t, const loupe_example *ex, const seg_batch *bt, double scale,
+                         loupe_train_loss *loss, char *err, size_t errsize)
+{
+    const loupe_config *c = &t->m->cfg;
+    int L = c->dec_layers, Q = c->num_queries, M = 4 * c->grid, S = c->image_size, W = c->width;
+    int has_target = ex->n_targets > 0;
+    double seg = 0.0;
+    if (trainer_forward(t, ex->pixel_values, has_target ? 1.0f : 0.0f, err, errsize)) return -1;
+    if (t->backbone_backward) zero(t->wk.d_feats, (size_t)(1 + c->grid * c->grid) * W);
+    if (t->has_seg) {
+        trainer_bind_predictions(t);
+        loupe_seg_loss(&t->loss_cfg, L, Q, M, t->preds, has_target, ex->mask_labels, S, S, bt,
+                       scale * t->opt.seg_loss_weight, &t->rng, &t->wk.loss, t->calls, &seg);
+        loss->seg += seg;
+        segmentor_backward(t, t->backbone_backward ? t->wk.d_feats + W : NULL);
+    }
+    return 0;
+}
+
+int loupe_trainer_accumulate(loupe_trainer *t, const loupe_example *batch, int n, double scale,
+                             loupe_train_loss *loss, char *err, size_t errsize)
+{
+    const loupe_config *c;
+    loupe_train_loss sum;
+    seg_batch bt;
+    int b, L, k;
+    if (!t || !batch || n < 1) return fail(err, errsize, "loupe_trainer_accumulate needs a trainer and at least one example");
+    if (t->pseudo) return fail(err, errsize, "a test-time-adaptation trainer takes loupe_tta_accumulate");
+    if (!(scale >= 0.0 && scale <= TTA_MAX_WEIGHT))
+        return fail(err, errsize, "gradient scale %g is outside 0..%g", scale, (double)TTA_MAX_WEIGHT);
+    c = &t->m->cfg;
+    L = c->dec_layers;
+    memset(&bt, 0, sizeof bt);
+    for (b = 0; b < n; b++) {
+        const loupe_example *ex = &batch[b];
+        if (!ex->pixel_values || (ex->n_targets > 0 && !ex->mask_labels) || (t->has_cls && !ex->patch_labels) ||
+            ex->n_targets < 0 || ex->n_targets > 1 || ex->label < 0 || ex->label > 1)
+            return fail(err, errsize, "example %d of the batch is incomplete (pixel values, a mask for its target, "
+                        "patch labels, label 0 or 1, at most one target)", b);
+        bt.targets += ex->n_targets;
+    }
+    bt.images = n;
+    bt.base = t->rng_position;
+    memset(&sum, 0, sizeof sum);
+    memset(t->calls, 0, (size_t)L * sizeof *t->calls);
+    for (b = 0; b < n; b++) {
+        bt.image = b;
+        if (trainer_image(t, &batch[b], &bt, scale, &sum, err, errsize)) return -1;
+        bt.targets_before += batch[b].n_targets;
+    }
+    if (t->has_seg) t->rng_position += seg_batch_draws(&t->loss_cfg, L, n, bt.targets);
+    for (k = 0; k < L; k++) {
+        sum.mask += t->calls[k].weighted_mask;
+        sum.dice += t->calls[k].weighted_dice;
+        sum.cross_entropy += t->calls[k].weighted_cross_entropy;
+    }
+    sum.cls = sum.cls_part + sum.patch_part;
+    sum.total = t->opt.cls_loss_weight * sum.cls + t->opt.seg_loss_weight * sum.seg;
+    if (loss) *loss = sum;
+    return 0;
+}
+
 /* L2 norm of all gradients (clip_grad_norm_'s total norm), accumulated in double. */
-static double tta_grad_norm(const loupe_tta *t)
+static double tta_grad_norm(const loupe_trainer *t)
 {
     double sum = 0.0;
     size_t i;
@@ -9442,25 +9614,27 @@ static float sqrt_f32(float x)
 
 /* torch.optim.AdamW (one step, PyTorch's float32 operations in its order: lerp, addcmul,
  * addcdiv as self + value * t1 / t2; upstream's step1 is reproduced bit for bit) on gradients
- * scaled by clip_coef, as clip_grad_norm_ leaves them; weight decay only for tensors
- * whose name has no "bias". Zeroes the gradients and refreshes the derived tables.
+ * scaled by clip_coef, as clip_grad_norm_ leaves them. Each tensor uses its group's
+ * learning rate times lr_factor (LambdaLR's factor) and weight decay. Zeroes the
+ * gradients and refreshes the derived tables.
  * The casts round every operation to float32 as PyTorch does, also where C evaluates
  * float expressions in a wider format (x87: FLT_EVAL_METHOD 2). */
-static void adamw_step(loupe_tta *t, float clip_coef)
+static void adamw_step(loupe_trainer *t, float clip_coef, double lr_factor)
 {
-    const loupe_tta_options *o = &t->opt;
+    const loupe_train_options *o = &t->opt;
     double bc1, bc2;
-    float step_size, bc2_sqrt, one_b1 = (float)(1.0 - o->beta1), one_b2 = (float)(1.0 - o->beta2);
+    float bc2_sqrt, one_b1 = (float)(1.0 - o->beta1), one_b2 = (float)(1.0 - o->beta2);
     float b2 = (float)o->beta2, eps = (float)o->eps;
     int p;
     t->steps++;
     bc1 = 1.0 - pow(o->beta1, (double)t->steps);
     bc2 = 1.0 - pow(o->beta2, (double)t->steps);
-    step_size = (float)(o->lr / bc1);
     bc2_sqrt = (float)sqrt(bc2);
     for (p = 0; p < t->n_params; p++) {
-        const tta_param *tp = &t->params[p];
-        float decay = (float)(1.0 - o->lr * (tp->decay ? o->weight_decay : 0.0));
+        const train_param *tp = &t->params[p];
+        double lr = tp->lr * lr_factor;
+        float step_size = (float)(lr / bc1);
+        float decay = (float)(1.0 - lr * tp->weight_decay);
         float *w = t->param + tp->offset, *g = t->grad + tp->offset;
         float *m = t->adam_m + tp->offset, *v = t->adam_v + tp->offset;
         size_t i;
@@ -9474,7 +9648,7 @@ static void adamw_step(loupe_tta *t, float clip_coef)
         }
     }
     zero(t->grad, t->n_floats);
-    tta_refresh_tables(t);
+    if (t->has_seg) tta_refresh_tables(t);
 }
 
 /* ---- Public API ---- */
@@ -9490,16 +9664,45 @@ void loupe_tta_default_options(loupe_tta_options *o)
     o->seed = 0;
 }
 
-/* Counts the weight file's segmentor tensors; *unknown receives one that is not trainable here. */
-static int count_segmentor_tensors(const loupe_tta *t, const tta_param *params, int n, const tensor_entry **unknown)
+/* Upstream's hyperparameters per stage (configs/hparams/{cls,seg,cls_seg}.yaml and
+ * configs/model/ *.yaml): learning rates, weight decay, clipping, loss weights. */
+void loupe_train_default_options(loupe_train_options *o, int stage)
+{
+    memset(o, 0, sizeof *o);
+    o->stage = stage;
+    o->beta1 = 0.9;
+    o->beta2 = 0.999;
+    o->eps = 1e-8;
+    o->clip_norm = 1.0;
+    o->backbone_lr = 1e-5;
+    o->train_backbone = stage == LOUPE_TRAIN_CLS_SEG;
+    o->train_embeddings = 0;
+    o->cls_loss_weight = stage == LOUPE_TRAIN_CLS_SEG ? 2.0 : 1.0;
+    o->seg_loss_weight = 1.0;
+    if (stage == LOUPE_TRAIN_CLS) {
+        o->lr = 5e-4;
+        o->weight_decay = 1e-3;
+    } else if (stage == LOUPE_TRAIN_TTA) {
+        o->lr = o->backbone_lr = 1e-4;
+        o->weight_decay = 1e-3;
+        o->cls_loss_weight = 0.0;
+    } else {
+        o->lr = 3e-4;
+        o->weight_decay = 5e-2;
+    }
+}
+
+/* Counts the weight file's tensors under prefix; *unknown receives one that is not trainable here. */
+static int count_prefixed_tensors(const loupe_trainer *t, const char *prefix, const train_param *params, int n,
+                                  const tensor_entry **unknown)
 {
     int i, j, count = 0;
-    size_t plen = strlen(TTA_SEGMENTOR_PREFIX);
+    size_t plen = strlen(prefix);
     *unknown = NULL;
     for (i = 0; i < t->m->n_entries; i++) {
         const tensor_entry *e = &t->m->entries[i];
         int known = 0;
-        if ((size_t)e->name_len < plen || memcmp(e->name, TTA_SEGMENTOR_PREFIX, plen) != 0) continue;
+        if ((size_t)e->name_len < plen || memcmp(e->name, prefix, plen) != 0) continue;
         count++;
         for (j = 0; j < n && !known; j++)
             known = strlen(params[j].name) == (size_t)e->name_len && !memcmp(params[j].name, e->name, (size_t)e->name_len);
@@ -9508,94 +9711,140 @@ static int count_segmentor_tensors(const loupe_tta *t, const tta_param *params, 
     return count;
 }
 
-loupe_tta *loupe_tta_new(const loupe_model *m, const loupe_tta_options *opt, char *err, size_t errsize)
+/* Walks the stage's trainable tensors: backbone (all, or its two embeddings), classifier,
+ * segmentor. */
+static void trainer_params(loupe_trainer *t, param_builder *pb)
+{
+    const loupe_config *c = &t->m->cfg;
+    if (t->opt.train_backbone || t->opt.train_embeddings) backbone_params(pb, &t->w, c, t->opt.train_backbone);
+    if (t->has_cls) classifier_params(pb, &t->w, c);
+    if (t->has_seg) segmentor_params(pb, &t->w, c);
+}
+
+/* Assigns (or counts) the whole arena: tape, backward scratch, parameters and AdamW state. */
+static void trainer_layout(loupe_trainer *t, arena *a)
+{
+    size_t start = a->used;
+    if (t->has_seg) tta_tape_layout(t, a);
+    t->tape_bytes = a->used - start;
+    start = a->used;
+    tta_work_layout(t, a);
+    t->work_bytes = a->used - start;
+    start = a->used;
+    tta_state_layout(t, a);
+    t->state_bytes = a->used - start;
+}
+
+/* The trainer for any stage (test-time adaptation included). */
+static loupe_trainer *trainer_new(const loupe_model *m, const loupe_train_options *opt, char *err, size_t errsize)
 {
     const loupe_config *c;
-    loupe_tta *t;
+    const loupe_train_options *o = opt;
+    loupe_trainer *t;
     param_builder pb;
     arena a = {NULL, 0, 0};
     const tensor_entry *unknown;
-    int L;
+    int L, stage;
     if (!m) { fail(err, errsize, "no model given"); return NULL; }
+    if (!o) { fail(err, errsize, "no training options given"); return NULL; }
     c = &m->cfg;
     L = c->dec_layers;
-    if (c->num_labels != 1) {
-        fail(err, errsize, "%s: test-time adaptation needs Loupe's single label (this model has %d)", m->path, c->num_labels);
+    stage = o->stage;
+    if (stage < LOUPE_TRAIN_TTA || stage > LOUPE_TRAIN_CLS_SEG) {
+        fail(err, errsize, "unknown training stage %d", stage);
         return NULL;
     }
-    if (opt && !(opt->lr >= 0.0 && opt->lr < 1.0 && opt->beta1 >= 0.0 && opt->beta1 < 1.0 && opt->beta2 >= 0.0 &&
-                 opt->beta2 < 1.0 && opt->eps > 0.0 && opt->weight_decay >= 0.0 && opt->weight_decay < 1.0 &&
-                 opt->clip_norm > 0.0)) {
-        fail(err, errsize, "invalid test-time adaptation options (learning rate, betas and weight decay in [0, 1), eps and clip norm > 0)");
+    if (c->num_labels != 1) {
+        fail(err, errsize, "%s: training needs Loupe's single label (this model has %d)", m->path, c->num_labels);
+        return NULL;
+    }
+    if (!(o->lr >= 0.0 && o->lr < 1.0 && o->backbone_lr >= 0.0 && o->backbone_lr < 1.0 && o->beta1 >= 0.0 &&
+          o->beta1 < 1.0 && o->beta2 >= 0.0 && o->beta2 < 1.0 && o->eps > 0.0 && o->weight_decay >= 0.0 &&
+          o->weight_decay < 1.0 && o->clip_norm > 0.0 && o->cls_loss_weight >= 0.0 && o->seg_loss_weight >= 0.0)) {
+        fail(err, errsize, "invalid training options (learning rates, betas and weight decay in [0, 1), eps and clip "
+                           "norm > 0, loss weights >= 0)");
         return NULL;
     }
     t = calloc(1, sizeof *t);
     if (!t) { fail(err, errsize, "out of memory"); return NULL; }
     t->m = m;
-    if (opt) t->opt = *opt;
-    else loupe_tta_default_options(&t->opt);
+    t->opt = *o;
+    t->pseudo = stage == LOUPE_TRAIN_TTA;
+    t->has_cls = stage == LOUPE_TRAIN_CLS || stage == LOUPE_TRAIN_CLS_SEG;
+    t->has_seg = stage != LOUPE_TRAIN_CLS;
+    if (t->pseudo) t->opt.train_backbone = t->opt.train_embeddings = 0;
+    t->backbone_backward = t->opt.train_backbone || t->opt.train_embeddings;
     t->w = m->w;
     t->t = m->t;
     t->loss_cfg = seg_loss_config_default();
     t->enc = calloc((size_t)c->enc_layers + 1, sizeof *t->enc);
     t->dec = calloc((size_t)L, sizeof *t->dec);
+    t->blocks = calloc((size_t)c->layers, sizeof *t->blocks);
     t->tape.enc = calloc((size_t)c->enc_layers + 1, sizeof *t->tape.enc);
     t->tape.dec = calloc((size_t)L, sizeof *t->tape.dec);
     t->calls = calloc((size_t)L, sizeof *t->calls);
     t->preds = calloc((size_t)L, sizeof *t->preds);
-    if (!t->enc || !t->dec || !t->tape.enc || !t->tape.dec || !t->calls || !t->preds) goto oom;
+    if (!t->enc || !t->dec || !t->blocks || !t->tape.enc || !t->tape.dec || !t->calls || !t->preds) goto oom;
     memcpy(t->enc, m->w.enc, (size_t)c->enc_layers * sizeof *t->enc);
     memcpy(t->dec, m->w.dec, (size_t)(L - 1) * sizeof *t->dec);
+    memcpy(t->blocks, m->w.blocks, (size_t)c->layers * sizeof *t->blocks);
     t->w.enc = t->enc;
     t->w.dec = t->dec;
+    t->w.blocks = t->blocks;
     /* count the trainable tensors, then plan one block: tape, scratch, parameters + AdamW */
     memset(&pb, 0, sizeof pb);
-    segmentor_params(&pb, &t->w, c);
+    pb.opt = &t->opt;
+    trainer_params(t, &pb);
     t->n_params = pb.count;
     t->n_floats = pb.floats;
-    t->params = calloc((size_t)t->n_params, sizeof *t->params);
+    t->params = calloc((size_t)t->n_params + 1, sizeof *t->params);
     if (!t->params) goto oom;
-    tta_tape_layout(t, &a);
-    t->tape_bytes = a.used;
-    tta_work_layout(t, &a);
-    t->work_bytes = a.used - t->tape_bytes;
-    tta_state_layout(t, &a);
-    t->state_bytes = a.used - t->tape_bytes - t->work_bytes;
+    trainer_layout(t, &a);
     a.cap = a.used;
     a.used = 0;
     a.base = aligned_block(a.cap, &t->raw);
     if (!a.base) {
-        fail(err, errsize, "out of memory: test-time adaptation needs %.1f MiB", (double)a.cap / (1 << 20));
-        loupe_tta_free(t);
+        fail(err, errsize, "out of memory: training needs %.1f MiB", (double)a.cap / (1 << 20));
+        loupe_trainer_free(t);
         return NULL;
     }
-    tta_tape_layout(t, &a);
-    tta_work_layout(t, &a);
-    tta_state_layout(t, &a);
+    trainer_layout(t, &a);
     zero(t->grad, t->n_floats);
     zero(t->adam_m, t->n_floats);
     zero(t->adam_v, t->n_floats);
-    /* copy the segmentor out of the read-only model */
+    /* copy the trained tensors out of the read-only model */
     pb.params = t->params;
     pb.data = t->param;
     pb.b.m = m; pb.b.err = err; pb.b.errsize = errsize; pb.b.failed = 0;
     pb.count = 0;
     pb.floats = 0;
-    segmentor_params(&pb, &t->w, c);
-    if (pb.b.failed) { loupe_tta_free(t); return NULL; }
-    if (count_segmentor_tensors(t, t->params, t->n_params, &unknown) != t->n_params || unknown) {
-        if (unknown) fail(err, errsize, "%s: tensor %.*s is not one test-time adaptation knows how to train", m->path,
-                          unknown->name_len, unknown->name);
-        else fail(err, errsize, "%s: the weight file's segmentor tensors do not match this build's", m->path);
-        loupe_tta_free(t);
-        return NULL;
+    trainer_params(t, &pb);
+    if (pb.b.failed) { loupe_trainer_free(t); return NULL; }
+    /* every tensor of a trained module must be one this build trains, and each once */
+    {
+        static const char *const prefixes[3] = {"backbone.", "classifier.", TTA_SEGMENTOR_PREFIX};
+        int k, j;
+        for (k = 0; k < 3; k++) {
+            int trained = k == 0 ? t->opt.train_backbone : k == 1 ? t->has_cls : t->has_seg, ours = 0;
+            size_t plen = strlen(prefixes[k]);
+            if (!trained) continue;
+            for (j = 0; j < t->n_params; j++) ours += !strncmp(t->params[j].name, prefixes[k], plen);
+            if (count_prefixed_tensors(t, prefixes[k], t->params, t->n_params, &unknown) != ours || unknown) {
+                if (unknown) fail(err, errsize, "%s: tensor %.*s is not one this build knows how to train", m->path,
+                                  unknown->name_len, unknown->name);
+                else fail(err, errsize, "%s: the weight file's %s tensors do not match this build's", m->path,
+                          prefixes[k]);
+                loupe_trainer_free(t);
+                return NULL;
+            }
+        }
     }
-    tta_refresh_tables(t);
+    if (t->has_seg) tta_refresh_tables(t);
     t->s = loupe_session_new(m, err, errsize);
-    if (!t->s) { loupe_tta_free(t); return NULL; }
+    if (!t->s) { loupe_trainer_free(t); return NULL; }
     t->s->w = &t->w;
     t->s->t = &t->t;
-    t->s->tape = &t->tape;
+    t->s->tape = t->has_seg ? &t->tape : NULL;
     t->rng_state.seed = t->opt.seed;
     t->rng_state.counter = 0;
     t->rng.fill = splitmix_uniform_fill;
@@ -9604,11 +9853,50 @@ loupe_tta *loupe_tta_new(const loupe_model *m, const loupe_tta_options *opt, cha
     return t;
 oom:
     fail(err, errsize, "out of memory");
-    loupe_tta_free(t);
+    loupe_trainer_free(t);
     return NULL;
 }
 
-void loupe_tta_free(loupe_tta *t)
+loupe_trainer *loupe_tta_new(const loupe_model *m, const loupe_tta_options *opt, char *err, size_t errsize)
+{
+    loupe_tta_options d;
+    loupe_train_options o;
+    if (!opt) {
+        loupe_tta_default_options(&d);
+        opt = &d;
+    }
+    if (!(opt->lr >= 0.0 && opt->lr < 1.0 && opt->beta1 >= 0.0 && opt->beta1 < 1.0 && opt->beta2 >= 0.0 &&
+          opt->beta2 < 1.0 && opt->eps > 0.0 && opt->weight_decay >= 0.0 && opt->weight_decay < 1.0 &&
+          opt->clip_norm > 0.0)) {
+        fail(err, errsize, "invalid test-time adaptation options (learning rate, betas and weight decay in [0, 1), eps and clip norm > 0)");
+        return NULL;
+    }
+    if (m && m->cfg.num_labels != 1) {
+        fail(err, errsize, "%s: test-time adaptation needs Loupe's single label (this model has %d)", m->path,
+             m->cfg.num_labels);
+        return NULL;
+    }
+    loupe_train_default_options(&o, LOUPE_TRAIN_TTA);
+    o.lr = o.backbone_lr = opt->lr;
+    o.beta1 = opt->beta1;
+    o.beta2 = opt->beta2;
+    o.eps = opt->eps;
+    o.weight_decay = opt->weight_decay;
+    o.clip_norm = opt->clip_norm;
+    o.seed = opt->seed;
+    return trainer_new(m, &o, err, errsize);
+}
+
+loupe_trainer *loupe_trainer_new(const loupe_model *m, const loupe_train_options *opt, char *err, size_t errsize)
+{
+    if (opt && opt->stage == LOUPE_TRAIN_TTA) {
+        fail(err, errsize, "test-time adaptation trainers are made by loupe_tta_new");
+        return NULL;
+    }
+    return trainer_new(m, opt, err, errsize);
+}
+
+void loupe_trainer_free(loupe_trainer *t)
 {
     if (!t) return;
     loupe_session_free(t->s);
@@ -9616,6 +9904,7 @@ void loupe_tta_free(loupe_tta *t)
     free(t->params);
     free(t->enc);
     free(t->dec);
+    free(t->blocks);
     free(t->tape.enc);
     free(t->tape.dec);
     free(t->calls);
@@ -9623,7 +9912,15 @@ void loupe_tta_free(loupe_tta *t)
     free(t);
 }
 
-int loupe_tta_accumulate(loupe_tta *t, const float *pixel_values, float weight, loupe_tta_loss *loss, char *err,
+void loupe_trainer_size(const loupe_trainer *t, int *tensors, size_t *values)
+{
+    if (tensors) *tensors = t ? t->n_params : 0;
+    if (values) *values = t ? t->n_floats : 0;
+}
+
+void loupe_tta_free(loupe_trainer *t) { loupe_trainer_free(t); }
+
+int loupe_tta_accumulate(loupe_trainer *t, const float *pixel_values, float weight, loupe_tta_loss *loss, char *err,
                          size_t errsize)
 {
     if (!t || !pixel_values) return fail(err, errsize, "loupe_tta_accumulate needs an adapter and an input tensor");
@@ -9632,11 +9929,18 @@ int loupe_tta_accumulate(loupe_tta *t, const float *pixel_values, float weight, 
     return tta_accumulate(t, pixel_values, weight, loss, NULL, err, errsize);
 }
 
-int loupe_tta_update(loupe_tta *t, double *grad_norm, char *err, size_t errsize)
+int loupe_tta_update(loupe_trainer *t, double *grad_norm, char *err, size_t errsize)
+{
+    if (!t) return fail(err, errsize, "loupe_tta_update needs an adapter");
+    return loupe_trainer_update(t, 1.0, grad_norm, err, errsize);
+}
+
+int loupe_trainer_update(loupe_trainer *t, double lr_factor, double *grad_norm, char *err, size_t errsize)
 {
     double norm;
     float coef;
-    if (!t) return fail(err, errsize, "loupe_tta_update needs an adapter");
+    if (!t) return fail(err, errsize, "loupe_trainer_update needs a trainer");
+    if (!(lr_factor >= 0.0 && lr_factor <= 1e3)) return fail(err, errsize, "learning-rate factor %g is outside 0..1000", lr_factor);
     norm = tta_grad_norm(t);
     if (!isfinite(norm)) {
         zero(t->grad, t->n_floats);
@@ -9644,21 +9948,21 @@ int loupe_tta_update(loupe_tta *t, double *grad_norm, char *err, size_t errsize)
     }
     /* clip_grad_norm_ (in float32, like PyTorch): scale by max_norm / (norm + eps) when below 1 */
     coef = (float)t->opt.clip_norm / ((float)norm + (float)TTA_CLIP_EPS);
-    adamw_step(t, coef < 1.0f ? coef : 1.0f);
+    adamw_step(t, coef < 1.0f ? coef : 1.0f, lr_factor);
     if (grad_norm) *grad_norm = norm;
     return 0;
 }
 
-int loupe_tta_step(loupe_tta *t, const float *pixel_values, loupe_tta_loss *loss, char *err, size_t errsize)
+int loupe_tta_step(loupe_trainer *t, const float *pixel_values, loupe_tta_loss *loss, char *err, size_t errsize)
 {
-    double norm;
+    double norm = 0.0;
     if (loupe_tta_accumulate(t, pixel_values, 1.0f, loss, err, errsize) || loupe_tta_update(t, &norm, err, errsize))
         return -1;
     if (loss) loss->grad_norm = norm;
     return 0;
 }
 
-int loupe_tta_adapt(loupe_tta *t, int n_images, loupe_tta_source source, void *user, int steps, int batch,
+int loupe_tta_adapt(loupe_trainer *t, int n_images, loupe_tta_source source, void *user, int steps, int batch,
                     loupe_tta_progress progress, char *err, size_t errsize)
 {
     const loupe_config *c;
@@ -9693,7 +9997,7 @@ int loupe_tta_adapt(loupe_tta *t, int n_images, loupe_tta_source source, void *u
     return 0;
 }
 
-int loupe_session_use_tta(loupe_session *s, const loupe_tta *t, char *err, size_t errsize)
+int loupe_session_use_tta(loupe_session *s, const loupe_trainer *t, char *err, size_t errsize)
 {
     if (!s) return fail(err, errsize, "no session given");
     if (t && t->m != s->m) return fail(err, errsize, "the adapter was made for another model than the session's");
@@ -9702,7 +10006,7 @@ int loupe_session_use_tta(loupe_session *s, const loupe_tta *t, char *err, size_
     return 0;
 }
 
-void loupe_tta_get_memory(const loupe_tta *t, loupe_tta_memory *mem)
+void loupe_tta_get_memory(const loupe_trainer *t, loupe_tta_memory *mem)
 {
     mem->saved_activations = t->tape_bytes;
     mem->backward_scratch = t->work_bytes;
@@ -9736,7 +10040,7 @@ static int write_bytes(FILE *f, const unsigned char *p, uint64_t n)
     return 1;
 }
 
-int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsize)
+int loupe_tta_save(const loupe_trainer *t, const char *path, char *err, size_t errsize)
 {
     char tmp[1024];
     FILE *f;
@@ -9760,7 +10064,7 @@ int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsi
     if (!buf || !patches) { free(buf); free(patches); return fail(err, errsize, "out of memory"); }
     /* the model's file as it is, with each segmentor tensor replaced by the adapted one */
     for (p = 0; p < t->n_params; p++) {
-        const tta_param *tp = &t->params[p];
+        const train_param *tp = &t->params[p];
         for (i = 0; i < t->m->n_entries; i++) {
             const tensor_entry *e = &t->m->entries[i];
             if ((size_t)e->name_len != strlen(tp->name) || memcmp(e->name, tp->name, (size_t)e->name_len)) continue;
@@ -9781,7 +10085,7 @@ int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsi
                   : fail(err, errsize, "%s: an adapted tensor does not match the model's file", path);
     }
     for (i = 0; ok && i < n; i++) {
-        const tta_param *tp = &t->params[patches[i].param];
+        const train_param *tp = &t->params[patches[i].param];
         param_to_upstream(tp, t->param + tp->offset, buf);
         ok = write_bytes(f, t->m->data + pos, patches[i].offset - pos) &&
              fwrite(buf, sizeof *buf, tp->numel, f) == tp->numel;
@@ -9896,10 +10200,10 @@ static void cli_tta_init(cli_tta *o)
  * asked and makes s predict with it; *out receives the adapter (NULL when nothing was
  * asked), which must outlive those predictions. Returns 0, or 1 after printing the error. */
 static int cli_tta_run(const cli_tta *o, const loupe_model *m, loupe_session *s, int n, loupe_tta_source load,
-                       void *user, int quiet, loupe_tta **out)
+                       void *user, int quiet, loupe_trainer **out)
 {
     loupe_tta_options opt;
-    loupe_tta *t;
+    loupe_trainer *t;
     cli_tta_context ctx;
     char err[512];
     *out = NULL;
@@ -10284,7 +10588,7 @@ int main(int argc, char **argv)
     char err[512], path[PATH_MAX_LEN];
     loupe_model *m = NULL;
     loupe_session *s = NULL;
-    loupe_tta *adapter = NULL;
+    loupe_trainer *adapter = NULL;
     cli_loader loader;
     float *pixels = NULL;
     char *pred = NULL;

@@ -285,7 +285,7 @@ int main(int argc, char **argv)
     for (i = 0; i < gs.n; i++) {
         const golden *g = &gs.t[i];
         const char *pname;
-        const tta_param *tp = NULL;
+        const train_param *tp = NULL;
         double maxd, maxg, tol, rel;
         int ok, gi;
         if (strncmp(g->name, "grad.loupe.", 11)) continue;
@@ -327,7 +327,7 @@ int main(int argc, char **argv)
     /* end to end: our own step (clipped with our segmentor-only norm), reported only */
     if (loupe_tta_update(t, NULL, err, sizeof err) == 0) {
         for (p = 0; p < t->n_params; p++) {
-            const tta_param *tp = &t->params[p];
+            const train_param *tp = &t->params[p];
             golden *g;
             long j;
             snprintf(name, sizeof name, "step1.loupe.%s", tp->name);
@@ -351,15 +351,15 @@ int main(int argc, char **argv)
         long differing = 0, step_elems = 0, j;
         double worst_ulps = 0.0;
         for (p = 0; p < t->n_params; p++) {
-            const tta_param *tp = &t->params[p];
+            const train_param *tp = &t->params[p];
             golden *g;
             snprintf(name, sizeof name, "grad.loupe.%s", tp->name);
             if (!(g = find(&gs, name)) || g->numel != (long)tp->numel) { missing++; continue; }
             param_from_upstream(tp, g->data, t->grad + tp->offset);
         }
-        adamw_step(t, clip->data[0]);
+        adamw_step(t, clip->data[0], 1.0);
         for (p = 0; p < t->n_params; p++) {
-            const tta_param *tp = &t->params[p];
+            const train_param *tp = &t->params[p];
             golden *g;
             double maxd, maxg;
             snprintf(name, sizeof name, "step1.loupe.%s", tp->name);

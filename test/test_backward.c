@@ -459,7 +459,7 @@ static int e2e_fd(loupe_tta *t, const float *pixels, double *worst)
     int p, e, bad = 0, found = 0;
     *worst = 0.0;
     for (p = 0; p < t->n_params; p++) {
-        const tta_param *tp = &t->params[p];
+        const train_param *tp = &t->params[p];
         float *w = t->param + tp->offset, *g = t->grad + tp->offset, keep;
         size_t i, best = 0;
         double fp, fm, fd, err;
