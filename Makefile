@@ -67,8 +67,11 @@ $(BUILD)/bench_formats$(EXE): loupe.c loupe.h test/bench_formats.c | $(BUILD)
 $(BUILD)/bench$(EXE): loupe.c loupe.h test/bench.c test/measure.h | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/bench.c $(LDLIBS)
 
-$(BUILD)/check_tta$(EXE): loupe.c loupe.h test/check_tta.c | $(BUILD)
+$(BUILD)/check_tta$(EXE): loupe.c loupe.h test/check_tta.c test/golden_io.h test/replay.h | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/check_tta.c $(LDLIBS)
+
+$(BUILD)/check_train$(EXE): loupe.c loupe.h test/check_train.c test/golden_io.h test/replay.h | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/check_train.c $(LDLIBS)
 
 $(BUILD)/test_backward$(EXE): loupe.c loupe.h test/test_backward.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/test_backward.c $(LDLIBS)

@@ -8574,8 +8574,8 @@ static uint64_t seg_batch_draws(const seg_loss_config *cfg, int L, int images, i
  * (prediction i has class logits [Q][2], mask logits [Q][M][M]); target [th][tw] (read
  * when has_target): the image's forgery mask (training: mask_labels, S x S; test-time
  * adaptation: sigmoid(patch logits), g x g). Adds this image's share of each term to
- * calls [L] (in loss-call order; the caller zeroes them per batch), sets their
- * matched_query to this image's, adds the weighted share to *total, and accumulates the
+ * calls [L] (in loss-call order; the caller zeroes them per batch, matched_query -1),
+ * sets their matched_query to this image's when it has a target, adds the weighted share to *total, and accumulates the
  * gradients into the preds' grad buffers. Reads the random numbers of rng at the batch's
  * positions (seg_batch). */
 static void loupe_seg_loss(const seg_loss_config *cfg, int L, int Q, int M, const seg_prediction *preds,
@@ -8594,17 +8594,17 @@ static void loupe_seg_loss(const seg_loss_config *cfg, int L, int Q, int M, cons
         const seg_prediction *pr = &preds[k == 0 ? L - 1 : k - 1];
         uint64_t start = bt->base + (uint64_t)(L - 1) + (uint64_t)k * per_call;
         double loss_mask = 0.0, loss_dice = 0.0, ce;
+        int matched = -1;
         c->prediction = k == 0 ? L - 1 : k - 1;
         c->num_masks = num_masks;
-        c->matched_query = -1;
         if (has_target) {
             const float *mask;
             uint64_t after = start + (uint64_t)bt->images * 2 * P;
             rng->seek(rng->state, start + (uint64_t)bt->image * 2 * P);
             rng->fill(rng->state, s->matcher_points, (size_t)P * 2);
-            c->matched_query = hungarian_matcher(cfg, Q, M, pr->class_logits, pr->mask_logits, target, th, tw,
-                                                 s->matcher_points, P, s->matcher_scratch);
-            mask = pr->mask_logits + (size_t)c->matched_query * M * M;
+            matched = c->matched_query = hungarian_matcher(cfg, Q, M, pr->class_logits, pr->mask_logits, target, th,
+                                                           tw, s->matcher_points, P, s->matcher_scratch);
+            mask = pr->mask_logits + (size_t)matched * M * M;
             /* this mask's rows of the batch's candidate and extra-point draws */
             sample_points_using_uncertainty(cfg, mask, M, rng, after + (uint64_t)bt->targets_before * 2 * cand,
                                             after + (uint64_t)bt->targets * 2 * cand +
@@ -8619,10 +8619,10 @@ static void loupe_seg_loss(const seg_loss_config *cfg, int L, int Q, int M, cons
             loss_dice /= bt->targets;   /* Tversky: mean over the batch's masks */
             loss_masks_backward(cfg, M, s->points, num_masks, scale * cfg->mask_weight,
                                 scale * cfg->dice_weight / bt->targets, &s->masks,
-                                pr->grad_mask_logits + (size_t)c->matched_query * M * M);
+                                pr->grad_mask_logits + (size_t)matched * M * M);
         }
-        ce = loss_labels_forward(cfg, pr->class_logits, Q, c->matched_query, ce_den);
-        loss_labels_backward(cfg, pr->class_logits, Q, c->matched_query, ce_den, scale * cfg->class_weight,
+        ce = loss_labels_forward(cfg, pr->class_logits, Q, matched, ce_den);
+        loss_labels_backward(cfg, pr->class_logits, Q, matched, ce_den, scale * cfg->class_weight,
                              pr->grad_class_logits);
         c->loss_mask += loss_mask;
         c->loss_dice += loss_dice;
@@ -9453,6 +9453,7 @@ static void tta_loss(loupe_trainer *t, loupe_tta_loss *out)
     bt.image = bt.targets_before = 0;
     bt.base = t->rng_position;
     memset(t->calls, 0, (size_t)L * sizeof *t->calls);
+    for (i = 0; i < L; i++) t->calls[i].matched_query = -1;
     total = 0.0;
     loupe_seg_loss(&t->loss_cfg, L, Q, M, t->preds, bt.targets, k->pseudo_mask, g, g, &bt, 1.0, &t->rng, &k->loss,
                    t->calls, &total);
@@ -9578,6 +9579,7 @@ int loupe_trainer_accumulate(loupe_trainer *t, const loupe_example *batch, int n
     bt.base = t->rng_position;
     memset(&sum, 0, sizeof sum);
     memset(t->calls, 0, (size_t)L * sizeof *t->calls);
+    for (k = 0; k < L; k++) t->calls[k].matched_query = -1;
     for (b = 0; b < n; b++) {
         bt.image = b;
         if (trainer_image(t, &batch[b], &bt, scale, &sum, err, errsize)) return -1;
