@@ -9472,13 +9472,19 @@ static void tta_loss(loupe_trainer *t, loupe_tta_loss *out)
 /* LoupeModel.forward of a training stage without its loss: the modules the stage built,
  * with the trainer's weights, keeping what the backward needs. cond_label: the
  * conditional query's label (negative: the classifier's probability). */
-static int trainer_forward(loupe_trainer *t, const float *pixel_values, float cond_label, char *err, size_t errsize)
+static int trainer_forward(loupe_trainer *t, const float *pixel_values, const float *features, float cond_label,
+                           char *err, size_t errsize)
 {
     loupe_session *s = t->s;
+    const loupe_config *c = &t->m->cfg;
+    size_t TW = (size_t)(1 + c->grid * c->grid) * c->width;
     if (max_threads() > s->threads)
         return fail(err, errsize, "the trainer was created for %d threads but %d are requested; create it after "
                     "loupe_set_threads", s->threads, max_threads());
-    vision_transformer(s, pixel_values);
+    if (features && !t->backbone_backward) { /* a frozen backbone's kept outputs */
+        memcpy(s->feats, features, TW * sizeof *s->feats);
+        memcpy(s->pooled, features + TW, (size_t)c->width * sizeof *s->pooled);
+    } else vision_transformer(s, pixel_values);
     if (t->has_cls || t->pseudo) loupe_classifier(s);
     if (!t->has_seg) return 0;
     s->cond_label = cond_label;
@@ -9493,7 +9499,7 @@ static int trainer_forward(loupe_trainer *t, const float *pixel_values, float co
  * the adapted segmentor (keeping the tape), then tta_loss. */
 static int tta_forward_loss(loupe_trainer *t, const float *pixel_values, loupe_tta_loss *out, char *err, size_t errsize)
 {
-    if (trainer_forward(t, pixel_values, -1.0f, err, errsize)) return -1;
+    if (trainer_forward(t, pixel_values, NULL, -1.0f, err, errsize)) return -1;
     tta_loss(t, out);
     return 0;
 }
@@ -9541,7 +9547,7 @@ static int trainer_image(loupe_trainer *t, const loupe_example *ex, const seg_ba
     int L = c->dec_layers, Q = c->num_queries, M = 4 * c->grid, S = c->image_size, W = c->width;
     int has_target = ex->n_targets > 0;
     double seg = 0.0;
-    if (trainer_forward(t, ex->pixel_values, has_target ? 1.0f : 0.0f, err, errsize)) return -1;
+    if (trainer_forward(t, ex->pixel_values, ex->features, has_target ? 1.0f : 0.0f, err, errsize)) return -1;
     if (t->backbone_backward) zero(t->wk.d_feats, (size_t)(1 + c->grid * c->grid) * W);
     if (t->has_seg) {
         trainer_bind_predictions(t);
@@ -9914,6 +9920,45 @@ void loupe_trainer_free(loupe_trainer *t)
     free(t);
 }
 
+size_t loupe_trainer_feature_floats(const loupe_trainer *t)
+{
+    const loupe_config *c = &t->m->cfg;
+    return t->backbone_backward ? 0 : (size_t)(2 + c->grid * c->grid) * c->width;
+}
+
+int loupe_trainer_features(loupe_trainer *t, const float *pixel_values, float *features, char *err, size_t errsize)
+{
+    const loupe_config *c;
+    size_t TW;
+    if (!t || !pixel_values || !features) return fail(err, errsize, "loupe_trainer_features needs a trainer, an input and a buffer");
+    if (t->backbone_backward) return fail(err, errsize, "the backbone trains: its outputs cannot be kept");
+    c = &t->m->cfg;
+    TW = (size_t)(1 + c->grid * c->grid) * c->width;
+    if (max_threads() > t->s->threads)
+        return fail(err, errsize, "the trainer was created for %d threads but %d are requested", t->s->threads, max_threads());
+    vision_transformer(t->s, pixel_values);
+    memcpy(features, t->s->feats, TW * sizeof *features);
+    memcpy(features + TW, t->s->pooled, (size_t)c->width * sizeof *features);
+    return 0;
+}
+
+/* transformers' get_wsd_schedule (linear warm-up, constant, cosine decay to 0) and
+ * get_cosine_schedule_with_warmup, as LambdaLR factors (README 10.7 of the golden). */
+double loupe_lr_factor(int schedule, long step, double total, double warmup, double decay)
+{
+    const double pi = 3.14159265358979323846;
+    double s = (double)step;
+    if (schedule == LOUPE_SCHEDULE_CONSTANT) return 1.0;
+    if (s < warmup) return s / (warmup > 1.0 ? warmup : 1.0);
+    if (schedule == LOUPE_SCHEDULE_COSINE) {
+        double span = total - warmup > 1.0 ? total - warmup : 1.0, f = 0.5 * (1.0 + cos(pi * (s - warmup) / span));
+        return f > 0.0 ? f : 0.0;
+    }
+    if (s < total - decay) return 1.0;
+    if (s < total) return 0.5 * (1.0 + cos(pi * (s - total + decay) / (decay > 1.0 ? decay : 1.0)));
+    return 0.0;
+}
+
 void loupe_trainer_size(const loupe_trainer *t, int *tensors, size_t *values)
 {
     if (tensors) *tensors = t ? t->n_params : 0;
@@ -10017,6 +10062,16 @@ void loupe_tta_get_memory(const loupe_trainer *t, loupe_tta_memory *mem)
     mem->trainable = t->n_floats;
 }
 
+/* The weight file's entry called name, or NULL. */
+static const tensor_entry *find_entry(const loupe_model *m, const char *name)
+{
+    size_t n = strlen(name);
+    int i;
+    for (i = 0; i < m->n_entries; i++)
+        if ((size_t)m->entries[i].name_len == n && !memcmp(m->entries[i].name, name, n)) return &m->entries[i];
+    return NULL;
+}
+
 /* Bytes copied per write while saving. */
 #define SAVE_CHUNK (1 << 20)
 
@@ -10042,7 +10097,7 @@ static int write_bytes(FILE *f, const unsigned char *p, uint64_t n)
     return 1;
 }
 
-int loupe_tta_save(const loupe_trainer *t, const char *path, char *err, size_t errsize)
+int loupe_trainer_save(const loupe_trainer *t, const char *path, char *err, size_t errsize)
 {
     char tmp[1024];
     FILE *f;
@@ -10051,14 +10106,13 @@ int loupe_tta_save(const loupe_trainer *t, const char *path, char *err, size_t e
     float *buf;
     save_patch *patches;
     int p, i, n = 0, ok = 1;
-    if (!t || !path) return fail(err, errsize, "loupe_tta_save needs an adapter and a path");
+    if (!t || !path) return fail(err, errsize, "saving needs a trainer and a path");
     if (strlen(path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", path);
-    for (i = 0; i < t->m->n_entries; i++) { /* the adapted tensors are written over the file's own */
-        const tensor_entry *e = &t->m->entries[i];
-        const size_t plen = sizeof TTA_SEGMENTOR_PREFIX - 1;
-        if (e->dtype != DTYPE_F32 && (size_t)e->name_len >= plen && !memcmp(e->name, TTA_SEGMENTOR_PREFIX, plen))
-            return fail(err, errsize, "%s: saving an adapted model needs an F32 weight file (%.*s is %s; convert with --dtype f32)",
-                        t->m->path, e->name_len, e->name, dtype_names[e->dtype]);
+    for (p = 0; p < t->n_params; p++) { /* the trained tensors are written over the file's own */
+        const tensor_entry *e = find_entry(t->m, t->params[p].name);
+        if (e && e->dtype != DTYPE_F32)
+            return fail(err, errsize, "%s: saving a trained model needs an F32 weight file (%s is %s; convert with --dtype f32)",
+                        t->m->path, t->params[p].name, dtype_names[e->dtype]);
     }
     for (p = 0; p < t->n_params; p++) most = t->params[p].numel > most ? t->params[p].numel : most;
     buf = malloc(most * sizeof *buf);
@@ -10102,6 +10156,11 @@ int loupe_tta_save(const loupe_trainer *t, const char *path, char *err, size_t e
         return fail(err, errsize, "%s: cannot write the adapted weight file", path);
     }
     return 0;
+}
+
+int loupe_tta_save(const loupe_trainer *t, const char *path, char *err, size_t errsize)
+{
+    return loupe_trainer_save(t, path, err, errsize);
 }
 
 /* ========================================================================== */

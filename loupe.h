@@ -260,6 +260,8 @@ typedef struct loupe_example {
     int n_targets;               /* 1 when mask_labels has a forged pixel, else 0 */
     const float *patch_labels;   /* [g][g] soft patch labels */
     int label;                   /* 1 forged, 0 authentic */
+    const float *features;       /* the frozen backbone's outputs for this image, kept from
+                                    loupe_trainer_features (skips the backbone), or NULL */
 } loupe_example;
 
 /* Loss of one batch (terms as upstream logs them). */
@@ -285,6 +287,17 @@ int loupe_trainer_update(loupe_trainer *t, double lr_factor, double *grad_norm, 
 
 /* Writes the model's weight file with the trained tensors (F32 files only). */
 int loupe_trainer_save(const loupe_trainer *t, const char *path, char *err, size_t errsize);
+
+/* A frozen backbone (no backbone tensor trains) gives the same outputs for an image in
+ * every epoch: loupe_trainer_feature_floats is their size in floats (0 when the backbone
+ * trains), loupe_trainer_features computes them into features for loupe_example.features. */
+size_t loupe_trainer_feature_floats(const loupe_trainer *t);
+int loupe_trainer_features(loupe_trainer *t, const float *pixel_values, float *features, char *err, size_t errsize);
+
+/* Learning-rate schedules (LambdaLR factors of upstream's transformers schedules) at
+ * optimizer step `step` of `total`, with warm-up and decay lengths in steps. */
+enum { LOUPE_SCHEDULE_WSD, LOUPE_SCHEDULE_COSINE, LOUPE_SCHEDULE_CONSTANT };
+double loupe_lr_factor(int schedule, long step, double total, double warmup, double decay);
 
 /* Number of trainable tensors and values. */
 void loupe_trainer_size(const loupe_trainer *t, int *tensors, size_t *values);

@@ -168,6 +168,7 @@ static void check_stage(const char *model_path, const char *dir, int si)
         ex[b].mask_labels = ex[b].n_targets ? ml[b]->data : NULL;
         ex[b].patch_labels = pl->data + (size_t)b * g * g;
         ex[b].label = (int)find("batch.labels")->data[b];
+        ex[b].features = NULL;
     }
     /* the recorded draws, unstored ones as gaps of their length */
     memset(&rp, 0, sizeof rp);
@@ -186,7 +187,7 @@ static void check_stage(const char *model_path, const char *dir, int si)
     /* forward tensors, image by image */
     for (b = 0; b < B; b++) {
         char label[GOLDEN_NAME_LEN];
-        if (trainer_forward(t, ex[b].pixel_values, ex[b].n_targets ? 1.0f : 0.0f, err, sizeof err)) {
+        if (trainer_forward(t, ex[b].pixel_values, NULL, ex[b].n_targets ? 1.0f : 0.0f, err, sizeof err)) {
             printf("%s\n", err); verdict(0); return;
         }
         if (t->has_cls) {
