@@ -10158,6 +10158,93 @@ int loupe_trainer_save(const loupe_trainer *t, const char *path, char *err, size
     return 0;
 }
 
+/* Training state file: "LOUPESTA", version, stage, tensor count, value count, a
+ * FNV-1a hash of the tensor names and sizes, step count, random-stream position, the
+ * caller's byte count; then the caller's bytes, AdamW's first and second moments
+ * (float32, little-endian as the host writes them: the file is checked by its size and
+ * hash, and is meant for the machine that wrote it). */
+#define STATE_MAGIC "LOUPESTA"
+#define STATE_VERSION 1u
+#define STATE_HEADER_WORDS 8
+
+static uint64_t state_signature(const loupe_trainer *t)
+{
+    uint64_t h = 0xCBF29CE484222325ull;
+    int p, d;
+    for (p = 0; p < t->n_params; p++) {
+        const unsigned char *c = (const unsigned char *)t->params[p].name;
+        for (; *c; c++) h = (h ^ *c) * 0x100000001B3ull;
+        for (d = 0; d < MAX_TENSOR_DIMS; d++) h = (h ^ (uint64_t)(unsigned)t->params[p].dims[d]) * 0x100000001B3ull;
+    }
+    return h;
+}
+
+int loupe_trainer_save_state(const loupe_trainer *t, const char *path, const void *user, size_t user_size,
+                             char *err, size_t errsize)
+{
+    char tmp[1024];
+    uint64_t hdr[STATE_HEADER_WORDS];
+    FILE *f;
+    int ok;
+    if (!t || !path || (user_size && !user)) return fail(err, errsize, "saving a training state needs a trainer and a path");
+    if (strlen(path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", path);
+    hdr[0] = STATE_VERSION;
+    hdr[1] = (uint64_t)t->opt.stage;
+    hdr[2] = (uint64_t)t->n_params;
+    hdr[3] = (uint64_t)t->n_floats;
+    hdr[4] = state_signature(t);
+    hdr[5] = (uint64_t)t->steps;
+    hdr[6] = t->rng_position;
+    hdr[7] = (uint64_t)user_size;
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    if (!(f = fopen(tmp, "wb"))) return fail(err, errsize, "%s: cannot create: %s", tmp, strerror(errno));
+    ok = fwrite(STATE_MAGIC, 1, 8, f) == 8 && fwrite(hdr, sizeof hdr[0], STATE_HEADER_WORDS, f) == STATE_HEADER_WORDS &&
+         (!user_size || fwrite(user, 1, user_size, f) == user_size) &&
+         fwrite(t->adam_m, sizeof *t->adam_m, t->n_floats, f) == t->n_floats &&
+         fwrite(t->adam_v, sizeof *t->adam_v, t->n_floats, f) == t->n_floats;
+    if (fclose(f) != 0) ok = 0;
+    if (!ok || replace_file(tmp, path) != 0) {
+        remove(tmp);
+        return fail(err, errsize, "%s: cannot write the training state", path);
+    }
+    return 0;
+}
+
+int loupe_trainer_load_state(loupe_trainer *t, const char *path, void *user, size_t user_size,
+                             char *err, size_t errsize)
+{
+    uint64_t hdr[STATE_HEADER_WORDS];
+    char magic[8];
+    FILE *f;
+    int ok;
+    if (!t || !path || (user_size && !user)) return fail(err, errsize, "loading a training state needs a trainer and a path");
+    if (!(f = fopen(path, "rb"))) return fail(err, errsize, "%s: cannot open: %s", path, strerror(errno));
+    ok = fread(magic, 1, 8, f) == 8 && !memcmp(magic, STATE_MAGIC, 8) &&
+         fread(hdr, sizeof hdr[0], STATE_HEADER_WORDS, f) == STATE_HEADER_WORDS;
+    if (!ok || hdr[0] != STATE_VERSION) {
+        fclose(f);
+        return fail(err, errsize, "%s: not a loupe training state (or of another version)", path);
+    }
+    if (hdr[1] != (uint64_t)t->opt.stage || hdr[2] != (uint64_t)t->n_params || hdr[3] != (uint64_t)t->n_floats ||
+        hdr[4] != state_signature(t) || hdr[7] != (uint64_t)user_size) {
+        fclose(f);
+        return fail(err, errsize, "%s: the training state belongs to another stage, model or set of trained tensors", path);
+    }
+    ok = (!user_size || fread(user, 1, user_size, f) == user_size) &&
+         fread(t->adam_m, sizeof *t->adam_m, t->n_floats, f) == t->n_floats &&
+         fread(t->adam_v, sizeof *t->adam_v, t->n_floats, f) == t->n_floats && fgetc(f) == EOF;
+    fclose(f);
+    if (!ok) {
+        zero(t->adam_m, t->n_floats);
+        zero(t->adam_v, t->n_floats);
+        return fail(err, errsize, "%s: the training state is truncated or too long", path);
+    }
+    t->steps = (long)hdr[5];
+    t->rng_position = hdr[6];
+    zero(t->grad, t->n_floats);
+    return 0;
+}
+
 int loupe_tta_save(const loupe_trainer *t, const char *path, char *err, size_t errsize)
 {
     return loupe_trainer_save(t, path, err, errsize);

@@ -299,6 +299,16 @@ int loupe_trainer_features(loupe_trainer *t, const float *pixel_values, float *f
 enum { LOUPE_SCHEDULE_WSD, LOUPE_SCHEDULE_COSINE, LOUPE_SCHEDULE_CONSTANT };
 double loupe_lr_factor(int schedule, long step, double total, double warmup, double decay);
 
+/* The optimizer's state (AdamW moments, step count, the loss's random-stream position)
+ * and `user_size` bytes of the caller's (e.g. its epoch and data order), for resuming a
+ * run bit for bit: save writes a temporary file and renames it; load checks that the
+ * state belongs to this trainer's tensors (names and sizes) and stage. The trained
+ * values themselves live in the weight file loupe_trainer_save wrote. */
+int loupe_trainer_save_state(const loupe_trainer *t, const char *path, const void *user, size_t user_size,
+                             char *err, size_t errsize);
+int loupe_trainer_load_state(loupe_trainer *t, const char *path, void *user, size_t user_size,
+                             char *err, size_t errsize);
+
 /* Number of trainable tensors and values. */
 void loupe_trainer_size(const loupe_trainer *t, int *tensors, size_t *values);
 
