@@ -99,7 +99,7 @@ $(BUILD)/example$(EXE): test/example.c loupe.h $(BUILD)/loupe-lib.o
 # other compilers can run side by side (see `make portability`).
 TEST_SUITES = test-convert test-images test-cli test-regress test-hostile test-tiny-a test-tiny-b \
               test-lowp-tiny-a test-lowp-tiny-b test-unit test-example
-test: $(BUILD)/loupe$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/fuzz_replay$(EXE)
+test: $(BUILD)/loupe$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_train$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/fuzz_replay$(EXE)
 	@sh test/summary.sh $(BUILD)/test-log.txt \
 	  $(foreach t,$(TEST_SUITES),"$(MAKE) --no-print-directory $(t)")
 
@@ -171,7 +171,7 @@ $(BUILD)/full-1.bin: $(BUILD)/make_weights$(EXE)
 # backbone.pt + heads.safetensors if present, else model.safetensors, else weights
 # regenerated from keys.json and the config's seed by the make_weights formula.
 # A case with tta.safetensors also gets the test-time-adaptation check.
-test-case: $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/make_weights$(EXE)
+test-case: $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_train$(EXE) $(BUILD)/make_weights$(EXE)
 	@test -n "$(CASE)" || { echo "usage: make test-case CASE=path/to/case"; exit 2; }
 	@name=$$(basename $(CASE)); out=$(BUILD)/$$name.bin; \
 	if [ -f $(CASE)/backbone.pt ] && [ -f $(CASE)/heads.safetensors ]; then \
@@ -186,6 +186,8 @@ test-case: $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/make_we
 	$(PYTHON) tools/convert.py --config $(CASE)/config.json -o $$out $$src || exit 1; \
 	status=0; $(RUN) $(BUILD)/check_golden$(EXE) $$out $(CASE) || status=1; \
 	if [ -f $(CASE)/tta.safetensors ]; then $(RUN) $(BUILD)/check_tta$(EXE) $$out $(CASE) || status=1; fi; \
+	if [ -f $(CASE)/train.safetensors ]; then echo "$(CASE): training golden (train.safetensors): one step of cls, seg, cls_seg"; \
+	  $(RUN) $(BUILD)/check_train$(EXE) $$out $(CASE) || status=1; fi; \
 	exit $$status
 
 # The case converted with BF16 and with Q8 weight matrices, each checked against its
@@ -197,7 +199,7 @@ test-lowp: $(BUILD)/check_lowp$(EXE) $(BUILD)/make_weights$(EXE)
 test-lowp-tiny-%:
 	@$(MAKE) --no-print-directory test-lowp CASE=test/golden/tiny-$*
 
-test-full: $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/make_weights$(EXE)
+test-full: $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_train$(EXE) $(BUILD)/make_weights$(EXE)
 	@sh test/summary.sh $(BUILD)/test-full-log.txt "$(MAKE) --no-print-directory test-case CASE=$(GOLDEN)/full-1"
 
 # The whole suite under AddressSanitizer and UndefinedBehaviorSanitizer, in its own

@@ -7255,7 +7255,7 @@ typedef struct cls_tape {
 
 struct loupe_session {
     const loupe_model *m;
-    const loupe_weights *w;       /* segmentor weights in use: the model's or a loupe_tta's */
+    const loupe_weights *w;       /* weights in use: the model's or a trainer's (trained copies) */
     const loupe_tables *t;        /* tables derived from them */
     tta_tape *tape;               /* TTA: where the forward keeps what the backward needs (else NULL) */
     pe_tape *bb_tape;             /* training: backbone activations for the backward (else NULL) */
@@ -7532,7 +7532,7 @@ static void zero_floats(float *x, size_t n)
 static void pe_embed(loupe_session *s, const float *pixels)
 {
     const loupe_config *c = &s->m->cfg;
-    const loupe_weights *w = &s->m->w;
+    const loupe_weights *w = s->w;
     int g = c->grid, P = c->patch_size, S = c->image_size, W = c->width, K = 3 * P * P, T = 1 + g * g;
     int p, ch, ky, kx;
     for (p = 0; p < g * g; p++) {
@@ -7561,7 +7561,7 @@ static void pe_embed_backward(const loupe_session *s, const pe_grads *g, const f
     size_t TW = (size_t)T * W, j;
     float *d_x0 = k->d_h;
     zero_floats(d_x0, TW);
-    layernorm_backward(d_x0, g->ln_pre.w, g->ln_pre.b, dy, s->bb_tape->embed, T, W, s->m->w.ln_pre, c->ln_eps,
+    layernorm_backward(d_x0, g->ln_pre.w, g->ln_pre.b, dy, s->bb_tape->embed, T, W, s->w->ln_pre, c->ln_eps,
                        k->stats);
     if (g->positional_embedding)
         for (j = 0; j < TW; j++) g->positional_embedding[j] += d_x0[j];
@@ -7684,7 +7684,7 @@ static void pe_residual_attention_block_backward(const loupe_session *s, const p
 static void pe_attention_pooling(loupe_session *s)
 {
     const loupe_config *c = &s->m->cfg;
-    const pe_pool_w *p = &s->m->w.pool;
+    const pe_pool_w *p = &s->w->pool;
     pe_tape *tp = s->bb_tape;
     int g = c->grid, T = 1 + g * g, W = c->width, M = c->pool_mlp_width, dh = W / c->pool_heads;
     float *q = tp ? tp->pool_q : s->pool_q, *kv = tp ? tp->pool_kv : s->qkv, *att = tp ? tp->pool_att : s->pool_att;
@@ -7707,7 +7707,7 @@ static void pe_attention_pooling_backward(const loupe_session *s, const pe_pool_
                                           pe_work *k)
 {
     const loupe_config *c = &s->m->cfg;
-    const pe_pool_w *p = &s->m->w.pool;
+    const pe_pool_w *p = &s->w->pool;
     const pe_tape *tp = s->bb_tape;
     int T = 1 + c->grid * c->grid, W = c->width, M = c->pool_mlp_width, H = c->pool_heads, dh = W / H;
     float *d_mid = k->d_mid, *d_q = k->d_att + W, *d_kv = k->d_qkv;
@@ -7749,12 +7749,12 @@ static void vision_transformer(loupe_session *s, const float *pixels)
     char name[32];
     pe_embed(s, pixels);
     for (i = 0; i < c->layers; i++) {
-        pe_residual_attention_block(s, &s->m->w.blocks[i], i);
+        pe_residual_attention_block(s, &s->w->blocks[i], i);
         snprintf(name, sizeof name, "backbone_block%d", i);
         tap(s, name, s->x, 0, 3, 1, T, W, 0);
     }
     if (s->bb_tape) memcpy(s->bb_tape->x + (size_t)c->layers * T * W, s->x, (size_t)T * W * sizeof *s->x);
-    layernorm(s->feats, s->x, T, W, s->m->w.ln_post, c->ln_eps);
+    layernorm(s->feats, s->x, T, W, s->w->ln_post, c->ln_eps);
     tap(s, "backbone_features", s->feats, 0, 3, 1, T, W, 0);
     pe_attention_pooling(s);
     tap(s, "pooled_features", s->pooled, 0, 2, 1, W, 0, 0);
@@ -7767,7 +7767,7 @@ static void vision_transformer_backward(const loupe_session *s, const pe_grads *
                                         const float *d_pooled, pe_work *k)
 {
     const loupe_config *c = &s->m->cfg;
-    const loupe_weights *w = &s->m->w;
+    const loupe_weights *w = s->w;
     int T = 1 + c->grid * c->grid, W = c->width, i;
     size_t TW = (size_t)T * W;
     float *dcur = k->d_a, *dnext = k->d_b, *swap;
@@ -7849,7 +7849,7 @@ static void loupe_cls_head_backward(const loupe_session *s, const cls_head_w *h,
 static void loupe_classifier(loupe_session *s)
 {
     const loupe_config *c = &s->m->cfg;
-    const loupe_weights *w = &s->m->w;
+    const loupe_weights *w = s->w;
     cls_tape *ct = s->cls_tape;
     int N = c->grid * c->grid, i;
     double fused;
@@ -7874,7 +7874,7 @@ static void loupe_classifier_backward(const loupe_session *s, const cls_grads *g
                                       const float *d_patch_logits, float *d_pooled, float *d_feats, pe_work *k)
 {
     const loupe_config *c = &s->m->cfg;
-    const loupe_weights *w = &s->m->w;
+    const loupe_weights *w = s->w;
     int N = c->grid * c->grid, W = c->width, i;
     float d_global = d_fused * w->fuser[0];
     if (g->fuser) {
@@ -9324,6 +9324,8 @@ typedef struct tta_work {
     float *d_class, *d_mask;          /* [L][Q][C], [L][Q][(4g)^2]: the loss's gradients */
     float *pseudo_mask;               /* [g*g] sigmoid(patch logits) */
     float *d_feats;                   /* [1+g*g][W] gradient of backbone_features */
+    float *d_pooled;                  /* [W] gradient of pooled_features */
+    float *d_patch;                   /* [g*g] gradient of the patch logits */
     float *d_me, *mf_t, *d_mf;        /* [L][Q][F]; [F][(4g)^2] mask features transposed; [(4g)^2][F] */
     float *d_qh, *d_x1, *d_x2, *d_x3; /* [Q][F] mask predictor and decoder temporaries */
     float *d_h0, *d_h1;               /* [Q][F] gradient of the decoder hidden state (two, swapped) */
@@ -9358,6 +9360,13 @@ struct loupe_trainer {
     int has_cls, has_seg;             /* the stage's modules (and losses) */
     int pseudo;                       /* test-time adaptation: pseudo labels from the classifier */
     int backbone_backward;            /* some backbone tensor trains: gradients flow into the backbone */
+    pe_tape bb_tape;                  /* the backbone's and the classifier's saved activations, */
+    cls_tape cls_tape;                /* their backward scratch and gradient views (section 5, 6) */
+    pe_work pw;
+    pe_grads pg;
+    cls_grads cg;
+    pe_block_g *block_grads;          /* [layers] when the whole backbone trains */
+    cls_loss_config cls_cfg;
     train_param *params;
     int n_params;
     size_t n_floats;
@@ -9453,6 +9462,8 @@ static void tta_work_layout(loupe_trainer *t, arena *a)
     k->d_mask = arena_floats(a, L * Q * M2);
     k->pseudo_mask = arena_floats(a, g * g);
     k->d_feats = arena_floats(a, (1 + g * g) * W);
+    k->d_pooled = arena_floats(a, W);
+    k->d_patch = arena_floats(a, g * g);
     k->d_me = arena_floats(a, L * QF);
     k->mf_t = arena_floats(a, M2 * F);
     k->d_mf = arena_floats(a, M2 * F);
@@ -9991,6 +10002,23 @@ static int trainer_image(loupe_trainer *t, const loupe_example *ex, const seg_ba
         loss->seg += seg;
         segmentor_backward(t, t->backbone_backward ? t->wk.d_feats + W : NULL);
     }
+    if (t->has_cls) {
+        int N = c->grid * c->grid, i;
+        float d_fused = 0.0f, cw = (float)(scale * t->opt.cls_loss_weight);
+        cls_loss_terms ct;
+        zero(t->wk.d_patch, (size_t)N);
+        loupe_cls_loss(&t->cls_cfg, t->s->fused_logit, (float)ex->label, t->s->patch_logits, ex->patch_labels, N,
+                       1.0 / bt->images, 1.0 / ((double)bt->images * N), &ct, NULL, &d_fused, t->wk.d_patch);
+        loss->cls_part += ct.cls_part;
+        loss->patch_part += ct.patch_part;
+        d_fused *= cw;
+        for (i = 0; i < N; i++) t->wk.d_patch[i] *= cw;
+        if (t->backbone_backward) zero(t->wk.d_pooled, (size_t)W);
+        loupe_classifier_backward(t->s, &t->cg, d_fused, t->wk.d_patch, t->backbone_backward ? t->wk.d_pooled : NULL,
+                                  t->backbone_backward ? t->wk.d_feats : NULL, &t->pw);
+    }
+    if (t->backbone_backward)
+        vision_transformer_backward(t->s, &t->pg, t->wk.d_feats, t->has_cls ? t->wk.d_pooled : NULL, &t->pw);
     return 0;
 }
 
@@ -10170,12 +10198,75 @@ static void trainer_layout(loupe_trainer *t, arena *a)
     size_t start = a->used;
     if (t->has_seg) tta_tape_layout(t, a);
     t->tape_bytes = a->used - start;
+    pe_train_layout(&t->m->cfg, t->backbone_backward ? &t->bb_tape : NULL, t->has_cls ? &t->cls_tape : NULL,
+                    t->has_cls || t->backbone_backward ? &t->pw : NULL, a);
+    t->tape_bytes = a->used - start;
     start = a->used;
     tta_work_layout(t, a);
     t->work_bytes = a->used - start;
     start = a->used;
     tta_state_layout(t, a);
     t->state_bytes = a->used - start;
+}
+
+/* Gradient views of a linear layer and a norm (NULL members: frozen). */
+static linear_g linear_grad_view(loupe_trainer *t, linear_w l)
+{
+    linear_g g;
+    g.w = grad_of(t, (const float *)l.w.data);
+    g.b = grad_of(t, l.b);
+    return g;
+}
+static norm_g norm_grad_view(loupe_trainer *t, norm_w n)
+{
+    norm_g g;
+    g.w = grad_of(t, n.w);
+    g.b = grad_of(t, n.b);
+    return g;
+}
+
+/* Points the backbone's and the classifier's gradient views at the trainer's gradients
+ * (sections 5 and 6 write through them); -1 when out of memory. */
+static int trainer_grad_views(loupe_trainer *t)
+{
+    const loupe_config *c = &t->m->cfg;
+    const loupe_weights *w = &t->w;
+    pe_grads *g = &t->pg;
+    int i, k;
+    memset(g, 0, sizeof *g);
+    memset(&t->cg, 0, sizeof t->cg);
+    g->class_embedding = grad_of(t, w->class_embedding);
+    g->positional_embedding = grad_of(t, w->positional_embedding);
+    g->conv1 = grad_of(t, (const float *)w->conv1.data);
+    g->ln_pre = norm_grad_view(t, w->ln_pre);
+    g->ln_post = norm_grad_view(t, w->ln_post);
+    if (t->opt.train_backbone) {
+        t->block_grads = calloc((size_t)c->layers, sizeof *t->block_grads);
+        if (!t->block_grads) return -1;
+        for (i = 0; i < c->layers; i++) {
+            const pe_block_w *b = &w->blocks[i];
+            pe_block_g *bg = &t->block_grads[i];
+            bg->ln_1 = norm_grad_view(t, b->ln_1);
+            bg->ln_2 = norm_grad_view(t, b->ln_2);
+            bg->qkv = linear_grad_view(t, b->qkv);
+            bg->out = linear_grad_view(t, b->out);
+            bg->fc = linear_grad_view(t, b->fc);
+            bg->proj = linear_grad_view(t, b->proj);
+        }
+        g->blocks = t->block_grads;
+    }
+    g->pool.probe = grad_of(t, w->pool.probe);
+    g->pool.qkv = linear_grad_view(t, w->pool.qkv);
+    g->pool.out = linear_grad_view(t, w->pool.out);
+    g->pool.ln = norm_grad_view(t, w->pool.ln);
+    g->pool.fc = linear_grad_view(t, w->pool.fc);
+    g->pool.proj = linear_grad_view(t, w->pool.proj);
+    for (k = 0; k < c->cls_layers; k++) {
+        t->cg.global_head.layers[k] = linear_grad_view(t, w->global_head.layers[k]);
+        t->cg.patch_head.layers[k] = linear_grad_view(t, w->patch_head.layers[k]);
+    }
+    t->cg.fuser = grad_of(t, w->fuser);
+    return 0;
 }
 
 /* The trainer for any stage (test-time adaptation included). */
@@ -10283,11 +10374,15 @@ static loupe_trainer *trainer_new(const loupe_model *m, const loupe_train_option
         }
     }
     if (t->has_seg) tta_refresh_tables(t);
+    if (trainer_grad_views(t)) goto oom;
+    t->cls_cfg = cls_loss_config_default();
     t->s = loupe_session_new(m, err, errsize);
     if (!t->s) { loupe_trainer_free(t); return NULL; }
     t->s->w = &t->w;
     t->s->t = &t->t;
     t->s->tape = t->has_seg ? &t->tape : NULL;
+    t->s->bb_tape = t->backbone_backward ? &t->bb_tape : NULL;
+    t->s->cls_tape = t->has_cls ? &t->cls_tape : NULL;
     t->rng_state.seed = t->opt.seed;
     t->rng_state.counter = 0;
     t->rng.fill = splitmix_uniform_fill;
@@ -10348,6 +10443,7 @@ void loupe_trainer_free(loupe_trainer *t)
     free(t->enc);
     free(t->dec);
     free(t->blocks);
+    free(t->block_grads);
     free(t->tape.enc);
     free(t->tape.dec);
     free(t->calls);
