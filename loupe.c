@@ -10868,7 +10868,9 @@ static const char usage_text[] =
     "Masks are named after the file's stem (photo.jpg -> photo.png); when two inputs share\n"
     "a stem, after the whole name (photo.jpg.png).\n"
     "A file that cannot be read or decoded is reported and skipped; the exit status is\n"
-    "then 1. Outputs are written under a temporary name and renamed when complete.\n";
+    "then 1. Outputs are written under a temporary name and renamed when complete.\n"
+    "\n"
+    "loupe eval -m MODEL.bin DATA scores a labelled dataset (see loupe eval -h).\n";
 
 /* Overlay tint: pixel = (1 - a) * photo + a * red, a = OVERLAY_ALPHA * min(prob, 1). */
 #define OVERLAY_ALPHA 0.6f
@@ -11201,6 +11203,170 @@ done:
     return rc;
 }
 
+/* ---- loupe eval: upstream's validation metrics on a labelled dataset ---- */
+
+static const char eval_usage_text[] =
+    "usage: loupe eval -m MODEL.bin [options] DATA\n"
+    "\n"
+    "Scores Loupe on a labelled dataset with upstream's validation metrics. Prints one\n"
+    "`name value` line each: images, forged (images with a mask), pixel_images (images\n"
+    "whose target has a forged pixel), auc, f1, iou, overall, accuracy; `nan` when a\n"
+    "metric is undefined.\n"
+    "\n"
+    "DATA is a folder with images/ and masks/ (a mask has its image's stem, any supported\n"
+    "format; an image without a mask is authentic), or a text file of lines `IMAGE [MASK]`\n"
+    "(paths relative to the file; blank lines and lines starting with # are skipped).\n"
+    "Every image and mask is decoded before the model runs: a missing or undecodable\n"
+    "file, a mask of another size than its image, two images or masks with one stem or a\n"
+    "mask without an image stops the run with a message naming the file (exit 1).\n"
+    "\n"
+    "  -m, --model FILE      weight file written by tools/convert.py (required)\n"
+    "  -o, --output FILE     also write FILE: a header line, then one line per image,\n"
+    "                        `image,label,probability,predicted_pixels,target_pixels`\n"
+    "                        (forged pixels of the predicted mask and of the target)\n"
+    "      --seed S          seed of the targets' dithering (default 0)\n"
+    "      --threads N       number of threads (default: all cores)\n"
+    "      --max-pixels N    refuse images with more pixels (default 100000000)\n"
+    "  -q, --quiet           no progress on stderr (errors are still reported)\n"
+    "  -h, --help            show this help\n"
+    "\n"
+    "Metrics (LitModel.on_validation_epoch_end): auc = roc_auc_score of the forgery\n"
+    "probabilities (ties count 1/2; nan unless both forged and authentic images are\n"
+    "present); f1 (binary, zero_division=1) and iou (mean over the classes real and\n"
+    "forged of TP/(TP+FP+FN)) over the pooled pixels of the images whose target has a\n"
+    "forged pixel (nan when none has); overall = (auc + iou + f1) / 3; accuracy = share\n"
+    "of images with (probability > 0.5) == label. Predicted mask: probability map > 0.5\n"
+    "at the original size. Target, as upstream's test_collate_fn makes it: the mask in\n"
+    "gray (Pillow's L), (L - min) / (max - min) >= u with one uniform u per pixel from the\n"
+    "splitmix64 stream of --seed, drawn in dataset order (a 0/255 mask keeps its pixels,\n"
+    "but for a draw of exactly 0; a constant mask is an empty target); authentic images\n"
+    "have an empty target.\n"
+    "FILE is written under a temporary name and renamed when complete.\n";
+
+#define EVAL_MAX_SEED 9007199254740992.0 /* 2^53: every seed up to it is exact in a double */
+
+/* What the per-image callback of cli_eval keeps. */
+typedef struct cli_eval_state {
+    int quiet, n;
+    double t0;
+    char *lines;                 /* -o: the lines so far */
+    size_t len, cap;
+    int oom;
+} cli_eval_state;
+
+static void cli_eval_image(void *user, const loupe_eval_image *r)
+{
+    cli_eval_state *st = user;
+    double t = now_seconds();
+    if (!st->quiet && st->n > 1) fprintf(stderr, "[%d/%d] %s %.0f ms\n", r->index + 1, st->n, r->image, 1000.0 * (t - st->t0));
+    st->t0 = t;
+    if (st->lines) {
+        char line[PATH_MAX_LEN + 96];
+        int k = snprintf(line, sizeof line, "%s,%d,%.6f,%lld,%lld\n", r->image, r->label, r->prob, r->pred_forged,
+                         r->target_forged);
+        if (k < 0 || (size_t)k >= sizeof line) return;
+        if (st->len + (size_t)k + 1 > st->cap) {
+            size_t cap = 2 * (st->cap + (size_t)k + 1);
+            char *g = realloc(st->lines, cap);
+            if (!g) { st->oom = 1; return; }
+            st->lines = g;
+            st->cap = cap;
+        }
+        memcpy(st->lines + st->len, line, (size_t)k);
+        st->len += (size_t)k;
+    }
+}
+
+/* Prints one `name value` line (nan spelled the same on every libc). */
+static void cli_eval_print(const char *name, double v)
+{
+    if (v != v) printf("%s nan\n", name);
+    else printf("%s %.6f\n", name, v);
+}
+
+/* `loupe eval ...` (argv[0] is "eval"); returns the exit status. */
+static int cli_eval(int argc, char **argv)
+{
+    static const char header[] = "image,label,probability,predicted_pixels,target_pixels\n";
+    const char *model = NULL, *data = NULL, *output = NULL;
+    size_t max_pixels = LOUPE_DEFAULT_MAX_PIXELS;
+    unsigned long long seed = 0;
+    int threads = 0, quiet = 0, i, status = 1;
+    char err[1024];
+    double v;
+    loupe_model *m = NULL;
+    loupe_session *s = NULL;
+    loupe_dataset *d = NULL;
+    loupe_metrics r;
+    cli_eval_state st;
+    memset(&st, 0, sizeof st);
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i], *next = i + 1 < argc ? argv[i + 1] : NULL;
+        if (a[0] != '-' || !a[1]) {
+            if (data) { fprintf(stderr, "loupe eval: one DATA only (got %s and %s)\n", data, a); return 2; }
+            data = a;
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(eval_usage_text, stdout); return 0; }
+        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { if (!next) goto missing; model = next; i++; }
+        else if (!strcmp(a, "-o") || !strcmp(a, "--output")) { if (!next) goto missing; output = next; i++; }
+        else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) quiet = 1;
+        else if (!strcmp(a, "--seed")) {
+            if (cli_number(a, next, 0, EVAL_MAX_SEED, &v) || v != floor(v)) return 2;
+            seed = (unsigned long long)v;
+            i++;
+        } else if (!strcmp(a, "--threads")) {
+            if (cli_number(a, next, 1, 4096, &v) || v != floor(v)) return 2;
+            threads = (int)v;
+            i++;
+        } else if (!strcmp(a, "--max-pixels")) {
+            if (cli_number(a, next, 1, 1e15, &v)) return 2;
+            max_pixels = (size_t)v;
+            i++;
+        } else { fprintf(stderr, "loupe eval: unknown option %s (see loupe eval -h)\n", a); return 2; }
+        continue;
+    missing:
+        fprintf(stderr, "loupe eval: %s needs a value (see loupe eval -h)\n", a);
+        return 2;
+    }
+    if (!model) { fprintf(stderr, "loupe eval: no model given: use -m MODEL.bin (see loupe eval -h)\n"); return 2; }
+    if (!data) { fprintf(stderr, "loupe eval: no dataset given (see loupe eval -h)\n"); return 2; }
+    if (threads) loupe_set_threads(threads);
+    /* the dataset first: a bad entry is reported before the model is even read */
+    if (!(d = loupe_dataset_open(data, max_pixels, err, sizeof err)) || !(m = loupe_model_load(model, err, sizeof err)) ||
+        !(s = loupe_session_new(m, err, sizeof err))) {
+        fprintf(stderr, "loupe: %s\n", err);
+        goto done;
+    }
+    st.quiet = quiet;
+    st.n = loupe_dataset_count(d);
+    st.t0 = now_seconds();
+    if (output) {
+        st.cap = sizeof header;
+        if (!(st.lines = malloc(st.cap))) { fprintf(stderr, "loupe: out of memory\n"); goto done; }
+        memcpy(st.lines, header, sizeof header - 1);
+        st.len = sizeof header - 1;
+    }
+    if (loupe_evaluate(s, d, seed, &r, cli_eval_image, &st, err, sizeof err)) {
+        fprintf(stderr, "loupe: %s\n", err);
+        goto done;
+    }
+    if (st.oom) { fprintf(stderr, "loupe: out of memory for the lines of %s\n", output); goto done; }
+    printf("images %lld\nforged %lld\npixel_images %lld\n", r.images, r.forged_images, r.pixel_images);
+    cli_eval_print("auc", r.auc);
+    cli_eval_print("f1", r.f1);
+    cli_eval_print("iou", r.iou);
+    cli_eval_print("overall", r.overall);
+    cli_eval_print("accuracy", r.accuracy);
+    fflush(stdout);
+    if (output && cli_write_atomic(output, st.lines, st.len)) goto done;
+    status = 0;
+done:
+    free(st.lines);
+    loupe_session_free(s);
+    loupe_model_free(m);
+    loupe_dataset_free(d);
+    return status;
+}
+
 int main(int argc, char **argv)
 {
     cli_options o;
@@ -11214,6 +11380,7 @@ int main(int argc, char **argv)
     unsigned char *clash = NULL;
     size_t pred_len = 0, pred_cap = 0;
     int status = 0, i, rc;
+    if (argc > 1 && !strcmp(argv[1], "eval")) return cli_eval(argc - 1, argv + 1);
     memset(&o, 0, sizeof o);
     rc = cli_parse(argc, argv, &o);
     if (rc) { status = rc == 1 ? 0 : 2; goto done; }
