@@ -35,7 +35,7 @@ export EXE
 
 .PHONY: fuzz fuzz-run test-asan test-valgrind
 .PHONY: all test test-full test-case test-unit test-convert test-images test-cli test-regress test-hostile
-.PHONY: test-example test-lowp portability bench bench-tta clean
+.PHONY: test-example test-lowp test-batch test-metrics portability bench bench-tta clean
 
 all: loupe
 
@@ -73,6 +73,12 @@ $(BUILD)/check_tta$(EXE): loupe.c loupe.h test/check_tta.c test/golden_io.h test
 $(BUILD)/check_train$(EXE): loupe.c loupe.h test/check_train.c test/golden_io.h test/replay.h | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/check_train.c $(LDLIBS)
 
+$(BUILD)/check_batch$(EXE): loupe.c loupe.h test/check_batch.c test/golden_io.h | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/check_batch.c $(LDLIBS)
+
+$(BUILD)/check_metrics$(EXE): loupe.c loupe.h test/check_metrics.c | $(BUILD)
+	$(CC) $(ALLFLAGS) -DLOUPE_NO_MAIN -o $@ loupe.c test/check_metrics.c $(LDLIBS)
+
 $(BUILD)/test_backward$(EXE): loupe.c loupe.h test/test_backward.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/test_backward.c $(LDLIBS)
 
@@ -98,8 +104,8 @@ $(BUILD)/example$(EXE): test/example.c loupe.h $(BUILD)/loupe-lib.o
 # Everything is built in $(BUILD) (the ./loupe of `make` is not needed), so builds with
 # other compilers can run side by side (see `make portability`).
 TEST_SUITES = test-convert test-images test-cli test-regress test-hostile test-tiny-a test-tiny-b \
-              test-lowp-tiny-a test-lowp-tiny-b test-unit test-example
-test: $(BUILD)/loupe$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_train$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/fuzz_replay$(EXE)
+              test-lowp-tiny-a test-lowp-tiny-b test-unit test-example test-batch test-metrics
+test: $(BUILD)/loupe$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_train$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/fuzz_replay$(EXE) $(BUILD)/check_batch$(EXE) $(BUILD)/check_metrics$(EXE)
 	@sh test/summary.sh $(BUILD)/test-log.txt \
 	  $(foreach t,$(TEST_SUITES),"$(MAKE) --no-print-directory $(t)")
 
@@ -109,6 +115,15 @@ test-tiny-%:
 test-unit: $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/tiny-a.bin
 	$(RUN) $(BUILD)/test_kernels$(EXE) $(BUILD)/tiny-a.bin
 	$(RUN) $(BUILD)/test_backward$(EXE) $(BUILD)/tiny-a.bin
+
+# Upstream's training batch (DataModule.train_collate_fn) rebuilt from the tiny-a files
+# against the golden one, bit for bit (test/check_batch.c).
+test-batch: $(BUILD)/check_batch$(EXE) $(BUILD)/tiny-a.bin
+	$(RUN) $(BUILD)/check_batch$(EXE) $(BUILD)/tiny-a.bin test/golden/tiny-a
+
+# Upstream's validation metrics (auc, f1, iou, overall) on the metrics golden.
+test-metrics: $(BUILD)/check_metrics$(EXE)
+	$(RUN) $(BUILD)/check_metrics$(EXE) test/golden/metrics
 
 # The embedding example on the tiny-a case: probability and mask against the golden values.
 test-example: $(BUILD)/example$(EXE) $(BUILD)/tiny-a.bin

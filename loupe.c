@@ -10,7 +10,9 @@
  *   7. segmentor            feature pyramid, Mask2Former pixel decoder, masked-attention decoder
  *   8. post-processing      mask logits to a probability map and a binary mask
  *   9. test-time adaptation pseudo-label loss, the segmentor's backward pass, AdamW
- *  10. CLI                  the `loupe` command
+ *  10. datasets, metrics    labelled datasets, upstream's training examples (masks
+ *                           dithered, resized, patch labels), validation metrics
+ *  11. CLI                  the `loupe` command (`loupe eval` scores a labelled set)
  *
  * Tensors are float32 and row-major. Token sequences are [tokens][channels]; feature
  * maps are stored channels-last, [H*W][C], so that every 1x1 convolution and every
@@ -10782,7 +10784,1013 @@ int loupe_tta_save(const loupe_trainer *t, const char *path, char *err, size_t e
 }
 
 /* ========================================================================== */
-/* 10. CLI: the `loupe` command                                               */
+/* 10. Datasets and metrics (DataModule, LoupeImageProcessor, Metric)         */
+/* ========================================================================== */
+/* What upstream's training and validation read besides the model:
+ *   - labelled datasets (a folder images/ + masks/, or a list file), every entry
+ *     decoded once when opened so that a bad file stops nothing half-way;
+ *   - one training example as DataModule.train_collate_fn builds it: the mask made
+ *     binary by convert_to_binary_masks (Pillow's "L", min-max normalisation, dithering
+ *     against uniform draws), then Mask2FormerImageProcessor's NEAREST resize and
+ *     reduce_labels (mask_labels) and LoupeImageProcessor's patch labels (the soft mask,
+ *     bilinear, block means), bit for bit (test/check_batch.c against the golden batch);
+ *   - the validation metrics of LitModel.on_validation_epoch_end (src/metric/metric.py,
+ *     mean_iou.py) as an accumulator, and the validation loop (test/check_metrics.c). */
+
+#define DATASET_VALID_EXT_COUNT 5
+#define DATASET_MAX_ENTRIES 100000000   /* more entries than this is surely a mistake */
+#define DATASET_ERR_MAX 1024
+#define MASK_DRAW_CHUNK 4096            /* uniforms drawn per call while dithering */
+#define EVAL_THRESHOLD 0.5f             /* post_process_segmentation: forged where seg > 0.5 */
+#define METRIC_PROB_THRESHOLD 0.5f      /* Metric.compute_accuracy: prob > 0.5 is forged */
+#define PIL_L_R 19595u                  /* Pillow's convert("L"): ITU-R 601-2 luma in 16.16 */
+#define PIL_L_G 38470u
+#define PIL_L_B 7471u
+#define PIL_L_ROUND 0x8000u
+
+/* ---- Uniform numbers ---- */
+
+void loupe_splitmix_fill(void *state, float *out, size_t n)
+{
+    loupe_splitmix *p = (loupe_splitmix *)state;
+    splitmix_uniform s;
+    s.seed = p->seed;
+    s.counter = p->counter;
+    splitmix_uniform_fill(&s, out, n);
+    p->counter = s.counter;
+}
+
+/* ---- Datasets ---- */
+
+typedef struct dataset_entry {
+    char *image, *mask;          /* mask NULL: authentic */
+    int line;                    /* line of the list file (0 for folders) */
+} dataset_entry;
+
+struct loupe_dataset {
+    dataset_entry *e;
+    int n, cap;
+    size_t max_pixels;
+    char *source;                /* the path given to loupe_dataset_open */
+    int is_list;
+};
+
+static char *dataset_strdup(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    char *d = malloc(n);
+    if (d) memcpy(d, s, n);
+    return d;
+}
+
+/* dir + "/" + name in a new allocation (name alone when dir is NULL or empty). */
+static char *dataset_join(const char *dir, size_t dir_len, const char *name, size_t name_len)
+{
+    char *p = malloc(dir_len + name_len + 2);
+    if (!p) return NULL;
+    if (dir_len) {
+        memcpy(p, dir, dir_len);
+        p[dir_len] = '/';
+        memcpy(p + dir_len + 1, name, name_len);
+        p[dir_len + 1 + name_len] = '\0';
+    } else {
+        memcpy(p, name, name_len);
+        p[name_len] = '\0';
+    }
+    return p;
+}
+
+/* The file name without its directories. */
+static const char *dataset_basename(const char *path)
+{
+    const char *b = path, *p;
+    for (p = path; *p; p++)
+        if (*p == '/' || *p == '\\') b = p + 1;
+    return b;
+}
+
+/* Length of a file name's stem: without its last extension ("a.b.png" -> 3). */
+static size_t dataset_stem_len(const char *name)
+{
+    const char *dot = strrchr(name, '.');
+    return dot && dot != name ? (size_t)(dot - name) : strlen(name);
+}
+
+/* True when name ends in an extension the decoders handle (any case). */
+static int dataset_is_image_name(const char *name)
+{
+    static const char *const exts[DATASET_VALID_EXT_COUNT] = {".png", ".jpg", ".jpeg", ".ppm", ".pgm"};
+    size_t n = strlen(name), i, k;
+    for (i = 0; i < DATASET_VALID_EXT_COUNT; i++) {
+        size_t e = strlen(exts[i]);
+        int same = n > e;
+        for (k = 0; same && k < e; k++) same = tolower((unsigned char)name[n - e + k]) == exts[i][k];
+        if (same) return 1;
+    }
+    return 0;
+}
+
+static int dataset_add(loupe_dataset *d, char *image, char *mask, int line, char *err, size_t errsize)
+{
+    if (d->n == d->cap) {
+        int cap = d->cap ? 2 * d->cap : 64;
+        dataset_entry *g;
+        if (d->n >= DATASET_MAX_ENTRIES) {
+            free(image);
+            free(mask);
+            return fail(err, errsize, "%s: more than %d entries", d->source, DATASET_MAX_ENTRIES);
+        }
+        g = realloc(d->e, (size_t)cap * sizeof *g);
+        if (!g) {
+            free(image);
+            free(mask);
+            return fail(err, errsize, "%s: out of memory", d->source);
+        }
+        d->e = g;
+        d->cap = cap;
+    }
+    d->e[d->n].image = image;
+    d->e[d->n].mask = mask;
+    d->e[d->n].line = line;
+    d->n++;
+    return 0;
+}
+
+/* 1 when path is a directory, 0 when it is something else that exists, -1 when it
+ * cannot be examined (errno set where the system reports it). */
+static int dataset_is_dir(const char *path)
+{
+#if LOUPE_POSIX
+    struct stat st;
+    if (stat(path, &st) != 0) return -1;
+    return S_ISDIR(st.st_mode) ? 1 : 0;
+#elif defined(_WIN32)
+    DWORD attr = GetFileAttributesA(path);
+    if (attr == INVALID_FILE_ATTRIBUTES) { errno = ENOENT; return -1; }
+    return (attr & FILE_ATTRIBUTE_DIRECTORY) ? 1 : 0;
+#else
+    FILE *f = fopen(path, "rb");
+    if (!f) return -1;
+    fclose(f);
+    return 0;
+#endif
+}
+
+static int dataset_cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* Orders file names by stem (then by the whole name). */
+static int dataset_cmp_stem(const void *a, const void *b)
+{
+    const char *x = *(char *const *)a, *y = *(char *const *)b;
+    size_t lx = dataset_stem_len(x), ly = dataset_stem_len(y);
+    int c = memcmp(x, y, lx < ly ? lx : ly);
+    if (c) return c;
+    if (lx != ly) return lx < ly ? -1 : 1;
+    return strcmp(x, y);
+}
+
+static int dataset_same_stem(const char *x, const char *y)
+{
+    size_t lx = dataset_stem_len(x);
+    return lx == dataset_stem_len(y) && !memcmp(x, y, lx);
+}
+
+static void dataset_free_names(char **names, int n)
+{
+    int i;
+    for (i = 0; i < n; i++) free(names[i]);
+    free(names);
+}
+
+/* The image file names (not paths) of a directory in name order: *names, *n. */
+static int dataset_list_dir(const char *dir, char ***names, int *n, char *err, size_t errsize)
+{
+    char **v = NULL;
+    int cap = 0;
+    *names = NULL;
+    *n = 0;
+#if LOUPE_POSIX
+    {
+        DIR *dp = opendir(dir);
+        struct dirent *e;
+        if (!dp) return fail(err, errsize, "%s: cannot open the folder (%s)", dir, strerror(errno));
+        while ((e = readdir(dp)) != NULL) {
+            char *full;
+            struct stat st;
+            int regular;
+            if (e->d_name[0] == '.' || !dataset_is_image_name(e->d_name)) continue;
+            full = dataset_join(dir, strlen(dir), e->d_name, strlen(e->d_name));
+            regular = full && stat(full, &st) == 0 && S_ISREG(st.st_mode);
+            free(full);
+            if (!regular) continue;
+            if (*n == cap) {
+                char **g;
+                cap = cap ? 2 * cap : 64;
+                if (cap > DATASET_MAX_ENTRIES || !(g = realloc(v, (size_t)cap * sizeof *g))) {
+                    closedir(dp);
+                    dataset_free_names(v, *n);
+                    *n = 0;
+                    return fail(err, errsize, "%s: out of memory listing the folder", dir);
+                }
+                v = g;
+            }
+            if (!(v[*n] = dataset_strdup(e->d_name))) {
+                closedir(dp);
+                dataset_free_names(v, *n);
+                *n = 0;
+                return fail(err, errsize, "%s: out of memory listing the folder", dir);
+            }
+            (*n)++;
+        }
+        closedir(dp);
+    }
+#elif defined(_WIN32)
+    {
+        WIN32_FIND_DATAA e;
+        HANDLE h;
+        char *pattern = dataset_join(dir, strlen(dir), "*", 1);
+        if (!pattern) return fail(err, errsize, "%s: out of memory", dir);
+        h = FindFirstFileA(pattern, &e);
+        free(pattern);
+        if (h == INVALID_HANDLE_VALUE) return fail(err, errsize, "%s: cannot open the folder", dir);
+        do {
+            if (e.cFileName[0] == '.' || !dataset_is_image_name(e.cFileName) ||
+                (e.dwFileAttributes & FILE_ATTRIBUTE_DIRECTORY))
+                continue;
+            if (*n == cap) {
+                char **g;
+                cap = cap ? 2 * cap : 64;
+                if (cap > DATASET_MAX_ENTRIES || !(g = realloc(v, (size_t)cap * sizeof *g))) {
+                    FindClose(h);
+                    dataset_free_names(v, *n);
+                    *n = 0;
+                    return fail(err, errsize, "%s: out of memory listing the folder", dir);
+                }
+                v = g;
+            }
+            if (!(v[*n] = dataset_strdup(e.cFileName))) {
+                FindClose(h);
+                dataset_free_names(v, *n);
+                *n = 0;
+                return fail(err, errsize, "%s: out of memory listing the folder", dir);
+            }
+            (*n)++;
+        } while (FindNextFileA(h, &e));
+        FindClose(h);
+    }
+#else
+    (void)cap;
+    return fail(err, errsize, "%s: folders cannot be listed on this system; use a list file", dir);
+#endif
+    if (*n) qsort(v, (size_t)*n, sizeof *v, dataset_cmp_str);
+    *names = v;
+    return 0;
+}
+
+/* Reads DIR/images and DIR/masks into d. */
+static int dataset_read_folder(loupe_dataset *d, const char *dir, char *err, size_t errsize)
+{
+    size_t dl = strlen(dir);
+    char *idir = dataset_join(dir, dl, "images", 6), *mdir = dataset_join(dir, dl, "masks", 5);
+    char **images = NULL, **masks = NULL, **by_stem = NULL;
+    int ni = 0, nm = 0, i, rc = -1;
+    if (!idir || !mdir) { fail(err, errsize, "%s: out of memory", dir); goto done; }
+    if (dataset_is_dir(idir) != 1 || dataset_is_dir(mdir) != 1) {
+        fail(err, errsize, "%s: a dataset folder needs the subfolders images/ and masks/ (%s is missing)", dir,
+             dataset_is_dir(idir) != 1 ? "images/" : "masks/");
+        goto done;
+    }
+    if (dataset_list_dir(idir, &images, &ni, err, errsize) || dataset_list_dir(mdir, &masks, &nm, err, errsize)) goto done;
+    /* two images or two masks with one stem: a mask could not tell which image it is for */
+    if (ni && !(by_stem = malloc((size_t)(ni > nm ? ni : nm) * sizeof *by_stem))) {
+        fail(err, errsize, "%s: out of memory", dir);
+        goto done;
+    }
+    if (ni) memcpy(by_stem, images, (size_t)ni * sizeof *by_stem);
+    if (ni) qsort(by_stem, (size_t)ni, sizeof *by_stem, dataset_cmp_stem);
+    for (i = 0; i + 1 < ni; i++)
+        if (dataset_same_stem(by_stem[i], by_stem[i + 1])) {
+            fail(err, errsize, "%s/%s and %s/%s: two images with the stem \"%.*s\" (a mask could not tell them apart)",
+                 idir, by_stem[i], idir, by_stem[i + 1], (int)dataset_stem_len(by_stem[i]), by_stem[i]);
+            goto done;
+        }
+    if (nm) qsort(masks, (size_t)nm, sizeof *masks, dataset_cmp_stem);
+    for (i = 0; i + 1 < nm; i++)
+        if (dataset_same_stem(masks[i], masks[i + 1])) {
+            fail(err, errsize, "%s/%s and %s/%s: two masks with the stem \"%.*s\"", mdir, masks[i], mdir, masks[i + 1],
+                 (int)dataset_stem_len(masks[i]), masks[i]);
+            goto done;
+        }
+    /* every mask must belong to an image (a misspelled name would otherwise make a
+     * forged image authentic without a word) */
+    for (i = 0; i < nm; i++) {
+        int lo = 0, hi = ni - 1, found = 0;
+        while (lo <= hi && !found) {
+            int mid = lo + (hi - lo) / 2;
+            if (dataset_same_stem(by_stem[mid], masks[i])) found = 1;
+            else if (dataset_cmp_stem(&by_stem[mid], &masks[i]) < 0) lo = mid + 1;
+            else hi = mid - 1;
+        }
+        if (!found) {
+            fail(err, errsize, "%s/%s: no image in %s has the stem \"%.*s\"", mdir, masks[i], idir,
+                 (int)dataset_stem_len(masks[i]), masks[i]);
+            goto done;
+        }
+    }
+    for (i = 0; i < ni; i++) {
+        int lo = 0, hi = nm - 1, m = -1;
+        char *image, *mask = NULL;
+        while (lo <= hi && m < 0) {
+            int mid = lo + (hi - lo) / 2;
+            if (dataset_same_stem(masks[mid], images[i])) m = mid;
+            else if (dataset_cmp_stem(&masks[mid], &images[i]) < 0) lo = mid + 1;
+            else hi = mid - 1;
+        }
+        image = dataset_join(idir, strlen(idir), images[i], strlen(images[i]));
+        if (m >= 0) mask = dataset_join(mdir, strlen(mdir), masks[m], strlen(masks[m]));
+        if (!image || (m >= 0 && !mask)) {
+            free(image);
+            free(mask);
+            fail(err, errsize, "%s: out of memory", dir);
+            goto done;
+        }
+        if (dataset_add(d, image, mask, 0, err, errsize)) goto done;
+    }
+    rc = 0;
+done:
+    free(by_stem);
+    dataset_free_names(images, ni);
+    dataset_free_names(masks, nm);
+    free(idir);
+    free(mdir);
+    return rc;
+}
+
+/* True for an absolute path (kept as given in a list file). */
+static int dataset_is_absolute(const char *p, size_t n)
+{
+    if (n && (p[0] == '/' || p[0] == '\\')) return 1;
+    return n >= 3 && isalpha((unsigned char)p[0]) && p[1] == ':' && (p[2] == '/' || p[2] == '\\');
+}
+
+static int dataset_cmp_entry_image(const void *a, const void *b)
+{
+    const dataset_entry *x = *(const dataset_entry *const *)a, *y = *(const dataset_entry *const *)b;
+    int c = strcmp(x->image, y->image);
+    return c ? c : x->line - y->line;
+}
+
+/* Reads a list file of lines `IMAGE [MASK]` into d. */
+static int dataset_read_list(loupe_dataset *d, const char *path, char *err, size_t errsize)
+{
+    FILE *f;
+    unsigned char *text;
+    size_t size, pos = 0, dir_len;
+    const char *base = dataset_basename(path);
+    int line = 0, rc;
+    errno = 0;
+    if (!(f = fopen(path, "rb")))
+        return errno ? fail(err, errsize, "%s: cannot open (%s)", path, strerror(errno)) : fail(err, errsize, "%s: cannot open", path);
+    rc = dispatch_read_all(f, path, &text, &size, err, errsize);
+    fclose(f);
+    if (rc) return -1;
+    dir_len = (size_t)(base - path);
+    if (dir_len) dir_len--; /* without the separator */
+    if (base != path && dir_len == 0) dir_len = 1; /* a list in "/" */
+    while (pos < size) {
+        size_t end = pos, p, tok_start[3], tok_len[3];
+        int ntok = 0;
+        while (end < size && text[end] != '\n') end++;
+        line++;
+        p = pos;
+        for (;;) {
+            while (p < end && (text[p] == ' ' || text[p] == '\t' || text[p] == '\r')) p++;
+            if (p >= end || (ntok == 0 && text[p] == '#')) break;
+            if (ntok == 3) { ntok++; break; }
+            tok_start[ntok] = p;
+            while (p < end && text[p] != ' ' && text[p] != '\t' && text[p] != '\r') p++;
+            tok_len[ntok] = p - tok_start[ntok];
+            ntok++;
+        }
+        if (ntok > 2) {
+            free(text);
+            return fail(err, errsize, "%s:%d: expected IMAGE [MASK], found %s fields", path, line, ntok > 3 ? "more" : "3");
+        }
+        if (ntok) {
+            char *paths[2] = {NULL, NULL};
+            int k;
+            for (k = 0; k < ntok; k++) {
+                const char *tok = (const char *)text + tok_start[k];
+                size_t n = tok_len[k];
+                if (memchr(tok, '\0', n)) {
+                    free(paths[0]);
+                    free(text);
+                    return fail(err, errsize, "%s:%d: a path holds a NUL byte", path, line);
+                }
+                paths[k] = dataset_is_absolute(tok, n) ? dataset_join(NULL, 0, tok, n)
+                                                       : dataset_join(path, base == path ? 0 : dir_len, tok, n);
+                if (!paths[k]) {
+                    free(paths[0]);
+                    free(text);
+                    return fail(err, errsize, "%s: out of memory", path);
+                }
+            }
+            if (dataset_add(d, paths[0], paths[1], line, err, errsize)) { free(text); return -1; }
+        }
+        pos = end + 1;
+    }
+    free(text);
+    /* an image listed twice would count twice in training and in the metrics */
+    if (d->n > 1) {
+        dataset_entry **by_image = malloc((size_t)d->n * sizeof *by_image);
+        int i;
+        if (!by_image) return fail(err, errsize, "%s: out of memory", path);
+        for (i = 0; i < d->n; i++) by_image[i] = &d->e[i];
+        qsort(by_image, (size_t)d->n, sizeof *by_image, dataset_cmp_entry_image);
+        for (i = 0; i + 1 < d->n; i++)
+            if (!strcmp(by_image[i]->image, by_image[i + 1]->image)) {
+                fail(err, errsize, "%s:%d: %s is already listed on line %d", path, by_image[i + 1]->line,
+                     by_image[i + 1]->image, by_image[i]->line);
+                free(by_image);
+                return -1;
+            }
+        free(by_image);
+    }
+    return 0;
+}
+
+/* Decodes entry i's image and mask and compares their sizes. */
+static int dataset_check_entry(const loupe_dataset *d, int i, char *err, size_t errsize)
+{
+    const dataset_entry *e = &d->e[i];
+    loupe_image img, mask;
+    char msg[DATASET_ERR_MAX];
+    int rc = 0;
+    mask.rgb = NULL;
+    if (loupe_image_load(e->image, d->max_pixels, &img, msg, sizeof msg) ||
+        (e->mask && loupe_image_load(e->mask, d->max_pixels, &mask, msg, sizeof msg)))
+        rc = -1;
+    else if (e->mask && (mask.width != img.width || mask.height != img.height)) {
+        snprintf(msg, sizeof msg, "%s: the mask is %dx%d but its image %s is %dx%d", e->mask, mask.width, mask.height,
+                 e->image, img.width, img.height);
+        rc = -1;
+    }
+    loupe_image_free(&img);
+    if (e->mask) loupe_image_free(&mask);
+    if (rc) {
+        if (e->line) return fail(err, errsize, "%s:%d: %s", d->source, e->line, msg);
+        return fail(err, errsize, "%s", msg);
+    }
+    return 0;
+}
+
+void loupe_dataset_free(loupe_dataset *d)
+{
+    int i;
+    if (!d) return;
+    for (i = 0; i < d->n; i++) {
+        free(d->e[i].image);
+        free(d->e[i].mask);
+    }
+    free(d->e);
+    free(d->source);
+    free(d);
+}
+
+loupe_dataset *loupe_dataset_open(const char *path, size_t max_pixels, char *err, size_t errsize)
+{
+    loupe_dataset *d;
+    int kind, first, bad = 0, i;
+    char first_msg[DATASET_ERR_MAX];
+    if (!path) { fail(err, errsize, "no dataset path given"); return NULL; }
+    errno = 0;
+    kind = dataset_is_dir(path);
+    if (kind < 0) {
+        if (errno) fail(err, errsize, "%s: cannot open (%s)", path, strerror(errno));
+        else fail(err, errsize, "%s: cannot open", path);
+        return NULL;
+    }
+    if (!(d = calloc(1, sizeof *d)) || !(d->source = dataset_strdup(path))) {
+        free(d);
+        fail(err, errsize, "%s: out of memory", path);
+        return NULL;
+    }
+    d->max_pixels = max_pixels;
+    d->is_list = !kind;
+    if (kind ? dataset_read_folder(d, path, err, errsize) : dataset_read_list(d, path, err, errsize)) {
+        loupe_dataset_free(d);
+        return NULL;
+    }
+    if (d->n == 0) {
+        fail(err, errsize, kind ? "%s: the dataset is empty (no image in images/)" : "%s: the dataset is empty (no IMAGE line)",
+             path);
+        loupe_dataset_free(d);
+        return NULL;
+    }
+    /* every entry is decoded before anything is computed; the first bad one (in order)
+     * is reported with the number of others */
+    first = d->n;
+    first_msg[0] = '\0';
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1)
+#endif
+    for (i = 0; i < d->n; i++) {
+        char msg[DATASET_ERR_MAX];
+        if (dataset_check_entry(d, i, msg, sizeof msg)) {
+#ifdef _OPENMP
+#pragma omp critical(loupe_dataset_check)
+#endif
+            {
+                bad++;
+                if (i < first) {
+                    first = i;
+                    memcpy(first_msg, msg, sizeof msg);
+                }
+            }
+        }
+    }
+    if (bad) {
+        if (bad > 1) fail(err, errsize, "%s (and %d other bad entr%s in %s)", first_msg, bad - 1, bad > 2 ? "ies" : "y", path);
+        else fail(err, errsize, "%s", first_msg);
+        loupe_dataset_free(d);
+        return NULL;
+    }
+    return d;
+}
+
+int loupe_dataset_count(const loupe_dataset *d) { return d ? d->n : 0; }
+
+int loupe_dataset_entry(const loupe_dataset *d, int i, const char **image, const char **mask)
+{
+    if (!d || i < 0 || i >= d->n) return -1;
+    if (image) *image = d->e[i].image;
+    if (mask) *mask = d->e[i].mask;
+    return 0;
+}
+
+int loupe_dataset_load(const loupe_dataset *d, int i, loupe_image *img, loupe_image *mask, char *err, size_t errsize)
+{
+    const dataset_entry *e;
+    if (mask) {
+        mask->width = mask->height = 0;
+        mask->rgb = NULL;
+    }
+    if (!d || !img || i < 0 || i >= d->n) return fail(err, errsize, "loupe_dataset_load: no such entry");
+    e = &d->e[i];
+    if (loupe_image_load(e->image, d->max_pixels, img, err, errsize)) return -1;
+    if (mask && e->mask) {
+        if (loupe_image_load(e->mask, d->max_pixels, mask, err, errsize)) {
+            loupe_image_free(img);
+            return -1;
+        }
+        if (mask->width != img->width || mask->height != img->height) {
+            fail(err, errsize, "%s: the mask is %dx%d but its image %s is %dx%d", e->mask, mask->width, mask->height,
+                 e->image, img->width, img->height);
+            loupe_image_free(mask);
+            loupe_image_free(img);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---- Training examples (LoupeImageProcessor.__call__ with masks) ---- */
+
+/* Pillow's convert("L") of one RGB pixel (Convert.c rgb2l). */
+static unsigned char pil_luma(const unsigned char *p)
+{
+    return (unsigned char)((p[0] * PIL_L_R + p[1] * PIL_L_G + p[2] * PIL_L_B + PIL_L_ROUND) >> 16);
+}
+
+/* convert("L"), then (m - min) / (max - min) as uint8 tensors divided in float32 (the
+ * exact quotient rounded once: the double quotient of two integers below 256 rounds to
+ * the same float), zeros when the mask is constant. */
+static void mask_normalize(const loupe_image *mask, float *normalized)
+{
+    size_t n = (size_t)mask->width * mask->height, i;
+    unsigned lo = 255, hi = 0;
+    for (i = 0; i < n; i++) {
+        unsigned v = pil_luma(mask->rgb + 3 * i);
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+    }
+    for (i = 0; i < n; i++)
+        normalized[i] = hi > lo ? (float)((double)(pil_luma(mask->rgb + 3 * i) - lo) / (double)(hi - lo)) : 0.0f;
+}
+
+/* binary = normalized >= u, one draw per pixel in row-major order. */
+static int mask_dither(const float *normalized, size_t n, const loupe_uniform *u, unsigned char *binary, char *err,
+                       size_t errsize)
+{
+    float draws[MASK_DRAW_CHUNK];
+    size_t i, k;
+    if (!u || !u->fill) return fail(err, errsize, "a mask needs a source of uniform numbers to be dithered");
+    for (i = 0; i < n; i += k) {
+        k = n - i < MASK_DRAW_CHUNK ? n - i : MASK_DRAW_CHUNK;
+        u->fill(u->state, draws, k);
+        if (binary) {
+            size_t j;
+            for (j = 0; j < k; j++) binary[i + j] = normalized[i + j] >= draws[j];
+        }
+    }
+    return 0;
+}
+
+static int mask_check(const loupe_image *mask, char *err, size_t errsize)
+{
+    if (!mask || !mask->rgb || mask->width < 1 || mask->height < 1) return fail(err, errsize, "no mask given");
+    if ((double)mask->width * mask->height > (double)SIZE_MAX / sizeof(float) / 2)
+        return fail(err, errsize, "a %dx%d mask is too large", mask->width, mask->height);
+    return 0;
+}
+
+int loupe_mask_binarize(const loupe_image *mask, const loupe_uniform *u, unsigned char *binary, float *normalized,
+                        char *err, size_t errsize)
+{
+    float *norm = normalized;
+    size_t n;
+    int rc;
+    if (mask_check(mask, err, errsize)) return -1;
+    n = (size_t)mask->width * mask->height;
+    if (!norm && !(norm = malloc(n * sizeof *norm))) return fail(err, errsize, "out of memory for a %dx%d mask", mask->width, mask->height);
+    mask_normalize(mask, norm);
+    rc = mask_dither(norm, n, u, binary, err, errsize);
+    if (norm != normalized) free(norm);
+    return rc;
+}
+
+/* Pillow's resize(NEAREST) source indices along one axis (ImagingScaleAffine): x starts
+ * at 0.5 * in / out and grows by in / out per output pixel in double precision; the
+ * source is (int) x. */
+static void nearest_axis(int in, int out, int *idx)
+{
+    double step = (double)in / (double)out, x = 0.5 * step;
+    int i;
+    for (i = 0; i < out; i++) {
+        int s = (int)x;
+        idx[i] = s < in ? s : in - 1;
+        x += step;
+    }
+}
+
+/* F.interpolate(size=(oh, ow), mode="bilinear", align_corners=False) of one (1, 1, ih, iw)
+ * float32 plane as PyTorch's CPU kernel computes it for a single channel (a 1-channel
+ * NCHW tensor is also channels-last, which selects that kernel): the scale in/out in
+ * float, the source index scale * (dst + 0.5) - 0.5 in double, float lambdas (lambda0 =
+ * 1 - lambda1), float corner weights (h * w) and the four-term sum in double, rounded
+ * once. Bit for bit against upstream's patch_mask_resized (test/check_batch.c); the
+ * model's own interp_plane differs from it by up to 2e-6 here. */
+static void mask_interp_axis(int in, int out, int *i0, int *i1, float *l0, float *l1)
+{
+    float scale = (float)in / (float)out;
+    int d;
+    for (d = 0; d < out; d++) {
+        double src = (double)scale * ((double)d + 0.5) - 0.5, frac;
+        int x0;
+        if (src < 0.0) src = 0.0;
+        x0 = (int)src;
+        if (x0 > in - 1) x0 = in - 1;
+        frac = src - (double)x0;
+        l1[d] = (float)(frac < 0.0 ? 0.0 : frac > 1.0 ? 1.0 : frac);
+        l0[d] = 1.0f - l1[d];
+        i0[d] = x0;
+        i1[d] = x0 + (x0 < in - 1 ? 1 : 0);
+    }
+}
+
+/* Scratch of mask_interp: ints and floats for both axes. */
+#define MASK_INTERP_SCRATCH(oh, ow) (4 * (size_t)((oh) + (ow)))
+
+static void mask_interp(const float *in, int ih, int iw, float *out, int oh, int ow, float *scratch)
+{
+    int *y0 = (int *)(void *)scratch, *y1 = y0 + oh, *x0 = y1 + oh, *x1 = x0 + ow;
+    float *h0 = (float *)(void *)(x1 + ow), *h1 = h0 + oh, *w0 = h1 + oh, *w1 = w0 + ow;
+    int y, x;
+    mask_interp_axis(ih, oh, y0, y1, h0, h1);
+    mask_interp_axis(iw, ow, x0, x1, w0, w1);
+    for (y = 0; y < oh; y++) {
+        const float *r0 = in + (size_t)y0[y] * iw, *r1 = in + (size_t)y1[y] * iw;
+        for (x = 0; x < ow; x++) {
+            float w00 = (float)(h0[y] * w0[x]), w01 = (float)(h0[y] * w1[x]);
+            float w10 = (float)(h1[y] * w0[x]), w11 = (float)(h1[y] * w1[x]);
+            double v = (double)r0[x0[x]] * w00 + (double)r0[x1[x]] * w01;
+            v += (double)r1[x0[x]] * w10;
+            v += (double)r1[x1[x]] * w11;
+            out[(size_t)y * ow + x] = (float)v;
+        }
+    }
+}
+
+/* torch.mean of one P x P float32 block (row stride `stride`), in the order of
+ * PyTorch's AVX2 sum kernel (cascade_sum, vectorized_inner_sum) when 8 <= P < 16 (Loupe's
+ * P = 14): per row, the elements from 8 on, then the 8 lanes of the first vector, in
+ * float; the rows added in float; then / P^2. Bit for bit against upstream's
+ * patch_labels. Other P: a double sum rounded once (within an ulp or so of PyTorch). */
+#define TORCH_SUM_LANES 8
+static float block_mean(const float *b, int stride, int P)
+{
+    int y, x;
+    if (P >= TORCH_SUM_LANES && P < 2 * TORCH_SUM_LANES) {
+        float total = 0.0f;
+        for (y = 0; y < P; y++) {
+            const float *r = b + (size_t)y * stride;
+            float acc = 0.0f;
+            for (x = TORCH_SUM_LANES; x < P; x++) acc = (float)(acc + r[x]);
+            for (x = 0; x < TORCH_SUM_LANES; x++) acc = (float)(acc + r[x]);
+            total = (float)(total + acc);
+        }
+        return (float)(total / (float)(P * P));
+    } else {
+        double sum = 0.0;
+        for (y = 0; y < P; y++)
+            for (x = 0; x < P; x++) sum += b[(size_t)y * stride + x];
+        return (float)(sum / ((double)P * P));
+    }
+}
+
+int loupe_prepare_example(const loupe_model *m, const loupe_image *img, const loupe_image *mask,
+                          const loupe_uniform *u, float *pixel_values, float *mask_labels, int *n_targets,
+                          float *patch_labels, char *err, size_t errsize)
+{
+    int S, P, g, x, y, *ix = NULL, *iy;
+    size_t n;
+    float *norm = NULL, *resized = NULL, *scratch = NULL;
+    unsigned char *binary = NULL;
+    long long forged = 0;
+    int rc = -1;
+    if (!m || !img || !pixel_values) return fail(err, errsize, "loupe_prepare_example needs a model, an image and pixel_values");
+    S = m->cfg.image_size;
+    P = m->cfg.patch_size;
+    g = S / P;
+    if (loupe_preprocess(m, img, pixel_values, err, errsize)) return -1;
+    if (n_targets) *n_targets = 0;
+    if (!mask) { /* authentic: zero maps, no target, no draw */
+        if (mask_labels) memset(mask_labels, 0, (size_t)S * S * sizeof *mask_labels);
+        if (patch_labels) memset(patch_labels, 0, (size_t)g * g * sizeof *patch_labels);
+        return 0;
+    }
+    if (mask_check(mask, err, errsize)) return -1;
+    if (mask->width != img->width || mask->height != img->height)
+        return fail(err, errsize, "the mask is %dx%d but its image is %dx%d", mask->width, mask->height, img->width,
+                    img->height);
+    n = (size_t)mask->width * mask->height;
+    norm = malloc(n * sizeof *norm);
+    binary = malloc(n);
+    ix = malloc(2 * (size_t)S * sizeof *ix);
+    resized = malloc((size_t)S * S * sizeof *resized);
+    scratch = malloc(MASK_INTERP_SCRATCH(S, S) * sizeof *scratch);
+    if (!norm || !binary || !ix || !resized || !scratch) {
+        fail(err, errsize, "out of memory for a %dx%d mask", mask->width, mask->height);
+        goto done;
+    }
+    iy = ix + S;
+    mask_normalize(mask, norm);
+    if (mask_dither(norm, n, u, binary, err, errsize)) goto done;
+    /* mask_labels: NEAREST to S x S, then reduce_labels keeps the label 1 (forged) */
+    nearest_axis(mask->width, S, ix);
+    nearest_axis(mask->height, S, iy);
+    for (y = 0; y < S; y++)
+        for (x = 0; x < S; x++) {
+            int v = binary[(size_t)iy[y] * mask->width + ix[x]] != 0;
+            forged += v;
+            if (mask_labels) mask_labels[(size_t)y * S + x] = (float)v;
+        }
+    if (n_targets) *n_targets = forged > 0;
+    /* patch_labels: the soft mask bilinear to S x S, mean of each P x P block */
+    if (patch_labels) {
+        int by, bx;
+        mask_interp(norm, mask->height, mask->width, resized, S, S, scratch);
+        for (by = 0; by < g; by++)
+            for (bx = 0; bx < g; bx++)
+                patch_labels[(size_t)by * g + bx] = block_mean(resized + (size_t)by * P * S + (size_t)bx * P, S, P);
+    }
+    rc = 0;
+done:
+    free(norm);
+    free(binary);
+    free(ix);
+    free(resized);
+    free(scratch);
+    return rc;
+}
+
+/* ---- Validation metrics (Metric, mean_iou) ---- */
+
+struct loupe_metrics_acc {
+    float *prob;
+    unsigned char *label;
+    size_t n, cap;
+    long long pixel_images;
+    unsigned long long tp, fp, fn, tn;
+};
+
+loupe_metrics_acc *loupe_metrics_new(char *err, size_t errsize)
+{
+    loupe_metrics_acc *a = calloc(1, sizeof *a);
+    if (!a) fail(err, errsize, "out of memory");
+    return a;
+}
+
+void loupe_metrics_free(loupe_metrics_acc *a)
+{
+    if (!a) return;
+    free(a->prob);
+    free(a->label);
+    free(a);
+}
+
+int loupe_metrics_add(loupe_metrics_acc *a, float prob, int label, const unsigned char *pred,
+                      const unsigned char *target, int width, int height, char *err, size_t errsize)
+{
+    if (!a) return fail(err, errsize, "no metrics accumulator given");
+    if (prob != prob) return fail(err, errsize, "the probability is NaN");
+    if (label != 0 && label != 1) return fail(err, errsize, "the label is %d, not 0 or 1", label);
+    if ((pred == NULL) != (target == NULL)) return fail(err, errsize, "a predicted mask needs a target and vice versa");
+    if (pred && (width < 1 || height < 1)) return fail(err, errsize, "mask size %dx%d is invalid", width, height);
+    if (a->n == a->cap) {
+        size_t cap = a->cap ? 2 * a->cap : 256;
+        float *p = realloc(a->prob, cap * sizeof *p);
+        unsigned char *l;
+        if (!p) return fail(err, errsize, "out of memory");
+        a->prob = p;
+        if (!(l = realloc(a->label, cap))) return fail(err, errsize, "out of memory");
+        a->label = l;
+        a->cap = cap;
+    }
+    if (pred) {
+        size_t n = (size_t)width * height, i;
+        unsigned long long tp = 0, fp = 0, fn = 0, tn = 0;
+        int any = 0;
+        for (i = 0; i < n && !any; i++) any = target[i] != 0;
+        if (any) { /* Metric._postprocess_masks_and_labels skips all-zero targets */
+            for (i = 0; i < n; i++) {
+                int p = pred[i] != 0, t = target[i] != 0;
+                tp += p && t;
+                fp += p && !t;
+                fn += !p && t;
+                tn += !p && !t;
+            }
+            a->tp += tp;
+            a->fp += fp;
+            a->fn += fn;
+            a->tn += tn;
+            a->pixel_images++;
+        }
+    }
+    a->prob[a->n] = prob;
+    a->label[a->n] = (unsigned char)label;
+    a->n++;
+    return 0;
+}
+
+static int metrics_cmp_prob(const void *x, const void *y)
+{
+    float a = *(const float *)x, b = *(const float *)y;
+    return (a > b) - (a < b);
+}
+
+/* roc_auc_score as the Mann-Whitney statistic: (2 #{pos > neg} + #{pos == neg}) /
+ * (2 #pos #neg), an exact integer ratio divided once. */
+static int metrics_auc(const loupe_metrics_acc *a, double *auc, char *err, size_t errsize)
+{
+    float *pos, *neg;
+    size_t np = 0, nn = 0, i, j = 0;
+    unsigned long long twice = 0;
+    for (i = 0; i < a->n; i++) np += a->label[i];
+    nn = a->n - np;
+    if (!np || !nn) { *auc = NAN; return 0; }
+    pos = malloc(np * sizeof *pos);
+    neg = malloc(nn * sizeof *neg);
+    if (!pos || !neg) { free(pos); free(neg); return fail(err, errsize, "out of memory"); }
+    np = nn = 0;
+    for (i = 0; i < a->n; i++) {
+        if (a->label[i]) pos[np++] = a->prob[i];
+        else neg[nn++] = a->prob[i];
+    }
+    qsort(pos, np, sizeof *pos, metrics_cmp_prob);
+    qsort(neg, nn, sizeof *neg, metrics_cmp_prob);
+    /* for each positive: 2 x (negatives below) + (negatives equal) */
+    for (i = 0; i < np; i++) {
+        size_t below, k;
+        while (j < nn && neg[j] < pos[i]) j++;
+        below = j;
+        for (k = j; k < nn && neg[k] == pos[i]; k++) {}
+        twice += 2 * (unsigned long long)below + (k - j);
+    }
+    *auc = (double)twice / (2.0 * (double)np * (double)nn);
+    free(pos);
+    free(neg);
+    return 0;
+}
+
+int loupe_metrics_result(const loupe_metrics_acc *a, loupe_metrics *out, char *err, size_t errsize)
+{
+    size_t i, correct = 0, forged = 0;
+    if (!a || !out) return fail(err, errsize, "loupe_metrics_result needs an accumulator and an output");
+    memset(out, 0, sizeof *out);
+    if (metrics_auc(a, &out->auc, err, errsize)) return -1;
+    for (i = 0; i < a->n; i++) {
+        correct += (a->prob[i] > METRIC_PROB_THRESHOLD) == (a->label[i] != 0);
+        forged += a->label[i];
+    }
+    out->images = (long long)a->n;
+    out->forged_images = (long long)forged;
+    out->accuracy = a->n ? (double)correct / (double)a->n : NAN;
+    out->pixel_images = a->pixel_images;
+    out->tp = (long long)a->tp;
+    out->fp = (long long)a->fp;
+    out->fn = (long long)a->fn;
+    out->tn = (long long)a->tn;
+    if (!a->pixel_images) {
+        out->f1 = out->iou = NAN;
+    } else {
+        /* f1_score(average="binary", zero_division=1) as scikit-learn 1.2 computes it */
+        double tp = (double)a->tp, fp = (double)a->fp, fn = (double)a->fn, tn = (double)a->tn;
+        double precision = a->tp + a->fp ? tp / (tp + fp) : 1.0;
+        double recall = a->tp + a->fn ? tp / (tp + fn) : 1.0;
+        double denom = precision + recall, iou_sum = 0.0;
+        int classes = 0;
+        out->f1 = 2.0 * precision * recall / (denom == 0.0 ? 1.0 : denom);
+        /* mean_iou(num_labels=2): per class intersect / union, nanmean */
+        if (a->tn + a->fp + a->fn) { iou_sum += tn / (tn + fp + fn); classes++; }
+        if (a->tp + a->fp + a->fn) { iou_sum += tp / (tp + fp + fn); classes++; }
+        out->iou = classes ? iou_sum / classes : NAN;
+    }
+    out->overall = (out->auc + out->iou + out->f1) / 3.0;
+    return 0;
+}
+
+/* ---- The validation loop ---- */
+
+int loupe_evaluate(loupe_session *s, const loupe_dataset *d, unsigned long long seed, loupe_metrics *out,
+                   loupe_eval_fn per_image, void *user, char *err, size_t errsize)
+{
+    loupe_metrics_acc *acc;
+    loupe_splitmix stream;
+    loupe_uniform u;
+    float *pixels;
+    int i, S, rc = -1;
+    if (!s || !d || !out) return fail(err, errsize, "loupe_evaluate needs a session, a dataset and an output");
+    S = s->m->cfg.image_size;
+    stream.seed = seed;
+    stream.counter = 0;
+    u.fill = loupe_splitmix_fill;
+    u.state = &stream;
+    pixels = malloc(3 * (size_t)S * S * sizeof *pixels);
+    acc = loupe_metrics_new(err, errsize);
+    if (!pixels || !acc) {
+        free(pixels);
+        loupe_metrics_free(acc);
+        return fail(err, errsize, "out of memory");
+    }
+    for (i = 0; i < d->n; i++) {
+        loupe_image img, mask;
+        unsigned char *pred = NULL, *target = NULL;
+        loupe_eval_image r;
+        char msg[DATASET_ERR_MAX];
+        size_t n, k;
+        int ok;
+        if (loupe_dataset_load(d, i, &img, &mask, err, errsize)) goto done;
+        n = (size_t)img.width * img.height;
+        pred = malloc(n);
+        target = calloc(n, 1);
+        ok = pred && target;
+        if (!ok) snprintf(msg, sizeof msg, "out of memory");
+        ok = ok && !loupe_preprocess(s->m, &img, pixels, msg, sizeof msg) && !loupe_forward(s, pixels, msg, sizeof msg) &&
+             !loupe_postprocess(s, img.width, img.height, EVAL_THRESHOLD, NULL, pred, msg, sizeof msg) &&
+             (!mask.rgb || !loupe_mask_binarize(&mask, &u, target, NULL, msg, sizeof msg));
+        if (!ok) fail(err, errsize, "%s: %s", d->e[i].image, msg);
+        if (ok) {
+            r.index = i;
+            r.image = d->e[i].image;
+            r.label = d->e[i].mask != NULL;
+            r.prob = s->out.prob;
+            r.width = img.width;
+            r.height = img.height;
+            r.pred_forged = r.target_forged = 0;
+            for (k = 0; k < n; k++) {
+                r.pred_forged += pred[k] != 0;
+                r.target_forged += target[k] != 0;
+            }
+            ok = !loupe_metrics_add(acc, r.prob, r.label, pred, target, img.width, img.height, msg, sizeof msg);
+            if (!ok) fail(err, errsize, "%s: %s", d->e[i].image, msg);
+        }
+        free(pred);
+        free(target);
+        loupe_image_free(&img);
+        loupe_image_free(&mask);
+        if (!ok) goto done;
+        if (per_image) per_image(user, &r);
+    }
+    rc = loupe_metrics_result(acc, out, err, errsize);
+done:
+    free(pixels);
+    loupe_metrics_free(acc);
+    return rc;
+}
+
+/* ========================================================================== */
+/* 11. CLI: the `loupe` command                                               */
 /* ========================================================================== */
 #ifndef LOUPE_NO_MAIN
 
@@ -10928,7 +11936,9 @@ static const char usage_text[] =
     "Masks are named after the file's stem (photo.jpg -> photo.png); when two inputs share\n"
     "a stem, after the whole name (photo.jpg.png).\n"
     "A file that cannot be read or decoded is reported and skipped; the exit status is\n"
-    "then 1. Outputs are written under a temporary name and renamed when complete.\n";
+    "then 1. Outputs are written under a temporary name and renamed when complete.\n"
+    "\n"
+    "loupe eval -m MODEL.bin DATA scores a labelled dataset (see loupe eval -h).\n";
 
 /* Overlay tint: pixel = (1 - a) * photo + a * red, a = OVERLAY_ALPHA * min(prob, 1). */
 #define OVERLAY_ALPHA 0.6f
@@ -11261,6 +12271,170 @@ done:
     return rc;
 }
 
+/* ---- loupe eval: upstream's validation metrics on a labelled dataset ---- */
+
+static const char eval_usage_text[] =
+    "usage: loupe eval -m MODEL.bin [options] DATA\n"
+    "\n"
+    "Scores Loupe on a labelled dataset with upstream's validation metrics. Prints one\n"
+    "`name value` line each: images, forged (images with a mask), pixel_images (images\n"
+    "whose target has a forged pixel), auc, f1, iou, overall, accuracy; `nan` when a\n"
+    "metric is undefined.\n"
+    "\n"
+    "DATA is a folder with images/ and masks/ (a mask has its image's stem, any supported\n"
+    "format; an image without a mask is authentic), or a text file of lines `IMAGE [MASK]`\n"
+    "(paths relative to the file; blank lines and lines starting with # are skipped).\n"
+    "Every image and mask is decoded before the model runs: a missing or undecodable\n"
+    "file, a mask of another size than its image, two images or masks with one stem or a\n"
+    "mask without an image stops the run with a message naming the file (exit 1).\n"
+    "\n"
+    "  -m, --model FILE      weight file written by tools/convert.py (required)\n"
+    "  -o, --output FILE     also write FILE: a header line, then one line per image,\n"
+    "                        `image,label,probability,predicted_pixels,target_pixels`\n"
+    "                        (forged pixels of the predicted mask and of the target)\n"
+    "      --seed S          seed of the targets' dithering (default 0)\n"
+    "      --threads N       number of threads (default: all cores)\n"
+    "      --max-pixels N    refuse images with more pixels (default 100000000)\n"
+    "  -q, --quiet           no progress on stderr (errors are still reported)\n"
+    "  -h, --help            show this help\n"
+    "\n"
+    "Metrics (LitModel.on_validation_epoch_end): auc = roc_auc_score of the forgery\n"
+    "probabilities (ties count 1/2; nan unless both forged and authentic images are\n"
+    "present); f1 (binary, zero_division=1) and iou (mean over the classes real and\n"
+    "forged of TP/(TP+FP+FN)) over the pooled pixels of the images whose target has a\n"
+    "forged pixel (nan when none has); overall = (auc + iou + f1) / 3; accuracy = share\n"
+    "of images with (probability > 0.5) == label. Predicted mask: probability map > 0.5\n"
+    "at the original size. Target, as upstream's test_collate_fn makes it: the mask in\n"
+    "gray (Pillow's L), (L - min) / (max - min) >= u with one uniform u per pixel from the\n"
+    "splitmix64 stream of --seed, drawn in dataset order (a 0/255 mask keeps its pixels,\n"
+    "but for a draw of exactly 0; a constant mask is an empty target); authentic images\n"
+    "have an empty target.\n"
+    "FILE is written under a temporary name and renamed when complete.\n";
+
+#define EVAL_MAX_SEED 9007199254740992.0 /* 2^53: every seed up to it is exact in a double */
+
+/* What the per-image callback of cli_eval keeps. */
+typedef struct cli_eval_state {
+    int quiet, n;
+    double t0;
+    char *lines;                 /* -o: the lines so far */
+    size_t len, cap;
+    int oom;
+} cli_eval_state;
+
+static void cli_eval_image(void *user, const loupe_eval_image *r)
+{
+    cli_eval_state *st = user;
+    double t = now_seconds();
+    if (!st->quiet && st->n > 1) fprintf(stderr, "[%d/%d] %s %.0f ms\n", r->index + 1, st->n, r->image, 1000.0 * (t - st->t0));
+    st->t0 = t;
+    if (st->lines) {
+        char line[PATH_MAX_LEN + 96];
+        int k = snprintf(line, sizeof line, "%s,%d,%.6f,%lld,%lld\n", r->image, r->label, r->prob, r->pred_forged,
+                         r->target_forged);
+        if (k < 0 || (size_t)k >= sizeof line) return;
+        if (st->len + (size_t)k + 1 > st->cap) {
+            size_t cap = 2 * (st->cap + (size_t)k + 1);
+            char *g = realloc(st->lines, cap);
+            if (!g) { st->oom = 1; return; }
+            st->lines = g;
+            st->cap = cap;
+        }
+        memcpy(st->lines + st->len, line, (size_t)k);
+        st->len += (size_t)k;
+    }
+}
+
+/* Prints one `name value` line (nan spelled the same on every libc). */
+static void cli_eval_print(const char *name, double v)
+{
+    if (v != v) printf("%s nan\n", name);
+    else printf("%s %.6f\n", name, v);
+}
+
+/* `loupe eval ...` (argv[0] is "eval"); returns the exit status. */
+static int cli_eval(int argc, char **argv)
+{
+    static const char header[] = "image,label,probability,predicted_pixels,target_pixels\n";
+    const char *model = NULL, *data = NULL, *output = NULL;
+    size_t max_pixels = LOUPE_DEFAULT_MAX_PIXELS;
+    unsigned long long seed = 0;
+    int threads = 0, quiet = 0, i, status = 1;
+    char err[1024];
+    double v;
+    loupe_model *m = NULL;
+    loupe_session *s = NULL;
+    loupe_dataset *d = NULL;
+    loupe_metrics r;
+    cli_eval_state st;
+    memset(&st, 0, sizeof st);
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i], *next = i + 1 < argc ? argv[i + 1] : NULL;
+        if (a[0] != '-' || !a[1]) {
+            if (data) { fprintf(stderr, "loupe eval: one DATA only (got %s and %s)\n", data, a); return 2; }
+            data = a;
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(eval_usage_text, stdout); return 0; }
+        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { if (!next) goto missing; model = next; i++; }
+        else if (!strcmp(a, "-o") || !strcmp(a, "--output")) { if (!next) goto missing; output = next; i++; }
+        else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) quiet = 1;
+        else if (!strcmp(a, "--seed")) {
+            if (cli_number(a, next, 0, EVAL_MAX_SEED, &v) || v != floor(v)) return 2;
+            seed = (unsigned long long)v;
+            i++;
+        } else if (!strcmp(a, "--threads")) {
+            if (cli_number(a, next, 1, 4096, &v) || v != floor(v)) return 2;
+            threads = (int)v;
+            i++;
+        } else if (!strcmp(a, "--max-pixels")) {
+            if (cli_number(a, next, 1, 1e15, &v)) return 2;
+            max_pixels = (size_t)v;
+            i++;
+        } else { fprintf(stderr, "loupe eval: unknown option %s (see loupe eval -h)\n", a); return 2; }
+        continue;
+    missing:
+        fprintf(stderr, "loupe eval: %s needs a value (see loupe eval -h)\n", a);
+        return 2;
+    }
+    if (!model) { fprintf(stderr, "loupe eval: no model given: use -m MODEL.bin (see loupe eval -h)\n"); return 2; }
+    if (!data) { fprintf(stderr, "loupe eval: no dataset given (see loupe eval -h)\n"); return 2; }
+    if (threads) loupe_set_threads(threads);
+    /* the dataset first: a bad entry is reported before the model is even read */
+    if (!(d = loupe_dataset_open(data, max_pixels, err, sizeof err)) || !(m = loupe_model_load(model, err, sizeof err)) ||
+        !(s = loupe_session_new(m, err, sizeof err))) {
+        fprintf(stderr, "loupe: %s\n", err);
+        goto done;
+    }
+    st.quiet = quiet;
+    st.n = loupe_dataset_count(d);
+    st.t0 = now_seconds();
+    if (output) {
+        st.cap = sizeof header;
+        if (!(st.lines = malloc(st.cap))) { fprintf(stderr, "loupe: out of memory\n"); goto done; }
+        memcpy(st.lines, header, sizeof header - 1);
+        st.len = sizeof header - 1;
+    }
+    if (loupe_evaluate(s, d, seed, &r, cli_eval_image, &st, err, sizeof err)) {
+        fprintf(stderr, "loupe: %s\n", err);
+        goto done;
+    }
+    if (st.oom) { fprintf(stderr, "loupe: out of memory for the lines of %s\n", output); goto done; }
+    printf("images %lld\nforged %lld\npixel_images %lld\n", r.images, r.forged_images, r.pixel_images);
+    cli_eval_print("auc", r.auc);
+    cli_eval_print("f1", r.f1);
+    cli_eval_print("iou", r.iou);
+    cli_eval_print("overall", r.overall);
+    cli_eval_print("accuracy", r.accuracy);
+    fflush(stdout);
+    if (output && cli_write_atomic(output, st.lines, st.len)) goto done;
+    status = 0;
+done:
+    free(st.lines);
+    loupe_session_free(s);
+    loupe_model_free(m);
+    loupe_dataset_free(d);
+    return status;
+}
+
 int main(int argc, char **argv)
 {
     cli_options o;
@@ -11274,6 +12448,7 @@ int main(int argc, char **argv)
     unsigned char *clash = NULL;
     size_t pred_len = 0, pred_cap = 0;
     int status = 0, i, rc;
+    if (argc > 1 && !strcmp(argv[1], "eval")) return cli_eval(argc - 1, argv + 1);
     memset(&o, 0, sizeof o);
     rc = cli_parse(argc, argv, &o);
     if (rc) { status = rc == 1 ? 0 : 2; goto done; }

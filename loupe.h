@@ -222,6 +222,122 @@ int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsi
 
 void loupe_tta_get_memory(const loupe_tta *t, loupe_tta_memory *mem);
 
+/* ---- Labelled datasets, training examples and validation metrics ---- */
+
+/* A source of uniform float32 numbers in [0, 1): fill(state, out, n) writes the next n.
+ * Used where upstream calls torch.rand (the dithering of forgery masks); a test can
+ * replay PyTorch's recorded draws through it. */
+typedef void (*loupe_uniform_fn)(void *state, float *out, size_t n);
+typedef struct loupe_uniform { loupe_uniform_fn fill; void *state; } loupe_uniform;
+
+/* The default seeded stream (the one test-time adaptation uses): number i of the stream
+ * (i = counter, counting from 0 over all calls) is splitmix64(seed + (i + 1) *
+ * 0x9E3779B97F4A7C15) >> 40, divided by 2^24. Start with counter 0:
+ *     loupe_splitmix st = {seed, 0};  loupe_uniform u = {loupe_splitmix_fill, &st}; */
+typedef struct loupe_splitmix { unsigned long long seed, counter; } loupe_splitmix;
+void loupe_splitmix_fill(void *state, float *out, size_t n);
+
+/* A labelled set of images, validated when opened. path is either
+ *   - a folder with images/ and masks/: every .png/.jpg/.jpeg/.ppm/.pgm file of images/
+ *     is an entry (name order; other files and names starting with '.' are ignored); its
+ *     mask is the file of masks/ with the same stem (name without its last extension), in
+ *     any supported format; an image without a mask is authentic. Two images or two masks
+ *     with one stem, and a mask without an image, are errors;
+ *   - a text file of lines `IMAGE [MASK]` (whitespace-separated, paths relative to the
+ *     list file's folder unless absolute; blank lines and lines starting with '#' are
+ *     skipped; an image listed twice is an error).
+ * Every image and mask is decoded once (at most max_pixels pixels; threads with OpenMP)
+ * and a mask must have its image's size. Any bad entry refuses the whole set: NULL and
+ * one sentence naming the file (LIST:LINE: for lists), e.g. the first bad entry and how
+ * many others are bad. An empty set is refused too. */
+typedef struct loupe_dataset loupe_dataset;
+loupe_dataset *loupe_dataset_open(const char *path, size_t max_pixels, char *err, size_t errsize);
+int loupe_dataset_count(const loupe_dataset *d);
+/* Entry i (0..count-1): its image path and its mask path (NULL: authentic); the strings
+ * live as long as the dataset. Returns 0, or -1 when i is out of range. */
+int loupe_dataset_entry(const loupe_dataset *d, int i, const char **image, const char **mask);
+/* Decodes entry i: *img, and *mask (left empty, rgb NULL, when the entry has no mask;
+ * mask may be NULL to skip it). Both are released with loupe_image_free. */
+int loupe_dataset_load(const loupe_dataset *d, int i, loupe_image *img, loupe_image *mask,
+                       char *err, size_t errsize);
+void loupe_dataset_free(loupe_dataset *d);
+
+/* Upstream's LoupeImageProcessor.convert_to_binary_masks on one mask at its own size:
+ * L = Pillow's convert("L") of the RGB pixels ((19595 R + 38470 G + 7471 B + 0x8000) >> 16,
+ * so gray masks keep their values), normalized = (L - min) / (max - min) as a correctly
+ * rounded float32 (all zeros when max == min), binary = normalized >= u with one uniform u
+ * per pixel in row-major order (width*height draws, also for a constant mask).
+ * binary (may be NULL) receives width*height bytes 0/1, normalized (may be NULL) floats. */
+int loupe_mask_binarize(const loupe_image *mask, const loupe_uniform *u, unsigned char *binary,
+                        float *normalized, char *err, size_t errsize);
+
+/* One training example exactly as upstream's DataModule.train_collate_fn builds it (the
+ * processor call with masks and patch labels), with S = image_size, P = patch_size,
+ * g = S / P of the model:
+ *   pixel_values [3][S][S]  loupe_preprocess;
+ *   mask_labels  [S][S]     the dithered mask (loupe_mask_binarize, draws from u) resized
+ *                           to S x S with Pillow's NEAREST, 1.0 forged, 0.0 elsewhere;
+ *   *n_targets              1 when mask_labels has a forged pixel, else 0 (upstream's
+ *                           class_labels [0] or []);
+ *   patch_labels [g][g]     the undithered normalized mask, bilinear to S x S
+ *                           (F.interpolate, align_corners=False), mean of each P x P block.
+ * mask NULL (an authentic image): mask_labels and patch_labels are zeros, *n_targets 0 and
+ * nothing is drawn from u (u may then be NULL). The image label is mask != NULL. A mask
+ * must have the image's size. Any output pointer but pixel_values may be NULL. */
+int loupe_prepare_example(const loupe_model *m, const loupe_image *img, const loupe_image *mask,
+                          const loupe_uniform *u, float *pixel_values, float *mask_labels,
+                          int *n_targets, float *patch_labels, char *err, size_t errsize);
+
+/* Upstream's validation metrics (LitModel.on_validation_epoch_end with Metric):
+ *   auc       roc_auc_score(labels, probabilities): the probability that a forged image
+ *             scores above an authentic one, ties counting 1/2; NaN unless both classes
+ *             are present (scikit-learn raises an error there);
+ *   f1, iou   over the pooled pixels of the images whose target has a forged pixel (the
+ *             others are skipped, whatever their label or prediction): f1 binary with
+ *             zero_division=1 (2PR / (P + R)), iou the mean over the classes real and
+ *             forged of TP/(TP+FP+FN) (a class with an empty union left out); both NaN
+ *             when no image has a forged target pixel (upstream fails there);
+ *   overall   (auc + iou + f1) / 3 (NaN when one of them is);
+ *   accuracy  fraction of images with (probability > 0.5) == label. */
+typedef struct loupe_metrics {
+    double auc, f1, iou, overall, accuracy;
+    long long images, forged_images;   /* images added; those with label 1 */
+    long long pixel_images;            /* images used by f1 and iou */
+    long long tp, fp, fn, tn;          /* pixel counts of those images (forged = positive) */
+} loupe_metrics;
+
+typedef struct loupe_metrics_acc loupe_metrics_acc;
+loupe_metrics_acc *loupe_metrics_new(char *err, size_t errsize);
+/* Adds one image: its forgery probability (not NaN), label (1 forged, 0 authentic) and,
+ * for the pixel metrics, the predicted mask and the (binary) target, width*height bytes
+ * each, nonzero = forged (both NULL: image metrics only). */
+int loupe_metrics_add(loupe_metrics_acc *a, float prob, int label, const unsigned char *pred,
+                      const unsigned char *target, int width, int height, char *err, size_t errsize);
+/* The metrics of everything added so far (the accumulator stays usable). */
+int loupe_metrics_result(const loupe_metrics_acc *a, loupe_metrics *out, char *err, size_t errsize);
+void loupe_metrics_free(loupe_metrics_acc *a);
+
+/* One image of an evaluation, as reported to loupe_evaluate's callback. */
+typedef struct loupe_eval_image {
+    int index;                       /* dataset entry */
+    const char *image;               /* its path */
+    int label;                       /* 1: the entry has a mask */
+    float prob;                      /* forgery probability */
+    int width, height;
+    long long pred_forged;           /* pixels of the predicted mask (threshold 0.5) */
+    long long target_forged;         /* pixels of the dithered target */
+} loupe_eval_image;
+typedef void (*loupe_eval_fn)(void *user, const loupe_eval_image *r);
+
+/* Upstream's validation loop over a dataset with the session's model (or adapted
+ * segmentor): per entry, forward, the mask at the original size (loupe_postprocess,
+ * threshold 0.5) and the target as test_collate_fn makes it (loupe_mask_binarize at the
+ * original size, draws from one loupe_splitmix stream {seed, 0} consumed in entry order;
+ * zeros for authentic images); then the metrics. per_image (may be NULL) is called after
+ * each image. Returns 0, or -1 with err (an image that can no longer be read). */
+int loupe_evaluate(loupe_session *s, const loupe_dataset *d, unsigned long long seed, loupe_metrics *out,
+                   loupe_eval_fn per_image, void *user, char *err, size_t errsize);
+
 /* ---- Training: upstream's stages cls, seg and cls_seg ---- */
 /* A loupe_trainer owns float32 copies of the tensors a stage trains, their gradients,
  * AdamW's moments, the saved activations of one image and the backward's scratch; the
