@@ -12435,6 +12435,539 @@ done:
     return status;
 }
 
+/* ---- loupe train: upstream's training stages on a labelled dataset ---- */
+
+static const char train_usage[] =
+    "usage: loupe train --stage {cls,seg,cls_seg} -m INIT.bin --train DATA [--valid DATA] -o OUT.bin [options]\n"
+    "\n"
+    "Trains Loupe as upstream's src/train.py does: stage cls trains the classifier, seg the\n"
+    "segmentor (both on a frozen backbone), cls_seg everything (loss 2 x cls + 1 x seg).\n"
+    "DATA is a folder with images/ and masks/ (a mask has its image's stem; an image without\n"
+    "one is authentic) or a text file of lines `IMAGE [MASK]`. Every entry is checked before\n"
+    "training starts. Defaults are upstream's per stage (configs/hparams, configs/model).\n"
+    "\n"
+    "Outputs: OUT.bin (the best model by the stage's validation metric - auc for cls, iou for\n"
+    "seg, overall for cls_seg - or the last one without --valid), OUT.last.bin (the last\n"
+    "model) and OUT.state (optimizer state for --resume). Every file is replaced atomically.\n"
+    "\n"
+    "  --epochs N          passes over the training set (1)\n"
+    "  --batch N           images per batch; the loss is the batch's, as upstream (cls 48,\n"
+    "                      seg 40, cls_seg 32)\n"
+    "  --accum N           batches per optimizer step, each loss divided by N (cls 8, else 3)\n"
+    "  --lr X              learning rate of the heads (cls 5e-4, else 3e-4)\n"
+    "  --backbone-lr X     learning rate of backbone tensors (1e-5)\n"
+    "  --weight-decay X    AdamW weight decay, none for biases (cls 1e-3, else 5e-2)\n"
+    "  --schedule S        wsd, cosine or constant (wsd)\n"
+    "  --warmup F          warm-up length as a fraction of all steps (0.1)\n"
+    "  --decay F           wsd decay length as a fraction of all steps (0.1)\n"
+    "  --clip X            gradient norm clipping (1.0)\n"
+    "  --seed N            data order, mask dithering and the loss's random points (42)\n"
+    "  --freeze-backbone   train no backbone tensor (default of cls and seg)\n"
+    "  --train-backbone    train every backbone tensor (default of cls_seg)\n"
+    "  --train-embeddings  also train the backbone's class and position embeddings when it\n"
+    "                      is frozen, as upstream does by accident (off: a frozen backbone is\n"
+    "                      frozen, and its outputs are kept across epochs)\n"
+    "  --no-warmup-quirk   skip upstream's first step at learning rate 0 (its schedule starts\n"
+    "                      at factor 0: that step only updates the optimizer's moments)\n"
+    "  --max-steps N       stop after N optimizer steps (0: no limit)\n"
+    "  --save-every N      also save OUT.last.bin and OUT.state every N steps (0: per epoch)\n"
+    "  --cache-mib N       memory for kept backbone outputs of a frozen backbone (2048); the\n"
+    "                      rest goes to OUT.features, checked against the model and image\n"
+    "  --resume            continue from OUT.last.bin and OUT.state, bit for bit\n"
+    "  --threads N         OpenMP threads\n"
+    "  -q                  no progress on stderr\n";
+
+/* What --resume restores besides the optimizer: where the run stands. */
+typedef struct train_progress {
+    int64_t epoch, batch, step;       /* next epoch and batch to run, optimizer steps done */
+    double best;                      /* best monitored validation metric so far (-1: none) */
+    int64_t has_best;
+} train_progress;
+
+typedef struct train_cli {
+    const char *model, *train, *valid, *out;
+    int stage, epochs, batch, accum, schedule, max_steps, save_every, quiet, resume, threads, warmup_quirk;
+    int backbone;                     /* -1 stage default, 0 frozen, 1 trained */
+    int embeddings;
+    double lr, backbone_lr, weight_decay, warmup, decay, clip;
+    long cache_mib;
+    unsigned long long seed;
+} train_cli;
+
+/* One number option: "--name VALUE" within [lo, hi] (integer when asked). */
+static int train_number(const char *opt, const char *arg, double lo, double hi, int integer, double *v)
+{
+    char *end;
+    if (!arg) { fprintf(stderr, "loupe train: %s needs a value\n", opt); return -1; }
+    errno = 0;
+    *v = strtod(arg, &end);
+    if (end == arg || *end || errno || !(*v >= lo && *v <= hi) || (integer && *v != floor(*v))) {
+        fprintf(stderr, "loupe train: %s %s: expected %s from %g to %g\n", opt, arg, integer ? "an integer" : "a number",
+                lo, hi);
+        return -1;
+    }
+    return 0;
+}
+
+/* Parses `loupe train` options; 0 to run, 1 after help, 2 on a usage error. */
+static int train_parse(int argc, char **argv, train_cli *o)
+{
+    int i;
+    double v;
+    memset(o, 0, sizeof *o);
+    o->stage = -1;
+    o->epochs = 1;
+    o->batch = o->accum = -1;
+    o->lr = o->backbone_lr = o->weight_decay = -1.0;
+    o->warmup = o->decay = 0.1;
+    o->clip = 1.0;
+    o->seed = 42;
+    o->backbone = -1;
+    o->cache_mib = 2048;
+    o->warmup_quirk = 1;
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i], *next = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(train_usage, stdout); return 1; }
+        else if (!strcmp(a, "--stage")) {
+            if (!next) { fprintf(stderr, "loupe train: --stage needs cls, seg or cls_seg\n"); return 2; }
+            if (!strcmp(next, "cls")) o->stage = LOUPE_TRAIN_CLS;
+            else if (!strcmp(next, "seg")) o->stage = LOUPE_TRAIN_SEG;
+            else if (!strcmp(next, "cls_seg")) o->stage = LOUPE_TRAIN_CLS_SEG;
+            else { fprintf(stderr, "loupe train: --stage %s: expected cls, seg or cls_seg\n", next); return 2; }
+            i++;
+        } else if (!strcmp(a, "-m") || !strcmp(a, "--train") || !strcmp(a, "--valid") || !strcmp(a, "-o")) {
+            if (!next) { fprintf(stderr, "loupe train: %s needs a value\n", a); return 2; }
+            if (!strcmp(a, "-m")) o->model = next;
+            else if (!strcmp(a, "--train")) o->train = next;
+            else if (!strcmp(a, "--valid")) o->valid = next;
+            else o->out = next;
+            i++;
+        } else if (!strcmp(a, "--schedule")) {
+            if (next && !strcmp(next, "wsd")) o->schedule = LOUPE_SCHEDULE_WSD;
+            else if (next && !strcmp(next, "cosine")) o->schedule = LOUPE_SCHEDULE_COSINE;
+            else if (next && !strcmp(next, "constant")) o->schedule = LOUPE_SCHEDULE_CONSTANT;
+            else { fprintf(stderr, "loupe train: --schedule needs wsd, cosine or constant\n"); return 2; }
+            i++;
+        } else if (!strcmp(a, "--epochs")) { if (train_number(a, next, 1, 1e6, 1, &v)) return 2; o->epochs = (int)v; i++; }
+        else if (!strcmp(a, "--batch")) { if (train_number(a, next, 1, 4096, 1, &v)) return 2; o->batch = (int)v; i++; }
+        else if (!strcmp(a, "--accum")) { if (train_number(a, next, 1, 4096, 1, &v)) return 2; o->accum = (int)v; i++; }
+        else if (!strcmp(a, "--lr")) { if (train_number(a, next, 0, 0.999, 0, &o->lr)) return 2; i++; }
+        else if (!strcmp(a, "--backbone-lr")) { if (train_number(a, next, 0, 0.999, 0, &o->backbone_lr)) return 2; i++; }
+        else if (!strcmp(a, "--weight-decay")) { if (train_number(a, next, 0, 0.999, 0, &o->weight_decay)) return 2; i++; }
+        else if (!strcmp(a, "--warmup")) { if (train_number(a, next, 0, 1, 0, &o->warmup)) return 2; i++; }
+        else if (!strcmp(a, "--decay")) { if (train_number(a, next, 0, 1, 0, &o->decay)) return 2; i++; }
+        else if (!strcmp(a, "--clip")) { if (train_number(a, next, 1e-6, 1e9, 0, &o->clip)) return 2; i++; }
+        else if (!strcmp(a, "--seed")) { if (train_number(a, next, 0, 9007199254740992.0, 1, &v)) return 2; o->seed = (unsigned long long)v; i++; }
+        else if (!strcmp(a, "--max-steps")) { if (train_number(a, next, 0, 1e9, 1, &v)) return 2; o->max_steps = (int)v; i++; }
+        else if (!strcmp(a, "--save-every")) { if (train_number(a, next, 0, 1e9, 1, &v)) return 2; o->save_every = (int)v; i++; }
+        else if (!strcmp(a, "--cache-mib")) { if (train_number(a, next, 0, 1e7, 1, &v)) return 2; o->cache_mib = (long)v; i++; }
+        else if (!strcmp(a, "--threads")) { if (train_number(a, next, 1, 1024, 1, &v)) return 2; o->threads = (int)v; i++; }
+        else if (!strcmp(a, "--freeze-backbone")) o->backbone = 0;
+        else if (!strcmp(a, "--train-backbone")) o->backbone = 1;
+        else if (!strcmp(a, "--train-embeddings")) o->embeddings = 1;
+        else if (!strcmp(a, "--no-warmup-quirk")) o->warmup_quirk = 0;
+        else if (!strcmp(a, "--resume")) o->resume = 1;
+        else if (!strcmp(a, "-q")) o->quiet = 1;
+        else { fprintf(stderr, "loupe train: unknown option %s (see loupe train -h)\n", a); return 2; }
+    }
+    if (o->stage < 0 || !o->model || !o->train || !o->out) {
+        fprintf(stderr, "loupe train: --stage, -m, --train and -o are required (see loupe train -h)\n");
+        return 2;
+    }
+    if (strlen(o->out) + 16 > PATH_MAX_LEN) { fprintf(stderr, "loupe train: -o %s: path too long\n", o->out); return 2; }
+    if (o->batch < 0) o->batch = o->stage == LOUPE_TRAIN_CLS ? 48 : o->stage == LOUPE_TRAIN_SEG ? 40 : 32;
+    if (o->accum < 0) o->accum = o->stage == LOUPE_TRAIN_CLS ? 8 : 3;
+    return 0;
+}
+
+/* A splitmix64 draw: the data order's and the dithering streams' seeds. */
+static uint64_t train_mix(uint64_t z)
+{
+    z += SEG_SPLITMIX_GOLDEN;
+    z = (z ^ (z >> 30)) * SEG_SPLITMIX_MUL1;
+    z = (z ^ (z >> 27)) * SEG_SPLITMIX_MUL2;
+    return z ^ (z >> 31);
+}
+
+/* The order of epoch e: a Fisher-Yates shuffle driven by splitmix64(seed, e). */
+static void train_order(int *order, int n, unsigned long long seed, int64_t epoch)
+{
+    uint64_t state = train_mix(seed ^ train_mix((uint64_t)epoch + 0x5eedull));
+    int i;
+    for (i = 0; i < n; i++) order[i] = i;
+    for (i = n - 1; i > 0; i--) {
+        int j, tmp;
+        state = train_mix(state);
+        j = (int)(state % (uint64_t)(i + 1));
+        tmp = order[i]; order[i] = order[j]; order[j] = tmp;
+    }
+}
+
+/* FNV-1a over bytes. */
+static uint64_t train_hash(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *c = (const unsigned char *)p;
+    size_t i;
+    for (i = 0; i < n; i++) h = (h ^ c[i]) * 0x100000001B3ull;
+    return h;
+}
+
+/* Kept outputs of a frozen backbone, per dataset entry: in memory up to a limit, the
+ * rest in a file of slots [pixel hash (8 bytes)][floats], whose header names the model
+ * (a hash of its backbone tensors) so a stale file is never read. */
+#define FEATURE_MAGIC "LOUPEFEA"
+typedef struct feature_cache {
+    size_t floats;                    /* per entry */
+    int n, in_memory;                 /* entries; how many live in memory */
+    float **mem;                      /* [in_memory] */
+    uint64_t *hash;                   /* [n] pixel hash of each kept entry (0: none) */
+    unsigned char *have;              /* [n] */
+    FILE *file;
+    char path[PATH_MAX_LEN];
+    uint64_t model;
+    long hits, misses;
+} feature_cache;
+
+static uint64_t model_backbone_hash(const loupe_model *m)
+{
+    uint64_t h = 0xCBF29CE484222325ull;
+    int i;
+    for (i = 0; i < m->n_entries; i++) {
+        const tensor_entry *e = &m->entries[i];
+        if (e->name_len < 9 || memcmp(e->name, "backbone.", 9)) continue;
+        h = train_hash(h, e->name, (size_t)e->name_len);
+        h = train_hash(h, m->data + e->offset, (size_t)e->nbytes);
+    }
+    return h;
+}
+
+static int feature_cache_open(feature_cache *fc, const loupe_model *m, size_t floats, int n, long mib, const char *out)
+{
+    size_t slot = floats * sizeof(float);
+    memset(fc, 0, sizeof *fc);
+    fc->floats = floats;
+    fc->n = n;
+    if (!floats) return 0;
+    fc->in_memory = (int)((double)mib * 1048576.0 / (double)slot) < n ? (int)((double)mib * 1048576.0 / (double)slot) : n;
+    fc->mem = calloc((size_t)fc->in_memory + 1, sizeof *fc->mem);
+    fc->hash = calloc((size_t)n, sizeof *fc->hash);
+    fc->have = calloc((size_t)n, 1);
+    if (!fc->mem || !fc->hash || !fc->have) return -1;
+    if (fc->in_memory < n) {
+        unsigned char hdr[24];
+        fc->model = model_backbone_hash(m);
+        snprintf(fc->path, sizeof fc->path, "%s.features", out);
+        fc->file = fopen(fc->path, "w+b");
+        if (!fc->file) { fprintf(stderr, "loupe train: cannot create %s: %s\n", fc->path, strerror(errno)); return -1; }
+        memcpy(hdr, FEATURE_MAGIC, 8);
+        memcpy(hdr + 8, &fc->model, 8);
+        memcpy(hdr + 16, &floats, sizeof floats < 8 ? sizeof floats : 8);
+        if (fwrite(hdr, 1, 24, fc->file) != 24) { fprintf(stderr, "loupe train: cannot write %s\n", fc->path); return -1; }
+    }
+    return 0;
+}
+
+static void feature_cache_close(feature_cache *fc)
+{
+    int i;
+    if (fc->mem)
+        for (i = 0; i < fc->in_memory; i++) free(fc->mem[i]);
+    free(fc->mem);
+    free(fc->hash);
+    free(fc->have);
+    if (fc->file) { fclose(fc->file); remove(fc->path); }
+    memset(fc, 0, sizeof *fc);
+}
+
+/* The kept outputs of entry i into buf when they exist and came from these pixels. */
+static int feature_cache_get(feature_cache *fc, int i, uint64_t pixels, float *buf)
+{
+    if (!fc->floats || !fc->have[i] || fc->hash[i] != pixels) return 0;
+    if (i < fc->in_memory) memcpy(buf, fc->mem[i], fc->floats * sizeof *buf);
+    else {
+        uint64_t stored;
+        long long off = 24 + (long long)(i - fc->in_memory) * (long long)(8 + fc->floats * sizeof(float));
+        if (fseek(fc->file, (long)off, SEEK_SET) != 0 || fread(&stored, 8, 1, fc->file) != 1 || stored != pixels ||
+            fread(buf, sizeof *buf, fc->floats, fc->file) != fc->floats)
+            return 0;
+    }
+    fc->hits++;
+    return 1;
+}
+
+static void feature_cache_put(feature_cache *fc, int i, uint64_t pixels, const float *buf)
+{
+    fc->misses++;
+    if (!fc->floats) return;
+    if (i < fc->in_memory) {
+        if (!fc->mem[i] && !(fc->mem[i] = malloc(fc->floats * sizeof *buf))) return;
+        memcpy(fc->mem[i], buf, fc->floats * sizeof *buf);
+    } else {
+        long long off = 24 + (long long)(i - fc->in_memory) * (long long)(8 + fc->floats * sizeof(float));
+        if (fseek(fc->file, (long)off, SEEK_SET) != 0 || fwrite(&pixels, 8, 1, fc->file) != 1 ||
+            fwrite(buf, sizeof *buf, fc->floats, fc->file) != fc->floats)
+            return;
+    }
+    fc->hash[i] = pixels;
+    fc->have[i] = 1;
+}
+
+/* Buffers of one batch. */
+typedef struct train_batch {
+    loupe_example *ex;
+    float *pixels, *masks, *patches, *features;
+} train_batch;
+
+/* Loads and prepares dataset entry idx into slot b (dithering from a stream that depends
+ * only on the seed, the epoch and the entry, so a resumed run draws the same). */
+static int train_load(const loupe_model *m, loupe_trainer *t, const loupe_dataset *d, int idx, int64_t epoch,
+                      unsigned long long seed, feature_cache *fc, train_batch *tb, int b, char *err, size_t errsize)
+{
+    const loupe_config *c = loupe_model_config(m);
+    size_t S2 = (size_t)c->image_size * c->image_size, g2 = (size_t)c->grid * c->grid;
+    loupe_image img, mask;
+    loupe_splitmix st;
+    loupe_uniform u;
+    loupe_example *ex = &tb->ex[b];
+    int rc, n_targets = 0;
+    memset(&img, 0, sizeof img);
+    memset(&mask, 0, sizeof mask);
+    st.seed = train_mix(seed ^ train_mix(((uint64_t)epoch << 32) ^ (uint64_t)idx ^ 0xd17eull));
+    st.counter = 0;
+    u.fill = loupe_splitmix_fill;
+    u.state = &st;
+    if (loupe_dataset_load(d, idx, &img, &mask, err, errsize)) return -1;
+    ex->pixel_values = tb->pixels + (size_t)b * 3 * S2;
+    ex->mask_labels = tb->masks + (size_t)b * S2;
+    ex->patch_labels = tb->patches + (size_t)b * g2;
+    rc = loupe_prepare_example(m, &img, mask.rgb ? &mask : NULL, &u, (float *)ex->pixel_values, (float *)ex->mask_labels,
+                               &n_targets, (float *)ex->patch_labels, err, errsize);
+    ex->n_targets = n_targets;
+    ex->label = mask.rgb != NULL;
+    loupe_image_free(&img);
+    loupe_image_free(&mask);
+    if (rc) return -1;
+    ex->features = NULL;
+    if (fc->floats) {
+        float *f = tb->features + (size_t)b * fc->floats;
+        uint64_t h = train_hash(0xCBF29CE484222325ull, ex->pixel_values, 3 * S2 * sizeof(float));
+        if (!feature_cache_get(fc, idx, h, f)) {
+            if (loupe_trainer_features(t, ex->pixel_values, f, err, errsize)) return -1;
+            feature_cache_put(fc, idx, h, f);
+        }
+        ex->features = f;
+    }
+    return 0;
+}
+
+/* OUT.bin, OUT.last.bin, OUT.state, written atomically. */
+static void train_paths(const char *out, char *last, char *state)
+{
+    size_t n = strlen(out);
+    if (n > 4 && !strcmp(out + n - 4, ".bin")) n -= 4;
+    snprintf(last, PATH_MAX_LEN, "%.*s.last.bin", (int)n, out);
+    snprintf(state, PATH_MAX_LEN, "%.*s.state", (int)n, out);
+}
+
+/* The monitored metric of a stage (upstream's configs/ckpt: auc, iou, overall). */
+static double train_monitored(int stage, const loupe_metrics *mt)
+{
+    return stage == LOUPE_TRAIN_CLS ? mt->auc : stage == LOUPE_TRAIN_SEG ? mt->iou : mt->overall;
+}
+
+static int cli_train(int argc, char **argv)
+{
+    train_cli o;
+    loupe_train_options to;
+    loupe_model *m = NULL;
+    loupe_trainer *t = NULL;
+    loupe_session *vs = NULL;
+    loupe_dataset *train = NULL, *valid = NULL;
+    feature_cache fc;
+    train_batch tb;
+    train_progress pr;
+    char err[512], last[PATH_MAX_LEN], state[PATH_MAX_LEN];
+    int rc, status = 1, n, n_batches, steps_per_epoch, total_steps, *order = NULL, b;
+    double t0, images_done = 0.0;
+    const char *monitored_name;
+    memset(&fc, 0, sizeof fc);
+    memset(&tb, 0, sizeof tb);
+    rc = train_parse(argc, argv, &o);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (o.threads) loupe_set_threads(o.threads);
+    train_paths(o.out, last, state);
+    monitored_name = o.stage == LOUPE_TRAIN_CLS ? "auc" : o.stage == LOUPE_TRAIN_SEG ? "iou" : "overall";
+    /* every input is checked before any compute */
+    if (!(train = loupe_dataset_open(o.train, LOUPE_DEFAULT_MAX_PIXELS, err, sizeof err)) ||
+        (o.valid && !(valid = loupe_dataset_open(o.valid, LOUPE_DEFAULT_MAX_PIXELS, err, sizeof err)))) {
+        fprintf(stderr, "loupe train: %s\n", err);
+        goto done;
+    }
+    if (!(m = loupe_model_load(o.resume ? last : o.model, err, sizeof err))) {
+        fprintf(stderr, "loupe train: %s\n", err);
+        goto done;
+    }
+    loupe_train_default_options(&to, o.stage);
+    if (o.lr >= 0.0) to.lr = o.lr;
+    if (o.backbone_lr >= 0.0) to.backbone_lr = o.backbone_lr;
+    if (o.weight_decay >= 0.0) to.weight_decay = o.weight_decay;
+    if (o.backbone >= 0) to.train_backbone = o.backbone;
+    to.train_embeddings = o.embeddings;
+    to.clip_norm = o.clip;
+    to.seed = o.seed;
+    if (!(t = loupe_trainer_new(m, &to, err, sizeof err))) { fprintf(stderr, "loupe train: %s\n", err); goto done; }
+    memset(&pr, 0, sizeof pr);
+    pr.best = -1.0;
+    if (o.resume && loupe_trainer_load_state(t, state, &pr, sizeof pr, err, sizeof err)) {
+        fprintf(stderr, "loupe train: --resume: %s\n", err);
+        goto done;
+    }
+    n = loupe_dataset_count(train);
+    n_batches = (n + o.batch - 1) / o.batch;
+    steps_per_epoch = (n_batches + o.accum - 1) / o.accum;
+    total_steps = steps_per_epoch * o.epochs;
+    {
+        const loupe_config *c = loupe_model_config(m);
+        size_t S2 = (size_t)c->image_size * c->image_size, g2 = (size_t)c->grid * c->grid;
+        size_t ff = loupe_trainer_feature_floats(t);
+        tb.ex = calloc((size_t)o.batch, sizeof *tb.ex);
+        tb.pixels = malloc((size_t)o.batch * 3 * S2 * sizeof(float));
+        tb.masks = malloc((size_t)o.batch * S2 * sizeof(float));
+        tb.patches = malloc((size_t)o.batch * g2 * sizeof(float));
+        tb.features = ff ? malloc((size_t)o.batch * ff * sizeof(float)) : NULL;
+        order = malloc((size_t)n * sizeof *order);
+        if (!tb.ex || !tb.pixels || !tb.masks || !tb.patches || (ff && !tb.features) || !order ||
+            feature_cache_open(&fc, m, ff, n, o.cache_mib, o.out)) {
+            fprintf(stderr, "loupe train: out of memory\n");
+            goto done;
+        }
+    }
+    if (valid && !(vs = loupe_session_new(m, err, sizeof err))) { fprintf(stderr, "loupe train: %s\n", err); goto done; }
+    if (vs) loupe_session_use_tta(vs, t, NULL, 0);
+    if (!o.quiet) {
+        int tensors, forged = 0;
+        size_t values;
+        const char *img, *msk;
+        for (b = 0; b < n; b++) forged += loupe_dataset_entry(train, b, &img, &msk) == 0 && msk != NULL;
+        loupe_trainer_size(t, &tensors, &values);
+        fprintf(stderr, "loupe train: stage %s, %d images (%d forged), %d epochs of %d steps (%d batches of %d "
+                "images each); %d tensors (%.2f M values) train%s\n",
+                o.stage == LOUPE_TRAIN_CLS ? "cls" : o.stage == LOUPE_TRAIN_SEG ? "seg" : "cls_seg", n, forged, o.epochs,
+                steps_per_epoch, o.accum, o.batch, tensors, values / 1e6,
+                loupe_trainer_feature_floats(t) ? "; the frozen backbone's outputs are kept" : "");
+        if (o.resume)
+            fprintf(stderr, "loupe train: resuming at epoch %lld, batch %lld, step %lld\n", (long long)pr.epoch + 1,
+                    (long long)pr.batch, (long long)pr.step);
+    }
+    t0 = now_seconds();
+    while (pr.epoch < o.epochs && !(o.max_steps && pr.step >= o.max_steps)) {
+        int in_step = 0;
+        loupe_train_loss sum;
+        memset(&sum, 0, sizeof sum);
+        train_order(order, n, o.seed, pr.epoch);
+        for (; pr.batch < n_batches; pr.batch++) {
+            int first = (int)pr.batch * o.batch, count = n - first < o.batch ? n - first : o.batch;
+            loupe_train_loss l;
+            for (b = 0; b < count; b++)
+                if (train_load(m, t, train, order[first + b], pr.epoch, o.seed, &fc, &tb, b, err, sizeof err)) {
+                    fprintf(stderr, "loupe train: %s\n", err);
+                    goto done;
+                }
+            if (loupe_trainer_accumulate(t, tb.ex, count, 1.0 / o.accum, &l, err, sizeof err)) {
+                fprintf(stderr, "loupe train: %s\n", err);
+                goto done;
+            }
+            images_done += count;
+            sum.total += l.total / o.accum; sum.cls += l.cls / o.accum; sum.seg += l.seg / o.accum;
+            in_step++;
+            if (in_step == o.accum || pr.batch == n_batches - 1) {
+                /* upstream's LambdaLR: step s uses factor(s), s = 0 first (lr 0 there) */
+                long s = (long)pr.step + (o.warmup_quirk ? 0 : 1);
+                double factor = loupe_lr_factor(o.schedule, s, (double)total_steps, o.warmup * total_steps,
+                                                o.decay * total_steps), norm = 0.0;
+                if (loupe_trainer_update(t, factor, &norm, err, sizeof err)) {
+                    fprintf(stderr, "loupe train: step %lld: %s\n", (long long)pr.step + 1, err);
+                    goto done;
+                }
+                pr.step++;
+                if (!o.quiet) {
+                    double el = now_seconds() - t0, rate = images_done / (el > 0 ? el : 1e-9);
+                    double left = ((double)total_steps - (double)pr.step) * o.accum * o.batch / (rate > 0 ? rate : 1e-9);
+                    fprintf(stderr, "step %lld/%d epoch %lld/%d loss %.5f (cls %.5f seg %.5f) grad-norm %.3g lr %.3g "
+                            "%.2f img/s ETA %.0fs\n", (long long)pr.step, total_steps, (long long)pr.epoch + 1, o.epochs,
+                            sum.total, sum.cls, sum.seg, norm, to.lr * factor, rate, left);
+                }
+                memset(&sum, 0, sizeof sum);
+                in_step = 0;
+                if (o.save_every && pr.step % o.save_every == 0 && pr.batch + 1 < n_batches) {
+                    train_progress at = pr;
+                    at.batch++;
+                    if (loupe_trainer_save(t, last, err, sizeof err) ||
+                        loupe_trainer_save_state(t, state, &at, sizeof at, err, sizeof err)) {
+                        fprintf(stderr, "loupe train: %s\n", err);
+                        goto done;
+                    }
+                }
+                if (o.max_steps && pr.step >= o.max_steps) break;
+            }
+        }
+        /* end of epoch (or of --max-steps): validation, the best and the last model, the state */
+        {
+            train_progress at = pr;
+            int finished = pr.batch >= n_batches;
+            if (finished) {
+                at.epoch++;
+                at.batch = 0;
+            } else at.batch++;   /* stopped by --max-steps right after this batch's update */
+            if (valid && finished) {
+                loupe_metrics mt;
+                double v;
+                if (loupe_evaluate(vs, valid, o.seed, &mt, NULL, NULL, err, sizeof err)) {
+                    fprintf(stderr, "loupe train: validation: %s\n", err);
+                    goto done;
+                }
+                v = train_monitored(o.stage, &mt);
+                if (!o.quiet)
+                    fprintf(stderr, "epoch %lld valid: auc %.4f f1 %.4f iou %.4f overall %.4f accuracy %.4f (%lld images)\n",
+                            (long long)pr.epoch + 1, mt.auc, mt.f1, mt.iou, mt.overall, mt.accuracy, mt.images);
+                if (v == v && (!at.has_best || v > at.best)) {
+                    at.best = v;
+                    at.has_best = 1;
+                    if (loupe_trainer_save(t, o.out, err, sizeof err)) { fprintf(stderr, "loupe train: %s\n", err); goto done; }
+                    if (!o.quiet) fprintf(stderr, "best %s %.4f: wrote %s\n", monitored_name, v, o.out);
+                }
+            } else if (!valid && loupe_trainer_save(t, o.out, err, sizeof err)) {
+                fprintf(stderr, "loupe train: %s\n", err);
+                goto done;
+            }
+            if (loupe_trainer_save(t, last, err, sizeof err) ||
+                loupe_trainer_save_state(t, state, &at, sizeof at, err, sizeof err)) {
+                fprintf(stderr, "loupe train: %s\n", err);
+                goto done;
+            }
+            pr = at;
+        }
+    }
+    if (valid && !pr.has_best && loupe_trainer_save(t, o.out, err, sizeof err)) {
+        fprintf(stderr, "loupe train: %s\n", err);
+        goto done;
+    }
+    if (!o.quiet)
+        fprintf(stderr, "loupe train: %lld steps in %.1f s; kept backbone outputs: %ld reused, %ld computed\n",
+                (long long)pr.step, now_seconds() - t0, fc.hits, fc.misses);
+    status = 0;
+done:
+    feature_cache_close(&fc);
+    free(tb.ex); free(tb.pixels); free(tb.masks); free(tb.patches); free(tb.features);
+    free(order);
+    loupe_session_free(vs);
+    loupe_trainer_free(t);
+    loupe_model_free(m);
+    loupe_dataset_free(train);
+    loupe_dataset_free(valid);
+    return status;
+}
+
 int main(int argc, char **argv)
 {
     cli_options o;
@@ -12449,6 +12982,7 @@ int main(int argc, char **argv)
     size_t pred_len = 0, pred_cap = 0;
     int status = 0, i, rc;
     if (argc > 1 && !strcmp(argv[1], "eval")) return cli_eval(argc - 1, argv + 1);
+    if (argc > 1 && !strcmp(argv[1], "train")) return cli_train(argc - 1, argv + 1);
     memset(&o, 0, sizeof o);
     rc = cli_parse(argc, argv, &o);
     if (rc) { status = rc == 1 ? 0 : 2; goto done; }
