@@ -76,6 +76,14 @@ check "--backbone: $(cat "$tmp/stderr")" grep -q "backbone from $converted" "$tm
 line=$($RUN "$loupe" -m "$tmp/ab.bin" $a/image.png | tr -d '\r')
 check "--backbone --dtype bf16 predicts: '$line'" sh -c "echo '$line' | grep -Eq '^image\\.png,0\\.[0-9]{4}\$'"
 
+# The other way to a real backbone with fresh heads: convert.py reads loupe.c weight files,
+# so `convert.py INIT.bin backbone.pt` (later files override) gives the same bytes.
+$RUN "$loupe" init --config $a/config.json -o "$tmp/ab32.bin" --seed 1 --backbone "$converted" 2> /dev/null
+"$python" tools/convert.py --config $a/config.json -o "$tmp/comb.bin" "$tmp/a1.bin" $a/backbone.pt 2> /dev/null
+check "convert.py INIT.bin backbone.pt equals loupe init --backbone" cmp -s "$tmp/ab32.bin" "$tmp/comb.bin"
+"$python" tools/convert.py --config $b/config.json -o "$tmp/comb.bin" "$tmp/b7.bin" 2> "$tmp/stderr"; status=$?
+check "convert.py refuses a Q8 input: $(cat "$tmp/stderr")" sh -c "[ $status -eq 1 ] && grep -q 'stored as Q8' '$tmp/stderr'"
+
 # Usage errors: exit 2, one line, no file.
 usage_error "no arguments" "no config given"
 usage_error "no output" "no output given" --config $a/config.json --seed 1
