@@ -4,6 +4,7 @@
  *   1. utilities            errors, the activation arena, threads
  *   2. image I/O            (PNG, JPEG, PPM decoders, PIL-exact resize, PNG writer)
  *   3. weights              the versioned flat weight file, mmap, validation, binding
+ *  3b. initialisation       upstream's from-scratch weights for any config (loupe init)
  *   4. kernels              matmul, norms, activations, attention, convolutions, sampling
  *   5. backbone             Perception Encoder ViT (PE-Core-L14-336)
  *   6. classifier           global MLP, patch MLP, fuser
