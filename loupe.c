@@ -4,6 +4,7 @@
  *   1. utilities            errors, the activation arena, threads
  *   2. image I/O            (PNG, JPEG, PPM decoders, PIL-exact resize, PNG writer)
  *   3. weights              the versioned flat weight file, mmap, validation, binding
+ *  3b. initialisation       upstream's from-scratch weights for any config (loupe init)
  *   4. kernels              matmul, norms, activations, attention, convolutions, sampling
  *   5. backbone             Perception Encoder ViT (PE-Core-L14-336)
  *   6. classifier           global MLP, patch MLP, fuser
@@ -5831,6 +5832,1101 @@ void loupe_model_free(loupe_model *m)
     free(m->w.dec);
     free(m->derived_raw);
     free(m);
+}
+
+/* ========================================================================== */
+/* 3b. Random initialisation: upstream's from-scratch weights (loupe init)    */
+/* ========================================================================== */
+/* loupe_init_weights writes a complete weight file for any configuration (the config
+ * format of tools/convert.py), every tensor drawn from the distribution upstream's
+ * from-scratch construction gives it: `LoupeModel(config)` builds every module (PyTorch
+ * default initialisation in the constructors), then `post_init()` applies
+ * `LoupePreTrainedModel._init_weights` to every module, children before parents
+ * (transformers' `smart_apply`), so a parent's rule overrides its children's.
+ *
+ * Rules, first match wins (W width, g grid, F feature size; std 0.02 =
+ * config.initializer_range, xgain 1.0 = mask2former init_xavier_std; U(+-b) uniform;
+ * xavier(gain) = U(+-gain sqrt(6 / (fan_in + fan_out))) with PyTorch's fans,
+ * fan_in = dims[1] x receptive field, fan_out = dims[0] x receptive field):
+ *
+ *  tensor                                          value                     upstream function
+ *  backbone.class_embedding [W]                    N(0, W^-1/2)              VisionTransformer.init_tensors
+ *  backbone.positional_embedding [1+g^2][W]        N(0, W^-1/2)              VisionTransformer.init_tensors
+ *  backbone.conv1.weight                           N(0, std)                 _init_weights nn.Conv2d branch
+ *  backbone.*.attn.in_proj_weight (blocks)         xavier(1)                 SelfAttention.init_tensors
+ *  backbone.*.attn.in_proj_bias, out_proj.bias     0                         SelfAttention.init_tensors
+ *  backbone.attn_pool.attn.in_proj_weight          xavier(1)                 nn.MultiheadAttention._reset_parameters
+ *  backbone.attn_pool.attn.in_proj_bias            0                         nn.MultiheadAttention._reset_parameters
+ *  backbone.attn_pool.probe [1][1][W]              N(0, 1)                   AttentionPooling.__init__ (torch.randn)
+ *  backbone *.out_proj, *.mlp.c_fc/c_proj .weight  N(0, std)                 _init_weights nn.Linear branch
+ *  backbone *.out_proj, *.mlp.c_fc/c_proj .bias    0                         _init_weights nn.Linear branch
+ *  every LayerNorm / LayerNorm2d / GroupNorm       weight 1, bias 0          nn.LayerNorm/GroupNorm.reset_parameters
+ *  classifier.*.layers.i.weight [out][in]          U(+-1/sqrt(in))           LoupeClsHead.init_tensors -> nn.Linear.reset_parameters
+ *  classifier.*.layers.i.bias                      U(+-1/sqrt(in))           LoupeClsHead.init_tensors -> nn.Linear.reset_parameters
+ *  classifier.fuser.fuse.weight [1][1+g^2]         1 / (1+g^2)               FuseHead.init_tensors
+ *  segmentor.fpn.*.conv1.weight [W][W][2][2]       U(+-1/sqrt(4W))           ConvTranspose2d: _ConvNd.reset_parameters (no branch matches)
+ *  segmentor.fpn.*.conv1.bias                      U(+-1/sqrt(4W))           _ConvNd.reset_parameters
+ *  segmentor.fpn.*.conv2.weight [W][1][3][3]       N(0, std)                 _init_weights nn.Conv2d branch
+ *  segmentor.label_embedding.{0,1} [F]             N(0, std)                 LoupeSegmentor.__init__ (randn * initializer_range)
+ *  segmentor.pixel_decoder.level_embed [3][F]      0                         _init_weights PixelDecoder branch (normal_, std=0)
+ *  segmentor.pixel_decoder.* with >= 2 dims        xavier(1)                 _init_weights PixelDecoder branch (also
+ *    (input projections, sampling_offsets,                                     PixelDecoderConditionalEncoder's); it runs
+ *    attention_weights, value/output_proj, fc1,                                after the deformable-attention branch and
+ *    fc2, cross_attn, mask_projection,                                         so replaces its zero sampling_offsets and
+ *    adapter_1, layer_1 weights)                                               attention_weights weights, as in transformers
+ *  ...encoder.layers.i.self_attn.sampling_offsets.bias  grid (below)         _init_weights deformable-attention branch
+ *  ...self_attn.{attention_weights,value_proj,output_proj}.bias  0           _init_weights deformable-attention branch
+ *  ...cross_attn.in_proj_bias                      0                         nn.MultiheadAttention._reset_parameters
+ *  other pixel_decoder biases (fc1, fc2, cross_attn.out_proj, input
+ *    projections, mask_projection)                 0                         _init_weights nn.Linear / nn.Conv2d branch
+ *  ...mask2former_decoder.queries_embedder/queries_features/level_embed .weight
+ *                                                  N(0, std)                 _init_weights nn.Embedding branch
+ *  ...decoder.layers.i.* with >= 2 dims            xavier(xgain)             _init_weights Mask2FormerMaskedAttentionDecoderLayer branch
+ *  ...decoder.layers.i.*.bias, cross_attn.in_proj_bias  0                    nn.Linear branch / MHA._reset_parameters
+ *  ...mask_predictor.mask_embedder.i.0.weight      N(0, std)                 _init_weights nn.Linear branch
+ *  ...mask_predictor.mask_embedder.i.0.bias        0                         _init_weights nn.Linear branch
+ *  segmentor.class_predictor.weight / .bias        N(0, std) / 0             _init_weights nn.Linear branch
+ *
+ * The sampling-offset grid (deformable-attention branch): for head h of H, theta_h =
+ * float32(h) * float32(2 pi / H) in float32, (c, s) = (cos, sin)(theta_h) rounded to
+ * float32, divided by max(|c|, |s|) in float32; level l, point p, coordinate k of the
+ * bias [H][levels][points][2] is that value times (p + 1). cos and sin are our own
+ * series (init_cos_sin), correctly rounded to float32 but for ties: PyTorch's float32
+ * cos/sin may differ from it by one ulp (e.g. -4.371139e-08 for cos(float32(pi/2))).
+ *
+ * Random numbers (a counter-based generator, so every tensor has its own stream and a
+ * value does not depend on the order of tensors or on threads):
+ *   key(name)   = FNV-1a-64(name) XOR (seed * 0x9E3779B97F4A7C15)
+ *   x_i         = splitmix64 finaliser of (key + (i + 1) * 0x9E3779B97F4A7C15), i = 0, 1, ...
+ *                 the element index in C order (all arithmetic mod 2^64)
+ *   u_i         = ((x_i >> 12) + 0.5) / 2^52, exactly, in (0, 1)
+ *   uniform     U(+-b): b * (2 u_i - 1)
+ *   normal      N(m, s): m + s * z_i, z_i = inverse normal CDF of u_i by Wichura's
+ *               AS241 (PPND16, relative accuracy about 1e-16)
+ * each computed in double and rounded once to float32. The natural logarithm AS241 needs
+ * in the tails is our own (init_log: frexp and an atanh series), so the whole generator
+ * uses only +, -, *, /, sqrt and frexp: the same bits on every IEEE-754 platform that
+ * evaluates double expressions in double (FLT_EVAL_METHOD 0: x86-64, SSE2, aarch64;
+ * x87's 80-bit intermediates could move a value by one float32 ulp in rare ties). */
+
+#define INIT_GOLDEN 0x9E3779B97F4A7C15ull
+#define INIT_STD 0.02        /* LoupeConfig.initializer_range (configs/model/base.yaml) */
+#define INIT_XAVIER_GAIN 1.0 /* Mask2FormerConfig.init_xavier_std */
+#define INIT_N_HPARAMS 38
+
+enum { INIT_NORMAL, INIT_UNIFORM, INIT_CONST, INIT_GRID };
+
+/* One tensor of the file: name, shape, and its rule (a = mean / bound / value, b = std). */
+typedef struct init_tensor {
+    char name[160];
+    int ndim, dims[MAX_TENSOR_DIMS];
+    int rule;
+    double a, b;
+    int matrix; /* stored as --dtype (a weight matrix, README "Smaller weight files") */
+    int from_backbone;
+} init_tensor;
+
+/* splitmix64's output function. */
+static uint64_t init_mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* The stream key of a tensor: FNV-1a of its name mixed with the seed. */
+static uint64_t init_key(const char *name, uint64_t seed)
+{
+    uint64_t h = 0xCBF29CE484222325ull;
+    for (; *name; name++) h = (h ^ (unsigned char)*name) * 0x100000001B3ull;
+    return h ^ (seed * INIT_GOLDEN);
+}
+
+/* Uniform number i of a stream, in (0, 1), a multiple of 2^-53. */
+static double init_uniform(uint64_t key, uint64_t i)
+{
+    uint64_t z = init_mix64(key + (i + 1) * INIT_GOLDEN);
+    return ((double)(z >> 12) + 0.5) * (1.0 / 4503599627370496.0);
+}
+
+/* Natural logarithm of a positive finite x with +, -, *, / only (after frexp, which is
+ * exact): x = m 2^e, m in [sqrt(1/2), sqrt(2)), log m = 2 atanh((m-1)/(m+1)) as a series
+ * (|s| <= 0.172, terms to s^39), ln 2 split in two parts (fdlibm's). */
+static double init_log(double x)
+{
+    const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+    int e, k;
+    double m = frexp(x, &e), s, s2, p = 0.0;
+    if (m < LOUPE_SQRT1_2) { m *= 2.0; e--; }
+    s = (m - 1.0) / (m + 1.0);
+    s2 = s * s;
+    for (k = 19; k >= 0; k--) p = 1.0 / (double)(2 * k + 1) + s2 * p;
+    return (double)e * ln2_hi + ((double)e * ln2_lo + 2.0 * s * p);
+}
+
+/* Inverse of the standard normal CDF: Wichura's algorithm AS241 (PPND16). */
+static double init_normal_quantile(double u)
+{
+    static const double a[8] = {3.3871328727963666080e0, 1.3314166789178437745e+2, 1.9715909503065514427e+3,
+                                1.3731693765509461125e+4, 4.5921953931549871457e+4, 6.7265770927008700853e+4,
+                                3.3430575583588128105e+4, 2.5090809287301226727e+3};
+    static const double b[8] = {1.0, 4.2313330701600911252e+1, 6.8718700749205790830e+2, 5.3941960214247511077e+3,
+                                2.1213794301586595867e+4, 3.9307895800092710610e+4, 2.8729085735721942674e+4,
+                                5.2264952788528545610e+3};
+    static const double c[8] = {1.42343711074968357734e0, 4.63033784615654529590e0, 5.76949722146069140550e0,
+                                3.64784832476320460504e0, 1.27045825245236838258e0, 2.41780725177450611770e-1,
+                                2.27238449892691845833e-2, 7.74545014278341407640e-4};
+    static const double d[8] = {1.0, 2.05319162663775882187e0, 1.67638483018380384940e0, 6.89767334985100004550e-1,
+                                1.48103976427480074590e-1, 1.51986665636164571966e-2, 5.47593808499534494600e-4,
+                                1.05075007164441684324e-9};
+    static const double e[8] = {6.65790464350110377720e0, 5.46378491116411436990e0, 1.78482653991729133580e0,
+                                2.96560571828504891230e-1, 2.65321895265761230930e-2, 1.24266094738807843860e-3,
+                                2.71155556874348757815e-5, 2.01033439929228813265e-7};
+    static const double f[8] = {1.0, 5.99832206555887937690e-1, 1.36929880922735805310e-1, 1.48753612908506148525e-2,
+                                7.86869131145613259100e-4, 1.84631831751005468180e-5, 1.42151175831644588870e-7,
+                                2.04426310338993978564e-15};
+    const double *num, *den;
+    double q = u - 0.5, r, x, pn = 0.0, pd = 0.0;
+    int k;
+    if (fabs(q) <= 0.425) {
+        r = 0.180625 - q * q;
+        for (k = 7; k >= 0; k--) { pn = pn * r + a[k]; pd = pd * r + b[k]; }
+        return q * pn / pd;
+    }
+    r = sqrt(-init_log(q < 0 ? u : 1.0 - u));
+    if (r <= 5.0) { r -= 1.6; num = c; den = d; }
+    else { r -= 5.0; num = e; den = f; }
+    for (k = 7; k >= 0; k--) { pn = pn * r + num[k]; pd = pd * r + den[k]; }
+    x = pn / pd;
+    return q < 0 ? -x : x;
+}
+
+/* cos and sin of a float32 angle in [0, 2 pi], rounded to float32: Cody-Waite reduction
+ * by pi/2 (fdlibm's two-part constant) and Taylor series on |r| <= pi/4. */
+static void init_cos_sin(float theta, float *cs, float *sn)
+{
+    const double pio2_1 = 1.57079632673412561417e+00, pio2_1t = 6.07710050650619224932e-11;
+    double x = (double)theta, r, r2, ts, tc, s = 0.0, c = 0.0, cq, sq;
+    int k = (int)(x / (LOUPE_PI / 2) + 0.5), j;
+    r = (x - k * pio2_1) - k * pio2_1t;
+    r2 = r * r;
+    ts = r;
+    tc = 1.0;
+    for (j = 1; j <= 14; j++) {
+        s += ts;
+        c += tc;
+        ts *= -r2 / (double)((2 * j) * (2 * j + 1));
+        tc *= -r2 / (double)((2 * j - 1) * (2 * j));
+    }
+    switch (k & 3) {
+    case 0: cq = c; sq = s; break;
+    case 1: cq = -s; sq = c; break;
+    case 2: cq = -c; sq = -s; break;
+    default: cq = s; sq = -c; break;
+    }
+    *cs = (float)cq;
+    *sn = (float)sq;
+}
+
+/* The sampling_offsets bias [heads][levels][points][2] of the deformable attention. */
+static void init_offset_grid(float *out, int heads, int levels, int points)
+{
+    int h, l, p;
+    for (h = 0; h < heads; h++) {
+        float theta = (float)((double)(float)h * (double)(float)(2.0 * LOUPE_PI / heads)), c, s, mx;
+        init_cos_sin(theta, &c, &s);
+        mx = fabsf(c) > fabsf(s) ? fabsf(c) : fabsf(s);
+        c = (float)((double)c / mx);
+        s = (float)((double)s / mx);
+        for (l = 0; l < levels; l++)
+            for (p = 0; p < points; p++) {
+                float *o = out + (((size_t)h * levels + l) * points + p) * 2;
+                o[0] = (float)((double)c * (p + 1));
+                o[1] = (float)((double)s * (p + 1));
+            }
+    }
+}
+
+/* Fills n values of a tensor by its rule. */
+static void init_fill(const init_tensor *t, uint64_t seed, const loupe_config *c, float *x, size_t n)
+{
+    uint64_t key = init_key(t->name, seed);
+    long i, nn = (long)n;
+    if (t->rule == INIT_GRID) { init_offset_grid(x, c->m2f_heads, c->deform_levels, c->deform_points); return; }
+    if (t->rule == INIT_CONST) {
+        for (i = 0; i < nn; i++) x[i] = (float)t->a;
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (nn > 65536)
+#endif
+    for (i = 0; i < nn; i++) {
+        double u = init_uniform(key, (uint64_t)i);
+        x[i] = t->rule == INIT_UNIFORM ? (float)(t->a * (2.0 * u - 1.0)) : (float)(t->a + t->b * init_normal_quantile(u));
+    }
+}
+
+/* ---- The config file: a small JSON reader ---- */
+
+enum { JSON_NULL, JSON_FALSE, JSON_TRUE, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT };
+
+typedef struct json_value {
+    int type, is_int; /* is_int: a number written without fraction or exponent */
+    double num;
+    char *str;        /* string value */
+    int n;            /* items of an array or members of an object */
+    struct json_value *items;
+    char **keys;      /* member names of an object */
+} json_value;
+
+typedef struct json_parser {
+    const char *p, *start;
+    int depth;
+    char *err;
+    size_t errsize;
+    const char *path;
+} json_parser;
+
+static void json_free(json_value *v)
+{
+    int i;
+    if (!v) return;
+    for (i = 0; i < v->n; i++) {
+        json_free(&v->items[i]);
+        if (v->keys) free(v->keys[i]);
+    }
+    free(v->items);
+    free(v->keys);
+    free(v->str);
+}
+
+static int json_error(json_parser *j, const char *what)
+{
+    int line = 1, col = 1;
+    const char *q;
+    for (q = j->start; q < j->p; q++) {
+        if (*q == '\n') { line++; col = 1; } else col++;
+    }
+    return fail(j->err, j->errsize, "%s: bad JSON at line %d, column %d: %s", j->path, line, col, what);
+}
+
+static void json_space(json_parser *j)
+{
+    while (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r') j->p++;
+}
+
+/* A string (after its opening quote); escapes decoded, \u above ASCII kept as '?'. */
+static int json_string(json_parser *j, char **out)
+{
+    size_t len = 0, cap = 16;
+    char *s = malloc(cap);
+    if (!s) return fail(j->err, j->errsize, "%s: out of memory", j->path);
+    for (;;) {
+        int ch = (unsigned char)*j->p;
+        if (ch == '"') { j->p++; break; }
+        if (ch == 0 || ch < 0x20) { free(s); return json_error(j, "unterminated string"); }
+        if (ch == '\\') {
+            j->p++;
+            switch (*j->p) {
+            case '"': ch = '"'; break;
+            case '\\': ch = '\\'; break;
+            case '/': ch = '/'; break;
+            case 'b': ch = '\b'; break;
+            case 'f': ch = '\f'; break;
+            case 'n': ch = '\n'; break;
+            case 'r': ch = '\r'; break;
+            case 't': ch = '\t'; break;
+            case 'u': {
+                int k, v = 0;
+                for (k = 1; k <= 4; k++) {
+                    int h = (unsigned char)j->p[k];
+                    if (!isxdigit(h)) { free(s); return json_error(j, "bad \\u escape"); }
+                    v = v * 16 + (isdigit(h) ? h - '0' : (h | 32) - 'a' + 10);
+                }
+                j->p += 4;
+                ch = v < 0x80 ? v : '?';
+                break;
+            }
+            default: free(s); return json_error(j, "bad escape in string");
+            }
+        }
+        j->p++;
+        if (len + 2 > cap) {
+            char *ns = realloc(s, cap *= 2);
+            if (!ns) { free(s); return fail(j->err, j->errsize, "%s: out of memory", j->path); }
+            s = ns;
+        }
+        s[len++] = (char)ch;
+    }
+    s[len] = 0;
+    *out = s;
+    return 0;
+}
+
+static int json_parse_value(json_parser *j, json_value *v);
+
+/* Appends one item (and key) to an array or object. */
+static int json_push(json_parser *j, json_value *v, char *key)
+{
+    json_value *items = realloc(v->items, (size_t)(v->n + 1) * sizeof *items);
+    if (!items) { free(key); return fail(j->err, j->errsize, "%s: out of memory", j->path); }
+    v->items = items;
+    memset(&v->items[v->n], 0, sizeof *items);
+    if (v->type == JSON_OBJECT) {
+        char **keys = realloc(v->keys, (size_t)(v->n + 1) * sizeof *keys);
+        if (!keys) { free(key); return fail(j->err, j->errsize, "%s: out of memory", j->path); }
+        v->keys = keys;
+        v->keys[v->n] = key;
+    }
+    v->n++;
+    return json_parse_value(j, &v->items[v->n - 1]);
+}
+
+static int json_parse_value(json_parser *j, json_value *v)
+{
+    const char *p;
+    json_space(j);
+    p = j->p;
+    if (*p == '{' || *p == '[') {
+        char close = *p == '{' ? '}' : ']';
+        v->type = *p == '{' ? JSON_OBJECT : JSON_ARRAY;
+        if (++j->depth > 64) return json_error(j, "nested too deeply");
+        j->p++;
+        json_space(j);
+        if (*j->p == close) { j->p++; j->depth--; return 0; }
+        for (;;) {
+            char *key = NULL;
+            json_space(j);
+            if (v->type == JSON_OBJECT) {
+                if (*j->p != '"') return json_error(j, "expected a member name in quotes");
+                j->p++;
+                if (json_string(j, &key)) return -1;
+                json_space(j);
+                if (*j->p != ':') { free(key); return json_error(j, "expected ':'"); }
+                j->p++;
+            }
+            if (json_push(j, v, key)) return -1;
+            json_space(j);
+            if (*j->p == ',') { j->p++; continue; }
+            if (*j->p == close) { j->p++; j->depth--; return 0; }
+            return json_error(j, close == '}' ? "expected ',' or '}'" : "expected ',' or ']'");
+        }
+    }
+    if (*p == '"') {
+        j->p++;
+        v->type = JSON_STRING;
+        return json_string(j, &v->str);
+    }
+    if (!strncmp(p, "true", 4)) { v->type = JSON_TRUE; j->p += 4; return 0; }
+    if (!strncmp(p, "false", 5)) { v->type = JSON_FALSE; j->p += 5; return 0; }
+    if (!strncmp(p, "null", 4)) { v->type = JSON_NULL; j->p += 4; return 0; }
+    if (*p == '-' || isdigit((unsigned char)*p)) { /* -?(0|[1-9]d*)(.d+)?([eE][+-]?d+)? */
+        char buf[64];
+        const char *q = p + (*p == '-');
+        v->is_int = 1;
+        if (*q == '0') q++;
+        else if (isdigit((unsigned char)*q)) while (isdigit((unsigned char)*q)) q++;
+        else return json_error(j, "bad number");
+        if (*q == '.') {
+            v->is_int = 0;
+            if (!isdigit((unsigned char)*++q)) return json_error(j, "bad number");
+            while (isdigit((unsigned char)*q)) q++;
+        }
+        if (*q == 'e' || *q == 'E') {
+            v->is_int = 0;
+            q++;
+            if (*q == '+' || *q == '-') q++;
+            if (!isdigit((unsigned char)*q)) return json_error(j, "bad number");
+            while (isdigit((unsigned char)*q)) q++;
+        }
+        if ((size_t)(q - p) >= sizeof buf) return json_error(j, "number too long");
+        memcpy(buf, p, (size_t)(q - p));
+        buf[q - p] = 0;
+        v->type = JSON_NUMBER;
+        v->num = strtod(buf, NULL);
+        j->p = q;
+        return 0;
+    }
+    return json_error(j, *p ? "unexpected character" : "unexpected end of file");
+}
+
+/* Reads and parses a whole JSON file (which must hold one object). */
+static int json_load(const char *path, json_value *root, char *err, size_t errsize)
+{
+    FILE *f = fopen(path, "rb");
+    char *text;
+    size_t n = 0, cap = 1 << 16, got;
+    json_parser j;
+    memset(root, 0, sizeof *root);
+    if (!f) return fail(err, errsize, "%s: cannot read config: %s", path, strerror(errno));
+    if (!(text = malloc(cap))) { fclose(f); return fail(err, errsize, "%s: out of memory", path); }
+    while ((got = fread(text + n, 1, cap - n - 1, f)) > 0) {
+        n += got;
+        if (n + 1 == cap) {
+            char *nt = cap > (1u << 26) ? NULL : realloc(text, cap * 2);
+            if (!nt) { free(text); fclose(f); return fail(err, errsize, "%s: config file too large", path); }
+            text = nt;
+            cap *= 2;
+        }
+    }
+    if (ferror(f)) { free(text); fclose(f); return fail(err, errsize, "%s: cannot read config: read error", path); }
+    fclose(f);
+    text[n] = 0;
+    j.p = j.start = text;
+    j.depth = 0;
+    j.err = err;
+    j.errsize = errsize;
+    j.path = path;
+    if (strlen(text) != n) { free(text); return fail(err, errsize, "%s: bad JSON: the file contains a NUL byte", path); }
+    if (json_parse_value(&j, root)) { free(text); json_free(root); memset(root, 0, sizeof *root); return -1; }
+    json_space(&j);
+    if (*j.p) { json_error(&j, "text after the end of the JSON value"); free(text); json_free(root); return -1; }
+    free(text);
+    if (root->type != JSON_OBJECT) { json_free(root); memset(root, 0, sizeof *root); return fail(err, errsize, "%s: not a JSON object", path); }
+    return 0;
+}
+
+/* Member key of an object (the last one when repeated, as Python's json), or NULL. */
+static const json_value *json_get(const json_value *obj, const char *key)
+{
+    int i;
+    if (!obj || obj->type != JSON_OBJECT) return NULL;
+    for (i = obj->n - 1; i >= 0; i--)
+        if (!strcmp(obj->keys[i], key)) return &obj->items[i];
+    return NULL;
+}
+
+/* ---- The config: tools/convert.py's hparams_from_config in C ---- */
+
+typedef struct init_cfg_reader {
+    const json_value *root;
+    const char *path;
+    char *err;
+    size_t errsize;
+} init_cfg_reader;
+
+static const char *json_type_name(const json_value *v)
+{
+    static const char *const names[] = {"null", "false", "true", "a number", "a string", "an array", "an object"};
+    return names[v->type];
+}
+
+/* A short description of a value for messages: 64.5, "abc", true, an array, ... */
+static const char *json_describe(const json_value *v, char *buf, size_t size)
+{
+    if (v->type == JSON_NUMBER) snprintf(buf, size, "%.17g", v->num);
+    else if (v->type == JSON_STRING) snprintf(buf, size, "\"%.40s\"", v->str);
+    else snprintf(buf, size, "%s", json_type_name(v));
+    return buf;
+}
+
+/* section.key, which must exist (an error naming it otherwise). */
+static const json_value *cfg_value(init_cfg_reader *r, const char *section, const char *key)
+{
+    const json_value *sec = json_get(r->root, section), *v = json_get(sec, key);
+    if (!sec || sec->type != JSON_OBJECT) {
+        fail(r->err, r->errsize, "%s: missing key %s.%s (no \"%s\" object)", r->path, section, key, section);
+        return NULL;
+    }
+    if (!v) fail(r->err, r->errsize, "%s: missing key %s.%s", r->path, section, key);
+    return v;
+}
+
+/* A positive integer (JSON integer literal), as convert.py requires. */
+static int cfg_int(init_cfg_reader *r, const char *section, const char *key, int *out)
+{
+    const json_value *v = cfg_value(r, section, key);
+    char buf[64];
+    if (!v) return -1;
+    if (v->type != JSON_NUMBER || !v->is_int || !(v->num >= 1 && v->num <= 2147483647.0))
+        return fail(r->err, r->errsize, "%s: %s.%s must be a positive integer (got %s)", r->path, section, key,
+                    json_describe(v, buf, sizeof buf));
+    *out = (int)v->num;
+    return 0;
+}
+
+/* A finite number (not a boolean). */
+static int cfg_number(init_cfg_reader *r, const char *section, const char *key, double *out)
+{
+    const json_value *v = cfg_value(r, section, key);
+    char buf[64];
+    if (!v) return -1;
+    if (v->type != JSON_NUMBER || !(v->num >= -DBL_MAX && v->num <= DBL_MAX))
+        return fail(r->err, r->errsize, "%s: %s.%s must be a finite number (got %s)", r->path, section, key,
+                    json_describe(v, buf, sizeof buf));
+    *out = v->num;
+    return 0;
+}
+
+/* A value that must be exactly `true`, `false` or `null` (type JSON_TRUE...). */
+static int cfg_literal(init_cfg_reader *r, const char *section, const char *key, int type, const char *why)
+{
+    const json_value *v = cfg_value(r, section, key);
+    char buf[64];
+    if (!v) return -1;
+    if (v->type != type) return fail(r->err, r->errsize, "%s: %s.%s must be %s (got %s)%s", r->path, section, key,
+                                     type == JSON_TRUE ? "true" : type == JSON_FALSE ? "false" : "null",
+                                     json_describe(v, buf, sizeof buf), why);
+    return 0;
+}
+
+/* A string that must equal want. */
+static int cfg_string(init_cfg_reader *r, const char *section, const char *key, const char *want)
+{
+    const json_value *v = cfg_value(r, section, key);
+    char buf[64];
+    if (!v) return -1;
+    if (v->type != JSON_STRING || strcmp(v->str, want))
+        return fail(r->err, r->errsize, "%s: %s.%s must be \"%s\" (got %s)", r->path, section, key, want,
+                    json_describe(v, buf, sizeof buf));
+    return 0;
+}
+
+/* An optional derived value (pe_derived.mlp_width, ...) must agree with the config. */
+static int cfg_derived(init_cfg_reader *r, const char *section, const char *key, double want)
+{
+    const json_value *v = json_get(json_get(r->root, section), key);
+    char buf[64];
+    if (v && !(v->type == JSON_NUMBER && v->num == want))
+        return fail(r->err, r->errsize, "%s: %s.%s is %s but the config implies %.17g", r->path, section, key,
+                    json_describe(v, buf, sizeof buf), want);
+    return 0;
+}
+
+/* An optional number with a default. */
+static int cfg_optional(init_cfg_reader *r, const char *section, const char *key, double dflt, double *out)
+{
+    const json_value *v = json_get(json_get(r->root, section), key);
+    *out = dflt;
+    if (!v) return 0;
+    if (v->type != JSON_NUMBER || !(v->num >= 0 && v->num < 1e6))
+        return fail(r->err, r->errsize, "%s: %s.%s must be a non-negative number", r->path, section, key);
+    *out = v->num;
+    return 0;
+}
+
+typedef struct init_hparams {
+    const char *names[INIT_N_HPARAMS];
+    double values[INIT_N_HPARAMS];
+    double std, xavier_gain;
+} init_hparams;
+
+/* Reads CONFIG into the header hyperparameters tools/convert.py writes (same names,
+ * order and values) and checks it as convert.py does; one error sentence naming the key. */
+static int init_read_config(const char *path, init_hparams *h, char *err, size_t errsize)
+{
+    json_value root;
+    init_cfg_reader r;
+    int S, P, W, layers, heads, pool_heads, cls_ratio, cls_layers, F, mask_f, hid, enc_ffn, enc_layers, dec_layers;
+    int m2f_heads, dec_ffn, Q, labels, points, k, rc = -1;
+    double mlp_ratio, fl[11];
+    const json_value *v;
+    static const char *const real_keys[11][2] = {
+        {"mask2former", "no_object_weight"}, {"mask2former", "class_weight"}, {"mask2former", "mask_weight"},
+        {"mask2former", "dice_weight"}, {"mask2former", "oversample_ratio"}, {"mask2former", "importance_sample_ratio"},
+        {"loupe", "pixel_forge_weight"}, {"loupe", "pixel_poly_epsilon"}, {"loupe", "tversky_alpha"},
+        {"loupe", "seg_loss_weight"}, {"mask2former", "common_stride"}};
+    if (json_load(path, &root, err, errsize)) return -1;
+    r.root = &root;
+    r.path = path;
+    r.err = err;
+    r.errsize = errsize;
+    if (cfg_int(&r, "pe", "image_size", &S) || cfg_int(&r, "pe", "patch_size", &P) || cfg_int(&r, "pe", "width", &W) ||
+        cfg_int(&r, "pe", "layers", &layers) || cfg_int(&r, "pe", "heads", &heads) ||
+        cfg_int(&r, "pe", "attn_pooler_heads", &pool_heads) || cfg_number(&r, "pe", "mlp_ratio", &mlp_ratio) ||
+        cfg_literal(&r, "pe", "output_dim", JSON_NULL, " (Loupe drops PE's projection)") ||
+        cfg_literal(&r, "pe", "ls_init_value", JSON_NULL, " (layer scale is not supported)") ||
+        cfg_literal(&r, "pe", "use_abs_posemb", JSON_TRUE, "") || cfg_literal(&r, "pe", "use_cls_token", JSON_TRUE, "") ||
+        cfg_literal(&r, "pe", "use_rope2d", JSON_TRUE, "") || cfg_string(&r, "pe", "pool_type", "attn") ||
+        cfg_literal(&r, "pe", "use_ln_pre", JSON_TRUE, "") || cfg_literal(&r, "pe", "use_ln_post", JSON_TRUE, "") ||
+        cfg_string(&r, "loupe", "hidden_act", "gelu") || cfg_int(&r, "loupe", "cls_mlp_ratio", &cls_ratio) ||
+        cfg_int(&r, "loupe", "cls_mlp_layers", &cls_layers) ||
+        cfg_literal(&r, "loupe", "enable_patch_cls", JSON_TRUE, "") ||
+        cfg_literal(&r, "loupe", "enable_cls_fusion", JSON_TRUE, "") ||
+        cfg_literal(&r, "loupe", "enable_conditional_queries", JSON_TRUE, "") ||
+        cfg_int(&r, "mask2former", "feature_size", &F) || cfg_int(&r, "mask2former", "mask_feature_size", &mask_f) ||
+        cfg_int(&r, "mask2former", "hidden_dim", &hid) ||
+        cfg_int(&r, "mask2former", "encoder_feedforward_dim", &enc_ffn) ||
+        cfg_string(&r, "mask2former", "activation_function", "relu") ||
+        cfg_int(&r, "mask2former", "encoder_layers", &enc_layers) ||
+        cfg_int(&r, "mask2former", "decoder_layers", &dec_layers) ||
+        cfg_int(&r, "mask2former", "num_attention_heads", &m2f_heads) ||
+        cfg_int(&r, "mask2former", "dim_feedforward", &dec_ffn) ||
+        cfg_literal(&r, "mask2former", "pre_norm", JSON_FALSE, "") ||
+        cfg_literal(&r, "mask2former", "enforce_input_projection", JSON_FALSE, "") ||
+        cfg_int(&r, "mask2former", "num_queries", &Q) || cfg_int(&r, "mask2former", "num_labels", &labels) ||
+        cfg_int(&r, "mask2former", "train_num_points", &points))
+        goto done;
+    for (k = 0; k < 11; k++)
+        if (cfg_number(&r, real_keys[k][0], real_keys[k][1], &fl[k])) goto done;
+    if (!(v = cfg_value(&r, "mask2former", "feature_strides"))) goto done;
+    if (fl[10] != 4 || v->type != JSON_ARRAY || v->n != 4 || v->items[0].type != JSON_NUMBER ||
+        v->items[0].num != 4 || v->items[1].type != JSON_NUMBER || v->items[1].num != 8 ||
+        v->items[2].type != JSON_NUMBER || v->items[2].num != 16 || v->items[3].type != JSON_NUMBER ||
+        v->items[3].num != 32) {
+        fail(err, errsize, "%s: mask2former.common_stride must be 4 and mask2former.feature_strides [4, 8, 16, 32]", path);
+        goto done;
+    }
+    if (W % (4 * heads)) { fail(err, errsize, "%s: pe.width must be pe.heads x a multiple of 4 (2-D RoPE rotates pairs on two axes)", path); goto done; }
+    if (W % pool_heads) { fail(err, errsize, "%s: pe.width is not divisible by pe.attn_pooler_heads", path); goto done; }
+    if (S % (2 * P)) { fail(err, errsize, "%s: pe.image_size must be an even multiple of pe.patch_size (the FPN has a g/2 level)", path); goto done; }
+    if (F != mask_f || F != hid) { fail(err, errsize, "%s: mask2former.feature_size, mask_feature_size and hidden_dim must be equal", path); goto done; }
+    if (F % m2f_heads) { fail(err, errsize, "%s: mask2former.feature_size is not divisible by mask2former.num_attention_heads", path); goto done; }
+    if (F % 32) { fail(err, errsize, "%s: mask2former.feature_size must be a multiple of 32 (GroupNorm groups)", path); goto done; }
+    if (labels != 1) { fail(err, errsize, "%s: mask2former.num_labels must be 1 (Loupe's single 'forgery' label)", path); goto done; }
+    if (!(mlp_ratio > 0 && (double)W * mlp_ratio < 2147483647.0) || (int)((double)W * mlp_ratio) < 1) {
+        fail(err, errsize, "%s: pe.mlp_ratio must be a positive number", path);
+        goto done;
+    }
+    if (cfg_derived(&r, "pe_derived", "mlp_width", (double)(int)((double)W * mlp_ratio)) ||
+        cfg_derived(&r, "pe_derived", "attn_pool_mlp_width", 4.0 * W) || cfg_derived(&r, "pe_derived", "grid", S / P) ||
+        cfg_derived(&r, "loupe", "cls_head_hidden", (double)W * cls_ratio) ||
+        cfg_optional(&r, "loupe", "initializer_range", INIT_STD, &h->std) ||
+        cfg_optional(&r, "mask2former", "init_xavier_std", INIT_XAVIER_GAIN, &h->xavier_gain))
+        goto done;
+    {
+        /* convert.py's hparams list, in its order */
+        const struct { const char *name; double value; } hp[INIT_N_HPARAMS] = {
+            {"image_size", S}, {"patch_size", P}, {"width", W}, {"layers", layers}, {"heads", heads},
+            {"mlp_width", (int)((double)W * mlp_ratio)}, {"pool_heads", pool_heads}, {"pool_mlp_width", 4.0 * W},
+            {"rope_theta", 10000.0}, {"ln_eps", 1e-5}, {"cls_hidden", (double)W * cls_ratio},
+            {"cls_layers", cls_layers}, {"fpn_ln_eps", 1e-6}, {"feature_size", F}, {"mask_feature_size", mask_f},
+            {"hidden_dim", hid}, {"m2f_heads", m2f_heads}, {"enc_layers", enc_layers}, {"enc_ffn", enc_ffn},
+            {"dec_layers", dec_layers}, {"dec_ffn", dec_ffn}, {"num_queries", Q}, {"num_labels", labels},
+            {"gn_groups", 32}, {"gn_eps", 1e-5}, {"deform_levels", 3}, {"deform_points", 4},
+            {"no_object_weight", fl[0]}, {"class_weight", fl[1]}, {"mask_weight", fl[2]}, {"dice_weight", fl[3]},
+            {"train_num_points", points}, {"oversample_ratio", fl[4]}, {"importance_sample_ratio", fl[5]},
+            {"pixel_forge_weight", fl[6]}, {"pixel_poly_epsilon", fl[7]}, {"tversky_alpha", fl[8]},
+            {"seg_loss_weight", fl[9]},
+        };
+        for (k = 0; k < INIT_N_HPARAMS; k++) {
+            h->names[k] = hp[k].name;
+            h->values[k] = hp[k].value;
+        }
+    }
+    rc = 0;
+done:
+    json_free(&root);
+    return rc;
+}
+
+/* ---- The tensor list: tools/convert.py's required_tensors, each with its rule ---- */
+
+typedef struct init_list {
+    init_tensor *t;
+    int n, cap, failed;
+    double std, xgain;
+} init_list;
+
+static init_tensor *init_add(init_list *l, int rule, double a, double b, int d0, int d1, int d2, int d3,
+                             const char *fmt, ...)
+{
+    init_tensor *t;
+    va_list ap;
+    if (l->failed) return NULL;
+    if (l->n == l->cap) {
+        init_tensor *nt = realloc(l->t, (size_t)(l->cap = l->cap ? 2 * l->cap : 256) * sizeof *nt);
+        if (!nt) { l->failed = 1; return NULL; }
+        l->t = nt;
+    }
+    t = &l->t[l->n++];
+    memset(t, 0, sizeof *t);
+    va_start(ap, fmt);
+    vsnprintf(t->name, sizeof t->name, fmt, ap);
+    va_end(ap);
+    t->dims[0] = d0; t->dims[1] = d1; t->dims[2] = d2; t->dims[3] = d3;
+    t->ndim = d3 ? 4 : d2 ? 3 : d1 ? 2 : 1;
+    t->rule = rule;
+    t->a = a;
+    t->b = b;
+    {   /* convert.py's is_weight_matrix */
+        size_t len = strlen(t->name);
+        static const char *const keep[] = {".conv2.weight", "fuser.fuse.weight", "queries_embedder.weight",
+                                           "queries_features.weight", "level_embed.weight"};
+        int k, ends = len > 7 && !strcmp(t->name + len - 7, ".weight");
+        ends = ends || (len >= 14 && !strcmp(t->name + len - 14, "in_proj_weight"));
+        for (k = 0; k < 5; k++) {
+            size_t kl = strlen(keep[k]);
+            if (len >= kl && !strcmp(t->name + len - kl, keep[k])) ends = 0;
+        }
+        t->matrix = t->ndim >= 2 && ends;
+    }
+    t->from_backbone = !strncmp(t->name, "backbone.", 9);
+    return t;
+}
+
+/* Shorthands. fan_in/fan_out as torch.nn.init._calculate_fan_in_and_fan_out. */
+static double init_xavier_bound(double gain, int d0, int d1, int receptive)
+{
+    double fan_in = (double)d1 * receptive, fan_out = (double)d0 * receptive;
+    return gain * sqrt(2.0 / (fan_in + fan_out)) * sqrt(3.0);
+}
+
+#define INIT_N(std) INIT_NORMAL, 0.0, (std)
+#define INIT_ZERO INIT_CONST, 0.0, 0.0
+#define INIT_ONE INIT_CONST, 1.0, 0.0
+#define INIT_XAVIER(gain, d0, d1, r) INIT_UNIFORM, init_xavier_bound(gain, d0, d1, r), 0.0
+
+static void init_norm(init_list *l, int n, const char *prefix)
+{
+    init_add(l, INIT_ONE, n, 0, 0, 0, "%s.weight", prefix);
+    init_add(l, INIT_ZERO, n, 0, 0, 0, "%s.bias", prefix);
+}
+
+/* nn.Linear [out][in] + bias: weight by (rule, a, b), bias zero. */
+static void init_linear(init_list *l, int rule, double a, double b, int out, int in, const char *prefix)
+{
+    init_add(l, rule, a, b, out, in, 0, 0, "%s.weight", prefix);
+    init_add(l, INIT_ZERO, out, 0, 0, 0, "%s.bias", prefix);
+}
+
+/* nn.MultiheadAttention (or PE's SelfAttention): xavier in_proj, zero biases, out_proj
+ * weight by (rule, a, b). */
+static void init_mha(init_list *l, double in_gain, int rule, double a, double b, int e, const char *prefix)
+{
+    char p[200];
+    init_add(l, INIT_XAVIER(in_gain, 3 * e, e, 1), 3 * e, e, 0, 0, "%s.in_proj_weight", prefix);
+    init_add(l, INIT_ZERO, 3 * e, 0, 0, 0, "%s.in_proj_bias", prefix);
+    snprintf(p, sizeof p, "%s.out_proj", prefix);
+    init_linear(l, rule, a, b, e, e, p);
+}
+
+static void init_cls_head(init_list *l, const char *prefix, int in, int hidden, int layers)
+{
+    int i, width = in;
+    for (i = 0; i < layers; i++) {
+        int out = i == layers - 1 ? 1 : hidden;
+        double bound = 1.0 / sqrt((double)width); /* nn.Linear.reset_parameters: kaiming_uniform(a=sqrt(5)) */
+        init_add(l, INIT_UNIFORM, bound, 0.0, out, width, 0, 0, "%s.layers.%d.weight", prefix, i);
+        init_add(l, INIT_UNIFORM, bound, 0.0, out, 0, 0, 0, "%s.layers.%d.bias", prefix, i);
+        width = hidden;
+    }
+}
+
+static void init_scale_block(init_list *l, const char *prefix, int W, int upsample)
+{
+    char p[200];
+    if (upsample) { /* ConvTranspose2d [in][out][2][2]: fan_in = out x 4 */
+        double bound = 1.0 / sqrt(4.0 * W);
+        init_add(l, INIT_UNIFORM, bound, 0.0, W, W, 2, 2, "%s.conv1.weight", prefix);
+        init_add(l, INIT_UNIFORM, bound, 0.0, W, 0, 0, 0, "%s.conv1.bias", prefix);
+    }
+    init_add(l, INIT_N(l->std), W, 1, 3, 3, "%s.conv2.weight", prefix);
+    snprintf(p, sizeof p, "%s.norm", prefix);
+    init_norm(l, W, p);
+}
+
+/* Every tensor of the weight file in convert.py's order, with its rule (table above). */
+static int init_tensor_list(const loupe_config *c, const init_hparams *h, init_list *l)
+{
+    int W = c->width, g = c->grid, F = c->feature_size, i, k;
+    int n_off = c->m2f_heads * c->deform_levels * c->deform_points;
+    double pe_scale = 1.0 / sqrt((double)W), x1 = 1.0, xd = h->xavier_gain;
+    char p[200];
+    static const char *const dec_proj[4] = {"k_proj", "v_proj", "q_proj", "out_proj"};
+    memset(l, 0, sizeof *l);
+    l->std = h->std;
+    l->xgain = xd;
+    /* backbone */
+    init_add(l, INIT_N(pe_scale), W, 0, 0, 0, "backbone.class_embedding");
+    init_add(l, INIT_N(pe_scale), 1 + g * g, W, 0, 0, "backbone.positional_embedding");
+    init_add(l, INIT_N(l->std), W, 3, c->patch_size, c->patch_size, "backbone.conv1.weight");
+    init_norm(l, W, "backbone.ln_pre");
+    init_norm(l, W, "backbone.ln_post");
+    for (i = 0; i < c->layers; i++) {
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.attn", i);
+        init_mha(l, x1, INIT_N(l->std), W, p);
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.ln_1", i); init_norm(l, W, p);
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.ln_2", i); init_norm(l, W, p);
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.mlp.c_fc", i);
+        init_linear(l, INIT_N(l->std), c->mlp_width, W, p);
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.mlp.c_proj", i);
+        init_linear(l, INIT_N(l->std), W, c->mlp_width, p);
+    }
+    init_add(l, INIT_N(1.0), 1, 1, W, 0, "backbone.attn_pool.probe");
+    init_mha(l, x1, INIT_N(l->std), W, "backbone.attn_pool.attn");
+    init_norm(l, W, "backbone.attn_pool.layernorm");
+    init_linear(l, INIT_N(l->std), c->pool_mlp_width, W, "backbone.attn_pool.mlp.c_fc");
+    init_linear(l, INIT_N(l->std), W, c->pool_mlp_width, "backbone.attn_pool.mlp.c_proj");
+    /* classifier */
+    init_cls_head(l, "classifier.classifier", W, c->cls_hidden, c->cls_layers);
+    init_cls_head(l, "classifier.patch_classifier", W, c->cls_hidden, c->cls_layers);
+    init_add(l, INIT_CONST, 1.0 / (1 + g * g), 0.0, 1, 1 + g * g, 0, 0, "classifier.fuser.fuse.weight");
+    /* segmentor: feature pyramid 4x (two steps), 2x, 0.5x */
+    init_scale_block(l, "segmentor.fpn.scale_layers.0.0", W, 1);
+    init_scale_block(l, "segmentor.fpn.scale_layers.0.1", W, 1);
+    init_scale_block(l, "segmentor.fpn.scale_layers.1.0", W, 1);
+    init_scale_block(l, "segmentor.fpn.scale_layers.3.0", W, 0);
+    for (i = 0; i < 2; i++) init_add(l, INIT_N(l->std), F, 0, 0, 0, "segmentor.label_embedding.%d", i);
+    /* pixel decoder: every tensor of >= 2 dimensions xavier(1) */
+    init_add(l, INIT_ZERO, c->deform_levels, F, 0, 0, "segmentor.pixel_decoder.level_embed");
+    for (i = 0; i < c->deform_levels; i++) {
+        init_add(l, INIT_XAVIER(x1, F, W, 1), F, W, 1, 1, "segmentor.pixel_decoder.input_projections.%d.0.weight", i);
+        init_add(l, INIT_ZERO, F, 0, 0, 0, "segmentor.pixel_decoder.input_projections.%d.0.bias", i);
+        snprintf(p, sizeof p, "segmentor.pixel_decoder.input_projections.%d.1", i);
+        init_norm(l, F, p);
+    }
+    for (i = 0; i < c->enc_layers; i++) {
+#define ENC(s) (snprintf(p, sizeof p, "segmentor.pixel_decoder.encoder.layers.%d.%s", i, s), p)
+        init_add(l, INIT_XAVIER(x1, 2 * n_off, F, 1), 2 * n_off, F, 0, 0, "%s.weight", ENC("self_attn.sampling_offsets"));
+        init_add(l, INIT_GRID, 0.0, 0.0, 2 * n_off, 0, 0, 0, "%s.bias", p);
+        init_linear(l, INIT_XAVIER(x1, n_off, F, 1), n_off, F, ENC("self_attn.attention_weights"));
+        init_linear(l, INIT_XAVIER(x1, F, F, 1), F, F, ENC("self_attn.value_proj"));
+        init_linear(l, INIT_XAVIER(x1, F, F, 1), F, F, ENC("self_attn.output_proj"));
+        init_norm(l, F, ENC("self_attn_layer_norm"));
+        init_linear(l, INIT_XAVIER(x1, c->enc_ffn, F, 1), c->enc_ffn, F, ENC("fc1"));
+        init_linear(l, INIT_XAVIER(x1, F, c->enc_ffn, 1), F, c->enc_ffn, ENC("fc2"));
+        init_norm(l, F, ENC("final_layer_norm"));
+        init_mha(l, x1, INIT_XAVIER(x1, F, F, 1), F, ENC("cross_attn"));
+        init_norm(l, F, ENC("cross_attn_layer_norm"));
+#undef ENC
+    }
+    init_add(l, INIT_XAVIER(x1, F, F, 1), F, F, 1, 1, "segmentor.pixel_decoder.mask_projection.weight");
+    init_add(l, INIT_ZERO, F, 0, 0, 0, "segmentor.pixel_decoder.mask_projection.bias");
+    init_add(l, INIT_XAVIER(x1, F, W, 1), F, W, 1, 1, "segmentor.pixel_decoder.adapter_1.0.weight");
+    init_norm(l, F, "segmentor.pixel_decoder.adapter_1.1");
+    init_add(l, INIT_XAVIER(x1, F, F, 9), F, F, 3, 3, "segmentor.pixel_decoder.layer_1.0.weight");
+    init_norm(l, F, "segmentor.pixel_decoder.layer_1.1");
+    /* transformer decoder */
+    init_add(l, INIT_N(l->std), c->num_queries, F, 0, 0, "segmentor.mask2former_decoder.queries_embedder.weight");
+    init_add(l, INIT_N(l->std), c->num_queries, F, 0, 0, "segmentor.mask2former_decoder.queries_features.weight");
+    for (i = 0; i < c->dec_layers - 1; i++) {
+#define DEC(s) (snprintf(p, sizeof p, "segmentor.mask2former_decoder.decoder.layers.%d.%s", i, s), p)
+        for (k = 0; k < 4; k++) {
+            char s[40];
+            snprintf(s, sizeof s, "self_attn.%s", dec_proj[k]);
+            init_linear(l, INIT_XAVIER(xd, F, F, 1), F, F, DEC(s));
+        }
+        init_norm(l, F, DEC("self_attn_layer_norm"));
+        init_mha(l, xd, INIT_XAVIER(xd, F, F, 1), F, DEC("cross_attn"));
+        init_norm(l, F, DEC("cross_attn_layer_norm"));
+        init_linear(l, INIT_XAVIER(xd, c->dec_ffn, F, 1), c->dec_ffn, F, DEC("fc1"));
+        init_linear(l, INIT_XAVIER(xd, F, c->dec_ffn, 1), F, c->dec_ffn, DEC("fc2"));
+        init_norm(l, F, DEC("final_layer_norm"));
+#undef DEC
+    }
+    init_norm(l, F, "segmentor.mask2former_decoder.decoder.layernorm");
+    for (i = 0; i < 3; i++) {
+        snprintf(p, sizeof p, "segmentor.mask2former_decoder.decoder.mask_predictor.mask_embedder.%d.0", i);
+        init_linear(l, INIT_N(l->std), F, F, p);
+    }
+    init_add(l, INIT_N(l->std), c->deform_levels, F, 0, 0, "segmentor.mask2former_decoder.level_embed.weight");
+    init_linear(l, INIT_N(l->std), c->num_labels + 1, F, "segmentor.class_predictor");
+    return l->failed ? -1 : 0;
+}
+
+/* ---- Writing the file ---- */
+
+static uint32_t init_float_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static void put_u16(unsigned char *p, uint32_t v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); }
+static void put_u32(unsigned char *p, uint32_t v) { put_u16(p, v & 0xFFFF); put_u16(p + 2, v >> 16); }
+static void put_u64(unsigned char *p, uint64_t v) { put_u32(p, (uint32_t)v); put_u32(p + 4, (uint32_t)(v >> 32)); }
+static uint64_t init_align(uint64_t n) { return (n + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN; }
+
+/* Encodes n float32 values of a [rows][cols] tensor as dtype into out (little-endian;
+ * Q8 and BF16 exactly as tools/convert.py rounds them); returns the byte count. */
+static size_t init_encode(const float *x, size_t rows, size_t cols, int dtype, unsigned char *out)
+{
+    size_t n = rows * cols, i, r, c;
+    if (dtype == DTYPE_BF16) {
+        for (i = 0; i < n; i++) {
+            uint32_t u = init_float_bits(x[i]);
+            put_u16(out + 2 * i, (u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+        }
+        return 2 * n;
+    }
+    if (dtype == DTYPE_Q8) {
+        size_t cols32 = (size_t)q8_padded(cols), nb = cols32 / Q8_BLOCK;
+        unsigned char *sc = out + rows * cols32;
+        for (r = 0; r < rows; r++)
+            for (c = 0; c < nb; c++) {
+                const float *w = x + r * cols + c * Q8_BLOCK;
+                size_t k, m = cols - c * Q8_BLOCK < Q8_BLOCK ? cols - c * Q8_BLOCK : Q8_BLOCK;
+                float amax = 0.0f, scale;
+                double div;
+                for (k = 0; k < m; k++) amax = fabsf(w[k]) > amax ? fabsf(w[k]) : amax;
+                scale = (float)((double)amax / 127.0);
+                div = scale != 0.0f ? (double)scale : 1.0;
+                for (k = 0; k < Q8_BLOCK; k++)
+                    out[r * cols32 + c * Q8_BLOCK + k] = (unsigned char)(int8_t)(k < m ? (int)nearbyint((double)w[k] / div) : 0);
+                put_u32(sc + 4 * (r * nb + c), init_float_bits(scale));
+            }
+        return (size_t)tensor_bytes(DTYPE_Q8, rows, cols);
+    }
+    for (i = 0; i < n; i++) put_u32(out + 4 * i, init_float_bits(x[i]));
+    return 4 * n;
+}
+
+/* The entry called name in a parsed weight file, or NULL. */
+static const tensor_entry *init_find_entry(const loupe_model *m, const char *name)
+{
+    int i;
+    size_t len = strlen(name);
+    for (i = 0; i < m->n_entries; i++)
+        if ((size_t)m->entries[i].name_len == len && !memcmp(m->entries[i].name, name, len)) return &m->entries[i];
+    return NULL;
+}
+
+int loupe_init_weights(const char *config_path, const char *out_path, unsigned long long seed, const char *dtype,
+                       const char *backbone_path, char *err, size_t errsize)
+{
+    init_hparams h;
+    init_list l;
+    loupe_model cm, *bm = NULL;
+    unsigned char *meta = NULL, *bytes = NULL;
+    const tensor_entry **src = NULL;
+    uint64_t *offsets = NULL, index_bytes = 0, data_offset, pos, file_size;
+    size_t most = 1, meta_len;
+    float *x = NULL;
+    char tmp[1024];
+    FILE *f = NULL;
+    int matrix_dtype = DTYPE_F32, version = WEIGHTS_VERSION_F32_ONLY, i, k, rc = -1, ok = 1;
+
+    memset(&l, 0, sizeof l);
+    if (!config_path || !out_path) return fail(err, errsize, "loupe_init_weights needs a config and an output path");
+    if (dtype && !strcmp(dtype, "bf16")) matrix_dtype = DTYPE_BF16;
+    else if (dtype && !strcmp(dtype, "q8")) matrix_dtype = DTYPE_Q8;
+    else if (dtype && strcmp(dtype, "f32")) return fail(err, errsize, "unknown dtype %s (f32, bf16 or q8)", dtype);
+    if (strlen(out_path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", out_path);
+    if (init_read_config(config_path, &h, err, errsize)) return -1;
+
+    /* The header's hyperparameters, checked by the loader's own rules (weights_config). */
+    meta_len = WEIGHTS_HEADER_BYTES + (size_t)INIT_N_HPARAMS * HPARAM_RECORD_BYTES;
+    if (!(meta = calloc(1, meta_len))) return fail(err, errsize, "out of memory");
+    memcpy(meta, WEIGHTS_MAGIC, WEIGHTS_MAGIC_LEN);
+    put_u32(meta + 12, INIT_N_HPARAMS);
+    for (k = 0; k < INIT_N_HPARAMS; k++) {
+        unsigned char *r = meta + WEIGHTS_HEADER_BYTES + (size_t)k * HPARAM_RECORD_BYTES;
+        uint64_t u;
+        memcpy(r, h.names[k], strlen(h.names[k]));
+        memcpy(&u, &h.values[k], sizeof u);
+        put_u64(r + HPARAM_NAME_BYTES, u);
+    }
+    memset(&cm, 0, sizeof cm);
+    cm.data = meta;
+    cm.size = meta_len;
+    snprintf(cm.path, sizeof cm.path, "%s", config_path);
+    if (weights_config(&cm, err, errsize)) goto done;
+    if (init_tensor_list(&cm.cfg, &h, &l)) { fail(err, errsize, "out of memory"); goto done; }
+
+    /* The backbone's source tensors, shapes checked before anything is written. */
+    if (!(src = calloc((size_t)l.n, sizeof *src)) || !(offsets = calloc((size_t)l.n, sizeof *offsets))) {
+        fail(err, errsize, "out of memory");
+        goto done;
+    }
+    if (backbone_path) {
+        if (!host_is_little_endian()) { fail(err, errsize, "%s: big-endian hosts are not supported", backbone_path); goto done; }
+        if (!(bm = calloc(1, sizeof *bm))) { fail(err, errsize, "out of memory"); goto done; }
+        snprintf(bm->path, sizeof bm->path, "%s", backbone_path);
+        if (weights_map_file(bm, backbone_path, err, errsize) || weights_parse(bm, err, errsize)) goto done;
+        for (i = 0; i < l.n; i++) {
+            const init_tensor *t = &l.t[i];
+            const tensor_entry *e;
+            int same;
+            if (!t->from_backbone) continue;
+            if (!(e = init_find_entry(bm, t->name))) {
+                fail(err, errsize, "%s: tensor %s is missing (the backbone must match the config)", backbone_path, t->name);
+                goto done;
+            }
+            same = e->ndim == t->ndim;
+            for (k = 0; same && k < t->ndim; k++) same = e->dims[k] == (uint32_t)t->dims[k];
+            if (!same) {
+                fail(err, errsize, "%s: tensor %s has another shape than the config implies", backbone_path, t->name);
+                goto done;
+            }
+            src[i] = e;
+        }
+    }
+
+    /* Layout: header, hyperparameters, index, then each tensor 64-byte aligned (as convert.py). */
+    for (i = 0; i < l.n; i++) index_bytes += 4 + strlen(l.t[i].name) + 4u * (unsigned)l.t[i].ndim + 16;
+    data_offset = init_align(meta_len + index_bytes);
+    pos = data_offset;
+    for (i = 0; i < l.n; i++) {
+        init_tensor *t = &l.t[i];
+        size_t numel = 1;
+        for (k = 0; k < t->ndim; k++) numel *= (size_t)t->dims[k];
+        if (t->matrix && matrix_dtype != DTYPE_F32) version = WEIGHTS_VERSION;
+        offsets[i] = init_align(pos);
+        pos = offsets[i] + tensor_bytes(t->matrix ? matrix_dtype : DTYPE_F32, (uint64_t)t->dims[0], numel / (size_t)t->dims[0]);
+        most = numel > most ? numel : most;
+    }
+    file_size = pos;
+    {
+        unsigned char *nm = realloc(meta, (size_t)data_offset);
+        if (!nm) { fail(err, errsize, "out of memory"); goto done; }
+        meta = nm;
+        memset(meta + meta_len, 0, (size_t)(data_offset - meta_len));
+    }
+    put_u32(meta + 8, (uint32_t)version);
+    put_u32(meta + 16, (uint32_t)l.n);
+    put_u64(meta + 24, data_offset);
+    put_u64(meta + 32, file_size);
+    pos = meta_len;
+    for (i = 0; i < l.n; i++) {
+        const init_tensor *t = &l.t[i];
+        size_t len = strlen(t->name), numel = 1;
+        for (k = 0; k < t->ndim; k++) numel *= (size_t)t->dims[k];
+        put_u16(meta + pos, (uint32_t)len);
+        meta[pos + 2] = (unsigned char)(t->matrix ? matrix_dtype : DTYPE_F32);
+        meta[pos + 3] = (unsigned char)t->ndim;
+        memcpy(meta + pos + 4, t->name, len);
+        pos += 4 + len;
+        for (k = 0; k < t->ndim; k++, pos += 4) put_u32(meta + pos, (uint32_t)t->dims[k]);
+        put_u64(meta + pos, offsets[i]);
+        put_u64(meta + pos + 8, tensor_bytes(t->matrix ? matrix_dtype : DTYPE_F32, (uint64_t)t->dims[0], numel / (size_t)t->dims[0]));
+        pos += 16;
+    }
+
+    /* Data, written front to back into a temporary file renamed when complete. */
+    x = malloc(most * sizeof *x);
+    bytes = malloc(most * sizeof *x + TENSOR_ALIGN);
+    if (!x || !bytes) { fail(err, errsize, "out of memory (the largest tensor has %llu values)", (unsigned long long)most); goto done; }
+    snprintf(tmp, sizeof tmp, "%s.tmp", out_path);
+    if (!(f = fopen(tmp, "wb"))) { fail(err, errsize, "%s: cannot create: %s", tmp, strerror(errno)); goto done; }
+    ok = fwrite(meta, 1, (size_t)data_offset, f) == (size_t)data_offset;
+    pos = data_offset;
+    for (i = 0; ok && i < l.n; i++) {
+        const init_tensor *t = &l.t[i];
+        size_t numel = 1, rows = (size_t)t->dims[0], n;
+        for (k = 0; k < t->ndim; k++) numel *= (size_t)t->dims[k];
+        memset(bytes, 0, TENSOR_ALIGN);
+        if (offsets[i] > pos) ok = fwrite(bytes, 1, (size_t)(offsets[i] - pos), f) == (size_t)(offsets[i] - pos);
+        if (src[i]) {
+            wmat w = entry_matrix(bm, src[i]);
+            size_t r, cols = numel / rows;
+            for (r = 0; r < rows; r++) wmat_to_float(w, r, 1, 0, (int)cols, x + r * cols, cols);
+        } else {
+            init_fill(t, (uint64_t)seed, &cm.cfg, x, numel);
+        }
+        n = init_encode(x, rows, numel / rows, t->matrix ? matrix_dtype : DTYPE_F32, bytes);
+        ok = ok && fwrite(bytes, 1, n, f) == n;
+        pos = offsets[i] + n;
+    }
+    if (fclose(f) != 0) ok = 0;
+    f = NULL;
+    if (!ok || pos != file_size || replace_file(tmp, out_path) != 0) {
+        remove(tmp);
+        fail(err, errsize, "%s: cannot write the weight file (disk full?)", out_path);
+        goto done;
+    }
+    rc = 0;
+done:
+    if (f) { fclose(f); remove(tmp); }
+    free(x);
+    free(bytes);
+    free(meta);
+    free(src);
+    free(offsets);
+    free(l.t);
+    loupe_model_free(bm);
+    return rc;
 }
 
 /* ========================================================================== */
@@ -12966,6 +14062,77 @@ done:
     loupe_dataset_free(train);
     loupe_dataset_free(valid);
     return status;
+/* ---- `loupe init`: a randomly initialised weight file ---- */
+
+static const char init_usage[] =
+    "usage: loupe init --config CONFIG.json -o OUT.bin --seed S [--dtype f32|bf16|q8] [--backbone FILE.bin]\n"
+    "\n"
+    "Writes a complete weight file for CONFIG (the config format of tools/convert.py; the\n"
+    "header's hyperparameters are the ones convert.py writes for it), every tensor drawn\n"
+    "as upstream Loupe's from-scratch construction draws it (LoupeModel(config) + post_init;\n"
+    "rules in loupe.c, section 3b), from a generator seeded by S (0 to 2^64-1): the same\n"
+    "seed gives the same bytes on every platform.\n"
+    "\n"
+    "  --config FILE     the configuration (JSON), required\n"
+    "  -o, --output FILE the weight file to write (through a temporary file, renamed when complete)\n"
+    "  --seed S          the generator's seed, required\n"
+    "  --dtype D         f32 (default), bf16 or q8: the storage of the weight matrices\n"
+    "  --backbone FILE   copy every backbone.* tensor from this weight file (e.g. a converted\n"
+    "                    PE-Core-L14-336) instead of drawing it; only the heads are drawn\n"
+    "  -h, --help        this text\n"
+    "\n"
+    "Exit status: 0 written, 1 when the config, the backbone or the output cannot be used,\n"
+    "2 for a usage error. No output file is left behind on any error.\n";
+
+static int cli_init(int argc, char **argv)
+{
+    const char *config = NULL, *out = NULL, *dtype = "f32", *backbone = NULL, *seed_arg = NULL;
+    unsigned long long seed = 0;
+    char err[512];
+    int i;
+    for (i = 2; i < argc; i += 2) { /* every option but -h takes one value */
+        const char *a = argv[i], *next = i + 1 < argc ? argv[i + 1] : NULL;
+        const char **slot = NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(init_usage, stdout); return 0; }
+        if (!strcmp(a, "--config")) slot = &config;
+        else if (!strcmp(a, "-o") || !strcmp(a, "--output")) slot = &out;
+        else if (!strcmp(a, "--seed")) slot = &seed_arg;
+        else if (!strcmp(a, "--dtype")) slot = &dtype;
+        else if (!strcmp(a, "--backbone")) slot = &backbone;
+        else {
+            fprintf(stderr, "loupe init: %s %s (see loupe init -h)\n", a[0] == '-' ? "unknown option" : "unexpected argument", a);
+            return 2;
+        }
+        if (!next) { fprintf(stderr, "loupe init: %s needs a value (see loupe init -h)\n", a); return 2; }
+        *slot = next;
+    }
+    if (!config) { fprintf(stderr, "loupe init: no config given: use --config CONFIG.json (see loupe init -h)\n"); return 2; }
+    if (!out) { fprintf(stderr, "loupe init: no output given: use -o OUT.bin (see loupe init -h)\n"); return 2; }
+    if (!seed_arg) { fprintf(stderr, "loupe init: no seed given: use --seed S (see loupe init -h)\n"); return 2; }
+    {
+        const char *p = seed_arg;
+        int digits = 0;
+        for (; *p >= '0' && *p <= '9'; p++, digits++) {
+            unsigned d = (unsigned)(*p - '0');
+            if (seed > (ULLONG_MAX - d) / 10) break;
+            seed = seed * 10 + d;
+        }
+        if (*p || !digits) {
+            fprintf(stderr, "loupe init: --seed must be an integer from 0 to 18446744073709551615 (got %s)\n", seed_arg);
+            return 2;
+        }
+    }
+    if (strcmp(dtype, "f32") && strcmp(dtype, "bf16") && strcmp(dtype, "q8")) {
+        fprintf(stderr, "loupe init: --dtype must be f32, bf16 or q8 (got %s)\n", dtype);
+        return 2;
+    }
+    if (loupe_init_weights(config, out, seed, dtype, backbone, err, sizeof err)) {
+        fprintf(stderr, "loupe init: %s\n", err);
+        return 1;
+    }
+    fprintf(stderr, "loupe init: wrote %s (seed %llu%s%s)\n", out, seed, backbone ? ", backbone from " : "",
+            backbone ? backbone : "");
+    return 0;
 }
 
 int main(int argc, char **argv)
@@ -12983,6 +14150,7 @@ int main(int argc, char **argv)
     int status = 0, i, rc;
     if (argc > 1 && !strcmp(argv[1], "eval")) return cli_eval(argc - 1, argv + 1);
     if (argc > 1 && !strcmp(argv[1], "train")) return cli_train(argc - 1, argv + 1);
+    if (argc > 1 && !strcmp(argv[1], "init")) return cli_init(argc, argv);
     memset(&o, 0, sizeof o);
     rc = cli_parse(argc, argv, &o);
     if (rc) { status = rc == 1 ? 0 : 2; goto done; }

@@ -427,6 +427,18 @@ int loupe_trainer_load_state(loupe_trainer *t, const char *path, void *user, siz
 
 /* Number of trainable tensors and values. */
 void loupe_trainer_size(const loupe_trainer *t, int *tensors, size_t *values);
+/* ---- Random initialisation ---- */
+
+/* Writes a weight file for the configuration in config_path (tools/convert.py's JSON
+ * config format) with every tensor drawn as upstream's from-scratch construction draws
+ * it (LoupeModel(config) + post_init; the rules are listed in loupe.c, section 3b),
+ * from a deterministic generator seeded by seed: the same seed gives the same bytes on
+ * every platform. dtype: "f32" (NULL), "bf16" or "q8" for the weight matrices.
+ * backbone_path, unless NULL, names a weight file whose backbone.* tensors are copied
+ * instead (their shapes must match the config). The file is written under a temporary
+ * name and renamed when complete. Returns 0, or -1 with one sentence in err. */
+int loupe_init_weights(const char *config_path, const char *out_path, unsigned long long seed, const char *dtype,
+                       const char *backbone_path, char *err, size_t errsize);
 
 #ifdef __cplusplus
 }
