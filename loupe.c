@@ -14062,6 +14062,8 @@ done:
     loupe_dataset_free(train);
     loupe_dataset_free(valid);
     return status;
+}
+
 /* ---- `loupe init`: a randomly initialised weight file ---- */
 
 static const char init_usage[] =
