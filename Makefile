@@ -92,6 +92,12 @@ $(BUILD)/bench_tta$(EXE): loupe.c loupe.h test/bench_tta.c test/measure.h | $(BU
 $(BUILD)/fuzz_replay$(EXE): loupe.c loupe.h test/fuzz.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -DFUZZ_REPLAY -o $@ test/fuzz.c $(LDLIBS)
 
+$(BUILD)/make_shapes$(EXE): loupe.c loupe.h test/make_shapes.c | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/make_shapes.c $(LDLIBS)
+
+$(BUILD)/bench_train$(EXE): loupe.c loupe.h test/bench_train.c test/measure.h | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/bench_train.c $(LDLIBS)
+
 $(BUILD)/make_weights$(EXE): test/make_weights.c | $(BUILD)
 	$(CC) $(WARN) $(CFLAGS) -o $@ test/make_weights.c $(LDLIBS)
 
@@ -107,8 +113,8 @@ $(BUILD)/example$(EXE): test/example.c loupe.h $(BUILD)/loupe-lib.o
 # Everything is built in $(BUILD) (the ./loupe of `make` is not needed), so builds with
 # other compilers can run side by side (see `make portability`).
 TEST_SUITES = test-convert test-images test-cli test-regress test-hostile test-tiny-a test-tiny-b \
-              test-lowp-tiny-a test-lowp-tiny-b test-unit test-example test-batch test-metrics test-init
-test: $(BUILD)/loupe$(EXE) $(BUILD)/test_init$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_train$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/fuzz_replay$(EXE) $(BUILD)/check_batch$(EXE) $(BUILD)/check_metrics$(EXE)
+              test-lowp-tiny-a test-lowp-tiny-b test-unit test-example test-batch test-metrics test-init test-train
+test: $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE) $(BUILD)/test_init$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_train$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/fuzz_replay$(EXE) $(BUILD)/check_batch$(EXE) $(BUILD)/check_metrics$(EXE)
 	@sh test/summary.sh $(BUILD)/test-log.txt \
 	  $(foreach t,$(TEST_SUITES),"$(MAKE) --no-print-directory $(t)")
 
@@ -123,6 +129,12 @@ test-unit: $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/tin
 # against the golden one, bit for bit (test/check_batch.c).
 test-batch: $(BUILD)/check_batch$(EXE) $(BUILD)/tiny-a.bin
 	$(RUN) $(BUILD)/check_batch$(EXE) $(BUILD)/tiny-a.bin test/golden/tiny-a
+
+# A short real training run (a tiny model from loupe init on photo crops with pasted
+# shapes): the loss falls, held-out metrics improve, --resume is bit for bit, bad inputs
+# stop before any compute (test/test_train.sh).
+test-train: $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE)
+	sh test/test_train.sh $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE) $(BUILD)
 
 # Upstream's validation metrics (auc, f1, iou, overall) on the metrics golden.
 test-metrics: $(BUILD)/check_metrics$(EXE)
@@ -275,6 +287,15 @@ fuzz-run: fuzz
 	    > $(BUILD)/fuzz-$$t.log 2>&1 || status=1; \
 	done; \
 	sh test/fuzz_stats.sh $(foreach t,$(FUZZ_TARGETS),$(BUILD)/fuzz-$(t).log); exit $$status
+
+# One training step at full size against the forward (2 threads): cls_seg (backbone
+# trained) and seg on kept backbone outputs, each in its own process for its peak memory;
+# then the images/s of a short tiny-config run. Never part of make test.
+bench-train: $(BUILD)/bench_train$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE)
+	@test -f $(BUILD)/full-1.bin || $(MAKE) --no-print-directory $(BUILD)/full-1.bin
+	OMP_NUM_THREADS=2 $(RUN) $(BUILD)/bench_train$(EXE) $(BUILD)/full-1.bin cls_seg 3
+	OMP_NUM_THREADS=2 $(RUN) $(BUILD)/bench_train$(EXE) $(BUILD)/full-1.bin seg-cached 3
+	@sh test/bench_train_tiny.sh $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE) $(BUILD)
 
 # Time and memory of one test-time-adaptation step against a forward on the full-size
 # model (converted by `make test-full`); BENCH_MODEL and BENCH_CASE override.

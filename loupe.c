@@ -7372,10 +7372,24 @@ static void linear(float *y, const float *x, int rows, int in, int out, linear_w
     gemm_nt_w(rows, out, in, x, in, l.w, l.b, y, out, 0);
 }
 
-/* Register tile and K-block of gemm_tn. */
+/* Register tile and K-block of gemm_tn: the accumulators of one tile fill most of the
+ * vector registers (AVX-512: 8 x 32 = 16 zmm; AVX2: 6 x 16 = 12 ymm). Each element of C
+ * sums over K in the same order whatever the tile, so the result does not depend on it. */
+#ifndef GEMM_TN_MR
+#if defined(__AVX512F__) && !defined(LOUPE_NO_SIMD)
+#define GEMM_TN_MR 8
+#define GEMM_TN_NR 32
+#elif defined(__AVX2__) && !defined(LOUPE_NO_SIMD)
+#define GEMM_TN_MR 6
+#define GEMM_TN_NR 16
+#else
 #define GEMM_TN_MR 4
 #define GEMM_TN_NR 16
+#endif
+#endif
+#ifndef GEMM_TN_KC
 #define GEMM_TN_KC 256
+#endif
 
 /* One tile of gemm_tn: C[mr][nr] += A[K][mr]^T B[K][nr]. */
 static void gemm_tn_tile(int mr, int nr, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc)
@@ -9660,6 +9674,33 @@ static seg_loss_config seg_loss_config_default(void)
     return c;
 }
 
+/* LoupeSegLoss's settings as the weight file's header records them (tools/convert.py
+ * writes the config's values), upstream's defaults for any it lacks. */
+static seg_loss_config seg_loss_config_from_model(const loupe_model *m)
+{
+    seg_loss_config c = seg_loss_config_default();
+    const unsigned char *hp = m->data + WEIGHTS_HEADER_BYTES;
+    uint32_t n = rd_u32(m->data + 12);
+    int found;
+    double v;
+#define HEADER_LOSS(field, name, lo, hi) \
+    do { v = header_hparam(hp, n, name, &found); if (found && v >= (lo) && v <= (hi)) c.field = v; } while (0)
+    HEADER_LOSS(class_weight, "class_weight", 0.0, 1e6);
+    HEADER_LOSS(mask_weight, "mask_weight", 0.0, 1e6);
+    HEADER_LOSS(dice_weight, "dice_weight", 0.0, 1e6);
+    HEADER_LOSS(no_object_weight, "no_object_weight", 1e-6, 1e6);
+    HEADER_LOSS(oversample_ratio, "oversample_ratio", 1.0, 64.0);
+    HEADER_LOSS(importance_sample_ratio, "importance_sample_ratio", 0.0, 1.0);
+    HEADER_LOSS(pixel_forge_weight, "pixel_forge_weight", 0.0, 1.0);
+    HEADER_LOSS(pixel_poly_epsilon, "pixel_poly_epsilon", -1e6, 1e6);
+    HEADER_LOSS(tversky_alpha, "tversky_alpha", 0.0, 1.0);
+#undef HEADER_LOSS
+    v = header_hparam(hp, n, "train_num_points", &found);
+    if (found && v >= 1 && v <= 1 << 20 && v == floor(v)) c.train_num_points = (int)v;
+    c.tversky_beta = 1.0 - c.tversky_alpha;
+    return c;
+}
+
 /* One mask prediction of the decoder, and where its gradient goes. */
 typedef struct seg_prediction {
     const float *class_logits;   /* [Q][2]: forgery, no-object */
@@ -11408,7 +11449,7 @@ static loupe_trainer *trainer_new(const loupe_model *m, const loupe_train_option
     t->backbone_backward = t->opt.train_backbone || t->opt.train_embeddings;
     t->w = m->w;
     t->t = m->t;
-    t->loss_cfg = seg_loss_config_default();
+    t->loss_cfg = seg_loss_config_from_model(m);
     t->enc = calloc((size_t)c->enc_layers + 1, sizeof *t->enc);
     t->dec = calloc((size_t)L, sizeof *t->dec);
     t->blocks = calloc((size_t)c->layers, sizeof *t->blocks);
