@@ -159,7 +159,7 @@ void loupe_set_threads(int n);
  * the sessions using it) must be used by one thread at a time; create it after
  * loupe_set_threads, like a session. */
 
-typedef struct loupe_tta loupe_tta;
+typedef struct loupe_trainer loupe_tta;   /* a trainer in its test-time-adaptation configuration */
 
 typedef struct loupe_tta_options {
     double lr;                   /* AdamW learning rate (1e-4) */
@@ -337,6 +337,108 @@ typedef void (*loupe_eval_fn)(void *user, const loupe_eval_image *r);
  * each image. Returns 0, or -1 with err (an image that can no longer be read). */
 int loupe_evaluate(loupe_session *s, const loupe_dataset *d, unsigned long long seed, loupe_metrics *out,
                    loupe_eval_fn per_image, void *user, char *err, size_t errsize);
+
+/* ---- Training: upstream's stages cls, seg and cls_seg ---- */
+/* A loupe_trainer owns float32 copies of the tensors a stage trains, their gradients,
+ * AdamW's moments, the saved activations of one image and the backward's scratch; the
+ * model stays read-only. Test-time adaptation (above) is the same trainer configured
+ * with pseudo labels and the segmentor only. One optimizer step: loupe_trainer_accumulate
+ * on one or more batches (each a loss over its images, as upstream collates them), then
+ * loupe_trainer_update. See README "Training". Use from one thread at a time; create it
+ * after loupe_set_threads. */
+
+typedef struct loupe_trainer loupe_trainer;
+
+enum { LOUPE_TRAIN_TTA, LOUPE_TRAIN_CLS, LOUPE_TRAIN_SEG, LOUPE_TRAIN_CLS_SEG };
+
+typedef struct loupe_train_options {
+    int stage;                   /* LOUPE_TRAIN_CLS, _SEG or _CLS_SEG */
+    double lr;                   /* AdamW learning rate of the heads */
+    double backbone_lr;          /* of tensors whose name contains "backbone" */
+    double weight_decay;         /* 0 for tensors whose name contains "bias" */
+    double beta1, beta2, eps;    /* AdamW (0.9, 0.999, 1e-8) */
+    double clip_norm;            /* total gradient L2 norm clipped to this (1.0) */
+    int train_backbone;          /* 1: every backbone tensor trains (cls_seg's default) */
+    int train_embeddings;        /* 1: backbone.class_embedding and .positional_embedding train
+                                    even with a frozen backbone (upstream does, by accident) */
+    double cls_loss_weight;      /* total = cls_loss_weight * cls + seg_loss_weight * seg */
+    double seg_loss_weight;
+    unsigned long long seed;     /* seed of the loss's random points */
+} loupe_train_options;
+
+/* Upstream's values for a stage (configs/hparams, configs/model). */
+void loupe_train_default_options(loupe_train_options *o, int stage);
+
+/* One labelled image, prepared as upstream's training collate function does. */
+typedef struct loupe_example {
+    const float *pixel_values;   /* [3][S][S] */
+    const float *mask_labels;    /* [S][S] 1 = forged (NULL or unread when n_targets is 0) */
+    int n_targets;               /* 1 when mask_labels has a forged pixel, else 0 */
+    const float *patch_labels;   /* [g][g] soft patch labels */
+    int label;                   /* 1 forged, 0 authentic */
+    const float *features;       /* the frozen backbone's outputs for this image, kept from
+                                    loupe_trainer_features (skips the backbone), or NULL */
+} loupe_example;
+
+/* Loss of one batch (terms as upstream logs them). */
+typedef struct loupe_train_loss {
+    double total;                /* cls_loss_weight * cls + seg_loss_weight * seg */
+    double cls, cls_part, patch_part; /* LoupeClsLoss and its two parts */
+    double seg, mask, dice, cross_entropy; /* LoupeSegLoss and its weighted terms (summed
+                                    over the final and auxiliary predictions) */
+} loupe_train_loss;
+
+loupe_trainer *loupe_trainer_new(const loupe_model *m, const loupe_train_options *opt, char *err, size_t errsize);
+void loupe_trainer_free(loupe_trainer *t);
+
+/* Forward, loss and backward of one batch of n images (their loss is upstream's batch
+ * loss); adds scale * its gradient to the pending sum (scale 1 / accumulate_grad_batches
+ * as Lightning does). */
+int loupe_trainer_accumulate(loupe_trainer *t, const loupe_example *batch, int n, double scale,
+                             loupe_train_loss *loss, char *err, size_t errsize);
+
+/* Clips the pending gradient, applies AdamW with every learning rate times lr_factor
+ * (the schedule's factor) and clears it; *grad_norm (may be NULL) gets the norm before clipping. */
+int loupe_trainer_update(loupe_trainer *t, double lr_factor, double *grad_norm, char *err, size_t errsize);
+
+/* Writes the model's weight file with the trained tensors (F32 files only). */
+int loupe_trainer_save(const loupe_trainer *t, const char *path, char *err, size_t errsize);
+
+/* A frozen backbone (no backbone tensor trains) gives the same outputs for an image in
+ * every epoch: loupe_trainer_feature_floats is their size in floats (0 when the backbone
+ * trains), loupe_trainer_features computes them into features for loupe_example.features. */
+size_t loupe_trainer_feature_floats(const loupe_trainer *t);
+int loupe_trainer_features(loupe_trainer *t, const float *pixel_values, float *features, char *err, size_t errsize);
+
+/* Learning-rate schedules (LambdaLR factors of upstream's transformers schedules) at
+ * optimizer step `step` of `total`, with warm-up and decay lengths in steps. */
+enum { LOUPE_SCHEDULE_WSD, LOUPE_SCHEDULE_COSINE, LOUPE_SCHEDULE_CONSTANT };
+double loupe_lr_factor(int schedule, long step, double total, double warmup, double decay);
+
+/* The optimizer's state (AdamW moments, step count, the loss's random-stream position)
+ * and `user_size` bytes of the caller's (e.g. its epoch and data order), for resuming a
+ * run bit for bit: save writes a temporary file and renames it; load checks that the
+ * state belongs to this trainer's tensors (names and sizes) and stage. The trained
+ * values themselves live in the weight file loupe_trainer_save wrote. */
+int loupe_trainer_save_state(const loupe_trainer *t, const char *path, const void *user, size_t user_size,
+                             char *err, size_t errsize);
+int loupe_trainer_load_state(loupe_trainer *t, const char *path, void *user, size_t user_size,
+                             char *err, size_t errsize);
+
+/* Number of trainable tensors and values. */
+void loupe_trainer_size(const loupe_trainer *t, int *tensors, size_t *values);
+/* ---- Random initialisation ---- */
+
+/* Writes a weight file for the configuration in config_path (tools/convert.py's JSON
+ * config format) with every tensor drawn as upstream's from-scratch construction draws
+ * it (LoupeModel(config) + post_init; the rules are listed in loupe.c, section 3b),
+ * from a deterministic generator seeded by seed: the same seed gives the same bytes on
+ * every platform. dtype: "f32" (NULL), "bf16" or "q8" for the weight matrices.
+ * backbone_path, unless NULL, names a weight file whose backbone.* tensors are copied
+ * instead (their shapes must match the config). The file is written under a temporary
+ * name and renamed when complete. Returns 0, or -1 with one sentence in err. */
+int loupe_init_weights(const char *config_path, const char *out_path, unsigned long long seed, const char *dtype,
+                       const char *backbone_path, char *err, size_t errsize);
 
 #ifdef __cplusplus
 }
