@@ -12291,6 +12291,7 @@ static int dataset_read_list(loupe_dataset *d, const char *path, char *err, size
     rc = dispatch_read_all(f, path, &text, &size, err, errsize);
     fclose(f);
     if (rc) return -1;
+    if (size >= 3 && text[0] == 0xEF && text[1] == 0xBB && text[2] == 0xBF) pos = 3; /* a UTF-8 byte-order mark */
     dir_len = (size_t)(base - path);
     if (dir_len) dir_len--; /* without the separator */
     if (base != path && dir_len == 0) dir_len = 1; /* a list in "/" */
@@ -12713,6 +12714,17 @@ done:
 
 /* ---- Validation metrics (Metric, mean_iou) ---- */
 
+/* A quiet NaN (the value of an undefined metric). */
+static double metrics_nan(void)
+{
+#ifdef NAN
+    return (double)NAN;
+#else
+    volatile double zero = 0.0;
+    return zero / zero;
+#endif
+}
+
 struct loupe_metrics_acc {
     float *prob;
     unsigned char *label;
@@ -12795,7 +12807,7 @@ static int metrics_auc(const loupe_metrics_acc *a, double *auc, char *err, size_
     unsigned long long twice = 0;
     for (i = 0; i < a->n; i++) np += a->label[i];
     nn = a->n - np;
-    if (!np || !nn) { *auc = NAN; return 0; }
+    if (!np || !nn) { *auc = metrics_nan(); return 0; }
     pos = malloc(np * sizeof *pos);
     neg = malloc(nn * sizeof *neg);
     if (!pos || !neg) { free(pos); free(neg); return fail(err, errsize, "out of memory"); }
@@ -12832,14 +12844,14 @@ int loupe_metrics_result(const loupe_metrics_acc *a, loupe_metrics *out, char *e
     }
     out->images = (long long)a->n;
     out->forged_images = (long long)forged;
-    out->accuracy = a->n ? (double)correct / (double)a->n : NAN;
+    out->accuracy = a->n ? (double)correct / (double)a->n : metrics_nan();
     out->pixel_images = a->pixel_images;
     out->tp = (long long)a->tp;
     out->fp = (long long)a->fp;
     out->fn = (long long)a->fn;
     out->tn = (long long)a->tn;
     if (!a->pixel_images) {
-        out->f1 = out->iou = NAN;
+        out->f1 = out->iou = metrics_nan();
     } else {
         /* f1_score(average="binary", zero_division=1) as scikit-learn 1.2 computes it */
         double tp = (double)a->tp, fp = (double)a->fp, fn = (double)a->fn, tn = (double)a->tn;
@@ -12851,7 +12863,7 @@ int loupe_metrics_result(const loupe_metrics_acc *a, loupe_metrics *out, char *e
         /* mean_iou(num_labels=2): per class intersect / union, nanmean */
         if (a->tn + a->fp + a->fn) { iou_sum += tn / (tn + fp + fn); classes++; }
         if (a->tp + a->fp + a->fn) { iou_sum += tp / (tp + fp + fn); classes++; }
-        out->iou = classes ? iou_sum / classes : NAN;
+        out->iou = classes ? iou_sum / classes : metrics_nan();
     }
     out->overall = (out->auc + out->iou + out->f1) / 3.0;
     return 0;
