@@ -675,7 +675,7 @@ def do_removal(rng, img, area, ctx, force_kind=None):
     y, x = place(rng, h, w, bh, bw)
     hole = np.zeros((h, w), bool)
     hole[y:y + bh, x:x + bw] = alpha > 0
-    method = str(rng.choice(['diffuse', 'clone', 'patches', 'lines'], p=[0.3, 0.35, 0.25, 0.1]))
+    method = str(rng.choice(['diffuse', 'clone', 'patches', 'lines'], p=[0.3, 0.4, 0.2, 0.1]))
     ops = []
     if method == 'diffuse':
         fill = fill_diffuse(img, hole, y, x, y + bh, x + bw)[y:y + bh, x:x + bw]
@@ -697,14 +697,25 @@ def do_removal(rng, img, area, ctx, force_kind=None):
             fill = fill.transpose(1, 0, 2)
         ops.append('cols' if t else 'rows')
     else:                                              # copy texture from next to the hole
+        # the ring of known pixels around the hole, to choose sources whose surroundings match
+        near = box_blur(hole[max(0, y - 6):y + bh + 6, max(0, x - 6):x + bw + 6].astype(np.float32), 4) > 0
+        ry, rx = np.nonzero(near & ~hole[max(0, y - 6):y + bh + 6, max(0, x - 6):x + bw + 6])
+        ry, rx = ry + max(0, y - 6), rx + max(0, x - 6)
+
         def offset():
-            for _ in range(30):
+            best, bestd = None, None
+            for _ in range(12):
                 ang = rng.uniform(0, 2 * math.pi)
                 dist = rng.uniform(0.6, 1.6)
                 dy, dx = int(round(math.sin(ang) * dist * bh)), int(round(math.cos(ang) * dist * bw))
                 if 0 <= y + dy and y + dy + bh <= h and 0 <= x + dx and x + dx + bw <= w and (dy or dx):
-                    return dy, dx
-            return None
+                    ok = (ry + dy >= 0) & (ry + dy < h) & (rx + dx >= 0) & (rx + dx < w)
+                    if not ok.any():
+                        continue
+                    dist2 = float(np.abs(img[ry[ok] + dy, rx[ok] + dx] - img[ry[ok], rx[ok]]).mean())
+                    if bestd is None or dist2 < bestd:
+                        best, bestd = (dy, dx), dist2
+            return best
         if method == 'clone':
             o = offset()
             if o is None:
@@ -715,20 +726,27 @@ def do_removal(rng, img, area, ctx, force_kind=None):
         else:
             # crude exemplar fill: tiles in scan order, each the best of a few known patches near the hole
             # (compared with the smooth fill, which carries the surroundings' colours)
-            t = int(rng.integers(8, 33))
+            t = int(rng.integers(12, 41))
             fill = fill_diffuse(img, hole, y, x, y + bh, x + bw)[y:y + bh, x:x + bw]
+
+            def coarse(a):                             # 2x2 block means: the tile's colour and gradient
+                hh, ww = a.shape[0] // 2, a.shape[1] // 2
+                if hh == 0 or ww == 0:
+                    return np.repeat(a.mean((0, 1))[None], 4, 0)
+                return np.array([a[i:i + hh, j:j + ww].mean((0, 1)) for i in (0, hh) for j in (0, ww)])
             for ty in range(0, bh, t):
                 for tx in range(0, bw, t):
                     th, tw = min(t, bh - ty), min(t, bw - tx)
                     if not hole[y + ty:y + ty + th, x + tx:x + tx + tw].any():
                         continue
+                    want = coarse(fill[ty:ty + th, tx:tx + tw])
                     best, bestd = None, None
-                    for _ in range(16):
+                    for _ in range(24):
                         sy = y + ty + int(rng.integers(-bh - t, bh + t + 1))
                         sx = x + tx + int(rng.integers(-bw - t, bw + t + 1))
                         if 0 <= sy and sy + th <= h and 0 <= sx and sx + tw <= w and not hole[sy:sy + th, sx:sx + tw].any():
                             cand = img[sy:sy + th, sx:sx + tw]
-                            dist = float(((cand.mean((0, 1)) - fill[ty:ty + th, tx:tx + tw].mean((0, 1))) ** 2).sum())
+                            dist = float(((coarse(cand) - want) ** 2).sum())
                             if bestd is None or dist < bestd:
                                 best, bestd = cand, dist
                     if best is not None:
