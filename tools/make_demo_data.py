@@ -170,7 +170,9 @@ def clean_copyright(cr):
         line = re.sub(r'^by\s+', '', line)
         if line and line.lower() != 'none':
             names.append(line)
-    return '; '.join(names[:2]) + ('; and others (see debian/copyright)' if len(names) > 2 else '')
+    if len(names) > 2:           # a catch-all stanza (holders, translators...): its first holder
+        return names[0] + '; and others (see debian/copyright)'
+    return '; '.join(names)
 
 
 def gcompris_readme_credits(text):
