@@ -478,6 +478,9 @@ def make_alpha(rng, canon, area, hmax, wmax, seam):
                 bh, bw = a.shape
     a = np.rint(np.clip(a, 0, 1) * 255) / 255.0
     a[a < 0.04] = 0
+    if bh + 4 <= hmax and bw + 4 <= wmax:            # a frame of untouched pixels (for seamless blending)
+        a = np.pad(a, 2)
+        bh, bw = a.shape
     return a.astype(np.float32), bh, bw
 
 
@@ -532,9 +535,16 @@ def place(rng, h, w, bh, bw):
     return int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
 
 
-def composite(img, y, x, alpha, content):
+def composite(img, y, x, alpha, content, seamless=False):
+    """Pastes content with alpha at (y, x). seamless: like Poisson (seamless) cloning or a healing brush, the
+    content is first shifted by a smooth field that equals host - content around the region, so that its colours
+    run into the host's without an edge."""
     bh, bw = alpha.shape
     reg = img[y:y + bh, x:x + bw]
+    if seamless:
+        inside = alpha > 0
+        if (~inside).any():
+            content = content + nc_fill(reg - content, inside)
     a = alpha[..., None]
     # a pixel with alpha 1 takes the content's value exactly; others blend
     img[y:y + bh, x:x + bw] = np.where(a >= 1, content, reg * (1 - a) + content * a)
@@ -585,6 +595,7 @@ def do_splice(rng, img, area, ctx, force_kind=None):
         content = r[..., :3].astype(np.float32)
         y, x = place(rng, h, w, bh, bw)
         content, ops = postprocess(rng, content, 1.0, img[y:y + bh, x:x + bw])
+        seamless = rng.random() < 0.1
         what = 'splice-cutout-%s' % seam
     else:
         kind = force_kind or str(rng.choice(SHAPES, p=[0.18, 0.2, 0.2, 0.1, 0.07, 0.25]))
@@ -597,8 +608,11 @@ def do_splice(rng, img, area, ctx, force_kind=None):
         y, x = place(rng, h, w, bh, bw)
         content, ops = postprocess(rng, content, 1.0, img[y:y + bh, x:x + bw])
         ops = [filt] + ops
+        seamless = rng.random() < 0.2
         what = 'splice-%s-%s' % (kind, seam)
-    sup = composite(img, y, x, alpha, content)
+    if seamless:
+        ops.append('seamless')
+    sup = composite(img, y, x, alpha, content, seamless)
     return sup, what + ('+' + '+'.join(ops) if ops else '')
 
 
@@ -640,19 +654,19 @@ def do_copymove(rng, img, area, ctx, force_kind=None):
         if tr >= 0.45 or abs(y - sy) > bh / 3 or abs(x - sx) > bw / 3:
             break
     content, more = postprocess(rng, np.ascontiguousarray(content), 0.5)
-    sup = composite(img, y, x, alpha, content)
+    seamless = rng.random() < 0.2
+    if seamless:
+        more.append('seamless')
+    sup = composite(img, y, x, alpha, content, seamless)
     return sup, 'copymove-%s-%s' % (kind, seam) + ('+' + '+'.join(ops + more) if ops + more else '')
 
 
-def fill_diffuse(img, hole, y0, x0, y1, x1):
-    """Normalised convolution at growing scales: each hole pixel gets the blurred mean of the known pixels
-    around it, from the finest scale at which it has any."""
-    pad = max(y1 - y0, x1 - x0)
-    Y0, X0, Y1, X1 = max(0, y0 - pad), max(0, x0 - pad), min(img.shape[0], y1 + pad), min(img.shape[1], x1 + pad)
-    reg = img[Y0:Y1, X0:X1]
-    known = (~hole[Y0:Y1, X0:X1]).astype(np.float32)
-    out = np.zeros_like(reg)
-    done = known > 0
+def nc_fill(reg, hole):
+    """Fills the hole pixels of reg (HxWxC float) by normalised convolution at growing scales: each gets the
+    Gaussian-weighted mean of the known pixels around it, from the finest scale at which it has any."""
+    known = (~hole).astype(np.float32)
+    out = reg.copy()
+    done = ~hole
     sig = 1.5
     while not done.all() and sig < 4 * max(reg.shape):
         num = gauss_blur(reg * known[..., None], sig)
@@ -661,10 +675,17 @@ def fill_diffuse(img, hole, y0, x0, y1, x1):
         out[ok] = num[ok] / den[ok][:, None]
         done |= ok
         sig *= 1.7
-    full = np.zeros_like(img)
-    full[Y0:Y1, X0:X1] = out
-    if not done.all():                                 # whole image unknown: should not happen
-        full[Y0:Y1, X0:X1][~done] = reg[known > 0].mean(0) if known.any() else 128
+    if not done.all():                                 # nothing known at all
+        out[~done] = reg[~hole].mean(0) if (~hole).any() else 128
+    return out
+
+
+def fill_diffuse(img, hole, y0, x0, y1, x1):
+    """A smooth fill of the hole (box y0:y1, x0:x1) from the pixels around it."""
+    pad = max(y1 - y0, x1 - x0)
+    Y0, X0, Y1, X1 = max(0, y0 - pad), max(0, x0 - pad), min(img.shape[0], y1 + pad), min(img.shape[1], x1 + pad)
+    full = img.copy()
+    full[Y0:Y1, X0:X1] = nc_fill(img[Y0:Y1, X0:X1], hole[Y0:Y1, X0:X1])
     return full
 
 
@@ -765,7 +786,10 @@ def do_removal(rng, img, area, ctx, force_kind=None):
         fill = fill + rng.normal(0, max(0.5, sd * rng.uniform(0.5, 1.2)), fill.shape).astype(np.float32)
         ops.append('grain')
     fill, more = postprocess(rng, fill, 0.3)
-    sup = composite(img, y, x, alpha, fill)
+    seamless = method in ('clone', 'patches') and rng.random() < 0.4     # a healing brush
+    if seamless:
+        more.append('seamless')
+    sup = composite(img, y, x, alpha, fill, seamless)
     return sup, 'removal-%s-%s-%s' % (method, kind, seam) + ('+' + '+'.join(ops + more) if ops + more else '')
 
 

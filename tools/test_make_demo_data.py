@@ -69,9 +69,10 @@ def test_masks(A, B, cut):
     ctx = dict(cutouts=[dict(img=cut, path='cut')], donors=[dict(img=B, path='B')])
     kinds = {'splice': mdd.SHAPES + ['cutout'], 'copymove': mdd.SHAPES, 'removal': mdd.SHAPES}
     for strict in (True, False):
-        saved = mdd.postprocess
-        if strict:          # the pasted content's own processing off: then every masked pixel must differ
-            mdd.postprocess = lambda rng, p, strength, host_ref=None: (p, [])
+        saved, saved_c = mdd.postprocess, mdd.composite
+        if strict:          # the pasted content's own processing and seamless blending off: every masked pixel
+            mdd.postprocess = lambda rng, p, strength, host_ref=None: (p, [])        # must then differ
+            mdd.composite = lambda img, y, x, a, c, seamless=False: saved_c(img, y, x, a, c, False)
         try:
             for proc, ks in kinds.items():
                 for kind in ks:
@@ -97,7 +98,7 @@ def test_masks(A, B, cut):
                             check(name + ' masked pixels changed', miss <= 0.03 * mask.sum() + 2,
                                   '%d of %d unchanged' % (miss, mask.sum()))
         finally:
-            mdd.postprocess = saved
+            mdd.postprocess, mdd.composite = saved, saved_c
 
 
 def test_authentic(A, B, cut):
@@ -135,6 +136,23 @@ def test_final_geometry(A, B, cut):
         check('geometry %d: same final processing' % seed, again[0] == s['data'] and np.array_equal(again[2], s['mask']))
         rescaled += s['work_mask'].shape != (oh, ow)
     check('geometry: some samples rescaled', rescaled >= 5, str(rescaled))
+
+
+def test_seamless(A, B, cut):
+    """Seamless blending changes nothing outside the alpha and takes away the edge between content and host."""
+    yy, xx = np.mgrid[0:60, 0:80]
+    alpha = ((((yy - 30) / 26.0) ** 2 + ((xx - 40) / 36.0) ** 2) < 1).astype(np.float32)
+    inner = (alpha > 0) & ~((((yy - 30) / 24.0) ** 2 + ((xx - 40) / 34.0) ** 2) < 1)
+    edge = {}
+    for sl in (False, True):
+        img = A.astype(np.float32)
+        host = img.copy()
+        sup = mdd.composite(img, 50, 60, alpha, B[:60, :80].astype(np.float32), sl)
+        region = host[50:110, 60:140]
+        check('seamless=%s: support is the alpha' % sl, np.array_equal(sup[50:110, 60:140], alpha > 0) and sup.sum() == (alpha > 0).sum())
+        check('seamless=%s: nothing outside changed' % sl, np.array_equal(img[~sup], host[~sup]))
+        edge[sl] = float(np.abs(img[50:110, 60:140][inner] - region[inner]).mean())
+    check('seamless: the edge fades', edge[True] < 0.3 * edge[False], str(edge))
 
 
 def test_determinism(A, B, cut):
@@ -257,7 +275,8 @@ def test_dep5():
 
 def main():
     A, B, cut = photos()
-    for t in (test_readers, test_dep5, test_authentic, test_final_geometry, test_determinism, test_masks):
+    for t in (test_readers, test_dep5, test_authentic, test_final_geometry, test_seamless, test_determinism,
+              test_masks):
         try:
             t(A, B, cut) if t not in (test_readers, test_dep5) else (t(A) if t is test_readers else t())
         except Exception:
