@@ -767,7 +767,8 @@ def do_removal(rng, img, area, ctx, force_kind=None):
                     for _ in range(24):
                         sy = y + ty + int(rng.integers(-bh - t, bh + t + 1))
                         sx = x + tx + int(rng.integers(-bw - t, bw + t + 1))
-                        if 0 <= sy and sy + th <= h and 0 <= sx and sx + tw <= w and not hole[sy:sy + th, sx:sx + tw].any():
+                        if 0 <= sy and sy + th <= h and 0 <= sx and sx + tw <= w \
+                                and not hole[sy:sy + th, sx:sx + tw].any():
                             cand = img[sy:sy + th, sx:sx + tw]
                             dist = float(((coarse(cand) - want) ** 2).sum())
                             if bestd is None or dist < bestd:

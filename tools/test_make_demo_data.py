@@ -92,7 +92,8 @@ def test_masks(A, B, cut):
                         check(name + ' area 0.5-50 %', 0.005 <= mask.mean() <= 0.5, '%.4f' % mask.mean())
                         miss = (mask & ~changed).sum()
                         if strict and proc == 'splice':
-                            check(name + ' every masked pixel pasted', miss == 0, '%d of %d unchanged' % (miss, mask.sum()))
+                            check(name + ' every masked pixel pasted', miss == 0,
+                                  '%d of %d unchanged' % (miss, mask.sum()))
                         else:
                             # a synthesised value may equal the original by chance (or a feathered edge round back)
                             check(name + ' masked pixels changed', miss <= 0.03 * mask.sum() + 2,
@@ -133,7 +134,8 @@ def test_final_geometry(A, B, cut):
         check('geometry %d: sizes' % seed, im.size == (ow, oh) == (s['mask'].shape[1], s['mask'].shape[0]))
         # the forged image went through the same final step as an authentic one would
         again = mdd.apply_final(s['forged_work'], s['work_mask'], s['cp']['out'], s['fp'])
-        check('geometry %d: same final processing' % seed, again[0] == s['data'] and np.array_equal(again[2], s['mask']))
+        check('geometry %d: same final processing' % seed,
+              again[0] == s['data'] and np.array_equal(again[2], s['mask']))
         rescaled += s['work_mask'].shape != (oh, ow)
     check('geometry: some samples rescaled', rescaled >= 5, str(rescaled))
 
@@ -149,7 +151,8 @@ def test_seamless(A, B, cut):
         host = img.copy()
         sup = mdd.composite(img, 50, 60, alpha, B[:60, :80].astype(np.float32), sl)
         region = host[50:110, 60:140]
-        check('seamless=%s: support is the alpha' % sl, np.array_equal(sup[50:110, 60:140], alpha > 0) and sup.sum() == (alpha > 0).sum())
+        check('seamless=%s: support is the alpha' % sl,
+              np.array_equal(sup[50:110, 60:140], alpha > 0) and sup.sum() == (alpha > 0).sum())
         check('seamless=%s: nothing outside changed' % sl, np.array_equal(img[~sup], host[~sup]))
         edge[sl] = float(np.abs(img[50:110, 60:140][inner] - region[inner]).mean())
     check('seamless: the edge fades', edge[True] < 0.3 * edge[False], str(edge))
@@ -166,7 +169,6 @@ def test_determinism(A, B, cut):
 
 def make_rcc(files, version):
     """A Qt resource bundle as rcc writes it: files {'/dir/name': (bytes, compress)}."""
-    node = 14 if version == 1 else 22
     tree = {}
     for path in files:
         parts = path.strip('/').split('/')
@@ -183,7 +185,6 @@ def make_rcc(files, version):
             names += struct.pack('>HI', len(n), 0) + n.encode('utf-16-be')
         return name_off[n]
     # breadth-first numbering of nodes, children of a directory contiguous
-    nodes = [('', tree)]
     order = [(None, tree)]
     i = 0
     entries = []
@@ -227,8 +228,8 @@ def test_readers(A):
         got = mdd.rcc_read(rcc)
         check('rcc v%d files' % v, sorted(got) == ['/g/act/resource/README', '/g/act/resource/a.webp', '/g/act/x.qml'],
               str(sorted(got)))
-        check('rcc v%d contents' % v, got.get('/g/act/resource/a.webp') == webp and got.get('/g/act/x.qml') == b'x' * 100
-              and got.get('/g/act/resource/README') == readme)
+        check('rcc v%d contents' % v, got.get('/g/act/resource/a.webp') == webp
+              and got.get('/g/act/x.qml') == b'x' * 100 and got.get('/g/act/resource/README') == readme)
     im = np.asarray(Image.open(io.BytesIO(webp)).convert('RGB'))
     check('webp decodes', im.shape == A.shape)
     cr = mdd.gcompris_readme_credits(readme.decode())
