@@ -305,5 +305,35 @@ bench-tta: $(BUILD)/bench_tta$(EXE)
 	@test -f $(BENCH_MODEL) || { echo "bench: $(BENCH_MODEL) is missing; run make test-full first"; exit 2; }
 	$(RUN) $(BUILD)/bench_tta$(EXE) $(BENCH_MODEL) $(BENCH_CASE)
 
+# The demo model's training data (tools/make_demo_data.py; see tools/README.md): downloads Debian packages of
+# freely licensed photos into $(BUILD)/demo-debs (apt-get download), unpacks them into $(BUILD)/demo-root
+# (dpkg-deb -x, nothing installed) and writes $(BUILD)/demo-data/{train,valid}/{images,masks}, sources.tsv and
+# DATA-CREDITS.md. A build-time data tool only: it needs Debian's python3-pil and python3-numpy (installed by
+# demo-deps when run as root), which loupe.c and `make test` never need.
+DEMO_PYTHON ?= /usr/bin/python3
+DEMO_SEED   ?= 1
+DEMO_TRAIN  ?= 2000
+DEMO_VALID  ?= 300
+DEMO_SIZE   ?= 256
+.PHONY: demo-deps demo-data test-demo-data
+demo-deps:
+	@$(DEMO_PYTHON) -c 'import PIL, numpy' 2>/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "demo-deps: installing python3-pil python3-numpy"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-pil python3-numpy || exit 1; \
+	else \
+	  echo "demo-deps: $(DEMO_PYTHON) lacks PIL or numpy: run (as root) apt-get install python3-pil python3-numpy"; exit 1; \
+	fi; $(DEMO_PYTHON) -c 'import PIL, numpy'
+
+demo-data: demo-deps
+	@command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || \
+	  { echo "demo-data: needs apt-get and dpkg-deb (a Debian system) to fetch the photo packages"; exit 1; }
+	$(DEMO_PYTHON) tools/make_demo_data.py --build $(BUILD) --seed $(DEMO_SEED) --train $(DEMO_TRAIN) \
+	  --valid $(DEMO_VALID) --size $(DEMO_SIZE)
+
+# The data tool's unit test (synthetic photos, no network); not part of `make test`.
+test-demo-data: demo-deps
+	$(DEMO_PYTHON) tools/test_make_demo_data.py
+
 clean:
 	rm -rf loupe $(BUILD)
