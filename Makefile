@@ -39,8 +39,9 @@ export EXE
 
 all: loupe
 
+# ./loupe finds the demo model of this checkout from any directory (without -m).
 loupe: loupe.c loupe.h
-	$(CC) $(ALLFLAGS) -o $@ loupe.c $(LDLIBS)
+	$(CC) $(ALLFLAGS) -DLOUPE_DEMO_MODEL='"$(CURDIR)/weights/loupe-demo.bin"' -o $@ loupe.c $(LDLIBS)
 
 # The tests use their own copy of the command, built with the test flags.
 $(BUILD)/loupe$(EXE): loupe.c loupe.h | $(BUILD)

@@ -13096,12 +13096,14 @@ static int cli_tta_run(const cli_tta *o, const loupe_model *m, loupe_session *s,
 /* ---- The command ---- */
 
 static const char usage_text[] =
-    "usage: loupe -m MODEL.bin [options] IMAGE_OR_DIR...\n"
+    "usage: loupe [-m MODEL.bin] [options] IMAGE_OR_DIR...\n"
     "\n"
     "Detects and localizes image forgeries with Loupe. Prints one line per image,\n"
     "`name,probability` (the line upstream writes to predictions.txt).\n"
     "\n"
-    "  -m, --model FILE      weight file written by tools/convert.py (required)\n"
+    "  -m, --model FILE      weight file (tools/convert.py, loupe train or loupe init);\n"
+    "                        default: $LOUPE_MODEL, else the demo model weights/loupe-demo.bin\n"
+    "                        (a small model trained by loupe.c; see weights/README.md)\n"
     "  -o, --output DIR      also write DIR/predictions.txt and DIR/masks/<stem>.png\n"
     "                        (8-bit gray at the original size, 255 = forged, 0 = real)\n"
     "      --overlay         with -o, also write DIR/overlays/<stem>.png: the photo\n"
@@ -13118,7 +13120,8 @@ static const char usage_text[] =
     "A file that cannot be read or decoded is reported and skipped; the exit status is\n"
     "then 1. Outputs are written under a temporary name and renamed when complete.\n"
     "\n"
-    "loupe eval -m MODEL.bin DATA scores a labelled dataset (see loupe eval -h).\n";
+    "loupe eval -m MODEL.bin DATA scores a labelled dataset (see loupe eval -h); loupe train\n"
+    "trains a model (loupe train -h); loupe init writes a randomly initialised one (loupe init -h).\n";
 
 /* Overlay tint: pixel = (1 - a) * photo + a * red, a = OVERLAY_ALPHA * min(prob, 1). */
 #define OVERLAY_ALPHA 0.6f
@@ -13235,6 +13238,31 @@ static int cli_number(const char *opt, const char *arg, double lo, double hi, do
     return 0;
 }
 
+/* The model used without -m: $LOUPE_MODEL, else the demo model of the repository loupe
+ * was built in (the Makefile compiles its path in), else weights/loupe-demo.bin next to
+ * the executable or in the current directory. NULL when none exists; *demo is set when
+ * it is the demo model. */
+#ifndef LOUPE_DEMO_MODEL
+#define LOUPE_DEMO_MODEL "weights/loupe-demo.bin"
+#endif
+#define DEMO_MODEL_NAME "weights/loupe-demo.bin"
+static const char *cli_default_model(const char *argv0, char *buf, size_t n, int *demo)
+{
+    const char *env = getenv("LOUPE_MODEL");
+    const char *slash = argv0 ? strrchr(argv0, '/') : NULL;
+    FILE *f;
+    *demo = 0;
+    if (env && *env) return env;
+    *demo = 1;
+    if ((f = fopen(LOUPE_DEMO_MODEL, "rb"))) { fclose(f); return LOUPE_DEMO_MODEL; }
+    if (slash && (size_t)(slash - argv0) + sizeof DEMO_MODEL_NAME + 1 < n) {
+        snprintf(buf, n, "%.*s/%s", (int)(slash - argv0), argv0, DEMO_MODEL_NAME);
+        if ((f = fopen(buf, "rb"))) { fclose(f); return buf; }
+    }
+    if ((f = fopen(DEMO_MODEL_NAME, "rb"))) { fclose(f); return DEMO_MODEL_NAME; }
+    return NULL;
+}
+
 /* Parses the command line; 0 to run, 1 when help was shown, 2 on a usage error. */
 static int cli_parse(int argc, char **argv, cli_options *o)
 {
@@ -13267,8 +13295,20 @@ static int cli_parse(int argc, char **argv, cli_options *o)
         fprintf(stderr, "loupe: %s needs a value (see loupe -h)\n", a);
         return 2;
     }
-    if (!o->model) { fprintf(stderr, "loupe: no model given: use -m MODEL.bin (see loupe -h)\n"); return 2; }
     if (o->n_inputs == 0) { fprintf(stderr, "loupe: no images given (see loupe -h)\n"); return 2; }
+    if (!o->model) {
+        static char found[PATH_MAX_LEN];
+        int demo;
+        o->model = cli_default_model(argv[0], found, sizeof found, &demo);
+        if (!o->model) {
+            fprintf(stderr, "loupe: no model given and no demo model found (%s): use -m MODEL.bin or set "
+                    "LOUPE_MODEL (see loupe -h)\n", LOUPE_DEMO_MODEL);
+            return 2;
+        }
+        if (demo && !o->quiet)
+            fprintf(stderr, "loupe: using the demo model %s (small, trained by loupe.c on synthetic forgeries; "
+                    "weights/README.md says what it finds and where real weights come from)\n", o->model);
+    }
     if (o->overlay && !o->outdir) { fprintf(stderr, "loupe: --overlay needs -o DIR\n"); return 2; }
     return 0;
 }
