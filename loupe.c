@@ -21,6 +21,7 @@
  * the upstream PyTorch module it implements (Kamichanw/Loupe, transformers' Mask2Former).
  */
 #define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE 1 /* glibc: madvise (trainers drop the model's pages they copied) */
 #define _FILE_OFFSET_BITS 64 /* 64-bit off_t for fstat and mmap on 32-bit POSIX systems */
 #include "loupe.h"
 
@@ -5071,6 +5072,18 @@ struct loupe_model {
     void *derived_raw; /* one block for repacked weights and tables */
     char path[512];
 };
+
+/* Lets the system drop the mapped file's pages from memory (they are read again from
+ * the file if used): a trainer that copied the tensors it trains calls it, so the model
+ * is not held twice. A no-op where the weights were read or borrowed. */
+static void weights_release_pages(const loupe_model *m)
+{
+#if LOUPE_POSIX && defined(MADV_DONTNEED)
+    if (m->storage == WEIGHTS_MAPPED) madvise(m->data, m->size, MADV_DONTNEED);
+#else
+    (void)m;
+#endif
+}
 
 /* Little-endian readers for the header and index. */
 static uint16_t rd_u16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
@@ -11545,6 +11558,7 @@ static loupe_trainer *trainer_new(const loupe_model *m, const loupe_train_option
     }
     if (t->has_seg) tta_refresh_tables(t);
     if (trainer_grad_views(t)) goto oom;
+    weights_release_pages(m);
     t->cls_cfg = cls_loss_config_default();
     t->s = loupe_session_new(m, err, errsize);
     if (!t->s) { loupe_trainer_free(t); return NULL; }
