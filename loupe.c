@@ -11,7 +11,9 @@
  *   7. segmentor            feature pyramid, Mask2Former pixel decoder, masked-attention decoder
  *   8. post-processing      mask logits to a probability map and a binary mask
  *   9. test-time adaptation pseudo-label loss, the segmentor's backward pass, AdamW
- *  10. CLI                  the `loupe` command
+ *  10. datasets, metrics    labelled datasets, upstream's training examples (masks
+ *                           dithered, resized, patch labels), validation metrics
+ *  11. CLI                  the `loupe` command (`loupe eval` scores a labelled set)
  *
  * Tensors are float32 and row-major. Token sequences are [tokens][channels]; feature
  * maps are stored channels-last, [H*W][C], so that every 1x1 convolution and every
@@ -7474,6 +7476,24 @@ static void linear_backward(float *dx, float *dw, float *db, const float *dy, in
     if (db) bias_backward(db, dy, ldy, rows, out);
 }
 
+/* Gradient views of a linear layer and a norm (weight, bias): float32 buffers in
+ * upstream layout ([out][in], [out]) that backwards add into; a NULL member is not
+ * trained (its gradient is skipped, input gradients still flow). */
+typedef struct linear_g { float *w, *b; } linear_g;
+typedef struct norm_g { float *w, *b; } norm_g;
+
+/* nn.Linear backward with the weight in any storage (a frozen BF16/Q8 matrix included):
+ * dy [rows][out] (row stride ldy), x [rows][in] (row stride ldx) -> dx [rows][in] (row
+ * stride lddx) += dy W when dx, g.w [out][in] += dy^T x, g.b [out] += column sums of dy
+ * (each when not NULL; x is read for g.w only). */
+static void linear_backward_w(float *dx, int lddx, linear_g g, const float *dy, int ldy, const float *x, int ldx,
+                              int rows, int in, int out, wmat w)
+{
+    if (dx) gemm_nn_w(rows, in, out, dy, ldy, w, dx, lddx, 1);
+    if (g.w) gemm_tn(out, in, rows, dy, ldy, x, ldx, g.w, in);
+    if (g.b) bias_backward(g.b, dy, ldy, rows, out);
+}
+
 /* Row sums and maxima are kept in this many lanes, combined in a fixed order at the
  * end: the loops vectorise and the result is the same on every instruction set. */
 #define ROW_LANES 8
@@ -7513,8 +7533,9 @@ static void layernorm(float *y, const float *x, int rows, int dim, norm_w n, flo
 #define NORM_BLOCK 64
 
 /* nn.LayerNorm backward, from its input x [rows][dim]: dx += rstd (g - mean g - xhat mean(g xhat))
- * with g = dy * weight, dw += sum of dy xhat, db += sum of dy (over rows). dx must not
- * alias dy. stats: scratch of 2*rows floats (mean and 1/std of each row). */
+ * with g = dy * weight, dw += sum of dy xhat, db += sum of dy (over rows; each skipped
+ * when NULL, a frozen norm). dx must not alias dy. stats: scratch of 2*rows floats (mean
+ * and 1/std of each row). */
 static void layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x, int rows, int dim,
                                norm_w n, float eps, float *stats)
 {
@@ -7544,6 +7565,7 @@ static void layernorm_backward(float *dx, float *dw, float *db, const float *dy,
         stats[2 * r] = (float)mean;
         stats[2 * r + 1] = (float)rstd;
     }
+    if (!dw && !db) return;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (parallel_ok((double)rows * dim * 2))
 #endif
@@ -7560,8 +7582,8 @@ static void layernorm_backward(float *dx, float *dw, float *db, const float *dy,
             }
         }
         for (i = 0; i < ni; i++) {
-            dw[i0 + i] += (float)aw[i];
-            db[i0 + i] += (float)ab[i];
+            if (dw) dw[i0 + i] += (float)aw[i];
+            if (db) db[i0 + i] += (float)ab[i];
         }
     }
 }
@@ -8311,11 +8333,39 @@ typedef struct tta_tape {
     float *me_a, *me_b, *me;      /* [L][Q][F] mask-embedding MLP of each prediction */
 } tta_tape;
 
+/* What a training forward keeps for the backward of the backbone (T = 1 + g*g tokens,
+ * width W, MLP width M, pooling MLP width Mp); a trainer owns the buffers (sized by
+ * pe_train_layout, section 5). Block i's activations start at i * (size of one block)
+ * of each array. LayerNorm outputs and GELU outputs are recomputed by the backward, and
+ * the attention probabilities by attention_backward. */
+typedef struct pe_tape {
+    float *embed;        /* [T][W] class and patch embeddings plus positions: ln_pre's input */
+    float *x;            /* [layers+1][T][W] residual stream entering block i; [layers]: ln_post's input */
+    float *qkv;          /* [layers][T][3W] q, k after RoPE, v */
+    float *att;          /* [layers][T][W] attention output before out_proj */
+    float *mid;          /* [layers][T][W] residual stream after attention: ln_2's input */
+    float *fc;           /* [layers][T][M] c_fc output before GELU */
+    float *pool_q;       /* [W] the probe's query */
+    float *pool_kv;      /* [T][2W] keys and values of backbone_features */
+    float *pool_att;     /* [W] attention output before out_proj */
+    float *pool_mid;     /* [W] out_proj output: the layernorm's input and the residual */
+    float *pool_fc;      /* [Mp] c_fc output before GELU */
+} pe_tape;
+
+/* What a training forward keeps for the classifier's backward: every hidden layer of
+ * the two heads before its GELU (the heads' inputs stay in the session). */
+typedef struct cls_tape {
+    float *global_pre;   /* [cls_layers-1][cls_hidden] */
+    float *patch_pre;    /* [cls_layers-1][g*g][cls_hidden] */
+} cls_tape;
+
 struct loupe_session {
     const loupe_model *m;
-    const loupe_weights *w;       /* segmentor weights in use: the model's or a loupe_tta's */
+    const loupe_weights *w;       /* weights in use: the model's or a trainer's (trained copies) */
     const loupe_tables *t;        /* tables derived from them */
     tta_tape *tape;               /* TTA: where the forward keeps what the backward needs (else NULL) */
+    pe_tape *bb_tape;             /* training: backbone activations for the backward (else NULL) */
+    cls_tape *cls_tape;           /* training: classifier activations for the backward (else NULL) */
     scale_block_acts fpn_acts;    /* inference views of the activations (aliasing scratch) */
     enc_layer_acts enc_acts;
     dec_layer_acts dec_acts;
@@ -8336,6 +8386,8 @@ struct loupe_session {
     float *cls_a, *cls_b;         /* [g*g][cls_hidden] MLP hidden layers */
     float *patch_logits;          /* [g*g] */
     float global_logit, fused_logit, prob;
+    float cond_label;             /* training: the conditional query's label (1 forged, 0 not);
+                                     negative: the classifier's probability (inference, TTA) */
     /* segmentor: feature pyramid */
     float *cond_query;            /* [F] */
     float *fpn4, *fpn2, *fpn_half;/* [(4g)^2][W], [(2g)^2][W], [(g/2)^2][W] */
@@ -8454,6 +8506,7 @@ loupe_session *loupe_session_new(const loupe_model *m, char *err, size_t errsize
     s->w = &m->w;
     s->t = &m->t;
     s->threads = max_threads();
+    s->cond_label = -1.0f;
     session_layout(s, &a); /* measure */
     a.cap = a.used;
     a.used = 0;
@@ -8493,13 +8546,99 @@ static void tap(const loupe_session *s, const char *name, const float *data, int
 /* ========================================================================== */
 /* 5. Backbone: Perception Encoder ViT (models/pe/pe.py)                       */
 /* ========================================================================== */
+/* Each module's forward is followed by its backward twin (training: sections 9 and up
+ * drive them). A backward reads the activations its forward left on the session's
+ * tapes (s->bb_tape, s->cls_tape; NULL in inference, which then costs nothing), takes
+ * the gradient of the module's output, adds (+=) the gradient of its input and those
+ * of its parameters into gradient views (float32, upstream layout). A NULL gradient
+ * member means "not trained": that weight gradient is skipped, but input gradients
+ * still flow, through frozen BF16/Q8 weights too (upstream trains the class and
+ * position embeddings even when the rest of the backbone is frozen). */
+
+/* Gradient views of backbone.transformer.resblocks[i], backbone.attn_pool and the whole
+ * backbone (blocks: [layers] views, or NULL when every block is frozen). */
+typedef struct pe_block_g { norm_g ln_1, ln_2; linear_g qkv, out, fc, proj; } pe_block_g;
+typedef struct pe_pool_g { float *probe; linear_g qkv, out; norm_g ln; linear_g fc, proj; } pe_pool_g;
+typedef struct pe_grads {
+    float *class_embedding, *positional_embedding; /* [W], [T][W] */
+    float *conv1;                                  /* [W][3][P][P] */
+    norm_g ln_pre, ln_post;
+    pe_block_g *blocks;
+    pe_pool_g pool;
+} pe_grads;
+
+/* Scratch of the backbone's and the classifier's backward (sized by pe_train_layout). */
+typedef struct pe_work {
+    float *d_feats;         /* [T][W] gradient of backbone_features (the caller's plus the pooling's) */
+    float *d_a, *d_b;       /* [T][W] gradient of the residual stream (two, swapped per block) */
+    float *d_mid, *d_h, *h; /* [T][W] d of a block's middle stream, of a LayerNorm output; that output */
+    float *d_qkv;           /* [T][3W] */
+    float *d_att;           /* [T][W] */
+    float *d_wide, *wide;   /* [T][max(M, Mp)] d of a GELU output; the output, then d of its input */
+    float *d_logits;        /* [g*g] gradient of the patch logits (loss + fuser) */
+    float *cls_act, *cls_d_act, *cls_d_pre; /* [g*g][cls_hidden] */
+    float *stats;           /* [2T] LayerNorm statistics */
+    float *att;             /* attention_backward scratch: [threads][2 T T] */
+} pe_work;
+
+/* Assigns (or, while measuring, counts) the backbone's and the classifier's tapes and
+ * the backward scratch (each skipped when NULL), for a session of the model c. The
+ * attention scratch is sized for max_threads() at this call. Full size (24 layers,
+ * T = 577, W = 1024, M = 4096): tape 570 MB, scratch 60 MB. */
+static void pe_train_layout(const loupe_config *c, pe_tape *bt, cls_tape *ct, pe_work *k, arena *a)
+{
+    size_t N = (size_t)c->grid * c->grid, T = N + 1, W = (size_t)c->width, M = (size_t)c->mlp_width;
+    size_t Mp = (size_t)c->pool_mlp_width, L = (size_t)c->layers, Hd = (size_t)c->cls_hidden;
+    size_t Lc = (size_t)c->cls_layers - 1, wide = max3(M, Mp, 1);
+    if (bt) {
+        bt->embed = arena_floats(a, T * W);
+        bt->x = arena_floats(a, (L + 1) * T * W);
+        bt->qkv = arena_floats(a, L * T * 3 * W);
+        bt->att = arena_floats(a, L * T * W);
+        bt->mid = arena_floats(a, L * T * W);
+        bt->fc = arena_floats(a, L * T * M);
+        bt->pool_q = arena_floats(a, W);
+        bt->pool_kv = arena_floats(a, T * 2 * W);
+        bt->pool_att = arena_floats(a, W);
+        bt->pool_mid = arena_floats(a, W);
+        bt->pool_fc = arena_floats(a, Mp);
+    }
+    if (ct) {
+        ct->global_pre = arena_floats(a, Lc * Hd);
+        ct->patch_pre = arena_floats(a, Lc * N * Hd);
+    }
+    if (k) {
+        k->d_feats = arena_floats(a, T * W);
+        k->d_a = arena_floats(a, T * W);
+        k->d_b = arena_floats(a, T * W);
+        k->d_mid = arena_floats(a, T * W);
+        k->d_h = arena_floats(a, T * W);
+        k->h = arena_floats(a, T * W);
+        k->d_qkv = arena_floats(a, T * 3 * W);
+        k->d_att = arena_floats(a, T * W);
+        k->d_wide = arena_floats(a, T * wide);
+        k->wide = arena_floats(a, T * wide);
+        k->d_logits = arena_floats(a, N);
+        k->cls_act = arena_floats(a, N * Hd);
+        k->cls_d_act = arena_floats(a, N * Hd);
+        k->cls_d_pre = arena_floats(a, N * Hd);
+        k->stats = arena_floats(a, 2 * T);
+        k->att = arena_floats(a, (size_t)max_threads() * 2 * T * T);
+    }
+}
+
+/* Zeroes n floats. */
+static void zero_floats(float *x, size_t n)
+{
+    memset(x, 0, n * sizeof *x);
+}
 
 /* VisionTransformer.conv1 + class_embedding + positional_embedding + ln_pre:
  * pixel_values [3][S][S] -> x [1+g*g][W]. */
 static void pe_embed(loupe_session *s, const float *pixels)
 {
     const loupe_config *c = &s->m->cfg;
-    const loupe_weights *w = &s->m->w;
+    const loupe_weights *w = s->w;
     int g = c->grid, P = c->patch_size, S = c->image_size, W = c->width, K = 3 * P * P, T = 1 + g * g;
     int p, ch, ky, kx;
     for (p = 0; p < g * g; p++) {
@@ -8513,8 +8652,28 @@ static void pe_embed(loupe_session *s, const float *pixels)
     gemm_nt_w(g * g, W, K, s->patches, K, w->conv1, NULL, s->x + W, W, 0);
     memcpy(s->x, w->class_embedding, (size_t)W * sizeof *s->x);
     add(s->x, s->x, w->positional_embedding, (size_t)T * W);
+    if (s->bb_tape) memcpy(s->bb_tape->embed, s->x, (size_t)T * W * sizeof *s->x);
     layernorm(s->x, s->x, T, W, w->ln_pre, c->ln_eps);
     tap(s, "backbone_ln_pre", s->x, 0, 3, 1, T, W, 0);
+}
+
+/* pe_embed backward (conv1 as the product of the patch matrix s->patches and its
+ * weight): d ln_pre output dy [T][W] -> class_embedding [W], positional_embedding
+ * [T][W], conv1 [W][3P^2], ln_pre gradients += (no pixel gradient). */
+static void pe_embed_backward(const loupe_session *s, const pe_grads *g, const float *dy, pe_work *k)
+{
+    const loupe_config *c = &s->m->cfg;
+    int N = c->grid * c->grid, T = N + 1, W = c->width, K = 3 * c->patch_size * c->patch_size, i;
+    size_t TW = (size_t)T * W, j;
+    float *d_x0 = k->d_h;
+    zero_floats(d_x0, TW);
+    layernorm_backward(d_x0, g->ln_pre.w, g->ln_pre.b, dy, s->bb_tape->embed, T, W, s->w->ln_pre, c->ln_eps,
+                       k->stats);
+    if (g->positional_embedding)
+        for (j = 0; j < TW; j++) g->positional_embedding[j] += d_x0[j];
+    if (g->class_embedding)
+        for (i = 0; i < W; i++) g->class_embedding[i] += d_x0[i];
+    if (g->conv1) gemm_tn(W, K, N, d_x0 + W, W, s->patches, K, g->conv1, K);
 }
 
 /* Rope2D.__call__: rotates the q and k parts of qkv [T][3W] in place; channel pairs
@@ -8540,22 +8699,90 @@ static void pe_rope2d(float *qkv, int T, int W, int heads, const float *cosv, co
     }
 }
 
-/* ResidualAttentionBlock.forward (SelfAttention with RoPE, then the GELU MLP):
+/* Rope2D backward, in place on d qkv [T][3W] (q and k parts): the transposed (inverse)
+ * rotation, (da', db') -> (da' cos + db' sin, db' cos - da' sin). */
+static void pe_rope2d_backward(float *dqkv, int T, int W, int heads, const float *cosv, const float *sinv)
+{
+    int dh = W / heads, t;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)T * W * 4))
+#endif
+    for (t = 0; t < T; t++) {
+        const float *cs = cosv + (size_t)t * dh, *sn = sinv + (size_t)t * dh;
+        int part, h, i;
+        for (part = 0; part < 2; part++)
+            for (h = 0; h < heads; h++) {
+                float *v = dqkv + (size_t)t * 3 * W + (size_t)part * W + (size_t)h * dh;
+                for (i = 0; i < dh; i += 2) {
+                    float da = v[i], db = v[i + 1];
+                    v[i] = da * cs[i] + db * sn[i + 1];
+                    v[i + 1] = db * cs[i + 1] - da * sn[i];
+                }
+            }
+    }
+}
+
+/* ResidualAttentionBlock.forward (SelfAttention with RoPE, then the GELU MLP) of block i:
  * x [T][W] -> x [T][W], updated in place. */
-static void pe_residual_attention_block(loupe_session *s, const pe_block_w *b)
+static void pe_residual_attention_block(loupe_session *s, const pe_block_w *b, int i)
 {
     const loupe_config *c = &s->m->cfg;
+    pe_tape *tp = s->bb_tape;
     int g = c->grid, T = 1 + g * g, W = c->width, M = c->mlp_width, dh = W / c->heads;
+    size_t TW = (size_t)T * W, TM = (size_t)T * M;
+    float *qkv = tp ? tp->qkv + (size_t)i * 3 * TW : s->qkv, *att = tp ? tp->att + (size_t)i * TW : s->att;
+    if (tp) memcpy(tp->x + (size_t)i * TW, s->x, TW * sizeof *s->x);
     layernorm(s->h, s->x, T, W, b->ln_1, c->ln_eps);
-    linear(s->qkv, s->h, T, W, 3 * W, b->qkv);
-    pe_rope2d(s->qkv, T, W, c->heads, s->m->t.rope_cos, s->m->t.rope_sin);
-    attention(s->att, W, s->qkv, 3 * W, s->qkv + W, 3 * W, s->qkv + 2 * W, 3 * W, T, T, c->heads, dh,
-              1.0f / sqrtf((float)dh), NULL, s->scores);
-    gemm_nt_w(T, W, W, s->att, W, b->out.w, b->out.b, s->x, W, 1);
+    linear(qkv, s->h, T, W, 3 * W, b->qkv);
+    pe_rope2d(qkv, T, W, c->heads, s->m->t.rope_cos, s->m->t.rope_sin);
+    attention(att, W, qkv, 3 * W, qkv + W, 3 * W, qkv + 2 * W, 3 * W, T, T, c->heads, dh, 1.0f / sqrtf((float)dh), NULL,
+              s->scores);
+    gemm_nt_w(T, W, W, att, W, b->out.w, b->out.b, s->x, W, 1);
+    if (tp) memcpy(tp->mid + (size_t)i * TW, s->x, TW * sizeof *s->x);
     layernorm(s->h, s->x, T, W, b->ln_2, c->ln_eps);
     linear(s->wide, s->h, T, W, M, b->fc);
-    gelu(s->wide, (size_t)T * M);
+    if (tp) memcpy(tp->fc + (size_t)i * TM, s->wide, TM * sizeof *s->wide);
+    gelu(s->wide, TM);
     gemm_nt_w(T, W, M, s->wide, M, b->proj.w, b->proj.b, s->x, W, 1);
+}
+
+/* ResidualAttentionBlock backward of block i (resblocks[i]: x [T][W] -> x [T][W]):
+ * d out dy [T][W] -> d in dx [T][W] +=, parameter gradients g +=. dx must not alias dy. */
+static void pe_residual_attention_block_backward(const loupe_session *s, const pe_block_w *b, const pe_block_g *g,
+                                                 int i, float *dx, const float *dy, pe_work *k)
+{
+    const loupe_config *c = &s->m->cfg;
+    const pe_tape *tp = s->bb_tape;
+    int T = 1 + c->grid * c->grid, W = c->width, M = c->mlp_width, H = c->heads, dh = W / H;
+    size_t TW = (size_t)T * W, TM = (size_t)T * M;
+    const float *x = tp->x + (size_t)i * TW, *qkv = tp->qkv + (size_t)i * 3 * TW, *att = tp->att + (size_t)i * TW;
+    const float *mid = tp->mid + (size_t)i * TW, *fc = tp->fc + (size_t)i * TM;
+    /* MLP branch: out = mid + c_proj(gelu(c_fc(ln_2(mid)))) */
+    memcpy(k->d_mid, dy, TW * sizeof *dy);
+    if (g->proj.w) {
+        memcpy(k->wide, fc, TM * sizeof *fc);
+        gelu(k->wide, TM);
+    }
+    zero_floats(k->d_wide, TM);
+    linear_backward_w(k->d_wide, M, g->proj, dy, W, k->wide, M, T, M, W, b->proj.w);
+    zero_floats(k->wide, TM);
+    gelu_backward(k->wide, k->d_wide, fc, TM); /* k->wide: d c_fc output */
+    if (g->fc.w) layernorm(k->h, mid, T, W, b->ln_2, c->ln_eps);
+    zero_floats(k->d_h, TW);
+    linear_backward_w(k->d_h, W, g->fc, k->wide, M, k->h, W, T, W, M, b->fc.w);
+    layernorm_backward(k->d_mid, g->ln_2.w, g->ln_2.b, k->d_h, mid, T, W, b->ln_2, c->ln_eps, k->stats);
+    /* attention branch: mid = x + out_proj(attention(rope(qkv(ln_1(x))))) */
+    zero_floats(k->d_att, TW);
+    linear_backward_w(k->d_att, W, g->out, k->d_mid, W, att, W, T, W, W, b->out.w);
+    zero_floats(k->d_qkv, 3 * TW);
+    attention_backward(k->d_qkv, 3 * W, k->d_qkv + W, 3 * W, k->d_qkv + 2 * W, 3 * W, k->d_att, W, qkv, 3 * W, qkv + W,
+                       3 * W, qkv + 2 * W, 3 * W, T, T, H, dh, 1.0f / sqrtf((float)dh), NULL, k->att);
+    pe_rope2d_backward(k->d_qkv, T, W, H, s->m->t.rope_cos, s->m->t.rope_sin);
+    if (g->qkv.w) layernorm(k->h, x, T, W, b->ln_1, c->ln_eps);
+    zero_floats(k->d_h, TW);
+    linear_backward_w(k->d_h, W, g->qkv, k->d_qkv, 3 * W, k->h, W, T, W, 3 * W, b->qkv.w);
+    add(dx, dx, k->d_mid, TW);
+    layernorm_backward(dx, g->ln_1.w, g->ln_1.b, k->d_h, x, T, W, b->ln_1, c->ln_eps, k->stats);
 }
 
 /* AttentionPooling.forward: a learned probe attends over all tokens, then a residual
@@ -8563,17 +8790,60 @@ static void pe_residual_attention_block(loupe_session *s, const pe_block_w *b)
 static void pe_attention_pooling(loupe_session *s)
 {
     const loupe_config *c = &s->m->cfg;
-    const pe_pool_w *p = &s->m->w.pool;
+    const pe_pool_w *p = &s->w->pool;
+    pe_tape *tp = s->bb_tape;
     int g = c->grid, T = 1 + g * g, W = c->width, M = c->pool_mlp_width, dh = W / c->pool_heads;
-    gemm_nt_w(1, W, W, p->probe, W, p->qkv.w, p->qkv.b, s->pool_q, W, 0);
-    gemm_nt_w(T, 2 * W, W, s->feats, W, wmat_rows(p->qkv.w, (size_t)W), p->qkv.b + W, s->qkv, 2 * W, 0);
-    attention(s->pool_att, W, s->pool_q, W, s->qkv, 2 * W, s->qkv + W, 2 * W, 1, T, c->pool_heads, dh,
-              1.0f / sqrtf((float)dh), NULL, s->scores);
-    linear(s->pooled, s->pool_att, 1, W, W, p->out);
+    float *q = tp ? tp->pool_q : s->pool_q, *kv = tp ? tp->pool_kv : s->qkv, *att = tp ? tp->pool_att : s->pool_att;
+    gemm_nt_w(1, W, W, p->probe, W, p->qkv.w, p->qkv.b, q, W, 0);
+    gemm_nt_w(T, 2 * W, W, s->feats, W, wmat_rows(p->qkv.w, (size_t)W), p->qkv.b + W, kv, 2 * W, 0);
+    attention(att, W, q, W, kv, 2 * W, kv + W, 2 * W, 1, T, c->pool_heads, dh, 1.0f / sqrtf((float)dh), NULL,
+              s->scores);
+    linear(s->pooled, att, 1, W, W, p->out);
+    if (tp) memcpy(tp->pool_mid, s->pooled, (size_t)W * sizeof *s->pooled);
     layernorm(s->pool_h, s->pooled, 1, W, p->ln, c->ln_eps);
     linear(s->wide, s->pool_h, 1, W, M, p->fc);
+    if (tp) memcpy(tp->pool_fc, s->wide, (size_t)M * sizeof *s->wide);
     gelu(s->wide, (size_t)M);
     gemm_nt_w(1, W, M, s->wide, M, p->proj.w, p->proj.b, s->pooled, W, 1);
+}
+
+/* AttentionPooling backward (backbone.attn_pool: feats [T][W] -> pooled [W]):
+ * d pooled dy [W] -> d feats [T][W] +=, probe and parameter gradients g +=. */
+static void pe_attention_pooling_backward(const loupe_session *s, const pe_pool_g *g, const float *dy, float *d_feats,
+                                          pe_work *k)
+{
+    const loupe_config *c = &s->m->cfg;
+    const pe_pool_w *p = &s->w->pool;
+    const pe_tape *tp = s->bb_tape;
+    int T = 1 + c->grid * c->grid, W = c->width, M = c->pool_mlp_width, H = c->pool_heads, dh = W / H;
+    float *d_mid = k->d_mid, *d_q = k->d_att + W, *d_kv = k->d_qkv;
+    linear_g q_g, kv_g;
+    /* MLP branch: pooled = mid + c_proj(gelu(c_fc(layernorm(mid)))) */
+    memcpy(d_mid, dy, (size_t)W * sizeof *dy);
+    if (g->proj.w) {
+        memcpy(k->wide, tp->pool_fc, (size_t)M * sizeof *k->wide);
+        gelu(k->wide, (size_t)M);
+    }
+    zero_floats(k->d_wide, (size_t)M);
+    linear_backward_w(k->d_wide, M, g->proj, dy, W, k->wide, M, 1, M, W, p->proj.w);
+    zero_floats(k->wide, (size_t)M);
+    gelu_backward(k->wide, k->d_wide, tp->pool_fc, (size_t)M);
+    if (g->fc.w) layernorm(k->h, tp->pool_mid, 1, W, p->ln, c->ln_eps);
+    zero_floats(k->d_h, (size_t)W);
+    linear_backward_w(k->d_h, W, g->fc, k->wide, M, k->h, W, 1, W, M, p->fc.w);
+    layernorm_backward(d_mid, g->ln.w, g->ln.b, k->d_h, tp->pool_mid, 1, W, p->ln, c->ln_eps, k->stats);
+    /* attention of the probe over the features */
+    zero_floats(k->d_att, (size_t)2 * W);
+    linear_backward_w(k->d_att, W, g->out, d_mid, W, tp->pool_att, W, 1, W, W, p->out.w);
+    zero_floats(d_kv, (size_t)T * 2 * W);
+    attention_backward(d_q, W, d_kv, 2 * W, d_kv + W, 2 * W, k->d_att, W, tp->pool_q, W, tp->pool_kv, 2 * W,
+                       tp->pool_kv + W, 2 * W, 1, T, H, dh, 1.0f / sqrtf((float)dh), NULL, k->att);
+    q_g.w = g->qkv.w;
+    q_g.b = g->qkv.b;
+    linear_backward_w(g->probe, W, q_g, d_q, W, p->probe, W, 1, W, W, p->qkv.w);
+    kv_g.w = g->qkv.w ? g->qkv.w + (size_t)W * W : NULL;
+    kv_g.b = g->qkv.b ? g->qkv.b + W : NULL;
+    linear_backward_w(d_feats, W, kv_g, d_kv, 2 * W, s->feats, W, T, W, 2 * W, wmat_rows(p->qkv.w, (size_t)W));
 }
 
 /* VisionTransformer.forward_features(norm=True) + _pool:
@@ -8585,23 +8855,59 @@ static void vision_transformer(loupe_session *s, const float *pixels)
     char name[32];
     pe_embed(s, pixels);
     for (i = 0; i < c->layers; i++) {
-        pe_residual_attention_block(s, &s->m->w.blocks[i]);
+        pe_residual_attention_block(s, &s->w->blocks[i], i);
         snprintf(name, sizeof name, "backbone_block%d", i);
         tap(s, name, s->x, 0, 3, 1, T, W, 0);
     }
-    layernorm(s->feats, s->x, T, W, s->m->w.ln_post, c->ln_eps);
+    if (s->bb_tape) memcpy(s->bb_tape->x + (size_t)c->layers * T * W, s->x, (size_t)T * W * sizeof *s->x);
+    layernorm(s->feats, s->x, T, W, s->w->ln_post, c->ln_eps);
     tap(s, "backbone_features", s->feats, 0, 3, 1, T, W, 0);
     pe_attention_pooling(s);
     tap(s, "pooled_features", s->pooled, 0, 2, 1, W, 0, 0);
+}
+
+/* VisionTransformer backward after a forward with s->bb_tape: d backbone_features
+ * [T][W] and d pooled_features [W] (either NULL for none) -> every backbone gradient of
+ * g +=. */
+static void vision_transformer_backward(const loupe_session *s, const pe_grads *g, const float *d_feats,
+                                        const float *d_pooled, pe_work *k)
+{
+    const loupe_config *c = &s->m->cfg;
+    const loupe_weights *w = s->w;
+    int T = 1 + c->grid * c->grid, W = c->width, i;
+    size_t TW = (size_t)T * W;
+    float *dcur = k->d_a, *dnext = k->d_b, *swap;
+    pe_block_g frozen;
+    memset(&frozen, 0, sizeof frozen);
+    if (d_feats) memcpy(k->d_feats, d_feats, TW * sizeof *d_feats);
+    else zero_floats(k->d_feats, TW);
+    if (d_pooled) pe_attention_pooling_backward(s, &g->pool, d_pooled, k->d_feats, k);
+    zero_floats(dcur, TW);
+    layernorm_backward(dcur, g->ln_post.w, g->ln_post.b, k->d_feats, s->bb_tape->x + (size_t)c->layers * TW, T, W,
+                       w->ln_post, c->ln_eps, k->stats);
+    for (i = c->layers - 1; i >= 0; i--) {
+        zero_floats(dnext, TW);
+        pe_residual_attention_block_backward(s, &w->blocks[i], g->blocks ? &g->blocks[i] : &frozen, i, dnext, dcur, k);
+        swap = dcur; dcur = dnext; dnext = swap;
+    }
+    pe_embed_backward(s, g, dcur, k);
 }
 
 /* ========================================================================== */
 /* 6. Classifier (models/loupe/modules.py, modeling_loupe.py)                  */
 /* ========================================================================== */
 
+/* Gradient views of classifier.{classifier,patch_classifier} and of the classifier. */
+typedef struct cls_head_g { linear_g layers[MAX_CLS_LAYERS]; } cls_head_g;
+typedef struct cls_grads {
+    cls_head_g global_head, patch_head;
+    float *fuser;       /* [1][1+g*g] */
+} cls_grads;
+
 /* LoupeClsHead.forward: Linear, GELU between layers, last Linear to one logit:
- * x [rows][in] -> logits [rows]. */
-static void loupe_cls_head(loupe_session *s, const cls_head_w *h, const float *x, int rows, float *logits)
+ * x [rows][in] -> logits [rows]. pre (NULL, or a tape of [cls_layers-1][rows][hidden])
+ * keeps every hidden layer before its GELU. */
+static void loupe_cls_head(loupe_session *s, const cls_head_w *h, const float *x, int rows, float *logits, float *pre)
 {
     const loupe_config *c = &s->m->cfg;
     int i, in = c->width;
@@ -8610,9 +8916,37 @@ static void loupe_cls_head(loupe_session *s, const cls_head_w *h, const float *x
         int last = i == c->cls_layers - 1, out = last ? 1 : c->cls_hidden;
         float *dst = last ? logits : (i % 2 ? s->cls_b : s->cls_a);
         linear(dst, cur, rows, in, out, h->layers[i]);
+        if (!last && pre) memcpy(pre + (size_t)i * rows * out, dst, (size_t)rows * out * sizeof *dst);
         if (!last) gelu(dst, (size_t)rows * out);
         cur = dst;
         in = out;
+    }
+}
+
+/* LoupeClsHead backward (x [rows][W] -> logits [rows]), pre its forward's tape: d logits
+ * dy [rows] -> d x dx [rows][W] += (when dx), parameter gradients g +=. */
+static void loupe_cls_head_backward(const loupe_session *s, const cls_head_w *h, const cls_head_g *g, const float *x,
+                                    int rows, const float *pre, const float *dy, float *dx, pe_work *k)
+{
+    const loupe_config *c = &s->m->cfg;
+    int Hd = c->cls_hidden, W = c->width, i;
+    size_t n = (size_t)rows * Hd;
+    const float *d_out = dy;
+    for (i = c->cls_layers - 1; i >= 0; i--) {
+        int in = i ? Hd : W, out = i == c->cls_layers - 1 ? 1 : Hd;
+        const float *act = x;
+        if (i && g->layers[i].w) { /* the layer's input: GELU of the previous layer */
+            memcpy(k->cls_act, pre + (size_t)(i - 1) * n, n * sizeof *k->cls_act);
+            gelu(k->cls_act, n);
+            act = k->cls_act;
+        }
+        if (i) zero_floats(k->cls_d_act, n);
+        linear_backward_w(i ? k->cls_d_act : dx, in, g->layers[i], d_out, out, act, in, rows, in, out, h->layers[i].w);
+        if (i) {
+            zero_floats(k->cls_d_pre, n);
+            gelu_backward(k->cls_d_pre, k->cls_d_act, pre + (size_t)(i - 1) * n, n);
+            d_out = k->cls_d_pre;
+        }
     }
 }
 
@@ -8621,11 +8955,12 @@ static void loupe_cls_head(loupe_session *s, const cls_head_w *h, const float *x
 static void loupe_classifier(loupe_session *s)
 {
     const loupe_config *c = &s->m->cfg;
-    const loupe_weights *w = &s->m->w;
-    int N = c->grid * c->grid, W = c->width, i;
+    const loupe_weights *w = s->w;
+    cls_tape *ct = s->cls_tape;
+    int N = c->grid * c->grid, i;
     double fused;
-    loupe_cls_head(s, &w->global_head, s->pooled, 1, &s->global_logit);
-    loupe_cls_head(s, &w->patch_head, s->feats + W, N, s->patch_logits);
+    loupe_cls_head(s, &w->global_head, s->pooled, 1, &s->global_logit, ct ? ct->global_pre : NULL);
+    loupe_cls_head(s, &w->patch_head, s->feats + c->width, N, s->patch_logits, ct ? ct->patch_pre : NULL);
     fused = (double)w->fuser[0] * s->global_logit;
     for (i = 0; i < N; i++) fused += (double)w->fuser[1 + i] * s->patch_logits[i];
     s->fused_logit = (float)fused;
@@ -8637,17 +8972,129 @@ static void loupe_classifier(loupe_session *s)
     tap(s, "pseudo_label", &s->prob, 0, 1, 1, 0, 0, 0);
 }
 
+/* LoupeClassifier backward after a forward with s->cls_tape (pooled [W], patch tokens
+ * [g*g][W] -> global logit, patch logits [g*g], fused logit): d fused_logit and d
+ * patch_logits [g*g] (NULL: none) -> fuser and both heads' gradients g +=, d pooled [W]
+ * += and d backbone_features [T][W] += in its patch rows (each when not NULL). */
+static void loupe_classifier_backward(const loupe_session *s, const cls_grads *g, float d_fused,
+                                      const float *d_patch_logits, float *d_pooled, float *d_feats, pe_work *k)
+{
+    const loupe_config *c = &s->m->cfg;
+    const loupe_weights *w = s->w;
+    int N = c->grid * c->grid, W = c->width, i;
+    float d_global = d_fused * w->fuser[0];
+    if (g->fuser) {
+        g->fuser[0] += d_fused * s->global_logit;
+        for (i = 0; i < N; i++) g->fuser[1 + i] += d_fused * s->patch_logits[i];
+    }
+    for (i = 0; i < N; i++) k->d_logits[i] = (d_patch_logits ? d_patch_logits[i] : 0.0f) + d_fused * w->fuser[1 + i];
+    loupe_cls_head_backward(s, &w->global_head, &g->global_head, s->pooled, 1, s->cls_tape->global_pre, &d_global,
+                            d_pooled, k);
+    loupe_cls_head_backward(s, &w->patch_head, &g->patch_head, s->feats + W, N, s->cls_tape->patch_pre, k->d_logits,
+                            d_feats ? d_feats + W : NULL, k);
+}
+
+/* ---- LoupeClsLoss (models/loupe/loss.py) ----
+ * Over a batch of B images: cls_part = mean over images of Poly1Focal(fused logit,
+ * image label; alpha 0.2), patch_part = mean over all B*N patches of Poly1Focal(patch
+ * logit, soft patch label; alpha 0.85), total = cls_part + patch_part. The global logit
+ * is supervised only through the fuser. Evaluated per image in double, with the batch's
+ * normalisers passed in (image weight 1/B, patch weight 1/(B*N)). */
+
+/* LoupeClsLoss's settings (configs/model: cls_forge_weight, patch_forge_weight;
+ * Poly1FocalLoss's epsilon 1 and gamma 2). */
+typedef struct cls_loss_config {
+    double cls_forge_weight;     /* alpha of the image term (weight of the forged class) */
+    double patch_forge_weight;   /* alpha of the patch terms */
+    double poly_epsilon, focal_gamma;
+} cls_loss_config;
+
+static cls_loss_config cls_loss_config_default(void)
+{
+    cls_loss_config c;
+    c.cls_forge_weight = 0.2;
+    c.patch_forge_weight = 0.85;
+    c.poly_epsilon = 1.0;
+    c.focal_gamma = 2.0;
+    return c;
+}
+
+/* One Poly1FocalLoss term of logit x against soft label y: p = sigmoid(x),
+ * ce = (alpha y + (1-alpha)(1-y)) (softplus(x) - x y), u = 1 - pt = y (1-p) + (1-y) p,
+ * term = ce u^gamma + eps u^(gamma+1); *dx = d term / dx. */
+static double poly1_focal_term(double x, double y, double alpha, double gamma, double eps, double *dx)
+{
+    double e = exp(-fabs(x)), p = x >= 0.0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+    double wgt = alpha * y + (1.0 - alpha) * (1.0 - y);
+    double ce = wgt * ((x > 0.0 ? x : 0.0) - x * y + log1p(e));
+    double u = y * (1.0 - p) + (1.0 - y) * p, du = (1.0 - 2.0 * y) * p * (1.0 - p);
+    double ug = pow(u, gamma);
+    *dx = wgt * (p - y) * ug + (ce * gamma * pow(u, gamma - 1.0) + eps * (gamma + 1.0) * ug) * du;
+    return ce * ug + eps * ug * u;
+}
+
+/* One image's share of LoupeClsLoss. */
+typedef struct cls_loss_terms {
+    double cls_term;        /* Poly1Focal(fused logit, label) */
+    double patch_sum;       /* sum of the image's patch terms */
+    double cls_part;        /* image_weight * cls_term: this image's share of cls_part */
+    double patch_part;      /* patch_weight * patch_sum: its share of patch_part */
+    double total;           /* cls_part + patch_part */
+} cls_loss_terms;
+
+/* LoupeClsLoss of one image of a batch: fused logit with its label (0 or 1), N patch
+ * logits with soft labels in [0, 1]; image_weight = 1/B, patch_weight = 1/(B*N). Fills
+ * out, the N patch terms into patch_terms (when not NULL), and adds the loss's
+ * gradient to *d_fused and d_patch_logits [N] (when not NULL). Returns out->total. */
+static double loupe_cls_loss(const cls_loss_config *cfg, float fused_logit, float label, const float *patch_logits,
+                             const float *patch_labels, int N, double image_weight, double patch_weight,
+                             cls_loss_terms *out, double *patch_terms, float *d_fused, float *d_patch_logits)
+{
+    double d, sum = 0.0;
+    int i;
+    out->cls_term = poly1_focal_term(fused_logit, label, cfg->cls_forge_weight, cfg->focal_gamma, cfg->poly_epsilon,
+                                     &d);
+    if (d_fused) *d_fused += (float)(image_weight * d);
+    for (i = 0; i < N; i++) {
+        double t = poly1_focal_term(patch_logits[i], patch_labels[i], cfg->patch_forge_weight, cfg->focal_gamma,
+                                    cfg->poly_epsilon, &d);
+        if (patch_terms) patch_terms[i] = t;
+        if (d_patch_logits) d_patch_logits[i] += (float)(patch_weight * d);
+        sum += t;
+    }
+    out->patch_sum = sum;
+    out->cls_part = image_weight * out->cls_term;
+    out->patch_part = patch_weight * sum;
+    out->total = out->cls_part + out->patch_part;
+    return out->total;
+}
+
+/* The training entry points of sections 5 and 6, referenced here until the trainer
+ * calls them, so that builds without the tests do not warn about unused functions. */
+void (*const loupe_training_entry_points[])(void) = {
+    (void (*)(void))pe_train_layout, (void (*)(void))vision_transformer_backward,
+    (void (*)(void))loupe_classifier_backward, (void (*)(void))cls_loss_config_default,
+    (void (*)(void))loupe_cls_loss
+};
+
 /* ========================================================================== */
 /* 7. Segmentor (LoupeSegmentor: FeaturePyramid, PixelDecoder, Mask2Former)    */
 /* ========================================================================== */
 
+/* The conditional query's label: the forgery probability p (inference, test-time
+ * adaptation) or, in training, whether the image has a target (upstream's labels). */
+static float conditional_label(const loupe_session *s)
+{
+    return s->cond_label >= 0.0f ? s->cond_label : s->prob;
+}
+
 /* LoupeSegmentor.forward, conditional queries: the label embeddings mixed by the
- * forgery probability p: label_embedding[1] * p + label_embedding[0] * (1 - p) -> [F]. */
+ * label p: label_embedding[1] * p + label_embedding[0] * (1 - p) -> [F]. */
 static void conditional_query(loupe_session *s)
 {
     const loupe_weights *w = s->w;
     int F = s->m->cfg.feature_size, i;
-    float p = s->prob;
+    float p = conditional_label(s);
     for (i = 0; i < F; i++) s->cond_query[i] = w->label_embedding[1][i] * p + w->label_embedding[0][i] * (1.0f - p);
     tap(s, "conditional_query", s->cond_query, 0, 3, 1, 1, F, 0);
 }
@@ -9153,6 +9600,7 @@ const loupe_outputs *loupe_get_outputs(const loupe_session *s) { return &s->out;
 typedef struct loss_rng {
     void (*fill)(void *state, float *out, size_t n);
     void *state;
+    void (*seek)(void *state, uint64_t position); /* next fill starts at number `position` */
 } loss_rng;
 
 /* State of splitmix_uniform_fill: number i of the stream (counting from 0 over all
@@ -9175,6 +9623,12 @@ static void splitmix_uniform_fill(void *state, float *out, size_t n)
         z ^= z >> 31;
         out[i] = (float)(z >> (64 - SEG_UNIFORM_BITS)) * SEG_UNIFORM_SCALE;
     }
+}
+
+/* Moves the splitmix stream to number `position` (counter-based: any order of reads). */
+static void splitmix_uniform_seek(void *state, uint64_t position)
+{
+    ((splitmix_uniform *)state)->counter = position;
 }
 
 /* Hyperparameters of LoupeSegLoss (values of Loupe's configs in seg_loss_config_default). */
@@ -9347,18 +9801,18 @@ static double pair_wise_dice_loss(const float *pred, const float *target, int n)
 }
 
 /* LoupeHungarianMatcher.forward for one image with one target: class_logits [Q][2],
- * mask_logits [Q][M][M], target [g][g], points [P][2] (the matcher's uniform draw);
+ * mask_logits [Q][M][M], target [th][tw], points [P][2] (the matcher's uniform draw);
  * scratch [2P] floats. Returns the matched query. The cost matrix is float32 [Q][1]
  * as upstream; scipy's linear_sum_assignment on one column returns the cheapest row,
  * the lowest index among equal costs (it scans columns of the transposed 1 x Q problem
  * from the last to the first and keeps the last minimum it sees). */
 static int hungarian_matcher(const seg_loss_config *cfg, int Q, int M, const float *class_logits,
-                             const float *mask_logits, const float *target, int g, const float *points,
+                             const float *mask_logits, const float *target, int th, int tw, const float *points,
                              int P, float *scratch)
 {
     float *target_points = scratch, *pred_points = scratch + P, best = 0.0f;
     int q, best_q = 0;
-    sample_point_forward(target, g, g, points, P, target_points);
+    sample_point_forward(target, th, tw, points, P, target_points);
     for (q = 0; q < Q; q++) {
         const float *z = class_logits + (size_t)q * SEG_NUM_CLASSES;
         float mx = z[0] > z[1] ? z[0] : z[1];
@@ -9402,15 +9856,18 @@ static int uncertain_point_cmp(const void *a, const void *b)
  * oversample_ratio) candidates, keeps the int(importance_sample_ratio * P) with the
  * largest calculate_uncertainty = -|logit| (torch.topk; ties, which topk leaves
  * unspecified, go to the earlier candidate), then draws the remaining points uniformly.
+ * The candidates are read from rng at position cand_pos, the uniform points at extra_pos.
  * points_out [P][2]; candidates [int(P * oversample_ratio)][2] floats, order [same count]. */
 static void sample_points_using_uncertainty(const seg_loss_config *cfg, const float *mask_logits, int M,
-                                            const loss_rng *rng, float *points_out, float *candidates,
-                                            float *candidate_logits, uncertain_point *order)
+                                            const loss_rng *rng, uint64_t cand_pos, uint64_t extra_pos,
+                                            float *points_out, float *candidates, float *candidate_logits,
+                                            uncertain_point *order)
 {
     int P = cfg->train_num_points;
     int num_sampled = (int)(P * cfg->oversample_ratio);
     int num_uncertain = (int)(cfg->importance_sample_ratio * P);
     int i;
+    rng->seek(rng->state, cand_pos);
     rng->fill(rng->state, candidates, (size_t)num_sampled * 2);
     sample_point_forward(mask_logits, M, M, candidates, num_sampled, candidate_logits);
     for (i = 0; i < num_sampled; i++) {
@@ -9422,6 +9879,7 @@ static void sample_points_using_uncertainty(const seg_loss_config *cfg, const fl
         points_out[2 * i] = candidates[2 * order[i].index];
         points_out[2 * i + 1] = candidates[2 * order[i].index + 1];
     }
+    rng->seek(rng->state, extra_pos);
     if (P > num_uncertain)
         rng->fill(rng->state, points_out + (size_t)num_uncertain * 2, (size_t)(P - num_uncertain) * 2);
 }
@@ -9513,14 +9971,15 @@ typedef struct loss_masks_scratch {
 } loss_masks_scratch;
 
 /* LoupeSegLoss.loss_masks forward for one matched mask (num_masks as get_num_masks):
- * mask_logits [M][M] of the matched query, target [g][g], points [P][2] ->
- * loss_mask = mean Poly-1 focal / num_masks, loss_dice = Tversky (mean over 1 mask). */
+ * mask_logits [M][M] of the matched query, target [th][tw], points [P][2] ->
+ * loss_mask = mean Poly-1 focal / num_masks, loss_dice = Tversky of this mask (the
+ * caller averages over the batch's masks). */
 static void loss_masks_forward(const seg_loss_config *cfg, const float *mask_logits, int M, const float *target,
-                               int g, const float *points, double num_masks, loss_masks_scratch *s,
+                               int th, int tw, const float *points, double num_masks, loss_masks_scratch *s,
                                double *loss_mask, double *loss_dice)
 {
     int P = cfg->train_num_points;
-    sample_point_forward(target, g, g, points, P, s->point_labels);
+    sample_point_forward(target, th, tw, points, P, s->point_labels);
     sample_point_forward(mask_logits, M, M, points, P, s->point_logits);
     *loss_mask = poly1_focal_loss_forward(cfg, s->point_logits, s->point_labels, P) / num_masks;
     *loss_dice = tversky_loss_forward(cfg, s->point_logits, s->point_labels, P);
@@ -9554,30 +10013,35 @@ static double loss_labels_class_weight(const seg_loss_config *cfg, int cls)
     return cls == SEG_NO_OBJECT_CLASS ? cfg->no_object_weight : 1.0;
 }
 
-/* Mask2FormerLoss.loss_labels forward: class_logits [Q][2], matched_query (-1: none) ->
- * weighted-mean cross-entropy sum_q w_q (-log softmax(z_q)[c_q]) / sum_q w_q. */
-static double loss_labels_forward(const seg_loss_config *cfg, const float *class_logits, int Q, int matched_query)
+/* The denominator of loss_labels' weighted mean over a whole batch: the class weights
+ * of all B*Q queries, `targets` of them matched (forgery, weight 1), the rest no-object. */
+static double loss_labels_weight_sum(const seg_loss_config *cfg, int images, int Q, int targets)
 {
-    double num = 0.0, den = 0.0;
+    return (double)targets + ((double)images * Q - targets) * cfg->no_object_weight;
+}
+
+/* Mask2FormerLoss.loss_labels forward, one image's share: class_logits [Q][2],
+ * matched_query (-1: none), den = loss_labels_weight_sum of the batch ->
+ * sum_q w_q (-log softmax(z_q)[c_q]) / den (the batch's term is the sum of its images'). */
+static double loss_labels_forward(const seg_loss_config *cfg, const float *class_logits, int Q, int matched_query,
+                                  double den)
+{
+    double num = 0.0;
     int q;
     for (q = 0; q < Q; q++) {
         const float *z = class_logits + (size_t)q * SEG_NUM_CLASSES;
         int c = loss_labels_target(q, matched_query);
-        double w = loss_labels_class_weight(cfg, c);
         /* -log softmax(z)[c] = softplus(z[other] - z[c]) for two classes */
-        num += w * seg_softplus((double)z[1 - c] - z[c]);
-        den += w;
+        num += loss_labels_class_weight(cfg, c) * seg_softplus((double)z[1 - c] - z[c]);
     }
     return num / den;
 }
 
-/* loss_labels backward: grad [Q][2] += scale * w_q / sum(w) * (softmax(z_q) - onehot(c_q)). */
+/* loss_labels backward: grad [Q][2] += scale * w_q / den * (softmax(z_q) - onehot(c_q)). */
 static void loss_labels_backward(const seg_loss_config *cfg, const float *class_logits, int Q, int matched_query,
-                                 double scale, float *grad_class_logits)
+                                 double den, double scale, float *grad_class_logits)
 {
-    double den = 0.0;
     int q, j;
-    for (q = 0; q < Q; q++) den += loss_labels_class_weight(cfg, loss_labels_target(q, matched_query));
     for (q = 0; q < Q; q++) {
         const float *z = class_logits + (size_t)q * SEG_NUM_CLASSES;
         int c = loss_labels_target(q, matched_query);
@@ -9591,67 +10055,123 @@ static void loss_labels_backward(const seg_loss_config *cfg, const float *class_
 
 /* ---- The whole loss ---- */
 
+/* Ascending ints, for qsort. */
+static int int_cmp(const void *a, const void *b)
+{
+    int x = *(const int *)a, y = *(const int *)b;
+    return (x > y) - (x < y);
+}
+
 /* Mask2FormerLoss.get_num_masks: number of targets, clamped to >= 1 (one process). */
 static double get_num_masks(int num_targets)
 {
     return num_targets > 1 ? (double)num_targets : 1.0;
 }
 
-/* Scratch of loupe_seg_loss (planned in the loupe_tta arena): the matcher's points and
+/* Scratch of loupe_seg_loss (planned in the trainer's arena): the matcher's points and
  * samples [2P] each, the selected points [P][2], the oversampled candidates [3P][2], their
- * logits [3P] and sort order [3P], and loss_masks' buffers. */
+ * logits [3P] and sort order [3P], and loss_masks' buffers. topk, when a test sets it,
+ * receives each call's importance-sampled candidate indices, ascending ([L][0.75 P]). */
 typedef struct seg_loss_scratch {
     float *matcher_points, *matcher_scratch, *points, *candidates, *candidate_logits;
     uncertain_point *order;
     loss_masks_scratch masks;
+    int *topk;
 } seg_loss_scratch;
 
+/* Where one image sits in its batch. The loss is a batch's (upstream collates B images):
+ * num_masks, the Tversky mean and the cross-entropy's weighted mean run over all the
+ * batch's targets and queries, and the random draws come in the batch's order. Images
+ * have 0 or 1 target (one forgery class), so everything is known before any forward and
+ * the images can be processed one at a time, each adding its share. */
+typedef struct seg_batch {
+    int images;                  /* B */
+    int targets;                 /* targets in the whole batch */
+    int image;                   /* this image's index b */
+    int targets_before;          /* targets of images 0..b-1 (this image's mask index) */
+    uint64_t base;               /* stream position of the batch's first random number */
+} seg_batch;
+
+/* Random numbers one loss call draws for a whole batch: per image the matcher's points
+ * [P][2], then candidates [n][3P][2] and extra points [n][P - 0.75 P][2] for the n
+ * targets of the batch (upstream's torch.rand calls, in order). */
+static uint64_t seg_call_draws(const seg_loss_config *cfg, int images, int targets)
+{
+    uint64_t P = (uint64_t)cfg->train_num_points;
+    uint64_t cand = (uint64_t)(int)(cfg->train_num_points * cfg->oversample_ratio);
+    uint64_t extra = P - (uint64_t)(int)(cfg->importance_sample_ratio * cfg->train_num_points);
+    return (uint64_t)images * 2 * P + (uint64_t)targets * 2 * (cand + extra);
+}
+
+/* Random numbers of one training step of a batch: the decoder's L-1 layerdrop draws
+ * (unused: layerdrop 0), then L loss calls. */
+static uint64_t seg_batch_draws(const seg_loss_config *cfg, int L, int images, int targets)
+{
+    return (uint64_t)(L - 1) + (uint64_t)L * seg_call_draws(cfg, images, targets);
+}
+
 /* LoupeSegLoss.forward (with its auxiliary calls) followed by LoupeSegmentor.get_loss,
- * and the gradient of the total. preds [L] in decoder order (prediction i has class
- * logits [Q][2], mask logits [Q][M][M]); pseudo_label p and pseudo_mask [g][g] =
- * sigmoid(patch logits) (read only when p > 0.5). Fills calls [L] (in loss-call order)
- * and *total, and accumulates the gradients into the preds' grad buffers. Consumes the
- * random numbers listed at loss_rng. */
-static void loupe_seg_loss(const seg_loss_config *cfg, int L, int Q, int M, int g, const seg_prediction *preds,
-                           float pseudo_label, const float *pseudo_mask, const loss_rng *rng, seg_loss_scratch *s,
-                           seg_loss_call *calls, double *total)
+ * one image's share, and the gradient of `scale` times it. preds [L] in decoder order
+ * (prediction i has class logits [Q][2], mask logits [Q][M][M]); target [th][tw] (read
+ * when has_target): the image's forgery mask (training: mask_labels, S x S; test-time
+ * adaptation: sigmoid(patch logits), g x g). Adds this image's share of each term to
+ * calls [L] (in loss-call order; the caller zeroes them per batch, matched_query -1),
+ * sets their matched_query to this image's when it has a target, adds the weighted share to *total, and accumulates the
+ * gradients into the preds' grad buffers. Reads the random numbers of rng at the batch's
+ * positions (seg_batch). */
+static void loupe_seg_loss(const seg_loss_config *cfg, int L, int Q, int M, const seg_prediction *preds,
+                           int has_target, const float *target, int th, int tw, const seg_batch *bt, double scale,
+                           const loss_rng *rng, seg_loss_scratch *s, seg_loss_call *calls, double *total)
 {
     int P = cfg->train_num_points;
-    int has_target = pseudo_label > SEG_PSEUDO_LABEL_THRESHOLD;
-    double num_masks = get_num_masks(has_target);
-    float skip;
-    int k;
+    int cand = (int)(P * cfg->oversample_ratio), uncertain = (int)(cfg->importance_sample_ratio * P);
+    double num_masks = get_num_masks(bt->targets);
+    double ce_den = loss_labels_weight_sum(cfg, bt->images, Q, bt->targets);
+    uint64_t per_call = seg_call_draws(cfg, bt->images, bt->targets);
+    int k, i;
 
-    /* the decoder's layerdrop draws precede the loss in upstream's random stream */
-    for (k = 0; k < L - 1; k++) rng->fill(rng->state, &skip, 1);
-
-    *total = 0.0;
     for (k = 0; k < L; k++) {
         seg_loss_call *c = &calls[k];
         const seg_prediction *pr = &preds[k == 0 ? L - 1 : k - 1];
+        uint64_t start = bt->base + (uint64_t)(L - 1) + (uint64_t)k * per_call;
+        double loss_mask = 0.0, loss_dice = 0.0, ce;
+        int matched = -1;
         c->prediction = k == 0 ? L - 1 : k - 1;
         c->num_masks = num_masks;
-        /* the matcher draws its points even when there is no target to match */
-        rng->fill(rng->state, s->matcher_points, (size_t)P * 2);
-        c->matched_query = has_target ? hungarian_matcher(cfg, Q, M, pr->class_logits, pr->mask_logits,
-                                                          pseudo_mask, g, s->matcher_points, P, s->matcher_scratch)
-                                      : -1;
-        c->loss_mask = c->loss_dice = 0.0;
         if (has_target) {
-            const float *mask = pr->mask_logits + (size_t)c->matched_query * M * M;
-            sample_points_using_uncertainty(cfg, mask, M, rng, s->points, s->candidates, s->candidate_logits,
-                                            s->order);
-            loss_masks_forward(cfg, mask, M, pseudo_mask, g, s->points, num_masks, &s->masks, &c->loss_mask,
-                               &c->loss_dice);
-            loss_masks_backward(cfg, M, s->points, num_masks, cfg->mask_weight, cfg->dice_weight, &s->masks,
-                                pr->grad_mask_logits + (size_t)c->matched_query * M * M);
+            const float *mask;
+            uint64_t after = start + (uint64_t)bt->images * 2 * P;
+            rng->seek(rng->state, start + (uint64_t)bt->image * 2 * P);
+            rng->fill(rng->state, s->matcher_points, (size_t)P * 2);
+            matched = c->matched_query = hungarian_matcher(cfg, Q, M, pr->class_logits, pr->mask_logits, target, th,
+                                                           tw, s->matcher_points, P, s->matcher_scratch);
+            mask = pr->mask_logits + (size_t)matched * M * M;
+            /* this mask's rows of the batch's candidate and extra-point draws */
+            sample_points_using_uncertainty(cfg, mask, M, rng, after + (uint64_t)bt->targets_before * 2 * cand,
+                                            after + (uint64_t)bt->targets * 2 * cand +
+                                                (uint64_t)bt->targets_before * 2 * (P - uncertain),
+                                            s->points, s->candidates, s->candidate_logits, s->order);
+            if (s->topk) {
+                int *dst = s->topk + (size_t)k * uncertain;
+                for (i = 0; i < uncertain; i++) dst[i] = s->order[i].index;
+                qsort(dst, (size_t)uncertain, sizeof *dst, int_cmp);
+            }
+            loss_masks_forward(cfg, mask, M, target, th, tw, s->points, num_masks, &s->masks, &loss_mask, &loss_dice);
+            loss_dice /= bt->targets;   /* Tversky: mean over the batch's masks */
+            loss_masks_backward(cfg, M, s->points, num_masks, scale * cfg->mask_weight,
+                                scale * cfg->dice_weight / bt->targets, &s->masks,
+                                pr->grad_mask_logits + (size_t)matched * M * M);
         }
-        c->loss_cross_entropy = loss_labels_forward(cfg, pr->class_logits, Q, c->matched_query);
-        loss_labels_backward(cfg, pr->class_logits, Q, c->matched_query, cfg->class_weight, pr->grad_class_logits);
-        c->weighted_mask = cfg->mask_weight * c->loss_mask;
-        c->weighted_dice = cfg->dice_weight * c->loss_dice;
-        c->weighted_cross_entropy = cfg->class_weight * c->loss_cross_entropy;
-        *total += c->weighted_mask + c->weighted_dice + c->weighted_cross_entropy;
+        ce = loss_labels_forward(cfg, pr->class_logits, Q, matched, ce_den);
+        loss_labels_backward(cfg, pr->class_logits, Q, matched, ce_den, scale * cfg->class_weight,
+                             pr->grad_class_logits);
+        c->loss_mask += loss_mask;
+        c->loss_dice += loss_dice;
+        c->loss_cross_entropy += ce;
+        c->weighted_mask += cfg->mask_weight * loss_mask;
+        c->weighted_dice += cfg->dice_weight * loss_dice;
+        c->weighted_cross_entropy += cfg->class_weight * ce;
+        *total += cfg->mask_weight * loss_mask + cfg->dice_weight * loss_dice + cfg->class_weight * ce;
     }
 }
 
@@ -9664,22 +10184,24 @@ enum {
     PARAM_CONV3X3    /* 3x3 conv [co][ci][3][3] kept tap-major [9][co][ci] */
 };
 
-#define TTA_NAME_LEN 128
+#define TRAIN_NAME_LEN 128
 #define TTA_SEGMENTOR_PREFIX "segmentor."
 #define TTA_CLIP_EPS 1e-6           /* clip_grad_norm_ divides by norm + 1e-6 */
 #define TTA_MAX_WEIGHT 1e6f         /* largest gradient weight loupe_tta_accumulate accepts */
 
 /* One trainable tensor. */
-typedef struct tta_param {
-    char name[TTA_NAME_LEN];     /* upstream state-dict key without "loupe." */
+typedef struct train_param {
+    char name[TRAIN_NAME_LEN];   /* upstream state-dict key without "loupe." */
     int dims[MAX_TENSOR_DIMS];   /* upstream shape, trailing zeros */
     int layout;
-    size_t offset, numel;        /* position in loupe_tta's param, grad, adam_m, adam_v */
-    int decay;                   /* AdamW weight decay applies: the name has no "bias" */
-} tta_param;
+    size_t offset, numel;        /* position in the trainer's param, grad, adam_m, adam_v */
+    double lr, weight_decay;     /* its parameter group's (LitModel.configure_optimizers): the
+                                    backbone's learning rate for names with "backbone", no
+                                    weight decay for names with "bias" */
+} train_param;
 
 /* Converts a tensor from upstream layout to the layout the forward reads. */
-static void param_from_upstream(const tta_param *p, const float *src, float *dst)
+static void param_from_upstream(const train_param *p, const float *src, float *dst)
 {
     switch (p->layout) {
     case PARAM_DEPTHWISE: repack_depthwise(dst, src, p->dims[0]); break;
@@ -9689,7 +10211,7 @@ static void param_from_upstream(const tta_param *p, const float *src, float *dst
 }
 
 /* Converts a tensor (or its gradient) back to upstream layout. */
-static void param_to_upstream(const tta_param *p, const float *src, float *dst)
+static void param_to_upstream(const train_param *p, const float *src, float *dst)
 {
     int a = p->dims[0], b = p->dims[1], i, j, t;
     switch (p->layout) {
@@ -9708,9 +10230,10 @@ static void param_to_upstream(const tta_param *p, const float *src, float *dst)
 
 /* Collects the trainable tensors: counts them (params NULL) or records and copies them. */
 typedef struct param_builder {
-    tta_param *params;           /* NULL while counting */
-    float *data;                 /* the adapted values, when recording */
+    train_param *params;         /* NULL while counting */
+    float *data;                 /* the trained values, when recording */
     binder b;                    /* finds each tensor in the weight file by name and shape */
+    const loupe_train_options *opt; /* learning rates and weight decay of the groups */
     int count;
     size_t floats;
 } param_builder;
@@ -9720,14 +10243,14 @@ typedef struct param_builder {
 static void add_param(param_builder *pb, const float **view, int layout, int d0, int d1, int d2, int d3,
                       const char *fmt, ...)
 {
-    char name[TTA_NAME_LEN];
+    char name[TRAIN_NAME_LEN];
     size_t numel = (size_t)d0 * (d1 ? d1 : 1) * (d2 ? d2 : 1) * (d3 ? d3 : 1);
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(name, sizeof name, fmt, ap);
     va_end(ap);
     if (pb->params) {
-        tta_param *p = &pb->params[pb->count];
+        train_param *p = &pb->params[pb->count];
         const int dims[MAX_TENSOR_DIMS] = {d0, d1, d2, d3};
         const tensor_entry *e = bind_entry(&pb->b, dims, name);
         const float *src = NULL;
@@ -9742,7 +10265,8 @@ static void add_param(param_builder *pb, const float **view, int layout, int d0,
         p->layout = layout;
         p->offset = pb->floats;
         p->numel = numel;
-        p->decay = strstr(name, "bias") == NULL;
+        p->lr = strstr(name, "backbone") ? pb->opt->backbone_lr : pb->opt->lr;
+        p->weight_decay = strstr(name, "bias") ? 0.0 : pb->opt->weight_decay;
         if (src) param_from_upstream(p, src, pb->data + p->offset);
         free(copy);
         *view = pb->data + p->offset;
@@ -9766,7 +10290,7 @@ static void add_norm(param_builder *pb, norm_w *n, int dim, const char *prefix)
 }
 static void add_mha(param_builder *pb, linear_w *qkv, linear_w *out, int e, const char *prefix)
 {
-    char name[TTA_NAME_LEN + 16];
+    char name[TRAIN_NAME_LEN + 16];
     const float *w = NULL;
     add_param(pb, &w, PARAM_PLAIN, 3 * e, e, 0, 0, "%s.in_proj_weight", prefix);
     if (pb->params) qkv->w = wmat_f32(w, (size_t)e);
@@ -9775,13 +10299,63 @@ static void add_mha(param_builder *pb, linear_w *qkv, linear_w *out, int e, cons
     add_linear(pb, out, e, e, 0, name);
 }
 
+/* Walks the backbone's tensors in upstream's state-dict order: only the class and
+ * position embeddings when not full (upstream trains those two even in a frozen
+ * backbone), else all; w->blocks must be the trainer's own copy of the views. */
+static void backbone_params(param_builder *pb, loupe_weights *w, const loupe_config *c, int full)
+{
+    int W = c->width, g = c->grid, P = c->patch_size, i;
+    char p[TRAIN_NAME_LEN];
+    add_param(pb, &w->class_embedding, PARAM_PLAIN, W, 0, 0, 0, "backbone.class_embedding");
+    add_param(pb, &w->positional_embedding, PARAM_PLAIN, 1 + g * g, W, 0, 0, "backbone.positional_embedding");
+    if (!full) return;
+    {
+        const float *conv1 = NULL;
+        add_param(pb, &conv1, PARAM_PLAIN, W, 3, P, P, "backbone.conv1.weight");
+        if (pb->params) w->conv1 = wmat_f32(conv1, (size_t)3 * P * P);
+    }
+    add_norm(pb, &w->ln_pre, W, "backbone.ln_pre");
+    add_norm(pb, &w->ln_post, W, "backbone.ln_post");
+    for (i = 0; i < c->layers; i++) {
+        pe_block_w *bl = &w->blocks[i];
+#define BLK(s) (snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.%s", i, s), p)
+        add_mha(pb, &bl->qkv, &bl->out, W, BLK("attn"));
+        add_norm(pb, &bl->ln_1, W, BLK("ln_1"));
+        add_norm(pb, &bl->ln_2, W, BLK("ln_2"));
+        add_linear(pb, &bl->fc, c->mlp_width, W, 0, BLK("mlp.c_fc"));
+        add_linear(pb, &bl->proj, W, c->mlp_width, 0, BLK("mlp.c_proj"));
+#undef BLK
+    }
+    add_param(pb, &w->pool.probe, PARAM_PLAIN, 1, 1, W, 0, "backbone.attn_pool.probe");
+    add_mha(pb, &w->pool.qkv, &w->pool.out, W, "backbone.attn_pool.attn");
+    add_norm(pb, &w->pool.ln, W, "backbone.attn_pool.layernorm");
+    add_linear(pb, &w->pool.fc, c->pool_mlp_width, W, 0, "backbone.attn_pool.mlp.c_fc");
+    add_linear(pb, &w->pool.proj, W, c->pool_mlp_width, 0, "backbone.attn_pool.mlp.c_proj");
+}
+
+/* Walks the classifier's tensors (LoupeClassifier: two MLP heads and the fuser). */
+static void classifier_params(param_builder *pb, loupe_weights *w, const loupe_config *c)
+{
+    int k, i;
+    char p[TRAIN_NAME_LEN];
+    for (k = 0; k < 2; k++) {
+        cls_head_w *h = k ? &w->patch_head : &w->global_head;
+        for (i = 0; i < c->cls_layers; i++) {
+            int in = i == 0 ? c->width : c->cls_hidden, out = i == c->cls_layers - 1 ? 1 : c->cls_hidden;
+            snprintf(p, sizeof p, "classifier.%s.layers.%d", k ? "patch_classifier" : "classifier", i);
+            add_linear(pb, &h->layers[i], out, in, 0, p);
+        }
+    }
+    add_param(pb, &w->fuser, PARAM_PLAIN, 1, 1 + c->grid * c->grid, 0, 0, "classifier.fuser.fuse.weight");
+}
+
 /* Walks every segmentor tensor of w in upstream's state-dict order. */
 static void segmentor_params(param_builder *pb, loupe_weights *w, const loupe_config *c)
 {
     static const char *const fpn_names[4] = {"0.0", "0.1", "1.0", "3.0"};
     scale_block_w *blocks[4];
     int W = c->width, F = c->feature_size, n_off = c->m2f_heads * c->deform_levels * c->deform_points, i, k;
-    char p[TTA_NAME_LEN];
+    char p[TRAIN_NAME_LEN];
     blocks[0] = &w->fpn4[0]; blocks[1] = &w->fpn4[1]; blocks[2] = &w->fpn2; blocks[3] = &w->fpn_half;
     for (k = 0; k < 4; k++) {
         scale_block_w *b = blocks[k];
@@ -9855,6 +10429,9 @@ static void segmentor_params(param_builder *pb, loupe_weights *w, const loupe_co
 typedef struct tta_work {
     float *d_class, *d_mask;          /* [L][Q][C], [L][Q][(4g)^2]: the loss's gradients */
     float *pseudo_mask;               /* [g*g] sigmoid(patch logits) */
+    float *d_feats;                   /* [1+g*g][W] gradient of backbone_features */
+    float *d_pooled;                  /* [W] gradient of pooled_features */
+    float *d_patch;                   /* [g*g] gradient of the patch logits */
     float *d_me, *mf_t, *d_mf;        /* [L][Q][F]; [F][(4g)^2] mask features transposed; [(4g)^2][F] */
     float *d_qh, *d_x1, *d_x2, *d_x3; /* [Q][F] mask predictor and decoder temporaries */
     float *d_h0, *d_h1;               /* [Q][F] gradient of the decoder hidden state (two, swapped) */
@@ -9877,15 +10454,26 @@ typedef struct tta_work {
     seg_loss_scratch loss;
 } tta_work;
 
-struct loupe_tta {
+struct loupe_trainer {
     const loupe_model *m;
     loupe_session *s;                 /* runs the forward with w, t and tape */
-    loupe_weights w;                  /* the model's views, the segmentor's pointing into param */
-    loupe_tables t;                   /* the model's tables; enc_pos from the adapted level embedding */
-    enc_layer_w *enc;                 /* w.enc, w.dec: adapted copies of the layer views */
+    loupe_weights w;                  /* the model's views, the trained ones pointing into param */
+    loupe_tables t;                   /* the model's tables; enc_pos from the trained level embedding */
+    enc_layer_w *enc;                 /* w.enc, w.dec, w.blocks: the trainer's copies of the layer views */
     dec_layer_w *dec;
-    loupe_tta_options opt;
-    tta_param *params;
+    pe_block_w *blocks;
+    loupe_train_options opt;
+    int has_cls, has_seg;             /* the stage's modules (and losses) */
+    int pseudo;                       /* test-time adaptation: pseudo labels from the classifier */
+    int backbone_backward;            /* some backbone tensor trains: gradients flow into the backbone */
+    pe_tape bb_tape;                  /* the backbone's and the classifier's saved activations, */
+    cls_tape cls_tape;                /* their backward scratch and gradient views (section 5, 6) */
+    pe_work pw;
+    pe_grads pg;
+    cls_grads cg;
+    pe_block_g *block_grads;          /* [layers] when the whole backbone trains */
+    cls_loss_config cls_cfg;
+    train_param *params;
     int n_params;
     size_t n_floats;
     float *param, *grad, *adam_m, *adam_v; /* [n_floats] each */
@@ -9897,13 +10485,16 @@ struct loupe_tta {
     seg_prediction *preds;            /* [L] */
     splitmix_uniform rng_state;
     loss_rng rng;                     /* the loss's random points (tests replay upstream's) */
+    uint64_t rng_position;            /* where the next batch's draws start in rng's stream */
     void *raw;
     size_t tape_bytes, work_bytes, state_bytes;
 };
 
 /* The gradient buffer of an adapted tensor (p points into t->param). */
-static float *grad_of(loupe_tta *t, const float *p)
+static float *grad_of(loupe_trainer *t, const float *p)
 {
+    uintptr_t a = (uintptr_t)p, lo = (uintptr_t)t->param, hi = (uintptr_t)(t->param + t->n_floats);
+    if (!p || a < lo || a >= hi) return NULL;   /* a frozen tensor: the model's own */
     return t->grad + (p - t->param);
 }
 
@@ -9917,7 +10508,7 @@ static void zero(float *x, size_t n)
 }
 
 /* Assigns (or, while measuring, counts) the saved activations. */
-static void tta_tape_layout(loupe_tta *t, arena *a)
+static void tta_tape_layout(loupe_trainer *t, arena *a)
 {
     const loupe_config *c = &t->m->cfg;
     size_t g = (size_t)c->grid, W = (size_t)c->width, F = (size_t)c->feature_size, Q = (size_t)c->num_queries;
@@ -9960,7 +10551,7 @@ static void tta_tape_layout(loupe_tta *t, arena *a)
 }
 
 /* Assigns (or counts) the backward scratch. */
-static void tta_work_layout(loupe_tta *t, arena *a)
+static void tta_work_layout(loupe_trainer *t, arena *a)
 {
     const loupe_config *c = &t->m->cfg;
     tta_work *k = &t->wk;
@@ -9976,6 +10567,9 @@ static void tta_work_layout(loupe_tta *t, arena *a)
     k->d_class = arena_floats(a, L * Q * C);
     k->d_mask = arena_floats(a, L * Q * M2);
     k->pseudo_mask = arena_floats(a, g * g);
+    k->d_feats = arena_floats(a, (1 + g * g) * W);
+    k->d_pooled = arena_floats(a, W);
+    k->d_patch = arena_floats(a, g * g);
     k->d_me = arena_floats(a, L * QF);
     k->mf_t = arena_floats(a, M2 * F);
     k->d_mf = arena_floats(a, M2 * F);
@@ -10015,7 +10609,7 @@ static void tta_work_layout(loupe_tta *t, arena *a)
 }
 
 /* Assigns (or counts) the adapted parameters, their gradients and AdamW's moments. */
-static void tta_state_layout(loupe_tta *t, arena *a)
+static void tta_state_layout(loupe_trainer *t, arena *a)
 {
     t->param = arena_floats(a, t->n_floats);
     t->grad = arena_floats(a, t->n_floats);
@@ -10026,7 +10620,7 @@ static void tta_state_layout(loupe_tta *t, arena *a)
 
 /* Recomputes the tables derived from adapted weights: the pixel decoder's position
  * embedding plus level embedding (as tables_fill does for the model). */
-static void tta_refresh_tables(loupe_tta *t)
+static void tta_refresh_tables(loupe_trainer *t)
 {
     const loupe_tables *mt = &t->m->t;
     int F = t->m->cfg.feature_size, l, i, ch;
@@ -10051,7 +10645,7 @@ static void mask_einsum_backward(float *d_me, float *d_mf, const float *d_mask, 
 
 /* Mask2FormerMaskPredictor + class_predictor backward for prediction i: the loss's
  * d class logits [Q][C] and d mask embedding (wk.d_me) -> d query_hidden[i] dqh [Q][F] (=). */
-static void mask_predictor_backward(loupe_tta *t, int i, float *dqh)
+static void mask_predictor_backward(loupe_trainer *t, int i, float *dqh)
 {
     const loupe_config *c = &t->m->cfg;
     const loupe_weights *w = &t->w;
@@ -10084,7 +10678,7 @@ static void mask_predictor_backward(loupe_tta *t, int i, float *dqh)
  * LayerNorm(a), a = x + fc2(relu(fc1(x))): d out [rows][F] -> dx [rows][F] (=), using d_ln
  * [rows][F] and d_h, d_h2 [rows][E] as scratch; a, x and h = relu(fc1(x)) were saved by
  * the forward. Parameter gradients are accumulated. */
-static void ffn_block_backward(loupe_tta *t, float *dx, float *d_ln, const float *dy, const float *a, const float *x,
+static void ffn_block_backward(loupe_trainer *t, float *dx, float *d_ln, const float *dy, const float *a, const float *x,
                                const float *h, int rows, int E, linear_w fc1, linear_w fc2, norm_w ln, float *d_h,
                                float *d_h2)
 {
@@ -10106,7 +10700,7 @@ static void ffn_block_backward(loupe_tta *t, float *dx, float *d_ln, const float
 
 /* Mask2FormerMaskedAttentionDecoderLayer backward for layer i: d hout [Q][F] ->
  * d hin [Q][F] (=); d of its level's features += into wk.d_dec_feat. */
-static void masked_attention_decoder_layer_backward(loupe_tta *t, int i, const float *dout, float *din)
+static void masked_attention_decoder_layer_backward(loupe_trainer *t, int i, const float *dout, float *din)
 {
     const loupe_config *c = &t->m->cfg;
     const loupe_tables *tb = &t->t;
@@ -10168,7 +10762,7 @@ static void masked_attention_decoder_layer_backward(loupe_tta *t, int i, const f
 
 /* Mask2FormerMaskedAttentionDecoder backward: the loss's gradients of every prediction
  * -> d mask features (wk.d_mf), d multi-scale features (wk.d_dec_feat), parameter gradients. */
-static void masked_attention_decoder_backward(loupe_tta *t)
+static void masked_attention_decoder_backward(loupe_trainer *t)
 {
     const loupe_config *c = &t->m->cfg;
     const loupe_tables *tb = &t->t;
@@ -10200,7 +10794,7 @@ static void masked_attention_decoder_backward(loupe_tta *t)
 
 /* PixelDecoderEncoderLayer backward for layer i: d hout [Te][F] -> d hin [Te][F] (=);
  * the conditional query's gradient += into wk.d_cond. */
-static void pixel_decoder_encoder_layer_backward(loupe_tta *t, int i, const float *dout, float *din)
+static void pixel_decoder_encoder_layer_backward(loupe_trainer *t, int i, const float *dout, float *din)
 {
     const loupe_config *c = &t->m->cfg;
     const loupe_tables *tb = &t->t;
@@ -10264,7 +10858,7 @@ static void pixel_decoder_encoder_layer_backward(loupe_tta *t, int i, const floa
 /* PixelDecoder backward: d mask features and d multi-scale features -> d of the
  * pyramid levels it reads (wk.d_fpn4, d_fpn2, d_fpn_half; the 1x level into d_grid
  * when not NULL), parameter gradients. */
-static void pixel_decoder_backward(loupe_tta *t, float *d_grid)
+static void pixel_decoder_backward(loupe_trainer *t, float *d_grid)
 {
     const loupe_config *c = &t->m->cfg;
     const loupe_tables *tb = &t->t;
@@ -10320,7 +10914,7 @@ static void pixel_decoder_backward(loupe_tta *t, float *d_grid)
 
 /* ScaleBlock backward for block blk of the tape: dout [h'*w'][W] -> din [h*w][W] +=
  * (when din), parameter gradients. */
-static void scale_block_backward(loupe_tta *t, const scale_block_w *b, int blk, const float *in, int h, int w,
+static void scale_block_backward(loupe_trainer *t, const scale_block_w *b, int blk, const float *in, int h, int w,
                                  const float *dout, float *din)
 {
     const loupe_config *c = &t->m->cfg;
@@ -10345,7 +10939,7 @@ static void scale_block_backward(loupe_tta *t, const scale_block_w *b, int blk, 
 
 /* FeaturePyramid backward: the pixel decoder's gradients of the 4x, 2x and 0.5x maps
  * -> parameter gradients (and d of the patch grid into d_grid when not NULL). */
-static void feature_pyramid_backward(loupe_tta *t, float *d_grid)
+static void feature_pyramid_backward(loupe_trainer *t, float *d_grid)
 {
     const loupe_config *c = &t->m->cfg;
     const loupe_weights *w = &t->w;
@@ -10360,10 +10954,11 @@ static void feature_pyramid_backward(loupe_tta *t, float *d_grid)
 }
 
 /* Backward of conditional_query: label_embedding[1] gets p * d, label_embedding[0] (1 - p) * d. */
-static void conditional_query_backward(loupe_tta *t)
+static void conditional_query_backward(loupe_trainer *t)
 {
     int F = t->m->cfg.feature_size, i;
-    float p = t->s->prob, *g0 = grad_of(t, t->w.label_embedding[0]), *g1 = grad_of(t, t->w.label_embedding[1]);
+    float p = conditional_label(t->s), *g0 = grad_of(t, t->w.label_embedding[0]);
+    float *g1 = grad_of(t, t->w.label_embedding[1]);
     for (i = 0; i < F; i++) {
         g1[i] += p * t->wk.d_cond[i];
         g0[i] += (1.0f - p) * t->wk.d_cond[i];
@@ -10373,7 +10968,7 @@ static void conditional_query_backward(loupe_tta *t)
 /* LoupeSegmentor backward after a TTA forward and the loss (wk.d_class, wk.d_mask):
  * every segmentor parameter's gradient +=; the patch grid's (backbone features) into
  * d_grid [g*g][W] += when not NULL (loupe.c keeps the backbone frozen; tests use it). */
-static void segmentor_backward(loupe_tta *t, float *d_grid)
+static void segmentor_backward(loupe_trainer *t, float *d_grid)
 {
     zero(t->wk.d_cond, (size_t)t->m->cfg.feature_size);
     masked_attention_decoder_backward(t);
@@ -10387,13 +10982,14 @@ static void segmentor_backward(loupe_tta *t, float *d_grid)
 /* The loss half of LoupeModel.forward in stage test with labels = None, after a forward
  * of t->s: turns the classifier's verdict into pseudo targets and evaluates LoupeSegLoss;
  * its gradients w.r.t. every prediction's logits land in wk.d_class, wk.d_mask (=). */
-static void tta_loss(loupe_tta *t, loupe_tta_loss *out)
+static void tta_loss(loupe_trainer *t, loupe_tta_loss *out)
 {
     const loupe_config *c = &t->m->cfg;
     loupe_session *s = t->s;
     tta_work *k = &t->wk;
     int L = c->dec_layers, Q = c->num_queries, C = c->num_labels + 1, g = c->grid, M = 4 * g, i;
     double total;
+    seg_batch bt;
     for (i = 0; i < g * g; i++) k->pseudo_mask[i] = sigmoidf(s->patch_logits[i]);
     zero(k->d_class, (size_t)L * Q * C);
     zero(k->d_mask, (size_t)L * Q * M * M);
@@ -10403,7 +10999,17 @@ static void tta_loss(loupe_tta *t, loupe_tta_loss *out)
         t->preds[i].grad_class_logits = k->d_class + (size_t)i * Q * C;
         t->preds[i].grad_mask_logits = k->d_mask + (size_t)i * Q * M * M;
     }
-    loupe_seg_loss(&t->loss_cfg, L, Q, M, g, t->preds, s->prob, k->pseudo_mask, &t->rng, &k->loss, t->calls, &total);
+    /* one image, its own batch; the stream moves on by the batch's draws */
+    bt.images = 1;
+    bt.targets = s->prob > SEG_PSEUDO_LABEL_THRESHOLD;
+    bt.image = bt.targets_before = 0;
+    bt.base = t->rng_position;
+    memset(t->calls, 0, (size_t)L * sizeof *t->calls);
+    for (i = 0; i < L; i++) t->calls[i].matched_query = -1;
+    total = 0.0;
+    loupe_seg_loss(&t->loss_cfg, L, Q, M, t->preds, bt.targets, k->pseudo_mask, g, g, &bt, 1.0, &t->rng, &k->loss,
+                   t->calls, &total);
+    t->rng_position += seg_batch_draws(&t->loss_cfg, L, 1, bt.targets);
     memset(out, 0, sizeof *out);
     out->total = total;
     for (i = 0; i < L; i++) {
@@ -10415,18 +11021,44 @@ static void tta_loss(loupe_tta *t, loupe_tta_loss *out)
     out->has_target = s->prob > SEG_PSEUDO_LABEL_THRESHOLD;
 }
 
+/* LoupeModel.forward of a training stage without its loss: the modules the stage built,
+ * with the trainer's weights, keeping what the backward needs. cond_label: the
+ * conditional query's label (negative: the classifier's probability). */
+static int trainer_forward(loupe_trainer *t, const float *pixel_values, const float *features, float cond_label,
+                           char *err, size_t errsize)
+{
+    loupe_session *s = t->s;
+    const loupe_config *c = &t->m->cfg;
+    size_t TW = (size_t)(1 + c->grid * c->grid) * c->width;
+    if (max_threads() > s->threads)
+        return fail(err, errsize, "the trainer was created for %d threads but %d are requested; create it after "
+                    "loupe_set_threads", s->threads, max_threads());
+    if (features && !t->backbone_backward) { /* a frozen backbone's kept outputs */
+        memcpy(s->feats, features, TW * sizeof *s->feats);
+        memcpy(s->pooled, features + TW, (size_t)c->width * sizeof *s->pooled);
+    } else vision_transformer(s, pixel_values);
+    if (t->has_cls || t->pseudo) loupe_classifier(s);
+    if (!t->has_seg) return 0;
+    s->cond_label = cond_label;
+    conditional_query(s);
+    feature_pyramid(s);
+    pixel_decoder(s);
+    masked_attention_decoder(s);
+    return 0;
+}
+
 /* LoupeModel.forward in stage test with labels = None: the forward of pixel_values with
  * the adapted segmentor (keeping the tape), then tta_loss. */
-static int tta_forward_loss(loupe_tta *t, const float *pixel_values, loupe_tta_loss *out, char *err, size_t errsize)
+static int tta_forward_loss(loupe_trainer *t, const float *pixel_values, loupe_tta_loss *out, char *err, size_t errsize)
 {
-    if (loupe_forward(t->s, pixel_values, err, errsize)) return -1;
+    if (trainer_forward(t, pixel_values, NULL, -1.0f, err, errsize)) return -1;
     tta_loss(t, out);
     return 0;
 }
 
 /* tta_forward_loss, then the backward: adds weight * the gradient to t->grad (and the
  * patch grid's into d_grid [g*g][W] when not NULL). */
-static int tta_accumulate(loupe_tta *t, const float *pixel_values, float weight, loupe_tta_loss *out, float *d_grid,
+static int tta_accumulate(loupe_trainer *t, const float *pixel_values, float weight, loupe_tta_loss *out, float *d_grid,
                           char *err, size_t errsize)
 {
     const loupe_config *c = &t->m->cfg;
@@ -10443,8 +11075,105 @@ static int tta_accumulate(loupe_tta *t, const float *pixel_values, float weight,
     return 0;
 }
 
+/* Points the loss's prediction views at the session's logits and zeroes their gradients. */
+static void trainer_bind_predictions(loupe_trainer *t)
+{
+    const loupe_config *c = &t->m->cfg;
+    int L = c->dec_layers, Q = c->num_queries, C = c->num_labels + 1, M = 4 * c->grid, i;
+    zero(t->wk.d_class, (size_t)L * Q * C);
+    zero(t->wk.d_mask, (size_t)L * Q * M * M);
+    for (i = 0; i < L; i++) {
+        t->preds[i].class_logits = t->s->class_logits + (size_t)i * Q * C;
+        t->preds[i].mask_logits = t->s->mask_logits + (size_t)i * Q * M * M;
+        t->preds[i].grad_class_logits = t->wk.d_class + (size_t)i * Q * C;
+        t->preds[i].grad_mask_logits = t->wk.d_mask + (size_t)i * Q * M * M;
+    }
+}
+
+/* LitModel.training_step for one image of a batch (bt): forward, this image's share of
+ * the stage's loss (added to *loss), backward of scale times it into the gradients. */
+static int trainer_image(loupe_trainer *t, const loupe_example *ex, const seg_batch *bt, double scale,
+                         loupe_train_loss *loss, char *err, size_t errsize)
+{
+    const loupe_config *c = &t->m->cfg;
+    int L = c->dec_layers, Q = c->num_queries, M = 4 * c->grid, S = c->image_size, W = c->width;
+    int has_target = ex->n_targets > 0;
+    double seg = 0.0;
+    if (trainer_forward(t, ex->pixel_values, ex->features, has_target ? 1.0f : 0.0f, err, errsize)) return -1;
+    if (t->backbone_backward) zero(t->wk.d_feats, (size_t)(1 + c->grid * c->grid) * W);
+    if (t->has_seg) {
+        trainer_bind_predictions(t);
+        loupe_seg_loss(&t->loss_cfg, L, Q, M, t->preds, has_target, ex->mask_labels, S, S, bt,
+                       scale * t->opt.seg_loss_weight, &t->rng, &t->wk.loss, t->calls, &seg);
+        loss->seg += seg;
+        segmentor_backward(t, t->backbone_backward ? t->wk.d_feats + W : NULL);
+    }
+    if (t->has_cls) {
+        int N = c->grid * c->grid, i;
+        float d_fused = 0.0f, cw = (float)(scale * t->opt.cls_loss_weight);
+        cls_loss_terms ct;
+        zero(t->wk.d_patch, (size_t)N);
+        loupe_cls_loss(&t->cls_cfg, t->s->fused_logit, (float)ex->label, t->s->patch_logits, ex->patch_labels, N,
+                       1.0 / bt->images, 1.0 / ((double)bt->images * N), &ct, NULL, &d_fused, t->wk.d_patch);
+        loss->cls_part += ct.cls_part;
+        loss->patch_part += ct.patch_part;
+        d_fused *= cw;
+        for (i = 0; i < N; i++) t->wk.d_patch[i] *= cw;
+        if (t->backbone_backward) zero(t->wk.d_pooled, (size_t)W);
+        loupe_classifier_backward(t->s, &t->cg, d_fused, t->wk.d_patch, t->backbone_backward ? t->wk.d_pooled : NULL,
+                                  t->backbone_backward ? t->wk.d_feats : NULL, &t->pw);
+    }
+    if (t->backbone_backward)
+        vision_transformer_backward(t->s, &t->pg, t->wk.d_feats, t->has_cls ? t->wk.d_pooled : NULL, &t->pw);
+    return 0;
+}
+
+int loupe_trainer_accumulate(loupe_trainer *t, const loupe_example *batch, int n, double scale,
+                             loupe_train_loss *loss, char *err, size_t errsize)
+{
+    const loupe_config *c;
+    loupe_train_loss sum;
+    seg_batch bt;
+    int b, L, k;
+    if (!t || !batch || n < 1) return fail(err, errsize, "loupe_trainer_accumulate needs a trainer and at least one example");
+    if (t->pseudo) return fail(err, errsize, "a test-time-adaptation trainer takes loupe_tta_accumulate");
+    if (!(scale >= 0.0 && scale <= TTA_MAX_WEIGHT))
+        return fail(err, errsize, "gradient scale %g is outside 0..%g", scale, (double)TTA_MAX_WEIGHT);
+    c = &t->m->cfg;
+    L = c->dec_layers;
+    memset(&bt, 0, sizeof bt);
+    for (b = 0; b < n; b++) {
+        const loupe_example *ex = &batch[b];
+        if (!ex->pixel_values || (ex->n_targets > 0 && !ex->mask_labels) || (t->has_cls && !ex->patch_labels) ||
+            ex->n_targets < 0 || ex->n_targets > 1 || ex->label < 0 || ex->label > 1)
+            return fail(err, errsize, "example %d of the batch is incomplete (pixel values, a mask for its target, "
+                        "patch labels, label 0 or 1, at most one target)", b);
+        bt.targets += ex->n_targets;
+    }
+    bt.images = n;
+    bt.base = t->rng_position;
+    memset(&sum, 0, sizeof sum);
+    memset(t->calls, 0, (size_t)L * sizeof *t->calls);
+    for (k = 0; k < L; k++) t->calls[k].matched_query = -1;
+    for (b = 0; b < n; b++) {
+        bt.image = b;
+        if (trainer_image(t, &batch[b], &bt, scale, &sum, err, errsize)) return -1;
+        bt.targets_before += batch[b].n_targets;
+    }
+    if (t->has_seg) t->rng_position += seg_batch_draws(&t->loss_cfg, L, n, bt.targets);
+    for (k = 0; k < L; k++) {
+        sum.mask += t->calls[k].weighted_mask;
+        sum.dice += t->calls[k].weighted_dice;
+        sum.cross_entropy += t->calls[k].weighted_cross_entropy;
+    }
+    sum.cls = sum.cls_part + sum.patch_part;
+    sum.total = t->opt.cls_loss_weight * sum.cls + t->opt.seg_loss_weight * sum.seg;
+    if (loss) *loss = sum;
+    return 0;
+}
+
 /* L2 norm of all gradients (clip_grad_norm_'s total norm), accumulated in double. */
-static double tta_grad_norm(const loupe_tta *t)
+static double tta_grad_norm(const loupe_trainer *t)
 {
     double sum = 0.0;
     size_t i;
@@ -10462,25 +11191,27 @@ static float sqrt_f32(float x)
 
 /* torch.optim.AdamW (one step, PyTorch's float32 operations in its order: lerp, addcmul,
  * addcdiv as self + value * t1 / t2; upstream's step1 is reproduced bit for bit) on gradients
- * scaled by clip_coef, as clip_grad_norm_ leaves them; weight decay only for tensors
- * whose name has no "bias". Zeroes the gradients and refreshes the derived tables.
+ * scaled by clip_coef, as clip_grad_norm_ leaves them. Each tensor uses its group's
+ * learning rate times lr_factor (LambdaLR's factor) and weight decay. Zeroes the
+ * gradients and refreshes the derived tables.
  * The casts round every operation to float32 as PyTorch does, also where C evaluates
  * float expressions in a wider format (x87: FLT_EVAL_METHOD 2). */
-static void adamw_step(loupe_tta *t, float clip_coef)
+static void adamw_step(loupe_trainer *t, float clip_coef, double lr_factor)
 {
-    const loupe_tta_options *o = &t->opt;
+    const loupe_train_options *o = &t->opt;
     double bc1, bc2;
-    float step_size, bc2_sqrt, one_b1 = (float)(1.0 - o->beta1), one_b2 = (float)(1.0 - o->beta2);
+    float bc2_sqrt, one_b1 = (float)(1.0 - o->beta1), one_b2 = (float)(1.0 - o->beta2);
     float b2 = (float)o->beta2, eps = (float)o->eps;
     int p;
     t->steps++;
     bc1 = 1.0 - pow(o->beta1, (double)t->steps);
     bc2 = 1.0 - pow(o->beta2, (double)t->steps);
-    step_size = (float)(o->lr / bc1);
     bc2_sqrt = (float)sqrt(bc2);
     for (p = 0; p < t->n_params; p++) {
-        const tta_param *tp = &t->params[p];
-        float decay = (float)(1.0 - o->lr * (tp->decay ? o->weight_decay : 0.0));
+        const train_param *tp = &t->params[p];
+        double lr = tp->lr * lr_factor;
+        float step_size = (float)(lr / bc1);
+        float decay = (float)(1.0 - lr * tp->weight_decay);
         float *w = t->param + tp->offset, *g = t->grad + tp->offset;
         float *m = t->adam_m + tp->offset, *v = t->adam_v + tp->offset;
         size_t i;
@@ -10494,7 +11225,7 @@ static void adamw_step(loupe_tta *t, float clip_coef)
         }
     }
     zero(t->grad, t->n_floats);
-    tta_refresh_tables(t);
+    if (t->has_seg) tta_refresh_tables(t);
 }
 
 /* ---- Public API ---- */
@@ -10510,16 +11241,45 @@ void loupe_tta_default_options(loupe_tta_options *o)
     o->seed = 0;
 }
 
-/* Counts the weight file's segmentor tensors; *unknown receives one that is not trainable here. */
-static int count_segmentor_tensors(const loupe_tta *t, const tta_param *params, int n, const tensor_entry **unknown)
+/* Upstream's hyperparameters per stage (configs/hparams/{cls,seg,cls_seg}.yaml and
+ * configs/model/ *.yaml): learning rates, weight decay, clipping, loss weights. */
+void loupe_train_default_options(loupe_train_options *o, int stage)
+{
+    memset(o, 0, sizeof *o);
+    o->stage = stage;
+    o->beta1 = 0.9;
+    o->beta2 = 0.999;
+    o->eps = 1e-8;
+    o->clip_norm = 1.0;
+    o->backbone_lr = 1e-5;
+    o->train_backbone = stage == LOUPE_TRAIN_CLS_SEG;
+    o->train_embeddings = 0;
+    o->cls_loss_weight = stage == LOUPE_TRAIN_CLS_SEG ? 2.0 : 1.0;
+    o->seg_loss_weight = 1.0;
+    if (stage == LOUPE_TRAIN_CLS) {
+        o->lr = 5e-4;
+        o->weight_decay = 1e-3;
+    } else if (stage == LOUPE_TRAIN_TTA) {
+        o->lr = o->backbone_lr = 1e-4;
+        o->weight_decay = 1e-3;
+        o->cls_loss_weight = 0.0;
+    } else {
+        o->lr = 3e-4;
+        o->weight_decay = 5e-2;
+    }
+}
+
+/* Counts the weight file's tensors under prefix; *unknown receives one that is not trainable here. */
+static int count_prefixed_tensors(const loupe_trainer *t, const char *prefix, const train_param *params, int n,
+                                  const tensor_entry **unknown)
 {
     int i, j, count = 0;
-    size_t plen = strlen(TTA_SEGMENTOR_PREFIX);
+    size_t plen = strlen(prefix);
     *unknown = NULL;
     for (i = 0; i < t->m->n_entries; i++) {
         const tensor_entry *e = &t->m->entries[i];
         int known = 0;
-        if ((size_t)e->name_len < plen || memcmp(e->name, TTA_SEGMENTOR_PREFIX, plen) != 0) continue;
+        if ((size_t)e->name_len < plen || memcmp(e->name, prefix, plen) != 0) continue;
         count++;
         for (j = 0; j < n && !known; j++)
             known = strlen(params[j].name) == (size_t)e->name_len && !memcmp(params[j].name, e->name, (size_t)e->name_len);
@@ -10528,106 +11288,259 @@ static int count_segmentor_tensors(const loupe_tta *t, const tta_param *params, 
     return count;
 }
 
-loupe_tta *loupe_tta_new(const loupe_model *m, const loupe_tta_options *opt, char *err, size_t errsize)
+/* Walks the stage's trainable tensors: backbone (all, or its two embeddings), classifier,
+ * segmentor. */
+static void trainer_params(loupe_trainer *t, param_builder *pb)
+{
+    const loupe_config *c = &t->m->cfg;
+    if (t->opt.train_backbone || t->opt.train_embeddings) backbone_params(pb, &t->w, c, t->opt.train_backbone);
+    if (t->has_cls) classifier_params(pb, &t->w, c);
+    if (t->has_seg) segmentor_params(pb, &t->w, c);
+}
+
+/* Assigns (or counts) the whole arena: tape, backward scratch, parameters and AdamW state. */
+static void trainer_layout(loupe_trainer *t, arena *a)
+{
+    size_t start = a->used;
+    if (t->has_seg) tta_tape_layout(t, a);
+    t->tape_bytes = a->used - start;
+    pe_train_layout(&t->m->cfg, t->backbone_backward ? &t->bb_tape : NULL, t->has_cls ? &t->cls_tape : NULL,
+                    t->has_cls || t->backbone_backward ? &t->pw : NULL, a);
+    t->tape_bytes = a->used - start;
+    start = a->used;
+    tta_work_layout(t, a);
+    t->work_bytes = a->used - start;
+    start = a->used;
+    tta_state_layout(t, a);
+    t->state_bytes = a->used - start;
+}
+
+/* Gradient views of a linear layer and a norm (NULL members: frozen). */
+static linear_g linear_grad_view(loupe_trainer *t, linear_w l)
+{
+    linear_g g;
+    g.w = grad_of(t, (const float *)l.w.data);
+    g.b = grad_of(t, l.b);
+    return g;
+}
+static norm_g norm_grad_view(loupe_trainer *t, norm_w n)
+{
+    norm_g g;
+    g.w = grad_of(t, n.w);
+    g.b = grad_of(t, n.b);
+    return g;
+}
+
+/* Points the backbone's and the classifier's gradient views at the trainer's gradients
+ * (sections 5 and 6 write through them); -1 when out of memory. */
+static int trainer_grad_views(loupe_trainer *t)
+{
+    const loupe_config *c = &t->m->cfg;
+    const loupe_weights *w = &t->w;
+    pe_grads *g = &t->pg;
+    int i, k;
+    memset(g, 0, sizeof *g);
+    memset(&t->cg, 0, sizeof t->cg);
+    g->class_embedding = grad_of(t, w->class_embedding);
+    g->positional_embedding = grad_of(t, w->positional_embedding);
+    g->conv1 = grad_of(t, (const float *)w->conv1.data);
+    g->ln_pre = norm_grad_view(t, w->ln_pre);
+    g->ln_post = norm_grad_view(t, w->ln_post);
+    if (t->opt.train_backbone) {
+        t->block_grads = calloc((size_t)c->layers, sizeof *t->block_grads);
+        if (!t->block_grads) return -1;
+        for (i = 0; i < c->layers; i++) {
+            const pe_block_w *b = &w->blocks[i];
+            pe_block_g *bg = &t->block_grads[i];
+            bg->ln_1 = norm_grad_view(t, b->ln_1);
+            bg->ln_2 = norm_grad_view(t, b->ln_2);
+            bg->qkv = linear_grad_view(t, b->qkv);
+            bg->out = linear_grad_view(t, b->out);
+            bg->fc = linear_grad_view(t, b->fc);
+            bg->proj = linear_grad_view(t, b->proj);
+        }
+        g->blocks = t->block_grads;
+    }
+    g->pool.probe = grad_of(t, w->pool.probe);
+    g->pool.qkv = linear_grad_view(t, w->pool.qkv);
+    g->pool.out = linear_grad_view(t, w->pool.out);
+    g->pool.ln = norm_grad_view(t, w->pool.ln);
+    g->pool.fc = linear_grad_view(t, w->pool.fc);
+    g->pool.proj = linear_grad_view(t, w->pool.proj);
+    for (k = 0; k < c->cls_layers; k++) {
+        t->cg.global_head.layers[k] = linear_grad_view(t, w->global_head.layers[k]);
+        t->cg.patch_head.layers[k] = linear_grad_view(t, w->patch_head.layers[k]);
+    }
+    t->cg.fuser = grad_of(t, w->fuser);
+    return 0;
+}
+
+/* The trainer for any stage (test-time adaptation included). */
+static loupe_trainer *trainer_new(const loupe_model *m, const loupe_train_options *opt, char *err, size_t errsize)
 {
     const loupe_config *c;
-    loupe_tta *t;
+    const loupe_train_options *o = opt;
+    loupe_trainer *t;
     param_builder pb;
     arena a = {NULL, 0, 0};
     const tensor_entry *unknown;
-    int L;
+    int L, stage;
     if (!m) { fail(err, errsize, "no model given"); return NULL; }
+    if (!o) { fail(err, errsize, "no training options given"); return NULL; }
     c = &m->cfg;
     L = c->dec_layers;
-    if (c->num_labels != 1) {
-        fail(err, errsize, "%s: test-time adaptation needs Loupe's single label (this model has %d)", m->path, c->num_labels);
+    stage = o->stage;
+    if (stage < LOUPE_TRAIN_TTA || stage > LOUPE_TRAIN_CLS_SEG) {
+        fail(err, errsize, "unknown training stage %d", stage);
         return NULL;
     }
-    if (opt && !(opt->lr >= 0.0 && opt->lr < 1.0 && opt->beta1 >= 0.0 && opt->beta1 < 1.0 && opt->beta2 >= 0.0 &&
-                 opt->beta2 < 1.0 && opt->eps > 0.0 && opt->weight_decay >= 0.0 && opt->weight_decay < 1.0 &&
-                 opt->clip_norm > 0.0)) {
-        fail(err, errsize, "invalid test-time adaptation options (learning rate, betas and weight decay in [0, 1), eps and clip norm > 0)");
+    if (c->num_labels != 1) {
+        fail(err, errsize, "%s: training needs Loupe's single label (this model has %d)", m->path, c->num_labels);
+        return NULL;
+    }
+    if (!(o->lr >= 0.0 && o->lr < 1.0 && o->backbone_lr >= 0.0 && o->backbone_lr < 1.0 && o->beta1 >= 0.0 &&
+          o->beta1 < 1.0 && o->beta2 >= 0.0 && o->beta2 < 1.0 && o->eps > 0.0 && o->weight_decay >= 0.0 &&
+          o->weight_decay < 1.0 && o->clip_norm > 0.0 && o->cls_loss_weight >= 0.0 && o->seg_loss_weight >= 0.0)) {
+        fail(err, errsize, "invalid training options (learning rates, betas and weight decay in [0, 1), eps and clip "
+                           "norm > 0, loss weights >= 0)");
         return NULL;
     }
     t = calloc(1, sizeof *t);
     if (!t) { fail(err, errsize, "out of memory"); return NULL; }
     t->m = m;
-    if (opt) t->opt = *opt;
-    else loupe_tta_default_options(&t->opt);
+    t->opt = *o;
+    t->pseudo = stage == LOUPE_TRAIN_TTA;
+    t->has_cls = stage == LOUPE_TRAIN_CLS || stage == LOUPE_TRAIN_CLS_SEG;
+    t->has_seg = stage != LOUPE_TRAIN_CLS;
+    if (t->pseudo) t->opt.train_backbone = t->opt.train_embeddings = 0;
+    t->backbone_backward = t->opt.train_backbone || t->opt.train_embeddings;
     t->w = m->w;
     t->t = m->t;
     t->loss_cfg = seg_loss_config_default();
     t->enc = calloc((size_t)c->enc_layers + 1, sizeof *t->enc);
     t->dec = calloc((size_t)L, sizeof *t->dec);
+    t->blocks = calloc((size_t)c->layers, sizeof *t->blocks);
     t->tape.enc = calloc((size_t)c->enc_layers + 1, sizeof *t->tape.enc);
     t->tape.dec = calloc((size_t)L, sizeof *t->tape.dec);
     t->calls = calloc((size_t)L, sizeof *t->calls);
     t->preds = calloc((size_t)L, sizeof *t->preds);
-    if (!t->enc || !t->dec || !t->tape.enc || !t->tape.dec || !t->calls || !t->preds) goto oom;
+    if (!t->enc || !t->dec || !t->blocks || !t->tape.enc || !t->tape.dec || !t->calls || !t->preds) goto oom;
     memcpy(t->enc, m->w.enc, (size_t)c->enc_layers * sizeof *t->enc);
     memcpy(t->dec, m->w.dec, (size_t)(L - 1) * sizeof *t->dec);
+    memcpy(t->blocks, m->w.blocks, (size_t)c->layers * sizeof *t->blocks);
     t->w.enc = t->enc;
     t->w.dec = t->dec;
+    t->w.blocks = t->blocks;
     /* count the trainable tensors, then plan one block: tape, scratch, parameters + AdamW */
     memset(&pb, 0, sizeof pb);
-    segmentor_params(&pb, &t->w, c);
+    pb.opt = &t->opt;
+    trainer_params(t, &pb);
     t->n_params = pb.count;
     t->n_floats = pb.floats;
-    t->params = calloc((size_t)t->n_params, sizeof *t->params);
+    t->params = calloc((size_t)t->n_params + 1, sizeof *t->params);
     if (!t->params) goto oom;
-    tta_tape_layout(t, &a);
-    t->tape_bytes = a.used;
-    tta_work_layout(t, &a);
-    t->work_bytes = a.used - t->tape_bytes;
-    tta_state_layout(t, &a);
-    t->state_bytes = a.used - t->tape_bytes - t->work_bytes;
+    trainer_layout(t, &a);
     a.cap = a.used;
     a.used = 0;
     a.base = aligned_block(a.cap, &t->raw);
     if (!a.base) {
-        fail(err, errsize, "out of memory: test-time adaptation needs %.1f MiB", (double)a.cap / (1 << 20));
-        loupe_tta_free(t);
+        fail(err, errsize, "out of memory: training needs %.1f MiB", (double)a.cap / (1 << 20));
+        loupe_trainer_free(t);
         return NULL;
     }
-    tta_tape_layout(t, &a);
-    tta_work_layout(t, &a);
-    tta_state_layout(t, &a);
+    trainer_layout(t, &a);
     zero(t->grad, t->n_floats);
     zero(t->adam_m, t->n_floats);
     zero(t->adam_v, t->n_floats);
-    /* copy the segmentor out of the read-only model */
+    /* copy the trained tensors out of the read-only model */
     pb.params = t->params;
     pb.data = t->param;
     pb.b.m = m; pb.b.err = err; pb.b.errsize = errsize; pb.b.failed = 0;
     pb.count = 0;
     pb.floats = 0;
-    segmentor_params(&pb, &t->w, c);
-    if (pb.b.failed) { loupe_tta_free(t); return NULL; }
-    if (count_segmentor_tensors(t, t->params, t->n_params, &unknown) != t->n_params || unknown) {
-        if (unknown) fail(err, errsize, "%s: tensor %.*s is not one test-time adaptation knows how to train", m->path,
-                          unknown->name_len, unknown->name);
-        else fail(err, errsize, "%s: the weight file's segmentor tensors do not match this build's", m->path);
-        loupe_tta_free(t);
-        return NULL;
+    trainer_params(t, &pb);
+    if (pb.b.failed) { loupe_trainer_free(t); return NULL; }
+    /* every tensor of a trained module must be one this build trains, and each once */
+    {
+        static const char *const prefixes[3] = {"backbone.", "classifier.", TTA_SEGMENTOR_PREFIX};
+        int k, j;
+        for (k = 0; k < 3; k++) {
+            int trained = k == 0 ? t->opt.train_backbone : k == 1 ? t->has_cls : t->has_seg, ours = 0;
+            size_t plen = strlen(prefixes[k]);
+            if (!trained) continue;
+            for (j = 0; j < t->n_params; j++) ours += !strncmp(t->params[j].name, prefixes[k], plen);
+            if (count_prefixed_tensors(t, prefixes[k], t->params, t->n_params, &unknown) != ours || unknown) {
+                if (unknown) fail(err, errsize, "%s: tensor %.*s is not one this build knows how to train", m->path,
+                                  unknown->name_len, unknown->name);
+                else fail(err, errsize, "%s: the weight file's %s tensors do not match this build's", m->path,
+                          prefixes[k]);
+                loupe_trainer_free(t);
+                return NULL;
+            }
+        }
     }
-    tta_refresh_tables(t);
+    if (t->has_seg) tta_refresh_tables(t);
+    if (trainer_grad_views(t)) goto oom;
+    t->cls_cfg = cls_loss_config_default();
     t->s = loupe_session_new(m, err, errsize);
-    if (!t->s) { loupe_tta_free(t); return NULL; }
+    if (!t->s) { loupe_trainer_free(t); return NULL; }
     t->s->w = &t->w;
     t->s->t = &t->t;
-    t->s->tape = &t->tape;
+    t->s->tape = t->has_seg ? &t->tape : NULL;
+    t->s->bb_tape = t->backbone_backward ? &t->bb_tape : NULL;
+    t->s->cls_tape = t->has_cls ? &t->cls_tape : NULL;
     t->rng_state.seed = t->opt.seed;
     t->rng_state.counter = 0;
     t->rng.fill = splitmix_uniform_fill;
+    t->rng.seek = splitmix_uniform_seek;
     t->rng.state = &t->rng_state;
     return t;
 oom:
     fail(err, errsize, "out of memory");
-    loupe_tta_free(t);
+    loupe_trainer_free(t);
     return NULL;
 }
 
-void loupe_tta_free(loupe_tta *t)
+loupe_trainer *loupe_tta_new(const loupe_model *m, const loupe_tta_options *opt, char *err, size_t errsize)
+{
+    loupe_tta_options d;
+    loupe_train_options o;
+    if (!opt) {
+        loupe_tta_default_options(&d);
+        opt = &d;
+    }
+    if (!(opt->lr >= 0.0 && opt->lr < 1.0 && opt->beta1 >= 0.0 && opt->beta1 < 1.0 && opt->beta2 >= 0.0 &&
+          opt->beta2 < 1.0 && opt->eps > 0.0 && opt->weight_decay >= 0.0 && opt->weight_decay < 1.0 &&
+          opt->clip_norm > 0.0)) {
+        fail(err, errsize, "invalid test-time adaptation options (learning rate, betas and weight decay in [0, 1), eps and clip norm > 0)");
+        return NULL;
+    }
+    if (m && m->cfg.num_labels != 1) {
+        fail(err, errsize, "%s: test-time adaptation needs Loupe's single label (this model has %d)", m->path,
+             m->cfg.num_labels);
+        return NULL;
+    }
+    loupe_train_default_options(&o, LOUPE_TRAIN_TTA);
+    o.lr = o.backbone_lr = opt->lr;
+    o.beta1 = opt->beta1;
+    o.beta2 = opt->beta2;
+    o.eps = opt->eps;
+    o.weight_decay = opt->weight_decay;
+    o.clip_norm = opt->clip_norm;
+    o.seed = opt->seed;
+    return trainer_new(m, &o, err, errsize);
+}
+
+loupe_trainer *loupe_trainer_new(const loupe_model *m, const loupe_train_options *opt, char *err, size_t errsize)
+{
+    if (opt && opt->stage == LOUPE_TRAIN_TTA) {
+        fail(err, errsize, "test-time adaptation trainers are made by loupe_tta_new");
+        return NULL;
+    }
+    return trainer_new(m, opt, err, errsize);
+}
+
+void loupe_trainer_free(loupe_trainer *t)
 {
     if (!t) return;
     loupe_session_free(t->s);
@@ -10635,6 +11548,8 @@ void loupe_tta_free(loupe_tta *t)
     free(t->params);
     free(t->enc);
     free(t->dec);
+    free(t->blocks);
+    free(t->block_grads);
     free(t->tape.enc);
     free(t->tape.dec);
     free(t->calls);
@@ -10642,7 +11557,54 @@ void loupe_tta_free(loupe_tta *t)
     free(t);
 }
 
-int loupe_tta_accumulate(loupe_tta *t, const float *pixel_values, float weight, loupe_tta_loss *loss, char *err,
+size_t loupe_trainer_feature_floats(const loupe_trainer *t)
+{
+    const loupe_config *c = &t->m->cfg;
+    return t->backbone_backward ? 0 : (size_t)(2 + c->grid * c->grid) * c->width;
+}
+
+int loupe_trainer_features(loupe_trainer *t, const float *pixel_values, float *features, char *err, size_t errsize)
+{
+    const loupe_config *c;
+    size_t TW;
+    if (!t || !pixel_values || !features) return fail(err, errsize, "loupe_trainer_features needs a trainer, an input and a buffer");
+    if (t->backbone_backward) return fail(err, errsize, "the backbone trains: its outputs cannot be kept");
+    c = &t->m->cfg;
+    TW = (size_t)(1 + c->grid * c->grid) * c->width;
+    if (max_threads() > t->s->threads)
+        return fail(err, errsize, "the trainer was created for %d threads but %d are requested", t->s->threads, max_threads());
+    vision_transformer(t->s, pixel_values);
+    memcpy(features, t->s->feats, TW * sizeof *features);
+    memcpy(features + TW, t->s->pooled, (size_t)c->width * sizeof *features);
+    return 0;
+}
+
+/* transformers' get_wsd_schedule (linear warm-up, constant, cosine decay to 0) and
+ * get_cosine_schedule_with_warmup, as LambdaLR factors (README 10.7 of the golden). */
+double loupe_lr_factor(int schedule, long step, double total, double warmup, double decay)
+{
+    const double pi = 3.14159265358979323846;
+    double s = (double)step;
+    if (schedule == LOUPE_SCHEDULE_CONSTANT) return 1.0;
+    if (s < warmup) return s / (warmup > 1.0 ? warmup : 1.0);
+    if (schedule == LOUPE_SCHEDULE_COSINE) {
+        double span = total - warmup > 1.0 ? total - warmup : 1.0, f = 0.5 * (1.0 + cos(pi * (s - warmup) / span));
+        return f > 0.0 ? f : 0.0;
+    }
+    if (s < total - decay) return 1.0;
+    if (s < total) return 0.5 * (1.0 + cos(pi * (s - total + decay) / (decay > 1.0 ? decay : 1.0)));
+    return 0.0;
+}
+
+void loupe_trainer_size(const loupe_trainer *t, int *tensors, size_t *values)
+{
+    if (tensors) *tensors = t ? t->n_params : 0;
+    if (values) *values = t ? t->n_floats : 0;
+}
+
+void loupe_tta_free(loupe_trainer *t) { loupe_trainer_free(t); }
+
+int loupe_tta_accumulate(loupe_trainer *t, const float *pixel_values, float weight, loupe_tta_loss *loss, char *err,
                          size_t errsize)
 {
     if (!t || !pixel_values) return fail(err, errsize, "loupe_tta_accumulate needs an adapter and an input tensor");
@@ -10651,11 +11613,18 @@ int loupe_tta_accumulate(loupe_tta *t, const float *pixel_values, float weight, 
     return tta_accumulate(t, pixel_values, weight, loss, NULL, err, errsize);
 }
 
-int loupe_tta_update(loupe_tta *t, double *grad_norm, char *err, size_t errsize)
+int loupe_tta_update(loupe_trainer *t, double *grad_norm, char *err, size_t errsize)
+{
+    if (!t) return fail(err, errsize, "loupe_tta_update needs an adapter");
+    return loupe_trainer_update(t, 1.0, grad_norm, err, errsize);
+}
+
+int loupe_trainer_update(loupe_trainer *t, double lr_factor, double *grad_norm, char *err, size_t errsize)
 {
     double norm;
     float coef;
-    if (!t) return fail(err, errsize, "loupe_tta_update needs an adapter");
+    if (!t) return fail(err, errsize, "loupe_trainer_update needs a trainer");
+    if (!(lr_factor >= 0.0 && lr_factor <= 1e3)) return fail(err, errsize, "learning-rate factor %g is outside 0..1000", lr_factor);
     norm = tta_grad_norm(t);
     if (!isfinite(norm)) {
         zero(t->grad, t->n_floats);
@@ -10663,21 +11632,21 @@ int loupe_tta_update(loupe_tta *t, double *grad_norm, char *err, size_t errsize)
     }
     /* clip_grad_norm_ (in float32, like PyTorch): scale by max_norm / (norm + eps) when below 1 */
     coef = (float)t->opt.clip_norm / ((float)norm + (float)TTA_CLIP_EPS);
-    adamw_step(t, coef < 1.0f ? coef : 1.0f);
+    adamw_step(t, coef < 1.0f ? coef : 1.0f, lr_factor);
     if (grad_norm) *grad_norm = norm;
     return 0;
 }
 
-int loupe_tta_step(loupe_tta *t, const float *pixel_values, loupe_tta_loss *loss, char *err, size_t errsize)
+int loupe_tta_step(loupe_trainer *t, const float *pixel_values, loupe_tta_loss *loss, char *err, size_t errsize)
 {
-    double norm;
+    double norm = 0.0;
     if (loupe_tta_accumulate(t, pixel_values, 1.0f, loss, err, errsize) || loupe_tta_update(t, &norm, err, errsize))
         return -1;
     if (loss) loss->grad_norm = norm;
     return 0;
 }
 
-int loupe_tta_adapt(loupe_tta *t, int n_images, loupe_tta_source source, void *user, int steps, int batch,
+int loupe_tta_adapt(loupe_trainer *t, int n_images, loupe_tta_source source, void *user, int steps, int batch,
                     loupe_tta_progress progress, char *err, size_t errsize)
 {
     const loupe_config *c;
@@ -10712,7 +11681,7 @@ int loupe_tta_adapt(loupe_tta *t, int n_images, loupe_tta_source source, void *u
     return 0;
 }
 
-int loupe_session_use_tta(loupe_session *s, const loupe_tta *t, char *err, size_t errsize)
+int loupe_session_use_tta(loupe_session *s, const loupe_trainer *t, char *err, size_t errsize)
 {
     if (!s) return fail(err, errsize, "no session given");
     if (t && t->m != s->m) return fail(err, errsize, "the adapter was made for another model than the session's");
@@ -10721,13 +11690,23 @@ int loupe_session_use_tta(loupe_session *s, const loupe_tta *t, char *err, size_
     return 0;
 }
 
-void loupe_tta_get_memory(const loupe_tta *t, loupe_tta_memory *mem)
+void loupe_tta_get_memory(const loupe_trainer *t, loupe_tta_memory *mem)
 {
     mem->saved_activations = t->tape_bytes;
     mem->backward_scratch = t->work_bytes;
     mem->parameters = t->state_bytes;
     mem->session = t->s->bytes;
     mem->trainable = t->n_floats;
+}
+
+/* The weight file's entry called name, or NULL. */
+static const tensor_entry *find_entry(const loupe_model *m, const char *name)
+{
+    size_t n = strlen(name);
+    int i;
+    for (i = 0; i < m->n_entries; i++)
+        if ((size_t)m->entries[i].name_len == n && !memcmp(m->entries[i].name, name, n)) return &m->entries[i];
+    return NULL;
 }
 
 /* Bytes copied per write while saving. */
@@ -10755,7 +11734,7 @@ static int write_bytes(FILE *f, const unsigned char *p, uint64_t n)
     return 1;
 }
 
-int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsize)
+int loupe_trainer_save(const loupe_trainer *t, const char *path, char *err, size_t errsize)
 {
     char tmp[1024];
     FILE *f;
@@ -10764,14 +11743,13 @@ int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsi
     float *buf;
     save_patch *patches;
     int p, i, n = 0, ok = 1;
-    if (!t || !path) return fail(err, errsize, "loupe_tta_save needs an adapter and a path");
+    if (!t || !path) return fail(err, errsize, "saving needs a trainer and a path");
     if (strlen(path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", path);
-    for (i = 0; i < t->m->n_entries; i++) { /* the adapted tensors are written over the file's own */
-        const tensor_entry *e = &t->m->entries[i];
-        const size_t plen = sizeof TTA_SEGMENTOR_PREFIX - 1;
-        if (e->dtype != DTYPE_F32 && (size_t)e->name_len >= plen && !memcmp(e->name, TTA_SEGMENTOR_PREFIX, plen))
-            return fail(err, errsize, "%s: saving an adapted model needs an F32 weight file (%.*s is %s; convert with --dtype f32)",
-                        t->m->path, e->name_len, e->name, dtype_names[e->dtype]);
+    for (p = 0; p < t->n_params; p++) { /* the trained tensors are written over the file's own */
+        const tensor_entry *e = find_entry(t->m, t->params[p].name);
+        if (e && e->dtype != DTYPE_F32)
+            return fail(err, errsize, "%s: saving a trained model needs an F32 weight file (%s is %s; convert with --dtype f32)",
+                        t->m->path, t->params[p].name, dtype_names[e->dtype]);
     }
     for (p = 0; p < t->n_params; p++) most = t->params[p].numel > most ? t->params[p].numel : most;
     buf = malloc(most * sizeof *buf);
@@ -10779,7 +11757,7 @@ int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsi
     if (!buf || !patches) { free(buf); free(patches); return fail(err, errsize, "out of memory"); }
     /* the model's file as it is, with each segmentor tensor replaced by the adapted one */
     for (p = 0; p < t->n_params; p++) {
-        const tta_param *tp = &t->params[p];
+        const train_param *tp = &t->params[p];
         for (i = 0; i < t->m->n_entries; i++) {
             const tensor_entry *e = &t->m->entries[i];
             if ((size_t)e->name_len != strlen(tp->name) || memcmp(e->name, tp->name, (size_t)e->name_len)) continue;
@@ -10800,7 +11778,7 @@ int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsi
                   : fail(err, errsize, "%s: an adapted tensor does not match the model's file", path);
     }
     for (i = 0; ok && i < n; i++) {
-        const tta_param *tp = &t->params[patches[i].param];
+        const train_param *tp = &t->params[patches[i].param];
         param_to_upstream(tp, t->param + tp->offset, buf);
         ok = write_bytes(f, t->m->data + pos, patches[i].offset - pos) &&
              fwrite(buf, sizeof *buf, tp->numel, f) == tp->numel;
@@ -10817,8 +11795,1106 @@ int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsi
     return 0;
 }
 
+/* Training state file: "LOUPESTA", version, stage, tensor count, value count, a
+ * FNV-1a hash of the tensor names and sizes, step count, random-stream position, the
+ * caller's byte count; then the caller's bytes, AdamW's first and second moments
+ * (float32, little-endian as the host writes them: the file is checked by its size and
+ * hash, and is meant for the machine that wrote it). */
+#define STATE_MAGIC "LOUPESTA"
+#define STATE_VERSION 1u
+#define STATE_HEADER_WORDS 8
+
+static uint64_t state_signature(const loupe_trainer *t)
+{
+    uint64_t h = 0xCBF29CE484222325ull;
+    int p, d;
+    for (p = 0; p < t->n_params; p++) {
+        const unsigned char *c = (const unsigned char *)t->params[p].name;
+        for (; *c; c++) h = (h ^ *c) * 0x100000001B3ull;
+        for (d = 0; d < MAX_TENSOR_DIMS; d++) h = (h ^ (uint64_t)(unsigned)t->params[p].dims[d]) * 0x100000001B3ull;
+    }
+    return h;
+}
+
+int loupe_trainer_save_state(const loupe_trainer *t, const char *path, const void *user, size_t user_size,
+                             char *err, size_t errsize)
+{
+    char tmp[1024];
+    uint64_t hdr[STATE_HEADER_WORDS];
+    FILE *f;
+    int ok;
+    if (!t || !path || (user_size && !user)) return fail(err, errsize, "saving a training state needs a trainer and a path");
+    if (strlen(path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", path);
+    hdr[0] = STATE_VERSION;
+    hdr[1] = (uint64_t)t->opt.stage;
+    hdr[2] = (uint64_t)t->n_params;
+    hdr[3] = (uint64_t)t->n_floats;
+    hdr[4] = state_signature(t);
+    hdr[5] = (uint64_t)t->steps;
+    hdr[6] = t->rng_position;
+    hdr[7] = (uint64_t)user_size;
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    if (!(f = fopen(tmp, "wb"))) return fail(err, errsize, "%s: cannot create: %s", tmp, strerror(errno));
+    ok = fwrite(STATE_MAGIC, 1, 8, f) == 8 && fwrite(hdr, sizeof hdr[0], STATE_HEADER_WORDS, f) == STATE_HEADER_WORDS &&
+         (!user_size || fwrite(user, 1, user_size, f) == user_size) &&
+         fwrite(t->adam_m, sizeof *t->adam_m, t->n_floats, f) == t->n_floats &&
+         fwrite(t->adam_v, sizeof *t->adam_v, t->n_floats, f) == t->n_floats;
+    if (fclose(f) != 0) ok = 0;
+    if (!ok || replace_file(tmp, path) != 0) {
+        remove(tmp);
+        return fail(err, errsize, "%s: cannot write the training state", path);
+    }
+    return 0;
+}
+
+int loupe_trainer_load_state(loupe_trainer *t, const char *path, void *user, size_t user_size,
+                             char *err, size_t errsize)
+{
+    uint64_t hdr[STATE_HEADER_WORDS];
+    char magic[8];
+    FILE *f;
+    int ok;
+    if (!t || !path || (user_size && !user)) return fail(err, errsize, "loading a training state needs a trainer and a path");
+    if (!(f = fopen(path, "rb"))) return fail(err, errsize, "%s: cannot open: %s", path, strerror(errno));
+    ok = fread(magic, 1, 8, f) == 8 && !memcmp(magic, STATE_MAGIC, 8) &&
+         fread(hdr, sizeof hdr[0], STATE_HEADER_WORDS, f) == STATE_HEADER_WORDS;
+    if (!ok || hdr[0] != STATE_VERSION) {
+        fclose(f);
+        return fail(err, errsize, "%s: not a loupe training state (or of another version)", path);
+    }
+    if (hdr[1] != (uint64_t)t->opt.stage || hdr[2] != (uint64_t)t->n_params || hdr[3] != (uint64_t)t->n_floats ||
+        hdr[4] != state_signature(t) || hdr[7] != (uint64_t)user_size) {
+        fclose(f);
+        return fail(err, errsize, "%s: the training state belongs to another stage, model or set of trained tensors", path);
+    }
+    ok = (!user_size || fread(user, 1, user_size, f) == user_size) &&
+         fread(t->adam_m, sizeof *t->adam_m, t->n_floats, f) == t->n_floats &&
+         fread(t->adam_v, sizeof *t->adam_v, t->n_floats, f) == t->n_floats && fgetc(f) == EOF;
+    fclose(f);
+    if (!ok) {
+        zero(t->adam_m, t->n_floats);
+        zero(t->adam_v, t->n_floats);
+        return fail(err, errsize, "%s: the training state is truncated or too long", path);
+    }
+    t->steps = (long)hdr[5];
+    t->rng_position = hdr[6];
+    zero(t->grad, t->n_floats);
+    return 0;
+}
+
+int loupe_tta_save(const loupe_trainer *t, const char *path, char *err, size_t errsize)
+{
+    return loupe_trainer_save(t, path, err, errsize);
+}
+
 /* ========================================================================== */
-/* 10. CLI: the `loupe` command                                               */
+/* 10. Datasets and metrics (DataModule, LoupeImageProcessor, Metric)         */
+/* ========================================================================== */
+/* What upstream's training and validation read besides the model:
+ *   - labelled datasets (a folder images/ + masks/, or a list file), every entry
+ *     decoded once when opened so that a bad file stops nothing half-way;
+ *   - one training example as DataModule.train_collate_fn builds it: the mask made
+ *     binary by convert_to_binary_masks (Pillow's "L", min-max normalisation, dithering
+ *     against uniform draws), then Mask2FormerImageProcessor's NEAREST resize and
+ *     reduce_labels (mask_labels) and LoupeImageProcessor's patch labels (the soft mask,
+ *     bilinear, block means), bit for bit (test/check_batch.c against the golden batch);
+ *   - the validation metrics of LitModel.on_validation_epoch_end (src/metric/metric.py,
+ *     mean_iou.py) as an accumulator, and the validation loop (test/check_metrics.c). */
+
+#define DATASET_VALID_EXT_COUNT 5
+#define DATASET_MAX_ENTRIES 100000000   /* more entries than this is surely a mistake */
+#define DATASET_ERR_MAX 1024
+#define MASK_DRAW_CHUNK 4096            /* uniforms drawn per call while dithering */
+#define EVAL_THRESHOLD 0.5f             /* post_process_segmentation: forged where seg > 0.5 */
+#define METRIC_PROB_THRESHOLD 0.5f      /* Metric.compute_accuracy: prob > 0.5 is forged */
+#define PIL_L_R 19595u                  /* Pillow's convert("L"): ITU-R 601-2 luma in 16.16 */
+#define PIL_L_G 38470u
+#define PIL_L_B 7471u
+#define PIL_L_ROUND 0x8000u
+
+/* ---- Uniform numbers ---- */
+
+void loupe_splitmix_fill(void *state, float *out, size_t n)
+{
+    loupe_splitmix *p = (loupe_splitmix *)state;
+    splitmix_uniform s;
+    s.seed = p->seed;
+    s.counter = p->counter;
+    splitmix_uniform_fill(&s, out, n);
+    p->counter = s.counter;
+}
+
+/* ---- Datasets ---- */
+
+typedef struct dataset_entry {
+    char *image, *mask;          /* mask NULL: authentic */
+    int line;                    /* line of the list file (0 for folders) */
+} dataset_entry;
+
+struct loupe_dataset {
+    dataset_entry *e;
+    int n, cap;
+    size_t max_pixels;
+    char *source;                /* the path given to loupe_dataset_open */
+    int is_list;
+};
+
+static char *dataset_strdup(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    char *d = malloc(n);
+    if (d) memcpy(d, s, n);
+    return d;
+}
+
+/* dir + "/" + name in a new allocation (name alone when dir is NULL or empty). */
+static char *dataset_join(const char *dir, size_t dir_len, const char *name, size_t name_len)
+{
+    char *p = malloc(dir_len + name_len + 2);
+    if (!p) return NULL;
+    if (dir_len) {
+        memcpy(p, dir, dir_len);
+        p[dir_len] = '/';
+        memcpy(p + dir_len + 1, name, name_len);
+        p[dir_len + 1 + name_len] = '\0';
+    } else {
+        memcpy(p, name, name_len);
+        p[name_len] = '\0';
+    }
+    return p;
+}
+
+/* The file name without its directories. */
+static const char *dataset_basename(const char *path)
+{
+    const char *b = path, *p;
+    for (p = path; *p; p++)
+        if (*p == '/' || *p == '\\') b = p + 1;
+    return b;
+}
+
+/* Length of a file name's stem: without its last extension ("a.b.png" -> 3). */
+static size_t dataset_stem_len(const char *name)
+{
+    const char *dot = strrchr(name, '.');
+    return dot && dot != name ? (size_t)(dot - name) : strlen(name);
+}
+
+/* True when name ends in an extension the decoders handle (any case). */
+static int dataset_is_image_name(const char *name)
+{
+    static const char *const exts[DATASET_VALID_EXT_COUNT] = {".png", ".jpg", ".jpeg", ".ppm", ".pgm"};
+    size_t n = strlen(name), i, k;
+    for (i = 0; i < DATASET_VALID_EXT_COUNT; i++) {
+        size_t e = strlen(exts[i]);
+        int same = n > e;
+        for (k = 0; same && k < e; k++) same = tolower((unsigned char)name[n - e + k]) == exts[i][k];
+        if (same) return 1;
+    }
+    return 0;
+}
+
+static int dataset_add(loupe_dataset *d, char *image, char *mask, int line, char *err, size_t errsize)
+{
+    if (d->n == d->cap) {
+        int cap = d->cap ? 2 * d->cap : 64;
+        dataset_entry *g;
+        if (d->n >= DATASET_MAX_ENTRIES) {
+            free(image);
+            free(mask);
+            return fail(err, errsize, "%s: more than %d entries", d->source, DATASET_MAX_ENTRIES);
+        }
+        g = realloc(d->e, (size_t)cap * sizeof *g);
+        if (!g) {
+            free(image);
+            free(mask);
+            return fail(err, errsize, "%s: out of memory", d->source);
+        }
+        d->e = g;
+        d->cap = cap;
+    }
+    d->e[d->n].image = image;
+    d->e[d->n].mask = mask;
+    d->e[d->n].line = line;
+    d->n++;
+    return 0;
+}
+
+/* 1 when path is a directory, 0 when it is something else that exists, -1 when it
+ * cannot be examined (errno set where the system reports it). */
+static int dataset_is_dir(const char *path)
+{
+#if LOUPE_POSIX
+    struct stat st;
+    if (stat(path, &st) != 0) return -1;
+    return S_ISDIR(st.st_mode) ? 1 : 0;
+#elif defined(_WIN32)
+    DWORD attr = GetFileAttributesA(path);
+    if (attr == INVALID_FILE_ATTRIBUTES) { errno = ENOENT; return -1; }
+    return (attr & FILE_ATTRIBUTE_DIRECTORY) ? 1 : 0;
+#else
+    FILE *f = fopen(path, "rb");
+    if (!f) return -1;
+    fclose(f);
+    return 0;
+#endif
+}
+
+static int dataset_cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* Orders file names by stem (then by the whole name). */
+static int dataset_cmp_stem(const void *a, const void *b)
+{
+    const char *x = *(char *const *)a, *y = *(char *const *)b;
+    size_t lx = dataset_stem_len(x), ly = dataset_stem_len(y);
+    int c = memcmp(x, y, lx < ly ? lx : ly);
+    if (c) return c;
+    if (lx != ly) return lx < ly ? -1 : 1;
+    return strcmp(x, y);
+}
+
+static int dataset_same_stem(const char *x, const char *y)
+{
+    size_t lx = dataset_stem_len(x);
+    return lx == dataset_stem_len(y) && !memcmp(x, y, lx);
+}
+
+static void dataset_free_names(char **names, int n)
+{
+    int i;
+    for (i = 0; i < n; i++) free(names[i]);
+    free(names);
+}
+
+/* The image file names (not paths) of a directory in name order: *names, *n. */
+static int dataset_list_dir(const char *dir, char ***names, int *n, char *err, size_t errsize)
+{
+    char **v = NULL;
+    int cap = 0;
+    *names = NULL;
+    *n = 0;
+#if LOUPE_POSIX
+    {
+        DIR *dp = opendir(dir);
+        struct dirent *e;
+        if (!dp) return fail(err, errsize, "%s: cannot open the folder (%s)", dir, strerror(errno));
+        while ((e = readdir(dp)) != NULL) {
+            char *full;
+            struct stat st;
+            int regular;
+            if (e->d_name[0] == '.' || !dataset_is_image_name(e->d_name)) continue;
+            full = dataset_join(dir, strlen(dir), e->d_name, strlen(e->d_name));
+            regular = full && stat(full, &st) == 0 && S_ISREG(st.st_mode);
+            free(full);
+            if (!regular) continue;
+            if (*n == cap) {
+                char **g;
+                cap = cap ? 2 * cap : 64;
+                if (cap > DATASET_MAX_ENTRIES || !(g = realloc(v, (size_t)cap * sizeof *g))) {
+                    closedir(dp);
+                    dataset_free_names(v, *n);
+                    *n = 0;
+                    return fail(err, errsize, "%s: out of memory listing the folder", dir);
+                }
+                v = g;
+            }
+            if (!(v[*n] = dataset_strdup(e->d_name))) {
+                closedir(dp);
+                dataset_free_names(v, *n);
+                *n = 0;
+                return fail(err, errsize, "%s: out of memory listing the folder", dir);
+            }
+            (*n)++;
+        }
+        closedir(dp);
+    }
+#elif defined(_WIN32)
+    {
+        WIN32_FIND_DATAA e;
+        HANDLE h;
+        char *pattern = dataset_join(dir, strlen(dir), "*", 1);
+        if (!pattern) return fail(err, errsize, "%s: out of memory", dir);
+        h = FindFirstFileA(pattern, &e);
+        free(pattern);
+        if (h == INVALID_HANDLE_VALUE) return fail(err, errsize, "%s: cannot open the folder", dir);
+        do {
+            if (e.cFileName[0] == '.' || !dataset_is_image_name(e.cFileName) ||
+                (e.dwFileAttributes & FILE_ATTRIBUTE_DIRECTORY))
+                continue;
+            if (*n == cap) {
+                char **g;
+                cap = cap ? 2 * cap : 64;
+                if (cap > DATASET_MAX_ENTRIES || !(g = realloc(v, (size_t)cap * sizeof *g))) {
+                    FindClose(h);
+                    dataset_free_names(v, *n);
+                    *n = 0;
+                    return fail(err, errsize, "%s: out of memory listing the folder", dir);
+                }
+                v = g;
+            }
+            if (!(v[*n] = dataset_strdup(e.cFileName))) {
+                FindClose(h);
+                dataset_free_names(v, *n);
+                *n = 0;
+                return fail(err, errsize, "%s: out of memory listing the folder", dir);
+            }
+            (*n)++;
+        } while (FindNextFileA(h, &e));
+        FindClose(h);
+    }
+#else
+    (void)cap;
+    return fail(err, errsize, "%s: folders cannot be listed on this system; use a list file", dir);
+#endif
+    if (*n) qsort(v, (size_t)*n, sizeof *v, dataset_cmp_str);
+    *names = v;
+    return 0;
+}
+
+/* Reads DIR/images and DIR/masks into d. */
+static int dataset_read_folder(loupe_dataset *d, const char *dir, char *err, size_t errsize)
+{
+    size_t dl = strlen(dir);
+    char *idir = dataset_join(dir, dl, "images", 6), *mdir = dataset_join(dir, dl, "masks", 5);
+    char **images = NULL, **masks = NULL, **by_stem = NULL;
+    int ni = 0, nm = 0, i, rc = -1;
+    if (!idir || !mdir) { fail(err, errsize, "%s: out of memory", dir); goto done; }
+    if (dataset_is_dir(idir) != 1 || dataset_is_dir(mdir) != 1) {
+        fail(err, errsize, "%s: a dataset folder needs the subfolders images/ and masks/ (%s is missing)", dir,
+             dataset_is_dir(idir) != 1 ? "images/" : "masks/");
+        goto done;
+    }
+    if (dataset_list_dir(idir, &images, &ni, err, errsize) || dataset_list_dir(mdir, &masks, &nm, err, errsize)) goto done;
+    /* two images or two masks with one stem: a mask could not tell which image it is for */
+    if (ni && !(by_stem = malloc((size_t)(ni > nm ? ni : nm) * sizeof *by_stem))) {
+        fail(err, errsize, "%s: out of memory", dir);
+        goto done;
+    }
+    if (ni) memcpy(by_stem, images, (size_t)ni * sizeof *by_stem);
+    if (ni) qsort(by_stem, (size_t)ni, sizeof *by_stem, dataset_cmp_stem);
+    for (i = 0; i + 1 < ni; i++)
+        if (dataset_same_stem(by_stem[i], by_stem[i + 1])) {
+            fail(err, errsize, "%s/%s and %s/%s: two images with the stem \"%.*s\" (a mask could not tell them apart)",
+                 idir, by_stem[i], idir, by_stem[i + 1], (int)dataset_stem_len(by_stem[i]), by_stem[i]);
+            goto done;
+        }
+    if (nm) qsort(masks, (size_t)nm, sizeof *masks, dataset_cmp_stem);
+    for (i = 0; i + 1 < nm; i++)
+        if (dataset_same_stem(masks[i], masks[i + 1])) {
+            fail(err, errsize, "%s/%s and %s/%s: two masks with the stem \"%.*s\"", mdir, masks[i], mdir, masks[i + 1],
+                 (int)dataset_stem_len(masks[i]), masks[i]);
+            goto done;
+        }
+    /* every mask must belong to an image (a misspelled name would otherwise make a
+     * forged image authentic without a word) */
+    for (i = 0; i < nm; i++) {
+        int lo = 0, hi = ni - 1, found = 0;
+        while (lo <= hi && !found) {
+            int mid = lo + (hi - lo) / 2;
+            if (dataset_same_stem(by_stem[mid], masks[i])) found = 1;
+            else if (dataset_cmp_stem(&by_stem[mid], &masks[i]) < 0) lo = mid + 1;
+            else hi = mid - 1;
+        }
+        if (!found) {
+            fail(err, errsize, "%s/%s: no image in %s has the stem \"%.*s\"", mdir, masks[i], idir,
+                 (int)dataset_stem_len(masks[i]), masks[i]);
+            goto done;
+        }
+    }
+    for (i = 0; i < ni; i++) {
+        int lo = 0, hi = nm - 1, m = -1;
+        char *image, *mask = NULL;
+        while (lo <= hi && m < 0) {
+            int mid = lo + (hi - lo) / 2;
+            if (dataset_same_stem(masks[mid], images[i])) m = mid;
+            else if (dataset_cmp_stem(&masks[mid], &images[i]) < 0) lo = mid + 1;
+            else hi = mid - 1;
+        }
+        image = dataset_join(idir, strlen(idir), images[i], strlen(images[i]));
+        if (m >= 0) mask = dataset_join(mdir, strlen(mdir), masks[m], strlen(masks[m]));
+        if (!image || (m >= 0 && !mask)) {
+            free(image);
+            free(mask);
+            fail(err, errsize, "%s: out of memory", dir);
+            goto done;
+        }
+        if (dataset_add(d, image, mask, 0, err, errsize)) goto done;
+    }
+    rc = 0;
+done:
+    free(by_stem);
+    dataset_free_names(images, ni);
+    dataset_free_names(masks, nm);
+    free(idir);
+    free(mdir);
+    return rc;
+}
+
+/* True for an absolute path (kept as given in a list file). */
+static int dataset_is_absolute(const char *p, size_t n)
+{
+    if (n && (p[0] == '/' || p[0] == '\\')) return 1;
+    return n >= 3 && isalpha((unsigned char)p[0]) && p[1] == ':' && (p[2] == '/' || p[2] == '\\');
+}
+
+static int dataset_cmp_entry_image(const void *a, const void *b)
+{
+    const dataset_entry *x = *(const dataset_entry *const *)a, *y = *(const dataset_entry *const *)b;
+    int c = strcmp(x->image, y->image);
+    return c ? c : x->line - y->line;
+}
+
+/* Reads a list file of lines `IMAGE [MASK]` into d. */
+static int dataset_read_list(loupe_dataset *d, const char *path, char *err, size_t errsize)
+{
+    FILE *f;
+    unsigned char *text;
+    size_t size, pos = 0, dir_len;
+    const char *base = dataset_basename(path);
+    int line = 0, rc;
+    errno = 0;
+    if (!(f = fopen(path, "rb")))
+        return errno ? fail(err, errsize, "%s: cannot open (%s)", path, strerror(errno)) : fail(err, errsize, "%s: cannot open", path);
+    rc = dispatch_read_all(f, path, &text, &size, err, errsize);
+    fclose(f);
+    if (rc) return -1;
+    dir_len = (size_t)(base - path);
+    if (dir_len) dir_len--; /* without the separator */
+    if (base != path && dir_len == 0) dir_len = 1; /* a list in "/" */
+    while (pos < size) {
+        size_t end = pos, p, tok_start[3], tok_len[3];
+        int ntok = 0;
+        while (end < size && text[end] != '\n') end++;
+        line++;
+        p = pos;
+        for (;;) {
+            while (p < end && (text[p] == ' ' || text[p] == '\t' || text[p] == '\r')) p++;
+            if (p >= end || (ntok == 0 && text[p] == '#')) break;
+            if (ntok == 3) { ntok++; break; }
+            tok_start[ntok] = p;
+            while (p < end && text[p] != ' ' && text[p] != '\t' && text[p] != '\r') p++;
+            tok_len[ntok] = p - tok_start[ntok];
+            ntok++;
+        }
+        if (ntok > 2) {
+            free(text);
+            return fail(err, errsize, "%s:%d: expected IMAGE [MASK], found %s fields", path, line, ntok > 3 ? "more" : "3");
+        }
+        if (ntok) {
+            char *paths[2] = {NULL, NULL};
+            int k;
+            for (k = 0; k < ntok; k++) {
+                const char *tok = (const char *)text + tok_start[k];
+                size_t n = tok_len[k];
+                if (memchr(tok, '\0', n)) {
+                    free(paths[0]);
+                    free(text);
+                    return fail(err, errsize, "%s:%d: a path holds a NUL byte", path, line);
+                }
+                paths[k] = dataset_is_absolute(tok, n) ? dataset_join(NULL, 0, tok, n)
+                                                       : dataset_join(path, base == path ? 0 : dir_len, tok, n);
+                if (!paths[k]) {
+                    free(paths[0]);
+                    free(text);
+                    return fail(err, errsize, "%s: out of memory", path);
+                }
+            }
+            if (dataset_add(d, paths[0], paths[1], line, err, errsize)) { free(text); return -1; }
+        }
+        pos = end + 1;
+    }
+    free(text);
+    /* an image listed twice would count twice in training and in the metrics */
+    if (d->n > 1) {
+        dataset_entry **by_image = malloc((size_t)d->n * sizeof *by_image);
+        int i;
+        if (!by_image) return fail(err, errsize, "%s: out of memory", path);
+        for (i = 0; i < d->n; i++) by_image[i] = &d->e[i];
+        qsort(by_image, (size_t)d->n, sizeof *by_image, dataset_cmp_entry_image);
+        for (i = 0; i + 1 < d->n; i++)
+            if (!strcmp(by_image[i]->image, by_image[i + 1]->image)) {
+                fail(err, errsize, "%s:%d: %s is already listed on line %d", path, by_image[i + 1]->line,
+                     by_image[i + 1]->image, by_image[i]->line);
+                free(by_image);
+                return -1;
+            }
+        free(by_image);
+    }
+    return 0;
+}
+
+/* Decodes entry i's image and mask and compares their sizes. */
+static int dataset_check_entry(const loupe_dataset *d, int i, char *err, size_t errsize)
+{
+    const dataset_entry *e = &d->e[i];
+    loupe_image img, mask;
+    char msg[DATASET_ERR_MAX];
+    int rc = 0;
+    mask.rgb = NULL;
+    if (loupe_image_load(e->image, d->max_pixels, &img, msg, sizeof msg) ||
+        (e->mask && loupe_image_load(e->mask, d->max_pixels, &mask, msg, sizeof msg)))
+        rc = -1;
+    else if (e->mask && (mask.width != img.width || mask.height != img.height)) {
+        snprintf(msg, sizeof msg, "%s: the mask is %dx%d but its image %s is %dx%d", e->mask, mask.width, mask.height,
+                 e->image, img.width, img.height);
+        rc = -1;
+    }
+    loupe_image_free(&img);
+    if (e->mask) loupe_image_free(&mask);
+    if (rc) {
+        if (e->line) return fail(err, errsize, "%s:%d: %s", d->source, e->line, msg);
+        return fail(err, errsize, "%s", msg);
+    }
+    return 0;
+}
+
+void loupe_dataset_free(loupe_dataset *d)
+{
+    int i;
+    if (!d) return;
+    for (i = 0; i < d->n; i++) {
+        free(d->e[i].image);
+        free(d->e[i].mask);
+    }
+    free(d->e);
+    free(d->source);
+    free(d);
+}
+
+loupe_dataset *loupe_dataset_open(const char *path, size_t max_pixels, char *err, size_t errsize)
+{
+    loupe_dataset *d;
+    int kind, first, bad = 0, i;
+    char first_msg[DATASET_ERR_MAX];
+    if (!path) { fail(err, errsize, "no dataset path given"); return NULL; }
+    errno = 0;
+    kind = dataset_is_dir(path);
+    if (kind < 0) {
+        if (errno) fail(err, errsize, "%s: cannot open (%s)", path, strerror(errno));
+        else fail(err, errsize, "%s: cannot open", path);
+        return NULL;
+    }
+    if (!(d = calloc(1, sizeof *d)) || !(d->source = dataset_strdup(path))) {
+        free(d);
+        fail(err, errsize, "%s: out of memory", path);
+        return NULL;
+    }
+    d->max_pixels = max_pixels;
+    d->is_list = !kind;
+    if (kind ? dataset_read_folder(d, path, err, errsize) : dataset_read_list(d, path, err, errsize)) {
+        loupe_dataset_free(d);
+        return NULL;
+    }
+    if (d->n == 0) {
+        fail(err, errsize, kind ? "%s: the dataset is empty (no image in images/)" : "%s: the dataset is empty (no IMAGE line)",
+             path);
+        loupe_dataset_free(d);
+        return NULL;
+    }
+    /* every entry is decoded before anything is computed; the first bad one (in order)
+     * is reported with the number of others */
+    first = d->n;
+    first_msg[0] = '\0';
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1)
+#endif
+    for (i = 0; i < d->n; i++) {
+        char msg[DATASET_ERR_MAX];
+        if (dataset_check_entry(d, i, msg, sizeof msg)) {
+#ifdef _OPENMP
+#pragma omp critical(loupe_dataset_check)
+#endif
+            {
+                bad++;
+                if (i < first) {
+                    first = i;
+                    memcpy(first_msg, msg, sizeof msg);
+                }
+            }
+        }
+    }
+    if (bad) {
+        if (bad > 1) fail(err, errsize, "%s (and %d other bad entr%s in %s)", first_msg, bad - 1, bad > 2 ? "ies" : "y", path);
+        else fail(err, errsize, "%s", first_msg);
+        loupe_dataset_free(d);
+        return NULL;
+    }
+    return d;
+}
+
+int loupe_dataset_count(const loupe_dataset *d) { return d ? d->n : 0; }
+
+int loupe_dataset_entry(const loupe_dataset *d, int i, const char **image, const char **mask)
+{
+    if (!d || i < 0 || i >= d->n) return -1;
+    if (image) *image = d->e[i].image;
+    if (mask) *mask = d->e[i].mask;
+    return 0;
+}
+
+int loupe_dataset_load(const loupe_dataset *d, int i, loupe_image *img, loupe_image *mask, char *err, size_t errsize)
+{
+    const dataset_entry *e;
+    if (mask) {
+        mask->width = mask->height = 0;
+        mask->rgb = NULL;
+    }
+    if (!d || !img || i < 0 || i >= d->n) return fail(err, errsize, "loupe_dataset_load: no such entry");
+    e = &d->e[i];
+    if (loupe_image_load(e->image, d->max_pixels, img, err, errsize)) return -1;
+    if (mask && e->mask) {
+        if (loupe_image_load(e->mask, d->max_pixels, mask, err, errsize)) {
+            loupe_image_free(img);
+            return -1;
+        }
+        if (mask->width != img->width || mask->height != img->height) {
+            fail(err, errsize, "%s: the mask is %dx%d but its image %s is %dx%d", e->mask, mask->width, mask->height,
+                 e->image, img->width, img->height);
+            loupe_image_free(mask);
+            loupe_image_free(img);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---- Training examples (LoupeImageProcessor.__call__ with masks) ---- */
+
+/* Pillow's convert("L") of one RGB pixel (Convert.c rgb2l). */
+static unsigned char pil_luma(const unsigned char *p)
+{
+    return (unsigned char)((p[0] * PIL_L_R + p[1] * PIL_L_G + p[2] * PIL_L_B + PIL_L_ROUND) >> 16);
+}
+
+/* convert("L"), then (m - min) / (max - min) as uint8 tensors divided in float32 (the
+ * exact quotient rounded once: the double quotient of two integers below 256 rounds to
+ * the same float), zeros when the mask is constant. */
+static void mask_normalize(const loupe_image *mask, float *normalized)
+{
+    size_t n = (size_t)mask->width * mask->height, i;
+    unsigned lo = 255, hi = 0;
+    for (i = 0; i < n; i++) {
+        unsigned v = pil_luma(mask->rgb + 3 * i);
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+    }
+    for (i = 0; i < n; i++)
+        normalized[i] = hi > lo ? (float)((double)(pil_luma(mask->rgb + 3 * i) - lo) / (double)(hi - lo)) : 0.0f;
+}
+
+/* binary = normalized >= u, one draw per pixel in row-major order. */
+static int mask_dither(const float *normalized, size_t n, const loupe_uniform *u, unsigned char *binary, char *err,
+                       size_t errsize)
+{
+    float draws[MASK_DRAW_CHUNK];
+    size_t i, k;
+    if (!u || !u->fill) return fail(err, errsize, "a mask needs a source of uniform numbers to be dithered");
+    for (i = 0; i < n; i += k) {
+        k = n - i < MASK_DRAW_CHUNK ? n - i : MASK_DRAW_CHUNK;
+        u->fill(u->state, draws, k);
+        if (binary) {
+            size_t j;
+            for (j = 0; j < k; j++) binary[i + j] = normalized[i + j] >= draws[j];
+        }
+    }
+    return 0;
+}
+
+static int mask_check(const loupe_image *mask, char *err, size_t errsize)
+{
+    if (!mask || !mask->rgb || mask->width < 1 || mask->height < 1) return fail(err, errsize, "no mask given");
+    if ((double)mask->width * mask->height > (double)SIZE_MAX / sizeof(float) / 2)
+        return fail(err, errsize, "a %dx%d mask is too large", mask->width, mask->height);
+    return 0;
+}
+
+int loupe_mask_binarize(const loupe_image *mask, const loupe_uniform *u, unsigned char *binary, float *normalized,
+                        char *err, size_t errsize)
+{
+    float *norm = normalized;
+    size_t n;
+    int rc;
+    if (mask_check(mask, err, errsize)) return -1;
+    n = (size_t)mask->width * mask->height;
+    if (!norm && !(norm = malloc(n * sizeof *norm))) return fail(err, errsize, "out of memory for a %dx%d mask", mask->width, mask->height);
+    mask_normalize(mask, norm);
+    rc = mask_dither(norm, n, u, binary, err, errsize);
+    if (norm != normalized) free(norm);
+    return rc;
+}
+
+/* Pillow's resize(NEAREST) source indices along one axis (ImagingScaleAffine): x starts
+ * at 0.5 * in / out and grows by in / out per output pixel in double precision; the
+ * source is (int) x. */
+static void nearest_axis(int in, int out, int *idx)
+{
+    double step = (double)in / (double)out, x = 0.5 * step;
+    int i;
+    for (i = 0; i < out; i++) {
+        int s = (int)x;
+        idx[i] = s < in ? s : in - 1;
+        x += step;
+    }
+}
+
+/* F.interpolate(size=(oh, ow), mode="bilinear", align_corners=False) of one (1, 1, ih, iw)
+ * float32 plane as PyTorch's CPU kernel computes it for a single channel (a 1-channel
+ * NCHW tensor is also channels-last, which selects that kernel): the scale in/out in
+ * float, the source index scale * (dst + 0.5) - 0.5 in double, float lambdas (lambda0 =
+ * 1 - lambda1), float corner weights (h * w) and the four-term sum in double, rounded
+ * once. Bit for bit against upstream's patch_mask_resized (test/check_batch.c); the
+ * model's own interp_plane differs from it by up to 2e-6 here. */
+static void mask_interp_axis(int in, int out, int *i0, int *i1, float *l0, float *l1)
+{
+    float scale = (float)in / (float)out;
+    int d;
+    for (d = 0; d < out; d++) {
+        double src = (double)scale * ((double)d + 0.5) - 0.5, frac;
+        int x0;
+        if (src < 0.0) src = 0.0;
+        x0 = (int)src;
+        if (x0 > in - 1) x0 = in - 1;
+        frac = src - (double)x0;
+        l1[d] = (float)(frac < 0.0 ? 0.0 : frac > 1.0 ? 1.0 : frac);
+        l0[d] = 1.0f - l1[d];
+        i0[d] = x0;
+        i1[d] = x0 + (x0 < in - 1 ? 1 : 0);
+    }
+}
+
+/* Scratch of mask_interp: ints and floats for both axes. */
+#define MASK_INTERP_SCRATCH(oh, ow) (4 * (size_t)((oh) + (ow)))
+
+static void mask_interp(const float *in, int ih, int iw, float *out, int oh, int ow, float *scratch)
+{
+    int *y0 = (int *)(void *)scratch, *y1 = y0 + oh, *x0 = y1 + oh, *x1 = x0 + ow;
+    float *h0 = (float *)(void *)(x1 + ow), *h1 = h0 + oh, *w0 = h1 + oh, *w1 = w0 + ow;
+    int y, x;
+    mask_interp_axis(ih, oh, y0, y1, h0, h1);
+    mask_interp_axis(iw, ow, x0, x1, w0, w1);
+    for (y = 0; y < oh; y++) {
+        const float *r0 = in + (size_t)y0[y] * iw, *r1 = in + (size_t)y1[y] * iw;
+        for (x = 0; x < ow; x++) {
+            float w00 = (float)(h0[y] * w0[x]), w01 = (float)(h0[y] * w1[x]);
+            float w10 = (float)(h1[y] * w0[x]), w11 = (float)(h1[y] * w1[x]);
+            double v = (double)r0[x0[x]] * w00 + (double)r0[x1[x]] * w01;
+            v += (double)r1[x0[x]] * w10;
+            v += (double)r1[x1[x]] * w11;
+            out[(size_t)y * ow + x] = (float)v;
+        }
+    }
+}
+
+/* torch.mean of one P x P float32 block (row stride `stride`), in the order of
+ * PyTorch's AVX2 sum kernel (cascade_sum, vectorized_inner_sum) when 8 <= P < 16 (Loupe's
+ * P = 14): per row, the elements from 8 on, then the 8 lanes of the first vector, in
+ * float; the rows added in float; then / P^2. Bit for bit against upstream's
+ * patch_labels. Other P: a double sum rounded once (within an ulp or so of PyTorch). */
+#define TORCH_SUM_LANES 8
+static float block_mean(const float *b, int stride, int P)
+{
+    int y, x;
+    if (P >= TORCH_SUM_LANES && P < 2 * TORCH_SUM_LANES) {
+        float total = 0.0f;
+        for (y = 0; y < P; y++) {
+            const float *r = b + (size_t)y * stride;
+            float acc = 0.0f;
+            for (x = TORCH_SUM_LANES; x < P; x++) acc = (float)(acc + r[x]);
+            for (x = 0; x < TORCH_SUM_LANES; x++) acc = (float)(acc + r[x]);
+            total = (float)(total + acc);
+        }
+        return (float)(total / (float)(P * P));
+    } else {
+        double sum = 0.0;
+        for (y = 0; y < P; y++)
+            for (x = 0; x < P; x++) sum += b[(size_t)y * stride + x];
+        return (float)(sum / ((double)P * P));
+    }
+}
+
+int loupe_prepare_example(const loupe_model *m, const loupe_image *img, const loupe_image *mask,
+                          const loupe_uniform *u, float *pixel_values, float *mask_labels, int *n_targets,
+                          float *patch_labels, char *err, size_t errsize)
+{
+    int S, P, g, x, y, *ix = NULL, *iy;
+    size_t n;
+    float *norm = NULL, *resized = NULL, *scratch = NULL;
+    unsigned char *binary = NULL;
+    long long forged = 0;
+    int rc = -1;
+    if (!m || !img || !pixel_values) return fail(err, errsize, "loupe_prepare_example needs a model, an image and pixel_values");
+    S = m->cfg.image_size;
+    P = m->cfg.patch_size;
+    g = S / P;
+    if (loupe_preprocess(m, img, pixel_values, err, errsize)) return -1;
+    if (n_targets) *n_targets = 0;
+    if (!mask) { /* authentic: zero maps, no target, no draw */
+        if (mask_labels) memset(mask_labels, 0, (size_t)S * S * sizeof *mask_labels);
+        if (patch_labels) memset(patch_labels, 0, (size_t)g * g * sizeof *patch_labels);
+        return 0;
+    }
+    if (mask_check(mask, err, errsize)) return -1;
+    if (mask->width != img->width || mask->height != img->height)
+        return fail(err, errsize, "the mask is %dx%d but its image is %dx%d", mask->width, mask->height, img->width,
+                    img->height);
+    n = (size_t)mask->width * mask->height;
+    norm = malloc(n * sizeof *norm);
+    binary = malloc(n);
+    ix = malloc(2 * (size_t)S * sizeof *ix);
+    resized = malloc((size_t)S * S * sizeof *resized);
+    scratch = malloc(MASK_INTERP_SCRATCH(S, S) * sizeof *scratch);
+    if (!norm || !binary || !ix || !resized || !scratch) {
+        fail(err, errsize, "out of memory for a %dx%d mask", mask->width, mask->height);
+        goto done;
+    }
+    iy = ix + S;
+    mask_normalize(mask, norm);
+    if (mask_dither(norm, n, u, binary, err, errsize)) goto done;
+    /* mask_labels: NEAREST to S x S, then reduce_labels keeps the label 1 (forged) */
+    nearest_axis(mask->width, S, ix);
+    nearest_axis(mask->height, S, iy);
+    for (y = 0; y < S; y++)
+        for (x = 0; x < S; x++) {
+            int v = binary[(size_t)iy[y] * mask->width + ix[x]] != 0;
+            forged += v;
+            if (mask_labels) mask_labels[(size_t)y * S + x] = (float)v;
+        }
+    if (n_targets) *n_targets = forged > 0;
+    /* patch_labels: the soft mask bilinear to S x S, mean of each P x P block */
+    if (patch_labels) {
+        int by, bx;
+        mask_interp(norm, mask->height, mask->width, resized, S, S, scratch);
+        for (by = 0; by < g; by++)
+            for (bx = 0; bx < g; bx++)
+                patch_labels[(size_t)by * g + bx] = block_mean(resized + (size_t)by * P * S + (size_t)bx * P, S, P);
+    }
+    rc = 0;
+done:
+    free(norm);
+    free(binary);
+    free(ix);
+    free(resized);
+    free(scratch);
+    return rc;
+}
+
+/* ---- Validation metrics (Metric, mean_iou) ---- */
+
+struct loupe_metrics_acc {
+    float *prob;
+    unsigned char *label;
+    size_t n, cap;
+    long long pixel_images;
+    unsigned long long tp, fp, fn, tn;
+};
+
+loupe_metrics_acc *loupe_metrics_new(char *err, size_t errsize)
+{
+    loupe_metrics_acc *a = calloc(1, sizeof *a);
+    if (!a) fail(err, errsize, "out of memory");
+    return a;
+}
+
+void loupe_metrics_free(loupe_metrics_acc *a)
+{
+    if (!a) return;
+    free(a->prob);
+    free(a->label);
+    free(a);
+}
+
+int loupe_metrics_add(loupe_metrics_acc *a, float prob, int label, const unsigned char *pred,
+                      const unsigned char *target, int width, int height, char *err, size_t errsize)
+{
+    if (!a) return fail(err, errsize, "no metrics accumulator given");
+    if (prob != prob) return fail(err, errsize, "the probability is NaN");
+    if (label != 0 && label != 1) return fail(err, errsize, "the label is %d, not 0 or 1", label);
+    if ((pred == NULL) != (target == NULL)) return fail(err, errsize, "a predicted mask needs a target and vice versa");
+    if (pred && (width < 1 || height < 1)) return fail(err, errsize, "mask size %dx%d is invalid", width, height);
+    if (a->n == a->cap) {
+        size_t cap = a->cap ? 2 * a->cap : 256;
+        float *p = realloc(a->prob, cap * sizeof *p);
+        unsigned char *l;
+        if (!p) return fail(err, errsize, "out of memory");
+        a->prob = p;
+        if (!(l = realloc(a->label, cap))) return fail(err, errsize, "out of memory");
+        a->label = l;
+        a->cap = cap;
+    }
+    if (pred) {
+        size_t n = (size_t)width * height, i;
+        unsigned long long tp = 0, fp = 0, fn = 0, tn = 0;
+        int any = 0;
+        for (i = 0; i < n && !any; i++) any = target[i] != 0;
+        if (any) { /* Metric._postprocess_masks_and_labels skips all-zero targets */
+            for (i = 0; i < n; i++) {
+                int p = pred[i] != 0, t = target[i] != 0;
+                tp += p && t;
+                fp += p && !t;
+                fn += !p && t;
+                tn += !p && !t;
+            }
+            a->tp += tp;
+            a->fp += fp;
+            a->fn += fn;
+            a->tn += tn;
+            a->pixel_images++;
+        }
+    }
+    a->prob[a->n] = prob;
+    a->label[a->n] = (unsigned char)label;
+    a->n++;
+    return 0;
+}
+
+static int metrics_cmp_prob(const void *x, const void *y)
+{
+    float a = *(const float *)x, b = *(const float *)y;
+    return (a > b) - (a < b);
+}
+
+/* roc_auc_score as the Mann-Whitney statistic: (2 #{pos > neg} + #{pos == neg}) /
+ * (2 #pos #neg), an exact integer ratio divided once. */
+static int metrics_auc(const loupe_metrics_acc *a, double *auc, char *err, size_t errsize)
+{
+    float *pos, *neg;
+    size_t np = 0, nn = 0, i, j = 0;
+    unsigned long long twice = 0;
+    for (i = 0; i < a->n; i++) np += a->label[i];
+    nn = a->n - np;
+    if (!np || !nn) { *auc = NAN; return 0; }
+    pos = malloc(np * sizeof *pos);
+    neg = malloc(nn * sizeof *neg);
+    if (!pos || !neg) { free(pos); free(neg); return fail(err, errsize, "out of memory"); }
+    np = nn = 0;
+    for (i = 0; i < a->n; i++) {
+        if (a->label[i]) pos[np++] = a->prob[i];
+        else neg[nn++] = a->prob[i];
+    }
+    qsort(pos, np, sizeof *pos, metrics_cmp_prob);
+    qsort(neg, nn, sizeof *neg, metrics_cmp_prob);
+    /* for each positive: 2 x (negatives below) + (negatives equal) */
+    for (i = 0; i < np; i++) {
+        size_t below, k;
+        while (j < nn && neg[j] < pos[i]) j++;
+        below = j;
+        for (k = j; k < nn && neg[k] == pos[i]; k++) {}
+        twice += 2 * (unsigned long long)below + (k - j);
+    }
+    *auc = (double)twice / (2.0 * (double)np * (double)nn);
+    free(pos);
+    free(neg);
+    return 0;
+}
+
+int loupe_metrics_result(const loupe_metrics_acc *a, loupe_metrics *out, char *err, size_t errsize)
+{
+    size_t i, correct = 0, forged = 0;
+    if (!a || !out) return fail(err, errsize, "loupe_metrics_result needs an accumulator and an output");
+    memset(out, 0, sizeof *out);
+    if (metrics_auc(a, &out->auc, err, errsize)) return -1;
+    for (i = 0; i < a->n; i++) {
+        correct += (a->prob[i] > METRIC_PROB_THRESHOLD) == (a->label[i] != 0);
+        forged += a->label[i];
+    }
+    out->images = (long long)a->n;
+    out->forged_images = (long long)forged;
+    out->accuracy = a->n ? (double)correct / (double)a->n : NAN;
+    out->pixel_images = a->pixel_images;
+    out->tp = (long long)a->tp;
+    out->fp = (long long)a->fp;
+    out->fn = (long long)a->fn;
+    out->tn = (long long)a->tn;
+    if (!a->pixel_images) {
+        out->f1 = out->iou = NAN;
+    } else {
+        /* f1_score(average="binary", zero_division=1) as scikit-learn 1.2 computes it */
+        double tp = (double)a->tp, fp = (double)a->fp, fn = (double)a->fn, tn = (double)a->tn;
+        double precision = a->tp + a->fp ? tp / (tp + fp) : 1.0;
+        double recall = a->tp + a->fn ? tp / (tp + fn) : 1.0;
+        double denom = precision + recall, iou_sum = 0.0;
+        int classes = 0;
+        out->f1 = 2.0 * precision * recall / (denom == 0.0 ? 1.0 : denom);
+        /* mean_iou(num_labels=2): per class intersect / union, nanmean */
+        if (a->tn + a->fp + a->fn) { iou_sum += tn / (tn + fp + fn); classes++; }
+        if (a->tp + a->fp + a->fn) { iou_sum += tp / (tp + fp + fn); classes++; }
+        out->iou = classes ? iou_sum / classes : NAN;
+    }
+    out->overall = (out->auc + out->iou + out->f1) / 3.0;
+    return 0;
+}
+
+/* ---- The validation loop ---- */
+
+int loupe_evaluate(loupe_session *s, const loupe_dataset *d, unsigned long long seed, loupe_metrics *out,
+                   loupe_eval_fn per_image, void *user, char *err, size_t errsize)
+{
+    loupe_metrics_acc *acc;
+    loupe_splitmix stream;
+    loupe_uniform u;
+    float *pixels;
+    int i, S, rc = -1;
+    if (!s || !d || !out) return fail(err, errsize, "loupe_evaluate needs a session, a dataset and an output");
+    S = s->m->cfg.image_size;
+    stream.seed = seed;
+    stream.counter = 0;
+    u.fill = loupe_splitmix_fill;
+    u.state = &stream;
+    pixels = malloc(3 * (size_t)S * S * sizeof *pixels);
+    acc = loupe_metrics_new(err, errsize);
+    if (!pixels || !acc) {
+        free(pixels);
+        loupe_metrics_free(acc);
+        return fail(err, errsize, "out of memory");
+    }
+    for (i = 0; i < d->n; i++) {
+        loupe_image img, mask;
+        unsigned char *pred = NULL, *target = NULL;
+        loupe_eval_image r;
+        char msg[DATASET_ERR_MAX];
+        size_t n, k;
+        int ok;
+        if (loupe_dataset_load(d, i, &img, &mask, err, errsize)) goto done;
+        n = (size_t)img.width * img.height;
+        pred = malloc(n);
+        target = calloc(n, 1);
+        ok = pred && target;
+        if (!ok) snprintf(msg, sizeof msg, "out of memory");
+        ok = ok && !loupe_preprocess(s->m, &img, pixels, msg, sizeof msg) && !loupe_forward(s, pixels, msg, sizeof msg) &&
+             !loupe_postprocess(s, img.width, img.height, EVAL_THRESHOLD, NULL, pred, msg, sizeof msg) &&
+             (!mask.rgb || !loupe_mask_binarize(&mask, &u, target, NULL, msg, sizeof msg));
+        if (!ok) fail(err, errsize, "%s: %s", d->e[i].image, msg);
+        if (ok) {
+            r.index = i;
+            r.image = d->e[i].image;
+            r.label = d->e[i].mask != NULL;
+            r.prob = s->out.prob;
+            r.width = img.width;
+            r.height = img.height;
+            r.pred_forged = r.target_forged = 0;
+            for (k = 0; k < n; k++) {
+                r.pred_forged += pred[k] != 0;
+                r.target_forged += target[k] != 0;
+            }
+            ok = !loupe_metrics_add(acc, r.prob, r.label, pred, target, img.width, img.height, msg, sizeof msg);
+            if (!ok) fail(err, errsize, "%s: %s", d->e[i].image, msg);
+        }
+        free(pred);
+        free(target);
+        loupe_image_free(&img);
+        loupe_image_free(&mask);
+        if (!ok) goto done;
+        if (per_image) per_image(user, &r);
+    }
+    rc = loupe_metrics_result(acc, out, err, errsize);
+done:
+    free(pixels);
+    loupe_metrics_free(acc);
+    return rc;
+}
+
+/* ========================================================================== */
+/* 11. CLI: the `loupe` command                                               */
 /* ========================================================================== */
 #ifndef LOUPE_NO_MAIN
 
@@ -10915,10 +12991,10 @@ static void cli_tta_init(cli_tta *o)
  * asked and makes s predict with it; *out receives the adapter (NULL when nothing was
  * asked), which must outlive those predictions. Returns 0, or 1 after printing the error. */
 static int cli_tta_run(const cli_tta *o, const loupe_model *m, loupe_session *s, int n, loupe_tta_source load,
-                       void *user, int quiet, loupe_tta **out)
+                       void *user, int quiet, loupe_trainer **out)
 {
     loupe_tta_options opt;
-    loupe_tta *t;
+    loupe_trainer *t;
     cli_tta_context ctx;
     char err[512];
     *out = NULL;
@@ -10964,7 +13040,9 @@ static const char usage_text[] =
     "Masks are named after the file's stem (photo.jpg -> photo.png); when two inputs share\n"
     "a stem, after the whole name (photo.jpg.png).\n"
     "A file that cannot be read or decoded is reported and skipped; the exit status is\n"
-    "then 1. Outputs are written under a temporary name and renamed when complete.\n";
+    "then 1. Outputs are written under a temporary name and renamed when complete.\n"
+    "\n"
+    "loupe eval -m MODEL.bin DATA scores a labelled dataset (see loupe eval -h).\n";
 
 /* Overlay tint: pixel = (1 - a) * photo + a * red, a = OVERLAY_ALPHA * min(prob, 1). */
 #define OVERLAY_ALPHA 0.6f
@@ -11297,6 +13375,703 @@ done:
     return rc;
 }
 
+/* ---- loupe eval: upstream's validation metrics on a labelled dataset ---- */
+
+static const char eval_usage_text[] =
+    "usage: loupe eval -m MODEL.bin [options] DATA\n"
+    "\n"
+    "Scores Loupe on a labelled dataset with upstream's validation metrics. Prints one\n"
+    "`name value` line each: images, forged (images with a mask), pixel_images (images\n"
+    "whose target has a forged pixel), auc, f1, iou, overall, accuracy; `nan` when a\n"
+    "metric is undefined.\n"
+    "\n"
+    "DATA is a folder with images/ and masks/ (a mask has its image's stem, any supported\n"
+    "format; an image without a mask is authentic), or a text file of lines `IMAGE [MASK]`\n"
+    "(paths relative to the file; blank lines and lines starting with # are skipped).\n"
+    "Every image and mask is decoded before the model runs: a missing or undecodable\n"
+    "file, a mask of another size than its image, two images or masks with one stem or a\n"
+    "mask without an image stops the run with a message naming the file (exit 1).\n"
+    "\n"
+    "  -m, --model FILE      weight file written by tools/convert.py (required)\n"
+    "  -o, --output FILE     also write FILE: a header line, then one line per image,\n"
+    "                        `image,label,probability,predicted_pixels,target_pixels`\n"
+    "                        (forged pixels of the predicted mask and of the target)\n"
+    "      --seed S          seed of the targets' dithering (default 0)\n"
+    "      --threads N       number of threads (default: all cores)\n"
+    "      --max-pixels N    refuse images with more pixels (default 100000000)\n"
+    "  -q, --quiet           no progress on stderr (errors are still reported)\n"
+    "  -h, --help            show this help\n"
+    "\n"
+    "Metrics (LitModel.on_validation_epoch_end): auc = roc_auc_score of the forgery\n"
+    "probabilities (ties count 1/2; nan unless both forged and authentic images are\n"
+    "present); f1 (binary, zero_division=1) and iou (mean over the classes real and\n"
+    "forged of TP/(TP+FP+FN)) over the pooled pixels of the images whose target has a\n"
+    "forged pixel (nan when none has); overall = (auc + iou + f1) / 3; accuracy = share\n"
+    "of images with (probability > 0.5) == label. Predicted mask: probability map > 0.5\n"
+    "at the original size. Target, as upstream's test_collate_fn makes it: the mask in\n"
+    "gray (Pillow's L), (L - min) / (max - min) >= u with one uniform u per pixel from the\n"
+    "splitmix64 stream of --seed, drawn in dataset order (a 0/255 mask keeps its pixels,\n"
+    "but for a draw of exactly 0; a constant mask is an empty target); authentic images\n"
+    "have an empty target.\n"
+    "FILE is written under a temporary name and renamed when complete.\n";
+
+#define EVAL_MAX_SEED 9007199254740992.0 /* 2^53: every seed up to it is exact in a double */
+
+/* What the per-image callback of cli_eval keeps. */
+typedef struct cli_eval_state {
+    int quiet, n;
+    double t0;
+    char *lines;                 /* -o: the lines so far */
+    size_t len, cap;
+    int oom;
+} cli_eval_state;
+
+static void cli_eval_image(void *user, const loupe_eval_image *r)
+{
+    cli_eval_state *st = user;
+    double t = now_seconds();
+    if (!st->quiet && st->n > 1) fprintf(stderr, "[%d/%d] %s %.0f ms\n", r->index + 1, st->n, r->image, 1000.0 * (t - st->t0));
+    st->t0 = t;
+    if (st->lines) {
+        char line[PATH_MAX_LEN + 96];
+        int k = snprintf(line, sizeof line, "%s,%d,%.6f,%lld,%lld\n", r->image, r->label, r->prob, r->pred_forged,
+                         r->target_forged);
+        if (k < 0 || (size_t)k >= sizeof line) return;
+        if (st->len + (size_t)k + 1 > st->cap) {
+            size_t cap = 2 * (st->cap + (size_t)k + 1);
+            char *g = realloc(st->lines, cap);
+            if (!g) { st->oom = 1; return; }
+            st->lines = g;
+            st->cap = cap;
+        }
+        memcpy(st->lines + st->len, line, (size_t)k);
+        st->len += (size_t)k;
+    }
+}
+
+/* Prints one `name value` line (nan spelled the same on every libc). */
+static void cli_eval_print(const char *name, double v)
+{
+    if (v != v) printf("%s nan\n", name);
+    else printf("%s %.6f\n", name, v);
+}
+
+/* `loupe eval ...` (argv[0] is "eval"); returns the exit status. */
+static int cli_eval(int argc, char **argv)
+{
+    static const char header[] = "image,label,probability,predicted_pixels,target_pixels\n";
+    const char *model = NULL, *data = NULL, *output = NULL;
+    size_t max_pixels = LOUPE_DEFAULT_MAX_PIXELS;
+    unsigned long long seed = 0;
+    int threads = 0, quiet = 0, i, status = 1;
+    char err[1024];
+    double v;
+    loupe_model *m = NULL;
+    loupe_session *s = NULL;
+    loupe_dataset *d = NULL;
+    loupe_metrics r;
+    cli_eval_state st;
+    memset(&st, 0, sizeof st);
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i], *next = i + 1 < argc ? argv[i + 1] : NULL;
+        if (a[0] != '-' || !a[1]) {
+            if (data) { fprintf(stderr, "loupe eval: one DATA only (got %s and %s)\n", data, a); return 2; }
+            data = a;
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(eval_usage_text, stdout); return 0; }
+        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { if (!next) goto missing; model = next; i++; }
+        else if (!strcmp(a, "-o") || !strcmp(a, "--output")) { if (!next) goto missing; output = next; i++; }
+        else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) quiet = 1;
+        else if (!strcmp(a, "--seed")) {
+            if (cli_number(a, next, 0, EVAL_MAX_SEED, &v) || v != floor(v)) return 2;
+            seed = (unsigned long long)v;
+            i++;
+        } else if (!strcmp(a, "--threads")) {
+            if (cli_number(a, next, 1, 4096, &v) || v != floor(v)) return 2;
+            threads = (int)v;
+            i++;
+        } else if (!strcmp(a, "--max-pixels")) {
+            if (cli_number(a, next, 1, 1e15, &v)) return 2;
+            max_pixels = (size_t)v;
+            i++;
+        } else { fprintf(stderr, "loupe eval: unknown option %s (see loupe eval -h)\n", a); return 2; }
+        continue;
+    missing:
+        fprintf(stderr, "loupe eval: %s needs a value (see loupe eval -h)\n", a);
+        return 2;
+    }
+    if (!model) { fprintf(stderr, "loupe eval: no model given: use -m MODEL.bin (see loupe eval -h)\n"); return 2; }
+    if (!data) { fprintf(stderr, "loupe eval: no dataset given (see loupe eval -h)\n"); return 2; }
+    if (threads) loupe_set_threads(threads);
+    /* the dataset first: a bad entry is reported before the model is even read */
+    if (!(d = loupe_dataset_open(data, max_pixels, err, sizeof err)) || !(m = loupe_model_load(model, err, sizeof err)) ||
+        !(s = loupe_session_new(m, err, sizeof err))) {
+        fprintf(stderr, "loupe: %s\n", err);
+        goto done;
+    }
+    st.quiet = quiet;
+    st.n = loupe_dataset_count(d);
+    st.t0 = now_seconds();
+    if (output) {
+        st.cap = sizeof header;
+        if (!(st.lines = malloc(st.cap))) { fprintf(stderr, "loupe: out of memory\n"); goto done; }
+        memcpy(st.lines, header, sizeof header - 1);
+        st.len = sizeof header - 1;
+    }
+    if (loupe_evaluate(s, d, seed, &r, cli_eval_image, &st, err, sizeof err)) {
+        fprintf(stderr, "loupe: %s\n", err);
+        goto done;
+    }
+    if (st.oom) { fprintf(stderr, "loupe: out of memory for the lines of %s\n", output); goto done; }
+    printf("images %lld\nforged %lld\npixel_images %lld\n", r.images, r.forged_images, r.pixel_images);
+    cli_eval_print("auc", r.auc);
+    cli_eval_print("f1", r.f1);
+    cli_eval_print("iou", r.iou);
+    cli_eval_print("overall", r.overall);
+    cli_eval_print("accuracy", r.accuracy);
+    fflush(stdout);
+    if (output && cli_write_atomic(output, st.lines, st.len)) goto done;
+    status = 0;
+done:
+    free(st.lines);
+    loupe_session_free(s);
+    loupe_model_free(m);
+    loupe_dataset_free(d);
+    return status;
+}
+
+/* ---- loupe train: upstream's training stages on a labelled dataset ---- */
+
+static const char train_usage[] =
+    "usage: loupe train --stage {cls,seg,cls_seg} -m INIT.bin --train DATA [--valid DATA] -o OUT.bin [options]\n"
+    "\n"
+    "Trains Loupe as upstream's src/train.py does: stage cls trains the classifier, seg the\n"
+    "segmentor (both on a frozen backbone), cls_seg everything (loss 2 x cls + 1 x seg).\n"
+    "DATA is a folder with images/ and masks/ (a mask has its image's stem; an image without\n"
+    "one is authentic) or a text file of lines `IMAGE [MASK]`. Every entry is checked before\n"
+    "training starts. Defaults are upstream's per stage (configs/hparams, configs/model).\n"
+    "\n"
+    "Outputs: OUT.bin (the best model by the stage's validation metric - auc for cls, iou for\n"
+    "seg, overall for cls_seg - or the last one without --valid), OUT.last.bin (the last\n"
+    "model) and OUT.state (optimizer state for --resume). Every file is replaced atomically.\n"
+    "\n"
+    "  --epochs N          passes over the training set (1)\n"
+    "  --batch N           images per batch; the loss is the batch's, as upstream (cls 48,\n"
+    "                      seg 40, cls_seg 32)\n"
+    "  --accum N           batches per optimizer step, each loss divided by N (cls 8, else 3)\n"
+    "  --lr X              learning rate of the heads (cls 5e-4, else 3e-4)\n"
+    "  --backbone-lr X     learning rate of backbone tensors (1e-5)\n"
+    "  --weight-decay X    AdamW weight decay, none for biases (cls 1e-3, else 5e-2)\n"
+    "  --schedule S        wsd, cosine or constant (wsd)\n"
+    "  --warmup F          warm-up length as a fraction of all steps (0.1)\n"
+    "  --decay F           wsd decay length as a fraction of all steps (0.1)\n"
+    "  --clip X            gradient norm clipping (1.0)\n"
+    "  --seed N            data order, mask dithering and the loss's random points (42)\n"
+    "  --freeze-backbone   train no backbone tensor (default of cls and seg)\n"
+    "  --train-backbone    train every backbone tensor (default of cls_seg)\n"
+    "  --train-embeddings  also train the backbone's class and position embeddings when it\n"
+    "                      is frozen, as upstream does by accident (off: a frozen backbone is\n"
+    "                      frozen, and its outputs are kept across epochs)\n"
+    "  --no-warmup-quirk   skip upstream's first step at learning rate 0 (its schedule starts\n"
+    "                      at factor 0: that step only updates the optimizer's moments)\n"
+    "  --max-steps N       stop after N optimizer steps (0: no limit)\n"
+    "  --save-every N      also save OUT.last.bin and OUT.state every N steps (0: per epoch)\n"
+    "  --cache-mib N       memory for kept backbone outputs of a frozen backbone (2048); the\n"
+    "                      rest goes to OUT.features, checked against the model and image\n"
+    "  --resume            continue from OUT.last.bin and OUT.state, bit for bit\n"
+    "  --threads N         OpenMP threads\n"
+    "  -q                  no progress on stderr\n";
+
+/* What --resume restores besides the optimizer: where the run stands. */
+typedef struct train_progress {
+    int64_t epoch, batch, step;       /* next epoch and batch to run, optimizer steps done */
+    double best;                      /* best monitored validation metric so far (-1: none) */
+    int64_t has_best;
+} train_progress;
+
+typedef struct train_cli {
+    const char *model, *train, *valid, *out;
+    int stage, epochs, batch, accum, schedule, max_steps, save_every, quiet, resume, threads, warmup_quirk;
+    int backbone;                     /* -1 stage default, 0 frozen, 1 trained */
+    int embeddings;
+    double lr, backbone_lr, weight_decay, warmup, decay, clip;
+    long cache_mib;
+    unsigned long long seed;
+} train_cli;
+
+/* One number option: "--name VALUE" within [lo, hi] (integer when asked). */
+static int train_number(const char *opt, const char *arg, double lo, double hi, int integer, double *v)
+{
+    char *end;
+    if (!arg) { fprintf(stderr, "loupe train: %s needs a value\n", opt); return -1; }
+    errno = 0;
+    *v = strtod(arg, &end);
+    if (end == arg || *end || errno || !(*v >= lo && *v <= hi) || (integer && *v != floor(*v))) {
+        fprintf(stderr, "loupe train: %s %s: expected %s from %g to %g\n", opt, arg, integer ? "an integer" : "a number",
+                lo, hi);
+        return -1;
+    }
+    return 0;
+}
+
+/* Parses `loupe train` options; 0 to run, 1 after help, 2 on a usage error. */
+static int train_parse(int argc, char **argv, train_cli *o)
+{
+    int i;
+    double v;
+    memset(o, 0, sizeof *o);
+    o->stage = -1;
+    o->epochs = 1;
+    o->batch = o->accum = -1;
+    o->lr = o->backbone_lr = o->weight_decay = -1.0;
+    o->warmup = o->decay = 0.1;
+    o->clip = 1.0;
+    o->seed = 42;
+    o->backbone = -1;
+    o->cache_mib = 2048;
+    o->warmup_quirk = 1;
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i], *next = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(train_usage, stdout); return 1; }
+        else if (!strcmp(a, "--stage")) {
+            if (!next) { fprintf(stderr, "loupe train: --stage needs cls, seg or cls_seg\n"); return 2; }
+            if (!strcmp(next, "cls")) o->stage = LOUPE_TRAIN_CLS;
+            else if (!strcmp(next, "seg")) o->stage = LOUPE_TRAIN_SEG;
+            else if (!strcmp(next, "cls_seg")) o->stage = LOUPE_TRAIN_CLS_SEG;
+            else { fprintf(stderr, "loupe train: --stage %s: expected cls, seg or cls_seg\n", next); return 2; }
+            i++;
+        } else if (!strcmp(a, "-m") || !strcmp(a, "--train") || !strcmp(a, "--valid") || !strcmp(a, "-o")) {
+            if (!next) { fprintf(stderr, "loupe train: %s needs a value\n", a); return 2; }
+            if (!strcmp(a, "-m")) o->model = next;
+            else if (!strcmp(a, "--train")) o->train = next;
+            else if (!strcmp(a, "--valid")) o->valid = next;
+            else o->out = next;
+            i++;
+        } else if (!strcmp(a, "--schedule")) {
+            if (next && !strcmp(next, "wsd")) o->schedule = LOUPE_SCHEDULE_WSD;
+            else if (next && !strcmp(next, "cosine")) o->schedule = LOUPE_SCHEDULE_COSINE;
+            else if (next && !strcmp(next, "constant")) o->schedule = LOUPE_SCHEDULE_CONSTANT;
+            else { fprintf(stderr, "loupe train: --schedule needs wsd, cosine or constant\n"); return 2; }
+            i++;
+        } else if (!strcmp(a, "--epochs")) { if (train_number(a, next, 1, 1e6, 1, &v)) return 2; o->epochs = (int)v; i++; }
+        else if (!strcmp(a, "--batch")) { if (train_number(a, next, 1, 4096, 1, &v)) return 2; o->batch = (int)v; i++; }
+        else if (!strcmp(a, "--accum")) { if (train_number(a, next, 1, 4096, 1, &v)) return 2; o->accum = (int)v; i++; }
+        else if (!strcmp(a, "--lr")) { if (train_number(a, next, 0, 0.999, 0, &o->lr)) return 2; i++; }
+        else if (!strcmp(a, "--backbone-lr")) { if (train_number(a, next, 0, 0.999, 0, &o->backbone_lr)) return 2; i++; }
+        else if (!strcmp(a, "--weight-decay")) { if (train_number(a, next, 0, 0.999, 0, &o->weight_decay)) return 2; i++; }
+        else if (!strcmp(a, "--warmup")) { if (train_number(a, next, 0, 1, 0, &o->warmup)) return 2; i++; }
+        else if (!strcmp(a, "--decay")) { if (train_number(a, next, 0, 1, 0, &o->decay)) return 2; i++; }
+        else if (!strcmp(a, "--clip")) { if (train_number(a, next, 1e-6, 1e9, 0, &o->clip)) return 2; i++; }
+        else if (!strcmp(a, "--seed")) { if (train_number(a, next, 0, 9007199254740992.0, 1, &v)) return 2; o->seed = (unsigned long long)v; i++; }
+        else if (!strcmp(a, "--max-steps")) { if (train_number(a, next, 0, 1e9, 1, &v)) return 2; o->max_steps = (int)v; i++; }
+        else if (!strcmp(a, "--save-every")) { if (train_number(a, next, 0, 1e9, 1, &v)) return 2; o->save_every = (int)v; i++; }
+        else if (!strcmp(a, "--cache-mib")) { if (train_number(a, next, 0, 1e7, 1, &v)) return 2; o->cache_mib = (long)v; i++; }
+        else if (!strcmp(a, "--threads")) { if (train_number(a, next, 1, 1024, 1, &v)) return 2; o->threads = (int)v; i++; }
+        else if (!strcmp(a, "--freeze-backbone")) o->backbone = 0;
+        else if (!strcmp(a, "--train-backbone")) o->backbone = 1;
+        else if (!strcmp(a, "--train-embeddings")) o->embeddings = 1;
+        else if (!strcmp(a, "--no-warmup-quirk")) o->warmup_quirk = 0;
+        else if (!strcmp(a, "--resume")) o->resume = 1;
+        else if (!strcmp(a, "-q")) o->quiet = 1;
+        else { fprintf(stderr, "loupe train: unknown option %s (see loupe train -h)\n", a); return 2; }
+    }
+    if (o->stage < 0 || !o->model || !o->train || !o->out) {
+        fprintf(stderr, "loupe train: --stage, -m, --train and -o are required (see loupe train -h)\n");
+        return 2;
+    }
+    if (strlen(o->out) + 16 > PATH_MAX_LEN) { fprintf(stderr, "loupe train: -o %s: path too long\n", o->out); return 2; }
+    if (o->batch < 0) o->batch = o->stage == LOUPE_TRAIN_CLS ? 48 : o->stage == LOUPE_TRAIN_SEG ? 40 : 32;
+    if (o->accum < 0) o->accum = o->stage == LOUPE_TRAIN_CLS ? 8 : 3;
+    return 0;
+}
+
+/* A splitmix64 draw: the data order's and the dithering streams' seeds. */
+static uint64_t train_mix(uint64_t z)
+{
+    z += SEG_SPLITMIX_GOLDEN;
+    z = (z ^ (z >> 30)) * SEG_SPLITMIX_MUL1;
+    z = (z ^ (z >> 27)) * SEG_SPLITMIX_MUL2;
+    return z ^ (z >> 31);
+}
+
+/* The order of epoch e: a Fisher-Yates shuffle driven by splitmix64(seed, e). */
+static void train_order(int *order, int n, unsigned long long seed, int64_t epoch)
+{
+    uint64_t state = train_mix(seed ^ train_mix((uint64_t)epoch + 0x5eedull));
+    int i;
+    for (i = 0; i < n; i++) order[i] = i;
+    for (i = n - 1; i > 0; i--) {
+        int j, tmp;
+        state = train_mix(state);
+        j = (int)(state % (uint64_t)(i + 1));
+        tmp = order[i]; order[i] = order[j]; order[j] = tmp;
+    }
+}
+
+/* FNV-1a over bytes. */
+static uint64_t train_hash(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *c = (const unsigned char *)p;
+    size_t i;
+    for (i = 0; i < n; i++) h = (h ^ c[i]) * 0x100000001B3ull;
+    return h;
+}
+
+/* Kept outputs of a frozen backbone, per dataset entry: in memory up to a limit, the
+ * rest in a file of slots [pixel hash (8 bytes)][floats], whose header names the model
+ * (a hash of its backbone tensors) so a stale file is never read. */
+#define FEATURE_MAGIC "LOUPEFEA"
+typedef struct feature_cache {
+    size_t floats;                    /* per entry */
+    int n, in_memory;                 /* entries; how many live in memory */
+    float **mem;                      /* [in_memory] */
+    uint64_t *hash;                   /* [n] pixel hash of each kept entry (0: none) */
+    unsigned char *have;              /* [n] */
+    FILE *file;
+    char path[PATH_MAX_LEN];
+    uint64_t model;
+    long hits, misses;
+} feature_cache;
+
+static uint64_t model_backbone_hash(const loupe_model *m)
+{
+    uint64_t h = 0xCBF29CE484222325ull;
+    int i;
+    for (i = 0; i < m->n_entries; i++) {
+        const tensor_entry *e = &m->entries[i];
+        if (e->name_len < 9 || memcmp(e->name, "backbone.", 9)) continue;
+        h = train_hash(h, e->name, (size_t)e->name_len);
+        h = train_hash(h, m->data + e->offset, (size_t)e->nbytes);
+    }
+    return h;
+}
+
+static int feature_cache_open(feature_cache *fc, const loupe_model *m, size_t floats, int n, long mib, const char *out)
+{
+    size_t slot = floats * sizeof(float);
+    memset(fc, 0, sizeof *fc);
+    fc->floats = floats;
+    fc->n = n;
+    if (!floats) return 0;
+    fc->in_memory = (int)((double)mib * 1048576.0 / (double)slot) < n ? (int)((double)mib * 1048576.0 / (double)slot) : n;
+    fc->mem = calloc((size_t)fc->in_memory + 1, sizeof *fc->mem);
+    fc->hash = calloc((size_t)n, sizeof *fc->hash);
+    fc->have = calloc((size_t)n, 1);
+    if (!fc->mem || !fc->hash || !fc->have) return -1;
+    if (fc->in_memory < n) {
+        unsigned char hdr[24];
+        fc->model = model_backbone_hash(m);
+        snprintf(fc->path, sizeof fc->path, "%s.features", out);
+        fc->file = fopen(fc->path, "w+b");
+        if (!fc->file) { fprintf(stderr, "loupe train: cannot create %s: %s\n", fc->path, strerror(errno)); return -1; }
+        memcpy(hdr, FEATURE_MAGIC, 8);
+        memcpy(hdr + 8, &fc->model, 8);
+        memcpy(hdr + 16, &floats, sizeof floats < 8 ? sizeof floats : 8);
+        if (fwrite(hdr, 1, 24, fc->file) != 24) { fprintf(stderr, "loupe train: cannot write %s\n", fc->path); return -1; }
+    }
+    return 0;
+}
+
+static void feature_cache_close(feature_cache *fc)
+{
+    int i;
+    if (fc->mem)
+        for (i = 0; i < fc->in_memory; i++) free(fc->mem[i]);
+    free(fc->mem);
+    free(fc->hash);
+    free(fc->have);
+    if (fc->file) { fclose(fc->file); remove(fc->path); }
+    memset(fc, 0, sizeof *fc);
+}
+
+/* The kept outputs of entry i into buf when they exist and came from these pixels. */
+static int feature_cache_get(feature_cache *fc, int i, uint64_t pixels, float *buf)
+{
+    if (!fc->floats || !fc->have[i] || fc->hash[i] != pixels) return 0;
+    if (i < fc->in_memory) memcpy(buf, fc->mem[i], fc->floats * sizeof *buf);
+    else {
+        uint64_t stored;
+        long long off = 24 + (long long)(i - fc->in_memory) * (long long)(8 + fc->floats * sizeof(float));
+        if (fseek(fc->file, (long)off, SEEK_SET) != 0 || fread(&stored, 8, 1, fc->file) != 1 || stored != pixels ||
+            fread(buf, sizeof *buf, fc->floats, fc->file) != fc->floats)
+            return 0;
+    }
+    fc->hits++;
+    return 1;
+}
+
+static void feature_cache_put(feature_cache *fc, int i, uint64_t pixels, const float *buf)
+{
+    fc->misses++;
+    if (!fc->floats) return;
+    if (i < fc->in_memory) {
+        if (!fc->mem[i] && !(fc->mem[i] = malloc(fc->floats * sizeof *buf))) return;
+        memcpy(fc->mem[i], buf, fc->floats * sizeof *buf);
+    } else {
+        long long off = 24 + (long long)(i - fc->in_memory) * (long long)(8 + fc->floats * sizeof(float));
+        if (fseek(fc->file, (long)off, SEEK_SET) != 0 || fwrite(&pixels, 8, 1, fc->file) != 1 ||
+            fwrite(buf, sizeof *buf, fc->floats, fc->file) != fc->floats)
+            return;
+    }
+    fc->hash[i] = pixels;
+    fc->have[i] = 1;
+}
+
+/* Buffers of one batch. */
+typedef struct train_batch {
+    loupe_example *ex;
+    float *pixels, *masks, *patches, *features;
+} train_batch;
+
+/* Loads and prepares dataset entry idx into slot b (dithering from a stream that depends
+ * only on the seed, the epoch and the entry, so a resumed run draws the same). */
+static int train_load(const loupe_model *m, loupe_trainer *t, const loupe_dataset *d, int idx, int64_t epoch,
+                      unsigned long long seed, feature_cache *fc, train_batch *tb, int b, char *err, size_t errsize)
+{
+    const loupe_config *c = loupe_model_config(m);
+    size_t S2 = (size_t)c->image_size * c->image_size, g2 = (size_t)c->grid * c->grid;
+    loupe_image img, mask;
+    loupe_splitmix st;
+    loupe_uniform u;
+    loupe_example *ex = &tb->ex[b];
+    int rc, n_targets = 0;
+    memset(&img, 0, sizeof img);
+    memset(&mask, 0, sizeof mask);
+    st.seed = train_mix(seed ^ train_mix(((uint64_t)epoch << 32) ^ (uint64_t)idx ^ 0xd17eull));
+    st.counter = 0;
+    u.fill = loupe_splitmix_fill;
+    u.state = &st;
+    if (loupe_dataset_load(d, idx, &img, &mask, err, errsize)) return -1;
+    ex->pixel_values = tb->pixels + (size_t)b * 3 * S2;
+    ex->mask_labels = tb->masks + (size_t)b * S2;
+    ex->patch_labels = tb->patches + (size_t)b * g2;
+    rc = loupe_prepare_example(m, &img, mask.rgb ? &mask : NULL, &u, (float *)ex->pixel_values, (float *)ex->mask_labels,
+                               &n_targets, (float *)ex->patch_labels, err, errsize);
+    ex->n_targets = n_targets;
+    ex->label = mask.rgb != NULL;
+    loupe_image_free(&img);
+    loupe_image_free(&mask);
+    if (rc) return -1;
+    ex->features = NULL;
+    if (fc->floats) {
+        float *f = tb->features + (size_t)b * fc->floats;
+        uint64_t h = train_hash(0xCBF29CE484222325ull, ex->pixel_values, 3 * S2 * sizeof(float));
+        if (!feature_cache_get(fc, idx, h, f)) {
+            if (loupe_trainer_features(t, ex->pixel_values, f, err, errsize)) return -1;
+            feature_cache_put(fc, idx, h, f);
+        }
+        ex->features = f;
+    }
+    return 0;
+}
+
+/* OUT.bin, OUT.last.bin, OUT.state, written atomically. */
+static void train_paths(const char *out, char *last, char *state)
+{
+    size_t n = strlen(out);
+    if (n > 4 && !strcmp(out + n - 4, ".bin")) n -= 4;
+    snprintf(last, PATH_MAX_LEN, "%.*s.last.bin", (int)n, out);
+    snprintf(state, PATH_MAX_LEN, "%.*s.state", (int)n, out);
+}
+
+/* The monitored metric of a stage (upstream's configs/ckpt: auc, iou, overall). */
+static double train_monitored(int stage, const loupe_metrics *mt)
+{
+    return stage == LOUPE_TRAIN_CLS ? mt->auc : stage == LOUPE_TRAIN_SEG ? mt->iou : mt->overall;
+}
+
+static int cli_train(int argc, char **argv)
+{
+    train_cli o;
+    loupe_train_options to;
+    loupe_model *m = NULL;
+    loupe_trainer *t = NULL;
+    loupe_session *vs = NULL;
+    loupe_dataset *train = NULL, *valid = NULL;
+    feature_cache fc;
+    train_batch tb;
+    train_progress pr;
+    char err[512], last[PATH_MAX_LEN], state[PATH_MAX_LEN];
+    int rc, status = 1, n, n_batches, steps_per_epoch, total_steps, *order = NULL, b;
+    double t0, images_done = 0.0;
+    const char *monitored_name;
+    memset(&fc, 0, sizeof fc);
+    memset(&tb, 0, sizeof tb);
+    rc = train_parse(argc, argv, &o);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (o.threads) loupe_set_threads(o.threads);
+    train_paths(o.out, last, state);
+    monitored_name = o.stage == LOUPE_TRAIN_CLS ? "auc" : o.stage == LOUPE_TRAIN_SEG ? "iou" : "overall";
+    /* every input is checked before any compute */
+    if (!(train = loupe_dataset_open(o.train, LOUPE_DEFAULT_MAX_PIXELS, err, sizeof err)) ||
+        (o.valid && !(valid = loupe_dataset_open(o.valid, LOUPE_DEFAULT_MAX_PIXELS, err, sizeof err)))) {
+        fprintf(stderr, "loupe train: %s\n", err);
+        goto done;
+    }
+    if (!(m = loupe_model_load(o.resume ? last : o.model, err, sizeof err))) {
+        fprintf(stderr, "loupe train: %s\n", err);
+        goto done;
+    }
+    loupe_train_default_options(&to, o.stage);
+    if (o.lr >= 0.0) to.lr = o.lr;
+    if (o.backbone_lr >= 0.0) to.backbone_lr = o.backbone_lr;
+    if (o.weight_decay >= 0.0) to.weight_decay = o.weight_decay;
+    if (o.backbone >= 0) to.train_backbone = o.backbone;
+    to.train_embeddings = o.embeddings;
+    to.clip_norm = o.clip;
+    to.seed = o.seed;
+    if (!(t = loupe_trainer_new(m, &to, err, sizeof err))) { fprintf(stderr, "loupe train: %s\n", err); goto done; }
+    memset(&pr, 0, sizeof pr);
+    pr.best = -1.0;
+    if (o.resume && loupe_trainer_load_state(t, state, &pr, sizeof pr, err, sizeof err)) {
+        fprintf(stderr, "loupe train: --resume: %s\n", err);
+        goto done;
+    }
+    n = loupe_dataset_count(train);
+    n_batches = (n + o.batch - 1) / o.batch;
+    steps_per_epoch = (n_batches + o.accum - 1) / o.accum;
+    total_steps = steps_per_epoch * o.epochs;
+    {
+        const loupe_config *c = loupe_model_config(m);
+        size_t S2 = (size_t)c->image_size * c->image_size, g2 = (size_t)c->grid * c->grid;
+        size_t ff = loupe_trainer_feature_floats(t);
+        tb.ex = calloc((size_t)o.batch, sizeof *tb.ex);
+        tb.pixels = malloc((size_t)o.batch * 3 * S2 * sizeof(float));
+        tb.masks = malloc((size_t)o.batch * S2 * sizeof(float));
+        tb.patches = malloc((size_t)o.batch * g2 * sizeof(float));
+        tb.features = ff ? malloc((size_t)o.batch * ff * sizeof(float)) : NULL;
+        order = malloc((size_t)n * sizeof *order);
+        if (!tb.ex || !tb.pixels || !tb.masks || !tb.patches || (ff && !tb.features) || !order ||
+            feature_cache_open(&fc, m, ff, n, o.cache_mib, o.out)) {
+            fprintf(stderr, "loupe train: out of memory\n");
+            goto done;
+        }
+    }
+    if (valid && !(vs = loupe_session_new(m, err, sizeof err))) { fprintf(stderr, "loupe train: %s\n", err); goto done; }
+    if (vs) loupe_session_use_tta(vs, t, NULL, 0);
+    if (!o.quiet) {
+        int tensors, forged = 0;
+        size_t values;
+        const char *img, *msk;
+        for (b = 0; b < n; b++) forged += loupe_dataset_entry(train, b, &img, &msk) == 0 && msk != NULL;
+        loupe_trainer_size(t, &tensors, &values);
+        fprintf(stderr, "loupe train: stage %s, %d images (%d forged), %d epochs of %d steps (%d batches of %d "
+                "images each); %d tensors (%.2f M values) train%s\n",
+                o.stage == LOUPE_TRAIN_CLS ? "cls" : o.stage == LOUPE_TRAIN_SEG ? "seg" : "cls_seg", n, forged, o.epochs,
+                steps_per_epoch, o.accum, o.batch, tensors, values / 1e6,
+                loupe_trainer_feature_floats(t) ? "; the frozen backbone's outputs are kept" : "");
+        if (o.resume)
+            fprintf(stderr, "loupe train: resuming at epoch %lld, batch %lld, step %lld\n", (long long)pr.epoch + 1,
+                    (long long)pr.batch, (long long)pr.step);
+    }
+    t0 = now_seconds();
+    while (pr.epoch < o.epochs && !(o.max_steps && pr.step >= o.max_steps)) {
+        int in_step = 0;
+        loupe_train_loss sum;
+        memset(&sum, 0, sizeof sum);
+        train_order(order, n, o.seed, pr.epoch);
+        for (; pr.batch < n_batches; pr.batch++) {
+            int first = (int)pr.batch * o.batch, count = n - first < o.batch ? n - first : o.batch;
+            loupe_train_loss l;
+            for (b = 0; b < count; b++)
+                if (train_load(m, t, train, order[first + b], pr.epoch, o.seed, &fc, &tb, b, err, sizeof err)) {
+                    fprintf(stderr, "loupe train: %s\n", err);
+                    goto done;
+                }
+            if (loupe_trainer_accumulate(t, tb.ex, count, 1.0 / o.accum, &l, err, sizeof err)) {
+                fprintf(stderr, "loupe train: %s\n", err);
+                goto done;
+            }
+            images_done += count;
+            sum.total += l.total / o.accum; sum.cls += l.cls / o.accum; sum.seg += l.seg / o.accum;
+            in_step++;
+            if (in_step == o.accum || pr.batch == n_batches - 1) {
+                /* upstream's LambdaLR: step s uses factor(s), s = 0 first (lr 0 there) */
+                long s = (long)pr.step + (o.warmup_quirk ? 0 : 1);
+                double factor = loupe_lr_factor(o.schedule, s, (double)total_steps, o.warmup * total_steps,
+                                                o.decay * total_steps), norm = 0.0;
+                if (loupe_trainer_update(t, factor, &norm, err, sizeof err)) {
+                    fprintf(stderr, "loupe train: step %lld: %s\n", (long long)pr.step + 1, err);
+                    goto done;
+                }
+                pr.step++;
+                if (!o.quiet) {
+                    double el = now_seconds() - t0, rate = images_done / (el > 0 ? el : 1e-9);
+                    double left = ((double)total_steps - (double)pr.step) * o.accum * o.batch / (rate > 0 ? rate : 1e-9);
+                    fprintf(stderr, "step %lld/%d epoch %lld/%d loss %.5f (cls %.5f seg %.5f) grad-norm %.3g lr %.3g "
+                            "%.2f img/s ETA %.0fs\n", (long long)pr.step, total_steps, (long long)pr.epoch + 1, o.epochs,
+                            sum.total, sum.cls, sum.seg, norm, to.lr * factor, rate, left);
+                }
+                memset(&sum, 0, sizeof sum);
+                in_step = 0;
+                if (o.save_every && pr.step % o.save_every == 0 && pr.batch + 1 < n_batches) {
+                    train_progress at = pr;
+                    at.batch++;
+                    if (loupe_trainer_save(t, last, err, sizeof err) ||
+                        loupe_trainer_save_state(t, state, &at, sizeof at, err, sizeof err)) {
+                        fprintf(stderr, "loupe train: %s\n", err);
+                        goto done;
+                    }
+                }
+                if (o.max_steps && pr.step >= o.max_steps) break;
+            }
+        }
+        /* end of epoch (or of --max-steps): validation, the best and the last model, the state */
+        {
+            train_progress at = pr;
+            int finished = pr.batch >= n_batches;
+            if (finished) {
+                at.epoch++;
+                at.batch = 0;
+            } else at.batch++;   /* stopped by --max-steps right after this batch's update */
+            if (valid && finished) {
+                loupe_metrics mt;
+                double v;
+                if (loupe_evaluate(vs, valid, o.seed, &mt, NULL, NULL, err, sizeof err)) {
+                    fprintf(stderr, "loupe train: validation: %s\n", err);
+                    goto done;
+                }
+                v = train_monitored(o.stage, &mt);
+                if (!o.quiet)
+                    fprintf(stderr, "epoch %lld valid: auc %.4f f1 %.4f iou %.4f overall %.4f accuracy %.4f (%lld images)\n",
+                            (long long)pr.epoch + 1, mt.auc, mt.f1, mt.iou, mt.overall, mt.accuracy, mt.images);
+                if (v == v && (!at.has_best || v > at.best)) {
+                    at.best = v;
+                    at.has_best = 1;
+                    if (loupe_trainer_save(t, o.out, err, sizeof err)) { fprintf(stderr, "loupe train: %s\n", err); goto done; }
+                    if (!o.quiet) fprintf(stderr, "best %s %.4f: wrote %s\n", monitored_name, v, o.out);
+                }
+            } else if (!valid && loupe_trainer_save(t, o.out, err, sizeof err)) {
+                fprintf(stderr, "loupe train: %s\n", err);
+                goto done;
+            }
+            if (loupe_trainer_save(t, last, err, sizeof err) ||
+                loupe_trainer_save_state(t, state, &at, sizeof at, err, sizeof err)) {
+                fprintf(stderr, "loupe train: %s\n", err);
+                goto done;
+            }
+            pr = at;
+        }
+    }
+    if (valid && !pr.has_best && loupe_trainer_save(t, o.out, err, sizeof err)) {
+        fprintf(stderr, "loupe train: %s\n", err);
+        goto done;
+    }
+    if (!o.quiet)
+        fprintf(stderr, "loupe train: %lld steps in %.1f s; kept backbone outputs: %ld reused, %ld computed\n",
+                (long long)pr.step, now_seconds() - t0, fc.hits, fc.misses);
+    status = 0;
+done:
+    feature_cache_close(&fc);
+    free(tb.ex); free(tb.pixels); free(tb.masks); free(tb.patches); free(tb.features);
+    free(order);
+    loupe_session_free(vs);
+    loupe_trainer_free(t);
+    loupe_model_free(m);
+    loupe_dataset_free(train);
+    loupe_dataset_free(valid);
+    return status;
+}
+
 /* ---- `loupe init`: a randomly initialised weight file ---- */
 
 static const char init_usage[] =
@@ -11376,13 +14151,15 @@ int main(int argc, char **argv)
     char err[512], path[PATH_MAX_LEN];
     loupe_model *m = NULL;
     loupe_session *s = NULL;
-    loupe_tta *adapter = NULL;
+    loupe_trainer *adapter = NULL;
     cli_loader loader;
     float *pixels = NULL;
     char *pred = NULL;
     unsigned char *clash = NULL;
     size_t pred_len = 0, pred_cap = 0;
     int status = 0, i, rc;
+    if (argc > 1 && !strcmp(argv[1], "eval")) return cli_eval(argc - 1, argv + 1);
+    if (argc > 1 && !strcmp(argv[1], "train")) return cli_train(argc - 1, argv + 1);
     if (argc > 1 && !strcmp(argv[1], "init")) return cli_init(argc, argv);
     memset(&o, 0, sizeof o);
     rc = cli_parse(argc, argv, &o);

@@ -412,6 +412,415 @@ static void test_einsum(void)
     report_add("mask_einsum_backward", doubling_error(dmf, dmf2, ME_P * ME_F));
 }
 
+/* ---- nn.Linear on a weight in any storage (the frozen backbone's BF16/Q8 matrices) ---- */
+enum { LW_ROWS = 5, LW_IN = 9, LW_OUT = 7, LW_LDX = 11, LW_LDY = 8, LW_LDDX = 10 };
+typedef struct linw_ctx { float x[LW_ROWS * LW_LDX], w[LW_OUT * LW_IN], b[LW_OUT], r[LW_ROWS * LW_LDY]; } linw_ctx;
+static double linw_f(void *p)
+{
+    linw_ctx *c = p;
+    float y[LW_ROWS * LW_LDY];
+    int i, j;
+    double s = 0.0;
+    gemm_nt_w(LW_ROWS, LW_OUT, LW_IN, c->x, LW_LDX, wmat_f32(c->w, LW_IN), c->b, y, LW_LDY, 0);
+    for (i = 0; i < LW_ROWS; i++)
+        for (j = 0; j < LW_OUT; j++) s += (double)c->r[i * LW_LDY + j] * y[i * LW_LDY + j];
+    return s;
+}
+static void test_linear_w(void)
+{
+    static linw_ctx c;
+    float dx[LW_ROWS * LW_LDDX], dx2[LW_ROWS * LW_LDDX], dxb[LW_ROWS * LW_LDDX], dw[LW_OUT * LW_IN], db[LW_OUT];
+    float dxf[LW_ROWS * LW_IN], rounded[LW_OUT * LW_IN];
+    uint16_t bf[LW_OUT * LW_IN];
+    linear_g g, none = {NULL, NULL};
+    uint64_t s = 11;
+    int i, r, same = 1;
+    fill(c.x, sizeof c.x / 4, &s, 1); fill(c.w, sizeof c.w / 4, &s, 1); fill(c.b, LW_OUT, &s, 1);
+    fill(c.r, sizeof c.r / 4, &s, 1);
+    memset(dx, 0, sizeof dx); memset(dw, 0, sizeof dw); memset(db, 0, sizeof db);
+    g.w = dw; g.b = db;
+    linear_backward_w(dx, LW_LDDX, g, c.r, LW_LDY, c.x, LW_LDX, LW_ROWS, LW_IN, LW_OUT, wmat_f32(c.w, LW_IN));
+    for (r = 0; r < LW_ROWS; r++) memcpy(dxf + r * LW_IN, dx + r * LW_LDDX, LW_IN * sizeof *dx);
+    { /* the input gradient, gathered from its row stride, against differences of x */
+        float xs[LW_ROWS * LW_IN], keep[LW_ROWS * LW_LDX];
+        double maxd = 0.0, maxa = 0.0;
+        memcpy(keep, c.x, sizeof keep);
+        for (i = 0; i < LW_ROWS * LW_IN; i++) xs[i] = c.x[(i / LW_IN) * LW_LDX + i % LW_IN];
+        for (i = 0; i < LW_ROWS * LW_IN; i++) {
+            float *x = &c.x[(i / LW_IN) * LW_LDX + i % LW_IN], k0 = *x;
+            double fp, fm, fd;
+            *x = k0 + FD_STEP; fp = linw_f(&c);
+            *x = k0 - FD_STEP; fm = linw_f(&c);
+            *x = k0;
+            fd = (fp - fm) / ((double)(k0 + FD_STEP) - (double)(k0 - FD_STEP));
+            if (fabs(fd - dxf[i]) > maxd) maxd = fabs(fd - dxf[i]);
+            if (fabs(dxf[i]) > maxa) maxa = fabs(dxf[i]);
+        }
+        (void)xs;
+        report("linear_backward_w", "x (strided)", maxa > 0 ? maxd / maxa : maxd);
+    }
+    report("linear_backward_w", "weight", fd_error(linw_f, &c, c.w, dw, LW_OUT * LW_IN, FD_STEP, NULL));
+    report("linear_backward_w", "bias", fd_error(linw_f, &c, c.b, db, LW_OUT, FD_STEP, NULL));
+    memcpy(dx2, dx, sizeof dx);
+    linear_backward_w(dx2, LW_LDDX, none, c.r, LW_LDY, c.x, LW_LDX, LW_ROWS, LW_IN, LW_OUT, wmat_f32(c.w, LW_IN));
+    report_add("linear_backward_w", doubling_error(dx, dx2, sizeof dx / 4));
+    /* a BF16 weight: the input gradient of its float32 values, bit for bit */
+    for (i = 0; i < LW_OUT * LW_IN; i++) {
+        bf[i] = (uint16_t)(float_bits(c.w[i]) >> 16);
+        rounded[i] = bits_float((uint32_t)bf[i] << 16);
+    }
+    memset(dx, 0, sizeof dx); memset(dxb, 0, sizeof dxb);
+    linear_backward_w(dx, LW_LDDX, none, c.r, LW_LDY, c.x, LW_LDX, LW_ROWS, LW_IN, LW_OUT, wmat_f32(rounded, LW_IN));
+    {
+        wmat m = wmat_f32(NULL, LW_IN);
+        m.data = bf;
+        m.dtype = DTYPE_BF16;
+        linear_backward_w(dxb, LW_LDDX, none, c.r, LW_LDY, c.x, LW_LDX, LW_ROWS, LW_IN, LW_OUT, m);
+    }
+    for (i = 0; i < LW_ROWS * LW_LDDX; i++) same &= dx[i] == dxb[i];
+    check(same, "linear_backward_w: a BF16 weight gives its float32 values' input gradient", 0.0);
+}
+
+/* ---- the backbone and the classifier on a model of odd small sizes (no weight file) ----
+ * grid 3 (T = 10 tokens), width 12, 3 heads of 4, MLP 7, 2 blocks; pooling 2 heads of 6,
+ * MLP 5; classifier heads of 3 layers, hidden 5. RoPE tables hold arbitrary values (the
+ * backward is the transposed map whatever they are). */
+enum { TN_G = 3, TN_N = 9, TN_T = 10, TN_W = 12, TN_HEADS = 3, TN_DH = 4, TN_M = 7, TN_LAYERS = 2, TN_PH = 2,
+       TN_PM = 5, TN_HD = 5, TN_CL = 3, TN_P = 2, TN_S = 6, TN_STORE = 8192, TN_MAX_PARAMS = 64 };
+enum { TN_BLOCK, TN_EMBED, TN_POOL, TN_HEAD, TN_CLASSIFIER, TN_VIT };
+
+typedef struct tparam { char name[64]; float *p, *g; size_t n; int group; } tparam;
+
+typedef struct tiny_net {
+    loupe_model m;
+    loupe_session *s;
+    pe_tape bt;
+    cls_tape ct;
+    pe_work k;
+    void *raw;
+    pe_block_w blocks[TN_LAYERS];
+    pe_grads pg;
+    pe_block_g bg[TN_LAYERS];
+    cls_grads cg;
+    float store[TN_STORE], grad[TN_STORE];
+    size_t used;
+    tparam params[TN_MAX_PARAMS];
+    int np, group, mode;
+    float rope_cos[TN_T * TN_DH], rope_sin[TN_T * TN_DH];
+    float px[3 * TN_S * TN_S], in[TN_T * TN_W], pooled_in[TN_W], r[TN_T * TN_W], r2[TN_W + TN_N + 1];
+} tiny_net;
+
+/* Takes one parameter tensor (random values) and its gradient buffer. */
+static float *tn_take(tiny_net *n, const char *name, const char *suffix, size_t count, float **grad, float scale,
+                      float offset, uint64_t *seed)
+{
+    tparam *p = &n->params[n->np++];
+    size_t i;
+    snprintf(p->name, sizeof p->name, "%s%s", name, suffix);
+    p->p = n->store + n->used;
+    p->g = n->grad + n->used;
+    p->n = count;
+    p->group = n->group;
+    n->used += count;
+    for (i = 0; i < count; i++) p->p[i] = offset + scale * rnd(seed);
+    *grad = p->g;
+    return p->p;
+}
+static linear_w tn_linear(tiny_net *n, const char *name, int out, int in, linear_g *g, uint64_t *seed)
+{
+    linear_w l;
+    l.w = wmat_f32(tn_take(n, name, ".weight", (size_t)out * in, &g->w, 1.0f / sqrtf((float)in), 0.0f, seed), (size_t)in);
+    l.b = tn_take(n, name, ".bias", (size_t)out, &g->b, 0.5f, 0.0f, seed);
+    return l;
+}
+static norm_w tn_norm(tiny_net *n, const char *name, int dim, norm_g *g, uint64_t *seed)
+{
+    norm_w l;
+    l.w = tn_take(n, name, ".weight", (size_t)dim, &g->w, 0.5f, 1.0f, seed);
+    l.b = tn_take(n, name, ".bias", (size_t)dim, &g->b, 0.5f, 0.0f, seed);
+    return l;
+}
+
+/* Groups of parameters, checked by the modes that reach them. */
+enum { GR_EMBED, GR_BLOCK0, GR_BLOCK1, GR_LN_POST, GR_POOL, GR_GLOBAL, GR_PATCH, GR_FUSER };
+
+static int tn_init(tiny_net *n)
+{
+    loupe_config *c = &n->m.cfg;
+    loupe_weights *w = &n->m.w;
+    char err[256], name[64];
+    arena a = {NULL, 0, 0};
+    uint64_t seed = 21;
+    int i, h;
+    memset(n, 0, sizeof *n);
+    c->image_size = TN_S; c->patch_size = TN_P; c->grid = TN_G; c->width = TN_W; c->layers = TN_LAYERS;
+    c->heads = TN_HEADS; c->mlp_width = TN_M; c->pool_heads = TN_PH; c->pool_mlp_width = TN_PM;
+    c->cls_hidden = TN_HD; c->cls_layers = TN_CL; c->ln_eps = 1e-5f;
+    n->group = GR_EMBED;
+    w->class_embedding = tn_take(n, "class_embedding", "", TN_W, &n->pg.class_embedding, 1.0f, 0.0f, &seed);
+    w->positional_embedding = tn_take(n, "positional_embedding", "", TN_T * TN_W, &n->pg.positional_embedding, 1.0f, 0.0f, &seed);
+    w->conv1 = wmat_f32(tn_take(n, "conv1", ".weight", TN_W * 3 * TN_P * TN_P, &n->pg.conv1, 0.3f, 0.0f, &seed), 3 * TN_P * TN_P);
+    w->ln_pre = tn_norm(n, "ln_pre", TN_W, &n->pg.ln_pre, &seed);
+    w->blocks = n->blocks;
+    n->pg.blocks = n->bg;
+    for (i = 0; i < TN_LAYERS; i++) {
+        pe_block_w *b = &n->blocks[i];
+        pe_block_g *g = &n->bg[i];
+        n->group = GR_BLOCK0 + i;
+        snprintf(name, sizeof name, "blocks.%d.ln_1", i); b->ln_1 = tn_norm(n, name, TN_W, &g->ln_1, &seed);
+        snprintf(name, sizeof name, "blocks.%d.qkv", i); b->qkv = tn_linear(n, name, 3 * TN_W, TN_W, &g->qkv, &seed);
+        snprintf(name, sizeof name, "blocks.%d.out", i); b->out = tn_linear(n, name, TN_W, TN_W, &g->out, &seed);
+        snprintf(name, sizeof name, "blocks.%d.ln_2", i); b->ln_2 = tn_norm(n, name, TN_W, &g->ln_2, &seed);
+        snprintf(name, sizeof name, "blocks.%d.c_fc", i); b->fc = tn_linear(n, name, TN_M, TN_W, &g->fc, &seed);
+        snprintf(name, sizeof name, "blocks.%d.c_proj", i); b->proj = tn_linear(n, name, TN_W, TN_M, &g->proj, &seed);
+    }
+    n->group = GR_LN_POST;
+    w->ln_post = tn_norm(n, "ln_post", TN_W, &n->pg.ln_post, &seed);
+    n->group = GR_POOL;
+    w->pool.probe = tn_take(n, "attn_pool.probe", "", TN_W, &n->pg.pool.probe, 2.0f, 0.0f, &seed);
+    w->pool.qkv = tn_linear(n, "attn_pool.in_proj", 3 * TN_W, TN_W, &n->pg.pool.qkv, &seed);
+    w->pool.out = tn_linear(n, "attn_pool.out_proj", TN_W, TN_W, &n->pg.pool.out, &seed);
+    w->pool.ln = tn_norm(n, "attn_pool.layernorm", TN_W, &n->pg.pool.ln, &seed);
+    w->pool.fc = tn_linear(n, "attn_pool.c_fc", TN_PM, TN_W, &n->pg.pool.fc, &seed);
+    w->pool.proj = tn_linear(n, "attn_pool.c_proj", TN_W, TN_PM, &n->pg.pool.proj, &seed);
+    for (h = 0; h < 2; h++) {
+        cls_head_w *hw = h ? &w->patch_head : &w->global_head;
+        cls_head_g *hg = h ? &n->cg.patch_head : &n->cg.global_head;
+        n->group = h ? GR_PATCH : GR_GLOBAL;
+        for (i = 0; i < TN_CL; i++) {
+            snprintf(name, sizeof name, "%s.layers.%d", h ? "patch_classifier" : "classifier", i);
+            hw->layers[i] = tn_linear(n, name, i == TN_CL - 1 ? 1 : TN_HD, i ? TN_HD : TN_W, &hg->layers[i], &seed);
+        }
+    }
+    n->group = GR_FUSER;
+    w->fuser = tn_take(n, "fuser.fuse", ".weight", TN_N + 1, &n->cg.fuser, 0.5f, 0.0f, &seed);
+    fill(n->rope_cos, TN_T * TN_DH, &seed, 1.0f);
+    fill(n->rope_sin, TN_T * TN_DH, &seed, 1.0f);
+    n->m.t.rope_cos = n->rope_cos;
+    n->m.t.rope_sin = n->rope_sin;
+    fill(n->px, sizeof n->px / 4, &seed, 1.0f);
+    fill(n->in, sizeof n->in / 4, &seed, 2.0f); /* about unit variance, as LayerNorm outputs */
+    fill(n->pooled_in, sizeof n->pooled_in / 4, &seed, 1.0f);
+    fill(n->r, sizeof n->r / 4, &seed, 1.0f);
+    fill(n->r2, sizeof n->r2 / 4, &seed, 1.0f);
+    n->s = loupe_session_new(&n->m, err, sizeof err);
+    if (!n->s) { printf("FAIL %s\n", err); return -1; }
+    pe_train_layout(&n->m.cfg, &n->bt, &n->ct, &n->k, &a);
+    a.cap = a.used;
+    a.used = 0;
+    a.base = aligned_block(a.cap, &n->raw);
+    if (!a.base) { printf("FAIL out of memory\n"); return -1; }
+    pe_train_layout(&n->m.cfg, &n->bt, &n->ct, &n->k, &a);
+    n->s->bb_tape = &n->bt;
+    n->s->cls_tape = &n->ct;
+    return 0;
+}
+
+/* The forward of the mode under test, with the tapes: sum(r * outputs). */
+static double tn_forward(void *p)
+{
+    tiny_net *n = p;
+    loupe_session *s = n->s;
+    float logits[TN_N];
+    switch (n->mode) {
+    case TN_BLOCK:
+        memcpy(s->x, n->in, sizeof n->in);
+        pe_residual_attention_block(s, &n->blocks[0], 0);
+        return dot(n->r, s->x, TN_T * TN_W);
+    case TN_EMBED:
+        pe_embed(s, n->px);
+        return dot(n->r, s->x, TN_T * TN_W);
+    case TN_POOL:
+        memcpy(s->feats, n->in, sizeof n->in);
+        pe_attention_pooling(s);
+        return dot(n->r2, s->pooled, TN_W);
+    case TN_HEAD:
+        loupe_cls_head(s, &n->m.w.patch_head, n->in + TN_W, TN_N, logits, n->ct.patch_pre);
+        return dot(n->r2, logits, TN_N);
+    case TN_CLASSIFIER:
+        memcpy(s->feats, n->in, sizeof n->in);
+        memcpy(s->pooled, n->pooled_in, sizeof n->pooled_in);
+        loupe_classifier(s);
+        return (double)n->r2[0] * s->fused_logit + dot(n->r2 + 1, s->patch_logits, TN_N);
+    default:
+        vision_transformer(s, n->px);
+        return dot(n->r, s->feats, TN_T * TN_W) + dot(n->r2, s->pooled, TN_W);
+    }
+}
+
+/* The backward of the mode under test after its forward: gradients and d input (=). */
+static void tn_backward(tiny_net *n, float *d_in, float *d_pooled)
+{
+    loupe_session *s = n->s;
+    switch (n->mode) {
+    case TN_BLOCK: pe_residual_attention_block_backward(s, &n->blocks[0], &n->bg[0], 0, d_in, n->r, &n->k); break;
+    case TN_EMBED: pe_embed_backward(s, &n->pg, n->r, &n->k); break;
+    case TN_POOL: pe_attention_pooling_backward(s, &n->pg.pool, n->r2, d_in, &n->k); break;
+    case TN_HEAD:
+        loupe_cls_head_backward(s, &n->m.w.patch_head, &n->cg.patch_head, n->in + TN_W, TN_N, n->ct.patch_pre, n->r2,
+                                d_in + TN_W, &n->k);
+        break;
+    case TN_CLASSIFIER: loupe_classifier_backward(s, &n->cg, n->r2[0], n->r2 + 1, d_pooled, d_in, &n->k); break;
+    default: vision_transformer_backward(s, &n->pg, n->r, n->r2, &n->k);
+    }
+}
+
+/* The parameter groups each mode reaches. */
+static int tn_reaches(int mode, int group)
+{
+    switch (mode) {
+    case TN_BLOCK: return group == GR_BLOCK0;
+    case TN_EMBED: return group == GR_EMBED;
+    case TN_POOL: return group == GR_POOL;
+    case TN_HEAD: return group == GR_PATCH;
+    case TN_CLASSIFIER: return group == GR_GLOBAL || group == GR_PATCH || group == GR_FUSER;
+    default: return group <= GR_POOL;
+    }
+}
+
+static void test_backbone_modules(void)
+{
+    static tiny_net n;
+    static const char *const names[6] = {"pe_residual_attention_block_backward", "pe_embed_backward",
+                                          "pe_attention_pooling_backward", "loupe_cls_head_backward",
+                                          "loupe_classifier_backward", "vision_transformer_backward"};
+    static float d_in[TN_T * TN_W], d_in2[TN_T * TN_W], d_pooled[TN_W], g1[TN_STORE];
+    char what[96];
+    int mode, i;
+    if (tn_init(&n)) { failed++; return; }
+    for (mode = TN_BLOCK; mode <= TN_VIT; mode++) {
+        int has_input = mode != TN_EMBED && mode != TN_VIT;
+        n.mode = mode;
+        memset(n.grad, 0, sizeof n.grad);
+        memset(d_in, 0, sizeof d_in);
+        memset(d_pooled, 0, sizeof d_pooled);
+        tn_forward(&n);
+        tn_backward(&n, d_in, d_pooled);
+        if (has_input) report(names[mode], mode == TN_HEAD ? "x" : mode == TN_POOL || mode == TN_CLASSIFIER ?
+                              "features" : "input", fd_error(tn_forward, &n, n.in, d_in, TN_T * TN_W, FD_STEP, NULL));
+        if (mode == TN_CLASSIFIER)
+            report(names[mode], "pooled", fd_error(tn_forward, &n, n.pooled_in, d_pooled, TN_W, FD_STEP, NULL));
+        for (i = 0; i < n.np; i++)
+            if (tn_reaches(mode, n.params[i].group)) {
+                snprintf(what, sizeof what, "%s", n.params[i].name);
+                report(names[mode], what, fd_error(tn_forward, &n, n.params[i].p, n.params[i].g, n.params[i].n, FD_STEP, NULL));
+            }
+        /* a second call adds the same again, to the input and to every parameter gradient */
+        memcpy(g1, n.grad, sizeof g1);
+        memcpy(d_in2, d_in, sizeof d_in);
+        tn_forward(&n);
+        tn_backward(&n, d_in2, d_pooled);
+        {
+            double e = doubling_error(g1, n.grad, TN_STORE);
+            if (has_input) {
+                double ei = doubling_error(d_in, d_in2, TN_T * TN_W);
+                e = ei > e ? ei : e;
+            }
+            report_add(names[mode], e);
+        }
+    }
+    /* frozen: no parameter gradient at all, the same input gradient */
+    {
+        pe_block_g frozen;
+        float d_frozen[TN_T * TN_W];
+        int same = 1, untouched = 1;
+        memset(&frozen, 0, sizeof frozen);
+        n.mode = TN_BLOCK;
+        memset(n.grad, 0, sizeof n.grad);
+        memset(d_in, 0, sizeof d_in);
+        memset(d_frozen, 0, sizeof d_frozen);
+        tn_forward(&n);
+        tn_backward(&n, d_in, d_pooled);
+        memset(n.grad, 0, sizeof n.grad);
+        pe_residual_attention_block_backward(n.s, &n.blocks[0], &frozen, 0, d_frozen, n.r, &n.k);
+        for (i = 0; i < TN_T * TN_W; i++) same &= d_in[i] == d_frozen[i];
+        for (i = 0; i < TN_STORE; i++) untouched &= n.grad[i] == 0.0f;
+        check(same && untouched, "pe_residual_attention_block_backward: a frozen block passes the same input gradient", 0.0);
+    }
+    loupe_session_free(n.s);
+    free(n.raw);
+}
+
+/* ---- RoPE-2D (in place, arbitrary angle tables) ---- */
+enum { RP_T = 3, RP_W = 12, RP_H = 2, RP_DH = 6 };
+typedef struct rope_ctx { float qkv[RP_T * 3 * RP_W], r[RP_T * 3 * RP_W], cs[RP_T * RP_DH], sn[RP_T * RP_DH]; } rope_ctx;
+static double rope_f(void *p)
+{
+    rope_ctx *c = p;
+    float y[RP_T * 3 * RP_W];
+    memcpy(y, c->qkv, sizeof y);
+    pe_rope2d(y, RP_T, RP_W, RP_H, c->cs, c->sn);
+    return dot(c->r, y, RP_T * 3 * RP_W);
+}
+static void test_rope(void)
+{
+    static rope_ctx c;
+    float d[RP_T * 3 * RP_W];
+    uint64_t s = 12;
+    int i, v_ok = 1;
+    fill(c.qkv, sizeof c.qkv / 4, &s, 1); fill(c.r, sizeof c.r / 4, &s, 1);
+    fill(c.cs, sizeof c.cs / 4, &s, 1); fill(c.sn, sizeof c.sn / 4, &s, 1);
+    memcpy(d, c.r, sizeof d);
+    pe_rope2d_backward(d, RP_T, RP_W, RP_H, c.cs, c.sn);
+    report("pe_rope2d_backward", "qkv", fd_error(rope_f, &c, c.qkv, d, RP_T * 3 * RP_W, FD_STEP, NULL));
+    for (i = 0; i < RP_T; i++) v_ok &= !memcmp(d + i * 3 * RP_W + 2 * RP_W, c.r + i * 3 * RP_W + 2 * RP_W, RP_W * 4);
+    check(v_ok, "pe_rope2d_backward: the v part passes unchanged (the transform is in place, not +=)", 0.0);
+}
+
+/* ---- LoupeClsLoss of one image ---- */
+enum { CL_N = 11 };
+typedef struct clsloss_ctx { float fused, label, logits[CL_N], labels[CL_N]; } clsloss_ctx;
+static double clsloss_f(void *p)
+{
+    clsloss_ctx *c = p;
+    cls_loss_config cfg = cls_loss_config_default();
+    cls_loss_terms t;
+    return loupe_cls_loss(&cfg, c->fused, c->label, c->logits, c->labels, CL_N, 0.5, 1.0 / (2 * CL_N), &t, NULL, NULL,
+                          NULL);
+}
+static void test_cls_loss(void)
+{
+    static clsloss_ctx c;
+    cls_loss_config cfg = cls_loss_config_default();
+    cls_loss_terms t;
+    double terms[CL_N], maxd = 0.0, ref;
+    float d_fused, d_patch[CL_N], d_patch2[CL_N], d_fused2;
+    uint64_t s = 13;
+    int lab, i;
+    for (lab = 0; lab < 2; lab++) {
+        char name[64];
+        snprintf(name, sizeof name, "loupe_cls_loss (label %d)", lab);
+        c.label = (float)lab;
+        fill(c.logits, CL_N, &s, 4); c.fused = 3.0f * rnd(&s);
+        for (i = 0; i < CL_N; i++) c.labels[i] = i % 4 == 0 ? 0.0f : i % 4 == 1 ? 1.0f : 0.5f + 0.5f * rnd(&s);
+        d_fused = 0.0f;
+        memset(d_patch, 0, sizeof d_patch);
+        loupe_cls_loss(&cfg, c.fused, c.label, c.logits, c.labels, CL_N, 0.5, 1.0 / (2 * CL_N), &t, terms, &d_fused,
+                       d_patch);
+        report(name, "fused logit", fd_error(clsloss_f, &c, &c.fused, &d_fused, 1, FD_STEP, NULL));
+        report(name, "patch logits", fd_error(clsloss_f, &c, c.logits, d_patch, CL_N, FD_STEP, NULL));
+        /* the terms by README 10.6's formula, directly */
+        for (i = 0; i <= CL_N; i++) {
+            double x = i < CL_N ? c.logits[i] : c.fused, y = i < CL_N ? c.labels[i] : c.label;
+            double alpha = i < CL_N ? 0.85 : 0.2, p = 1.0 / (1.0 + exp(-x)), pt = y * p + (1 - y) * (1 - p);
+            double ce = (alpha * y + (1 - alpha) * (1 - y)) * ((x > 0 ? x : 0) - x * y + log(1 + exp(-fabs(x))));
+            double term = ce * (1 - pt) * (1 - pt) + (1 - pt) * (1 - pt) * (1 - pt), got = i < CL_N ? terms[i] : t.cls_term;
+            if (fabs(term - got) > maxd) maxd = fabs(term - got);
+        }
+        ref = 0.5 * t.cls_term + t.patch_sum / (2 * CL_N);
+        check(maxd <= 1e-12 && fabs(ref - t.total) <= 1e-12, "loupe_cls_loss: terms and total as README 10.6 writes them",
+              maxd);
+        d_fused2 = d_fused;
+        memcpy(d_patch2, d_patch, sizeof d_patch);
+        loupe_cls_loss(&cfg, c.fused, c.label, c.logits, c.labels, CL_N, 0.5, 1.0 / (2 * CL_N), &t, NULL, &d_fused2,
+                       d_patch2);
+        {
+            double e = doubling_error(d_patch, d_patch2, CL_N), e2 = doubling_error(&d_fused, &d_fused2, 1);
+            report_add(name, e > e2 ? e : e2);
+        }
+    }
+}
+
 /* ---- the whole TTA step on the tiny golden model ---- */
 
 /* Central differences through the whole float32 segmentor are a wiring check (sign,
@@ -430,7 +839,7 @@ static double e2e_loss(loupe_tta *t, const float *pixels)
     loupe_tta_loss loss;
     char err[256];
     tta_refresh_tables(t);
-    t->rng_state.counter = 0;
+    t->rng_position = 0;
     if (tta_forward_loss(t, pixels, &loss, err, sizeof err)) { printf("%s\n", err); return NAN; }
     return loss.total;
 }
@@ -459,7 +868,7 @@ static int e2e_fd(loupe_tta *t, const float *pixels, double *worst)
     int p, e, bad = 0, found = 0;
     *worst = 0.0;
     for (p = 0; p < t->n_params; p++) {
-        const tta_param *tp = &t->params[p];
+        const train_param *tp = &t->params[p];
         float *w = t->param + tp->offset, *g = t->grad + tp->offset, keep;
         size_t i, best = 0;
         double fp, fm, fd, err;
@@ -502,7 +911,7 @@ static double grid_loss(loupe_tta *t)
     feature_pyramid(t->s);
     pixel_decoder(t->s);
     masked_attention_decoder(t->s);
-    t->rng_state.counter = 0;
+    t->rng_position = 0;
     tta_loss(t, &loss);
     return loss.total;
 }
@@ -519,7 +928,7 @@ static void test_grid_gradient(loupe_tta *t, const float *px)
     char err[256];
     double worst = 0.0;
     int k, bad = 0;
-    t->rng_state.counter = 0;
+    t->rng_position = 0;
     if (!d_grid || tta_accumulate(t, px, 1.0f, &loss, d_grid, err, sizeof err)) { printf("FAIL %s\n", err); failed++; return; }
     zero(t->grad, t->n_floats);
     for (i = 1; i < n; i++)
@@ -552,12 +961,12 @@ static void test_thread_determinism(loupe_tta *t, const float *px)
     if (!one) return;
     zero(t->grad, t->n_floats);
     loupe_set_threads(1);
-    t->rng_state.counter = 0;
+    t->rng_position = 0;
     tta_accumulate(t, px, 1.0f, &loss, NULL, err, sizeof err);
     memcpy(one, t->grad, t->n_floats * sizeof *one);
     zero(t->grad, t->n_floats);
     loupe_set_threads(all);
-    t->rng_state.counter = 0;
+    t->rng_position = 0;
     tta_accumulate(t, px, 1.0f, &loss, NULL, err, sizeof err);
     for (i = 0; i < t->n_floats; i++) differ += one[i] != t->grad[i];
     zero(t->grad, t->n_floats);
@@ -637,7 +1046,7 @@ static void test_tta(const char *path)
         for (j = 0; j < N; j++) negated[j] = loss.prob > 0.5f ? -orig[j] : orig[j];
         m->w.fuser = negated;
         t->w.fuser = negated;
-        t->rng_state.counter = 0;
+        t->rng_position = 0;
         if (tta_accumulate(t, px, 1.0f, &loss, NULL, err, sizeof err)) { printf("FAIL %s\n", err); failed++; return; }
         check(loss.prob <= 0.5f && !loss.has_target, "no-target case: p <= 0.5 gives no target", loss.prob);
         for (k = 0; k < L; k++) unmatched &= t->calls[k].matched_query == -1 && t->calls[k].loss_mask == 0.0 &&
@@ -654,7 +1063,7 @@ static void test_tta(const char *path)
         }
         check(fabs(ce - loss.total) <= 1e-6 * ce, "no-target case: loss = class weight * mean no-object cross-entropy",
               fabs(ce - loss.total) / ce);
-        check(t->rng_state.counter == (uint64_t)(L - 1) + (uint64_t)L * 2 * t->loss_cfg.train_num_points,
+        check(t->rng_position == (uint64_t)(L - 1) + (uint64_t)L * 2 * t->loss_cfg.train_num_points,
               "no-target case: random numbers drawn as upstream (layerdrop + matcher points)", 0.0);
         bad = e2e_fd(t, px, &worst);
         snprintf(what, sizeof what, "no-target case: %d tensors' gradients vs central differences of the loss",
@@ -667,7 +1076,7 @@ static void test_tta(const char *path)
     /* forged target, every point drawn at random (no top-k selection: the loss is smooth) */
     zero(t->grad, t->n_floats);
     t->loss_cfg.importance_sample_ratio = 0.0;
-    t->rng_state.counter = 0;
+    t->rng_position = 0;
     for (j = 0; j < N; j++) negated[j] = -negated[j];
     m->w.fuser = negated;
     t->w.fuser = negated;
@@ -695,6 +1104,10 @@ int main(int argc, char **argv)
     test_msda();
     test_convolutions();
     test_einsum();
+    test_linear_w();
+    test_rope();
+    test_backbone_modules();
+    test_cls_loss();
     if (argc > 1) test_tta(argv[1]);
     printf("test_backward: %d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
