@@ -6795,7 +6795,8 @@ int loupe_init_weights(const char *config_path, const char *out_path, unsigned l
     unsigned char *meta = NULL, *bytes = NULL;
     const tensor_entry **src = NULL;
     uint64_t *offsets = NULL, index_bytes = 0, data_offset, pos, file_size;
-    size_t most = 1, meta_len;
+    size_t most = 1, most_bytes = TENSOR_ALIGN, meta_len;
+    uint64_t nbytes;
     float *x = NULL;
     char tmp[1024];
     FILE *f = NULL;
@@ -6867,8 +6868,10 @@ int loupe_init_weights(const char *config_path, const char *out_path, unsigned l
         for (k = 0; k < t->ndim; k++) numel *= (size_t)t->dims[k];
         if (t->matrix && matrix_dtype != DTYPE_F32) version = WEIGHTS_VERSION;
         offsets[i] = init_align(pos);
-        pos = offsets[i] + tensor_bytes(t->matrix ? matrix_dtype : DTYPE_F32, (uint64_t)t->dims[0], numel / (size_t)t->dims[0]);
+        nbytes = tensor_bytes(t->matrix ? matrix_dtype : DTYPE_F32, (uint64_t)t->dims[0], numel / (size_t)t->dims[0]);
+        pos = offsets[i] + nbytes;
         most = numel > most ? numel : most;
+        most_bytes = nbytes > most_bytes ? (size_t)nbytes : most_bytes;
     }
     file_size = pos;
     {
@@ -6899,7 +6902,7 @@ int loupe_init_weights(const char *config_path, const char *out_path, unsigned l
 
     /* Data, written front to back into a temporary file renamed when complete. */
     x = malloc(most * sizeof *x);
-    bytes = malloc(most * sizeof *x + TENSOR_ALIGN);
+    bytes = malloc(most_bytes);
     if (!x || !bytes) { fail(err, errsize, "out of memory (the largest tensor has %llu values)", (unsigned long long)most); goto done; }
     snprintf(tmp, sizeof tmp, "%s.tmp", out_path);
     if (!(f = fopen(tmp, "wb"))) { fail(err, errsize, "%s: cannot create: %s", tmp, strerror(errno)); goto done; }
@@ -6924,9 +6927,14 @@ int loupe_init_weights(const char *config_path, const char *out_path, unsigned l
     }
     if (fclose(f) != 0) ok = 0;
     f = NULL;
-    if (!ok || pos != file_size || replace_file(tmp, out_path) != 0) {
+    if (!ok || pos != file_size) {
         remove(tmp);
-        fail(err, errsize, "%s: cannot write the weight file (disk full?)", out_path);
+        fail(err, errsize, "%s: cannot write the weight file (disk full?)", tmp);
+        goto done;
+    }
+    if (replace_file(tmp, out_path) != 0) {
+        fail(err, errsize, "%s: cannot rename %s to it: %s", out_path, tmp, strerror(errno));
+        remove(tmp);
         goto done;
     }
     rc = 0;

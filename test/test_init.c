@@ -188,7 +188,7 @@ static void check_rules(const loupe_model *m, double xgain, const char *label)
         if (r.kind == EXP_CONST) {
             size_t bad = 0;
             for (j = 0; j < n; j++) bad += x[j] != (float)r.v;
-            check(bad == 0, "%s: %s: %zu of %zu values are not %g", label, name, bad, n, r.v);
+            check(bad == 0, "%s: %s: %lu of %lu values are not %g", label, name, (unsigned long)bad, (unsigned long)n, r.v);
         } else if (r.kind == EXP_GRID) { /* [heads][levels][points][2], cos/sin of float32 angles by libm */
             int H = m->cfg.m2f_heads, L = m->cfg.deform_levels, P = m->cfg.deform_points, h, l, p, bad = 0;
             for (h = 0; h < H; h++) {
@@ -231,9 +231,9 @@ static void check_rules(const loupe_model *m, double xgain, const char *label)
     for (k = 0; k < 2; k++) {
         pool *p = k ? &uniform : &normal;
         double d = ks(p->v, p->n, k);
-        check(d < 2.5, "%s: all %s draws pooled (%zu values): Kolmogorov-Smirnov sqrt(n) D = %.3f", label,
-              k ? "uniform" : "normal", p->n, d);
-        printf("%s: %s draws pooled: %zu values, sqrt(n) D = %.3f\n", label, k ? "uniform" : "normal", p->n, d);
+        check(d < 2.5, "%s: all %s draws pooled (%lu values): Kolmogorov-Smirnov sqrt(n) D = %.3f", label,
+              k ? "uniform" : "normal", (unsigned long)p->n, d);
+        printf("%s: %s draws pooled: %lu values, sqrt(n) D = %.3f\n", label, k ? "uniform" : "normal", (unsigned long)p->n, d);
         free(p->v);
     }
     printf("%s: %d constant, %d normal, %d uniform, %d grid tensors\n", label, counts[EXP_CONST], counts[EXP_NORMAL],
@@ -267,11 +267,11 @@ static void check_forward(const char *path, const char *image, const char *label
     n = (size_t)o->num_queries * o->mask_size * o->mask_size;
     for (i = 0; i < n; i++) bad += !isfinite(o->mask_logits[i]);
     for (i = 0; i < (size_t)o->seg_size * o->seg_size; i++) bad += !isfinite(o->seg_prob[i]);
-    check(bad == 0, "%s: %zu non-finite outputs", label, bad);
+    check(bad == 0, "%s: %lu non-finite outputs", label, (unsigned long)bad);
     mask = malloc((size_t)img.width * img.height);
     check(mask && loupe_postprocess(s, img.width, img.height, 0.5f, NULL, mask, err, sizeof err) == 0,
           "%s: postprocess failed: %s", label, err);
-    printf("%s: forward on %s: prob %.4f, %zu mask logits, all finite\n", label, image, o->prob, n);
+    printf("%s: forward on %s: prob %.4f, %lu mask logits, all finite\n", label, image, o->prob, (unsigned long)n);
 done:
     free(mask);
     free(px);
@@ -333,7 +333,7 @@ static void check_lowp(const char *f32_path, const char *path, int dtype, const 
         }
         free(row);
     }
-    check(bad == 0 && n_low > 0 && b->entries[0].dtype == DTYPE_F32, "%s: %zu values differ from the F32 file's", label, bad);
+    check(bad == 0 && n_low > 0 && b->entries[0].dtype == DTYPE_F32, "%s: %lu values differ from the F32 file's", label, (unsigned long)bad);
     printf("%s: %d weight matrices as %s, every value the F32 value rounded\n", label, n_low, dtype_names[dtype]);
     loupe_model_free(a);
     loupe_model_free(b);
