@@ -333,6 +333,21 @@ demo-data: demo-deps
 	  --valid $(DEMO_VALID) --size $(DEMO_SIZE)
 
 # The data tool's unit test (synthetic photos, no network); not part of `make test`.
+# The demo model (weights/loupe-demo.bin): weights/demo-config.json initialised by loupe init,
+# trained by loupe train --stage cls_seg on make demo-data's set (DEMO_TRAIN=6000
+# DEMO_VALID=400), the best epoch by validation overall kept; log in $(BUILD)/demo-model/.
+DEMO_EPOCHS ?= 3
+DEMO_MODEL_FLAGS ?= --epochs $(DEMO_EPOCHS) --batch 16 --accum 1 --lr 5e-4 --backbone-lr 5e-4 --weight-decay 0.05 \
+                    --schedule cosine --warmup 0.05 --seed 1
+.PHONY: demo-model
+demo-model: $(BUILD)/loupe$(EXE)
+	@test -d $(BUILD)/demo-data/train || { echo "demo-model: run make demo-data DEMO_TRAIN=6000 DEMO_VALID=400 first"; exit 1; }
+	mkdir -p $(BUILD)/demo-model
+	$(RUN) $(BUILD)/loupe$(EXE) init --config weights/demo-config.json -o $(BUILD)/demo-model/init.bin --seed 1
+	$(RUN) $(BUILD)/loupe$(EXE) train --stage cls_seg -m $(BUILD)/demo-model/init.bin --train $(BUILD)/demo-data/train \
+	  --valid $(BUILD)/demo-data/valid -o $(BUILD)/demo-model/demo.bin $(DEMO_MODEL_FLAGS) 2> $(BUILD)/demo-model/train.log
+	$(PYTHON) tools/convert.py --dtype bf16 -o weights/loupe-demo.bin $(BUILD)/demo-model/demo.bin
+
 test-demo-data: demo-deps
 	$(DEMO_PYTHON) tools/test_make_demo_data.py
 

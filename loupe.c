@@ -11258,11 +11258,25 @@ int loupe_trainer_accumulate(loupe_trainer *t, const loupe_example *batch, int n
 }
 
 /* L2 norm of all gradients (clip_grad_norm_'s total norm), accumulated in double. */
+#define NORM_CHUNK 65536   /* gradient-norm partial sums: fixed chunks, added in order */
 static double tta_grad_norm(const loupe_trainer *t)
 {
-    double sum = 0.0;
-    size_t i;
-    for (i = 0; i < t->n_floats; i++) sum += (double)t->grad[i] * t->grad[i];
+    double sum = 0.0, part[64];
+    size_t n = t->n_floats, chunks = (n + NORM_CHUNK - 1) / NORM_CHUNK, c0, c;
+    /* chunk sums in parallel, then added in chunk order: the same bits for any thread count */
+    for (c0 = 0; c0 < chunks; c0 += 64) {
+        long k, nk = (long)(chunks - c0 < 64 ? chunks - c0 : 64);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)nk * NORM_CHUNK))
+#endif
+        for (k = 0; k < nk; k++) {
+            size_t i, lo = (c0 + (size_t)k) * NORM_CHUNK, hi = lo + NORM_CHUNK < n ? lo + NORM_CHUNK : n;
+            double acc = 0.0;
+            for (i = lo; i < hi; i++) acc += (double)t->grad[i] * t->grad[i];
+            part[k] = acc;
+        }
+        for (c = 0; c < (size_t)nk; c++) sum += part[c];
+    }
     return sqrt(sum);
 }
 
@@ -11270,8 +11284,12 @@ static double tta_grad_norm(const loupe_trainer *t)
  * square root's 64-bit result and drops casts of it, but a volatile float must be stored. */
 static float sqrt_f32(float x)
 {
+#if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD == 0
+    return sqrtf(x);   /* float arithmetic is float: no store needed, and the loop vectorises */
+#else
     volatile float r = sqrtf(x);
     return r;
+#endif
 }
 
 /* torch.optim.AdamW (one step, PyTorch's float32 operations in its order: lerp, addcmul,
@@ -11299,17 +11317,20 @@ static void adamw_step(loupe_trainer *t, float clip_coef, double lr_factor)
         float decay = (float)(1.0 - lr * tp->weight_decay);
         float *w = t->param + tp->offset, *g = t->grad + tp->offset;
         float *m = t->adam_m + tp->offset, *v = t->adam_v + tp->offset;
-        size_t i;
-        for (i = 0; i < tp->numel; i++) {
+        long i;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)tp->numel * 8))
+#endif
+        for (i = 0; i < (long)tp->numel; i++) {
             float gi = g[i] * clip_coef, denom;
             w[i] *= decay;
             m[i] += (float)(one_b1 * (float)(gi - m[i]));
             v[i] = (float)(v[i] * b2) + (float)((float)(one_b2 * gi) * gi);
             denom = (float)(sqrt_f32(v[i]) / bc2_sqrt) + eps;
             w[i] -= (float)((float)(step_size * m[i]) / denom);
+            g[i] = 0.0f;   /* the next step's gradient starts from zero */
         }
     }
-    zero(t->grad, t->n_floats);
     if (t->has_seg) tta_refresh_tables(t);
 }
 
