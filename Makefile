@@ -35,7 +35,7 @@ export EXE
 
 .PHONY: fuzz fuzz-run test-asan test-valgrind
 .PHONY: all test test-full test-case test-unit test-convert test-images test-cli test-regress test-hostile
-.PHONY: test-example test-lowp test-train-cls portability bench bench-tta clean
+.PHONY: test-example test-lowp test-batch test-metrics test-init test-train-cls portability bench bench-tta bench-train clean
 
 all: loupe
 
@@ -67,14 +67,26 @@ $(BUILD)/bench_formats$(EXE): loupe.c loupe.h test/bench_formats.c | $(BUILD)
 $(BUILD)/bench$(EXE): loupe.c loupe.h test/bench.c test/measure.h | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/bench.c $(LDLIBS)
 
-$(BUILD)/check_tta$(EXE): loupe.c loupe.h test/check_tta.c | $(BUILD)
+$(BUILD)/check_tta$(EXE): loupe.c loupe.h test/check_tta.c test/golden_io.h test/replay.h | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/check_tta.c $(LDLIBS)
+
+$(BUILD)/check_train$(EXE): loupe.c loupe.h test/check_train.c test/golden_io.h test/replay.h | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/check_train.c $(LDLIBS)
+
+$(BUILD)/check_batch$(EXE): loupe.c loupe.h test/check_batch.c test/golden_io.h | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/check_batch.c $(LDLIBS)
+
+$(BUILD)/check_metrics$(EXE): loupe.c loupe.h test/check_metrics.c | $(BUILD)
+	$(CC) $(ALLFLAGS) -DLOUPE_NO_MAIN -o $@ loupe.c test/check_metrics.c $(LDLIBS)
 
 $(BUILD)/test_backward$(EXE): loupe.c loupe.h test/test_backward.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/test_backward.c $(LDLIBS)
 
 $(BUILD)/check_train_cls$(EXE): loupe.c loupe.h test/check_train_cls.c test/golden_io.h | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/check_train_cls.c $(LDLIBS)
+
+$(BUILD)/test_init$(EXE): loupe.c loupe.h test/test_init.c | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/test_init.c $(LDLIBS)
 
 $(BUILD)/bench_tta$(EXE): loupe.c loupe.h test/bench_tta.c test/measure.h | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/bench_tta.c $(LDLIBS)
@@ -98,8 +110,8 @@ $(BUILD)/example$(EXE): test/example.c loupe.h $(BUILD)/loupe-lib.o
 # Everything is built in $(BUILD) (the ./loupe of `make` is not needed), so builds with
 # other compilers can run side by side (see `make portability`).
 TEST_SUITES = test-convert test-images test-cli test-regress test-hostile test-tiny-a test-tiny-b \
-              test-lowp-tiny-a test-lowp-tiny-b test-unit test-train-cls test-example
-test: $(BUILD)/loupe$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/fuzz_replay$(EXE) $(BUILD)/check_train_cls$(EXE)
+              test-lowp-tiny-a test-lowp-tiny-b test-unit test-example test-batch test-metrics test-init test-train-cls
+test: $(BUILD)/loupe$(EXE) $(BUILD)/test_init$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_train$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/fuzz_replay$(EXE) $(BUILD)/check_batch$(EXE) $(BUILD)/check_metrics$(EXE) $(BUILD)/check_train_cls$(EXE)
 	@sh test/summary.sh $(BUILD)/test-log.txt \
 	  $(foreach t,$(TEST_SUITES),"$(MAKE) --no-print-directory $(t)")
 
@@ -114,6 +126,22 @@ test-unit: $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/tin
 # tiny-a's train.* golden, and the whole backbone's backward by central differences.
 test-train-cls: $(BUILD)/check_train_cls$(EXE) $(BUILD)/tiny-a.bin
 	$(RUN) $(BUILD)/check_train_cls$(EXE) $(BUILD)/tiny-a.bin test/golden/tiny-a
+
+# Upstream's training batch (DataModule.train_collate_fn) rebuilt from the tiny-a files
+# against the golden one, bit for bit (test/check_batch.c).
+test-batch: $(BUILD)/check_batch$(EXE) $(BUILD)/tiny-a.bin
+	$(RUN) $(BUILD)/check_batch$(EXE) $(BUILD)/tiny-a.bin test/golden/tiny-a
+
+# Upstream's validation metrics (auc, f1, iou, overall) on the metrics golden.
+test-metrics: $(BUILD)/check_metrics$(EXE)
+	$(RUN) $(BUILD)/check_metrics$(EXE) test/golden/metrics
+# `loupe init` (random initialisation with upstream's scheme) on tiny-a and tiny-b: the
+# library (rules, statistics, forward, determinism, --backbone, BF16/Q8, bad configs) and
+# the command line (convert.py's header, pinned hashes, exit statuses and messages).
+test-init: $(BUILD)/loupe$(EXE) $(BUILD)/test_init$(EXE) $(BUILD)/tiny-a.bin
+	@mkdir -p $(BUILD)/init
+	$(RUN) $(BUILD)/test_init$(EXE) $(BUILD)/init $(BUILD)/tiny-a.bin test/golden/tiny-a test/golden/tiny-b
+	sh test/test_init.sh $(BUILD)/loupe$(EXE) $(BUILD)/tiny-a.bin
 
 # The embedding example on the tiny-a case: probability and mask against the golden values.
 test-example: $(BUILD)/example$(EXE) $(BUILD)/tiny-a.bin
@@ -176,7 +204,7 @@ $(BUILD)/full-1.bin: $(BUILD)/make_weights$(EXE)
 # backbone.pt + heads.safetensors if present, else model.safetensors, else weights
 # regenerated from keys.json and the config's seed by the make_weights formula.
 # A case with tta.safetensors also gets the test-time-adaptation check.
-test-case: $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/make_weights$(EXE)
+test-case: $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_train$(EXE) $(BUILD)/make_weights$(EXE)
 	@test -n "$(CASE)" || { echo "usage: make test-case CASE=path/to/case"; exit 2; }
 	@name=$$(basename $(CASE)); out=$(BUILD)/$$name.bin; \
 	if [ -f $(CASE)/backbone.pt ] && [ -f $(CASE)/heads.safetensors ]; then \
@@ -191,6 +219,8 @@ test-case: $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/make_we
 	$(PYTHON) tools/convert.py --config $(CASE)/config.json -o $$out $$src || exit 1; \
 	status=0; $(RUN) $(BUILD)/check_golden$(EXE) $$out $(CASE) || status=1; \
 	if [ -f $(CASE)/tta.safetensors ]; then $(RUN) $(BUILD)/check_tta$(EXE) $$out $(CASE) || status=1; fi; \
+	if [ -f $(CASE)/train.safetensors ]; then echo "$(CASE): training golden (train.safetensors): one step of cls, seg, cls_seg"; \
+	  $(RUN) $(BUILD)/check_train$(EXE) $$out $(CASE) || status=1; fi; \
 	exit $$status
 
 # The case converted with BF16 and with Q8 weight matrices, each checked against its
@@ -202,7 +232,7 @@ test-lowp: $(BUILD)/check_lowp$(EXE) $(BUILD)/make_weights$(EXE)
 test-lowp-tiny-%:
 	@$(MAKE) --no-print-directory test-lowp CASE=test/golden/tiny-$*
 
-test-full: $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/make_weights$(EXE)
+test-full: $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_train$(EXE) $(BUILD)/make_weights$(EXE)
 	@sh test/summary.sh $(BUILD)/test-full-log.txt "$(MAKE) --no-print-directory test-case CASE=$(GOLDEN)/full-1"
 
 # The whole suite under AddressSanitizer and UndefinedBehaviorSanitizer, in its own

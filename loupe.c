@@ -4,13 +4,16 @@
  *   1. utilities            errors, the activation arena, threads
  *   2. image I/O            (PNG, JPEG, PPM decoders, PIL-exact resize, PNG writer)
  *   3. weights              the versioned flat weight file, mmap, validation, binding
+ *  3b. initialisation       upstream's from-scratch weights for any config (loupe init)
  *   4. kernels              matmul, norms, activations, attention, convolutions, sampling
  *   5. backbone             Perception Encoder ViT (PE-Core-L14-336)
  *   6. classifier           global MLP, patch MLP, fuser
  *   7. segmentor            feature pyramid, Mask2Former pixel decoder, masked-attention decoder
  *   8. post-processing      mask logits to a probability map and a binary mask
  *   9. test-time adaptation pseudo-label loss, the segmentor's backward pass, AdamW
- *  10. CLI                  the `loupe` command
+ *  10. datasets, metrics    labelled datasets, upstream's training examples (masks
+ *                           dithered, resized, patch labels), validation metrics
+ *  11. CLI                  the `loupe` command (`loupe eval` scores a labelled set)
  *
  * Tensors are float32 and row-major. Token sequences are [tokens][channels]; feature
  * maps are stored channels-last, [H*W][C], so that every 1x1 convolution and every
@@ -5832,6 +5835,1101 @@ void loupe_model_free(loupe_model *m)
 }
 
 /* ========================================================================== */
+/* 3b. Random initialisation: upstream's from-scratch weights (loupe init)    */
+/* ========================================================================== */
+/* loupe_init_weights writes a complete weight file for any configuration (the config
+ * format of tools/convert.py), every tensor drawn from the distribution upstream's
+ * from-scratch construction gives it: `LoupeModel(config)` builds every module (PyTorch
+ * default initialisation in the constructors), then `post_init()` applies
+ * `LoupePreTrainedModel._init_weights` to every module, children before parents
+ * (transformers' `smart_apply`), so a parent's rule overrides its children's.
+ *
+ * Rules, first match wins (W width, g grid, F feature size; std 0.02 =
+ * config.initializer_range, xgain 1.0 = mask2former init_xavier_std; U(+-b) uniform;
+ * xavier(gain) = U(+-gain sqrt(6 / (fan_in + fan_out))) with PyTorch's fans,
+ * fan_in = dims[1] x receptive field, fan_out = dims[0] x receptive field):
+ *
+ *  tensor                                          value                     upstream function
+ *  backbone.class_embedding [W]                    N(0, W^-1/2)              VisionTransformer.init_tensors
+ *  backbone.positional_embedding [1+g^2][W]        N(0, W^-1/2)              VisionTransformer.init_tensors
+ *  backbone.conv1.weight                           N(0, std)                 _init_weights nn.Conv2d branch
+ *  backbone.*.attn.in_proj_weight (blocks)         xavier(1)                 SelfAttention.init_tensors
+ *  backbone.*.attn.in_proj_bias, out_proj.bias     0                         SelfAttention.init_tensors
+ *  backbone.attn_pool.attn.in_proj_weight          xavier(1)                 nn.MultiheadAttention._reset_parameters
+ *  backbone.attn_pool.attn.in_proj_bias            0                         nn.MultiheadAttention._reset_parameters
+ *  backbone.attn_pool.probe [1][1][W]              N(0, 1)                   AttentionPooling.__init__ (torch.randn)
+ *  backbone *.out_proj, *.mlp.c_fc/c_proj .weight  N(0, std)                 _init_weights nn.Linear branch
+ *  backbone *.out_proj, *.mlp.c_fc/c_proj .bias    0                         _init_weights nn.Linear branch
+ *  every LayerNorm / LayerNorm2d / GroupNorm       weight 1, bias 0          nn.LayerNorm/GroupNorm.reset_parameters
+ *  classifier.*.layers.i.weight [out][in]          U(+-1/sqrt(in))           LoupeClsHead.init_tensors -> nn.Linear.reset_parameters
+ *  classifier.*.layers.i.bias                      U(+-1/sqrt(in))           LoupeClsHead.init_tensors -> nn.Linear.reset_parameters
+ *  classifier.fuser.fuse.weight [1][1+g^2]         1 / (1+g^2)               FuseHead.init_tensors
+ *  segmentor.fpn.*.conv1.weight [W][W][2][2]       U(+-1/sqrt(4W))           ConvTranspose2d: _ConvNd.reset_parameters (no branch matches)
+ *  segmentor.fpn.*.conv1.bias                      U(+-1/sqrt(4W))           _ConvNd.reset_parameters
+ *  segmentor.fpn.*.conv2.weight [W][1][3][3]       N(0, std)                 _init_weights nn.Conv2d branch
+ *  segmentor.label_embedding.{0,1} [F]             N(0, std)                 LoupeSegmentor.__init__ (randn * initializer_range)
+ *  segmentor.pixel_decoder.level_embed [3][F]      0                         _init_weights PixelDecoder branch (normal_, std=0)
+ *  segmentor.pixel_decoder.* with >= 2 dims        xavier(1)                 _init_weights PixelDecoder branch (also
+ *    (input projections, sampling_offsets,                                     PixelDecoderConditionalEncoder's); it runs
+ *    attention_weights, value/output_proj, fc1,                                after the deformable-attention branch and
+ *    fc2, cross_attn, mask_projection,                                         so replaces its zero sampling_offsets and
+ *    adapter_1, layer_1 weights)                                               attention_weights weights, as in transformers
+ *  ...encoder.layers.i.self_attn.sampling_offsets.bias  grid (below)         _init_weights deformable-attention branch
+ *  ...self_attn.{attention_weights,value_proj,output_proj}.bias  0           _init_weights deformable-attention branch
+ *  ...cross_attn.in_proj_bias                      0                         nn.MultiheadAttention._reset_parameters
+ *  other pixel_decoder biases (fc1, fc2, cross_attn.out_proj, input
+ *    projections, mask_projection)                 0                         _init_weights nn.Linear / nn.Conv2d branch
+ *  ...mask2former_decoder.queries_embedder/queries_features/level_embed .weight
+ *                                                  N(0, std)                 _init_weights nn.Embedding branch
+ *  ...decoder.layers.i.* with >= 2 dims            xavier(xgain)             _init_weights Mask2FormerMaskedAttentionDecoderLayer branch
+ *  ...decoder.layers.i.*.bias, cross_attn.in_proj_bias  0                    nn.Linear branch / MHA._reset_parameters
+ *  ...mask_predictor.mask_embedder.i.0.weight      N(0, std)                 _init_weights nn.Linear branch
+ *  ...mask_predictor.mask_embedder.i.0.bias        0                         _init_weights nn.Linear branch
+ *  segmentor.class_predictor.weight / .bias        N(0, std) / 0             _init_weights nn.Linear branch
+ *
+ * The sampling-offset grid (deformable-attention branch): for head h of H, theta_h =
+ * float32(h) * float32(2 pi / H) in float32, (c, s) = (cos, sin)(theta_h) rounded to
+ * float32, divided by max(|c|, |s|) in float32; level l, point p, coordinate k of the
+ * bias [H][levels][points][2] is that value times (p + 1). cos and sin are our own
+ * series (init_cos_sin), correctly rounded to float32 but for ties: PyTorch's float32
+ * cos/sin may differ from it by one ulp (e.g. -4.371139e-08 for cos(float32(pi/2))).
+ *
+ * Random numbers (a counter-based generator, so every tensor has its own stream and a
+ * value does not depend on the order of tensors or on threads):
+ *   key(name)   = FNV-1a-64(name) XOR (seed * 0x9E3779B97F4A7C15)
+ *   x_i         = splitmix64 finaliser of (key + (i + 1) * 0x9E3779B97F4A7C15), i = 0, 1, ...
+ *                 the element index in C order (all arithmetic mod 2^64)
+ *   u_i         = ((x_i >> 12) + 0.5) / 2^52, exactly, in (0, 1)
+ *   uniform     U(+-b): b * (2 u_i - 1)
+ *   normal      N(m, s): m + s * z_i, z_i = inverse normal CDF of u_i by Wichura's
+ *               AS241 (PPND16, relative accuracy about 1e-16)
+ * each computed in double and rounded once to float32. The natural logarithm AS241 needs
+ * in the tails is our own (init_log: frexp and an atanh series), so the whole generator
+ * uses only +, -, *, /, sqrt and frexp: the same bits on every IEEE-754 platform that
+ * evaluates double expressions in double (FLT_EVAL_METHOD 0: x86-64, SSE2, aarch64;
+ * x87's 80-bit intermediates could move a value by one float32 ulp in rare ties). */
+
+#define INIT_GOLDEN 0x9E3779B97F4A7C15ull
+#define INIT_STD 0.02        /* LoupeConfig.initializer_range (configs/model/base.yaml) */
+#define INIT_XAVIER_GAIN 1.0 /* Mask2FormerConfig.init_xavier_std */
+#define INIT_N_HPARAMS 38
+
+enum { INIT_NORMAL, INIT_UNIFORM, INIT_CONST, INIT_GRID };
+
+/* One tensor of the file: name, shape, and its rule (a = mean / bound / value, b = std). */
+typedef struct init_tensor {
+    char name[160];
+    int ndim, dims[MAX_TENSOR_DIMS];
+    int rule;
+    double a, b;
+    int matrix; /* stored as --dtype (a weight matrix, README "Smaller weight files") */
+    int from_backbone;
+} init_tensor;
+
+/* splitmix64's output function. */
+static uint64_t init_mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* The stream key of a tensor: FNV-1a of its name mixed with the seed. */
+static uint64_t init_key(const char *name, uint64_t seed)
+{
+    uint64_t h = 0xCBF29CE484222325ull;
+    for (; *name; name++) h = (h ^ (unsigned char)*name) * 0x100000001B3ull;
+    return h ^ (seed * INIT_GOLDEN);
+}
+
+/* Uniform number i of a stream, in (0, 1), a multiple of 2^-53. */
+static double init_uniform(uint64_t key, uint64_t i)
+{
+    uint64_t z = init_mix64(key + (i + 1) * INIT_GOLDEN);
+    return ((double)(z >> 12) + 0.5) * (1.0 / 4503599627370496.0);
+}
+
+/* Natural logarithm of a positive finite x with +, -, *, / only (after frexp, which is
+ * exact): x = m 2^e, m in [sqrt(1/2), sqrt(2)), log m = 2 atanh((m-1)/(m+1)) as a series
+ * (|s| <= 0.172, terms to s^39), ln 2 split in two parts (fdlibm's). */
+static double init_log(double x)
+{
+    const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+    int e, k;
+    double m = frexp(x, &e), s, s2, p = 0.0;
+    if (m < LOUPE_SQRT1_2) { m *= 2.0; e--; }
+    s = (m - 1.0) / (m + 1.0);
+    s2 = s * s;
+    for (k = 19; k >= 0; k--) p = 1.0 / (double)(2 * k + 1) + s2 * p;
+    return (double)e * ln2_hi + ((double)e * ln2_lo + 2.0 * s * p);
+}
+
+/* Inverse of the standard normal CDF: Wichura's algorithm AS241 (PPND16). */
+static double init_normal_quantile(double u)
+{
+    static const double a[8] = {3.3871328727963666080e0, 1.3314166789178437745e+2, 1.9715909503065514427e+3,
+                                1.3731693765509461125e+4, 4.5921953931549871457e+4, 6.7265770927008700853e+4,
+                                3.3430575583588128105e+4, 2.5090809287301226727e+3};
+    static const double b[8] = {1.0, 4.2313330701600911252e+1, 6.8718700749205790830e+2, 5.3941960214247511077e+3,
+                                2.1213794301586595867e+4, 3.9307895800092710610e+4, 2.8729085735721942674e+4,
+                                5.2264952788528545610e+3};
+    static const double c[8] = {1.42343711074968357734e0, 4.63033784615654529590e0, 5.76949722146069140550e0,
+                                3.64784832476320460504e0, 1.27045825245236838258e0, 2.41780725177450611770e-1,
+                                2.27238449892691845833e-2, 7.74545014278341407640e-4};
+    static const double d[8] = {1.0, 2.05319162663775882187e0, 1.67638483018380384940e0, 6.89767334985100004550e-1,
+                                1.48103976427480074590e-1, 1.51986665636164571966e-2, 5.47593808499534494600e-4,
+                                1.05075007164441684324e-9};
+    static const double e[8] = {6.65790464350110377720e0, 5.46378491116411436990e0, 1.78482653991729133580e0,
+                                2.96560571828504891230e-1, 2.65321895265761230930e-2, 1.24266094738807843860e-3,
+                                2.71155556874348757815e-5, 2.01033439929228813265e-7};
+    static const double f[8] = {1.0, 5.99832206555887937690e-1, 1.36929880922735805310e-1, 1.48753612908506148525e-2,
+                                7.86869131145613259100e-4, 1.84631831751005468180e-5, 1.42151175831644588870e-7,
+                                2.04426310338993978564e-15};
+    const double *num, *den;
+    double q = u - 0.5, r, x, pn = 0.0, pd = 0.0;
+    int k;
+    if (fabs(q) <= 0.425) {
+        r = 0.180625 - q * q;
+        for (k = 7; k >= 0; k--) { pn = pn * r + a[k]; pd = pd * r + b[k]; }
+        return q * pn / pd;
+    }
+    r = sqrt(-init_log(q < 0 ? u : 1.0 - u));
+    if (r <= 5.0) { r -= 1.6; num = c; den = d; }
+    else { r -= 5.0; num = e; den = f; }
+    for (k = 7; k >= 0; k--) { pn = pn * r + num[k]; pd = pd * r + den[k]; }
+    x = pn / pd;
+    return q < 0 ? -x : x;
+}
+
+/* cos and sin of a float32 angle in [0, 2 pi], rounded to float32: Cody-Waite reduction
+ * by pi/2 (fdlibm's two-part constant) and Taylor series on |r| <= pi/4. */
+static void init_cos_sin(float theta, float *cs, float *sn)
+{
+    const double pio2_1 = 1.57079632673412561417e+00, pio2_1t = 6.07710050650619224932e-11;
+    double x = (double)theta, r, r2, ts, tc, s = 0.0, c = 0.0, cq, sq;
+    int k = (int)(x / (LOUPE_PI / 2) + 0.5), j;
+    r = (x - k * pio2_1) - k * pio2_1t;
+    r2 = r * r;
+    ts = r;
+    tc = 1.0;
+    for (j = 1; j <= 14; j++) {
+        s += ts;
+        c += tc;
+        ts *= -r2 / (double)((2 * j) * (2 * j + 1));
+        tc *= -r2 / (double)((2 * j - 1) * (2 * j));
+    }
+    switch (k & 3) {
+    case 0: cq = c; sq = s; break;
+    case 1: cq = -s; sq = c; break;
+    case 2: cq = -c; sq = -s; break;
+    default: cq = s; sq = -c; break;
+    }
+    *cs = (float)cq;
+    *sn = (float)sq;
+}
+
+/* The sampling_offsets bias [heads][levels][points][2] of the deformable attention. */
+static void init_offset_grid(float *out, int heads, int levels, int points)
+{
+    int h, l, p;
+    for (h = 0; h < heads; h++) {
+        float theta = (float)((double)(float)h * (double)(float)(2.0 * LOUPE_PI / heads)), c, s, mx;
+        init_cos_sin(theta, &c, &s);
+        mx = fabsf(c) > fabsf(s) ? fabsf(c) : fabsf(s);
+        c = (float)((double)c / mx);
+        s = (float)((double)s / mx);
+        for (l = 0; l < levels; l++)
+            for (p = 0; p < points; p++) {
+                float *o = out + (((size_t)h * levels + l) * points + p) * 2;
+                o[0] = (float)((double)c * (p + 1));
+                o[1] = (float)((double)s * (p + 1));
+            }
+    }
+}
+
+/* Fills n values of a tensor by its rule. */
+static void init_fill(const init_tensor *t, uint64_t seed, const loupe_config *c, float *x, size_t n)
+{
+    uint64_t key = init_key(t->name, seed);
+    long i, nn = (long)n;
+    if (t->rule == INIT_GRID) { init_offset_grid(x, c->m2f_heads, c->deform_levels, c->deform_points); return; }
+    if (t->rule == INIT_CONST) {
+        for (i = 0; i < nn; i++) x[i] = (float)t->a;
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (nn > 65536)
+#endif
+    for (i = 0; i < nn; i++) {
+        double u = init_uniform(key, (uint64_t)i);
+        x[i] = t->rule == INIT_UNIFORM ? (float)(t->a * (2.0 * u - 1.0)) : (float)(t->a + t->b * init_normal_quantile(u));
+    }
+}
+
+/* ---- The config file: a small JSON reader ---- */
+
+enum { JSON_NULL, JSON_FALSE, JSON_TRUE, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT };
+
+typedef struct json_value {
+    int type, is_int; /* is_int: a number written without fraction or exponent */
+    double num;
+    char *str;        /* string value */
+    int n;            /* items of an array or members of an object */
+    struct json_value *items;
+    char **keys;      /* member names of an object */
+} json_value;
+
+typedef struct json_parser {
+    const char *p, *start;
+    int depth;
+    char *err;
+    size_t errsize;
+    const char *path;
+} json_parser;
+
+static void json_free(json_value *v)
+{
+    int i;
+    if (!v) return;
+    for (i = 0; i < v->n; i++) {
+        json_free(&v->items[i]);
+        if (v->keys) free(v->keys[i]);
+    }
+    free(v->items);
+    free(v->keys);
+    free(v->str);
+}
+
+static int json_error(json_parser *j, const char *what)
+{
+    int line = 1, col = 1;
+    const char *q;
+    for (q = j->start; q < j->p; q++) {
+        if (*q == '\n') { line++; col = 1; } else col++;
+    }
+    return fail(j->err, j->errsize, "%s: bad JSON at line %d, column %d: %s", j->path, line, col, what);
+}
+
+static void json_space(json_parser *j)
+{
+    while (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r') j->p++;
+}
+
+/* A string (after its opening quote); escapes decoded, \u above ASCII kept as '?'. */
+static int json_string(json_parser *j, char **out)
+{
+    size_t len = 0, cap = 16;
+    char *s = malloc(cap);
+    if (!s) return fail(j->err, j->errsize, "%s: out of memory", j->path);
+    for (;;) {
+        int ch = (unsigned char)*j->p;
+        if (ch == '"') { j->p++; break; }
+        if (ch == 0 || ch < 0x20) { free(s); return json_error(j, "unterminated string"); }
+        if (ch == '\\') {
+            j->p++;
+            switch (*j->p) {
+            case '"': ch = '"'; break;
+            case '\\': ch = '\\'; break;
+            case '/': ch = '/'; break;
+            case 'b': ch = '\b'; break;
+            case 'f': ch = '\f'; break;
+            case 'n': ch = '\n'; break;
+            case 'r': ch = '\r'; break;
+            case 't': ch = '\t'; break;
+            case 'u': {
+                int k, v = 0;
+                for (k = 1; k <= 4; k++) {
+                    int h = (unsigned char)j->p[k];
+                    if (!isxdigit(h)) { free(s); return json_error(j, "bad \\u escape"); }
+                    v = v * 16 + (isdigit(h) ? h - '0' : (h | 32) - 'a' + 10);
+                }
+                j->p += 4;
+                ch = v < 0x80 ? v : '?';
+                break;
+            }
+            default: free(s); return json_error(j, "bad escape in string");
+            }
+        }
+        j->p++;
+        if (len + 2 > cap) {
+            char *ns = realloc(s, cap *= 2);
+            if (!ns) { free(s); return fail(j->err, j->errsize, "%s: out of memory", j->path); }
+            s = ns;
+        }
+        s[len++] = (char)ch;
+    }
+    s[len] = 0;
+    *out = s;
+    return 0;
+}
+
+static int json_parse_value(json_parser *j, json_value *v);
+
+/* Appends one item (and key) to an array or object. */
+static int json_push(json_parser *j, json_value *v, char *key)
+{
+    json_value *items = realloc(v->items, (size_t)(v->n + 1) * sizeof *items);
+    if (!items) { free(key); return fail(j->err, j->errsize, "%s: out of memory", j->path); }
+    v->items = items;
+    memset(&v->items[v->n], 0, sizeof *items);
+    if (v->type == JSON_OBJECT) {
+        char **keys = realloc(v->keys, (size_t)(v->n + 1) * sizeof *keys);
+        if (!keys) { free(key); return fail(j->err, j->errsize, "%s: out of memory", j->path); }
+        v->keys = keys;
+        v->keys[v->n] = key;
+    }
+    v->n++;
+    return json_parse_value(j, &v->items[v->n - 1]);
+}
+
+static int json_parse_value(json_parser *j, json_value *v)
+{
+    const char *p;
+    json_space(j);
+    p = j->p;
+    if (*p == '{' || *p == '[') {
+        char close = *p == '{' ? '}' : ']';
+        v->type = *p == '{' ? JSON_OBJECT : JSON_ARRAY;
+        if (++j->depth > 64) return json_error(j, "nested too deeply");
+        j->p++;
+        json_space(j);
+        if (*j->p == close) { j->p++; j->depth--; return 0; }
+        for (;;) {
+            char *key = NULL;
+            json_space(j);
+            if (v->type == JSON_OBJECT) {
+                if (*j->p != '"') return json_error(j, "expected a member name in quotes");
+                j->p++;
+                if (json_string(j, &key)) return -1;
+                json_space(j);
+                if (*j->p != ':') { free(key); return json_error(j, "expected ':'"); }
+                j->p++;
+            }
+            if (json_push(j, v, key)) return -1;
+            json_space(j);
+            if (*j->p == ',') { j->p++; continue; }
+            if (*j->p == close) { j->p++; j->depth--; return 0; }
+            return json_error(j, close == '}' ? "expected ',' or '}'" : "expected ',' or ']'");
+        }
+    }
+    if (*p == '"') {
+        j->p++;
+        v->type = JSON_STRING;
+        return json_string(j, &v->str);
+    }
+    if (!strncmp(p, "true", 4)) { v->type = JSON_TRUE; j->p += 4; return 0; }
+    if (!strncmp(p, "false", 5)) { v->type = JSON_FALSE; j->p += 5; return 0; }
+    if (!strncmp(p, "null", 4)) { v->type = JSON_NULL; j->p += 4; return 0; }
+    if (*p == '-' || isdigit((unsigned char)*p)) { /* -?(0|[1-9]d*)(.d+)?([eE][+-]?d+)? */
+        char buf[64];
+        const char *q = p + (*p == '-');
+        v->is_int = 1;
+        if (*q == '0') q++;
+        else if (isdigit((unsigned char)*q)) while (isdigit((unsigned char)*q)) q++;
+        else return json_error(j, "bad number");
+        if (*q == '.') {
+            v->is_int = 0;
+            if (!isdigit((unsigned char)*++q)) return json_error(j, "bad number");
+            while (isdigit((unsigned char)*q)) q++;
+        }
+        if (*q == 'e' || *q == 'E') {
+            v->is_int = 0;
+            q++;
+            if (*q == '+' || *q == '-') q++;
+            if (!isdigit((unsigned char)*q)) return json_error(j, "bad number");
+            while (isdigit((unsigned char)*q)) q++;
+        }
+        if ((size_t)(q - p) >= sizeof buf) return json_error(j, "number too long");
+        memcpy(buf, p, (size_t)(q - p));
+        buf[q - p] = 0;
+        v->type = JSON_NUMBER;
+        v->num = strtod(buf, NULL);
+        j->p = q;
+        return 0;
+    }
+    return json_error(j, *p ? "unexpected character" : "unexpected end of file");
+}
+
+/* Reads and parses a whole JSON file (which must hold one object). */
+static int json_load(const char *path, json_value *root, char *err, size_t errsize)
+{
+    FILE *f = fopen(path, "rb");
+    char *text;
+    size_t n = 0, cap = 1 << 16, got;
+    json_parser j;
+    memset(root, 0, sizeof *root);
+    if (!f) return fail(err, errsize, "%s: cannot read config: %s", path, strerror(errno));
+    if (!(text = malloc(cap))) { fclose(f); return fail(err, errsize, "%s: out of memory", path); }
+    while ((got = fread(text + n, 1, cap - n - 1, f)) > 0) {
+        n += got;
+        if (n + 1 == cap) {
+            char *nt = cap > (1u << 26) ? NULL : realloc(text, cap * 2);
+            if (!nt) { free(text); fclose(f); return fail(err, errsize, "%s: config file too large", path); }
+            text = nt;
+            cap *= 2;
+        }
+    }
+    if (ferror(f)) { free(text); fclose(f); return fail(err, errsize, "%s: cannot read config: read error", path); }
+    fclose(f);
+    text[n] = 0;
+    j.p = j.start = text;
+    j.depth = 0;
+    j.err = err;
+    j.errsize = errsize;
+    j.path = path;
+    if (strlen(text) != n) { free(text); return fail(err, errsize, "%s: bad JSON: the file contains a NUL byte", path); }
+    if (json_parse_value(&j, root)) { free(text); json_free(root); memset(root, 0, sizeof *root); return -1; }
+    json_space(&j);
+    if (*j.p) { json_error(&j, "text after the end of the JSON value"); free(text); json_free(root); return -1; }
+    free(text);
+    if (root->type != JSON_OBJECT) { json_free(root); memset(root, 0, sizeof *root); return fail(err, errsize, "%s: not a JSON object", path); }
+    return 0;
+}
+
+/* Member key of an object (the last one when repeated, as Python's json), or NULL. */
+static const json_value *json_get(const json_value *obj, const char *key)
+{
+    int i;
+    if (!obj || obj->type != JSON_OBJECT) return NULL;
+    for (i = obj->n - 1; i >= 0; i--)
+        if (!strcmp(obj->keys[i], key)) return &obj->items[i];
+    return NULL;
+}
+
+/* ---- The config: tools/convert.py's hparams_from_config in C ---- */
+
+typedef struct init_cfg_reader {
+    const json_value *root;
+    const char *path;
+    char *err;
+    size_t errsize;
+} init_cfg_reader;
+
+static const char *json_type_name(const json_value *v)
+{
+    static const char *const names[] = {"null", "false", "true", "a number", "a string", "an array", "an object"};
+    return names[v->type];
+}
+
+/* A short description of a value for messages: 64.5, "abc", true, an array, ... */
+static const char *json_describe(const json_value *v, char *buf, size_t size)
+{
+    if (v->type == JSON_NUMBER) snprintf(buf, size, "%.17g", v->num);
+    else if (v->type == JSON_STRING) snprintf(buf, size, "\"%.40s\"", v->str);
+    else snprintf(buf, size, "%s", json_type_name(v));
+    return buf;
+}
+
+/* section.key, which must exist (an error naming it otherwise). */
+static const json_value *cfg_value(init_cfg_reader *r, const char *section, const char *key)
+{
+    const json_value *sec = json_get(r->root, section), *v = json_get(sec, key);
+    if (!sec || sec->type != JSON_OBJECT) {
+        fail(r->err, r->errsize, "%s: missing key %s.%s (no \"%s\" object)", r->path, section, key, section);
+        return NULL;
+    }
+    if (!v) fail(r->err, r->errsize, "%s: missing key %s.%s", r->path, section, key);
+    return v;
+}
+
+/* A positive integer (JSON integer literal), as convert.py requires. */
+static int cfg_int(init_cfg_reader *r, const char *section, const char *key, int *out)
+{
+    const json_value *v = cfg_value(r, section, key);
+    char buf[64];
+    if (!v) return -1;
+    if (v->type != JSON_NUMBER || !v->is_int || !(v->num >= 1 && v->num <= 2147483647.0))
+        return fail(r->err, r->errsize, "%s: %s.%s must be a positive integer (got %s)", r->path, section, key,
+                    json_describe(v, buf, sizeof buf));
+    *out = (int)v->num;
+    return 0;
+}
+
+/* A finite number (not a boolean). */
+static int cfg_number(init_cfg_reader *r, const char *section, const char *key, double *out)
+{
+    const json_value *v = cfg_value(r, section, key);
+    char buf[64];
+    if (!v) return -1;
+    if (v->type != JSON_NUMBER || !(v->num >= -DBL_MAX && v->num <= DBL_MAX))
+        return fail(r->err, r->errsize, "%s: %s.%s must be a finite number (got %s)", r->path, section, key,
+                    json_describe(v, buf, sizeof buf));
+    *out = v->num;
+    return 0;
+}
+
+/* A value that must be exactly `true`, `false` or `null` (type JSON_TRUE...). */
+static int cfg_literal(init_cfg_reader *r, const char *section, const char *key, int type, const char *why)
+{
+    const json_value *v = cfg_value(r, section, key);
+    char buf[64];
+    if (!v) return -1;
+    if (v->type != type) return fail(r->err, r->errsize, "%s: %s.%s must be %s (got %s)%s", r->path, section, key,
+                                     type == JSON_TRUE ? "true" : type == JSON_FALSE ? "false" : "null",
+                                     json_describe(v, buf, sizeof buf), why);
+    return 0;
+}
+
+/* A string that must equal want. */
+static int cfg_string(init_cfg_reader *r, const char *section, const char *key, const char *want)
+{
+    const json_value *v = cfg_value(r, section, key);
+    char buf[64];
+    if (!v) return -1;
+    if (v->type != JSON_STRING || strcmp(v->str, want))
+        return fail(r->err, r->errsize, "%s: %s.%s must be \"%s\" (got %s)", r->path, section, key, want,
+                    json_describe(v, buf, sizeof buf));
+    return 0;
+}
+
+/* An optional derived value (pe_derived.mlp_width, ...) must agree with the config. */
+static int cfg_derived(init_cfg_reader *r, const char *section, const char *key, double want)
+{
+    const json_value *v = json_get(json_get(r->root, section), key);
+    char buf[64];
+    if (v && !(v->type == JSON_NUMBER && v->num == want))
+        return fail(r->err, r->errsize, "%s: %s.%s is %s but the config implies %.17g", r->path, section, key,
+                    json_describe(v, buf, sizeof buf), want);
+    return 0;
+}
+
+/* An optional number with a default. */
+static int cfg_optional(init_cfg_reader *r, const char *section, const char *key, double dflt, double *out)
+{
+    const json_value *v = json_get(json_get(r->root, section), key);
+    *out = dflt;
+    if (!v) return 0;
+    if (v->type != JSON_NUMBER || !(v->num >= 0 && v->num < 1e6))
+        return fail(r->err, r->errsize, "%s: %s.%s must be a non-negative number", r->path, section, key);
+    *out = v->num;
+    return 0;
+}
+
+typedef struct init_hparams {
+    const char *names[INIT_N_HPARAMS];
+    double values[INIT_N_HPARAMS];
+    double std, xavier_gain;
+} init_hparams;
+
+/* Reads CONFIG into the header hyperparameters tools/convert.py writes (same names,
+ * order and values) and checks it as convert.py does; one error sentence naming the key. */
+static int init_read_config(const char *path, init_hparams *h, char *err, size_t errsize)
+{
+    json_value root;
+    init_cfg_reader r;
+    int S, P, W, layers, heads, pool_heads, cls_ratio, cls_layers, F, mask_f, hid, enc_ffn, enc_layers, dec_layers;
+    int m2f_heads, dec_ffn, Q, labels, points, k, rc = -1;
+    double mlp_ratio, fl[11];
+    const json_value *v;
+    static const char *const real_keys[11][2] = {
+        {"mask2former", "no_object_weight"}, {"mask2former", "class_weight"}, {"mask2former", "mask_weight"},
+        {"mask2former", "dice_weight"}, {"mask2former", "oversample_ratio"}, {"mask2former", "importance_sample_ratio"},
+        {"loupe", "pixel_forge_weight"}, {"loupe", "pixel_poly_epsilon"}, {"loupe", "tversky_alpha"},
+        {"loupe", "seg_loss_weight"}, {"mask2former", "common_stride"}};
+    if (json_load(path, &root, err, errsize)) return -1;
+    r.root = &root;
+    r.path = path;
+    r.err = err;
+    r.errsize = errsize;
+    if (cfg_int(&r, "pe", "image_size", &S) || cfg_int(&r, "pe", "patch_size", &P) || cfg_int(&r, "pe", "width", &W) ||
+        cfg_int(&r, "pe", "layers", &layers) || cfg_int(&r, "pe", "heads", &heads) ||
+        cfg_int(&r, "pe", "attn_pooler_heads", &pool_heads) || cfg_number(&r, "pe", "mlp_ratio", &mlp_ratio) ||
+        cfg_literal(&r, "pe", "output_dim", JSON_NULL, " (Loupe drops PE's projection)") ||
+        cfg_literal(&r, "pe", "ls_init_value", JSON_NULL, " (layer scale is not supported)") ||
+        cfg_literal(&r, "pe", "use_abs_posemb", JSON_TRUE, "") || cfg_literal(&r, "pe", "use_cls_token", JSON_TRUE, "") ||
+        cfg_literal(&r, "pe", "use_rope2d", JSON_TRUE, "") || cfg_string(&r, "pe", "pool_type", "attn") ||
+        cfg_literal(&r, "pe", "use_ln_pre", JSON_TRUE, "") || cfg_literal(&r, "pe", "use_ln_post", JSON_TRUE, "") ||
+        cfg_string(&r, "loupe", "hidden_act", "gelu") || cfg_int(&r, "loupe", "cls_mlp_ratio", &cls_ratio) ||
+        cfg_int(&r, "loupe", "cls_mlp_layers", &cls_layers) ||
+        cfg_literal(&r, "loupe", "enable_patch_cls", JSON_TRUE, "") ||
+        cfg_literal(&r, "loupe", "enable_cls_fusion", JSON_TRUE, "") ||
+        cfg_literal(&r, "loupe", "enable_conditional_queries", JSON_TRUE, "") ||
+        cfg_int(&r, "mask2former", "feature_size", &F) || cfg_int(&r, "mask2former", "mask_feature_size", &mask_f) ||
+        cfg_int(&r, "mask2former", "hidden_dim", &hid) ||
+        cfg_int(&r, "mask2former", "encoder_feedforward_dim", &enc_ffn) ||
+        cfg_string(&r, "mask2former", "activation_function", "relu") ||
+        cfg_int(&r, "mask2former", "encoder_layers", &enc_layers) ||
+        cfg_int(&r, "mask2former", "decoder_layers", &dec_layers) ||
+        cfg_int(&r, "mask2former", "num_attention_heads", &m2f_heads) ||
+        cfg_int(&r, "mask2former", "dim_feedforward", &dec_ffn) ||
+        cfg_literal(&r, "mask2former", "pre_norm", JSON_FALSE, "") ||
+        cfg_literal(&r, "mask2former", "enforce_input_projection", JSON_FALSE, "") ||
+        cfg_int(&r, "mask2former", "num_queries", &Q) || cfg_int(&r, "mask2former", "num_labels", &labels) ||
+        cfg_int(&r, "mask2former", "train_num_points", &points))
+        goto done;
+    for (k = 0; k < 11; k++)
+        if (cfg_number(&r, real_keys[k][0], real_keys[k][1], &fl[k])) goto done;
+    if (!(v = cfg_value(&r, "mask2former", "feature_strides"))) goto done;
+    if (fl[10] != 4 || v->type != JSON_ARRAY || v->n != 4 || v->items[0].type != JSON_NUMBER ||
+        v->items[0].num != 4 || v->items[1].type != JSON_NUMBER || v->items[1].num != 8 ||
+        v->items[2].type != JSON_NUMBER || v->items[2].num != 16 || v->items[3].type != JSON_NUMBER ||
+        v->items[3].num != 32) {
+        fail(err, errsize, "%s: mask2former.common_stride must be 4 and mask2former.feature_strides [4, 8, 16, 32]", path);
+        goto done;
+    }
+    if (W % (4 * heads)) { fail(err, errsize, "%s: pe.width must be pe.heads x a multiple of 4 (2-D RoPE rotates pairs on two axes)", path); goto done; }
+    if (W % pool_heads) { fail(err, errsize, "%s: pe.width is not divisible by pe.attn_pooler_heads", path); goto done; }
+    if (S % (2 * P)) { fail(err, errsize, "%s: pe.image_size must be an even multiple of pe.patch_size (the FPN has a g/2 level)", path); goto done; }
+    if (F != mask_f || F != hid) { fail(err, errsize, "%s: mask2former.feature_size, mask_feature_size and hidden_dim must be equal", path); goto done; }
+    if (F % m2f_heads) { fail(err, errsize, "%s: mask2former.feature_size is not divisible by mask2former.num_attention_heads", path); goto done; }
+    if (F % 32) { fail(err, errsize, "%s: mask2former.feature_size must be a multiple of 32 (GroupNorm groups)", path); goto done; }
+    if (labels != 1) { fail(err, errsize, "%s: mask2former.num_labels must be 1 (Loupe's single 'forgery' label)", path); goto done; }
+    if (!(mlp_ratio > 0 && (double)W * mlp_ratio < 2147483647.0) || (int)((double)W * mlp_ratio) < 1) {
+        fail(err, errsize, "%s: pe.mlp_ratio must be a positive number", path);
+        goto done;
+    }
+    if (cfg_derived(&r, "pe_derived", "mlp_width", (double)(int)((double)W * mlp_ratio)) ||
+        cfg_derived(&r, "pe_derived", "attn_pool_mlp_width", 4.0 * W) || cfg_derived(&r, "pe_derived", "grid", S / P) ||
+        cfg_derived(&r, "loupe", "cls_head_hidden", (double)W * cls_ratio) ||
+        cfg_optional(&r, "loupe", "initializer_range", INIT_STD, &h->std) ||
+        cfg_optional(&r, "mask2former", "init_xavier_std", INIT_XAVIER_GAIN, &h->xavier_gain))
+        goto done;
+    {
+        /* convert.py's hparams list, in its order */
+        const struct { const char *name; double value; } hp[INIT_N_HPARAMS] = {
+            {"image_size", S}, {"patch_size", P}, {"width", W}, {"layers", layers}, {"heads", heads},
+            {"mlp_width", (int)((double)W * mlp_ratio)}, {"pool_heads", pool_heads}, {"pool_mlp_width", 4.0 * W},
+            {"rope_theta", 10000.0}, {"ln_eps", 1e-5}, {"cls_hidden", (double)W * cls_ratio},
+            {"cls_layers", cls_layers}, {"fpn_ln_eps", 1e-6}, {"feature_size", F}, {"mask_feature_size", mask_f},
+            {"hidden_dim", hid}, {"m2f_heads", m2f_heads}, {"enc_layers", enc_layers}, {"enc_ffn", enc_ffn},
+            {"dec_layers", dec_layers}, {"dec_ffn", dec_ffn}, {"num_queries", Q}, {"num_labels", labels},
+            {"gn_groups", 32}, {"gn_eps", 1e-5}, {"deform_levels", 3}, {"deform_points", 4},
+            {"no_object_weight", fl[0]}, {"class_weight", fl[1]}, {"mask_weight", fl[2]}, {"dice_weight", fl[3]},
+            {"train_num_points", points}, {"oversample_ratio", fl[4]}, {"importance_sample_ratio", fl[5]},
+            {"pixel_forge_weight", fl[6]}, {"pixel_poly_epsilon", fl[7]}, {"tversky_alpha", fl[8]},
+            {"seg_loss_weight", fl[9]},
+        };
+        for (k = 0; k < INIT_N_HPARAMS; k++) {
+            h->names[k] = hp[k].name;
+            h->values[k] = hp[k].value;
+        }
+    }
+    rc = 0;
+done:
+    json_free(&root);
+    return rc;
+}
+
+/* ---- The tensor list: tools/convert.py's required_tensors, each with its rule ---- */
+
+typedef struct init_list {
+    init_tensor *t;
+    int n, cap, failed;
+    double std, xgain;
+} init_list;
+
+static init_tensor *init_add(init_list *l, int rule, double a, double b, int d0, int d1, int d2, int d3,
+                             const char *fmt, ...)
+{
+    init_tensor *t;
+    va_list ap;
+    if (l->failed) return NULL;
+    if (l->n == l->cap) {
+        init_tensor *nt = realloc(l->t, (size_t)(l->cap = l->cap ? 2 * l->cap : 256) * sizeof *nt);
+        if (!nt) { l->failed = 1; return NULL; }
+        l->t = nt;
+    }
+    t = &l->t[l->n++];
+    memset(t, 0, sizeof *t);
+    va_start(ap, fmt);
+    vsnprintf(t->name, sizeof t->name, fmt, ap);
+    va_end(ap);
+    t->dims[0] = d0; t->dims[1] = d1; t->dims[2] = d2; t->dims[3] = d3;
+    t->ndim = d3 ? 4 : d2 ? 3 : d1 ? 2 : 1;
+    t->rule = rule;
+    t->a = a;
+    t->b = b;
+    {   /* convert.py's is_weight_matrix */
+        size_t len = strlen(t->name);
+        static const char *const keep[] = {".conv2.weight", "fuser.fuse.weight", "queries_embedder.weight",
+                                           "queries_features.weight", "level_embed.weight"};
+        int k, ends = len > 7 && !strcmp(t->name + len - 7, ".weight");
+        ends = ends || (len >= 14 && !strcmp(t->name + len - 14, "in_proj_weight"));
+        for (k = 0; k < 5; k++) {
+            size_t kl = strlen(keep[k]);
+            if (len >= kl && !strcmp(t->name + len - kl, keep[k])) ends = 0;
+        }
+        t->matrix = t->ndim >= 2 && ends;
+    }
+    t->from_backbone = !strncmp(t->name, "backbone.", 9);
+    return t;
+}
+
+/* Shorthands. fan_in/fan_out as torch.nn.init._calculate_fan_in_and_fan_out. */
+static double init_xavier_bound(double gain, int d0, int d1, int receptive)
+{
+    double fan_in = (double)d1 * receptive, fan_out = (double)d0 * receptive;
+    return gain * sqrt(2.0 / (fan_in + fan_out)) * sqrt(3.0);
+}
+
+#define INIT_N(std) INIT_NORMAL, 0.0, (std)
+#define INIT_ZERO INIT_CONST, 0.0, 0.0
+#define INIT_ONE INIT_CONST, 1.0, 0.0
+#define INIT_XAVIER(gain, d0, d1, r) INIT_UNIFORM, init_xavier_bound(gain, d0, d1, r), 0.0
+
+static void init_norm(init_list *l, int n, const char *prefix)
+{
+    init_add(l, INIT_ONE, n, 0, 0, 0, "%s.weight", prefix);
+    init_add(l, INIT_ZERO, n, 0, 0, 0, "%s.bias", prefix);
+}
+
+/* nn.Linear [out][in] + bias: weight by (rule, a, b), bias zero. */
+static void init_linear(init_list *l, int rule, double a, double b, int out, int in, const char *prefix)
+{
+    init_add(l, rule, a, b, out, in, 0, 0, "%s.weight", prefix);
+    init_add(l, INIT_ZERO, out, 0, 0, 0, "%s.bias", prefix);
+}
+
+/* nn.MultiheadAttention (or PE's SelfAttention): xavier in_proj, zero biases, out_proj
+ * weight by (rule, a, b). */
+static void init_mha(init_list *l, double in_gain, int rule, double a, double b, int e, const char *prefix)
+{
+    char p[200];
+    init_add(l, INIT_XAVIER(in_gain, 3 * e, e, 1), 3 * e, e, 0, 0, "%s.in_proj_weight", prefix);
+    init_add(l, INIT_ZERO, 3 * e, 0, 0, 0, "%s.in_proj_bias", prefix);
+    snprintf(p, sizeof p, "%s.out_proj", prefix);
+    init_linear(l, rule, a, b, e, e, p);
+}
+
+static void init_cls_head(init_list *l, const char *prefix, int in, int hidden, int layers)
+{
+    int i, width = in;
+    for (i = 0; i < layers; i++) {
+        int out = i == layers - 1 ? 1 : hidden;
+        double bound = 1.0 / sqrt((double)width); /* nn.Linear.reset_parameters: kaiming_uniform(a=sqrt(5)) */
+        init_add(l, INIT_UNIFORM, bound, 0.0, out, width, 0, 0, "%s.layers.%d.weight", prefix, i);
+        init_add(l, INIT_UNIFORM, bound, 0.0, out, 0, 0, 0, "%s.layers.%d.bias", prefix, i);
+        width = hidden;
+    }
+}
+
+static void init_scale_block(init_list *l, const char *prefix, int W, int upsample)
+{
+    char p[200];
+    if (upsample) { /* ConvTranspose2d [in][out][2][2]: fan_in = out x 4 */
+        double bound = 1.0 / sqrt(4.0 * W);
+        init_add(l, INIT_UNIFORM, bound, 0.0, W, W, 2, 2, "%s.conv1.weight", prefix);
+        init_add(l, INIT_UNIFORM, bound, 0.0, W, 0, 0, 0, "%s.conv1.bias", prefix);
+    }
+    init_add(l, INIT_N(l->std), W, 1, 3, 3, "%s.conv2.weight", prefix);
+    snprintf(p, sizeof p, "%s.norm", prefix);
+    init_norm(l, W, p);
+}
+
+/* Every tensor of the weight file in convert.py's order, with its rule (table above). */
+static int init_tensor_list(const loupe_config *c, const init_hparams *h, init_list *l)
+{
+    int W = c->width, g = c->grid, F = c->feature_size, i, k;
+    int n_off = c->m2f_heads * c->deform_levels * c->deform_points;
+    double pe_scale = 1.0 / sqrt((double)W), x1 = 1.0, xd = h->xavier_gain;
+    char p[200];
+    static const char *const dec_proj[4] = {"k_proj", "v_proj", "q_proj", "out_proj"};
+    memset(l, 0, sizeof *l);
+    l->std = h->std;
+    l->xgain = xd;
+    /* backbone */
+    init_add(l, INIT_N(pe_scale), W, 0, 0, 0, "backbone.class_embedding");
+    init_add(l, INIT_N(pe_scale), 1 + g * g, W, 0, 0, "backbone.positional_embedding");
+    init_add(l, INIT_N(l->std), W, 3, c->patch_size, c->patch_size, "backbone.conv1.weight");
+    init_norm(l, W, "backbone.ln_pre");
+    init_norm(l, W, "backbone.ln_post");
+    for (i = 0; i < c->layers; i++) {
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.attn", i);
+        init_mha(l, x1, INIT_N(l->std), W, p);
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.ln_1", i); init_norm(l, W, p);
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.ln_2", i); init_norm(l, W, p);
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.mlp.c_fc", i);
+        init_linear(l, INIT_N(l->std), c->mlp_width, W, p);
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.mlp.c_proj", i);
+        init_linear(l, INIT_N(l->std), W, c->mlp_width, p);
+    }
+    init_add(l, INIT_N(1.0), 1, 1, W, 0, "backbone.attn_pool.probe");
+    init_mha(l, x1, INIT_N(l->std), W, "backbone.attn_pool.attn");
+    init_norm(l, W, "backbone.attn_pool.layernorm");
+    init_linear(l, INIT_N(l->std), c->pool_mlp_width, W, "backbone.attn_pool.mlp.c_fc");
+    init_linear(l, INIT_N(l->std), W, c->pool_mlp_width, "backbone.attn_pool.mlp.c_proj");
+    /* classifier */
+    init_cls_head(l, "classifier.classifier", W, c->cls_hidden, c->cls_layers);
+    init_cls_head(l, "classifier.patch_classifier", W, c->cls_hidden, c->cls_layers);
+    init_add(l, INIT_CONST, 1.0 / (1 + g * g), 0.0, 1, 1 + g * g, 0, 0, "classifier.fuser.fuse.weight");
+    /* segmentor: feature pyramid 4x (two steps), 2x, 0.5x */
+    init_scale_block(l, "segmentor.fpn.scale_layers.0.0", W, 1);
+    init_scale_block(l, "segmentor.fpn.scale_layers.0.1", W, 1);
+    init_scale_block(l, "segmentor.fpn.scale_layers.1.0", W, 1);
+    init_scale_block(l, "segmentor.fpn.scale_layers.3.0", W, 0);
+    for (i = 0; i < 2; i++) init_add(l, INIT_N(l->std), F, 0, 0, 0, "segmentor.label_embedding.%d", i);
+    /* pixel decoder: every tensor of >= 2 dimensions xavier(1) */
+    init_add(l, INIT_ZERO, c->deform_levels, F, 0, 0, "segmentor.pixel_decoder.level_embed");
+    for (i = 0; i < c->deform_levels; i++) {
+        init_add(l, INIT_XAVIER(x1, F, W, 1), F, W, 1, 1, "segmentor.pixel_decoder.input_projections.%d.0.weight", i);
+        init_add(l, INIT_ZERO, F, 0, 0, 0, "segmentor.pixel_decoder.input_projections.%d.0.bias", i);
+        snprintf(p, sizeof p, "segmentor.pixel_decoder.input_projections.%d.1", i);
+        init_norm(l, F, p);
+    }
+    for (i = 0; i < c->enc_layers; i++) {
+#define ENC(s) (snprintf(p, sizeof p, "segmentor.pixel_decoder.encoder.layers.%d.%s", i, s), p)
+        init_add(l, INIT_XAVIER(x1, 2 * n_off, F, 1), 2 * n_off, F, 0, 0, "%s.weight", ENC("self_attn.sampling_offsets"));
+        init_add(l, INIT_GRID, 0.0, 0.0, 2 * n_off, 0, 0, 0, "%s.bias", p);
+        init_linear(l, INIT_XAVIER(x1, n_off, F, 1), n_off, F, ENC("self_attn.attention_weights"));
+        init_linear(l, INIT_XAVIER(x1, F, F, 1), F, F, ENC("self_attn.value_proj"));
+        init_linear(l, INIT_XAVIER(x1, F, F, 1), F, F, ENC("self_attn.output_proj"));
+        init_norm(l, F, ENC("self_attn_layer_norm"));
+        init_linear(l, INIT_XAVIER(x1, c->enc_ffn, F, 1), c->enc_ffn, F, ENC("fc1"));
+        init_linear(l, INIT_XAVIER(x1, F, c->enc_ffn, 1), F, c->enc_ffn, ENC("fc2"));
+        init_norm(l, F, ENC("final_layer_norm"));
+        init_mha(l, x1, INIT_XAVIER(x1, F, F, 1), F, ENC("cross_attn"));
+        init_norm(l, F, ENC("cross_attn_layer_norm"));
+#undef ENC
+    }
+    init_add(l, INIT_XAVIER(x1, F, F, 1), F, F, 1, 1, "segmentor.pixel_decoder.mask_projection.weight");
+    init_add(l, INIT_ZERO, F, 0, 0, 0, "segmentor.pixel_decoder.mask_projection.bias");
+    init_add(l, INIT_XAVIER(x1, F, W, 1), F, W, 1, 1, "segmentor.pixel_decoder.adapter_1.0.weight");
+    init_norm(l, F, "segmentor.pixel_decoder.adapter_1.1");
+    init_add(l, INIT_XAVIER(x1, F, F, 9), F, F, 3, 3, "segmentor.pixel_decoder.layer_1.0.weight");
+    init_norm(l, F, "segmentor.pixel_decoder.layer_1.1");
+    /* transformer decoder */
+    init_add(l, INIT_N(l->std), c->num_queries, F, 0, 0, "segmentor.mask2former_decoder.queries_embedder.weight");
+    init_add(l, INIT_N(l->std), c->num_queries, F, 0, 0, "segmentor.mask2former_decoder.queries_features.weight");
+    for (i = 0; i < c->dec_layers - 1; i++) {
+#define DEC(s) (snprintf(p, sizeof p, "segmentor.mask2former_decoder.decoder.layers.%d.%s", i, s), p)
+        for (k = 0; k < 4; k++) {
+            char s[40];
+            snprintf(s, sizeof s, "self_attn.%s", dec_proj[k]);
+            init_linear(l, INIT_XAVIER(xd, F, F, 1), F, F, DEC(s));
+        }
+        init_norm(l, F, DEC("self_attn_layer_norm"));
+        init_mha(l, xd, INIT_XAVIER(xd, F, F, 1), F, DEC("cross_attn"));
+        init_norm(l, F, DEC("cross_attn_layer_norm"));
+        init_linear(l, INIT_XAVIER(xd, c->dec_ffn, F, 1), c->dec_ffn, F, DEC("fc1"));
+        init_linear(l, INIT_XAVIER(xd, F, c->dec_ffn, 1), F, c->dec_ffn, DEC("fc2"));
+        init_norm(l, F, DEC("final_layer_norm"));
+#undef DEC
+    }
+    init_norm(l, F, "segmentor.mask2former_decoder.decoder.layernorm");
+    for (i = 0; i < 3; i++) {
+        snprintf(p, sizeof p, "segmentor.mask2former_decoder.decoder.mask_predictor.mask_embedder.%d.0", i);
+        init_linear(l, INIT_N(l->std), F, F, p);
+    }
+    init_add(l, INIT_N(l->std), c->deform_levels, F, 0, 0, "segmentor.mask2former_decoder.level_embed.weight");
+    init_linear(l, INIT_N(l->std), c->num_labels + 1, F, "segmentor.class_predictor");
+    return l->failed ? -1 : 0;
+}
+
+/* ---- Writing the file ---- */
+
+static uint32_t init_float_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static void put_u16(unsigned char *p, uint32_t v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); }
+static void put_u32(unsigned char *p, uint32_t v) { put_u16(p, v & 0xFFFF); put_u16(p + 2, v >> 16); }
+static void put_u64(unsigned char *p, uint64_t v) { put_u32(p, (uint32_t)v); put_u32(p + 4, (uint32_t)(v >> 32)); }
+static uint64_t init_align(uint64_t n) { return (n + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN; }
+
+/* Encodes n float32 values of a [rows][cols] tensor as dtype into out (little-endian;
+ * Q8 and BF16 exactly as tools/convert.py rounds them); returns the byte count. */
+static size_t init_encode(const float *x, size_t rows, size_t cols, int dtype, unsigned char *out)
+{
+    size_t n = rows * cols, i, r, c;
+    if (dtype == DTYPE_BF16) {
+        for (i = 0; i < n; i++) {
+            uint32_t u = init_float_bits(x[i]);
+            put_u16(out + 2 * i, (u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+        }
+        return 2 * n;
+    }
+    if (dtype == DTYPE_Q8) {
+        size_t cols32 = (size_t)q8_padded(cols), nb = cols32 / Q8_BLOCK;
+        unsigned char *sc = out + rows * cols32;
+        for (r = 0; r < rows; r++)
+            for (c = 0; c < nb; c++) {
+                const float *w = x + r * cols + c * Q8_BLOCK;
+                size_t k, m = cols - c * Q8_BLOCK < Q8_BLOCK ? cols - c * Q8_BLOCK : Q8_BLOCK;
+                float amax = 0.0f, scale;
+                double div;
+                for (k = 0; k < m; k++) amax = fabsf(w[k]) > amax ? fabsf(w[k]) : amax;
+                scale = (float)((double)amax / 127.0);
+                div = scale != 0.0f ? (double)scale : 1.0;
+                for (k = 0; k < Q8_BLOCK; k++)
+                    out[r * cols32 + c * Q8_BLOCK + k] = (unsigned char)(int8_t)(k < m ? (int)nearbyint((double)w[k] / div) : 0);
+                put_u32(sc + 4 * (r * nb + c), init_float_bits(scale));
+            }
+        return (size_t)tensor_bytes(DTYPE_Q8, rows, cols);
+    }
+    for (i = 0; i < n; i++) put_u32(out + 4 * i, init_float_bits(x[i]));
+    return 4 * n;
+}
+
+/* The entry called name in a parsed weight file, or NULL. */
+static const tensor_entry *init_find_entry(const loupe_model *m, const char *name)
+{
+    int i;
+    size_t len = strlen(name);
+    for (i = 0; i < m->n_entries; i++)
+        if ((size_t)m->entries[i].name_len == len && !memcmp(m->entries[i].name, name, len)) return &m->entries[i];
+    return NULL;
+}
+
+int loupe_init_weights(const char *config_path, const char *out_path, unsigned long long seed, const char *dtype,
+                       const char *backbone_path, char *err, size_t errsize)
+{
+    init_hparams h;
+    init_list l;
+    loupe_model cm, *bm = NULL;
+    unsigned char *meta = NULL, *bytes = NULL;
+    const tensor_entry **src = NULL;
+    uint64_t *offsets = NULL, index_bytes = 0, data_offset, pos, file_size;
+    size_t most = 1, meta_len;
+    float *x = NULL;
+    char tmp[1024];
+    FILE *f = NULL;
+    int matrix_dtype = DTYPE_F32, version = WEIGHTS_VERSION_F32_ONLY, i, k, rc = -1, ok = 1;
+
+    memset(&l, 0, sizeof l);
+    if (!config_path || !out_path) return fail(err, errsize, "loupe_init_weights needs a config and an output path");
+    if (dtype && !strcmp(dtype, "bf16")) matrix_dtype = DTYPE_BF16;
+    else if (dtype && !strcmp(dtype, "q8")) matrix_dtype = DTYPE_Q8;
+    else if (dtype && strcmp(dtype, "f32")) return fail(err, errsize, "unknown dtype %s (f32, bf16 or q8)", dtype);
+    if (strlen(out_path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", out_path);
+    if (init_read_config(config_path, &h, err, errsize)) return -1;
+
+    /* The header's hyperparameters, checked by the loader's own rules (weights_config). */
+    meta_len = WEIGHTS_HEADER_BYTES + (size_t)INIT_N_HPARAMS * HPARAM_RECORD_BYTES;
+    if (!(meta = calloc(1, meta_len))) return fail(err, errsize, "out of memory");
+    memcpy(meta, WEIGHTS_MAGIC, WEIGHTS_MAGIC_LEN);
+    put_u32(meta + 12, INIT_N_HPARAMS);
+    for (k = 0; k < INIT_N_HPARAMS; k++) {
+        unsigned char *r = meta + WEIGHTS_HEADER_BYTES + (size_t)k * HPARAM_RECORD_BYTES;
+        uint64_t u;
+        memcpy(r, h.names[k], strlen(h.names[k]));
+        memcpy(&u, &h.values[k], sizeof u);
+        put_u64(r + HPARAM_NAME_BYTES, u);
+    }
+    memset(&cm, 0, sizeof cm);
+    cm.data = meta;
+    cm.size = meta_len;
+    snprintf(cm.path, sizeof cm.path, "%s", config_path);
+    if (weights_config(&cm, err, errsize)) goto done;
+    if (init_tensor_list(&cm.cfg, &h, &l)) { fail(err, errsize, "out of memory"); goto done; }
+
+    /* The backbone's source tensors, shapes checked before anything is written. */
+    if (!(src = calloc((size_t)l.n, sizeof *src)) || !(offsets = calloc((size_t)l.n, sizeof *offsets))) {
+        fail(err, errsize, "out of memory");
+        goto done;
+    }
+    if (backbone_path) {
+        if (!host_is_little_endian()) { fail(err, errsize, "%s: big-endian hosts are not supported", backbone_path); goto done; }
+        if (!(bm = calloc(1, sizeof *bm))) { fail(err, errsize, "out of memory"); goto done; }
+        snprintf(bm->path, sizeof bm->path, "%s", backbone_path);
+        if (weights_map_file(bm, backbone_path, err, errsize) || weights_parse(bm, err, errsize)) goto done;
+        for (i = 0; i < l.n; i++) {
+            const init_tensor *t = &l.t[i];
+            const tensor_entry *e;
+            int same;
+            if (!t->from_backbone) continue;
+            if (!(e = init_find_entry(bm, t->name))) {
+                fail(err, errsize, "%s: tensor %s is missing (the backbone must match the config)", backbone_path, t->name);
+                goto done;
+            }
+            same = e->ndim == t->ndim;
+            for (k = 0; same && k < t->ndim; k++) same = e->dims[k] == (uint32_t)t->dims[k];
+            if (!same) {
+                fail(err, errsize, "%s: tensor %s has another shape than the config implies", backbone_path, t->name);
+                goto done;
+            }
+            src[i] = e;
+        }
+    }
+
+    /* Layout: header, hyperparameters, index, then each tensor 64-byte aligned (as convert.py). */
+    for (i = 0; i < l.n; i++) index_bytes += 4 + strlen(l.t[i].name) + 4u * (unsigned)l.t[i].ndim + 16;
+    data_offset = init_align(meta_len + index_bytes);
+    pos = data_offset;
+    for (i = 0; i < l.n; i++) {
+        init_tensor *t = &l.t[i];
+        size_t numel = 1;
+        for (k = 0; k < t->ndim; k++) numel *= (size_t)t->dims[k];
+        if (t->matrix && matrix_dtype != DTYPE_F32) version = WEIGHTS_VERSION;
+        offsets[i] = init_align(pos);
+        pos = offsets[i] + tensor_bytes(t->matrix ? matrix_dtype : DTYPE_F32, (uint64_t)t->dims[0], numel / (size_t)t->dims[0]);
+        most = numel > most ? numel : most;
+    }
+    file_size = pos;
+    {
+        unsigned char *nm = realloc(meta, (size_t)data_offset);
+        if (!nm) { fail(err, errsize, "out of memory"); goto done; }
+        meta = nm;
+        memset(meta + meta_len, 0, (size_t)(data_offset - meta_len));
+    }
+    put_u32(meta + 8, (uint32_t)version);
+    put_u32(meta + 16, (uint32_t)l.n);
+    put_u64(meta + 24, data_offset);
+    put_u64(meta + 32, file_size);
+    pos = meta_len;
+    for (i = 0; i < l.n; i++) {
+        const init_tensor *t = &l.t[i];
+        size_t len = strlen(t->name), numel = 1;
+        for (k = 0; k < t->ndim; k++) numel *= (size_t)t->dims[k];
+        put_u16(meta + pos, (uint32_t)len);
+        meta[pos + 2] = (unsigned char)(t->matrix ? matrix_dtype : DTYPE_F32);
+        meta[pos + 3] = (unsigned char)t->ndim;
+        memcpy(meta + pos + 4, t->name, len);
+        pos += 4 + len;
+        for (k = 0; k < t->ndim; k++, pos += 4) put_u32(meta + pos, (uint32_t)t->dims[k]);
+        put_u64(meta + pos, offsets[i]);
+        put_u64(meta + pos + 8, tensor_bytes(t->matrix ? matrix_dtype : DTYPE_F32, (uint64_t)t->dims[0], numel / (size_t)t->dims[0]));
+        pos += 16;
+    }
+
+    /* Data, written front to back into a temporary file renamed when complete. */
+    x = malloc(most * sizeof *x);
+    bytes = malloc(most * sizeof *x + TENSOR_ALIGN);
+    if (!x || !bytes) { fail(err, errsize, "out of memory (the largest tensor has %llu values)", (unsigned long long)most); goto done; }
+    snprintf(tmp, sizeof tmp, "%s.tmp", out_path);
+    if (!(f = fopen(tmp, "wb"))) { fail(err, errsize, "%s: cannot create: %s", tmp, strerror(errno)); goto done; }
+    ok = fwrite(meta, 1, (size_t)data_offset, f) == (size_t)data_offset;
+    pos = data_offset;
+    for (i = 0; ok && i < l.n; i++) {
+        const init_tensor *t = &l.t[i];
+        size_t numel = 1, rows = (size_t)t->dims[0], n;
+        for (k = 0; k < t->ndim; k++) numel *= (size_t)t->dims[k];
+        memset(bytes, 0, TENSOR_ALIGN);
+        if (offsets[i] > pos) ok = fwrite(bytes, 1, (size_t)(offsets[i] - pos), f) == (size_t)(offsets[i] - pos);
+        if (src[i]) {
+            wmat w = entry_matrix(bm, src[i]);
+            size_t r, cols = numel / rows;
+            for (r = 0; r < rows; r++) wmat_to_float(w, r, 1, 0, (int)cols, x + r * cols, cols);
+        } else {
+            init_fill(t, (uint64_t)seed, &cm.cfg, x, numel);
+        }
+        n = init_encode(x, rows, numel / rows, t->matrix ? matrix_dtype : DTYPE_F32, bytes);
+        ok = ok && fwrite(bytes, 1, n, f) == n;
+        pos = offsets[i] + n;
+    }
+    if (fclose(f) != 0) ok = 0;
+    f = NULL;
+    if (!ok || pos != file_size || replace_file(tmp, out_path) != 0) {
+        remove(tmp);
+        fail(err, errsize, "%s: cannot write the weight file (disk full?)", out_path);
+        goto done;
+    }
+    rc = 0;
+done:
+    if (f) { fclose(f); remove(tmp); }
+    free(x);
+    free(bytes);
+    free(meta);
+    free(src);
+    free(offsets);
+    free(l.t);
+    loupe_model_free(bm);
+    return rc;
+}
+
+/* ========================================================================== */
 /* 4. Kernels                                                                 */
 /* ========================================================================== */
 /* Plain loops the compiler vectorises. Every kernel that spreads work over threads
@@ -7255,7 +8353,7 @@ typedef struct cls_tape {
 
 struct loupe_session {
     const loupe_model *m;
-    const loupe_weights *w;       /* segmentor weights in use: the model's or a loupe_tta's */
+    const loupe_weights *w;       /* weights in use: the model's or a trainer's (trained copies) */
     const loupe_tables *t;        /* tables derived from them */
     tta_tape *tape;               /* TTA: where the forward keeps what the backward needs (else NULL) */
     pe_tape *bb_tape;             /* training: backbone activations for the backward (else NULL) */
@@ -7280,6 +8378,8 @@ struct loupe_session {
     float *cls_a, *cls_b;         /* [g*g][cls_hidden] MLP hidden layers */
     float *patch_logits;          /* [g*g] */
     float global_logit, fused_logit, prob;
+    float cond_label;             /* training: the conditional query's label (1 forged, 0 not);
+                                     negative: the classifier's probability (inference, TTA) */
     /* segmentor: feature pyramid */
     float *cond_query;            /* [F] */
     float *fpn4, *fpn2, *fpn_half;/* [(4g)^2][W], [(2g)^2][W], [(g/2)^2][W] */
@@ -7398,6 +8498,7 @@ loupe_session *loupe_session_new(const loupe_model *m, char *err, size_t errsize
     s->w = &m->w;
     s->t = &m->t;
     s->threads = max_threads();
+    s->cond_label = -1.0f;
     session_layout(s, &a); /* measure */
     a.cap = a.used;
     a.used = 0;
@@ -7529,7 +8630,7 @@ static void zero_floats(float *x, size_t n)
 static void pe_embed(loupe_session *s, const float *pixels)
 {
     const loupe_config *c = &s->m->cfg;
-    const loupe_weights *w = &s->m->w;
+    const loupe_weights *w = s->w;
     int g = c->grid, P = c->patch_size, S = c->image_size, W = c->width, K = 3 * P * P, T = 1 + g * g;
     int p, ch, ky, kx;
     for (p = 0; p < g * g; p++) {
@@ -7558,7 +8659,7 @@ static void pe_embed_backward(const loupe_session *s, const pe_grads *g, const f
     size_t TW = (size_t)T * W, j;
     float *d_x0 = k->d_h;
     zero_floats(d_x0, TW);
-    layernorm_backward(d_x0, g->ln_pre.w, g->ln_pre.b, dy, s->bb_tape->embed, T, W, s->m->w.ln_pre, c->ln_eps,
+    layernorm_backward(d_x0, g->ln_pre.w, g->ln_pre.b, dy, s->bb_tape->embed, T, W, s->w->ln_pre, c->ln_eps,
                        k->stats);
     if (g->positional_embedding)
         for (j = 0; j < TW; j++) g->positional_embedding[j] += d_x0[j];
@@ -7681,7 +8782,7 @@ static void pe_residual_attention_block_backward(const loupe_session *s, const p
 static void pe_attention_pooling(loupe_session *s)
 {
     const loupe_config *c = &s->m->cfg;
-    const pe_pool_w *p = &s->m->w.pool;
+    const pe_pool_w *p = &s->w->pool;
     pe_tape *tp = s->bb_tape;
     int g = c->grid, T = 1 + g * g, W = c->width, M = c->pool_mlp_width, dh = W / c->pool_heads;
     float *q = tp ? tp->pool_q : s->pool_q, *kv = tp ? tp->pool_kv : s->qkv, *att = tp ? tp->pool_att : s->pool_att;
@@ -7704,7 +8805,7 @@ static void pe_attention_pooling_backward(const loupe_session *s, const pe_pool_
                                           pe_work *k)
 {
     const loupe_config *c = &s->m->cfg;
-    const pe_pool_w *p = &s->m->w.pool;
+    const pe_pool_w *p = &s->w->pool;
     const pe_tape *tp = s->bb_tape;
     int T = 1 + c->grid * c->grid, W = c->width, M = c->pool_mlp_width, H = c->pool_heads, dh = W / H;
     float *d_mid = k->d_mid, *d_q = k->d_att + W, *d_kv = k->d_qkv;
@@ -7746,12 +8847,12 @@ static void vision_transformer(loupe_session *s, const float *pixels)
     char name[32];
     pe_embed(s, pixels);
     for (i = 0; i < c->layers; i++) {
-        pe_residual_attention_block(s, &s->m->w.blocks[i], i);
+        pe_residual_attention_block(s, &s->w->blocks[i], i);
         snprintf(name, sizeof name, "backbone_block%d", i);
         tap(s, name, s->x, 0, 3, 1, T, W, 0);
     }
     if (s->bb_tape) memcpy(s->bb_tape->x + (size_t)c->layers * T * W, s->x, (size_t)T * W * sizeof *s->x);
-    layernorm(s->feats, s->x, T, W, s->m->w.ln_post, c->ln_eps);
+    layernorm(s->feats, s->x, T, W, s->w->ln_post, c->ln_eps);
     tap(s, "backbone_features", s->feats, 0, 3, 1, T, W, 0);
     pe_attention_pooling(s);
     tap(s, "pooled_features", s->pooled, 0, 2, 1, W, 0, 0);
@@ -7764,7 +8865,7 @@ static void vision_transformer_backward(const loupe_session *s, const pe_grads *
                                         const float *d_pooled, pe_work *k)
 {
     const loupe_config *c = &s->m->cfg;
-    const loupe_weights *w = &s->m->w;
+    const loupe_weights *w = s->w;
     int T = 1 + c->grid * c->grid, W = c->width, i;
     size_t TW = (size_t)T * W;
     float *dcur = k->d_a, *dnext = k->d_b, *swap;
@@ -7846,7 +8947,7 @@ static void loupe_cls_head_backward(const loupe_session *s, const cls_head_w *h,
 static void loupe_classifier(loupe_session *s)
 {
     const loupe_config *c = &s->m->cfg;
-    const loupe_weights *w = &s->m->w;
+    const loupe_weights *w = s->w;
     cls_tape *ct = s->cls_tape;
     int N = c->grid * c->grid, i;
     double fused;
@@ -7871,7 +8972,7 @@ static void loupe_classifier_backward(const loupe_session *s, const cls_grads *g
                                       const float *d_patch_logits, float *d_pooled, float *d_feats, pe_work *k)
 {
     const loupe_config *c = &s->m->cfg;
-    const loupe_weights *w = &s->m->w;
+    const loupe_weights *w = s->w;
     int N = c->grid * c->grid, W = c->width, i;
     float d_global = d_fused * w->fuser[0];
     if (g->fuser) {
@@ -7972,13 +9073,20 @@ void (*const loupe_training_entry_points[])(void) = {
 /* 7. Segmentor (LoupeSegmentor: FeaturePyramid, PixelDecoder, Mask2Former)    */
 /* ========================================================================== */
 
+/* The conditional query's label: the forgery probability p (inference, test-time
+ * adaptation) or, in training, whether the image has a target (upstream's labels). */
+static float conditional_label(const loupe_session *s)
+{
+    return s->cond_label >= 0.0f ? s->cond_label : s->prob;
+}
+
 /* LoupeSegmentor.forward, conditional queries: the label embeddings mixed by the
- * forgery probability p: label_embedding[1] * p + label_embedding[0] * (1 - p) -> [F]. */
+ * label p: label_embedding[1] * p + label_embedding[0] * (1 - p) -> [F]. */
 static void conditional_query(loupe_session *s)
 {
     const loupe_weights *w = s->w;
     int F = s->m->cfg.feature_size, i;
-    float p = s->prob;
+    float p = conditional_label(s);
     for (i = 0; i < F; i++) s->cond_query[i] = w->label_embedding[1][i] * p + w->label_embedding[0][i] * (1.0f - p);
     tap(s, "conditional_query", s->cond_query, 0, 3, 1, 1, F, 0);
 }
@@ -8484,6 +9592,7 @@ const loupe_outputs *loupe_get_outputs(const loupe_session *s) { return &s->out;
 typedef struct loss_rng {
     void (*fill)(void *state, float *out, size_t n);
     void *state;
+    void (*seek)(void *state, uint64_t position); /* next fill starts at number `position` */
 } loss_rng;
 
 /* State of splitmix_uniform_fill: number i of the stream (counting from 0 over all
@@ -8506,6 +9615,12 @@ static void splitmix_uniform_fill(void *state, float *out, size_t n)
         z ^= z >> 31;
         out[i] = (float)(z >> (64 - SEG_UNIFORM_BITS)) * SEG_UNIFORM_SCALE;
     }
+}
+
+/* Moves the splitmix stream to number `position` (counter-based: any order of reads). */
+static void splitmix_uniform_seek(void *state, uint64_t position)
+{
+    ((splitmix_uniform *)state)->counter = position;
 }
 
 /* Hyperparameters of LoupeSegLoss (values of Loupe's configs in seg_loss_config_default). */
@@ -8678,18 +9793,18 @@ static double pair_wise_dice_loss(const float *pred, const float *target, int n)
 }
 
 /* LoupeHungarianMatcher.forward for one image with one target: class_logits [Q][2],
- * mask_logits [Q][M][M], target [g][g], points [P][2] (the matcher's uniform draw);
+ * mask_logits [Q][M][M], target [th][tw], points [P][2] (the matcher's uniform draw);
  * scratch [2P] floats. Returns the matched query. The cost matrix is float32 [Q][1]
  * as upstream; scipy's linear_sum_assignment on one column returns the cheapest row,
  * the lowest index among equal costs (it scans columns of the transposed 1 x Q problem
  * from the last to the first and keeps the last minimum it sees). */
 static int hungarian_matcher(const seg_loss_config *cfg, int Q, int M, const float *class_logits,
-                             const float *mask_logits, const float *target, int g, const float *points,
+                             const float *mask_logits, const float *target, int th, int tw, const float *points,
                              int P, float *scratch)
 {
     float *target_points = scratch, *pred_points = scratch + P, best = 0.0f;
     int q, best_q = 0;
-    sample_point_forward(target, g, g, points, P, target_points);
+    sample_point_forward(target, th, tw, points, P, target_points);
     for (q = 0; q < Q; q++) {
         const float *z = class_logits + (size_t)q * SEG_NUM_CLASSES;
         float mx = z[0] > z[1] ? z[0] : z[1];
@@ -8733,15 +9848,18 @@ static int uncertain_point_cmp(const void *a, const void *b)
  * oversample_ratio) candidates, keeps the int(importance_sample_ratio * P) with the
  * largest calculate_uncertainty = -|logit| (torch.topk; ties, which topk leaves
  * unspecified, go to the earlier candidate), then draws the remaining points uniformly.
+ * The candidates are read from rng at position cand_pos, the uniform points at extra_pos.
  * points_out [P][2]; candidates [int(P * oversample_ratio)][2] floats, order [same count]. */
 static void sample_points_using_uncertainty(const seg_loss_config *cfg, const float *mask_logits, int M,
-                                            const loss_rng *rng, float *points_out, float *candidates,
-                                            float *candidate_logits, uncertain_point *order)
+                                            const loss_rng *rng, uint64_t cand_pos, uint64_t extra_pos,
+                                            float *points_out, float *candidates, float *candidate_logits,
+                                            uncertain_point *order)
 {
     int P = cfg->train_num_points;
     int num_sampled = (int)(P * cfg->oversample_ratio);
     int num_uncertain = (int)(cfg->importance_sample_ratio * P);
     int i;
+    rng->seek(rng->state, cand_pos);
     rng->fill(rng->state, candidates, (size_t)num_sampled * 2);
     sample_point_forward(mask_logits, M, M, candidates, num_sampled, candidate_logits);
     for (i = 0; i < num_sampled; i++) {
@@ -8753,6 +9871,7 @@ static void sample_points_using_uncertainty(const seg_loss_config *cfg, const fl
         points_out[2 * i] = candidates[2 * order[i].index];
         points_out[2 * i + 1] = candidates[2 * order[i].index + 1];
     }
+    rng->seek(rng->state, extra_pos);
     if (P > num_uncertain)
         rng->fill(rng->state, points_out + (size_t)num_uncertain * 2, (size_t)(P - num_uncertain) * 2);
 }
@@ -8844,14 +9963,15 @@ typedef struct loss_masks_scratch {
 } loss_masks_scratch;
 
 /* LoupeSegLoss.loss_masks forward for one matched mask (num_masks as get_num_masks):
- * mask_logits [M][M] of the matched query, target [g][g], points [P][2] ->
- * loss_mask = mean Poly-1 focal / num_masks, loss_dice = Tversky (mean over 1 mask). */
+ * mask_logits [M][M] of the matched query, target [th][tw], points [P][2] ->
+ * loss_mask = mean Poly-1 focal / num_masks, loss_dice = Tversky of this mask (the
+ * caller averages over the batch's masks). */
 static void loss_masks_forward(const seg_loss_config *cfg, const float *mask_logits, int M, const float *target,
-                               int g, const float *points, double num_masks, loss_masks_scratch *s,
+                               int th, int tw, const float *points, double num_masks, loss_masks_scratch *s,
                                double *loss_mask, double *loss_dice)
 {
     int P = cfg->train_num_points;
-    sample_point_forward(target, g, g, points, P, s->point_labels);
+    sample_point_forward(target, th, tw, points, P, s->point_labels);
     sample_point_forward(mask_logits, M, M, points, P, s->point_logits);
     *loss_mask = poly1_focal_loss_forward(cfg, s->point_logits, s->point_labels, P) / num_masks;
     *loss_dice = tversky_loss_forward(cfg, s->point_logits, s->point_labels, P);
@@ -8885,30 +10005,35 @@ static double loss_labels_class_weight(const seg_loss_config *cfg, int cls)
     return cls == SEG_NO_OBJECT_CLASS ? cfg->no_object_weight : 1.0;
 }
 
-/* Mask2FormerLoss.loss_labels forward: class_logits [Q][2], matched_query (-1: none) ->
- * weighted-mean cross-entropy sum_q w_q (-log softmax(z_q)[c_q]) / sum_q w_q. */
-static double loss_labels_forward(const seg_loss_config *cfg, const float *class_logits, int Q, int matched_query)
+/* The denominator of loss_labels' weighted mean over a whole batch: the class weights
+ * of all B*Q queries, `targets` of them matched (forgery, weight 1), the rest no-object. */
+static double loss_labels_weight_sum(const seg_loss_config *cfg, int images, int Q, int targets)
 {
-    double num = 0.0, den = 0.0;
+    return (double)targets + ((double)images * Q - targets) * cfg->no_object_weight;
+}
+
+/* Mask2FormerLoss.loss_labels forward, one image's share: class_logits [Q][2],
+ * matched_query (-1: none), den = loss_labels_weight_sum of the batch ->
+ * sum_q w_q (-log softmax(z_q)[c_q]) / den (the batch's term is the sum of its images'). */
+static double loss_labels_forward(const seg_loss_config *cfg, const float *class_logits, int Q, int matched_query,
+                                  double den)
+{
+    double num = 0.0;
     int q;
     for (q = 0; q < Q; q++) {
         const float *z = class_logits + (size_t)q * SEG_NUM_CLASSES;
         int c = loss_labels_target(q, matched_query);
-        double w = loss_labels_class_weight(cfg, c);
         /* -log softmax(z)[c] = softplus(z[other] - z[c]) for two classes */
-        num += w * seg_softplus((double)z[1 - c] - z[c]);
-        den += w;
+        num += loss_labels_class_weight(cfg, c) * seg_softplus((double)z[1 - c] - z[c]);
     }
     return num / den;
 }
 
-/* loss_labels backward: grad [Q][2] += scale * w_q / sum(w) * (softmax(z_q) - onehot(c_q)). */
+/* loss_labels backward: grad [Q][2] += scale * w_q / den * (softmax(z_q) - onehot(c_q)). */
 static void loss_labels_backward(const seg_loss_config *cfg, const float *class_logits, int Q, int matched_query,
-                                 double scale, float *grad_class_logits)
+                                 double den, double scale, float *grad_class_logits)
 {
-    double den = 0.0;
     int q, j;
-    for (q = 0; q < Q; q++) den += loss_labels_class_weight(cfg, loss_labels_target(q, matched_query));
     for (q = 0; q < Q; q++) {
         const float *z = class_logits + (size_t)q * SEG_NUM_CLASSES;
         int c = loss_labels_target(q, matched_query);
@@ -8922,67 +10047,123 @@ static void loss_labels_backward(const seg_loss_config *cfg, const float *class_
 
 /* ---- The whole loss ---- */
 
+/* Ascending ints, for qsort. */
+static int int_cmp(const void *a, const void *b)
+{
+    int x = *(const int *)a, y = *(const int *)b;
+    return (x > y) - (x < y);
+}
+
 /* Mask2FormerLoss.get_num_masks: number of targets, clamped to >= 1 (one process). */
 static double get_num_masks(int num_targets)
 {
     return num_targets > 1 ? (double)num_targets : 1.0;
 }
 
-/* Scratch of loupe_seg_loss (planned in the loupe_tta arena): the matcher's points and
+/* Scratch of loupe_seg_loss (planned in the trainer's arena): the matcher's points and
  * samples [2P] each, the selected points [P][2], the oversampled candidates [3P][2], their
- * logits [3P] and sort order [3P], and loss_masks' buffers. */
+ * logits [3P] and sort order [3P], and loss_masks' buffers. topk, when a test sets it,
+ * receives each call's importance-sampled candidate indices, ascending ([L][0.75 P]). */
 typedef struct seg_loss_scratch {
     float *matcher_points, *matcher_scratch, *points, *candidates, *candidate_logits;
     uncertain_point *order;
     loss_masks_scratch masks;
+    int *topk;
 } seg_loss_scratch;
 
+/* Where one image sits in its batch. The loss is a batch's (upstream collates B images):
+ * num_masks, the Tversky mean and the cross-entropy's weighted mean run over all the
+ * batch's targets and queries, and the random draws come in the batch's order. Images
+ * have 0 or 1 target (one forgery class), so everything is known before any forward and
+ * the images can be processed one at a time, each adding its share. */
+typedef struct seg_batch {
+    int images;                  /* B */
+    int targets;                 /* targets in the whole batch */
+    int image;                   /* this image's index b */
+    int targets_before;          /* targets of images 0..b-1 (this image's mask index) */
+    uint64_t base;               /* stream position of the batch's first random number */
+} seg_batch;
+
+/* Random numbers one loss call draws for a whole batch: per image the matcher's points
+ * [P][2], then candidates [n][3P][2] and extra points [n][P - 0.75 P][2] for the n
+ * targets of the batch (upstream's torch.rand calls, in order). */
+static uint64_t seg_call_draws(const seg_loss_config *cfg, int images, int targets)
+{
+    uint64_t P = (uint64_t)cfg->train_num_points;
+    uint64_t cand = (uint64_t)(int)(cfg->train_num_points * cfg->oversample_ratio);
+    uint64_t extra = P - (uint64_t)(int)(cfg->importance_sample_ratio * cfg->train_num_points);
+    return (uint64_t)images * 2 * P + (uint64_t)targets * 2 * (cand + extra);
+}
+
+/* Random numbers of one training step of a batch: the decoder's L-1 layerdrop draws
+ * (unused: layerdrop 0), then L loss calls. */
+static uint64_t seg_batch_draws(const seg_loss_config *cfg, int L, int images, int targets)
+{
+    return (uint64_t)(L - 1) + (uint64_t)L * seg_call_draws(cfg, images, targets);
+}
+
 /* LoupeSegLoss.forward (with its auxiliary calls) followed by LoupeSegmentor.get_loss,
- * and the gradient of the total. preds [L] in decoder order (prediction i has class
- * logits [Q][2], mask logits [Q][M][M]); pseudo_label p and pseudo_mask [g][g] =
- * sigmoid(patch logits) (read only when p > 0.5). Fills calls [L] (in loss-call order)
- * and *total, and accumulates the gradients into the preds' grad buffers. Consumes the
- * random numbers listed at loss_rng. */
-static void loupe_seg_loss(const seg_loss_config *cfg, int L, int Q, int M, int g, const seg_prediction *preds,
-                           float pseudo_label, const float *pseudo_mask, const loss_rng *rng, seg_loss_scratch *s,
-                           seg_loss_call *calls, double *total)
+ * one image's share, and the gradient of `scale` times it. preds [L] in decoder order
+ * (prediction i has class logits [Q][2], mask logits [Q][M][M]); target [th][tw] (read
+ * when has_target): the image's forgery mask (training: mask_labels, S x S; test-time
+ * adaptation: sigmoid(patch logits), g x g). Adds this image's share of each term to
+ * calls [L] (in loss-call order; the caller zeroes them per batch, matched_query -1),
+ * sets their matched_query to this image's when it has a target, adds the weighted share to *total, and accumulates the
+ * gradients into the preds' grad buffers. Reads the random numbers of rng at the batch's
+ * positions (seg_batch). */
+static void loupe_seg_loss(const seg_loss_config *cfg, int L, int Q, int M, const seg_prediction *preds,
+                           int has_target, const float *target, int th, int tw, const seg_batch *bt, double scale,
+                           const loss_rng *rng, seg_loss_scratch *s, seg_loss_call *calls, double *total)
 {
     int P = cfg->train_num_points;
-    int has_target = pseudo_label > SEG_PSEUDO_LABEL_THRESHOLD;
-    double num_masks = get_num_masks(has_target);
-    float skip;
-    int k;
+    int cand = (int)(P * cfg->oversample_ratio), uncertain = (int)(cfg->importance_sample_ratio * P);
+    double num_masks = get_num_masks(bt->targets);
+    double ce_den = loss_labels_weight_sum(cfg, bt->images, Q, bt->targets);
+    uint64_t per_call = seg_call_draws(cfg, bt->images, bt->targets);
+    int k, i;
 
-    /* the decoder's layerdrop draws precede the loss in upstream's random stream */
-    for (k = 0; k < L - 1; k++) rng->fill(rng->state, &skip, 1);
-
-    *total = 0.0;
     for (k = 0; k < L; k++) {
         seg_loss_call *c = &calls[k];
         const seg_prediction *pr = &preds[k == 0 ? L - 1 : k - 1];
+        uint64_t start = bt->base + (uint64_t)(L - 1) + (uint64_t)k * per_call;
+        double loss_mask = 0.0, loss_dice = 0.0, ce;
+        int matched = -1;
         c->prediction = k == 0 ? L - 1 : k - 1;
         c->num_masks = num_masks;
-        /* the matcher draws its points even when there is no target to match */
-        rng->fill(rng->state, s->matcher_points, (size_t)P * 2);
-        c->matched_query = has_target ? hungarian_matcher(cfg, Q, M, pr->class_logits, pr->mask_logits,
-                                                          pseudo_mask, g, s->matcher_points, P, s->matcher_scratch)
-                                      : -1;
-        c->loss_mask = c->loss_dice = 0.0;
         if (has_target) {
-            const float *mask = pr->mask_logits + (size_t)c->matched_query * M * M;
-            sample_points_using_uncertainty(cfg, mask, M, rng, s->points, s->candidates, s->candidate_logits,
-                                            s->order);
-            loss_masks_forward(cfg, mask, M, pseudo_mask, g, s->points, num_masks, &s->masks, &c->loss_mask,
-                               &c->loss_dice);
-            loss_masks_backward(cfg, M, s->points, num_masks, cfg->mask_weight, cfg->dice_weight, &s->masks,
-                                pr->grad_mask_logits + (size_t)c->matched_query * M * M);
+            const float *mask;
+            uint64_t after = start + (uint64_t)bt->images * 2 * P;
+            rng->seek(rng->state, start + (uint64_t)bt->image * 2 * P);
+            rng->fill(rng->state, s->matcher_points, (size_t)P * 2);
+            matched = c->matched_query = hungarian_matcher(cfg, Q, M, pr->class_logits, pr->mask_logits, target, th,
+                                                           tw, s->matcher_points, P, s->matcher_scratch);
+            mask = pr->mask_logits + (size_t)matched * M * M;
+            /* this mask's rows of the batch's candidate and extra-point draws */
+            sample_points_using_uncertainty(cfg, mask, M, rng, after + (uint64_t)bt->targets_before * 2 * cand,
+                                            after + (uint64_t)bt->targets * 2 * cand +
+                                                (uint64_t)bt->targets_before * 2 * (P - uncertain),
+                                            s->points, s->candidates, s->candidate_logits, s->order);
+            if (s->topk) {
+                int *dst = s->topk + (size_t)k * uncertain;
+                for (i = 0; i < uncertain; i++) dst[i] = s->order[i].index;
+                qsort(dst, (size_t)uncertain, sizeof *dst, int_cmp);
+            }
+            loss_masks_forward(cfg, mask, M, target, th, tw, s->points, num_masks, &s->masks, &loss_mask, &loss_dice);
+            loss_dice /= bt->targets;   /* Tversky: mean over the batch's masks */
+            loss_masks_backward(cfg, M, s->points, num_masks, scale * cfg->mask_weight,
+                                scale * cfg->dice_weight / bt->targets, &s->masks,
+                                pr->grad_mask_logits + (size_t)matched * M * M);
         }
-        c->loss_cross_entropy = loss_labels_forward(cfg, pr->class_logits, Q, c->matched_query);
-        loss_labels_backward(cfg, pr->class_logits, Q, c->matched_query, cfg->class_weight, pr->grad_class_logits);
-        c->weighted_mask = cfg->mask_weight * c->loss_mask;
-        c->weighted_dice = cfg->dice_weight * c->loss_dice;
-        c->weighted_cross_entropy = cfg->class_weight * c->loss_cross_entropy;
-        *total += c->weighted_mask + c->weighted_dice + c->weighted_cross_entropy;
+        ce = loss_labels_forward(cfg, pr->class_logits, Q, matched, ce_den);
+        loss_labels_backward(cfg, pr->class_logits, Q, matched, ce_den, scale * cfg->class_weight,
+                             pr->grad_class_logits);
+        c->loss_mask += loss_mask;
+        c->loss_dice += loss_dice;
+        c->loss_cross_entropy += ce;
+        c->weighted_mask += cfg->mask_weight * loss_mask;
+        c->weighted_dice += cfg->dice_weight * loss_dice;
+        c->weighted_cross_entropy += cfg->class_weight * ce;
+        *total += cfg->mask_weight * loss_mask + cfg->dice_weight * loss_dice + cfg->class_weight * ce;
     }
 }
 
@@ -8995,22 +10176,24 @@ enum {
     PARAM_CONV3X3    /* 3x3 conv [co][ci][3][3] kept tap-major [9][co][ci] */
 };
 
-#define TTA_NAME_LEN 128
+#define TRAIN_NAME_LEN 128
 #define TTA_SEGMENTOR_PREFIX "segmentor."
 #define TTA_CLIP_EPS 1e-6           /* clip_grad_norm_ divides by norm + 1e-6 */
 #define TTA_MAX_WEIGHT 1e6f         /* largest gradient weight loupe_tta_accumulate accepts */
 
 /* One trainable tensor. */
-typedef struct tta_param {
-    char name[TTA_NAME_LEN];     /* upstream state-dict key without "loupe." */
+typedef struct train_param {
+    char name[TRAIN_NAME_LEN];   /* upstream state-dict key without "loupe." */
     int dims[MAX_TENSOR_DIMS];   /* upstream shape, trailing zeros */
     int layout;
-    size_t offset, numel;        /* position in loupe_tta's param, grad, adam_m, adam_v */
-    int decay;                   /* AdamW weight decay applies: the name has no "bias" */
-} tta_param;
+    size_t offset, numel;        /* position in the trainer's param, grad, adam_m, adam_v */
+    double lr, weight_decay;     /* its parameter group's (LitModel.configure_optimizers): the
+                                    backbone's learning rate for names with "backbone", no
+                                    weight decay for names with "bias" */
+} train_param;
 
 /* Converts a tensor from upstream layout to the layout the forward reads. */
-static void param_from_upstream(const tta_param *p, const float *src, float *dst)
+static void param_from_upstream(const train_param *p, const float *src, float *dst)
 {
     switch (p->layout) {
     case PARAM_DEPTHWISE: repack_depthwise(dst, src, p->dims[0]); break;
@@ -9020,7 +10203,7 @@ static void param_from_upstream(const tta_param *p, const float *src, float *dst
 }
 
 /* Converts a tensor (or its gradient) back to upstream layout. */
-static void param_to_upstream(const tta_param *p, const float *src, float *dst)
+static void param_to_upstream(const train_param *p, const float *src, float *dst)
 {
     int a = p->dims[0], b = p->dims[1], i, j, t;
     switch (p->layout) {
@@ -9039,9 +10222,10 @@ static void param_to_upstream(const tta_param *p, const float *src, float *dst)
 
 /* Collects the trainable tensors: counts them (params NULL) or records and copies them. */
 typedef struct param_builder {
-    tta_param *params;           /* NULL while counting */
-    float *data;                 /* the adapted values, when recording */
+    train_param *params;         /* NULL while counting */
+    float *data;                 /* the trained values, when recording */
     binder b;                    /* finds each tensor in the weight file by name and shape */
+    const loupe_train_options *opt; /* learning rates and weight decay of the groups */
     int count;
     size_t floats;
 } param_builder;
@@ -9051,14 +10235,14 @@ typedef struct param_builder {
 static void add_param(param_builder *pb, const float **view, int layout, int d0, int d1, int d2, int d3,
                       const char *fmt, ...)
 {
-    char name[TTA_NAME_LEN];
+    char name[TRAIN_NAME_LEN];
     size_t numel = (size_t)d0 * (d1 ? d1 : 1) * (d2 ? d2 : 1) * (d3 ? d3 : 1);
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(name, sizeof name, fmt, ap);
     va_end(ap);
     if (pb->params) {
-        tta_param *p = &pb->params[pb->count];
+        train_param *p = &pb->params[pb->count];
         const int dims[MAX_TENSOR_DIMS] = {d0, d1, d2, d3};
         const tensor_entry *e = bind_entry(&pb->b, dims, name);
         const float *src = NULL;
@@ -9073,7 +10257,8 @@ static void add_param(param_builder *pb, const float **view, int layout, int d0,
         p->layout = layout;
         p->offset = pb->floats;
         p->numel = numel;
-        p->decay = strstr(name, "bias") == NULL;
+        p->lr = strstr(name, "backbone") ? pb->opt->backbone_lr : pb->opt->lr;
+        p->weight_decay = strstr(name, "bias") ? 0.0 : pb->opt->weight_decay;
         if (src) param_from_upstream(p, src, pb->data + p->offset);
         free(copy);
         *view = pb->data + p->offset;
@@ -9097,7 +10282,7 @@ static void add_norm(param_builder *pb, norm_w *n, int dim, const char *prefix)
 }
 static void add_mha(param_builder *pb, linear_w *qkv, linear_w *out, int e, const char *prefix)
 {
-    char name[TTA_NAME_LEN + 16];
+    char name[TRAIN_NAME_LEN + 16];
     const float *w = NULL;
     add_param(pb, &w, PARAM_PLAIN, 3 * e, e, 0, 0, "%s.in_proj_weight", prefix);
     if (pb->params) qkv->w = wmat_f32(w, (size_t)e);
@@ -9106,13 +10291,63 @@ static void add_mha(param_builder *pb, linear_w *qkv, linear_w *out, int e, cons
     add_linear(pb, out, e, e, 0, name);
 }
 
+/* Walks the backbone's tensors in upstream's state-dict order: only the class and
+ * position embeddings when not full (upstream trains those two even in a frozen
+ * backbone), else all; w->blocks must be the trainer's own copy of the views. */
+static void backbone_params(param_builder *pb, loupe_weights *w, const loupe_config *c, int full)
+{
+    int W = c->width, g = c->grid, P = c->patch_size, i;
+    char p[TRAIN_NAME_LEN];
+    add_param(pb, &w->class_embedding, PARAM_PLAIN, W, 0, 0, 0, "backbone.class_embedding");
+    add_param(pb, &w->positional_embedding, PARAM_PLAIN, 1 + g * g, W, 0, 0, "backbone.positional_embedding");
+    if (!full) return;
+    {
+        const float *conv1 = NULL;
+        add_param(pb, &conv1, PARAM_PLAIN, W, 3, P, P, "backbone.conv1.weight");
+        if (pb->params) w->conv1 = wmat_f32(conv1, (size_t)3 * P * P);
+    }
+    add_norm(pb, &w->ln_pre, W, "backbone.ln_pre");
+    add_norm(pb, &w->ln_post, W, "backbone.ln_post");
+    for (i = 0; i < c->layers; i++) {
+        pe_block_w *bl = &w->blocks[i];
+#define BLK(s) (snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.%s", i, s), p)
+        add_mha(pb, &bl->qkv, &bl->out, W, BLK("attn"));
+        add_norm(pb, &bl->ln_1, W, BLK("ln_1"));
+        add_norm(pb, &bl->ln_2, W, BLK("ln_2"));
+        add_linear(pb, &bl->fc, c->mlp_width, W, 0, BLK("mlp.c_fc"));
+        add_linear(pb, &bl->proj, W, c->mlp_width, 0, BLK("mlp.c_proj"));
+#undef BLK
+    }
+    add_param(pb, &w->pool.probe, PARAM_PLAIN, 1, 1, W, 0, "backbone.attn_pool.probe");
+    add_mha(pb, &w->pool.qkv, &w->pool.out, W, "backbone.attn_pool.attn");
+    add_norm(pb, &w->pool.ln, W, "backbone.attn_pool.layernorm");
+    add_linear(pb, &w->pool.fc, c->pool_mlp_width, W, 0, "backbone.attn_pool.mlp.c_fc");
+    add_linear(pb, &w->pool.proj, W, c->pool_mlp_width, 0, "backbone.attn_pool.mlp.c_proj");
+}
+
+/* Walks the classifier's tensors (LoupeClassifier: two MLP heads and the fuser). */
+static void classifier_params(param_builder *pb, loupe_weights *w, const loupe_config *c)
+{
+    int k, i;
+    char p[TRAIN_NAME_LEN];
+    for (k = 0; k < 2; k++) {
+        cls_head_w *h = k ? &w->patch_head : &w->global_head;
+        for (i = 0; i < c->cls_layers; i++) {
+            int in = i == 0 ? c->width : c->cls_hidden, out = i == c->cls_layers - 1 ? 1 : c->cls_hidden;
+            snprintf(p, sizeof p, "classifier.%s.layers.%d", k ? "patch_classifier" : "classifier", i);
+            add_linear(pb, &h->layers[i], out, in, 0, p);
+        }
+    }
+    add_param(pb, &w->fuser, PARAM_PLAIN, 1, 1 + c->grid * c->grid, 0, 0, "classifier.fuser.fuse.weight");
+}
+
 /* Walks every segmentor tensor of w in upstream's state-dict order. */
 static void segmentor_params(param_builder *pb, loupe_weights *w, const loupe_config *c)
 {
     static const char *const fpn_names[4] = {"0.0", "0.1", "1.0", "3.0"};
     scale_block_w *blocks[4];
     int W = c->width, F = c->feature_size, n_off = c->m2f_heads * c->deform_levels * c->deform_points, i, k;
-    char p[TTA_NAME_LEN];
+    char p[TRAIN_NAME_LEN];
     blocks[0] = &w->fpn4[0]; blocks[1] = &w->fpn4[1]; blocks[2] = &w->fpn2; blocks[3] = &w->fpn_half;
     for (k = 0; k < 4; k++) {
         scale_block_w *b = blocks[k];
@@ -9186,6 +10421,9 @@ static void segmentor_params(param_builder *pb, loupe_weights *w, const loupe_co
 typedef struct tta_work {
     float *d_class, *d_mask;          /* [L][Q][C], [L][Q][(4g)^2]: the loss's gradients */
     float *pseudo_mask;               /* [g*g] sigmoid(patch logits) */
+    float *d_feats;                   /* [1+g*g][W] gradient of backbone_features */
+    float *d_pooled;                  /* [W] gradient of pooled_features */
+    float *d_patch;                   /* [g*g] gradient of the patch logits */
     float *d_me, *mf_t, *d_mf;        /* [L][Q][F]; [F][(4g)^2] mask features transposed; [(4g)^2][F] */
     float *d_qh, *d_x1, *d_x2, *d_x3; /* [Q][F] mask predictor and decoder temporaries */
     float *d_h0, *d_h1;               /* [Q][F] gradient of the decoder hidden state (two, swapped) */
@@ -9208,15 +10446,26 @@ typedef struct tta_work {
     seg_loss_scratch loss;
 } tta_work;
 
-struct loupe_tta {
+struct loupe_trainer {
     const loupe_model *m;
     loupe_session *s;                 /* runs the forward with w, t and tape */
-    loupe_weights w;                  /* the model's views, the segmentor's pointing into param */
-    loupe_tables t;                   /* the model's tables; enc_pos from the adapted level embedding */
-    enc_layer_w *enc;                 /* w.enc, w.dec: adapted copies of the layer views */
+    loupe_weights w;                  /* the model's views, the trained ones pointing into param */
+    loupe_tables t;                   /* the model's tables; enc_pos from the trained level embedding */
+    enc_layer_w *enc;                 /* w.enc, w.dec, w.blocks: the trainer's copies of the layer views */
     dec_layer_w *dec;
-    loupe_tta_options opt;
-    tta_param *params;
+    pe_block_w *blocks;
+    loupe_train_options opt;
+    int has_cls, has_seg;             /* the stage's modules (and losses) */
+    int pseudo;                       /* test-time adaptation: pseudo labels from the classifier */
+    int backbone_backward;            /* some backbone tensor trains: gradients flow into the backbone */
+    pe_tape bb_tape;                  /* the backbone's and the classifier's saved activations, */
+    cls_tape cls_tape;                /* their backward scratch and gradient views (section 5, 6) */
+    pe_work pw;
+    pe_grads pg;
+    cls_grads cg;
+    pe_block_g *block_grads;          /* [layers] when the whole backbone trains */
+    cls_loss_config cls_cfg;
+    train_param *params;
     int n_params;
     size_t n_floats;
     float *param, *grad, *adam_m, *adam_v; /* [n_floats] each */
@@ -9228,13 +10477,16 @@ struct loupe_tta {
     seg_prediction *preds;            /* [L] */
     splitmix_uniform rng_state;
     loss_rng rng;                     /* the loss's random points (tests replay upstream's) */
+    uint64_t rng_position;            /* where the next batch's draws start in rng's stream */
     void *raw;
     size_t tape_bytes, work_bytes, state_bytes;
 };
 
 /* The gradient buffer of an adapted tensor (p points into t->param). */
-static float *grad_of(loupe_tta *t, const float *p)
+static float *grad_of(loupe_trainer *t, const float *p)
 {
+    uintptr_t a = (uintptr_t)p, lo = (uintptr_t)t->param, hi = (uintptr_t)(t->param + t->n_floats);
+    if (!p || a < lo || a >= hi) return NULL;   /* a frozen tensor: the model's own */
     return t->grad + (p - t->param);
 }
 
@@ -9248,7 +10500,7 @@ static void zero(float *x, size_t n)
 }
 
 /* Assigns (or, while measuring, counts) the saved activations. */
-static void tta_tape_layout(loupe_tta *t, arena *a)
+static void tta_tape_layout(loupe_trainer *t, arena *a)
 {
     const loupe_config *c = &t->m->cfg;
     size_t g = (size_t)c->grid, W = (size_t)c->width, F = (size_t)c->feature_size, Q = (size_t)c->num_queries;
@@ -9291,7 +10543,7 @@ static void tta_tape_layout(loupe_tta *t, arena *a)
 }
 
 /* Assigns (or counts) the backward scratch. */
-static void tta_work_layout(loupe_tta *t, arena *a)
+static void tta_work_layout(loupe_trainer *t, arena *a)
 {
     const loupe_config *c = &t->m->cfg;
     tta_work *k = &t->wk;
@@ -9307,6 +10559,9 @@ static void tta_work_layout(loupe_tta *t, arena *a)
     k->d_class = arena_floats(a, L * Q * C);
     k->d_mask = arena_floats(a, L * Q * M2);
     k->pseudo_mask = arena_floats(a, g * g);
+    k->d_feats = arena_floats(a, (1 + g * g) * W);
+    k->d_pooled = arena_floats(a, W);
+    k->d_patch = arena_floats(a, g * g);
     k->d_me = arena_floats(a, L * QF);
     k->mf_t = arena_floats(a, M2 * F);
     k->d_mf = arena_floats(a, M2 * F);
@@ -9346,7 +10601,7 @@ static void tta_work_layout(loupe_tta *t, arena *a)
 }
 
 /* Assigns (or counts) the adapted parameters, their gradients and AdamW's moments. */
-static void tta_state_layout(loupe_tta *t, arena *a)
+static void tta_state_layout(loupe_trainer *t, arena *a)
 {
     t->param = arena_floats(a, t->n_floats);
     t->grad = arena_floats(a, t->n_floats);
@@ -9357,7 +10612,7 @@ static void tta_state_layout(loupe_tta *t, arena *a)
 
 /* Recomputes the tables derived from adapted weights: the pixel decoder's position
  * embedding plus level embedding (as tables_fill does for the model). */
-static void tta_refresh_tables(loupe_tta *t)
+static void tta_refresh_tables(loupe_trainer *t)
 {
     const loupe_tables *mt = &t->m->t;
     int F = t->m->cfg.feature_size, l, i, ch;
@@ -9382,7 +10637,7 @@ static void mask_einsum_backward(float *d_me, float *d_mf, const float *d_mask, 
 
 /* Mask2FormerMaskPredictor + class_predictor backward for prediction i: the loss's
  * d class logits [Q][C] and d mask embedding (wk.d_me) -> d query_hidden[i] dqh [Q][F] (=). */
-static void mask_predictor_backward(loupe_tta *t, int i, float *dqh)
+static void mask_predictor_backward(loupe_trainer *t, int i, float *dqh)
 {
     const loupe_config *c = &t->m->cfg;
     const loupe_weights *w = &t->w;
@@ -9415,7 +10670,7 @@ static void mask_predictor_backward(loupe_tta *t, int i, float *dqh)
  * LayerNorm(a), a = x + fc2(relu(fc1(x))): d out [rows][F] -> dx [rows][F] (=), using d_ln
  * [rows][F] and d_h, d_h2 [rows][E] as scratch; a, x and h = relu(fc1(x)) were saved by
  * the forward. Parameter gradients are accumulated. */
-static void ffn_block_backward(loupe_tta *t, float *dx, float *d_ln, const float *dy, const float *a, const float *x,
+static void ffn_block_backward(loupe_trainer *t, float *dx, float *d_ln, const float *dy, const float *a, const float *x,
                                const float *h, int rows, int E, linear_w fc1, linear_w fc2, norm_w ln, float *d_h,
                                float *d_h2)
 {
@@ -9437,7 +10692,7 @@ static void ffn_block_backward(loupe_tta *t, float *dx, float *d_ln, const float
 
 /* Mask2FormerMaskedAttentionDecoderLayer backward for layer i: d hout [Q][F] ->
  * d hin [Q][F] (=); d of its level's features += into wk.d_dec_feat. */
-static void masked_attention_decoder_layer_backward(loupe_tta *t, int i, const float *dout, float *din)
+static void masked_attention_decoder_layer_backward(loupe_trainer *t, int i, const float *dout, float *din)
 {
     const loupe_config *c = &t->m->cfg;
     const loupe_tables *tb = &t->t;
@@ -9499,7 +10754,7 @@ static void masked_attention_decoder_layer_backward(loupe_tta *t, int i, const f
 
 /* Mask2FormerMaskedAttentionDecoder backward: the loss's gradients of every prediction
  * -> d mask features (wk.d_mf), d multi-scale features (wk.d_dec_feat), parameter gradients. */
-static void masked_attention_decoder_backward(loupe_tta *t)
+static void masked_attention_decoder_backward(loupe_trainer *t)
 {
     const loupe_config *c = &t->m->cfg;
     const loupe_tables *tb = &t->t;
@@ -9531,7 +10786,7 @@ static void masked_attention_decoder_backward(loupe_tta *t)
 
 /* PixelDecoderEncoderLayer backward for layer i: d hout [Te][F] -> d hin [Te][F] (=);
  * the conditional query's gradient += into wk.d_cond. */
-static void pixel_decoder_encoder_layer_backward(loupe_tta *t, int i, const float *dout, float *din)
+static void pixel_decoder_encoder_layer_backward(loupe_trainer *t, int i, const float *dout, float *din)
 {
     const loupe_config *c = &t->m->cfg;
     const loupe_tables *tb = &t->t;
@@ -9595,7 +10850,7 @@ static void pixel_decoder_encoder_layer_backward(loupe_tta *t, int i, const floa
 /* PixelDecoder backward: d mask features and d multi-scale features -> d of the
  * pyramid levels it reads (wk.d_fpn4, d_fpn2, d_fpn_half; the 1x level into d_grid
  * when not NULL), parameter gradients. */
-static void pixel_decoder_backward(loupe_tta *t, float *d_grid)
+static void pixel_decoder_backward(loupe_trainer *t, float *d_grid)
 {
     const loupe_config *c = &t->m->cfg;
     const loupe_tables *tb = &t->t;
@@ -9651,7 +10906,7 @@ static void pixel_decoder_backward(loupe_tta *t, float *d_grid)
 
 /* ScaleBlock backward for block blk of the tape: dout [h'*w'][W] -> din [h*w][W] +=
  * (when din), parameter gradients. */
-static void scale_block_backward(loupe_tta *t, const scale_block_w *b, int blk, const float *in, int h, int w,
+static void scale_block_backward(loupe_trainer *t, const scale_block_w *b, int blk, const float *in, int h, int w,
                                  const float *dout, float *din)
 {
     const loupe_config *c = &t->m->cfg;
@@ -9676,7 +10931,7 @@ static void scale_block_backward(loupe_tta *t, const scale_block_w *b, int blk, 
 
 /* FeaturePyramid backward: the pixel decoder's gradients of the 4x, 2x and 0.5x maps
  * -> parameter gradients (and d of the patch grid into d_grid when not NULL). */
-static void feature_pyramid_backward(loupe_tta *t, float *d_grid)
+static void feature_pyramid_backward(loupe_trainer *t, float *d_grid)
 {
     const loupe_config *c = &t->m->cfg;
     const loupe_weights *w = &t->w;
@@ -9691,10 +10946,11 @@ static void feature_pyramid_backward(loupe_tta *t, float *d_grid)
 }
 
 /* Backward of conditional_query: label_embedding[1] gets p * d, label_embedding[0] (1 - p) * d. */
-static void conditional_query_backward(loupe_tta *t)
+static void conditional_query_backward(loupe_trainer *t)
 {
     int F = t->m->cfg.feature_size, i;
-    float p = t->s->prob, *g0 = grad_of(t, t->w.label_embedding[0]), *g1 = grad_of(t, t->w.label_embedding[1]);
+    float p = conditional_label(t->s), *g0 = grad_of(t, t->w.label_embedding[0]);
+    float *g1 = grad_of(t, t->w.label_embedding[1]);
     for (i = 0; i < F; i++) {
         g1[i] += p * t->wk.d_cond[i];
         g0[i] += (1.0f - p) * t->wk.d_cond[i];
@@ -9704,7 +10960,7 @@ static void conditional_query_backward(loupe_tta *t)
 /* LoupeSegmentor backward after a TTA forward and the loss (wk.d_class, wk.d_mask):
  * every segmentor parameter's gradient +=; the patch grid's (backbone features) into
  * d_grid [g*g][W] += when not NULL (loupe.c keeps the backbone frozen; tests use it). */
-static void segmentor_backward(loupe_tta *t, float *d_grid)
+static void segmentor_backward(loupe_trainer *t, float *d_grid)
 {
     zero(t->wk.d_cond, (size_t)t->m->cfg.feature_size);
     masked_attention_decoder_backward(t);
@@ -9718,13 +10974,14 @@ static void segmentor_backward(loupe_tta *t, float *d_grid)
 /* The loss half of LoupeModel.forward in stage test with labels = None, after a forward
  * of t->s: turns the classifier's verdict into pseudo targets and evaluates LoupeSegLoss;
  * its gradients w.r.t. every prediction's logits land in wk.d_class, wk.d_mask (=). */
-static void tta_loss(loupe_tta *t, loupe_tta_loss *out)
+static void tta_loss(loupe_trainer *t, loupe_tta_loss *out)
 {
     const loupe_config *c = &t->m->cfg;
     loupe_session *s = t->s;
     tta_work *k = &t->wk;
     int L = c->dec_layers, Q = c->num_queries, C = c->num_labels + 1, g = c->grid, M = 4 * g, i;
     double total;
+    seg_batch bt;
     for (i = 0; i < g * g; i++) k->pseudo_mask[i] = sigmoidf(s->patch_logits[i]);
     zero(k->d_class, (size_t)L * Q * C);
     zero(k->d_mask, (size_t)L * Q * M * M);
@@ -9734,7 +10991,17 @@ static void tta_loss(loupe_tta *t, loupe_tta_loss *out)
         t->preds[i].grad_class_logits = k->d_class + (size_t)i * Q * C;
         t->preds[i].grad_mask_logits = k->d_mask + (size_t)i * Q * M * M;
     }
-    loupe_seg_loss(&t->loss_cfg, L, Q, M, g, t->preds, s->prob, k->pseudo_mask, &t->rng, &k->loss, t->calls, &total);
+    /* one image, its own batch; the stream moves on by the batch's draws */
+    bt.images = 1;
+    bt.targets = s->prob > SEG_PSEUDO_LABEL_THRESHOLD;
+    bt.image = bt.targets_before = 0;
+    bt.base = t->rng_position;
+    memset(t->calls, 0, (size_t)L * sizeof *t->calls);
+    for (i = 0; i < L; i++) t->calls[i].matched_query = -1;
+    total = 0.0;
+    loupe_seg_loss(&t->loss_cfg, L, Q, M, t->preds, bt.targets, k->pseudo_mask, g, g, &bt, 1.0, &t->rng, &k->loss,
+                   t->calls, &total);
+    t->rng_position += seg_batch_draws(&t->loss_cfg, L, 1, bt.targets);
     memset(out, 0, sizeof *out);
     out->total = total;
     for (i = 0; i < L; i++) {
@@ -9746,18 +11013,44 @@ static void tta_loss(loupe_tta *t, loupe_tta_loss *out)
     out->has_target = s->prob > SEG_PSEUDO_LABEL_THRESHOLD;
 }
 
+/* LoupeModel.forward of a training stage without its loss: the modules the stage built,
+ * with the trainer's weights, keeping what the backward needs. cond_label: the
+ * conditional query's label (negative: the classifier's probability). */
+static int trainer_forward(loupe_trainer *t, const float *pixel_values, const float *features, float cond_label,
+                           char *err, size_t errsize)
+{
+    loupe_session *s = t->s;
+    const loupe_config *c = &t->m->cfg;
+    size_t TW = (size_t)(1 + c->grid * c->grid) * c->width;
+    if (max_threads() > s->threads)
+        return fail(err, errsize, "the trainer was created for %d threads but %d are requested; create it after "
+                    "loupe_set_threads", s->threads, max_threads());
+    if (features && !t->backbone_backward) { /* a frozen backbone's kept outputs */
+        memcpy(s->feats, features, TW * sizeof *s->feats);
+        memcpy(s->pooled, features + TW, (size_t)c->width * sizeof *s->pooled);
+    } else vision_transformer(s, pixel_values);
+    if (t->has_cls || t->pseudo) loupe_classifier(s);
+    if (!t->has_seg) return 0;
+    s->cond_label = cond_label;
+    conditional_query(s);
+    feature_pyramid(s);
+    pixel_decoder(s);
+    masked_attention_decoder(s);
+    return 0;
+}
+
 /* LoupeModel.forward in stage test with labels = None: the forward of pixel_values with
  * the adapted segmentor (keeping the tape), then tta_loss. */
-static int tta_forward_loss(loupe_tta *t, const float *pixel_values, loupe_tta_loss *out, char *err, size_t errsize)
+static int tta_forward_loss(loupe_trainer *t, const float *pixel_values, loupe_tta_loss *out, char *err, size_t errsize)
 {
-    if (loupe_forward(t->s, pixel_values, err, errsize)) return -1;
+    if (trainer_forward(t, pixel_values, NULL, -1.0f, err, errsize)) return -1;
     tta_loss(t, out);
     return 0;
 }
 
 /* tta_forward_loss, then the backward: adds weight * the gradient to t->grad (and the
  * patch grid's into d_grid [g*g][W] when not NULL). */
-static int tta_accumulate(loupe_tta *t, const float *pixel_values, float weight, loupe_tta_loss *out, float *d_grid,
+static int tta_accumulate(loupe_trainer *t, const float *pixel_values, float weight, loupe_tta_loss *out, float *d_grid,
                           char *err, size_t errsize)
 {
     const loupe_config *c = &t->m->cfg;
@@ -9774,8 +11067,105 @@ static int tta_accumulate(loupe_tta *t, const float *pixel_values, float weight,
     return 0;
 }
 
+/* Points the loss's prediction views at the session's logits and zeroes their gradients. */
+static void trainer_bind_predictions(loupe_trainer *t)
+{
+    const loupe_config *c = &t->m->cfg;
+    int L = c->dec_layers, Q = c->num_queries, C = c->num_labels + 1, M = 4 * c->grid, i;
+    zero(t->wk.d_class, (size_t)L * Q * C);
+    zero(t->wk.d_mask, (size_t)L * Q * M * M);
+    for (i = 0; i < L; i++) {
+        t->preds[i].class_logits = t->s->class_logits + (size_t)i * Q * C;
+        t->preds[i].mask_logits = t->s->mask_logits + (size_t)i * Q * M * M;
+        t->preds[i].grad_class_logits = t->wk.d_class + (size_t)i * Q * C;
+        t->preds[i].grad_mask_logits = t->wk.d_mask + (size_t)i * Q * M * M;
+    }
+}
+
+/* LitModel.training_step for one image of a batch (bt): forward, this image's share of
+ * the stage's loss (added to *loss), backward of scale times it into the gradients. */
+static int trainer_image(loupe_trainer *t, const loupe_example *ex, const seg_batch *bt, double scale,
+                         loupe_train_loss *loss, char *err, size_t errsize)
+{
+    const loupe_config *c = &t->m->cfg;
+    int L = c->dec_layers, Q = c->num_queries, M = 4 * c->grid, S = c->image_size, W = c->width;
+    int has_target = ex->n_targets > 0;
+    double seg = 0.0;
+    if (trainer_forward(t, ex->pixel_values, ex->features, has_target ? 1.0f : 0.0f, err, errsize)) return -1;
+    if (t->backbone_backward) zero(t->wk.d_feats, (size_t)(1 + c->grid * c->grid) * W);
+    if (t->has_seg) {
+        trainer_bind_predictions(t);
+        loupe_seg_loss(&t->loss_cfg, L, Q, M, t->preds, has_target, ex->mask_labels, S, S, bt,
+                       scale * t->opt.seg_loss_weight, &t->rng, &t->wk.loss, t->calls, &seg);
+        loss->seg += seg;
+        segmentor_backward(t, t->backbone_backward ? t->wk.d_feats + W : NULL);
+    }
+    if (t->has_cls) {
+        int N = c->grid * c->grid, i;
+        float d_fused = 0.0f, cw = (float)(scale * t->opt.cls_loss_weight);
+        cls_loss_terms ct;
+        zero(t->wk.d_patch, (size_t)N);
+        loupe_cls_loss(&t->cls_cfg, t->s->fused_logit, (float)ex->label, t->s->patch_logits, ex->patch_labels, N,
+                       1.0 / bt->images, 1.0 / ((double)bt->images * N), &ct, NULL, &d_fused, t->wk.d_patch);
+        loss->cls_part += ct.cls_part;
+        loss->patch_part += ct.patch_part;
+        d_fused *= cw;
+        for (i = 0; i < N; i++) t->wk.d_patch[i] *= cw;
+        if (t->backbone_backward) zero(t->wk.d_pooled, (size_t)W);
+        loupe_classifier_backward(t->s, &t->cg, d_fused, t->wk.d_patch, t->backbone_backward ? t->wk.d_pooled : NULL,
+                                  t->backbone_backward ? t->wk.d_feats : NULL, &t->pw);
+    }
+    if (t->backbone_backward)
+        vision_transformer_backward(t->s, &t->pg, t->wk.d_feats, t->has_cls ? t->wk.d_pooled : NULL, &t->pw);
+    return 0;
+}
+
+int loupe_trainer_accumulate(loupe_trainer *t, const loupe_example *batch, int n, double scale,
+                             loupe_train_loss *loss, char *err, size_t errsize)
+{
+    const loupe_config *c;
+    loupe_train_loss sum;
+    seg_batch bt;
+    int b, L, k;
+    if (!t || !batch || n < 1) return fail(err, errsize, "loupe_trainer_accumulate needs a trainer and at least one example");
+    if (t->pseudo) return fail(err, errsize, "a test-time-adaptation trainer takes loupe_tta_accumulate");
+    if (!(scale >= 0.0 && scale <= TTA_MAX_WEIGHT))
+        return fail(err, errsize, "gradient scale %g is outside 0..%g", scale, (double)TTA_MAX_WEIGHT);
+    c = &t->m->cfg;
+    L = c->dec_layers;
+    memset(&bt, 0, sizeof bt);
+    for (b = 0; b < n; b++) {
+        const loupe_example *ex = &batch[b];
+        if (!ex->pixel_values || (ex->n_targets > 0 && !ex->mask_labels) || (t->has_cls && !ex->patch_labels) ||
+            ex->n_targets < 0 || ex->n_targets > 1 || ex->label < 0 || ex->label > 1)
+            return fail(err, errsize, "example %d of the batch is incomplete (pixel values, a mask for its target, "
+                        "patch labels, label 0 or 1, at most one target)", b);
+        bt.targets += ex->n_targets;
+    }
+    bt.images = n;
+    bt.base = t->rng_position;
+    memset(&sum, 0, sizeof sum);
+    memset(t->calls, 0, (size_t)L * sizeof *t->calls);
+    for (k = 0; k < L; k++) t->calls[k].matched_query = -1;
+    for (b = 0; b < n; b++) {
+        bt.image = b;
+        if (trainer_image(t, &batch[b], &bt, scale, &sum, err, errsize)) return -1;
+        bt.targets_before += batch[b].n_targets;
+    }
+    if (t->has_seg) t->rng_position += seg_batch_draws(&t->loss_cfg, L, n, bt.targets);
+    for (k = 0; k < L; k++) {
+        sum.mask += t->calls[k].weighted_mask;
+        sum.dice += t->calls[k].weighted_dice;
+        sum.cross_entropy += t->calls[k].weighted_cross_entropy;
+    }
+    sum.cls = sum.cls_part + sum.patch_part;
+    sum.total = t->opt.cls_loss_weight * sum.cls + t->opt.seg_loss_weight * sum.seg;
+    if (loss) *loss = sum;
+    return 0;
+}
+
 /* L2 norm of all gradients (clip_grad_norm_'s total norm), accumulated in double. */
-static double tta_grad_norm(const loupe_tta *t)
+static double tta_grad_norm(const loupe_trainer *t)
 {
     double sum = 0.0;
     size_t i;
@@ -9793,25 +11183,27 @@ static float sqrt_f32(float x)
 
 /* torch.optim.AdamW (one step, PyTorch's float32 operations in its order: lerp, addcmul,
  * addcdiv as self + value * t1 / t2; upstream's step1 is reproduced bit for bit) on gradients
- * scaled by clip_coef, as clip_grad_norm_ leaves them; weight decay only for tensors
- * whose name has no "bias". Zeroes the gradients and refreshes the derived tables.
+ * scaled by clip_coef, as clip_grad_norm_ leaves them. Each tensor uses its group's
+ * learning rate times lr_factor (LambdaLR's factor) and weight decay. Zeroes the
+ * gradients and refreshes the derived tables.
  * The casts round every operation to float32 as PyTorch does, also where C evaluates
  * float expressions in a wider format (x87: FLT_EVAL_METHOD 2). */
-static void adamw_step(loupe_tta *t, float clip_coef)
+static void adamw_step(loupe_trainer *t, float clip_coef, double lr_factor)
 {
-    const loupe_tta_options *o = &t->opt;
+    const loupe_train_options *o = &t->opt;
     double bc1, bc2;
-    float step_size, bc2_sqrt, one_b1 = (float)(1.0 - o->beta1), one_b2 = (float)(1.0 - o->beta2);
+    float bc2_sqrt, one_b1 = (float)(1.0 - o->beta1), one_b2 = (float)(1.0 - o->beta2);
     float b2 = (float)o->beta2, eps = (float)o->eps;
     int p;
     t->steps++;
     bc1 = 1.0 - pow(o->beta1, (double)t->steps);
     bc2 = 1.0 - pow(o->beta2, (double)t->steps);
-    step_size = (float)(o->lr / bc1);
     bc2_sqrt = (float)sqrt(bc2);
     for (p = 0; p < t->n_params; p++) {
-        const tta_param *tp = &t->params[p];
-        float decay = (float)(1.0 - o->lr * (tp->decay ? o->weight_decay : 0.0));
+        const train_param *tp = &t->params[p];
+        double lr = tp->lr * lr_factor;
+        float step_size = (float)(lr / bc1);
+        float decay = (float)(1.0 - lr * tp->weight_decay);
         float *w = t->param + tp->offset, *g = t->grad + tp->offset;
         float *m = t->adam_m + tp->offset, *v = t->adam_v + tp->offset;
         size_t i;
@@ -9825,7 +11217,7 @@ static void adamw_step(loupe_tta *t, float clip_coef)
         }
     }
     zero(t->grad, t->n_floats);
-    tta_refresh_tables(t);
+    if (t->has_seg) tta_refresh_tables(t);
 }
 
 /* ---- Public API ---- */
@@ -9841,16 +11233,45 @@ void loupe_tta_default_options(loupe_tta_options *o)
     o->seed = 0;
 }
 
-/* Counts the weight file's segmentor tensors; *unknown receives one that is not trainable here. */
-static int count_segmentor_tensors(const loupe_tta *t, const tta_param *params, int n, const tensor_entry **unknown)
+/* Upstream's hyperparameters per stage (configs/hparams/{cls,seg,cls_seg}.yaml and
+ * configs/model/ *.yaml): learning rates, weight decay, clipping, loss weights. */
+void loupe_train_default_options(loupe_train_options *o, int stage)
+{
+    memset(o, 0, sizeof *o);
+    o->stage = stage;
+    o->beta1 = 0.9;
+    o->beta2 = 0.999;
+    o->eps = 1e-8;
+    o->clip_norm = 1.0;
+    o->backbone_lr = 1e-5;
+    o->train_backbone = stage == LOUPE_TRAIN_CLS_SEG;
+    o->train_embeddings = 0;
+    o->cls_loss_weight = stage == LOUPE_TRAIN_CLS_SEG ? 2.0 : 1.0;
+    o->seg_loss_weight = 1.0;
+    if (stage == LOUPE_TRAIN_CLS) {
+        o->lr = 5e-4;
+        o->weight_decay = 1e-3;
+    } else if (stage == LOUPE_TRAIN_TTA) {
+        o->lr = o->backbone_lr = 1e-4;
+        o->weight_decay = 1e-3;
+        o->cls_loss_weight = 0.0;
+    } else {
+        o->lr = 3e-4;
+        o->weight_decay = 5e-2;
+    }
+}
+
+/* Counts the weight file's tensors under prefix; *unknown receives one that is not trainable here. */
+static int count_prefixed_tensors(const loupe_trainer *t, const char *prefix, const train_param *params, int n,
+                                  const tensor_entry **unknown)
 {
     int i, j, count = 0;
-    size_t plen = strlen(TTA_SEGMENTOR_PREFIX);
+    size_t plen = strlen(prefix);
     *unknown = NULL;
     for (i = 0; i < t->m->n_entries; i++) {
         const tensor_entry *e = &t->m->entries[i];
         int known = 0;
-        if ((size_t)e->name_len < plen || memcmp(e->name, TTA_SEGMENTOR_PREFIX, plen) != 0) continue;
+        if ((size_t)e->name_len < plen || memcmp(e->name, prefix, plen) != 0) continue;
         count++;
         for (j = 0; j < n && !known; j++)
             known = strlen(params[j].name) == (size_t)e->name_len && !memcmp(params[j].name, e->name, (size_t)e->name_len);
@@ -9859,106 +11280,259 @@ static int count_segmentor_tensors(const loupe_tta *t, const tta_param *params, 
     return count;
 }
 
-loupe_tta *loupe_tta_new(const loupe_model *m, const loupe_tta_options *opt, char *err, size_t errsize)
+/* Walks the stage's trainable tensors: backbone (all, or its two embeddings), classifier,
+ * segmentor. */
+static void trainer_params(loupe_trainer *t, param_builder *pb)
+{
+    const loupe_config *c = &t->m->cfg;
+    if (t->opt.train_backbone || t->opt.train_embeddings) backbone_params(pb, &t->w, c, t->opt.train_backbone);
+    if (t->has_cls) classifier_params(pb, &t->w, c);
+    if (t->has_seg) segmentor_params(pb, &t->w, c);
+}
+
+/* Assigns (or counts) the whole arena: tape, backward scratch, parameters and AdamW state. */
+static void trainer_layout(loupe_trainer *t, arena *a)
+{
+    size_t start = a->used;
+    if (t->has_seg) tta_tape_layout(t, a);
+    t->tape_bytes = a->used - start;
+    pe_train_layout(&t->m->cfg, t->backbone_backward ? &t->bb_tape : NULL, t->has_cls ? &t->cls_tape : NULL,
+                    t->has_cls || t->backbone_backward ? &t->pw : NULL, a);
+    t->tape_bytes = a->used - start;
+    start = a->used;
+    tta_work_layout(t, a);
+    t->work_bytes = a->used - start;
+    start = a->used;
+    tta_state_layout(t, a);
+    t->state_bytes = a->used - start;
+}
+
+/* Gradient views of a linear layer and a norm (NULL members: frozen). */
+static linear_g linear_grad_view(loupe_trainer *t, linear_w l)
+{
+    linear_g g;
+    g.w = grad_of(t, (const float *)l.w.data);
+    g.b = grad_of(t, l.b);
+    return g;
+}
+static norm_g norm_grad_view(loupe_trainer *t, norm_w n)
+{
+    norm_g g;
+    g.w = grad_of(t, n.w);
+    g.b = grad_of(t, n.b);
+    return g;
+}
+
+/* Points the backbone's and the classifier's gradient views at the trainer's gradients
+ * (sections 5 and 6 write through them); -1 when out of memory. */
+static int trainer_grad_views(loupe_trainer *t)
+{
+    const loupe_config *c = &t->m->cfg;
+    const loupe_weights *w = &t->w;
+    pe_grads *g = &t->pg;
+    int i, k;
+    memset(g, 0, sizeof *g);
+    memset(&t->cg, 0, sizeof t->cg);
+    g->class_embedding = grad_of(t, w->class_embedding);
+    g->positional_embedding = grad_of(t, w->positional_embedding);
+    g->conv1 = grad_of(t, (const float *)w->conv1.data);
+    g->ln_pre = norm_grad_view(t, w->ln_pre);
+    g->ln_post = norm_grad_view(t, w->ln_post);
+    if (t->opt.train_backbone) {
+        t->block_grads = calloc((size_t)c->layers, sizeof *t->block_grads);
+        if (!t->block_grads) return -1;
+        for (i = 0; i < c->layers; i++) {
+            const pe_block_w *b = &w->blocks[i];
+            pe_block_g *bg = &t->block_grads[i];
+            bg->ln_1 = norm_grad_view(t, b->ln_1);
+            bg->ln_2 = norm_grad_view(t, b->ln_2);
+            bg->qkv = linear_grad_view(t, b->qkv);
+            bg->out = linear_grad_view(t, b->out);
+            bg->fc = linear_grad_view(t, b->fc);
+            bg->proj = linear_grad_view(t, b->proj);
+        }
+        g->blocks = t->block_grads;
+    }
+    g->pool.probe = grad_of(t, w->pool.probe);
+    g->pool.qkv = linear_grad_view(t, w->pool.qkv);
+    g->pool.out = linear_grad_view(t, w->pool.out);
+    g->pool.ln = norm_grad_view(t, w->pool.ln);
+    g->pool.fc = linear_grad_view(t, w->pool.fc);
+    g->pool.proj = linear_grad_view(t, w->pool.proj);
+    for (k = 0; k < c->cls_layers; k++) {
+        t->cg.global_head.layers[k] = linear_grad_view(t, w->global_head.layers[k]);
+        t->cg.patch_head.layers[k] = linear_grad_view(t, w->patch_head.layers[k]);
+    }
+    t->cg.fuser = grad_of(t, w->fuser);
+    return 0;
+}
+
+/* The trainer for any stage (test-time adaptation included). */
+static loupe_trainer *trainer_new(const loupe_model *m, const loupe_train_options *opt, char *err, size_t errsize)
 {
     const loupe_config *c;
-    loupe_tta *t;
+    const loupe_train_options *o = opt;
+    loupe_trainer *t;
     param_builder pb;
     arena a = {NULL, 0, 0};
     const tensor_entry *unknown;
-    int L;
+    int L, stage;
     if (!m) { fail(err, errsize, "no model given"); return NULL; }
+    if (!o) { fail(err, errsize, "no training options given"); return NULL; }
     c = &m->cfg;
     L = c->dec_layers;
-    if (c->num_labels != 1) {
-        fail(err, errsize, "%s: test-time adaptation needs Loupe's single label (this model has %d)", m->path, c->num_labels);
+    stage = o->stage;
+    if (stage < LOUPE_TRAIN_TTA || stage > LOUPE_TRAIN_CLS_SEG) {
+        fail(err, errsize, "unknown training stage %d", stage);
         return NULL;
     }
-    if (opt && !(opt->lr >= 0.0 && opt->lr < 1.0 && opt->beta1 >= 0.0 && opt->beta1 < 1.0 && opt->beta2 >= 0.0 &&
-                 opt->beta2 < 1.0 && opt->eps > 0.0 && opt->weight_decay >= 0.0 && opt->weight_decay < 1.0 &&
-                 opt->clip_norm > 0.0)) {
-        fail(err, errsize, "invalid test-time adaptation options (learning rate, betas and weight decay in [0, 1), eps and clip norm > 0)");
+    if (c->num_labels != 1) {
+        fail(err, errsize, "%s: training needs Loupe's single label (this model has %d)", m->path, c->num_labels);
+        return NULL;
+    }
+    if (!(o->lr >= 0.0 && o->lr < 1.0 && o->backbone_lr >= 0.0 && o->backbone_lr < 1.0 && o->beta1 >= 0.0 &&
+          o->beta1 < 1.0 && o->beta2 >= 0.0 && o->beta2 < 1.0 && o->eps > 0.0 && o->weight_decay >= 0.0 &&
+          o->weight_decay < 1.0 && o->clip_norm > 0.0 && o->cls_loss_weight >= 0.0 && o->seg_loss_weight >= 0.0)) {
+        fail(err, errsize, "invalid training options (learning rates, betas and weight decay in [0, 1), eps and clip "
+                           "norm > 0, loss weights >= 0)");
         return NULL;
     }
     t = calloc(1, sizeof *t);
     if (!t) { fail(err, errsize, "out of memory"); return NULL; }
     t->m = m;
-    if (opt) t->opt = *opt;
-    else loupe_tta_default_options(&t->opt);
+    t->opt = *o;
+    t->pseudo = stage == LOUPE_TRAIN_TTA;
+    t->has_cls = stage == LOUPE_TRAIN_CLS || stage == LOUPE_TRAIN_CLS_SEG;
+    t->has_seg = stage != LOUPE_TRAIN_CLS;
+    if (t->pseudo) t->opt.train_backbone = t->opt.train_embeddings = 0;
+    t->backbone_backward = t->opt.train_backbone || t->opt.train_embeddings;
     t->w = m->w;
     t->t = m->t;
     t->loss_cfg = seg_loss_config_default();
     t->enc = calloc((size_t)c->enc_layers + 1, sizeof *t->enc);
     t->dec = calloc((size_t)L, sizeof *t->dec);
+    t->blocks = calloc((size_t)c->layers, sizeof *t->blocks);
     t->tape.enc = calloc((size_t)c->enc_layers + 1, sizeof *t->tape.enc);
     t->tape.dec = calloc((size_t)L, sizeof *t->tape.dec);
     t->calls = calloc((size_t)L, sizeof *t->calls);
     t->preds = calloc((size_t)L, sizeof *t->preds);
-    if (!t->enc || !t->dec || !t->tape.enc || !t->tape.dec || !t->calls || !t->preds) goto oom;
+    if (!t->enc || !t->dec || !t->blocks || !t->tape.enc || !t->tape.dec || !t->calls || !t->preds) goto oom;
     memcpy(t->enc, m->w.enc, (size_t)c->enc_layers * sizeof *t->enc);
     memcpy(t->dec, m->w.dec, (size_t)(L - 1) * sizeof *t->dec);
+    memcpy(t->blocks, m->w.blocks, (size_t)c->layers * sizeof *t->blocks);
     t->w.enc = t->enc;
     t->w.dec = t->dec;
+    t->w.blocks = t->blocks;
     /* count the trainable tensors, then plan one block: tape, scratch, parameters + AdamW */
     memset(&pb, 0, sizeof pb);
-    segmentor_params(&pb, &t->w, c);
+    pb.opt = &t->opt;
+    trainer_params(t, &pb);
     t->n_params = pb.count;
     t->n_floats = pb.floats;
-    t->params = calloc((size_t)t->n_params, sizeof *t->params);
+    t->params = calloc((size_t)t->n_params + 1, sizeof *t->params);
     if (!t->params) goto oom;
-    tta_tape_layout(t, &a);
-    t->tape_bytes = a.used;
-    tta_work_layout(t, &a);
-    t->work_bytes = a.used - t->tape_bytes;
-    tta_state_layout(t, &a);
-    t->state_bytes = a.used - t->tape_bytes - t->work_bytes;
+    trainer_layout(t, &a);
     a.cap = a.used;
     a.used = 0;
     a.base = aligned_block(a.cap, &t->raw);
     if (!a.base) {
-        fail(err, errsize, "out of memory: test-time adaptation needs %.1f MiB", (double)a.cap / (1 << 20));
-        loupe_tta_free(t);
+        fail(err, errsize, "out of memory: training needs %.1f MiB", (double)a.cap / (1 << 20));
+        loupe_trainer_free(t);
         return NULL;
     }
-    tta_tape_layout(t, &a);
-    tta_work_layout(t, &a);
-    tta_state_layout(t, &a);
+    trainer_layout(t, &a);
     zero(t->grad, t->n_floats);
     zero(t->adam_m, t->n_floats);
     zero(t->adam_v, t->n_floats);
-    /* copy the segmentor out of the read-only model */
+    /* copy the trained tensors out of the read-only model */
     pb.params = t->params;
     pb.data = t->param;
     pb.b.m = m; pb.b.err = err; pb.b.errsize = errsize; pb.b.failed = 0;
     pb.count = 0;
     pb.floats = 0;
-    segmentor_params(&pb, &t->w, c);
-    if (pb.b.failed) { loupe_tta_free(t); return NULL; }
-    if (count_segmentor_tensors(t, t->params, t->n_params, &unknown) != t->n_params || unknown) {
-        if (unknown) fail(err, errsize, "%s: tensor %.*s is not one test-time adaptation knows how to train", m->path,
-                          unknown->name_len, unknown->name);
-        else fail(err, errsize, "%s: the weight file's segmentor tensors do not match this build's", m->path);
-        loupe_tta_free(t);
-        return NULL;
+    trainer_params(t, &pb);
+    if (pb.b.failed) { loupe_trainer_free(t); return NULL; }
+    /* every tensor of a trained module must be one this build trains, and each once */
+    {
+        static const char *const prefixes[3] = {"backbone.", "classifier.", TTA_SEGMENTOR_PREFIX};
+        int k, j;
+        for (k = 0; k < 3; k++) {
+            int trained = k == 0 ? t->opt.train_backbone : k == 1 ? t->has_cls : t->has_seg, ours = 0;
+            size_t plen = strlen(prefixes[k]);
+            if (!trained) continue;
+            for (j = 0; j < t->n_params; j++) ours += !strncmp(t->params[j].name, prefixes[k], plen);
+            if (count_prefixed_tensors(t, prefixes[k], t->params, t->n_params, &unknown) != ours || unknown) {
+                if (unknown) fail(err, errsize, "%s: tensor %.*s is not one this build knows how to train", m->path,
+                                  unknown->name_len, unknown->name);
+                else fail(err, errsize, "%s: the weight file's %s tensors do not match this build's", m->path,
+                          prefixes[k]);
+                loupe_trainer_free(t);
+                return NULL;
+            }
+        }
     }
-    tta_refresh_tables(t);
+    if (t->has_seg) tta_refresh_tables(t);
+    if (trainer_grad_views(t)) goto oom;
+    t->cls_cfg = cls_loss_config_default();
     t->s = loupe_session_new(m, err, errsize);
-    if (!t->s) { loupe_tta_free(t); return NULL; }
+    if (!t->s) { loupe_trainer_free(t); return NULL; }
     t->s->w = &t->w;
     t->s->t = &t->t;
-    t->s->tape = &t->tape;
+    t->s->tape = t->has_seg ? &t->tape : NULL;
+    t->s->bb_tape = t->backbone_backward ? &t->bb_tape : NULL;
+    t->s->cls_tape = t->has_cls ? &t->cls_tape : NULL;
     t->rng_state.seed = t->opt.seed;
     t->rng_state.counter = 0;
     t->rng.fill = splitmix_uniform_fill;
+    t->rng.seek = splitmix_uniform_seek;
     t->rng.state = &t->rng_state;
     return t;
 oom:
     fail(err, errsize, "out of memory");
-    loupe_tta_free(t);
+    loupe_trainer_free(t);
     return NULL;
 }
 
-void loupe_tta_free(loupe_tta *t)
+loupe_trainer *loupe_tta_new(const loupe_model *m, const loupe_tta_options *opt, char *err, size_t errsize)
+{
+    loupe_tta_options d;
+    loupe_train_options o;
+    if (!opt) {
+        loupe_tta_default_options(&d);
+        opt = &d;
+    }
+    if (!(opt->lr >= 0.0 && opt->lr < 1.0 && opt->beta1 >= 0.0 && opt->beta1 < 1.0 && opt->beta2 >= 0.0 &&
+          opt->beta2 < 1.0 && opt->eps > 0.0 && opt->weight_decay >= 0.0 && opt->weight_decay < 1.0 &&
+          opt->clip_norm > 0.0)) {
+        fail(err, errsize, "invalid test-time adaptation options (learning rate, betas and weight decay in [0, 1), eps and clip norm > 0)");
+        return NULL;
+    }
+    if (m && m->cfg.num_labels != 1) {
+        fail(err, errsize, "%s: test-time adaptation needs Loupe's single label (this model has %d)", m->path,
+             m->cfg.num_labels);
+        return NULL;
+    }
+    loupe_train_default_options(&o, LOUPE_TRAIN_TTA);
+    o.lr = o.backbone_lr = opt->lr;
+    o.beta1 = opt->beta1;
+    o.beta2 = opt->beta2;
+    o.eps = opt->eps;
+    o.weight_decay = opt->weight_decay;
+    o.clip_norm = opt->clip_norm;
+    o.seed = opt->seed;
+    return trainer_new(m, &o, err, errsize);
+}
+
+loupe_trainer *loupe_trainer_new(const loupe_model *m, const loupe_train_options *opt, char *err, size_t errsize)
+{
+    if (opt && opt->stage == LOUPE_TRAIN_TTA) {
+        fail(err, errsize, "test-time adaptation trainers are made by loupe_tta_new");
+        return NULL;
+    }
+    return trainer_new(m, opt, err, errsize);
+}
+
+void loupe_trainer_free(loupe_trainer *t)
 {
     if (!t) return;
     loupe_session_free(t->s);
@@ -9966,6 +11540,8 @@ void loupe_tta_free(loupe_tta *t)
     free(t->params);
     free(t->enc);
     free(t->dec);
+    free(t->blocks);
+    free(t->block_grads);
     free(t->tape.enc);
     free(t->tape.dec);
     free(t->calls);
@@ -9973,7 +11549,54 @@ void loupe_tta_free(loupe_tta *t)
     free(t);
 }
 
-int loupe_tta_accumulate(loupe_tta *t, const float *pixel_values, float weight, loupe_tta_loss *loss, char *err,
+size_t loupe_trainer_feature_floats(const loupe_trainer *t)
+{
+    const loupe_config *c = &t->m->cfg;
+    return t->backbone_backward ? 0 : (size_t)(2 + c->grid * c->grid) * c->width;
+}
+
+int loupe_trainer_features(loupe_trainer *t, const float *pixel_values, float *features, char *err, size_t errsize)
+{
+    const loupe_config *c;
+    size_t TW;
+    if (!t || !pixel_values || !features) return fail(err, errsize, "loupe_trainer_features needs a trainer, an input and a buffer");
+    if (t->backbone_backward) return fail(err, errsize, "the backbone trains: its outputs cannot be kept");
+    c = &t->m->cfg;
+    TW = (size_t)(1 + c->grid * c->grid) * c->width;
+    if (max_threads() > t->s->threads)
+        return fail(err, errsize, "the trainer was created for %d threads but %d are requested", t->s->threads, max_threads());
+    vision_transformer(t->s, pixel_values);
+    memcpy(features, t->s->feats, TW * sizeof *features);
+    memcpy(features + TW, t->s->pooled, (size_t)c->width * sizeof *features);
+    return 0;
+}
+
+/* transformers' get_wsd_schedule (linear warm-up, constant, cosine decay to 0) and
+ * get_cosine_schedule_with_warmup, as LambdaLR factors (README 10.7 of the golden). */
+double loupe_lr_factor(int schedule, long step, double total, double warmup, double decay)
+{
+    const double pi = 3.14159265358979323846;
+    double s = (double)step;
+    if (schedule == LOUPE_SCHEDULE_CONSTANT) return 1.0;
+    if (s < warmup) return s / (warmup > 1.0 ? warmup : 1.0);
+    if (schedule == LOUPE_SCHEDULE_COSINE) {
+        double span = total - warmup > 1.0 ? total - warmup : 1.0, f = 0.5 * (1.0 + cos(pi * (s - warmup) / span));
+        return f > 0.0 ? f : 0.0;
+    }
+    if (s < total - decay) return 1.0;
+    if (s < total) return 0.5 * (1.0 + cos(pi * (s - total + decay) / (decay > 1.0 ? decay : 1.0)));
+    return 0.0;
+}
+
+void loupe_trainer_size(const loupe_trainer *t, int *tensors, size_t *values)
+{
+    if (tensors) *tensors = t ? t->n_params : 0;
+    if (values) *values = t ? t->n_floats : 0;
+}
+
+void loupe_tta_free(loupe_trainer *t) { loupe_trainer_free(t); }
+
+int loupe_tta_accumulate(loupe_trainer *t, const float *pixel_values, float weight, loupe_tta_loss *loss, char *err,
                          size_t errsize)
 {
     if (!t || !pixel_values) return fail(err, errsize, "loupe_tta_accumulate needs an adapter and an input tensor");
@@ -9982,11 +11605,18 @@ int loupe_tta_accumulate(loupe_tta *t, const float *pixel_values, float weight, 
     return tta_accumulate(t, pixel_values, weight, loss, NULL, err, errsize);
 }
 
-int loupe_tta_update(loupe_tta *t, double *grad_norm, char *err, size_t errsize)
+int loupe_tta_update(loupe_trainer *t, double *grad_norm, char *err, size_t errsize)
+{
+    if (!t) return fail(err, errsize, "loupe_tta_update needs an adapter");
+    return loupe_trainer_update(t, 1.0, grad_norm, err, errsize);
+}
+
+int loupe_trainer_update(loupe_trainer *t, double lr_factor, double *grad_norm, char *err, size_t errsize)
 {
     double norm;
     float coef;
-    if (!t) return fail(err, errsize, "loupe_tta_update needs an adapter");
+    if (!t) return fail(err, errsize, "loupe_trainer_update needs a trainer");
+    if (!(lr_factor >= 0.0 && lr_factor <= 1e3)) return fail(err, errsize, "learning-rate factor %g is outside 0..1000", lr_factor);
     norm = tta_grad_norm(t);
     if (!isfinite(norm)) {
         zero(t->grad, t->n_floats);
@@ -9994,21 +11624,21 @@ int loupe_tta_update(loupe_tta *t, double *grad_norm, char *err, size_t errsize)
     }
     /* clip_grad_norm_ (in float32, like PyTorch): scale by max_norm / (norm + eps) when below 1 */
     coef = (float)t->opt.clip_norm / ((float)norm + (float)TTA_CLIP_EPS);
-    adamw_step(t, coef < 1.0f ? coef : 1.0f);
+    adamw_step(t, coef < 1.0f ? coef : 1.0f, lr_factor);
     if (grad_norm) *grad_norm = norm;
     return 0;
 }
 
-int loupe_tta_step(loupe_tta *t, const float *pixel_values, loupe_tta_loss *loss, char *err, size_t errsize)
+int loupe_tta_step(loupe_trainer *t, const float *pixel_values, loupe_tta_loss *loss, char *err, size_t errsize)
 {
-    double norm;
+    double norm = 0.0;
     if (loupe_tta_accumulate(t, pixel_values, 1.0f, loss, err, errsize) || loupe_tta_update(t, &norm, err, errsize))
         return -1;
     if (loss) loss->grad_norm = norm;
     return 0;
 }
 
-int loupe_tta_adapt(loupe_tta *t, int n_images, loupe_tta_source source, void *user, int steps, int batch,
+int loupe_tta_adapt(loupe_trainer *t, int n_images, loupe_tta_source source, void *user, int steps, int batch,
                     loupe_tta_progress progress, char *err, size_t errsize)
 {
     const loupe_config *c;
@@ -10043,7 +11673,7 @@ int loupe_tta_adapt(loupe_tta *t, int n_images, loupe_tta_source source, void *u
     return 0;
 }
 
-int loupe_session_use_tta(loupe_session *s, const loupe_tta *t, char *err, size_t errsize)
+int loupe_session_use_tta(loupe_session *s, const loupe_trainer *t, char *err, size_t errsize)
 {
     if (!s) return fail(err, errsize, "no session given");
     if (t && t->m != s->m) return fail(err, errsize, "the adapter was made for another model than the session's");
@@ -10052,13 +11682,23 @@ int loupe_session_use_tta(loupe_session *s, const loupe_tta *t, char *err, size_
     return 0;
 }
 
-void loupe_tta_get_memory(const loupe_tta *t, loupe_tta_memory *mem)
+void loupe_tta_get_memory(const loupe_trainer *t, loupe_tta_memory *mem)
 {
     mem->saved_activations = t->tape_bytes;
     mem->backward_scratch = t->work_bytes;
     mem->parameters = t->state_bytes;
     mem->session = t->s->bytes;
     mem->trainable = t->n_floats;
+}
+
+/* The weight file's entry called name, or NULL. */
+static const tensor_entry *find_entry(const loupe_model *m, const char *name)
+{
+    size_t n = strlen(name);
+    int i;
+    for (i = 0; i < m->n_entries; i++)
+        if ((size_t)m->entries[i].name_len == n && !memcmp(m->entries[i].name, name, n)) return &m->entries[i];
+    return NULL;
 }
 
 /* Bytes copied per write while saving. */
@@ -10086,7 +11726,7 @@ static int write_bytes(FILE *f, const unsigned char *p, uint64_t n)
     return 1;
 }
 
-int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsize)
+int loupe_trainer_save(const loupe_trainer *t, const char *path, char *err, size_t errsize)
 {
     char tmp[1024];
     FILE *f;
@@ -10095,14 +11735,13 @@ int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsi
     float *buf;
     save_patch *patches;
     int p, i, n = 0, ok = 1;
-    if (!t || !path) return fail(err, errsize, "loupe_tta_save needs an adapter and a path");
+    if (!t || !path) return fail(err, errsize, "saving needs a trainer and a path");
     if (strlen(path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", path);
-    for (i = 0; i < t->m->n_entries; i++) { /* the adapted tensors are written over the file's own */
-        const tensor_entry *e = &t->m->entries[i];
-        const size_t plen = sizeof TTA_SEGMENTOR_PREFIX - 1;
-        if (e->dtype != DTYPE_F32 && (size_t)e->name_len >= plen && !memcmp(e->name, TTA_SEGMENTOR_PREFIX, plen))
-            return fail(err, errsize, "%s: saving an adapted model needs an F32 weight file (%.*s is %s; convert with --dtype f32)",
-                        t->m->path, e->name_len, e->name, dtype_names[e->dtype]);
+    for (p = 0; p < t->n_params; p++) { /* the trained tensors are written over the file's own */
+        const tensor_entry *e = find_entry(t->m, t->params[p].name);
+        if (e && e->dtype != DTYPE_F32)
+            return fail(err, errsize, "%s: saving a trained model needs an F32 weight file (%s is %s; convert with --dtype f32)",
+                        t->m->path, t->params[p].name, dtype_names[e->dtype]);
     }
     for (p = 0; p < t->n_params; p++) most = t->params[p].numel > most ? t->params[p].numel : most;
     buf = malloc(most * sizeof *buf);
@@ -10110,7 +11749,7 @@ int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsi
     if (!buf || !patches) { free(buf); free(patches); return fail(err, errsize, "out of memory"); }
     /* the model's file as it is, with each segmentor tensor replaced by the adapted one */
     for (p = 0; p < t->n_params; p++) {
-        const tta_param *tp = &t->params[p];
+        const train_param *tp = &t->params[p];
         for (i = 0; i < t->m->n_entries; i++) {
             const tensor_entry *e = &t->m->entries[i];
             if ((size_t)e->name_len != strlen(tp->name) || memcmp(e->name, tp->name, (size_t)e->name_len)) continue;
@@ -10131,7 +11770,7 @@ int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsi
                   : fail(err, errsize, "%s: an adapted tensor does not match the model's file", path);
     }
     for (i = 0; ok && i < n; i++) {
-        const tta_param *tp = &t->params[patches[i].param];
+        const train_param *tp = &t->params[patches[i].param];
         param_to_upstream(tp, t->param + tp->offset, buf);
         ok = write_bytes(f, t->m->data + pos, patches[i].offset - pos) &&
              fwrite(buf, sizeof *buf, tp->numel, f) == tp->numel;
@@ -10148,8 +11787,1106 @@ int loupe_tta_save(const loupe_tta *t, const char *path, char *err, size_t errsi
     return 0;
 }
 
+/* Training state file: "LOUPESTA", version, stage, tensor count, value count, a
+ * FNV-1a hash of the tensor names and sizes, step count, random-stream position, the
+ * caller's byte count; then the caller's bytes, AdamW's first and second moments
+ * (float32, little-endian as the host writes them: the file is checked by its size and
+ * hash, and is meant for the machine that wrote it). */
+#define STATE_MAGIC "LOUPESTA"
+#define STATE_VERSION 1u
+#define STATE_HEADER_WORDS 8
+
+static uint64_t state_signature(const loupe_trainer *t)
+{
+    uint64_t h = 0xCBF29CE484222325ull;
+    int p, d;
+    for (p = 0; p < t->n_params; p++) {
+        const unsigned char *c = (const unsigned char *)t->params[p].name;
+        for (; *c; c++) h = (h ^ *c) * 0x100000001B3ull;
+        for (d = 0; d < MAX_TENSOR_DIMS; d++) h = (h ^ (uint64_t)(unsigned)t->params[p].dims[d]) * 0x100000001B3ull;
+    }
+    return h;
+}
+
+int loupe_trainer_save_state(const loupe_trainer *t, const char *path, const void *user, size_t user_size,
+                             char *err, size_t errsize)
+{
+    char tmp[1024];
+    uint64_t hdr[STATE_HEADER_WORDS];
+    FILE *f;
+    int ok;
+    if (!t || !path || (user_size && !user)) return fail(err, errsize, "saving a training state needs a trainer and a path");
+    if (strlen(path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", path);
+    hdr[0] = STATE_VERSION;
+    hdr[1] = (uint64_t)t->opt.stage;
+    hdr[2] = (uint64_t)t->n_params;
+    hdr[3] = (uint64_t)t->n_floats;
+    hdr[4] = state_signature(t);
+    hdr[5] = (uint64_t)t->steps;
+    hdr[6] = t->rng_position;
+    hdr[7] = (uint64_t)user_size;
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    if (!(f = fopen(tmp, "wb"))) return fail(err, errsize, "%s: cannot create: %s", tmp, strerror(errno));
+    ok = fwrite(STATE_MAGIC, 1, 8, f) == 8 && fwrite(hdr, sizeof hdr[0], STATE_HEADER_WORDS, f) == STATE_HEADER_WORDS &&
+         (!user_size || fwrite(user, 1, user_size, f) == user_size) &&
+         fwrite(t->adam_m, sizeof *t->adam_m, t->n_floats, f) == t->n_floats &&
+         fwrite(t->adam_v, sizeof *t->adam_v, t->n_floats, f) == t->n_floats;
+    if (fclose(f) != 0) ok = 0;
+    if (!ok || replace_file(tmp, path) != 0) {
+        remove(tmp);
+        return fail(err, errsize, "%s: cannot write the training state", path);
+    }
+    return 0;
+}
+
+int loupe_trainer_load_state(loupe_trainer *t, const char *path, void *user, size_t user_size,
+                             char *err, size_t errsize)
+{
+    uint64_t hdr[STATE_HEADER_WORDS];
+    char magic[8];
+    FILE *f;
+    int ok;
+    if (!t || !path || (user_size && !user)) return fail(err, errsize, "loading a training state needs a trainer and a path");
+    if (!(f = fopen(path, "rb"))) return fail(err, errsize, "%s: cannot open: %s", path, strerror(errno));
+    ok = fread(magic, 1, 8, f) == 8 && !memcmp(magic, STATE_MAGIC, 8) &&
+         fread(hdr, sizeof hdr[0], STATE_HEADER_WORDS, f) == STATE_HEADER_WORDS;
+    if (!ok || hdr[0] != STATE_VERSION) {
+        fclose(f);
+        return fail(err, errsize, "%s: not a loupe training state (or of another version)", path);
+    }
+    if (hdr[1] != (uint64_t)t->opt.stage || hdr[2] != (uint64_t)t->n_params || hdr[3] != (uint64_t)t->n_floats ||
+        hdr[4] != state_signature(t) || hdr[7] != (uint64_t)user_size) {
+        fclose(f);
+        return fail(err, errsize, "%s: the training state belongs to another stage, model or set of trained tensors", path);
+    }
+    ok = (!user_size || fread(user, 1, user_size, f) == user_size) &&
+         fread(t->adam_m, sizeof *t->adam_m, t->n_floats, f) == t->n_floats &&
+         fread(t->adam_v, sizeof *t->adam_v, t->n_floats, f) == t->n_floats && fgetc(f) == EOF;
+    fclose(f);
+    if (!ok) {
+        zero(t->adam_m, t->n_floats);
+        zero(t->adam_v, t->n_floats);
+        return fail(err, errsize, "%s: the training state is truncated or too long", path);
+    }
+    t->steps = (long)hdr[5];
+    t->rng_position = hdr[6];
+    zero(t->grad, t->n_floats);
+    return 0;
+}
+
+int loupe_tta_save(const loupe_trainer *t, const char *path, char *err, size_t errsize)
+{
+    return loupe_trainer_save(t, path, err, errsize);
+}
+
 /* ========================================================================== */
-/* 10. CLI: the `loupe` command                                               */
+/* 10. Datasets and metrics (DataModule, LoupeImageProcessor, Metric)         */
+/* ========================================================================== */
+/* What upstream's training and validation read besides the model:
+ *   - labelled datasets (a folder images/ + masks/, or a list file), every entry
+ *     decoded once when opened so that a bad file stops nothing half-way;
+ *   - one training example as DataModule.train_collate_fn builds it: the mask made
+ *     binary by convert_to_binary_masks (Pillow's "L", min-max normalisation, dithering
+ *     against uniform draws), then Mask2FormerImageProcessor's NEAREST resize and
+ *     reduce_labels (mask_labels) and LoupeImageProcessor's patch labels (the soft mask,
+ *     bilinear, block means), bit for bit (test/check_batch.c against the golden batch);
+ *   - the validation metrics of LitModel.on_validation_epoch_end (src/metric/metric.py,
+ *     mean_iou.py) as an accumulator, and the validation loop (test/check_metrics.c). */
+
+#define DATASET_VALID_EXT_COUNT 5
+#define DATASET_MAX_ENTRIES 100000000   /* more entries than this is surely a mistake */
+#define DATASET_ERR_MAX 1024
+#define MASK_DRAW_CHUNK 4096            /* uniforms drawn per call while dithering */
+#define EVAL_THRESHOLD 0.5f             /* post_process_segmentation: forged where seg > 0.5 */
+#define METRIC_PROB_THRESHOLD 0.5f      /* Metric.compute_accuracy: prob > 0.5 is forged */
+#define PIL_L_R 19595u                  /* Pillow's convert("L"): ITU-R 601-2 luma in 16.16 */
+#define PIL_L_G 38470u
+#define PIL_L_B 7471u
+#define PIL_L_ROUND 0x8000u
+
+/* ---- Uniform numbers ---- */
+
+void loupe_splitmix_fill(void *state, float *out, size_t n)
+{
+    loupe_splitmix *p = (loupe_splitmix *)state;
+    splitmix_uniform s;
+    s.seed = p->seed;
+    s.counter = p->counter;
+    splitmix_uniform_fill(&s, out, n);
+    p->counter = s.counter;
+}
+
+/* ---- Datasets ---- */
+
+typedef struct dataset_entry {
+    char *image, *mask;          /* mask NULL: authentic */
+    int line;                    /* line of the list file (0 for folders) */
+} dataset_entry;
+
+struct loupe_dataset {
+    dataset_entry *e;
+    int n, cap;
+    size_t max_pixels;
+    char *source;                /* the path given to loupe_dataset_open */
+    int is_list;
+};
+
+static char *dataset_strdup(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    char *d = malloc(n);
+    if (d) memcpy(d, s, n);
+    return d;
+}
+
+/* dir + "/" + name in a new allocation (name alone when dir is NULL or empty). */
+static char *dataset_join(const char *dir, size_t dir_len, const char *name, size_t name_len)
+{
+    char *p = malloc(dir_len + name_len + 2);
+    if (!p) return NULL;
+    if (dir_len) {
+        memcpy(p, dir, dir_len);
+        p[dir_len] = '/';
+        memcpy(p + dir_len + 1, name, name_len);
+        p[dir_len + 1 + name_len] = '\0';
+    } else {
+        memcpy(p, name, name_len);
+        p[name_len] = '\0';
+    }
+    return p;
+}
+
+/* The file name without its directories. */
+static const char *dataset_basename(const char *path)
+{
+    const char *b = path, *p;
+    for (p = path; *p; p++)
+        if (*p == '/' || *p == '\\') b = p + 1;
+    return b;
+}
+
+/* Length of a file name's stem: without its last extension ("a.b.png" -> 3). */
+static size_t dataset_stem_len(const char *name)
+{
+    const char *dot = strrchr(name, '.');
+    return dot && dot != name ? (size_t)(dot - name) : strlen(name);
+}
+
+/* True when name ends in an extension the decoders handle (any case). */
+static int dataset_is_image_name(const char *name)
+{
+    static const char *const exts[DATASET_VALID_EXT_COUNT] = {".png", ".jpg", ".jpeg", ".ppm", ".pgm"};
+    size_t n = strlen(name), i, k;
+    for (i = 0; i < DATASET_VALID_EXT_COUNT; i++) {
+        size_t e = strlen(exts[i]);
+        int same = n > e;
+        for (k = 0; same && k < e; k++) same = tolower((unsigned char)name[n - e + k]) == exts[i][k];
+        if (same) return 1;
+    }
+    return 0;
+}
+
+static int dataset_add(loupe_dataset *d, char *image, char *mask, int line, char *err, size_t errsize)
+{
+    if (d->n == d->cap) {
+        int cap = d->cap ? 2 * d->cap : 64;
+        dataset_entry *g;
+        if (d->n >= DATASET_MAX_ENTRIES) {
+            free(image);
+            free(mask);
+            return fail(err, errsize, "%s: more than %d entries", d->source, DATASET_MAX_ENTRIES);
+        }
+        g = realloc(d->e, (size_t)cap * sizeof *g);
+        if (!g) {
+            free(image);
+            free(mask);
+            return fail(err, errsize, "%s: out of memory", d->source);
+        }
+        d->e = g;
+        d->cap = cap;
+    }
+    d->e[d->n].image = image;
+    d->e[d->n].mask = mask;
+    d->e[d->n].line = line;
+    d->n++;
+    return 0;
+}
+
+/* 1 when path is a directory, 0 when it is something else that exists, -1 when it
+ * cannot be examined (errno set where the system reports it). */
+static int dataset_is_dir(const char *path)
+{
+#if LOUPE_POSIX
+    struct stat st;
+    if (stat(path, &st) != 0) return -1;
+    return S_ISDIR(st.st_mode) ? 1 : 0;
+#elif defined(_WIN32)
+    DWORD attr = GetFileAttributesA(path);
+    if (attr == INVALID_FILE_ATTRIBUTES) { errno = ENOENT; return -1; }
+    return (attr & FILE_ATTRIBUTE_DIRECTORY) ? 1 : 0;
+#else
+    FILE *f = fopen(path, "rb");
+    if (!f) return -1;
+    fclose(f);
+    return 0;
+#endif
+}
+
+static int dataset_cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* Orders file names by stem (then by the whole name). */
+static int dataset_cmp_stem(const void *a, const void *b)
+{
+    const char *x = *(char *const *)a, *y = *(char *const *)b;
+    size_t lx = dataset_stem_len(x), ly = dataset_stem_len(y);
+    int c = memcmp(x, y, lx < ly ? lx : ly);
+    if (c) return c;
+    if (lx != ly) return lx < ly ? -1 : 1;
+    return strcmp(x, y);
+}
+
+static int dataset_same_stem(const char *x, const char *y)
+{
+    size_t lx = dataset_stem_len(x);
+    return lx == dataset_stem_len(y) && !memcmp(x, y, lx);
+}
+
+static void dataset_free_names(char **names, int n)
+{
+    int i;
+    for (i = 0; i < n; i++) free(names[i]);
+    free(names);
+}
+
+/* The image file names (not paths) of a directory in name order: *names, *n. */
+static int dataset_list_dir(const char *dir, char ***names, int *n, char *err, size_t errsize)
+{
+    char **v = NULL;
+    int cap = 0;
+    *names = NULL;
+    *n = 0;
+#if LOUPE_POSIX
+    {
+        DIR *dp = opendir(dir);
+        struct dirent *e;
+        if (!dp) return fail(err, errsize, "%s: cannot open the folder (%s)", dir, strerror(errno));
+        while ((e = readdir(dp)) != NULL) {
+            char *full;
+            struct stat st;
+            int regular;
+            if (e->d_name[0] == '.' || !dataset_is_image_name(e->d_name)) continue;
+            full = dataset_join(dir, strlen(dir), e->d_name, strlen(e->d_name));
+            regular = full && stat(full, &st) == 0 && S_ISREG(st.st_mode);
+            free(full);
+            if (!regular) continue;
+            if (*n == cap) {
+                char **g;
+                cap = cap ? 2 * cap : 64;
+                if (cap > DATASET_MAX_ENTRIES || !(g = realloc(v, (size_t)cap * sizeof *g))) {
+                    closedir(dp);
+                    dataset_free_names(v, *n);
+                    *n = 0;
+                    return fail(err, errsize, "%s: out of memory listing the folder", dir);
+                }
+                v = g;
+            }
+            if (!(v[*n] = dataset_strdup(e->d_name))) {
+                closedir(dp);
+                dataset_free_names(v, *n);
+                *n = 0;
+                return fail(err, errsize, "%s: out of memory listing the folder", dir);
+            }
+            (*n)++;
+        }
+        closedir(dp);
+    }
+#elif defined(_WIN32)
+    {
+        WIN32_FIND_DATAA e;
+        HANDLE h;
+        char *pattern = dataset_join(dir, strlen(dir), "*", 1);
+        if (!pattern) return fail(err, errsize, "%s: out of memory", dir);
+        h = FindFirstFileA(pattern, &e);
+        free(pattern);
+        if (h == INVALID_HANDLE_VALUE) return fail(err, errsize, "%s: cannot open the folder", dir);
+        do {
+            if (e.cFileName[0] == '.' || !dataset_is_image_name(e.cFileName) ||
+                (e.dwFileAttributes & FILE_ATTRIBUTE_DIRECTORY))
+                continue;
+            if (*n == cap) {
+                char **g;
+                cap = cap ? 2 * cap : 64;
+                if (cap > DATASET_MAX_ENTRIES || !(g = realloc(v, (size_t)cap * sizeof *g))) {
+                    FindClose(h);
+                    dataset_free_names(v, *n);
+                    *n = 0;
+                    return fail(err, errsize, "%s: out of memory listing the folder", dir);
+                }
+                v = g;
+            }
+            if (!(v[*n] = dataset_strdup(e.cFileName))) {
+                FindClose(h);
+                dataset_free_names(v, *n);
+                *n = 0;
+                return fail(err, errsize, "%s: out of memory listing the folder", dir);
+            }
+            (*n)++;
+        } while (FindNextFileA(h, &e));
+        FindClose(h);
+    }
+#else
+    (void)cap;
+    return fail(err, errsize, "%s: folders cannot be listed on this system; use a list file", dir);
+#endif
+    if (*n) qsort(v, (size_t)*n, sizeof *v, dataset_cmp_str);
+    *names = v;
+    return 0;
+}
+
+/* Reads DIR/images and DIR/masks into d. */
+static int dataset_read_folder(loupe_dataset *d, const char *dir, char *err, size_t errsize)
+{
+    size_t dl = strlen(dir);
+    char *idir = dataset_join(dir, dl, "images", 6), *mdir = dataset_join(dir, dl, "masks", 5);
+    char **images = NULL, **masks = NULL, **by_stem = NULL;
+    int ni = 0, nm = 0, i, rc = -1;
+    if (!idir || !mdir) { fail(err, errsize, "%s: out of memory", dir); goto done; }
+    if (dataset_is_dir(idir) != 1 || dataset_is_dir(mdir) != 1) {
+        fail(err, errsize, "%s: a dataset folder needs the subfolders images/ and masks/ (%s is missing)", dir,
+             dataset_is_dir(idir) != 1 ? "images/" : "masks/");
+        goto done;
+    }
+    if (dataset_list_dir(idir, &images, &ni, err, errsize) || dataset_list_dir(mdir, &masks, &nm, err, errsize)) goto done;
+    /* two images or two masks with one stem: a mask could not tell which image it is for */
+    if (ni && !(by_stem = malloc((size_t)(ni > nm ? ni : nm) * sizeof *by_stem))) {
+        fail(err, errsize, "%s: out of memory", dir);
+        goto done;
+    }
+    if (ni) memcpy(by_stem, images, (size_t)ni * sizeof *by_stem);
+    if (ni) qsort(by_stem, (size_t)ni, sizeof *by_stem, dataset_cmp_stem);
+    for (i = 0; i + 1 < ni; i++)
+        if (dataset_same_stem(by_stem[i], by_stem[i + 1])) {
+            fail(err, errsize, "%s/%s and %s/%s: two images with the stem \"%.*s\" (a mask could not tell them apart)",
+                 idir, by_stem[i], idir, by_stem[i + 1], (int)dataset_stem_len(by_stem[i]), by_stem[i]);
+            goto done;
+        }
+    if (nm) qsort(masks, (size_t)nm, sizeof *masks, dataset_cmp_stem);
+    for (i = 0; i + 1 < nm; i++)
+        if (dataset_same_stem(masks[i], masks[i + 1])) {
+            fail(err, errsize, "%s/%s and %s/%s: two masks with the stem \"%.*s\"", mdir, masks[i], mdir, masks[i + 1],
+                 (int)dataset_stem_len(masks[i]), masks[i]);
+            goto done;
+        }
+    /* every mask must belong to an image (a misspelled name would otherwise make a
+     * forged image authentic without a word) */
+    for (i = 0; i < nm; i++) {
+        int lo = 0, hi = ni - 1, found = 0;
+        while (lo <= hi && !found) {
+            int mid = lo + (hi - lo) / 2;
+            if (dataset_same_stem(by_stem[mid], masks[i])) found = 1;
+            else if (dataset_cmp_stem(&by_stem[mid], &masks[i]) < 0) lo = mid + 1;
+            else hi = mid - 1;
+        }
+        if (!found) {
+            fail(err, errsize, "%s/%s: no image in %s has the stem \"%.*s\"", mdir, masks[i], idir,
+                 (int)dataset_stem_len(masks[i]), masks[i]);
+            goto done;
+        }
+    }
+    for (i = 0; i < ni; i++) {
+        int lo = 0, hi = nm - 1, m = -1;
+        char *image, *mask = NULL;
+        while (lo <= hi && m < 0) {
+            int mid = lo + (hi - lo) / 2;
+            if (dataset_same_stem(masks[mid], images[i])) m = mid;
+            else if (dataset_cmp_stem(&masks[mid], &images[i]) < 0) lo = mid + 1;
+            else hi = mid - 1;
+        }
+        image = dataset_join(idir, strlen(idir), images[i], strlen(images[i]));
+        if (m >= 0) mask = dataset_join(mdir, strlen(mdir), masks[m], strlen(masks[m]));
+        if (!image || (m >= 0 && !mask)) {
+            free(image);
+            free(mask);
+            fail(err, errsize, "%s: out of memory", dir);
+            goto done;
+        }
+        if (dataset_add(d, image, mask, 0, err, errsize)) goto done;
+    }
+    rc = 0;
+done:
+    free(by_stem);
+    dataset_free_names(images, ni);
+    dataset_free_names(masks, nm);
+    free(idir);
+    free(mdir);
+    return rc;
+}
+
+/* True for an absolute path (kept as given in a list file). */
+static int dataset_is_absolute(const char *p, size_t n)
+{
+    if (n && (p[0] == '/' || p[0] == '\\')) return 1;
+    return n >= 3 && isalpha((unsigned char)p[0]) && p[1] == ':' && (p[2] == '/' || p[2] == '\\');
+}
+
+static int dataset_cmp_entry_image(const void *a, const void *b)
+{
+    const dataset_entry *x = *(const dataset_entry *const *)a, *y = *(const dataset_entry *const *)b;
+    int c = strcmp(x->image, y->image);
+    return c ? c : x->line - y->line;
+}
+
+/* Reads a list file of lines `IMAGE [MASK]` into d. */
+static int dataset_read_list(loupe_dataset *d, const char *path, char *err, size_t errsize)
+{
+    FILE *f;
+    unsigned char *text;
+    size_t size, pos = 0, dir_len;
+    const char *base = dataset_basename(path);
+    int line = 0, rc;
+    errno = 0;
+    if (!(f = fopen(path, "rb")))
+        return errno ? fail(err, errsize, "%s: cannot open (%s)", path, strerror(errno)) : fail(err, errsize, "%s: cannot open", path);
+    rc = dispatch_read_all(f, path, &text, &size, err, errsize);
+    fclose(f);
+    if (rc) return -1;
+    dir_len = (size_t)(base - path);
+    if (dir_len) dir_len--; /* without the separator */
+    if (base != path && dir_len == 0) dir_len = 1; /* a list in "/" */
+    while (pos < size) {
+        size_t end = pos, p, tok_start[3], tok_len[3];
+        int ntok = 0;
+        while (end < size && text[end] != '\n') end++;
+        line++;
+        p = pos;
+        for (;;) {
+            while (p < end && (text[p] == ' ' || text[p] == '\t' || text[p] == '\r')) p++;
+            if (p >= end || (ntok == 0 && text[p] == '#')) break;
+            if (ntok == 3) { ntok++; break; }
+            tok_start[ntok] = p;
+            while (p < end && text[p] != ' ' && text[p] != '\t' && text[p] != '\r') p++;
+            tok_len[ntok] = p - tok_start[ntok];
+            ntok++;
+        }
+        if (ntok > 2) {
+            free(text);
+            return fail(err, errsize, "%s:%d: expected IMAGE [MASK], found %s fields", path, line, ntok > 3 ? "more" : "3");
+        }
+        if (ntok) {
+            char *paths[2] = {NULL, NULL};
+            int k;
+            for (k = 0; k < ntok; k++) {
+                const char *tok = (const char *)text + tok_start[k];
+                size_t n = tok_len[k];
+                if (memchr(tok, '\0', n)) {
+                    free(paths[0]);
+                    free(text);
+                    return fail(err, errsize, "%s:%d: a path holds a NUL byte", path, line);
+                }
+                paths[k] = dataset_is_absolute(tok, n) ? dataset_join(NULL, 0, tok, n)
+                                                       : dataset_join(path, base == path ? 0 : dir_len, tok, n);
+                if (!paths[k]) {
+                    free(paths[0]);
+                    free(text);
+                    return fail(err, errsize, "%s: out of memory", path);
+                }
+            }
+            if (dataset_add(d, paths[0], paths[1], line, err, errsize)) { free(text); return -1; }
+        }
+        pos = end + 1;
+    }
+    free(text);
+    /* an image listed twice would count twice in training and in the metrics */
+    if (d->n > 1) {
+        dataset_entry **by_image = malloc((size_t)d->n * sizeof *by_image);
+        int i;
+        if (!by_image) return fail(err, errsize, "%s: out of memory", path);
+        for (i = 0; i < d->n; i++) by_image[i] = &d->e[i];
+        qsort(by_image, (size_t)d->n, sizeof *by_image, dataset_cmp_entry_image);
+        for (i = 0; i + 1 < d->n; i++)
+            if (!strcmp(by_image[i]->image, by_image[i + 1]->image)) {
+                fail(err, errsize, "%s:%d: %s is already listed on line %d", path, by_image[i + 1]->line,
+                     by_image[i + 1]->image, by_image[i]->line);
+                free(by_image);
+                return -1;
+            }
+        free(by_image);
+    }
+    return 0;
+}
+
+/* Decodes entry i's image and mask and compares their sizes. */
+static int dataset_check_entry(const loupe_dataset *d, int i, char *err, size_t errsize)
+{
+    const dataset_entry *e = &d->e[i];
+    loupe_image img, mask;
+    char msg[DATASET_ERR_MAX];
+    int rc = 0;
+    mask.rgb = NULL;
+    if (loupe_image_load(e->image, d->max_pixels, &img, msg, sizeof msg) ||
+        (e->mask && loupe_image_load(e->mask, d->max_pixels, &mask, msg, sizeof msg)))
+        rc = -1;
+    else if (e->mask && (mask.width != img.width || mask.height != img.height)) {
+        snprintf(msg, sizeof msg, "%s: the mask is %dx%d but its image %s is %dx%d", e->mask, mask.width, mask.height,
+                 e->image, img.width, img.height);
+        rc = -1;
+    }
+    loupe_image_free(&img);
+    if (e->mask) loupe_image_free(&mask);
+    if (rc) {
+        if (e->line) return fail(err, errsize, "%s:%d: %s", d->source, e->line, msg);
+        return fail(err, errsize, "%s", msg);
+    }
+    return 0;
+}
+
+void loupe_dataset_free(loupe_dataset *d)
+{
+    int i;
+    if (!d) return;
+    for (i = 0; i < d->n; i++) {
+        free(d->e[i].image);
+        free(d->e[i].mask);
+    }
+    free(d->e);
+    free(d->source);
+    free(d);
+}
+
+loupe_dataset *loupe_dataset_open(const char *path, size_t max_pixels, char *err, size_t errsize)
+{
+    loupe_dataset *d;
+    int kind, first, bad = 0, i;
+    char first_msg[DATASET_ERR_MAX];
+    if (!path) { fail(err, errsize, "no dataset path given"); return NULL; }
+    errno = 0;
+    kind = dataset_is_dir(path);
+    if (kind < 0) {
+        if (errno) fail(err, errsize, "%s: cannot open (%s)", path, strerror(errno));
+        else fail(err, errsize, "%s: cannot open", path);
+        return NULL;
+    }
+    if (!(d = calloc(1, sizeof *d)) || !(d->source = dataset_strdup(path))) {
+        free(d);
+        fail(err, errsize, "%s: out of memory", path);
+        return NULL;
+    }
+    d->max_pixels = max_pixels;
+    d->is_list = !kind;
+    if (kind ? dataset_read_folder(d, path, err, errsize) : dataset_read_list(d, path, err, errsize)) {
+        loupe_dataset_free(d);
+        return NULL;
+    }
+    if (d->n == 0) {
+        fail(err, errsize, kind ? "%s: the dataset is empty (no image in images/)" : "%s: the dataset is empty (no IMAGE line)",
+             path);
+        loupe_dataset_free(d);
+        return NULL;
+    }
+    /* every entry is decoded before anything is computed; the first bad one (in order)
+     * is reported with the number of others */
+    first = d->n;
+    first_msg[0] = '\0';
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1)
+#endif
+    for (i = 0; i < d->n; i++) {
+        char msg[DATASET_ERR_MAX];
+        if (dataset_check_entry(d, i, msg, sizeof msg)) {
+#ifdef _OPENMP
+#pragma omp critical(loupe_dataset_check)
+#endif
+            {
+                bad++;
+                if (i < first) {
+                    first = i;
+                    memcpy(first_msg, msg, sizeof msg);
+                }
+            }
+        }
+    }
+    if (bad) {
+        if (bad > 1) fail(err, errsize, "%s (and %d other bad entr%s in %s)", first_msg, bad - 1, bad > 2 ? "ies" : "y", path);
+        else fail(err, errsize, "%s", first_msg);
+        loupe_dataset_free(d);
+        return NULL;
+    }
+    return d;
+}
+
+int loupe_dataset_count(const loupe_dataset *d) { return d ? d->n : 0; }
+
+int loupe_dataset_entry(const loupe_dataset *d, int i, const char **image, const char **mask)
+{
+    if (!d || i < 0 || i >= d->n) return -1;
+    if (image) *image = d->e[i].image;
+    if (mask) *mask = d->e[i].mask;
+    return 0;
+}
+
+int loupe_dataset_load(const loupe_dataset *d, int i, loupe_image *img, loupe_image *mask, char *err, size_t errsize)
+{
+    const dataset_entry *e;
+    if (mask) {
+        mask->width = mask->height = 0;
+        mask->rgb = NULL;
+    }
+    if (!d || !img || i < 0 || i >= d->n) return fail(err, errsize, "loupe_dataset_load: no such entry");
+    e = &d->e[i];
+    if (loupe_image_load(e->image, d->max_pixels, img, err, errsize)) return -1;
+    if (mask && e->mask) {
+        if (loupe_image_load(e->mask, d->max_pixels, mask, err, errsize)) {
+            loupe_image_free(img);
+            return -1;
+        }
+        if (mask->width != img->width || mask->height != img->height) {
+            fail(err, errsize, "%s: the mask is %dx%d but its image %s is %dx%d", e->mask, mask->width, mask->height,
+                 e->image, img->width, img->height);
+            loupe_image_free(mask);
+            loupe_image_free(img);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---- Training examples (LoupeImageProcessor.__call__ with masks) ---- */
+
+/* Pillow's convert("L") of one RGB pixel (Convert.c rgb2l). */
+static unsigned char pil_luma(const unsigned char *p)
+{
+    return (unsigned char)((p[0] * PIL_L_R + p[1] * PIL_L_G + p[2] * PIL_L_B + PIL_L_ROUND) >> 16);
+}
+
+/* convert("L"), then (m - min) / (max - min) as uint8 tensors divided in float32 (the
+ * exact quotient rounded once: the double quotient of two integers below 256 rounds to
+ * the same float), zeros when the mask is constant. */
+static void mask_normalize(const loupe_image *mask, float *normalized)
+{
+    size_t n = (size_t)mask->width * mask->height, i;
+    unsigned lo = 255, hi = 0;
+    for (i = 0; i < n; i++) {
+        unsigned v = pil_luma(mask->rgb + 3 * i);
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+    }
+    for (i = 0; i < n; i++)
+        normalized[i] = hi > lo ? (float)((double)(pil_luma(mask->rgb + 3 * i) - lo) / (double)(hi - lo)) : 0.0f;
+}
+
+/* binary = normalized >= u, one draw per pixel in row-major order. */
+static int mask_dither(const float *normalized, size_t n, const loupe_uniform *u, unsigned char *binary, char *err,
+                       size_t errsize)
+{
+    float draws[MASK_DRAW_CHUNK];
+    size_t i, k;
+    if (!u || !u->fill) return fail(err, errsize, "a mask needs a source of uniform numbers to be dithered");
+    for (i = 0; i < n; i += k) {
+        k = n - i < MASK_DRAW_CHUNK ? n - i : MASK_DRAW_CHUNK;
+        u->fill(u->state, draws, k);
+        if (binary) {
+            size_t j;
+            for (j = 0; j < k; j++) binary[i + j] = normalized[i + j] >= draws[j];
+        }
+    }
+    return 0;
+}
+
+static int mask_check(const loupe_image *mask, char *err, size_t errsize)
+{
+    if (!mask || !mask->rgb || mask->width < 1 || mask->height < 1) return fail(err, errsize, "no mask given");
+    if ((double)mask->width * mask->height > (double)SIZE_MAX / sizeof(float) / 2)
+        return fail(err, errsize, "a %dx%d mask is too large", mask->width, mask->height);
+    return 0;
+}
+
+int loupe_mask_binarize(const loupe_image *mask, const loupe_uniform *u, unsigned char *binary, float *normalized,
+                        char *err, size_t errsize)
+{
+    float *norm = normalized;
+    size_t n;
+    int rc;
+    if (mask_check(mask, err, errsize)) return -1;
+    n = (size_t)mask->width * mask->height;
+    if (!norm && !(norm = malloc(n * sizeof *norm))) return fail(err, errsize, "out of memory for a %dx%d mask", mask->width, mask->height);
+    mask_normalize(mask, norm);
+    rc = mask_dither(norm, n, u, binary, err, errsize);
+    if (norm != normalized) free(norm);
+    return rc;
+}
+
+/* Pillow's resize(NEAREST) source indices along one axis (ImagingScaleAffine): x starts
+ * at 0.5 * in / out and grows by in / out per output pixel in double precision; the
+ * source is (int) x. */
+static void nearest_axis(int in, int out, int *idx)
+{
+    double step = (double)in / (double)out, x = 0.5 * step;
+    int i;
+    for (i = 0; i < out; i++) {
+        int s = (int)x;
+        idx[i] = s < in ? s : in - 1;
+        x += step;
+    }
+}
+
+/* F.interpolate(size=(oh, ow), mode="bilinear", align_corners=False) of one (1, 1, ih, iw)
+ * float32 plane as PyTorch's CPU kernel computes it for a single channel (a 1-channel
+ * NCHW tensor is also channels-last, which selects that kernel): the scale in/out in
+ * float, the source index scale * (dst + 0.5) - 0.5 in double, float lambdas (lambda0 =
+ * 1 - lambda1), float corner weights (h * w) and the four-term sum in double, rounded
+ * once. Bit for bit against upstream's patch_mask_resized (test/check_batch.c); the
+ * model's own interp_plane differs from it by up to 2e-6 here. */
+static void mask_interp_axis(int in, int out, int *i0, int *i1, float *l0, float *l1)
+{
+    float scale = (float)in / (float)out;
+    int d;
+    for (d = 0; d < out; d++) {
+        double src = (double)scale * ((double)d + 0.5) - 0.5, frac;
+        int x0;
+        if (src < 0.0) src = 0.0;
+        x0 = (int)src;
+        if (x0 > in - 1) x0 = in - 1;
+        frac = src - (double)x0;
+        l1[d] = (float)(frac < 0.0 ? 0.0 : frac > 1.0 ? 1.0 : frac);
+        l0[d] = 1.0f - l1[d];
+        i0[d] = x0;
+        i1[d] = x0 + (x0 < in - 1 ? 1 : 0);
+    }
+}
+
+/* Scratch of mask_interp: ints and floats for both axes. */
+#define MASK_INTERP_SCRATCH(oh, ow) (4 * (size_t)((oh) + (ow)))
+
+static void mask_interp(const float *in, int ih, int iw, float *out, int oh, int ow, float *scratch)
+{
+    int *y0 = (int *)(void *)scratch, *y1 = y0 + oh, *x0 = y1 + oh, *x1 = x0 + ow;
+    float *h0 = (float *)(void *)(x1 + ow), *h1 = h0 + oh, *w0 = h1 + oh, *w1 = w0 + ow;
+    int y, x;
+    mask_interp_axis(ih, oh, y0, y1, h0, h1);
+    mask_interp_axis(iw, ow, x0, x1, w0, w1);
+    for (y = 0; y < oh; y++) {
+        const float *r0 = in + (size_t)y0[y] * iw, *r1 = in + (size_t)y1[y] * iw;
+        for (x = 0; x < ow; x++) {
+            float w00 = (float)(h0[y] * w0[x]), w01 = (float)(h0[y] * w1[x]);
+            float w10 = (float)(h1[y] * w0[x]), w11 = (float)(h1[y] * w1[x]);
+            double v = (double)r0[x0[x]] * w00 + (double)r0[x1[x]] * w01;
+            v += (double)r1[x0[x]] * w10;
+            v += (double)r1[x1[x]] * w11;
+            out[(size_t)y * ow + x] = (float)v;
+        }
+    }
+}
+
+/* torch.mean of one P x P float32 block (row stride `stride`), in the order of
+ * PyTorch's AVX2 sum kernel (cascade_sum, vectorized_inner_sum) when 8 <= P < 16 (Loupe's
+ * P = 14): per row, the elements from 8 on, then the 8 lanes of the first vector, in
+ * float; the rows added in float; then / P^2. Bit for bit against upstream's
+ * patch_labels. Other P: a double sum rounded once (within an ulp or so of PyTorch). */
+#define TORCH_SUM_LANES 8
+static float block_mean(const float *b, int stride, int P)
+{
+    int y, x;
+    if (P >= TORCH_SUM_LANES && P < 2 * TORCH_SUM_LANES) {
+        float total = 0.0f;
+        for (y = 0; y < P; y++) {
+            const float *r = b + (size_t)y * stride;
+            float acc = 0.0f;
+            for (x = TORCH_SUM_LANES; x < P; x++) acc = (float)(acc + r[x]);
+            for (x = 0; x < TORCH_SUM_LANES; x++) acc = (float)(acc + r[x]);
+            total = (float)(total + acc);
+        }
+        return (float)(total / (float)(P * P));
+    } else {
+        double sum = 0.0;
+        for (y = 0; y < P; y++)
+            for (x = 0; x < P; x++) sum += b[(size_t)y * stride + x];
+        return (float)(sum / ((double)P * P));
+    }
+}
+
+int loupe_prepare_example(const loupe_model *m, const loupe_image *img, const loupe_image *mask,
+                          const loupe_uniform *u, float *pixel_values, float *mask_labels, int *n_targets,
+                          float *patch_labels, char *err, size_t errsize)
+{
+    int S, P, g, x, y, *ix = NULL, *iy;
+    size_t n;
+    float *norm = NULL, *resized = NULL, *scratch = NULL;
+    unsigned char *binary = NULL;
+    long long forged = 0;
+    int rc = -1;
+    if (!m || !img || !pixel_values) return fail(err, errsize, "loupe_prepare_example needs a model, an image and pixel_values");
+    S = m->cfg.image_size;
+    P = m->cfg.patch_size;
+    g = S / P;
+    if (loupe_preprocess(m, img, pixel_values, err, errsize)) return -1;
+    if (n_targets) *n_targets = 0;
+    if (!mask) { /* authentic: zero maps, no target, no draw */
+        if (mask_labels) memset(mask_labels, 0, (size_t)S * S * sizeof *mask_labels);
+        if (patch_labels) memset(patch_labels, 0, (size_t)g * g * sizeof *patch_labels);
+        return 0;
+    }
+    if (mask_check(mask, err, errsize)) return -1;
+    if (mask->width != img->width || mask->height != img->height)
+        return fail(err, errsize, "the mask is %dx%d but its image is %dx%d", mask->width, mask->height, img->width,
+                    img->height);
+    n = (size_t)mask->width * mask->height;
+    norm = malloc(n * sizeof *norm);
+    binary = malloc(n);
+    ix = malloc(2 * (size_t)S * sizeof *ix);
+    resized = malloc((size_t)S * S * sizeof *resized);
+    scratch = malloc(MASK_INTERP_SCRATCH(S, S) * sizeof *scratch);
+    if (!norm || !binary || !ix || !resized || !scratch) {
+        fail(err, errsize, "out of memory for a %dx%d mask", mask->width, mask->height);
+        goto done;
+    }
+    iy = ix + S;
+    mask_normalize(mask, norm);
+    if (mask_dither(norm, n, u, binary, err, errsize)) goto done;
+    /* mask_labels: NEAREST to S x S, then reduce_labels keeps the label 1 (forged) */
+    nearest_axis(mask->width, S, ix);
+    nearest_axis(mask->height, S, iy);
+    for (y = 0; y < S; y++)
+        for (x = 0; x < S; x++) {
+            int v = binary[(size_t)iy[y] * mask->width + ix[x]] != 0;
+            forged += v;
+            if (mask_labels) mask_labels[(size_t)y * S + x] = (float)v;
+        }
+    if (n_targets) *n_targets = forged > 0;
+    /* patch_labels: the soft mask bilinear to S x S, mean of each P x P block */
+    if (patch_labels) {
+        int by, bx;
+        mask_interp(norm, mask->height, mask->width, resized, S, S, scratch);
+        for (by = 0; by < g; by++)
+            for (bx = 0; bx < g; bx++)
+                patch_labels[(size_t)by * g + bx] = block_mean(resized + (size_t)by * P * S + (size_t)bx * P, S, P);
+    }
+    rc = 0;
+done:
+    free(norm);
+    free(binary);
+    free(ix);
+    free(resized);
+    free(scratch);
+    return rc;
+}
+
+/* ---- Validation metrics (Metric, mean_iou) ---- */
+
+struct loupe_metrics_acc {
+    float *prob;
+    unsigned char *label;
+    size_t n, cap;
+    long long pixel_images;
+    unsigned long long tp, fp, fn, tn;
+};
+
+loupe_metrics_acc *loupe_metrics_new(char *err, size_t errsize)
+{
+    loupe_metrics_acc *a = calloc(1, sizeof *a);
+    if (!a) fail(err, errsize, "out of memory");
+    return a;
+}
+
+void loupe_metrics_free(loupe_metrics_acc *a)
+{
+    if (!a) return;
+    free(a->prob);
+    free(a->label);
+    free(a);
+}
+
+int loupe_metrics_add(loupe_metrics_acc *a, float prob, int label, const unsigned char *pred,
+                      const unsigned char *target, int width, int height, char *err, size_t errsize)
+{
+    if (!a) return fail(err, errsize, "no metrics accumulator given");
+    if (prob != prob) return fail(err, errsize, "the probability is NaN");
+    if (label != 0 && label != 1) return fail(err, errsize, "the label is %d, not 0 or 1", label);
+    if ((pred == NULL) != (target == NULL)) return fail(err, errsize, "a predicted mask needs a target and vice versa");
+    if (pred && (width < 1 || height < 1)) return fail(err, errsize, "mask size %dx%d is invalid", width, height);
+    if (a->n == a->cap) {
+        size_t cap = a->cap ? 2 * a->cap : 256;
+        float *p = realloc(a->prob, cap * sizeof *p);
+        unsigned char *l;
+        if (!p) return fail(err, errsize, "out of memory");
+        a->prob = p;
+        if (!(l = realloc(a->label, cap))) return fail(err, errsize, "out of memory");
+        a->label = l;
+        a->cap = cap;
+    }
+    if (pred) {
+        size_t n = (size_t)width * height, i;
+        unsigned long long tp = 0, fp = 0, fn = 0, tn = 0;
+        int any = 0;
+        for (i = 0; i < n && !any; i++) any = target[i] != 0;
+        if (any) { /* Metric._postprocess_masks_and_labels skips all-zero targets */
+            for (i = 0; i < n; i++) {
+                int p = pred[i] != 0, t = target[i] != 0;
+                tp += p && t;
+                fp += p && !t;
+                fn += !p && t;
+                tn += !p && !t;
+            }
+            a->tp += tp;
+            a->fp += fp;
+            a->fn += fn;
+            a->tn += tn;
+            a->pixel_images++;
+        }
+    }
+    a->prob[a->n] = prob;
+    a->label[a->n] = (unsigned char)label;
+    a->n++;
+    return 0;
+}
+
+static int metrics_cmp_prob(const void *x, const void *y)
+{
+    float a = *(const float *)x, b = *(const float *)y;
+    return (a > b) - (a < b);
+}
+
+/* roc_auc_score as the Mann-Whitney statistic: (2 #{pos > neg} + #{pos == neg}) /
+ * (2 #pos #neg), an exact integer ratio divided once. */
+static int metrics_auc(const loupe_metrics_acc *a, double *auc, char *err, size_t errsize)
+{
+    float *pos, *neg;
+    size_t np = 0, nn = 0, i, j = 0;
+    unsigned long long twice = 0;
+    for (i = 0; i < a->n; i++) np += a->label[i];
+    nn = a->n - np;
+    if (!np || !nn) { *auc = NAN; return 0; }
+    pos = malloc(np * sizeof *pos);
+    neg = malloc(nn * sizeof *neg);
+    if (!pos || !neg) { free(pos); free(neg); return fail(err, errsize, "out of memory"); }
+    np = nn = 0;
+    for (i = 0; i < a->n; i++) {
+        if (a->label[i]) pos[np++] = a->prob[i];
+        else neg[nn++] = a->prob[i];
+    }
+    qsort(pos, np, sizeof *pos, metrics_cmp_prob);
+    qsort(neg, nn, sizeof *neg, metrics_cmp_prob);
+    /* for each positive: 2 x (negatives below) + (negatives equal) */
+    for (i = 0; i < np; i++) {
+        size_t below, k;
+        while (j < nn && neg[j] < pos[i]) j++;
+        below = j;
+        for (k = j; k < nn && neg[k] == pos[i]; k++) {}
+        twice += 2 * (unsigned long long)below + (k - j);
+    }
+    *auc = (double)twice / (2.0 * (double)np * (double)nn);
+    free(pos);
+    free(neg);
+    return 0;
+}
+
+int loupe_metrics_result(const loupe_metrics_acc *a, loupe_metrics *out, char *err, size_t errsize)
+{
+    size_t i, correct = 0, forged = 0;
+    if (!a || !out) return fail(err, errsize, "loupe_metrics_result needs an accumulator and an output");
+    memset(out, 0, sizeof *out);
+    if (metrics_auc(a, &out->auc, err, errsize)) return -1;
+    for (i = 0; i < a->n; i++) {
+        correct += (a->prob[i] > METRIC_PROB_THRESHOLD) == (a->label[i] != 0);
+        forged += a->label[i];
+    }
+    out->images = (long long)a->n;
+    out->forged_images = (long long)forged;
+    out->accuracy = a->n ? (double)correct / (double)a->n : NAN;
+    out->pixel_images = a->pixel_images;
+    out->tp = (long long)a->tp;
+    out->fp = (long long)a->fp;
+    out->fn = (long long)a->fn;
+    out->tn = (long long)a->tn;
+    if (!a->pixel_images) {
+        out->f1 = out->iou = NAN;
+    } else {
+        /* f1_score(average="binary", zero_division=1) as scikit-learn 1.2 computes it */
+        double tp = (double)a->tp, fp = (double)a->fp, fn = (double)a->fn, tn = (double)a->tn;
+        double precision = a->tp + a->fp ? tp / (tp + fp) : 1.0;
+        double recall = a->tp + a->fn ? tp / (tp + fn) : 1.0;
+        double denom = precision + recall, iou_sum = 0.0;
+        int classes = 0;
+        out->f1 = 2.0 * precision * recall / (denom == 0.0 ? 1.0 : denom);
+        /* mean_iou(num_labels=2): per class intersect / union, nanmean */
+        if (a->tn + a->fp + a->fn) { iou_sum += tn / (tn + fp + fn); classes++; }
+        if (a->tp + a->fp + a->fn) { iou_sum += tp / (tp + fp + fn); classes++; }
+        out->iou = classes ? iou_sum / classes : NAN;
+    }
+    out->overall = (out->auc + out->iou + out->f1) / 3.0;
+    return 0;
+}
+
+/* ---- The validation loop ---- */
+
+int loupe_evaluate(loupe_session *s, const loupe_dataset *d, unsigned long long seed, loupe_metrics *out,
+                   loupe_eval_fn per_image, void *user, char *err, size_t errsize)
+{
+    loupe_metrics_acc *acc;
+    loupe_splitmix stream;
+    loupe_uniform u;
+    float *pixels;
+    int i, S, rc = -1;
+    if (!s || !d || !out) return fail(err, errsize, "loupe_evaluate needs a session, a dataset and an output");
+    S = s->m->cfg.image_size;
+    stream.seed = seed;
+    stream.counter = 0;
+    u.fill = loupe_splitmix_fill;
+    u.state = &stream;
+    pixels = malloc(3 * (size_t)S * S * sizeof *pixels);
+    acc = loupe_metrics_new(err, errsize);
+    if (!pixels || !acc) {
+        free(pixels);
+        loupe_metrics_free(acc);
+        return fail(err, errsize, "out of memory");
+    }
+    for (i = 0; i < d->n; i++) {
+        loupe_image img, mask;
+        unsigned char *pred = NULL, *target = NULL;
+        loupe_eval_image r;
+        char msg[DATASET_ERR_MAX];
+        size_t n, k;
+        int ok;
+        if (loupe_dataset_load(d, i, &img, &mask, err, errsize)) goto done;
+        n = (size_t)img.width * img.height;
+        pred = malloc(n);
+        target = calloc(n, 1);
+        ok = pred && target;
+        if (!ok) snprintf(msg, sizeof msg, "out of memory");
+        ok = ok && !loupe_preprocess(s->m, &img, pixels, msg, sizeof msg) && !loupe_forward(s, pixels, msg, sizeof msg) &&
+             !loupe_postprocess(s, img.width, img.height, EVAL_THRESHOLD, NULL, pred, msg, sizeof msg) &&
+             (!mask.rgb || !loupe_mask_binarize(&mask, &u, target, NULL, msg, sizeof msg));
+        if (!ok) fail(err, errsize, "%s: %s", d->e[i].image, msg);
+        if (ok) {
+            r.index = i;
+            r.image = d->e[i].image;
+            r.label = d->e[i].mask != NULL;
+            r.prob = s->out.prob;
+            r.width = img.width;
+            r.height = img.height;
+            r.pred_forged = r.target_forged = 0;
+            for (k = 0; k < n; k++) {
+                r.pred_forged += pred[k] != 0;
+                r.target_forged += target[k] != 0;
+            }
+            ok = !loupe_metrics_add(acc, r.prob, r.label, pred, target, img.width, img.height, msg, sizeof msg);
+            if (!ok) fail(err, errsize, "%s: %s", d->e[i].image, msg);
+        }
+        free(pred);
+        free(target);
+        loupe_image_free(&img);
+        loupe_image_free(&mask);
+        if (!ok) goto done;
+        if (per_image) per_image(user, &r);
+    }
+    rc = loupe_metrics_result(acc, out, err, errsize);
+done:
+    free(pixels);
+    loupe_metrics_free(acc);
+    return rc;
+}
+
+/* ========================================================================== */
+/* 11. CLI: the `loupe` command                                               */
 /* ========================================================================== */
 #ifndef LOUPE_NO_MAIN
 
@@ -10246,10 +12983,10 @@ static void cli_tta_init(cli_tta *o)
  * asked and makes s predict with it; *out receives the adapter (NULL when nothing was
  * asked), which must outlive those predictions. Returns 0, or 1 after printing the error. */
 static int cli_tta_run(const cli_tta *o, const loupe_model *m, loupe_session *s, int n, loupe_tta_source load,
-                       void *user, int quiet, loupe_tta **out)
+                       void *user, int quiet, loupe_trainer **out)
 {
     loupe_tta_options opt;
-    loupe_tta *t;
+    loupe_trainer *t;
     cli_tta_context ctx;
     char err[512];
     *out = NULL;
@@ -10295,7 +13032,9 @@ static const char usage_text[] =
     "Masks are named after the file's stem (photo.jpg -> photo.png); when two inputs share\n"
     "a stem, after the whole name (photo.jpg.png).\n"
     "A file that cannot be read or decoded is reported and skipped; the exit status is\n"
-    "then 1. Outputs are written under a temporary name and renamed when complete.\n";
+    "then 1. Outputs are written under a temporary name and renamed when complete.\n"
+    "\n"
+    "loupe eval -m MODEL.bin DATA scores a labelled dataset (see loupe eval -h).\n";
 
 /* Overlay tint: pixel = (1 - a) * photo + a * red, a = OVERLAY_ALPHA * min(prob, 1). */
 #define OVERLAY_ALPHA 0.6f
@@ -10628,19 +13367,792 @@ done:
     return rc;
 }
 
+/* ---- loupe eval: upstream's validation metrics on a labelled dataset ---- */
+
+static const char eval_usage_text[] =
+    "usage: loupe eval -m MODEL.bin [options] DATA\n"
+    "\n"
+    "Scores Loupe on a labelled dataset with upstream's validation metrics. Prints one\n"
+    "`name value` line each: images, forged (images with a mask), pixel_images (images\n"
+    "whose target has a forged pixel), auc, f1, iou, overall, accuracy; `nan` when a\n"
+    "metric is undefined.\n"
+    "\n"
+    "DATA is a folder with images/ and masks/ (a mask has its image's stem, any supported\n"
+    "format; an image without a mask is authentic), or a text file of lines `IMAGE [MASK]`\n"
+    "(paths relative to the file; blank lines and lines starting with # are skipped).\n"
+    "Every image and mask is decoded before the model runs: a missing or undecodable\n"
+    "file, a mask of another size than its image, two images or masks with one stem or a\n"
+    "mask without an image stops the run with a message naming the file (exit 1).\n"
+    "\n"
+    "  -m, --model FILE      weight file written by tools/convert.py (required)\n"
+    "  -o, --output FILE     also write FILE: a header line, then one line per image,\n"
+    "                        `image,label,probability,predicted_pixels,target_pixels`\n"
+    "                        (forged pixels of the predicted mask and of the target)\n"
+    "      --seed S          seed of the targets' dithering (default 0)\n"
+    "      --threads N       number of threads (default: all cores)\n"
+    "      --max-pixels N    refuse images with more pixels (default 100000000)\n"
+    "  -q, --quiet           no progress on stderr (errors are still reported)\n"
+    "  -h, --help            show this help\n"
+    "\n"
+    "Metrics (LitModel.on_validation_epoch_end): auc = roc_auc_score of the forgery\n"
+    "probabilities (ties count 1/2; nan unless both forged and authentic images are\n"
+    "present); f1 (binary, zero_division=1) and iou (mean over the classes real and\n"
+    "forged of TP/(TP+FP+FN)) over the pooled pixels of the images whose target has a\n"
+    "forged pixel (nan when none has); overall = (auc + iou + f1) / 3; accuracy = share\n"
+    "of images with (probability > 0.5) == label. Predicted mask: probability map > 0.5\n"
+    "at the original size. Target, as upstream's test_collate_fn makes it: the mask in\n"
+    "gray (Pillow's L), (L - min) / (max - min) >= u with one uniform u per pixel from the\n"
+    "splitmix64 stream of --seed, drawn in dataset order (a 0/255 mask keeps its pixels,\n"
+    "but for a draw of exactly 0; a constant mask is an empty target); authentic images\n"
+    "have an empty target.\n"
+    "FILE is written under a temporary name and renamed when complete.\n";
+
+#define EVAL_MAX_SEED 9007199254740992.0 /* 2^53: every seed up to it is exact in a double */
+
+/* What the per-image callback of cli_eval keeps. */
+typedef struct cli_eval_state {
+    int quiet, n;
+    double t0;
+    char *lines;                 /* -o: the lines so far */
+    size_t len, cap;
+    int oom;
+} cli_eval_state;
+
+static void cli_eval_image(void *user, const loupe_eval_image *r)
+{
+    cli_eval_state *st = user;
+    double t = now_seconds();
+    if (!st->quiet && st->n > 1) fprintf(stderr, "[%d/%d] %s %.0f ms\n", r->index + 1, st->n, r->image, 1000.0 * (t - st->t0));
+    st->t0 = t;
+    if (st->lines) {
+        char line[PATH_MAX_LEN + 96];
+        int k = snprintf(line, sizeof line, "%s,%d,%.6f,%lld,%lld\n", r->image, r->label, r->prob, r->pred_forged,
+                         r->target_forged);
+        if (k < 0 || (size_t)k >= sizeof line) return;
+        if (st->len + (size_t)k + 1 > st->cap) {
+            size_t cap = 2 * (st->cap + (size_t)k + 1);
+            char *g = realloc(st->lines, cap);
+            if (!g) { st->oom = 1; return; }
+            st->lines = g;
+            st->cap = cap;
+        }
+        memcpy(st->lines + st->len, line, (size_t)k);
+        st->len += (size_t)k;
+    }
+}
+
+/* Prints one `name value` line (nan spelled the same on every libc). */
+static void cli_eval_print(const char *name, double v)
+{
+    if (v != v) printf("%s nan\n", name);
+    else printf("%s %.6f\n", name, v);
+}
+
+/* `loupe eval ...` (argv[0] is "eval"); returns the exit status. */
+static int cli_eval(int argc, char **argv)
+{
+    static const char header[] = "image,label,probability,predicted_pixels,target_pixels\n";
+    const char *model = NULL, *data = NULL, *output = NULL;
+    size_t max_pixels = LOUPE_DEFAULT_MAX_PIXELS;
+    unsigned long long seed = 0;
+    int threads = 0, quiet = 0, i, status = 1;
+    char err[1024];
+    double v;
+    loupe_model *m = NULL;
+    loupe_session *s = NULL;
+    loupe_dataset *d = NULL;
+    loupe_metrics r;
+    cli_eval_state st;
+    memset(&st, 0, sizeof st);
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i], *next = i + 1 < argc ? argv[i + 1] : NULL;
+        if (a[0] != '-' || !a[1]) {
+            if (data) { fprintf(stderr, "loupe eval: one DATA only (got %s and %s)\n", data, a); return 2; }
+            data = a;
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(eval_usage_text, stdout); return 0; }
+        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { if (!next) goto missing; model = next; i++; }
+        else if (!strcmp(a, "-o") || !strcmp(a, "--output")) { if (!next) goto missing; output = next; i++; }
+        else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) quiet = 1;
+        else if (!strcmp(a, "--seed")) {
+            if (cli_number(a, next, 0, EVAL_MAX_SEED, &v) || v != floor(v)) return 2;
+            seed = (unsigned long long)v;
+            i++;
+        } else if (!strcmp(a, "--threads")) {
+            if (cli_number(a, next, 1, 4096, &v) || v != floor(v)) return 2;
+            threads = (int)v;
+            i++;
+        } else if (!strcmp(a, "--max-pixels")) {
+            if (cli_number(a, next, 1, 1e15, &v)) return 2;
+            max_pixels = (size_t)v;
+            i++;
+        } else { fprintf(stderr, "loupe eval: unknown option %s (see loupe eval -h)\n", a); return 2; }
+        continue;
+    missing:
+        fprintf(stderr, "loupe eval: %s needs a value (see loupe eval -h)\n", a);
+        return 2;
+    }
+    if (!model) { fprintf(stderr, "loupe eval: no model given: use -m MODEL.bin (see loupe eval -h)\n"); return 2; }
+    if (!data) { fprintf(stderr, "loupe eval: no dataset given (see loupe eval -h)\n"); return 2; }
+    if (threads) loupe_set_threads(threads);
+    /* the dataset first: a bad entry is reported before the model is even read */
+    if (!(d = loupe_dataset_open(data, max_pixels, err, sizeof err)) || !(m = loupe_model_load(model, err, sizeof err)) ||
+        !(s = loupe_session_new(m, err, sizeof err))) {
+        fprintf(stderr, "loupe: %s\n", err);
+        goto done;
+    }
+    st.quiet = quiet;
+    st.n = loupe_dataset_count(d);
+    st.t0 = now_seconds();
+    if (output) {
+        st.cap = sizeof header;
+        if (!(st.lines = malloc(st.cap))) { fprintf(stderr, "loupe: out of memory\n"); goto done; }
+        memcpy(st.lines, header, sizeof header - 1);
+        st.len = sizeof header - 1;
+    }
+    if (loupe_evaluate(s, d, seed, &r, cli_eval_image, &st, err, sizeof err)) {
+        fprintf(stderr, "loupe: %s\n", err);
+        goto done;
+    }
+    if (st.oom) { fprintf(stderr, "loupe: out of memory for the lines of %s\n", output); goto done; }
+    printf("images %lld\nforged %lld\npixel_images %lld\n", r.images, r.forged_images, r.pixel_images);
+    cli_eval_print("auc", r.auc);
+    cli_eval_print("f1", r.f1);
+    cli_eval_print("iou", r.iou);
+    cli_eval_print("overall", r.overall);
+    cli_eval_print("accuracy", r.accuracy);
+    fflush(stdout);
+    if (output && cli_write_atomic(output, st.lines, st.len)) goto done;
+    status = 0;
+done:
+    free(st.lines);
+    loupe_session_free(s);
+    loupe_model_free(m);
+    loupe_dataset_free(d);
+    return status;
+}
+
+/* ---- loupe train: upstream's training stages on a labelled dataset ---- */
+
+static const char train_usage[] =
+    "usage: loupe train --stage {cls,seg,cls_seg} -m INIT.bin --train DATA [--valid DATA] -o OUT.bin [options]\n"
+    "\n"
+    "Trains Loupe as upstream's src/train.py does: stage cls trains the classifier, seg the\n"
+    "segmentor (both on a frozen backbone), cls_seg everything (loss 2 x cls + 1 x seg).\n"
+    "DATA is a folder with images/ and masks/ (a mask has its image's stem; an image without\n"
+    "one is authentic) or a text file of lines `IMAGE [MASK]`. Every entry is checked before\n"
+    "training starts. Defaults are upstream's per stage (configs/hparams, configs/model).\n"
+    "\n"
+    "Outputs: OUT.bin (the best model by the stage's validation metric - auc for cls, iou for\n"
+    "seg, overall for cls_seg - or the last one without --valid), OUT.last.bin (the last\n"
+    "model) and OUT.state (optimizer state for --resume). Every file is replaced atomically.\n"
+    "\n"
+    "  --epochs N          passes over the training set (1)\n"
+    "  --batch N           images per batch; the loss is the batch's, as upstream (cls 48,\n"
+    "                      seg 40, cls_seg 32)\n"
+    "  --accum N           batches per optimizer step, each loss divided by N (cls 8, else 3)\n"
+    "  --lr X              learning rate of the heads (cls 5e-4, else 3e-4)\n"
+    "  --backbone-lr X     learning rate of backbone tensors (1e-5)\n"
+    "  --weight-decay X    AdamW weight decay, none for biases (cls 1e-3, else 5e-2)\n"
+    "  --schedule S        wsd, cosine or constant (wsd)\n"
+    "  --warmup F          warm-up length as a fraction of all steps (0.1)\n"
+    "  --decay F           wsd decay length as a fraction of all steps (0.1)\n"
+    "  --clip X            gradient norm clipping (1.0)\n"
+    "  --seed N            data order, mask dithering and the loss's random points (42)\n"
+    "  --freeze-backbone   train no backbone tensor (default of cls and seg)\n"
+    "  --train-backbone    train every backbone tensor (default of cls_seg)\n"
+    "  --train-embeddings  also train the backbone's class and position embeddings when it\n"
+    "                      is frozen, as upstream does by accident (off: a frozen backbone is\n"
+    "                      frozen, and its outputs are kept across epochs)\n"
+    "  --no-warmup-quirk   skip upstream's first step at learning rate 0 (its schedule starts\n"
+    "                      at factor 0: that step only updates the optimizer's moments)\n"
+    "  --max-steps N       stop after N optimizer steps (0: no limit)\n"
+    "  --save-every N      also save OUT.last.bin and OUT.state every N steps (0: per epoch)\n"
+    "  --cache-mib N       memory for kept backbone outputs of a frozen backbone (2048); the\n"
+    "                      rest goes to OUT.features, checked against the model and image\n"
+    "  --resume            continue from OUT.last.bin and OUT.state, bit for bit\n"
+    "  --threads N         OpenMP threads\n"
+    "  -q                  no progress on stderr\n";
+
+/* What --resume restores besides the optimizer: where the run stands. */
+typedef struct train_progress {
+    int64_t epoch, batch, step;       /* next epoch and batch to run, optimizer steps done */
+    double best;                      /* best monitored validation metric so far (-1: none) */
+    int64_t has_best;
+} train_progress;
+
+typedef struct train_cli {
+    const char *model, *train, *valid, *out;
+    int stage, epochs, batch, accum, schedule, max_steps, save_every, quiet, resume, threads, warmup_quirk;
+    int backbone;                     /* -1 stage default, 0 frozen, 1 trained */
+    int embeddings;
+    double lr, backbone_lr, weight_decay, warmup, decay, clip;
+    long cache_mib;
+    unsigned long long seed;
+} train_cli;
+
+/* One number option: "--name VALUE" within [lo, hi] (integer when asked). */
+static int train_number(const char *opt, const char *arg, double lo, double hi, int integer, double *v)
+{
+    char *end;
+    if (!arg) { fprintf(stderr, "loupe train: %s needs a value\n", opt); return -1; }
+    errno = 0;
+    *v = strtod(arg, &end);
+    if (end == arg || *end || errno || !(*v >= lo && *v <= hi) || (integer && *v != floor(*v))) {
+        fprintf(stderr, "loupe train: %s %s: expected %s from %g to %g\n", opt, arg, integer ? "an integer" : "a number",
+                lo, hi);
+        return -1;
+    }
+    return 0;
+}
+
+/* Parses `loupe train` options; 0 to run, 1 after help, 2 on a usage error. */
+static int train_parse(int argc, char **argv, train_cli *o)
+{
+    int i;
+    double v;
+    memset(o, 0, sizeof *o);
+    o->stage = -1;
+    o->epochs = 1;
+    o->batch = o->accum = -1;
+    o->lr = o->backbone_lr = o->weight_decay = -1.0;
+    o->warmup = o->decay = 0.1;
+    o->clip = 1.0;
+    o->seed = 42;
+    o->backbone = -1;
+    o->cache_mib = 2048;
+    o->warmup_quirk = 1;
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i], *next = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(train_usage, stdout); return 1; }
+        else if (!strcmp(a, "--stage")) {
+            if (!next) { fprintf(stderr, "loupe train: --stage needs cls, seg or cls_seg\n"); return 2; }
+            if (!strcmp(next, "cls")) o->stage = LOUPE_TRAIN_CLS;
+            else if (!strcmp(next, "seg")) o->stage = LOUPE_TRAIN_SEG;
+            else if (!strcmp(next, "cls_seg")) o->stage = LOUPE_TRAIN_CLS_SEG;
+            else { fprintf(stderr, "loupe train: --stage %s: expected cls, seg or cls_seg\n", next); return 2; }
+            i++;
+        } else if (!strcmp(a, "-m") || !strcmp(a, "--train") || !strcmp(a, "--valid") || !strcmp(a, "-o")) {
+            if (!next) { fprintf(stderr, "loupe train: %s needs a value\n", a); return 2; }
+            if (!strcmp(a, "-m")) o->model = next;
+            else if (!strcmp(a, "--train")) o->train = next;
+            else if (!strcmp(a, "--valid")) o->valid = next;
+            else o->out = next;
+            i++;
+        } else if (!strcmp(a, "--schedule")) {
+            if (next && !strcmp(next, "wsd")) o->schedule = LOUPE_SCHEDULE_WSD;
+            else if (next && !strcmp(next, "cosine")) o->schedule = LOUPE_SCHEDULE_COSINE;
+            else if (next && !strcmp(next, "constant")) o->schedule = LOUPE_SCHEDULE_CONSTANT;
+            else { fprintf(stderr, "loupe train: --schedule needs wsd, cosine or constant\n"); return 2; }
+            i++;
+        } else if (!strcmp(a, "--epochs")) { if (train_number(a, next, 1, 1e6, 1, &v)) return 2; o->epochs = (int)v; i++; }
+        else if (!strcmp(a, "--batch")) { if (train_number(a, next, 1, 4096, 1, &v)) return 2; o->batch = (int)v; i++; }
+        else if (!strcmp(a, "--accum")) { if (train_number(a, next, 1, 4096, 1, &v)) return 2; o->accum = (int)v; i++; }
+        else if (!strcmp(a, "--lr")) { if (train_number(a, next, 0, 0.999, 0, &o->lr)) return 2; i++; }
+        else if (!strcmp(a, "--backbone-lr")) { if (train_number(a, next, 0, 0.999, 0, &o->backbone_lr)) return 2; i++; }
+        else if (!strcmp(a, "--weight-decay")) { if (train_number(a, next, 0, 0.999, 0, &o->weight_decay)) return 2; i++; }
+        else if (!strcmp(a, "--warmup")) { if (train_number(a, next, 0, 1, 0, &o->warmup)) return 2; i++; }
+        else if (!strcmp(a, "--decay")) { if (train_number(a, next, 0, 1, 0, &o->decay)) return 2; i++; }
+        else if (!strcmp(a, "--clip")) { if (train_number(a, next, 1e-6, 1e9, 0, &o->clip)) return 2; i++; }
+        else if (!strcmp(a, "--seed")) { if (train_number(a, next, 0, 9007199254740992.0, 1, &v)) return 2; o->seed = (unsigned long long)v; i++; }
+        else if (!strcmp(a, "--max-steps")) { if (train_number(a, next, 0, 1e9, 1, &v)) return 2; o->max_steps = (int)v; i++; }
+        else if (!strcmp(a, "--save-every")) { if (train_number(a, next, 0, 1e9, 1, &v)) return 2; o->save_every = (int)v; i++; }
+        else if (!strcmp(a, "--cache-mib")) { if (train_number(a, next, 0, 1e7, 1, &v)) return 2; o->cache_mib = (long)v; i++; }
+        else if (!strcmp(a, "--threads")) { if (train_number(a, next, 1, 1024, 1, &v)) return 2; o->threads = (int)v; i++; }
+        else if (!strcmp(a, "--freeze-backbone")) o->backbone = 0;
+        else if (!strcmp(a, "--train-backbone")) o->backbone = 1;
+        else if (!strcmp(a, "--train-embeddings")) o->embeddings = 1;
+        else if (!strcmp(a, "--no-warmup-quirk")) o->warmup_quirk = 0;
+        else if (!strcmp(a, "--resume")) o->resume = 1;
+        else if (!strcmp(a, "-q")) o->quiet = 1;
+        else { fprintf(stderr, "loupe train: unknown option %s (see loupe train -h)\n", a); return 2; }
+    }
+    if (o->stage < 0 || !o->model || !o->train || !o->out) {
+        fprintf(stderr, "loupe train: --stage, -m, --train and -o are required (see loupe train -h)\n");
+        return 2;
+    }
+    if (strlen(o->out) + 16 > PATH_MAX_LEN) { fprintf(stderr, "loupe train: -o %s: path too long\n", o->out); return 2; }
+    if (o->batch < 0) o->batch = o->stage == LOUPE_TRAIN_CLS ? 48 : o->stage == LOUPE_TRAIN_SEG ? 40 : 32;
+    if (o->accum < 0) o->accum = o->stage == LOUPE_TRAIN_CLS ? 8 : 3;
+    return 0;
+}
+
+/* A splitmix64 draw: the data order's and the dithering streams' seeds. */
+static uint64_t train_mix(uint64_t z)
+{
+    z += SEG_SPLITMIX_GOLDEN;
+    z = (z ^ (z >> 30)) * SEG_SPLITMIX_MUL1;
+    z = (z ^ (z >> 27)) * SEG_SPLITMIX_MUL2;
+    return z ^ (z >> 31);
+}
+
+/* The order of epoch e: a Fisher-Yates shuffle driven by splitmix64(seed, e). */
+static void train_order(int *order, int n, unsigned long long seed, int64_t epoch)
+{
+    uint64_t state = train_mix(seed ^ train_mix((uint64_t)epoch + 0x5eedull));
+    int i;
+    for (i = 0; i < n; i++) order[i] = i;
+    for (i = n - 1; i > 0; i--) {
+        int j, tmp;
+        state = train_mix(state);
+        j = (int)(state % (uint64_t)(i + 1));
+        tmp = order[i]; order[i] = order[j]; order[j] = tmp;
+    }
+}
+
+/* FNV-1a over bytes. */
+static uint64_t train_hash(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *c = (const unsigned char *)p;
+    size_t i;
+    for (i = 0; i < n; i++) h = (h ^ c[i]) * 0x100000001B3ull;
+    return h;
+}
+
+/* Kept outputs of a frozen backbone, per dataset entry: in memory up to a limit, the
+ * rest in a file of slots [pixel hash (8 bytes)][floats], whose header names the model
+ * (a hash of its backbone tensors) so a stale file is never read. */
+#define FEATURE_MAGIC "LOUPEFEA"
+typedef struct feature_cache {
+    size_t floats;                    /* per entry */
+    int n, in_memory;                 /* entries; how many live in memory */
+    float **mem;                      /* [in_memory] */
+    uint64_t *hash;                   /* [n] pixel hash of each kept entry (0: none) */
+    unsigned char *have;              /* [n] */
+    FILE *file;
+    char path[PATH_MAX_LEN];
+    uint64_t model;
+    long hits, misses;
+} feature_cache;
+
+static uint64_t model_backbone_hash(const loupe_model *m)
+{
+    uint64_t h = 0xCBF29CE484222325ull;
+    int i;
+    for (i = 0; i < m->n_entries; i++) {
+        const tensor_entry *e = &m->entries[i];
+        if (e->name_len < 9 || memcmp(e->name, "backbone.", 9)) continue;
+        h = train_hash(h, e->name, (size_t)e->name_len);
+        h = train_hash(h, m->data + e->offset, (size_t)e->nbytes);
+    }
+    return h;
+}
+
+static int feature_cache_open(feature_cache *fc, const loupe_model *m, size_t floats, int n, long mib, const char *out)
+{
+    size_t slot = floats * sizeof(float);
+    memset(fc, 0, sizeof *fc);
+    fc->floats = floats;
+    fc->n = n;
+    if (!floats) return 0;
+    fc->in_memory = (int)((double)mib * 1048576.0 / (double)slot) < n ? (int)((double)mib * 1048576.0 / (double)slot) : n;
+    fc->mem = calloc((size_t)fc->in_memory + 1, sizeof *fc->mem);
+    fc->hash = calloc((size_t)n, sizeof *fc->hash);
+    fc->have = calloc((size_t)n, 1);
+    if (!fc->mem || !fc->hash || !fc->have) return -1;
+    if (fc->in_memory < n) {
+        unsigned char hdr[24];
+        fc->model = model_backbone_hash(m);
+        snprintf(fc->path, sizeof fc->path, "%s.features", out);
+        fc->file = fopen(fc->path, "w+b");
+        if (!fc->file) { fprintf(stderr, "loupe train: cannot create %s: %s\n", fc->path, strerror(errno)); return -1; }
+        memcpy(hdr, FEATURE_MAGIC, 8);
+        memcpy(hdr + 8, &fc->model, 8);
+        memcpy(hdr + 16, &floats, sizeof floats < 8 ? sizeof floats : 8);
+        if (fwrite(hdr, 1, 24, fc->file) != 24) { fprintf(stderr, "loupe train: cannot write %s\n", fc->path); return -1; }
+    }
+    return 0;
+}
+
+static void feature_cache_close(feature_cache *fc)
+{
+    int i;
+    if (fc->mem)
+        for (i = 0; i < fc->in_memory; i++) free(fc->mem[i]);
+    free(fc->mem);
+    free(fc->hash);
+    free(fc->have);
+    if (fc->file) { fclose(fc->file); remove(fc->path); }
+    memset(fc, 0, sizeof *fc);
+}
+
+/* The kept outputs of entry i into buf when they exist and came from these pixels. */
+static int feature_cache_get(feature_cache *fc, int i, uint64_t pixels, float *buf)
+{
+    if (!fc->floats || !fc->have[i] || fc->hash[i] != pixels) return 0;
+    if (i < fc->in_memory) memcpy(buf, fc->mem[i], fc->floats * sizeof *buf);
+    else {
+        uint64_t stored;
+        long long off = 24 + (long long)(i - fc->in_memory) * (long long)(8 + fc->floats * sizeof(float));
+        if (fseek(fc->file, (long)off, SEEK_SET) != 0 || fread(&stored, 8, 1, fc->file) != 1 || stored != pixels ||
+            fread(buf, sizeof *buf, fc->floats, fc->file) != fc->floats)
+            return 0;
+    }
+    fc->hits++;
+    return 1;
+}
+
+static void feature_cache_put(feature_cache *fc, int i, uint64_t pixels, const float *buf)
+{
+    fc->misses++;
+    if (!fc->floats) return;
+    if (i < fc->in_memory) {
+        if (!fc->mem[i] && !(fc->mem[i] = malloc(fc->floats * sizeof *buf))) return;
+        memcpy(fc->mem[i], buf, fc->floats * sizeof *buf);
+    } else {
+        long long off = 24 + (long long)(i - fc->in_memory) * (long long)(8 + fc->floats * sizeof(float));
+        if (fseek(fc->file, (long)off, SEEK_SET) != 0 || fwrite(&pixels, 8, 1, fc->file) != 1 ||
+            fwrite(buf, sizeof *buf, fc->floats, fc->file) != fc->floats)
+            return;
+    }
+    fc->hash[i] = pixels;
+    fc->have[i] = 1;
+}
+
+/* Buffers of one batch. */
+typedef struct train_batch {
+    loupe_example *ex;
+    float *pixels, *masks, *patches, *features;
+} train_batch;
+
+/* Loads and prepares dataset entry idx into slot b (dithering from a stream that depends
+ * only on the seed, the epoch and the entry, so a resumed run draws the same). */
+static int train_load(const loupe_model *m, loupe_trainer *t, const loupe_dataset *d, int idx, int64_t epoch,
+                      unsigned long long seed, feature_cache *fc, train_batch *tb, int b, char *err, size_t errsize)
+{
+    const loupe_config *c = loupe_model_config(m);
+    size_t S2 = (size_t)c->image_size * c->image_size, g2 = (size_t)c->grid * c->grid;
+    loupe_image img, mask;
+    loupe_splitmix st;
+    loupe_uniform u;
+    loupe_example *ex = &tb->ex[b];
+    int rc, n_targets = 0;
+    memset(&img, 0, sizeof img);
+    memset(&mask, 0, sizeof mask);
+    st.seed = train_mix(seed ^ train_mix(((uint64_t)epoch << 32) ^ (uint64_t)idx ^ 0xd17eull));
+    st.counter = 0;
+    u.fill = loupe_splitmix_fill;
+    u.state = &st;
+    if (loupe_dataset_load(d, idx, &img, &mask, err, errsize)) return -1;
+    ex->pixel_values = tb->pixels + (size_t)b * 3 * S2;
+    ex->mask_labels = tb->masks + (size_t)b * S2;
+    ex->patch_labels = tb->patches + (size_t)b * g2;
+    rc = loupe_prepare_example(m, &img, mask.rgb ? &mask : NULL, &u, (float *)ex->pixel_values, (float *)ex->mask_labels,
+                               &n_targets, (float *)ex->patch_labels, err, errsize);
+    ex->n_targets = n_targets;
+    ex->label = mask.rgb != NULL;
+    loupe_image_free(&img);
+    loupe_image_free(&mask);
+    if (rc) return -1;
+    ex->features = NULL;
+    if (fc->floats) {
+        float *f = tb->features + (size_t)b * fc->floats;
+        uint64_t h = train_hash(0xCBF29CE484222325ull, ex->pixel_values, 3 * S2 * sizeof(float));
+        if (!feature_cache_get(fc, idx, h, f)) {
+            if (loupe_trainer_features(t, ex->pixel_values, f, err, errsize)) return -1;
+            feature_cache_put(fc, idx, h, f);
+        }
+        ex->features = f;
+    }
+    return 0;
+}
+
+/* OUT.bin, OUT.last.bin, OUT.state, written atomically. */
+static void train_paths(const char *out, char *last, char *state)
+{
+    size_t n = strlen(out);
+    if (n > 4 && !strcmp(out + n - 4, ".bin")) n -= 4;
+    snprintf(last, PATH_MAX_LEN, "%.*s.last.bin", (int)n, out);
+    snprintf(state, PATH_MAX_LEN, "%.*s.state", (int)n, out);
+}
+
+/* The monitored metric of a stage (upstream's configs/ckpt: auc, iou, overall). */
+static double train_monitored(int stage, const loupe_metrics *mt)
+{
+    return stage == LOUPE_TRAIN_CLS ? mt->auc : stage == LOUPE_TRAIN_SEG ? mt->iou : mt->overall;
+}
+
+static int cli_train(int argc, char **argv)
+{
+    train_cli o;
+    loupe_train_options to;
+    loupe_model *m = NULL;
+    loupe_trainer *t = NULL;
+    loupe_session *vs = NULL;
+    loupe_dataset *train = NULL, *valid = NULL;
+    feature_cache fc;
+    train_batch tb;
+    train_progress pr;
+    char err[512], last[PATH_MAX_LEN], state[PATH_MAX_LEN];
+    int rc, status = 1, n, n_batches, steps_per_epoch, total_steps, *order = NULL, b;
+    double t0, images_done = 0.0;
+    const char *monitored_name;
+    memset(&fc, 0, sizeof fc);
+    memset(&tb, 0, sizeof tb);
+    rc = train_parse(argc, argv, &o);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (o.threads) loupe_set_threads(o.threads);
+    train_paths(o.out, last, state);
+    monitored_name = o.stage == LOUPE_TRAIN_CLS ? "auc" : o.stage == LOUPE_TRAIN_SEG ? "iou" : "overall";
+    /* every input is checked before any compute */
+    if (!(train = loupe_dataset_open(o.train, LOUPE_DEFAULT_MAX_PIXELS, err, sizeof err)) ||
+        (o.valid && !(valid = loupe_dataset_open(o.valid, LOUPE_DEFAULT_MAX_PIXELS, err, sizeof err)))) {
+        fprintf(stderr, "loupe train: %s\n", err);
+        goto done;
+    }
+    if (!(m = loupe_model_load(o.resume ? last : o.model, err, sizeof err))) {
+        fprintf(stderr, "loupe train: %s\n", err);
+        goto done;
+    }
+    loupe_train_default_options(&to, o.stage);
+    if (o.lr >= 0.0) to.lr = o.lr;
+    if (o.backbone_lr >= 0.0) to.backbone_lr = o.backbone_lr;
+    if (o.weight_decay >= 0.0) to.weight_decay = o.weight_decay;
+    if (o.backbone >= 0) to.train_backbone = o.backbone;
+    to.train_embeddings = o.embeddings;
+    to.clip_norm = o.clip;
+    to.seed = o.seed;
+    if (!(t = loupe_trainer_new(m, &to, err, sizeof err))) { fprintf(stderr, "loupe train: %s\n", err); goto done; }
+    memset(&pr, 0, sizeof pr);
+    pr.best = -1.0;
+    if (o.resume && loupe_trainer_load_state(t, state, &pr, sizeof pr, err, sizeof err)) {
+        fprintf(stderr, "loupe train: --resume: %s\n", err);
+        goto done;
+    }
+    n = loupe_dataset_count(train);
+    n_batches = (n + o.batch - 1) / o.batch;
+    steps_per_epoch = (n_batches + o.accum - 1) / o.accum;
+    total_steps = steps_per_epoch * o.epochs;
+    {
+        const loupe_config *c = loupe_model_config(m);
+        size_t S2 = (size_t)c->image_size * c->image_size, g2 = (size_t)c->grid * c->grid;
+        size_t ff = loupe_trainer_feature_floats(t);
+        tb.ex = calloc((size_t)o.batch, sizeof *tb.ex);
+        tb.pixels = malloc((size_t)o.batch * 3 * S2 * sizeof(float));
+        tb.masks = malloc((size_t)o.batch * S2 * sizeof(float));
+        tb.patches = malloc((size_t)o.batch * g2 * sizeof(float));
+        tb.features = ff ? malloc((size_t)o.batch * ff * sizeof(float)) : NULL;
+        order = malloc((size_t)n * sizeof *order);
+        if (!tb.ex || !tb.pixels || !tb.masks || !tb.patches || (ff && !tb.features) || !order ||
+            feature_cache_open(&fc, m, ff, n, o.cache_mib, o.out)) {
+            fprintf(stderr, "loupe train: out of memory\n");
+            goto done;
+        }
+    }
+    if (valid && !(vs = loupe_session_new(m, err, sizeof err))) { fprintf(stderr, "loupe train: %s\n", err); goto done; }
+    if (vs) loupe_session_use_tta(vs, t, NULL, 0);
+    if (!o.quiet) {
+        int tensors, forged = 0;
+        size_t values;
+        const char *img, *msk;
+        for (b = 0; b < n; b++) forged += loupe_dataset_entry(train, b, &img, &msk) == 0 && msk != NULL;
+        loupe_trainer_size(t, &tensors, &values);
+        fprintf(stderr, "loupe train: stage %s, %d images (%d forged), %d epochs of %d steps (%d batches of %d "
+                "images each); %d tensors (%.2f M values) train%s\n",
+                o.stage == LOUPE_TRAIN_CLS ? "cls" : o.stage == LOUPE_TRAIN_SEG ? "seg" : "cls_seg", n, forged, o.epochs,
+                steps_per_epoch, o.accum, o.batch, tensors, values / 1e6,
+                loupe_trainer_feature_floats(t) ? "; the frozen backbone's outputs are kept" : "");
+        if (o.resume)
+            fprintf(stderr, "loupe train: resuming at epoch %lld, batch %lld, step %lld\n", (long long)pr.epoch + 1,
+                    (long long)pr.batch, (long long)pr.step);
+    }
+    t0 = now_seconds();
+    while (pr.epoch < o.epochs && !(o.max_steps && pr.step >= o.max_steps)) {
+        int in_step = 0;
+        loupe_train_loss sum;
+        memset(&sum, 0, sizeof sum);
+        train_order(order, n, o.seed, pr.epoch);
+        for (; pr.batch < n_batches; pr.batch++) {
+            int first = (int)pr.batch * o.batch, count = n - first < o.batch ? n - first : o.batch;
+            loupe_train_loss l;
+            for (b = 0; b < count; b++)
+                if (train_load(m, t, train, order[first + b], pr.epoch, o.seed, &fc, &tb, b, err, sizeof err)) {
+                    fprintf(stderr, "loupe train: %s\n", err);
+                    goto done;
+                }
+            if (loupe_trainer_accumulate(t, tb.ex, count, 1.0 / o.accum, &l, err, sizeof err)) {
+                fprintf(stderr, "loupe train: %s\n", err);
+                goto done;
+            }
+            images_done += count;
+            sum.total += l.total / o.accum; sum.cls += l.cls / o.accum; sum.seg += l.seg / o.accum;
+            in_step++;
+            if (in_step == o.accum || pr.batch == n_batches - 1) {
+                /* upstream's LambdaLR: step s uses factor(s), s = 0 first (lr 0 there) */
+                long s = (long)pr.step + (o.warmup_quirk ? 0 : 1);
+                double factor = loupe_lr_factor(o.schedule, s, (double)total_steps, o.warmup * total_steps,
+                                                o.decay * total_steps), norm = 0.0;
+                if (loupe_trainer_update(t, factor, &norm, err, sizeof err)) {
+                    fprintf(stderr, "loupe train: step %lld: %s\n", (long long)pr.step + 1, err);
+                    goto done;
+                }
+                pr.step++;
+                if (!o.quiet) {
+                    double el = now_seconds() - t0, rate = images_done / (el > 0 ? el : 1e-9);
+                    double left = ((double)total_steps - (double)pr.step) * o.accum * o.batch / (rate > 0 ? rate : 1e-9);
+                    fprintf(stderr, "step %lld/%d epoch %lld/%d loss %.5f (cls %.5f seg %.5f) grad-norm %.3g lr %.3g "
+                            "%.2f img/s ETA %.0fs\n", (long long)pr.step, total_steps, (long long)pr.epoch + 1, o.epochs,
+                            sum.total, sum.cls, sum.seg, norm, to.lr * factor, rate, left);
+                }
+                memset(&sum, 0, sizeof sum);
+                in_step = 0;
+                if (o.save_every && pr.step % o.save_every == 0 && pr.batch + 1 < n_batches) {
+                    train_progress at = pr;
+                    at.batch++;
+                    if (loupe_trainer_save(t, last, err, sizeof err) ||
+                        loupe_trainer_save_state(t, state, &at, sizeof at, err, sizeof err)) {
+                        fprintf(stderr, "loupe train: %s\n", err);
+                        goto done;
+                    }
+                }
+                if (o.max_steps && pr.step >= o.max_steps) break;
+            }
+        }
+        /* end of epoch (or of --max-steps): validation, the best and the last model, the state */
+        {
+            train_progress at = pr;
+            int finished = pr.batch >= n_batches;
+            if (finished) {
+                at.epoch++;
+                at.batch = 0;
+            } else at.batch++;   /* stopped by --max-steps right after this batch's update */
+            if (valid && finished) {
+                loupe_metrics mt;
+                double v;
+                if (loupe_evaluate(vs, valid, o.seed, &mt, NULL, NULL, err, sizeof err)) {
+                    fprintf(stderr, "loupe train: validation: %s\n", err);
+                    goto done;
+                }
+                v = train_monitored(o.stage, &mt);
+                if (!o.quiet)
+                    fprintf(stderr, "epoch %lld valid: auc %.4f f1 %.4f iou %.4f overall %.4f accuracy %.4f (%lld images)\n",
+                            (long long)pr.epoch + 1, mt.auc, mt.f1, mt.iou, mt.overall, mt.accuracy, mt.images);
+                if (v == v && (!at.has_best || v > at.best)) {
+                    at.best = v;
+                    at.has_best = 1;
+                    if (loupe_trainer_save(t, o.out, err, sizeof err)) { fprintf(stderr, "loupe train: %s\n", err); goto done; }
+                    if (!o.quiet) fprintf(stderr, "best %s %.4f: wrote %s\n", monitored_name, v, o.out);
+                }
+            } else if (!valid && loupe_trainer_save(t, o.out, err, sizeof err)) {
+                fprintf(stderr, "loupe train: %s\n", err);
+                goto done;
+            }
+            if (loupe_trainer_save(t, last, err, sizeof err) ||
+                loupe_trainer_save_state(t, state, &at, sizeof at, err, sizeof err)) {
+                fprintf(stderr, "loupe train: %s\n", err);
+                goto done;
+            }
+            pr = at;
+        }
+    }
+    if (valid && !pr.has_best && loupe_trainer_save(t, o.out, err, sizeof err)) {
+        fprintf(stderr, "loupe train: %s\n", err);
+        goto done;
+    }
+    if (!o.quiet)
+        fprintf(stderr, "loupe train: %lld steps in %.1f s; kept backbone outputs: %ld reused, %ld computed\n",
+                (long long)pr.step, now_seconds() - t0, fc.hits, fc.misses);
+    status = 0;
+done:
+    feature_cache_close(&fc);
+    free(tb.ex); free(tb.pixels); free(tb.masks); free(tb.patches); free(tb.features);
+    free(order);
+    loupe_session_free(vs);
+    loupe_trainer_free(t);
+    loupe_model_free(m);
+    loupe_dataset_free(train);
+    loupe_dataset_free(valid);
+    return status;
+}
+
+/* ---- `loupe init`: a randomly initialised weight file ---- */
+
+static const char init_usage[] =
+    "usage: loupe init --config CONFIG.json -o OUT.bin --seed S [--dtype f32|bf16|q8] [--backbone FILE.bin]\n"
+    "\n"
+    "Writes a complete weight file for CONFIG (the config format of tools/convert.py; the\n"
+    "header's hyperparameters are the ones convert.py writes for it), every tensor drawn\n"
+    "as upstream Loupe's from-scratch construction draws it (LoupeModel(config) + post_init;\n"
+    "rules in loupe.c, section 3b), from a generator seeded by S (0 to 2^64-1): the same\n"
+    "seed gives the same bytes on every platform.\n"
+    "\n"
+    "  --config FILE     the configuration (JSON), required\n"
+    "  -o, --output FILE the weight file to write (through a temporary file, renamed when complete)\n"
+    "  --seed S          the generator's seed, required\n"
+    "  --dtype D         f32 (default), bf16 or q8: the storage of the weight matrices\n"
+    "  --backbone FILE   copy every backbone.* tensor from this weight file (e.g. a converted\n"
+    "                    PE-Core-L14-336) instead of drawing it; only the heads are drawn\n"
+    "  -h, --help        this text\n"
+    "\n"
+    "Exit status: 0 written, 1 when the config, the backbone or the output cannot be used,\n"
+    "2 for a usage error. No output file is left behind on any error.\n";
+
+static int cli_init(int argc, char **argv)
+{
+    const char *config = NULL, *out = NULL, *dtype = "f32", *backbone = NULL, *seed_arg = NULL;
+    unsigned long long seed = 0;
+    char err[512];
+    int i;
+    for (i = 2; i < argc; i += 2) { /* every option but -h takes one value */
+        const char *a = argv[i], *next = i + 1 < argc ? argv[i + 1] : NULL;
+        const char **slot = NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(init_usage, stdout); return 0; }
+        if (!strcmp(a, "--config")) slot = &config;
+        else if (!strcmp(a, "-o") || !strcmp(a, "--output")) slot = &out;
+        else if (!strcmp(a, "--seed")) slot = &seed_arg;
+        else if (!strcmp(a, "--dtype")) slot = &dtype;
+        else if (!strcmp(a, "--backbone")) slot = &backbone;
+        else {
+            fprintf(stderr, "loupe init: %s %s (see loupe init -h)\n", a[0] == '-' ? "unknown option" : "unexpected argument", a);
+            return 2;
+        }
+        if (!next) { fprintf(stderr, "loupe init: %s needs a value (see loupe init -h)\n", a); return 2; }
+        *slot = next;
+    }
+    if (!config) { fprintf(stderr, "loupe init: no config given: use --config CONFIG.json (see loupe init -h)\n"); return 2; }
+    if (!out) { fprintf(stderr, "loupe init: no output given: use -o OUT.bin (see loupe init -h)\n"); return 2; }
+    if (!seed_arg) { fprintf(stderr, "loupe init: no seed given: use --seed S (see loupe init -h)\n"); return 2; }
+    {
+        const char *p = seed_arg;
+        int digits = 0;
+        for (; *p >= '0' && *p <= '9'; p++, digits++) {
+            unsigned d = (unsigned)(*p - '0');
+            if (seed > (ULLONG_MAX - d) / 10) break;
+            seed = seed * 10 + d;
+        }
+        if (*p || !digits) {
+            fprintf(stderr, "loupe init: --seed must be an integer from 0 to 18446744073709551615 (got %s)\n", seed_arg);
+            return 2;
+        }
+    }
+    if (strcmp(dtype, "f32") && strcmp(dtype, "bf16") && strcmp(dtype, "q8")) {
+        fprintf(stderr, "loupe init: --dtype must be f32, bf16 or q8 (got %s)\n", dtype);
+        return 2;
+    }
+    if (loupe_init_weights(config, out, seed, dtype, backbone, err, sizeof err)) {
+        fprintf(stderr, "loupe init: %s\n", err);
+        return 1;
+    }
+    fprintf(stderr, "loupe init: wrote %s (seed %llu%s%s)\n", out, seed, backbone ? ", backbone from " : "",
+            backbone ? backbone : "");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     cli_options o;
     char err[512], path[PATH_MAX_LEN];
     loupe_model *m = NULL;
     loupe_session *s = NULL;
-    loupe_tta *adapter = NULL;
+    loupe_trainer *adapter = NULL;
     cli_loader loader;
     float *pixels = NULL;
     char *pred = NULL;
     unsigned char *clash = NULL;
     size_t pred_len = 0, pred_cap = 0;
     int status = 0, i, rc;
+    if (argc > 1 && !strcmp(argv[1], "eval")) return cli_eval(argc - 1, argv + 1);
+    if (argc > 1 && !strcmp(argv[1], "train")) return cli_train(argc - 1, argv + 1);
+    if (argc > 1 && !strcmp(argv[1], "init")) return cli_init(argc, argv);
     memset(&o, 0, sizeof o);
     rc = cli_parse(argc, argv, &o);
     if (rc) { status = rc == 1 ? 0 : 2; goto done; }

@@ -839,7 +839,7 @@ static double e2e_loss(loupe_tta *t, const float *pixels)
     loupe_tta_loss loss;
     char err[256];
     tta_refresh_tables(t);
-    t->rng_state.counter = 0;
+    t->rng_position = 0;
     if (tta_forward_loss(t, pixels, &loss, err, sizeof err)) { printf("%s\n", err); return NAN; }
     return loss.total;
 }
@@ -868,7 +868,7 @@ static int e2e_fd(loupe_tta *t, const float *pixels, double *worst)
     int p, e, bad = 0, found = 0;
     *worst = 0.0;
     for (p = 0; p < t->n_params; p++) {
-        const tta_param *tp = &t->params[p];
+        const train_param *tp = &t->params[p];
         float *w = t->param + tp->offset, *g = t->grad + tp->offset, keep;
         size_t i, best = 0;
         double fp, fm, fd, err;
@@ -911,7 +911,7 @@ static double grid_loss(loupe_tta *t)
     feature_pyramid(t->s);
     pixel_decoder(t->s);
     masked_attention_decoder(t->s);
-    t->rng_state.counter = 0;
+    t->rng_position = 0;
     tta_loss(t, &loss);
     return loss.total;
 }
@@ -928,7 +928,7 @@ static void test_grid_gradient(loupe_tta *t, const float *px)
     char err[256];
     double worst = 0.0;
     int k, bad = 0;
-    t->rng_state.counter = 0;
+    t->rng_position = 0;
     if (!d_grid || tta_accumulate(t, px, 1.0f, &loss, d_grid, err, sizeof err)) { printf("FAIL %s\n", err); failed++; return; }
     zero(t->grad, t->n_floats);
     for (i = 1; i < n; i++)
@@ -961,12 +961,12 @@ static void test_thread_determinism(loupe_tta *t, const float *px)
     if (!one) return;
     zero(t->grad, t->n_floats);
     loupe_set_threads(1);
-    t->rng_state.counter = 0;
+    t->rng_position = 0;
     tta_accumulate(t, px, 1.0f, &loss, NULL, err, sizeof err);
     memcpy(one, t->grad, t->n_floats * sizeof *one);
     zero(t->grad, t->n_floats);
     loupe_set_threads(all);
-    t->rng_state.counter = 0;
+    t->rng_position = 0;
     tta_accumulate(t, px, 1.0f, &loss, NULL, err, sizeof err);
     for (i = 0; i < t->n_floats; i++) differ += one[i] != t->grad[i];
     zero(t->grad, t->n_floats);
@@ -1046,7 +1046,7 @@ static void test_tta(const char *path)
         for (j = 0; j < N; j++) negated[j] = loss.prob > 0.5f ? -orig[j] : orig[j];
         m->w.fuser = negated;
         t->w.fuser = negated;
-        t->rng_state.counter = 0;
+        t->rng_position = 0;
         if (tta_accumulate(t, px, 1.0f, &loss, NULL, err, sizeof err)) { printf("FAIL %s\n", err); failed++; return; }
         check(loss.prob <= 0.5f && !loss.has_target, "no-target case: p <= 0.5 gives no target", loss.prob);
         for (k = 0; k < L; k++) unmatched &= t->calls[k].matched_query == -1 && t->calls[k].loss_mask == 0.0 &&
@@ -1063,7 +1063,7 @@ static void test_tta(const char *path)
         }
         check(fabs(ce - loss.total) <= 1e-6 * ce, "no-target case: loss = class weight * mean no-object cross-entropy",
               fabs(ce - loss.total) / ce);
-        check(t->rng_state.counter == (uint64_t)(L - 1) + (uint64_t)L * 2 * t->loss_cfg.train_num_points,
+        check(t->rng_position == (uint64_t)(L - 1) + (uint64_t)L * 2 * t->loss_cfg.train_num_points,
               "no-target case: random numbers drawn as upstream (layerdrop + matcher points)", 0.0);
         bad = e2e_fd(t, px, &worst);
         snprintf(what, sizeof what, "no-target case: %d tensors' gradients vs central differences of the loss",
@@ -1076,7 +1076,7 @@ static void test_tta(const char *path)
     /* forged target, every point drawn at random (no top-k selection: the loss is smooth) */
     zero(t->grad, t->n_floats);
     t->loss_cfg.importance_sample_ratio = 0.0;
-    t->rng_state.counter = 0;
+    t->rng_position = 0;
     for (j = 0; j < N; j++) negated[j] = -negated[j];
     m->w.fuser = negated;
     t->w.fuser = negated;

@@ -1,7 +1,8 @@
 #!/bin/sh
 # test_cli.sh LOUPE MODEL: the command line end to end on the tiny-a golden case.
 # Checks the printed line, the files written with -o and --overlay, batch behaviour
-# with a damaged file, exit statuses, and that no partial output is left behind.
+# with a damaged file, exit statuses, and that no partial output is left behind; then
+# `loupe eval` on a two-image labelled set (output format, ranges, determinism).
 # PNG outputs are verified with an independent reader (Python's zlib) against the
 # golden mask. Prints "N passed, M failed". $RUN (e.g. an emulator or wine) prefixes
 # every run of LOUPE.
@@ -109,6 +110,50 @@ check "a.png and a.jpg get a.png.png and a.jpg.png" \
 run_loupe -m "$model" -q -o "$tmp/o2" "$tmp/dir/a.png" > /dev/null 2>&1; rc=$?
 check "a second run into the same -o DIR replaces the outputs" \
     sh -c "[ $rc -eq 0 ] && [ \$(wc -l < '$tmp/o2/predictions.txt') -eq 1 ]"
+
+# 6. loupe eval on a tiny labelled set: tiny-a's image with train_mask.png (forged) and
+#    tiny-b's photo (authentic), as a folder and as a list file
+ds="$tmp/ds"
+mkdir -p "$ds/images" "$ds/masks"
+cp "$case/image.png" "$ds/images/forged.png"
+cp "$case/train_mask.png" "$ds/masks/forged.png"
+cp "$case/train_real.jpg" "$ds/images/real.jpg"
+printf '# a list of the same set\nimages/forged.png masks/forged.png\n\nimages/real.jpg\n' > "$ds/list.txt"
+run_loupe eval -h > "$tmp/help" 2>&1; rc=$?
+check "loupe eval -h exits 0 and documents the metrics" \
+    sh -c "[ $rc -eq 0 ] && grep -q 'usage: loupe eval -m MODEL.bin' '$tmp/help' && grep -q 'roc_auc_score' '$tmp/help'"
+run_loupe eval -m "$model" "$ds" -o "$tmp/eval1.csv" > "$tmp/eval1" 2> "$tmp/err"; rc=$?
+check "loupe eval on a folder exits 0" sh -c "[ $rc -eq 0 ]"
+check "loupe eval prints images, forged, pixel_images, auc, f1, iou, overall, accuracy" \
+    sh -c "[ \"\$(cut -d' ' -f1 '$tmp/eval1' | tr '\n' ' ')\" = 'images forged pixel_images auc f1 iou overall accuracy ' ]"
+check "loupe eval counts 2 images, 1 forged, 1 with forged target pixels" \
+    sh -c "grep -qx 'images 2' '$tmp/eval1' && grep -qx 'forged 1' '$tmp/eval1' && grep -qx 'pixel_images 1' '$tmp/eval1'"
+check "every metric is a finite number in [0, 1]" "$python" -c "
+import math, sys
+v = dict(l.split() for l in open(sys.argv[1]))
+ok = all(0.0 <= float(v[k]) <= 1.0 and math.isfinite(float(v[k])) for k in ('auc', 'f1', 'iou', 'overall', 'accuracy'))
+ok = ok and abs(float(v['overall']) - (float(v['auc']) + float(v['f1']) + float(v['iou'])) / 3) < 2e-6
+ok = ok and float(v['auc']) in (0.0, 0.5, 1.0)
+sys.exit(0 if ok else 1)" "$tmp/eval1"
+check "progress lines on stderr" grep -q '^\[2/2\] .*real.jpg [0-9]* ms' "$tmp/err"
+check "-o writes a header and one line per image" "$python" -c "
+import sys
+rows = [l.rstrip('\n').split(',') for l in open(sys.argv[1])]
+ok = rows[0] == ['image', 'label', 'probability', 'predicted_pixels', 'target_pixels'] and len(rows) == 3
+ok = ok and rows[1][0].endswith('forged.png') and rows[1][1] == '1' and 0 < int(rows[1][4]) <= 30000
+ok = ok and rows[2][0].endswith('real.jpg') and rows[2][1] == '0' and rows[2][4] == '0'
+ok = ok and all(0.0 <= float(r[2]) <= 1.0 and 0 <= int(r[3]) for r in rows[1:])
+sys.exit(0 if ok else 1)" "$tmp/eval1.csv"
+run_loupe eval -q -m "$model" "$ds" -o "$tmp/eval2.csv" > "$tmp/eval2" 2> "$tmp/err"; rc=$?
+check "a second run gives the same numbers and lines; -q is quiet" \
+    sh -c "[ $rc -eq 0 ] && [ ! -s '$tmp/err' ] && cmp -s '$tmp/eval1' '$tmp/eval2' && cmp -s '$tmp/eval1.csv' '$tmp/eval2.csv'"
+run_loupe eval -q -m "$model" "$ds/list.txt" > "$tmp/eval3" 2>&1; rc=$?
+check "the list file gives the same numbers as the folder" sh -c "[ $rc -eq 0 ] && cmp -s '$tmp/eval1' '$tmp/eval3'"
+run_loupe eval -q -m "$model" --seed 7 "$ds" > "$tmp/eval4" 2>&1; rc=$?
+check "--seed is accepted and the result is well-formed" sh -c "[ $rc -eq 0 ] && grep -q '^overall 0\.[0-9]*$' '$tmp/eval4'"
+run_loupe eval -m "$model" > /dev/null 2> "$tmp/err"; rc=$?
+check "loupe eval without DATA is a usage error (exit 2)" sh -c "[ $rc -eq 2 ] && grep -q 'no dataset given' '$tmp/err'"
+check "no partial files are left by eval" sh -c "! ls '$tmp' | grep -q '\.part$'"
 
 echo "test_cli: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

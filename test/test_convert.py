@@ -314,7 +314,7 @@ def test_bad_input_files(tmp):
                                 "bad safetensors JSON header"),
         "truncated.pt": (torch_zip[:len(torch_zip) // 2], "corrupt zip archive"),
         "crc.pt": (torch_zip[:2000] + bytes(1000) + torch_zip[3000:], "corrupt zip archive"),
-        "text.pt": (b"hello, world\n" * 4, "neither a torch.save zip archive nor a safetensors file"),
+        "text.pt": (b"hello, world\n" * 4, "neither a torch.save zip archive nor a safetensors file (nor a loupe.c weight file)"),
         "legacy.pt": (b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.", "legacy (pre-1.6, non-zip) torch.save format"),
         "huge-header.safetensors": (struct.pack("<Q", 1 << 63) + model[8:], "truncated safetensors file"),
         "offsets-past-end.safetensors": (small_safetensors({"a": {"dtype": "F32", "shape": [4],

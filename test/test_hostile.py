@@ -11,7 +11,11 @@ each made here from good files. For every input the command must
   - leave no output file behind for it (no mask, no overlay, no *.part file);
 and an image is also run in a batch (good, bad, good) with -o: both good images still
 get their line, mask and overlay, predictions.txt holds exactly their two lines, and the
-exit status reports the failure. Sweeps (truncation at many offsets, bit flips at many
+exit status reports the failure. Bad labelled datasets given to `loupe eval` (a missing,
+undecodable or truncated file, a mask of another size, two masks or images with one stem,
+a mask without an image, a bad list line, an image listed twice, an empty set) must exit
+1 with one message naming the file (and the list line), print no metrics and write no
+output file. Sweeps (truncation at many offsets, bit flips at many
 positions) may also decode or load when the damage is harmless; then the run must succeed
 completely. --table writes the measured table (input, exit status, message) as Markdown.
 Prints "N passed, M failed"."""
@@ -150,6 +154,22 @@ class Suite:
                           status, summary))
         shutil.rmtree(out)
 
+    # ---- labelled datasets (loupe eval) ----
+
+    def bad_dataset(self, label, data, names, pattern):
+        """loupe eval on a bad dataset: exit 1, nothing on stdout, one message naming every
+        file in names and matching pattern, no output file (nor a partial one)."""
+        out = os.path.join(self.tmp, 'eval-out.csv')
+        status, stdout, err = self.run(['eval', '-q', '-m', self.model, '-o', out, data])
+        self.no_crash(status, err, label)
+        self.check(status == 1, label + ': exits 1 (got %d)' % status)
+        self.check(stdout == '', label + ': prints no metrics')
+        ok = len(err) == 1 and err[0].startswith('loupe: ') and all(n in err[0] for n in names) and \
+            re.search(pattern, err[0]) is not None
+        self.check(ok, label + ': one message naming %r and /%s/ (got %r)' % (names, pattern, err))
+        self.check(not os.path.exists(out) and not os.path.exists(out + '.part'), label + ': writes no output file')
+        self.rows.append((label, status, self.message(err, data)))
+
     # ---- weight files ----
 
     def bad_model(self, label, data, pattern, name='model.bin'):
@@ -233,6 +253,24 @@ def jpeg_marker_offset(jpeg, marker):
             return i
         i += 2 + struct.unpack('>H', jpeg[i + 2:i + 4])[0]
     raise ValueError('no marker %02x' % marker)
+
+
+def gray_png(width, height, value=255):
+    """An 8-bit gray PNG of one value with a 0 border row (a valid forgery mask)."""
+    rows = b''.join(b'\0' + (bytes(width) if y == 0 else bytes([value]) * width) for y in range(height))
+    ihdr = struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0)
+    return (b'\x89PNG\r\n\x1a\n' + png_chunk(b'IHDR', ihdr) + png_chunk(b'IDAT', zlib.compress(rows)) +
+            png_chunk(b'IEND', b''))
+
+
+def make_dataset(root, images, masks):
+    """root/images/NAME = data and root/masks/NAME = data; returns root."""
+    for sub, files in (('images', images), ('masks', masks)):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+        for name, data in files.items():
+            with open(os.path.join(root, sub, name), 'wb') as f:
+                f.write(data)
+    return root
 
 
 def flip(data, pos, bit):
@@ -344,6 +382,63 @@ def main():
                       [flip(png, rnd.randrange(len(png)), rnd.randrange(8)) for _ in range(FLIPS)])
         s.image_sweep('JPEG bit-flipped at random positions', 'flip.jpg',
                       [flip(jpeg, rnd.randrange(len(jpeg)), rnd.randrange(8)) for _ in range(FLIPS)])
+
+        # labelled datasets for loupe eval: every bad entry stops the run before any compute
+        mask32 = gray_png(32, 32)
+        good = {'a.png': png, 'b.jpg': jpeg}
+        d = make_dataset(os.path.join(tmp, 'ds-good'), good, {'a.png': mask32})
+        status, stdout, err = s.run(['eval', '-q', '-m', model, d])
+        s.check(status == 0 and not err and 'images 2' in stdout, 'a good dataset is evaluated (got %d %r)' % (status, err))
+        d = make_dataset(os.path.join(tmp, 'ds-badmask'), good, {'a.png': b'not an image at all'})
+        s.bad_dataset('dataset folder, undecodable mask', d, [os.path.join(d, 'masks', 'a.png')], 'not a PNG, JPEG')
+        d = make_dataset(os.path.join(tmp, 'ds-cutmask'), good, {'a.png': mask32[:len(mask32) // 2]})
+        s.bad_dataset('dataset folder, truncated mask', d, [os.path.join(d, 'masks', 'a.png')], 'PNG')
+        d = make_dataset(os.path.join(tmp, 'ds-size'), good, {'b.png': gray_png(32, 17)})
+        s.bad_dataset('dataset folder, mask of another size', d,
+                      [os.path.join(d, 'masks', 'b.png'), os.path.join(d, 'images', 'b.jpg')], '32x17 .* 33x17')
+        d = make_dataset(os.path.join(tmp, 'ds-badimage'), {'a.png': png, 'c.png': png[:40]}, {})
+        s.bad_dataset('dataset folder, truncated image', d, [os.path.join(d, 'images', 'c.png')], 'PNG')
+        d = make_dataset(os.path.join(tmp, 'ds-twomasks'), good, {'a.png': mask32, 'a.ppm': b'P5 32 32 255\n' + bytes(1024)})
+        s.bad_dataset('dataset folder, two masks with one stem', d, [os.path.join(d, 'masks', 'a.png'),
+                      os.path.join(d, 'masks', 'a.ppm')], 'two masks with the stem "a"')
+        d = make_dataset(os.path.join(tmp, 'ds-twoimages'), {'a.png': png, 'a.jpg': jpeg}, {})
+        s.bad_dataset('dataset folder, two images with one stem', d, [os.path.join(d, 'images', 'a.png'),
+                      os.path.join(d, 'images', 'a.jpg')], 'two images with the stem "a"')
+        d = make_dataset(os.path.join(tmp, 'ds-orphan'), good, {'typo.png': mask32})
+        s.bad_dataset('dataset folder, mask without an image', d, [os.path.join(d, 'masks', 'typo.png')],
+                      'no image .* stem "typo"')
+        d = make_dataset(os.path.join(tmp, 'ds-empty'), {}, {})
+        s.bad_dataset('dataset folder, empty', d, [d], 'empty')
+        d = os.path.join(tmp, 'ds-nomasks')
+        os.makedirs(os.path.join(d, 'images'))
+        s.bad_dataset('dataset folder without masks/', d, [d], 'masks/ is missing')
+        s.bad_dataset('dataset path that does not exist', os.path.join(tmp, 'no-such-set'),
+                      [os.path.join(tmp, 'no-such-set')], 'cannot open')
+        d = make_dataset(os.path.join(tmp, 'ds-budget'), good, {'a.png': mask32})
+        status, stdout, err = s.run(['eval', '-q', '--max-pixels', '1000', '-m', model, d])
+        s.check(status == 1 and len(err) == 1 and os.path.join(d, 'images', 'a.png') in err[0] and
+                'limit of 1000' in err[0], 'dataset with an image above --max-pixels is refused, naming it (got %r)' % err)
+        d = make_dataset(os.path.join(tmp, 'ds-list'), good, {'a.png': mask32})
+        lst = s.write('missing.txt', b'# the set\n%s %s\n%s\n' % (os.path.join(d, 'images', 'a.png').encode(),
+                      os.path.join(d, 'masks', 'a.png').encode(), os.path.join(d, 'images', 'gone.png').encode()))
+        s.bad_dataset('dataset list, missing image', lst, [lst + ':3:', os.path.join(d, 'images', 'gone.png')],
+                      'cannot open')
+        lst = s.write('fields.txt', b'\n%s %s extra\n' % (os.path.join(d, 'images', 'a.png').encode(),
+                                                          os.path.join(d, 'masks', 'a.png').encode()))
+        s.bad_dataset('dataset list, line with 3 fields', lst, [lst + ':2:'], 'expected IMAGE \\[MASK\\]')
+        lst = s.write('twice.txt', b'%s\n%s\n' % ((os.path.join(d, 'images', 'b.jpg').encode(),) * 2))
+        s.bad_dataset('dataset list, image listed twice', lst, [lst + ':2:'], 'already listed on line 1')
+        lst = s.write('relmask.txt', b'images/b.jpg masks/a.png\n')
+        shutil.copytree(os.path.join(d, 'images'), os.path.join(tmp, 'images'))
+        shutil.copytree(os.path.join(d, 'masks'), os.path.join(tmp, 'masks'))
+        s.bad_dataset('dataset list, relative paths, mask of another size', lst,
+                      [lst + ':1:', os.path.join(tmp, 'masks', 'a.png'), os.path.join(tmp, 'images', 'b.jpg')],
+                      '32x32 .* 33x17')
+        lst = s.write('comments.txt', b'# only comments\n\n   \n')
+        s.bad_dataset('dataset list, empty (comments only)', lst, [lst], 'empty')
+        lst = s.write('several.txt', b'images/b.jpg masks/a.png\nimages/nope.png\nimages/a.png\n')
+        s.bad_dataset('dataset list, two bad entries: the first is named, the other counted', lst,
+                      [lst + ':1:'], 'and 1 other bad entry')
 
         # weight files
         wd = open(model, 'rb').read()

@@ -7,6 +7,8 @@ Usage:
 
 CKPT files are applied in order, later ones overriding earlier ones (like upstream's
 `checkpoint_paths`).  Accepted inputs:
+  * loupe.c weight files (F32 or BF16 tensors), e.g. the randomly initialised heads of
+    `loupe init` followed by the PE-Core-L14-336 release checkpoint;
   * PyTorch `torch.save` zip archives (.pt/.pth), read with a restricted unpickler that
     only rebuilds tensors and dicts: a checkpoint can never execute code;
   * .safetensors files.
@@ -711,7 +713,34 @@ def open_checkpoint(path, stack):
                            "re-save it with a recent PyTorch" % path)
     if len(head) > 8 and head[8:9] == b"{":
         return read_safetensors(path, file_size)
-    raise ConvertError("%s: neither a torch.save zip archive nor a safetensors file" % path)
+    if head.startswith(MAGIC):
+        return read_loupe_weights(path, stack)
+    raise ConvertError("%s: neither a torch.save zip archive nor a safetensors file (nor a loupe.c weight file)" % path)
+
+
+def read_loupe_weights(path, stack):
+    """{name: SourceTensor} of a loupe.c weight file (e.g. written by `loupe init`), so that its
+    tensors can be combined with checkpoints: F32 and BF16 tensors are read as they are stored;
+    Q8 ones are refused (they are not the original values)."""
+    _, _, tensors = read_weights(path)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ConvertError("%s: cannot read (%s)" % (path, e.strerror or e))
+    stack.callback(f.close)
+    found = {}
+    for name, dtype, dims, offset, nbytes in tensors:
+        if dtype == DTYPE_Q8:
+            raise ConvertError("%s: tensor %s is stored as Q8; combine F32 or BF16 weight files only" % (path, name))
+
+        def read(offset=offset, nbytes=nbytes):
+            f.seek(offset)
+            data = f.read(nbytes)
+            if len(data) != nbytes:
+                raise ConvertError("%s: truncated tensor data" % path)
+            return data
+        found[name] = SourceTensor(OUT_DTYPES[dtype], list(dims), read)
+    return found
 
 
 def _state_dict(obj, path):
