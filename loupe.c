@@ -9061,14 +9061,6 @@ static double loupe_cls_loss(const cls_loss_config *cfg, float fused_logit, floa
     return out->total;
 }
 
-/* The training entry points of sections 5 and 6, referenced here until the trainer
- * calls them, so that builds without the tests do not warn about unused functions. */
-void (*const loupe_training_entry_points[])(void) = {
-    (void (*)(void))pe_train_layout, (void (*)(void))vision_transformer_backward,
-    (void (*)(void))loupe_classifier_backward, (void (*)(void))cls_loss_config_default,
-    (void (*)(void))loupe_cls_loss
-};
-
 /* ========================================================================== */
 /* 7. Segmentor (LoupeSegmentor: FeaturePyramid, PixelDecoder, Mask2Former)    */
 /* ========================================================================== */
