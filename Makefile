@@ -39,8 +39,9 @@ export EXE
 
 all: loupe
 
+# ./loupe finds the demo model of this checkout from any directory (without -m).
 loupe: loupe.c loupe.h
-	$(CC) $(ALLFLAGS) -o $@ loupe.c $(LDLIBS)
+	$(CC) $(ALLFLAGS) -DLOUPE_DEMO_MODEL='"$(CURDIR)/weights/loupe-demo.bin"' -o $@ loupe.c $(LDLIBS)
 
 # The tests use their own copy of the command, built with the test flags.
 $(BUILD)/loupe$(EXE): loupe.c loupe.h | $(BUILD)
@@ -95,6 +96,12 @@ $(BUILD)/bench_tta$(EXE): loupe.c loupe.h test/bench_tta.c test/measure.h | $(BU
 $(BUILD)/fuzz_replay$(EXE): loupe.c loupe.h test/fuzz.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -DFUZZ_REPLAY -o $@ test/fuzz.c $(LDLIBS)
 
+$(BUILD)/make_shapes$(EXE): loupe.c loupe.h test/make_shapes.c | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/make_shapes.c $(LDLIBS)
+
+$(BUILD)/bench_train$(EXE): loupe.c loupe.h test/bench_train.c test/measure.h | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/bench_train.c $(LDLIBS)
+
 $(BUILD)/make_weights$(EXE): test/make_weights.c | $(BUILD)
 	$(CC) $(WARN) $(CFLAGS) -o $@ test/make_weights.c $(LDLIBS)
 
@@ -110,8 +117,8 @@ $(BUILD)/example$(EXE): test/example.c loupe.h $(BUILD)/loupe-lib.o
 # Everything is built in $(BUILD) (the ./loupe of `make` is not needed), so builds with
 # other compilers can run side by side (see `make portability`).
 TEST_SUITES = test-convert test-images test-cli test-regress test-hostile test-tiny-a test-tiny-b \
-              test-lowp-tiny-a test-lowp-tiny-b test-unit test-example test-batch test-metrics test-init test-train-cls
-test: $(BUILD)/loupe$(EXE) $(BUILD)/test_init$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_train$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/fuzz_replay$(EXE) $(BUILD)/check_batch$(EXE) $(BUILD)/check_metrics$(EXE) $(BUILD)/check_train_cls$(EXE)
+              test-lowp-tiny-a test-lowp-tiny-b test-unit test-example test-batch test-metrics test-init test-train test-train-cls
+test: $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE) $(BUILD)/test_init$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_train$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/fuzz_replay$(EXE) $(BUILD)/check_batch$(EXE) $(BUILD)/check_metrics$(EXE) $(BUILD)/check_train_cls$(EXE)
 	@sh test/summary.sh $(BUILD)/test-log.txt \
 	  $(foreach t,$(TEST_SUITES),"$(MAKE) --no-print-directory $(t)")
 
@@ -131,6 +138,12 @@ test-train-cls: $(BUILD)/check_train_cls$(EXE) $(BUILD)/tiny-a.bin
 # against the golden one, bit for bit (test/check_batch.c).
 test-batch: $(BUILD)/check_batch$(EXE) $(BUILD)/tiny-a.bin
 	$(RUN) $(BUILD)/check_batch$(EXE) $(BUILD)/tiny-a.bin test/golden/tiny-a
+
+# A short real training run (a tiny model from loupe init on photo crops with pasted
+# shapes): the loss falls, held-out metrics improve, --resume is bit for bit, bad inputs
+# stop before any compute (test/test_train.sh).
+test-train: $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE)
+	sh test/test_train.sh $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE) $(BUILD)
 
 # Upstream's validation metrics (auc, f1, iou, overall) on the metrics golden.
 test-metrics: $(BUILD)/check_metrics$(EXE)
@@ -284,6 +297,15 @@ fuzz-run: fuzz
 	done; \
 	sh test/fuzz_stats.sh $(foreach t,$(FUZZ_TARGETS),$(BUILD)/fuzz-$(t).log); exit $$status
 
+# One training step at full size against the forward (2 threads): cls_seg (backbone
+# trained) and seg on kept backbone outputs, each in its own process for its peak memory;
+# then the images/s of a short tiny-config run. Never part of make test.
+bench-train: $(BUILD)/bench_train$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE)
+	@test -f $(BUILD)/full-1.bin || $(MAKE) --no-print-directory $(BUILD)/full-1.bin
+	OMP_NUM_THREADS=2 $(RUN) $(BUILD)/bench_train$(EXE) $(BUILD)/full-1.bin cls_seg 3
+	OMP_NUM_THREADS=2 $(RUN) $(BUILD)/bench_train$(EXE) $(BUILD)/full-1.bin seg-cached 3
+	@sh test/bench_train_tiny.sh $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE) $(BUILD)
+
 # Time and memory of one test-time-adaptation step against a forward on the full-size
 # model (converted by `make test-full`); BENCH_MODEL and BENCH_CASE override.
 BENCH_MODEL ?= $(BUILD)/full-1.bin
@@ -291,6 +313,36 @@ BENCH_CASE  ?= $(GOLDEN)/full-1
 bench-tta: $(BUILD)/bench_tta$(EXE)
 	@test -f $(BENCH_MODEL) || { echo "bench: $(BENCH_MODEL) is missing; run make test-full first"; exit 2; }
 	$(RUN) $(BUILD)/bench_tta$(EXE) $(BENCH_MODEL) $(BENCH_CASE)
+
+# The demo model's training data (tools/make_demo_data.py; see tools/README.md): downloads Debian packages of
+# freely licensed photos into $(BUILD)/demo-debs (apt-get download), unpacks them into $(BUILD)/demo-root
+# (dpkg-deb -x, nothing installed) and writes $(BUILD)/demo-data/{train,valid}/{images,masks}, sources.tsv and
+# DATA-CREDITS.md. A build-time data tool only: it needs Debian's python3-pil and python3-numpy (installed by
+# demo-deps when run as root), which loupe.c and `make test` never need.
+DEMO_PYTHON ?= /usr/bin/python3
+DEMO_SEED   ?= 1
+DEMO_TRAIN  ?= 2000
+DEMO_VALID  ?= 300
+DEMO_SIZE   ?= 256
+.PHONY: demo-deps demo-data test-demo-data
+demo-deps:
+	@$(DEMO_PYTHON) -c 'import PIL, numpy' 2>/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "demo-deps: installing python3-pil python3-numpy"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-pil python3-numpy || exit 1; \
+	else \
+	  echo "demo-deps: $(DEMO_PYTHON) lacks PIL or numpy: run (as root) apt-get install python3-pil python3-numpy"; exit 1; \
+	fi; $(DEMO_PYTHON) -c 'import PIL, numpy'
+
+demo-data: demo-deps
+	@command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || \
+	  { echo "demo-data: needs apt-get and dpkg-deb (a Debian system) to fetch the photo packages"; exit 1; }
+	$(DEMO_PYTHON) tools/make_demo_data.py --build $(BUILD) --seed $(DEMO_SEED) --train $(DEMO_TRAIN) \
+	  --valid $(DEMO_VALID) --size $(DEMO_SIZE)
+
+# The data tool's unit test (synthetic photos, no network); not part of `make test`.
+test-demo-data: demo-deps
+	$(DEMO_PYTHON) tools/test_make_demo_data.py
 
 clean:
 	rm -rf loupe $(BUILD)

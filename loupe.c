@@ -7373,10 +7373,24 @@ static void linear(float *y, const float *x, int rows, int in, int out, linear_w
     gemm_nt_w(rows, out, in, x, in, l.w, l.b, y, out, 0);
 }
 
-/* Register tile and K-block of gemm_tn. */
+/* Register tile and K-block of gemm_tn: the accumulators of one tile fill most of the
+ * vector registers (AVX-512: 8 x 32 = 16 zmm; AVX2: 6 x 16 = 12 ymm). Each element of C
+ * sums over K in the same order whatever the tile, so the result does not depend on it. */
+#ifndef GEMM_TN_MR
+#if defined(__AVX512F__) && !defined(LOUPE_NO_SIMD)
+#define GEMM_TN_MR 8
+#define GEMM_TN_NR 32
+#elif defined(__AVX2__) && !defined(LOUPE_NO_SIMD)
+#define GEMM_TN_MR 6
+#define GEMM_TN_NR 16
+#else
 #define GEMM_TN_MR 4
 #define GEMM_TN_NR 16
+#endif
+#endif
+#ifndef GEMM_TN_KC
 #define GEMM_TN_KC 256
+#endif
 
 /* One tile of gemm_tn: C[mr][nr] += A[K][mr]^T B[K][nr]. */
 static void gemm_tn_tile(int mr, int nr, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc)
@@ -9654,6 +9668,33 @@ static seg_loss_config seg_loss_config_default(void)
     return c;
 }
 
+/* LoupeSegLoss's settings as the weight file's header records them (tools/convert.py
+ * writes the config's values), upstream's defaults for any it lacks. */
+static seg_loss_config seg_loss_config_from_model(const loupe_model *m)
+{
+    seg_loss_config c = seg_loss_config_default();
+    const unsigned char *hp = m->data + WEIGHTS_HEADER_BYTES;
+    uint32_t n = rd_u32(m->data + 12);
+    int found;
+    double v;
+#define HEADER_LOSS(field, name, lo, hi) \
+    do { v = header_hparam(hp, n, name, &found); if (found && v >= (lo) && v <= (hi)) c.field = v; } while (0)
+    HEADER_LOSS(class_weight, "class_weight", 0.0, 1e6);
+    HEADER_LOSS(mask_weight, "mask_weight", 0.0, 1e6);
+    HEADER_LOSS(dice_weight, "dice_weight", 0.0, 1e6);
+    HEADER_LOSS(no_object_weight, "no_object_weight", 1e-6, 1e6);
+    HEADER_LOSS(oversample_ratio, "oversample_ratio", 1.0, 64.0);
+    HEADER_LOSS(importance_sample_ratio, "importance_sample_ratio", 0.0, 1.0);
+    HEADER_LOSS(pixel_forge_weight, "pixel_forge_weight", 0.0, 1.0);
+    HEADER_LOSS(pixel_poly_epsilon, "pixel_poly_epsilon", -1e6, 1e6);
+    HEADER_LOSS(tversky_alpha, "tversky_alpha", 0.0, 1.0);
+#undef HEADER_LOSS
+    v = header_hparam(hp, n, "train_num_points", &found);
+    if (found && v >= 1 && v <= 1 << 20 && v == floor(v)) c.train_num_points = (int)v;
+    c.tversky_beta = 1.0 - c.tversky_alpha;
+    return c;
+}
+
 /* One mask prediction of the decoder, and where its gradient goes. */
 typedef struct seg_prediction {
     const float *class_logits;   /* [Q][2]: forgery, no-object */
@@ -9767,7 +9808,7 @@ static double pair_wise_sigmoid_cross_entropy_loss(const float *pred, const floa
     double sum = 0.0;
     int i;
     for (i = 0; i < n; i++)
-        sum += target[i] * seg_softplus(-pred[i]) + (1.0 - target[i]) * seg_softplus(pred[i]);
+        sum += seg_softplus(pred[i]) - target[i] * pred[i];   /* t sp(-x) + (1-t) sp(x), sp(-x) = sp(x) - x */
     return sum / n;
 }
 
@@ -9838,6 +9879,35 @@ static int uncertain_point_cmp(const void *a, const void *b)
     return (x->index > y->index) - (x->index < y->index);
 }
 
+/* Moves the k most uncertain of n candidates (uncertain_point_cmp's order: largest
+ * uncertainty, then the earlier candidate) to order[0..k-1], in that order: a
+ * deterministic quickselect (median-of-three pivots) partitions, then the k are sorted.
+ * The same set as sorting all n, at a fraction of the cost. */
+static void uncertain_select(uncertain_point *order, int n, int k)
+{
+    int lo = 0, hi = n - 1;
+    if (k <= 0) return;
+    if (k < n)
+        while (hi > lo) {
+            int mid = lo + (hi - lo) / 2, i = lo, j = hi;
+            uncertain_point a = order[lo], b = order[mid], c = order[hi], pivot, tmp;
+            /* the median of the three */
+            if (uncertain_point_cmp(&a, &b) > 0) { tmp = a; a = b; b = tmp; }
+            if (uncertain_point_cmp(&b, &c) > 0) { tmp = b; b = c; c = tmp; }
+            if (uncertain_point_cmp(&a, &b) > 0) { tmp = a; a = b; b = tmp; }
+            pivot = b;
+            while (i <= j) {
+                while (uncertain_point_cmp(&order[i], &pivot) < 0) i++;
+                while (uncertain_point_cmp(&order[j], &pivot) > 0) j--;
+                if (i <= j) { tmp = order[i]; order[i] = order[j]; order[j] = tmp; i++; j--; }
+            }
+            if (k - 1 <= j) hi = j;
+            else if (k - 1 >= i) lo = i;
+            else break;
+        }
+    qsort(order, (size_t)k, sizeof *order, uncertain_point_cmp);
+}
+
 /* Mask2FormerLoss.sample_points_using_uncertainty for one mask [M][M]: draws int(P *
  * oversample_ratio) candidates, keeps the int(importance_sample_ratio * P) with the
  * largest calculate_uncertainty = -|logit| (torch.topk; ties, which topk leaves
@@ -9860,7 +9930,7 @@ static void sample_points_using_uncertainty(const seg_loss_config *cfg, const fl
         order[i].uncertainty = -fabsf(candidate_logits[i]);
         order[i].index = i;
     }
-    qsort(order, (size_t)num_sampled, sizeof *order, uncertain_point_cmp);
+    uncertain_select(order, num_sampled, num_uncertain);
     for (i = 0; i < num_uncertain; i++) {
         points_out[2 * i] = candidates[2 * order[i].index];
         points_out[2 * i + 1] = candidates[2 * order[i].index + 1];
@@ -9882,10 +9952,12 @@ static double poly1_focal_loss_forward(const seg_loss_config *cfg, const float *
     int i;
     for (i = 0; i < n; i++) {
         double ti = t[i];
-        double bce = ti * seg_softplus(-x[i]) + (1.0 - ti) * seg_softplus(x[i]);
+        double bce = seg_softplus(x[i]) - ti * x[i];
         double ce = (alpha * ti + (1.0 - alpha) * (1.0 - ti)) * bce;
-        double u = ti * seg_sigmoid(-x[i]) + (1.0 - ti) * seg_sigmoid(x[i]);   /* 1 - pt */
-        sum += ce * pow(u, gamma) + eps * pow(u, gamma + 1.0);
+        double s = seg_sigmoid(x[i]);
+        double u = ti * (1.0 - s) + (1.0 - ti) * s;   /* 1 - pt */
+        double ug = gamma == 2.0 ? u * u : pow(u, gamma);
+        sum += ce * ug + eps * ug * u;
     }
     return sum / n;
 }
@@ -9898,13 +9970,13 @@ static void poly1_focal_loss_backward(const seg_loss_config *cfg, const float *x
     double alpha = cfg->pixel_forge_weight, gamma = cfg->focal_gamma, eps = cfg->pixel_poly_epsilon;
     int i;
     for (i = 0; i < n; i++) {
-        double ti = t[i], s = seg_sigmoid(x[i]), sm = seg_sigmoid(-x[i]);
+        double ti = t[i], s = seg_sigmoid(x[i]), sm = 1.0 - s;
         double wgt = alpha * ti + (1.0 - alpha) * (1.0 - ti);
-        double bce = ti * seg_softplus(-x[i]) + (1.0 - ti) * seg_softplus(x[i]);
+        double bce = seg_softplus(x[i]) - ti * x[i];
         double u = ti * sm + (1.0 - ti) * s;
         double du = (1.0 - 2.0 * ti) * s * sm;
-        double ug = pow(u, gamma);
-        double d = wgt * (s - ti) * ug + (wgt * bce * gamma * pow(u, gamma - 1.0) + eps * (gamma + 1.0) * ug) * du;
+        double ug1 = gamma == 2.0 ? u : pow(u, gamma - 1.0), ug = ug1 * u;
+        double d = wgt * (s - ti) * ug + (wgt * bce * gamma * ug1 + eps * (gamma + 1.0) * ug) * du;
         grad_x[i] += scale * d / n;
     }
 }
@@ -11402,7 +11474,7 @@ static loupe_trainer *trainer_new(const loupe_model *m, const loupe_train_option
     t->backbone_backward = t->opt.train_backbone || t->opt.train_embeddings;
     t->w = m->w;
     t->t = m->t;
-    t->loss_cfg = seg_loss_config_default();
+    t->loss_cfg = seg_loss_config_from_model(m);
     t->enc = calloc((size_t)c->enc_layers + 1, sizeof *t->enc);
     t->dec = calloc((size_t)L, sizeof *t->dec);
     t->blocks = calloc((size_t)c->layers, sizeof *t->blocks);
@@ -12244,6 +12316,7 @@ static int dataset_read_list(loupe_dataset *d, const char *path, char *err, size
     rc = dispatch_read_all(f, path, &text, &size, err, errsize);
     fclose(f);
     if (rc) return -1;
+    if (size >= 3 && text[0] == 0xEF && text[1] == 0xBB && text[2] == 0xBF) pos = 3; /* a UTF-8 byte-order mark */
     dir_len = (size_t)(base - path);
     if (dir_len) dir_len--; /* without the separator */
     if (base != path && dir_len == 0) dir_len = 1; /* a list in "/" */
@@ -12666,6 +12739,17 @@ done:
 
 /* ---- Validation metrics (Metric, mean_iou) ---- */
 
+/* A quiet NaN (the value of an undefined metric). */
+static double metrics_nan(void)
+{
+#ifdef NAN
+    return (double)NAN;
+#else
+    volatile double zero = 0.0;
+    return zero / zero;
+#endif
+}
+
 struct loupe_metrics_acc {
     float *prob;
     unsigned char *label;
@@ -12748,7 +12832,7 @@ static int metrics_auc(const loupe_metrics_acc *a, double *auc, char *err, size_
     unsigned long long twice = 0;
     for (i = 0; i < a->n; i++) np += a->label[i];
     nn = a->n - np;
-    if (!np || !nn) { *auc = NAN; return 0; }
+    if (!np || !nn) { *auc = metrics_nan(); return 0; }
     pos = malloc(np * sizeof *pos);
     neg = malloc(nn * sizeof *neg);
     if (!pos || !neg) { free(pos); free(neg); return fail(err, errsize, "out of memory"); }
@@ -12785,14 +12869,14 @@ int loupe_metrics_result(const loupe_metrics_acc *a, loupe_metrics *out, char *e
     }
     out->images = (long long)a->n;
     out->forged_images = (long long)forged;
-    out->accuracy = a->n ? (double)correct / (double)a->n : NAN;
+    out->accuracy = a->n ? (double)correct / (double)a->n : metrics_nan();
     out->pixel_images = a->pixel_images;
     out->tp = (long long)a->tp;
     out->fp = (long long)a->fp;
     out->fn = (long long)a->fn;
     out->tn = (long long)a->tn;
     if (!a->pixel_images) {
-        out->f1 = out->iou = NAN;
+        out->f1 = out->iou = metrics_nan();
     } else {
         /* f1_score(average="binary", zero_division=1) as scikit-learn 1.2 computes it */
         double tp = (double)a->tp, fp = (double)a->fp, fn = (double)a->fn, tn = (double)a->tn;
@@ -12804,7 +12888,7 @@ int loupe_metrics_result(const loupe_metrics_acc *a, loupe_metrics *out, char *e
         /* mean_iou(num_labels=2): per class intersect / union, nanmean */
         if (a->tn + a->fp + a->fn) { iou_sum += tn / (tn + fp + fn); classes++; }
         if (a->tp + a->fp + a->fn) { iou_sum += tp / (tp + fp + fn); classes++; }
-        out->iou = classes ? iou_sum / classes : NAN;
+        out->iou = classes ? iou_sum / classes : metrics_nan();
     }
     out->overall = (out->auc + out->iou + out->f1) / 3.0;
     return 0;
@@ -13006,12 +13090,14 @@ static int cli_tta_run(const cli_tta *o, const loupe_model *m, loupe_session *s,
 /* ---- The command ---- */
 
 static const char usage_text[] =
-    "usage: loupe -m MODEL.bin [options] IMAGE_OR_DIR...\n"
+    "usage: loupe [-m MODEL.bin] [options] IMAGE_OR_DIR...\n"
     "\n"
     "Detects and localizes image forgeries with Loupe. Prints one line per image,\n"
     "`name,probability` (the line upstream writes to predictions.txt).\n"
     "\n"
-    "  -m, --model FILE      weight file written by tools/convert.py (required)\n"
+    "  -m, --model FILE      weight file (tools/convert.py, loupe train or loupe init);\n"
+    "                        default: $LOUPE_MODEL, else the demo model weights/loupe-demo.bin\n"
+    "                        (a small model trained by loupe.c; see weights/README.md)\n"
     "  -o, --output DIR      also write DIR/predictions.txt and DIR/masks/<stem>.png\n"
     "                        (8-bit gray at the original size, 255 = forged, 0 = real)\n"
     "      --overlay         with -o, also write DIR/overlays/<stem>.png: the photo\n"
@@ -13028,7 +13114,8 @@ static const char usage_text[] =
     "A file that cannot be read or decoded is reported and skipped; the exit status is\n"
     "then 1. Outputs are written under a temporary name and renamed when complete.\n"
     "\n"
-    "loupe eval -m MODEL.bin DATA scores a labelled dataset (see loupe eval -h).\n";
+    "loupe eval -m MODEL.bin DATA scores a labelled dataset (see loupe eval -h); loupe train\n"
+    "trains a model (loupe train -h); loupe init writes a randomly initialised one (loupe init -h).\n";
 
 /* Overlay tint: pixel = (1 - a) * photo + a * red, a = OVERLAY_ALPHA * min(prob, 1). */
 #define OVERLAY_ALPHA 0.6f
@@ -13145,6 +13232,31 @@ static int cli_number(const char *opt, const char *arg, double lo, double hi, do
     return 0;
 }
 
+/* The model used without -m: $LOUPE_MODEL, else the demo model of the repository loupe
+ * was built in (the Makefile compiles its path in), else weights/loupe-demo.bin next to
+ * the executable or in the current directory. NULL when none exists; *demo is set when
+ * it is the demo model. */
+#ifndef LOUPE_DEMO_MODEL
+#define LOUPE_DEMO_MODEL "weights/loupe-demo.bin"
+#endif
+#define DEMO_MODEL_NAME "weights/loupe-demo.bin"
+static const char *cli_default_model(const char *argv0, char *buf, size_t n, int *demo)
+{
+    const char *env = getenv("LOUPE_MODEL");
+    const char *slash = argv0 ? strrchr(argv0, '/') : NULL;
+    FILE *f;
+    *demo = 0;
+    if (env && *env) return env;
+    *demo = 1;
+    if ((f = fopen(LOUPE_DEMO_MODEL, "rb"))) { fclose(f); return LOUPE_DEMO_MODEL; }
+    if (slash && (size_t)(slash - argv0) + sizeof DEMO_MODEL_NAME + 1 < n) {
+        snprintf(buf, n, "%.*s/%s", (int)(slash - argv0), argv0, DEMO_MODEL_NAME);
+        if ((f = fopen(buf, "rb"))) { fclose(f); return buf; }
+    }
+    if ((f = fopen(DEMO_MODEL_NAME, "rb"))) { fclose(f); return DEMO_MODEL_NAME; }
+    return NULL;
+}
+
 /* Parses the command line; 0 to run, 1 when help was shown, 2 on a usage error. */
 static int cli_parse(int argc, char **argv, cli_options *o)
 {
@@ -13177,8 +13289,20 @@ static int cli_parse(int argc, char **argv, cli_options *o)
         fprintf(stderr, "loupe: %s needs a value (see loupe -h)\n", a);
         return 2;
     }
-    if (!o->model) { fprintf(stderr, "loupe: no model given: use -m MODEL.bin (see loupe -h)\n"); return 2; }
     if (o->n_inputs == 0) { fprintf(stderr, "loupe: no images given (see loupe -h)\n"); return 2; }
+    if (!o->model) {
+        static char found[PATH_MAX_LEN];
+        int demo;
+        o->model = cli_default_model(argv[0], found, sizeof found, &demo);
+        if (!o->model) {
+            fprintf(stderr, "loupe: no model given and no demo model found (%s): use -m MODEL.bin or set "
+                    "LOUPE_MODEL (see loupe -h)\n", LOUPE_DEMO_MODEL);
+            return 2;
+        }
+        if (demo && !o->quiet)
+            fprintf(stderr, "loupe: using the demo model %s (small, trained by loupe.c on synthetic forgeries; "
+                    "weights/README.md says what it finds and where real weights come from)\n", o->model);
+    }
     if (o->overlay && !o->outdir) { fprintf(stderr, "loupe: --overlay needs -o DIR\n"); return 2; }
     return 0;
 }

@@ -65,9 +65,14 @@ EOF
 
 # 1. help and usage errors
 run_loupe -h > "$tmp/help" 2>&1; rc=$?
-check "loupe -h exits 0 and prints the usage" sh -c "[ $rc -eq 0 ] && grep -q 'usage: loupe -m MODEL.bin' '$tmp/help'"
+check "loupe -h exits 0 and prints the usage" sh -c "[ $rc -eq 0 ] && grep -q 'usage: loupe \\[-m MODEL.bin\\]' '$tmp/help'"
 run_loupe > /dev/null 2> "$tmp/err"; rc=$?
-check "no arguments is a usage error (exit 2)" sh -c "[ $rc -eq 2 ] && grep -q 'no model given' '$tmp/err'"
+check "no arguments is a usage error (exit 2)" sh -c "[ $rc -eq 2 ] && grep -q 'no images given' '$tmp/err'"
+LOUPE_MODEL="$tmp/missing.bin" run_loupe "$case/image.png" > /dev/null 2> "$tmp/err"; rc=$?
+check "without -m, \$LOUPE_MODEL is the model (exit 1 when missing, named)" sh -c "[ $rc -eq 1 ] && grep -q 'missing.bin' '$tmp/err'"
+LOUPE_MODEL="$model" run_loupe "$case/image.png" > "$tmp/env.out" 2> "$tmp/err"; rc=$?
+run_loupe -m "$model" "$case/image.png" > "$tmp/m.out" 2> /dev/null
+check "without -m, \$LOUPE_MODEL predicts as -m does" sh -c "[ $rc -eq 0 ] && cmp -s '$tmp/env.out' '$tmp/m.out'"
 run_loupe -m "$tmp/missing.bin" "$case/image.png" > /dev/null 2> "$tmp/err"; rc=$?
 check "a missing weight file is named (exit 1)" sh -c "[ $rc -eq 1 ] && grep -q 'missing.bin: cannot open' '$tmp/err'"
 run_loupe -m "$model" --threshold abc "$case/image.png" > /dev/null 2> "$tmp/err"; rc=$?
