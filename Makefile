@@ -35,7 +35,7 @@ export EXE
 
 .PHONY: fuzz fuzz-run test-asan test-valgrind
 .PHONY: all test test-full test-case test-unit test-convert test-images test-cli test-regress test-hostile
-.PHONY: test-example test-lowp test-batch test-metrics test-init portability bench bench-tta bench-train clean
+.PHONY: test-example test-lowp test-batch test-metrics test-init test-train-cls portability bench bench-tta bench-train clean
 
 all: loupe
 
@@ -83,6 +83,9 @@ $(BUILD)/check_metrics$(EXE): loupe.c loupe.h test/check_metrics.c | $(BUILD)
 $(BUILD)/test_backward$(EXE): loupe.c loupe.h test/test_backward.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/test_backward.c $(LDLIBS)
 
+$(BUILD)/check_train_cls$(EXE): loupe.c loupe.h test/check_train_cls.c test/golden_io.h | $(BUILD)
+	$(CC) $(ALLFLAGS) -o $@ test/check_train_cls.c $(LDLIBS)
+
 $(BUILD)/test_init$(EXE): loupe.c loupe.h test/test_init.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/test_init.c $(LDLIBS)
 
@@ -114,8 +117,8 @@ $(BUILD)/example$(EXE): test/example.c loupe.h $(BUILD)/loupe-lib.o
 # Everything is built in $(BUILD) (the ./loupe of `make` is not needed), so builds with
 # other compilers can run side by side (see `make portability`).
 TEST_SUITES = test-convert test-images test-cli test-regress test-hostile test-tiny-a test-tiny-b \
-              test-lowp-tiny-a test-lowp-tiny-b test-unit test-example test-batch test-metrics test-init test-train
-test: $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE) $(BUILD)/test_init$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_train$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/fuzz_replay$(EXE) $(BUILD)/check_batch$(EXE) $(BUILD)/check_metrics$(EXE)
+              test-lowp-tiny-a test-lowp-tiny-b test-unit test-example test-batch test-metrics test-init test-train test-train-cls
+test: $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE) $(BUILD)/test_init$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_train$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/fuzz_replay$(EXE) $(BUILD)/check_batch$(EXE) $(BUILD)/check_metrics$(EXE) $(BUILD)/check_train_cls$(EXE)
 	@sh test/summary.sh $(BUILD)/test-log.txt \
 	  $(foreach t,$(TEST_SUITES),"$(MAKE) --no-print-directory $(t)")
 
@@ -125,6 +128,11 @@ test-tiny-%:
 test-unit: $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/tiny-a.bin
 	$(RUN) $(BUILD)/test_kernels$(EXE) $(BUILD)/tiny-a.bin
 	$(RUN) $(BUILD)/test_backward$(EXE) $(BUILD)/tiny-a.bin
+
+# One training step of stage cls (backbone and classifier backward, LoupeClsLoss) against
+# tiny-a's train.* golden, and the whole backbone's backward by central differences.
+test-train-cls: $(BUILD)/check_train_cls$(EXE) $(BUILD)/tiny-a.bin
+	$(RUN) $(BUILD)/check_train_cls$(EXE) $(BUILD)/tiny-a.bin test/golden/tiny-a
 
 # Upstream's training batch (DataModule.train_collate_fn) rebuilt from the tiny-a files
 # against the golden one, bit for bit (test/check_batch.c).

@@ -6,8 +6,9 @@
  *   3. weights              the versioned flat weight file, mmap, validation, binding
  *  3b. initialisation       upstream's from-scratch weights for any config (loupe init)
  *   4. kernels              matmul, norms, activations, attention, convolutions, sampling
- *   5. backbone             Perception Encoder ViT (PE-Core-L14-336)
- *   6. classifier           global MLP, patch MLP, fuser
+ *   5. backbone             Perception Encoder ViT (PE-Core-L14-336), each module with
+ *                           its backward twin (training tapes, gradient views)
+ *   6. classifier           global MLP, patch MLP, fuser, their backward; LoupeClsLoss
  *   7. segmentor            feature pyramid, Mask2Former pixel decoder, masked-attention decoder
  *   8. post-processing      mask logits to a probability map and a binary mask
  *   9. test-time adaptation pseudo-label loss, the segmentor's backward pass, AdamW
@@ -8611,7 +8612,8 @@ typedef struct pe_work {
 /* Assigns (or, while measuring, counts) the backbone's and the classifier's tapes and
  * the backward scratch (each skipped when NULL), for a session of the model c. The
  * attention scratch is sized for max_threads() at this call. Full size (24 layers,
- * T = 577, W = 1024, M = 4096): tape 570 MB, scratch 60 MB. */
+ * T = 577, W = 1024, M = 4096): backbone tape 577 MB, classifier tape 5 MB, scratch
+ * 57 MB + 2.7 MB per thread. */
 static void pe_train_layout(const loupe_config *c, pe_tape *bt, cls_tape *ct, pe_work *k, arena *a)
 {
     size_t N = (size_t)c->grid * c->grid, T = N + 1, W = (size_t)c->width, M = (size_t)c->mlp_width;
@@ -9095,14 +9097,6 @@ static double loupe_cls_loss(const cls_loss_config *cfg, float fused_logit, floa
     out->total = out->cls_part + out->patch_part;
     return out->total;
 }
-
-/* The training entry points of sections 5 and 6, referenced here until the trainer
- * calls them, so that builds without the tests do not warn about unused functions. */
-void (*const loupe_training_entry_points[])(void) = {
-    (void (*)(void))pe_train_layout, (void (*)(void))vision_transformer_backward,
-    (void (*)(void))loupe_classifier_backward, (void (*)(void))cls_loss_config_default,
-    (void (*)(void))loupe_cls_loss
-};
 
 /* ========================================================================== */
 /* 7. Segmentor (LoupeSegmentor: FeaturePyramid, PixelDecoder, Mask2Former)    */

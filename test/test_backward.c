@@ -8,6 +8,9 @@
  * accumulated in double: |fd - analytic| <= FD_TOL * max|analytic| over the tensor. The
  * rounding noise of a float forward is about 6e-8 * |objective| / step, far below
  * FD_TOL. Backwards must also accumulate (+=): each is called twice and must double.
+ * The backbone's and the classifier's modules run on a model of odd small sizes built
+ * here (no weight file), every parameter trained; a frozen block must pass the same
+ * input gradient, and frozen BF16/Q8 weights the input gradient of their values.
  * Given the tiny golden weight file, the whole TTA step is also checked in its
  * no-target branch (pseudo label forced below 0.5) and by central differences through
  * the whole segmentor. */
@@ -479,6 +482,29 @@ static void test_linear_w(void)
     }
     for (i = 0; i < LW_ROWS * LW_LDDX; i++) same &= dx[i] == dxb[i];
     check(same, "linear_backward_w: a BF16 weight gives its float32 values' input gradient", 0.0);
+    /* a Q8 weight (rows padded to whole blocks, one scale per block) likewise */
+    {
+        enum { LD = (LW_IN + Q8_BLOCK - 1) / Q8_BLOCK * Q8_BLOCK, NBLK = LD / Q8_BLOCK };
+        int8_t q[LW_OUT * LD];
+        float scale[LW_OUT * NBLK];
+        wmat m = wmat_f32(NULL, LD);
+        int o, l;
+        for (o = 0; o < LW_OUT; o++) {
+            for (l = 0; l < NBLK; l++) scale[o * NBLK + l] = 0.01f * (1.5f + rnd(&s));
+            for (l = 0; l < LD; l++) {
+                q[o * LD + l] = (int8_t)(l < LW_IN ? (int)(127.0f * rnd(&s)) : 0);
+                if (l < LW_IN) rounded[o * LW_IN + l] = (float)q[o * LD + l] * scale[o * NBLK + l / Q8_BLOCK];
+            }
+        }
+        m.data = q;
+        m.scale = scale;
+        m.dtype = DTYPE_Q8;
+        memset(dx, 0, sizeof dx); memset(dxb, 0, sizeof dxb);
+        linear_backward_w(dx, LW_LDDX, none, c.r, LW_LDY, c.x, LW_LDX, LW_ROWS, LW_IN, LW_OUT, wmat_f32(rounded, LW_IN));
+        linear_backward_w(dxb, LW_LDDX, none, c.r, LW_LDY, c.x, LW_LDX, LW_ROWS, LW_IN, LW_OUT, m);
+        for (same = 1, i = 0; i < LW_ROWS * LW_LDDX; i++) same &= dx[i] == dxb[i];
+        check(same, "linear_backward_w: a Q8 weight gives its float32 values' input gradient", 0.0);
+    }
 }
 
 /* ---- the backbone and the classifier on a model of odd small sizes (no weight file) ----
