@@ -109,6 +109,9 @@ $(BUILD)/make_weights$(EXE): test/make_weights.c | $(BUILD)
 $(BUILD)/loupe-lib.o: loupe.c loupe.h | $(BUILD)
 	$(CC) $(ALLFLAGS) -DLOUPE_NO_MAIN -c -o $@ loupe.c
 
+$(BUILD)/check_demo$(EXE): test/check_demo.c loupe.h $(BUILD)/loupe-lib.o
+	$(CC) $(ALLFLAGS) -o $@ test/check_demo.c $(BUILD)/loupe-lib.o $(LDLIBS)
+
 $(BUILD)/example$(EXE): test/example.c loupe.h $(BUILD)/loupe-lib.o
 	$(CC) $(ALLFLAGS) -o $@ test/example.c $(BUILD)/loupe-lib.o $(LDLIBS)
 
@@ -117,8 +120,8 @@ $(BUILD)/example$(EXE): test/example.c loupe.h $(BUILD)/loupe-lib.o
 # Everything is built in $(BUILD) (the ./loupe of `make` is not needed), so builds with
 # other compilers can run side by side (see `make portability`).
 TEST_SUITES = test-convert test-images test-cli test-regress test-hostile test-tiny-a test-tiny-b \
-              test-lowp-tiny-a test-lowp-tiny-b test-unit test-example test-batch test-metrics test-init test-train test-train-cls
-test: $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE) $(BUILD)/test_init$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_train$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/fuzz_replay$(EXE) $(BUILD)/check_batch$(EXE) $(BUILD)/check_metrics$(EXE) $(BUILD)/check_train_cls$(EXE)
+              test-lowp-tiny-a test-lowp-tiny-b test-unit test-example test-batch test-metrics test-init test-train test-train-cls test-demo
+test: $(BUILD)/loupe$(EXE) $(BUILD)/check_demo$(EXE) $(BUILD)/make_shapes$(EXE) $(BUILD)/test_init$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_train$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/fuzz_replay$(EXE) $(BUILD)/check_batch$(EXE) $(BUILD)/check_metrics$(EXE) $(BUILD)/check_train_cls$(EXE)
 	@sh test/summary.sh $(BUILD)/test-log.txt \
 	  $(foreach t,$(TEST_SUITES),"$(MAKE) --no-print-directory $(t)")
 
@@ -144,6 +147,10 @@ test-batch: $(BUILD)/check_batch$(EXE) $(BUILD)/tiny-a.bin
 # stop before any compute (test/test_train.sh).
 test-train: $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE)
 	sh test/test_train.sh $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE) $(BUILD)
+
+# The shipped demo model on its samples: library, command line without -m, -m, $$LOUPE_MODEL.
+test-demo: $(BUILD)/loupe$(EXE) $(BUILD)/check_demo$(EXE)
+	sh test/test_demo.sh $(BUILD)/loupe$(EXE) $(BUILD)/check_demo$(EXE)
 
 # Upstream's validation metrics (auc, f1, iou, overall) on the metrics golden.
 test-metrics: $(BUILD)/check_metrics$(EXE)
