@@ -11,10 +11,11 @@
  *   6. classifier           global MLP, patch MLP, fuser, their backward; LoupeClsLoss
  *   7. segmentor            feature pyramid, Mask2Former pixel decoder, masked-attention decoder
  *   8. post-processing      mask logits to a probability map and a binary mask
- *   9. test-time adaptation pseudo-label loss, the segmentor's backward pass, AdamW
+ *   9. training             LoupeSegLoss, the segmentor's backward, the trainer of
+ *                           every stage (test-time adaptation is one), AdamW, state files
  *  10. datasets, metrics    labelled datasets, upstream's training examples (masks
  *                           dithered, resized, patch labels), validation metrics
- *  11. CLI                  the `loupe` command (`loupe eval` scores a labelled set)
+ *  11. CLI                  the `loupe` command (`loupe train`, `loupe eval`, `loupe init`)
  *
  * Tensors are float32 and row-major. Token sequences are [tokens][channels]; feature
  * maps are stored channels-last, [H*W][C], so that every 1x1 convolution and every
@@ -9547,14 +9548,16 @@ const loupe_outputs *loupe_get_outputs(const loupe_session *s) { return &s->out;
 
 
 /* ========================================================================== */
-/* 9. Test-time adaptation (LitModel.training_step in stage test, LoupeSegLoss) */
+/* 9. Training (LitModel.training_step, LoupeSegLoss; test-time adaptation)     */
 /* ========================================================================== */
-/* Loupe adapts its segmentor on unlabeled images: the classifier's own verdict becomes
- * the target, LoupeSegLoss scores the segmentor's predictions against it, and one
- * AdamW step follows. This section holds the loss with its gradient, the segmentor's
- * backward (module by module, in the reverse order of section 7, on the kernels'
- * *_backward twins), the optimizer, and the loupe_tta API. The backbone and the
- * classifier stay frozen (only segmentor.* tensors are trained; see README). */
+/* One trainer for upstream's stages cls, seg and cls_seg and for test-time adaptation
+ * (TTA: the classifier's own verdict is the segmentor's target, and only the segmentor
+ * trains). This section holds LoupeSegLoss with its gradient (LoupeClsLoss is in section
+ * 6), the segmentor's backward (module by module, in the reverse order of section 7, on
+ * the kernels' *_backward twins; the backbone's and the classifier's are in sections 5
+ * and 6), the trainer (trained tensors copied out of the read-only model, parameter
+ * groups, tapes, one image of a batch at a time), clipping and AdamW, state files, and
+ * the loupe_trainer / loupe_tta API. */
 
 /* ---- Pseudo-label segmentation loss of test-time adaptation, and its gradient ----
  *
@@ -9595,10 +9598,11 @@ const loupe_outputs *loupe_get_outputs(const loupe_session *s) { return &s->out;
  * torch.rand call order, so a test can replay PyTorch's exact draws (without a target
  * upstream's point sampling draws zero numbers, so nothing is drawn here).
  *
- * Differences from upstream, by design: with no target upstream's Tversky term is the
- * mean over zero masks (NaN) and so is the total; here loss_dice (and loss_mask) is
- * 0. Only one image (batch 1) and at most one target are handled, which is all that
- * Loupe's pseudo labels produce. */
+ * Differences from upstream, by design: with no target in the batch upstream's Tversky
+ * term is the mean over zero masks (NaN) and so is the total; here loss_dice (and
+ * loss_mask) is 0. Every image has at most one target (one forgery class), which is
+ * all Loupe's labels and pseudo labels produce; training labels are the same loss with
+ * ground-truth targets (mask_labels at the input size) over a batch (seg_batch). */
 
 #define SEG_NUM_CLASSES 2                 /* class logits per query: [forgery, no-object] */
 #define SEG_FORGERY_CLASS 0               /* the pseudo target's class */
