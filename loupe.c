@@ -8706,9 +8706,10 @@ static void pe_embed_backward(const loupe_session *s, const pe_grads *g, const f
     if (g->conv1) gemm_tn(W, K, N, d_x0 + W, W, s->patches, K, g->conv1, K);
 }
 
-/* Rope2D.__call__: rotates the q and k parts of qkv [T][3W] in place; channel pairs
- * (2i, 2i+1) turn by the token's angle: (a, b) -> (a cos - b sin, b cos + a sin). */
-static void pe_rope2d(float *qkv, int T, int W, int heads, const float *cosv, const float *sinv)
+/* Turns the q and k parts of qkv [T][3W] in place: each channel pair (2i, 2i+1) of a
+ * token by its angle times dir (+1 or -1; the tables repeat every angle for both
+ * channels of a pair): (a, b) -> (a cos - b dir sin, b cos + a dir sin). */
+static void pe_rope2d_turn(float *qkv, int T, int W, int heads, const float *cosv, const float *sinv, float dir)
 {
     int dh = W / heads, t;
 #ifdef _OPENMP
@@ -8721,35 +8722,26 @@ static void pe_rope2d(float *qkv, int T, int W, int heads, const float *cosv, co
             for (h = 0; h < heads; h++) {
                 float *v = qkv + (size_t)t * 3 * W + (size_t)part * W + (size_t)h * dh;
                 for (i = 0; i < dh; i += 2) {
-                    float a = v[i], b = v[i + 1];
-                    v[i] = a * cs[i] - b * sn[i];
-                    v[i + 1] = b * cs[i + 1] + a * sn[i + 1];
+                    float a = v[i], b = v[i + 1], s0 = dir * sn[i], s1 = dir * sn[i + 1];
+                    v[i] = a * cs[i] - b * s0;
+                    v[i + 1] = b * cs[i + 1] + a * s1;
                 }
             }
     }
+}
+
+/* Rope2D.__call__: rotates the q and k parts of qkv [T][3W] in place by each token's
+ * angles: (a, b) -> (a cos - b sin, b cos + a sin). */
+static void pe_rope2d(float *qkv, int T, int W, int heads, const float *cosv, const float *sinv)
+{
+    pe_rope2d_turn(qkv, T, W, heads, cosv, sinv, 1.0f);
 }
 
 /* Rope2D backward, in place on d qkv [T][3W] (q and k parts): the transposed (inverse)
  * rotation, (da', db') -> (da' cos + db' sin, db' cos - da' sin). */
 static void pe_rope2d_backward(float *dqkv, int T, int W, int heads, const float *cosv, const float *sinv)
 {
-    int dh = W / heads, t;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)T * W * 4))
-#endif
-    for (t = 0; t < T; t++) {
-        const float *cs = cosv + (size_t)t * dh, *sn = sinv + (size_t)t * dh;
-        int part, h, i;
-        for (part = 0; part < 2; part++)
-            for (h = 0; h < heads; h++) {
-                float *v = dqkv + (size_t)t * 3 * W + (size_t)part * W + (size_t)h * dh;
-                for (i = 0; i < dh; i += 2) {
-                    float da = v[i], db = v[i + 1];
-                    v[i] = da * cs[i] + db * sn[i + 1];
-                    v[i + 1] = db * cs[i + 1] - da * sn[i];
-                }
-            }
-    }
+    pe_rope2d_turn(dqkv, T, W, heads, cosv, sinv, -1.0f);
 }
 
 /* ResidualAttentionBlock.forward (SelfAttention with RoPE, then the GELU MLP) of block i:
