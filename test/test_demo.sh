@@ -16,7 +16,7 @@ check() { # check DESCRIPTION COMMAND...
     if "$@"; then passed=$((passed + 1)); echo "ok   $what"; else failed=$((failed + 1)); echo "FAIL $what"; fi
 }
 samples=$(ls weights/samples/*.jpg weights/samples/*.png 2>/dev/null | grep -v '\.mask\.png$')
-$RUN "$check_demo" weights/loupe-demo.bin weights/samples
+$RUN "$check_demo" weights/loupe-demo.bin $samples
 check "the library: every sample as the README says" test $? -eq 0
 (cd "$tmp" && $RUN "$OLDPWD/$loupe" -q -m "$OLDPWD/weights/loupe-demo.bin" $(for f in $samples; do echo "$OLDPWD/$f"; done)) > "$tmp/m.txt"
 $RUN "$loupe" $samples > "$tmp/default.txt" 2> "$tmp/default.err"
