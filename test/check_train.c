@@ -56,23 +56,13 @@ static golden_tensor *findf(const char *fmt, const char *a, int b, int c)
     return find(name);
 }
 
-static void diff(const float *a, const float *g, long n, double *maxd, double *maxg)
-{
-    long i;
-    *maxd = *maxg = 0.0;
-    for (i = 0; i < n; i++) {
-        double d = fabs((double)a[i] - g[i]);
-        if (!(d <= *maxd)) *maxd = d;
-        if (fabs(g[i]) > *maxg) *maxg = fabs(g[i]);
-    }
-}
 
 /* Compares n values of ours with golden values g within rel * max|g|. */
 static void compare_values(const char *name, const float *ours, const float *g, long n, double rel)
 {
     double maxd, maxg;
     int ok;
-    diff(ours, g, n, &maxd, &maxg);
+    golden_diff(ours, g, n, &maxd, &maxg);
     ok = maxd <= rel * maxg;
     printf("%-58s %-4s max|d| %.3g  tol %.3g\n", name, ok ? "ok" : "FAIL", maxd, rel * maxg);
     verdict(ok);
@@ -303,7 +293,7 @@ static void check_stage(const char *model_path, const char *dir, int si)
             n_found++;
             buf = malloc(tp->numel * sizeof *buf);
             param_to_upstream(tp, t->grad + tp->offset, buf);
-            diff(buf, gg->data, gg->numel, &maxd, &maxg);
+            golden_diff(buf, gg->data, gg->numel, &maxd, &maxg);
             free(buf);
             if (strstr(tp->name, "self_attn.k_proj.bias")) { tol = KPROJ_BIAS_ABS_TOL; rel = 0.0; }
             else {

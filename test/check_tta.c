@@ -68,17 +68,6 @@ static golden *find(golden_set *gs, const char *name)
     return NULL;
 }
 
-/* max |a - g| (NaN counts as the worst) and max |g| over n values. */
-static void diff(const float *a, const float *g, long n, double *maxd, double *maxg)
-{
-    long i;
-    *maxd = *maxg = 0.0;
-    for (i = 0; i < n; i++) {
-        double d = fabs((double)a[i] - g[i]);
-        if (!(d <= *maxd)) *maxd = d;
-        if (fabs(g[i]) > *maxg) *maxg = fabs(g[i]);
-    }
-}
 
 /* Compares a tensor within rel * max|golden|; prints one line. */
 static void compare_tensor(golden_set *gs, const char *name, const float *ours, long numel, double rel)
@@ -88,7 +77,7 @@ static void compare_tensor(golden_set *gs, const char *name, const float *ours, 
     int ok;
     if (!g) { printf("%-44s (not in the case)\n", name); return; }
     if (g->numel != numel) { printf("%-44s FAIL %ld elements, golden %ld\n", name, numel, g->numel); verdict(0); return; }
-    diff(ours, g->data, numel, &maxd, &maxg);
+    golden_diff(ours, g->data, numel, &maxd, &maxg);
     ok = maxd <= rel * maxg;
     printf("%-44s %-4s max|d| %.3g  tol %.3g  max|g| %.3g\n", name, ok ? "ok" : "FAIL", maxd, rel * maxg, maxg);
     verdict(ok);
@@ -301,7 +290,7 @@ int main(int argc, char **argv)
         if ((long)tp->numel != g->numel) { printf("%s FAIL shape\n", g->name); verdict(0); continue; }
         buf = malloc(tp->numel * sizeof *buf);
         param_to_upstream(tp, t->grad + tp->offset, buf);
-        diff(buf, g->data, g->numel, &maxd, &maxg);
+        golden_diff(buf, g->data, g->numel, &maxd, &maxg);
         free(buf);
         if (strstr(pname, "self_attn.k_proj.bias")) { tol = KPROJ_BIAS_ABS_TOL; rel = -1.0; }
         else { tol = GRAD_REL_TOL * maxg; rel = maxg > 0.0 ? maxd / maxg : maxd; }
@@ -366,7 +355,7 @@ int main(int argc, char **argv)
             if (!(g = find(&gs, name)) || g->numel != (long)tp->numel) { missing++; continue; }
             buf = malloc(tp->numel * sizeof *buf);
             param_to_upstream(tp, t->param + tp->offset, buf);
-            diff(buf, g->data, g->numel, &maxd, &maxg);
+            golden_diff(buf, g->data, g->numel, &maxd, &maxg);
             if (maxd > step_err) step_err = maxd;
             for (j = 0; j < g->numel; j++) {
                 float a = fabsf(g->data[j]);

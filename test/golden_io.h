@@ -5,6 +5,7 @@
 #ifndef GOLDEN_IO_H
 #define GOLDEN_IO_H
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -82,4 +83,16 @@ static int golden_load(const char *prog, const char *dir, const char *stem, gold
     free(blob);
     return 0;
 }
+/* max |a - g| (NaN counts as the worst) and max |g| over n values. */
+static void golden_diff(const float *a, const float *g, long n, double *maxd, double *maxg)
+{
+    long i;
+    *maxd = *maxg = 0.0;
+    for (i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - g[i]);
+        if (!(d <= *maxd)) *maxd = d;
+        if (fabs(g[i]) > *maxg) *maxg = fabs(g[i]);
+    }
+}
+
 #endif
