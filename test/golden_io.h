@@ -84,7 +84,7 @@ static int golden_load(const char *prog, const char *dir, const char *stem, gold
     return 0;
 }
 /* max |a - g| (NaN counts as the worst) and max |g| over n values. */
-static void golden_diff(const float *a, const float *g, long n, double *maxd, double *maxg)
+static inline void golden_diff(const float *a, const float *g, long n, double *maxd, double *maxg)
 {
     long i;
     *maxd = *maxg = 0.0;
