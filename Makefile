@@ -120,8 +120,8 @@ $(BUILD)/example$(EXE): test/example.c loupe.h $(BUILD)/loupe-lib.o
 # Everything is built in $(BUILD) (the ./loupe of `make` is not needed), so builds with
 # other compilers can run side by side (see `make portability`).
 TEST_SUITES = test-convert test-images test-cli test-regress test-hostile test-tiny-a test-tiny-b \
-              test-lowp-tiny-a test-lowp-tiny-b test-unit test-example test-batch test-metrics test-init test-train test-train-cls test-demo
-test: $(BUILD)/loupe$(EXE) $(BUILD)/check_demo$(EXE) $(BUILD)/make_shapes$(EXE) $(BUILD)/test_init$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_train$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/fuzz_replay$(EXE) $(BUILD)/check_batch$(EXE) $(BUILD)/check_metrics$(EXE) $(BUILD)/check_train_cls$(EXE)
+              test-lowp-tiny-a test-lowp-tiny-b test-unit test-example test-batch test-metrics test-init test-train test-train-cls
+test: $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE) $(BUILD)/test_init$(EXE) $(BUILD)/test_kernels$(EXE) $(BUILD)/test_backward$(EXE) $(BUILD)/check_golden$(EXE) $(BUILD)/check_tta$(EXE) $(BUILD)/check_train$(EXE) $(BUILD)/check_images$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/example$(EXE) $(BUILD)/check_lowp$(EXE) $(BUILD)/fuzz_replay$(EXE) $(BUILD)/check_batch$(EXE) $(BUILD)/check_metrics$(EXE) $(BUILD)/check_train_cls$(EXE)
 	@sh test/summary.sh $(BUILD)/test-log.txt \
 	  $(foreach t,$(TEST_SUITES),"$(MAKE) --no-print-directory $(t)")
 
@@ -148,7 +148,8 @@ test-batch: $(BUILD)/check_batch$(EXE) $(BUILD)/tiny-a.bin
 test-train: $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE)
 	sh test/test_train.sh $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE) $(BUILD)
 
-# The shipped demo model on its samples: library, command line without -m, -m, $$LOUPE_MODEL.
+# The demo model on its samples: library, command line without -m, -m, $$LOUPE_MODEL.
+# Not in make test yet: no demo model is shipped (weights/README.md, "Demo model").
 test-demo: $(BUILD)/loupe$(EXE) $(BUILD)/check_demo$(EXE)
 	sh test/test_demo.sh $(BUILD)/loupe$(EXE) $(BUILD)/check_demo$(EXE)
 
@@ -348,9 +349,10 @@ demo-data: demo-deps
 	  --valid $(DEMO_VALID) --size $(DEMO_SIZE)
 
 # The data tool's unit test (synthetic photos, no network); not part of `make test`.
-# The demo model (weights/loupe-demo.bin): weights/demo-config.json initialised by loupe init,
+# A demo model (weights/loupe-demo.bin): weights/demo-config.json initialised by loupe init,
 # trained by loupe train --stage cls_seg on make demo-data's set (DEMO_TRAIN=6000
 # DEMO_VALID=400), the best epoch by validation overall kept; log in $(BUILD)/demo-model/.
+# The first recipe (these flags) did not reach usable accuracy: weights/README.md.
 DEMO_EPOCHS ?= 3
 DEMO_MODEL_FLAGS ?= --epochs $(DEMO_EPOCHS) --batch 16 --accum 1 --lr 5e-4 --backbone-lr 5e-4 --weight-decay 0.05 \
                     --schedule cosine --warmup 0.05 --seed 1
