@@ -311,6 +311,7 @@ fuzz-run: fuzz
 bench-train: $(BUILD)/bench_train$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE)
 	@test -f $(BUILD)/full-1.bin || $(MAKE) --no-print-directory $(BUILD)/full-1.bin
 	OMP_NUM_THREADS=2 $(RUN) $(BUILD)/bench_train$(EXE) $(BUILD)/full-1.bin cls_seg 3
+	OMP_NUM_THREADS=2 $(RUN) $(BUILD)/bench_train$(EXE) $(BUILD)/full-1.bin seg 3
 	OMP_NUM_THREADS=2 $(RUN) $(BUILD)/bench_train$(EXE) $(BUILD)/full-1.bin seg-cached 3
 	@sh test/bench_train_tiny.sh $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE) $(BUILD)
 
