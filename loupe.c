@@ -8706,9 +8706,10 @@ static void pe_embed_backward(const loupe_session *s, const pe_grads *g, const f
     if (g->conv1) gemm_tn(W, K, N, d_x0 + W, W, s->patches, K, g->conv1, K);
 }
 
-/* Turns the q and k parts of qkv [T][3W] in place: each channel pair (2i, 2i+1) of a
- * token by its angle times dir (+1 or -1; the tables repeat every angle for both
- * channels of a pair): (a, b) -> (a cos - b dir sin, b cos + a dir sin). */
+/* Turns the q and k parts of qkv [T][3W] in place, each channel pair (2i, 2i+1) of a
+ * token: dir +1 rotates, (a, b) -> (a cos_2i - b sin_2i, b cos_2i+1 + a sin_2i+1); dir -1
+ * applies the transposed matrix (the backward; the inverse rotation, as the tables
+ * repeat every angle for both channels of a pair). */
 static void pe_rope2d_turn(float *qkv, int T, int W, int heads, const float *cosv, const float *sinv, float dir)
 {
     int dh = W / heads, t;
@@ -8722,7 +8723,8 @@ static void pe_rope2d_turn(float *qkv, int T, int W, int heads, const float *cos
             for (h = 0; h < heads; h++) {
                 float *v = qkv + (size_t)t * 3 * W + (size_t)part * W + (size_t)h * dh;
                 for (i = 0; i < dh; i += 2) {
-                    float a = v[i], b = v[i + 1], s0 = dir * sn[i], s1 = dir * sn[i + 1];
+                    /* dir -1 is the transpose: each channel takes its partner's sine */
+                    float a = v[i], b = v[i + 1], s0 = dir * sn[i + (dir < 0)], s1 = dir * sn[i + (dir > 0)];
                     v[i] = a * cs[i] - b * s0;
                     v[i + 1] = b * cs[i + 1] + a * s1;
                 }
