@@ -13385,27 +13385,12 @@ static int cli_write_atomic(const char *path, const void *data, size_t n)
     return 0;
 }
 
-/* The file name without directories ("a/b/c.jpg" -> "c.jpg"). */
-static const char *cli_basename(const char *path)
-{
-    const char *b = path, *p;
-    for (p = path; *p; p++)
-        if (*p == '/' || *p == '\\') b = p + 1;
-    return b;
-}
-
-/* Length of the file name without its extension ("c.jpg" -> 1). */
-static int cli_stem_len(const char *name)
-{
-    const char *dot = strrchr(name, '.');
-    return (int)(dot && dot != name ? (size_t)(dot - name) : strlen(name));
-}
 
 /* Orders inputs by the stem of their file name. */
 static int cli_cmp_stem(const void *a, const void *b)
 {
-    const char *x = cli_basename(*(char *const *)a), *y = cli_basename(*(char *const *)b);
-    int lx = cli_stem_len(x), ly = cli_stem_len(y), c = strncmp(x, y, (size_t)(lx < ly ? lx : ly));
+    const char *x = dataset_basename(*(char *const *)a), *y = dataset_basename(*(char *const *)b);
+    int lx = (int)dataset_stem_len(x), ly = (int)dataset_stem_len(y), c = strncmp(x, y, (size_t)(lx < ly ? lx : ly));
     return c ? c : lx - ly;
 }
 
@@ -13436,7 +13421,7 @@ static int cli_write_png(const char *dir, const char *sub, const char *name, int
     unsigned char *png;
     size_t n;
     int rc;
-    snprintf(path, sizeof path, "%s/%s/%.*s.png", dir, sub, clash ? (int)strlen(name) : cli_stem_len(name), name);
+    snprintf(path, sizeof path, "%s/%s/%.*s.png", dir, sub, clash ? (int)strlen(name) : (int)dataset_stem_len(name), name);
     if (loupe_png_encode(pix, w, h, channels, &png, &n, err, sizeof err)) {
         fprintf(stderr, "loupe: %s: %s\n", path, err);
         return -1;
@@ -13483,7 +13468,7 @@ static int cli_image(const cli_options *o, const loupe_model *m, loupe_session *
     loupe_image img;
     float *prob = NULL;
     unsigned char *mask = NULL;
-    const char *name = cli_basename(path);
+    const char *name = dataset_basename(path);
     int rc = -1, n;
     size_t npix;
     if (loupe_image_load(path, o->max_pixels, &img, err, sizeof err) || loupe_preprocess(m, &img, pixels, err, sizeof err) ||
