@@ -7414,6 +7414,17 @@ static void linear(float *y, const float *x, int rows, int in, int out, linear_w
 #define GEMM_TN_KC 256
 #endif
 
+/* a * b + c as one fused multiply-add where the target has a fast one (the loops
+ * below then vectorise to FMA instructions: ISO C mode forbids the compiler to fuse
+ * a * b + c on its own, and a multiply plus an add costs two instructions), else a
+ * product and a sum. Full and edge tiles use the same form, so every element of C is
+ * rounded the same way wherever its tile lies. */
+#ifdef FP_FAST_FMAF
+#define gemm_tn_madd(a, b, c) fmaf(a, b, c)
+#else
+#define gemm_tn_madd(a, b, c) ((a) * (b) + (c))
+#endif
+
 /* One tile of gemm_tn: C[mr][nr] += A[K][mr]^T B[K][nr]. */
 static void gemm_tn_tile(int mr, int nr, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc)
 {
@@ -7424,13 +7435,13 @@ static void gemm_tn_tile(int mr, int nr, int K, const float *A, int lda, const f
         for (k = 0; k < K; k++) {
             const float *a = A + (size_t)k * lda, *b = B + (size_t)k * ldb;
             for (i = 0; i < GEMM_TN_MR; i++)
-                for (j = 0; j < GEMM_TN_NR; j++) acc[i][j] += a[i] * b[j];
+                for (j = 0; j < GEMM_TN_NR; j++) acc[i][j] = gemm_tn_madd(a[i], b[j], acc[i][j]);
         }
     } else {
         for (k = 0; k < K; k++) {
             const float *a = A + (size_t)k * lda, *b = B + (size_t)k * ldb;
             for (i = 0; i < mr; i++)
-                for (j = 0; j < nr; j++) acc[i][j] += a[i] * b[j];
+                for (j = 0; j < nr; j++) acc[i][j] = gemm_tn_madd(a[i], b[j], acc[i][j]);
         }
     }
     for (i = 0; i < mr; i++)
