@@ -6988,17 +6988,33 @@ static int parallel_ok(double work) { return work >= PARALLEL_MIN_WORK && !omp_i
  * and one tile on the stack of the calling thread: nothing is allocated. */
 
 /* Vector type, micro-tile and cache blocking for each instruction set. gemm_vec holds
- * GEMM_LANES floats; a micro-tile is GEMM_MR rows x GEMM_NV vectors (GEMM_NR floats). */
+ * GEMM_LANES floats; a micro-tile is GEMM_MR rows x GEMM_NV vectors (GEMM_NR floats).
+ * The five blocking values are defaults: any of them can be set on the command line
+ * (`-DGEMM_KC=256`), which is how `make bench-gemm` times candidate blockings
+ * (test/bench_gemm.sh). The micro-kernel is written for any MR and NV; the checks
+ * after this block reject tiles whose accumulators cannot stay in the GEMM_VREGS
+ * vector registers and blocks too big for a thread's stack. */
 #if defined(__AVX512F__) && !defined(LOUPE_NO_SIMD)
 #include <immintrin.h>
 #define GEMM_ISA "AVX-512"
+#define GEMM_VREGS 32 /* vector registers */
 typedef __m512 gemm_vec;
 #define GEMM_LANES 16
+#ifndef GEMM_MR
 #define GEMM_MR 12
+#endif
+#ifndef GEMM_NV
 #define GEMM_NV 2
+#endif
+#ifndef GEMM_KC
 #define GEMM_KC 128
+#endif
+#ifndef GEMM_NC
 #define GEMM_NC 128
+#endif
+#ifndef GEMM_MC
 #define GEMM_MC 1024
+#endif
 #define GEMM_PEAK_CHAINS 12
 #define vec_zero() _mm512_setzero_ps()
 #define vec_load(p) _mm512_loadu_ps(p)
@@ -7011,13 +7027,24 @@ typedef __m512 gemm_vec;
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(LOUPE_NO_SIMD)
 #include <immintrin.h>
 #define GEMM_ISA "AVX2+FMA"
+#define GEMM_VREGS 16 /* vector registers */
 typedef __m256 gemm_vec;
 #define GEMM_LANES 8
+#ifndef GEMM_MR
 #define GEMM_MR 6
+#endif
+#ifndef GEMM_NV
 #define GEMM_NV 2
+#endif
+#ifndef GEMM_KC
 #define GEMM_KC 256
+#endif
+#ifndef GEMM_NC
 #define GEMM_NC 64
+#endif
+#ifndef GEMM_MC
 #define GEMM_MC 320
+#endif
 #define GEMM_PEAK_CHAINS 12
 #define vec_zero() _mm256_setzero_ps()
 #define vec_load(p) _mm256_loadu_ps(p)
@@ -7030,13 +7057,24 @@ typedef __m256 gemm_vec;
 #elif defined(__ARM_NEON) && defined(__aarch64__) && !defined(LOUPE_NO_SIMD)
 #include <arm_neon.h>
 #define GEMM_ISA "NEON"
+#define GEMM_VREGS 32 /* vector registers */
 typedef float32x4_t gemm_vec;
 #define GEMM_LANES 4
+#ifndef GEMM_MR
 #define GEMM_MR 6
+#endif
+#ifndef GEMM_NV
 #define GEMM_NV 4
+#endif
+#ifndef GEMM_KC
 #define GEMM_KC 256
+#endif
+#ifndef GEMM_NC
 #define GEMM_NC 64
+#endif
+#ifndef GEMM_MC
 #define GEMM_MC 320
+#endif
 #define GEMM_PEAK_CHAINS 12
 #define vec_zero() vdupq_n_f32(0.0f)
 #define vec_load(p) vld1q_f32(p)
@@ -7052,11 +7090,21 @@ typedef float32x4_t gemm_vec;
 #define GEMM_ISA "portable C"
 typedef float gemm_vec;
 #define GEMM_LANES 1
+#ifndef GEMM_MR
 #define GEMM_MR 2
+#endif
+#ifndef GEMM_NV
 #define GEMM_NV 64
+#endif
+#ifndef GEMM_KC
 #define GEMM_KC 256
+#endif
+#ifndef GEMM_NC
 #define GEMM_NC 64
+#endif
+#ifndef GEMM_MC
 #define GEMM_MC 320
+#endif
 #define GEMM_PEAK_CHAINS 64
 #define vec_zero() 0.0f
 #define vec_load(p) (*(p))
@@ -7072,6 +7120,23 @@ typedef float gemm_vec;
 #endif
 
 #define GEMM_NR (GEMM_LANES * GEMM_NV)
+/* Overridden blockings that the kernels cannot run well or at all. */
+#if GEMM_MR < 1 || GEMM_NV < 1 || GEMM_KC < 8 || GEMM_MC < GEMM_MR
+#error "gemm blocking: need GEMM_MR >= 1, GEMM_NV >= 1, GEMM_KC >= 8 and GEMM_MC >= GEMM_MR"
+#endif
+#if GEMM_NC < GEMM_NR || GEMM_NC % GEMM_NR != 0
+#error "gemm blocking: GEMM_NC must be a multiple of GEMM_NR (GEMM_LANES * GEMM_NV)"
+#endif
+#if defined(GEMM_VREGS) && GEMM_MR * GEMM_NV + GEMM_NV + 1 > GEMM_VREGS
+/* MR x NV accumulators, NV vectors of B and one broadcast of A must fit in registers:
+ * AVX-512 and NEON (32 registers) take e.g. MR x NV = 14 x 2, 12 x 2, 8 x 3, 6 x 4;
+ * AVX2 (16 registers) 6 x 2, 4 x 2, 3 x 3. */
+#error "gemm blocking: GEMM_MR * GEMM_NV + GEMM_NV + 1 must not exceed GEMM_VREGS (the tile would spill)"
+#endif
+#if GEMM_KC * GEMM_NC > 131072
+/* The packed block lives on the stack of every thread that runs a task. */
+#error "gemm blocking: GEMM_KC * GEMM_NC must be at most 131072 floats (512 KiB of stack per thread)"
+#endif
 /* Floats in a cache line: packed blocks start on one. */
 #define GEMM_LINE_FLOATS 16
 /* Threads get about this many tasks each, so that uneven tasks still balance. */
