@@ -7139,6 +7139,28 @@ typedef float gemm_vec;
 #endif
 /* Floats in a cache line: packed blocks start on one. */
 #define GEMM_LINE_FLOATS 16
+/* GEMM_PACK_A 1 copies each MR-row strip of A (KC floats a row) into a stack buffer
+ * whose rows are GEMM_KC + one line apart before the micro-kernel reads it: A read in
+ * place has its MR rows lda floats apart, and when lda is a multiple of 4 KiB (every
+ * backbone product: K = 1024 or 4096) the MR rows' lines all fall into the same L1
+ * set and evict each other. 0 reads A in place. The same values are summed in the
+ * same order either way; the choice is for `make bench-gemm`. */
+#ifndef GEMM_PACK_A
+#define GEMM_PACK_A 0
+#endif
+#define GEMM_A_STRIDE (GEMM_KC + GEMM_LINE_FLOATS)
+/* Products with at most this many rows and at least GEMM_SWAP_RATIO times as many
+ * columns, B float32 [N][K], are computed as C^T = B A^T (written back transposed):
+ * with few rows every packed block of B serves one or two strips of A, so packing B
+ * costs about as much as the multiply-adds (the segmentor's masks, 20 queries x 9216
+ * pixels x 256, and its attention scores). Not when the rows padded to NR columns
+ * would be more than 1.5 times the rows padded to MR (a single row: a GEMV either
+ * way). Each element of C is still the same sum in the same order, so the results are
+ * the same bits. 0 never swaps; `make bench-gemm` times both. */
+#ifndef GEMM_SWAP_MAX_M
+#define GEMM_SWAP_MAX_M 32
+#endif
+#define GEMM_SWAP_RATIO 16
 /* Threads get about this many tasks each, so that uneven tasks still balance. */
 #define GEMM_TASKS_PER_THREAD 8
 
@@ -7253,6 +7275,7 @@ typedef struct gemm_args {
     wmat B;
     size_t lda, ldc;
     int b_kn, accumulate;
+    int c_t; /* C holds the transpose: element (i, j) at C[j * ldc + i], bias by row */
     float *C;
 } gemm_args;
 
@@ -7322,16 +7345,42 @@ static void gemm_pack_b(const gemm_args *g, int n0, int nr, int p0, int kc, floa
 static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p0, int kc, const float *bp)
 {
     float tile[GEMM_MR * GEMM_NR];
+#if GEMM_PACK_A
+    float apack[GEMM_MR * GEMM_A_STRIDE];
+#endif
     int i0, j0, first = p0 == 0, load_c = !first || g->accumulate;
     for (i0 = m0; i0 < m1; i0 += GEMM_MR) {
         int mr = m1 - i0 < GEMM_MR ? m1 - i0 : GEMM_MR, r;
         const float *a[GEMM_MR];
-        for (r = 0; r < GEMM_MR; r++) a[r] = g->A + (size_t)(i0 + (r < mr ? r : mr - 1)) * g->lda + p0;
+        for (r = 0; r < GEMM_MR; r++) {
+            a[r] = g->A + (size_t)(i0 + (r < mr ? r : mr - 1)) * g->lda + p0;
+#if GEMM_PACK_A
+            if (r < mr) memcpy(apack + (size_t)r * GEMM_A_STRIDE, a[r], (size_t)kc * sizeof(float));
+            a[r] = apack + (size_t)(r < mr ? r : mr - 1) * GEMM_A_STRIDE;
+#endif
+        }
         for (j0 = 0; j0 < nc; j0 += GEMM_NR) {
             int nr = nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR, j;
             const float *panel = bp + (size_t)j0 * kc, *bias = first && g->bias ? g->bias + n0 + j0 : NULL;
             float *c = g->C + (size_t)i0 * g->ldc + n0 + j0;
             gemm_out out;
+            if (g->c_t) { /* transposed C: the tile aside, then added column by column */
+                bias = first && g->bias ? g->bias + i0 : NULL;
+                out.c = tile;
+                out.ldc = GEMM_NR;
+                out.bias = NULL;
+                out.load_c = 0;
+                gemm_micro(kc, a, panel, out);
+                for (j = 0; j < nr; j++) {
+                    float *cj = g->C + (size_t)(n0 + j0 + j) * g->ldc + i0;
+                    for (r = 0; r < mr; r++) {
+                        float t = tile[r * GEMM_NR + j];
+                        if (bias) t += bias[r];
+                        cj[r] = load_c ? cj[r] + t : t;
+                    }
+                }
+                continue;
+            }
             if (mr == GEMM_MR && nr == GEMM_NR) {
                 out.c = c;
                 out.ldc = g->ldc;
@@ -7393,12 +7442,30 @@ static void gemm_run(const gemm_args *g)
             }
         return;
     }
+    if (g->M <= GEMM_SWAP_MAX_M && g->N >= GEMM_SWAP_RATIO * g->M && !g->b_kn && !g->c_t &&
+        g->B.dtype == DTYPE_F32 && 2 * ((g->M + GEMM_NR - 1) / GEMM_NR * GEMM_NR) <= 3 * (strips * GEMM_MR)) {
+        gemm_args t = *g; /* C^T [N][M] = B [N][K] times A [M][K]^T, stored transposed */
+        t.M = g->N;
+        t.N = g->M;
+        t.A = (const float *)g->B.data;
+        t.lda = g->B.ld;
+        t.B = wmat_f32(g->A, g->lda);
+        t.c_t = 1;
+        gemm_run(&t);
+        return;
+    }
 #ifdef _OPENMP
     if (parallel_ok((double)g->M * g->N * g->K)) threads = omp_get_max_threads();
 #endif
     chunks = (strips * GEMM_MR + GEMM_MC - 1) / GEMM_MC;
     strips_per_chunk = (strips + chunks - 1) / chunks;
     chunks = (strips + strips_per_chunk - 1) / strips_per_chunk;
+    if (threads > 1 && blocks == 1 && chunks < GEMM_TASKS_PER_THREAD * threads) {
+        /* one column block (a swapped product): split the rows finer instead */
+        chunks = GEMM_TASKS_PER_THREAD * threads < strips ? GEMM_TASKS_PER_THREAD * threads : strips;
+        strips_per_chunk = (strips + chunks - 1) / chunks;
+        chunks = (strips + strips_per_chunk - 1) / strips_per_chunk;
+    }
     ranges = (GEMM_TASKS_PER_THREAD * threads + chunks - 1) / chunks;
     if (ranges > blocks) ranges = blocks;
     blocks_per_range = (blocks + ranges - 1) / ranges;
@@ -7424,6 +7491,7 @@ static void gemm_nt_w(int M, int N, int K, const float *A, int lda, wmat B, cons
     g.A = A; g.B = B; g.bias = bias; g.C = C;
     g.lda = (size_t)lda; g.ldc = (size_t)ldc;
     g.b_kn = 0;
+    g.c_t = 0;
     g.accumulate = accumulate;
     gemm_run(&g);
 }
@@ -7443,6 +7511,7 @@ static void gemm_nn_w(int M, int N, int K, const float *A, int lda, wmat B, floa
     g.A = A; g.B = B; g.bias = NULL; g.C = C;
     g.lda = (size_t)lda; g.ldc = (size_t)ldc;
     g.b_kn = 1;
+    g.c_t = 0;
     g.accumulate = accumulate;
     gemm_run(&g);
 }
