@@ -47,6 +47,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #define LOUPE_POSIX 1
@@ -13281,6 +13282,9 @@ static const char usage_text[] =
     "      --threads N       number of threads (default: all cores)\n"
     "      --max-pixels N    refuse images with more pixels (default 100000000)\n"
     "  -q, --quiet           no progress on stderr (errors are still reported)\n"
+    "  -v, --verbose         at the end, one line on stderr: the milliseconds spent loading\n"
+    "                        the model, decoding, preprocessing, in the forward pass,\n"
+    "                        post-processing and writing outputs\n"
     "  -h, --help            show this help\n"
     "\n"
     "Directories are scanned for .png, .jpg, .jpeg, .ppm and .pgm files (sorted by name).\n"
@@ -13299,7 +13303,7 @@ static const char usage_text[] =
 typedef struct cli_options {
     const char *model, *outdir;
     float threshold;
-    int threads, overlay, quiet;
+    int threads, overlay, quiet, verbose;
     size_t max_pixels;
     char **inputs; /* image paths after expanding directories */
     int n_inputs, cap_inputs;
@@ -13452,6 +13456,7 @@ static int cli_parse(int argc, char **argv, cli_options *o)
         else if (!strcmp(a, "-o") || !strcmp(a, "--output")) { if (!next) goto missing; o->outdir = next; i++; }
         else if (!strcmp(a, "--overlay")) o->overlay = 1;
         else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) o->quiet = 1;
+        else if (!strcmp(a, "-v") || !strcmp(a, "--verbose")) o->verbose = 1;
         else if (!strcmp(a, "--threshold")) { if (cli_number(a, next, 0, 1e9, &v)) return 2; o->threshold = (float)v; i++; }
         else if (!strcmp(a, "--threads")) { if (cli_number(a, next, 1, 4096, &v) || v != floor(v)) return 2; o->threads = (int)v; i++; }
         else if (!strcmp(a, "--max-pixels")) { if (cli_number(a, next, 1, 1e15, &v)) return 2; o->max_pixels = (size_t)v; i++; }
@@ -13595,8 +13600,35 @@ static int cli_load_image(void *user, int index, float *pixel_values, char *err,
 }
 
 /* Runs one image end to end; appends its line to *pred. Returns 0 or -1 (reported). */
+/* Seconds spent in each step of a run, summed over its images (printed by -v). */
+typedef struct cli_times {
+    double load, decode, preprocess, forward, post, write;
+} cli_times;
+
+/* Minor and major page faults of this process so far (0 where the system cannot tell). */
+static void cli_page_faults(long *minor, long *major)
+{
+#if LOUPE_POSIX
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) == 0) {
+        *minor = ru.ru_minflt;
+        *major = ru.ru_majflt;
+        return;
+    }
+#endif
+    *minor = *major = 0;
+}
+
+/* Adds the seconds since *t to *acc and moves *t to now. */
+static void cli_lap(double *t, double *acc)
+{
+    double now = now_seconds();
+    *acc += now - *t;
+    *t = now;
+}
+
 static int cli_image(const cli_options *o, const loupe_model *m, loupe_session *s, const char *path, int clash,
-                     float *pixels, char **pred, size_t *pred_len, size_t *pred_cap)
+                     float *pixels, char **pred, size_t *pred_len, size_t *pred_cap, cli_times *tm)
 {
     char err[512], line[PATH_MAX_LEN + 32];
     loupe_image img;
@@ -13605,12 +13637,13 @@ static int cli_image(const cli_options *o, const loupe_model *m, loupe_session *
     const char *name = dataset_basename(path);
     int rc = -1, n;
     size_t npix;
-    if (loupe_image_load(path, o->max_pixels, &img, err, sizeof err) || loupe_preprocess(m, &img, pixels, err, sizeof err) ||
-        loupe_forward(s, pixels, err, sizeof err)) {
-        fprintf(stderr, "loupe: %s\n", err);
-        loupe_image_free(&img);
-        return -1;
-    }
+    double t = now_seconds();
+    if (loupe_image_load(path, o->max_pixels, &img, err, sizeof err)) goto failed;
+    cli_lap(&t, &tm->decode);
+    if (loupe_preprocess(m, &img, pixels, err, sizeof err)) goto failed;
+    cli_lap(&t, &tm->preprocess);
+    if (loupe_forward(s, pixels, err, sizeof err)) goto failed;
+    cli_lap(&t, &tm->forward);
     n = snprintf(line, sizeof line, "%s,%.4f\n", name, loupe_get_outputs(s)->prob);
     fputs(line, stdout);
     fflush(stdout);
@@ -13632,17 +13665,21 @@ static int cli_image(const cli_options *o, const loupe_model *m, loupe_session *
         fprintf(stderr, "loupe: %s: %s\n", path, err);
         goto done;
     }
+    if (o->overlay) cli_overlay(img.rgb, prob, npix);
+    cli_lap(&t, &tm->post);
     if (cli_write_png(o->outdir, "masks", name, clash, mask, img.width, img.height, 1)) goto done;
-    if (o->overlay) {
-        cli_overlay(img.rgb, prob, npix);
-        if (cli_write_png(o->outdir, "overlays", name, clash, img.rgb, img.width, img.height, 3)) goto done;
-    }
+    if (o->overlay && cli_write_png(o->outdir, "overlays", name, clash, img.rgb, img.width, img.height, 3)) goto done;
     rc = 0;
 done:
+    cli_lap(&t, &tm->write);
     free(prob);
     free(mask);
     loupe_image_free(&img);
     return rc;
+failed:
+    fprintf(stderr, "loupe: %s\n", err);
+    loupe_image_free(&img);
+    return -1;
 }
 
 /* ---- loupe eval: upstream's validation metrics on a labelled dataset ---- */
@@ -14428,18 +14465,24 @@ int main(int argc, char **argv)
     unsigned char *clash = NULL;
     size_t pred_len = 0, pred_cap = 0;
     int status = 0, i, rc;
+    cli_times tm;
+    double t_run = now_seconds(), t;
+    long minor, major;
     if (argc > 1 && !strcmp(argv[1], "eval")) return cli_eval(argc - 1, argv + 1);
     if (argc > 1 && !strcmp(argv[1], "train")) return cli_train(argc - 1, argv + 1);
     if (argc > 1 && !strcmp(argv[1], "init")) return cli_init(argc, argv);
     memset(&o, 0, sizeof o);
+    memset(&tm, 0, sizeof tm);
     rc = cli_parse(argc, argv, &o);
     if (rc) { status = rc == 1 ? 0 : 2; goto done; }
     if (o.threads) loupe_set_threads(o.threads);
+    t = now_seconds();
     if (!(m = loupe_model_load(o.model, err, sizeof err)) || !(s = loupe_session_new(m, err, sizeof err))) {
         fprintf(stderr, "loupe: %s\n", err);
         status = 1;
         goto done;
     }
+    cli_lap(&t, &tm.load);
     pixels = malloc(3 * sizeof *pixels * (size_t)loupe_model_config(m)->image_size * loupe_model_config(m)->image_size);
     clash = cli_stem_clashes(o.inputs, o.n_inputs);
     if (!pixels || !clash) { fprintf(stderr, "loupe: out of memory\n"); status = 1; goto done; }
@@ -14454,13 +14497,22 @@ int main(int argc, char **argv)
     if (cli_tta_run(&o.tta, m, s, o.n_inputs, cli_load_image, &loader, o.quiet, &adapter)) { status = 1; goto done; }
     for (i = 0; i < o.n_inputs; i++) {
         double t0 = now_seconds();
-        if (cli_image(&o, m, s, o.inputs[i], clash[i], pixels, &pred, &pred_len, &pred_cap)) status = 1;
+        if (cli_image(&o, m, s, o.inputs[i], clash[i], pixels, &pred, &pred_len, &pred_cap, &tm)) status = 1;
         if (!o.quiet && o.n_inputs > 1)
             fprintf(stderr, "[%d/%d] %s %.0f ms\n", i + 1, o.n_inputs, o.inputs[i], 1000.0 * (now_seconds() - t0));
     }
     if (o.outdir) {
+        t = now_seconds();
         snprintf(path, sizeof path, "%s/predictions.txt", o.outdir);
         if (cli_write_atomic(path, pred ? pred : "", pred_len)) status = 1;
+        cli_lap(&t, &tm.write);
+    }
+    if (o.verbose) {
+        cli_page_faults(&minor, &major);
+        fprintf(stderr, "loupe: %d image%s: load %.0f ms, decode %.0f ms, preprocess %.0f ms, forward %.0f ms, "
+                "post-process %.0f ms, write %.0f ms; total %.0f ms, %ld minor and %ld major page faults\n",
+                o.n_inputs, o.n_inputs == 1 ? "" : "s", 1e3 * tm.load, 1e3 * tm.decode, 1e3 * tm.preprocess,
+                1e3 * tm.forward, 1e3 * tm.post, 1e3 * tm.write, 1e3 * (now_seconds() - t_run), minor, major);
     }
 done:
     for (i = 0; i < o.n_inputs; i++) free(o.inputs[i]);
