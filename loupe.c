@@ -163,6 +163,10 @@ static int max_threads(void)
 #endif
 }
 
+#ifdef _OPENMP
+static int parallel_ok(double work); /* section 4: whether a loop of that size forks threads */
+#endif
+
 /* Index of the calling thread inside a parallel region (0 without OpenMP). */
 static int thread_id(void)
 {
@@ -4699,10 +4703,14 @@ static void resize_horizontal(const unsigned char *src, int sw, int row0, int ro
 {
     size_t src_stride = (size_t)sw * RESIZE_CHANNELS;
     size_t dst_stride = (size_t)dw * RESIZE_CHANNELS;
-    int y, x, j, c;
-    for (y = 0; y < rows; y++) {
+    int y;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)rows * dw * RESIZE_CHANNELS * ax->count[0]))
+#endif
+    for (y = 0; y < rows; y++) { /* rows are independent: the same bytes on any number of threads */
         const unsigned char *in = src + (size_t)(row0 + y) * src_stride;
         unsigned char *out = dst + (size_t)y * dst_stride;
+        int x, j, c;
         for (x = 0; x < dw; x++) {
             const int32_t *k = ax->weights + ax->offset[x];
             const unsigned char *p = in + (size_t)ax->first[x] * RESIZE_CHANNELS;
@@ -4721,12 +4729,16 @@ static void resize_vertical(const unsigned char *src, int w, int row0,
                             const resize_axis *ax, unsigned char *dst, int dh)
 {
     size_t stride = (size_t)w * RESIZE_CHANNELS;
-    size_t i;
-    int y, j;
-    for (y = 0; y < dh; y++) {
+    int y;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)dh * stride * ax->count[0]))
+#endif
+    for (y = 0; y < dh; y++) { /* rows are independent: the same bytes on any number of threads */
         const int32_t *k = ax->weights + ax->offset[y];
         const unsigned char *in = src + (size_t)(ax->first[y] - row0) * stride;
         unsigned char *out = dst + (size_t)y * stride;
+        size_t i;
+        int j;
         for (i = 0; i < stride; i++) {
             int32_t acc = RESIZE_ROUND_HALF;
             for (j = 0; j < ax->count[y]; j++)
@@ -8137,12 +8149,16 @@ static void interp_plane(const float *in, int ih, int iw, float *out, int oh, in
 {
     int *y0 = (int *)(void *)scratch, *y1 = y0 + oh, *x0 = y1 + oh, *x1 = x0 + ow;
     float *wy0 = (float *)(void *)(x1 + ow), *wy1 = wy0 + oh, *wx0 = wy1 + oh, *wx1 = wx0 + ow;
-    int y, x;
+    int y;
     interp_axis(ih, oh, y0, y1, wy0, wy1);
     interp_axis(iw, ow, x0, x1, wx0, wx1);
-    for (y = 0; y < oh; y++) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok(4.0 * oh * ow))
+#endif
+    for (y = 0; y < oh; y++) { /* rows are independent: the same values on any number of threads */
         const float *r0 = in + (size_t)y0[y] * iw, *r1 = in + (size_t)y1[y] * iw;
         float *o = out + (size_t)y * ow;
+        int x;
         for (x = 0; x < ow; x++)
             o[x] = wy0[y] * (wx0[x] * r0[x0[x]] + wx1[x] * r0[x1[x]]) +
                    wy1[y] * (wx0[x] * r1[x0[x]] + wx1[x] * r1[x1[x]]);
@@ -9643,6 +9659,7 @@ static void post_process_segmentation(loupe_session *s)
     const loupe_config *c = &s->m->cfg;
     int Q = c->num_queries, L = c->dec_layers, M = 4 * c->grid, C = c->num_labels + 1, q, k;
     size_t n = (size_t)SEG_SIZE * SEG_SIZE, i;
+    long px;
     const float *masks = s->mask_logits + (size_t)(L - 1) * Q * M * M;
     const float *cls = s->class_logits + (size_t)(L - 1) * Q * C;
     for (i = 0; i < n; i++) s->seg[i] = 0.0f;
@@ -9652,7 +9669,11 @@ static void post_process_segmentation(loupe_session *s)
         for (k = 0; k < C; k++) sum += expf(cls[(size_t)q * C + k] - mx);
         p0 = expf(cls[(size_t)q * C] - mx) / sum;
         interp_plane(masks + (size_t)q * M * M, M, M, s->seg_tmp, SEG_SIZE, SEG_SIZE, s->interp);
-        for (i = 0; i < n; i++) s->seg[i] += p0 * sigmoidf(s->seg_tmp[i]);
+        /* one expf per pixel (the stage's cost), each pixel on its own: threads share them */
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok(8.0 * (double)n))
+#endif
+        for (px = 0; px < (long)n; px++) s->seg[px] += p0 * sigmoidf(s->seg_tmp[px]);
     }
     tap(s, "seg_prob_384", s->seg, 0, 4, 1, 1, SEG_SIZE, SEG_SIZE);
 }
