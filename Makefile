@@ -308,11 +308,13 @@ fuzz-run: fuzz
 # The forward's main matrix products (backbone block, pixel decoder, masks) for a sweep
 # of candidate gemm blockings of this machine's instruction set, each its own binary,
 # 2 threads spinning: one table of GFLOP/s and % of the measured FMA peak
-# (test/bench_gemm.sh; about 5 minutes). Never part of make test.
+# (test/bench_gemm.sh; about 5 minutes). BENCH_GEMM_CANDIDATES="MR NV KC NC MC PACK_A SWAP; ..."
+# times other blockings. Never part of make test.
 BENCH_GEMM_SECONDS ?= 0.3
 BENCH_GEMM_ROUNDS ?= 2
 bench-gemm: | $(BUILD)
-	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=active sh test/bench_gemm.sh $(BUILD) "$(CC)" "$(ALLFLAGS)" \
+	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=active BENCH_GEMM_CANDIDATES="$(BENCH_GEMM_CANDIDATES)" \
+	  sh test/bench_gemm.sh $(BUILD) "$(CC)" "$(ALLFLAGS)" \
 	  $(BENCH_GEMM_SECONDS) $(BENCH_GEMM_ROUNDS)
 
 # One training step at full size against the forward (2 threads): cls_seg (backbone

@@ -9,8 +9,9 @@
 # built first; then ROUNDS rounds (default 2) run every binary once in turn, so that a
 # drift of the machine's speed touches all candidates alike, and the table keeps each
 # candidate's best round per shape. The first candidate is loupe.c's default blocking.
-# Candidate fields: MR NV KC NC MC PACK_A SWAP_MAX_M. A candidate whose flags an
-# instruction set refuses (#error) is skipped with a note.
+# Candidate fields: MR NV KC NC MC PACK_A SWAP_MAX_M; BENCH_GEMM_CANDIDATES="12 2 256
+# 256 384 1 32; 6 4 256 256 384 1 32" times others instead. A candidate whose values
+# loupe.c refuses (#error) is skipped with a note.
 set -u
 build=$1 cc=$2 flags=$3 seconds=${4:-0.3} rounds=${5:-2}
 dir=$build/bench-gemm
@@ -51,6 +52,14 @@ default -DGEMM_PACK_A=1
 default -DGEMM_SWAP_MAX_M=0"
   ;;
 esac
+
+# BENCH_GEMM_CANDIDATES (the same seven fields, candidates separated by ; or new
+# lines) replaces the list.
+note="first row: loupe.c's default; "
+if [ -n "${BENCH_GEMM_CANDIDATES:-}" ]; then
+  cands=$(echo "$BENCH_GEMM_CANDIDATES" | tr ';' '\n')
+  note=
+fi
 
 i=0
 list=
@@ -106,4 +115,4 @@ END {
     printf "\n"
   }
 }' "$dir/results"
-echo "(first row: loupe.c's default; backbone-block: the four backbone products together, time-weighted)"
+echo "(${note}backbone-block: the four backbone products together, time-weighted)"
