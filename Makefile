@@ -35,7 +35,7 @@ export EXE
 
 .PHONY: fuzz fuzz-run test-asan test-valgrind
 .PHONY: all test test-full test-case test-unit test-convert test-images test-cli test-regress test-hostile
-.PHONY: test-example test-lowp test-batch test-metrics test-init test-train-cls portability bench bench-tta bench-train clean
+.PHONY: test-example test-lowp test-batch test-metrics test-init test-train-cls portability bench bench-gemm bench-tta bench-train clean
 
 all: loupe
 
@@ -65,7 +65,7 @@ $(BUILD)/check_lowp$(EXE): loupe.c loupe.h test/check_lowp.c test/golden_io.h te
 $(BUILD)/bench_formats$(EXE): loupe.c loupe.h test/bench_formats.c | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/bench_formats.c $(LDLIBS)
 
-$(BUILD)/bench$(EXE): loupe.c loupe.h test/bench.c test/measure.h | $(BUILD)
+$(BUILD)/bench$(EXE): loupe.c loupe.h test/bench.c test/measure.h test/peak.h | $(BUILD)
 	$(CC) $(ALLFLAGS) -o $@ test/bench.c $(LDLIBS)
 
 $(BUILD)/check_tta$(EXE): loupe.c loupe.h test/check_tta.c test/golden_io.h test/replay.h | $(BUILD)
@@ -304,6 +304,18 @@ fuzz-run: fuzz
 	    > $(BUILD)/fuzz-$$t.log 2>&1 || status=1; \
 	done; \
 	sh test/fuzz_stats.sh $(foreach t,$(FUZZ_TARGETS),$(BUILD)/fuzz-$(t).log); exit $$status
+
+# The forward's main matrix products (backbone block, pixel decoder, masks) for a sweep
+# of candidate gemm blockings of this machine's instruction set, each its own binary,
+# 2 threads spinning: one table of GFLOP/s and % of the measured FMA peak
+# (test/bench_gemm.sh; about 5 minutes). BENCH_GEMM_CANDIDATES="MR NV KC NC MC PACK_A SWAP; ..."
+# times other blockings. Never part of make test.
+BENCH_GEMM_SECONDS ?= 0.3
+BENCH_GEMM_ROUNDS ?= 2
+bench-gemm: | $(BUILD)
+	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=active BENCH_GEMM_CANDIDATES="$(BENCH_GEMM_CANDIDATES)" \
+	  sh test/bench_gemm.sh $(BUILD) "$(CC)" "$(ALLFLAGS)" \
+	  $(BENCH_GEMM_SECONDS) $(BENCH_GEMM_ROUNDS)
 
 # One training step at full size against the forward (2 threads): cls_seg (backbone
 # trained) and seg on kept backbone outputs, each in its own process for its peak memory;

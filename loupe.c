@@ -47,6 +47,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #define LOUPE_POSIX 1
@@ -118,13 +119,38 @@ static unsigned char *arena_bytes(arena *a, size_t n)
     return p;
 }
 
-/* Allocates size bytes aligned to ARENA_ALIGN; *raw receives the pointer to free. */
+/* Blocks of at least twice this size (the x86-64 and arm64 huge page, 2 MiB) start on
+ * a multiple of it and ask Linux for transparent huge pages (madvise MADV_HUGEPAGE,
+ * heeded when /sys/kernel/mm/transparent_hugepage/enabled is `madvise` or `always`):
+ * the first touch of the full-size model's 234 MiB activation arena then costs about
+ * 120 page faults instead of 60000 (`loupe -v` on one image: 80000 faults in all
+ * before, 23000 after). The memory is the same; elsewhere the block is only aligned.
+ * -DLOUPE_HUGE_PAGES=0 turns it off (to compare: `loupe -v` counts the faults). */
+#define HUGE_PAGE_BYTES ((size_t)2 << 20)
+#ifndef LOUPE_HUGE_PAGES
+#define LOUPE_HUGE_PAGES 1
+#endif
+
+/* Allocates size bytes aligned to ARENA_ALIGN (big blocks: to HUGE_PAGE_BYTES, on huge
+ * pages where the system offers them); *raw receives the pointer to free. */
 static void *aligned_block(size_t size, void **raw)
 {
-    unsigned char *p = malloc(size + ARENA_ALIGN);
-    *raw = p;
-    if (!p) return NULL;
-    return p + (ARENA_ALIGN - (uintptr_t)p % ARENA_ALIGN) % ARENA_ALIGN;
+#if LOUPE_HUGE_PAGES && LOUPE_POSIX && defined(MADV_HUGEPAGE)
+    if (size >= 2 * HUGE_PAGE_BYTES && size <= SIZE_MAX - HUGE_PAGE_BYTES) {
+        unsigned char *p = malloc(size + HUGE_PAGE_BYTES), *q;
+        *raw = p;
+        if (!p) return NULL;
+        q = p + (HUGE_PAGE_BYTES - (uintptr_t)p % HUGE_PAGE_BYTES) % HUGE_PAGE_BYTES;
+        madvise(q, size / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES, MADV_HUGEPAGE); /* a hint: failure is harmless */
+        return q;
+    }
+#endif
+    {
+        unsigned char *p = malloc(size + ARENA_ALIGN);
+        *raw = p;
+        if (!p) return NULL;
+        return p + (ARENA_ALIGN - (uintptr_t)p % ARENA_ALIGN) % ARENA_ALIGN;
+    }
 }
 
 /* Number of threads OpenMP regions will use (1 without OpenMP). */
@@ -136,6 +162,10 @@ static int max_threads(void)
     return 1;
 #endif
 }
+
+#ifdef _OPENMP
+static int parallel_ok(double work); /* section 4: whether a loop of that size forks threads */
+#endif
 
 /* Index of the calling thread inside a parallel region (0 without OpenMP). */
 static int thread_id(void)
@@ -4673,10 +4703,14 @@ static void resize_horizontal(const unsigned char *src, int sw, int row0, int ro
 {
     size_t src_stride = (size_t)sw * RESIZE_CHANNELS;
     size_t dst_stride = (size_t)dw * RESIZE_CHANNELS;
-    int y, x, j, c;
-    for (y = 0; y < rows; y++) {
+    int y;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)rows * dw * RESIZE_CHANNELS * ax->count[0]))
+#endif
+    for (y = 0; y < rows; y++) { /* rows are independent: the same bytes on any number of threads */
         const unsigned char *in = src + (size_t)(row0 + y) * src_stride;
         unsigned char *out = dst + (size_t)y * dst_stride;
+        int x, j, c;
         for (x = 0; x < dw; x++) {
             const int32_t *k = ax->weights + ax->offset[x];
             const unsigned char *p = in + (size_t)ax->first[x] * RESIZE_CHANNELS;
@@ -4695,12 +4729,16 @@ static void resize_vertical(const unsigned char *src, int w, int row0,
                             const resize_axis *ax, unsigned char *dst, int dh)
 {
     size_t stride = (size_t)w * RESIZE_CHANNELS;
-    size_t i;
-    int y, j;
-    for (y = 0; y < dh; y++) {
+    int y;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)dh * stride * ax->count[0]))
+#endif
+    for (y = 0; y < dh; y++) { /* rows are independent: the same bytes on any number of threads */
         const int32_t *k = ax->weights + ax->offset[y];
         const unsigned char *in = src + (size_t)(ax->first[y] - row0) * stride;
         unsigned char *out = dst + (size_t)y * stride;
+        size_t i;
+        int j;
         for (i = 0; i < stride; i++) {
             int32_t acc = RESIZE_ROUND_HALF;
             for (j = 0; j < ax->count[y]; j++)
@@ -5111,6 +5149,22 @@ static int host_is_little_endian(void)
     return b == 1;
 }
 
+/* -DLOUPE_MAP_POPULATE=1 fills the mapping at once: with MAP_POPULATE (Linux) mmap
+ * reads the file (if not cached) and maps all its pages in one call instead of on
+ * first touch during the forward (about 21000 faults for the full-size model with the
+ * kernel's 64 KiB fault-around); elsewhere madvise MADV_WILLNEED starts reading ahead.
+ * Off by default: the pages mapped by MAP_POPULATE are counted as faults too, so
+ * `loupe -v` cannot tell the two apart, and the saving (the exception per fault) is
+ * for a quiet machine's timing to show. */
+#ifndef LOUPE_MAP_POPULATE
+#define LOUPE_MAP_POPULATE 0
+#endif
+#if LOUPE_MAP_POPULATE && defined(MAP_POPULATE)
+#define WEIGHTS_MAP_FLAGS MAP_POPULATE
+#else
+#define WEIGHTS_MAP_FLAGS 0
+#endif
+
 /* Maps (or reads) the whole file into memory. */
 static int weights_map_file(loupe_model *m, const char *path, char *err, size_t errsize)
 {
@@ -5129,10 +5183,13 @@ static int weights_map_file(loupe_model *m, const char *path, char *err, size_t 
         }
         m->size = (size_t)st.st_size;
         if (m->size >= WEIGHTS_HEADER_BYTES) {
-            void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE, fileno(f), 0);
+            void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE | WEIGHTS_MAP_FLAGS, fileno(f), 0);
             if (p != MAP_FAILED) {
                 m->data = p;
                 m->storage = WEIGHTS_MAPPED;
+#if LOUPE_MAP_POPULATE && !defined(MAP_POPULATE) && defined(MADV_WILLNEED)
+                madvise(p, m->size, MADV_WILLNEED); /* a hint: failure is harmless */
+#endif
                 fclose(f);
                 return 0;
             }
@@ -6988,17 +7045,33 @@ static int parallel_ok(double work) { return work >= PARALLEL_MIN_WORK && !omp_i
  * and one tile on the stack of the calling thread: nothing is allocated. */
 
 /* Vector type, micro-tile and cache blocking for each instruction set. gemm_vec holds
- * GEMM_LANES floats; a micro-tile is GEMM_MR rows x GEMM_NV vectors (GEMM_NR floats). */
+ * GEMM_LANES floats; a micro-tile is GEMM_MR rows x GEMM_NV vectors (GEMM_NR floats).
+ * The five blocking values are defaults: any of them can be set on the command line
+ * (`-DGEMM_KC=256`), which is how `make bench-gemm` times candidate blockings
+ * (test/bench_gemm.sh). The micro-kernel is written for any MR and NV; the checks
+ * after this block reject tiles whose accumulators cannot stay in the GEMM_VREGS
+ * vector registers and blocks too big for a thread's stack. */
 #if defined(__AVX512F__) && !defined(LOUPE_NO_SIMD)
 #include <immintrin.h>
 #define GEMM_ISA "AVX-512"
+#define GEMM_VREGS 32 /* vector registers */
 typedef __m512 gemm_vec;
 #define GEMM_LANES 16
+#ifndef GEMM_MR
 #define GEMM_MR 12
+#endif
+#ifndef GEMM_NV
 #define GEMM_NV 2
+#endif
+#ifndef GEMM_KC
 #define GEMM_KC 128
+#endif
+#ifndef GEMM_NC
 #define GEMM_NC 128
+#endif
+#ifndef GEMM_MC
 #define GEMM_MC 1024
+#endif
 #define GEMM_PEAK_CHAINS 12
 #define vec_zero() _mm512_setzero_ps()
 #define vec_load(p) _mm512_loadu_ps(p)
@@ -7011,13 +7084,24 @@ typedef __m512 gemm_vec;
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(LOUPE_NO_SIMD)
 #include <immintrin.h>
 #define GEMM_ISA "AVX2+FMA"
+#define GEMM_VREGS 16 /* vector registers */
 typedef __m256 gemm_vec;
 #define GEMM_LANES 8
+#ifndef GEMM_MR
 #define GEMM_MR 6
+#endif
+#ifndef GEMM_NV
 #define GEMM_NV 2
+#endif
+#ifndef GEMM_KC
 #define GEMM_KC 256
+#endif
+#ifndef GEMM_NC
 #define GEMM_NC 64
+#endif
+#ifndef GEMM_MC
 #define GEMM_MC 320
+#endif
 #define GEMM_PEAK_CHAINS 12
 #define vec_zero() _mm256_setzero_ps()
 #define vec_load(p) _mm256_loadu_ps(p)
@@ -7030,13 +7114,24 @@ typedef __m256 gemm_vec;
 #elif defined(__ARM_NEON) && defined(__aarch64__) && !defined(LOUPE_NO_SIMD)
 #include <arm_neon.h>
 #define GEMM_ISA "NEON"
+#define GEMM_VREGS 32 /* vector registers */
 typedef float32x4_t gemm_vec;
 #define GEMM_LANES 4
+#ifndef GEMM_MR
 #define GEMM_MR 6
+#endif
+#ifndef GEMM_NV
 #define GEMM_NV 4
+#endif
+#ifndef GEMM_KC
 #define GEMM_KC 256
+#endif
+#ifndef GEMM_NC
 #define GEMM_NC 64
+#endif
+#ifndef GEMM_MC
 #define GEMM_MC 320
+#endif
 #define GEMM_PEAK_CHAINS 12
 #define vec_zero() vdupq_n_f32(0.0f)
 #define vec_load(p) vld1q_f32(p)
@@ -7052,11 +7147,21 @@ typedef float32x4_t gemm_vec;
 #define GEMM_ISA "portable C"
 typedef float gemm_vec;
 #define GEMM_LANES 1
+#ifndef GEMM_MR
 #define GEMM_MR 2
+#endif
+#ifndef GEMM_NV
 #define GEMM_NV 64
+#endif
+#ifndef GEMM_KC
 #define GEMM_KC 256
+#endif
+#ifndef GEMM_NC
 #define GEMM_NC 64
+#endif
+#ifndef GEMM_MC
 #define GEMM_MC 320
+#endif
 #define GEMM_PEAK_CHAINS 64
 #define vec_zero() 0.0f
 #define vec_load(p) (*(p))
@@ -7072,8 +7177,47 @@ typedef float gemm_vec;
 #endif
 
 #define GEMM_NR (GEMM_LANES * GEMM_NV)
+/* Overridden blockings that the kernels cannot run well or at all. */
+#if GEMM_MR < 1 || GEMM_NV < 1 || GEMM_KC < 8 || GEMM_MC < GEMM_MR
+#error "gemm blocking: need GEMM_MR >= 1, GEMM_NV >= 1, GEMM_KC >= 8 and GEMM_MC >= GEMM_MR"
+#endif
+#if GEMM_NC < GEMM_NR || GEMM_NC % GEMM_NR != 0
+#error "gemm blocking: GEMM_NC must be a multiple of GEMM_NR (GEMM_LANES * GEMM_NV)"
+#endif
+#if defined(GEMM_VREGS) && GEMM_MR * GEMM_NV + GEMM_NV + 1 > GEMM_VREGS
+/* MR x NV accumulators, NV vectors of B and one broadcast of A must fit in registers:
+ * AVX-512 and NEON (32 registers) take e.g. MR x NV = 14 x 2, 12 x 2, 8 x 3, 6 x 4;
+ * AVX2 (16 registers) 6 x 2, 4 x 2, 3 x 3. */
+#error "gemm blocking: GEMM_MR * GEMM_NV + GEMM_NV + 1 must not exceed GEMM_VREGS (the tile would spill)"
+#endif
+#if GEMM_KC * GEMM_NC > 131072
+/* The packed block lives on the stack of every thread that runs a task. */
+#error "gemm blocking: GEMM_KC * GEMM_NC must be at most 131072 floats (512 KiB of stack per thread)"
+#endif
 /* Floats in a cache line: packed blocks start on one. */
 #define GEMM_LINE_FLOATS 16
+/* GEMM_PACK_A 1 copies each MR-row strip of A (KC floats a row) into a stack buffer
+ * whose rows are GEMM_KC + one line apart before the micro-kernel reads it: A read in
+ * place has its MR rows lda floats apart, and when lda is a multiple of 4 KiB (every
+ * backbone product: K = 1024 or 4096) the MR rows' lines all fall into the same L1
+ * set and evict each other. 0 reads A in place. The same values are summed in the
+ * same order either way; the choice is for `make bench-gemm`. */
+#ifndef GEMM_PACK_A
+#define GEMM_PACK_A 0
+#endif
+#define GEMM_A_STRIDE (GEMM_KC + GEMM_LINE_FLOATS)
+/* Products with at most this many rows and at least GEMM_SWAP_RATIO times as many
+ * columns, B float32 [N][K], are computed as C^T = B A^T (written back transposed):
+ * with few rows every packed block of B serves one or two strips of A, so packing B
+ * costs about as much as the multiply-adds (the segmentor's masks, 20 queries x 9216
+ * pixels x 256, and its attention scores). Not when the rows padded to NR columns
+ * would be more than 1.5 times the rows padded to MR (a single row: a GEMV either
+ * way). Each element of C is still the same sum in the same order, so the results are
+ * the same bits. 0 never swaps; `make bench-gemm` times both. */
+#ifndef GEMM_SWAP_MAX_M
+#define GEMM_SWAP_MAX_M 32
+#endif
+#define GEMM_SWAP_RATIO 16
 /* Threads get about this many tasks each, so that uneven tasks still balance. */
 #define GEMM_TASKS_PER_THREAD 8
 
@@ -7188,6 +7332,7 @@ typedef struct gemm_args {
     wmat B;
     size_t lda, ldc;
     int b_kn, accumulate;
+    int c_t; /* C holds the transpose: element (i, j) at C[j * ldc + i], bias by row */
     float *C;
 } gemm_args;
 
@@ -7257,16 +7402,42 @@ static void gemm_pack_b(const gemm_args *g, int n0, int nr, int p0, int kc, floa
 static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p0, int kc, const float *bp)
 {
     float tile[GEMM_MR * GEMM_NR];
+#if GEMM_PACK_A
+    float apack[GEMM_MR * GEMM_A_STRIDE];
+#endif
     int i0, j0, first = p0 == 0, load_c = !first || g->accumulate;
     for (i0 = m0; i0 < m1; i0 += GEMM_MR) {
         int mr = m1 - i0 < GEMM_MR ? m1 - i0 : GEMM_MR, r;
         const float *a[GEMM_MR];
-        for (r = 0; r < GEMM_MR; r++) a[r] = g->A + (size_t)(i0 + (r < mr ? r : mr - 1)) * g->lda + p0;
+        for (r = 0; r < GEMM_MR; r++) {
+            a[r] = g->A + (size_t)(i0 + (r < mr ? r : mr - 1)) * g->lda + p0;
+#if GEMM_PACK_A
+            if (r < mr) memcpy(apack + (size_t)r * GEMM_A_STRIDE, a[r], (size_t)kc * sizeof(float));
+            a[r] = apack + (size_t)(r < mr ? r : mr - 1) * GEMM_A_STRIDE;
+#endif
+        }
         for (j0 = 0; j0 < nc; j0 += GEMM_NR) {
             int nr = nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR, j;
             const float *panel = bp + (size_t)j0 * kc, *bias = first && g->bias ? g->bias + n0 + j0 : NULL;
             float *c = g->C + (size_t)i0 * g->ldc + n0 + j0;
             gemm_out out;
+            if (g->c_t) { /* transposed C: the tile aside, then added column by column */
+                bias = first && g->bias ? g->bias + i0 : NULL;
+                out.c = tile;
+                out.ldc = GEMM_NR;
+                out.bias = NULL;
+                out.load_c = 0;
+                gemm_micro(kc, a, panel, out);
+                for (j = 0; j < nr; j++) {
+                    float *cj = g->C + (size_t)(n0 + j0 + j) * g->ldc + i0;
+                    for (r = 0; r < mr; r++) {
+                        float t = tile[r * GEMM_NR + j];
+                        if (bias) t += bias[r];
+                        cj[r] = load_c ? cj[r] + t : t;
+                    }
+                }
+                continue;
+            }
             if (mr == GEMM_MR && nr == GEMM_NR) {
                 out.c = c;
                 out.ldc = g->ldc;
@@ -7328,12 +7499,30 @@ static void gemm_run(const gemm_args *g)
             }
         return;
     }
+    if (g->M <= GEMM_SWAP_MAX_M && g->N >= GEMM_SWAP_RATIO * g->M && !g->b_kn && !g->c_t &&
+        g->B.dtype == DTYPE_F32 && 2 * ((g->M + GEMM_NR - 1) / GEMM_NR * GEMM_NR) <= 3 * (strips * GEMM_MR)) {
+        gemm_args t = *g; /* C^T [N][M] = B [N][K] times A [M][K]^T, stored transposed */
+        t.M = g->N;
+        t.N = g->M;
+        t.A = (const float *)g->B.data;
+        t.lda = g->B.ld;
+        t.B = wmat_f32(g->A, g->lda);
+        t.c_t = 1;
+        gemm_run(&t);
+        return;
+    }
 #ifdef _OPENMP
     if (parallel_ok((double)g->M * g->N * g->K)) threads = omp_get_max_threads();
 #endif
     chunks = (strips * GEMM_MR + GEMM_MC - 1) / GEMM_MC;
     strips_per_chunk = (strips + chunks - 1) / chunks;
     chunks = (strips + strips_per_chunk - 1) / strips_per_chunk;
+    if (threads > 1 && blocks == 1 && chunks < GEMM_TASKS_PER_THREAD * threads) {
+        /* one column block (a swapped product): split the rows finer instead */
+        chunks = GEMM_TASKS_PER_THREAD * threads < strips ? GEMM_TASKS_PER_THREAD * threads : strips;
+        strips_per_chunk = (strips + chunks - 1) / chunks;
+        chunks = (strips + strips_per_chunk - 1) / strips_per_chunk;
+    }
     ranges = (GEMM_TASKS_PER_THREAD * threads + chunks - 1) / chunks;
     if (ranges > blocks) ranges = blocks;
     blocks_per_range = (blocks + ranges - 1) / ranges;
@@ -7359,6 +7548,7 @@ static void gemm_nt_w(int M, int N, int K, const float *A, int lda, wmat B, cons
     g.A = A; g.B = B; g.bias = bias; g.C = C;
     g.lda = (size_t)lda; g.ldc = (size_t)ldc;
     g.b_kn = 0;
+    g.c_t = 0;
     g.accumulate = accumulate;
     gemm_run(&g);
 }
@@ -7378,6 +7568,7 @@ static void gemm_nn_w(int M, int N, int K, const float *A, int lda, wmat B, floa
     g.A = A; g.B = B; g.bias = NULL; g.C = C;
     g.lda = (size_t)lda; g.ldc = (size_t)ldc;
     g.b_kn = 1;
+    g.c_t = 0;
     g.accumulate = accumulate;
     gemm_run(&g);
 }
@@ -7969,12 +8160,16 @@ static void interp_plane(const float *in, int ih, int iw, float *out, int oh, in
 {
     int *y0 = (int *)(void *)scratch, *y1 = y0 + oh, *x0 = y1 + oh, *x1 = x0 + ow;
     float *wy0 = (float *)(void *)(x1 + ow), *wy1 = wy0 + oh, *wx0 = wy1 + oh, *wx1 = wx0 + ow;
-    int y, x;
+    int y;
     interp_axis(ih, oh, y0, y1, wy0, wy1);
     interp_axis(iw, ow, x0, x1, wx0, wx1);
-    for (y = 0; y < oh; y++) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok(4.0 * oh * ow))
+#endif
+    for (y = 0; y < oh; y++) { /* rows are independent: the same values on any number of threads */
         const float *r0 = in + (size_t)y0[y] * iw, *r1 = in + (size_t)y1[y] * iw;
         float *o = out + (size_t)y * ow;
+        int x;
         for (x = 0; x < ow; x++)
             o[x] = wy0[y] * (wx0[x] * r0[x0[x]] + wx1[x] * r0[x1[x]]) +
                    wy1[y] * (wx0[x] * r1[x0[x]] + wx1[x] * r1[x1[x]]);
@@ -9475,6 +9670,7 @@ static void post_process_segmentation(loupe_session *s)
     const loupe_config *c = &s->m->cfg;
     int Q = c->num_queries, L = c->dec_layers, M = 4 * c->grid, C = c->num_labels + 1, q, k;
     size_t n = (size_t)SEG_SIZE * SEG_SIZE, i;
+    long px;
     const float *masks = s->mask_logits + (size_t)(L - 1) * Q * M * M;
     const float *cls = s->class_logits + (size_t)(L - 1) * Q * C;
     for (i = 0; i < n; i++) s->seg[i] = 0.0f;
@@ -9484,7 +9680,11 @@ static void post_process_segmentation(loupe_session *s)
         for (k = 0; k < C; k++) sum += expf(cls[(size_t)q * C + k] - mx);
         p0 = expf(cls[(size_t)q * C] - mx) / sum;
         interp_plane(masks + (size_t)q * M * M, M, M, s->seg_tmp, SEG_SIZE, SEG_SIZE, s->interp);
-        for (i = 0; i < n; i++) s->seg[i] += p0 * sigmoidf(s->seg_tmp[i]);
+        /* one expf per pixel (the stage's cost), each pixel on its own: threads share them */
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok(8.0 * (double)n))
+#endif
+        for (px = 0; px < (long)n; px++) s->seg[px] += p0 * sigmoidf(s->seg_tmp[px]);
     }
     tap(s, "seg_prob_384", s->seg, 0, 4, 1, 1, SEG_SIZE, SEG_SIZE);
 }
@@ -13158,6 +13358,9 @@ static const char usage_text[] =
     "      --threads N       number of threads (default: all cores)\n"
     "      --max-pixels N    refuse images with more pixels (default 100000000)\n"
     "  -q, --quiet           no progress on stderr (errors are still reported)\n"
+    "  -v, --verbose         at the end, one line on stderr: the milliseconds spent loading\n"
+    "                        the model, decoding, preprocessing, in the forward pass,\n"
+    "                        post-processing and writing outputs\n"
     "  -h, --help            show this help\n"
     "\n"
     "Directories are scanned for .png, .jpg, .jpeg, .ppm and .pgm files (sorted by name).\n"
@@ -13176,7 +13379,7 @@ static const char usage_text[] =
 typedef struct cli_options {
     const char *model, *outdir;
     float threshold;
-    int threads, overlay, quiet;
+    int threads, overlay, quiet, verbose;
     size_t max_pixels;
     char **inputs; /* image paths after expanding directories */
     int n_inputs, cap_inputs;
@@ -13329,6 +13532,7 @@ static int cli_parse(int argc, char **argv, cli_options *o)
         else if (!strcmp(a, "-o") || !strcmp(a, "--output")) { if (!next) goto missing; o->outdir = next; i++; }
         else if (!strcmp(a, "--overlay")) o->overlay = 1;
         else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) o->quiet = 1;
+        else if (!strcmp(a, "-v") || !strcmp(a, "--verbose")) o->verbose = 1;
         else if (!strcmp(a, "--threshold")) { if (cli_number(a, next, 0, 1e9, &v)) return 2; o->threshold = (float)v; i++; }
         else if (!strcmp(a, "--threads")) { if (cli_number(a, next, 1, 4096, &v) || v != floor(v)) return 2; o->threads = (int)v; i++; }
         else if (!strcmp(a, "--max-pixels")) { if (cli_number(a, next, 1, 1e15, &v)) return 2; o->max_pixels = (size_t)v; i++; }
@@ -13472,8 +13676,35 @@ static int cli_load_image(void *user, int index, float *pixel_values, char *err,
 }
 
 /* Runs one image end to end; appends its line to *pred. Returns 0 or -1 (reported). */
+/* Seconds spent in each step of a run, summed over its images (printed by -v). */
+typedef struct cli_times {
+    double load, decode, preprocess, forward, post, write;
+} cli_times;
+
+/* Minor and major page faults of this process so far (0 where the system cannot tell). */
+static void cli_page_faults(long *minor, long *major)
+{
+#if LOUPE_POSIX
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) == 0) {
+        *minor = ru.ru_minflt;
+        *major = ru.ru_majflt;
+        return;
+    }
+#endif
+    *minor = *major = 0;
+}
+
+/* Adds the seconds since *t to *acc and moves *t to now. */
+static void cli_lap(double *t, double *acc)
+{
+    double now = now_seconds();
+    *acc += now - *t;
+    *t = now;
+}
+
 static int cli_image(const cli_options *o, const loupe_model *m, loupe_session *s, const char *path, int clash,
-                     float *pixels, char **pred, size_t *pred_len, size_t *pred_cap)
+                     float *pixels, char **pred, size_t *pred_len, size_t *pred_cap, cli_times *tm)
 {
     char err[512], line[PATH_MAX_LEN + 32];
     loupe_image img;
@@ -13482,12 +13713,13 @@ static int cli_image(const cli_options *o, const loupe_model *m, loupe_session *
     const char *name = dataset_basename(path);
     int rc = -1, n;
     size_t npix;
-    if (loupe_image_load(path, o->max_pixels, &img, err, sizeof err) || loupe_preprocess(m, &img, pixels, err, sizeof err) ||
-        loupe_forward(s, pixels, err, sizeof err)) {
-        fprintf(stderr, "loupe: %s\n", err);
-        loupe_image_free(&img);
-        return -1;
-    }
+    double t = now_seconds();
+    if (loupe_image_load(path, o->max_pixels, &img, err, sizeof err)) goto failed;
+    cli_lap(&t, &tm->decode);
+    if (loupe_preprocess(m, &img, pixels, err, sizeof err)) goto failed;
+    cli_lap(&t, &tm->preprocess);
+    if (loupe_forward(s, pixels, err, sizeof err)) goto failed;
+    cli_lap(&t, &tm->forward);
     n = snprintf(line, sizeof line, "%s,%.4f\n", name, loupe_get_outputs(s)->prob);
     fputs(line, stdout);
     fflush(stdout);
@@ -13509,17 +13741,21 @@ static int cli_image(const cli_options *o, const loupe_model *m, loupe_session *
         fprintf(stderr, "loupe: %s: %s\n", path, err);
         goto done;
     }
+    if (o->overlay) cli_overlay(img.rgb, prob, npix);
+    cli_lap(&t, &tm->post);
     if (cli_write_png(o->outdir, "masks", name, clash, mask, img.width, img.height, 1)) goto done;
-    if (o->overlay) {
-        cli_overlay(img.rgb, prob, npix);
-        if (cli_write_png(o->outdir, "overlays", name, clash, img.rgb, img.width, img.height, 3)) goto done;
-    }
+    if (o->overlay && cli_write_png(o->outdir, "overlays", name, clash, img.rgb, img.width, img.height, 3)) goto done;
     rc = 0;
 done:
+    cli_lap(&t, &tm->write);
     free(prob);
     free(mask);
     loupe_image_free(&img);
     return rc;
+failed:
+    fprintf(stderr, "loupe: %s\n", err);
+    loupe_image_free(&img);
+    return -1;
 }
 
 /* ---- loupe eval: upstream's validation metrics on a labelled dataset ---- */
@@ -14305,18 +14541,24 @@ int main(int argc, char **argv)
     unsigned char *clash = NULL;
     size_t pred_len = 0, pred_cap = 0;
     int status = 0, i, rc;
+    cli_times tm;
+    double t_run = now_seconds(), t;
+    long minor, major;
     if (argc > 1 && !strcmp(argv[1], "eval")) return cli_eval(argc - 1, argv + 1);
     if (argc > 1 && !strcmp(argv[1], "train")) return cli_train(argc - 1, argv + 1);
     if (argc > 1 && !strcmp(argv[1], "init")) return cli_init(argc, argv);
     memset(&o, 0, sizeof o);
+    memset(&tm, 0, sizeof tm);
     rc = cli_parse(argc, argv, &o);
     if (rc) { status = rc == 1 ? 0 : 2; goto done; }
     if (o.threads) loupe_set_threads(o.threads);
+    t = now_seconds();
     if (!(m = loupe_model_load(o.model, err, sizeof err)) || !(s = loupe_session_new(m, err, sizeof err))) {
         fprintf(stderr, "loupe: %s\n", err);
         status = 1;
         goto done;
     }
+    cli_lap(&t, &tm.load);
     pixels = malloc(3 * sizeof *pixels * (size_t)loupe_model_config(m)->image_size * loupe_model_config(m)->image_size);
     clash = cli_stem_clashes(o.inputs, o.n_inputs);
     if (!pixels || !clash) { fprintf(stderr, "loupe: out of memory\n"); status = 1; goto done; }
@@ -14331,13 +14573,22 @@ int main(int argc, char **argv)
     if (cli_tta_run(&o.tta, m, s, o.n_inputs, cli_load_image, &loader, o.quiet, &adapter)) { status = 1; goto done; }
     for (i = 0; i < o.n_inputs; i++) {
         double t0 = now_seconds();
-        if (cli_image(&o, m, s, o.inputs[i], clash[i], pixels, &pred, &pred_len, &pred_cap)) status = 1;
+        if (cli_image(&o, m, s, o.inputs[i], clash[i], pixels, &pred, &pred_len, &pred_cap, &tm)) status = 1;
         if (!o.quiet && o.n_inputs > 1)
             fprintf(stderr, "[%d/%d] %s %.0f ms\n", i + 1, o.n_inputs, o.inputs[i], 1000.0 * (now_seconds() - t0));
     }
     if (o.outdir) {
+        t = now_seconds();
         snprintf(path, sizeof path, "%s/predictions.txt", o.outdir);
         if (cli_write_atomic(path, pred ? pred : "", pred_len)) status = 1;
+        cli_lap(&t, &tm.write);
+    }
+    if (o.verbose) {
+        cli_page_faults(&minor, &major);
+        fprintf(stderr, "loupe: %d image%s: load %.0f ms, decode %.0f ms, preprocess %.0f ms, forward %.0f ms, "
+                "post-process %.0f ms, write %.0f ms; total %.0f ms, %ld minor and %ld major page faults\n",
+                o.n_inputs, o.n_inputs == 1 ? "" : "s", 1e3 * tm.load, 1e3 * tm.decode, 1e3 * tm.preprocess,
+                1e3 * tm.forward, 1e3 * tm.post, 1e3 * tm.write, 1e3 * (now_seconds() - t_run), minor, major);
     }
 done:
     for (i = 0; i < o.n_inputs; i++) free(o.inputs[i]);

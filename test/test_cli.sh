@@ -106,6 +106,9 @@ echo "not an image" > "$tmp/dir/notes.txt"
 run_loupe -m "$model" -q "$tmp/dir" > "$tmp/out" 2> "$tmp/err"; rc=$?
 check "a directory is scanned in name order, -q is quiet" \
     sh -c "[ $rc -eq 0 ] && [ ! -s '$tmp/err' ] && [ \"\$(cut -d, -f1 '$tmp/out' | tr '\n' ' ')\" = 'a.png b.PNG ' ]"
+run_loupe -m "$model" -q -v -o "$tmp/ov" "$tmp/dir" > "$tmp/out" 2> "$tmp/err"; rc=$?
+check "-v prints one line: the milliseconds of every step, the total and the page faults" \
+    sh -c "[ $rc -eq 0 ] && [ \$(wc -l < '$tmp/err') -eq 1 ] && grep -q '^loupe: 2 images: load [0-9]* ms, decode [0-9]* ms, preprocess [0-9]* ms, forward [0-9]* ms, post-process [0-9]* ms, write [0-9]* ms; total [0-9]* ms, [0-9]* minor and [0-9]* major page faults' '$tmp/err'"
 
 # 5. inputs sharing a stem keep separate masks
 cp test/corpus/jpeg/face_33x17_422.jpg "$tmp/dir/a.jpg"

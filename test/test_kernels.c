@@ -83,6 +83,43 @@ static void test_gemm(void)
             }
 }
 
+/* Products with few rows and many columns that gemm_run computes transposed (C^T =
+ * B A^T, GEMM_SWAP_MAX_M): the same bits as the same rows one at a time (never
+ * swapped), with and without bias and accumulation, several KC steps, on all threads. */
+static void test_gemm_swap(void)
+{
+    static const int rows[] = {3, 12, 20, 32};
+    enum { N = 700, K = 2 * GEMM_KC + 37 };
+    uint64_t st = 7;
+    float *A = malloc(sizeof(float) * 32 * K), *B = malloc(sizeof(float) * N * K), *bias = malloc(sizeof(float) * N);
+    float *C0 = malloc(sizeof(float) * 32 * N), *C = malloc(sizeof(float) * 32 * N), *R = malloc(sizeof(float) * 32 * N);
+    double *D = malloc(sizeof(double) * 32 * N);
+    size_t t;
+    int acc, wb, i, j, l;
+    char what[96];
+    fill(A, (size_t)32 * K, &st); fill(B, (size_t)N * K, &st); fill(bias, N, &st); fill(C0, (size_t)32 * N, &st);
+    for (t = 0; t < sizeof rows / sizeof *rows; t++)
+        for (acc = 0; acc < 2; acc++)
+            for (wb = 0; wb < 2; wb++) {
+                int M = rows[t];
+                const float *bb = wb ? bias : NULL;
+                memcpy(C, C0, sizeof(float) * M * N);
+                memcpy(R, C0, sizeof(float) * M * N);
+                gemm_nt(M, N, K, A, K, B, K, bb, C, N, acc);
+                for (i = 0; i < M; i++) gemm_nt(1, N, K, A + (size_t)i * K, K, B, K, bb, R + (size_t)i * N, N, acc);
+                for (i = 0; i < M; i++)
+                    for (j = 0; j < N; j++) {
+                        double s = (acc ? C0[i * N + j] : 0.0) + (bb ? bb[j] : 0.0);
+                        for (l = 0; l < K; l++) s += (double)A[i * K + l] * B[j * K + l];
+                        D[i * N + j] = s;
+                    }
+                snprintf(what, sizeof what, "gemm_nt M=%d N=%d K=%d accumulate=%d bias=%d (few rows)", M, N, K, acc, wb);
+                check(memcmp(C, R, sizeof(float) * M * N) == 0 && max_diff_d(C, D, (size_t)M * N) < KERNEL_TOL * K,
+                      what);
+            }
+    free(A); free(B); free(bias); free(C0); free(C); free(R); free(D);
+}
+
 /* gemm_nt_w with BF16 and Q8 weight matrices (whole and partial panels, K below and
  * above one k-step, not a multiple of 8 or of a Q8 block, a row offset) against a
  * double-precision product with the stored values converted by hand; then gemm_nn_w
@@ -518,6 +555,7 @@ int main(int argc, char **argv)
 {
     test_exp_erf();
     test_gemm();
+    test_gemm_swap();
     test_gemm_lowp();
     test_convolutions();
     test_norms();
