@@ -7041,7 +7041,7 @@ static int parallel_ok(double work) { return work >= PARALLEL_MIN_WORK && !omp_i
  *     step: bias + tile, onto the old C when accumulating).
  * Each element of C is summed in the same order (k ascending within a step, steps in
  * order) whichever task, thread or tile computes it, so results do not depend on the
- * number of threads. Scratch is one packed block (GEMM_KC x GEMM_NC floats, 64 KiB)
+ * number of threads. Scratch is one packed block (GEMM_KC x GEMM_NC floats, at most 512 KiB)
  * and one tile on the stack of the calling thread: nothing is allocated. */
 
 /* Vector type, micro-tile and cache blocking for each instruction set. gemm_vec holds
@@ -7057,20 +7057,22 @@ static int parallel_ok(double work) { return work >= PARALLEL_MIN_WORK && !omp_i
 #define GEMM_VREGS 32 /* vector registers */
 typedef __m512 gemm_vec;
 #define GEMM_LANES 16
+/* 6 x 64 tile (24 accumulators, 4 B vectors, 1 broadcast), KC 256, NC 128, MC 512:
+ * the fastest of make bench-gemm's sweep on a Zen 5 (README, Performance) */
 #ifndef GEMM_MR
-#define GEMM_MR 12
+#define GEMM_MR 6
 #endif
 #ifndef GEMM_NV
-#define GEMM_NV 2
+#define GEMM_NV 4
 #endif
 #ifndef GEMM_KC
-#define GEMM_KC 128
+#define GEMM_KC 256
 #endif
 #ifndef GEMM_NC
 #define GEMM_NC 128
 #endif
 #ifndef GEMM_MC
-#define GEMM_MC 1024
+#define GEMM_MC 512
 #endif
 #define GEMM_PEAK_CHAINS 12
 #define vec_zero() _mm512_setzero_ps()
