@@ -7335,6 +7335,7 @@ typedef struct gemm_args {
     size_t lda, ldc;
     int b_kn, accumulate;
     int c_t; /* C holds the transpose: element (i, j) at C[j * ldc + i], bias by row */
+    int a_t; /* A holds the transpose: element (i, k) at A[k * lda + i] (weight gradients) */
     float *C;
 } gemm_args;
 
@@ -7401,7 +7402,8 @@ static void gemm_pack_b(const gemm_args *g, int n0, int nr, int p0, int kc, floa
 
 /* One packed block: rows m0..m1 (whole strips from m0) of C, columns n0..n0+nc,
  * k-range p0..p0+kc, with bp the block of B packed for that range. */
-static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p0, int kc, const float *bp)
+static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p0, int kc, const float *bp,
+                       const float *at)
 {
     float tile[GEMM_MR * GEMM_NR];
 #if GEMM_PACK_A
@@ -7411,13 +7413,16 @@ static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p
     for (i0 = m0; i0 < m1; i0 += GEMM_MR) {
         int mr = m1 - i0 < GEMM_MR ? m1 - i0 : GEMM_MR, r;
         const float *a[GEMM_MR];
-        for (r = 0; r < GEMM_MR; r++) {
-            a[r] = g->A + (size_t)(i0 + (r < mr ? r : mr - 1)) * g->lda + p0;
+        if (at) /* transposed A, already packed by gemm_task: row i at at[(i - m0) * GEMM_A_STRIDE] */
+            for (r = 0; r < GEMM_MR; r++) a[r] = at + (size_t)(i0 - m0 + (r < mr ? r : mr - 1)) * GEMM_A_STRIDE;
+        else
+            for (r = 0; r < GEMM_MR; r++) {
+                a[r] = g->A + (size_t)(i0 + (r < mr ? r : mr - 1)) * g->lda + p0;
 #if GEMM_PACK_A
-            if (r < mr) memcpy(apack + (size_t)r * GEMM_A_STRIDE, a[r], (size_t)kc * sizeof(float));
-            a[r] = apack + (size_t)(r < mr ? r : mr - 1) * GEMM_A_STRIDE;
+                if (r < mr) memcpy(apack + (size_t)r * GEMM_A_STRIDE, a[r], (size_t)kc * sizeof(float));
+                a[r] = apack + (size_t)(r < mr ? r : mr - 1) * GEMM_A_STRIDE;
 #endif
-        }
+            }
         for (j0 = 0; j0 < nc; j0 += GEMM_NR) {
             int nr = nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR, j;
             const float *panel = bp + (size_t)j0 * kc, *bias = first && g->bias ? g->bias + n0 + j0 : NULL;
@@ -7479,7 +7484,35 @@ static void gemm_task(const gemm_args *g, int m0, int m1, int n0, int n1)
             int nc = n1 - jc < GEMM_NC ? n1 - jc : GEMM_NC;
             for (j0 = 0; j0 < nc; j0 += GEMM_NR)
                 gemm_pack_b(g, jc + j0, nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR, p0, kc, strip, bp + (size_t)j0 * kc);
-            gemm_block(g, m0, m1, jc, nc, p0, kc, bp);
+            gemm_block(g, m0, m1, jc, nc, p0, kc, bp, NULL);
+        }
+    }
+}
+
+/* Rows of a task whose A is stored transposed (gemm_tn): its KC x rows slice is packed
+ * once per KC step, reading whole cache lines of each k's row (16 KiB apart for a
+ * 4096-wide dY; gathering MR values per k instead missed the caches at every k). */
+#define GEMM_AT_ROWS (16 * GEMM_MR)
+
+/* gemm_task for a transposed A (rows m0..m1, at most GEMM_AT_ROWS of them): the slice
+ * of A is packed row-major (GEMM_A_STRIDE floats a row) before the column blocks use it. */
+static void gemm_task_at(const gemm_args *g, int m0, int m1, int n0, int n1)
+{
+    float block[GEMM_KC * GEMM_NC + GEMM_LINE_FLOATS], strip[GEMM_NR * GEMM_KC];
+    float at[GEMM_AT_ROWS * GEMM_A_STRIDE];
+    float *bp = block + (GEMM_LINE_FLOATS - (uintptr_t)block / sizeof(float) % GEMM_LINE_FLOATS) % GEMM_LINE_FLOATS;
+    int p0, kc, jc, j0, i, k, rows = m1 - m0;
+    for (p0 = 0; p0 < g->K; p0 += kc) {
+        kc = g->K - p0 < GEMM_KC ? g->K - p0 : GEMM_KC;
+        for (k = 0; k < kc; k++) {
+            const float *src = g->A + (size_t)(p0 + k) * g->lda + m0;
+            for (i = 0; i < rows; i++) at[(size_t)i * GEMM_A_STRIDE + k] = src[i];
+        }
+        for (jc = n0; jc < n1; jc += GEMM_NC) {
+            int nc = n1 - jc < GEMM_NC ? n1 - jc : GEMM_NC;
+            for (j0 = 0; j0 < nc; j0 += GEMM_NR)
+                gemm_pack_b(g, jc + j0, nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR, p0, kc, strip, bp + (size_t)j0 * kc);
+            gemm_block(g, m0, m1, jc, nc, p0, kc, bp, at);
         }
     }
 }
@@ -7501,7 +7534,7 @@ static void gemm_run(const gemm_args *g)
             }
         return;
     }
-    if (g->M <= GEMM_SWAP_MAX_M && g->N >= GEMM_SWAP_RATIO * g->M && !g->b_kn && !g->c_t &&
+    if (g->M <= GEMM_SWAP_MAX_M && g->N >= GEMM_SWAP_RATIO * g->M && !g->b_kn && !g->c_t && !g->a_t &&
         g->B.dtype == DTYPE_F32 && 2 * ((g->M + GEMM_NR - 1) / GEMM_NR * GEMM_NR) <= 3 * (strips * GEMM_MR)) {
         gemm_args t = *g; /* C^T [N][M] = B [N][K] times A [M][K]^T, stored transposed */
         t.M = g->N;
@@ -7517,6 +7550,7 @@ static void gemm_run(const gemm_args *g)
     if (parallel_ok((double)g->M * g->N * g->K)) threads = omp_get_max_threads();
 #endif
     chunks = (strips * GEMM_MR + GEMM_MC - 1) / GEMM_MC;
+    if (g->a_t) chunks = (strips * GEMM_MR + GEMM_AT_ROWS - 1) / GEMM_AT_ROWS; /* gemm_task_at's slice */
     strips_per_chunk = (strips + chunks - 1) / chunks;
     chunks = (strips + strips_per_chunk - 1) / strips_per_chunk;
     if (threads > 1 && blocks == 1 && chunks < GEMM_TASKS_PER_THREAD * threads) {
@@ -7536,7 +7570,10 @@ static void gemm_run(const gemm_args *g)
     for (t = 0; t < tasks; t++) { /* neighbouring tasks share columns: B is read once */
         int m0 = t % chunks * strips_per_chunk * GEMM_MR, n0 = t / chunks * blocks_per_range * GEMM_NC;
         int m1 = m0 + strips_per_chunk * GEMM_MR, n1 = n0 + blocks_per_range * GEMM_NC;
-        gemm_task(g, m0, m1 < g->M ? m1 : g->M, n0, n1 < g->N ? n1 : g->N);
+        if (g->a_t)
+            gemm_task_at(g, m0, m1 < g->M ? m1 : g->M, n0, n1 < g->N ? n1 : g->N);
+        else
+            gemm_task(g, m0, m1 < g->M ? m1 : g->M, n0, n1 < g->N ? n1 : g->N);
     }
 }
 
@@ -7551,6 +7588,7 @@ static void gemm_nt_w(int M, int N, int K, const float *A, int lda, wmat B, cons
     g.lda = (size_t)lda; g.ldc = (size_t)ldc;
     g.b_kn = 0;
     g.c_t = 0;
+    g.a_t = 0;
     g.accumulate = accumulate;
     gemm_run(&g);
 }
@@ -7571,6 +7609,7 @@ static void gemm_nn_w(int M, int N, int K, const float *A, int lda, wmat B, floa
     g.lda = (size_t)lda; g.ldc = (size_t)ldc;
     g.b_kn = 1;
     g.c_t = 0;
+    g.a_t = 0;
     g.accumulate = accumulate;
     gemm_run(&g);
 }
@@ -7641,12 +7680,27 @@ static void gemm_tn_tile(int mr, int nr, int K, const float *A, int lda, const f
         for (j = 0; j < nr; j++) C[(size_t)i * ldc + j] += acc[i][j];
 }
 
+/* Products of gemm_tn at least this big (multiply-adds) go through gemm_run, which packs
+ * A's transposed strips and B's panels; smaller ones (attention's per-head products)
+ * use gemm_tn_tile's plain tiles, whose setup costs nothing. */
+#define GEMM_TN_BLOCKED_MIN (1 << 24)
+
 /* C[M][N] += A[K][M]^T B[K][N]: weight gradients (dW = dY^T X). K is walked in blocks
  * in order and every element of C belongs to one tile, so the sums do not depend on
  * the number of threads. */
 static void gemm_tn(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc)
 {
     int mb = (M + GEMM_TN_MR - 1) / GEMM_TN_MR, nb = (N + GEMM_TN_NR - 1) / GEMM_TN_NR, k0;
+    if ((double)M * N * K >= GEMM_TN_BLOCKED_MIN) {
+        gemm_args g;
+        g.M = M; g.N = N; g.K = K;
+        g.A = A; g.lda = (size_t)lda; g.a_t = 1;
+        g.B = wmat_f32(B, (size_t)ldb); g.b_kn = 1;
+        g.bias = NULL; g.C = C; g.ldc = (size_t)ldc; g.c_t = 0;
+        g.accumulate = 1;
+        gemm_run(&g);
+        return;
+    }
     for (k0 = 0; k0 < K; k0 += GEMM_TN_KC) {
         int kc = K - k0 < GEMM_TN_KC ? K - k0 : GEMM_TN_KC, jb, ib;
 #ifdef _OPENMP

@@ -120,6 +120,39 @@ static void test_gemm_swap(void)
     free(A); free(B); free(bias); free(C0); free(C); free(R); free(D);
 }
 
+/* gemm_tn (weight gradients, C[M][N] += A[K][M]^T B[K][N]) on both of its paths: plain
+ * tiles for small products and gemm_run with A packed transposed from GEMM_TN_BLOCKED_MIN
+ * multiply-adds on; odd sizes, row strides wider than the rows, several K steps. */
+static void test_gemm_tn(void)
+{
+    static const int shapes[][3] = {{5, 7, 3}, {33, 70, 17}, {203, 301, 2 * GEMM_KC + 37}, {97, 1000, 577}};
+    uint64_t st = 11;
+    size_t t;
+    char what[96];
+    for (t = 0; t < sizeof shapes / sizeof *shapes; t++) {
+        int M = shapes[t][0], N = shapes[t][1], K = shapes[t][2], lda = M + 3, ldb = N + 5, ldc = N + 2, i, j, l;
+        float *A = malloc(sizeof(float) * K * lda), *B = malloc(sizeof(float) * K * ldb), *C = malloc(sizeof(float) * M * ldc);
+        double *R = malloc(sizeof(double) * M * N), worst = 0.0;
+        fill(A, (size_t)K * lda, &st); fill(B, (size_t)K * ldb, &st); fill(C, (size_t)M * ldc, &st);
+        for (i = 0; i < M; i++)
+            for (j = 0; j < N; j++) {
+                double s = C[(size_t)i * ldc + j];
+                for (l = 0; l < K; l++) s += (double)A[(size_t)l * lda + i] * B[(size_t)l * ldb + j];
+                R[(size_t)i * N + j] = s;
+            }
+        gemm_tn(M, N, K, A, lda, B, ldb, C, ldc);
+        for (i = 0; i < M; i++)
+            for (j = 0; j < N; j++) {
+                double d = fabs(C[(size_t)i * ldc + j] - R[(size_t)i * N + j]);
+                if (!(d <= worst)) worst = d;
+            }
+        snprintf(what, sizeof what, "gemm_tn M=%d N=%d K=%d (%s path)", M, N, K,
+                 (double)M * N * K >= GEMM_TN_BLOCKED_MIN ? "blocked" : "tile");
+        check(worst < KERNEL_TOL * K, what);
+        free(A); free(B); free(C); free(R);
+    }
+}
+
 /* gemm_nt_w with BF16 and Q8 weight matrices (whole and partial panels, K below and
  * above one k-step, not a multiple of 8 or of a Q8 block, a row offset) against a
  * double-precision product with the stored values converted by hand; then gemm_nn_w
@@ -556,6 +589,7 @@ int main(int argc, char **argv)
     test_exp_erf();
     test_gemm();
     test_gemm_swap();
+    test_gemm_tn();
     test_gemm_lowp();
     test_convolutions();
     test_norms();
