@@ -7401,7 +7401,8 @@ static void gemm_pack_b(const gemm_args *g, int n0, int nr, int p0, int kc, floa
 }
 
 /* One packed block: rows m0..m1 (whole strips from m0) of C, columns n0..n0+nc,
- * k-range p0..p0+kc, with bp the block of B packed for that range. */
+ * k-range p0..p0+kc, with bp the block of B packed for that range; at is A's slice
+ * packed by gemm_task_at when A is stored transposed (else NULL: A read in place). */
 static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p0, int kc, const float *bp,
                        const float *at)
 {
@@ -7413,7 +7414,7 @@ static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p
     for (i0 = m0; i0 < m1; i0 += GEMM_MR) {
         int mr = m1 - i0 < GEMM_MR ? m1 - i0 : GEMM_MR, r;
         const float *a[GEMM_MR];
-        if (at) /* transposed A, already packed by gemm_task: row i at at[(i - m0) * GEMM_A_STRIDE] */
+        if (at) /* transposed A, packed by gemm_task_at: row i at at[(i - m0) * GEMM_A_STRIDE] */
             for (r = 0; r < GEMM_MR; r++) a[r] = at + (size_t)(i0 - m0 + (r < mr ? r : mr - 1)) * GEMM_A_STRIDE;
         else
             for (r = 0; r < GEMM_MR; r++) {
