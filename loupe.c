@@ -7471,44 +7471,28 @@ static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p
     }
 }
 
-/* One task: rows m0..m1 and columns n0..n1 of C. For each KC step, each NC-wide block
- * of B is packed and multiplied with the task's rows of A, whose KC-wide slice (at
- * most GEMM_MC x GEMM_KC floats, about half of L2) stays in L2 across the blocks. */
-static void gemm_task(const gemm_args *g, int m0, int m1, int n0, int n1)
-{
-    float block[GEMM_KC * GEMM_NC + GEMM_LINE_FLOATS], strip[GEMM_NR * GEMM_KC];
-    float *bp = block + (GEMM_LINE_FLOATS - (uintptr_t)block / sizeof(float) % GEMM_LINE_FLOATS) % GEMM_LINE_FLOATS;
-    int p0, kc, jc, j0;
-    for (p0 = 0; p0 < g->K; p0 += kc) {
-        kc = g->K - p0 < GEMM_KC ? g->K - p0 : GEMM_KC;
-        for (jc = n0; jc < n1; jc += GEMM_NC) {
-            int nc = n1 - jc < GEMM_NC ? n1 - jc : GEMM_NC;
-            for (j0 = 0; j0 < nc; j0 += GEMM_NR)
-                gemm_pack_b(g, jc + j0, nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR, p0, kc, strip, bp + (size_t)j0 * kc);
-            gemm_block(g, m0, m1, jc, nc, p0, kc, bp, NULL);
-        }
-    }
-}
-
-/* Rows of a task whose A is stored transposed (gemm_tn): its KC x rows slice is packed
- * once per KC step, reading whole cache lines of each k's row (16 KiB apart for a
- * 4096-wide dY; gathering MR values per k instead missed the caches at every k). */
+/* Rows of a task whose A is stored transposed (gemm_tn): see gemm_task. */
 #define GEMM_AT_ROWS (16 * GEMM_MR)
 
-/* gemm_task for a transposed A (rows m0..m1, at most GEMM_AT_ROWS of them): the slice
- * of A is packed row-major (GEMM_A_STRIDE floats a row) before the column blocks use it. */
-static void gemm_task_at(const gemm_args *g, int m0, int m1, int n0, int n1)
+/* One task: rows m0..m1 and columns n0..n1 of C. For each KC step, each NC-wide block
+ * of B is packed and multiplied with the task's rows of A, whose KC-wide slice (at
+ * most GEMM_MC x GEMM_KC floats, about half of L2) stays in L2 across the blocks.
+ * When A is stored transposed (g->a_t, at most GEMM_AT_ROWS rows a task) the slice is
+ * first packed row-major into `at` (GEMM_A_STRIDE floats a row), reading whole cache
+ * lines of each k's row: gathering MR values per k, 4-16 KiB apart, missed the caches
+ * at every k. at is NULL for A read in place. */
+static void gemm_task(const gemm_args *g, int m0, int m1, int n0, int n1, float *at)
 {
     float block[GEMM_KC * GEMM_NC + GEMM_LINE_FLOATS], strip[GEMM_NR * GEMM_KC];
-    float at[GEMM_AT_ROWS * GEMM_A_STRIDE];
     float *bp = block + (GEMM_LINE_FLOATS - (uintptr_t)block / sizeof(float) % GEMM_LINE_FLOATS) % GEMM_LINE_FLOATS;
-    int p0, kc, jc, j0, i, k, rows = m1 - m0;
+    int p0, kc, jc, j0, i, k;
     for (p0 = 0; p0 < g->K; p0 += kc) {
         kc = g->K - p0 < GEMM_KC ? g->K - p0 : GEMM_KC;
-        for (k = 0; k < kc; k++) {
-            const float *src = g->A + (size_t)(p0 + k) * g->lda + m0;
-            for (i = 0; i < rows; i++) at[(size_t)i * GEMM_A_STRIDE + k] = src[i];
-        }
+        if (at)
+            for (k = 0; k < kc; k++) {
+                const float *src = g->A + (size_t)(p0 + k) * g->lda + m0;
+                for (i = 0; i < m1 - m0; i++) at[(size_t)i * GEMM_A_STRIDE + k] = src[i];
+            }
         for (jc = n0; jc < n1; jc += GEMM_NC) {
             int nc = n1 - jc < GEMM_NC ? n1 - jc : GEMM_NC;
             for (j0 = 0; j0 < nc; j0 += GEMM_NR)
@@ -7516,6 +7500,14 @@ static void gemm_task_at(const gemm_args *g, int m0, int m1, int n0, int n1)
             gemm_block(g, m0, m1, jc, nc, p0, kc, bp, at);
         }
     }
+}
+
+/* gemm_task for a transposed A, with its slice's buffer on this thread's stack (only
+ * such tasks pay for it). */
+static void gemm_task_at(const gemm_args *g, int m0, int m1, int n0, int n1)
+{
+    float at[GEMM_AT_ROWS * GEMM_A_STRIDE];
+    gemm_task(g, m0, m1, n0, n1, at);
 }
 
 /* Splits C into tasks, row chunks of at most GEMM_MC rows times column ranges of whole
@@ -7574,7 +7566,7 @@ static void gemm_run(const gemm_args *g)
         if (g->a_t)
             gemm_task_at(g, m0, m1 < g->M ? m1 : g->M, n0, n1 < g->N ? n1 : g->N);
         else
-            gemm_task(g, m0, m1 < g->M ? m1 : g->M, n0, n1 < g->N ? n1 : g->N);
+            gemm_task(g, m0, m1 < g->M ? m1 : g->M, n0, n1 < g->N ? n1 : g->N, NULL);
     }
 }
 
@@ -13657,7 +13649,6 @@ static int cli_write_atomic(const char *path, const void *data, size_t n)
     return 0;
 }
 
-
 /* Orders inputs by the stem of their file name. */
 static int cli_cmp_stem(const void *a, const void *b)
 {
@@ -13732,7 +13723,6 @@ static int cli_load_image(void *user, int index, float *pixel_values, char *err,
     return rc ? -1 : 0;
 }
 
-/* Runs one image end to end; appends its line to *pred. Returns 0 or -1 (reported). */
 /* Seconds spent in each step of a run, summed over its images (printed by -v). */
 typedef struct cli_times {
     double load, decode, preprocess, forward, post, write;
@@ -13760,6 +13750,8 @@ static void cli_lap(double *t, double *acc)
     *t = now;
 }
 
+/* Runs one image end to end; appends its line to *pred and its times to *tm. Returns 0
+ * or -1 (reported). */
 static int cli_image(const cli_options *o, const loupe_model *m, loupe_session *s, const char *path, int clash,
                      float *pixels, char **pred, size_t *pred_len, size_t *pred_cap, cli_times *tm)
 {
