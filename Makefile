@@ -14,9 +14,11 @@ endif
 # portable C kernels.
 NATIVE  ?= $(shell printf 'int main(void){return 0;}' | $(CC) -march=native -x c - -o /dev/null 2>/dev/null && echo -march=native)
 # Lets gcc turn float comparisons in loops into vector selects (the exp and erf loops;
-# clang does by default). Results are the same bits with or without it: loupe.c never
-# reads floating-point exception flags. `make VECFLAGS=` leaves it out.
-VECFLAGS ?= $(shell printf 'int main(void){return 0;}' | $(CC) -fno-trapping-math -x c - -o /dev/null 2>/dev/null && echo -fno-trapping-math)
+# clang does by default), and gcc and clang vectorise loops with sqrtf (AdamW's update:
+# with errno kept, every square root needs a branch for negative arguments). Results are
+# the same bits with or without them: loupe.c never reads floating-point exception flags
+# or a math function's errno. `make VECFLAGS=` leaves them out.
+VECFLAGS ?= $(shell printf 'int main(void){return 0;}' | $(CC) -fno-trapping-math -fno-math-errno -x c - -o /dev/null 2>/dev/null && echo -fno-trapping-math -fno-math-errno)
 ALLFLAGS = $(WARN) $(CFLAGS) $(NATIVE) $(VECFLAGS) $(OMPFLAGS)
 
 # OpenMP threads sleep between parallel regions instead of spinning: on this 2-vCPU

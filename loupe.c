@@ -7826,17 +7826,36 @@ static void layernorm_backward(float *dx, float *dw, float *db, const float *dy,
     for (r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * dim, *gr = dy + (size_t)r * dim;
         float *dr = dx + (size_t)r * dim;
-        double mean = 0.0, var = 0.0, sg = 0.0, sgx = 0.0, rstd;
-        int i;
-        for (i = 0; i < dim; i++) mean += xr[i];
+        /* the row sums in ROW_LANES partial sums each, as layernorm: the loops vectorise */
+        double mean = 0.0, var = 0.0, sg = 0.0, sgx = 0.0, rstd, p1[ROW_LANES], p2[ROW_LANES];
+        int i, l;
+        for (l = 0; l < ROW_LANES; l++) p1[l] = p2[l] = 0.0;
+        for (i = 0; i + ROW_LANES <= dim; i += ROW_LANES)
+            for (l = 0; l < ROW_LANES; l++) p1[l] += xr[i + l];
+        for (l = 0; i < dim; i++, l++) p1[l] += xr[i];
+        for (l = 0; l < ROW_LANES; l++) mean += p1[l];
         mean /= dim;
-        for (i = 0; i < dim; i++) var += (xr[i] - mean) * (xr[i] - mean);
+        for (i = 0; i + ROW_LANES <= dim; i += ROW_LANES)
+            for (l = 0; l < ROW_LANES; l++) p2[l] += (xr[i + l] - mean) * (xr[i + l] - mean);
+        for (l = 0; i < dim; i++, l++) p2[l] += (xr[i] - mean) * (xr[i] - mean);
+        for (l = 0; l < ROW_LANES; l++) var += p2[l];
         var /= dim;
         rstd = 1.0 / sqrt(var + eps);
-        for (i = 0; i < dim; i++) {
+        for (l = 0; l < ROW_LANES; l++) p1[l] = p2[l] = 0.0;
+        for (i = 0; i + ROW_LANES <= dim; i += ROW_LANES)
+            for (l = 0; l < ROW_LANES; l++) {
+                double g = (double)gr[i + l] * n.w[i + l];
+                p1[l] += g;
+                p2[l] += g * (xr[i + l] - mean) * rstd;
+            }
+        for (l = 0; i < dim; i++, l++) {
             double g = (double)gr[i] * n.w[i];
-            sg += g;
-            sgx += g * (xr[i] - mean) * rstd;
+            p1[l] += g;
+            p2[l] += g * (xr[i] - mean) * rstd;
+        }
+        for (l = 0; l < ROW_LANES; l++) {
+            sg += p1[l];
+            sgx += p2[l];
         }
         sg /= dim;
         sgx /= dim;
@@ -8115,6 +8134,21 @@ static void softmax_rows(float *x, int rows, int n, float scale, const unsigned 
     }
 }
 
+/* sum of a[i] b[i] over n floats in double, kept in ROW_LANES partial sums combined in
+ * a fixed order: the loop vectorises (one running sum is a chain of dependent adds) and
+ * the result is the same on every instruction set. */
+static double row_dot(const float *a, const float *b, int n)
+{
+    double part[ROW_LANES], sum = 0.0;
+    int i, l;
+    for (l = 0; l < ROW_LANES; l++) part[l] = 0.0;
+    for (i = 0; i + ROW_LANES <= n; i += ROW_LANES)
+        for (l = 0; l < ROW_LANES; l++) part[l] += (double)a[i + l] * b[i + l];
+    for (l = 0; i < n; i++, l++) part[l] += (double)a[i] * b[i];
+    for (l = 0; l < ROW_LANES; l++) sum += part[l];
+    return sum;
+}
+
 /* Softmax backward from its output y [rows][n]: dx += y (dy - sum(y dy)) per row.
  * dx must not alias dy. */
 static void softmax_rows_backward(float *dx, const float *dy, const float *y, int rows, int n)
@@ -8122,8 +8156,7 @@ static void softmax_rows_backward(float *dx, const float *dy, const float *y, in
     int r, i;
     for (r = 0; r < rows; r++) {
         const float *yr = y + (size_t)r * n, *gr = dy + (size_t)r * n;
-        double dot = 0.0;
-        for (i = 0; i < n; i++) dot += (double)yr[i] * gr[i];
+        double dot = row_dot(yr, gr, n);
         for (i = 0; i < n; i++) dx[(size_t)r * n + i] += (float)(yr[i] * (gr[i] - dot));
     }
 }
@@ -8180,8 +8213,7 @@ static void attention_backward(float *dQ, int lddq, float *dK, int lddk, float *
         for (r = 0; r < Tq; r++) {
             const float *pr = P + (size_t)r * Tk;
             float *gr = dP + (size_t)r * Tk;
-            double dot = 0.0;
-            for (j = 0; j < Tk; j++) dot += (double)pr[j] * gr[j];
+            double dot = row_dot(pr, gr, Tk);
             for (j = 0; j < Tk; j++) gr[j] = (float)(pr[j] * (gr[j] - dot) * scale);
         }
         gemm_nn(Tq, dh, Tk, dP, Tk, K + ho, ldk, dQ + ho, lddq, 1);
@@ -8568,11 +8600,11 @@ static float sample_bilinear_backward(float *dvalue, const float *value, int ld,
     wts[3] = fx * fy;                   dwx[3] = fy;           dwy[3] = fx;           xs[3] = x0 + 1; ys[3] = y0 + 1;
     for (k = 0; k < 4; k++) {
         size_t at;
-        double dot = 0.0;
+        double dot;
         float c;
         if (xs[k] < 0 || xs[k] >= w || ys[k] < 0 || ys[k] >= h) continue;
         at = ((size_t)ys[k] * w + xs[k]) * ld;
-        for (d = 0; d < dh; d++) dot += (double)dacc[d] * value[at + d];
+        dot = row_dot(dacc, value + at, dh);
         dweight += wts[k] * dot;
         gx += dwx[k] * dot;
         gy += dwy[k] * dot;
@@ -11531,8 +11563,13 @@ static double tta_grad_norm(const loupe_trainer *t)
 #endif
         for (k = 0; k < nk; k++) {
             size_t i, lo = (c0 + (size_t)k) * NORM_CHUNK, hi = lo + NORM_CHUNK < n ? lo + NORM_CHUNK : n;
-            double acc = 0.0;
-            for (i = lo; i < hi; i++) acc += (double)t->grad[i] * t->grad[i];
+            double lane[ROW_LANES], acc = 0.0; /* lanes: the loop vectorises */
+            int l;
+            for (l = 0; l < ROW_LANES; l++) lane[l] = 0.0;
+            for (i = lo; i + ROW_LANES <= hi; i += ROW_LANES)
+                for (l = 0; l < ROW_LANES; l++) lane[l] += (double)t->grad[i + l] * t->grad[i + l];
+            for (l = 0; i < hi; i++, l++) lane[l] += (double)t->grad[i] * t->grad[i];
+            for (l = 0; l < ROW_LANES; l++) acc += lane[l];
             part[k] = acc;
         }
         for (c = 0; c < (size_t)nk; c++) sum += part[c];
