@@ -8952,10 +8952,19 @@ static void pe_train_layout(const loupe_config *c, pe_tape *bt, cls_tape *ct, pe
     }
 }
 
-/* Zeroes n floats. */
+/* Zeroes n floats: big buffers (the backward's scratch maps, tens of MB) in chunks on all
+ * threads, as one thread's stores do not saturate the memory bus. */
+#define ZERO_CHUNK ((size_t)1 << 18)
 static void zero_floats(float *x, size_t n)
 {
-    memset(x, 0, n * sizeof *x);
+    long c, chunks = (long)((n + ZERO_CHUNK - 1) / ZERO_CHUNK);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (chunks > 1 && parallel_ok((double)n))
+#endif
+    for (c = 0; c < chunks; c++) {
+        size_t lo = (size_t)c * ZERO_CHUNK, len = n - lo < ZERO_CHUNK ? n - lo : ZERO_CHUNK;
+        memset(x + lo, 0, len * sizeof *x);
+    }
 }
 
 /* VisionTransformer.conv1 + class_embedding + positional_embedding + ln_pre:
@@ -10878,11 +10887,6 @@ static float *grad_of(loupe_trainer *t, const float *p)
 /* The values of one of the adapter's weight matrices: its own float32 copies. */
 static const float *tta_matrix(wmat m) { return m.data; }
 
-/* Zeroes n floats. */
-static void zero(float *x, size_t n)
-{
-    memset(x, 0, n * sizeof *x);
-}
 
 /* Assigns (or, while measuring, counts) the saved activations. */
 static void tta_tape_layout(loupe_trainer *t, arena *a)
@@ -11034,15 +11038,15 @@ static void mask_predictor_backward(loupe_trainer *t, int i, float *dqh)
     const float *dy = k->d_me + (size_t)i * QF;
     acts[0] = t->tape.me_a + (size_t)i * QF;
     acts[1] = t->tape.me_b + (size_t)i * QF;
-    zero(dqh, QF);
+    zero_floats(dqh, QF);
     linear_backward(dqh, grad_of(t, tta_matrix(w->class_predictor.w)), grad_of(t, w->class_predictor.b),
                     k->d_class + (size_t)i * Q * C, C, qh, Q, F, C, tta_matrix(w->class_predictor.w), k->wt);
     /* mask_embedder: Linear-ReLU-Linear-ReLU-Linear, walked back from the last layer */
     for (l = 2; l > 0; l--) {
-        zero(k->d_x1, QF);
+        zero_floats(k->d_x1, QF);
         linear_backward(k->d_x1, grad_of(t, tta_matrix(w->mask_embed[l].w)), grad_of(t, w->mask_embed[l].b), dy, F,
                         acts[l - 1], Q, F, F, tta_matrix(w->mask_embed[l].w), k->wt);
-        zero(k->d_x2, QF);
+        zero_floats(k->d_x2, QF);
         relu_backward(k->d_x2, k->d_x1, acts[l - 1], QF);
         memcpy(k->d_x3, k->d_x2, QF * sizeof *k->d_x3);
         dy = k->d_x3;
@@ -11063,13 +11067,13 @@ static void ffn_block_backward(loupe_trainer *t, float *dx, float *d_ln, const f
     tta_work *k = &t->wk;
     int F = c->feature_size;
     size_t n = (size_t)rows * F, ne = (size_t)rows * E;
-    zero(d_ln, n);
+    zero_floats(d_ln, n);
     layernorm_backward(d_ln, grad_of(t, ln.w), grad_of(t, ln.b), dy, a, rows, F, ln, c->ln_eps, k->stats);
     memcpy(dx, d_ln, n * sizeof *dx);
-    zero(d_h, ne);
+    zero_floats(d_h, ne);
     linear_backward(d_h, grad_of(t, tta_matrix(fc2.w)), grad_of(t, fc2.b), d_ln, F, h, rows, E, F, tta_matrix(fc2.w),
                     k->wt);
-    zero(d_h2, ne);
+    zero_floats(d_h2, ne);
     relu_backward(d_h2, d_h, h, ne);
     linear_backward(dx, grad_of(t, tta_matrix(fc1.w)), grad_of(t, fc1.b), d_h2, E, x, rows, F, E, tta_matrix(fc1.w),
                     k->wt);
@@ -11095,18 +11099,18 @@ static void masked_attention_decoder_layer_backward(loupe_trainer *t, int i, con
     ffn_block_backward(t, k->d_x2, k->d_x1, dout, A->a3, A->h2, A->ffn, Q, E, d->fc1, d->fc2, d->ln_final, k->d_qffn,
                        k->d_qffn2);
     /* self-attention and its norm: a2 = h1 + o(attention(q(h1 + pos), k(h1 + pos), v(h1))) */
-    zero(k->d_x1, QF);
+    zero_floats(k->d_x1, QF);
     layernorm_backward(k->d_x1, grad_of(t, d->ln_self.w), grad_of(t, d->ln_self.b), k->d_x2, A->a2, Q, F, d->ln_self,
                        c->ln_eps, k->stats);
     memcpy(k->d_x2, k->d_x1, QF * sizeof *k->d_x2);
-    zero(k->d_att, QF);
+    zero_floats(k->d_att, QF);
     linear_backward(k->d_att, grad_of(t, tta_matrix(d->o.w)), grad_of(t, d->o.b), k->d_x1, F, A->att2, Q, F, F,
                     tta_matrix(d->o.w), k->wt);
-    zero(k->d_q, QF);
-    zero(k->d_kv2, 2 * QF);
+    zero_floats(k->d_q, QF);
+    zero_floats(k->d_kv2, 2 * QF);
     attention_backward(k->d_q, F, k->d_kv2, F, k->d_kv2 + QF, F, k->d_att, F, A->q2, F, A->kv2, F, A->kv2 + QF, F, Q, Q,
                        H, dh, scale, NULL, k->att);
-    zero(k->d_hq, QF);
+    zero_floats(k->d_hq, QF);
     linear_backward(k->d_hq, grad_of(t, tta_matrix(d->q.w)), grad_of(t, d->q.b), k->d_q, F, A->hq2, Q, F, F,
                     tta_matrix(d->q.w), k->wt);
     linear_backward(k->d_hq, grad_of(t, tta_matrix(d->k.w)), grad_of(t, d->k.b), k->d_kv2, F, A->hq2, Q, F, F,
@@ -11116,18 +11120,18 @@ static void masked_attention_decoder_layer_backward(loupe_trainer *t, int i, con
     add(k->d_x2, k->d_x2, k->d_hq, QF);
     add(dqe, dqe, k->d_hq, QF);
     /* masked cross-attention and its norm: a1 = hin + out(attention(q(hin + pos), k(feat + pos), v(feat))) */
-    zero(k->d_x1, QF);
+    zero_floats(k->d_x1, QF);
     layernorm_backward(k->d_x1, grad_of(t, d->ln_cross.w), grad_of(t, d->ln_cross.b), k->d_x2, A->a1, Q, F,
                        d->ln_cross, c->ln_eps, k->stats);
     memcpy(din, k->d_x1, QF * sizeof *din);
-    zero(k->d_att, QF);
+    zero_floats(k->d_att, QF);
     linear_backward(k->d_att, grad_of(t, tta_matrix(d->cross_out.w)), grad_of(t, d->cross_out.b), k->d_x1, F, A->att1,
                     Q, F, F, tta_matrix(d->cross_out.w), k->wt);
-    zero(k->d_q, QF);
-    zero(k->d_kv, (size_t)n * 2 * F);
+    zero_floats(k->d_q, QF);
+    zero_floats(k->d_kv, (size_t)n * 2 * F);
     attention_backward(k->d_q, F, k->d_kv, 2 * F, k->d_kv + F, 2 * F, k->d_att, F, A->q1, F, A->kv, 2 * F, A->kv + F,
                        2 * F, Q, n, H, dh, scale, A->mask, k->att);
-    zero(k->d_hq, QF);
+    zero_floats(k->d_hq, QF);
     linear_backward(k->d_hq, gqkv, gqkv_b, k->d_q, F, A->hq1, Q, F, F, tta_matrix(d->cross_qkv.w), k->wt);
     linear_backward(dfeat, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, A->kin, n, F, F, tta_matrix(d->cross_qkv.w) + FF,
                     k->wt);
@@ -11149,13 +11153,13 @@ static void masked_attention_decoder_backward(loupe_trainer *t)
     size_t QF = (size_t)Q * F;
     float *dcur = k->d_h0, *dnext = k->d_h1, *swap, *gqf = grad_of(t, w->query_feat);
     /* the mask einsum of all L predictions: masks[q][p] = me[q] . mask_features[p] */
-    zero(k->d_me, (size_t)L * QF);
-    zero(k->d_mf, (size_t)M2 * F);
+    zero_floats(k->d_me, (size_t)L * QF);
+    zero_floats(k->d_mf, (size_t)M2 * F);
     mask_einsum_backward(k->d_me, k->d_mf, k->d_mask, t->tape.me, t->s->mask_features, L * Q, M2, F, k->mf_t);
-    zero(k->d_dec_feat, (size_t)tb->tokens * F);
+    zero_floats(k->d_dec_feat, (size_t)tb->tokens * F);
     /* hidden[i] feeds prediction i (through the decoder LayerNorm) and layer i */
     for (i = L - 1; i >= 0; i--) {
-        if (i == L - 1) zero(dcur, QF);
+        if (i == L - 1) zero_floats(dcur, QF);
         else masked_attention_decoder_layer_backward(t, i, dnext, dcur);
         mask_predictor_backward(t, i, k->d_qh);
         layernorm_backward(dcur, grad_of(t, w->dec_ln.w), grad_of(t, w->dec_ln.b), k->d_qh, t->tape.hidden + (size_t)i * QF,
@@ -11188,37 +11192,37 @@ static void pixel_decoder_encoder_layer_backward(loupe_trainer *t, int i, const 
     ffn_block_backward(t, k->d_t2, k->d_t1, dout, A->a3, A->h2, A->ffn, T, E, e->fc1, e->fc2, e->ln_final, k->d_effn,
                        k->d_effn2);
     /* conditional cross-attention: a2 = h1 + co on every token */
-    zero(k->d_t1, TF);
+    zero_floats(k->d_t1, TF);
     layernorm_backward(k->d_t1, grad_of(t, e->ln_cross.w), grad_of(t, e->ln_cross.b), k->d_t2, A->a2, T, F, e->ln_cross,
                        c->ln_eps, k->stats);
     memcpy(k->d_t2, k->d_t1, TF * sizeof *k->d_t2);
-    zero(k->d_co, (size_t)F);
+    zero_floats(k->d_co, (size_t)F);
     bias_backward(k->d_co, k->d_t1, F, T, F);
-    zero(k->d_catt, (size_t)F);
+    zero_floats(k->d_catt, (size_t)F);
     linear_backward(k->d_catt, grad_of(t, tta_matrix(e->cross_out.w)), grad_of(t, e->cross_out.b), k->d_co, F,
                     A->catt, 1, F, F, tta_matrix(e->cross_out.w), k->wt);
-    zero(k->d_cq, (size_t)F);
-    zero(k->d_kv, TF * 2);
+    zero_floats(k->d_cq, (size_t)F);
+    zero_floats(k->d_kv, TF * 2);
     attention_backward(k->d_cq, F, k->d_kv, 2 * F, k->d_kv + F, 2 * F, k->d_catt, F, A->cq, F, A->kv, 2 * F, A->kv + F,
                        2 * F, 1, T, H, dh, scale, NULL, k->att);
     linear_backward(k->d_cond, gqkv, gqkv_b, k->d_cq, F, t->s->cond_query, 1, F, F, tta_matrix(e->cross_qkv.w), k->wt);
     linear_backward(k->d_t2, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, A->h1, T, F, 2 * F,
                     tta_matrix(e->cross_qkv.w) + FF, k->wt);
     /* multi-scale deformable self-attention: a1 = hin + output(msda(value(hin), offsets(q), softmax(weights(q)))) */
-    zero(k->d_t1, TF);
+    zero_floats(k->d_t1, TF);
     layernorm_backward(k->d_t1, grad_of(t, e->ln_self.w), grad_of(t, e->ln_self.b), k->d_t2, A->a1, T, F, e->ln_self,
                        c->ln_eps, k->stats);
     memcpy(din, k->d_t1, TF * sizeof *din);
-    zero(k->d_msda, TF);
+    zero_floats(k->d_msda, TF);
     linear_backward(k->d_msda, grad_of(t, tta_matrix(e->output.w)), grad_of(t, e->output.b), k->d_t1, F, A->msda, T,
                     F, F, tta_matrix(e->output.w), k->wt);
-    zero(k->d_value, TF);
-    zero(k->d_offs, (size_t)T * 2 * noff);
-    zero(k->d_aw, (size_t)T * noff);
+    zero_floats(k->d_value, TF);
+    zero_floats(k->d_offs, (size_t)T * 2 * noff);
+    zero_floats(k->d_aw, (size_t)T * noff);
     ms_deform_attn_core_backward(k->d_value, k->d_offs, k->d_aw, k->d_msda, A->value, A->offs, A->aw, tb, F, H, P);
-    zero(k->d_awl, (size_t)T * noff);
+    zero_floats(k->d_awl, (size_t)T * noff);
     softmax_rows_backward(k->d_awl, k->d_aw, A->aw, T * H, 3 * P);
-    zero(k->d_qpos, TF);
+    zero_floats(k->d_qpos, TF);
     linear_backward(k->d_qpos, grad_of(t, tta_matrix(e->attn_weights.w)), grad_of(t, e->attn_weights.b), k->d_awl,
                     noff, A->qpos, T, F, noff, tta_matrix(e->attn_weights.w), k->wt);
     linear_backward(k->d_qpos, grad_of(t, tta_matrix(e->offsets.w)), grad_of(t, e->offsets.b), k->d_offs, 2 * noff,
@@ -11250,24 +11254,24 @@ static void pixel_decoder_backward(loupe_trainer *t, float *d_grid)
     inputs[0] = s->fpn_half; inputs[1] = s->feats + W; inputs[2] = s->fpn2;
     d_inputs[0] = k->d_fpn_half; d_inputs[1] = d_grid; d_inputs[2] = k->d_fpn2;
     /* mask_projection, ReLU, layer_1 GroupNorm and 3x3 convolution */
-    zero(k->d_m1, MF);
+    zero_floats(k->d_m1, MF);
     linear_backward(k->d_m1, grad_of(t, tta_matrix(w->mask_projection.w)), grad_of(t, w->mask_projection.b), k->d_mf,
                     F, s->fpn_out, M * M, F, F, tta_matrix(w->mask_projection.w), k->wt);
-    zero(k->d_m2, MF);
+    zero_floats(k->d_m2, MF);
     relu_backward(k->d_m2, k->d_m1, s->fpn_out, MF);
-    zero(k->d_m1, MF);
+    zero_floats(k->d_m1, MF);
     groupnorm_hwc_backward(k->d_m1, grad_of(t, w->layer_1_gn.w), grad_of(t, w->layer_1_gn.b), k->d_m2, t->tape.conv_pre,
                            M * M, F, c->gn_groups, w->layer_1_gn, c->gn_eps);
-    zero(k->d_m2, MF);
+    zero_floats(k->d_m2, MF);
     conv3x3_hwc_backward(k->d_m2, grad_of(t, w->layer_1), k->d_m1, s->lateral, M, M, F, F, w->layer_1, k->wt);
     /* the lateral sum: adapter_1 (1x1 conv + GroupNorm) + the upsampled 2x level */
     memcpy(dcur, k->d_dec_feat, (size_t)T * F * sizeof *dcur);
     interp_hwc_backward(dcur + (size_t)tb->level_start[2] * F, k->d_m2, tb->level_h[2], tb->level_w[2], F, M, M,
                         s->interp);
-    zero(k->d_m1, MF);
+    zero_floats(k->d_m1, MF);
     groupnorm_hwc_backward(k->d_m1, grad_of(t, w->adapter_gn.w), grad_of(t, w->adapter_gn.b), k->d_m2, t->tape.lat_pre,
                            M * M, F, c->gn_groups, w->adapter_gn, c->gn_eps);
-    zero(k->d_fpn4, (size_t)M * M * W);
+    zero_floats(k->d_fpn4, (size_t)M * M * W);
     linear_backward(k->d_fpn4, grad_of(t, tta_matrix(w->adapter_1.w)), NULL, k->d_m1, F, s->fpn4, M * M, W, F,
                     tta_matrix(w->adapter_1.w), k->wt);
     /* the deformable encoder, last layer first */
@@ -11276,12 +11280,12 @@ static void pixel_decoder_backward(loupe_trainer *t, float *d_grid)
         swap = dcur; dcur = dnext; dnext = swap;
     }
     /* input projections: 1x1 conv + GroupNorm per level (the 1x level is the frozen grid) */
-    zero(k->d_fpn_half, (size_t)tb->level_h[0] * tb->level_w[0] * W);
-    zero(k->d_fpn2, (size_t)tb->level_h[2] * tb->level_w[2] * W);
+    zero_floats(k->d_fpn_half, (size_t)tb->level_h[0] * tb->level_w[0] * W);
+    zero_floats(k->d_fpn2, (size_t)tb->level_h[2] * tb->level_w[2] * W);
     for (l = 0; l < 3; l++) {
         int n = tb->level_h[l] * tb->level_w[l];
         size_t at = (size_t)tb->level_start[l] * F;
-        zero(k->d_t1, (size_t)n * F);
+        zero_floats(k->d_t1, (size_t)n * F);
         groupnorm_hwc_backward(k->d_t1, grad_of(t, w->input_gn[l].w), grad_of(t, w->input_gn[l].b), dcur + at,
                                t->tape.proj + at, n, F, c->gn_groups, w->input_gn[l], c->gn_eps);
         linear_backward(d_inputs[l], grad_of(t, tta_matrix(w->input_proj[l].w)), grad_of(t, w->input_proj[l].b),
@@ -11300,12 +11304,12 @@ static void scale_block_backward(loupe_trainer *t, const scale_block_w *b, int b
     const float *convt = tta_matrix(b->conv1.w);
     int W = c->width, oh = convt ? 2 * h : h / 2, ow = convt ? 2 * w : w / 2;
     size_t n = (size_t)oh * ow * W;
-    zero(k->d_f1, n);
+    zero_floats(k->d_f1, n);
     layernorm_backward(k->d_f1, grad_of(t, b->norm.w), grad_of(t, b->norm.b), dout, A->dw, oh * ow, W, b->norm,
                        c->fpn_ln_eps, k->stats);
-    zero(k->d_f2, n);
+    zero_floats(k->d_f2, n);
     depthwise3x3_hwc_backward(k->d_f2, grad_of(t, b->dw), k->d_f1, A->act, oh, ow, W, b->dw);
-    zero(k->d_f1, n);
+    zero_floats(k->d_f1, n);
     gelu_backward(k->d_f1, k->d_f2, A->pre, n);
     if (convt) /* d_f2 (n floats) is free again: the product's scratch */
         conv_transpose2x2_hwc_backward(din, grad_of(t, convt), grad_of(t, b->conv1.b), k->d_f1, in, h, w, W, W,
@@ -11325,7 +11329,7 @@ static void feature_pyramid_backward(loupe_trainer *t, float *d_grid)
     const float *grid = t->s->feats + W;
     scale_block_backward(t, &w->fpn_half, 3, grid, g, g, k->d_fpn_half, d_grid);
     scale_block_backward(t, &w->fpn2, 2, grid, g, g, k->d_fpn2, d_grid);
-    zero(k->d_fpn_mid, (size_t)4 * g * g * W);
+    zero_floats(k->d_fpn_mid, (size_t)4 * g * g * W);
     scale_block_backward(t, &w->fpn4[1], 1, t->s->fpn_mid, 2 * g, 2 * g, k->d_fpn4, k->d_fpn_mid);
     scale_block_backward(t, &w->fpn4[0], 0, grid, g, g, k->d_fpn_mid, d_grid);
 }
@@ -11347,7 +11351,7 @@ static void conditional_query_backward(loupe_trainer *t)
  * d_grid [g*g][W] += when not NULL (loupe.c keeps the backbone frozen; tests use it). */
 static void segmentor_backward(loupe_trainer *t, float *d_grid)
 {
-    zero(t->wk.d_cond, (size_t)t->m->cfg.feature_size);
+    zero_floats(t->wk.d_cond, (size_t)t->m->cfg.feature_size);
     masked_attention_decoder_backward(t);
     pixel_decoder_backward(t, d_grid);
     feature_pyramid_backward(t, d_grid);
@@ -11368,8 +11372,8 @@ static void tta_loss(loupe_trainer *t, loupe_tta_loss *out)
     double total;
     seg_batch bt;
     for (i = 0; i < g * g; i++) k->pseudo_mask[i] = sigmoidf(s->patch_logits[i]);
-    zero(k->d_class, (size_t)L * Q * C);
-    zero(k->d_mask, (size_t)L * Q * M * M);
+    zero_floats(k->d_class, (size_t)L * Q * C);
+    zero_floats(k->d_mask, (size_t)L * Q * M * M);
     for (i = 0; i < L; i++) {
         t->preds[i].class_logits = s->class_logits + (size_t)i * Q * C;
         t->preds[i].mask_logits = s->mask_logits + (size_t)i * Q * M * M;
@@ -11457,8 +11461,8 @@ static void trainer_bind_predictions(loupe_trainer *t)
 {
     const loupe_config *c = &t->m->cfg;
     int L = c->dec_layers, Q = c->num_queries, C = c->num_labels + 1, M = 4 * c->grid, i;
-    zero(t->wk.d_class, (size_t)L * Q * C);
-    zero(t->wk.d_mask, (size_t)L * Q * M * M);
+    zero_floats(t->wk.d_class, (size_t)L * Q * C);
+    zero_floats(t->wk.d_mask, (size_t)L * Q * M * M);
     for (i = 0; i < L; i++) {
         t->preds[i].class_logits = t->s->class_logits + (size_t)i * Q * C;
         t->preds[i].mask_logits = t->s->mask_logits + (size_t)i * Q * M * M;
@@ -11477,7 +11481,7 @@ static int trainer_image(loupe_trainer *t, const loupe_example *ex, const seg_ba
     int has_target = ex->n_targets > 0;
     double seg = 0.0;
     if (trainer_forward(t, ex->pixel_values, ex->features, has_target ? 1.0f : 0.0f, err, errsize)) return -1;
-    if (t->backbone_backward) zero(t->wk.d_feats, (size_t)(1 + c->grid * c->grid) * W);
+    if (t->backbone_backward) zero_floats(t->wk.d_feats, (size_t)(1 + c->grid * c->grid) * W);
     if (t->has_seg) {
         trainer_bind_predictions(t);
         loupe_seg_loss(&t->loss_cfg, L, Q, M, t->preds, has_target, ex->mask_labels, S, S, bt,
@@ -11489,14 +11493,14 @@ static int trainer_image(loupe_trainer *t, const loupe_example *ex, const seg_ba
         int N = c->grid * c->grid, i;
         float d_fused = 0.0f, cw = (float)(scale * t->opt.cls_loss_weight);
         cls_loss_terms ct;
-        zero(t->wk.d_patch, (size_t)N);
+        zero_floats(t->wk.d_patch, (size_t)N);
         loupe_cls_loss(&t->cls_cfg, t->s->fused_logit, (float)ex->label, t->s->patch_logits, ex->patch_labels, N,
                        1.0 / bt->images, 1.0 / ((double)bt->images * N), &ct, NULL, &d_fused, t->wk.d_patch);
         loss->cls_part += ct.cls_part;
         loss->patch_part += ct.patch_part;
         d_fused *= cw;
         for (i = 0; i < N; i++) t->wk.d_patch[i] *= cw;
-        if (t->backbone_backward) zero(t->wk.d_pooled, (size_t)W);
+        if (t->backbone_backward) zero_floats(t->wk.d_pooled, (size_t)W);
         loupe_classifier_backward(t->s, &t->cg, d_fused, t->wk.d_patch, t->backbone_backward ? t->wk.d_pooled : NULL,
                                   t->backbone_backward ? t->wk.d_feats : NULL, &t->pw);
     }
@@ -11852,9 +11856,9 @@ static loupe_trainer *trainer_new(const loupe_model *m, const loupe_train_option
         return NULL;
     }
     trainer_layout(t, &a);
-    zero(t->grad, t->n_floats);
-    zero(t->adam_m, t->n_floats);
-    zero(t->adam_v, t->n_floats);
+    zero_floats(t->grad, t->n_floats);
+    zero_floats(t->adam_m, t->n_floats);
+    zero_floats(t->adam_v, t->n_floats);
     /* copy the trained tensors out of the read-only model */
     pb.params = t->params;
     pb.data = t->param;
@@ -12031,7 +12035,7 @@ int loupe_trainer_update(loupe_trainer *t, double lr_factor, double *grad_norm, 
     if (!(lr_factor >= 0.0 && lr_factor <= 1e3)) return fail(err, errsize, "learning-rate factor %g is outside 0..1000", lr_factor);
     norm = tta_grad_norm(t);
     if (!isfinite(norm)) {
-        zero(t->grad, t->n_floats);
+        zero_floats(t->grad, t->n_floats);
         return fail(err, errsize, "the gradient is not finite; the update was skipped");
     }
     /* clip_grad_norm_ (in float32, like PyTorch): scale by max_norm / (norm + eps) when below 1 */
@@ -12276,13 +12280,13 @@ int loupe_trainer_load_state(loupe_trainer *t, const char *path, void *user, siz
          fread(t->adam_v, sizeof *t->adam_v, t->n_floats, f) == t->n_floats && fgetc(f) == EOF;
     fclose(f);
     if (!ok) {
-        zero(t->adam_m, t->n_floats);
-        zero(t->adam_v, t->n_floats);
+        zero_floats(t->adam_m, t->n_floats);
+        zero_floats(t->adam_v, t->n_floats);
         return fail(err, errsize, "%s: the training state is truncated or too long", path);
     }
     t->steps = (long)hdr[5];
     t->rng_position = hdr[6];
-    zero(t->grad, t->n_floats);
+    zero_floats(t->grad, t->n_floats);
     return 0;
 }
 
