@@ -956,7 +956,7 @@ static void test_grid_gradient(loupe_tta *t, const float *px)
     int k, bad = 0;
     t->rng_position = 0;
     if (!d_grid || tta_accumulate(t, px, 1.0f, &loss, d_grid, err, sizeof err)) { printf("FAIL %s\n", err); failed++; return; }
-    zero(t->grad, t->n_floats);
+    zero_floats(t->grad, t->n_floats);
     for (i = 1; i < n; i++)
         if (fabs(d_grid[i]) > fabs(d_grid[best])) best = i;
     for (k = 0; k < GRID_PICKS; k++) picks[k] = k ? (best + (size_t)k * 7919u * 13u) % n : best;
@@ -985,17 +985,17 @@ static void test_thread_determinism(loupe_tta *t, const float *px)
     size_t i, differ = 0;
     int all = max_threads();
     if (!one) return;
-    zero(t->grad, t->n_floats);
+    zero_floats(t->grad, t->n_floats);
     loupe_set_threads(1);
     t->rng_position = 0;
     tta_accumulate(t, px, 1.0f, &loss, NULL, err, sizeof err);
     memcpy(one, t->grad, t->n_floats * sizeof *one);
-    zero(t->grad, t->n_floats);
+    zero_floats(t->grad, t->n_floats);
     loupe_set_threads(all);
     t->rng_position = 0;
     tta_accumulate(t, px, 1.0f, &loss, NULL, err, sizeof err);
     for (i = 0; i < t->n_floats; i++) differ += one[i] != t->grad[i];
-    zero(t->grad, t->n_floats);
+    zero_floats(t->grad, t->n_floats);
     check(differ == 0, "gradients are identical with 1 thread and with all threads", (double)differ);
     free(one);
 }
@@ -1100,7 +1100,7 @@ static void test_tta(const char *path)
     }
     fuser = m->w.fuser;
     /* forged target, every point drawn at random (no top-k selection: the loss is smooth) */
-    zero(t->grad, t->n_floats);
+    zero_floats(t->grad, t->n_floats);
     t->loss_cfg.importance_sample_ratio = 0.0;
     t->rng_position = 0;
     for (j = 0; j < N; j++) negated[j] = -negated[j];
