@@ -8051,19 +8051,20 @@ static void erf_block(float *y, const float *x, int m)
     for (i = 0; i < m; i++) y[i] = xc[i] * (0.5f * erf_chebyshev[0] + u[i] * b1[i] - b2[i]);
 }
 
-/* Exact (erf) GELU, in place: x * (1 + erf(x / sqrt 2)) / 2. */
-static void gelu(float *x, size_t n)
+/* Exact (erf) GELU: y = x * (1 + erf(x / sqrt 2)) / 2 over n floats (y may be x). */
+static void gelu(float *y, const float *x, size_t n)
 {
     size_t start;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (parallel_ok((double)n * 16))
 #endif
     for (start = 0; start < n; start += ERF_BLOCK) {
-        float e[ERF_BLOCK], *v = x + start;
+        float e[ERF_BLOCK], *o = y + start;
+        const float *v = x + start;
         int m = n - start < ERF_BLOCK ? (int)(n - start) : ERF_BLOCK, i;
         for (i = 0; i < m; i++) e[i] = v[i] * (float)LOUPE_SQRT1_2;
         erf_block(e, e, m);
-        for (i = 0; i < m; i++) v[i] = 0.5f * v[i] * (1.0f + e[i]);
+        for (i = 0; i < m; i++) o[i] = 0.5f * v[i] * (1.0f + e[i]);
     }
 }
 
@@ -9068,9 +9069,8 @@ static void pe_residual_attention_block(loupe_session *s, const pe_block_w *b, i
     gemm_nt_w(T, W, W, att, W, b->out.w, b->out.b, s->x, W, 1);
     if (tp) memcpy(tp->mid + (size_t)i * TW, s->x, TW * sizeof *s->x);
     layernorm(s->h, s->x, T, W, b->ln_2, c->ln_eps);
-    linear(s->wide, s->h, T, W, M, b->fc);
-    if (tp) memcpy(tp->fc + (size_t)i * TM, s->wide, TM * sizeof *s->wide);
-    gelu(s->wide, TM);
+    linear(tp ? tp->fc + (size_t)i * TM : s->wide, s->h, T, W, M, b->fc);
+    gelu(s->wide, tp ? tp->fc + (size_t)i * TM : s->wide, TM);
     gemm_nt_w(T, W, M, s->wide, M, b->proj.w, b->proj.b, s->x, W, 1);
 }
 
@@ -9087,10 +9087,7 @@ static void pe_residual_attention_block_backward(const loupe_session *s, const p
     const float *mid = tp->mid + (size_t)i * TW, *fc = tp->fc + (size_t)i * TM;
     /* MLP branch: out = mid + c_proj(gelu(c_fc(ln_2(mid)))) */
     memcpy(k->d_mid, dy, TW * sizeof *dy);
-    if (g->proj.w) {
-        memcpy(k->wide, fc, TM * sizeof *fc);
-        gelu(k->wide, TM);
-    }
+    if (g->proj.w) gelu(k->wide, fc, TM);
     zero_floats(k->d_wide, TM);
     linear_backward_w(k->d_wide, M, g->proj, dy, W, k->wide, M, T, M, W, b->proj.w);
     zero_floats(k->wide, TM);
@@ -9131,7 +9128,7 @@ static void pe_attention_pooling(loupe_session *s)
     layernorm(s->pool_h, s->pooled, 1, W, p->ln, c->ln_eps);
     linear(s->wide, s->pool_h, 1, W, M, p->fc);
     if (tp) memcpy(tp->pool_fc, s->wide, (size_t)M * sizeof *s->wide);
-    gelu(s->wide, (size_t)M);
+    gelu(s->wide, s->wide, (size_t)M);
     gemm_nt_w(1, W, M, s->wide, M, p->proj.w, p->proj.b, s->pooled, W, 1);
 }
 
@@ -9148,10 +9145,7 @@ static void pe_attention_pooling_backward(const loupe_session *s, const pe_pool_
     linear_g q_g, kv_g;
     /* MLP branch: pooled = mid + c_proj(gelu(c_fc(layernorm(mid)))) */
     memcpy(d_mid, dy, (size_t)W * sizeof *dy);
-    if (g->proj.w) {
-        memcpy(k->wide, tp->pool_fc, (size_t)M * sizeof *k->wide);
-        gelu(k->wide, (size_t)M);
-    }
+    if (g->proj.w) gelu(k->wide, tp->pool_fc, (size_t)M);
     zero_floats(k->d_wide, (size_t)M);
     linear_backward_w(k->d_wide, M, g->proj, dy, W, k->wide, M, 1, M, W, p->proj.w);
     zero_floats(k->wide, (size_t)M);
@@ -9245,7 +9239,7 @@ static void loupe_cls_head(loupe_session *s, const cls_head_w *h, const float *x
         float *dst = last ? logits : (i % 2 ? s->cls_b : s->cls_a);
         linear(dst, cur, rows, in, out, h->layers[i]);
         if (!last && pre) memcpy(pre + (size_t)i * rows * out, dst, (size_t)rows * out * sizeof *dst);
-        if (!last) gelu(dst, (size_t)rows * out);
+        if (!last) gelu(dst, dst, (size_t)rows * out);
         cur = dst;
         in = out;
     }
@@ -9264,8 +9258,7 @@ static void loupe_cls_head_backward(const loupe_session *s, const cls_head_w *h,
         int in = i ? Hd : W, out = i == c->cls_layers - 1 ? 1 : Hd;
         const float *act = x;
         if (i && g->layers[i].w) { /* the layer's input: GELU of the previous layer */
-            memcpy(k->cls_act, pre + (size_t)(i - 1) * n, n * sizeof *k->cls_act);
-            gelu(k->cls_act, n);
+            gelu(k->cls_act, pre + (size_t)(i - 1) * n, n);
             act = k->cls_act;
         }
         if (i) zero_floats(k->cls_d_act, n);
@@ -9444,8 +9437,7 @@ static void scale_block(loupe_session *s, const scale_block_w *b, const float *i
         *oh = h / 2; *ow = w / 2;
     }
     n = (size_t)*oh * *ow * W;
-    copy_unless_same(A->act, A->pre, n);
-    gelu(A->act, n);
+    gelu(A->act, A->pre, n);
     depthwise3x3_hwc(dw, A->act, *oh, *ow, W, b->dw);
     layernorm(out, dw, *oh * *ow, W, b->norm, c->fpn_ln_eps);
 }
@@ -10157,7 +10149,9 @@ static double pair_wise_dice_loss(const float *pred, const float *target, int n)
 
 /* LoupeHungarianMatcher.forward for one image with one target: class_logits [Q][2],
  * mask_logits [Q][M][M], target [th][tw], points [P][2] (the matcher's uniform draw);
- * scratch [2P] floats. Returns the matched query. The cost matrix is float32 [Q][1]
+ * scratch [(1 + max_threads()) P + Q] floats. Returns the matched query. Queries' costs
+ * are computed in parallel (each is one sampled map, 3 libm calls a point), then
+ * compared in order. The cost matrix is float32 [Q][1]
  * as upstream; scipy's linear_sum_assignment on one column returns the cheapest row,
  * the lowest index among equal costs (it scans columns of the transposed 1 x Q problem
  * from the last to the first and keeps the last minimum it sees). */
@@ -10165,11 +10159,15 @@ static int hungarian_matcher(const seg_loss_config *cfg, int Q, int M, const flo
                              const float *mask_logits, const float *target, int th, int tw, const float *points,
                              int P, float *scratch)
 {
-    float *target_points = scratch, *pred_points = scratch + P, best = 0.0f;
+    float *target_points = scratch, *costs = scratch + (size_t)(1 + max_threads()) * P, best = 0.0f;
     int q, best_q = 0;
     sample_point_forward(target, th, tw, points, P, target_points);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)Q * P * 16))
+#endif
     for (q = 0; q < Q; q++) {
         const float *z = class_logits + (size_t)q * SEG_NUM_CLASSES;
+        float *pred_points = scratch + (size_t)(1 + thread_id()) * P;
         float mx = z[0] > z[1] ? z[0] : z[1];
         float e0 = expf(z[0] - mx), e1 = expf(z[1] - mx);
         float cost_class = -(e0 / (e0 + e1));            /* -softmax(z)[forgery] */
@@ -10183,11 +10181,13 @@ static int hungarian_matcher(const seg_loss_config *cfg, int Q, int M, const flo
         if (cost != cost) cost = 0.0f;                   /* nan_to_num(..., 0) */
         if (cost > SEG_MATCHER_COST_LIMIT) cost = SEG_MATCHER_COST_LIMIT;
         if (cost < -SEG_MATCHER_COST_LIMIT) cost = -SEG_MATCHER_COST_LIMIT;
-        if (q == 0 || cost < best) {
-            best = cost;
+        costs[q] = cost;
+    }
+    for (q = 0; q < Q; q++)
+        if (q == 0 || costs[q] < best) {
+            best = costs[q];
             best_q = q;
         }
-    }
     return best_q;
 }
 
@@ -10454,9 +10454,9 @@ static double get_num_masks(int num_targets)
     return num_targets > 1 ? (double)num_targets : 1.0;
 }
 
-/* Scratch of loupe_seg_loss (planned in the trainer's arena): the matcher's points and
- * samples [2P] each, the selected points [P][2], the oversampled candidates [3P][2], their
- * logits [3P] and sort order [3P], and loss_masks' buffers. topk, when a test sets it,
+/* Scratch of loupe_seg_loss (planned in the trainer's arena): the matcher's points [2P]
+ * and its scratch (hungarian_matcher), the selected points [P][2], the oversampled
+ * candidates [3P][2], their logits [3P] and sort order [3P], and loss_masks' buffers. topk, when a test sets it,
  * receives each call's importance-sampled candidate indices, ascending ([L][0.75 P]). */
 typedef struct seg_loss_scratch {
     float *matcher_points, *matcher_scratch, *points, *candidates, *candidate_logits;
@@ -10978,7 +10978,7 @@ static void tta_work_layout(loupe_trainer *t, arena *a)
     k->stats = arena_floats(a, 2 * M2);
     k->att = arena_floats(a, att);
     k->loss.matcher_points = arena_floats(a, 2 * P);
-    k->loss.matcher_scratch = arena_floats(a, 2 * P);
+    k->loss.matcher_scratch = arena_floats(a, (1 + (size_t)max_threads()) * P + Q);
     k->loss.points = arena_floats(a, 2 * P);
     k->loss.candidates = arena_floats(a, 2 * cand);
     k->loss.candidate_logits = arena_floats(a, cand);

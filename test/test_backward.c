@@ -188,7 +188,7 @@ static double act_f(void *p)
     act_ctx *c = p;
     float y[ACT_N];
     memcpy(y, c->x, sizeof y);
-    if (c->kind == 0) gelu(y, ACT_N);
+    if (c->kind == 0) gelu(y, y, ACT_N);
     else if (c->kind == 1) relu(y, ACT_N);
     else softmax_rows(y, SM_ROWS, SM_N, 1.0f, NULL);
     return dot(c->r, y, c->kind == 2 ? SM_ROWS * SM_N : ACT_N);
