@@ -324,9 +324,9 @@ bench-gemm: | $(BUILD)
 # then the images/s of a short tiny-config run. Never part of make test.
 bench-train: $(BUILD)/bench_train$(EXE) $(BUILD)/make_weights$(EXE) $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE)
 	@test -f $(BUILD)/full-1.bin || $(MAKE) --no-print-directory $(BUILD)/full-1.bin
-	OMP_NUM_THREADS=2 $(RUN) $(BUILD)/bench_train$(EXE) $(BUILD)/full-1.bin cls_seg 3
-	OMP_NUM_THREADS=2 $(RUN) $(BUILD)/bench_train$(EXE) $(BUILD)/full-1.bin seg 3
-	OMP_NUM_THREADS=2 $(RUN) $(BUILD)/bench_train$(EXE) $(BUILD)/full-1.bin seg-cached 3
+	OMP_NUM_THREADS=2 $(RUN) $(BUILD)/bench_train$(EXE) $(BUILD)/full-1.bin cls_seg 5
+	OMP_NUM_THREADS=2 $(RUN) $(BUILD)/bench_train$(EXE) $(BUILD)/full-1.bin seg 5
+	OMP_NUM_THREADS=2 $(RUN) $(BUILD)/bench_train$(EXE) $(BUILD)/full-1.bin seg-cached 5
 	@sh test/bench_train_tiny.sh $(BUILD)/loupe$(EXE) $(BUILD)/make_shapes$(EXE) $(BUILD)
 
 # Time and memory of one test-time-adaptation step against a forward on the full-size

@@ -7,7 +7,11 @@
  * One image (batch 1; a forged example with a synthetic mask) on the model's size. Runs
  * the inference forward and the training step (forward with the tapes, loss, backward,
  * clipping + AdamW) REPEATS times (default 3) and prints the medians, the step as a
- * multiple of the forward, and the peak resident memory against the weights' size.
+ * multiple of the forward, and the peak resident memory against the weights' size. The
+ * multiple is the median of each repeat's own ratio (its step over the forward timed just
+ * before it), with their range: on a shared host whose speed drifts by 10-15 % from one
+ * minute to the next, adjacent timings drift together, the medians of separate series
+ * less so.
  * Each stage runs in its own process (make bench-train) so peak memory is the stage's. */
 #define LOUPE_NO_MAIN
 #include "../loupe.c"
@@ -32,6 +36,7 @@ int main(int argc, char **argv)
     const loupe_config *c;
     float *px, *mask, *patch, *feats = NULL;
     double fwd[MAX_REPEATS], step[MAX_REPEATS], tfwd[MAX_REPEATS], acc[MAX_REPEATS], upd[MAX_REPEATS], t0, t1, f, st;
+    double ratio[MAX_REPEATS], rq, rlo, rhi;
     double weights_mib;
     size_t n, i, S, g;
     int r, repeats = argc > 3 ? atoi(argv[3]) : 3, cached;
@@ -90,6 +95,10 @@ int main(int argc, char **argv)
         upd[r] = now_seconds() - t1;
         step[r] = acc[r] + upd[r];
     }
+    for (r = 0; r < repeats; r++) ratio[r] = step[r] / fwd[r];
+    rq = median(ratio, repeats); /* sorted: ratio[0] and ratio[repeats - 1] are the range */
+    rlo = ratio[0];
+    rhi = ratio[repeats - 1];
     f = median(fwd, repeats);
     st = median(step, repeats);
     {
@@ -100,8 +109,10 @@ int main(int argc, char **argv)
         printf("bench_train %s: %d threads, %d tensors (%.1f M values) train\n", argv[2], max_threads(), tensors,
                values / 1e6);
         printf("  forward      %8.1f ms\n", 1000.0 * f);
-        printf("  train step   %8.1f ms  = %.2f x the forward (target %s)\n", 1000.0 * st, st / f,
-               cached ? "<= 1.0" : strcmp(argv[2], "seg") ? "<= 3.5" : "none: the seg step without kept outputs");
+        printf("  train step   %8.1f ms  = %.2f x the forward (target %s; each repeat's own ratio %.2f-%.2f, "
+               "ratio of the medians %.2f)\n", 1000.0 * st, rq,
+               cached ? "<= 1.0" : strcmp(argv[2], "seg") ? "<= 3.5" : "none: the seg step without kept outputs",
+               rlo, rhi, st / f);
         printf("    of which: forward keeping the tapes %.1f ms (timed alone), forward + loss + backward %.1f ms, "
                "clipping + AdamW %.1f ms\n", 1000.0 * median(tfwd, repeats), 1000.0 * median(acc, repeats),
                1000.0 * median(upd, repeats));
