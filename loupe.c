@@ -7336,8 +7336,13 @@ typedef struct gemm_args {
     int b_kn, accumulate;
     int c_t; /* C holds the transpose: element (i, j) at C[j * ldc + i], bias by row */
     int a_t; /* A holds the transpose: element (i, k) at A[k * lda + i] (weight gradients) */
+    const float *b_pre; /* B already packed by gemm_prepack (else NULL: packed per task) */
     float *C;
 } gemm_args;
+
+/* Floats of a B [N][K] packed by gemm_prepack: every KC step's panels, N rounded up to whole panels. */
+#define GEMM_NPAD(n) (((size_t)(n) + GEMM_NR - 1) / GEMM_NR * GEMM_NR)
+#define GEMM_PREPACKED_FLOATS(n, k) (GEMM_NPAD(n) * (size_t)(k))
 
 #ifdef GEMM_TRANSPOSE8
 /* Values c0..c0+8 of row `row` of a BF16 or Q8 matrix as float32 (c0 a multiple of 8,
@@ -7495,6 +7500,10 @@ static void gemm_task(const gemm_args *g, int m0, int m1, int n0, int n1, float 
             }
         for (jc = n0; jc < n1; jc += GEMM_NC) {
             int nc = n1 - jc < GEMM_NC ? n1 - jc : GEMM_NC;
+            if (g->b_pre) { /* gemm_prepack's layout: KC step p0's panels, then the next step's */
+                gemm_block(g, m0, m1, jc, nc, p0, kc, g->b_pre + (size_t)p0 * GEMM_NPAD(g->N) + (size_t)jc * kc, at);
+                continue;
+            }
             for (j0 = 0; j0 < nc; j0 += GEMM_NR)
                 gemm_pack_b(g, jc + j0, nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR, p0, kc, strip, bp + (size_t)j0 * kc);
             gemm_block(g, m0, m1, jc, nc, p0, kc, bp, at);
@@ -7527,7 +7536,7 @@ static void gemm_run(const gemm_args *g)
             }
         return;
     }
-    if (g->M <= GEMM_SWAP_MAX_M && g->N >= GEMM_SWAP_RATIO * g->M && !g->b_kn && !g->c_t && !g->a_t &&
+    if (g->M <= GEMM_SWAP_MAX_M && g->N >= GEMM_SWAP_RATIO * g->M && !g->b_kn && !g->c_t && !g->a_t && !g->b_pre &&
         g->B.dtype == DTYPE_F32 && 2 * ((g->M + GEMM_NR - 1) / GEMM_NR * GEMM_NR) <= 3 * (strips * GEMM_MR)) {
         gemm_args t = *g; /* C^T [N][M] = B [N][K] times A [M][K]^T, stored transposed */
         t.M = g->N;
@@ -7582,6 +7591,7 @@ static void gemm_nt_w(int M, int N, int K, const float *A, int lda, wmat B, cons
     g.b_kn = 0;
     g.c_t = 0;
     g.a_t = 0;
+    g.b_pre = NULL;
     g.accumulate = accumulate;
     gemm_run(&g);
 }
@@ -7591,6 +7601,41 @@ static void gemm_nt(int M, int N, int K, const float *A, int lda, const float *B
                     float *C, int ldc, int accumulate)
 {
     gemm_nt_w(M, N, K, A, lda, wmat_f32(B, (size_t)ldb), bias, C, ldc, accumulate);
+}
+
+/* Packs a float32 B [N][K] (row stride ldb) once, in the panels gemm_task would pack for
+ * gemm_nt, into dst [GEMM_PREPACKED_FLOATS(N, K)]: for a B that many products share (the
+ * mask features, multiplied by each of the decoder's predictions), so that products with
+ * few rows do not spend most of their time packing it again. */
+static void gemm_prepack(int N, int K, const float *B, int ldb, float *dst)
+{
+    int panels = (N + GEMM_NR - 1) / GEMM_NR, p0, kc, jp;
+    for (p0 = 0; p0 < K; p0 += kc) {
+        kc = K - p0 < GEMM_KC ? K - p0 : GEMM_KC;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)N * kc))
+#endif
+        for (jp = 0; jp < panels; jp++) {
+            int j = jp * GEMM_NR, nr = N - j < GEMM_NR ? N - j : GEMM_NR;
+            gemm_pack_panel(nr, kc, B + (size_t)j * ldb + p0, (size_t)ldb, 0,
+                            dst + (size_t)p0 * GEMM_NPAD(N) + (size_t)j * kc);
+        }
+    }
+}
+
+/* C[M][N] = A[M][K] B[N][K]^T with B packed by gemm_prepack: the same values as gemm_nt. */
+static void gemm_nt_prepacked(int M, int N, int K, const float *A, int lda, const float *b_pre, float *C, int ldc)
+{
+    gemm_args g;
+    g.M = M; g.N = N; g.K = K;
+    g.A = A; g.B = wmat_f32(NULL, (size_t)K); g.bias = NULL; g.C = C;
+    g.lda = (size_t)lda; g.ldc = (size_t)ldc;
+    g.b_kn = 0;
+    g.c_t = 0;
+    g.a_t = 0;
+    g.b_pre = b_pre;
+    g.accumulate = 0;
+    gemm_run(&g);
 }
 
 /* C[M][N] (+)= A[M][K] B[K][N]: B stored row by row, a weight matrix in any storage. */
@@ -7603,6 +7648,7 @@ static void gemm_nn_w(int M, int N, int K, const float *A, int lda, wmat B, floa
     g.b_kn = 1;
     g.c_t = 0;
     g.a_t = 0;
+    g.b_pre = NULL;
     g.accumulate = accumulate;
     gemm_run(&g);
 }
@@ -7689,7 +7735,7 @@ static void gemm_tn(int M, int N, int K, const float *A, int lda, const float *B
         g.M = M; g.N = N; g.K = K;
         g.A = A; g.lda = (size_t)lda; g.a_t = 1;
         g.B = wmat_f32(B, (size_t)ldb); g.b_kn = 1;
-        g.bias = NULL; g.C = C; g.ldc = (size_t)ldc; g.c_t = 0;
+        g.bias = NULL; g.C = C; g.ldc = (size_t)ldc; g.c_t = 0; g.b_pre = NULL;
         g.accumulate = 1;
         gemm_run(&g);
         return;
@@ -8725,6 +8771,7 @@ struct loupe_session {
     float *ffn;                   /* [Te][max(enc_ffn, dec_ffn)] */
     float *cq, *catt;             /* [F] conditional cross-attention */
     float *lateral, *fpn_out, *mask_features; /* [(4g)^2][F] */
+    float *mask_features_packed; /* mask_features packed for the mask einsum (gemm_prepack) */
     float *interp;                /* interpolation index scratch */
     /* transformer decoder, Q queries */
     float *dec_feat;              /* [Te][F] multi-scale features + level embedding */
@@ -8788,6 +8835,7 @@ static void session_layout(loupe_session *s, arena *a)
     s->lateral = arena_floats(a, M4 * F);
     s->fpn_out = arena_floats(a, M4 * F);
     s->mask_features = arena_floats(a, M4 * F);
+    s->mask_features_packed = arena_floats(a, GEMM_PREPACKED_FLOATS(M4, F));
     s->interp = arena_floats(a, INTERP_SCRATCH(SEG_SIZE, SEG_SIZE) + INTERP_SCRATCH(4 * g, 4 * g));
     s->dec_feat = arena_floats(a, Te * F);
     s->hidden = arena_floats(a, Q * F);
@@ -9612,6 +9660,7 @@ static void pixel_decoder(loupe_session *s)
     groupnorm_hwc(s->fpn_out, M * M, F, c->gn_groups, w->layer_1_gn, c->gn_eps);
     relu(s->fpn_out, (size_t)M * M * F);
     linear(s->mask_features, s->fpn_out, M * M, F, F, w->mask_projection);
+    gemm_prepack(M * M, F, s->mask_features, F, s->mask_features_packed);
     tap(s, "mask_features", s->mask_features, 1, 4, 1, F, M, M);
 }
 
@@ -9635,7 +9684,7 @@ static void mask_predictor(loupe_session *s, int i, int level)
     linear(me_b, me_a, Q, F, F, w->mask_embed[1]);
     relu(me_b, (size_t)Q * F);
     linear(me, me_b, Q, F, F, w->mask_embed[2]);
-    gemm_nt(Q, M * M, F, me, F, s->mask_features, F, NULL, masks, M * M, 0);
+    gemm_nt_prepacked(Q, M * M, F, me, F, s->mask_features_packed, masks, M * M);
     for (q = 0; q < Q; q++) interp_plane(masks + (size_t)q * M * M, M, M, att + (size_t)q * lh * lw, lh, lw, s->interp);
     linear(s->class_logits + (size_t)i * Q * C, inter, Q, F, C, w->class_predictor);
     snprintf(name, sizeof name, "dec_query_hidden_%d", i);
