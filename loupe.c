@@ -8771,7 +8771,7 @@ struct loupe_session {
     float *ffn;                   /* [Te][max(enc_ffn, dec_ffn)] */
     float *cq, *catt;             /* [F] conditional cross-attention */
     float *lateral, *fpn_out, *mask_features; /* [(4g)^2][F] */
-    float *mask_features_packed; /* mask_features packed for the mask einsum (gemm_prepack) */
+    float *mask_features_packed; /* mask_features packed for the mask einsum (gemm_prepack; in fpn_tmp) */
     float *interp;                /* interpolation index scratch */
     /* transformer decoder, Q queries */
     float *dec_feat;              /* [Te][F] multi-scale features + level embedding */
@@ -8819,7 +8819,9 @@ static void session_layout(loupe_session *s, arena *a)
     s->fpn4 = arena_floats(a, M4 * W);
     s->fpn2 = arena_floats(a, M2 * W);
     s->fpn_half = arena_floats(a, Mh * W);
-    s->fpn_tmp = arena_floats(a, M4 * W);
+    /* the pyramid's scratch, dead once it is built: then the packed mask features */
+    s->fpn_tmp = arena_floats(a, max3(M4 * W, GEMM_PREPACKED_FLOATS(M4, F), 1));
+    s->mask_features_packed = s->fpn_tmp;
     s->fpn_mid = arena_floats(a, M2 * W);
     s->enc_h = arena_floats(a, ((size_t)c->enc_layers + 1) * Te * F);
     s->qpos = arena_floats(a, Te * F);
@@ -8835,7 +8837,6 @@ static void session_layout(loupe_session *s, arena *a)
     s->lateral = arena_floats(a, M4 * F);
     s->fpn_out = arena_floats(a, M4 * F);
     s->mask_features = arena_floats(a, M4 * F);
-    s->mask_features_packed = arena_floats(a, GEMM_PREPACKED_FLOATS(M4, F));
     s->interp = arena_floats(a, INTERP_SCRATCH(SEG_SIZE, SEG_SIZE) + INTERP_SCRATCH(4 * g, 4 * g));
     s->dec_feat = arena_floats(a, Te * F);
     s->hidden = arena_floats(a, Q * F);
