@@ -8154,6 +8154,16 @@ static void relu_backward(float *dx, const float *dy, const float *y, size_t n)
 /* Logistic sigmoid as PyTorch computes it in float32. */
 static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+/* sigmoidf(x) < 0.5f (upstream's attention mask test) without an expf for all but a
+ * sliver of x: for x >= 0, expf(-x) <= 1 and the sigmoid is at least 0.5; below -1e-3,
+ * 1 + expf(-x) exceeds 2 in float32 and it is below 0.5; NaN gives 0 either way. */
+static int sigmoid_below_half(float x)
+{
+    if (x >= 0.0f) return 0;
+    if (x < -1e-3f) return 1;
+    return sigmoidf(x) < 0.5f;
+}
+
 /* Softmax of scale * x over each row of x [rows][n], in place; entries whose mask byte
  * is nonzero ([rows][n], NULL for none) count as -inf. */
 static void softmax_rows(float *x, int rows, int n, float scale, const unsigned char *mask)
@@ -9716,7 +9726,7 @@ static void masked_attention_decoder_layer(loupe_session *s, const dec_layer_w *
     for (q = 0; q < Q; q++) {
         unsigned char *row = A->mask + (size_t)q * n;
         int blocked = 0;
-        for (j = 0; j < n; j++) blocked += row[j] = sigmoidf(prev_att[(size_t)q * n + j]) < 0.5f;
+        for (j = 0; j < n; j++) blocked += row[j] = sigmoid_below_half(prev_att[(size_t)q * n + j]);
         if (blocked == n) memset(row, 0, (size_t)n);
     }
     /* cross_attn (nn.MultiheadAttention): q = hidden + query pos, k = features + pos, v = features */
