@@ -584,9 +584,36 @@ static void test_exp_erf(void)
     check(erf1(0.0f) == 0.0f && erf1(10.0f) == 1.0f && erf1(-INFINITY) == -1.0f, "erf_block at 0, 10, -inf");
 }
 
+/* The decoder's mask test without expf agrees with sigmoidf(x) < 0.5f: on every float
+ * from -3e-7 to -1e-8 (where sigmoidf(x) stops rounding to 0.5: a shortcut threshold
+ * closer to 0 than that would be wrong there), around its threshold -1e-3, on random
+ * values and on the special ones. */
+static void test_sigmoid_below_half(void)
+{
+    static const float special[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, -1e-3f, 1e-3f, -1e-38f, -1e-45f, 88.0f,
+                                    -88.0f, -1e30f};
+    uint64_t state = 7;
+    long differ = 0, n = 0;
+    float x;
+    size_t i;
+    for (x = -3e-7f; x < -1e-8f; x = nextafterf(x, 0.0f), n++)
+        differ += sigmoid_below_half(x) != (sigmoidf(x) < 0.5f);
+    for (x = -1.001e-3f; x < -0.999e-3f; x = nextafterf(x, 0.0f), n++)
+        differ += sigmoid_below_half(x) != (sigmoidf(x) < 0.5f);
+    for (i = 0; i < 100000; i++, n++) {
+        x = 100.0f * rnd(&state);
+        differ += sigmoid_below_half(x) != (sigmoidf(x) < 0.5f);
+    }
+    for (i = 0; i < sizeof special / sizeof *special; i++, n++)
+        differ += sigmoid_below_half(special[i]) != (sigmoidf(special[i]) < 0.5f);
+    printf("sigmoid_below_half: %ld of %ld values differ from sigmoidf(x) < 0.5f\n", differ, n);
+    check(differ == 0, "sigmoid_below_half(x) == (sigmoidf(x) < 0.5f)");
+}
+
 int main(int argc, char **argv)
 {
     test_exp_erf();
+    test_sigmoid_below_half();
     test_gemm();
     test_gemm_swap();
     test_gemm_tn();
