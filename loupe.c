@@ -8409,9 +8409,13 @@ static void conv_transpose2x2_hwc(float *out, const float *in, int h, int w, int
 static void conv_transpose2x2_hwc_backward(float *din, float *dweight, float *db, const float *dout, const float *in,
                                            int h, int w, int ci, int co, const float *weight, float *dprod)
 {
-    int i, j, t, o, n = CONVT_TAPS * co;
+    int i, n = CONVT_TAPS * co;
     bias_backward(db, dout, co, 4 * h * w, co);
-    for (i = 0; i < h; i++)
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)h * w * n))
+#endif
+    for (i = 0; i < h; i++) { /* rows are independent */
+        int j, t, o;
         for (j = 0; j < w; j++) {
             float *p = dprod + ((size_t)i * w + j) * n;
             for (t = 0; t < CONVT_TAPS; t++) {
@@ -8419,6 +8423,7 @@ static void conv_transpose2x2_hwc_backward(float *din, float *dweight, float *db
                 for (o = 0; o < co; o++) p[(size_t)o * CONVT_TAPS + t] = src[o];
             }
         }
+    }
     if (din) gemm_nt(h * w, ci, n, dprod, n, weight, n, NULL, din, ci, 1);
     gemm_tn(ci, n, h * w, in, ci, dprod, n, dweight, n);
 }
