@@ -590,8 +590,8 @@ static void test_exp_erf(void)
  * values and on the special ones. */
 static void test_sigmoid_below_half(void)
 {
-    static const float special[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, -1e-3f, 1e-3f, -1e-38f, -1e-45f, 88.0f,
-                                    -88.0f, -1e30f};
+    const float special[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, -1e-3f, 1e-3f, -1e-38f, -1e-45f, 88.0f,
+                             -88.0f, -1e30f};
     uint64_t state = 7;
     long differ = 0, n = 0;
     float x;
