@@ -7343,6 +7343,9 @@ typedef struct gemm_args {
 /* Floats of a B [N][K] packed by gemm_prepack: every KC step's panels, N rounded up to whole panels. */
 #define GEMM_NPAD(n) (((size_t)(n) + GEMM_NR - 1) / GEMM_NR * GEMM_NR)
 #define GEMM_PREPACKED_FLOATS(n, k) (GEMM_NPAD(n) * (size_t)(k))
+/* Where gemm_prepack puts the panel of columns j.. for the KC step starting at k-index p0
+ * (kc values deep): each step's panels one after the other, then the next step's. */
+#define GEMM_PREPACKED_AT(n, p0, j, kc) ((size_t)(p0) * GEMM_NPAD(n) + (size_t)(j) * (size_t)(kc))
 
 #ifdef GEMM_TRANSPOSE8
 /* Values c0..c0+8 of row `row` of a BF16 or Q8 matrix as float32 (c0 a multiple of 8,
@@ -7500,8 +7503,8 @@ static void gemm_task(const gemm_args *g, int m0, int m1, int n0, int n1, float 
             }
         for (jc = n0; jc < n1; jc += GEMM_NC) {
             int nc = n1 - jc < GEMM_NC ? n1 - jc : GEMM_NC;
-            if (g->b_pre) { /* gemm_prepack's layout: KC step p0's panels, then the next step's */
-                gemm_block(g, m0, m1, jc, nc, p0, kc, g->b_pre + (size_t)p0 * GEMM_NPAD(g->N) + (size_t)jc * kc, at);
+            if (g->b_pre) {
+                gemm_block(g, m0, m1, jc, nc, p0, kc, g->b_pre + GEMM_PREPACKED_AT(g->N, p0, jc, kc), at);
                 continue;
             }
             for (j0 = 0; j0 < nc; j0 += GEMM_NR)
@@ -7617,8 +7620,7 @@ static void gemm_prepack(int N, int K, const float *B, int ldb, float *dst)
 #endif
         for (jp = 0; jp < panels; jp++) {
             int j = jp * GEMM_NR, nr = N - j < GEMM_NR ? N - j : GEMM_NR;
-            gemm_pack_panel(nr, kc, B + (size_t)j * ldb + p0, (size_t)ldb, 0,
-                            dst + (size_t)p0 * GEMM_NPAD(N) + (size_t)j * kc);
+            gemm_pack_panel(nr, kc, B + (size_t)j * ldb + p0, (size_t)ldb, 0, dst + GEMM_PREPACKED_AT(N, p0, j, kc));
         }
     }
 }
@@ -7824,6 +7826,28 @@ static void linear_backward_w(float *dx, int lddx, linear_g g, const float *dy, 
  * end: the loops vectorise and the result is the same on every instruction set. */
 #define ROW_LANES 8
 
+/* Mean and (biased) variance of one row of n floats, in double, each sum kept in
+ * ROW_LANES partial sums added in a fixed order: the loops vectorise, and the forward
+ * and the backward of LayerNorm see the same statistics. */
+static void row_mean_var(const float *x, int n, double *mean, double *var)
+{
+    double part[ROW_LANES], m = 0.0, v = 0.0;
+    int i, l;
+    for (l = 0; l < ROW_LANES; l++) part[l] = 0.0;
+    for (i = 0; i + ROW_LANES <= n; i += ROW_LANES)
+        for (l = 0; l < ROW_LANES; l++) part[l] += x[i + l];
+    for (l = 0; i < n; i++, l++) part[l] += x[i];
+    for (l = 0; l < ROW_LANES; l++) m += part[l];
+    m /= n;
+    for (l = 0; l < ROW_LANES; l++) part[l] = 0.0;
+    for (i = 0; i + ROW_LANES <= n; i += ROW_LANES)
+        for (l = 0; l < ROW_LANES; l++) part[l] += (x[i + l] - m) * (x[i + l] - m);
+    for (l = 0; i < n; i++, l++) part[l] += (x[i] - m) * (x[i] - m);
+    for (l = 0; l < ROW_LANES; l++) v += part[l];
+    *mean = m;
+    *var = v / n;
+}
+
 /* nn.LayerNorm over the last dimension of rows (in place allowed). */
 static void layernorm(float *y, const float *x, int rows, int dim, norm_w n, float eps)
 {
@@ -7834,21 +7858,10 @@ static void layernorm(float *y, const float *x, int rows, int dim, norm_w n, flo
     for (r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * dim;
         float *yr = y + (size_t)r * dim;
-        double mean = 0.0, var = 0.0, part[ROW_LANES];
+        double mean, var;
         float fm, rstd;
-        int i, l;
-        for (l = 0; l < ROW_LANES; l++) part[l] = 0.0;
-        for (i = 0; i + ROW_LANES <= dim; i += ROW_LANES)
-            for (l = 0; l < ROW_LANES; l++) part[l] += xr[i + l];
-        for (l = 0; i < dim; i++, l++) part[l] += xr[i];
-        for (l = 0; l < ROW_LANES; l++) mean += part[l];
-        mean /= dim;
-        for (l = 0; l < ROW_LANES; l++) part[l] = 0.0;
-        for (i = 0; i + ROW_LANES <= dim; i += ROW_LANES)
-            for (l = 0; l < ROW_LANES; l++) part[l] += (xr[i + l] - mean) * (xr[i + l] - mean);
-        for (l = 0; i < dim; i++, l++) part[l] += (xr[i] - mean) * (xr[i] - mean);
-        for (l = 0; l < ROW_LANES; l++) var += part[l];
-        var /= dim;
+        int i;
+        row_mean_var(xr, dim, &mean, &var);
         fm = (float)mean;
         rstd = (float)(1.0 / sqrt(var + eps));
         for (i = 0; i < dim; i++) yr[i] = (xr[i] - fm) * rstd * n.w[i] + n.b[i];
@@ -7873,19 +7886,9 @@ static void layernorm_backward(float *dx, float *dw, float *db, const float *dy,
         const float *xr = x + (size_t)r * dim, *gr = dy + (size_t)r * dim;
         float *dr = dx + (size_t)r * dim;
         /* the row sums in ROW_LANES partial sums each, as layernorm: the loops vectorise */
-        double mean = 0.0, var = 0.0, sg = 0.0, sgx = 0.0, rstd, p1[ROW_LANES], p2[ROW_LANES];
+        double mean, var, sg = 0.0, sgx = 0.0, rstd, p1[ROW_LANES], p2[ROW_LANES];
         int i, l;
-        for (l = 0; l < ROW_LANES; l++) p1[l] = p2[l] = 0.0;
-        for (i = 0; i + ROW_LANES <= dim; i += ROW_LANES)
-            for (l = 0; l < ROW_LANES; l++) p1[l] += xr[i + l];
-        for (l = 0; i < dim; i++, l++) p1[l] += xr[i];
-        for (l = 0; l < ROW_LANES; l++) mean += p1[l];
-        mean /= dim;
-        for (i = 0; i + ROW_LANES <= dim; i += ROW_LANES)
-            for (l = 0; l < ROW_LANES; l++) p2[l] += (xr[i + l] - mean) * (xr[i + l] - mean);
-        for (l = 0; i < dim; i++, l++) p2[l] += (xr[i] - mean) * (xr[i] - mean);
-        for (l = 0; l < ROW_LANES; l++) var += p2[l];
-        var /= dim;
+        row_mean_var(xr, dim, &mean, &var);
         rstd = 1.0 / sqrt(var + eps);
         for (l = 0; l < ROW_LANES; l++) p1[l] = p2[l] = 0.0;
         for (i = 0; i + ROW_LANES <= dim; i += ROW_LANES)
@@ -10216,10 +10219,10 @@ static double pair_wise_dice_loss(const float *pred, const float *target, int n)
  * mask_logits [Q][M][M], target [th][tw], points [P][2] (the matcher's uniform draw);
  * scratch [(1 + max_threads()) P + Q] floats. Returns the matched query. Queries' costs
  * are computed in parallel (each is one sampled map, 3 libm calls a point), then
- * compared in order. The cost matrix is float32 [Q][1]
- * as upstream; scipy's linear_sum_assignment on one column returns the cheapest row,
- * the lowest index among equal costs (it scans columns of the transposed 1 x Q problem
- * from the last to the first and keeps the last minimum it sees). */
+ * compared in order. The cost matrix is float32 [Q][1] as upstream; scipy's
+ * linear_sum_assignment on one column returns the cheapest row, the lowest index among
+ * equal costs (it scans columns of the transposed 1 x Q problem from the last to the
+ * first and keeps the last minimum it sees). */
 static int hungarian_matcher(const seg_loss_config *cfg, int Q, int M, const float *class_logits,
                              const float *mask_logits, const float *target, int th, int tw, const float *points,
                              int P, float *scratch)
@@ -10521,8 +10524,9 @@ static double get_num_masks(int num_targets)
 
 /* Scratch of loupe_seg_loss (planned in the trainer's arena): the matcher's points [2P]
  * and its scratch (hungarian_matcher), the selected points [P][2], the oversampled
- * candidates [3P][2], their logits [3P] and sort order [3P], and loss_masks' buffers. topk, when a test sets it,
- * receives each call's importance-sampled candidate indices, ascending ([L][0.75 P]). */
+ * candidates [3P][2], their logits [3P] and sort order [3P], and loss_masks' buffers.
+ * topk, when a test sets it, receives each call's importance-sampled candidate indices,
+ * ascending ([L][0.75 P]). */
 typedef struct seg_loss_scratch {
     float *matcher_points, *matcher_scratch, *points, *candidates, *candidate_logits;
     uncertain_point *order;
@@ -10951,7 +10955,6 @@ static float *grad_of(loupe_trainer *t, const float *p)
 
 /* The values of one of the adapter's weight matrices: its own float32 copies. */
 static const float *tta_matrix(wmat m) { return m.data; }
-
 
 /* Assigns (or, while measuring, counts) the saved activations. */
 static void tta_tape_layout(loupe_trainer *t, arena *a)
@@ -11631,15 +11634,8 @@ static double tta_grad_norm(const loupe_trainer *t)
 #pragma omp parallel for schedule(static) if (parallel_ok((double)nk * NORM_CHUNK))
 #endif
         for (k = 0; k < nk; k++) {
-            size_t i, lo = (c0 + (size_t)k) * NORM_CHUNK, hi = lo + NORM_CHUNK < n ? lo + NORM_CHUNK : n;
-            double lane[ROW_LANES], acc = 0.0; /* lanes: the loop vectorises */
-            int l;
-            for (l = 0; l < ROW_LANES; l++) lane[l] = 0.0;
-            for (i = lo; i + ROW_LANES <= hi; i += ROW_LANES)
-                for (l = 0; l < ROW_LANES; l++) lane[l] += (double)t->grad[i + l] * t->grad[i + l];
-            for (l = 0; i < hi; i++, l++) lane[l] += (double)t->grad[i] * t->grad[i];
-            for (l = 0; l < ROW_LANES; l++) acc += lane[l];
-            part[k] = acc;
+            size_t lo = (c0 + (size_t)k) * NORM_CHUNK, hi = lo + NORM_CHUNK < n ? lo + NORM_CHUNK : n;
+            part[k] = row_dot(t->grad + lo, t->grad + lo, (int)(hi - lo));
         }
         for (c = 0; c < (size_t)nk; c++) sum += part[c];
     }
