@@ -5986,7 +5986,11 @@ void loupe_model_free(loupe_model *m)
 #define INIT_XAVIER_GAIN 1.0 /* Mask2FormerConfig.init_xavier_std */
 #define INIT_N_HPARAMS 38
 
-enum { INIT_NORMAL, INIT_UNIFORM, INIT_CONST, INIT_GRID };
+enum { INIT_NORMAL, INIT_UNIFORM, INIT_CONST, INIT_GRID, INIT_HIGHPASS };
+
+/* loupe init --highpass: each high-pass filter of the patch embedding has this L2 norm
+ * (a N(0, 0.02) filter of 3 x 14 x 14 values has about 0.49). */
+#define INIT_HIGHPASS_NORM 2.0
 
 /* One tensor of the file: name, shape, and its rule (a = mean / bound / value, b = std). */
 typedef struct init_tensor {
@@ -6119,12 +6123,48 @@ static void init_offset_grid(float *out, int heads, int levels, int points)
     }
 }
 
+/* loupe init --highpass F (not upstream; the demo model's stem, weights/README.md): the
+ * patch embedding [W][3][P][P] drawn N(0, b) as usual, then its first round(F W) filters
+ * replaced by high-pass ones: a random (P-2) x (P-2) field r fully convolved with the
+ * 3 x 3 Laplacian [0 1 0; 1 -4 1; 0 1 0] gives a P x P kernel h, the same h in every
+ * colour channel times a random colour weight, the filter scaled to INIT_HIGHPASS_NORM.
+ * Because the Laplacian kills affine functions, such a filter answers exactly 0 to any
+ * patch whose channels are affine in x and y (flat colour, smooth gradients): what is
+ * left is texture, noise, blur and seams, the traces a from-scratch ViT otherwise never
+ * finds (its LayerNorms divide them away next to a patch's colour). */
+static void init_highpass(const init_tensor *t, uint64_t key, int P, float *x, size_t n)
+{
+    static const float lap[3][3] = {{0, 1, 0}, {1, -4, 1}, {0, 1, 0}};
+    int W = t->dims[0], nh = P >= 3 ? (int)(t->a * W + 0.5) : 0, R = P - 2, f, i, j, ch;
+    size_t K = (size_t)3 * P * P, PP = (size_t)P * P, k;
+    for (k = 0; k < n; k++) x[k] = (float)(t->b * init_normal_quantile(init_uniform(key, (uint64_t)k)));
+    for (f = 0; f < nh; f++) {
+        uint64_t base = (uint64_t)n + (uint64_t)f * (K + 3); /* draws past the plain filters' */
+        float *h = x + (size_t)f * K; /* h built in channel 0's place, copied out last */
+        double mix[3], hh = 0.0, scale;
+        for (k = 0; k < PP; k++) h[k] = 0.0f;
+        for (i = 0; i < R; i++)
+            for (j = 0; j < R; j++) {
+                float r = (float)init_normal_quantile(init_uniform(key, base + 3 + (uint64_t)i * R + j));
+                int dy, dx;
+                for (dy = 0; dy < 3; dy++)
+                    for (dx = 0; dx < 3; dx++) h[(i + dy) * P + j + dx] += lap[dy][dx] * r;
+            }
+        for (k = 0; k < PP; k++) hh += (double)h[k] * h[k];
+        for (ch = 0; ch < 3; ch++) mix[ch] = init_normal_quantile(init_uniform(key, base + (uint64_t)ch));
+        scale = INIT_HIGHPASS_NORM / sqrt(hh * (mix[0] * mix[0] + mix[1] * mix[1] + mix[2] * mix[2]));
+        for (ch = 2; ch >= 0; ch--)
+            for (k = 0; k < PP; k++) h[(size_t)ch * PP + k] = (float)(mix[ch] * scale * h[k]);
+    }
+}
+
 /* Fills n values of a tensor by its rule. */
 static void init_fill(const init_tensor *t, uint64_t seed, const loupe_config *c, float *x, size_t n)
 {
     uint64_t key = init_key(t->name, seed);
     long i, nn = (long)n;
     if (t->rule == INIT_GRID) { init_offset_grid(x, c->m2f_heads, c->deform_levels, c->deform_points); return; }
+    if (t->rule == INIT_HIGHPASS) { init_highpass(t, key, c->patch_size, x, n); return; }
     if (t->rule == INIT_CONST) {
         for (i = 0; i < nn; i++) x[i] = (float)t->a;
         return;
@@ -6689,7 +6729,7 @@ static void init_scale_block(init_list *l, const char *prefix, int W, int upsamp
 }
 
 /* Every tensor of the weight file in convert.py's order, with its rule (table above). */
-static int init_tensor_list(const loupe_config *c, const init_hparams *h, init_list *l)
+static int init_tensor_list(const loupe_config *c, const init_hparams *h, double highpass, init_list *l)
 {
     int W = c->width, g = c->grid, F = c->feature_size, i, k;
     int n_off = c->m2f_heads * c->deform_levels * c->deform_points;
@@ -6702,7 +6742,8 @@ static int init_tensor_list(const loupe_config *c, const init_hparams *h, init_l
     /* backbone */
     init_add(l, INIT_N(pe_scale), W, 0, 0, 0, "backbone.class_embedding");
     init_add(l, INIT_N(pe_scale), 1 + g * g, W, 0, 0, "backbone.positional_embedding");
-    init_add(l, INIT_N(l->std), W, 3, c->patch_size, c->patch_size, "backbone.conv1.weight");
+    if (highpass > 0.0) init_add(l, INIT_HIGHPASS, highpass, l->std, W, 3, c->patch_size, c->patch_size, "backbone.conv1.weight");
+    else init_add(l, INIT_N(l->std), W, 3, c->patch_size, c->patch_size, "backbone.conv1.weight");
     init_norm(l, W, "backbone.ln_pre");
     init_norm(l, W, "backbone.ln_post");
     for (i = 0; i < c->layers; i++) {
@@ -6848,6 +6889,19 @@ static const tensor_entry *init_find_entry(const loupe_model *m, const char *nam
 int loupe_init_weights(const char *config_path, const char *out_path, unsigned long long seed, const char *dtype,
                        const char *backbone_path, char *err, size_t errsize)
 {
+    loupe_init_options o;
+    memset(&o, 0, sizeof o);
+    o.seed = seed;
+    o.dtype = dtype;
+    o.backbone_path = backbone_path;
+    return loupe_init_weights_with(config_path, out_path, &o, err, errsize);
+}
+
+int loupe_init_weights_with(const char *config_path, const char *out_path, const loupe_init_options *opt, char *err,
+                            size_t errsize)
+{
+    unsigned long long seed;
+    const char *dtype, *backbone_path;
     init_hparams h;
     init_list l;
     loupe_model cm, *bm = NULL;
@@ -6862,7 +6916,13 @@ int loupe_init_weights(const char *config_path, const char *out_path, unsigned l
     int matrix_dtype = DTYPE_F32, version = WEIGHTS_VERSION_F32_ONLY, i, k, rc = -1, ok = 1;
 
     memset(&l, 0, sizeof l);
-    if (!config_path || !out_path) return fail(err, errsize, "loupe_init_weights needs a config and an output path");
+    if (!config_path || !out_path || !opt)
+        return fail(err, errsize, "loupe_init_weights needs a config, an output path and options");
+    if (!(opt->highpass >= 0.0 && opt->highpass <= 1.0))
+        return fail(err, errsize, "the high-pass share of the patch embedding must be from 0 to 1 (got %g)", opt->highpass);
+    seed = opt->seed;
+    dtype = opt->dtype;
+    backbone_path = opt->backbone_path;
     if (dtype && !strcmp(dtype, "bf16")) matrix_dtype = DTYPE_BF16;
     else if (dtype && !strcmp(dtype, "q8")) matrix_dtype = DTYPE_Q8;
     else if (dtype && strcmp(dtype, "f32")) return fail(err, errsize, "unknown dtype %s (f32, bf16 or q8)", dtype);
@@ -6886,7 +6946,7 @@ int loupe_init_weights(const char *config_path, const char *out_path, unsigned l
     cm.size = meta_len;
     snprintf(cm.path, sizeof cm.path, "%s", config_path);
     if (weights_config(&cm, err, errsize)) goto done;
-    if (init_tensor_list(&cm.cfg, &h, &l)) { fail(err, errsize, "out of memory"); goto done; }
+    if (init_tensor_list(&cm.cfg, &h, opt->highpass, &l)) { fail(err, errsize, "out of memory"); goto done; }
 
     /* The backbone's source tensors, shapes checked before anything is written. */
     if (!(src = calloc((size_t)l.n, sizeof *src)) || !(offsets = calloc((size_t)l.n, sizeof *offsets))) {
@@ -14618,6 +14678,7 @@ done:
 
 static const char init_usage[] =
     "usage: loupe init --config CONFIG.json -o OUT.bin --seed S [--dtype f32|bf16|q8] [--backbone FILE.bin]\n"
+    "                  [--highpass F]\n"
     "\n"
     "Writes a complete weight file for CONFIG (the config format of tools/convert.py; the\n"
     "header's hyperparameters are the ones convert.py writes for it), every tensor drawn\n"
@@ -14631,6 +14692,10 @@ static const char init_usage[] =
     "  --dtype D         f32 (default), bf16 or q8: the storage of the weight matrices\n"
     "  --backbone FILE   copy every backbone.* tensor from this weight file (e.g. a converted\n"
     "                    PE-Core-L14-336) instead of drawing it; only the heads are drawn\n"
+    "  --highpass F      not upstream: draw the share F (0 to 1) of the patch embedding's\n"
+    "                    filters as high-pass filters (Laplacian of a random field: zero\n"
+    "                    response to flat or linear patches), a stem that lets a backbone\n"
+    "                    trained from nothing see noise, blur and seams (the demo model)\n"
     "  -h, --help        this text\n"
     "\n"
     "Exit status: 0 written, 1 when the config, the backbone or the output cannot be used,\n"
@@ -14638,8 +14703,9 @@ static const char init_usage[] =
 
 static int cli_init(int argc, char **argv)
 {
-    const char *config = NULL, *out = NULL, *dtype = "f32", *backbone = NULL, *seed_arg = NULL;
+    const char *config = NULL, *out = NULL, *dtype = "f32", *backbone = NULL, *seed_arg = NULL, *highpass = NULL;
     unsigned long long seed = 0;
+    loupe_init_options io;
     char err[512];
     int i;
     for (i = 2; i < argc; i += 2) { /* every option but -h takes one value */
@@ -14651,6 +14717,7 @@ static int cli_init(int argc, char **argv)
         else if (!strcmp(a, "--seed")) slot = &seed_arg;
         else if (!strcmp(a, "--dtype")) slot = &dtype;
         else if (!strcmp(a, "--backbone")) slot = &backbone;
+        else if (!strcmp(a, "--highpass")) slot = &highpass;
         else {
             fprintf(stderr, "loupe init: %s %s (see loupe init -h)\n", a[0] == '-' ? "unknown option" : "unexpected argument", a);
             return 2;
@@ -14678,7 +14745,19 @@ static int cli_init(int argc, char **argv)
         fprintf(stderr, "loupe init: --dtype must be f32, bf16 or q8 (got %s)\n", dtype);
         return 2;
     }
-    if (loupe_init_weights(config, out, seed, dtype, backbone, err, sizeof err)) {
+    memset(&io, 0, sizeof io);
+    if (highpass) {
+        char *end;
+        io.highpass = strtod(highpass, &end);
+        if (end == highpass || *end || !(io.highpass >= 0.0 && io.highpass <= 1.0)) {
+            fprintf(stderr, "loupe init: --highpass must be a number from 0 to 1 (got %s)\n", highpass);
+            return 2;
+        }
+    }
+    io.seed = seed;
+    io.dtype = dtype;
+    io.backbone_path = backbone;
+    if (loupe_init_weights_with(config, out, &io, err, sizeof err)) {
         fprintf(stderr, "loupe init: %s\n", err);
         return 1;
     }

@@ -440,6 +440,18 @@ void loupe_trainer_size(const loupe_trainer *t, int *tensors, size_t *values);
 int loupe_init_weights(const char *config_path, const char *out_path, unsigned long long seed, const char *dtype,
                        const char *backbone_path, char *err, size_t errsize);
 
+/* loupe_init_weights with every option; highpass (0: upstream's init) is the share of
+ * the patch embedding's filters drawn as high-pass filters (the demo model's stem: zero
+ * response to flat and linear patches, weights/README.md). Not an upstream option. */
+typedef struct loupe_init_options {
+    unsigned long long seed;
+    const char *dtype;         /* "f32" (or NULL), "bf16", "q8" */
+    const char *backbone_path; /* NULL, or a weight file whose backbone.* tensors are copied */
+    double highpass;           /* 0 to 1 */
+} loupe_init_options;
+int loupe_init_weights_with(const char *config_path, const char *out_path, const loupe_init_options *opt, char *err,
+                            size_t errsize);
+
 #ifdef __cplusplus
 }
 #endif

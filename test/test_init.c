@@ -363,6 +363,83 @@ static void check_backbone(const char *source, const char *plain, const char *pa
     loupe_model_free(m);
 }
 
+/* --highpass F: the first round(F W) filters of backbone.conv1.weight [W][3][P][P] are
+ * high-pass (norm INIT_HIGHPASS_NORM, each channel a multiple of one kernel, answer ~0 to
+ * any patch affine in x and y but not to a random one); the other filters and every
+ * other tensor are the plain init's bytes. */
+static void check_highpass(const char *plain, const char *path, double frac, const char *label)
+{
+    char err[512], name[256];
+    loupe_model *p = loupe_model_load(plain, err, sizeof err), *m = loupe_model_load(path, err, sizeof err);
+    int i, W, P, nh, f, ch, y, x, other_bad = 0, hp_bad = 0, plain_same = 0;
+    double worst_affine = 0.0, least_random = 1e30, worst_norm = 0.0;
+    const float *w, *w0;
+    uint64_t key = 0x9E3779B97F4A7C15ull;
+    check(p && m, "%s: highpass: does not load: %s", label, err);
+    if (!p || !m) { loupe_model_free(p); loupe_model_free(m); return; }
+    for (i = 0; i < m->n_entries; i++) {
+        const tensor_entry *e = &m->entries[i], *q;
+        entry_name(e, name, sizeof name);
+        if (!strcmp(name, "backbone.conv1.weight")) continue;
+        q = find(p, name);
+        other_bad += !q || q->nbytes != e->nbytes || memcmp(m->data + e->offset, p->data + q->offset, e->nbytes);
+    }
+    W = m->cfg.width;
+    P = m->cfg.patch_size;
+    nh = (int)(frac * W + 0.5);
+    w = (const float *)(const void *)(m->data + find(m, "backbone.conv1.weight")->offset);
+    w0 = (const float *)(const void *)(p->data + find(p, "backbone.conv1.weight")->offset);
+    for (f = 0; f < W; f++) {
+        const float *h = w + (size_t)f * 3 * P * P;
+        if (f >= nh) { plain_same += !memcmp(h, w0 + (size_t)f * 3 * P * P, (size_t)3 * P * P * sizeof *h); continue; }
+        {
+            double norm = 0.0, cross = 0.0, n0 = 0.0;
+            for (i = 0; i < 3 * P * P; i++) norm += (double)h[i] * h[i];
+            for (i = 0; i < P * P; i++) n0 += (double)h[i] * h[i];
+            for (ch = 1; ch < 3; ch++) { /* channel ch = c * channel 0: |<a,b>| = |a| |b| */
+                double nc = 0.0, d = 0.0;
+                for (i = 0; i < P * P; i++) { nc += (double)h[ch * P * P + i] * h[ch * P * P + i]; d += (double)h[ch * P * P + i] * h[i]; }
+                cross += fabs(fabs(d) - sqrt(nc * n0));
+            }
+            if (fabs(sqrt(norm) - INIT_HIGHPASS_NORM) > worst_norm) worst_norm = fabs(sqrt(norm) - INIT_HIGHPASS_NORM);
+            hp_bad += cross > 1e-5 * norm;
+            double rms = 0.0;
+            for (i = 0; i < 8; i++) { /* affine patches and random ones */
+                double c[9], ra = 0.0, rr = 0.0, na = 0.0, nr = 0.0;
+                int j;
+                for (j = 0; j < 9; j++) { key = init_mix64(key + 1); c[j] = 2.0 * ((double)(key >> 11) / 9007199254740992.0) - 1.0; }
+                for (ch = 0; ch < 3; ch++)
+                    for (y = 0; y < P; y++)
+                        for (x = 0; x < P; x++) {
+                            double a = c[3 * ch] + c[3 * ch + 1] * x / P + c[3 * ch + 2] * y / P, r;
+                            key = init_mix64(key + 1);
+                            r = 2.0 * ((double)(key >> 11) / 9007199254740992.0) - 1.0;
+                            ra += a * h[(ch * P + y) * P + x];
+                            rr += r * h[(ch * P + y) * P + x];
+                            na += a * a;
+                            nr += r * r;
+                        }
+                ra = fabs(ra) / sqrt(na * norm);
+                rms += rr * rr / (nr * norm) / 8.0;
+                if (ra > worst_affine) worst_affine = ra;
+            }
+            if (sqrt(rms) < least_random) least_random = sqrt(rms); /* about (3 P^2)^-1/2 */
+        }
+    }
+    check(other_bad == 0, "%s: highpass %g: %d other tensors differ from the plain init", label, frac, other_bad);
+    check(plain_same == W - nh, "%s: highpass %g: %d of the %d plain filters are the plain init's", label, frac, plain_same, W - nh);
+    check(hp_bad == 0 && worst_norm < 1e-5, "%s: highpass %g: %d filters not one kernel per channel, norm off by %g", label,
+          frac, hp_bad, worst_norm);
+    /* an affine patch gets only rounding (float kernels); random patches a real answer */
+    check(nh == 0 || (worst_affine < 1e-6 && least_random > 5e-3), "%s: highpass %g: affine response %g, random %g",
+          label, frac, worst_affine, least_random);
+    printf("%s: highpass %g: %d high-pass filters (affine patch response at most %.2g of the norms, random at least "
+           "%.2g in RMS), %d plain filters and the other tensors as the plain init\n", label, frac, nh, worst_affine, least_random,
+           W - nh);
+    loupe_model_free(p);
+    loupe_model_free(m);
+}
+
 /* Config text with `from` replaced by `to` (first occurrence). */
 static char *edited(const char *text, const char *from, const char *to)
 {
@@ -459,6 +536,24 @@ int main(int argc, char **argv)
             check(loupe_init_weights(config, bb, 1, "f32", converted, err, sizeof err) == 0, "%s: --backbone: %s", label, err);
             check_backbone(converted, a, bb, label);
             check_forward(bb, image, label);
+            {
+                loupe_init_options io;
+                const double fracs[3] = {0.5, 1.0, 0.0};
+                int k;
+                memset(&io, 0, sizeof io);
+                io.seed = 1;
+                for (k = 0; k < 3; k++) {
+                    snprintf(bb, sizeof bb, "%s/%s-highpass.bin", tmpdir, base);
+                    io.highpass = fracs[k];
+                    check(loupe_init_weights_with(config, bb, &io, err, sizeof err) == 0, "%s: --highpass: %s", label, err);
+                    check_highpass(a, bb, fracs[k], label);
+                    if (k == 0) check_forward(bb, image, label);
+                    if (k == 2) check(same_file(a, bb), "%s: highpass 0 is not the plain init", label);
+                }
+                io.highpass = 1.5;
+                check(loupe_init_weights_with(config, bb, &io, err, sizeof err) == -1 && strstr(err, "from 0 to 1"),
+                      "highpass 1.5: %s", err);
+            }
             text = read_all(config, &len);
             cfg_text = text ? (char *)text : NULL;
             if (!cfg_text) { check(0, "cannot read %s", config); continue; }

@@ -20,7 +20,8 @@ Steps (each skipped when its output is already there):
 Needs Debian's python3-pil and python3-numpy; this is a build-time data tool only: loupe.c and its tests never
 need it.
 """
-import argparse, fnmatch, glob, hashlib, io, json, math, os, re, struct, subprocess, sys, time, zlib
+import argparse
+import fnmatch, glob, hashlib, io, json, math, multiprocessing, os, re, struct, subprocess, sys, time, zlib
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -797,7 +798,39 @@ def do_removal(rng, img, area, ctx, force_kind=None):
 PROCEDURES = {'splice': do_splice, 'copymove': do_copymove, 'removal': do_removal}
 
 
-def forge(rng, work, ctx, force=None, force_kind=None):
+def pronounce(rng, img, mask):
+    """A pronounced trace over the forged pixels (make_demo_data --pronounced): the pasted, moved or filled content
+    gets strong noise, blur, a low-quality JPEG of its own, a coarse resampling or a strong sharpening, the kind
+    of difference a noise or compression analysis shows at a glance. Returns the image and the op's name."""
+    kind = str(rng.choice(['noise', 'blur', 'jpeg', 'resample', 'sharpen']))
+    if kind == 'noise':
+        sigma = rng.uniform(5.0, 16.0)
+        alt = img + rng.normal(0, sigma, img.shape).astype(np.float32)
+        name = 'noise%d' % round(sigma)
+    elif kind == 'blur':
+        sigma = rng.uniform(1.2, 2.8)
+        alt = gauss_blur(img, sigma)
+        name = 'blur%.1f' % sigma
+    elif kind == 'jpeg':
+        q = int(rng.integers(8, 36))
+        oy, ox = int(rng.integers(0, 8)), int(rng.integers(0, 8))
+        big = np.pad(to_u8(img), ((oy, 0), (ox, 0), (0, 0)), mode='edge')
+        alt = jpeg_roundtrip(big, q, 2)[oy:, ox:].astype(np.float32)
+        name = 'jpeg%d' % q
+    elif kind == 'resample':
+        f = rng.uniform(0.25, 0.5)
+        h, w = img.shape[:2]
+        small = resize(to_u8(img), max(1, int(round(w * f))), max(1, int(round(h * f))), 'bilinear')
+        alt = resize(small, w, h, str(rng.choice(['nearest', 'bilinear']))).astype(np.float32)
+        name = 'resample%.2f' % f
+    else:
+        b = gauss_blur(img, rng.uniform(1.0, 2.0))
+        alt = img + rng.uniform(1.5, 3.0) * (img - b)
+        name = 'sharpen'
+    return np.where(mask[..., None], alt, img), 'strong-' + name
+
+
+def forge(rng, work, ctx, force=None, force_kind=None, pronounced=False):
     """Forges a working image (HxWx3 uint8): 1-3 regions, 1-40 % of the image in all, each spliced from another
     photo or a cut-out, copied and moved within the image, or removed (filled from its surroundings). Returns the
     forged image (uint8), the mask (bool: exactly the pixels whose value came from elsewhere or was synthesised)
@@ -814,6 +847,9 @@ def forge(rng, work, ctx, force=None, force_kind=None):
         sup, desc = PROCEDURES[proc](rng, img, max(16.0, s * total), ctx, force_kind)
         mask |= sup
         what.append(desc)
+    if pronounced:
+        img, op = pronounce(rng, img, mask)
+        what.append(op)
     return to_u8(img), mask, ';'.join(what)
 
 
@@ -887,7 +923,8 @@ def apply_final(img, mask, out_hw, fp):
     return b.getvalue(), ext, m
 
 
-def make_sample(rng, photos, ctx, size, forged, force=None, force_kind=None, final_override=None, cp_override=None):
+def make_sample(rng, photos, ctx, size, forged, force=None, force_kind=None, final_override=None, cp_override=None,
+                pronounced=False):
     """One sample: picks a host photo, crops, forges (or not), applies the final processing. Forged samples whose
     mask after the final rescale covers less than 0.5 % or more than 50 % of the image are drawn again."""
     for _attempt in range(20):
@@ -904,7 +941,8 @@ def make_sample(rng, photos, ctx, size, forged, force=None, force_kind=None, fin
         img = work
         if forged:
             others = [p for j, p in enumerate(photos) if j != pi] or photos
-            img, mask, desc = forge(rng, work, dict(ctx, donors=ctx.get('donors') or others), force, force_kind)
+            img, mask, desc = forge(rng, work, dict(ctx, donors=ctx.get('donors') or others), force, force_kind,
+                                    pronounced)
         data, ext, m = apply_final(img, mask, cp['out'], fp)
         if forged:
             frac = float((m > 0).mean())
@@ -956,6 +994,29 @@ def write_credits(path, photos, cutouts, skipped):
         f.write('\n'.join(lines))
 
 
+_JOB = {}  # what write_sample needs, set per split before the workers fork
+
+
+def write_sample(i):
+    """Makes and writes sample i of the current split (it depends only on the seed, the split and i). Returns
+    (forged, its line of meta-SPLIT.tsv)."""
+    args, split, pool = _JOB['args'], _JOB['split'], _JOB['pool']
+    rng = np.random.default_rng([args.seed, 0 if split == 'train' else 1, i])
+    forged = bool(rng.random() < args.forged_frac)
+    pronounced = forged and args.pronounced > 0 and bool(rng.random() < args.pronounced)
+    s = make_sample(rng, pool, _JOB['ctx'], args.size, forged, pronounced=pronounced)
+    stem = '%s-%05d' % (split, i)
+    with open(os.path.join(_JOB['d_img'], stem + s['ext']), 'wb') as f:
+        f.write(s['data'])
+    if forged:
+        Image.fromarray(s['mask']).save(os.path.join(_JOB['d_mask'], stem + '.png'))
+    fp = s['fp']
+    return forged, '\t'.join([stem + s['ext'], 'forged' if forged else 'authentic', '%.4f' % s['frac'],
+                              pool[s['photo']]['path'], '%dx%d' % s['cp']['out'], '%dx%d' % s['cp']['work'],
+                              str(s['cp']['pre_jpeg']), '%s%s/%s' % (fp['fmt'], fp['quality'] or '', fp['filter']),
+                              s['desc']]) + '\n'
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--build', default='build', help='build directory (debs, unpacked packages, output)')
@@ -966,7 +1027,15 @@ def main():
     ap.add_argument('--size', type=int, default=256, help='short side of the output images')
     ap.add_argument('--valid-frac', type=float, default=0.15, help='share of the photos kept for validation')
     ap.add_argument('--forged-frac', type=float, default=0.5)
+    ap.add_argument('--pronounced', type=float, default=0.0,
+                    help='share of forged samples whose forged pixels also get one pronounced trace (strong noise, '
+                         'blur, low-quality JPEG, coarse resampling or sharpening); 0 keeps the default data')
+    ap.add_argument('--jobs', type=int, default=1, help='worker processes (the output does not depend on it)')
     args = ap.parse_args()
+    if not 0.0 <= args.pronounced <= 1.0:
+        ap.error('--pronounced must be from 0 to 1 (got %g)' % args.pronounced)
+    if args.jobs < 1:
+        ap.error('--jobs must be at least 1 (got %d)' % args.jobs)
     t0 = time.time()
 
     def log(msg):
@@ -1002,27 +1071,20 @@ def main():
             os.makedirs(d, exist_ok=True)
             for old in os.listdir(d):
                 os.remove(os.path.join(d, old))
-        names = [p['path'] for p in pool]
         nforged = 0
+        _JOB.update(args=args, split=split, pool=pool, ctx=ctx, d_img=d_img, d_mask=d_mask)
         with open(os.path.join(out, 'meta-%s.tsv' % split), 'w', encoding='utf-8') as meta:
             meta.write('image\tlabel\tforged_frac\thost\tout_hw\twork_hw\tpre_jpeg\tfinal\tforgery\n')
-            for i in range(count):
-                rng = np.random.default_rng([args.seed, 0 if split == 'train' else 1, i])
-                forged = bool(rng.random() < args.forged_frac)
-                s = make_sample(rng, pool, ctx, args.size, forged)
-                stem = '%s-%05d' % (split, i)
-                with open(os.path.join(d_img, stem + s['ext']), 'wb') as f:
-                    f.write(s['data'])
-                if forged:
-                    nforged += 1
-                    Image.fromarray(s['mask']).save(os.path.join(d_mask, stem + '.png'))
-                fp = s['fp']
-                meta.write('\t'.join([stem + s['ext'], 'forged' if forged else 'authentic', '%.4f' % s['frac'],
-                                      names[s['photo']], '%dx%d' % s['cp']['out'], '%dx%d' % s['cp']['work'],
-                                      str(s['cp']['pre_jpeg']),
-                                      '%s%s/%s' % (fp['fmt'], fp['quality'] or '', fp['filter']), s['desc']]) + '\n')
+            workers = multiprocessing.get_context('fork').Pool(args.jobs) if args.jobs > 1 else None
+            lines = workers.imap(write_sample, range(count), 16) if workers else map(write_sample, range(count))
+            for i, (forged, line) in enumerate(lines):
+                nforged += forged
+                meta.write(line)
                 if (i + 1) % 200 == 0:
                     log('%s %d/%d' % (split, i + 1, count))
+            if workers:
+                workers.close()
+                workers.join()
         log('%s: %d images (%d forged) from %d photos' % (split, count, nforged, len(pool)))
     log('done: %s' % out)
 

@@ -274,10 +274,30 @@ def test_dep5():
     check('dep5 catch-all', m and mdd.clean_copyright(m[0]) == 'Razor team; LXQt team' and m[1] == 'LGPL-2.1+', str(m))
 
 
+def test_pronounced(A, B, cut):
+    """--pronounced: the trace lands only on masked pixels, and each of its five kinds occurs."""
+    photo = dict(img=A, path='A')
+    ctx = dict(cutouts=[dict(img=cut, path='cut')], donors=[dict(img=B, path='B')])
+    kinds = set()
+    for seed in range(40):
+        plain = sample(seed, True, photo, ctx)
+        s = sample(seed, True, photo, ctx, pronounced=True)
+        cy, cx, ch, cw = s['cp']['crop']
+        out, mask = decode(s['data']), s['mask'] > 0
+        op = s['desc'].split(';')[-1]
+        kinds.add(op.split('-')[1].rstrip('0123456789.'))
+        name = 'pronounced seed %d (%s)' % (seed, s['desc'])
+        check(name + ' named', op.startswith('strong-'))
+        check(name + ' same forgery as without', s['desc'].startswith(plain['desc']) and np.array_equal(s['mask'], plain['mask']))
+        check(name + ' nothing outside the mask changed', not ((out != A[cy:cy + ch, cx:cx + cw]).any(-1) & ~mask).any())
+        check(name + ' the trace changed masked pixels', (out != decode(plain['data'])).any(-1)[mask].mean() > 0.3)
+    check('pronounced: every kind drawn', kinds == {'noise', 'blur', 'jpeg', 'resample', 'sharpen'}, str(kinds))
+
+
 def main():
     A, B, cut = photos()
     for t in (test_readers, test_dep5, test_authentic, test_final_geometry, test_seamless, test_determinism,
-              test_masks):
+              test_masks, test_pronounced):
         try:
             t(A, B, cut) if t not in (test_readers, test_dep5) else (t(A) if t is test_readers else t())
         except Exception:
