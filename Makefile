@@ -347,6 +347,8 @@ DEMO_SEED   ?= 1
 DEMO_TRAIN  ?= 2000
 DEMO_VALID  ?= 300
 DEMO_SIZE   ?= 256
+DEMO_PRONOUNCED ?= 0
+DEMO_JOBS   ?= 2
 .PHONY: demo-deps demo-data test-demo-data
 demo-deps:
 	@$(DEMO_PYTHON) -c 'import PIL, numpy' 2>/dev/null && exit 0; \
@@ -361,7 +363,7 @@ demo-data: demo-deps
 	@command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || \
 	  { echo "demo-data: needs apt-get and dpkg-deb (a Debian system) to fetch the photo packages"; exit 1; }
 	$(DEMO_PYTHON) tools/make_demo_data.py --build $(BUILD) --seed $(DEMO_SEED) --train $(DEMO_TRAIN) \
-	  --valid $(DEMO_VALID) --size $(DEMO_SIZE)
+	  --valid $(DEMO_VALID) --size $(DEMO_SIZE) --pronounced $(DEMO_PRONOUNCED) --jobs $(DEMO_JOBS)
 
 # The data tool's unit test (synthetic photos, no network); not part of `make test`.
 # A demo model (weights/loupe-demo.bin): weights/demo-config.json initialised by loupe init,

@@ -1,0 +1,54 @@
+#!/usr/bin/python3
+"""A diagnostic data set for from-scratch training (weights/README.md, "Fourth round"): S x S crops of the
+authentic images of a make_demo_data split, every second one with a rectangle of Gaussian noise.
+
+    /usr/bin/python3 tools/noise_probe.py SPLIT_DIR OUT_DIR COUNT SEED [--sigma 20] [--size 224] [--jpeg Q]
+
+SPLIT_DIR is e.g. build/demo-data/train (its images without a mask are used); OUT_DIR gets images/ and
+masks/ in the layout loupe train reads. Odd samples get a 60-150 px rectangle (at most the crop) of noise
+of the given sigma; the mask marks exactly the rectangle. Images are PNG, or JPEG at quality Q with --jpeg.
+A build-time tool (Debian's python3-pil and python3-numpy), never needed by loupe.c or its tests."""
+import argparse, os, random
+
+import numpy as np
+from PIL import Image
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('split'), ap.add_argument('out'), ap.add_argument('count', type=int), ap.add_argument('seed', type=int)
+    ap.add_argument('--sigma', type=float, default=20.0)
+    ap.add_argument('--size', type=int, default=224)
+    ap.add_argument('--jpeg', type=int, default=0)
+    a = ap.parse_args()
+    rng, nr = random.Random(a.seed), np.random.default_rng(a.seed)
+    masks = set(os.path.splitext(f)[0] for f in os.listdir(os.path.join(a.split, 'masks')))
+    auth = [f for f in sorted(os.listdir(os.path.join(a.split, 'images'))) if os.path.splitext(f)[0] not in masks]
+    if not auth:
+        ap.error('%s has no authentic images' % a.split)
+    for d in ('images', 'masks'):
+        os.makedirs(os.path.join(a.out, d), exist_ok=True)
+    s = a.size
+    for i in range(a.count):
+        im = Image.open(os.path.join(a.split, 'images', auth[i % len(auth)])).convert('RGB')
+        if min(im.size) < s:
+            ap.error('%s is smaller than %d px' % (auth[i % len(auth)], s))
+        x, y = rng.randint(0, im.size[0] - s), rng.randint(0, im.size[1] - s)
+        px = np.asarray(im.crop((x, y, x + s, y + s))).astype(np.float32)
+        name = 'n%05d' % i
+        if i % 2:
+            rw, rh = rng.randint(min(60, s), min(150, s)), rng.randint(min(60, s), min(150, s))
+            x0, y0 = rng.randint(0, s - rw), rng.randint(0, s - rh)
+            mk = np.zeros((s, s), bool)
+            mk[y0:y0 + rh, x0:x0 + rw] = True
+            px = np.where(mk[..., None], px + nr.normal(0, a.sigma, px.shape), px)
+            Image.fromarray(mk.astype(np.uint8) * 255).save(os.path.join(a.out, 'masks', name + '.png'))
+        out = Image.fromarray(np.clip(px + 0.5, 0, 255).astype(np.uint8))
+        if a.jpeg:
+            out.save(os.path.join(a.out, 'images', name + '.jpg'), quality=a.jpeg)
+        else:
+            out.save(os.path.join(a.out, 'images', name + '.png'))
+
+
+if __name__ == '__main__':
+    main()
