@@ -8846,7 +8846,7 @@ struct loupe_session {
     float *qpos, *value, *msda, *tmp; /* [Te][F] */
     float *offs, *aw;             /* [Te][heads*3*points*2], [Te][heads*3*points] */
     float *kv;                    /* [Te][2F] */
-    float *ffn;                   /* [Te][max(enc_ffn, dec_ffn)] */
+    float *ffn;                   /* [Te][enc_ffn] or [Q][dec_ffn], whichever is larger */
     float *cq, *catt;             /* [F] conditional cross-attention */
     float *lateral, *fpn_out, *mask_features; /* [(4g)^2][F] */
     float *mask_features_packed; /* mask_features packed for the mask einsum (gemm_prepack; in fpn_tmp) */
@@ -8909,7 +8909,7 @@ static void session_layout(loupe_session *s, arena *a)
     s->offs = arena_floats(a, Te * noff * 2);
     s->aw = arena_floats(a, Te * noff);
     s->kv = arena_floats(a, Te * 2 * F);
-    s->ffn = arena_floats(a, Te * max3((size_t)c->enc_ffn, (size_t)c->dec_ffn, 1));
+    s->ffn = arena_floats(a, max3(Te * (size_t)c->enc_ffn, Q * (size_t)c->dec_ffn, 1)); /* encoder's, decoder's FFN */
     s->cq = arena_floats(a, F);
     s->catt = arena_floats(a, F);
     s->lateral = arena_floats(a, M4 * F);
