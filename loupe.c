@@ -7315,24 +7315,37 @@ typedef struct gemm_out {
     int load_c;
 } gemm_out;
 
-/* The micro-kernel: the MR x NR tile a[0..MR)[0..kc) x bp[0..kc)[0..NR), accumulated
+/* Rows of the short micro-kernel, for edge strips of at most this many rows (the 20
+ * queries of the transformer decoder leave a 2-row strip after three of 6). */
+#define GEMM_MR_SHORT ((GEMM_MR + 1) / 2)
+
+#if defined(__GNUC__)
+#define GEMM_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define GEMM_ALWAYS_INLINE inline
+#endif
+
+/* The micro-kernel: the rows x NR tile a[0..rows)[0..kc) x bp[0..kc)[0..NR), accumulated
  * in registers, then written to out. a[r] points at row r of A at the step's first k;
- * bp is a packed panel (k-major, NR floats per k). */
-static void gemm_micro(int kc, const float *const a[GEMM_MR], const float *bp, gemm_out out)
+ * bp is a packed panel (k-major, NR floats per k). rows is GEMM_MR or GEMM_MR_SHORT, a
+ * constant in each of the two kernels below, so that the compiler unrolls the row loops
+ * and keeps the accumulators in registers. */
+static GEMM_ALWAYS_INLINE void gemm_micro_rows(int rows, int kc, const float *const a[GEMM_MR], const float *bp,
+                                               gemm_out out)
 {
     gemm_vec acc[GEMM_MR][GEMM_NV];
     int r, v, k;
-    for (r = 0; r < GEMM_MR; r++) {
+    for (r = 0; r < rows; r++) {
         gemm_prefetch(out.c + (size_t)r * out.ldc);
         gemm_prefetch(out.c + (size_t)r * out.ldc + GEMM_NR - 1);
         for (v = 0; v < GEMM_NV; v++) acc[r][v] = vec_zero();
     }
 #if GEMM_LANES > 1
-    /* k outermost: the NV vectors of B loaded for one k serve all MR rows. */
+    /* k outermost: the NV vectors of B loaded for one k serve all the rows. */
     for (k = 0; k < kc; k++, bp += GEMM_NR) {
         gemm_vec b[GEMM_NV];
         for (v = 0; v < GEMM_NV; v++) b[v] = vec_load(bp + v * GEMM_LANES);
-        for (r = 0; r < GEMM_MR; r++) {
+        for (r = 0; r < rows; r++) {
             gemm_vec ar = vec_bcast(a[r] + k);
             for (v = 0; v < GEMM_NV; v++) acc[r][v] = vec_fma(ar, b[v], acc[r][v]);
         }
@@ -7341,11 +7354,11 @@ static void gemm_micro(int kc, const float *const a[GEMM_MR], const float *bp, g
     /* Portable: one row at a time, so that the innermost loop is a multiply-add over
      * the NR columns, the form compilers vectorise reliably (with k outermost they
      * tend to vectorise over k instead, needing shuffles). */
-    for (r = 0; r < GEMM_MR; r++)
+    for (r = 0; r < rows; r++)
         for (k = 0; k < kc; k++)
             for (v = 0; v < GEMM_NV; v++) acc[r][v] = vec_fma(a[r][k], bp[(size_t)k * GEMM_NR + v], acc[r][v]);
 #endif
-    for (r = 0; r < GEMM_MR; r++)
+    for (r = 0; r < rows; r++)
         for (v = 0; v < GEMM_NV; v++) {
             float *c = out.c + (size_t)r * out.ldc + v * GEMM_LANES;
             gemm_vec t = acc[r][v];
@@ -7353,6 +7366,17 @@ static void gemm_micro(int kc, const float *const a[GEMM_MR], const float *bp, g
             if (out.load_c) t = vec_add(vec_load(c), t);
             vec_store(c, t);
         }
+}
+
+/* The MR-row kernel and the short one (only the rows an edge strip needs: the same sums). */
+static void gemm_micro(int kc, const float *const a[GEMM_MR], const float *bp, gemm_out out)
+{
+    gemm_micro_rows(GEMM_MR, kc, a, bp, out);
+}
+
+static void gemm_micro_short(int kc, const float *const a[GEMM_MR], const float *bp, gemm_out out)
+{
+    gemm_micro_rows(GEMM_MR_SHORT, kc, a, bp, out);
 }
 
 #ifdef GEMM_TRANSPOSE8
@@ -7527,7 +7551,10 @@ static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p
                 out.ldc = GEMM_NR;
                 out.bias = NULL;
                 out.load_c = 0;
-                gemm_micro(kc, a, panel, out);
+                if (mr <= GEMM_MR_SHORT)
+                    gemm_micro_short(kc, a, panel, out);
+                else
+                    gemm_micro(kc, a, panel, out);
                 for (j = 0; j < nr; j++) {
                     float *cj = g->C + (size_t)(n0 + j0 + j) * g->ldc + i0;
                     for (r = 0; r < mr; r++) {
@@ -7546,13 +7573,17 @@ static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p
                 gemm_micro(kc, a, panel, out);
                 continue;
             }
-            /* Edge tile: compute the whole tile aside, then add its valid part with
-             * the same operations as above. */
+            /* Edge tile: compute the tile aside (only its first GEMM_MR_SHORT rows
+             * when that covers the strip), then add its valid part with the same
+             * operations as above. */
             out.c = tile;
             out.ldc = GEMM_NR;
             out.bias = NULL;
             out.load_c = 0;
-            gemm_micro(kc, a, panel, out);
+            if (mr <= GEMM_MR_SHORT)
+                gemm_micro_short(kc, a, panel, out);
+            else
+                gemm_micro(kc, a, panel, out);
             for (r = 0; r < mr; r++)
                 for (j = 0; j < nr; j++) {
                     float t = tile[r * GEMM_NR + j], *cij = c + (size_t)r * g->ldc + j;

@@ -3,10 +3,11 @@
 authentic images of a make_demo_data split, every second one with a rectangle of Gaussian noise.
 
     /usr/bin/python3 tools/noise_probe.py SPLIT_DIR OUT_DIR COUNT SEED [--sigma 20] [--size 224] [--jpeg Q]
+                                          [--side 60 150]
 
 SPLIT_DIR is e.g. build/demo-data/train (its images without a mask are used); OUT_DIR gets images/ and
-masks/ in the layout loupe train reads. Odd samples get a 60-150 px rectangle (at most the crop) of noise
-of the given sigma; the mask marks exactly the rectangle. Images are PNG, or JPEG at quality Q with --jpeg.
+masks/ in the layout loupe train reads. Odd samples get a rectangle of noise of the given sigma whose
+sides are drawn from --side's range (60-150 px by default, at most the crop); the mask marks exactly the rectangle. Images are PNG, or JPEG at quality Q with --jpeg.
 A build-time tool (Debian's python3-pil and python3-numpy), never needed by loupe.c or its tests."""
 import argparse, os, random
 
@@ -20,7 +21,10 @@ def main():
     ap.add_argument('--sigma', type=float, default=20.0)
     ap.add_argument('--size', type=int, default=224)
     ap.add_argument('--jpeg', type=int, default=0)
+    ap.add_argument('--side', type=int, nargs=2, default=[60, 150], metavar=('MIN', 'MAX'))
     a = ap.parse_args()
+    if not 1 <= a.side[0] <= a.side[1]:
+        ap.error('--side needs 1 <= MIN <= MAX')
     rng, nr = random.Random(a.seed), np.random.default_rng(a.seed)
     masks = set(os.path.splitext(f)[0] for f in os.listdir(os.path.join(a.split, 'masks')))
     auth = [f for f in sorted(os.listdir(os.path.join(a.split, 'images'))) if os.path.splitext(f)[0] not in masks]
@@ -37,7 +41,8 @@ def main():
         px = np.asarray(im.crop((x, y, x + s, y + s))).astype(np.float32)
         name = 'n%05d' % i
         if i % 2:
-            rw, rh = rng.randint(min(60, s), min(150, s)), rng.randint(min(60, s), min(150, s))
+            lo, hi = min(a.side[0], s), min(a.side[1], s)
+            rw, rh = rng.randint(lo, hi), rng.randint(lo, hi)
             x0, y0 = rng.randint(0, s - rw), rng.randint(0, s - rh)
             mk = np.zeros((s, s), bool)
             mk[y0:y0 + rh, x0:x0 + rw] = True
