@@ -7,8 +7,8 @@ authentic images of a make_demo_data split, every second one with a rectangle of
 
 SPLIT_DIR is e.g. build/demo-data/train (its images without a mask are used); OUT_DIR gets images/ and
 masks/ in the layout loupe train reads. Odd samples get a rectangle of noise of the given sigma whose
-sides are drawn from --side's range (60-150 px by default, at most the crop); the mask marks exactly the rectangle. Images are PNG, or JPEG at quality Q with --jpeg.
-A build-time tool (Debian's python3-pil and python3-numpy), never needed by loupe.c or its tests."""
+sides are drawn from --side's range (60-150 px by default, at most the crop); the mask marks exactly the
+rectangle. Images are PNG, or JPEG at quality Q with --jpeg. A build-time tool (Debian's python3-pil and python3-numpy), never needed by loupe.c or its tests."""
 import argparse, os, random
 
 import numpy as np
