@@ -7328,8 +7328,8 @@ typedef struct gemm_out {
 /* The micro-kernel: the rows x NR tile a[0..rows)[0..kc) x bp[0..kc)[0..NR), accumulated
  * in registers, then written to out. a[r] points at row r of A at the step's first k;
  * bp is a packed panel (k-major, NR floats per k). rows is GEMM_MR or GEMM_MR_SHORT, a
- * constant in each of the two kernels below, so that the compiler unrolls the row loops
- * and keeps the accumulators in registers. */
+ * constant at each call below, so that the compiler unrolls the row loops and keeps the
+ * accumulators in registers. */
 static GEMM_ALWAYS_INLINE void gemm_micro_rows(int rows, int kc, const float *const a[GEMM_MR], const float *bp,
                                                gemm_out out)
 {
@@ -7368,15 +7368,20 @@ static GEMM_ALWAYS_INLINE void gemm_micro_rows(int rows, int kc, const float *co
         }
 }
 
-/* The MR-row kernel and the short one (only the rows an edge strip needs: the same sums). */
+/* The MR-row kernel. */
 static void gemm_micro(int kc, const float *const a[GEMM_MR], const float *bp, gemm_out out)
 {
     gemm_micro_rows(GEMM_MR, kc, a, bp, out);
 }
 
-static void gemm_micro_short(int kc, const float *const a[GEMM_MR], const float *bp, gemm_out out)
+/* A strip of mr <= MR rows (an edge strip): the short kernel when it covers them, with
+ * the same sums for those rows; rows past mr of the tile are left unspecified. */
+static void gemm_micro_strip(int mr, int kc, const float *const a[GEMM_MR], const float *bp, gemm_out out)
 {
-    gemm_micro_rows(GEMM_MR_SHORT, kc, a, bp, out);
+    if (mr <= GEMM_MR_SHORT)
+        gemm_micro_rows(GEMM_MR_SHORT, kc, a, bp, out);
+    else
+        gemm_micro_rows(GEMM_MR, kc, a, bp, out);
 }
 
 #ifdef GEMM_TRANSPOSE8
@@ -7551,10 +7556,7 @@ static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p
                 out.ldc = GEMM_NR;
                 out.bias = NULL;
                 out.load_c = 0;
-                if (mr <= GEMM_MR_SHORT)
-                    gemm_micro_short(kc, a, panel, out);
-                else
-                    gemm_micro(kc, a, panel, out);
+                gemm_micro_strip(mr, kc, a, panel, out);
                 for (j = 0; j < nr; j++) {
                     float *cj = g->C + (size_t)(n0 + j0 + j) * g->ldc + i0;
                     for (r = 0; r < mr; r++) {
@@ -7580,10 +7582,7 @@ static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p
             out.ldc = GEMM_NR;
             out.bias = NULL;
             out.load_c = 0;
-            if (mr <= GEMM_MR_SHORT)
-                gemm_micro_short(kc, a, panel, out);
-            else
-                gemm_micro(kc, a, panel, out);
+            gemm_micro_strip(mr, kc, a, panel, out);
             for (r = 0; r < mr; r++)
                 for (j = 0; j < nr; j++) {
                     float t = tile[r * GEMM_NR + j], *cij = c + (size_t)r * g->ldc + j;
@@ -8908,7 +8907,7 @@ struct loupe_session {
     float *interp;                /* interpolation index scratch */
     /* transformer decoder, Q queries */
     float *dec_feat;              /* [Te][F] multi-scale features + level embedding */
-    float *dec_kin;               /* [Te][F] dec_feat + position: the cross-attention's key input */
+    float *dec_kin;               /* [Te][F] dec_feat + position: the cross-attention's key input (in tmp) */
     float *hidden, *hq, *dq, *datt, *dtmp; /* [Q][F] */
     float *me_a, *me_b, *me;      /* [Q][F] mask-embedding MLP */
     float *query_hidden;          /* [L][Q][F] */
@@ -8962,6 +8961,7 @@ static void session_layout(loupe_session *s, arena *a)
     s->value = arena_floats(a, Te * F);
     s->msda = arena_floats(a, Te * F);
     s->tmp = arena_floats(a, Te * F);
+    s->dec_kin = s->tmp; /* the pixel decoder's scratch, dead once its layers are done */
     s->offs = arena_floats(a, Te * noff * 2);
     s->aw = arena_floats(a, Te * noff);
     s->kv = arena_floats(a, Te * 2 * F);
@@ -8973,7 +8973,6 @@ static void session_layout(loupe_session *s, arena *a)
     s->mask_features = arena_floats(a, M4 * F);
     s->interp = arena_floats(a, INTERP_SCRATCH(SEG_SIZE, SEG_SIZE) + INTERP_SCRATCH(4 * g, 4 * g));
     s->dec_feat = arena_floats(a, Te * F);
-    s->dec_kin = arena_floats(a, Te * F);
     s->hidden = arena_floats(a, Q * F);
     s->hq = arena_floats(a, Q * F);
     s->dq = arena_floats(a, Q * F);

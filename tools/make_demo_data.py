@@ -20,8 +20,8 @@ Steps (each skipped when its output is already there):
 Needs Debian's python3-pil and python3-numpy; this is a build-time data tool only: loupe.c and its tests never
 need it.
 """
-import argparse
-import fnmatch, glob, hashlib, io, json, math, multiprocessing, os, re, struct, subprocess, sys, time, zlib
+import argparse, fnmatch, glob, hashlib, io, json, math, multiprocessing, os, re
+import struct, subprocess, sys, time, zlib
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter

@@ -8,7 +8,8 @@ authentic images of a make_demo_data split, every second one with a rectangle of
 SPLIT_DIR is e.g. build/demo-data/train (its images without a mask are used); OUT_DIR gets images/ and
 masks/ in the layout loupe train reads. Odd samples get a rectangle of noise of the given sigma whose
 sides are drawn from --side's range (60-150 px by default, at most the crop); the mask marks exactly the
-rectangle. Images are PNG, or JPEG at quality Q with --jpeg. A build-time tool (Debian's python3-pil and python3-numpy), never needed by loupe.c or its tests."""
+rectangle. Images are PNG, or JPEG at quality Q with --jpeg. A build-time tool (Debian's python3-pil and
+python3-numpy), never needed by loupe.c or its tests."""
 import argparse, os, random
 
 import numpy as np
@@ -24,7 +25,11 @@ def main():
     ap.add_argument('--side', type=int, nargs=2, default=[60, 150], metavar=('MIN', 'MAX'))
     a = ap.parse_args()
     if not 1 <= a.side[0] <= a.side[1]:
-        ap.error('--side needs 1 <= MIN <= MAX')
+        ap.error('--side needs 1 <= MIN <= MAX (got %d %d)' % tuple(a.side))
+    if a.count < 0 or a.size < 1:
+        ap.error('COUNT must be at least 0 and --size at least 1 (got %d, %d)' % (a.count, a.size))
+    if not 0 <= a.jpeg <= 100:
+        ap.error('--jpeg must be a quality from 1 to 100, or 0 for PNG (got %d)' % a.jpeg)
     rng, nr = random.Random(a.seed), np.random.default_rng(a.seed)
     masks = set(os.path.splitext(f)[0] for f in os.listdir(os.path.join(a.split, 'masks')))
     auth = [f for f in sorted(os.listdir(os.path.join(a.split, 'images'))) if os.path.splitext(f)[0] not in masks]
