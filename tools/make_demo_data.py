@@ -831,14 +831,14 @@ def pronounce(rng, img, mask):
 
 
 def forge(rng, work, ctx, force=None, force_kind=None, pronounced=False):
-    """Forges a working image (HxWx3 uint8): 1-3 regions, 1-40 % of the image in all, each spliced from another
-    photo or a cut-out, copied and moved within the image, or removed (filled from its surroundings). Returns the
-    forged image (uint8), the mask (bool: exactly the pixels whose value came from elsewhere or was synthesised)
-    and a description."""
+    """Forges a working image (HxWx3 uint8): 1-3 regions, 1-40 % of the image in all (ctx['area'] overrides the
+    range), each spliced from another photo or a cut-out, copied and moved within the image, or removed (filled
+    from its surroundings). Returns the forged image (uint8), the mask (bool: exactly the pixels whose value came
+    from elsewhere or was synthesised) and a description."""
     h, w = work.shape[:2]
     img = work.astype(np.float32)
     mask = np.zeros((h, w), bool)
-    total = log_uniform(rng, 0.01, 0.40) * h * w
+    total = log_uniform(rng, *ctx.get('area', (0.01, 0.40))) * h * w
     n = 1 if force else int(rng.choice([1, 2, 3], p=[0.7, 0.22, 0.08]))
     shares = rng.dirichlet(np.ones(n) * 2) if n > 1 else [1.0]
     what = []
@@ -1030,10 +1030,14 @@ def main():
     ap.add_argument('--pronounced', type=float, default=0.0,
                     help='share of forged samples whose forged pixels also get one pronounced trace (strong noise, '
                          'blur, low-quality JPEG, coarse resampling or sharpening); 0 keeps the default data')
+    ap.add_argument('--area', type=float, nargs=2, default=[0.01, 0.40], metavar=('MIN', 'MAX'),
+                    help='forged share of a forged image, drawn log-uniformly from MIN to MAX (0.01 0.40)')
     ap.add_argument('--jobs', type=int, default=1, help='worker processes (the output does not depend on it)')
     args = ap.parse_args()
     if not 0.0 <= args.pronounced <= 1.0:
         ap.error('--pronounced must be from 0 to 1 (got %g)' % args.pronounced)
+    if not 0.005 <= args.area[0] <= args.area[1] <= 0.5:
+        ap.error('--area needs 0.005 <= MIN <= MAX <= 0.5 (got %g %g)' % tuple(args.area))
     if args.jobs < 1:
         ap.error('--jobs must be at least 1 (got %d)' % args.jobs)
     t0 = time.time()
@@ -1065,7 +1069,7 @@ def main():
     write_credits(os.path.join(out, 'DATA-CREDITS.md'), photos, cutouts, skipped)
     for split, count in (('train', args.train), ('valid', args.valid)):
         pool = [p for p in photos if p['split'] == split]
-        ctx = dict(cutouts=[c for c in cutouts if c['split'] == split], donors=None)
+        ctx = dict(cutouts=[c for c in cutouts if c['split'] == split], donors=None, area=tuple(args.area))
         d_img, d_mask = os.path.join(out, split, 'images'), os.path.join(out, split, 'masks')
         for d in (d_img, d_mask):
             os.makedirs(d, exist_ok=True)

@@ -3,12 +3,14 @@
 authentic images of a make_demo_data split, every second one with a rectangle of Gaussian noise.
 
     /usr/bin/python3 tools/noise_probe.py SPLIT_DIR OUT_DIR COUNT SEED [--sigma 20] [--size 224] [--jpeg Q]
-                                          [--side 60 150]
+                                          [--side 60 150] [--floor F]
 
 SPLIT_DIR is e.g. build/demo-data/train (its images without a mask are used); OUT_DIR gets images/ and
 masks/ in the layout loupe train reads. Odd samples get a rectangle of noise of the given sigma whose
 sides are drawn from --side's range (60-150 px by default, at most the crop); the mask marks exactly the
-rectangle. Images are PNG, or JPEG at quality Q with --jpeg. A build-time tool (Debian's python3-pil and
+rectangle. With --floor F every image first gets noise of a sigma drawn from 0 to F over all its pixels, so
+that only the rectangle's difference from the rest of its image tells, not the noise level itself. Images
+are PNG, or JPEG at quality Q with --jpeg. A build-time tool (Debian's python3-pil and
 python3-numpy), never needed by loupe.c or its tests."""
 import argparse, os, random
 
@@ -23,11 +25,14 @@ def main():
     ap.add_argument('--size', type=int, default=224)
     ap.add_argument('--jpeg', type=int, default=0)
     ap.add_argument('--side', type=int, nargs=2, default=[60, 150], metavar=('MIN', 'MAX'))
+    ap.add_argument('--floor', type=float, default=0.0)
     a = ap.parse_args()
     if not 1 <= a.side[0] <= a.side[1]:
         ap.error('--side needs 1 <= MIN <= MAX (got %d %d)' % tuple(a.side))
     if a.count < 0 or a.size < 1:
         ap.error('COUNT must be at least 0 and --size at least 1 (got %d, %d)' % (a.count, a.size))
+    if not a.floor >= 0:
+        ap.error('--floor must be at least 0 (got %g)' % a.floor)
     if not 0 <= a.jpeg <= 100:
         ap.error('--jpeg must be a quality from 1 to 100, or 0 for PNG (got %d)' % a.jpeg)
     rng, nr = random.Random(a.seed), np.random.default_rng(a.seed)
@@ -45,6 +50,8 @@ def main():
         x, y = rng.randint(0, im.size[0] - s), rng.randint(0, im.size[1] - s)
         px = np.asarray(im.crop((x, y, x + s, y + s))).astype(np.float32)
         name = 'n%05d' % i
+        if a.floor > 0:
+            px = px + nr.normal(0, rng.uniform(0, a.floor), px.shape)
         if i % 2:
             lo, hi = min(a.side[0], s), min(a.side[1], s)
             rw, rh = rng.randint(lo, hi), rng.randint(lo, hi)

@@ -294,10 +294,23 @@ def test_pronounced(A, B, cut):
     check('pronounced: every kind drawn', kinds == {'noise', 'blur', 'jpeg', 'resample', 'sharpen'}, str(kinds))
 
 
+def test_area(A, B, cut):
+    """--area MIN MAX: the forged share follows the range (the default draws are those of (0.01, 0.40))."""
+    photo = dict(img=A, path='A')
+    ctx = dict(cutouts=[dict(img=cut, path='cut')], donors=[dict(img=B, path='B')])
+    same = all(np.array_equal(sample(seed, True, photo, ctx)['mask'],
+                              sample(seed, True, photo, dict(ctx, area=(0.01, 0.40)))['mask']) for seed in range(5))
+    check('area: the default is (0.01, 0.40)', same)
+    small = [sample(seed, True, photo, dict(ctx, area=(0.01, 0.03)))['frac'] for seed in range(20)]
+    large = [sample(seed, True, photo, dict(ctx, area=(0.2, 0.4)))['frac'] for seed in range(20)]
+    check('area: (0.01, 0.03) gives small forgeries', np.median(small) < 0.05, str(np.round(small, 3)))
+    check('area: (0.2, 0.4) gives large forgeries', 0.15 < np.median(large) < 0.5, str(np.round(large, 3)))
+
+
 def main():
     A, B, cut = photos()
     for t in (test_readers, test_dep5, test_authentic, test_final_geometry, test_seamless, test_determinism,
-              test_masks, test_pronounced):
+              test_masks, test_pronounced, test_area):
         try:
             t(A, B, cut) if t not in (test_readers, test_dep5) else (t(A) if t is test_readers else t())
         except Exception:
