@@ -931,10 +931,14 @@ def make_sample(rng, photos, ctx, size, forged, force=None, force_kind=None, fin
         pi = int(rng.integers(len(photos)))
         photo = photos[pi]['img']
         cp = crop_params(rng, photo.shape[:2], size)
+        if ctx.get('plain'):                            # diagnostic: no final rescale, PNG
+            cp['work'] = cp['out']
         if cp_override:
             cp.update(cp_override)
         work = work_image(photo, cp)
         fp = final_params(rng)
+        if ctx.get('plain'):
+            fp.update(fmt='png', quality=0, subsampling=0)
         if final_override:
             fp.update(final_override)
         mask, desc = None, 'authentic'
@@ -1032,6 +1036,8 @@ def main():
                          'blur, low-quality JPEG, coarse resampling or sharpening); 0 keeps the default data')
     ap.add_argument('--area', type=float, nargs=2, default=[0.01, 0.40], metavar=('MIN', 'MAX'),
                     help='forged share of a forged image, drawn log-uniformly from MIN to MAX (0.01 0.40)')
+    ap.add_argument('--plain', action='store_true',
+                    help='diagnostic: no final rescale and PNG output for every sample (not realistic data)')
     ap.add_argument('--jobs', type=int, default=1, help='worker processes (the output does not depend on it)')
     args = ap.parse_args()
     if not 0.0 <= args.pronounced <= 1.0:
@@ -1069,7 +1075,8 @@ def main():
     write_credits(os.path.join(out, 'DATA-CREDITS.md'), photos, cutouts, skipped)
     for split, count in (('train', args.train), ('valid', args.valid)):
         pool = [p for p in photos if p['split'] == split]
-        ctx = dict(cutouts=[c for c in cutouts if c['split'] == split], donors=None, area=tuple(args.area))
+        ctx = dict(cutouts=[c for c in cutouts if c['split'] == split], donors=None, area=tuple(args.area),
+                   plain=args.plain)
         d_img, d_mask = os.path.join(out, split, 'images'), os.path.join(out, split, 'masks')
         for d in (d_img, d_mask):
             os.makedirs(d, exist_ok=True)

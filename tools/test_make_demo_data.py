@@ -307,10 +307,23 @@ def test_area(A, B, cut):
     check('area: (0.2, 0.4) gives large forgeries', 0.15 < np.median(large) < 0.5, str(np.round(large, 3)))
 
 
+def test_plain(A, B, cut):
+    """--plain: no final rescale and PNG, for forged and authentic samples alike."""
+    photo = dict(img=np.concatenate([A, A[::-1]], 0), path='A')   # tall enough for a working size above the output
+    ctx = dict(cutouts=[dict(img=cut, path='cut')], donors=[dict(img=B, path='B')], plain=True)
+    for seed in range(12):
+        s = sample(seed, seed % 2 == 0, photo, ctx, native=False)
+        name = 'plain seed %d' % seed
+        check(name + ': PNG', s['ext'] == '.png' and s['fp']['fmt'] == 'png')
+        check(name + ': no final rescale', s['cp']['work'] == s['cp']['out'] and
+              decode(s['data']).shape[:2] == s['cp']['out'], str(s['cp']))
+        check(name + ': the output is the forged working image', np.array_equal(decode(s['data']), s['forged_work']))
+
+
 def main():
     A, B, cut = photos()
     for t in (test_readers, test_dep5, test_authentic, test_final_geometry, test_seamless, test_determinism,
-              test_masks, test_pronounced, test_area):
+              test_masks, test_pronounced, test_area, test_plain):
         try:
             t(A, B, cut) if t not in (test_readers, test_dep5) else (t(A) if t is test_readers else t())
         except Exception:
