@@ -3,19 +3,20 @@
 authentic images of a make_demo_data split, every second one with a rectangle of Gaussian noise.
 
     /usr/bin/python3 tools/noise_probe.py SPLIT_DIR OUT_DIR COUNT SEED [--sigma 20] [--size 224] [--jpeg Q]
-                                          [--side 60 150] [--floor F]
+                                          [--side 60 150] [--floor F] [--kind noise|blur] [--radius 2]
 
 SPLIT_DIR is e.g. build/demo-data/train (its images without a mask are used); OUT_DIR gets images/ and
 masks/ in the layout loupe train reads. Odd samples get a rectangle of noise of the given sigma whose
 sides are drawn from --side's range (60-150 px by default, at most the crop); the mask marks exactly the
-rectangle. With --floor F every image first gets noise of a sigma drawn from 0 to F over all its pixels, so
-that only the rectangle's difference from the rest of its image tells, not the noise level itself. Images
-are PNG, or JPEG at quality Q with --jpeg. A build-time tool (Debian's python3-pil and
-python3-numpy), never needed by loupe.c or its tests."""
+rectangle. With --kind blur the rectangle is blurred instead (a Gaussian of the given --radius). With
+--floor F every image first gets noise of a sigma drawn from 0 to F over all its pixels, so that only the
+rectangle's difference from the rest of its image tells, not the noise level itself. Images are PNG, or
+JPEG at quality Q with --jpeg. A build-time tool (Debian's python3-pil and python3-numpy), never needed by
+loupe.c or its tests."""
 import argparse, os, random
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 
 def main():
@@ -26,6 +27,8 @@ def main():
     ap.add_argument('--jpeg', type=int, default=0)
     ap.add_argument('--side', type=int, nargs=2, default=[60, 150], metavar=('MIN', 'MAX'))
     ap.add_argument('--floor', type=float, default=0.0)
+    ap.add_argument('--kind', choices=['noise', 'blur'], default='noise')
+    ap.add_argument('--radius', type=float, default=2.0)
     a = ap.parse_args()
     if not 1 <= a.side[0] <= a.side[1]:
         ap.error('--side needs 1 <= MIN <= MAX (got %d %d)' % tuple(a.side))
@@ -33,6 +36,8 @@ def main():
         ap.error('COUNT must be at least 0 and --size at least 1 (got %d, %d)' % (a.count, a.size))
     if not a.floor >= 0:
         ap.error('--floor must be at least 0 (got %g)' % a.floor)
+    if not a.radius > 0:
+        ap.error('--radius must be above 0 (got %g)' % a.radius)
     if not 0 <= a.jpeg <= 100:
         ap.error('--jpeg must be a quality from 1 to 100, or 0 for PNG (got %d)' % a.jpeg)
     rng, nr = random.Random(a.seed), np.random.default_rng(a.seed)
@@ -58,7 +63,13 @@ def main():
             x0, y0 = rng.randint(0, s - rw), rng.randint(0, s - rh)
             mk = np.zeros((s, s), bool)
             mk[y0:y0 + rh, x0:x0 + rw] = True
-            px = np.where(mk[..., None], px + nr.normal(0, a.sigma, px.shape), px)
+            if a.kind == 'noise':
+                alt = px + nr.normal(0, a.sigma, px.shape)
+            else:
+                blurred = Image.fromarray(np.clip(px + 0.5, 0, 255).astype(np.uint8)).filter(
+                    ImageFilter.GaussianBlur(a.radius))
+                alt = np.asarray(blurred).astype(np.float32)
+            px = np.where(mk[..., None], alt, px)
             Image.fromarray(mk.astype(np.uint8) * 255).save(os.path.join(a.out, 'masks', name + '.png'))
         out = Image.fromarray(np.clip(px + 0.5, 0, 255).astype(np.uint8))
         if a.jpeg:
