@@ -830,6 +830,9 @@ def pronounce(rng, img, mask):
     return np.where(mask[..., None], alt, img), 'strong-' + name
 
 
+AREA = (0.01, 0.40)  # default range of a forged image's forged share (make_demo_data --area)
+
+
 def forge(rng, work, ctx, force=None, force_kind=None, pronounced=False):
     """Forges a working image (HxWx3 uint8): 1-3 regions, 1-40 % of the image in all (ctx['area'] overrides the
     range), each spliced from another photo or a cut-out, copied and moved within the image, or removed (filled
@@ -838,7 +841,7 @@ def forge(rng, work, ctx, force=None, force_kind=None, pronounced=False):
     h, w = work.shape[:2]
     img = work.astype(np.float32)
     mask = np.zeros((h, w), bool)
-    total = log_uniform(rng, *ctx.get('area', (0.01, 0.40))) * h * w
+    total = log_uniform(rng, *ctx.get('area', AREA)) * h * w
     n = 1 if force else int(rng.choice([1, 2, 3], p=[0.7, 0.22, 0.08]))
     shares = rng.dirichlet(np.ones(n) * 2) if n > 1 else [1.0]
     what = []
@@ -1034,8 +1037,8 @@ def main():
     ap.add_argument('--pronounced', type=float, default=0.0,
                     help='share of forged samples whose forged pixels also get one pronounced trace (strong noise, '
                          'blur, low-quality JPEG, coarse resampling or sharpening); 0 keeps the default data')
-    ap.add_argument('--area', type=float, nargs=2, default=[0.01, 0.40], metavar=('MIN', 'MAX'),
-                    help='forged share of a forged image, drawn log-uniformly from MIN to MAX (0.01 0.40)')
+    ap.add_argument('--area', type=float, nargs=2, default=list(AREA), metavar=('MIN', 'MAX'),
+                    help='forged share of a forged image, drawn log-uniformly from MIN to MAX (%g %g)' % AREA)
     ap.add_argument('--plain', action='store_true',
                     help='diagnostic: no final rescale and PNG output for every sample (not realistic data)')
     ap.add_argument('--jobs', type=int, default=1, help='worker processes (the output does not depend on it)')

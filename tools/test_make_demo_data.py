@@ -300,7 +300,7 @@ def test_area(A, B, cut):
     ctx = dict(cutouts=[dict(img=cut, path='cut')], donors=[dict(img=B, path='B')])
     same = all(np.array_equal(sample(seed, True, photo, ctx)['mask'],
                               sample(seed, True, photo, dict(ctx, area=(0.01, 0.40)))['mask']) for seed in range(5))
-    check('area: the default is (0.01, 0.40)', same)
+    check('area: the default is (0.01, 0.40)', same and mdd.AREA == (0.01, 0.40))
     small = [sample(seed, True, photo, dict(ctx, area=(0.01, 0.03)))['frac'] for seed in range(20)]
     large = [sample(seed, True, photo, dict(ctx, area=(0.2, 0.4)))['frac'] for seed in range(20)]
     check('area: (0.01, 0.03) gives small forgeries', np.median(small) < 0.05, str(np.round(small, 3)))
