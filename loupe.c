@@ -6008,7 +6008,7 @@ void loupe_model_free(loupe_model *m)
 #define INIT_GOLDEN 0x9E3779B97F4A7C15ull
 #define INIT_STD 0.02        /* LoupeConfig.initializer_range (configs/model/base.yaml) */
 #define INIT_XAVIER_GAIN 1.0 /* Mask2FormerConfig.init_xavier_std */
-#define INIT_N_HPARAMS 38
+#define INIT_N_HPARAMS 40
 
 enum { INIT_NORMAL, INIT_UNIFORM, INIT_CONST, INIT_GRID, INIT_HIGHPASS };
 
@@ -6555,13 +6555,14 @@ static int init_read_config(const char *path, init_hparams *h, char *err, size_t
     init_cfg_reader r;
     int S, P, W, layers, heads, pool_heads, cls_ratio, cls_layers, F, mask_f, hid, enc_ffn, enc_layers, dec_layers;
     int m2f_heads, dec_ffn, Q, labels, points, k, rc = -1;
-    double mlp_ratio, fl[11];
+    double mlp_ratio, fl[13];
     const json_value *v;
-    static const char *const real_keys[11][2] = {
+    static const char *const real_keys[13][2] = {
         {"mask2former", "no_object_weight"}, {"mask2former", "class_weight"}, {"mask2former", "mask_weight"},
         {"mask2former", "dice_weight"}, {"mask2former", "oversample_ratio"}, {"mask2former", "importance_sample_ratio"},
         {"loupe", "pixel_forge_weight"}, {"loupe", "pixel_poly_epsilon"}, {"loupe", "tversky_alpha"},
-        {"loupe", "seg_loss_weight"}, {"mask2former", "common_stride"}};
+        {"loupe", "seg_loss_weight"}, {"mask2former", "common_stride"}, {"loupe", "cls_forge_weight"},
+        {"loupe", "patch_forge_weight"}};
     if (json_load(path, &root, err, errsize)) return -1;
     r.root = &root;
     r.path = path;
@@ -6593,8 +6594,12 @@ static int init_read_config(const char *path, init_hparams *h, char *err, size_t
         cfg_int(&r, "mask2former", "num_queries", &Q) || cfg_int(&r, "mask2former", "num_labels", &labels) ||
         cfg_int(&r, "mask2former", "train_num_points", &points))
         goto done;
-    for (k = 0; k < 11; k++)
+    for (k = 0; k < 13; k++)
         if (cfg_number(&r, real_keys[k][0], real_keys[k][1], &fl[k])) goto done;
+    if (!(fl[11] >= 0.0 && fl[11] <= 1.0 && fl[12] >= 0.0 && fl[12] <= 1.0)) {
+        fail(err, errsize, "%s: loupe.cls_forge_weight and loupe.patch_forge_weight must be between 0 and 1", path);
+        goto done;
+    }
     if (!(v = cfg_value(&r, "mask2former", "feature_strides"))) goto done;
     if (fl[10] != 4 || v->type != JSON_ARRAY || v->n != 4 || v->items[0].type != JSON_NUMBER ||
         v->items[0].num != 4 || v->items[1].type != JSON_NUMBER || v->items[1].num != 8 ||
@@ -6633,7 +6638,7 @@ static int init_read_config(const char *path, init_hparams *h, char *err, size_t
             {"no_object_weight", fl[0]}, {"class_weight", fl[1]}, {"mask_weight", fl[2]}, {"dice_weight", fl[3]},
             {"train_num_points", points}, {"oversample_ratio", fl[4]}, {"importance_sample_ratio", fl[5]},
             {"pixel_forge_weight", fl[6]}, {"pixel_poly_epsilon", fl[7]}, {"tversky_alpha", fl[8]},
-            {"seg_loss_weight", fl[9]},
+            {"seg_loss_weight", fl[9]}, {"cls_forge_weight", fl[11]}, {"patch_forge_weight", fl[12]},
         };
         for (k = 0; k < INIT_N_HPARAMS; k++) {
             h->names[k] = hp[k].name;
@@ -9525,6 +9530,22 @@ static cls_loss_config cls_loss_config_default(void)
     return c;
 }
 
+/* LoupeClsLoss's settings as the weight file's header records them (the config's
+ * loupe.cls_forge_weight and patch_forge_weight, written by tools/convert.py and loupe
+ * init), upstream's values for a file that lacks them. */
+static cls_loss_config cls_loss_config_from_model(const loupe_model *m)
+{
+    cls_loss_config c = cls_loss_config_default();
+    const unsigned char *hp = m->data + WEIGHTS_HEADER_BYTES;
+    uint32_t n = rd_u32(m->data + 12);
+    int found;
+    double v = header_hparam(hp, n, "cls_forge_weight", &found);
+    if (found && v >= 0.0 && v <= 1.0) c.cls_forge_weight = v;
+    v = header_hparam(hp, n, "patch_forge_weight", &found);
+    if (found && v >= 0.0 && v <= 1.0) c.patch_forge_weight = v;
+    return c;
+}
+
 /* One Poly1FocalLoss term of logit x against soft label y: p = sigmoid(x),
  * ce = (alpha y + (1-alpha)(1-y)) (softplus(x) - x y), u = 1 - pt = y (1-p) + (1-y) p,
  * term = ce u^gamma + eps u^(gamma+1); *dx = d term / dx. */
@@ -12069,7 +12090,7 @@ static loupe_trainer *trainer_new(const loupe_model *m, const loupe_train_option
     if (t->has_seg) tta_refresh_tables(t);
     if (trainer_grad_views(t)) goto oom;
     weights_release_pages(m);
-    t->cls_cfg = cls_loss_config_default();
+    t->cls_cfg = cls_loss_config_from_model(m);
     t->s = loupe_session_new(m, err, errsize);
     if (!t->s) { loupe_trainer_free(t); return NULL; }
     t->s->w = &t->w;

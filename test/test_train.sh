@@ -53,6 +53,32 @@ $RUN "$loupe" train --stage seg -m "$dir/init.bin" --train "$dir/train" -o "$dir
 check "--resume mid-epoch continues bit for bit" cmp -s "$dir/full.last.bin" "$dir/half.last.bin"
 check "a stopped and resumed run's state equals an uninterrupted one's" cmp -s "$dir/full.state" "$dir/half.state"
 
+# The classifier loss's class weights are the config's (loupe.cls_forge_weight and
+# patch_forge_weight, recorded in the weight file by loupe init): on authentic images only
+# (4 images listed without masks) each Poly-1 term is (1 - alpha) x a focal part + a part
+# without alpha, so the first step's loss is linear in each alpha, and moves with it.
+ls "$dir/train/images" | head -n 4 | sed "s|^|images/|" > "$dir/train/real4.txt"
+alpha_loss() { # alpha_loss CLS PATCH: the loss of the first step with these weights
+    sed -e "s/\"cls_forge_weight\": 0.2,/\"cls_forge_weight\": $1,/" \
+        -e "s/\"patch_forge_weight\": 0.85,/\"patch_forge_weight\": $2,/" test/golden/tiny-a/config.json > "$dir/alpha.json"
+    $RUN "$loupe" init --config "$dir/alpha.json" -o "$dir/alpha.bin" --seed 7 2> "$dir/alpha-init.err" || return 1
+    $RUN "$loupe" train --stage cls -m "$dir/alpha.bin" --train "$dir/train/real4.txt" -o "$dir/alpha-out.bin" \
+        --batch 4 --accum 1 --max-steps 1 --seed 3 2>&1 | awk '$1 == "step" && $2 ~ /^1\// { print $6 }'
+}
+c2=$(alpha_loss 0.2 0.85); c5=$(alpha_loss 0.5 0.85); c8=$(alpha_loss 0.8 0.85)
+p5=$(alpha_loss 0.2 0.5); p1=$(alpha_loss 0.2 0.15)
+echo "  first-step loss on authentic images: cls_forge_weight 0.2 / 0.5 / 0.8: $c2 $c5 $c8; patch_forge_weight 0.85 / 0.5 / 0.15: $c2 $p5 $p1"
+# the printed loss has 5 decimals: three readings differ from the exact line by at most 2e-5
+linear() { awk -v a="$1" -v b="$2" -v c="$3" 'BEGIN { d = (b - a) - (c - b); exit !(a == a + 0 && b == b + 0 && c == c + 0 && b - a > 1e-3 && d < 3e-5 && d > -3e-5) }'; }
+check "cls_forge_weight from the config: the loss rises linearly as it falls" linear "$c8" "$c5" "$c2"
+check "patch_forge_weight from the config: the loss rises linearly as it falls" linear "$c2" "$p5" "$p1"
+sed 's/"cls_forge_weight": 0.2,/"cls_forge_weight": 1.5,/' test/golden/tiny-a/config.json > "$dir/alpha.json"
+rm -f "$dir/alpha-bad.bin"
+$RUN "$loupe" init --config "$dir/alpha.json" -o "$dir/alpha-bad.bin" --seed 7 2> "$dir/bad.err"
+status=$?
+check "loupe init: a class weight outside 0..1 is refused (one message naming it, no output)" \
+    sh -c "test $status -ne 0 && grep -q cls_forge_weight '$dir/bad.err' && test ! -e '$dir/alpha-bad.bin' && test \$(wc -l < '$dir/bad.err') -eq 1"
+
 # bad inputs: one message naming the problem, non-zero exit, no output
 mkdir -p "$dir/bad/images" "$dir/bad/masks"
 cp "$dir/train/images/001.png" "$dir/bad/images/a.png"

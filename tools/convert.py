@@ -101,7 +101,7 @@ BUILTIN_CONFIG = {
         "hidden_act": "gelu", "cls_mlp_ratio": 2, "cls_mlp_layers": 2,
         "enable_patch_cls": True, "enable_cls_fusion": True, "enable_conditional_queries": True,
         "tversky_alpha": 0.3, "pixel_forge_weight": 0.8, "pixel_poly_epsilon": 1.0,
-        "seg_loss_weight": 1.0,
+        "seg_loss_weight": 1.0, "cls_forge_weight": 0.2, "patch_forge_weight": 0.85,
     },
     "mask2former": {
         "feature_size": 256, "mask_feature_size": 256, "hidden_dim": 256,
@@ -205,6 +205,11 @@ def hparams_from_config(cfg):
         given = cfg[section].get(key, value) if isinstance(cfg.get(section), dict) else value
         require(given == value, "%s.%s is %r but the config implies %r" % (section, key, given, value))
 
+    for key in ("cls_forge_weight", "patch_forge_weight"):
+        v = lp[key]
+        require(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+                "loupe.%s must be a number between 0 and 1 (got %r)" % (key, v))
+
     hparams = [
         ("image_size", S), ("patch_size", P), ("width", W), ("layers", pe["layers"]),
         ("heads", pe["heads"]), ("mlp_width", mlp_width), ("pool_heads", pe["attn_pooler_heads"]),
@@ -223,6 +228,7 @@ def hparams_from_config(cfg):
         ("importance_sample_ratio", m2f["importance_sample_ratio"]),
         ("pixel_forge_weight", lp["pixel_forge_weight"]), ("pixel_poly_epsilon", lp["pixel_poly_epsilon"]),
         ("tversky_alpha", lp["tversky_alpha"]), ("seg_loss_weight", lp["seg_loss_weight"]),
+        ("cls_forge_weight", lp["cls_forge_weight"]), ("patch_forge_weight", lp["patch_forge_weight"]),
     ]
     for name, value in hparams:
         require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
