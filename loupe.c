@@ -9530,19 +9530,23 @@ static cls_loss_config cls_loss_config_default(void)
     return c;
 }
 
+/* A loss setting from the weight file's header: *value becomes the recorded one when
+ * the header has it within lo..hi, and is left as it is otherwise. */
+static void model_loss_setting(const loupe_model *m, const char *name, double lo, double hi, double *value)
+{
+    int found;
+    double v = header_hparam(m->data + WEIGHTS_HEADER_BYTES, rd_u32(m->data + 12), name, &found);
+    if (found && v >= lo && v <= hi) *value = v;
+}
+
 /* LoupeClsLoss's settings as the weight file's header records them (the config's
  * loupe.cls_forge_weight and patch_forge_weight, written by tools/convert.py and loupe
  * init), upstream's values for a file that lacks them. */
 static cls_loss_config cls_loss_config_from_model(const loupe_model *m)
 {
     cls_loss_config c = cls_loss_config_default();
-    const unsigned char *hp = m->data + WEIGHTS_HEADER_BYTES;
-    uint32_t n = rd_u32(m->data + 12);
-    int found;
-    double v = header_hparam(hp, n, "cls_forge_weight", &found);
-    if (found && v >= 0.0 && v <= 1.0) c.cls_forge_weight = v;
-    v = header_hparam(hp, n, "patch_forge_weight", &found);
-    if (found && v >= 0.0 && v <= 1.0) c.patch_forge_weight = v;
+    model_loss_setting(m, "cls_forge_weight", 0.0, 1.0, &c.cls_forge_weight);
+    model_loss_setting(m, "patch_forge_weight", 0.0, 1.0, &c.patch_forge_weight);
     return c;
 }
 
@@ -10200,24 +10204,18 @@ static seg_loss_config seg_loss_config_default(void)
 static seg_loss_config seg_loss_config_from_model(const loupe_model *m)
 {
     seg_loss_config c = seg_loss_config_default();
-    const unsigned char *hp = m->data + WEIGHTS_HEADER_BYTES;
-    uint32_t n = rd_u32(m->data + 12);
-    int found;
-    double v;
-#define HEADER_LOSS(field, name, lo, hi) \
-    do { v = header_hparam(hp, n, name, &found); if (found && v >= (lo) && v <= (hi)) c.field = v; } while (0)
-    HEADER_LOSS(class_weight, "class_weight", 0.0, 1e6);
-    HEADER_LOSS(mask_weight, "mask_weight", 0.0, 1e6);
-    HEADER_LOSS(dice_weight, "dice_weight", 0.0, 1e6);
-    HEADER_LOSS(no_object_weight, "no_object_weight", 1e-6, 1e6);
-    HEADER_LOSS(oversample_ratio, "oversample_ratio", 1.0, 64.0);
-    HEADER_LOSS(importance_sample_ratio, "importance_sample_ratio", 0.0, 1.0);
-    HEADER_LOSS(pixel_forge_weight, "pixel_forge_weight", 0.0, 1.0);
-    HEADER_LOSS(pixel_poly_epsilon, "pixel_poly_epsilon", -1e6, 1e6);
-    HEADER_LOSS(tversky_alpha, "tversky_alpha", 0.0, 1.0);
-#undef HEADER_LOSS
-    v = header_hparam(hp, n, "train_num_points", &found);
-    if (found && v >= 1 && v <= 1 << 20 && v == floor(v)) c.train_num_points = (int)v;
+    double points = c.train_num_points;
+    model_loss_setting(m, "class_weight", 0.0, 1e6, &c.class_weight);
+    model_loss_setting(m, "mask_weight", 0.0, 1e6, &c.mask_weight);
+    model_loss_setting(m, "dice_weight", 0.0, 1e6, &c.dice_weight);
+    model_loss_setting(m, "no_object_weight", 1e-6, 1e6, &c.no_object_weight);
+    model_loss_setting(m, "oversample_ratio", 1.0, 64.0, &c.oversample_ratio);
+    model_loss_setting(m, "importance_sample_ratio", 0.0, 1.0, &c.importance_sample_ratio);
+    model_loss_setting(m, "pixel_forge_weight", 0.0, 1.0, &c.pixel_forge_weight);
+    model_loss_setting(m, "pixel_poly_epsilon", -1e6, 1e6, &c.pixel_poly_epsilon);
+    model_loss_setting(m, "tversky_alpha", 0.0, 1.0, &c.tversky_alpha);
+    model_loss_setting(m, "train_num_points", 1.0, (double)(1 << 20), &points);
+    if (points == floor(points)) c.train_num_points = (int)points;
     c.tversky_beta = 1.0 - c.tversky_alpha;
     return c;
 }

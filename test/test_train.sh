@@ -70,8 +70,8 @@ p5=$(alpha_loss 0.2 0.5); p1=$(alpha_loss 0.2 0.15)
 echo "  first-step loss on authentic images: cls_forge_weight 0.2 / 0.5 / 0.8: $c2 $c5 $c8; patch_forge_weight 0.85 / 0.5 / 0.15: $c2 $p5 $p1"
 # the printed loss has 5 decimals: three readings differ from the exact line by at most 2e-5
 linear() { awk -v a="$1" -v b="$2" -v c="$3" 'BEGIN { d = (b - a) - (c - b); exit !(a == a + 0 && b == b + 0 && c == c + 0 && b - a > 1e-3 && d < 3e-5 && d > -3e-5) }'; }
-check "cls_forge_weight from the config: the loss rises linearly as it falls" linear "$c8" "$c5" "$c2"
-check "patch_forge_weight from the config: the loss rises linearly as it falls" linear "$c2" "$p5" "$p1"
+check "cls_forge_weight from the config: the first-step loss is linear in it and falls as it rises" linear "$c8" "$c5" "$c2"
+check "patch_forge_weight from the config: the first-step loss is linear in it and falls as it rises" linear "$c2" "$p5" "$p1"
 sed 's/"cls_forge_weight": 0.2,/"cls_forge_weight": 1.5,/' test/golden/tiny-a/config.json > "$dir/alpha.json"
 rm -f "$dir/alpha-bad.bin"
 $RUN "$loupe" init --config "$dir/alpha.json" -o "$dir/alpha-bad.bin" --seed 7 2> "$dir/bad.err"
