@@ -19,6 +19,11 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 
+def to_image(px):
+    """float pixels (HxWx3) -> an RGB image, rounded and clipped to 0..255"""
+    return Image.fromarray(np.clip(px + 0.5, 0, 255).astype(np.uint8))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('split'), ap.add_argument('out'), ap.add_argument('count', type=int), ap.add_argument('seed', type=int)
@@ -66,12 +71,11 @@ def main():
             if a.kind == 'noise':
                 alt = px + nr.normal(0, a.sigma, px.shape)
             else:
-                blurred = Image.fromarray(np.clip(px + 0.5, 0, 255).astype(np.uint8)).filter(
-                    ImageFilter.GaussianBlur(a.radius))
+                blurred = to_image(px).filter(ImageFilter.GaussianBlur(a.radius))
                 alt = np.asarray(blurred).astype(np.float32)
             px = np.where(mk[..., None], alt, px)
             Image.fromarray(mk.astype(np.uint8) * 255).save(os.path.join(a.out, 'masks', name + '.png'))
-        out = Image.fromarray(np.clip(px + 0.5, 0, 255).astype(np.uint8))
+        out = to_image(px)
         if a.jpeg:
             out.save(os.path.join(a.out, 'images', name + '.jpg'), quality=a.jpeg)
         else:
