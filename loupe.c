@@ -1,21 +1,24 @@
 /* loupe.c - Loupe (arXiv 2506.16819) forgery detection and localization in C99.
  *
- * One file, read top to bottom:
+ * One file, read top to bottom: the model first (its weights, the kernels it is built
+ * from, then its modules in the order an image passes through them), then training,
+ * then the machinery around them.
  *   1. utilities            errors, the activation arena, threads
- *   2. image I/O            (PNG, JPEG, PPM decoders, PIL-exact resize, PNG writer)
- *   3. weights              the versioned flat weight file, mmap, validation, binding
- *  3b. initialisation       upstream's from-scratch weights for any config (loupe init)
- *   4. kernels              matmul, norms, activations, attention, convolutions, sampling
- *   5. backbone             Perception Encoder ViT (PE-Core-L14-336), each module with
+ *   2. weights              the versioned flat weight file, mmap, validation, binding
+ *   3. kernels              matmul, norms, activations, attention, convolutions, sampling;
+ *                           sessions (one planned arena for a forward pass's activations)
+ *   4. backbone             Perception Encoder ViT (PE-Core-L14-336), each module with
  *                           its backward twin (training tapes, gradient views)
- *   6. classifier           global MLP, patch MLP, fuser, their backward; LoupeClsLoss
- *   7. segmentor            feature pyramid, Mask2Former pixel decoder, masked-attention decoder
- *   8. post-processing      mask logits to a probability map and a binary mask
- *   9. training             LoupeSegLoss, the segmentor's backward, the trainer of
+ *   5. classifier           global MLP, patch MLP, fuser, their backward; LoupeClsLoss
+ *   6. segmentor            feature pyramid, Mask2Former pixel decoder, masked-attention decoder
+ *   7. pre/post-processing  image to pixels; mask logits to a probability map and a binary mask
+ *   8. training             LoupeSegLoss, the segmentor's backward, the trainer of
  *                           every stage (test-time adaptation is one), AdamW, state files
- *  10. datasets, metrics    labelled datasets, upstream's training examples (masks
+ *   9. initialisation       upstream's from-scratch weights for any config (loupe init)
+ *  10. image I/O            PNG, JPEG, PPM decoders, PIL-exact resize, PNG writer
+ *  11. datasets, metrics    labelled datasets, upstream's training examples (masks
  *                           dithered, resized, patch labels), validation metrics
- *  11. CLI                  the `loupe` command (`loupe train`, `loupe eval`, `loupe init`)
+ *  12. CLI                  the `loupe` command (`loupe train`, `loupe eval`, `loupe init`)
  *
  * Tensors are float32 and row-major. Token sequences are [tokens][channels]; feature
  * maps are stored channels-last, [H*W][C], so that every 1x1 convolution and every
@@ -188,7 +191,7 @@ static int max_threads(void)
 }
 
 #ifdef _OPENMP
-static int parallel_ok(double work); /* section 4: whether a loop of that size forks threads */
+static int parallel_ok(double work); /* section 3: whether a loop of that size forks threads */
 #endif
 
 /* Index of the calling thread inside a parallel region (0 without OpenMP). */
@@ -223,7 +226,7524 @@ void loupe_set_threads(int n)
 }
 
 /* ========================================================================== */
-/* 2. Image I/O                                                               */
+/* 2. Weights: the flat weight file                                           */
+/* ========================================================================== */
+/* Layout (little-endian; tools/convert.py writes it, README "Weight file format"):
+ *   64-byte header: magic "LOUPEWTS", u32 version, u32 n_hparams, u32 n_tensors,
+ *                   u32 reserved, u64 data_offset, u64 file_size, 24 reserved bytes
+ *   n_hparams x 48 bytes: char name[40] (NUL-padded), f64 value
+ *   n_tensors index records: u16 name_len, u8 dtype, u8 ndim, name, u32 dims[ndim],
+ *                            u64 offset, u64 nbytes
+ *   tensor data, each tensor 64-byte aligned.
+ * Version 1 files hold F32 tensors only. Version 2 adds two storages for weight
+ * matrices (a tensor of shape [d0][d1]...[dn] is the matrix of rows = d0 and
+ * cols = d1 x ... x dn values, row-major):
+ *   BF16  rows x cols bfloat16 values (the upper 16 bits of the float32, rounded
+ *         to nearest even), 2 bytes each;
+ *   Q8    rows x cols8 int8 values, where cols8 is cols rounded up to a multiple of
+ *         Q8_BLOCK (zero padding), followed by rows x cols8 / Q8_BLOCK float32
+ *         scales: value (r, c) = q[r][c] * scale[r][c / Q8_BLOCK]. Each block of
+ *         Q8_BLOCK consecutive values of a row is quantised symmetrically, scale =
+ *         max|w| / 127, q = round-to-nearest-even(w / scale).
+ * Everything else (norms, biases, embeddings, the depthwise kernels and the fuser)
+ * stays F32: bind refuses it in any other dtype. The converter writes
+ * version 1 when every tensor is F32, so older readers still load such files. */
+
+#define WEIGHTS_MAGIC "LOUPEWTS"
+#define WEIGHTS_MAGIC_LEN 8
+#define WEIGHTS_VERSION 2
+#define WEIGHTS_VERSION_F32_ONLY 1
+/* Values per Q8 scale: small enough that one outlier spoils few values, large
+ * enough that the scales add only 4 / 32 bytes per value (README "Smaller weight
+ * files" has the measured choice); a multiple of the 8 values the packing converts
+ * at once (gemm_load8_float). */
+#define Q8_BLOCK 32
+#define WEIGHTS_HEADER_BYTES 64
+#define HPARAM_RECORD_BYTES 48
+#define HPARAM_NAME_BYTES 40
+#define TENSOR_ALIGN 64
+#define MAX_TENSOR_DIMS 4
+#define MAX_HPARAMS 4096
+#define MAX_TENSORS 100000
+#define MAX_NAME_LEN 1024
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_Q8 = 2, DTYPE_COUNT };
+static const char *const dtype_names[DTYPE_COUNT] = {"F32", "BF16", "Q8"};
+static const unsigned dtype_sizes[DTYPE_COUNT] = {4, 2, 1};
+
+#define LOUPE_PI 3.14159265358979323846
+#define LOUPE_SQRT1_2 0.70710678118654752440
+#define LOUPE_INV_SQRT_2PI 0.39894228040143267794
+
+/* Limits that keep every size computation far from overflow. */
+#define MAX_IMAGE_SIZE 4096
+#define MAX_WIDTH 16384
+#define MAX_LAYERS 1024
+#define MAX_QUERIES 4096
+#define MAX_CLS_LAYERS 8
+#define SEG_SIZE 384 /* upstream post-processing resizes mask logits to 384x384 */
+
+/* Where a model's bytes live, which decides how they are released. */
+enum { WEIGHTS_MAPPED, WEIGHTS_READ, WEIGHTS_BORROWED };
+
+typedef struct tensor_entry {
+    const char *name; /* points into the mapped index, not NUL-terminated */
+    int name_len, dtype, ndim;
+    uint32_t dims[MAX_TENSOR_DIMS];
+    uint64_t offset, nbytes;
+} tensor_entry;
+
+/* A weight matrix [rows][cols] as the file stores it (F32, BF16 or Q8, layout above).
+ * gemm_nt_w reads it directly, converting one packed block at a time. */
+typedef struct wmat {
+    const void *data;    /* row 0: float, bfloat16 bits (uint16_t) or int8 values */
+    const float *scale;  /* Q8: the scales of row 0 (ld / Q8_BLOCK per row); else NULL */
+    size_t ld;           /* values from one row to the next (Q8: cols padded to blocks) */
+    int dtype;
+} wmat;
+
+/* nn.Linear (weight [out][in], bias [out] or NULL) and norm (weight, bias) views. */
+typedef struct linear_w { wmat w; const float *b; } linear_w;
+typedef struct norm_w { const float *w, *b; } norm_w;
+
+/* backbone.transformer.resblocks[i] */
+typedef struct pe_block_w { norm_w ln_1, ln_2; linear_w qkv, out, fc, proj; } pe_block_w;
+/* backbone.attn_pool */
+typedef struct pe_pool_w { const float *probe; linear_w qkv, out; norm_w ln; linear_w fc, proj; } pe_pool_w;
+/* classifier.{classifier,patch_classifier} */
+typedef struct cls_head_w { linear_w layers[MAX_CLS_LAYERS]; } cls_head_w;
+/* segmentor.fpn.scale_layers[i][j]: conv1 (ConvTranspose2d), its weight read in place
+ * as a matrix [Cin][Cout*4], is absent (data NULL) for the max-pool block; dw holds
+ * conv2 repacked [9][C]. */
+typedef struct scale_block_w { linear_w conv1; const float *dw; norm_w norm; } scale_block_w;
+/* segmentor.pixel_decoder.encoder.layers[i] */
+typedef struct enc_layer_w {
+    linear_w offsets, attn_weights, value, output;
+    norm_w ln_self;
+    linear_w cross_qkv, cross_out;
+    norm_w ln_cross;
+    linear_w fc1, fc2;
+    norm_w ln_final;
+} enc_layer_w;
+/* segmentor.mask2former_decoder.decoder.layers[i] */
+typedef struct dec_layer_w {
+    linear_w q, k, v, o;
+    norm_w ln_self;
+    linear_w cross_qkv, cross_out;
+    norm_w ln_cross;
+    linear_w fc1, fc2;
+    norm_w ln_final;
+} dec_layer_w;
+
+/* Everything the forward pass reads: views into the weight file plus a few
+ * read-only tables derived once at load time. */
+typedef struct loupe_weights {
+    /* backbone */
+    const float *class_embedding, *positional_embedding;
+    wmat conv1;          /* patch embedding [W][3*P*P] */
+    norm_w ln_pre, ln_post;
+    pe_block_w *blocks;
+    pe_pool_w pool;
+    /* classifier */
+    cls_head_w global_head, patch_head;
+    const float *fuser;
+    /* segmentor */
+    scale_block_w fpn4[2], fpn2, fpn_half;
+    const float *label_embedding[2];
+    const float *level_embed;
+    linear_w input_proj[3];
+    norm_w input_gn[3];
+    enc_layer_w *enc;
+    linear_w mask_projection, adapter_1;
+    norm_w adapter_gn, layer_1_gn;
+    const float *layer_1; /* 3x3 conv repacked tap-major [9][F][F] */
+    const float *query_embed, *query_feat, *dec_level_embed;
+    dec_layer_w *dec;
+    norm_w dec_ln;
+    linear_w mask_embed[3], class_predictor;
+} loupe_weights;
+
+/* Tables that depend only on the configuration and the weights. */
+typedef struct loupe_tables {
+    float *rope_cos, *rope_sin;  /* [1+g*g][head_dim] PE RoPE-2D angles */
+    float *enc_pos;              /* [T][F] pixel-decoder sine position + level embedding */
+    float *dec_pos;              /* [T][D] decoder sine position embedding per level */
+    float *ref_points;           /* [T][2] deformable-attention reference points (x, y) */
+    int level_h[3], level_w[3], level_start[3], tokens;  /* levels g/2, g, 2g */
+} loupe_tables;
+
+struct loupe_model {
+    loupe_config cfg;
+    unsigned char *data; /* the whole file: mapped, read, or borrowed from the caller */
+    size_t size;
+    int storage;         /* WEIGHTS_MAPPED, WEIGHTS_READ or WEIGHTS_BORROWED */
+    tensor_entry *entries;
+    int n_entries;
+    loupe_weights w;
+    loupe_tables t;
+    void *derived_raw; /* one block for repacked weights and tables */
+    char path[512];
+};
+
+/* Lets the system drop the mapped file's pages from memory (they are read again from
+ * the file if used): a trainer that copied the tensors it trains calls it, so the model
+ * is not held twice. A no-op where the weights were read or borrowed. */
+static void weights_release_pages(const loupe_model *m)
+{
+#if LOUPE_POSIX && defined(MADV_DONTNEED)
+    if (m->storage == WEIGHTS_MAPPED) madvise(m->data, m->size, MADV_DONTNEED);
+#else
+    (void)m;
+#endif
+}
+
+/* Little-endian readers for the header and index. */
+static uint16_t rd_u16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static uint32_t rd_u32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static uint64_t rd_u64(const unsigned char *p) { return rd_u32(p) | (uint64_t)rd_u32(p + 4) << 32; }
+static double rd_f64(const unsigned char *p)
+{
+    uint64_t u = rd_u64(p);
+    double d;
+    memcpy(&d, &u, sizeof d);
+    return d;
+}
+
+/* True when the host stores numbers little-endian, as the weight file does. */
+static int host_is_little_endian(void)
+{
+    const uint32_t one = 1;
+    unsigned char b;
+    memcpy(&b, &one, 1);
+    return b == 1;
+}
+
+/* -DLOUPE_MAP_POPULATE=1 fills the mapping at once: with MAP_POPULATE (Linux) mmap
+ * reads the file (if not cached) and maps all its pages in one call instead of on
+ * first touch during the forward (about 21000 faults for the full-size model with the
+ * kernel's 64 KiB fault-around); elsewhere madvise MADV_WILLNEED starts reading ahead.
+ * Off by default: the pages mapped by MAP_POPULATE are counted as faults too, so
+ * `loupe -v` cannot tell the two apart, and the saving (the exception per fault) is
+ * for a quiet machine's timing to show. */
+#ifndef LOUPE_MAP_POPULATE
+#define LOUPE_MAP_POPULATE 0
+#endif
+#if LOUPE_MAP_POPULATE && defined(MAP_POPULATE)
+#define WEIGHTS_MAP_FLAGS MAP_POPULATE
+#else
+#define WEIGHTS_MAP_FLAGS 0
+#endif
+
+/* Maps (or reads) the whole file into memory. */
+static int weights_map_file(loupe_model *m, const char *path, char *err, size_t errsize)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return fail(err, errsize, "%s: cannot open weight file: %s", path, strerror(errno));
+#if LOUPE_POSIX
+    {
+        struct stat st;
+        if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+            fclose(f);
+            return fail(err, errsize, "%s: not a regular file", path);
+        }
+        if ((uint64_t)st.st_size > (uint64_t)SIZE_MAX) {
+            fclose(f);
+            return fail(err, errsize, "%s: file too large for this machine", path);
+        }
+        m->size = (size_t)st.st_size;
+        if (m->size >= WEIGHTS_HEADER_BYTES) {
+            void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE | WEIGHTS_MAP_FLAGS, fileno(f), 0);
+            if (p != MAP_FAILED) {
+                m->data = p;
+                m->storage = WEIGHTS_MAPPED;
+#if LOUPE_MAP_POPULATE && !defined(MAP_POPULATE) && defined(MADV_WILLNEED)
+                madvise(p, m->size, MADV_WILLNEED); /* a hint: failure is harmless */
+#endif
+                fclose(f);
+                return 0;
+            }
+        }
+    }
+#elif defined(_WIN32)
+    {
+        /* Windows: a read-only view of the whole file (the view keeps the mapping alive) */
+        HANDLE file = (HANDLE)_get_osfhandle(_fileno(f)), map;
+        LARGE_INTEGER size;
+        if (GetFileSizeEx(file, &size) && (uint64_t)size.QuadPart <= (uint64_t)SIZE_MAX &&
+            (size_t)size.QuadPart >= WEIGHTS_HEADER_BYTES &&
+            (map = CreateFileMappingA(file, NULL, PAGE_READONLY, 0, 0, NULL)) != NULL) {
+            void *p = MapViewOfFile(map, FILE_MAP_READ, 0, 0, 0);
+            CloseHandle(map);
+            if (p) {
+                m->data = p;
+                m->size = (size_t)size.QuadPart;
+                m->storage = WEIGHTS_MAPPED;
+                fclose(f);
+                return 0;
+            }
+        }
+    }
+#endif
+    {
+        /* Portable fallback: read the file once into memory, in chunks. */
+        size_t cap = 1 << 20, n = 0, got;
+        unsigned char *buf = malloc(cap);
+        if (!buf) { fclose(f); return fail(err, errsize, "%s: out of memory", path); }
+        while ((got = fread(buf + n, 1, cap - n, f)) > 0) {
+            n += got;
+            if (n == cap) {
+                unsigned char *nb = cap > SIZE_MAX / 2 ? NULL : realloc(buf, cap * 2);
+                if (!nb) { free(buf); fclose(f); return fail(err, errsize, "%s: out of memory", path); }
+                buf = nb;
+                cap *= 2;
+            }
+        }
+        if (ferror(f)) { free(buf); fclose(f); return fail(err, errsize, "%s: read error", path); }
+        fclose(f);
+        m->data = buf;
+        m->size = n;
+        m->storage = WEIGHTS_READ;
+    }
+    return 0;
+}
+
+/* Looks up a hyperparameter by name; *found tells whether it exists. */
+static double header_hparam(const unsigned char *hp, uint32_t n, const char *name, int *found)
+{
+    uint32_t i;
+    for (i = 0; i < n; i++) {
+        const unsigned char *r = hp + (size_t)i * HPARAM_RECORD_BYTES;
+        if (strncmp((const char *)r, name, HPARAM_NAME_BYTES) == 0) {
+            *found = 1;
+            return rd_f64(r + HPARAM_NAME_BYTES);
+        }
+    }
+    *found = 0;
+    return 0.0;
+}
+
+/* Cols of a Q8 row rounded up to whole blocks. */
+static uint64_t q8_padded(uint64_t cols) { return (cols + Q8_BLOCK - 1) / Q8_BLOCK * Q8_BLOCK; }
+
+/* Bytes of a tensor of rows x cols values stored as dtype (layout at the top). */
+static uint64_t tensor_bytes(int dtype, uint64_t rows, uint64_t cols)
+{
+    uint64_t cols8 = q8_padded(cols);
+    if (dtype == DTYPE_Q8) return rows * cols8 + rows * (cols8 / Q8_BLOCK) * sizeof(float);
+    return rows * cols * dtype_sizes[dtype];
+}
+
+/* Orders tensor entries by offset (for the overlap check). */
+static int entry_offset_cmp(const void *a, const void *b)
+{
+    const tensor_entry *x = a, *y = b;
+    return x->offset < y->offset ? -1 : x->offset > y->offset;
+}
+
+/* Validates the header and the tensor index against the file size. */
+static int weights_parse(loupe_model *m, char *err, size_t errsize)
+{
+    const unsigned char *d = m->data;
+    const char *path = m->path;
+    uint32_t version, n_hp, n_t, i;
+    uint64_t data_offset, file_size;
+    size_t pos;
+    tensor_entry *sorted;
+
+    if (m->size == 0) return fail(err, errsize, "%s: file is empty", path);
+    if (m->size >= WEIGHTS_MAGIC_LEN && memcmp(d, WEIGHTS_MAGIC, WEIGHTS_MAGIC_LEN) == 0 && m->size < WEIGHTS_HEADER_BYTES)
+        return fail(err, errsize, "%s: file is %llu bytes, shorter than the %d-byte header (truncated)", path,
+                    (unsigned long long)m->size, WEIGHTS_HEADER_BYTES);
+    if (m->size < WEIGHTS_HEADER_BYTES || memcmp(d, WEIGHTS_MAGIC, WEIGHTS_MAGIC_LEN) != 0)
+        return fail(err, errsize, "%s: not a loupe weight file (bad magic; convert checkpoints with tools/convert.py)", path);
+    version = rd_u32(d + 8);
+    if (version == 0 || version > WEIGHTS_VERSION)
+        return fail(err, errsize, "%s: weight file format version %u is not supported (this build reads versions 1 to %d)",
+                    path, (unsigned)version, WEIGHTS_VERSION);
+    n_hp = rd_u32(d + 12);
+    n_t = rd_u32(d + 16);
+    data_offset = rd_u64(d + 24);
+    file_size = rd_u64(d + 32);
+    if (file_size != (uint64_t)m->size)
+        return fail(err, errsize, "%s: file is %llu bytes but its header says %llu (truncated or padded)", path,
+                    (unsigned long long)m->size, (unsigned long long)file_size);
+    if (n_hp > MAX_HPARAMS || n_t == 0 || n_t > MAX_TENSORS)
+        return fail(err, errsize, "%s: header counts are implausible (%u hyperparameters, %u tensors)", path,
+                    (unsigned)n_hp, (unsigned)n_t);
+    if (data_offset % TENSOR_ALIGN != 0 || data_offset > file_size)
+        return fail(err, errsize, "%s: data offset %llu is not 64-byte aligned or lies past the end", path,
+                    (unsigned long long)data_offset);
+    pos = WEIGHTS_HEADER_BYTES + (size_t)n_hp * HPARAM_RECORD_BYTES;
+    if (pos > data_offset)
+        return fail(err, errsize, "%s: hyperparameter table overlaps the tensor data", path);
+
+    m->entries = calloc(n_t, sizeof *m->entries);
+    if (!m->entries) return fail(err, errsize, "%s: out of memory", path);
+    m->n_entries = (int)n_t;
+    for (i = 0; i < n_t; i++) {
+        tensor_entry *e = &m->entries[i];
+        uint64_t numel = 1;
+        int k;
+        if (pos + 4 > data_offset) return fail(err, errsize, "%s: tensor index runs into the data (entry %u)", path, (unsigned)i);
+        e->name_len = rd_u16(d + pos);
+        e->dtype = d[pos + 2];
+        e->ndim = d[pos + 3];
+        pos += 4;
+        if (e->name_len == 0 || e->name_len > MAX_NAME_LEN || e->ndim < 1 || e->ndim > MAX_TENSOR_DIMS ||
+            pos + (size_t)e->name_len + 4u * (size_t)e->ndim + 16 > data_offset)
+            return fail(err, errsize, "%s: tensor index entry %u is malformed", path, (unsigned)i);
+        e->name = (const char *)d + pos;
+        pos += (size_t)e->name_len;
+        for (k = 0; k < e->ndim; k++, pos += 4) {
+            e->dims[k] = rd_u32(d + pos);
+            if (e->dims[k] == 0 || e->dims[k] > (1u << 30))
+                return fail(err, errsize, "%s: tensor %.*s has an invalid dimension", path, e->name_len, e->name);
+            numel *= e->dims[k];
+            if (numel > ((uint64_t)1 << 40))
+                return fail(err, errsize, "%s: tensor %.*s is implausibly large", path, e->name_len, e->name);
+        }
+        e->offset = rd_u64(d + pos);
+        e->nbytes = rd_u64(d + pos + 8);
+        pos += 16;
+        if (e->dtype >= DTYPE_COUNT)
+            return fail(err, errsize, "%s: tensor %.*s has unknown dtype code %d (written by a newer converter?)", path,
+                        e->name_len, e->name, e->dtype);
+        if (e->dtype != DTYPE_F32 && version == WEIGHTS_VERSION_F32_ONLY)
+            return fail(err, errsize, "%s: tensor %.*s is %s, which format version %d does not define", path,
+                        e->name_len, e->name, dtype_names[e->dtype], WEIGHTS_VERSION_F32_ONLY);
+        if (e->nbytes != tensor_bytes(e->dtype, e->dims[0], numel / e->dims[0]))
+            return fail(err, errsize, "%s: tensor %.*s: %llu bytes do not match its %s shape", path, e->name_len, e->name,
+                        (unsigned long long)e->nbytes, dtype_names[e->dtype]);
+        if (e->offset % TENSOR_ALIGN != 0 || e->offset < data_offset || e->offset > file_size ||
+            e->nbytes > file_size - e->offset)
+            return fail(err, errsize, "%s: tensor %.*s points outside the file or is misaligned", path, e->name_len,
+                        e->name);
+    }
+    /* No two tensors may share bytes. */
+    sorted = malloc(n_t * sizeof *sorted);
+    if (!sorted) return fail(err, errsize, "%s: out of memory", path);
+    memcpy(sorted, m->entries, n_t * sizeof *sorted);
+    qsort(sorted, n_t, sizeof *sorted, entry_offset_cmp);
+    for (i = 1; i < n_t; i++)
+        if (sorted[i - 1].offset + sorted[i - 1].nbytes > sorted[i].offset) {
+            int rc = fail(err, errsize, "%s: tensors %.*s and %.*s overlap", path, sorted[i - 1].name_len,
+                          sorted[i - 1].name, sorted[i].name_len, sorted[i].name);
+            free(sorted);
+            return rc;
+        }
+    free(sorted);
+    return 0;
+}
+
+/* Reads the hyperparameters this version needs and checks they are supported. */
+static int weights_config(loupe_model *m, char *err, size_t errsize)
+{
+    static const struct { const char *name; size_t offset; double lo, hi; } ints[] = {
+#define HP(field, lo, hi) {#field, offsetof(loupe_config, field), lo, hi}
+        HP(image_size, 14, MAX_IMAGE_SIZE), HP(patch_size, 1, 512), HP(width, 8, MAX_WIDTH),
+        HP(layers, 1, MAX_LAYERS), HP(heads, 1, 1024), HP(mlp_width, 1, 8 * MAX_WIDTH),
+        HP(pool_heads, 1, 1024), HP(pool_mlp_width, 1, 8 * MAX_WIDTH), HP(cls_hidden, 1, 8 * MAX_WIDTH),
+        HP(cls_layers, 1, MAX_CLS_LAYERS), HP(feature_size, 32, MAX_WIDTH),
+        HP(mask_feature_size, 1, MAX_WIDTH), HP(hidden_dim, 1, MAX_WIDTH), HP(m2f_heads, 1, 1024),
+        HP(enc_layers, 0, MAX_LAYERS), HP(enc_ffn, 1, 8 * MAX_WIDTH), HP(dec_layers, 1, MAX_LAYERS),
+        HP(dec_ffn, 1, 8 * MAX_WIDTH), HP(num_queries, 1, MAX_QUERIES), HP(num_labels, 1, 1024),
+        HP(gn_groups, 1, MAX_WIDTH), HP(deform_levels, 3, 3), HP(deform_points, 1, 64),
+#undef HP
+    };
+    static const struct { const char *name; size_t offset; } reals[] = {
+        {"ln_eps", offsetof(loupe_config, ln_eps)}, {"fpn_ln_eps", offsetof(loupe_config, fpn_ln_eps)},
+        {"gn_eps", offsetof(loupe_config, gn_eps)}, {"rope_theta", offsetof(loupe_config, rope_theta)},
+    };
+    const unsigned char *hp = m->data + WEIGHTS_HEADER_BYTES;
+    uint32_t n_hp = rd_u32(m->data + 12);
+    loupe_config *c = &m->cfg;
+    size_t i;
+    int found;
+    for (i = 0; i < sizeof ints / sizeof ints[0]; i++) {
+        double v = header_hparam(hp, n_hp, ints[i].name, &found);
+        if (!found) return fail(err, errsize, "%s: hyperparameter %s is missing", m->path, ints[i].name);
+        if (!(v >= ints[i].lo && v <= ints[i].hi) || v != floor(v))
+            return fail(err, errsize, "%s: hyperparameter %s = %g is outside the supported range %g..%g", m->path,
+                        ints[i].name, v, ints[i].lo, ints[i].hi);
+        *(int *)(void *)((char *)c + ints[i].offset) = (int)v;
+    }
+    for (i = 0; i < sizeof reals / sizeof reals[0]; i++) {
+        double v = header_hparam(hp, n_hp, reals[i].name, &found);
+        if (!found) return fail(err, errsize, "%s: hyperparameter %s is missing", m->path, reals[i].name);
+        if (!(v > 0 && v < 1e9)) return fail(err, errsize, "%s: hyperparameter %s = %g is invalid", m->path, reals[i].name, v);
+        *(float *)(void *)((char *)c + reals[i].offset) = (float)v;
+    }
+    if (c->image_size % c->patch_size) return fail(err, errsize, "%s: image_size must be a multiple of patch_size", m->path);
+    c->grid = c->image_size / c->patch_size;
+    if (c->grid < 2) return fail(err, errsize, "%s: the patch grid must be at least 2x2", m->path);
+    if (c->width % c->heads || (c->width / c->heads) % 4)
+        return fail(err, errsize, "%s: width / heads must be a multiple of 4 for RoPE-2D", m->path);
+    if (c->width % c->pool_heads) return fail(err, errsize, "%s: width must be divisible by pool_heads", m->path);
+    if (c->feature_size != c->hidden_dim || c->feature_size != c->mask_feature_size)
+        return fail(err, errsize, "%s: feature_size, hidden_dim and mask_feature_size must be equal", m->path);
+    if (c->feature_size % c->m2f_heads || c->feature_size % c->gn_groups || c->feature_size % 4)
+        return fail(err, errsize, "%s: feature_size must be divisible by m2f_heads, gn_groups and 4", m->path);
+    return 0;
+}
+
+/* Binds weight views by name with shape checks; remembers the first error. */
+typedef struct binder {
+    const loupe_model *m;
+    char *err;
+    size_t errsize;
+    int failed;
+} binder;
+
+/* The float32 whose upper half is the bfloat16 h (lower half zero). */
+static float bf16_to_float(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* A float32 matrix whose rows are ld values apart. */
+static wmat wmat_f32(const float *data, size_t ld)
+{
+    wmat m;
+    m.data = data;
+    m.scale = NULL;
+    m.ld = ld;
+    m.dtype = DTYPE_F32;
+    return m;
+}
+
+/* The matrix m from its row r on (e.g. the key rows of a packed q/k/v projection). */
+static wmat wmat_rows(wmat m, size_t r)
+{
+    switch (m.dtype) {
+    case DTYPE_BF16: m.data = (const uint16_t *)m.data + r * m.ld; break;
+    case DTYPE_Q8:
+        m.data = (const int8_t *)m.data + r * m.ld;
+        m.scale += r * (m.ld / Q8_BLOCK);
+        break;
+    default: m.data = (const float *)m.data + r * m.ld;
+    }
+    return m;
+}
+
+/* Converts rows r0..r0+nr and columns c0..c0+nc of m to float32 in dst (rows ldd apart). */
+static void wmat_to_float(wmat m, size_t r0, int nr, size_t c0, int nc, float *dst, size_t ldd)
+{
+    int i, j;
+    for (i = 0; i < nr; i++) {
+        size_t row = r0 + (size_t)i;
+        float *d = dst + (size_t)i * ldd;
+        if (m.dtype == DTYPE_BF16) {
+            const uint16_t *h = (const uint16_t *)m.data + row * m.ld + c0;
+            for (j = 0; j < nc; j++) d[j] = bf16_to_float(h[j]);
+        } else if (m.dtype == DTYPE_Q8) {
+            const int8_t *q = (const int8_t *)m.data + row * m.ld;
+            const float *scale = m.scale + row * (m.ld / Q8_BLOCK);
+            size_t c = c0, end = c0 + (size_t)nc;
+            while (c < end) { /* one block (or the part of it in range) at a time */
+                size_t stop = (c / Q8_BLOCK + 1) * Q8_BLOCK;
+                float sc = scale[c / Q8_BLOCK];
+                if (stop > end) stop = end;
+                for (; c < stop; c++) d[c - c0] = (float)q[c] * sc;
+            }
+        } else {
+            memcpy(d, (const float *)m.data + row * m.ld + c0, (size_t)nc * sizeof *d);
+        }
+    }
+}
+
+/* The number of values of a tensor. */
+static size_t entry_numel(const tensor_entry *e)
+{
+    size_t n = 1;
+    int k;
+    for (k = 0; k < e->ndim; k++) n *= e->dims[k];
+    return n;
+}
+
+/* A tensor of the file as a weight matrix [dims[0]][the other dimensions]. */
+static wmat entry_matrix(const loupe_model *m, const tensor_entry *e)
+{
+    size_t rows = e->dims[0], cols = entry_numel(e) / rows;
+    wmat w = wmat_f32((const float *)(const void *)(m->data + e->offset), cols);
+    w.dtype = e->dtype;
+    if (e->dtype == DTYPE_Q8) {
+        w.ld = (size_t)q8_padded(cols);
+        w.scale = (const float *)(const void *)(m->data + e->offset + rows * w.ld);
+    }
+    return w;
+}
+
+/* The tensor called name if its shape is exactly dims (trailing zeros = fewer
+ * dimensions), or NULL after recording an error. */
+static const tensor_entry *bind_entry(binder *b, const int dims[MAX_TENSOR_DIMS], const char *name)
+{
+    char want[96], got[96];
+    int ndim = dims[3] ? 4 : dims[2] ? 3 : dims[1] ? 2 : 1, i, k;
+    if (b->failed) return NULL;
+    for (i = 0; i < b->m->n_entries; i++) {
+        const tensor_entry *e = &b->m->entries[i];
+        int same = e->ndim == ndim;
+        if ((size_t)e->name_len != strlen(name) || memcmp(e->name, name, (size_t)e->name_len) != 0) continue;
+        for (k = 0; same && k < ndim; k++) same = e->dims[k] == (uint32_t)dims[k];
+        if (!same) {
+            int n = 0, wn = 0;
+            for (k = 0; k < e->ndim; k++) n += snprintf(got + n, sizeof got - (size_t)n, k ? ", %u" : "%u", (unsigned)e->dims[k]);
+            for (k = 0; k < ndim; k++) wn += snprintf(want + wn, sizeof want - (size_t)wn, k ? ", %d" : "%d", dims[k]);
+            b->failed = 1;
+            fail(b->err, b->errsize, "%s: tensor %s has shape [%s], expected [%s]", b->m->path, name, got, want);
+            return NULL;
+        }
+        return e;
+    }
+    b->failed = 1;
+    fail(b->err, b->errsize, "%s: tensor %s is missing", b->m->path, name);
+    return NULL;
+}
+
+/* Returns the F32 tensor called name (printf format) if its shape is exactly
+ * d0..d3 (trailing zeros = fewer dimensions), or NULL after recording an error. */
+static const float *bind(binder *b, int d0, int d1, int d2, int d3, const char *fmt, ...)
+{
+    char name[256];
+    const int dims[MAX_TENSOR_DIMS] = {d0, d1, d2, d3};
+    const tensor_entry *e;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    if (!(e = bind_entry(b, dims, name))) return NULL;
+    if (e->dtype != DTYPE_F32) {
+        b->failed = 1;
+        fail(b->err, b->errsize, "%s: tensor %s is %s; only weight matrices may be stored as BF16 or Q8", b->m->path,
+             name, dtype_names[e->dtype]);
+        return NULL;
+    }
+    return (const float *)(const void *)(b->m->data + e->offset);
+}
+
+/* Returns the weight matrix called prefix + suffix (any storage) of shape d0..d3,
+ * viewed as [d0][d1 x d2 x d3]; data NULL after recording an error. Not variadic: tcc
+ * passes the arguments of a variadic function that returns a structure wrongly. */
+static wmat bind_matrix(binder *b, int d0, int d1, int d2, int d3, const char *prefix, const char *suffix)
+{
+    char name[256];
+    const int dims[MAX_TENSOR_DIMS] = {d0, d1, d2, d3};
+    const tensor_entry *e;
+    snprintf(name, sizeof name, "%s%s", prefix, suffix);
+    e = bind_entry(b, dims, name);
+    return e ? entry_matrix(b->m, e) : wmat_f32(NULL, 0);
+}
+
+/* The float32 values of a weight matrix [rows][cols]: the file's own when it is F32,
+ * else converted into a malloc'd copy that *copy receives (free it after use). NULL
+ * when out of memory. Used where weights are copied or repacked, never per image. */
+static const float *wmat_values(wmat m, size_t rows, size_t cols, float **copy)
+{
+    size_t r;
+    *copy = NULL;
+    if (m.dtype == DTYPE_F32) return m.data;
+    if (!(*copy = malloc(rows * cols * sizeof **copy))) return NULL;
+    for (r = 0; r < rows; r++) wmat_to_float(m, r, 1, 0, (int)cols, *copy + r * cols, cols);
+    return *copy;
+}
+
+/* Shorthands: a linear layer (weight [out][in], optional bias [out]) and a norm. */
+static linear_w bind_linear(binder *b, int out, int in, int has_bias, const char *prefix)
+{
+    linear_w l;
+    l.w = bind_matrix(b, out, in, 0, 0, prefix, ".weight");
+    l.b = has_bias ? bind(b, out, 0, 0, 0, "%s.bias", prefix) : NULL;
+    return l;
+}
+static norm_w bind_norm(binder *b, int n, const char *prefix)
+{
+    norm_w l;
+    l.w = bind(b, n, 0, 0, 0, "%s.weight", prefix);
+    l.b = bind(b, n, 0, 0, 0, "%s.bias", prefix);
+    return l;
+}
+/* nn.MultiheadAttention: packed in_proj_weight [3E][E] and out_proj. */
+static void bind_mha(binder *b, int e, const char *prefix, linear_w *qkv, linear_w *out)
+{
+    char name[256];
+    qkv->w = bind_matrix(b, 3 * e, e, 0, 0, prefix, ".in_proj_weight");
+    qkv->b = bind(b, 3 * e, 0, 0, 0, "%s.in_proj_bias", prefix);
+    snprintf(name, sizeof name, "%s.out_proj", prefix);
+    *out = bind_linear(b, e, e, 1, name);
+}
+
+/* A 1x1 convolution viewed as a linear layer: weight [out][in][1][1]. */
+static linear_w bind_conv1x1(binder *b, int out, int in, int has_bias, const char *prefix)
+{
+    linear_w l;
+    l.w = bind_matrix(b, out, in, 1, 1, prefix, ".weight");
+    l.b = has_bias ? bind(b, out, 0, 0, 0, "%s.bias", prefix) : NULL;
+    return l;
+}
+
+/* Repacks a depthwise 3x3 kernel [C][1][3][3] into tap-major [9][C]. */
+static void repack_depthwise(float *dst, const float *src, int c)
+{
+    int ch, t;
+    for (t = 0; t < 9; t++)
+        for (ch = 0; ch < c; ch++) dst[(size_t)t * c + ch] = src[(size_t)ch * 9 + t];
+}
+
+/* Repacks a 3x3 convolution [Co][Ci][3][3] into tap-major [9][Co][Ci]. */
+static void repack_conv3x3(float *dst, const float *src, int co, int ci)
+{
+    int o, i, t;
+    for (t = 0; t < 9; t++)
+        for (o = 0; o < co; o++)
+            for (i = 0; i < ci; i++) dst[((size_t)t * co + o) * ci + i] = src[((size_t)o * ci + i) * 9 + t];
+}
+
+/* Binds one ScaleBlock (segmentor.fpn.scale_layers[i][j]); conv1 absent for max-pool. */
+static void bind_scale_block(binder *b, scale_block_w *s, int w, int transposed, const char *prefix, const float **raw_dw)
+{
+    char name[256];
+    if (transposed) {
+        s->conv1.w = bind_matrix(b, w, w, 2, 2, prefix, ".conv1.weight");
+        s->conv1.b = bind(b, w, 0, 0, 0, "%s.conv1.bias", prefix);
+    } else {
+        s->conv1.w = wmat_f32(NULL, 0);
+        s->conv1.b = NULL;
+    }
+    *raw_dw = bind(b, w, 1, 3, 3, "%s.conv2.weight", prefix);
+    snprintf(name, sizeof name, "%s.norm", prefix);
+    s->norm = bind_norm(b, w, name);
+}
+
+/* Derived sizes of the Mask2Former levels [g/2, g, 2g] (low to high resolution). */
+static void level_sizes(const loupe_config *c, loupe_tables *t)
+{
+    int g = c->grid, l;
+    t->level_h[0] = t->level_w[0] = g / 2;
+    t->level_h[1] = t->level_w[1] = g;
+    t->level_h[2] = t->level_w[2] = 2 * g;
+    t->tokens = 0;
+    for (l = 0; l < 3; l++) {
+        t->level_start[l] = t->tokens;
+        t->tokens += t->level_h[l] * t->level_w[l];
+    }
+}
+
+static void sine_position_embedding(float *out, int ld, int h, int w, int num_pos_feats);
+
+/* Fills the read-only tables: RoPE angles, position embeddings, reference points. */
+static void tables_fill(loupe_model *m, const float *level_embed)
+{
+    const loupe_config *c = &m->cfg;
+    loupe_tables *t = &m->t;
+    int g = c->grid, dh = c->width / c->heads, half = dh / 2, f = c->feature_size;
+    int tok, i, l, y, x;
+    /* RoPE-2D (Rope2D.update_grid): per head [x-axis angles (dh/2), y-axis angles (dh/2)],
+     * each frequency used for a pair of channels; the cls token keeps angle 0. */
+    for (tok = 0; tok <= g * g; tok++) {
+        int py = tok ? (tok - 1) / g + 1 : 0, px = tok ? (tok - 1) % g + 1 : 0;
+        for (i = 0; i < half; i++) {
+            float freq = 1.0f / powf(c->rope_theta, (float)(2 * (i / 2)) / (float)half);
+            float ax = (float)px * freq, ay = (float)py * freq;
+            t->rope_cos[(size_t)tok * dh + i] = tok ? cosf(ax) : 1.0f;
+            t->rope_sin[(size_t)tok * dh + i] = tok ? sinf(ax) : 0.0f;
+            t->rope_cos[(size_t)tok * dh + half + i] = tok ? cosf(ay) : 1.0f;
+            t->rope_sin[(size_t)tok * dh + half + i] = tok ? sinf(ay) : 0.0f;
+        }
+    }
+    for (l = 0; l < 3; l++) {
+        float *ep = t->enc_pos + (size_t)t->level_start[l] * f;
+        float *dp = t->dec_pos + (size_t)t->level_start[l] * f;
+        int n = t->level_h[l] * t->level_w[l];
+        sine_position_embedding(ep, f, t->level_h[l], t->level_w[l], f / 2);
+        memcpy(dp, ep, (size_t)n * f * sizeof *dp);
+        for (i = 0; i < n; i++) {
+            int ch;
+            for (ch = 0; ch < f; ch++) ep[(size_t)i * f + ch] += level_embed[(size_t)l * f + ch];
+        }
+        /* get_reference_points: pixel centres normalised by the level size */
+        for (y = 0; y < t->level_h[l]; y++)
+            for (x = 0; x < t->level_w[l]; x++) {
+                float *r = t->ref_points + 2 * ((size_t)t->level_start[l] + (size_t)y * t->level_w[l] + x);
+                r[0] = ((float)x + 0.5f) / (float)t->level_w[l];
+                r[1] = ((float)y + 0.5f) / (float)t->level_h[l];
+            }
+    }
+}
+
+/* Binds every tensor the forward pass reads and builds the derived tables. */
+static int weights_bind(loupe_model *m, char *err, size_t errsize)
+{
+    const loupe_config *c = &m->cfg;
+    loupe_weights *w = &m->w;
+    binder b;
+    char p[200];
+    int W = c->width, g = c->grid, F = c->feature_size, i, k;
+    int n_off = c->m2f_heads * c->deform_levels * c->deform_points;
+    const float *raw_dw[4], *values;
+    float *copy;
+    wmat raw_layer_1;
+    scale_block_w *blocks[4];
+    size_t rope_n, tok_n, derived_floats, off = 0;
+    float *dv;
+
+    b.m = m; b.err = err; b.errsize = errsize; b.failed = 0;
+    /* backbone (VisionTransformer) */
+    w->class_embedding = bind(&b, W, 0, 0, 0, "backbone.class_embedding");
+    w->positional_embedding = bind(&b, 1 + g * g, W, 0, 0, "backbone.positional_embedding");
+    w->conv1 = bind_matrix(&b, W, 3, c->patch_size, c->patch_size, "backbone.conv1.weight", "");
+    w->ln_pre = bind_norm(&b, W, "backbone.ln_pre");
+    w->ln_post = bind_norm(&b, W, "backbone.ln_post");
+    w->blocks = calloc((size_t)c->layers, sizeof *w->blocks);
+    w->enc = calloc((size_t)c->enc_layers + 1, sizeof *w->enc);
+    w->dec = calloc((size_t)c->dec_layers, sizeof *w->dec);
+    if (!w->blocks || !w->enc || !w->dec) return fail(err, errsize, "%s: out of memory", m->path);
+    for (i = 0; i < c->layers; i++) {
+        pe_block_w *bl = &w->blocks[i];
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.ln_1", i); bl->ln_1 = bind_norm(&b, W, p);
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.ln_2", i); bl->ln_2 = bind_norm(&b, W, p);
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.attn", i); bind_mha(&b, W, p, &bl->qkv, &bl->out);
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.mlp.c_fc", i); bl->fc = bind_linear(&b, c->mlp_width, W, 1, p);
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.mlp.c_proj", i); bl->proj = bind_linear(&b, W, c->mlp_width, 1, p);
+    }
+    w->pool.probe = bind(&b, 1, 1, W, 0, "backbone.attn_pool.probe");
+    bind_mha(&b, W, "backbone.attn_pool.attn", &w->pool.qkv, &w->pool.out);
+    w->pool.ln = bind_norm(&b, W, "backbone.attn_pool.layernorm");
+    w->pool.fc = bind_linear(&b, c->pool_mlp_width, W, 1, "backbone.attn_pool.mlp.c_fc");
+    w->pool.proj = bind_linear(&b, W, c->pool_mlp_width, 1, "backbone.attn_pool.mlp.c_proj");
+    /* classifier (LoupeClassifier) */
+    for (k = 0; k < 2; k++) {
+        cls_head_w *h = k ? &w->patch_head : &w->global_head;
+        const char *name = k ? "patch_classifier" : "classifier";
+        for (i = 0; i < c->cls_layers; i++) {
+            int in = i == 0 ? W : c->cls_hidden, out = i == c->cls_layers - 1 ? 1 : c->cls_hidden;
+            snprintf(p, sizeof p, "classifier.%s.layers.%d", name, i);
+            h->layers[i] = bind_linear(&b, out, in, 1, p);
+        }
+    }
+    w->fuser = bind(&b, 1, 1 + g * g, 0, 0, "classifier.fuser.fuse.weight");
+    /* segmentor: feature pyramid, scale_layers sorted [4, 2, 1, 0.5] */
+    bind_scale_block(&b, &w->fpn4[0], W, 1, "segmentor.fpn.scale_layers.0.0", &raw_dw[0]);
+    bind_scale_block(&b, &w->fpn4[1], W, 1, "segmentor.fpn.scale_layers.0.1", &raw_dw[1]);
+    bind_scale_block(&b, &w->fpn2, W, 1, "segmentor.fpn.scale_layers.1.0", &raw_dw[2]);
+    bind_scale_block(&b, &w->fpn_half, W, 0, "segmentor.fpn.scale_layers.3.0", &raw_dw[3]);
+    w->label_embedding[0] = bind(&b, F, 0, 0, 0, "segmentor.label_embedding.0");
+    w->label_embedding[1] = bind(&b, F, 0, 0, 0, "segmentor.label_embedding.1");
+    /* pixel decoder */
+    w->level_embed = bind(&b, 3, F, 0, 0, "segmentor.pixel_decoder.level_embed");
+    for (i = 0; i < 3; i++) {
+        snprintf(p, sizeof p, "segmentor.pixel_decoder.input_projections.%d.0", i); w->input_proj[i] = bind_conv1x1(&b, F, W, 1, p);
+        snprintf(p, sizeof p, "segmentor.pixel_decoder.input_projections.%d.1", i); w->input_gn[i] = bind_norm(&b, F, p);
+    }
+    for (i = 0; i < c->enc_layers; i++) {
+        enc_layer_w *e = &w->enc[i];
+#define ENC(s) (snprintf(p, sizeof p, "segmentor.pixel_decoder.encoder.layers.%d.%s", i, s), p)
+        e->offsets = bind_linear(&b, n_off * 2, F, 1, ENC("self_attn.sampling_offsets"));
+        e->attn_weights = bind_linear(&b, n_off, F, 1, ENC("self_attn.attention_weights"));
+        e->value = bind_linear(&b, F, F, 1, ENC("self_attn.value_proj"));
+        e->output = bind_linear(&b, F, F, 1, ENC("self_attn.output_proj"));
+        e->ln_self = bind_norm(&b, F, ENC("self_attn_layer_norm"));
+        bind_mha(&b, F, ENC("cross_attn"), &e->cross_qkv, &e->cross_out);
+        e->ln_cross = bind_norm(&b, F, ENC("cross_attn_layer_norm"));
+        e->fc1 = bind_linear(&b, c->enc_ffn, F, 1, ENC("fc1"));
+        e->fc2 = bind_linear(&b, F, c->enc_ffn, 1, ENC("fc2"));
+        e->ln_final = bind_norm(&b, F, ENC("final_layer_norm"));
+#undef ENC
+    }
+    w->mask_projection = bind_conv1x1(&b, F, F, 1, "segmentor.pixel_decoder.mask_projection");
+    w->adapter_1 = bind_conv1x1(&b, F, W, 0, "segmentor.pixel_decoder.adapter_1.0");
+    w->adapter_gn = bind_norm(&b, F, "segmentor.pixel_decoder.adapter_1.1");
+    raw_layer_1 = bind_matrix(&b, F, F, 3, 3, "segmentor.pixel_decoder.layer_1.0.weight", "");
+    w->layer_1_gn = bind_norm(&b, F, "segmentor.pixel_decoder.layer_1.1");
+    /* transformer decoder */
+    w->query_embed = bind(&b, c->num_queries, F, 0, 0, "segmentor.mask2former_decoder.queries_embedder.weight");
+    w->query_feat = bind(&b, c->num_queries, F, 0, 0, "segmentor.mask2former_decoder.queries_features.weight");
+    w->dec_level_embed = bind(&b, 3, F, 0, 0, "segmentor.mask2former_decoder.level_embed.weight");
+    for (i = 0; i < c->dec_layers - 1; i++) {
+        dec_layer_w *d = &w->dec[i];
+#define DEC(s) (snprintf(p, sizeof p, "segmentor.mask2former_decoder.decoder.layers.%d.%s", i, s), p)
+        d->q = bind_linear(&b, F, F, 1, DEC("self_attn.q_proj"));
+        d->k = bind_linear(&b, F, F, 1, DEC("self_attn.k_proj"));
+        d->v = bind_linear(&b, F, F, 1, DEC("self_attn.v_proj"));
+        d->o = bind_linear(&b, F, F, 1, DEC("self_attn.out_proj"));
+        d->ln_self = bind_norm(&b, F, DEC("self_attn_layer_norm"));
+        bind_mha(&b, F, DEC("cross_attn"), &d->cross_qkv, &d->cross_out);
+        d->ln_cross = bind_norm(&b, F, DEC("cross_attn_layer_norm"));
+        d->fc1 = bind_linear(&b, c->dec_ffn, F, 1, DEC("fc1"));
+        d->fc2 = bind_linear(&b, F, c->dec_ffn, 1, DEC("fc2"));
+        d->ln_final = bind_norm(&b, F, DEC("final_layer_norm"));
+#undef DEC
+    }
+    w->dec_ln = bind_norm(&b, F, "segmentor.mask2former_decoder.decoder.layernorm");
+    for (i = 0; i < 3; i++) {
+        snprintf(p, sizeof p, "segmentor.mask2former_decoder.decoder.mask_predictor.mask_embedder.%d.0", i);
+        w->mask_embed[i] = bind_linear(&b, F, F, 1, p);
+    }
+    w->class_predictor = bind_linear(&b, c->num_labels + 1, F, 1, "segmentor.class_predictor");
+    if (b.failed) return -1;
+
+    /* Derived, read-only: repacked kernels and constant tables, one block. The 3x3
+     * convolution's kernel is float32 whatever the file stores (a BF16 or Q8 one is
+     * converted here, once); the products read every other weight matrix in place. */
+    blocks[0] = &w->fpn4[0]; blocks[1] = &w->fpn4[1]; blocks[2] = &w->fpn2; blocks[3] = &w->fpn_half;
+    level_sizes(c, &m->t);
+    rope_n = (size_t)(1 + g * g) * (size_t)(W / c->heads);
+    tok_n = (size_t)m->t.tokens * (size_t)F;
+    derived_floats = 4 * 9 * (size_t)W + 9 * (size_t)F * F + 2 * rope_n + 2 * tok_n + 2 * (size_t)m->t.tokens;
+    dv = aligned_block(derived_floats * sizeof(float), &m->derived_raw);
+    if (!dv) return fail(err, errsize, "%s: out of memory", m->path);
+    for (k = 0; k < 4; k++) {
+        repack_depthwise(dv + off, raw_dw[k], W);
+        blocks[k]->dw = dv + off;
+        off += 9 * (size_t)W;
+    }
+    if (!(values = wmat_values(raw_layer_1, (size_t)F, 9 * (size_t)F, &copy)))
+        return fail(err, errsize, "%s: out of memory", m->path);
+    repack_conv3x3(dv + off, values, F, F);
+    free(copy);
+    w->layer_1 = dv + off; off += 9 * (size_t)F * F;
+    m->t.rope_cos = dv + off; off += rope_n;
+    m->t.rope_sin = dv + off; off += rope_n;
+    m->t.enc_pos = dv + off; off += tok_n;
+    m->t.dec_pos = dv + off; off += tok_n;
+    m->t.ref_points = dv + off;
+    tables_fill(m, w->level_embed);
+    return 0;
+}
+
+/* Validates the bytes of a model (already in m->data) and binds its tensors. */
+static loupe_model *model_finish(loupe_model *m, char *err, size_t errsize)
+{
+    if (weights_parse(m, err, errsize) || weights_config(m, err, errsize) || weights_bind(m, err, errsize)) {
+        loupe_model_free(m);
+        return NULL;
+    }
+    return m;
+}
+
+loupe_model *loupe_model_load(const char *path, char *err, size_t errsize)
+{
+    loupe_model *m;
+    if (!path) { fail(err, errsize, "no weight file given"); return NULL; }
+    if (!host_is_little_endian()) { fail(err, errsize, "%s: big-endian hosts are not supported", path); return NULL; }
+    m = calloc(1, sizeof *m);
+    if (!m) { fail(err, errsize, "%s: out of memory", path); return NULL; }
+    snprintf(m->path, sizeof m->path, "%s", path);
+    if (weights_map_file(m, path, err, errsize)) {
+        loupe_model_free(m);
+        return NULL;
+    }
+    return model_finish(m, err, errsize);
+}
+
+loupe_model *loupe_model_load_memory(const void *data, size_t size, char *err, size_t errsize)
+{
+    loupe_model *m;
+    if (!data) { fail(err, errsize, "(memory): no weight data given"); return NULL; }
+    if ((uintptr_t)data % sizeof(float) != 0) {
+        fail(err, errsize, "(memory): weight data must be aligned to %u bytes", (unsigned)sizeof(float));
+        return NULL;
+    }
+    if (!host_is_little_endian()) { fail(err, errsize, "(memory): big-endian hosts are not supported"); return NULL; }
+    m = calloc(1, sizeof *m);
+    if (!m) { fail(err, errsize, "(memory): out of memory"); return NULL; }
+    snprintf(m->path, sizeof m->path, "(memory)");
+    m->data = (unsigned char *)(uintptr_t)data; /* read only: never written through */
+    m->size = size;
+    m->storage = WEIGHTS_BORROWED;
+    return model_finish(m, err, errsize);
+}
+
+const loupe_config *loupe_model_config(const loupe_model *m) { return &m->cfg; }
+
+void loupe_model_free(loupe_model *m)
+{
+    if (!m) return;
+#if LOUPE_POSIX
+    if (m->storage == WEIGHTS_MAPPED) munmap(m->data, m->size);
+#elif defined(_WIN32)
+    if (m->storage == WEIGHTS_MAPPED) UnmapViewOfFile(m->data);
+#endif
+    if (m->storage == WEIGHTS_READ) free(m->data);
+    free(m->entries);
+    free(m->w.blocks);
+    free(m->w.enc);
+    free(m->w.dec);
+    free(m->derived_raw);
+    free(m);
+}
+
+/* ========================================================================== */
+/* 3. Kernels                                                                 */
+/* ========================================================================== */
+/* Plain loops the compiler vectorises. Every kernel that spreads work over threads
+ * checks parallel_ok() first, so kernels may also be called inside a parallel region
+ * (one head or one row per thread), where they run serially. */
+
+/* Minimum multiply-adds before a kernel starts threads. */
+#define PARALLEL_MIN_WORK 32768.0
+
+#ifdef _OPENMP
+/* True when a kernel of the given size should fork threads. */
+static int parallel_ok(double work) { return work >= PARALLEL_MIN_WORK && !omp_in_parallel(); }
+#endif
+
+/* Matrix products: gemm_nt (C (+)= A B^T + bias, B a PyTorch weight [out][in]) and
+ * gemm_nn (C (+)= A B, B stored [K][N]), plus fma_peak_gflops for the benchmarks.
+ *
+ * Blocking scheme (Goto / BLIS, with A read in place and B packed on the fly):
+ *   - C is cut into tasks: chunks of at most GEMM_MC rows times ranges of columns,
+ *     enough tasks to keep every thread busy (threads take them one by one);
+ *   - a task walks K in steps of GEMM_KC, and within a step its columns in blocks of
+ *     GEMM_NC: the KC x NC block of B is packed into a stack buffer (it stays in L2)
+ *     as panels of NR columns stored k-major, zero-padded to NR, so the micro-kernel
+ *     reads NR consecutive floats per k;
+ *   - for every strip of MR rows of A (MR x KC floats read in place, kept in L1 while
+ *     it meets every panel of the block) the micro-kernel keeps an MR x NR tile of C
+ *     in registers for the whole step: per k it loads NR floats of B, broadcasts MR
+ *     floats of A and does MR x NR multiply-adds; then it adds the tile to C (first
+ *     step: bias + tile, onto the old C when accumulating).
+ * Each element of C is summed in the same order (k ascending within a step, steps in
+ * order) whichever task, thread or tile computes it, so results do not depend on the
+ * number of threads. Scratch is one packed block (GEMM_KC x GEMM_NC floats, at most 512 KiB)
+ * and one tile on the stack of the calling thread: nothing is allocated. */
+
+/* Vector type, micro-tile and cache blocking for each instruction set. gemm_vec holds
+ * GEMM_LANES floats; a micro-tile is GEMM_MR rows x GEMM_NV vectors (GEMM_NR floats).
+ * The five blocking values are defaults: any of them can be set on the command line
+ * (`-DGEMM_KC=256`), which is how `make bench-gemm` times candidate blockings
+ * (test/bench_gemm.sh). The micro-kernel is written for any MR and NV; the checks
+ * after this block reject tiles whose accumulators cannot stay in the GEMM_VREGS
+ * vector registers and blocks too big for a thread's stack. */
+#if defined(__AVX512F__) && !defined(LOUPE_NO_SIMD)
+#include <immintrin.h>
+#define GEMM_ISA "AVX-512"
+#define GEMM_VREGS 32 /* vector registers */
+typedef __m512 gemm_vec;
+#define GEMM_LANES 16
+/* 6 x 64 tile (24 accumulators, 4 B vectors, 1 broadcast), KC 256, NC 128, MC 512:
+ * the fastest of make bench-gemm's sweep on a Zen 5 (README, Performance) */
+#ifndef GEMM_MR
+#define GEMM_MR 6
+#endif
+#ifndef GEMM_NV
+#define GEMM_NV 4
+#endif
+#ifndef GEMM_KC
+#define GEMM_KC 256
+#endif
+#ifndef GEMM_NC
+#define GEMM_NC 128
+#endif
+#ifndef GEMM_MC
+#define GEMM_MC 512
+#endif
+#define GEMM_PEAK_CHAINS 12
+#define vec_zero() _mm512_setzero_ps()
+#define vec_load(p) _mm512_loadu_ps(p)
+#define vec_store(p, v) _mm512_storeu_ps(p, v)
+#define vec_bcast(p) _mm512_set1_ps(*(p))
+#define vec_fma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vec_add(a, b) _mm512_add_ps(a, b)
+#define GEMM_TRANSPOSE8 1
+#define gemm_prefetch(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(LOUPE_NO_SIMD)
+#include <immintrin.h>
+#define GEMM_ISA "AVX2+FMA"
+#define GEMM_VREGS 16 /* vector registers */
+typedef __m256 gemm_vec;
+#define GEMM_LANES 8
+/* 6 x 16 tile (12 accumulators, 2 B vectors, 1 broadcast), KC 256, NC 128, MC 320: NC 128
+ * beat NC 64 in make bench-gemm and in make bench on a Zen 4 built for AVX2 (README) */
+#ifndef GEMM_MR
+#define GEMM_MR 6
+#endif
+#ifndef GEMM_NV
+#define GEMM_NV 2
+#endif
+#ifndef GEMM_KC
+#define GEMM_KC 256
+#endif
+#ifndef GEMM_NC
+#define GEMM_NC 128
+#endif
+#ifndef GEMM_MC
+#define GEMM_MC 320
+#endif
+#define GEMM_PEAK_CHAINS 12
+#define vec_zero() _mm256_setzero_ps()
+#define vec_load(p) _mm256_loadu_ps(p)
+#define vec_store(p, v) _mm256_storeu_ps(p, v)
+#define vec_bcast(p) _mm256_broadcast_ss(p)
+#define vec_fma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vec_add(a, b) _mm256_add_ps(a, b)
+#define GEMM_TRANSPOSE8 1
+#define gemm_prefetch(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#elif defined(__ARM_NEON) && defined(__aarch64__) && !defined(LOUPE_NO_SIMD)
+#include <arm_neon.h>
+#define GEMM_ISA "NEON"
+#define GEMM_VREGS 32 /* vector registers */
+typedef float32x4_t gemm_vec;
+#define GEMM_LANES 4
+#ifndef GEMM_MR
+#define GEMM_MR 6
+#endif
+#ifndef GEMM_NV
+#define GEMM_NV 4
+#endif
+#ifndef GEMM_KC
+#define GEMM_KC 256
+#endif
+#ifndef GEMM_NC
+#define GEMM_NC 64
+#endif
+#ifndef GEMM_MC
+#define GEMM_MC 320
+#endif
+#define GEMM_PEAK_CHAINS 12
+#define vec_zero() vdupq_n_f32(0.0f)
+#define vec_load(p) vld1q_f32(p)
+#define vec_store(p, v) vst1q_f32(p, v)
+#define vec_bcast(p) vld1q_dup_f32(p)
+#define vec_fma(a, b, c) vfmaq_f32(c, a, b)
+#define vec_add(a, b) vaddq_f32(a, b)
+#define gemm_prefetch(p) ((void)(p)) /* no prefetch hint in C99 */
+#else
+/* Portable C: one "vector" is one float and the compiler vectorises the loops over a
+ * tile row. Where the target has a fast fused multiply-add, use it (ISO C mode
+ * forbids the compiler to fuse a * b + c on its own). */
+#define GEMM_ISA "portable C"
+typedef float gemm_vec;
+#define GEMM_LANES 1
+#ifndef GEMM_MR
+#define GEMM_MR 2
+#endif
+#ifndef GEMM_NV
+#define GEMM_NV 64
+#endif
+#ifndef GEMM_KC
+#define GEMM_KC 256
+#endif
+#ifndef GEMM_NC
+#define GEMM_NC 64
+#endif
+#ifndef GEMM_MC
+#define GEMM_MC 320
+#endif
+#define GEMM_PEAK_CHAINS 64
+#define vec_zero() 0.0f
+#define vec_load(p) (*(p))
+#define vec_store(p, v) (*(p) = (v))
+#define vec_bcast(p) (*(p))
+#ifdef FP_FAST_FMAF
+#define vec_fma(a, b, c) fmaf(a, b, c)
+#else
+#define vec_fma(a, b, c) ((a) * (b) + (c))
+#endif
+#define vec_add(a, b) ((a) + (b))
+#define gemm_prefetch(p) ((void)(p)) /* no portable prefetch hint */
+#endif
+
+#define GEMM_NR (GEMM_LANES * GEMM_NV)
+/* Overridden blockings that the kernels cannot run well or at all. */
+#if GEMM_MR < 1 || GEMM_NV < 1 || GEMM_KC < 8 || GEMM_MC < GEMM_MR
+#error "gemm blocking: need GEMM_MR >= 1, GEMM_NV >= 1, GEMM_KC >= 8 and GEMM_MC >= GEMM_MR"
+#endif
+#if GEMM_NC < GEMM_NR || GEMM_NC % GEMM_NR != 0
+#error "gemm blocking: GEMM_NC must be a multiple of GEMM_NR (GEMM_LANES * GEMM_NV)"
+#endif
+#if defined(GEMM_VREGS) && GEMM_MR * GEMM_NV + GEMM_NV + 1 > GEMM_VREGS
+/* MR x NV accumulators, NV vectors of B and one broadcast of A must fit in registers:
+ * AVX-512 and NEON (32 registers) take e.g. MR x NV = 14 x 2, 12 x 2, 8 x 3, 6 x 4;
+ * AVX2 (16 registers) 6 x 2, 4 x 2, 3 x 3. */
+#error "gemm blocking: GEMM_MR * GEMM_NV + GEMM_NV + 1 must not exceed GEMM_VREGS (the tile would spill)"
+#endif
+#if GEMM_KC * GEMM_NC > 131072
+/* The packed block lives on the stack of every thread that runs a task. */
+#error "gemm blocking: GEMM_KC * GEMM_NC must be at most 131072 floats (512 KiB of stack per thread)"
+#endif
+/* Floats in a cache line: packed blocks start on one. */
+#define GEMM_LINE_FLOATS 16
+/* GEMM_PACK_A 1 copies each MR-row strip of A (KC floats a row) into a stack buffer
+ * whose rows are GEMM_KC + one line apart before the micro-kernel reads it: A read in
+ * place has its MR rows lda floats apart, and when lda is a multiple of 4 KiB (every
+ * backbone product: K = 1024 or 4096) the MR rows' lines all fall into the same L1
+ * set and evict each other. 0 reads A in place. The same values are summed in the
+ * same order either way; the choice is for `make bench-gemm`. */
+#ifndef GEMM_PACK_A
+#define GEMM_PACK_A 0
+#endif
+#define GEMM_A_STRIDE (GEMM_KC + GEMM_LINE_FLOATS)
+/* Products with at most this many rows and at least GEMM_SWAP_RATIO times as many
+ * columns, B float32 [N][K], are computed as C^T = B A^T (written back transposed):
+ * with few rows every packed block of B serves one or two strips of A, so packing B
+ * costs about as much as the multiply-adds (the segmentor's masks, 20 queries x 9216
+ * pixels x 256, and its attention scores). Not when the rows padded to NR columns
+ * would be more than 1.5 times the rows padded to MR (a single row: a GEMV either
+ * way). Each element of C is still the same sum in the same order, so the results are
+ * the same bits. 0 never swaps; `make bench-gemm` times both. */
+#ifndef GEMM_SWAP_MAX_M
+#define GEMM_SWAP_MAX_M 32
+#endif
+#define GEMM_SWAP_RATIO 16
+/* Threads get about this many tasks each, so that uneven tasks still balance. */
+#define GEMM_TASKS_PER_THREAD 8
+
+/* Where the micro-kernel puts its tile: C = tile (+ bias) (+ C when load_c). */
+typedef struct gemm_out {
+    float *c;
+    size_t ldc;
+    const float *bias; /* NR values or NULL */
+    int load_c;
+} gemm_out;
+
+/* Rows of the short micro-kernel, for edge strips of at most this many rows (the 20
+ * queries of the transformer decoder leave a 2-row strip after three of 6). */
+#define GEMM_MR_SHORT ((GEMM_MR + 1) / 2)
+
+#if defined(__GNUC__)
+#define GEMM_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define GEMM_ALWAYS_INLINE inline
+#endif
+
+/* The micro-kernel: the rows x NR tile a[0..rows)[0..kc) x bp[0..kc)[0..NR), accumulated
+ * in registers, then written to out. a[r] points at row r of A at the step's first k;
+ * bp is a packed panel (k-major, NR floats per k). rows is GEMM_MR or GEMM_MR_SHORT, a
+ * constant at each call below, so that the compiler unrolls the row loops and keeps the
+ * accumulators in registers. */
+static GEMM_ALWAYS_INLINE void gemm_micro_rows(int rows, int kc, const float *const a[GEMM_MR], const float *bp,
+                                               gemm_out out)
+{
+    gemm_vec acc[GEMM_MR][GEMM_NV];
+    int r, v, k;
+    for (r = 0; r < rows; r++) {
+        gemm_prefetch(out.c + (size_t)r * out.ldc);
+        gemm_prefetch(out.c + (size_t)r * out.ldc + GEMM_NR - 1);
+        for (v = 0; v < GEMM_NV; v++) acc[r][v] = vec_zero();
+    }
+#if GEMM_LANES > 1
+    /* k outermost: the NV vectors of B loaded for one k serve all the rows. */
+    for (k = 0; k < kc; k++, bp += GEMM_NR) {
+        gemm_vec b[GEMM_NV];
+        for (v = 0; v < GEMM_NV; v++) b[v] = vec_load(bp + v * GEMM_LANES);
+        for (r = 0; r < rows; r++) {
+            gemm_vec ar = vec_bcast(a[r] + k);
+            for (v = 0; v < GEMM_NV; v++) acc[r][v] = vec_fma(ar, b[v], acc[r][v]);
+        }
+    }
+#else
+    /* Portable: one row at a time, so that the innermost loop is a multiply-add over
+     * the NR columns, the form compilers vectorise reliably (with k outermost they
+     * tend to vectorise over k instead, needing shuffles). */
+    for (r = 0; r < rows; r++)
+        for (k = 0; k < kc; k++)
+            for (v = 0; v < GEMM_NV; v++) acc[r][v] = vec_fma(a[r][k], bp[(size_t)k * GEMM_NR + v], acc[r][v]);
+#endif
+    for (r = 0; r < rows; r++)
+        for (v = 0; v < GEMM_NV; v++) {
+            float *c = out.c + (size_t)r * out.ldc + v * GEMM_LANES;
+            gemm_vec t = acc[r][v];
+            if (out.bias) t = vec_add(t, vec_load(out.bias + v * GEMM_LANES));
+            if (out.load_c) t = vec_add(vec_load(c), t);
+            vec_store(c, t);
+        }
+}
+
+/* The MR-row kernel. */
+static void gemm_micro(int kc, const float *const a[GEMM_MR], const float *bp, gemm_out out)
+{
+    gemm_micro_rows(GEMM_MR, kc, a, bp, out);
+}
+
+/* A strip of mr <= MR rows (an edge strip): the short kernel when it covers them, with
+ * the same sums for those rows; rows past mr of the tile are left unspecified. */
+static void gemm_micro_strip(int mr, int kc, const float *const a[GEMM_MR], const float *bp, gemm_out out)
+{
+    if (mr <= GEMM_MR_SHORT)
+        gemm_micro_rows(GEMM_MR_SHORT, kc, a, bp, out);
+    else
+        gemm_micro_rows(GEMM_MR, kc, a, bp, out);
+}
+
+#ifdef GEMM_TRANSPOSE8
+/* Writes the transpose of the 8 x 8 block at s (rows ldb apart) to d (rows GEMM_NR apart). */
+static void gemm_transpose8(const float *s, size_t ldb, float *d)
+{
+    __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + ldb), r2 = _mm256_loadu_ps(s + 2 * ldb);
+    __m256 r3 = _mm256_loadu_ps(s + 3 * ldb), r4 = _mm256_loadu_ps(s + 4 * ldb), r5 = _mm256_loadu_ps(s + 5 * ldb);
+    __m256 r6 = _mm256_loadu_ps(s + 6 * ldb), r7 = _mm256_loadu_ps(s + 7 * ldb);
+    /* pairs of rows interleaved, then quads, then the two 128-bit halves */
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3);
+    __m256 t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(d + GEMM_NR, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(d + 2 * GEMM_NR, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(d + 3 * GEMM_NR, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(d + 4 * GEMM_NR, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(d + 5 * GEMM_NR, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(d + 6 * GEMM_NR, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(d + 7 * GEMM_NR, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+#endif
+
+/* Packs one panel: nr <= NR columns of C over kc values of k into d (kc x NR, k-major,
+ * zero-padded to NR columns). B points at the panel's first element; it is [N][K]
+ * (ldb apart per column of C) when b_kn == 0 and [K][N] (ldb apart per k) otherwise. */
+static void gemm_pack_panel(int nr, int kc, const float *B, size_t ldb, int b_kn, float *d)
+{
+    int j = 0, k;
+    if (b_kn) {
+        for (k = 0; k < kc; k++) {
+            for (j = 0; j < nr; j++) d[(size_t)k * GEMM_NR + j] = B[(size_t)k * ldb + j];
+            for (; j < GEMM_NR; j++) d[(size_t)k * GEMM_NR + j] = 0.0f;
+        }
+        return;
+    }
+#ifdef GEMM_TRANSPOSE8
+    for (; j + 8 <= nr; j += 8) {
+        for (k = 0; k + 8 <= kc; k += 8) gemm_transpose8(B + (size_t)j * ldb + k, ldb, d + (size_t)k * GEMM_NR + j);
+        for (; k < kc; k++) {
+            int i;
+            for (i = 0; i < 8; i++) d[(size_t)k * GEMM_NR + j + i] = B[(size_t)(j + i) * ldb + k];
+        }
+    }
+#endif
+    /* the rest one column at a time: read a row of B in order, write a column of d */
+    for (; j < nr; j++)
+        for (k = 0; k < kc; k++) d[(size_t)k * GEMM_NR + j] = B[(size_t)j * ldb + k];
+    for (; j < GEMM_NR; j++)
+        for (k = 0; k < kc; k++) d[(size_t)k * GEMM_NR + j] = 0.0f;
+}
+
+/* Everything a task needs to know about the product. B is F32 unless it is a weight
+ * matrix of gemm_nt_w or gemm_nn_w. */
+typedef struct gemm_args {
+    int M, N, K;
+    const float *A, *bias;
+    wmat B;
+    size_t lda, ldc;
+    int b_kn, accumulate;
+    int c_t; /* C holds the transpose: element (i, j) at C[j * ldc + i], bias by row */
+    int a_t; /* A holds the transpose: element (i, k) at A[k * lda + i] (weight gradients) */
+    const float *b_pre; /* B already packed by gemm_prepack (else NULL: packed per task) */
+    float *C;
+} gemm_args;
+
+/* Floats of a B [N][K] packed by gemm_prepack: every KC step's panels, N rounded up to whole panels. */
+#define GEMM_NPAD(n) (((size_t)(n) + GEMM_NR - 1) / GEMM_NR * GEMM_NR)
+#define GEMM_PREPACKED_FLOATS(n, k) (GEMM_NPAD(n) * (size_t)(k))
+/* Where gemm_prepack puts the panel of columns j.. for the KC step starting at k-index p0
+ * (kc values deep): each step's panels one after the other, then the next step's. */
+#define GEMM_PREPACKED_AT(n, p0, j, kc) ((size_t)(p0) * GEMM_NPAD(n) + (size_t)(j) * (size_t)(kc))
+
+#ifdef GEMM_TRANSPOSE8
+/* Values c0..c0+8 of row `row` of a BF16 or Q8 matrix as float32 (c0 a multiple of 8,
+ * so the 8 values share one Q8 scale); the same values as wmat_to_float. */
+static __m256 gemm_load8_float(const wmat *m, size_t row, size_t c0)
+{
+    if (m->dtype == DTYPE_BF16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(const void *)((const uint16_t *)m->data + row * m->ld + c0));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else {
+        __m128i q = _mm_loadl_epi64((const __m128i *)(const void *)((const int8_t *)m->data + row * m->ld + c0));
+        __m256 scale = _mm256_set1_ps(m->scale[row * (m->ld / Q8_BLOCK) + c0 / Q8_BLOCK]);
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), scale);
+    }
+}
+
+/* gemm_pack_panel for a whole panel (NR columns, kc a multiple of 8) of a BF16 or Q8
+ * B: every 8 x 8 block is converted in registers, then transposed like a float one. */
+static void gemm_pack_panel_convert(const wmat *m, size_t n0, size_t p0, int kc, float *d)
+{
+    float rows[8 * 8];
+    int j, k, i;
+    for (j = 0; j < GEMM_NR; j += 8)
+        for (k = 0; k < kc; k += 8) {
+            for (i = 0; i < 8; i++)
+                _mm256_storeu_ps(rows + 8 * i, gemm_load8_float(m, n0 + (size_t)(j + i), p0 + (size_t)k));
+            gemm_transpose8(rows, 8, d + (size_t)k * GEMM_NR + j);
+        }
+}
+#endif
+
+/* Packs the panel of B for columns n0..n0+nr of C and k-range p0..p0+kc into d. A BF16
+ * or Q8 weight is converted to float32 on the way (a [K][N] one straight into the
+ * panel; an [N][K] one in registers for whole panels on AVX, else through float32
+ * rows in strip, NR x KC floats): the conversion is paid
+ * once per packed block, not per row of A, and no float32 copy of the weight exists
+ * anywhere else. */
+static void gemm_pack_b(const gemm_args *g, int n0, int nr, int p0, int kc, float *strip, float *d)
+{
+    const float *b = g->B.data;
+    size_t ldb = g->B.ld;
+    int k;
+    if (g->B.dtype == DTYPE_F32) {
+        gemm_pack_panel(nr, kc, g->b_kn ? b + (size_t)p0 * ldb + n0 : b + (size_t)n0 * ldb + p0, ldb, g->b_kn, d);
+        return;
+    }
+    if (g->b_kn) { /* rows of B are already rows of the panel: convert them in place */
+        wmat_to_float(g->B, (size_t)p0, kc, (size_t)n0, nr, d, GEMM_NR);
+        if (nr < GEMM_NR)
+            for (k = 0; k < kc; k++) memset(d + (size_t)k * GEMM_NR + nr, 0, (size_t)(GEMM_NR - nr) * sizeof *d);
+        return;
+    }
+#ifdef GEMM_TRANSPOSE8
+    if (nr == GEMM_NR && kc % 8 == 0) {
+        gemm_pack_panel_convert(&g->B, (size_t)n0, (size_t)p0, kc, d);
+        return;
+    }
+#endif
+    wmat_to_float(g->B, (size_t)n0, nr, (size_t)p0, kc, strip, (size_t)kc);
+    gemm_pack_panel(nr, kc, strip, (size_t)kc, 0, d);
+}
+
+/* One packed block: rows m0..m1 (whole strips from m0) of C, columns n0..n0+nc,
+ * k-range p0..p0+kc, with bp the block of B packed for that range; at is A's slice
+ * packed by gemm_task_at when A is stored transposed (else NULL: A read in place). */
+static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p0, int kc, const float *bp,
+                       const float *at)
+{
+    float tile[GEMM_MR * GEMM_NR];
+#if GEMM_PACK_A
+    float apack[GEMM_MR * GEMM_A_STRIDE];
+#endif
+    int i0, j0, first = p0 == 0, load_c = !first || g->accumulate;
+    for (i0 = m0; i0 < m1; i0 += GEMM_MR) {
+        int mr = m1 - i0 < GEMM_MR ? m1 - i0 : GEMM_MR, r;
+        const float *a[GEMM_MR];
+        if (at) /* transposed A, packed by gemm_task_at: row i at at[(i - m0) * GEMM_A_STRIDE] */
+            for (r = 0; r < GEMM_MR; r++) a[r] = at + (size_t)(i0 - m0 + (r < mr ? r : mr - 1)) * GEMM_A_STRIDE;
+        else
+            for (r = 0; r < GEMM_MR; r++) {
+                a[r] = g->A + (size_t)(i0 + (r < mr ? r : mr - 1)) * g->lda + p0;
+#if GEMM_PACK_A
+                if (r < mr) memcpy(apack + (size_t)r * GEMM_A_STRIDE, a[r], (size_t)kc * sizeof(float));
+                a[r] = apack + (size_t)(r < mr ? r : mr - 1) * GEMM_A_STRIDE;
+#endif
+            }
+        for (j0 = 0; j0 < nc; j0 += GEMM_NR) {
+            int nr = nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR, j;
+            const float *panel = bp + (size_t)j0 * kc, *bias = first && g->bias ? g->bias + n0 + j0 : NULL;
+            float *c = g->C + (size_t)i0 * g->ldc + n0 + j0;
+            gemm_out out;
+            if (g->c_t) { /* transposed C: the tile aside, then added column by column */
+                bias = first && g->bias ? g->bias + i0 : NULL;
+                out.c = tile;
+                out.ldc = GEMM_NR;
+                out.bias = NULL;
+                out.load_c = 0;
+                gemm_micro_strip(mr, kc, a, panel, out);
+                for (j = 0; j < nr; j++) {
+                    float *cj = g->C + (size_t)(n0 + j0 + j) * g->ldc + i0;
+                    for (r = 0; r < mr; r++) {
+                        float t = tile[r * GEMM_NR + j];
+                        if (bias) t += bias[r];
+                        cj[r] = load_c ? cj[r] + t : t;
+                    }
+                }
+                continue;
+            }
+            if (mr == GEMM_MR && nr == GEMM_NR) {
+                out.c = c;
+                out.ldc = g->ldc;
+                out.bias = bias;
+                out.load_c = load_c;
+                gemm_micro(kc, a, panel, out);
+                continue;
+            }
+            /* Edge tile: compute the tile aside (only its first GEMM_MR_SHORT rows
+             * when that covers the strip), then add its valid part with the same
+             * operations as above. */
+            out.c = tile;
+            out.ldc = GEMM_NR;
+            out.bias = NULL;
+            out.load_c = 0;
+            gemm_micro_strip(mr, kc, a, panel, out);
+            for (r = 0; r < mr; r++)
+                for (j = 0; j < nr; j++) {
+                    float t = tile[r * GEMM_NR + j], *cij = c + (size_t)r * g->ldc + j;
+                    if (bias) t += bias[j];
+                    *cij = load_c ? *cij + t : t;
+                }
+        }
+    }
+}
+
+/* Rows of a task whose A is stored transposed (gemm_tn): see gemm_task. */
+#define GEMM_AT_ROWS (16 * GEMM_MR)
+
+/* One task: rows m0..m1 and columns n0..n1 of C. For each KC step, each NC-wide block
+ * of B is packed and multiplied with the task's rows of A, whose KC-wide slice (at
+ * most GEMM_MC x GEMM_KC floats, about half of L2) stays in L2 across the blocks.
+ * When A is stored transposed (g->a_t, at most GEMM_AT_ROWS rows a task) the slice is
+ * first packed row-major into `at` (GEMM_A_STRIDE floats a row), reading whole cache
+ * lines of each k's row: gathering MR values per k, 4-16 KiB apart, missed the caches
+ * at every k. at is NULL for A read in place. */
+static void gemm_task(const gemm_args *g, int m0, int m1, int n0, int n1, float *at)
+{
+    float block[GEMM_KC * GEMM_NC + GEMM_LINE_FLOATS], strip[GEMM_NR * GEMM_KC];
+    float *bp = block + (GEMM_LINE_FLOATS - (uintptr_t)block / sizeof(float) % GEMM_LINE_FLOATS) % GEMM_LINE_FLOATS;
+    int p0, kc, jc, j0, i, k;
+    for (p0 = 0; p0 < g->K; p0 += kc) {
+        kc = g->K - p0 < GEMM_KC ? g->K - p0 : GEMM_KC;
+        if (at)
+            for (k = 0; k < kc; k++) {
+                const float *src = g->A + (size_t)(p0 + k) * g->lda + m0;
+                for (i = 0; i < m1 - m0; i++) at[(size_t)i * GEMM_A_STRIDE + k] = src[i];
+            }
+        for (jc = n0; jc < n1; jc += GEMM_NC) {
+            int nc = n1 - jc < GEMM_NC ? n1 - jc : GEMM_NC;
+            if (g->b_pre) {
+                gemm_block(g, m0, m1, jc, nc, p0, kc, g->b_pre + GEMM_PREPACKED_AT(g->N, p0, jc, kc), at);
+                continue;
+            }
+            for (j0 = 0; j0 < nc; j0 += GEMM_NR)
+                gemm_pack_b(g, jc + j0, nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR, p0, kc, strip, bp + (size_t)j0 * kc);
+            gemm_block(g, m0, m1, jc, nc, p0, kc, bp, at);
+        }
+    }
+}
+
+/* gemm_task for a transposed A, with its slice's buffer on this thread's stack (only
+ * such tasks pay for it). */
+static void gemm_task_at(const gemm_args *g, int m0, int m1, int n0, int n1)
+{
+    float at[GEMM_AT_ROWS * GEMM_A_STRIDE];
+    gemm_task(g, m0, m1, n0, n1, at);
+}
+
+/* Splits C into tasks, row chunks of at most GEMM_MC rows times column ranges of whole
+ * NC blocks, enough of them to keep every thread busy, and runs them: on all threads
+ * when that pays and the caller is not already in a parallel region. */
+static void gemm_run(const gemm_args *g)
+{
+    int strips = (g->M + GEMM_MR - 1) / GEMM_MR, blocks = (g->N + GEMM_NC - 1) / GEMM_NC;
+    int threads = 1, chunks, strips_per_chunk, ranges, blocks_per_range, tasks, t;
+    if (g->M <= 0 || g->N <= 0) return;
+    if (g->K <= 0) {
+        int i, j;
+        for (i = 0; i < g->M; i++)
+            for (j = 0; j < g->N; j++) {
+                float *c = g->C + (size_t)i * g->ldc + j, v = g->bias ? g->bias[j] : 0.0f;
+                *c = g->accumulate ? *c + v : v;
+            }
+        return;
+    }
+    if (g->M <= GEMM_SWAP_MAX_M && g->N >= GEMM_SWAP_RATIO * g->M && !g->b_kn && !g->c_t && !g->a_t && !g->b_pre &&
+        g->B.dtype == DTYPE_F32 && 2 * ((g->M + GEMM_NR - 1) / GEMM_NR * GEMM_NR) <= 3 * (strips * GEMM_MR)) {
+        gemm_args t = *g; /* C^T [N][M] = B [N][K] times A [M][K]^T, stored transposed */
+        t.M = g->N;
+        t.N = g->M;
+        t.A = (const float *)g->B.data;
+        t.lda = g->B.ld;
+        t.B = wmat_f32(g->A, g->lda);
+        t.c_t = 1;
+        gemm_run(&t);
+        return;
+    }
+#ifdef _OPENMP
+    if (parallel_ok((double)g->M * g->N * g->K)) threads = omp_get_max_threads();
+#endif
+    chunks = (strips * GEMM_MR + GEMM_MC - 1) / GEMM_MC;
+    if (g->a_t) chunks = (strips * GEMM_MR + GEMM_AT_ROWS - 1) / GEMM_AT_ROWS; /* gemm_task_at's slice */
+    strips_per_chunk = (strips + chunks - 1) / chunks;
+    chunks = (strips + strips_per_chunk - 1) / strips_per_chunk;
+    if (threads > 1 && blocks == 1 && chunks < GEMM_TASKS_PER_THREAD * threads) {
+        /* one column block (a swapped product): split the rows finer instead */
+        chunks = GEMM_TASKS_PER_THREAD * threads < strips ? GEMM_TASKS_PER_THREAD * threads : strips;
+        strips_per_chunk = (strips + chunks - 1) / chunks;
+        chunks = (strips + strips_per_chunk - 1) / strips_per_chunk;
+    }
+    ranges = (GEMM_TASKS_PER_THREAD * threads + chunks - 1) / chunks;
+    if (ranges > blocks) ranges = blocks;
+    blocks_per_range = (blocks + ranges - 1) / ranges;
+    ranges = (blocks + blocks_per_range - 1) / blocks_per_range;
+    tasks = chunks * ranges;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) if (threads > 1)
+#endif
+    for (t = 0; t < tasks; t++) { /* neighbouring tasks share columns: B is read once */
+        int m0 = t % chunks * strips_per_chunk * GEMM_MR, n0 = t / chunks * blocks_per_range * GEMM_NC;
+        int m1 = m0 + strips_per_chunk * GEMM_MR, n1 = n0 + blocks_per_range * GEMM_NC;
+        if (g->a_t)
+            gemm_task_at(g, m0, m1 < g->M ? m1 : g->M, n0, n1 < g->N ? n1 : g->N);
+        else
+            gemm_task(g, m0, m1 < g->M ? m1 : g->M, n0, n1 < g->N ? n1 : g->N, NULL);
+    }
+}
+
+/* C[M][N] (+)= A[M][K] B[N][K]^T (+ bias[N]): B is a weight matrix [out][in] in any
+ * storage (F32, BF16, Q8). */
+static void gemm_nt_w(int M, int N, int K, const float *A, int lda, wmat B, const float *bias, float *C, int ldc,
+                      int accumulate)
+{
+    gemm_args g;
+    g.M = M; g.N = N; g.K = K;
+    g.A = A; g.B = B; g.bias = bias; g.C = C;
+    g.lda = (size_t)lda; g.ldc = (size_t)ldc;
+    g.b_kn = 0;
+    g.c_t = 0;
+    g.a_t = 0;
+    g.b_pre = NULL;
+    g.accumulate = accumulate;
+    gemm_run(&g);
+}
+
+/* C[M][N] (+)= A[M][K] B[N][K]^T (+ bias[N]) with float32 B, e.g. a PyTorch weight [out][in]. */
+static void gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int ldb, const float *bias,
+                    float *C, int ldc, int accumulate)
+{
+    gemm_nt_w(M, N, K, A, lda, wmat_f32(B, (size_t)ldb), bias, C, ldc, accumulate);
+}
+
+/* Packs a float32 B [N][K] (row stride ldb) once, in the panels gemm_task would pack for
+ * gemm_nt, into dst [GEMM_PREPACKED_FLOATS(N, K)]: for a B that many products share (the
+ * mask features, multiplied by each of the decoder's predictions), so that products with
+ * few rows do not spend most of their time packing it again. */
+static void gemm_prepack(int N, int K, const float *B, int ldb, float *dst)
+{
+    int panels = (N + GEMM_NR - 1) / GEMM_NR, p0, kc, jp;
+    for (p0 = 0; p0 < K; p0 += kc) {
+        kc = K - p0 < GEMM_KC ? K - p0 : GEMM_KC;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)N * kc))
+#endif
+        for (jp = 0; jp < panels; jp++) {
+            int j = jp * GEMM_NR, nr = N - j < GEMM_NR ? N - j : GEMM_NR;
+            gemm_pack_panel(nr, kc, B + (size_t)j * ldb + p0, (size_t)ldb, 0, dst + GEMM_PREPACKED_AT(N, p0, j, kc));
+        }
+    }
+}
+
+/* C[M][N] = A[M][K] B[N][K]^T with B packed by gemm_prepack: the same values as gemm_nt. */
+static void gemm_nt_prepacked(int M, int N, int K, const float *A, int lda, const float *b_pre, float *C, int ldc)
+{
+    gemm_args g;
+    g.M = M; g.N = N; g.K = K;
+    g.A = A; g.B = wmat_f32(NULL, (size_t)K); g.bias = NULL; g.C = C;
+    g.lda = (size_t)lda; g.ldc = (size_t)ldc;
+    g.b_kn = 0;
+    g.c_t = 0;
+    g.a_t = 0;
+    g.b_pre = b_pre;
+    g.accumulate = 0;
+    gemm_run(&g);
+}
+
+/* C[M][N] (+)= A[M][K] B[K][N]: B stored row by row, a weight matrix in any storage. */
+static void gemm_nn_w(int M, int N, int K, const float *A, int lda, wmat B, float *C, int ldc, int accumulate)
+{
+    gemm_args g;
+    g.M = M; g.N = N; g.K = K;
+    g.A = A; g.B = B; g.bias = NULL; g.C = C;
+    g.lda = (size_t)lda; g.ldc = (size_t)ldc;
+    g.b_kn = 1;
+    g.c_t = 0;
+    g.a_t = 0;
+    g.b_pre = NULL;
+    g.accumulate = accumulate;
+    gemm_run(&g);
+}
+
+/* C[M][N] (+)= A[M][K] B[K][N] with float32 B stored row by row (e.g. attention values). */
+static void gemm_nn(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc,
+                    int accumulate)
+{
+    gemm_nn_w(M, N, K, A, lda, wmat_f32(B, (size_t)ldb), C, ldc, accumulate);
+}
+
+/* y[rows][out] = x[rows][in] W^T + b: nn.Linear on a batch of rows. */
+static void linear(float *y, const float *x, int rows, int in, int out, linear_w l)
+{
+    gemm_nt_w(rows, out, in, x, in, l.w, l.b, y, out, 0);
+}
+
+/* Register tile and K-block of gemm_tn: the accumulators of one tile fill most of the
+ * vector registers (AVX-512: 8 x 32 = 16 zmm; AVX2: 6 x 16 = 12 ymm). Each element of C
+ * sums over K in the same order whatever the tile, so the result does not depend on it. */
+#ifndef GEMM_TN_MR
+#if defined(__AVX512F__) && !defined(LOUPE_NO_SIMD)
+#define GEMM_TN_MR 8
+#define GEMM_TN_NR 32
+#elif defined(__AVX2__) && !defined(LOUPE_NO_SIMD)
+#define GEMM_TN_MR 6
+#define GEMM_TN_NR 16
+#else
+#define GEMM_TN_MR 4
+#define GEMM_TN_NR 16
+#endif
+#endif
+#ifndef GEMM_TN_KC
+#define GEMM_TN_KC 256
+#endif
+
+/* a * b + c as one fused multiply-add where the target has a fast one (the loops
+ * below then vectorise to FMA instructions: ISO C mode forbids the compiler to fuse
+ * a * b + c on its own, and a multiply plus an add costs two instructions), else a
+ * product and a sum. Full and edge tiles use the same form, so every element of C is
+ * rounded the same way wherever its tile lies. */
+#ifdef FP_FAST_FMAF
+#define gemm_tn_madd(a, b, c) fmaf(a, b, c)
+#else
+#define gemm_tn_madd(a, b, c) ((a) * (b) + (c))
+#endif
+
+/* One tile of gemm_tn: C[mr][nr] += A[K][mr]^T B[K][nr]. */
+static void gemm_tn_tile(int mr, int nr, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc)
+{
+    float acc[GEMM_TN_MR][GEMM_TN_NR];
+    int i, j, k;
+    memset(acc, 0, sizeof acc);
+    if (mr == GEMM_TN_MR && nr == GEMM_TN_NR) {
+        for (k = 0; k < K; k++) {
+            const float *a = A + (size_t)k * lda, *b = B + (size_t)k * ldb;
+            for (i = 0; i < GEMM_TN_MR; i++)
+                for (j = 0; j < GEMM_TN_NR; j++) acc[i][j] = gemm_tn_madd(a[i], b[j], acc[i][j]);
+        }
+    } else {
+        for (k = 0; k < K; k++) {
+            const float *a = A + (size_t)k * lda, *b = B + (size_t)k * ldb;
+            for (i = 0; i < mr; i++)
+                for (j = 0; j < nr; j++) acc[i][j] = gemm_tn_madd(a[i], b[j], acc[i][j]);
+        }
+    }
+    for (i = 0; i < mr; i++)
+        for (j = 0; j < nr; j++) C[(size_t)i * ldc + j] += acc[i][j];
+}
+
+/* Products of gemm_tn at least this big (multiply-adds) go through gemm_run, which packs
+ * A's transposed strips and B's panels; smaller ones (attention's per-head products)
+ * use gemm_tn_tile's plain tiles, whose setup costs nothing. */
+#define GEMM_TN_BLOCKED_MIN (1 << 24)
+
+/* C[M][N] += A[K][M]^T B[K][N]: weight gradients (dW = dY^T X). K is walked in blocks
+ * in order and every element of C belongs to one tile, so the sums do not depend on
+ * the number of threads. */
+static void gemm_tn(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc)
+{
+    int mb = (M + GEMM_TN_MR - 1) / GEMM_TN_MR, nb = (N + GEMM_TN_NR - 1) / GEMM_TN_NR, k0;
+    if ((double)M * N * K >= GEMM_TN_BLOCKED_MIN) {
+        gemm_args g;
+        g.M = M; g.N = N; g.K = K;
+        g.A = A; g.lda = (size_t)lda; g.a_t = 1;
+        g.B = wmat_f32(B, (size_t)ldb); g.b_kn = 1;
+        g.bias = NULL; g.C = C; g.ldc = (size_t)ldc; g.c_t = 0; g.b_pre = NULL;
+        g.accumulate = 1;
+        gemm_run(&g);
+        return;
+    }
+    for (k0 = 0; k0 < K; k0 += GEMM_TN_KC) {
+        int kc = K - k0 < GEMM_TN_KC ? K - k0 : GEMM_TN_KC, jb, ib;
+#ifdef _OPENMP
+#pragma omp parallel for collapse(2) schedule(static) if (parallel_ok((double)M * N * kc))
+#endif
+        for (jb = 0; jb < nb; jb++)
+            for (ib = 0; ib < mb; ib++) {
+                int i0 = ib * GEMM_TN_MR, j0 = jb * GEMM_TN_NR;
+                int mr = M - i0 < GEMM_TN_MR ? M - i0 : GEMM_TN_MR, nr = N - j0 < GEMM_TN_NR ? N - j0 : GEMM_TN_NR;
+                gemm_tn_tile(mr, nr, kc, A + (size_t)k0 * lda + i0, lda, B + (size_t)k0 * ldb + j0, ldb,
+                             C + (size_t)i0 * ldc + j0, ldc);
+            }
+    }
+}
+
+/* dst[n][m] = src[m][n]^T. */
+static void transpose(float *dst, const float *src, int m, int n)
+{
+    int j;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)m * n))
+#endif
+    for (j = 0; j < n; j++) {
+        int i; /* declared here: private to each thread */
+        for (i = 0; i < m; i++) dst[(size_t)j * m + i] = src[(size_t)i * n + j];
+    }
+}
+
+/* Columns handled together by bias_backward (double accumulators on the stack). */
+#define BIAS_BLOCK 64
+
+/* Bias gradient: db[n] += column sums of dy[rows][n] (row stride ldy), in double. */
+static void bias_backward(float *db, const float *dy, int ldy, int rows, int n)
+{
+    int nb = (n + BIAS_BLOCK - 1) / BIAS_BLOCK, blk;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)rows * n))
+#endif
+    for (blk = 0; blk < nb; blk++) {
+        double acc[BIAS_BLOCK];
+        int j0 = blk * BIAS_BLOCK, nj = n - j0 < BIAS_BLOCK ? n - j0 : BIAS_BLOCK, r, j;
+        for (j = 0; j < nj; j++) acc[j] = 0.0;
+        for (r = 0; r < rows; r++)
+            for (j = 0; j < nj; j++) acc[j] += dy[(size_t)r * ldy + j0 + j];
+        for (j = 0; j < nj; j++) db[j0 + j] += (float)acc[j];
+    }
+}
+
+/* nn.Linear backward: dy [rows][out] (row stride ldy), x [rows][in] ->
+ * dx [rows][in] += dy W (when dx), dw [out][in] += dy^T x, db [out] += sums of dy (when db).
+ * wt: scratch of in*out floats (W transposed, so that dx is a gemm_nt). */
+static void linear_backward(float *dx, float *dw, float *db, const float *dy, int ldy, const float *x, int rows,
+                            int in, int out, const float *w, float *wt)
+{
+    if (dx) {
+        transpose(wt, w, out, in);
+        gemm_nt(rows, in, out, dy, ldy, wt, out, NULL, dx, in, 1);
+    }
+    gemm_tn(out, in, rows, dy, ldy, x, in, dw, in);
+    if (db) bias_backward(db, dy, ldy, rows, out);
+}
+
+/* Gradient views of a linear layer and a norm (weight, bias): float32 buffers in
+ * upstream layout ([out][in], [out]) that backwards add into; a NULL member is not
+ * trained (its gradient is skipped, input gradients still flow). */
+typedef struct linear_g { float *w, *b; } linear_g;
+typedef struct norm_g { float *w, *b; } norm_g;
+
+/* nn.Linear backward with the weight in any storage (a frozen BF16/Q8 matrix included):
+ * dy [rows][out] (row stride ldy), x [rows][in] (row stride ldx) -> dx [rows][in] (row
+ * stride lddx) += dy W when dx, g.w [out][in] += dy^T x, g.b [out] += column sums of dy
+ * (each when not NULL; x is read for g.w only). */
+static void linear_backward_w(float *dx, int lddx, linear_g g, const float *dy, int ldy, const float *x, int ldx,
+                              int rows, int in, int out, wmat w)
+{
+    if (dx) gemm_nn_w(rows, in, out, dy, ldy, w, dx, lddx, 1);
+    if (g.w) gemm_tn(out, in, rows, dy, ldy, x, ldx, g.w, in);
+    if (g.b) bias_backward(g.b, dy, ldy, rows, out);
+}
+
+/* Row sums and maxima are kept in this many lanes, combined in a fixed order at the
+ * end: the loops vectorise and the result is the same on every instruction set. */
+#define ROW_LANES 8
+
+/* Mean and (biased) variance of one row of n floats, in double, each sum kept in
+ * ROW_LANES partial sums added in a fixed order: the loops vectorise, and the forward
+ * and the backward of LayerNorm see the same statistics. */
+static void row_mean_var(const float *x, int n, double *mean, double *var)
+{
+    double part[ROW_LANES], m = 0.0, v = 0.0;
+    int i, l;
+    for (l = 0; l < ROW_LANES; l++) part[l] = 0.0;
+    for (i = 0; i + ROW_LANES <= n; i += ROW_LANES)
+        for (l = 0; l < ROW_LANES; l++) part[l] += x[i + l];
+    for (l = 0; i < n; i++, l++) part[l] += x[i];
+    for (l = 0; l < ROW_LANES; l++) m += part[l];
+    m /= n;
+    for (l = 0; l < ROW_LANES; l++) part[l] = 0.0;
+    for (i = 0; i + ROW_LANES <= n; i += ROW_LANES)
+        for (l = 0; l < ROW_LANES; l++) part[l] += (x[i + l] - m) * (x[i + l] - m);
+    for (l = 0; i < n; i++, l++) part[l] += (x[i] - m) * (x[i] - m);
+    for (l = 0; l < ROW_LANES; l++) v += part[l];
+    *mean = m;
+    *var = v / n;
+}
+
+/* nn.LayerNorm over the last dimension of rows (in place allowed). */
+static void layernorm(float *y, const float *x, int rows, int dim, norm_w n, float eps)
+{
+    int r;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)rows * dim * 4))
+#endif
+    for (r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * dim;
+        float *yr = y + (size_t)r * dim;
+        double mean, var;
+        float fm, rstd;
+        int i;
+        row_mean_var(xr, dim, &mean, &var);
+        fm = (float)mean;
+        rstd = (float)(1.0 / sqrt(var + eps));
+        for (i = 0; i < dim; i++) yr[i] = (xr[i] - fm) * rstd * n.w[i] + n.b[i];
+    }
+}
+
+/* Columns handled together by the norm backwards' parameter gradients. */
+#define NORM_BLOCK 64
+
+/* nn.LayerNorm backward, from its input x [rows][dim]: dx += rstd (g - mean g - xhat mean(g xhat))
+ * with g = dy * weight, dw += sum of dy xhat, db += sum of dy (over rows; each skipped
+ * when NULL, a frozen norm). dx must not alias dy. stats: scratch of 2*rows floats (mean
+ * and 1/std of each row). */
+static void layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x, int rows, int dim,
+                               norm_w n, float eps, float *stats)
+{
+    int r, nb = (dim + NORM_BLOCK - 1) / NORM_BLOCK, blk;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)rows * dim * 6))
+#endif
+    for (r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * dim, *gr = dy + (size_t)r * dim;
+        float *dr = dx + (size_t)r * dim;
+        /* the row sums in ROW_LANES partial sums each, as layernorm: the loops vectorise */
+        double mean, var, sg = 0.0, sgx = 0.0, rstd, p1[ROW_LANES], p2[ROW_LANES];
+        int i, l;
+        row_mean_var(xr, dim, &mean, &var);
+        rstd = 1.0 / sqrt(var + eps);
+        for (l = 0; l < ROW_LANES; l++) p1[l] = p2[l] = 0.0;
+        for (i = 0; i + ROW_LANES <= dim; i += ROW_LANES)
+            for (l = 0; l < ROW_LANES; l++) {
+                double g = (double)gr[i + l] * n.w[i + l];
+                p1[l] += g;
+                p2[l] += g * (xr[i + l] - mean) * rstd;
+            }
+        for (l = 0; i < dim; i++, l++) {
+            double g = (double)gr[i] * n.w[i];
+            p1[l] += g;
+            p2[l] += g * (xr[i] - mean) * rstd;
+        }
+        for (l = 0; l < ROW_LANES; l++) {
+            sg += p1[l];
+            sgx += p2[l];
+        }
+        sg /= dim;
+        sgx /= dim;
+        for (i = 0; i < dim; i++)
+            dr[i] += (float)(rstd * ((double)gr[i] * n.w[i] - sg - (xr[i] - mean) * rstd * sgx));
+        stats[2 * r] = (float)mean;
+        stats[2 * r + 1] = (float)rstd;
+    }
+    if (!dw && !db) return;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)rows * dim * 2))
+#endif
+    for (blk = 0; blk < nb; blk++) {
+        double aw[NORM_BLOCK], ab[NORM_BLOCK];
+        int i0 = blk * NORM_BLOCK, ni = dim - i0 < NORM_BLOCK ? dim - i0 : NORM_BLOCK, i, rr;
+        for (i = 0; i < ni; i++) aw[i] = ab[i] = 0.0;
+        for (rr = 0; rr < rows; rr++) {
+            const float *xr = x + (size_t)rr * dim + i0, *gr = dy + (size_t)rr * dim + i0;
+            double mean = stats[2 * rr], rstd = stats[2 * rr + 1];
+            for (i = 0; i < ni; i++) {
+                aw[i] += (double)gr[i] * (xr[i] - mean) * rstd;
+                ab[i] += gr[i];
+            }
+        }
+        for (i = 0; i < ni; i++) {
+            if (dw) dw[i0 + i] += (float)aw[i];
+            if (db) db[i0 + i] += (float)ab[i];
+        }
+    }
+}
+
+/* nn.GroupNorm on a channels-last map [hw][c] (in place). */
+static void groupnorm_hwc(float *x, int hw, int c, int groups, norm_w n, float eps)
+{
+    int g, cpg = c / groups;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)hw * c * 4))
+#endif
+    for (g = 0; g < groups; g++) {
+        double mean = 0.0, var = 0.0;
+        float fm, rstd;
+        int p, i, c0 = g * cpg;
+        for (p = 0; p < hw; p++)
+            for (i = 0; i < cpg; i++) mean += x[(size_t)p * c + c0 + i];
+        mean /= (double)hw * cpg;
+        for (p = 0; p < hw; p++)
+            for (i = 0; i < cpg; i++) {
+                double d = x[(size_t)p * c + c0 + i] - mean;
+                var += d * d;
+            }
+        var /= (double)hw * cpg;
+        fm = (float)mean;
+        rstd = (float)(1.0 / sqrt(var + eps));
+        for (p = 0; p < hw; p++)
+            for (i = 0; i < cpg; i++) {
+                float *v = &x[(size_t)p * c + c0 + i];
+                *v = (*v - fm) * rstd * n.w[c0 + i] + n.b[c0 + i];
+            }
+    }
+}
+
+/* nn.GroupNorm backward on channels-last maps, from its input x [hw][c]: per group,
+ * dx += rstd (g - mean g - xhat mean(g xhat)) with g = dy * weight; dw, db [c] += per
+ * channel sums of dy xhat and dy. Each group owns its channels (deterministic). */
+static void groupnorm_hwc_backward(float *dx, float *dw, float *db, const float *dy, const float *x, int hw, int c,
+                                   int groups, norm_w n, float eps)
+{
+    int g, cpg = c / groups;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)hw * c * 8))
+#endif
+    for (g = 0; g < groups; g++) {
+        double mean = 0.0, var = 0.0, sg = 0.0, sgx = 0.0, rstd, cnt = (double)hw * cpg;
+        int p, i, c0 = g * cpg;
+        for (p = 0; p < hw; p++)
+            for (i = 0; i < cpg; i++) mean += x[(size_t)p * c + c0 + i];
+        mean /= cnt;
+        for (p = 0; p < hw; p++)
+            for (i = 0; i < cpg; i++) {
+                double d = x[(size_t)p * c + c0 + i] - mean;
+                var += d * d;
+            }
+        var /= cnt;
+        rstd = 1.0 / sqrt(var + eps);
+        for (i = 0; i < cpg; i++) {
+            double sw = 0.0, sb = 0.0;
+            for (p = 0; p < hw; p++) {
+                size_t k = (size_t)p * c + c0 + i;
+                double xh = (x[k] - mean) * rstd;
+                sw += dy[k] * xh;
+                sb += dy[k];
+            }
+            dw[c0 + i] += (float)sw;
+            db[c0 + i] += (float)sb;
+            sg += sb * n.w[c0 + i];
+            sgx += sw * n.w[c0 + i];
+        }
+        sg /= cnt;
+        sgx /= cnt;
+        for (p = 0; p < hw; p++)
+            for (i = 0; i < cpg; i++) {
+                size_t k = (size_t)p * c + c0 + i;
+                dx[k] += (float)(rstd * ((double)dy[k] * n.w[c0 + i] - sg - (x[k] - mean) * rstd * sgx));
+            }
+    }
+}
+
+/* ---- exp and erf as plain arithmetic ----
+ * libm's expf and erff are one call per element, which no compiler vectorises; the
+ * softmax and GELU loops spend most of their time in them. These versions use only
+ * multiply, add and bit operations, inline, so the loops around them vectorise. */
+
+/* The float's bits and back (memcpy: the C99 way to reinterpret, no aliasing). */
+static inline uint32_t float_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+static inline float bits_float(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+#define EXP_LOG2E 1.44269504088896341f
+/* ln 2 in two parts: HI has few significant bits, so n * HI is exact for our n. */
+#define EXP_LN2_HI 0.693359375f
+#define EXP_LN2_LO (-2.12194440054690583e-4f)
+/* 1.5 * 2^23: adding it to a float below 2^22 rounds it to an integer that then sits
+ * in the low mantissa bits. */
+#define EXP_ROUNDER 12582912.0f
+#define EXP_MIN_ARG (-87.3365447505531f) /* e^x below FLT_MIN: flushed to 0 */
+#define EXP_MAX_ARG 88.0f                /* larger x saturate (never reached here) */
+#define FLOAT_EXP_BIAS 127u
+#define FLOAT_MANT_BITS 23
+
+/* e^x: x = n ln 2 + r with |r| <= ln 2 / 2, e^r by its Taylor series to r^7 (the rest
+ * is below 1e-8 relative), times 2^n written into the exponent bits. Within 2 ulp of
+ * expf; e^-inf = 0, NaN stays NaN. */
+static inline float exp_f32(float x)
+{
+    float xc = x < EXP_MIN_ARG ? EXP_MIN_ARG : x > EXP_MAX_ARG ? EXP_MAX_ARG : x;
+    float t = xc * EXP_LOG2E + EXP_ROUNDER, n = t - EXP_ROUNDER;
+    float r = (xc - n * EXP_LN2_HI) - n * EXP_LN2_LO;
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 1.0f / 2;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    p *= bits_float((float_bits(t) - float_bits(EXP_ROUNDER) + FLOAT_EXP_BIAS) << FLOAT_MANT_BITS);
+    return x < EXP_MIN_ARG ? 0.0f : p;
+}
+
+/* erf(x) / x as a Chebyshev series in u = x^2 / 8 - 1 over |x| <= 4 (k = 0 term
+ * halved); tools/erf_coefficients.py derives it. Beyond |x| = 4, erf rounds to +-1. */
+#define ERF_SATURATE 4.0f
+#define ERF_TERMS 18
+static const float erf_chebyshev[ERF_TERMS] = {
+    9.718259138e-01f, -3.454078550e-01f, 1.618291012e-01f, -7.648275611e-02f, 3.466993680e-02f,
+    -1.481186415e-02f, 5.922937956e-03f, -2.211840659e-03f, 7.714154278e-04f, -2.515965878e-04f,
+    7.688658221e-05f, -2.206549594e-05f, 5.961274041e-06f, -1.519775071e-06f, 3.664930433e-07f,
+    -8.378998354e-08f, 1.820144884e-08f, -3.764477919e-09f
+};
+
+/* Values erf_block takes at a time: its buffers stay in L1. */
+#define ERF_BLOCK 64
+
+/* y[i] = erf(x[i]) for m <= ERF_BLOCK values (y may alias x), by Clenshaw's recurrence
+ * on that series run over all m values at once, so that the loops over values
+ * vectorise: within 3e-7 of the exact value (libm's erff: 6e-8), far below the
+ * forward pass's float noise. */
+static void erf_block(float *y, const float *x, int m)
+{
+    float xc[ERF_BLOCK], u[ERF_BLOCK], b1[ERF_BLOCK], b2[ERF_BLOCK];
+    int i, k;
+    for (i = 0; i < m; i++) {
+        float v = x[i] < -ERF_SATURATE ? -ERF_SATURATE : x[i];
+        xc[i] = v > ERF_SATURATE ? ERF_SATURATE : v;
+        u[i] = xc[i] * xc[i] * (2.0f / (ERF_SATURATE * ERF_SATURATE)) - 1.0f;
+        b1[i] = b2[i] = 0.0f;
+    }
+    for (k = ERF_TERMS - 1; k > 0; k--)
+        for (i = 0; i < m; i++) {
+            float b = erf_chebyshev[k] + 2.0f * u[i] * b1[i] - b2[i];
+            b2[i] = b1[i];
+            b1[i] = b;
+        }
+    for (i = 0; i < m; i++) y[i] = xc[i] * (0.5f * erf_chebyshev[0] + u[i] * b1[i] - b2[i]);
+}
+
+/* Exact (erf) GELU: y = x * (1 + erf(x / sqrt 2)) / 2 over n floats (y may be x). */
+static void gelu(float *y, const float *x, size_t n)
+{
+    size_t start;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)n * 16))
+#endif
+    for (start = 0; start < n; start += ERF_BLOCK) {
+        float e[ERF_BLOCK], *o = y + start;
+        const float *v = x + start;
+        int m = n - start < ERF_BLOCK ? (int)(n - start) : ERF_BLOCK, i;
+        for (i = 0; i < m; i++) e[i] = v[i] * (float)LOUPE_SQRT1_2;
+        erf_block(e, e, m);
+        for (i = 0; i < m; i++) o[i] = 0.5f * v[i] * (1.0f + e[i]);
+    }
+}
+
+/* GELU backward from its input x: dx += dy (Phi(x) + x phi(x)), Phi, phi the normal
+ * distribution and density, in float32 as PyTorch's CPU kernel computes it; erf and exp
+ * by the inline versions above, so that the loops vectorise (the backbone's MLPs pass
+ * 577 x 4096 values a block through here). dx must not alias dy. */
+static void gelu_backward(float *dx, const float *dy, const float *x, size_t n)
+{
+    size_t start;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)n * 24))
+#endif
+    for (start = 0; start < n; start += ERF_BLOCK) {
+        float e[ERF_BLOCK];
+        const float *v = x + start;
+        int m = n - start < ERF_BLOCK ? (int)(n - start) : ERF_BLOCK, i;
+        for (i = 0; i < m; i++) e[i] = v[i] * (float)LOUPE_SQRT1_2;
+        erf_block(e, e, m);
+        for (i = 0; i < m; i++) {
+            float cdf = 0.5f * (1.0f + e[i]), pdf = (float)LOUPE_INV_SQRT_2PI * exp_f32(-0.5f * v[i] * v[i]);
+            dx[start + i] += dy[start + i] * (cdf + v[i] * pdf);
+        }
+    }
+}
+
+/* ReLU in place. */
+static void relu(float *x, size_t n)
+{
+    size_t i;
+    for (i = 0; i < n; i++) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
+}
+
+/* ReLU backward from its output y: dx += dy where y > 0. dx must not alias dy. */
+static void relu_backward(float *dx, const float *dy, const float *y, size_t n)
+{
+    size_t i;
+    for (i = 0; i < n; i++) dx[i] += y[i] > 0.0f ? dy[i] : 0.0f;
+}
+
+/* Logistic sigmoid as PyTorch computes it in float32. */
+static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* sigmoidf(x) < 0.5f (upstream's attention mask test) without an expf for all but a
+ * sliver of x: for x >= 0, expf(-x) <= 1 and the sigmoid is at least 0.5; below -1e-3,
+ * 1 + expf(-x) exceeds 2 in float32 and it is below 0.5; NaN gives 0 either way. */
+static int sigmoid_below_half(float x)
+{
+    if (x >= 0.0f) return 0;
+    if (x < -1e-3f) return 1;
+    return sigmoidf(x) < 0.5f;
+}
+
+/* Softmax of scale * x over each row of x [rows][n], in place; entries whose mask byte
+ * is nonzero ([rows][n], NULL for none) count as -inf. */
+static void softmax_rows(float *x, int rows, int n, float scale, const unsigned char *mask)
+{
+    int r, i, l;
+    for (r = 0; r < rows; r++) {
+        float *v = x + (size_t)r * n, part[ROW_LANES], mx, sum;
+        const unsigned char *m = mask ? mask + (size_t)r * n : NULL;
+        if (m)
+            for (i = 0; i < n; i++) v[i] = m[i] ? -INFINITY : v[i] * scale;
+        else
+            for (i = 0; i < n; i++) v[i] *= scale;
+        for (l = 0; l < ROW_LANES; l++) part[l] = -INFINITY;
+        for (i = 0; i + ROW_LANES <= n; i += ROW_LANES)
+            for (l = 0; l < ROW_LANES; l++) part[l] = v[i + l] > part[l] ? v[i + l] : part[l];
+        for (l = 0; i < n; i++, l++) part[l] = v[i] > part[l] ? v[i] : part[l];
+        for (mx = part[0], l = 1; l < ROW_LANES; l++) mx = part[l] > mx ? part[l] : mx;
+        for (i = 0; i < n; i++) v[i] = exp_f32(v[i] - mx);
+        for (l = 0; l < ROW_LANES; l++) part[l] = 0.0f;
+        for (i = 0; i + ROW_LANES <= n; i += ROW_LANES)
+            for (l = 0; l < ROW_LANES; l++) part[l] += v[i + l];
+        for (l = 0; i < n; i++, l++) part[l] += v[i];
+        for (sum = part[0], l = 1; l < ROW_LANES; l++) sum += part[l];
+        for (i = 0; i < n; i++) v[i] /= sum;
+    }
+}
+
+/* sum of a[i] b[i] over n floats in double, kept in ROW_LANES partial sums combined in
+ * a fixed order: the loop vectorises (one running sum is a chain of dependent adds) and
+ * the result is the same on every instruction set. */
+static double row_dot(const float *a, const float *b, int n)
+{
+    double part[ROW_LANES], sum = 0.0;
+    int i, l;
+    for (l = 0; l < ROW_LANES; l++) part[l] = 0.0;
+    for (i = 0; i + ROW_LANES <= n; i += ROW_LANES)
+        for (l = 0; l < ROW_LANES; l++) part[l] += (double)a[i + l] * b[i + l];
+    for (l = 0; i < n; i++, l++) part[l] += (double)a[i] * b[i];
+    for (l = 0; l < ROW_LANES; l++) sum += part[l];
+    return sum;
+}
+
+/* Softmax backward from its output y [rows][n]: dx += y (dy - sum(y dy)) per row.
+ * dx must not alias dy. */
+static void softmax_rows_backward(float *dx, const float *dy, const float *y, int rows, int n)
+{
+    int r, i;
+    for (r = 0; r < rows; r++) {
+        const float *yr = y + (size_t)r * n, *gr = dy + (size_t)r * n;
+        double dot = row_dot(yr, gr, n);
+        for (i = 0; i < n; i++) dx[(size_t)r * n + i] += (float)(yr[i] * (gr[i] - dot));
+    }
+}
+
+/* Elementwise y = a + b over n floats (y may alias a). */
+static void add(float *y, const float *a, const float *b, size_t n)
+{
+    size_t i;
+    for (i = 0; i < n; i++) y[i] = a[i] + b[i];
+}
+
+/* Multi-head scaled dot-product attention. For every head h (columns h*dh..):
+ * out[Tq][h] = softmax(scale * Q_h K_h^T, masked) V_h. mask is [Tq][Tk] bytes,
+ * nonzero = may not attend (NULL: none). scratch holds max_threads() * Tq * Tk floats:
+ * one head's score matrix per thread, never more. */
+static void attention(float *out, int ldo, const float *Q, int ldq, const float *K, int ldk, const float *V, int ldv,
+                      int Tq, int Tk, int heads, int dh, float scale, const unsigned char *mask, float *scratch)
+{
+    int h;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)Tq * Tk * dh * heads))
+#endif
+    for (h = 0; h < heads; h++) {
+        float *S = scratch + (size_t)thread_id() * Tq * Tk;
+        gemm_nt(Tq, Tk, dh, Q + (size_t)h * dh, ldq, K + (size_t)h * dh, ldk, NULL, S, Tk, 0);
+        softmax_rows(S, Tq, Tk, scale, mask);
+        gemm_nn(Tq, dh, Tk, S, Tk, V + (size_t)h * dh, ldv, out + (size_t)h * dh, ldo, 0);
+    }
+}
+
+/* Backward of attention (nn.MultiheadAttention's core, masked or not): dO [Tq][heads*dh]
+ * -> dQ [Tq][heads*dh], dK, dV [Tk][heads*dh] += (row strides ld*). For every head h, with
+ * P = softmax(scale Q_h K_h^T, masked): dP = dO_h V_h^T, dV_h += P^T dO_h,
+ * dS = P (dP - rowsum(P dP)), dQ_h += scale dS K_h, dK_h += scale dS^T Q_h. Heads own
+ * disjoint columns (deterministic). scratch holds max_threads() * 2 * Tq * Tk floats
+ * (one head's P and dP per thread). */
+static void attention_backward(float *dQ, int lddq, float *dK, int lddk, float *dV, int lddv, const float *dO,
+                               int lddo, const float *Q, int ldq, const float *K, int ldk, const float *V, int ldv,
+                               int Tq, int Tk, int heads, int dh, float scale, const unsigned char *mask,
+                               float *scratch)
+{
+    int h;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)Tq * Tk * dh * heads * 4))
+#endif
+    for (h = 0; h < heads; h++) {
+        float *P = scratch + (size_t)thread_id() * 2 * Tq * Tk, *dP = P + (size_t)Tq * Tk;
+        size_t ho = (size_t)h * dh;
+        int r, j;
+        gemm_nt(Tq, Tk, dh, Q + ho, ldq, K + ho, ldk, NULL, P, Tk, 0);
+        softmax_rows(P, Tq, Tk, scale, mask);
+        gemm_nt(Tq, Tk, dh, dO + ho, lddo, V + ho, ldv, NULL, dP, Tk, 0);
+        gemm_tn(Tk, dh, Tq, P, Tk, dO + ho, lddo, dV + ho, lddv);
+        for (r = 0; r < Tq; r++) {
+            const float *pr = P + (size_t)r * Tk;
+            float *gr = dP + (size_t)r * Tk;
+            double dot = row_dot(pr, gr, Tk);
+            for (j = 0; j < Tk; j++) gr[j] = (float)(pr[j] * (gr[j] - dot) * scale);
+        }
+        gemm_nn(Tq, dh, Tk, dP, Tk, K + ho, ldk, dQ + ho, lddq, 1);
+        gemm_tn(Tk, dh, Tq, dP, Tk, Q + ho, ldq, dK + ho, lddk);
+    }
+}
+
+/* Source indices and weights of PyTorch's bilinear interpolation along one axis
+ * (align_corners=False, no antialias): src = (dst + 0.5) * in/out - 0.5, clamped at 0. */
+static void interp_axis(int in, int out, int *i0, int *i1, float *w0, float *w1)
+{
+    float scale = (float)in / (float)out;
+    int d;
+    for (d = 0; d < out; d++) {
+        float src = scale * ((float)d + 0.5f) - 0.5f;
+        int x0;
+        if (src < 0.0f) src = 0.0f;
+        x0 = (int)src;
+        if (x0 > in - 1) x0 = in - 1;
+        i0[d] = x0;
+        i1[d] = x0 + (x0 < in - 1 ? 1 : 0);
+        w1[d] = src - (float)x0;
+        w0[d] = 1.0f - w1[d];
+    }
+}
+
+/* Scratch floats interp_plane needs for an out_h x out_w output. Half of it holds int
+ * indices, so it must be allocated memory (malloc, arena), never a declared float array. */
+#define INTERP_SCRATCH(oh, ow) (4 * (size_t)((oh) + (ow)))
+
+/* F.interpolate(mode="bilinear", align_corners=False) of one [ih][iw] plane. */
+static void interp_plane(const float *in, int ih, int iw, float *out, int oh, int ow, float *scratch)
+{
+    int *y0 = (int *)(void *)scratch, *y1 = y0 + oh, *x0 = y1 + oh, *x1 = x0 + ow;
+    float *wy0 = (float *)(void *)(x1 + ow), *wy1 = wy0 + oh, *wx0 = wy1 + oh, *wx1 = wx0 + ow;
+    int y;
+    interp_axis(ih, oh, y0, y1, wy0, wy1);
+    interp_axis(iw, ow, x0, x1, wx0, wx1);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok(4.0 * oh * ow))
+#endif
+    for (y = 0; y < oh; y++) { /* rows are independent: the same values on any number of threads */
+        const float *r0 = in + (size_t)y0[y] * iw, *r1 = in + (size_t)y1[y] * iw;
+        float *o = out + (size_t)y * ow;
+        int x;
+        for (x = 0; x < ow; x++)
+            o[x] = wy0[y] * (wx0[x] * r0[x0[x]] + wx1[x] * r0[x1[x]]) +
+                   wy1[y] * (wx0[x] * r1[x0[x]] + wx1[x] * r1[x1[x]]);
+    }
+}
+
+/* The same interpolation on a channels-last map [ih*iw][c]. */
+static void interp_hwc(const float *in, int ih, int iw, int c, float *out, int oh, int ow, float *scratch)
+{
+    int *y0 = (int *)(void *)scratch, *y1 = y0 + oh, *x0 = y1 + oh, *x1 = x0 + ow;
+    float *wy0 = (float *)(void *)(x1 + ow), *wy1 = wy0 + oh, *wx0 = wy1 + oh, *wx1 = wx0 + ow;
+    int y, x, ch;
+    interp_axis(ih, oh, y0, y1, wy0, wy1);
+    interp_axis(iw, ow, x0, x1, wx0, wx1);
+    for (y = 0; y < oh; y++)
+        for (x = 0; x < ow; x++) {
+            const float *a = in + ((size_t)y0[y] * iw + x0[x]) * c, *b = in + ((size_t)y0[y] * iw + x1[x]) * c;
+            const float *d = in + ((size_t)y1[y] * iw + x0[x]) * c, *e = in + ((size_t)y1[y] * iw + x1[x]) * c;
+            float *o = out + ((size_t)y * ow + x) * c;
+            for (ch = 0; ch < c; ch++)
+                o[ch] = wy0[y] * (wx0[x] * a[ch] + wx1[x] * b[ch]) + wy1[y] * (wx0[x] * d[ch] + wx1[x] * e[ch]);
+        }
+}
+
+/* Channels handled together by interp_hwc_backward. */
+#define INTERP_BLOCK 16
+
+/* Backward of interp_hwc: dout [oh*ow][c] scattered with the bilinear weights into
+ * din [ih*iw][c] +=; threads own channel blocks (deterministic). */
+static void interp_hwc_backward(float *din, const float *dout, int ih, int iw, int c, int oh, int ow, float *scratch)
+{
+    int *y0 = (int *)(void *)scratch, *y1 = y0 + oh, *x0 = y1 + oh, *x1 = x0 + ow;
+    float *wy0 = (float *)(void *)(x1 + ow), *wy1 = wy0 + oh, *wx0 = wy1 + oh, *wx1 = wx0 + ow;
+    int nb = (c + INTERP_BLOCK - 1) / INTERP_BLOCK, blk;
+    interp_axis(ih, oh, y0, y1, wy0, wy1);
+    interp_axis(iw, ow, x0, x1, wx0, wx1);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)oh * ow * c * 4))
+#endif
+    for (blk = 0; blk < nb; blk++) {
+        int c0 = blk * INTERP_BLOCK, nc = c - c0 < INTERP_BLOCK ? c - c0 : INTERP_BLOCK, y, x, ch;
+        for (y = 0; y < oh; y++)
+            for (x = 0; x < ow; x++) {
+                const float *g = dout + ((size_t)y * ow + x) * c + c0;
+                float *a = din + ((size_t)y0[y] * iw + x0[x]) * c + c0, *b = din + ((size_t)y0[y] * iw + x1[x]) * c + c0;
+                float *d = din + ((size_t)y1[y] * iw + x0[x]) * c + c0, *e = din + ((size_t)y1[y] * iw + x1[x]) * c + c0;
+                float w00 = wy0[y] * wx0[x], w01 = wy0[y] * wx1[x], w10 = wy1[y] * wx0[x], w11 = wy1[y] * wx1[x];
+                for (ch = 0; ch < nc; ch++) {
+                    a[ch] += w00 * g[ch];
+                    b[ch] += w01 * g[ch];
+                    d[ch] += w10 * g[ch];
+                    e[ch] += w11 * g[ch];
+                }
+            }
+    }
+}
+
+/* The 2 x 2 output pixels of a stride-2 transposed convolution: tap t = 2 * di + dj. */
+#define CONVT_TAPS 4
+
+/* nn.ConvTranspose2d(kernel 2, stride 2) on channels-last maps:
+ * in [h*w][ci] -> out [2h*2w][co]. Every input pixel feeds its own 2 x 2 output pixels,
+ * so the whole layer is one product with the PyTorch weight read in place as
+ * [ci][co*4] (any storage): prod [h*w][co*4] = in x weight, whose column 4*o + t is channel o of
+ * output pixel (2i + di, 2j + dj); then each column goes to its pixel, plus the bias.
+ * prod: scratch of h*w*co*4 floats. */
+static void conv_transpose2x2_hwc(float *out, const float *in, int h, int w, int ci, int co, wmat weight,
+                                  const float *bias, float *prod)
+{
+    int i;
+    gemm_nn_w(h * w, CONVT_TAPS * co, ci, in, ci, weight, prod, CONVT_TAPS * co, 0);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)h * w * co * CONVT_TAPS))
+#endif
+    for (i = 0; i < h; i++) {
+        int j, t, o;
+        for (j = 0; j < w; j++) {
+            const float *p = prod + ((size_t)i * w + j) * CONVT_TAPS * co;
+            for (t = 0; t < CONVT_TAPS; t++) {
+                float *dst = out + ((size_t)(2 * i + t / 2) * 2 * w + 2 * j + t % 2) * co;
+                for (o = 0; o < co; o++) dst[o] = p[(size_t)o * CONVT_TAPS + t] + bias[o];
+            }
+        }
+    }
+}
+
+/* nn.ConvTranspose2d(2, stride 2) backward on channels-last maps: dout [2h*2w][co] ->
+ * din [h*w][ci] += (when din), dweight [ci][co][2][2] +=, db [co] +=. The output
+ * gradient is gathered into the product's layout dprod [h*w][co*4] (scratch of
+ * h*w*co*4 floats); then din += dprod weight^T and dweight += in^T dprod. */
+static void conv_transpose2x2_hwc_backward(float *din, float *dweight, float *db, const float *dout, const float *in,
+                                           int h, int w, int ci, int co, const float *weight, float *dprod)
+{
+    int i, n = CONVT_TAPS * co;
+    bias_backward(db, dout, co, 4 * h * w, co);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)h * w * n))
+#endif
+    for (i = 0; i < h; i++) { /* rows are independent */
+        int j, t, o;
+        for (j = 0; j < w; j++) {
+            float *p = dprod + ((size_t)i * w + j) * n;
+            for (t = 0; t < CONVT_TAPS; t++) {
+                const float *src = dout + ((size_t)(2 * i + t / 2) * 2 * w + 2 * j + t % 2) * co;
+                for (o = 0; o < co; o++) p[(size_t)o * CONVT_TAPS + t] = src[o];
+            }
+        }
+    }
+    if (din) gemm_nt(h * w, ci, n, dprod, n, weight, n, NULL, din, ci, 1);
+    gemm_tn(ci, n, h * w, in, ci, dprod, n, dweight, n);
+}
+
+/* nn.MaxPool2d(2, 2) on a channels-last map: [h*w][c] -> [(h/2)*(w/2)][c]. */
+static void maxpool2x2_hwc(float *out, const float *in, int h, int w, int c)
+{
+    int oh = h / 2, ow = w / 2, y, x, ch;
+    for (y = 0; y < oh; y++)
+        for (x = 0; x < ow; x++) {
+            const float *a = in + ((size_t)(2 * y) * w + 2 * x) * c, *b = a + c;
+            const float *d = a + (size_t)w * c, *e = d + c;
+            float *o = out + ((size_t)y * ow + x) * c;
+            for (ch = 0; ch < c; ch++) {
+                float m0 = a[ch] > b[ch] ? a[ch] : b[ch], m1 = d[ch] > e[ch] ? d[ch] : e[ch];
+                o[ch] = m0 > m1 ? m0 : m1;
+            }
+        }
+}
+
+/* nn.MaxPool2d(2, 2) backward: dout [(h/2)*(w/2)][c] goes to the first maximum of each
+ * window (row-major order, as PyTorch): din [h*w][c] +=. */
+static void maxpool2x2_hwc_backward(float *din, const float *dout, const float *in, int h, int w, int c)
+{
+    int oh = h / 2, ow = w / 2, y, x, ch, k;
+    for (y = 0; y < oh; y++)
+        for (x = 0; x < ow; x++) {
+            size_t at[4];
+            at[0] = ((size_t)(2 * y) * w + 2 * x) * c;
+            at[1] = at[0] + c;
+            at[2] = at[0] + (size_t)w * c;
+            at[3] = at[2] + c;
+            for (ch = 0; ch < c; ch++) {
+                size_t best = at[0] + ch;
+                for (k = 1; k < 4; k++)
+                    if (in[at[k] + ch] > in[best]) best = at[k] + ch;
+                din[best] += dout[((size_t)y * ow + x) * c + ch];
+            }
+        }
+}
+
+/* Depthwise 3x3 convolution, padding 1, no bias, channels-last; w9 is [9][c]. */
+static void depthwise3x3_hwc(float *out, const float *in, int h, int w, int c, const float *w9)
+{
+    int y;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)h * w * c * 9))
+#endif
+    for (y = 0; y < h; y++) {
+        int x, ty, tx, ch;
+        for (x = 0; x < w; x++) {
+            float *o = out + ((size_t)y * w + x) * c;
+            for (ch = 0; ch < c; ch++) o[ch] = 0.0f;
+            for (ty = 0; ty < 3; ty++)
+                for (tx = 0; tx < 3; tx++) {
+                    int yy = y + ty - 1, xx = x + tx - 1;
+                    const float *iv, *wv;
+                    if (yy < 0 || yy >= h || xx < 0 || xx >= w) continue;
+                    iv = in + ((size_t)yy * w + xx) * c;
+                    wv = w9 + (size_t)(ty * 3 + tx) * c;
+                    for (ch = 0; ch < c; ch++) o[ch] += iv[ch] * wv[ch];
+                }
+        }
+    }
+}
+
+/* Channels handled together by depthwise3x3_hwc_backward's kernel gradient. */
+#define DEPTHWISE_BLOCK 64
+
+/* Depthwise 3x3 convolution backward (padding 1): dout [h*w][c] -> din [h*w][c] +=
+ * (when din; gathered per input row), dw9 [9][c] += (per channel block, in double). */
+static void depthwise3x3_hwc_backward(float *din, float *dw9, const float *dout, const float *in, int h, int w, int c,
+                                      const float *w9)
+{
+    int y, nb = (c + DEPTHWISE_BLOCK - 1) / DEPTHWISE_BLOCK, blk;
+    if (din) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)h * w * c * 9))
+#endif
+        for (y = 0; y < h; y++) {
+            int x, t, ch;
+            for (x = 0; x < w; x++) {
+                float *d = din + ((size_t)y * w + x) * c;
+                for (t = 0; t < 9; t++) {
+                    int oy = y - (t / 3 - 1), ox = x - (t % 3 - 1);
+                    const float *g, *wv;
+                    if (oy < 0 || oy >= h || ox < 0 || ox >= w) continue;
+                    g = dout + ((size_t)oy * w + ox) * c;
+                    wv = w9 + (size_t)t * c;
+                    for (ch = 0; ch < c; ch++) d[ch] += g[ch] * wv[ch];
+                }
+            }
+        }
+    }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)h * w * c * 9))
+#endif
+    for (blk = 0; blk < nb; blk++) {
+        double acc[9][DEPTHWISE_BLOCK];
+        int c0 = blk * DEPTHWISE_BLOCK, nc = c - c0 < DEPTHWISE_BLOCK ? c - c0 : DEPTHWISE_BLOCK, t, yy, x, ch;
+        for (t = 0; t < 9; t++)
+            for (ch = 0; ch < nc; ch++) acc[t][ch] = 0.0;
+        for (yy = 0; yy < h; yy++)
+            for (x = 0; x < w; x++) {
+                const float *g = dout + ((size_t)yy * w + x) * c + c0;
+                for (t = 0; t < 9; t++) {
+                    int iy = yy + t / 3 - 1, ix = x + t % 3 - 1;
+                    const float *iv;
+                    if (iy < 0 || iy >= h || ix < 0 || ix >= w) continue;
+                    iv = in + ((size_t)iy * w + ix) * c + c0;
+                    for (ch = 0; ch < nc; ch++) acc[t][ch] += (double)g[ch] * iv[ch];
+                }
+            }
+        for (t = 0; t < 9; t++)
+            for (ch = 0; ch < nc; ch++) dw9[(size_t)t * c + c0 + ch] += (float)acc[t][ch];
+    }
+}
+
+/* Full 3x3 convolution, padding 1, no bias, channels-last: nine shifted matmuls;
+ * wt is [9][co][ci]. */
+static void conv3x3_hwc(float *out, const float *in, int h, int w, int ci, int co, const float *wt)
+{
+    int y;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)h * w * ci * co * 9))
+#endif
+    for (y = 0; y < h; y++) {
+        int t, x;
+        float *o = out + (size_t)y * w * co;
+        for (x = 0; x < w * co; x++) o[x] = 0.0f;
+        for (t = 0; t < 9; t++) {
+            int yy = y + t / 3 - 1, dx = t % 3 - 1, x0 = dx < 0 ? 1 : 0, x1 = dx > 0 ? w - 1 : w;
+            if (yy < 0 || yy >= h || x1 <= x0) continue;
+            gemm_nt(x1 - x0, co, ci, in + ((size_t)yy * w + x0 + dx) * ci, ci, wt + (size_t)t * co * ci, ci, NULL,
+                    o + (size_t)x0 * co, co, 1);
+        }
+    }
+}
+
+/* Full 3x3 convolution backward (padding 1, channels-last): dout [h*w][co] ->
+ * din [h*w][ci] += (when din; each input row gathers its nine taps), dwt [9][co][ci] +=.
+ * scratch: 9*co*ci + h*w*ci floats (transposed taps, one tap's shifted input). */
+static void conv3x3_hwc_backward(float *din, float *dwt, const float *dout, const float *in, int h, int w, int ci,
+                                 int co, const float *wt, float *scratch)
+{
+    float *wtt = scratch, *shifted = scratch + (size_t)9 * co * ci;
+    int t, y;
+    if (din) {
+        for (t = 0; t < 9; t++) transpose(wtt + (size_t)t * ci * co, wt + (size_t)t * co * ci, co, ci);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)h * w * ci * co * 9))
+#endif
+        for (y = 0; y < h; y++) {
+            int tt;
+            for (tt = 0; tt < 9; tt++) {
+                int dy = tt / 3 - 1, dx = tt % 3 - 1, oy = y - dy, x0 = dx > 0 ? 0 : -dx, x1 = dx > 0 ? w - dx : w;
+                if (oy < 0 || oy >= h || x1 <= x0) continue;
+                /* din[y][x + dx] += dout[oy][x] . wt[tt] for output columns x0..x1 */
+                gemm_nt(x1 - x0, ci, co, dout + ((size_t)oy * w + x0) * co, co, wtt + (size_t)tt * ci * co, co, NULL,
+                        din + ((size_t)y * w + x0 + dx) * ci, ci, 1);
+            }
+        }
+    }
+    for (t = 0; t < 9; t++) {
+        int dy = t / 3 - 1, dx = t % 3 - 1, x;
+        /* shifted[y][x] = in[y + dy][x + dx], zero outside */
+        for (y = 0; y < h; y++)
+            for (x = 0; x < w; x++) {
+                float *d = shifted + ((size_t)y * w + x) * ci;
+                int iy = y + dy, ix = x + dx;
+                if (iy < 0 || iy >= h || ix < 0 || ix >= w) memset(d, 0, (size_t)ci * sizeof *d);
+                else memcpy(d, in + ((size_t)iy * w + ix) * ci, (size_t)ci * sizeof *d);
+            }
+        gemm_tn(co, ci, h * w, dout, co, shifted, ci, dwt + (size_t)t * co * ci, ci);
+    }
+}
+
+/* Mask2FormerSinePositionEmbedding(normalize=True) of an h x w map, channels-last:
+ * out[p][0..npf) = pos_y, out[p][npf..2npf) = pos_x, each (sin, cos) interleaved. */
+static void sine_position_embedding(float *out, int ld, int h, int w, int npf)
+{
+    const float temperature = 10000.0f, eps = 1e-6f, scale = (float)(2.0 * LOUPE_PI);
+    int y, x, k;
+    for (y = 0; y < h; y++)
+        for (x = 0; x < w; x++) {
+            float ye = (float)(y + 1) / ((float)h + eps) * scale, xe = (float)(x + 1) / ((float)w + eps) * scale;
+            float *o = out + ((size_t)y * w + x) * ld;
+            for (k = 0; k < npf; k++) {
+                float dim_t = powf(temperature, (float)(2 * (k / 2)) / (float)npf);
+                float py = ye / dim_t, px = xe / dim_t;
+                o[k] = k % 2 ? cosf(py) : sinf(py);
+                o[npf + k] = k % 2 ? cosf(px) : sinf(px);
+            }
+        }
+}
+
+/* Bilinear sample of one head's channels at (ix, iy) in pixel units, zero outside
+ * (grid_sample, align_corners=False, padding zeros); accumulates weight * value. */
+static void sample_bilinear_acc(float *acc, const float *value, int ld, int h, int w, float ix, float iy,
+                                float weight, int dh)
+{
+    int x0, y0, x1, y1, d, xs[4], ys[4], k;
+    float fx, fy, wts[4], *wp = wts;
+    /* Points at or beyond one pixel outside the map (and NaN) only meet zero padding. */
+    if (!(ix > -1.0f && ix < (float)w && iy > -1.0f && iy < (float)h)) return;
+    x0 = (int)floorf(ix); y0 = (int)floorf(iy); x1 = x0 + 1; y1 = y0 + 1;
+    fx = ix - (float)x0; fy = iy - (float)y0;
+    wts[0] = (1.0f - fx) * (1.0f - fy); xs[0] = x0; ys[0] = y0;
+    wts[1] = fx * (1.0f - fy);          xs[1] = x1; ys[1] = y0;
+    wts[2] = (1.0f - fx) * fy;          xs[2] = x0; ys[2] = y1;
+    wts[3] = fx * fy;                   xs[3] = x1; ys[3] = y1;
+    for (k = 0; k < 4; k++, wp++) {
+        const float *v;
+        float c;
+        if (xs[k] < 0 || xs[k] >= w || ys[k] < 0 || ys[k] >= h) continue;
+        v = value + ((size_t)ys[k] * w + xs[k]) * ld;
+        c = weight * *wp;
+        for (d = 0; d < dh; d++) acc[d] += c * v[d];
+    }
+}
+
+/* Backward of sample_bilinear_acc for the gradient dacc [dh] of the accumulator:
+ * dvalue (the four in-bounds neighbours) += weight * tap weight * dacc, *dix and *diy +=
+ * the gradient of the sampling position; returns the gradient of weight (dacc . sample). */
+static float sample_bilinear_backward(float *dvalue, const float *value, int ld, int h, int w, float ix, float iy,
+                                      float weight, const float *dacc, int dh, float *dix, float *diy)
+{
+    int x0 = (int)floorf(ix), y0 = (int)floorf(iy), k, d;
+    float fx = ix - (float)x0, fy = iy - (float)y0;
+    float wts[4], dwx[4], dwy[4];
+    int xs[4], ys[4];
+    double dweight = 0.0, gx = 0.0, gy = 0.0;
+    wts[0] = (1.0f - fx) * (1.0f - fy); dwx[0] = -(1.0f - fy); dwy[0] = -(1.0f - fx); xs[0] = x0;     ys[0] = y0;
+    wts[1] = fx * (1.0f - fy);          dwx[1] = 1.0f - fy;    dwy[1] = -fx;          xs[1] = x0 + 1; ys[1] = y0;
+    wts[2] = (1.0f - fx) * fy;          dwx[2] = -fy;          dwy[2] = 1.0f - fx;    xs[2] = x0;     ys[2] = y0 + 1;
+    wts[3] = fx * fy;                   dwx[3] = fy;           dwy[3] = fx;           xs[3] = x0 + 1; ys[3] = y0 + 1;
+    for (k = 0; k < 4; k++) {
+        size_t at;
+        double dot;
+        float c;
+        if (xs[k] < 0 || xs[k] >= w || ys[k] < 0 || ys[k] >= h) continue;
+        at = ((size_t)ys[k] * w + xs[k]) * ld;
+        dot = row_dot(dacc, value + at, dh);
+        dweight += wts[k] * dot;
+        gx += dwx[k] * dot;
+        gy += dwy[k] * dot;
+        c = weight * wts[k];
+        for (d = 0; d < dh; d++) dvalue[at + d] += c * dacc[d];
+    }
+    *dix += (float)(weight * gx);
+    *diy += (float)(weight * gy);
+    return (float)dweight;
+}
+
+/* ========================================================================== */
+/* Sessions: one planned arena holds every activation of a forward pass        */
+/* ========================================================================== */
+
+/* Where one ScaleBlock puts its activations: conv1 (or max-pool) output, its GELU,
+ * the depthwise output (LayerNorm2d input), each [h'*w'][W]. In inference they alias
+ * (GELU in place, LayerNorm2d in place in the block's output). */
+typedef struct scale_block_acts { float *pre, *act, *dw; } scale_block_acts;
+
+/* Where one pixel-decoder encoder layer puts its activations (Te tokens, F channels):
+ * query + position, value, offsets, softmaxed weights, deformable output [Te][F|2noff|noff|F];
+ * a1/h1 the self-attention residual sum (LayerNorm input) and its norm; cq [F] the projected
+ * conditional query, kv [Te][2F], catt [F] the attention output, co [F] its projection;
+ * a2/h2 the cross-attention residual sum and norm; ffn [Te][E] after ReLU; a3 the FFN
+ * residual sum. In inference the residual stream is updated in place in the output. */
+typedef struct enc_layer_acts {
+    float *qpos, *value, *offs, *aw, *msda, *a1, *h1, *cq, *kv, *catt, *co, *a2, *h2, *ffn, *a3;
+} enc_layer_acts;
+
+/* Where one masked-attention decoder layer puts its activations (Q queries, n tokens of
+ * its level): mask [Q][n] (1 = may not attend); hq1 = hidden + query position, q1 [Q][F],
+ * kv [n][2F] (keys from the session's dec_kin), att1 [Q][F], a1/h1 cross-attention sum
+ * and norm; hq2, q2 [Q][F], kv2 [2][Q][F] (k, v), att2, a2/h2 the self-attention sum and norm;
+ * ffn [Q][E] after ReLU, a3 the FFN sum. In inference they alias the session's scratch. */
+typedef struct dec_layer_acts {
+    unsigned char *mask;
+    float *hq1, *q1, *kv, *att1, *a1, *h1, *hq2, *q2, *kv2, *att2, *a2, *h2, *ffn, *a3;
+} dec_layer_acts;
+
+/* What a test-time-adaptation forward keeps for the backward (a loupe_tta owns the
+ * buffers; section 8). Layer outputs the session keeps anyway are read from the session. */
+typedef struct tta_tape {
+    scale_block_acts fpn[4];      /* fpn4[0], fpn4[1], fpn2, fpn_half */
+    float *proj;                  /* [Te][F] input projections before their GroupNorm */
+    enc_layer_acts *enc;          /* [enc_layers] */
+    float *lat_pre, *conv_pre;    /* [(4g)^2][F] adapter_1 and layer_1 convolutions before GroupNorm */
+    float *hidden;                /* [L][Q][F] decoder hidden states: query features, then layer outputs */
+    dec_layer_acts *dec;          /* [L-1] */
+    float *me_a, *me_b, *me;      /* [L][Q][F] mask-embedding MLP of each prediction */
+} tta_tape;
+
+/* What a training forward keeps for the backward of the backbone (T = 1 + g*g tokens,
+ * width W, MLP width M, pooling MLP width Mp); a trainer owns the buffers (sized by
+ * pe_train_layout, section 4). Block i's activations start at i * (size of one block)
+ * of each array. LayerNorm outputs and GELU outputs are recomputed by the backward, and
+ * the attention probabilities by attention_backward. */
+typedef struct pe_tape {
+    float *embed;        /* [T][W] class and patch embeddings plus positions: ln_pre's input */
+    float *x;            /* [layers+1][T][W] residual stream entering block i; [layers]: ln_post's input */
+    float *qkv;          /* [layers][T][3W] q, k after RoPE, v */
+    float *att;          /* [layers][T][W] attention output before out_proj */
+    float *mid;          /* [layers][T][W] residual stream after attention: ln_2's input */
+    float *fc;           /* [layers][T][M] c_fc output before GELU */
+    float *pool_q;       /* [W] the probe's query */
+    float *pool_kv;      /* [T][2W] keys and values of backbone_features */
+    float *pool_att;     /* [W] attention output before out_proj */
+    float *pool_mid;     /* [W] out_proj output: the layernorm's input and the residual */
+    float *pool_fc;      /* [Mp] c_fc output before GELU */
+} pe_tape;
+
+/* What a training forward keeps for the classifier's backward: every hidden layer of
+ * the two heads before its GELU (the heads' inputs stay in the session). */
+typedef struct cls_tape {
+    float *global_pre;   /* [cls_layers-1][cls_hidden] */
+    float *patch_pre;    /* [cls_layers-1][g*g][cls_hidden] */
+} cls_tape;
+
+struct loupe_session {
+    const loupe_model *m;
+    const loupe_weights *w;       /* weights in use: the model's or a trainer's (trained copies) */
+    const loupe_tables *t;        /* tables derived from them */
+    tta_tape *tape;               /* TTA: where the forward keeps what the backward needs (else NULL) */
+    pe_tape *bb_tape;             /* training: backbone activations for the backward (else NULL) */
+    cls_tape *cls_tape;           /* training: classifier activations for the backward (else NULL) */
+    scale_block_acts fpn_acts;    /* inference views of the activations (aliasing scratch) */
+    enc_layer_acts enc_acts;
+    dec_layer_acts dec_acts;
+    loupe_tap_fn tap;
+    void *tap_user;
+    void *raw;
+    size_t bytes;
+    int threads;                  /* threads the scratch buffers were sized for */
+    /* backbone: T = 1 + g*g tokens of width W */
+    float *patches;               /* [g*g][3*P*P] image patches (im2col) */
+    float *x, *h, *att;           /* [T][W] residual stream, normed input, attention output */
+    float *qkv;                   /* [T][3W] */
+    float *wide;                  /* [T][max(mlp_width, pool_mlp_width)] MLP hidden */
+    float *scores;                /* [threads][largest score matrix] */
+    float *feats;                 /* [T][W] backbone_features */
+    float *pool_q, *pool_att, *pooled, *pool_h; /* [W] attention pooling */
+    /* classifier */
+    float *cls_a, *cls_b;         /* [g*g][cls_hidden] MLP hidden layers */
+    float *patch_logits;          /* [g*g] */
+    float global_logit, fused_logit, prob;
+    float cond_label;             /* training: the conditional query's label (1 forged, 0 not);
+                                     negative: the classifier's probability (inference, TTA) */
+    /* segmentor: feature pyramid */
+    float *cond_query;            /* [F] */
+    float *fpn4, *fpn2, *fpn_half;/* [(4g)^2][W], [(2g)^2][W], [(g/2)^2][W] */
+    float *fpn_tmp, *fpn_mid;     /* [(4g)^2][W], [(2g)^2][W] scale-block temporaries */
+    /* pixel decoder, Te tokens over levels [g/2, g, 2g] */
+    float *enc_h;                 /* [enc_layers+1][Te][F] encoder input, then each layer's output */
+    float *qpos, *value, *msda, *tmp; /* [Te][F] */
+    float *offs, *aw;             /* [Te][heads*3*points*2], [Te][heads*3*points] */
+    float *kv;                    /* [Te][2F] */
+    float *ffn;                   /* [Te][enc_ffn] or [Q][dec_ffn], whichever is larger */
+    float *cq, *catt;             /* [F] conditional cross-attention */
+    float *lateral, *fpn_out, *mask_features; /* [(4g)^2][F] */
+    float *mask_features_packed; /* mask_features packed for the mask einsum (gemm_prepack; in fpn_tmp) */
+    float *interp;                /* interpolation index scratch */
+    /* transformer decoder, Q queries */
+    float *dec_feat;              /* [Te][F] multi-scale features + level embedding */
+    float *dec_kin;               /* [Te][F] dec_feat + position: the cross-attention's key input (in tmp) */
+    float *hidden, *hq, *dq, *datt, *dtmp; /* [Q][F] */
+    float *me_a, *me_b, *me;      /* [Q][F] mask-embedding MLP */
+    float *query_hidden;          /* [L][Q][F] */
+    float *class_logits;          /* [L][Q][labels+1] */
+    float *mask_logits;           /* [L][Q][(4g)^2] */
+    float *attn_logits;           /* [L][Q][(2g)^2] */
+    unsigned char *attn_mask;     /* [Q][(2g)^2] 1 = may not attend */
+    /* post-processing */
+    float *seg, *seg_tmp;         /* [384][384] */
+    loupe_outputs out;
+};
+
+/* Largest of three sizes. */
+static size_t max3(size_t a, size_t b, size_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+
+/* Assigns (or, while measuring, counts) every activation buffer. */
+static void session_layout(loupe_session *s, arena *a)
+{
+    const loupe_config *c = &s->m->cfg;
+    const loupe_tables *t = &s->m->t;
+    size_t g = (size_t)c->grid, N = g * g, T = N + 1, W = (size_t)c->width, F = (size_t)c->feature_size;
+    size_t Q = (size_t)c->num_queries, L = (size_t)c->dec_layers, P = (size_t)c->patch_size;
+    size_t Te = (size_t)t->tokens, M4 = 16 * N, M2 = 4 * N, Mh = (g / 2) * (g / 2);
+    size_t noff = (size_t)c->m2f_heads * 3 * (size_t)c->deform_points;
+    size_t score = max3(T * T, Q * M2 + Q * Q, Te);
+    s->patches = arena_floats(a, N * 3 * P * P);
+    s->x = arena_floats(a, T * W);
+    s->h = arena_floats(a, T * W);
+    s->att = arena_floats(a, T * W);
+    s->qkv = arena_floats(a, T * 3 * W);
+    s->wide = arena_floats(a, T * max3((size_t)c->mlp_width, (size_t)c->pool_mlp_width, 1));
+    s->scores = arena_floats(a, (size_t)s->threads * score);
+    s->feats = arena_floats(a, T * W);
+    s->pool_q = arena_floats(a, W);
+    s->pool_att = arena_floats(a, W);
+    s->pooled = arena_floats(a, W);
+    s->pool_h = arena_floats(a, W);
+    s->cls_a = arena_floats(a, N * (size_t)c->cls_hidden);
+    s->cls_b = arena_floats(a, N * (size_t)c->cls_hidden);
+    s->patch_logits = arena_floats(a, N);
+    s->cond_query = arena_floats(a, F);
+    s->fpn4 = arena_floats(a, M4 * W);
+    s->fpn2 = arena_floats(a, M2 * W);
+    s->fpn_half = arena_floats(a, Mh * W);
+    /* the pyramid's scratch, dead once it is built: then the packed mask features */
+    s->fpn_tmp = arena_floats(a, max3(M4 * W, GEMM_PREPACKED_FLOATS(M4, F), 1));
+    s->mask_features_packed = s->fpn_tmp;
+    s->fpn_mid = arena_floats(a, M2 * W);
+    s->enc_h = arena_floats(a, ((size_t)c->enc_layers + 1) * Te * F);
+    s->qpos = arena_floats(a, Te * F);
+    s->value = arena_floats(a, Te * F);
+    s->msda = arena_floats(a, Te * F);
+    s->tmp = arena_floats(a, Te * F);
+    s->dec_kin = s->tmp; /* the pixel decoder's scratch, dead once its layers are done */
+    s->offs = arena_floats(a, Te * noff * 2);
+    s->aw = arena_floats(a, Te * noff);
+    s->kv = arena_floats(a, Te * 2 * F);
+    s->ffn = arena_floats(a, max3(Te * (size_t)c->enc_ffn, Q * (size_t)c->dec_ffn, 1)); /* encoder's, decoder's FFN */
+    s->cq = arena_floats(a, F);
+    s->catt = arena_floats(a, F);
+    s->lateral = arena_floats(a, M4 * F);
+    s->fpn_out = arena_floats(a, M4 * F);
+    s->mask_features = arena_floats(a, M4 * F);
+    s->interp = arena_floats(a, INTERP_SCRATCH(SEG_SIZE, SEG_SIZE) + INTERP_SCRATCH(4 * g, 4 * g));
+    s->dec_feat = arena_floats(a, Te * F);
+    s->hidden = arena_floats(a, Q * F);
+    s->hq = arena_floats(a, Q * F);
+    s->dq = arena_floats(a, Q * F);
+    s->datt = arena_floats(a, Q * F);
+    s->dtmp = arena_floats(a, Q * F);
+    s->me_a = arena_floats(a, Q * F);
+    s->me_b = arena_floats(a, Q * F);
+    s->me = arena_floats(a, Q * F);
+    s->query_hidden = arena_floats(a, L * Q * F);
+    s->class_logits = arena_floats(a, L * Q * ((size_t)c->num_labels + 1));
+    s->mask_logits = arena_floats(a, L * Q * M4);
+    s->attn_logits = arena_floats(a, L * Q * M2);
+    s->attn_mask = arena_bytes(a, Q * M2);
+    s->seg = arena_floats(a, (size_t)SEG_SIZE * SEG_SIZE);
+    s->seg_tmp = arena_floats(a, (size_t)SEG_SIZE * SEG_SIZE);
+    /* inference activation views: the scratch above, residual streams in place */
+    s->fpn_acts.pre = s->fpn_acts.act = s->fpn_tmp;
+    s->fpn_acts.dw = NULL; /* the block's output */
+    s->enc_acts.qpos = s->qpos; s->enc_acts.value = s->value; s->enc_acts.offs = s->offs;
+    s->enc_acts.aw = s->aw; s->enc_acts.msda = s->msda; s->enc_acts.a1 = s->tmp;
+    s->enc_acts.h1 = s->enc_acts.a2 = s->enc_acts.h2 = s->enc_acts.a3 = NULL; /* the layer's output */
+    s->enc_acts.cq = s->cq; s->enc_acts.kv = s->kv; s->enc_acts.catt = s->catt; s->enc_acts.co = s->cq;
+    s->enc_acts.ffn = s->ffn;
+    s->dec_acts.mask = s->attn_mask;
+    s->dec_acts.hq1 = s->dec_acts.hq2 = s->hq; s->dec_acts.q1 = s->dec_acts.q2 = s->dq;
+    s->dec_acts.kv = s->dec_acts.kv2 = s->kv; s->dec_acts.att1 = s->dec_acts.att2 = s->datt;
+    s->dec_acts.a1 = s->dec_acts.h1 = s->dec_acts.a2 = s->dec_acts.h2 = s->dec_acts.a3 = s->hidden;
+    s->dec_acts.ffn = s->ffn;
+}
+
+loupe_session *loupe_session_new(const loupe_model *m, char *err, size_t errsize)
+{
+    loupe_session *s;
+    arena a = {NULL, 0, 0};
+    if (!m) { fail(err, errsize, "no model given"); return NULL; }
+    s = calloc(1, sizeof *s);
+    if (!s) { fail(err, errsize, "out of memory"); return NULL; }
+    s->m = m;
+    s->w = &m->w;
+    s->t = &m->t;
+    s->threads = max_threads();
+    s->cond_label = -1.0f;
+    session_layout(s, &a); /* measure */
+    a.cap = a.used;
+    a.used = 0;
+    a.base = aligned_block(a.cap, &s->raw);
+    if (!a.base) {
+        fail(err, errsize, "out of memory: the activation arena needs %.1f MiB", (double)a.cap / (1 << 20));
+        free(s);
+        return NULL;
+    }
+    s->bytes = a.cap;
+    session_layout(s, &a); /* assign */
+    return s;
+}
+
+void loupe_session_free(loupe_session *s)
+{
+    if (!s) return;
+    free(s->raw);
+    free(s);
+}
+
+void loupe_set_tap(loupe_session *s, loupe_tap_fn fn, void *user)
+{
+    s->tap = fn;
+    s->tap_user = user;
+}
+
+/* Reports a named tensor to the tap, if one is installed. dims in upstream order. */
+static void tap(const loupe_session *s, const char *name, const float *data, int channels_last, int ndim, int d0,
+                int d1, int d2, int d3)
+{
+    int dims[4];
+    dims[0] = d0; dims[1] = d1; dims[2] = d2; dims[3] = d3;
+    if (s->tap) s->tap(s->tap_user, name, data, ndim, dims, channels_last);
+}
+
+/* ========================================================================== */
+/* 4. Backbone: Perception Encoder ViT (models/pe/pe.py)                       */
+/* ========================================================================== */
+/* Each module's forward is followed by its backward twin (training: sections 8 and up
+ * drive them). A backward reads the activations its forward left on the session's
+ * tapes (s->bb_tape, s->cls_tape; NULL in inference, which then costs nothing), takes
+ * the gradient of the module's output, adds (+=) the gradient of its input and those
+ * of its parameters into gradient views (float32, upstream layout). A NULL gradient
+ * member means "not trained": that weight gradient is skipped, but input gradients
+ * still flow, through frozen BF16/Q8 weights too (upstream trains the class and
+ * position embeddings even when the rest of the backbone is frozen). */
+
+/* Gradient views of backbone.transformer.resblocks[i], backbone.attn_pool and the whole
+ * backbone (blocks: [layers] views, or NULL when every block is frozen). */
+typedef struct pe_block_g { norm_g ln_1, ln_2; linear_g qkv, out, fc, proj; } pe_block_g;
+typedef struct pe_pool_g { float *probe; linear_g qkv, out; norm_g ln; linear_g fc, proj; } pe_pool_g;
+typedef struct pe_grads {
+    float *class_embedding, *positional_embedding; /* [W], [T][W] */
+    float *conv1;                                  /* [W][3][P][P] */
+    norm_g ln_pre, ln_post;
+    pe_block_g *blocks;
+    pe_pool_g pool;
+} pe_grads;
+
+/* Scratch of the backbone's and the classifier's backward (sized by pe_train_layout). */
+typedef struct pe_work {
+    float *d_feats;         /* [T][W] gradient of backbone_features (the caller's plus the pooling's) */
+    float *d_a, *d_b;       /* [T][W] gradient of the residual stream (two, swapped per block) */
+    float *d_mid, *d_h, *h; /* [T][W] d of a block's middle stream, of a LayerNorm output; that output */
+    float *d_qkv;           /* [T][3W] */
+    float *d_att;           /* [T][W] */
+    float *d_wide, *wide;   /* [T][max(M, Mp)] d of a GELU output; the output, then d of its input */
+    float *d_logits;        /* [g*g] gradient of the patch logits (loss + fuser) */
+    float *cls_act, *cls_d_act, *cls_d_pre; /* [g*g][cls_hidden] */
+    float *stats;           /* [2T] LayerNorm statistics */
+    float *att;             /* attention_backward scratch: [threads][2 T T] */
+} pe_work;
+
+/* Assigns (or, while measuring, counts) the backbone's and the classifier's tapes and
+ * the backward scratch (each skipped when NULL), for a session of the model c. The
+ * attention scratch is sized for max_threads() at this call. Full size (24 layers,
+ * T = 577, W = 1024, M = 4096): backbone tape 577 MB, classifier tape 5 MB, scratch
+ * 57 MB + 2.7 MB per thread. */
+static void pe_train_layout(const loupe_config *c, pe_tape *bt, cls_tape *ct, pe_work *k, arena *a)
+{
+    size_t N = (size_t)c->grid * c->grid, T = N + 1, W = (size_t)c->width, M = (size_t)c->mlp_width;
+    size_t Mp = (size_t)c->pool_mlp_width, L = (size_t)c->layers, Hd = (size_t)c->cls_hidden;
+    size_t Lc = (size_t)c->cls_layers - 1, wide = max3(M, Mp, 1);
+    if (bt) {
+        bt->embed = arena_floats(a, T * W);
+        bt->x = arena_floats(a, (L + 1) * T * W);
+        bt->qkv = arena_floats(a, L * T * 3 * W);
+        bt->att = arena_floats(a, L * T * W);
+        bt->mid = arena_floats(a, L * T * W);
+        bt->fc = arena_floats(a, L * T * M);
+        bt->pool_q = arena_floats(a, W);
+        bt->pool_kv = arena_floats(a, T * 2 * W);
+        bt->pool_att = arena_floats(a, W);
+        bt->pool_mid = arena_floats(a, W);
+        bt->pool_fc = arena_floats(a, Mp);
+    }
+    if (ct) {
+        ct->global_pre = arena_floats(a, Lc * Hd);
+        ct->patch_pre = arena_floats(a, Lc * N * Hd);
+    }
+    if (k) {
+        k->d_feats = arena_floats(a, T * W);
+        k->d_a = arena_floats(a, T * W);
+        k->d_b = arena_floats(a, T * W);
+        k->d_mid = arena_floats(a, T * W);
+        k->d_h = arena_floats(a, T * W);
+        k->h = arena_floats(a, T * W);
+        k->d_qkv = arena_floats(a, T * 3 * W);
+        k->d_att = arena_floats(a, T * W);
+        k->d_wide = arena_floats(a, T * wide);
+        k->wide = arena_floats(a, T * wide);
+        k->d_logits = arena_floats(a, N);
+        k->cls_act = arena_floats(a, N * Hd);
+        k->cls_d_act = arena_floats(a, N * Hd);
+        k->cls_d_pre = arena_floats(a, N * Hd);
+        k->stats = arena_floats(a, 2 * T);
+        k->att = arena_floats(a, (size_t)max_threads() * 2 * T * T);
+    }
+}
+
+/* Zeroes n floats: big buffers (the backward's scratch maps, tens of MB) in chunks on all
+ * threads, as one thread's stores do not saturate the memory bus. */
+#define ZERO_CHUNK ((size_t)1 << 18)
+static void zero_floats(float *x, size_t n)
+{
+    long c, chunks = (long)((n + ZERO_CHUNK - 1) / ZERO_CHUNK);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (chunks > 1 && parallel_ok((double)n))
+#endif
+    for (c = 0; c < chunks; c++) {
+        size_t lo = (size_t)c * ZERO_CHUNK, len = n - lo < ZERO_CHUNK ? n - lo : ZERO_CHUNK;
+        memset(x + lo, 0, len * sizeof *x);
+    }
+}
+
+/* VisionTransformer.conv1 + class_embedding + positional_embedding + ln_pre:
+ * pixel_values [3][S][S] -> x [1+g*g][W]. */
+static void pe_embed(loupe_session *s, const float *pixels)
+{
+    const loupe_config *c = &s->m->cfg;
+    const loupe_weights *w = s->w;
+    int g = c->grid, P = c->patch_size, S = c->image_size, W = c->width, K = 3 * P * P, T = 1 + g * g;
+    int p, ch, ky, kx;
+    for (p = 0; p < g * g; p++) {
+        float *row = s->patches + (size_t)p * K;
+        int py = p / g, px = p % g;
+        for (ch = 0; ch < 3; ch++)
+            for (ky = 0; ky < P; ky++)
+                for (kx = 0; kx < P; kx++)
+                    row[(ch * P + ky) * P + kx] = pixels[((size_t)ch * S + py * P + ky) * S + px * P + kx];
+    }
+    gemm_nt_w(g * g, W, K, s->patches, K, w->conv1, NULL, s->x + W, W, 0);
+    memcpy(s->x, w->class_embedding, (size_t)W * sizeof *s->x);
+    add(s->x, s->x, w->positional_embedding, (size_t)T * W);
+    if (s->bb_tape) memcpy(s->bb_tape->embed, s->x, (size_t)T * W * sizeof *s->x);
+    layernorm(s->x, s->x, T, W, w->ln_pre, c->ln_eps);
+    tap(s, "backbone_ln_pre", s->x, 0, 3, 1, T, W, 0);
+}
+
+/* pe_embed backward (conv1 as the product of the patch matrix s->patches and its
+ * weight): d ln_pre output dy [T][W] -> class_embedding [W], positional_embedding
+ * [T][W], conv1 [W][3P^2], ln_pre gradients += (no pixel gradient). */
+static void pe_embed_backward(const loupe_session *s, const pe_grads *g, const float *dy, pe_work *k)
+{
+    const loupe_config *c = &s->m->cfg;
+    int N = c->grid * c->grid, T = N + 1, W = c->width, K = 3 * c->patch_size * c->patch_size, i;
+    size_t TW = (size_t)T * W, j;
+    float *d_x0 = k->d_h;
+    zero_floats(d_x0, TW);
+    layernorm_backward(d_x0, g->ln_pre.w, g->ln_pre.b, dy, s->bb_tape->embed, T, W, s->w->ln_pre, c->ln_eps,
+                       k->stats);
+    if (g->positional_embedding)
+        for (j = 0; j < TW; j++) g->positional_embedding[j] += d_x0[j];
+    if (g->class_embedding)
+        for (i = 0; i < W; i++) g->class_embedding[i] += d_x0[i];
+    if (g->conv1) gemm_tn(W, K, N, d_x0 + W, W, s->patches, K, g->conv1, K);
+}
+
+/* Turns the q and k parts of qkv [T][3W] in place, each channel pair (2i, 2i+1) of a
+ * token: dir +1 rotates, (a, b) -> (a cos_2i - b sin_2i, b cos_2i+1 + a sin_2i+1); dir -1
+ * applies the transposed matrix (the backward; the inverse rotation, as the tables
+ * repeat every angle for both channels of a pair). */
+static void pe_rope2d_turn(float *qkv, int T, int W, int heads, const float *cosv, const float *sinv, float dir)
+{
+    int dh = W / heads, t;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)T * W * 4))
+#endif
+    for (t = 0; t < T; t++) {
+        const float *cs = cosv + (size_t)t * dh, *sn = sinv + (size_t)t * dh;
+        int part, h, i;
+        for (part = 0; part < 2; part++)
+            for (h = 0; h < heads; h++) {
+                float *v = qkv + (size_t)t * 3 * W + (size_t)part * W + (size_t)h * dh;
+                for (i = 0; i < dh; i += 2) {
+                    /* dir -1 is the transpose: each channel takes its partner's sine */
+                    float a = v[i], b = v[i + 1], s0 = dir * sn[i + (dir < 0)], s1 = dir * sn[i + (dir > 0)];
+                    v[i] = a * cs[i] - b * s0;
+                    v[i + 1] = b * cs[i + 1] + a * s1;
+                }
+            }
+    }
+}
+
+/* Rope2D.__call__: rotates the q and k parts of qkv [T][3W] in place by each token's
+ * angles: (a, b) -> (a cos - b sin, b cos + a sin). */
+static void pe_rope2d(float *qkv, int T, int W, int heads, const float *cosv, const float *sinv)
+{
+    pe_rope2d_turn(qkv, T, W, heads, cosv, sinv, 1.0f);
+}
+
+/* Rope2D backward, in place on d qkv [T][3W] (q and k parts): the transposed (inverse)
+ * rotation, (da', db') -> (da' cos + db' sin, db' cos - da' sin). */
+static void pe_rope2d_backward(float *dqkv, int T, int W, int heads, const float *cosv, const float *sinv)
+{
+    pe_rope2d_turn(dqkv, T, W, heads, cosv, sinv, -1.0f);
+}
+
+/* ResidualAttentionBlock.forward (SelfAttention with RoPE, then the GELU MLP) of block i:
+ * x [T][W] -> x [T][W], updated in place. */
+static void pe_residual_attention_block(loupe_session *s, const pe_block_w *b, int i)
+{
+    const loupe_config *c = &s->m->cfg;
+    pe_tape *tp = s->bb_tape;
+    int g = c->grid, T = 1 + g * g, W = c->width, M = c->mlp_width, dh = W / c->heads;
+    size_t TW = (size_t)T * W, TM = (size_t)T * M;
+    float *qkv = tp ? tp->qkv + (size_t)i * 3 * TW : s->qkv, *att = tp ? tp->att + (size_t)i * TW : s->att;
+    if (tp) memcpy(tp->x + (size_t)i * TW, s->x, TW * sizeof *s->x);
+    layernorm(s->h, s->x, T, W, b->ln_1, c->ln_eps);
+    linear(qkv, s->h, T, W, 3 * W, b->qkv);
+    pe_rope2d(qkv, T, W, c->heads, s->m->t.rope_cos, s->m->t.rope_sin);
+    attention(att, W, qkv, 3 * W, qkv + W, 3 * W, qkv + 2 * W, 3 * W, T, T, c->heads, dh, 1.0f / sqrtf((float)dh), NULL,
+              s->scores);
+    gemm_nt_w(T, W, W, att, W, b->out.w, b->out.b, s->x, W, 1);
+    if (tp) memcpy(tp->mid + (size_t)i * TW, s->x, TW * sizeof *s->x);
+    layernorm(s->h, s->x, T, W, b->ln_2, c->ln_eps);
+    linear(tp ? tp->fc + (size_t)i * TM : s->wide, s->h, T, W, M, b->fc);
+    gelu(s->wide, tp ? tp->fc + (size_t)i * TM : s->wide, TM);
+    gemm_nt_w(T, W, M, s->wide, M, b->proj.w, b->proj.b, s->x, W, 1);
+}
+
+/* ResidualAttentionBlock backward of block i (resblocks[i]: x [T][W] -> x [T][W]):
+ * d out dy [T][W] -> d in dx [T][W] +=, parameter gradients g +=. dx must not alias dy. */
+static void pe_residual_attention_block_backward(const loupe_session *s, const pe_block_w *b, const pe_block_g *g,
+                                                 int i, float *dx, const float *dy, pe_work *k)
+{
+    const loupe_config *c = &s->m->cfg;
+    const pe_tape *tp = s->bb_tape;
+    int T = 1 + c->grid * c->grid, W = c->width, M = c->mlp_width, H = c->heads, dh = W / H;
+    size_t TW = (size_t)T * W, TM = (size_t)T * M;
+    const float *x = tp->x + (size_t)i * TW, *qkv = tp->qkv + (size_t)i * 3 * TW, *att = tp->att + (size_t)i * TW;
+    const float *mid = tp->mid + (size_t)i * TW, *fc = tp->fc + (size_t)i * TM;
+    /* MLP branch: out = mid + c_proj(gelu(c_fc(ln_2(mid)))) */
+    memcpy(k->d_mid, dy, TW * sizeof *dy);
+    if (g->proj.w) gelu(k->wide, fc, TM);
+    zero_floats(k->d_wide, TM);
+    linear_backward_w(k->d_wide, M, g->proj, dy, W, k->wide, M, T, M, W, b->proj.w);
+    zero_floats(k->wide, TM);
+    gelu_backward(k->wide, k->d_wide, fc, TM); /* k->wide: d c_fc output */
+    if (g->fc.w) layernorm(k->h, mid, T, W, b->ln_2, c->ln_eps);
+    zero_floats(k->d_h, TW);
+    linear_backward_w(k->d_h, W, g->fc, k->wide, M, k->h, W, T, W, M, b->fc.w);
+    layernorm_backward(k->d_mid, g->ln_2.w, g->ln_2.b, k->d_h, mid, T, W, b->ln_2, c->ln_eps, k->stats);
+    /* attention branch: mid = x + out_proj(attention(rope(qkv(ln_1(x))))) */
+    zero_floats(k->d_att, TW);
+    linear_backward_w(k->d_att, W, g->out, k->d_mid, W, att, W, T, W, W, b->out.w);
+    zero_floats(k->d_qkv, 3 * TW);
+    attention_backward(k->d_qkv, 3 * W, k->d_qkv + W, 3 * W, k->d_qkv + 2 * W, 3 * W, k->d_att, W, qkv, 3 * W, qkv + W,
+                       3 * W, qkv + 2 * W, 3 * W, T, T, H, dh, 1.0f / sqrtf((float)dh), NULL, k->att);
+    pe_rope2d_backward(k->d_qkv, T, W, H, s->m->t.rope_cos, s->m->t.rope_sin);
+    if (g->qkv.w) layernorm(k->h, x, T, W, b->ln_1, c->ln_eps);
+    zero_floats(k->d_h, TW);
+    linear_backward_w(k->d_h, W, g->qkv, k->d_qkv, 3 * W, k->h, W, T, W, 3 * W, b->qkv.w);
+    add(dx, dx, k->d_mid, TW);
+    layernorm_backward(dx, g->ln_1.w, g->ln_1.b, k->d_h, x, T, W, b->ln_1, c->ln_eps, k->stats);
+}
+
+/* AttentionPooling.forward: a learned probe attends over all tokens, then a residual
+ * GELU MLP: feats [T][W] -> pooled [W]. */
+static void pe_attention_pooling(loupe_session *s)
+{
+    const loupe_config *c = &s->m->cfg;
+    const pe_pool_w *p = &s->w->pool;
+    pe_tape *tp = s->bb_tape;
+    int g = c->grid, T = 1 + g * g, W = c->width, M = c->pool_mlp_width, dh = W / c->pool_heads;
+    float *q = tp ? tp->pool_q : s->pool_q, *kv = tp ? tp->pool_kv : s->qkv, *att = tp ? tp->pool_att : s->pool_att;
+    gemm_nt_w(1, W, W, p->probe, W, p->qkv.w, p->qkv.b, q, W, 0);
+    gemm_nt_w(T, 2 * W, W, s->feats, W, wmat_rows(p->qkv.w, (size_t)W), p->qkv.b + W, kv, 2 * W, 0);
+    attention(att, W, q, W, kv, 2 * W, kv + W, 2 * W, 1, T, c->pool_heads, dh, 1.0f / sqrtf((float)dh), NULL,
+              s->scores);
+    linear(s->pooled, att, 1, W, W, p->out);
+    if (tp) memcpy(tp->pool_mid, s->pooled, (size_t)W * sizeof *s->pooled);
+    layernorm(s->pool_h, s->pooled, 1, W, p->ln, c->ln_eps);
+    linear(s->wide, s->pool_h, 1, W, M, p->fc);
+    if (tp) memcpy(tp->pool_fc, s->wide, (size_t)M * sizeof *s->wide);
+    gelu(s->wide, s->wide, (size_t)M);
+    gemm_nt_w(1, W, M, s->wide, M, p->proj.w, p->proj.b, s->pooled, W, 1);
+}
+
+/* AttentionPooling backward (backbone.attn_pool: feats [T][W] -> pooled [W]):
+ * d pooled dy [W] -> d feats [T][W] +=, probe and parameter gradients g +=. */
+static void pe_attention_pooling_backward(const loupe_session *s, const pe_pool_g *g, const float *dy, float *d_feats,
+                                          pe_work *k)
+{
+    const loupe_config *c = &s->m->cfg;
+    const pe_pool_w *p = &s->w->pool;
+    const pe_tape *tp = s->bb_tape;
+    int T = 1 + c->grid * c->grid, W = c->width, M = c->pool_mlp_width, H = c->pool_heads, dh = W / H;
+    float *d_mid = k->d_mid, *d_q = k->d_att + W, *d_kv = k->d_qkv;
+    linear_g q_g, kv_g;
+    /* MLP branch: pooled = mid + c_proj(gelu(c_fc(layernorm(mid)))) */
+    memcpy(d_mid, dy, (size_t)W * sizeof *dy);
+    if (g->proj.w) gelu(k->wide, tp->pool_fc, (size_t)M);
+    zero_floats(k->d_wide, (size_t)M);
+    linear_backward_w(k->d_wide, M, g->proj, dy, W, k->wide, M, 1, M, W, p->proj.w);
+    zero_floats(k->wide, (size_t)M);
+    gelu_backward(k->wide, k->d_wide, tp->pool_fc, (size_t)M);
+    if (g->fc.w) layernorm(k->h, tp->pool_mid, 1, W, p->ln, c->ln_eps);
+    zero_floats(k->d_h, (size_t)W);
+    linear_backward_w(k->d_h, W, g->fc, k->wide, M, k->h, W, 1, W, M, p->fc.w);
+    layernorm_backward(d_mid, g->ln.w, g->ln.b, k->d_h, tp->pool_mid, 1, W, p->ln, c->ln_eps, k->stats);
+    /* attention of the probe over the features */
+    zero_floats(k->d_att, (size_t)2 * W);
+    linear_backward_w(k->d_att, W, g->out, d_mid, W, tp->pool_att, W, 1, W, W, p->out.w);
+    zero_floats(d_kv, (size_t)T * 2 * W);
+    attention_backward(d_q, W, d_kv, 2 * W, d_kv + W, 2 * W, k->d_att, W, tp->pool_q, W, tp->pool_kv, 2 * W,
+                       tp->pool_kv + W, 2 * W, 1, T, H, dh, 1.0f / sqrtf((float)dh), NULL, k->att);
+    q_g.w = g->qkv.w;
+    q_g.b = g->qkv.b;
+    linear_backward_w(g->probe, W, q_g, d_q, W, p->probe, W, 1, W, W, p->qkv.w);
+    kv_g.w = g->qkv.w ? g->qkv.w + (size_t)W * W : NULL;
+    kv_g.b = g->qkv.b ? g->qkv.b + W : NULL;
+    linear_backward_w(d_feats, W, kv_g, d_kv, 2 * W, s->feats, W, T, W, 2 * W, wmat_rows(p->qkv.w, (size_t)W));
+}
+
+/* VisionTransformer.forward_features(norm=True) + _pool:
+ * pixel_values -> backbone_features [T][W] and pooled_features [W]. */
+static void vision_transformer(loupe_session *s, const float *pixels)
+{
+    const loupe_config *c = &s->m->cfg;
+    int T = 1 + c->grid * c->grid, W = c->width, i;
+    char name[32];
+    pe_embed(s, pixels);
+    for (i = 0; i < c->layers; i++) {
+        pe_residual_attention_block(s, &s->w->blocks[i], i);
+        snprintf(name, sizeof name, "backbone_block%d", i);
+        tap(s, name, s->x, 0, 3, 1, T, W, 0);
+    }
+    if (s->bb_tape) memcpy(s->bb_tape->x + (size_t)c->layers * T * W, s->x, (size_t)T * W * sizeof *s->x);
+    layernorm(s->feats, s->x, T, W, s->w->ln_post, c->ln_eps);
+    tap(s, "backbone_features", s->feats, 0, 3, 1, T, W, 0);
+    pe_attention_pooling(s);
+    tap(s, "pooled_features", s->pooled, 0, 2, 1, W, 0, 0);
+}
+
+/* VisionTransformer backward after a forward with s->bb_tape: d backbone_features
+ * [T][W] and d pooled_features [W] (either NULL for none) -> every backbone gradient of
+ * g +=. */
+static void vision_transformer_backward(const loupe_session *s, const pe_grads *g, const float *d_feats,
+                                        const float *d_pooled, pe_work *k)
+{
+    const loupe_config *c = &s->m->cfg;
+    const loupe_weights *w = s->w;
+    int T = 1 + c->grid * c->grid, W = c->width, i;
+    size_t TW = (size_t)T * W;
+    float *dcur = k->d_a, *dnext = k->d_b, *swap;
+    pe_block_g frozen;
+    memset(&frozen, 0, sizeof frozen);
+    if (d_feats) memcpy(k->d_feats, d_feats, TW * sizeof *d_feats);
+    else zero_floats(k->d_feats, TW);
+    if (d_pooled) pe_attention_pooling_backward(s, &g->pool, d_pooled, k->d_feats, k);
+    zero_floats(dcur, TW);
+    layernorm_backward(dcur, g->ln_post.w, g->ln_post.b, k->d_feats, s->bb_tape->x + (size_t)c->layers * TW, T, W,
+                       w->ln_post, c->ln_eps, k->stats);
+    for (i = c->layers - 1; i >= 0; i--) {
+        zero_floats(dnext, TW);
+        pe_residual_attention_block_backward(s, &w->blocks[i], g->blocks ? &g->blocks[i] : &frozen, i, dnext, dcur, k);
+        swap = dcur; dcur = dnext; dnext = swap;
+    }
+    pe_embed_backward(s, g, dcur, k);
+}
+
+/* ========================================================================== */
+/* 5. Classifier (models/loupe/modules.py, modeling_loupe.py)                  */
+/* ========================================================================== */
+
+/* Gradient views of classifier.{classifier,patch_classifier} and of the classifier. */
+typedef struct cls_head_g { linear_g layers[MAX_CLS_LAYERS]; } cls_head_g;
+typedef struct cls_grads {
+    cls_head_g global_head, patch_head;
+    float *fuser;       /* [1][1+g*g] */
+} cls_grads;
+
+/* LoupeClsHead.forward: Linear, GELU between layers, last Linear to one logit:
+ * x [rows][in] -> logits [rows]. pre (NULL, or a tape of [cls_layers-1][rows][hidden])
+ * keeps every hidden layer before its GELU. */
+static void loupe_cls_head(loupe_session *s, const cls_head_w *h, const float *x, int rows, float *logits, float *pre)
+{
+    const loupe_config *c = &s->m->cfg;
+    int i, in = c->width;
+    const float *cur = x;
+    for (i = 0; i < c->cls_layers; i++) {
+        int last = i == c->cls_layers - 1, out = last ? 1 : c->cls_hidden;
+        float *dst = last ? logits : (i % 2 ? s->cls_b : s->cls_a);
+        linear(dst, cur, rows, in, out, h->layers[i]);
+        if (!last && pre) memcpy(pre + (size_t)i * rows * out, dst, (size_t)rows * out * sizeof *dst);
+        if (!last) gelu(dst, dst, (size_t)rows * out);
+        cur = dst;
+        in = out;
+    }
+}
+
+/* LoupeClsHead backward (x [rows][W] -> logits [rows]), pre its forward's tape: d logits
+ * dy [rows] -> d x dx [rows][W] += (when dx), parameter gradients g +=. */
+static void loupe_cls_head_backward(const loupe_session *s, const cls_head_w *h, const cls_head_g *g, const float *x,
+                                    int rows, const float *pre, const float *dy, float *dx, pe_work *k)
+{
+    const loupe_config *c = &s->m->cfg;
+    int Hd = c->cls_hidden, W = c->width, i;
+    size_t n = (size_t)rows * Hd;
+    const float *d_out = dy;
+    for (i = c->cls_layers - 1; i >= 0; i--) {
+        int in = i ? Hd : W, out = i == c->cls_layers - 1 ? 1 : Hd;
+        const float *act = x;
+        if (i && g->layers[i].w) { /* the layer's input: GELU of the previous layer */
+            gelu(k->cls_act, pre + (size_t)(i - 1) * n, n);
+            act = k->cls_act;
+        }
+        if (i) zero_floats(k->cls_d_act, n);
+        linear_backward_w(i ? k->cls_d_act : dx, in, g->layers[i], d_out, out, act, in, rows, in, out, h->layers[i].w);
+        if (i) {
+            zero_floats(k->cls_d_pre, n);
+            gelu_backward(k->cls_d_pre, k->cls_d_act, pre + (size_t)(i - 1) * n, n);
+            d_out = k->cls_d_pre;
+        }
+    }
+}
+
+/* LoupeClassifier.forward + the pseudo label of LoupeModel.forward: global head on
+ * the pooled vector, patch head on every patch token, FuseHead over [global, patches]. */
+static void loupe_classifier(loupe_session *s)
+{
+    const loupe_config *c = &s->m->cfg;
+    const loupe_weights *w = s->w;
+    cls_tape *ct = s->cls_tape;
+    int N = c->grid * c->grid, i;
+    double fused;
+    loupe_cls_head(s, &w->global_head, s->pooled, 1, &s->global_logit, ct ? ct->global_pre : NULL);
+    loupe_cls_head(s, &w->patch_head, s->feats + c->width, N, s->patch_logits, ct ? ct->patch_pre : NULL);
+    fused = (double)w->fuser[0] * s->global_logit;
+    for (i = 0; i < N; i++) fused += (double)w->fuser[1 + i] * s->patch_logits[i];
+    s->fused_logit = (float)fused;
+    s->prob = sigmoidf(s->fused_logit);
+    tap(s, "global_logit", &s->global_logit, 0, 2, 1, 1, 0, 0);
+    tap(s, "patch_logits", s->patch_logits, 0, 3, 1, N, 1, 0);
+    tap(s, "fused_logit", &s->fused_logit, 0, 2, 1, 1, 0, 0);
+    tap(s, "fused_prob", &s->prob, 0, 2, 1, 1, 0, 0);
+    tap(s, "pseudo_label", &s->prob, 0, 1, 1, 0, 0, 0);
+}
+
+/* LoupeClassifier backward after a forward with s->cls_tape (pooled [W], patch tokens
+ * [g*g][W] -> global logit, patch logits [g*g], fused logit): d fused_logit and d
+ * patch_logits [g*g] (NULL: none) -> fuser and both heads' gradients g +=, d pooled [W]
+ * += and d backbone_features [T][W] += in its patch rows (each when not NULL). */
+static void loupe_classifier_backward(const loupe_session *s, const cls_grads *g, float d_fused,
+                                      const float *d_patch_logits, float *d_pooled, float *d_feats, pe_work *k)
+{
+    const loupe_config *c = &s->m->cfg;
+    const loupe_weights *w = s->w;
+    int N = c->grid * c->grid, W = c->width, i;
+    float d_global = d_fused * w->fuser[0];
+    if (g->fuser) {
+        g->fuser[0] += d_fused * s->global_logit;
+        for (i = 0; i < N; i++) g->fuser[1 + i] += d_fused * s->patch_logits[i];
+    }
+    for (i = 0; i < N; i++) k->d_logits[i] = (d_patch_logits ? d_patch_logits[i] : 0.0f) + d_fused * w->fuser[1 + i];
+    loupe_cls_head_backward(s, &w->global_head, &g->global_head, s->pooled, 1, s->cls_tape->global_pre, &d_global,
+                            d_pooled, k);
+    loupe_cls_head_backward(s, &w->patch_head, &g->patch_head, s->feats + W, N, s->cls_tape->patch_pre, k->d_logits,
+                            d_feats ? d_feats + W : NULL, k);
+}
+
+/* ---- LoupeClsLoss (models/loupe/loss.py) ----
+ * Over a batch of B images: cls_part = mean over images of Poly1Focal(fused logit,
+ * image label; alpha 0.2), patch_part = mean over all B*N patches of Poly1Focal(patch
+ * logit, soft patch label; alpha 0.85), total = cls_part + patch_part. The global logit
+ * is supervised only through the fuser. Evaluated per image in double, with the batch's
+ * normalisers passed in (image weight 1/B, patch weight 1/(B*N)). */
+
+/* LoupeClsLoss's settings (configs/model: cls_forge_weight, patch_forge_weight;
+ * Poly1FocalLoss's epsilon 1 and gamma 2). */
+typedef struct cls_loss_config {
+    double cls_forge_weight;     /* alpha of the image term (weight of the forged class) */
+    double patch_forge_weight;   /* alpha of the patch terms */
+    double poly_epsilon, focal_gamma;
+} cls_loss_config;
+
+static cls_loss_config cls_loss_config_default(void)
+{
+    cls_loss_config c;
+    c.cls_forge_weight = 0.2;
+    c.patch_forge_weight = 0.85;
+    c.poly_epsilon = 1.0;
+    c.focal_gamma = 2.0;
+    return c;
+}
+
+/* A loss setting from the weight file's header: *value becomes the recorded one when
+ * the header has it within lo..hi, and is left as it is otherwise. */
+static void model_loss_setting(const loupe_model *m, const char *name, double lo, double hi, double *value)
+{
+    int found;
+    double v = header_hparam(m->data + WEIGHTS_HEADER_BYTES, rd_u32(m->data + 12), name, &found);
+    if (found && v >= lo && v <= hi) *value = v;
+}
+
+/* LoupeClsLoss's settings as the weight file's header records them (the config's
+ * loupe.cls_forge_weight and patch_forge_weight, written by tools/convert.py and loupe
+ * init), upstream's values for a file that lacks them. */
+static cls_loss_config cls_loss_config_from_model(const loupe_model *m)
+{
+    cls_loss_config c = cls_loss_config_default();
+    model_loss_setting(m, "cls_forge_weight", 0.0, 1.0, &c.cls_forge_weight);
+    model_loss_setting(m, "patch_forge_weight", 0.0, 1.0, &c.patch_forge_weight);
+    return c;
+}
+
+/* One Poly1FocalLoss term of logit x against soft label y: p = sigmoid(x),
+ * ce = (alpha y + (1-alpha)(1-y)) (softplus(x) - x y), u = 1 - pt = y (1-p) + (1-y) p,
+ * term = ce u^gamma + eps u^(gamma+1); *dx = d term / dx. */
+static double poly1_focal_term(double x, double y, double alpha, double gamma, double eps, double *dx)
+{
+    double e = exp(-fabs(x)), p = x >= 0.0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+    double wgt = alpha * y + (1.0 - alpha) * (1.0 - y);
+    double ce = wgt * ((x > 0.0 ? x : 0.0) - x * y + log1p(e));
+    double u = y * (1.0 - p) + (1.0 - y) * p, du = (1.0 - 2.0 * y) * p * (1.0 - p);
+    double ug = pow(u, gamma);
+    *dx = wgt * (p - y) * ug + (ce * gamma * pow(u, gamma - 1.0) + eps * (gamma + 1.0) * ug) * du;
+    return ce * ug + eps * ug * u;
+}
+
+/* One image's share of LoupeClsLoss. */
+typedef struct cls_loss_terms {
+    double cls_term;        /* Poly1Focal(fused logit, label) */
+    double patch_sum;       /* sum of the image's patch terms */
+    double cls_part;        /* image_weight * cls_term: this image's share of cls_part */
+    double patch_part;      /* patch_weight * patch_sum: its share of patch_part */
+    double total;           /* cls_part + patch_part */
+} cls_loss_terms;
+
+/* LoupeClsLoss of one image of a batch: fused logit with its label (0 or 1), N patch
+ * logits with soft labels in [0, 1]; image_weight = 1/B, patch_weight = 1/(B*N). Fills
+ * out, the N patch terms into patch_terms (when not NULL), and adds the loss's
+ * gradient to *d_fused and d_patch_logits [N] (when not NULL). Returns out->total. */
+static double loupe_cls_loss(const cls_loss_config *cfg, float fused_logit, float label, const float *patch_logits,
+                             const float *patch_labels, int N, double image_weight, double patch_weight,
+                             cls_loss_terms *out, double *patch_terms, float *d_fused, float *d_patch_logits)
+{
+    double d, sum = 0.0;
+    int i;
+    out->cls_term = poly1_focal_term(fused_logit, label, cfg->cls_forge_weight, cfg->focal_gamma, cfg->poly_epsilon,
+                                     &d);
+    if (d_fused) *d_fused += (float)(image_weight * d);
+    for (i = 0; i < N; i++) {
+        double t = poly1_focal_term(patch_logits[i], patch_labels[i], cfg->patch_forge_weight, cfg->focal_gamma,
+                                    cfg->poly_epsilon, &d);
+        if (patch_terms) patch_terms[i] = t;
+        if (d_patch_logits) d_patch_logits[i] += (float)(patch_weight * d);
+        sum += t;
+    }
+    out->patch_sum = sum;
+    out->cls_part = image_weight * out->cls_term;
+    out->patch_part = patch_weight * sum;
+    out->total = out->cls_part + out->patch_part;
+    return out->total;
+}
+
+/* ========================================================================== */
+/* 6. Segmentor (LoupeSegmentor: FeaturePyramid, PixelDecoder, Mask2Former)    */
+/* ========================================================================== */
+
+/* The conditional query's label: the forgery probability p (inference, test-time
+ * adaptation) or, in training, whether the image has a target (upstream's labels). */
+static float conditional_label(const loupe_session *s)
+{
+    return s->cond_label >= 0.0f ? s->cond_label : s->prob;
+}
+
+/* LoupeSegmentor.forward, conditional queries: the label embeddings mixed by the
+ * label p: label_embedding[1] * p + label_embedding[0] * (1 - p) -> [F]. */
+static void conditional_query(loupe_session *s)
+{
+    const loupe_weights *w = s->w;
+    int F = s->m->cfg.feature_size, i;
+    float p = conditional_label(s);
+    for (i = 0; i < F; i++) s->cond_query[i] = w->label_embedding[1][i] * p + w->label_embedding[0][i] * (1.0f - p);
+    tap(s, "conditional_query", s->cond_query, 0, 3, 1, 1, F, 0);
+}
+
+/* Copies n floats unless dst and src are the same buffer (in-place inference views). */
+static void copy_unless_same(float *dst, const float *src, size_t n)
+{
+    if (dst != src) memcpy(dst, src, n * sizeof *dst);
+}
+
+/* ScaleBlock.forward: conv1 (ConvTranspose2d 2x2/2 up, or MaxPool2d 2x2/2 down) ->
+ * GELU -> depthwise 3x3 conv2 -> LayerNorm2d (eps 1e-6):
+ * in [h*w][W] -> out [h'*w'][W]; *oh, *ow receive h', w'; A says where the
+ * intermediates go (A->dw NULL: into out). */
+static void scale_block(loupe_session *s, const scale_block_w *b, const float *in, int h, int w, float *out,
+                        int *oh, int *ow, const scale_block_acts *A)
+{
+    const loupe_config *c = &s->m->cfg;
+    int W = c->width;
+    float *dw = A->dw ? A->dw : out;
+    size_t n;
+    if (b->conv1.w.data) { /* out is free until the end: the product's scratch */
+        conv_transpose2x2_hwc(A->pre, in, h, w, W, W, b->conv1.w, b->conv1.b, out);
+        *oh = 2 * h; *ow = 2 * w;
+    } else {
+        maxpool2x2_hwc(A->pre, in, h, w, W);
+        *oh = h / 2; *ow = w / 2;
+    }
+    n = (size_t)*oh * *ow * W;
+    gelu(A->act, A->pre, n);
+    depthwise3x3_hwc(dw, A->act, *oh, *ow, W, b->dw);
+    layernorm(out, dw, *oh * *ow, W, b->norm, c->fpn_ln_eps);
+}
+
+/* FeaturePyramid.forward: the patch grid [g*g][W] at scales 4x, 2x, 1x, 0.5x. */
+static void feature_pyramid(loupe_session *s)
+{
+    const loupe_config *c = &s->m->cfg;
+    const loupe_weights *w = s->w;
+    int g = c->grid, W = c->width, h, wd;
+    const float *grid = s->feats + W; /* patch tokens, row-major = channels-last g x g map */
+    const scale_block_acts *A = &s->fpn_acts;
+    scale_block(s, &w->fpn4[0], grid, g, g, s->fpn_mid, &h, &wd, s->tape ? &s->tape->fpn[0] : A);
+    scale_block(s, &w->fpn4[1], s->fpn_mid, h, wd, s->fpn4, &h, &wd, s->tape ? &s->tape->fpn[1] : A);
+    tap(s, "fpn_0", s->fpn4, 1, 4, 1, W, h, wd);
+    scale_block(s, &w->fpn2, grid, g, g, s->fpn2, &h, &wd, s->tape ? &s->tape->fpn[2] : A);
+    tap(s, "fpn_1", s->fpn2, 1, 4, 1, W, h, wd);
+    tap(s, "fpn_2", grid, 1, 4, 1, W, g, g);
+    scale_block(s, &w->fpn_half, grid, g, g, s->fpn_half, &h, &wd, s->tape ? &s->tape->fpn[3] : A);
+    tap(s, "fpn_3", s->fpn_half, 1, 4, 1, W, h, wd);
+}
+
+/* multi_scale_deformable_attention: for each token and head, the softmaxed weights
+ * times bilinear samples (grid_sample, zeros padding) of the value maps at
+ * reference point + offset / level size, over 3 levels x n_points points. */
+static void ms_deform_attn_core(float *out, const float *value, const float *offs, const float *aw,
+                                const loupe_tables *tb, int F, int heads, int points)
+{
+    int dh = F / heads, noff = heads * 3 * points, t;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)tb->tokens * noff * dh * 4))
+#endif
+    for (t = 0; t < tb->tokens; t++) {
+        const float *ref = tb->ref_points + 2 * (size_t)t;
+        int h, l, p, d;
+        for (h = 0; h < heads; h++) {
+            float *acc = out + (size_t)t * F + (size_t)h * dh;
+            for (d = 0; d < dh; d++) acc[d] = 0.0f;
+            for (l = 0; l < 3; l++) {
+                int lh = tb->level_h[l], lw = tb->level_w[l];
+                const float *v = value + (size_t)tb->level_start[l] * F + (size_t)h * dh;
+                for (p = 0; p < points; p++) {
+                    int idx = (h * 3 + l) * points + p;
+                    float lx = ref[0] + offs[(size_t)t * noff * 2 + 2 * idx] / (float)lw;
+                    float ly = ref[1] + offs[(size_t)t * noff * 2 + 2 * idx + 1] / (float)lh;
+                    float gx = 2.0f * lx - 1.0f, gy = 2.0f * ly - 1.0f;
+                    float ix = ((gx + 1.0f) * (float)lw - 1.0f) / 2.0f, iy = ((gy + 1.0f) * (float)lh - 1.0f) / 2.0f;
+                    sample_bilinear_acc(acc, v, F, lh, lw, ix, iy, aw[(size_t)t * noff + idx], dh);
+                }
+            }
+        }
+    }
+}
+
+/* Backward of ms_deform_attn_core: dout [Te][F] -> dvalue [Te][F] +=, doffs
+ * [Te][heads*3*points*2] += (the sampling position moves one pixel per unit offset),
+ * daw [Te][heads*3*points] += (the softmaxed weights). Each head owns its channels of
+ * dvalue and its offsets and weights, so heads run in parallel deterministically. */
+static void ms_deform_attn_core_backward(float *dvalue, float *doffs, float *daw, const float *dout,
+                                         const float *value, const float *offs, const float *aw,
+                                         const loupe_tables *tb, int F, int heads, int points)
+{
+    int dh = F / heads, noff = heads * 3 * points, h;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)tb->tokens * noff * dh * 8))
+#endif
+    for (h = 0; h < heads; h++) {
+        int t, l, p;
+        for (t = 0; t < tb->tokens; t++) {
+            const float *ref = tb->ref_points + 2 * (size_t)t, *g = dout + (size_t)t * F + (size_t)h * dh;
+            for (l = 0; l < 3; l++) {
+                int lh = tb->level_h[l], lw = tb->level_w[l];
+                size_t base = (size_t)tb->level_start[l] * F + (size_t)h * dh;
+                for (p = 0; p < points; p++) {
+                    int idx = (h * 3 + l) * points + p;
+                    size_t o = (size_t)t * noff * 2 + 2 * (size_t)idx;
+                    float lx = ref[0] + offs[o] / (float)lw, ly = ref[1] + offs[o + 1] / (float)lh;
+                    float gx = 2.0f * lx - 1.0f, gy = 2.0f * ly - 1.0f;
+                    float ix = ((gx + 1.0f) * (float)lw - 1.0f) / 2.0f, iy = ((gy + 1.0f) * (float)lh - 1.0f) / 2.0f;
+                    daw[(size_t)t * noff + idx] += sample_bilinear_backward(dvalue + base, value + base, F, lh, lw, ix,
+                                                                            iy, aw[(size_t)t * noff + idx], g, dh,
+                                                                            &doffs[o], &doffs[o + 1]);
+                }
+            }
+        }
+    }
+}
+
+/* PixelDecoderEncoderLayer.forward (Loupe): deformable self-attention, the conditional
+ * cross-attention of the label query over all tokens (its single output row is added
+ * to every token), then the ReLU FFN; post-norm: hin [Te][F] -> hout [Te][F]. A says
+ * where the intermediates go (NULL residual views: in place in hout). */
+static void pixel_decoder_encoder_layer(loupe_session *s, const enc_layer_w *e, const float *hin, float *hout,
+                                        const enc_layer_acts *A)
+{
+    const loupe_config *c = &s->m->cfg;
+    const loupe_tables *tb = s->t;
+    int T = tb->tokens, F = c->feature_size, H = c->m2f_heads, dh = F / H, E = c->enc_ffn, t;
+    int noff = H * 3 * c->deform_points;
+    float scale = 1.0f / sqrtf((float)dh);
+    float *h1 = A->h1 ? A->h1 : hout, *a2 = A->a2 ? A->a2 : hout, *h2 = A->h2 ? A->h2 : hout;
+    float *a3 = A->a3 ? A->a3 : hout;
+    /* Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention */
+    add(A->qpos, hin, tb->enc_pos, (size_t)T * F);
+    linear(A->value, hin, T, F, F, e->value);
+    linear(A->offs, A->qpos, T, F, 2 * noff, e->offsets);
+    linear(A->aw, A->qpos, T, F, noff, e->attn_weights);
+    softmax_rows(A->aw, T * H, 3 * c->deform_points, 1.0f, NULL);
+    ms_deform_attn_core(A->msda, A->value, A->offs, A->aw, tb, F, H, c->deform_points);
+    linear(A->a1, A->msda, T, F, F, e->output);
+    add(A->a1, A->a1, hin, (size_t)T * F);
+    layernorm(h1, A->a1, T, F, e->ln_self, c->ln_eps);
+    /* cross_attn (nn.MultiheadAttention): query = conditional query, keys/values = tokens */
+    gemm_nt_w(1, F, F, s->cond_query, F, e->cross_qkv.w, e->cross_qkv.b, A->cq, F, 0);
+    gemm_nt_w(T, 2 * F, F, h1, F, wmat_rows(e->cross_qkv.w, (size_t)F), e->cross_qkv.b + F, A->kv, 2 * F, 0);
+    attention(A->catt, F, A->cq, F, A->kv, 2 * F, A->kv + F, 2 * F, 1, T, H, dh, scale, NULL, s->scores);
+    linear(A->co, A->catt, 1, F, F, e->cross_out);
+    for (t = 0; t < T; t++) add(a2 + (size_t)t * F, h1 + (size_t)t * F, A->co, (size_t)F);
+    layernorm(h2, a2, T, F, e->ln_cross, c->ln_eps);
+    /* feed-forward */
+    linear(A->ffn, h2, T, F, E, e->fc1);
+    relu(A->ffn, (size_t)T * E);
+    copy_unless_same(a3, h2, (size_t)T * F);
+    gemm_nt_w(T, F, E, A->ffn, E, e->fc2.w, e->fc2.b, a3, F, 1);
+    layernorm(hout, a3, T, F, e->ln_final, c->ln_eps);
+}
+
+/* PixelDecoder.forward (Loupe's Mask2FormerPixelDecoder): input projections of the
+ * 0.5x, 1x, 2x maps, the conditional deformable encoder, then the extra FPN level at
+ * 4x (adapter_1 + upsampled 2x level, layer_1) and the mask projection. */
+static void pixel_decoder(loupe_session *s)
+{
+    const loupe_config *c = &s->m->cfg;
+    const loupe_weights *w = s->w;
+    const loupe_tables *tb = s->t;
+    int F = c->feature_size, W = c->width, T = tb->tokens, g = c->grid, M = 4 * g, l, i;
+    const float *inputs[3];
+    float *last, *lat_pre = s->tape ? s->tape->lat_pre : s->lateral, *conv_pre = s->tape ? s->tape->conv_pre : s->fpn_out;
+    char name[48];
+    inputs[0] = s->fpn_half; inputs[1] = s->feats + W; inputs[2] = s->fpn2;
+    for (l = 0; l < 3; l++) {
+        float *dst = s->enc_h + (size_t)tb->level_start[l] * F;
+        float *pre = s->tape ? s->tape->proj + (size_t)tb->level_start[l] * F : dst;
+        int n = tb->level_h[l] * tb->level_w[l];
+        linear(pre, inputs[l], n, W, F, w->input_proj[l]);
+        copy_unless_same(dst, pre, (size_t)n * F);
+        groupnorm_hwc(dst, n, F, c->gn_groups, w->input_gn[l], c->gn_eps);
+    }
+    tap(s, "pixdec_enc_input", s->enc_h, 0, 3, 1, T, F, 0);
+    tap(s, "pixdec_enc_pos", tb->enc_pos, 0, 3, 1, T, F, 0);
+    for (i = 0; i < c->enc_layers; i++) {
+        float *out = s->enc_h + (size_t)(i + 1) * T * F;
+        pixel_decoder_encoder_layer(s, &w->enc[i], s->enc_h + (size_t)i * T * F, out,
+                                    s->tape ? &s->tape->enc[i] : &s->enc_acts);
+        snprintf(name, sizeof name, "pixdec_enc_layer%d", i);
+        tap(s, name, out, 0, 3, 1, T, F, 0);
+    }
+    last = s->enc_h + (size_t)c->enc_layers * T * F;
+    for (l = 0; l < 3; l++) {
+        snprintf(name, sizeof name, "multi_scale_features_%d", l);
+        tap(s, name, last + (size_t)tb->level_start[l] * F, 1, 4, 1, F, tb->level_h[l], tb->level_w[l]);
+    }
+    /* extra FPN level: adapter_1 (1x1 conv + GroupNorm) + bilinear upsample of the 2x level */
+    linear(lat_pre, s->fpn4, M * M, W, F, w->adapter_1);
+    copy_unless_same(s->lateral, lat_pre, (size_t)M * M * F);
+    groupnorm_hwc(s->lateral, M * M, F, c->gn_groups, w->adapter_gn, c->gn_eps);
+    interp_hwc(last + (size_t)tb->level_start[2] * F, tb->level_h[2], tb->level_w[2], F, s->fpn_out, M, M, s->interp);
+    add(s->lateral, s->lateral, s->fpn_out, (size_t)M * M * F);
+    /* layer_1: 3x3 conv + GroupNorm + ReLU, then mask_projection (1x1 conv) */
+    conv3x3_hwc(conv_pre, s->lateral, M, M, F, F, w->layer_1);
+    copy_unless_same(s->fpn_out, conv_pre, (size_t)M * M * F);
+    groupnorm_hwc(s->fpn_out, M * M, F, c->gn_groups, w->layer_1_gn, c->gn_eps);
+    relu(s->fpn_out, (size_t)M * M * F);
+    linear(s->mask_features, s->fpn_out, M * M, F, F, w->mask_projection);
+    gemm_prepack(M * M, F, s->mask_features, F, s->mask_features_packed);
+    tap(s, "mask_features", s->mask_features, 1, 4, 1, F, M, M);
+}
+
+/* Mask2FormerMaskPredictor.forward + class_predictor for prediction i: mask-embedding
+ * MLP, masks = embeddings . mask_features, the same masks resized to the attention level. */
+static void mask_predictor(loupe_session *s, int i, int level)
+{
+    const loupe_config *c = &s->m->cfg;
+    const loupe_weights *w = s->w;
+    const loupe_tables *tb = s->t;
+    int F = c->feature_size, Q = c->num_queries, M = 4 * c->grid, C = c->num_labels + 1, q;
+    int lh = tb->level_h[level], lw = tb->level_w[level];
+    const float *inter = s->query_hidden + (size_t)i * Q * F;
+    float *masks = s->mask_logits + (size_t)i * Q * M * M, *att = s->attn_logits + (size_t)i * Q * 4 * c->grid * c->grid;
+    float *me_a = s->tape ? s->tape->me_a + (size_t)i * Q * F : s->me_a;
+    float *me_b = s->tape ? s->tape->me_b + (size_t)i * Q * F : s->me_b;
+    float *me = s->tape ? s->tape->me + (size_t)i * Q * F : s->me;
+    char name[48];
+    linear(me_a, inter, Q, F, F, w->mask_embed[0]);
+    relu(me_a, (size_t)Q * F);
+    linear(me_b, me_a, Q, F, F, w->mask_embed[1]);
+    relu(me_b, (size_t)Q * F);
+    linear(me, me_b, Q, F, F, w->mask_embed[2]);
+    gemm_nt_prepacked(Q, M * M, F, me, F, s->mask_features_packed, masks, M * M);
+    for (q = 0; q < Q; q++) interp_plane(masks + (size_t)q * M * M, M, M, att + (size_t)q * lh * lw, lh, lw, s->interp);
+    linear(s->class_logits + (size_t)i * Q * C, inter, Q, F, C, w->class_predictor);
+    snprintf(name, sizeof name, "dec_query_hidden_%d", i);
+    tap(s, name, inter, 0, 3, 1, Q, F, 0);
+    snprintf(name, sizeof name, "dec_class_logits_%d", i);
+    tap(s, name, s->class_logits + (size_t)i * Q * C, 0, 3, 1, Q, C, 0);
+    snprintf(name, sizeof name, "dec_mask_logits_%d", i);
+    tap(s, name, masks, 0, 4, 1, Q, M, M);
+    snprintf(name, sizeof name, "dec_attn_mask_logits_%d", i);
+    tap(s, name, att, 0, 4, 1, Q, lh, lw);
+}
+
+/* Mask2FormerMaskedAttentionDecoderLayer.forward_post: masked cross-attention to one
+ * level (mask from the previous prediction; a query whose mask blocks everything
+ * attends everywhere), self-attention among queries, ReLU FFN; post-norm:
+ * hin [Q][F] -> hout [Q][F] (may alias). A says where the intermediates go. */
+static void masked_attention_decoder_layer(loupe_session *s, const dec_layer_w *d, int level, const float *prev_att,
+                                           const float *hin, float *hout, const dec_layer_acts *A)
+{
+    const loupe_config *c = &s->m->cfg;
+    const loupe_tables *tb = s->t;
+    const loupe_weights *w = s->w;
+    int F = c->feature_size, Q = c->num_queries, H = c->m2f_heads, dh = F / H, E = c->dec_ffn, q, j;
+    int n = tb->level_h[level] * tb->level_w[level];
+    const float *feat = s->dec_feat + (size_t)tb->level_start[level] * F;
+    const float *kin = s->dec_kin + (size_t)tb->level_start[level] * F; /* feat + position */
+    float scale = 1.0f / sqrtf((float)dh);
+    for (q = 0; q < Q; q++) {
+        unsigned char *row = A->mask + (size_t)q * n;
+        int blocked = 0;
+        for (j = 0; j < n; j++) blocked += row[j] = sigmoid_below_half(prev_att[(size_t)q * n + j]);
+        if (blocked == n) memset(row, 0, (size_t)n);
+    }
+    /* cross_attn (nn.MultiheadAttention): q = hidden + query pos, k = features + pos, v = features */
+    add(A->hq1, hin, w->query_embed, (size_t)Q * F);
+    gemm_nt_w(Q, F, F, A->hq1, F, d->cross_qkv.w, d->cross_qkv.b, A->q1, F, 0);
+    gemm_nt_w(n, F, F, kin, F, wmat_rows(d->cross_qkv.w, (size_t)F), d->cross_qkv.b + F, A->kv, 2 * F, 0);
+    gemm_nt_w(n, F, F, feat, F, wmat_rows(d->cross_qkv.w, (size_t)2 * F), d->cross_qkv.b + 2 * F, A->kv + F, 2 * F, 0);
+    attention(A->att1, F, A->q1, F, A->kv, 2 * F, A->kv + F, 2 * F, Q, n, H, dh, scale, A->mask, s->scores);
+    copy_unless_same(A->a1, hin, (size_t)Q * F);
+    gemm_nt_w(Q, F, F, A->att1, F, d->cross_out.w, d->cross_out.b, A->a1, F, 1);
+    layernorm(A->h1, A->a1, Q, F, d->ln_cross, c->ln_eps);
+    /* self_attn (Mask2FormerAttention): q, k from hidden + query pos, v from hidden */
+    add(A->hq2, A->h1, w->query_embed, (size_t)Q * F);
+    linear(A->q2, A->hq2, Q, F, F, d->q);
+    linear(A->kv2, A->hq2, Q, F, F, d->k);
+    linear(A->kv2 + (size_t)Q * F, A->h1, Q, F, F, d->v);
+    attention(A->att2, F, A->q2, F, A->kv2, F, A->kv2 + (size_t)Q * F, F, Q, Q, H, dh, scale, NULL, s->scores);
+    copy_unless_same(A->a2, A->h1, (size_t)Q * F);
+    gemm_nt_w(Q, F, F, A->att2, F, d->o.w, d->o.b, A->a2, F, 1);
+    layernorm(A->h2, A->a2, Q, F, d->ln_self, c->ln_eps);
+    /* feed-forward */
+    linear(A->ffn, A->h2, Q, F, E, d->fc1);
+    relu(A->ffn, (size_t)Q * E);
+    copy_unless_same(A->a3, A->h2, (size_t)Q * F);
+    gemm_nt_w(Q, F, E, A->ffn, E, d->fc2.w, d->fc2.b, A->a3, F, 1);
+    layernorm(hout, A->a3, Q, F, d->ln_final, c->ln_eps);
+}
+
+/* Mask2FormerTransformerModule + Mask2FormerMaskedAttentionDecoder: learned queries,
+ * one prediction before the first layer and one after each of the L-1 layers;
+ * layer i attends to level i mod 3 using prediction i resized to that level. */
+static void masked_attention_decoder(loupe_session *s)
+{
+    const loupe_config *c = &s->m->cfg;
+    const loupe_weights *w = s->w;
+    const loupe_tables *tb = s->t;
+    int F = c->feature_size, Q = c->num_queries, L = c->dec_layers, T = tb->tokens, M = 4 * c->grid;
+    int l, p, i, C = c->num_labels + 1;
+    const float *ms = s->enc_h + (size_t)c->enc_layers * T * F;
+    float *hidden = s->tape ? s->tape->hidden : s->hidden;
+    size_t QF = (size_t)Q * F;
+    for (l = 0; l < 3; l++)
+        for (p = tb->level_start[l]; p < tb->level_start[l] + tb->level_h[l] * tb->level_w[l]; p++)
+            add(s->dec_feat + (size_t)p * F, ms + (size_t)p * F, w->dec_level_embed + (size_t)l * F, (size_t)F);
+    add(s->dec_kin, s->dec_feat, tb->dec_pos, (size_t)T * F); /* once, not per layer: three layers share a level */
+    memcpy(hidden, w->query_feat, QF * sizeof *hidden);
+    layernorm(s->query_hidden, hidden, Q, F, w->dec_ln, c->ln_eps);
+    mask_predictor(s, 0, 0);
+    for (i = 0; i < L - 1; i++) {
+        const float *hin = s->tape ? hidden + (size_t)i * QF : hidden;
+        float *hout = s->tape ? hidden + (size_t)(i + 1) * QF : hidden;
+        masked_attention_decoder_layer(s, &w->dec[i], i % 3, s->attn_logits + (size_t)i * Q * 4 * c->grid * c->grid,
+                                       hin, hout, s->tape ? &s->tape->dec[i] : &s->dec_acts);
+        layernorm(s->query_hidden + (size_t)(i + 1) * QF, hout, Q, F, w->dec_ln, c->ln_eps);
+        mask_predictor(s, i + 1, (i + 1) % 3);
+    }
+    tap(s, "class_queries_logits", s->class_logits + (size_t)(L - 1) * Q * C, 0, 3, 1, Q, C, 0);
+    tap(s, "masks_queries_logits", s->mask_logits + (size_t)(L - 1) * Q * M * M, 0, 4, 1, Q, M, M);
+}
+
+/* ========================================================================== */
+/* 7. Pre- and post-processing (LoupeImageProcessor)                          */
+/* ========================================================================== */
+
+int loupe_preprocess(const loupe_model *m, const loupe_image *img, float *pixel_values, char *err, size_t errsize)
+{
+    int S, c, p;
+    unsigned char *resized;
+    if (!m || !img || !img->rgb || !pixel_values) return fail(err, errsize, "loupe_preprocess needs a model, an image and an output");
+    S = m->cfg.image_size;
+    resized = malloc((size_t)S * S * 3);
+    if (!resized) return fail(err, errsize, "out of memory");
+    if (loupe_resize_rgb(img->rgb, img->width, img->height, resized, S, S)) {
+        free(resized);
+        return fail(err, errsize, "cannot resize a %dx%d image", img->width, img->height);
+    }
+    /* x * (1/255) in double, rounded to float, then (x - 0.5) / 0.5 in float, HWC -> CHW */
+    for (c = 0; c < 3; c++)
+        for (p = 0; p < S * S; p++) {
+            float v = (float)((double)resized[(size_t)p * 3 + c] * (1.0 / 255.0));
+            pixel_values[(size_t)c * S * S + p] = (v - 0.5f) / 0.5f;
+        }
+    free(resized);
+    return 0;
+}
+
+/* Mask logits -> bilinear 384x384 -> sum over queries of softmax(class)[forgery] *
+ * sigmoid(mask): the forgery probability map seg [384][384] (may exceed 1). */
+static void post_process_segmentation(loupe_session *s)
+{
+    const loupe_config *c = &s->m->cfg;
+    int Q = c->num_queries, L = c->dec_layers, M = 4 * c->grid, C = c->num_labels + 1, q, k;
+    size_t n = (size_t)SEG_SIZE * SEG_SIZE, i;
+    long px;
+    const float *masks = s->mask_logits + (size_t)(L - 1) * Q * M * M;
+    const float *cls = s->class_logits + (size_t)(L - 1) * Q * C;
+    for (i = 0; i < n; i++) s->seg[i] = 0.0f;
+    for (q = 0; q < Q; q++) {
+        float mx = cls[(size_t)q * C], sum = 0.0f, p0;
+        for (k = 1; k < C; k++) mx = cls[(size_t)q * C + k] > mx ? cls[(size_t)q * C + k] : mx;
+        for (k = 0; k < C; k++) sum += expf(cls[(size_t)q * C + k] - mx);
+        p0 = expf(cls[(size_t)q * C] - mx) / sum;
+        interp_plane(masks + (size_t)q * M * M, M, M, s->seg_tmp, SEG_SIZE, SEG_SIZE, s->interp);
+        /* one expf per pixel (the stage's cost), each pixel on its own: threads share them */
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok(8.0 * (double)n))
+#endif
+        for (px = 0; px < (long)n; px++) s->seg[px] += p0 * sigmoidf(s->seg_tmp[px]);
+    }
+    tap(s, "seg_prob_384", s->seg, 0, 4, 1, 1, SEG_SIZE, SEG_SIZE);
+}
+
+int loupe_postprocess(const loupe_session *s, int width, int height, float threshold, float *seg_prob,
+                      unsigned char *mask, char *err, size_t errsize)
+{
+    float *prob = seg_prob, *scratch;
+    size_t n, i;
+    if (!s) return fail(err, errsize, "no session given");
+    if (width < 1 || height < 1 || width > (1 << 20) || height > (1 << 20) ||
+        (double)width * height > (double)SIZE_MAX / sizeof(float) / 2)
+        return fail(err, errsize, "output size %dx%d is invalid", width, height);
+    n = (size_t)width * height;
+    scratch = malloc(INTERP_SCRATCH(height, width) * sizeof *scratch + (seg_prob ? 0 : n * sizeof *prob));
+    if (!scratch) return fail(err, errsize, "out of memory for a %dx%d mask", width, height);
+    if (!prob) prob = scratch + INTERP_SCRATCH(height, width);
+    interp_plane(s->seg, SEG_SIZE, SEG_SIZE, prob, height, width, scratch);
+    if (mask)
+        for (i = 0; i < n; i++) mask[i] = prob[i] > threshold ? 255 : 0;
+    free(scratch);
+    return 0;
+}
+
+int loupe_forward(loupe_session *s, const float *pixel_values, char *err, size_t errsize)
+{
+    const loupe_config *c;
+    double t[LOUPE_STAGE_COUNT + 1];
+    int i;
+    if (!s || !pixel_values) return fail(err, errsize, "loupe_forward needs a session and an input tensor");
+    c = &s->m->cfg;
+    if (max_threads() > s->threads)
+        return fail(err, errsize, "the session was created for %d threads but %d are requested; create sessions "
+                    "after loupe_set_threads", s->threads, max_threads());
+    tap(s, "pixel_values", pixel_values, 0, 4, 1, 3, c->image_size, c->image_size);
+    t[0] = now_seconds();
+    vision_transformer(s, pixel_values);
+    t[1] = now_seconds();
+    loupe_classifier(s);
+    conditional_query(s);
+    t[2] = now_seconds();
+    feature_pyramid(s);
+    t[3] = now_seconds();
+    pixel_decoder(s);
+    t[4] = now_seconds();
+    masked_attention_decoder(s);
+    t[5] = now_seconds();
+    post_process_segmentation(s);
+    t[6] = now_seconds();
+    for (i = 0; i < LOUPE_STAGE_COUNT; i++) s->out.stage_seconds[i] = t[i + 1] - t[i];
+    s->out.global_logit = s->global_logit;
+    s->out.fused_logit = s->fused_logit;
+    s->out.prob = s->prob;
+    s->out.patch_logits = s->patch_logits;
+    s->out.grid = c->grid;
+    s->out.num_queries = c->num_queries;
+    s->out.mask_size = 4 * c->grid;
+    s->out.seg_size = SEG_SIZE;
+    s->out.class_logits = s->class_logits + (size_t)(c->dec_layers - 1) * c->num_queries * (c->num_labels + 1);
+    s->out.mask_logits = s->mask_logits + (size_t)(c->dec_layers - 1) * c->num_queries * 16 * c->grid * c->grid;
+    s->out.seg_prob = s->seg;
+    return 0;
+}
+
+const loupe_outputs *loupe_get_outputs(const loupe_session *s) { return &s->out; }
+
+
+/* ========================================================================== */
+/* 8. Training (LitModel.training_step, LoupeSegLoss; test-time adaptation)     */
+/* ========================================================================== */
+/* One trainer for upstream's stages cls, seg and cls_seg and for test-time adaptation
+ * (TTA: the classifier's own verdict is the segmentor's target, and only the segmentor
+ * trains). This section holds LoupeSegLoss with its gradient (LoupeClsLoss is in section
+ * 5), the segmentor's backward (module by module, in the reverse order of section 6, on
+ * the kernels' *_backward twins; the backbone's and the classifier's are in sections 4
+ * and 5), the trainer (trained tensors copied out of the read-only model, parameter
+ * groups, tapes, one image of a batch at a time), clipping and AdamW, state files, and
+ * the loupe_trainer / loupe_tta API. */
+
+/* ---- Pseudo-label segmentation loss of test-time adaptation, and its gradient ----
+ *
+ * In test-time adaptation (TTA) Loupe trains its segmentor on the classifier's own
+ * verdict: when the fused forgery probability p exceeds 0.5 there is one "forgery"
+ * target whose soft mask is sigmoid(patch logits) on the g x g patch grid, otherwise
+ * there is no target at all (LoupeModel.forward, stage "test"). The loss is upstream's
+ * LoupeSegLoss (Kamichanw/Loupe src/models/loupe/loss.py), a Mask2FormerLoss from
+ * transformers whose mask terms are replaced:
+ *
+ *   for each of the L mask predictions (loss call k = 0: the final one, k = 1..L-1:
+ *   auxiliary prediction k-1, i.e. decoder prediction index L-1, 0, 1, ..., L-2):
+ *     1. hungarian_matcher: 12544 uniform points; cost of query q = 5 * sigmoid-BCE
+ *        + 5 * dice - softmax probability of "forgery"; the target goes to the
+ *        cheapest query;
+ *     2. sample_points_using_uncertainty: 37632 uniform candidates, keep the 9408
+ *        whose mask logit is closest to 0, add 3136 uniform points;
+ *     3. loss_masks: on those 12544 points, Poly-1 focal loss (soft labels) and
+ *        Tversky loss between the matched query's mask and the target;
+ *     4. loss_labels: class-weighted cross-entropy over all queries, the matched one
+ *        labelled "forgery", the others "no-object".
+ *   total = sum over calls of 5 * loss_mask + 5 * loss_dice + 2 * loss_cross_entropy.
+ *
+ * Points live in [0,1)^2 as (x, y) and are read with grid_sample (bilinear,
+ * align_corners=False, zero padding): the mask logits on their M x M grid (M = 4g),
+ * the target on its g x g grid. Matching and point selection are piecewise constant
+ * (no gradient); everything else is differentiated analytically here, each
+ * *_backward next to its *_forward, ending in grid_sample's backward, which
+ * scatters a point's gradient into its four neighbouring pixels.
+ *
+ * Precision: the sampled values that feed discrete decisions (top-k of uncertainty,
+ * the matching) are computed in float with the operations of PyTorch's CPU kernel in
+ * its order (test/check_tta: upstream's matches, and every loss term within rel 6e-7);
+ * the loss formulas are evaluated in double from those float samples and every sum is
+ * accumulated in double. Log-sigmoid forms keep all terms finite for any finite logit.
+ *
+ * Random numbers come from a caller-supplied source (loss_rng) in upstream's
+ * torch.rand call order, so a test can replay PyTorch's exact draws (without a target
+ * upstream's point sampling draws zero numbers, so nothing is drawn here).
+ *
+ * Differences from upstream, by design: with no target in the batch upstream's Tversky
+ * term is the mean over zero masks (NaN) and so is the total; here loss_dice (and
+ * loss_mask) is 0. Every image has at most one target (one forgery class), which is
+ * all Loupe's labels and pseudo labels produce; training labels are the same loss with
+ * ground-truth targets (mask_labels at the input size) over a batch (seg_batch). */
+
+#define SEG_NUM_CLASSES 2                 /* class logits per query: [forgery, no-object] */
+#define SEG_FORGERY_CLASS 0               /* the pseudo target's class */
+#define SEG_NO_OBJECT_CLASS 1             /* Mask2Former's "no object" class (num_labels) */
+#define SEG_PSEUDO_LABEL_THRESHOLD 0.5f   /* LoupeModel.forward: a target exists when p > 0.5 */
+#define SEG_TVERSKY_SMOOTH 1e-6           /* TverskyLoss: added to numerator and denominator */
+#define SEG_MATCHER_COST_LIMIT 1e10f      /* matcher clamps costs to +-1e10 before the assignment */
+#define SEG_SPLITMIX_GOLDEN 0x9E3779B97F4A7C15ull /* splitmix64 increment */
+#define SEG_SPLITMIX_MUL1 0xBF58476D1CE4E5B9ull   /* splitmix64 finalizer multipliers */
+#define SEG_SPLITMIX_MUL2 0x94D049BB133111EBull
+#define SEG_UNIFORM_BITS 24               /* float32 uniforms carry 24 random bits */
+#define SEG_UNIFORM_SCALE (1.0f / 16777216.0f) /* 2^-24 */
+
+/* A source of uniform float32 numbers in [0, 1): fill writes the next n of them.
+ * The loss draws, in this order (upstream's torch.rand calls of one TTA step):
+ *   L-1 scalars (Mask2FormerMaskedAttentionDecoder's layerdrop draws, unused here),
+ *   then per loss call k = 0..L-1: matcher points [P][2]; when there is a target,
+ *   oversampled candidates [3P][2] and random points [P - round-down(0.75 P)][2]
+ *   (P = train_num_points; pairs are (x, y)). */
+typedef struct loss_rng {
+    void (*fill)(void *state, float *out, size_t n);
+    void *state;
+    void (*seek)(void *state, uint64_t position); /* next fill starts at number `position` */
+} loss_rng;
+
+/* State of splitmix_uniform_fill: number i of the stream (counting from 0 over all
+ * calls) is splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15) >> 40, divided by 2^24. */
+typedef struct splitmix_uniform {
+    uint64_t seed;
+    uint64_t counter;   /* numbers drawn so far */
+} splitmix_uniform;
+
+/* A small counter-based generator for loss_rng (the mixing function of the weight
+ * generator, make_weights.py): every number depends only on (seed, position). */
+static void splitmix_uniform_fill(void *state, float *out, size_t n)
+{
+    splitmix_uniform *s = (splitmix_uniform *)state;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        uint64_t z = s->seed + ++s->counter * SEG_SPLITMIX_GOLDEN;
+        z = (z ^ (z >> 30)) * SEG_SPLITMIX_MUL1;
+        z = (z ^ (z >> 27)) * SEG_SPLITMIX_MUL2;
+        z ^= z >> 31;
+        out[i] = (float)(z >> (64 - SEG_UNIFORM_BITS)) * SEG_UNIFORM_SCALE;
+    }
+}
+
+/* Moves the splitmix stream to number `position` (counter-based: any order of reads). */
+static void splitmix_uniform_seek(void *state, uint64_t position)
+{
+    ((splitmix_uniform *)state)->counter = position;
+}
+
+/* Hyperparameters of LoupeSegLoss (values of Loupe's configs in seg_loss_config_default). */
+typedef struct seg_loss_config {
+    double class_weight;             /* weight of loss_cross_entropy (Mask2FormerConfig.class_weight) */
+    double mask_weight;              /* weight of loss_mask, and the matcher's cost_mask */
+    double dice_weight;              /* weight of loss_dice, and the matcher's cost_dice */
+    double matcher_cost_class;       /* LoupeHungarianMatcher's cost_class (its default, 1) */
+    double no_object_weight;         /* cross-entropy weight of the no-object class */
+    int train_num_points;            /* P: points per mask */
+    double oversample_ratio;         /* candidates = int(P * ratio) */
+    double importance_sample_ratio;  /* most uncertain candidates kept = int(ratio * P) */
+    double pixel_forge_weight;       /* Poly1FocalLoss alpha (weight of the forged class) */
+    double pixel_poly_epsilon;       /* Poly1FocalLoss epsilon */
+    double focal_gamma;              /* Poly1FocalLoss gamma (hard-coded 2 upstream; >= 1) */
+    double tversky_alpha;            /* TverskyLoss weight of false positives */
+    double tversky_beta;             /* TverskyLoss weight of false negatives (upstream: 1 - alpha) */
+} seg_loss_config;
+
+/* Loupe's values (its configs/model yaml files and Mask2FormerConfig's defaults). */
+static seg_loss_config seg_loss_config_default(void)
+{
+    seg_loss_config c;
+    c.class_weight = 2.0;
+    c.mask_weight = 5.0;
+    c.dice_weight = 5.0;
+    c.matcher_cost_class = 1.0;
+    c.no_object_weight = 0.1;
+    c.train_num_points = 12544;
+    c.oversample_ratio = 3.0;
+    c.importance_sample_ratio = 0.75;
+    c.pixel_forge_weight = 0.8;
+    c.pixel_poly_epsilon = 1.0;
+    c.focal_gamma = 2.0;
+    c.tversky_alpha = 0.3;
+    c.tversky_beta = 1.0 - c.tversky_alpha;   /* LoupeSegLoss passes beta = 1 - alpha */
+    return c;
+}
+
+/* LoupeSegLoss's settings as the weight file's header records them (tools/convert.py
+ * writes the config's values), upstream's defaults for any it lacks. */
+static seg_loss_config seg_loss_config_from_model(const loupe_model *m)
+{
+    seg_loss_config c = seg_loss_config_default();
+    double points = c.train_num_points;
+    model_loss_setting(m, "class_weight", 0.0, 1e6, &c.class_weight);
+    model_loss_setting(m, "mask_weight", 0.0, 1e6, &c.mask_weight);
+    model_loss_setting(m, "dice_weight", 0.0, 1e6, &c.dice_weight);
+    model_loss_setting(m, "no_object_weight", 1e-6, 1e6, &c.no_object_weight);
+    model_loss_setting(m, "oversample_ratio", 1.0, 64.0, &c.oversample_ratio);
+    model_loss_setting(m, "importance_sample_ratio", 0.0, 1.0, &c.importance_sample_ratio);
+    model_loss_setting(m, "pixel_forge_weight", 0.0, 1.0, &c.pixel_forge_weight);
+    model_loss_setting(m, "pixel_poly_epsilon", -1e6, 1e6, &c.pixel_poly_epsilon);
+    model_loss_setting(m, "tversky_alpha", 0.0, 1.0, &c.tversky_alpha);
+    model_loss_setting(m, "train_num_points", 1.0, (double)(1 << 20), &points);
+    if (points == floor(points)) c.train_num_points = (int)points;
+    c.tversky_beta = 1.0 - c.tversky_alpha;
+    return c;
+}
+
+/* One mask prediction of the decoder, and where its gradient goes. */
+typedef struct seg_prediction {
+    const float *class_logits;   /* [Q][2]: forgery, no-object */
+    const float *mask_logits;    /* [Q][M][M] */
+    float *grad_class_logits;    /* [Q][2]: += d total / d class_logits */
+    float *grad_mask_logits;     /* [Q][M][M]: += d total / d mask_logits */
+} seg_prediction;
+
+/* What one loss call k computed (k = 0: final prediction, k >= 1: auxiliary k-1,
+ * whose upstream names carry the suffix _{k-1}). */
+typedef struct seg_loss_call {
+    int prediction;              /* decoder prediction index used: L-1 for k = 0, else k-1 */
+    int matched_query;           /* query matched to the target; -1 when there is no target */
+    double num_masks;            /* get_num_masks: targets, clamped to >= 1 */
+    double loss_mask, loss_dice, loss_cross_entropy;            /* raw terms */
+    double weighted_mask, weighted_dice, weighted_cross_entropy; /* times their weights */
+} seg_loss_call;
+
+/* ---- Numerically stable scalar helpers (double) ---- */
+
+/* log(1 + exp(x)) without overflow; softplus(-x) = -log(sigmoid(x)). */
+static double seg_softplus(double x)
+{
+    return (x > 0.0 ? x : 0.0) + log1p(exp(-fabs(x)));
+}
+
+/* 1 / (1 + exp(-x)) without overflow. */
+static double seg_sigmoid(double x)
+{
+    double e = exp(-fabs(x));
+    return x >= 0.0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+}
+
+/* ---- grid_sample at points (bilinear, align_corners=False, zero padding) ---- */
+
+/* The four neighbours of one point of a h x w map and their bilinear weights,
+ * computed in float with PyTorch's CPU kernel arithmetic (GridSamplerKernel.cpp);
+ * idx[c] is -1 for a neighbour outside the map (zero padding). Corner order:
+ * north-west, north-east, south-west, south-east. */
+typedef struct grid_taps {
+    int idx[4];
+    float w[4];
+} grid_taps;
+
+/* Point (px, py) in [0,1)^2 -> taps on a h x w map (sample_point's 2p-1 then grid_sample). */
+static void grid_sample_taps(float px, float py, int h, int w, grid_taps *t)
+{
+    /* One operation per statement, so no compiler fuses a multiply-add that PyTorch
+     * does not: these are the float operations of PyTorch's kernel, in its order. */
+    float gx = 2.0f * px, gy = 2.0f * py, x, y, fx, fy, ex, sy;
+    int x0, y0, c;
+    gx = gx - 1.0f;
+    gy = gy - 1.0f;
+    x = (gx + 1.0f) * ((float)w / 2.0f);
+    x = x - 0.5f;
+    y = (gy + 1.0f) * ((float)h / 2.0f);
+    y = y - 0.5f;
+    x0 = (int)floorf(x);
+    y0 = (int)floorf(y);
+    fx = x - (float)x0;           /* distance to the west column */
+    fy = y - (float)y0;           /* distance to the north row */
+    ex = 1.0f - fx;
+    sy = 1.0f - fy;
+    t->w[0] = sy * ex;
+    t->w[1] = sy * fx;
+    t->w[2] = fy * ex;
+    t->w[3] = fy * fx;
+    for (c = 0; c < 4; c++) {
+        int xc = x0 + (c & 1), yc = y0 + (c >> 1);
+        t->idx[c] = (xc >= 0 && xc < w && yc >= 0 && yc < h) ? yc * w + xc : -1;
+    }
+}
+
+/* transformers' sample_point (grid_sample) forward: map [h][w], points [n][2] -> out [n],
+ * float, summed in PyTorch's order. */
+static void sample_point_forward(const float *map, int h, int w, const float *points, int n, float *out)
+{
+    int i, c;
+    for (i = 0; i < n; i++) {
+        grid_taps t;
+        float v = 0.0f;
+        grid_sample_taps(points[2 * i], points[2 * i + 1], h, w, &t);
+        for (c = 0; c < 4; c++) {
+            float term = t.idx[c] >= 0 ? map[t.idx[c]] * t.w[c] : 0.0f;
+            v = v + term;
+        }
+        out[i] = v;
+    }
+}
+
+/* sample_point backward: d out [n] -> += d map [h][w] (each point's gradient scattered
+ * into its in-bounds neighbours with the bilinear weights). */
+static void sample_point_backward(const double *grad_out, int h, int w, const float *points, int n,
+                                  double *grad_map)
+{
+    int i, c;
+    for (i = 0; i < n; i++) {
+        grid_taps t;
+        grid_sample_taps(points[2 * i], points[2 * i + 1], h, w, &t);
+        for (c = 0; c < 4; c++)
+            if (t.idx[c] >= 0) grad_map[t.idx[c]] += (double)t.w[c] * grad_out[i];
+    }
+}
+
+/* ---- Matching ---- */
+
+/* transformers' pair_wise_sigmoid_cross_entropy_loss for one (query, target) pair:
+ * mean over n points of BCE-with-logits(pred, target). pred, target [n]. */
+static double pair_wise_sigmoid_cross_entropy_loss(const float *pred, const float *target, int n)
+{
+    double sum = 0.0;
+    int i;
+    for (i = 0; i < n; i++)
+        sum += seg_softplus(pred[i]) - target[i] * pred[i];   /* t sp(-x) + (1-t) sp(x), sp(-x) = sp(x) - x */
+    return sum / n;
+}
+
+/* transformers' pair_wise_dice_loss for one pair: 1 - (2 sum(s t) + 1) / (sum s + sum t + 1),
+ * s = sigmoid(pred). pred, target [n]. */
+static double pair_wise_dice_loss(const float *pred, const float *target, int n)
+{
+    double st = 0.0, s = 0.0, t = 0.0;
+    int i;
+    for (i = 0; i < n; i++) {
+        double p = seg_sigmoid(pred[i]);
+        st += p * target[i];
+        s += p;
+        t += target[i];
+    }
+    return 1.0 - (2.0 * st + 1.0) / (s + t + 1.0);
+}
+
+/* LoupeHungarianMatcher.forward for one image with one target: class_logits [Q][2],
+ * mask_logits [Q][M][M], target [th][tw], points [P][2] (the matcher's uniform draw);
+ * scratch [(1 + max_threads()) P + Q] floats. Returns the matched query. Queries' costs
+ * are computed in parallel (each is one sampled map, 3 libm calls a point), then
+ * compared in order. The cost matrix is float32 [Q][1] as upstream; scipy's
+ * linear_sum_assignment on one column returns the cheapest row, the lowest index among
+ * equal costs (it scans columns of the transposed 1 x Q problem from the last to the
+ * first and keeps the last minimum it sees). */
+static int hungarian_matcher(const seg_loss_config *cfg, int Q, int M, const float *class_logits,
+                             const float *mask_logits, const float *target, int th, int tw, const float *points,
+                             int P, float *scratch)
+{
+    float *target_points = scratch, *costs = scratch + (size_t)(1 + max_threads()) * P, best = 0.0f;
+    int q, best_q = 0;
+    sample_point_forward(target, th, tw, points, P, target_points);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)Q * P * 16))
+#endif
+    for (q = 0; q < Q; q++) {
+        const float *z = class_logits + (size_t)q * SEG_NUM_CLASSES;
+        float *pred_points = scratch + (size_t)(1 + thread_id()) * P;
+        float mx = z[0] > z[1] ? z[0] : z[1];
+        float e0 = expf(z[0] - mx), e1 = expf(z[1] - mx);
+        float cost_class = -(e0 / (e0 + e1));            /* -softmax(z)[forgery] */
+        float cost_mask, cost_dice, cost;
+        sample_point_forward(mask_logits + (size_t)q * M * M, M, M, points, P, pred_points);
+        cost_mask = (float)pair_wise_sigmoid_cross_entropy_loss(pred_points, target_points, P);
+        cost_dice = (float)pair_wise_dice_loss(pred_points, target_points, P);
+        cost = (float)cfg->mask_weight * cost_mask;
+        cost = cost + (float)cfg->matcher_cost_class * cost_class;
+        cost = cost + (float)cfg->dice_weight * cost_dice;
+        if (cost != cost) cost = 0.0f;                   /* nan_to_num(..., 0) */
+        if (cost > SEG_MATCHER_COST_LIMIT) cost = SEG_MATCHER_COST_LIMIT;
+        if (cost < -SEG_MATCHER_COST_LIMIT) cost = -SEG_MATCHER_COST_LIMIT;
+        costs[q] = cost;
+    }
+    for (q = 0; q < Q; q++)
+        if (q == 0 || costs[q] < best) {
+            best = costs[q];
+            best_q = q;
+        }
+    return best_q;
+}
+
+/* ---- Point selection ---- */
+
+/* A candidate point and its uncertainty, for sorting. */
+typedef struct uncertain_point {
+    float uncertainty;
+    int index;
+} uncertain_point;
+
+/* Most uncertain first; equal uncertainties in candidate order. */
+static int uncertain_point_cmp(const void *a, const void *b)
+{
+    const uncertain_point *x = (const uncertain_point *)a, *y = (const uncertain_point *)b;
+    if (x->uncertainty != y->uncertainty) return x->uncertainty > y->uncertainty ? -1 : 1;
+    return (x->index > y->index) - (x->index < y->index);
+}
+
+/* Moves the k most uncertain of n candidates (uncertain_point_cmp's order: largest
+ * uncertainty, then the earlier candidate) to order[0..k-1], in that order: a
+ * deterministic quickselect (median-of-three pivots) partitions, then the k are sorted.
+ * The same set as sorting all n, at a fraction of the cost. */
+static void uncertain_select(uncertain_point *order, int n, int k)
+{
+    int lo = 0, hi = n - 1;
+    if (k <= 0) return;
+    if (k < n)
+        while (hi > lo) {
+            int mid = lo + (hi - lo) / 2, i = lo, j = hi;
+            uncertain_point a = order[lo], b = order[mid], c = order[hi], pivot, tmp;
+            /* the median of the three */
+            if (uncertain_point_cmp(&a, &b) > 0) { tmp = a; a = b; b = tmp; }
+            if (uncertain_point_cmp(&b, &c) > 0) { tmp = b; b = c; c = tmp; }
+            if (uncertain_point_cmp(&a, &b) > 0) { tmp = a; a = b; b = tmp; }
+            pivot = b;
+            while (i <= j) {
+                while (uncertain_point_cmp(&order[i], &pivot) < 0) i++;
+                while (uncertain_point_cmp(&order[j], &pivot) > 0) j--;
+                if (i <= j) { tmp = order[i]; order[i] = order[j]; order[j] = tmp; i++; j--; }
+            }
+            if (k - 1 <= j) hi = j;
+            else if (k - 1 >= i) lo = i;
+            else break;
+        }
+    qsort(order, (size_t)k, sizeof *order, uncertain_point_cmp);
+}
+
+/* Mask2FormerLoss.sample_points_using_uncertainty for one mask [M][M]: draws int(P *
+ * oversample_ratio) candidates, keeps the int(importance_sample_ratio * P) with the
+ * largest calculate_uncertainty = -|logit| (torch.topk; ties, which topk leaves
+ * unspecified, go to the earlier candidate), then draws the remaining points uniformly.
+ * The candidates are read from rng at position cand_pos, the uniform points at extra_pos.
+ * points_out [P][2]; candidates [int(P * oversample_ratio)][2] floats, order [same count]. */
+static void sample_points_using_uncertainty(const seg_loss_config *cfg, const float *mask_logits, int M,
+                                            const loss_rng *rng, uint64_t cand_pos, uint64_t extra_pos,
+                                            float *points_out, float *candidates, float *candidate_logits,
+                                            uncertain_point *order)
+{
+    int P = cfg->train_num_points;
+    int num_sampled = (int)(P * cfg->oversample_ratio);
+    int num_uncertain = (int)(cfg->importance_sample_ratio * P);
+    int i;
+    rng->seek(rng->state, cand_pos);
+    rng->fill(rng->state, candidates, (size_t)num_sampled * 2);
+    sample_point_forward(mask_logits, M, M, candidates, num_sampled, candidate_logits);
+    for (i = 0; i < num_sampled; i++) {
+        order[i].uncertainty = -fabsf(candidate_logits[i]);
+        order[i].index = i;
+    }
+    uncertain_select(order, num_sampled, num_uncertain);
+    for (i = 0; i < num_uncertain; i++) {
+        points_out[2 * i] = candidates[2 * order[i].index];
+        points_out[2 * i + 1] = candidates[2 * order[i].index + 1];
+    }
+    rng->seek(rng->state, extra_pos);
+    if (P > num_uncertain)
+        rng->fill(rng->state, points_out + (size_t)num_uncertain * 2, (size_t)(P - num_uncertain) * 2);
+}
+
+/* ---- Mask losses ---- */
+
+/* Poly1FocalLoss (soft labels) forward, reduction mean: logits x [n], labels t [n].
+ *   ce = (alpha t + (1-alpha)(1-t)) * BCE-with-logits(x, t),  1 - pt = t (1-s) + (1-t) s,
+ *   loss = ce (1-pt)^gamma + epsilon (1-pt)^(gamma+1), s = sigmoid(x). */
+static double poly1_focal_loss_forward(const seg_loss_config *cfg, const float *x, const float *t, int n)
+{
+    double alpha = cfg->pixel_forge_weight, gamma = cfg->focal_gamma, eps = cfg->pixel_poly_epsilon;
+    double sum = 0.0;
+    int i;
+    for (i = 0; i < n; i++) {
+        double ti = t[i];
+        double bce = seg_softplus(x[i]) - ti * x[i];
+        double ce = (alpha * ti + (1.0 - alpha) * (1.0 - ti)) * bce;
+        double s = seg_sigmoid(x[i]);
+        double u = ti * (1.0 - s) + (1.0 - ti) * s;   /* 1 - pt */
+        double ug = gamma == 2.0 ? u * u : pow(u, gamma);
+        sum += ce * ug + eps * ug * u;
+    }
+    return sum / n;
+}
+
+/* Poly1FocalLoss backward: grad_x [n] += scale * d(mean loss)/dx. With
+ * d bce/dx = s - t and d(1-pt)/dx = (1 - 2t) s (1-s). */
+static void poly1_focal_loss_backward(const seg_loss_config *cfg, const float *x, const float *t, int n,
+                                      double scale, double *grad_x)
+{
+    double alpha = cfg->pixel_forge_weight, gamma = cfg->focal_gamma, eps = cfg->pixel_poly_epsilon;
+    int i;
+    for (i = 0; i < n; i++) {
+        double ti = t[i], s = seg_sigmoid(x[i]), sm = 1.0 - s;
+        double wgt = alpha * ti + (1.0 - alpha) * (1.0 - ti);
+        double bce = seg_softplus(x[i]) - ti * x[i];
+        double u = ti * sm + (1.0 - ti) * s;
+        double du = (1.0 - 2.0 * ti) * s * sm;
+        double ug1 = gamma == 2.0 ? u : pow(u, gamma - 1.0), ug = ug1 * u;
+        double d = wgt * (s - ti) * ug + (wgt * bce * gamma * ug1 + eps * (gamma + 1.0) * ug) * du;
+        grad_x[i] += scale * d / n;
+    }
+}
+
+/* Sums of TverskyLoss for one mask: TP, FP, FN of s = sigmoid(x) against t. */
+static void tversky_sums(const float *x, const float *t, int n, double *tp, double *fp, double *fn)
+{
+    int i;
+    *tp = *fp = *fn = 0.0;
+    for (i = 0; i < n; i++) {
+        double s = seg_sigmoid(x[i]);
+        *tp += s * t[i];
+        *fp += s * (1.0 - t[i]);
+        *fn += seg_sigmoid(-x[i]) * t[i];
+    }
+}
+
+/* TverskyLoss forward for one mask: 1 - (TP + 1e-6) / (TP + alpha FP + beta FN + 1e-6). */
+static double tversky_loss_forward(const seg_loss_config *cfg, const float *x, const float *t, int n)
+{
+    double tp, fp, fn;
+    tversky_sums(x, t, n, &tp, &fp, &fn);
+    return 1.0 - (tp + SEG_TVERSKY_SMOOTH) /
+                 (tp + cfg->tversky_alpha * fp + cfg->tversky_beta * fn + SEG_TVERSKY_SMOOTH);
+}
+
+/* TverskyLoss backward for one mask: grad_x [n] += scale * d loss / dx. With N, D the
+ * numerator and denominator, dN/ds_i = t_i and dD/ds_i = t_i + alpha (1-t_i) - beta t_i. */
+static void tversky_loss_backward(const seg_loss_config *cfg, const float *x, const float *t, int n,
+                                  double scale, double *grad_x)
+{
+    double tp, fp, fn, num, den;
+    int i;
+    tversky_sums(x, t, n, &tp, &fp, &fn);
+    num = tp + SEG_TVERSKY_SMOOTH;
+    den = tp + cfg->tversky_alpha * fp + cfg->tversky_beta * fn + SEG_TVERSKY_SMOOTH;
+    for (i = 0; i < n; i++) {
+        double ti = t[i];
+        double dden = ti + cfg->tversky_alpha * (1.0 - ti) - cfg->tversky_beta * ti;
+        double dratio = (ti * den - num * dden) / (den * den);
+        grad_x[i] += -scale * dratio * seg_sigmoid(x[i]) * seg_sigmoid(-x[i]);
+    }
+}
+
+/* Scratch for loss_masks: point logits, labels and the logits' gradient [P] each, and
+ * the gradient of the matched mask [M][M]. */
+typedef struct loss_masks_scratch {
+    float *point_logits, *point_labels;
+    double *grad_points, *grad_mask;
+} loss_masks_scratch;
+
+/* LoupeSegLoss.loss_masks forward for one matched mask (num_masks as get_num_masks):
+ * mask_logits [M][M] of the matched query, target [th][tw], points [P][2] ->
+ * loss_mask = mean Poly-1 focal / num_masks, loss_dice = Tversky of this mask (the
+ * caller averages over the batch's masks). */
+static void loss_masks_forward(const seg_loss_config *cfg, const float *mask_logits, int M, const float *target,
+                               int th, int tw, const float *points, double num_masks, loss_masks_scratch *s,
+                               double *loss_mask, double *loss_dice)
+{
+    int P = cfg->train_num_points;
+    sample_point_forward(target, th, tw, points, P, s->point_labels);
+    sample_point_forward(mask_logits, M, M, points, P, s->point_logits);
+    *loss_mask = poly1_focal_loss_forward(cfg, s->point_logits, s->point_labels, P) / num_masks;
+    *loss_dice = tversky_loss_forward(cfg, s->point_logits, s->point_labels, P);
+}
+
+/* loss_masks backward (after loss_masks_forward on the same points): grad_mask_logits
+ * [M][M] += w_mask * d loss_mask/dlogits + w_dice * d loss_dice/dlogits. */
+static void loss_masks_backward(const seg_loss_config *cfg, int M, const float *points, double num_masks,
+                                double w_mask, double w_dice, loss_masks_scratch *s, float *grad_mask_logits)
+{
+    int P = cfg->train_num_points, i;
+    memset(s->grad_points, 0, (size_t)P * sizeof *s->grad_points);
+    memset(s->grad_mask, 0, (size_t)M * M * sizeof *s->grad_mask);
+    poly1_focal_loss_backward(cfg, s->point_logits, s->point_labels, P, w_mask / num_masks, s->grad_points);
+    tversky_loss_backward(cfg, s->point_logits, s->point_labels, P, w_dice, s->grad_points);
+    sample_point_backward(s->grad_points, M, M, points, P, s->grad_mask);
+    for (i = 0; i < M * M; i++) grad_mask_logits[i] += (float)s->grad_mask[i];
+}
+
+/* ---- Class loss ---- */
+
+/* Target class of query q: forgery for the matched query, no-object for the others. */
+static int loss_labels_target(int q, int matched_query)
+{
+    return q == matched_query ? SEG_FORGERY_CLASS : SEG_NO_OBJECT_CLASS;
+}
+
+/* Class weight of a target class: 1 for forgery, no_object_weight for no-object. */
+static double loss_labels_class_weight(const seg_loss_config *cfg, int cls)
+{
+    return cls == SEG_NO_OBJECT_CLASS ? cfg->no_object_weight : 1.0;
+}
+
+/* The denominator of loss_labels' weighted mean over a whole batch: the class weights
+ * of all B*Q queries, `targets` of them matched (forgery, weight 1), the rest no-object. */
+static double loss_labels_weight_sum(const seg_loss_config *cfg, int images, int Q, int targets)
+{
+    return (double)targets + ((double)images * Q - targets) * cfg->no_object_weight;
+}
+
+/* Mask2FormerLoss.loss_labels forward, one image's share: class_logits [Q][2],
+ * matched_query (-1: none), den = loss_labels_weight_sum of the batch ->
+ * sum_q w_q (-log softmax(z_q)[c_q]) / den (the batch's term is the sum of its images'). */
+static double loss_labels_forward(const seg_loss_config *cfg, const float *class_logits, int Q, int matched_query,
+                                  double den)
+{
+    double num = 0.0;
+    int q;
+    for (q = 0; q < Q; q++) {
+        const float *z = class_logits + (size_t)q * SEG_NUM_CLASSES;
+        int c = loss_labels_target(q, matched_query);
+        /* -log softmax(z)[c] = softplus(z[other] - z[c]) for two classes */
+        num += loss_labels_class_weight(cfg, c) * seg_softplus((double)z[1 - c] - z[c]);
+    }
+    return num / den;
+}
+
+/* loss_labels backward: grad [Q][2] += scale * w_q / den * (softmax(z_q) - onehot(c_q)). */
+static void loss_labels_backward(const seg_loss_config *cfg, const float *class_logits, int Q, int matched_query,
+                                 double den, double scale, float *grad_class_logits)
+{
+    int q, j;
+    for (q = 0; q < Q; q++) {
+        const float *z = class_logits + (size_t)q * SEG_NUM_CLASSES;
+        int c = loss_labels_target(q, matched_query);
+        double w = scale * loss_labels_class_weight(cfg, c) / den;
+        for (j = 0; j < SEG_NUM_CLASSES; j++) {
+            double prob = seg_sigmoid((double)z[j] - z[1 - j]);   /* softmax(z)[j] */
+            grad_class_logits[(size_t)q * SEG_NUM_CLASSES + j] += (float)(w * (prob - (j == c)));
+        }
+    }
+}
+
+/* ---- The whole loss ---- */
+
+/* Ascending ints, for qsort. */
+static int int_cmp(const void *a, const void *b)
+{
+    int x = *(const int *)a, y = *(const int *)b;
+    return (x > y) - (x < y);
+}
+
+/* Mask2FormerLoss.get_num_masks: number of targets, clamped to >= 1 (one process). */
+static double get_num_masks(int num_targets)
+{
+    return num_targets > 1 ? (double)num_targets : 1.0;
+}
+
+/* Scratch of loupe_seg_loss (planned in the trainer's arena): the matcher's points [2P]
+ * and its scratch (hungarian_matcher), the selected points [P][2], the oversampled
+ * candidates [3P][2], their logits [3P] and sort order [3P], and loss_masks' buffers.
+ * topk, when a test sets it, receives each call's importance-sampled candidate indices,
+ * ascending ([L][0.75 P]). */
+typedef struct seg_loss_scratch {
+    float *matcher_points, *matcher_scratch, *points, *candidates, *candidate_logits;
+    uncertain_point *order;
+    loss_masks_scratch masks;
+    int *topk;
+} seg_loss_scratch;
+
+/* Where one image sits in its batch. The loss is a batch's (upstream collates B images):
+ * num_masks, the Tversky mean and the cross-entropy's weighted mean run over all the
+ * batch's targets and queries, and the random draws come in the batch's order. Images
+ * have 0 or 1 target (one forgery class), so everything is known before any forward and
+ * the images can be processed one at a time, each adding its share. */
+typedef struct seg_batch {
+    int images;                  /* B */
+    int targets;                 /* targets in the whole batch */
+    int image;                   /* this image's index b */
+    int targets_before;          /* targets of images 0..b-1 (this image's mask index) */
+    uint64_t base;               /* stream position of the batch's first random number */
+} seg_batch;
+
+/* Random numbers one loss call draws for a whole batch: per image the matcher's points
+ * [P][2], then candidates [n][3P][2] and extra points [n][P - 0.75 P][2] for the n
+ * targets of the batch (upstream's torch.rand calls, in order). */
+static uint64_t seg_call_draws(const seg_loss_config *cfg, int images, int targets)
+{
+    uint64_t P = (uint64_t)cfg->train_num_points;
+    uint64_t cand = (uint64_t)(int)(cfg->train_num_points * cfg->oversample_ratio);
+    uint64_t extra = P - (uint64_t)(int)(cfg->importance_sample_ratio * cfg->train_num_points);
+    return (uint64_t)images * 2 * P + (uint64_t)targets * 2 * (cand + extra);
+}
+
+/* Random numbers of one training step of a batch: the decoder's L-1 layerdrop draws
+ * (unused: layerdrop 0), then L loss calls. */
+static uint64_t seg_batch_draws(const seg_loss_config *cfg, int L, int images, int targets)
+{
+    return (uint64_t)(L - 1) + (uint64_t)L * seg_call_draws(cfg, images, targets);
+}
+
+/* LoupeSegLoss.forward (with its auxiliary calls) followed by LoupeSegmentor.get_loss,
+ * one image's share, and the gradient of `scale` times it. preds [L] in decoder order
+ * (prediction i has class logits [Q][2], mask logits [Q][M][M]); target [th][tw] (read
+ * when has_target): the image's forgery mask (training: mask_labels, S x S; test-time
+ * adaptation: sigmoid(patch logits), g x g). Adds this image's share of each term to
+ * calls [L] (in loss-call order; the caller zeroes them per batch, matched_query -1),
+ * sets their matched_query to this image's when it has a target, adds the weighted share to *total, and accumulates the
+ * gradients into the preds' grad buffers. Reads the random numbers of rng at the batch's
+ * positions (seg_batch). */
+static void loupe_seg_loss(const seg_loss_config *cfg, int L, int Q, int M, const seg_prediction *preds,
+                           int has_target, const float *target, int th, int tw, const seg_batch *bt, double scale,
+                           const loss_rng *rng, seg_loss_scratch *s, seg_loss_call *calls, double *total)
+{
+    int P = cfg->train_num_points;
+    int cand = (int)(P * cfg->oversample_ratio), uncertain = (int)(cfg->importance_sample_ratio * P);
+    double num_masks = get_num_masks(bt->targets);
+    double ce_den = loss_labels_weight_sum(cfg, bt->images, Q, bt->targets);
+    uint64_t per_call = seg_call_draws(cfg, bt->images, bt->targets);
+    int k, i;
+
+    for (k = 0; k < L; k++) {
+        seg_loss_call *c = &calls[k];
+        const seg_prediction *pr = &preds[k == 0 ? L - 1 : k - 1];
+        uint64_t start = bt->base + (uint64_t)(L - 1) + (uint64_t)k * per_call;
+        double loss_mask = 0.0, loss_dice = 0.0, ce;
+        int matched = -1;
+        c->prediction = k == 0 ? L - 1 : k - 1;
+        c->num_masks = num_masks;
+        if (has_target) {
+            const float *mask;
+            uint64_t after = start + (uint64_t)bt->images * 2 * P;
+            rng->seek(rng->state, start + (uint64_t)bt->image * 2 * P);
+            rng->fill(rng->state, s->matcher_points, (size_t)P * 2);
+            matched = c->matched_query = hungarian_matcher(cfg, Q, M, pr->class_logits, pr->mask_logits, target, th,
+                                                           tw, s->matcher_points, P, s->matcher_scratch);
+            mask = pr->mask_logits + (size_t)matched * M * M;
+            /* this mask's rows of the batch's candidate and extra-point draws */
+            sample_points_using_uncertainty(cfg, mask, M, rng, after + (uint64_t)bt->targets_before * 2 * cand,
+                                            after + (uint64_t)bt->targets * 2 * cand +
+                                                (uint64_t)bt->targets_before * 2 * (P - uncertain),
+                                            s->points, s->candidates, s->candidate_logits, s->order);
+            if (s->topk) {
+                int *dst = s->topk + (size_t)k * uncertain;
+                for (i = 0; i < uncertain; i++) dst[i] = s->order[i].index;
+                qsort(dst, (size_t)uncertain, sizeof *dst, int_cmp);
+            }
+            loss_masks_forward(cfg, mask, M, target, th, tw, s->points, num_masks, &s->masks, &loss_mask, &loss_dice);
+            loss_dice /= bt->targets;   /* Tversky: mean over the batch's masks */
+            loss_masks_backward(cfg, M, s->points, num_masks, scale * cfg->mask_weight,
+                                scale * cfg->dice_weight / bt->targets, &s->masks,
+                                pr->grad_mask_logits + (size_t)matched * M * M);
+        }
+        ce = loss_labels_forward(cfg, pr->class_logits, Q, matched, ce_den);
+        loss_labels_backward(cfg, pr->class_logits, Q, matched, ce_den, scale * cfg->class_weight,
+                             pr->grad_class_logits);
+        c->loss_mask += loss_mask;
+        c->loss_dice += loss_dice;
+        c->loss_cross_entropy += ce;
+        c->weighted_mask += cfg->mask_weight * loss_mask;
+        c->weighted_dice += cfg->dice_weight * loss_dice;
+        c->weighted_cross_entropy += cfg->class_weight * ce;
+        *total += cfg->mask_weight * loss_mask + cfg->dice_weight * loss_dice + cfg->class_weight * ce;
+    }
+}
+
+/* ---- Trainable parameters: every segmentor.* tensor, copied out of the read-only model ---- */
+
+/* Layout of a trainable tensor inside loupe_tta: the one the forward reads. */
+enum {
+    PARAM_PLAIN,     /* as upstream */
+    PARAM_DEPTHWISE, /* depthwise conv [c][1][3][3] kept tap-major [9][c] */
+    PARAM_CONV3X3    /* 3x3 conv [co][ci][3][3] kept tap-major [9][co][ci] */
+};
+
+#define TRAIN_NAME_LEN 128
+#define TTA_SEGMENTOR_PREFIX "segmentor."
+#define TTA_CLIP_EPS 1e-6           /* clip_grad_norm_ divides by norm + 1e-6 */
+#define TTA_MAX_WEIGHT 1e6f         /* largest gradient weight loupe_tta_accumulate accepts */
+
+/* One trainable tensor. */
+typedef struct train_param {
+    char name[TRAIN_NAME_LEN];   /* upstream state-dict key without "loupe." */
+    int dims[MAX_TENSOR_DIMS];   /* upstream shape, trailing zeros */
+    int layout;
+    size_t offset, numel;        /* position in the trainer's param, grad, adam_m, adam_v */
+    double lr, weight_decay;     /* its parameter group's (LitModel.configure_optimizers): the
+                                    backbone's learning rate for names with "backbone", no
+                                    weight decay for names with "bias" */
+} train_param;
+
+/* Converts a tensor from upstream layout to the layout the forward reads. */
+static void param_from_upstream(const train_param *p, const float *src, float *dst)
+{
+    switch (p->layout) {
+    case PARAM_DEPTHWISE: repack_depthwise(dst, src, p->dims[0]); break;
+    case PARAM_CONV3X3: repack_conv3x3(dst, src, p->dims[0], p->dims[1]); break;
+    default: memcpy(dst, src, p->numel * sizeof *dst);
+    }
+}
+
+/* Converts a tensor (or its gradient) back to upstream layout. */
+static void param_to_upstream(const train_param *p, const float *src, float *dst)
+{
+    int a = p->dims[0], b = p->dims[1], i, j, t;
+    switch (p->layout) {
+    case PARAM_DEPTHWISE: /* [9][c=a] -> [c][1][3][3] */
+        for (t = 0; t < 9; t++)
+            for (i = 0; i < a; i++) dst[(size_t)i * 9 + t] = src[(size_t)t * a + i];
+        break;
+    case PARAM_CONV3X3: /* [9][co=a][ci=b] -> [co][ci][3][3] */
+        for (t = 0; t < 9; t++)
+            for (i = 0; i < a; i++)
+                for (j = 0; j < b; j++) dst[((size_t)i * b + j) * 9 + t] = src[((size_t)t * a + i) * b + j];
+        break;
+    default: memcpy(dst, src, p->numel * sizeof *dst);
+    }
+}
+
+/* Collects the trainable tensors: counts them (params NULL) or records and copies them. */
+typedef struct param_builder {
+    train_param *params;         /* NULL while counting */
+    float *data;                 /* the trained values, when recording */
+    binder b;                    /* finds each tensor in the weight file by name and shape */
+    const loupe_train_options *opt; /* learning rates and weight decay of the groups */
+    int count;
+    size_t floats;
+} param_builder;
+
+/* Registers one trainable tensor of upstream shape d0..d3 (trailing zeros) called fmt... and
+ * points *view at its adapted copy. */
+static void add_param(param_builder *pb, const float **view, int layout, int d0, int d1, int d2, int d3,
+                      const char *fmt, ...)
+{
+    char name[TRAIN_NAME_LEN];
+    size_t numel = (size_t)d0 * (d1 ? d1 : 1) * (d2 ? d2 : 1) * (d3 ? d3 : 1);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    if (pb->params) {
+        train_param *p = &pb->params[pb->count];
+        const int dims[MAX_TENSOR_DIMS] = {d0, d1, d2, d3};
+        const tensor_entry *e = bind_entry(&pb->b, dims, name);
+        const float *src = NULL;
+        float *copy = NULL;
+        /* a BF16 or Q8 weight matrix is converted: the adapter trains float32 copies */
+        if (e && !(src = wmat_values(entry_matrix(pb->b.m, e), e->dims[0], numel / e->dims[0], &copy))) {
+            pb->b.failed = 1;
+            fail(pb->b.err, pb->b.errsize, "out of memory");
+        }
+        memcpy(p->name, name, sizeof name);
+        p->dims[0] = d0; p->dims[1] = d1; p->dims[2] = d2; p->dims[3] = d3;
+        p->layout = layout;
+        p->offset = pb->floats;
+        p->numel = numel;
+        p->lr = strstr(name, "backbone") ? pb->opt->backbone_lr : pb->opt->lr;
+        p->weight_decay = strstr(name, "bias") ? 0.0 : pb->opt->weight_decay;
+        if (src) param_from_upstream(p, src, pb->data + p->offset);
+        free(copy);
+        *view = pb->data + p->offset;
+    }
+    pb->count++;
+    pb->floats += numel;
+}
+
+/* A linear layer's weight [out][in] and optional bias, or a norm's weight and bias. */
+static void add_linear(param_builder *pb, linear_w *l, int out, int in, int conv1x1, const char *prefix)
+{
+    const float *w = NULL;
+    add_param(pb, &w, PARAM_PLAIN, out, in, conv1x1, conv1x1, "%s.weight", prefix);
+    if (pb->params) l->w = wmat_f32(w, (size_t)in);
+    if (l->b) add_param(pb, &l->b, PARAM_PLAIN, out, 0, 0, 0, "%s.bias", prefix);
+}
+static void add_norm(param_builder *pb, norm_w *n, int dim, const char *prefix)
+{
+    add_param(pb, &n->w, PARAM_PLAIN, dim, 0, 0, 0, "%s.weight", prefix);
+    add_param(pb, &n->b, PARAM_PLAIN, dim, 0, 0, 0, "%s.bias", prefix);
+}
+static void add_mha(param_builder *pb, linear_w *qkv, linear_w *out, int e, const char *prefix)
+{
+    char name[TRAIN_NAME_LEN + 16];
+    const float *w = NULL;
+    add_param(pb, &w, PARAM_PLAIN, 3 * e, e, 0, 0, "%s.in_proj_weight", prefix);
+    if (pb->params) qkv->w = wmat_f32(w, (size_t)e);
+    add_param(pb, &qkv->b, PARAM_PLAIN, 3 * e, 0, 0, 0, "%s.in_proj_bias", prefix);
+    snprintf(name, sizeof name, "%s.out_proj", prefix);
+    add_linear(pb, out, e, e, 0, name);
+}
+
+/* Walks the backbone's tensors in upstream's state-dict order: only the class and
+ * position embeddings when not full (upstream trains those two even in a frozen
+ * backbone), else all; w->blocks must be the trainer's own copy of the views. */
+static void backbone_params(param_builder *pb, loupe_weights *w, const loupe_config *c, int full)
+{
+    int W = c->width, g = c->grid, P = c->patch_size, i;
+    char p[TRAIN_NAME_LEN];
+    add_param(pb, &w->class_embedding, PARAM_PLAIN, W, 0, 0, 0, "backbone.class_embedding");
+    add_param(pb, &w->positional_embedding, PARAM_PLAIN, 1 + g * g, W, 0, 0, "backbone.positional_embedding");
+    if (!full) return;
+    {
+        const float *conv1 = NULL;
+        add_param(pb, &conv1, PARAM_PLAIN, W, 3, P, P, "backbone.conv1.weight");
+        if (pb->params) w->conv1 = wmat_f32(conv1, (size_t)3 * P * P);
+    }
+    add_norm(pb, &w->ln_pre, W, "backbone.ln_pre");
+    add_norm(pb, &w->ln_post, W, "backbone.ln_post");
+    for (i = 0; i < c->layers; i++) {
+        pe_block_w *bl = &w->blocks[i];
+#define BLK(s) (snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.%s", i, s), p)
+        add_mha(pb, &bl->qkv, &bl->out, W, BLK("attn"));
+        add_norm(pb, &bl->ln_1, W, BLK("ln_1"));
+        add_norm(pb, &bl->ln_2, W, BLK("ln_2"));
+        add_linear(pb, &bl->fc, c->mlp_width, W, 0, BLK("mlp.c_fc"));
+        add_linear(pb, &bl->proj, W, c->mlp_width, 0, BLK("mlp.c_proj"));
+#undef BLK
+    }
+    add_param(pb, &w->pool.probe, PARAM_PLAIN, 1, 1, W, 0, "backbone.attn_pool.probe");
+    add_mha(pb, &w->pool.qkv, &w->pool.out, W, "backbone.attn_pool.attn");
+    add_norm(pb, &w->pool.ln, W, "backbone.attn_pool.layernorm");
+    add_linear(pb, &w->pool.fc, c->pool_mlp_width, W, 0, "backbone.attn_pool.mlp.c_fc");
+    add_linear(pb, &w->pool.proj, W, c->pool_mlp_width, 0, "backbone.attn_pool.mlp.c_proj");
+}
+
+/* Walks the classifier's tensors (LoupeClassifier: two MLP heads and the fuser). */
+static void classifier_params(param_builder *pb, loupe_weights *w, const loupe_config *c)
+{
+    int k, i;
+    char p[TRAIN_NAME_LEN];
+    for (k = 0; k < 2; k++) {
+        cls_head_w *h = k ? &w->patch_head : &w->global_head;
+        for (i = 0; i < c->cls_layers; i++) {
+            int in = i == 0 ? c->width : c->cls_hidden, out = i == c->cls_layers - 1 ? 1 : c->cls_hidden;
+            snprintf(p, sizeof p, "classifier.%s.layers.%d", k ? "patch_classifier" : "classifier", i);
+            add_linear(pb, &h->layers[i], out, in, 0, p);
+        }
+    }
+    add_param(pb, &w->fuser, PARAM_PLAIN, 1, 1 + c->grid * c->grid, 0, 0, "classifier.fuser.fuse.weight");
+}
+
+/* Walks every segmentor tensor of w in upstream's state-dict order. */
+static void segmentor_params(param_builder *pb, loupe_weights *w, const loupe_config *c)
+{
+    static const char *const fpn_names[4] = {"0.0", "0.1", "1.0", "3.0"};
+    scale_block_w *blocks[4];
+    int W = c->width, F = c->feature_size, n_off = c->m2f_heads * c->deform_levels * c->deform_points, i, k;
+    char p[TRAIN_NAME_LEN];
+    blocks[0] = &w->fpn4[0]; blocks[1] = &w->fpn4[1]; blocks[2] = &w->fpn2; blocks[3] = &w->fpn_half;
+    for (k = 0; k < 4; k++) {
+        scale_block_w *b = blocks[k];
+        const char *s = fpn_names[k];
+        if (b->conv1.w.data) {
+            const float *convt = NULL;
+            add_param(pb, &convt, PARAM_PLAIN, W, W, 2, 2, "segmentor.fpn.scale_layers.%s.conv1.weight", s);
+            if (pb->params) b->conv1.w = wmat_f32(convt, (size_t)CONVT_TAPS * W);
+            add_param(pb, &b->conv1.b, PARAM_PLAIN, W, 0, 0, 0, "segmentor.fpn.scale_layers.%s.conv1.bias", s);
+        }
+        add_param(pb, &b->dw, PARAM_DEPTHWISE, W, 1, 3, 3, "segmentor.fpn.scale_layers.%s.conv2.weight", s);
+        snprintf(p, sizeof p, "segmentor.fpn.scale_layers.%s.norm", s);
+        add_norm(pb, &b->norm, W, p);
+    }
+    add_param(pb, &w->label_embedding[0], PARAM_PLAIN, F, 0, 0, 0, "segmentor.label_embedding.0");
+    add_param(pb, &w->label_embedding[1], PARAM_PLAIN, F, 0, 0, 0, "segmentor.label_embedding.1");
+    add_param(pb, &w->level_embed, PARAM_PLAIN, 3, F, 0, 0, "segmentor.pixel_decoder.level_embed");
+    for (i = 0; i < 3; i++) {
+        snprintf(p, sizeof p, "segmentor.pixel_decoder.input_projections.%d.0", i); add_linear(pb, &w->input_proj[i], F, W, 1, p);
+        snprintf(p, sizeof p, "segmentor.pixel_decoder.input_projections.%d.1", i); add_norm(pb, &w->input_gn[i], F, p);
+    }
+    for (i = 0; i < c->enc_layers; i++) {
+        enc_layer_w *e = &w->enc[i];
+#define ENC(s) (snprintf(p, sizeof p, "segmentor.pixel_decoder.encoder.layers.%d.%s", i, s), p)
+        add_linear(pb, &e->offsets, n_off * 2, F, 0, ENC("self_attn.sampling_offsets"));
+        add_linear(pb, &e->attn_weights, n_off, F, 0, ENC("self_attn.attention_weights"));
+        add_linear(pb, &e->value, F, F, 0, ENC("self_attn.value_proj"));
+        add_linear(pb, &e->output, F, F, 0, ENC("self_attn.output_proj"));
+        add_norm(pb, &e->ln_self, F, ENC("self_attn_layer_norm"));
+        add_linear(pb, &e->fc1, c->enc_ffn, F, 0, ENC("fc1"));
+        add_linear(pb, &e->fc2, F, c->enc_ffn, 0, ENC("fc2"));
+        add_norm(pb, &e->ln_final, F, ENC("final_layer_norm"));
+        add_mha(pb, &e->cross_qkv, &e->cross_out, F, ENC("cross_attn"));
+        add_norm(pb, &e->ln_cross, F, ENC("cross_attn_layer_norm"));
+#undef ENC
+    }
+    add_linear(pb, &w->mask_projection, F, F, 1, "segmentor.pixel_decoder.mask_projection");
+    add_linear(pb, &w->adapter_1, F, W, 1, "segmentor.pixel_decoder.adapter_1.0");
+    add_norm(pb, &w->adapter_gn, F, "segmentor.pixel_decoder.adapter_1.1");
+    add_param(pb, &w->layer_1, PARAM_CONV3X3, F, F, 3, 3, "segmentor.pixel_decoder.layer_1.0.weight");
+    add_norm(pb, &w->layer_1_gn, F, "segmentor.pixel_decoder.layer_1.1");
+    add_param(pb, &w->query_embed, PARAM_PLAIN, c->num_queries, F, 0, 0, "segmentor.mask2former_decoder.queries_embedder.weight");
+    add_param(pb, &w->query_feat, PARAM_PLAIN, c->num_queries, F, 0, 0, "segmentor.mask2former_decoder.queries_features.weight");
+    for (i = 0; i < c->dec_layers - 1; i++) {
+        dec_layer_w *d = &w->dec[i];
+#define DEC(s) (snprintf(p, sizeof p, "segmentor.mask2former_decoder.decoder.layers.%d.%s", i, s), p)
+        add_linear(pb, &d->k, F, F, 0, DEC("self_attn.k_proj"));
+        add_linear(pb, &d->v, F, F, 0, DEC("self_attn.v_proj"));
+        add_linear(pb, &d->q, F, F, 0, DEC("self_attn.q_proj"));
+        add_linear(pb, &d->o, F, F, 0, DEC("self_attn.out_proj"));
+        add_norm(pb, &d->ln_self, F, DEC("self_attn_layer_norm"));
+        add_mha(pb, &d->cross_qkv, &d->cross_out, F, DEC("cross_attn"));
+        add_norm(pb, &d->ln_cross, F, DEC("cross_attn_layer_norm"));
+        add_linear(pb, &d->fc1, c->dec_ffn, F, 0, DEC("fc1"));
+        add_linear(pb, &d->fc2, F, c->dec_ffn, 0, DEC("fc2"));
+        add_norm(pb, &d->ln_final, F, DEC("final_layer_norm"));
+#undef DEC
+    }
+    add_norm(pb, &w->dec_ln, F, "segmentor.mask2former_decoder.decoder.layernorm");
+    for (i = 0; i < 3; i++) {
+        snprintf(p, sizeof p, "segmentor.mask2former_decoder.decoder.mask_predictor.mask_embedder.%d.0", i);
+        add_linear(pb, &w->mask_embed[i], F, F, 0, p);
+    }
+    add_param(pb, &w->dec_level_embed, PARAM_PLAIN, 3, F, 0, 0, "segmentor.mask2former_decoder.level_embed.weight");
+    add_linear(pb, &w->class_predictor, c->num_labels + 1, F, 0, "segmentor.class_predictor");
+}
+
+/* ---- The adapter: adapted weights, AdamW state, saved activations, backward scratch ---- */
+
+/* Scratch of the backward pass (names: d_x is the gradient of activation x). */
+typedef struct tta_work {
+    float *d_class, *d_mask;          /* [L][Q][C], [L][Q][(4g)^2]: the loss's gradients */
+    float *pseudo_mask;               /* [g*g] sigmoid(patch logits) */
+    float *d_feats;                   /* [1+g*g][W] gradient of backbone_features */
+    float *d_pooled;                  /* [W] gradient of pooled_features */
+    float *d_patch;                   /* [g*g] gradient of the patch logits */
+    float *d_me, *mf_t, *d_mf;        /* [L][Q][F]; [F][(4g)^2] mask features transposed; [(4g)^2][F] */
+    float *d_qh, *d_x1, *d_x2, *d_x3; /* [Q][F] mask predictor and decoder temporaries */
+    float *d_h0, *d_h1;               /* [Q][F] gradient of the decoder hidden state (two, swapped) */
+    float *d_att, *d_q, *d_hq;        /* [Q][F] */
+    float *d_kv2;                     /* [2][Q][F] */
+    float *d_qffn, *d_qffn2;          /* [Q][dec_ffn] */
+    float *d_kv;                      /* [Te][2F]: decoder and encoder cross-attention keys/values */
+    float *d_dec_feat;                /* [Te][F] decoder features = multi-scale features */
+    float *d_e0, *d_e1;               /* [Te][F] gradient of the encoder stream (two, swapped) */
+    float *d_t1, *d_t2, *d_msda, *d_value, *d_qpos; /* [Te][F] */
+    float *d_offs, *d_aw, *d_awl;     /* [Te][2*noff], [Te][noff] x 2 */
+    float *d_effn, *d_effn2;          /* [Te][enc_ffn] */
+    float *d_cq, *d_catt, *d_co, *d_cond; /* [F] */
+    float *d_m1, *d_m2;               /* [(4g)^2][F] mask-feature level temporaries */
+    float *d_fpn4, *d_fpn_mid, *d_fpn2, *d_fpn_half; /* gradients of the pyramid outputs */
+    float *d_f1, *d_f2;               /* [(4g)^2][W] scale-block temporaries */
+    float *wt;                        /* transposed weights / convolution scratch */
+    float *stats;                     /* [2 * (4g)^2] norm statistics */
+    float *att;                       /* attention_backward scratch */
+    seg_loss_scratch loss;
+} tta_work;
+
+struct loupe_trainer {
+    const loupe_model *m;
+    loupe_session *s;                 /* runs the forward with w, t and tape */
+    loupe_weights w;                  /* the model's views, the trained ones pointing into param */
+    loupe_tables t;                   /* the model's tables; enc_pos from the trained level embedding */
+    enc_layer_w *enc;                 /* w.enc, w.dec, w.blocks: the trainer's copies of the layer views */
+    dec_layer_w *dec;
+    pe_block_w *blocks;
+    loupe_train_options opt;
+    int has_cls, has_seg;             /* the stage's modules (and losses) */
+    int pseudo;                       /* test-time adaptation: pseudo labels from the classifier */
+    int backbone_backward;            /* some backbone tensor trains: gradients flow into the backbone */
+    pe_tape bb_tape;                  /* the backbone's and the classifier's saved activations, */
+    cls_tape cls_tape;                /* their backward scratch and gradient views (sections 4, 5) */
+    pe_work pw;
+    pe_grads pg;
+    cls_grads cg;
+    pe_block_g *block_grads;          /* [layers] when the whole backbone trains */
+    cls_loss_config cls_cfg;
+    train_param *params;
+    int n_params;
+    size_t n_floats;
+    float *param, *grad, *adam_m, *adam_v; /* [n_floats] each */
+    long steps;                       /* optimizer steps taken */
+    tta_tape tape;
+    tta_work wk;
+    seg_loss_config loss_cfg;
+    seg_loss_call *calls;             /* [L] */
+    seg_prediction *preds;            /* [L] */
+    splitmix_uniform rng_state;
+    loss_rng rng;                     /* the loss's random points (tests replay upstream's) */
+    uint64_t rng_position;            /* where the next batch's draws start in rng's stream */
+    void *raw;
+    size_t tape_bytes, work_bytes, state_bytes;
+};
+
+/* The gradient buffer of an adapted tensor (p points into t->param). */
+static float *grad_of(loupe_trainer *t, const float *p)
+{
+    uintptr_t a = (uintptr_t)p, lo = (uintptr_t)t->param, hi = (uintptr_t)(t->param + t->n_floats);
+    if (!p || a < lo || a >= hi) return NULL;   /* a frozen tensor: the model's own */
+    return t->grad + (p - t->param);
+}
+
+/* The values of one of the adapter's weight matrices: its own float32 copies. */
+static const float *tta_matrix(wmat m) { return m.data; }
+
+/* Assigns (or, while measuring, counts) the saved activations. */
+static void tta_tape_layout(loupe_trainer *t, arena *a)
+{
+    const loupe_config *c = &t->m->cfg;
+    size_t g = (size_t)c->grid, W = (size_t)c->width, F = (size_t)c->feature_size, Q = (size_t)c->num_queries;
+    size_t Te = (size_t)t->m->t.tokens, M2 = 16 * g * g, L = (size_t)c->dec_layers;
+    size_t noff = (size_t)c->m2f_heads * 3 * (size_t)c->deform_points;
+    size_t fpn_n[4];
+    int i, k;
+    fpn_n[0] = 4 * g * g; fpn_n[1] = M2; fpn_n[2] = 4 * g * g; fpn_n[3] = (g / 2) * (g / 2);
+    for (k = 0; k < 4; k++) {
+        t->tape.fpn[k].pre = arena_floats(a, fpn_n[k] * W);
+        t->tape.fpn[k].act = arena_floats(a, fpn_n[k] * W);
+        t->tape.fpn[k].dw = arena_floats(a, fpn_n[k] * W);
+    }
+    t->tape.proj = arena_floats(a, Te * F);
+    for (i = 0; i < c->enc_layers; i++) {
+        enc_layer_acts *A = &t->tape.enc[i];
+        A->qpos = arena_floats(a, Te * F); A->value = arena_floats(a, Te * F);
+        A->offs = arena_floats(a, Te * 2 * noff); A->aw = arena_floats(a, Te * noff);
+        A->msda = arena_floats(a, Te * F); A->a1 = arena_floats(a, Te * F); A->h1 = arena_floats(a, Te * F);
+        A->cq = arena_floats(a, F); A->kv = arena_floats(a, Te * 2 * F); A->catt = arena_floats(a, F);
+        A->co = arena_floats(a, F); A->a2 = arena_floats(a, Te * F); A->h2 = arena_floats(a, Te * F);
+        A->ffn = arena_floats(a, Te * (size_t)c->enc_ffn); A->a3 = arena_floats(a, Te * F);
+    }
+    t->tape.lat_pre = arena_floats(a, M2 * F);
+    t->tape.conv_pre = arena_floats(a, M2 * F);
+    t->tape.hidden = arena_floats(a, L * Q * F);
+    for (i = 0; i < c->dec_layers - 1; i++) {
+        dec_layer_acts *A = &t->tape.dec[i];
+        size_t n = (size_t)t->m->t.level_h[i % 3] * t->m->t.level_w[i % 3];
+        A->mask = arena_bytes(a, Q * n);
+        A->hq1 = arena_floats(a, Q * F); A->q1 = arena_floats(a, Q * F);
+        A->kv = arena_floats(a, n * 2 * F); A->att1 = arena_floats(a, Q * F); A->a1 = arena_floats(a, Q * F);
+        A->h1 = arena_floats(a, Q * F); A->hq2 = arena_floats(a, Q * F); A->q2 = arena_floats(a, Q * F);
+        A->kv2 = arena_floats(a, 2 * Q * F); A->att2 = arena_floats(a, Q * F); A->a2 = arena_floats(a, Q * F);
+        A->h2 = arena_floats(a, Q * F); A->ffn = arena_floats(a, Q * (size_t)c->dec_ffn); A->a3 = arena_floats(a, Q * F);
+    }
+    t->tape.me_a = arena_floats(a, L * Q * F);
+    t->tape.me_b = arena_floats(a, L * Q * F);
+    t->tape.me = arena_floats(a, L * Q * F);
+}
+
+/* Assigns (or counts) the backward scratch. */
+static void tta_work_layout(loupe_trainer *t, arena *a)
+{
+    const loupe_config *c = &t->m->cfg;
+    tta_work *k = &t->wk;
+    size_t g = (size_t)c->grid, W = (size_t)c->width, F = (size_t)c->feature_size, Q = (size_t)c->num_queries;
+    size_t Te = (size_t)t->m->t.tokens, M2 = 16 * g * g, L = (size_t)c->dec_layers, C = (size_t)c->num_labels + 1;
+    size_t noff = (size_t)c->m2f_heads * 3 * (size_t)c->deform_points, QF = Q * F;
+    size_t P = (size_t)t->loss_cfg.train_num_points, cand = (size_t)(P * t->loss_cfg.oversample_ratio);
+    /* transposed weights (linear_backward: in*out), convolution scratch (transposed taps,
+     * gathered outputs, shifted inputs) */
+    size_t wt = max3(max3(W * W, 4 * g * g * W, F * (size_t)c->enc_ffn), max3(F * (size_t)c->dec_ffn, 9 * F * F + M2 * F, C * F),
+                     max3(W * F, noff * 2 * F, 2 * F * F));
+    size_t att = (size_t)max_threads() * 2 * max3(Q * 4 * g * g, Te, Q * Q);
+    k->d_class = arena_floats(a, L * Q * C);
+    k->d_mask = arena_floats(a, L * Q * M2);
+    k->pseudo_mask = arena_floats(a, g * g);
+    k->d_feats = arena_floats(a, (1 + g * g) * W);
+    k->d_pooled = arena_floats(a, W);
+    k->d_patch = arena_floats(a, g * g);
+    k->d_me = arena_floats(a, L * QF);
+    k->mf_t = arena_floats(a, M2 * F);
+    k->d_mf = arena_floats(a, M2 * F);
+    k->d_qh = arena_floats(a, QF); k->d_x1 = arena_floats(a, QF); k->d_x2 = arena_floats(a, QF);
+    k->d_x3 = arena_floats(a, QF); k->d_h0 = arena_floats(a, QF); k->d_h1 = arena_floats(a, QF);
+    k->d_att = arena_floats(a, QF); k->d_q = arena_floats(a, QF); k->d_hq = arena_floats(a, QF);
+    k->d_kv2 = arena_floats(a, 2 * QF);
+    k->d_qffn = arena_floats(a, Q * (size_t)c->dec_ffn);
+    k->d_qffn2 = arena_floats(a, Q * (size_t)c->dec_ffn);
+    k->d_kv = arena_floats(a, Te * 2 * F);
+    k->d_dec_feat = arena_floats(a, Te * F);
+    k->d_e0 = arena_floats(a, Te * F); k->d_e1 = arena_floats(a, Te * F);
+    k->d_t1 = arena_floats(a, Te * F); k->d_t2 = arena_floats(a, Te * F); k->d_msda = arena_floats(a, Te * F);
+    k->d_value = arena_floats(a, Te * F); k->d_qpos = arena_floats(a, Te * F);
+    k->d_offs = arena_floats(a, Te * 2 * noff); k->d_aw = arena_floats(a, Te * noff); k->d_awl = arena_floats(a, Te * noff);
+    k->d_effn = arena_floats(a, Te * (size_t)c->enc_ffn); k->d_effn2 = arena_floats(a, Te * (size_t)c->enc_ffn);
+    k->d_cq = arena_floats(a, F); k->d_catt = arena_floats(a, F); k->d_co = arena_floats(a, F); k->d_cond = arena_floats(a, F);
+    k->d_m1 = arena_floats(a, M2 * F); k->d_m2 = arena_floats(a, M2 * F);
+    k->d_fpn4 = arena_floats(a, M2 * W);
+    k->d_fpn_mid = arena_floats(a, 4 * g * g * W);
+    k->d_fpn2 = arena_floats(a, 4 * g * g * W);
+    k->d_fpn_half = arena_floats(a, (g / 2) * (g / 2) * W);
+    k->d_f1 = arena_floats(a, M2 * W); k->d_f2 = arena_floats(a, M2 * W);
+    k->wt = arena_floats(a, wt);
+    k->stats = arena_floats(a, 2 * M2);
+    k->att = arena_floats(a, att);
+    k->loss.matcher_points = arena_floats(a, 2 * P);
+    k->loss.matcher_scratch = arena_floats(a, (1 + (size_t)max_threads()) * P + Q);
+    k->loss.points = arena_floats(a, 2 * P);
+    k->loss.candidates = arena_floats(a, 2 * cand);
+    k->loss.candidate_logits = arena_floats(a, cand);
+    k->loss.order = (uncertain_point *)(void *)arena_bytes(a, cand * sizeof(uncertain_point));
+    k->loss.masks.point_logits = arena_floats(a, P);
+    k->loss.masks.point_labels = arena_floats(a, P);
+    k->loss.masks.grad_points = (double *)(void *)arena_bytes(a, P * sizeof(double));
+    k->loss.masks.grad_mask = (double *)(void *)arena_bytes(a, M2 * sizeof(double));
+}
+
+/* Assigns (or counts) the adapted parameters, their gradients and AdamW's moments. */
+static void tta_state_layout(loupe_trainer *t, arena *a)
+{
+    t->param = arena_floats(a, t->n_floats);
+    t->grad = arena_floats(a, t->n_floats);
+    t->adam_m = arena_floats(a, t->n_floats);
+    t->adam_v = arena_floats(a, t->n_floats);
+    t->t.enc_pos = arena_floats(a, (size_t)t->m->t.tokens * (size_t)t->m->cfg.feature_size);
+}
+
+/* Recomputes the tables derived from adapted weights: the pixel decoder's position
+ * embedding plus level embedding (as tables_fill does for the model). */
+static void tta_refresh_tables(loupe_trainer *t)
+{
+    const loupe_tables *mt = &t->m->t;
+    int F = t->m->cfg.feature_size, l, i, ch;
+    for (l = 0; l < 3; l++)
+        for (i = mt->level_start[l]; i < mt->level_start[l] + mt->level_h[l] * mt->level_w[l]; i++)
+            for (ch = 0; ch < F; ch++)
+                t->t.enc_pos[(size_t)i * F + ch] = mt->dec_pos[(size_t)i * F + ch] + t->w.level_embed[(size_t)l * F + ch];
+}
+
+/* ---- Backward pass of the segmentor, module by module (reverse order of section 6) ---- */
+
+/* Backward of Mask2FormerMaskPredictor's einsum masks[r][p] = me[r] . mf[p] (all rows of
+ * all predictions at once): d_mask [rows][P] -> d_me [rows][F] +=, d_mf [P][F] +=.
+ * mf_t: scratch of F*P floats (mf transposed, so that d_me is a gemm_nt). */
+static void mask_einsum_backward(float *d_me, float *d_mf, const float *d_mask, const float *me, const float *mf,
+                                 int rows, int P, int F, float *mf_t)
+{
+    transpose(mf_t, mf, P, F);
+    gemm_nt(rows, F, P, d_mask, P, mf_t, P, NULL, d_me, F, 1);
+    gemm_tn(P, F, rows, d_mask, P, me, F, d_mf, F);
+}
+
+/* Mask2FormerMaskPredictor + class_predictor backward for prediction i: the loss's
+ * d class logits [Q][C] and d mask embedding (wk.d_me) -> d query_hidden[i] dqh [Q][F] (=). */
+static void mask_predictor_backward(loupe_trainer *t, int i, float *dqh)
+{
+    const loupe_config *c = &t->m->cfg;
+    const loupe_weights *w = &t->w;
+    tta_work *k = &t->wk;
+    int F = c->feature_size, Q = c->num_queries, C = c->num_labels + 1, l;
+    size_t QF = (size_t)Q * F;
+    const float *qh = t->s->query_hidden + (size_t)i * QF;
+    const float *acts[2];
+    const float *dy = k->d_me + (size_t)i * QF;
+    acts[0] = t->tape.me_a + (size_t)i * QF;
+    acts[1] = t->tape.me_b + (size_t)i * QF;
+    zero_floats(dqh, QF);
+    linear_backward(dqh, grad_of(t, tta_matrix(w->class_predictor.w)), grad_of(t, w->class_predictor.b),
+                    k->d_class + (size_t)i * Q * C, C, qh, Q, F, C, tta_matrix(w->class_predictor.w), k->wt);
+    /* mask_embedder: Linear-ReLU-Linear-ReLU-Linear, walked back from the last layer */
+    for (l = 2; l > 0; l--) {
+        zero_floats(k->d_x1, QF);
+        linear_backward(k->d_x1, grad_of(t, tta_matrix(w->mask_embed[l].w)), grad_of(t, w->mask_embed[l].b), dy, F,
+                        acts[l - 1], Q, F, F, tta_matrix(w->mask_embed[l].w), k->wt);
+        zero_floats(k->d_x2, QF);
+        relu_backward(k->d_x2, k->d_x1, acts[l - 1], QF);
+        memcpy(k->d_x3, k->d_x2, QF * sizeof *k->d_x3);
+        dy = k->d_x3;
+    }
+    linear_backward(dqh, grad_of(t, tta_matrix(w->mask_embed[0].w)), grad_of(t, w->mask_embed[0].b), dy, F, qh, Q, F, F,
+                    tta_matrix(w->mask_embed[0].w), k->wt);
+}
+
+/* Backward of the post-norm ReLU feed-forward block of the encoder and decoder layers,
+ * LayerNorm(a), a = x + fc2(relu(fc1(x))): d out [rows][F] -> dx [rows][F] (=), using d_ln
+ * [rows][F] and d_h, d_h2 [rows][E] as scratch; a, x and h = relu(fc1(x)) were saved by
+ * the forward. Parameter gradients are accumulated. */
+static void ffn_block_backward(loupe_trainer *t, float *dx, float *d_ln, const float *dy, const float *a, const float *x,
+                               const float *h, int rows, int E, linear_w fc1, linear_w fc2, norm_w ln, float *d_h,
+                               float *d_h2)
+{
+    const loupe_config *c = &t->m->cfg;
+    tta_work *k = &t->wk;
+    int F = c->feature_size;
+    size_t n = (size_t)rows * F, ne = (size_t)rows * E;
+    zero_floats(d_ln, n);
+    layernorm_backward(d_ln, grad_of(t, ln.w), grad_of(t, ln.b), dy, a, rows, F, ln, c->ln_eps, k->stats);
+    memcpy(dx, d_ln, n * sizeof *dx);
+    zero_floats(d_h, ne);
+    linear_backward(d_h, grad_of(t, tta_matrix(fc2.w)), grad_of(t, fc2.b), d_ln, F, h, rows, E, F, tta_matrix(fc2.w),
+                    k->wt);
+    zero_floats(d_h2, ne);
+    relu_backward(d_h2, d_h, h, ne);
+    linear_backward(dx, grad_of(t, tta_matrix(fc1.w)), grad_of(t, fc1.b), d_h2, E, x, rows, F, E, tta_matrix(fc1.w),
+                    k->wt);
+}
+
+/* Mask2FormerMaskedAttentionDecoderLayer backward for layer i: d hout [Q][F] ->
+ * d hin [Q][F] (=); d of its level's features += into wk.d_dec_feat. */
+static void masked_attention_decoder_layer_backward(loupe_trainer *t, int i, const float *dout, float *din)
+{
+    const loupe_config *c = &t->m->cfg;
+    const loupe_tables *tb = &t->t;
+    const dec_layer_w *d = &t->w.dec[i];
+    const dec_layer_acts *A = &t->tape.dec[i];
+    tta_work *k = &t->wk;
+    int F = c->feature_size, Q = c->num_queries, H = c->m2f_heads, dh = F / H, E = c->dec_ffn, level = i % 3;
+    int n = tb->level_h[level] * tb->level_w[level];
+    size_t QF = (size_t)Q * F, FF = (size_t)F * F;
+    const float *feat = t->s->dec_feat + (size_t)tb->level_start[level] * F;
+    const float *kin = t->s->dec_kin + (size_t)tb->level_start[level] * F;
+    float *dfeat = k->d_dec_feat + (size_t)tb->level_start[level] * F, *dqe = grad_of(t, t->w.query_embed);
+    float *gqkv = grad_of(t, tta_matrix(d->cross_qkv.w)), *gqkv_b = grad_of(t, d->cross_qkv.b);
+    float scale = 1.0f / sqrtf((float)dh);
+    /* feed-forward and final_layer_norm: a3 = h2 + fc2(relu(fc1(h2))) */
+    ffn_block_backward(t, k->d_x2, k->d_x1, dout, A->a3, A->h2, A->ffn, Q, E, d->fc1, d->fc2, d->ln_final, k->d_qffn,
+                       k->d_qffn2);
+    /* self-attention and its norm: a2 = h1 + o(attention(q(h1 + pos), k(h1 + pos), v(h1))) */
+    zero_floats(k->d_x1, QF);
+    layernorm_backward(k->d_x1, grad_of(t, d->ln_self.w), grad_of(t, d->ln_self.b), k->d_x2, A->a2, Q, F, d->ln_self,
+                       c->ln_eps, k->stats);
+    memcpy(k->d_x2, k->d_x1, QF * sizeof *k->d_x2);
+    zero_floats(k->d_att, QF);
+    linear_backward(k->d_att, grad_of(t, tta_matrix(d->o.w)), grad_of(t, d->o.b), k->d_x1, F, A->att2, Q, F, F,
+                    tta_matrix(d->o.w), k->wt);
+    zero_floats(k->d_q, QF);
+    zero_floats(k->d_kv2, 2 * QF);
+    attention_backward(k->d_q, F, k->d_kv2, F, k->d_kv2 + QF, F, k->d_att, F, A->q2, F, A->kv2, F, A->kv2 + QF, F, Q, Q,
+                       H, dh, scale, NULL, k->att);
+    zero_floats(k->d_hq, QF);
+    linear_backward(k->d_hq, grad_of(t, tta_matrix(d->q.w)), grad_of(t, d->q.b), k->d_q, F, A->hq2, Q, F, F,
+                    tta_matrix(d->q.w), k->wt);
+    linear_backward(k->d_hq, grad_of(t, tta_matrix(d->k.w)), grad_of(t, d->k.b), k->d_kv2, F, A->hq2, Q, F, F,
+                    tta_matrix(d->k.w), k->wt);
+    linear_backward(k->d_x2, grad_of(t, tta_matrix(d->v.w)), grad_of(t, d->v.b), k->d_kv2 + QF, F, A->h1, Q, F, F,
+                    tta_matrix(d->v.w), k->wt);
+    add(k->d_x2, k->d_x2, k->d_hq, QF);
+    add(dqe, dqe, k->d_hq, QF);
+    /* masked cross-attention and its norm: a1 = hin + out(attention(q(hin + pos), k(feat + pos), v(feat))) */
+    zero_floats(k->d_x1, QF);
+    layernorm_backward(k->d_x1, grad_of(t, d->ln_cross.w), grad_of(t, d->ln_cross.b), k->d_x2, A->a1, Q, F,
+                       d->ln_cross, c->ln_eps, k->stats);
+    memcpy(din, k->d_x1, QF * sizeof *din);
+    zero_floats(k->d_att, QF);
+    linear_backward(k->d_att, grad_of(t, tta_matrix(d->cross_out.w)), grad_of(t, d->cross_out.b), k->d_x1, F, A->att1,
+                    Q, F, F, tta_matrix(d->cross_out.w), k->wt);
+    zero_floats(k->d_q, QF);
+    zero_floats(k->d_kv, (size_t)n * 2 * F);
+    attention_backward(k->d_q, F, k->d_kv, 2 * F, k->d_kv + F, 2 * F, k->d_att, F, A->q1, F, A->kv, 2 * F, A->kv + F,
+                       2 * F, Q, n, H, dh, scale, A->mask, k->att);
+    zero_floats(k->d_hq, QF);
+    linear_backward(k->d_hq, gqkv, gqkv_b, k->d_q, F, A->hq1, Q, F, F, tta_matrix(d->cross_qkv.w), k->wt);
+    linear_backward(dfeat, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, kin, n, F, F, tta_matrix(d->cross_qkv.w) + FF,
+                    k->wt);
+    linear_backward(dfeat, gqkv + 2 * FF, gqkv_b + 2 * F, k->d_kv + F, 2 * F, feat, n, F, F,
+                    tta_matrix(d->cross_qkv.w) + 2 * FF, k->wt);
+    add(din, din, k->d_hq, QF);
+    add(dqe, dqe, k->d_hq, QF);
+}
+
+/* Mask2FormerMaskedAttentionDecoder backward: the loss's gradients of every prediction
+ * -> d mask features (wk.d_mf), d multi-scale features (wk.d_dec_feat), parameter gradients. */
+static void masked_attention_decoder_backward(loupe_trainer *t)
+{
+    const loupe_config *c = &t->m->cfg;
+    const loupe_tables *tb = &t->t;
+    const loupe_weights *w = &t->w;
+    tta_work *k = &t->wk;
+    int F = c->feature_size, Q = c->num_queries, L = c->dec_layers, M2 = 16 * c->grid * c->grid, i, l;
+    size_t QF = (size_t)Q * F;
+    float *dcur = k->d_h0, *dnext = k->d_h1, *swap, *gqf = grad_of(t, w->query_feat);
+    /* the mask einsum of all L predictions: masks[q][p] = me[q] . mask_features[p] */
+    zero_floats(k->d_me, (size_t)L * QF);
+    zero_floats(k->d_mf, (size_t)M2 * F);
+    mask_einsum_backward(k->d_me, k->d_mf, k->d_mask, t->tape.me, t->s->mask_features, L * Q, M2, F, k->mf_t);
+    zero_floats(k->d_dec_feat, (size_t)tb->tokens * F);
+    /* hidden[i] feeds prediction i (through the decoder LayerNorm) and layer i */
+    for (i = L - 1; i >= 0; i--) {
+        if (i == L - 1) zero_floats(dcur, QF);
+        else masked_attention_decoder_layer_backward(t, i, dnext, dcur);
+        mask_predictor_backward(t, i, k->d_qh);
+        layernorm_backward(dcur, grad_of(t, w->dec_ln.w), grad_of(t, w->dec_ln.b), k->d_qh, t->tape.hidden + (size_t)i * QF,
+                           Q, F, w->dec_ln, c->ln_eps, k->stats);
+        swap = dcur; dcur = dnext; dnext = swap;
+    }
+    add(gqf, gqf, dnext, QF);
+    /* decoder features = multi-scale features + level embedding */
+    for (l = 0; l < 3; l++)
+        bias_backward(grad_of(t, w->dec_level_embed) + (size_t)l * F, k->d_dec_feat + (size_t)tb->level_start[l] * F, F,
+                      tb->level_h[l] * tb->level_w[l], F);
+}
+
+/* PixelDecoderEncoderLayer backward for layer i: d hout [Te][F] -> d hin [Te][F] (=);
+ * the conditional query's gradient += into wk.d_cond. */
+static void pixel_decoder_encoder_layer_backward(loupe_trainer *t, int i, const float *dout, float *din)
+{
+    const loupe_config *c = &t->m->cfg;
+    const loupe_tables *tb = &t->t;
+    const enc_layer_w *e = &t->w.enc[i];
+    const enc_layer_acts *A = &t->tape.enc[i];
+    tta_work *k = &t->wk;
+    int T = tb->tokens, F = c->feature_size, H = c->m2f_heads, dh = F / H, E = c->enc_ffn, P = c->deform_points;
+    int noff = H * 3 * P, l;
+    size_t TF = (size_t)T * F, FF = (size_t)F * F;
+    const float *hin = t->s->enc_h + (size_t)i * TF;
+    float *gqkv = grad_of(t, tta_matrix(e->cross_qkv.w)), *gqkv_b = grad_of(t, e->cross_qkv.b);
+    float scale = 1.0f / sqrtf((float)dh);
+    /* feed-forward and final_layer_norm */
+    ffn_block_backward(t, k->d_t2, k->d_t1, dout, A->a3, A->h2, A->ffn, T, E, e->fc1, e->fc2, e->ln_final, k->d_effn,
+                       k->d_effn2);
+    /* conditional cross-attention: a2 = h1 + co on every token */
+    zero_floats(k->d_t1, TF);
+    layernorm_backward(k->d_t1, grad_of(t, e->ln_cross.w), grad_of(t, e->ln_cross.b), k->d_t2, A->a2, T, F, e->ln_cross,
+                       c->ln_eps, k->stats);
+    memcpy(k->d_t2, k->d_t1, TF * sizeof *k->d_t2);
+    zero_floats(k->d_co, (size_t)F);
+    bias_backward(k->d_co, k->d_t1, F, T, F);
+    zero_floats(k->d_catt, (size_t)F);
+    linear_backward(k->d_catt, grad_of(t, tta_matrix(e->cross_out.w)), grad_of(t, e->cross_out.b), k->d_co, F,
+                    A->catt, 1, F, F, tta_matrix(e->cross_out.w), k->wt);
+    zero_floats(k->d_cq, (size_t)F);
+    zero_floats(k->d_kv, TF * 2);
+    attention_backward(k->d_cq, F, k->d_kv, 2 * F, k->d_kv + F, 2 * F, k->d_catt, F, A->cq, F, A->kv, 2 * F, A->kv + F,
+                       2 * F, 1, T, H, dh, scale, NULL, k->att);
+    linear_backward(k->d_cond, gqkv, gqkv_b, k->d_cq, F, t->s->cond_query, 1, F, F, tta_matrix(e->cross_qkv.w), k->wt);
+    linear_backward(k->d_t2, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, A->h1, T, F, 2 * F,
+                    tta_matrix(e->cross_qkv.w) + FF, k->wt);
+    /* multi-scale deformable self-attention: a1 = hin + output(msda(value(hin), offsets(q), softmax(weights(q)))) */
+    zero_floats(k->d_t1, TF);
+    layernorm_backward(k->d_t1, grad_of(t, e->ln_self.w), grad_of(t, e->ln_self.b), k->d_t2, A->a1, T, F, e->ln_self,
+                       c->ln_eps, k->stats);
+    memcpy(din, k->d_t1, TF * sizeof *din);
+    zero_floats(k->d_msda, TF);
+    linear_backward(k->d_msda, grad_of(t, tta_matrix(e->output.w)), grad_of(t, e->output.b), k->d_t1, F, A->msda, T,
+                    F, F, tta_matrix(e->output.w), k->wt);
+    zero_floats(k->d_value, TF);
+    zero_floats(k->d_offs, (size_t)T * 2 * noff);
+    zero_floats(k->d_aw, (size_t)T * noff);
+    ms_deform_attn_core_backward(k->d_value, k->d_offs, k->d_aw, k->d_msda, A->value, A->offs, A->aw, tb, F, H, P);
+    zero_floats(k->d_awl, (size_t)T * noff);
+    softmax_rows_backward(k->d_awl, k->d_aw, A->aw, T * H, 3 * P);
+    zero_floats(k->d_qpos, TF);
+    linear_backward(k->d_qpos, grad_of(t, tta_matrix(e->attn_weights.w)), grad_of(t, e->attn_weights.b), k->d_awl,
+                    noff, A->qpos, T, F, noff, tta_matrix(e->attn_weights.w), k->wt);
+    linear_backward(k->d_qpos, grad_of(t, tta_matrix(e->offsets.w)), grad_of(t, e->offsets.b), k->d_offs, 2 * noff,
+                    A->qpos, T, F, 2 * noff, tta_matrix(e->offsets.w), k->wt);
+    linear_backward(din, grad_of(t, tta_matrix(e->value.w)), grad_of(t, e->value.b), k->d_value, F, hin, T, F, F,
+                    tta_matrix(e->value.w), k->wt);
+    /* q = hin + position, position = sine + level_embed[level] */
+    add(din, din, k->d_qpos, TF);
+    for (l = 0; l < 3; l++)
+        bias_backward(grad_of(t, t->w.level_embed) + (size_t)l * F, k->d_qpos + (size_t)tb->level_start[l] * F, F,
+                      tb->level_h[l] * tb->level_w[l], F);
+}
+
+/* PixelDecoder backward: d mask features and d multi-scale features -> d of the
+ * pyramid levels it reads (wk.d_fpn4, d_fpn2, d_fpn_half; the 1x level into d_grid
+ * when not NULL), parameter gradients. */
+static void pixel_decoder_backward(loupe_trainer *t, float *d_grid)
+{
+    const loupe_config *c = &t->m->cfg;
+    const loupe_tables *tb = &t->t;
+    const loupe_weights *w = &t->w;
+    loupe_session *s = t->s;
+    tta_work *k = &t->wk;
+    int F = c->feature_size, W = c->width, T = tb->tokens, M = 4 * c->grid, i, l;
+    size_t MF = (size_t)M * M * F;
+    float *dcur = k->d_e0, *dnext = k->d_e1, *swap;
+    const float *inputs[3];
+    float *d_inputs[3];
+    inputs[0] = s->fpn_half; inputs[1] = s->feats + W; inputs[2] = s->fpn2;
+    d_inputs[0] = k->d_fpn_half; d_inputs[1] = d_grid; d_inputs[2] = k->d_fpn2;
+    /* mask_projection, ReLU, layer_1 GroupNorm and 3x3 convolution */
+    zero_floats(k->d_m1, MF);
+    linear_backward(k->d_m1, grad_of(t, tta_matrix(w->mask_projection.w)), grad_of(t, w->mask_projection.b), k->d_mf,
+                    F, s->fpn_out, M * M, F, F, tta_matrix(w->mask_projection.w), k->wt);
+    zero_floats(k->d_m2, MF);
+    relu_backward(k->d_m2, k->d_m1, s->fpn_out, MF);
+    zero_floats(k->d_m1, MF);
+    groupnorm_hwc_backward(k->d_m1, grad_of(t, w->layer_1_gn.w), grad_of(t, w->layer_1_gn.b), k->d_m2, t->tape.conv_pre,
+                           M * M, F, c->gn_groups, w->layer_1_gn, c->gn_eps);
+    zero_floats(k->d_m2, MF);
+    conv3x3_hwc_backward(k->d_m2, grad_of(t, w->layer_1), k->d_m1, s->lateral, M, M, F, F, w->layer_1, k->wt);
+    /* the lateral sum: adapter_1 (1x1 conv + GroupNorm) + the upsampled 2x level */
+    memcpy(dcur, k->d_dec_feat, (size_t)T * F * sizeof *dcur);
+    interp_hwc_backward(dcur + (size_t)tb->level_start[2] * F, k->d_m2, tb->level_h[2], tb->level_w[2], F, M, M,
+                        s->interp);
+    zero_floats(k->d_m1, MF);
+    groupnorm_hwc_backward(k->d_m1, grad_of(t, w->adapter_gn.w), grad_of(t, w->adapter_gn.b), k->d_m2, t->tape.lat_pre,
+                           M * M, F, c->gn_groups, w->adapter_gn, c->gn_eps);
+    zero_floats(k->d_fpn4, (size_t)M * M * W);
+    linear_backward(k->d_fpn4, grad_of(t, tta_matrix(w->adapter_1.w)), NULL, k->d_m1, F, s->fpn4, M * M, W, F,
+                    tta_matrix(w->adapter_1.w), k->wt);
+    /* the deformable encoder, last layer first */
+    for (i = c->enc_layers - 1; i >= 0; i--) {
+        pixel_decoder_encoder_layer_backward(t, i, dcur, dnext);
+        swap = dcur; dcur = dnext; dnext = swap;
+    }
+    /* input projections: 1x1 conv + GroupNorm per level (the 1x level is the frozen grid) */
+    zero_floats(k->d_fpn_half, (size_t)tb->level_h[0] * tb->level_w[0] * W);
+    zero_floats(k->d_fpn2, (size_t)tb->level_h[2] * tb->level_w[2] * W);
+    for (l = 0; l < 3; l++) {
+        int n = tb->level_h[l] * tb->level_w[l];
+        size_t at = (size_t)tb->level_start[l] * F;
+        zero_floats(k->d_t1, (size_t)n * F);
+        groupnorm_hwc_backward(k->d_t1, grad_of(t, w->input_gn[l].w), grad_of(t, w->input_gn[l].b), dcur + at,
+                               t->tape.proj + at, n, F, c->gn_groups, w->input_gn[l], c->gn_eps);
+        linear_backward(d_inputs[l], grad_of(t, tta_matrix(w->input_proj[l].w)), grad_of(t, w->input_proj[l].b),
+                        k->d_t1, F, inputs[l], n, W, F, tta_matrix(w->input_proj[l].w), k->wt);
+    }
+}
+
+/* ScaleBlock backward for block blk of the tape: dout [h'*w'][W] -> din [h*w][W] +=
+ * (when din), parameter gradients. */
+static void scale_block_backward(loupe_trainer *t, const scale_block_w *b, int blk, const float *in, int h, int w,
+                                 const float *dout, float *din)
+{
+    const loupe_config *c = &t->m->cfg;
+    const scale_block_acts *A = &t->tape.fpn[blk];
+    tta_work *k = &t->wk;
+    const float *convt = tta_matrix(b->conv1.w);
+    int W = c->width, oh = convt ? 2 * h : h / 2, ow = convt ? 2 * w : w / 2;
+    size_t n = (size_t)oh * ow * W;
+    zero_floats(k->d_f1, n);
+    layernorm_backward(k->d_f1, grad_of(t, b->norm.w), grad_of(t, b->norm.b), dout, A->dw, oh * ow, W, b->norm,
+                       c->fpn_ln_eps, k->stats);
+    zero_floats(k->d_f2, n);
+    depthwise3x3_hwc_backward(k->d_f2, grad_of(t, b->dw), k->d_f1, A->act, oh, ow, W, b->dw);
+    zero_floats(k->d_f1, n);
+    gelu_backward(k->d_f1, k->d_f2, A->pre, n);
+    if (convt) /* d_f2 (n floats) is free again: the product's scratch */
+        conv_transpose2x2_hwc_backward(din, grad_of(t, convt), grad_of(t, b->conv1.b), k->d_f1, in, h, w, W, W,
+                                       convt, k->d_f2);
+    else if (din)
+        maxpool2x2_hwc_backward(din, k->d_f1, in, h, w, W);
+}
+
+/* FeaturePyramid backward: the pixel decoder's gradients of the 4x, 2x and 0.5x maps
+ * -> parameter gradients (and d of the patch grid into d_grid when not NULL). */
+static void feature_pyramid_backward(loupe_trainer *t, float *d_grid)
+{
+    const loupe_config *c = &t->m->cfg;
+    const loupe_weights *w = &t->w;
+    tta_work *k = &t->wk;
+    int g = c->grid, W = c->width;
+    const float *grid = t->s->feats + W;
+    scale_block_backward(t, &w->fpn_half, 3, grid, g, g, k->d_fpn_half, d_grid);
+    scale_block_backward(t, &w->fpn2, 2, grid, g, g, k->d_fpn2, d_grid);
+    zero_floats(k->d_fpn_mid, (size_t)4 * g * g * W);
+    scale_block_backward(t, &w->fpn4[1], 1, t->s->fpn_mid, 2 * g, 2 * g, k->d_fpn4, k->d_fpn_mid);
+    scale_block_backward(t, &w->fpn4[0], 0, grid, g, g, k->d_fpn_mid, d_grid);
+}
+
+/* Backward of conditional_query: label_embedding[1] gets p * d, label_embedding[0] (1 - p) * d. */
+static void conditional_query_backward(loupe_trainer *t)
+{
+    int F = t->m->cfg.feature_size, i;
+    float p = conditional_label(t->s), *g0 = grad_of(t, t->w.label_embedding[0]);
+    float *g1 = grad_of(t, t->w.label_embedding[1]);
+    for (i = 0; i < F; i++) {
+        g1[i] += p * t->wk.d_cond[i];
+        g0[i] += (1.0f - p) * t->wk.d_cond[i];
+    }
+}
+
+/* LoupeSegmentor backward after a TTA forward and the loss (wk.d_class, wk.d_mask):
+ * every segmentor parameter's gradient +=; the patch grid's (backbone features) into
+ * d_grid [g*g][W] += when not NULL (loupe.c keeps the backbone frozen; tests use it). */
+static void segmentor_backward(loupe_trainer *t, float *d_grid)
+{
+    zero_floats(t->wk.d_cond, (size_t)t->m->cfg.feature_size);
+    masked_attention_decoder_backward(t);
+    pixel_decoder_backward(t, d_grid);
+    feature_pyramid_backward(t, d_grid);
+    conditional_query_backward(t);
+}
+
+/* ---- One step: forward, pseudo-label loss, backward; clipping and AdamW ---- */
+
+/* The loss half of LoupeModel.forward in stage test with labels = None, after a forward
+ * of t->s: turns the classifier's verdict into pseudo targets and evaluates LoupeSegLoss;
+ * its gradients w.r.t. every prediction's logits land in wk.d_class, wk.d_mask (=). */
+static void tta_loss(loupe_trainer *t, loupe_tta_loss *out)
+{
+    const loupe_config *c = &t->m->cfg;
+    loupe_session *s = t->s;
+    tta_work *k = &t->wk;
+    int L = c->dec_layers, Q = c->num_queries, C = c->num_labels + 1, g = c->grid, M = 4 * g, i;
+    double total;
+    seg_batch bt;
+    for (i = 0; i < g * g; i++) k->pseudo_mask[i] = sigmoidf(s->patch_logits[i]);
+    zero_floats(k->d_class, (size_t)L * Q * C);
+    zero_floats(k->d_mask, (size_t)L * Q * M * M);
+    for (i = 0; i < L; i++) {
+        t->preds[i].class_logits = s->class_logits + (size_t)i * Q * C;
+        t->preds[i].mask_logits = s->mask_logits + (size_t)i * Q * M * M;
+        t->preds[i].grad_class_logits = k->d_class + (size_t)i * Q * C;
+        t->preds[i].grad_mask_logits = k->d_mask + (size_t)i * Q * M * M;
+    }
+    /* one image, its own batch; the stream moves on by the batch's draws */
+    bt.images = 1;
+    bt.targets = s->prob > SEG_PSEUDO_LABEL_THRESHOLD;
+    bt.image = bt.targets_before = 0;
+    bt.base = t->rng_position;
+    memset(t->calls, 0, (size_t)L * sizeof *t->calls);
+    for (i = 0; i < L; i++) t->calls[i].matched_query = -1;
+    total = 0.0;
+    loupe_seg_loss(&t->loss_cfg, L, Q, M, t->preds, bt.targets, k->pseudo_mask, g, g, &bt, 1.0, &t->rng, &k->loss,
+                   t->calls, &total);
+    t->rng_position += seg_batch_draws(&t->loss_cfg, L, 1, bt.targets);
+    memset(out, 0, sizeof *out);
+    out->total = total;
+    for (i = 0; i < L; i++) {
+        out->mask += t->calls[i].weighted_mask;
+        out->dice += t->calls[i].weighted_dice;
+        out->cross_entropy += t->calls[i].weighted_cross_entropy;
+    }
+    out->prob = s->prob;
+    out->has_target = s->prob > SEG_PSEUDO_LABEL_THRESHOLD;
+}
+
+/* LoupeModel.forward of a training stage without its loss: the modules the stage built,
+ * with the trainer's weights, keeping what the backward needs. cond_label: the
+ * conditional query's label (negative: the classifier's probability). */
+static int trainer_forward(loupe_trainer *t, const float *pixel_values, const float *features, float cond_label,
+                           char *err, size_t errsize)
+{
+    loupe_session *s = t->s;
+    const loupe_config *c = &t->m->cfg;
+    size_t TW = (size_t)(1 + c->grid * c->grid) * c->width;
+    if (max_threads() > s->threads)
+        return fail(err, errsize, "the trainer was created for %d threads but %d are requested; create it after "
+                    "loupe_set_threads", s->threads, max_threads());
+    if (features && !t->backbone_backward) { /* a frozen backbone's kept outputs */
+        memcpy(s->feats, features, TW * sizeof *s->feats);
+        memcpy(s->pooled, features + TW, (size_t)c->width * sizeof *s->pooled);
+    } else vision_transformer(s, pixel_values);
+    if (t->has_cls || t->pseudo) loupe_classifier(s);
+    if (!t->has_seg) return 0;
+    s->cond_label = cond_label;
+    conditional_query(s);
+    feature_pyramid(s);
+    pixel_decoder(s);
+    masked_attention_decoder(s);
+    return 0;
+}
+
+/* LoupeModel.forward in stage test with labels = None: the forward of pixel_values with
+ * the adapted segmentor (keeping the tape), then tta_loss. */
+static int tta_forward_loss(loupe_trainer *t, const float *pixel_values, loupe_tta_loss *out, char *err, size_t errsize)
+{
+    if (trainer_forward(t, pixel_values, NULL, -1.0f, err, errsize)) return -1;
+    tta_loss(t, out);
+    return 0;
+}
+
+/* tta_forward_loss, then the backward: adds weight * the gradient to t->grad (and the
+ * patch grid's into d_grid [g*g][W] when not NULL). */
+static int tta_accumulate(loupe_trainer *t, const float *pixel_values, float weight, loupe_tta_loss *out, float *d_grid,
+                          char *err, size_t errsize)
+{
+    const loupe_config *c = &t->m->cfg;
+    size_t nc = (size_t)c->dec_layers * c->num_queries * (c->num_labels + 1);
+    size_t nm = (size_t)c->dec_layers * c->num_queries * 16 * c->grid * c->grid, j;
+    loupe_tta_loss loss;
+    if (tta_forward_loss(t, pixel_values, &loss, err, errsize)) return -1;
+    if (weight != 1.0f) {
+        for (j = 0; j < nc; j++) t->wk.d_class[j] *= weight;
+        for (j = 0; j < nm; j++) t->wk.d_mask[j] *= weight;
+    }
+    segmentor_backward(t, d_grid);
+    if (out) *out = loss;
+    return 0;
+}
+
+/* Points the loss's prediction views at the session's logits and zeroes their gradients. */
+static void trainer_bind_predictions(loupe_trainer *t)
+{
+    const loupe_config *c = &t->m->cfg;
+    int L = c->dec_layers, Q = c->num_queries, C = c->num_labels + 1, M = 4 * c->grid, i;
+    zero_floats(t->wk.d_class, (size_t)L * Q * C);
+    zero_floats(t->wk.d_mask, (size_t)L * Q * M * M);
+    for (i = 0; i < L; i++) {
+        t->preds[i].class_logits = t->s->class_logits + (size_t)i * Q * C;
+        t->preds[i].mask_logits = t->s->mask_logits + (size_t)i * Q * M * M;
+        t->preds[i].grad_class_logits = t->wk.d_class + (size_t)i * Q * C;
+        t->preds[i].grad_mask_logits = t->wk.d_mask + (size_t)i * Q * M * M;
+    }
+}
+
+/* LitModel.training_step for one image of a batch (bt): forward, this image's share of
+ * the stage's loss (added to *loss), backward of scale times it into the gradients. */
+static int trainer_image(loupe_trainer *t, const loupe_example *ex, const seg_batch *bt, double scale,
+                         loupe_train_loss *loss, char *err, size_t errsize)
+{
+    const loupe_config *c = &t->m->cfg;
+    int L = c->dec_layers, Q = c->num_queries, M = 4 * c->grid, S = c->image_size, W = c->width;
+    int has_target = ex->n_targets > 0;
+    double seg = 0.0;
+    if (trainer_forward(t, ex->pixel_values, ex->features, has_target ? 1.0f : 0.0f, err, errsize)) return -1;
+    if (t->backbone_backward) zero_floats(t->wk.d_feats, (size_t)(1 + c->grid * c->grid) * W);
+    if (t->has_seg) {
+        trainer_bind_predictions(t);
+        loupe_seg_loss(&t->loss_cfg, L, Q, M, t->preds, has_target, ex->mask_labels, S, S, bt,
+                       scale * t->opt.seg_loss_weight, &t->rng, &t->wk.loss, t->calls, &seg);
+        loss->seg += seg;
+        segmentor_backward(t, t->backbone_backward ? t->wk.d_feats + W : NULL);
+    }
+    if (t->has_cls) {
+        int N = c->grid * c->grid, i;
+        float d_fused = 0.0f, cw = (float)(scale * t->opt.cls_loss_weight);
+        cls_loss_terms ct;
+        zero_floats(t->wk.d_patch, (size_t)N);
+        loupe_cls_loss(&t->cls_cfg, t->s->fused_logit, (float)ex->label, t->s->patch_logits, ex->patch_labels, N,
+                       1.0 / bt->images, 1.0 / ((double)bt->images * N), &ct, NULL, &d_fused, t->wk.d_patch);
+        loss->cls_part += ct.cls_part;
+        loss->patch_part += ct.patch_part;
+        d_fused *= cw;
+        for (i = 0; i < N; i++) t->wk.d_patch[i] *= cw;
+        if (t->backbone_backward) zero_floats(t->wk.d_pooled, (size_t)W);
+        loupe_classifier_backward(t->s, &t->cg, d_fused, t->wk.d_patch, t->backbone_backward ? t->wk.d_pooled : NULL,
+                                  t->backbone_backward ? t->wk.d_feats : NULL, &t->pw);
+    }
+    if (t->backbone_backward)
+        vision_transformer_backward(t->s, &t->pg, t->wk.d_feats, t->has_cls ? t->wk.d_pooled : NULL, &t->pw);
+    return 0;
+}
+
+int loupe_trainer_accumulate(loupe_trainer *t, const loupe_example *batch, int n, double scale,
+                             loupe_train_loss *loss, char *err, size_t errsize)
+{
+    const loupe_config *c;
+    loupe_train_loss sum;
+    seg_batch bt;
+    int b, L, k;
+    if (!t || !batch || n < 1) return fail(err, errsize, "loupe_trainer_accumulate needs a trainer and at least one example");
+    if (t->pseudo) return fail(err, errsize, "a test-time-adaptation trainer takes loupe_tta_accumulate");
+    if (!(scale >= 0.0 && scale <= TTA_MAX_WEIGHT))
+        return fail(err, errsize, "gradient scale %g is outside 0..%g", scale, (double)TTA_MAX_WEIGHT);
+    c = &t->m->cfg;
+    L = c->dec_layers;
+    memset(&bt, 0, sizeof bt);
+    for (b = 0; b < n; b++) {
+        const loupe_example *ex = &batch[b];
+        if (!ex->pixel_values || (ex->n_targets > 0 && !ex->mask_labels) || (t->has_cls && !ex->patch_labels) ||
+            ex->n_targets < 0 || ex->n_targets > 1 || ex->label < 0 || ex->label > 1)
+            return fail(err, errsize, "example %d of the batch is incomplete (pixel values, a mask for its target, "
+                        "patch labels, label 0 or 1, at most one target)", b);
+        bt.targets += ex->n_targets;
+    }
+    bt.images = n;
+    bt.base = t->rng_position;
+    memset(&sum, 0, sizeof sum);
+    memset(t->calls, 0, (size_t)L * sizeof *t->calls);
+    for (k = 0; k < L; k++) t->calls[k].matched_query = -1;
+    for (b = 0; b < n; b++) {
+        bt.image = b;
+        if (trainer_image(t, &batch[b], &bt, scale, &sum, err, errsize)) return -1;
+        bt.targets_before += batch[b].n_targets;
+    }
+    if (t->has_seg) t->rng_position += seg_batch_draws(&t->loss_cfg, L, n, bt.targets);
+    for (k = 0; k < L; k++) {
+        sum.mask += t->calls[k].weighted_mask;
+        sum.dice += t->calls[k].weighted_dice;
+        sum.cross_entropy += t->calls[k].weighted_cross_entropy;
+    }
+    sum.cls = sum.cls_part + sum.patch_part;
+    sum.total = t->opt.cls_loss_weight * sum.cls + t->opt.seg_loss_weight * sum.seg;
+    if (loss) *loss = sum;
+    return 0;
+}
+
+/* L2 norm of all gradients (clip_grad_norm_'s total norm), accumulated in double. */
+#define NORM_CHUNK 65536   /* gradient-norm partial sums: fixed chunks, added in order */
+static double tta_grad_norm(const loupe_trainer *t)
+{
+    double sum = 0.0, part[64];
+    size_t n = t->n_floats, chunks = (n + NORM_CHUNK - 1) / NORM_CHUNK, c0, c;
+    /* chunk sums in parallel, then added in chunk order: the same bits for any thread count */
+    for (c0 = 0; c0 < chunks; c0 += 64) {
+        long k, nk = (long)(chunks - c0 < 64 ? chunks - c0 : 64);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)nk * NORM_CHUNK))
+#endif
+        for (k = 0; k < nk; k++) {
+            size_t lo = (c0 + (size_t)k) * NORM_CHUNK, hi = lo + NORM_CHUNK < n ? lo + NORM_CHUNK : n;
+            part[k] = row_dot(t->grad + lo, t->grad + lo, (int)(hi - lo));
+        }
+        for (c = 0; c < (size_t)nk; c++) sum += part[c];
+    }
+    return sqrt(sum);
+}
+
+/* sqrtf(x) rounded to float32 on every target: on x87 (FLT_EVAL_METHOD 2) gcc keeps the
+ * square root's 64-bit result and drops casts of it, but a volatile float must be stored. */
+static float sqrt_f32(float x)
+{
+#if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD == 0
+    return sqrtf(x);   /* float arithmetic is float: no store needed, and the loop vectorises */
+#else
+    volatile float r = sqrtf(x);
+    return r;
+#endif
+}
+
+/* torch.optim.AdamW (one step, PyTorch's float32 operations in its order: lerp, addcmul,
+ * addcdiv as self + value * t1 / t2; upstream's step1 is reproduced bit for bit) on gradients
+ * scaled by clip_coef, as clip_grad_norm_ leaves them. Each tensor uses its group's
+ * learning rate times lr_factor (LambdaLR's factor) and weight decay. Zeroes the
+ * gradients and refreshes the derived tables.
+ * The casts round every operation to float32 as PyTorch does, also where C evaluates
+ * float expressions in a wider format (x87: FLT_EVAL_METHOD 2). */
+static void adamw_step(loupe_trainer *t, float clip_coef, double lr_factor)
+{
+    const loupe_train_options *o = &t->opt;
+    double bc1, bc2;
+    float bc2_sqrt, one_b1 = (float)(1.0 - o->beta1), one_b2 = (float)(1.0 - o->beta2);
+    float b2 = (float)o->beta2, eps = (float)o->eps;
+    int p;
+    t->steps++;
+    bc1 = 1.0 - pow(o->beta1, (double)t->steps);
+    bc2 = 1.0 - pow(o->beta2, (double)t->steps);
+    bc2_sqrt = (float)sqrt(bc2);
+    for (p = 0; p < t->n_params; p++) {
+        const train_param *tp = &t->params[p];
+        double lr = tp->lr * lr_factor;
+        float step_size = (float)(lr / bc1);
+        float decay = (float)(1.0 - lr * tp->weight_decay);
+        float *w = t->param + tp->offset, *g = t->grad + tp->offset;
+        float *m = t->adam_m + tp->offset, *v = t->adam_v + tp->offset;
+        long i;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (parallel_ok((double)tp->numel * 8))
+#endif
+        for (i = 0; i < (long)tp->numel; i++) {
+            float gi = g[i] * clip_coef, denom;
+            w[i] *= decay;
+            m[i] += (float)(one_b1 * (float)(gi - m[i]));
+            v[i] = (float)(v[i] * b2) + (float)((float)(one_b2 * gi) * gi);
+            denom = (float)(sqrt_f32(v[i]) / bc2_sqrt) + eps;
+            w[i] -= (float)((float)(step_size * m[i]) / denom);
+            g[i] = 0.0f;   /* the next step's gradient starts from zero */
+        }
+    }
+    if (t->has_seg) tta_refresh_tables(t);
+}
+
+/* ---- Public API ---- */
+
+void loupe_tta_default_options(loupe_tta_options *o)
+{
+    o->lr = 1e-4;
+    o->beta1 = 0.9;
+    o->beta2 = 0.999;
+    o->eps = 1e-8;
+    o->weight_decay = 1e-3;
+    o->clip_norm = 1.0;
+    o->seed = 0;
+}
+
+/* Upstream's hyperparameters per stage (configs/hparams/{cls,seg,cls_seg}.yaml and
+ * configs/model/ *.yaml): learning rates, weight decay, clipping, loss weights. */
+void loupe_train_default_options(loupe_train_options *o, int stage)
+{
+    memset(o, 0, sizeof *o);
+    o->stage = stage;
+    o->beta1 = 0.9;
+    o->beta2 = 0.999;
+    o->eps = 1e-8;
+    o->clip_norm = 1.0;
+    o->backbone_lr = 1e-5;
+    o->train_backbone = stage == LOUPE_TRAIN_CLS_SEG;
+    o->train_embeddings = 0;
+    o->cls_loss_weight = stage == LOUPE_TRAIN_CLS_SEG ? 2.0 : 1.0;
+    o->seg_loss_weight = 1.0;
+    if (stage == LOUPE_TRAIN_CLS) {
+        o->lr = 5e-4;
+        o->weight_decay = 1e-3;
+    } else if (stage == LOUPE_TRAIN_TTA) {
+        o->lr = o->backbone_lr = 1e-4;
+        o->weight_decay = 1e-3;
+        o->cls_loss_weight = 0.0;
+    } else {
+        o->lr = 3e-4;
+        o->weight_decay = 5e-2;
+    }
+}
+
+/* Counts the weight file's tensors under prefix; *unknown receives one that is not trainable here. */
+static int count_prefixed_tensors(const loupe_trainer *t, const char *prefix, const train_param *params, int n,
+                                  const tensor_entry **unknown)
+{
+    int i, j, count = 0;
+    size_t plen = strlen(prefix);
+    *unknown = NULL;
+    for (i = 0; i < t->m->n_entries; i++) {
+        const tensor_entry *e = &t->m->entries[i];
+        int known = 0;
+        if ((size_t)e->name_len < plen || memcmp(e->name, prefix, plen) != 0) continue;
+        count++;
+        for (j = 0; j < n && !known; j++)
+            known = strlen(params[j].name) == (size_t)e->name_len && !memcmp(params[j].name, e->name, (size_t)e->name_len);
+        if (!known && !*unknown) *unknown = e;
+    }
+    return count;
+}
+
+/* Walks the stage's trainable tensors: backbone (all, or its two embeddings), classifier,
+ * segmentor. */
+static void trainer_params(loupe_trainer *t, param_builder *pb)
+{
+    const loupe_config *c = &t->m->cfg;
+    if (t->opt.train_backbone || t->opt.train_embeddings) backbone_params(pb, &t->w, c, t->opt.train_backbone);
+    if (t->has_cls) classifier_params(pb, &t->w, c);
+    if (t->has_seg) segmentor_params(pb, &t->w, c);
+}
+
+/* Assigns (or counts) the whole arena: tape, backward scratch, parameters and AdamW state. */
+static void trainer_layout(loupe_trainer *t, arena *a)
+{
+    size_t start = a->used;
+    if (t->has_seg) tta_tape_layout(t, a);
+    t->tape_bytes = a->used - start;
+    pe_train_layout(&t->m->cfg, t->backbone_backward ? &t->bb_tape : NULL, t->has_cls ? &t->cls_tape : NULL,
+                    t->has_cls || t->backbone_backward ? &t->pw : NULL, a);
+    t->tape_bytes = a->used - start;
+    start = a->used;
+    tta_work_layout(t, a);
+    t->work_bytes = a->used - start;
+    start = a->used;
+    tta_state_layout(t, a);
+    t->state_bytes = a->used - start;
+}
+
+/* Gradient views of a linear layer and a norm (NULL members: frozen). */
+static linear_g linear_grad_view(loupe_trainer *t, linear_w l)
+{
+    linear_g g;
+    g.w = grad_of(t, (const float *)l.w.data);
+    g.b = grad_of(t, l.b);
+    return g;
+}
+static norm_g norm_grad_view(loupe_trainer *t, norm_w n)
+{
+    norm_g g;
+    g.w = grad_of(t, n.w);
+    g.b = grad_of(t, n.b);
+    return g;
+}
+
+/* Points the backbone's and the classifier's gradient views at the trainer's gradients
+ * (sections 4 and 5 write through them); -1 when out of memory. */
+static int trainer_grad_views(loupe_trainer *t)
+{
+    const loupe_config *c = &t->m->cfg;
+    const loupe_weights *w = &t->w;
+    pe_grads *g = &t->pg;
+    int i, k;
+    memset(g, 0, sizeof *g);
+    memset(&t->cg, 0, sizeof t->cg);
+    g->class_embedding = grad_of(t, w->class_embedding);
+    g->positional_embedding = grad_of(t, w->positional_embedding);
+    g->conv1 = grad_of(t, (const float *)w->conv1.data);
+    g->ln_pre = norm_grad_view(t, w->ln_pre);
+    g->ln_post = norm_grad_view(t, w->ln_post);
+    if (t->opt.train_backbone) {
+        t->block_grads = calloc((size_t)c->layers, sizeof *t->block_grads);
+        if (!t->block_grads) return -1;
+        for (i = 0; i < c->layers; i++) {
+            const pe_block_w *b = &w->blocks[i];
+            pe_block_g *bg = &t->block_grads[i];
+            bg->ln_1 = norm_grad_view(t, b->ln_1);
+            bg->ln_2 = norm_grad_view(t, b->ln_2);
+            bg->qkv = linear_grad_view(t, b->qkv);
+            bg->out = linear_grad_view(t, b->out);
+            bg->fc = linear_grad_view(t, b->fc);
+            bg->proj = linear_grad_view(t, b->proj);
+        }
+        g->blocks = t->block_grads;
+    }
+    g->pool.probe = grad_of(t, w->pool.probe);
+    g->pool.qkv = linear_grad_view(t, w->pool.qkv);
+    g->pool.out = linear_grad_view(t, w->pool.out);
+    g->pool.ln = norm_grad_view(t, w->pool.ln);
+    g->pool.fc = linear_grad_view(t, w->pool.fc);
+    g->pool.proj = linear_grad_view(t, w->pool.proj);
+    for (k = 0; k < c->cls_layers; k++) {
+        t->cg.global_head.layers[k] = linear_grad_view(t, w->global_head.layers[k]);
+        t->cg.patch_head.layers[k] = linear_grad_view(t, w->patch_head.layers[k]);
+    }
+    t->cg.fuser = grad_of(t, w->fuser);
+    return 0;
+}
+
+/* The trainer for any stage (test-time adaptation included). */
+static loupe_trainer *trainer_new(const loupe_model *m, const loupe_train_options *opt, char *err, size_t errsize)
+{
+    const loupe_config *c;
+    const loupe_train_options *o = opt;
+    loupe_trainer *t;
+    param_builder pb;
+    arena a = {NULL, 0, 0};
+    const tensor_entry *unknown;
+    int L, stage;
+    if (!m) { fail(err, errsize, "no model given"); return NULL; }
+    if (!o) { fail(err, errsize, "no training options given"); return NULL; }
+    c = &m->cfg;
+    L = c->dec_layers;
+    stage = o->stage;
+    if (stage < LOUPE_TRAIN_TTA || stage > LOUPE_TRAIN_CLS_SEG) {
+        fail(err, errsize, "unknown training stage %d", stage);
+        return NULL;
+    }
+    if (c->num_labels != 1) {
+        fail(err, errsize, "%s: training needs Loupe's single label (this model has %d)", m->path, c->num_labels);
+        return NULL;
+    }
+    if (!(o->lr >= 0.0 && o->lr < 1.0 && o->backbone_lr >= 0.0 && o->backbone_lr < 1.0 && o->beta1 >= 0.0 &&
+          o->beta1 < 1.0 && o->beta2 >= 0.0 && o->beta2 < 1.0 && o->eps > 0.0 && o->weight_decay >= 0.0 &&
+          o->weight_decay < 1.0 && o->clip_norm > 0.0 && o->cls_loss_weight >= 0.0 && o->seg_loss_weight >= 0.0)) {
+        fail(err, errsize, "invalid training options (learning rates, betas and weight decay in [0, 1), eps and clip "
+                           "norm > 0, loss weights >= 0)");
+        return NULL;
+    }
+    t = calloc(1, sizeof *t);
+    if (!t) { fail(err, errsize, "out of memory"); return NULL; }
+    t->m = m;
+    t->opt = *o;
+    t->pseudo = stage == LOUPE_TRAIN_TTA;
+    t->has_cls = stage == LOUPE_TRAIN_CLS || stage == LOUPE_TRAIN_CLS_SEG;
+    t->has_seg = stage != LOUPE_TRAIN_CLS;
+    if (t->pseudo) t->opt.train_backbone = t->opt.train_embeddings = 0;
+    t->backbone_backward = t->opt.train_backbone || t->opt.train_embeddings;
+    t->w = m->w;
+    t->t = m->t;
+    t->loss_cfg = seg_loss_config_from_model(m);
+    t->enc = calloc((size_t)c->enc_layers + 1, sizeof *t->enc);
+    t->dec = calloc((size_t)L, sizeof *t->dec);
+    t->blocks = calloc((size_t)c->layers, sizeof *t->blocks);
+    t->tape.enc = calloc((size_t)c->enc_layers + 1, sizeof *t->tape.enc);
+    t->tape.dec = calloc((size_t)L, sizeof *t->tape.dec);
+    t->calls = calloc((size_t)L, sizeof *t->calls);
+    t->preds = calloc((size_t)L, sizeof *t->preds);
+    if (!t->enc || !t->dec || !t->blocks || !t->tape.enc || !t->tape.dec || !t->calls || !t->preds) goto oom;
+    memcpy(t->enc, m->w.enc, (size_t)c->enc_layers * sizeof *t->enc);
+    memcpy(t->dec, m->w.dec, (size_t)(L - 1) * sizeof *t->dec);
+    memcpy(t->blocks, m->w.blocks, (size_t)c->layers * sizeof *t->blocks);
+    t->w.enc = t->enc;
+    t->w.dec = t->dec;
+    t->w.blocks = t->blocks;
+    /* count the trainable tensors, then plan one block: tape, scratch, parameters + AdamW */
+    memset(&pb, 0, sizeof pb);
+    pb.opt = &t->opt;
+    trainer_params(t, &pb);
+    t->n_params = pb.count;
+    t->n_floats = pb.floats;
+    t->params = calloc((size_t)t->n_params + 1, sizeof *t->params);
+    if (!t->params) goto oom;
+    trainer_layout(t, &a);
+    a.cap = a.used;
+    a.used = 0;
+    a.base = aligned_block(a.cap, &t->raw);
+    if (!a.base) {
+        fail(err, errsize, "out of memory: training needs %.1f MiB", (double)a.cap / (1 << 20));
+        loupe_trainer_free(t);
+        return NULL;
+    }
+    trainer_layout(t, &a);
+    zero_floats(t->grad, t->n_floats);
+    zero_floats(t->adam_m, t->n_floats);
+    zero_floats(t->adam_v, t->n_floats);
+    /* copy the trained tensors out of the read-only model */
+    pb.params = t->params;
+    pb.data = t->param;
+    pb.b.m = m; pb.b.err = err; pb.b.errsize = errsize; pb.b.failed = 0;
+    pb.count = 0;
+    pb.floats = 0;
+    trainer_params(t, &pb);
+    if (pb.b.failed) { loupe_trainer_free(t); return NULL; }
+    /* every tensor of a trained module must be one this build trains, and each once */
+    {
+        static const char *const prefixes[3] = {"backbone.", "classifier.", TTA_SEGMENTOR_PREFIX};
+        int k, j;
+        for (k = 0; k < 3; k++) {
+            int trained = k == 0 ? t->opt.train_backbone : k == 1 ? t->has_cls : t->has_seg, ours = 0;
+            size_t plen = strlen(prefixes[k]);
+            if (!trained) continue;
+            for (j = 0; j < t->n_params; j++) ours += !strncmp(t->params[j].name, prefixes[k], plen);
+            if (count_prefixed_tensors(t, prefixes[k], t->params, t->n_params, &unknown) != ours || unknown) {
+                if (unknown) fail(err, errsize, "%s: tensor %.*s is not one this build knows how to train", m->path,
+                                  unknown->name_len, unknown->name);
+                else fail(err, errsize, "%s: the weight file's %s tensors do not match this build's", m->path,
+                          prefixes[k]);
+                loupe_trainer_free(t);
+                return NULL;
+            }
+        }
+    }
+    if (t->has_seg) tta_refresh_tables(t);
+    if (trainer_grad_views(t)) goto oom;
+    weights_release_pages(m);
+    t->cls_cfg = cls_loss_config_from_model(m);
+    t->s = loupe_session_new(m, err, errsize);
+    if (!t->s) { loupe_trainer_free(t); return NULL; }
+    t->s->w = &t->w;
+    t->s->t = &t->t;
+    t->s->tape = t->has_seg ? &t->tape : NULL;
+    t->s->bb_tape = t->backbone_backward ? &t->bb_tape : NULL;
+    t->s->cls_tape = t->has_cls ? &t->cls_tape : NULL;
+    t->rng_state.seed = t->opt.seed;
+    t->rng_state.counter = 0;
+    t->rng.fill = splitmix_uniform_fill;
+    t->rng.seek = splitmix_uniform_seek;
+    t->rng.state = &t->rng_state;
+    return t;
+oom:
+    fail(err, errsize, "out of memory");
+    loupe_trainer_free(t);
+    return NULL;
+}
+
+loupe_trainer *loupe_tta_new(const loupe_model *m, const loupe_tta_options *opt, char *err, size_t errsize)
+{
+    loupe_tta_options d;
+    loupe_train_options o;
+    if (!opt) {
+        loupe_tta_default_options(&d);
+        opt = &d;
+    }
+    if (!(opt->lr >= 0.0 && opt->lr < 1.0 && opt->beta1 >= 0.0 && opt->beta1 < 1.0 && opt->beta2 >= 0.0 &&
+          opt->beta2 < 1.0 && opt->eps > 0.0 && opt->weight_decay >= 0.0 && opt->weight_decay < 1.0 &&
+          opt->clip_norm > 0.0)) {
+        fail(err, errsize, "invalid test-time adaptation options (learning rate, betas and weight decay in [0, 1), eps and clip norm > 0)");
+        return NULL;
+    }
+    if (m && m->cfg.num_labels != 1) {
+        fail(err, errsize, "%s: test-time adaptation needs Loupe's single label (this model has %d)", m->path,
+             m->cfg.num_labels);
+        return NULL;
+    }
+    loupe_train_default_options(&o, LOUPE_TRAIN_TTA);
+    o.lr = o.backbone_lr = opt->lr;
+    o.beta1 = opt->beta1;
+    o.beta2 = opt->beta2;
+    o.eps = opt->eps;
+    o.weight_decay = opt->weight_decay;
+    o.clip_norm = opt->clip_norm;
+    o.seed = opt->seed;
+    return trainer_new(m, &o, err, errsize);
+}
+
+loupe_trainer *loupe_trainer_new(const loupe_model *m, const loupe_train_options *opt, char *err, size_t errsize)
+{
+    if (opt && opt->stage == LOUPE_TRAIN_TTA) {
+        fail(err, errsize, "test-time adaptation trainers are made by loupe_tta_new");
+        return NULL;
+    }
+    return trainer_new(m, opt, err, errsize);
+}
+
+void loupe_trainer_free(loupe_trainer *t)
+{
+    if (!t) return;
+    loupe_session_free(t->s);
+    free(t->raw);
+    free(t->params);
+    free(t->enc);
+    free(t->dec);
+    free(t->blocks);
+    free(t->block_grads);
+    free(t->tape.enc);
+    free(t->tape.dec);
+    free(t->calls);
+    free(t->preds);
+    free(t);
+}
+
+size_t loupe_trainer_feature_floats(const loupe_trainer *t)
+{
+    const loupe_config *c = &t->m->cfg;
+    return t->backbone_backward ? 0 : (size_t)(2 + c->grid * c->grid) * c->width;
+}
+
+int loupe_trainer_features(loupe_trainer *t, const float *pixel_values, float *features, char *err, size_t errsize)
+{
+    const loupe_config *c;
+    size_t TW;
+    if (!t || !pixel_values || !features) return fail(err, errsize, "loupe_trainer_features needs a trainer, an input and a buffer");
+    if (t->backbone_backward) return fail(err, errsize, "the backbone trains: its outputs cannot be kept");
+    c = &t->m->cfg;
+    TW = (size_t)(1 + c->grid * c->grid) * c->width;
+    if (max_threads() > t->s->threads)
+        return fail(err, errsize, "the trainer was created for %d threads but %d are requested", t->s->threads, max_threads());
+    vision_transformer(t->s, pixel_values);
+    memcpy(features, t->s->feats, TW * sizeof *features);
+    memcpy(features + TW, t->s->pooled, (size_t)c->width * sizeof *features);
+    return 0;
+}
+
+/* transformers' get_wsd_schedule (linear warm-up, constant, cosine decay to 0) and
+ * get_cosine_schedule_with_warmup, as LambdaLR factors (README 10.7 of the golden). */
+double loupe_lr_factor(int schedule, long step, double total, double warmup, double decay)
+{
+    const double pi = 3.14159265358979323846;
+    double s = (double)step;
+    if (schedule == LOUPE_SCHEDULE_CONSTANT) return 1.0;
+    if (s < warmup) return s / (warmup > 1.0 ? warmup : 1.0);
+    if (schedule == LOUPE_SCHEDULE_COSINE) {
+        double span = total - warmup > 1.0 ? total - warmup : 1.0, f = 0.5 * (1.0 + cos(pi * (s - warmup) / span));
+        return f > 0.0 ? f : 0.0;
+    }
+    if (s < total - decay) return 1.0;
+    if (s < total) return 0.5 * (1.0 + cos(pi * (s - total + decay) / (decay > 1.0 ? decay : 1.0)));
+    return 0.0;
+}
+
+void loupe_trainer_size(const loupe_trainer *t, int *tensors, size_t *values)
+{
+    if (tensors) *tensors = t ? t->n_params : 0;
+    if (values) *values = t ? t->n_floats : 0;
+}
+
+void loupe_tta_free(loupe_trainer *t) { loupe_trainer_free(t); }
+
+int loupe_tta_accumulate(loupe_trainer *t, const float *pixel_values, float weight, loupe_tta_loss *loss, char *err,
+                         size_t errsize)
+{
+    if (!t || !pixel_values) return fail(err, errsize, "loupe_tta_accumulate needs an adapter and an input tensor");
+    if (!(weight >= 0.0f && weight <= TTA_MAX_WEIGHT))
+        return fail(err, errsize, "gradient weight %g is outside 0..%g", (double)weight, (double)TTA_MAX_WEIGHT);
+    return tta_accumulate(t, pixel_values, weight, loss, NULL, err, errsize);
+}
+
+int loupe_tta_update(loupe_trainer *t, double *grad_norm, char *err, size_t errsize)
+{
+    if (!t) return fail(err, errsize, "loupe_tta_update needs an adapter");
+    return loupe_trainer_update(t, 1.0, grad_norm, err, errsize);
+}
+
+int loupe_trainer_update(loupe_trainer *t, double lr_factor, double *grad_norm, char *err, size_t errsize)
+{
+    double norm;
+    float coef;
+    if (!t) return fail(err, errsize, "loupe_trainer_update needs a trainer");
+    if (!(lr_factor >= 0.0 && lr_factor <= 1e3)) return fail(err, errsize, "learning-rate factor %g is outside 0..1000", lr_factor);
+    norm = tta_grad_norm(t);
+    if (!isfinite(norm)) {
+        zero_floats(t->grad, t->n_floats);
+        return fail(err, errsize, "the gradient is not finite; the update was skipped");
+    }
+    /* clip_grad_norm_ (in float32, like PyTorch): scale by max_norm / (norm + eps) when below 1 */
+    coef = (float)t->opt.clip_norm / ((float)norm + (float)TTA_CLIP_EPS);
+    adamw_step(t, coef < 1.0f ? coef : 1.0f, lr_factor);
+    if (grad_norm) *grad_norm = norm;
+    return 0;
+}
+
+int loupe_tta_step(loupe_trainer *t, const float *pixel_values, loupe_tta_loss *loss, char *err, size_t errsize)
+{
+    double norm = 0.0;
+    if (loupe_tta_accumulate(t, pixel_values, 1.0f, loss, err, errsize) || loupe_tta_update(t, &norm, err, errsize))
+        return -1;
+    if (loss) loss->grad_norm = norm;
+    return 0;
+}
+
+int loupe_tta_adapt(loupe_trainer *t, int n_images, loupe_tta_source source, void *user, int steps, int batch,
+                    loupe_tta_progress progress, char *err, size_t errsize)
+{
+    const loupe_config *c;
+    float *pixels;
+    int step, b, next = 0;
+    if (!t || !source || n_images < 1 || steps < 0 || batch < 1)
+        return fail(err, errsize, "loupe_tta_adapt needs an adapter, at least one image, steps >= 0 and batch >= 1");
+    c = &t->m->cfg;
+    pixels = malloc((size_t)3 * c->image_size * c->image_size * sizeof *pixels);
+    if (!pixels) return fail(err, errsize, "out of memory");
+    if (batch > n_images) batch = n_images;
+    for (step = 0; step < steps; step++) {
+        loupe_tta_loss sum, one;
+        memset(&sum, 0, sizeof sum);
+        /* one step = the mean loss of the next `batch` images, cycling through the set */
+        for (b = 0; b < batch; b++, next = (next + 1) % n_images) {
+            if (source(user, next, pixels, err, errsize) ||
+                loupe_tta_accumulate(t, pixels, 1.0f / (float)batch, &one, err, errsize)) {
+                free(pixels);
+                return -1;
+            }
+            sum.total += one.total / batch;
+            sum.mask += one.mask / batch;
+            sum.dice += one.dice / batch;
+            sum.cross_entropy += one.cross_entropy / batch;
+            sum.has_target += one.has_target;
+        }
+        if (loupe_tta_update(t, &sum.grad_norm, err, errsize)) { free(pixels); return -1; }
+        if (progress) progress(user, step, &sum);
+    }
+    free(pixels);
+    return 0;
+}
+
+int loupe_session_use_tta(loupe_session *s, const loupe_trainer *t, char *err, size_t errsize)
+{
+    if (!s) return fail(err, errsize, "no session given");
+    if (t && t->m != s->m) return fail(err, errsize, "the adapter was made for another model than the session's");
+    s->w = t ? &t->w : &s->m->w;
+    s->t = t ? &t->t : &s->m->t;
+    return 0;
+}
+
+void loupe_tta_get_memory(const loupe_trainer *t, loupe_tta_memory *mem)
+{
+    mem->saved_activations = t->tape_bytes;
+    mem->backward_scratch = t->work_bytes;
+    mem->parameters = t->state_bytes;
+    mem->session = t->s->bytes;
+    mem->trainable = t->n_floats;
+}
+
+/* The weight file's entry called name, or NULL. */
+static const tensor_entry *find_entry(const loupe_model *m, const char *name)
+{
+    size_t n = strlen(name);
+    int i;
+    for (i = 0; i < m->n_entries; i++)
+        if ((size_t)m->entries[i].name_len == n && !memcmp(m->entries[i].name, name, n)) return &m->entries[i];
+    return NULL;
+}
+
+/* Bytes copied per write while saving. */
+#define SAVE_CHUNK (1 << 20)
+
+/* An adapted tensor's place in the weight file: saving writes the file front to back
+ * (no seeking, so no file offsets wider than long are needed). */
+typedef struct save_patch { uint64_t offset, nbytes; int param; } save_patch;
+
+static int save_patch_cmp(const void *a, const void *b)
+{
+    uint64_t x = ((const save_patch *)a)->offset, y = ((const save_patch *)b)->offset;
+    return (x > y) - (x < y);
+}
+
+/* Writes n bytes in chunks; returns 1 on success. */
+static int write_bytes(FILE *f, const unsigned char *p, uint64_t n)
+{
+    while (n > 0) {
+        size_t k = n < SAVE_CHUNK ? (size_t)n : SAVE_CHUNK;
+        if (fwrite(p, 1, k, f) != k) return 0;
+        p += k;
+        n -= k;
+    }
+    return 1;
+}
+
+int loupe_trainer_save(const loupe_trainer *t, const char *path, char *err, size_t errsize)
+{
+    char tmp[1024];
+    FILE *f;
+    size_t most = 0;
+    uint64_t pos = 0;
+    float *buf;
+    save_patch *patches;
+    int p, i, n = 0, ok = 1;
+    if (!t || !path) return fail(err, errsize, "saving needs a trainer and a path");
+    if (strlen(path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", path);
+    for (p = 0; p < t->n_params; p++) { /* the trained tensors are written over the file's own */
+        const tensor_entry *e = find_entry(t->m, t->params[p].name);
+        if (e && e->dtype != DTYPE_F32)
+            return fail(err, errsize, "%s: saving a trained model needs an F32 weight file (%s is %s; convert with --dtype f32)",
+                        t->m->path, t->params[p].name, dtype_names[e->dtype]);
+    }
+    for (p = 0; p < t->n_params; p++) most = t->params[p].numel > most ? t->params[p].numel : most;
+    buf = malloc(most * sizeof *buf);
+    patches = malloc((size_t)t->n_params * sizeof *patches + 1); /* + 1: never malloc(0) */
+    if (!buf || !patches) { free(buf); free(patches); return fail(err, errsize, "out of memory"); }
+    /* the model's file as it is, with each segmentor tensor replaced by the adapted one */
+    for (p = 0; p < t->n_params; p++) {
+        const train_param *tp = &t->params[p];
+        for (i = 0; i < t->m->n_entries; i++) {
+            const tensor_entry *e = &t->m->entries[i];
+            if ((size_t)e->name_len != strlen(tp->name) || memcmp(e->name, tp->name, (size_t)e->name_len)) continue;
+            ok = ok && e->nbytes == tp->numel * sizeof *buf;
+            patches[n].offset = e->offset;
+            patches[n].nbytes = e->nbytes;
+            patches[n++].param = p;
+            break;
+        }
+    }
+    qsort(patches, (size_t)n, sizeof *patches, save_patch_cmp);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    f = ok ? fopen(tmp, "wb") : NULL;
+    if (!f) {
+        free(buf);
+        free(patches);
+        return ok ? fail(err, errsize, "%s: cannot create: %s", tmp, strerror(errno))
+                  : fail(err, errsize, "%s: an adapted tensor does not match the model's file", path);
+    }
+    for (i = 0; ok && i < n; i++) {
+        const train_param *tp = &t->params[patches[i].param];
+        param_to_upstream(tp, t->param + tp->offset, buf);
+        ok = write_bytes(f, t->m->data + pos, patches[i].offset - pos) &&
+             fwrite(buf, sizeof *buf, tp->numel, f) == tp->numel;
+        pos = patches[i].offset + patches[i].nbytes;
+    }
+    ok = ok && write_bytes(f, t->m->data + pos, t->m->size - pos);
+    free(buf);
+    free(patches);
+    if (fclose(f) != 0) ok = 0;
+    if (!ok || replace_file(tmp, path) != 0) {
+        remove(tmp);
+        return fail(err, errsize, "%s: cannot write the adapted weight file", path);
+    }
+    return 0;
+}
+
+/* Training state file: "LOUPESTA", version, stage, tensor count, value count, a
+ * FNV-1a hash of the tensor names and sizes, step count, random-stream position, the
+ * caller's byte count; then the caller's bytes, AdamW's first and second moments
+ * (float32, little-endian as the host writes them: the file is checked by its size and
+ * hash, and is meant for the machine that wrote it). */
+#define STATE_MAGIC "LOUPESTA"
+#define STATE_VERSION 1u
+#define STATE_HEADER_WORDS 8
+
+static uint64_t state_signature(const loupe_trainer *t)
+{
+    uint64_t h = 0xCBF29CE484222325ull;
+    int p, d;
+    for (p = 0; p < t->n_params; p++) {
+        const unsigned char *c = (const unsigned char *)t->params[p].name;
+        for (; *c; c++) h = (h ^ *c) * 0x100000001B3ull;
+        for (d = 0; d < MAX_TENSOR_DIMS; d++) h = (h ^ (uint64_t)(unsigned)t->params[p].dims[d]) * 0x100000001B3ull;
+    }
+    return h;
+}
+
+int loupe_trainer_save_state(const loupe_trainer *t, const char *path, const void *user, size_t user_size,
+                             char *err, size_t errsize)
+{
+    char tmp[1024];
+    uint64_t hdr[STATE_HEADER_WORDS];
+    FILE *f;
+    int ok;
+    if (!t || !path || (user_size && !user)) return fail(err, errsize, "saving a training state needs a trainer and a path");
+    if (strlen(path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", path);
+    hdr[0] = STATE_VERSION;
+    hdr[1] = (uint64_t)t->opt.stage;
+    hdr[2] = (uint64_t)t->n_params;
+    hdr[3] = (uint64_t)t->n_floats;
+    hdr[4] = state_signature(t);
+    hdr[5] = (uint64_t)t->steps;
+    hdr[6] = t->rng_position;
+    hdr[7] = (uint64_t)user_size;
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    if (!(f = fopen(tmp, "wb"))) return fail(err, errsize, "%s: cannot create: %s", tmp, strerror(errno));
+    ok = fwrite(STATE_MAGIC, 1, 8, f) == 8 && fwrite(hdr, sizeof hdr[0], STATE_HEADER_WORDS, f) == STATE_HEADER_WORDS &&
+         (!user_size || fwrite(user, 1, user_size, f) == user_size) &&
+         fwrite(t->adam_m, sizeof *t->adam_m, t->n_floats, f) == t->n_floats &&
+         fwrite(t->adam_v, sizeof *t->adam_v, t->n_floats, f) == t->n_floats;
+    if (fclose(f) != 0) ok = 0;
+    if (!ok || replace_file(tmp, path) != 0) {
+        remove(tmp);
+        return fail(err, errsize, "%s: cannot write the training state", path);
+    }
+    return 0;
+}
+
+int loupe_trainer_load_state(loupe_trainer *t, const char *path, void *user, size_t user_size,
+                             char *err, size_t errsize)
+{
+    uint64_t hdr[STATE_HEADER_WORDS];
+    char magic[8];
+    FILE *f;
+    int ok;
+    if (!t || !path || (user_size && !user)) return fail(err, errsize, "loading a training state needs a trainer and a path");
+    if (!(f = fopen(path, "rb"))) return fail(err, errsize, "%s: cannot open: %s", path, strerror(errno));
+    ok = fread(magic, 1, 8, f) == 8 && !memcmp(magic, STATE_MAGIC, 8) &&
+         fread(hdr, sizeof hdr[0], STATE_HEADER_WORDS, f) == STATE_HEADER_WORDS;
+    if (!ok || hdr[0] != STATE_VERSION) {
+        fclose(f);
+        return fail(err, errsize, "%s: not a loupe training state (or of another version)", path);
+    }
+    if (hdr[1] != (uint64_t)t->opt.stage || hdr[2] != (uint64_t)t->n_params || hdr[3] != (uint64_t)t->n_floats ||
+        hdr[4] != state_signature(t) || hdr[7] != (uint64_t)user_size) {
+        fclose(f);
+        return fail(err, errsize, "%s: the training state belongs to another stage, model or set of trained tensors", path);
+    }
+    ok = (!user_size || fread(user, 1, user_size, f) == user_size) &&
+         fread(t->adam_m, sizeof *t->adam_m, t->n_floats, f) == t->n_floats &&
+         fread(t->adam_v, sizeof *t->adam_v, t->n_floats, f) == t->n_floats && fgetc(f) == EOF;
+    fclose(f);
+    if (!ok) {
+        zero_floats(t->adam_m, t->n_floats);
+        zero_floats(t->adam_v, t->n_floats);
+        return fail(err, errsize, "%s: the training state is truncated or too long", path);
+    }
+    t->steps = (long)hdr[5];
+    t->rng_position = hdr[6];
+    zero_floats(t->grad, t->n_floats);
+    return 0;
+}
+
+int loupe_tta_save(const loupe_trainer *t, const char *path, char *err, size_t errsize)
+{
+    return loupe_trainer_save(t, path, err, errsize);
+}
+
+/* ========================================================================== */
+/* 9. Random initialisation: upstream's from-scratch weights (loupe init)     */
+/* ========================================================================== */
+/* loupe_init_weights writes a complete weight file for any configuration (the config
+ * format of tools/convert.py), every tensor drawn from the distribution upstream's
+ * from-scratch construction gives it: `LoupeModel(config)` builds every module (PyTorch
+ * default initialisation in the constructors), then `post_init()` applies
+ * `LoupePreTrainedModel._init_weights` to every module, children before parents
+ * (transformers' `smart_apply`), so a parent's rule overrides its children's.
+ *
+ * Rules, first match wins (W width, g grid, F feature size; std 0.02 =
+ * config.initializer_range, xgain 1.0 = mask2former init_xavier_std; U(+-b) uniform;
+ * xavier(gain) = U(+-gain sqrt(6 / (fan_in + fan_out))) with PyTorch's fans,
+ * fan_in = dims[1] x receptive field, fan_out = dims[0] x receptive field):
+ *
+ *  tensor                                          value                     upstream function
+ *  backbone.class_embedding [W]                    N(0, W^-1/2)              VisionTransformer.init_tensors
+ *  backbone.positional_embedding [1+g^2][W]        N(0, W^-1/2)              VisionTransformer.init_tensors
+ *  backbone.conv1.weight                           N(0, std)                 _init_weights nn.Conv2d branch
+ *  backbone.*.attn.in_proj_weight (blocks)         xavier(1)                 SelfAttention.init_tensors
+ *  backbone.*.attn.in_proj_bias, out_proj.bias     0                         SelfAttention.init_tensors
+ *  backbone.attn_pool.attn.in_proj_weight          xavier(1)                 nn.MultiheadAttention._reset_parameters
+ *  backbone.attn_pool.attn.in_proj_bias            0                         nn.MultiheadAttention._reset_parameters
+ *  backbone.attn_pool.probe [1][1][W]              N(0, 1)                   AttentionPooling.__init__ (torch.randn)
+ *  backbone *.out_proj, *.mlp.c_fc/c_proj .weight  N(0, std)                 _init_weights nn.Linear branch
+ *  backbone *.out_proj, *.mlp.c_fc/c_proj .bias    0                         _init_weights nn.Linear branch
+ *  every LayerNorm / LayerNorm2d / GroupNorm       weight 1, bias 0          nn.LayerNorm/GroupNorm.reset_parameters
+ *  classifier.*.layers.i.weight [out][in]          U(+-1/sqrt(in))           LoupeClsHead.init_tensors -> nn.Linear.reset_parameters
+ *  classifier.*.layers.i.bias                      U(+-1/sqrt(in))           LoupeClsHead.init_tensors -> nn.Linear.reset_parameters
+ *  classifier.fuser.fuse.weight [1][1+g^2]         1 / (1+g^2)               FuseHead.init_tensors
+ *  segmentor.fpn.*.conv1.weight [W][W][2][2]       U(+-1/sqrt(4W))           ConvTranspose2d: _ConvNd.reset_parameters (no branch matches)
+ *  segmentor.fpn.*.conv1.bias                      U(+-1/sqrt(4W))           _ConvNd.reset_parameters
+ *  segmentor.fpn.*.conv2.weight [W][1][3][3]       N(0, std)                 _init_weights nn.Conv2d branch
+ *  segmentor.label_embedding.{0,1} [F]             N(0, std)                 LoupeSegmentor.__init__ (randn * initializer_range)
+ *  segmentor.pixel_decoder.level_embed [3][F]      0                         _init_weights PixelDecoder branch (normal_, std=0)
+ *  segmentor.pixel_decoder.* with >= 2 dims        xavier(1)                 _init_weights PixelDecoder branch (also
+ *    (input projections, sampling_offsets,                                     PixelDecoderConditionalEncoder's); it runs
+ *    attention_weights, value/output_proj, fc1,                                after the deformable-attention branch and
+ *    fc2, cross_attn, mask_projection,                                         so replaces its zero sampling_offsets and
+ *    adapter_1, layer_1 weights)                                               attention_weights weights, as in transformers
+ *  ...encoder.layers.i.self_attn.sampling_offsets.bias  grid (below)         _init_weights deformable-attention branch
+ *  ...self_attn.{attention_weights,value_proj,output_proj}.bias  0           _init_weights deformable-attention branch
+ *  ...cross_attn.in_proj_bias                      0                         nn.MultiheadAttention._reset_parameters
+ *  other pixel_decoder biases (fc1, fc2, cross_attn.out_proj, input
+ *    projections, mask_projection)                 0                         _init_weights nn.Linear / nn.Conv2d branch
+ *  ...mask2former_decoder.queries_embedder/queries_features/level_embed .weight
+ *                                                  N(0, std)                 _init_weights nn.Embedding branch
+ *  ...decoder.layers.i.* with >= 2 dims            xavier(xgain)             _init_weights Mask2FormerMaskedAttentionDecoderLayer branch
+ *  ...decoder.layers.i.*.bias, cross_attn.in_proj_bias  0                    nn.Linear branch / MHA._reset_parameters
+ *  ...mask_predictor.mask_embedder.i.0.weight      N(0, std)                 _init_weights nn.Linear branch
+ *  ...mask_predictor.mask_embedder.i.0.bias        0                         _init_weights nn.Linear branch
+ *  segmentor.class_predictor.weight / .bias        N(0, std) / 0             _init_weights nn.Linear branch
+ *
+ * The sampling-offset grid (deformable-attention branch): for head h of H, theta_h =
+ * float32(h) * float32(2 pi / H) in float32, (c, s) = (cos, sin)(theta_h) rounded to
+ * float32, divided by max(|c|, |s|) in float32; level l, point p, coordinate k of the
+ * bias [H][levels][points][2] is that value times (p + 1). cos and sin are our own
+ * series (init_cos_sin), correctly rounded to float32 but for ties: PyTorch's float32
+ * cos/sin may differ from it by one ulp (e.g. -4.371139e-08 for cos(float32(pi/2))).
+ *
+ * Random numbers (a counter-based generator, so every tensor has its own stream and a
+ * value does not depend on the order of tensors or on threads):
+ *   key(name)   = FNV-1a-64(name) XOR (seed * 0x9E3779B97F4A7C15)
+ *   x_i         = splitmix64 finaliser of (key + (i + 1) * 0x9E3779B97F4A7C15), i = 0, 1, ...
+ *                 the element index in C order (all arithmetic mod 2^64)
+ *   u_i         = ((x_i >> 12) + 0.5) / 2^52, exactly, in (0, 1)
+ *   uniform     U(+-b): b * (2 u_i - 1)
+ *   normal      N(m, s): m + s * z_i, z_i = inverse normal CDF of u_i by Wichura's
+ *               AS241 (PPND16, relative accuracy about 1e-16)
+ * each computed in double and rounded once to float32. The natural logarithm AS241 needs
+ * in the tails is our own (init_log: frexp and an atanh series), so the whole generator
+ * uses only +, -, *, /, sqrt and frexp: the same bits on every IEEE-754 platform that
+ * evaluates double expressions in double (FLT_EVAL_METHOD 0: x86-64, SSE2, aarch64;
+ * x87's 80-bit intermediates could move a value by one float32 ulp in rare ties). */
+
+#define INIT_GOLDEN 0x9E3779B97F4A7C15ull
+#define INIT_STD 0.02        /* LoupeConfig.initializer_range (configs/model/base.yaml) */
+#define INIT_XAVIER_GAIN 1.0 /* Mask2FormerConfig.init_xavier_std */
+#define INIT_N_HPARAMS 40
+
+enum { INIT_NORMAL, INIT_UNIFORM, INIT_CONST, INIT_GRID, INIT_HIGHPASS };
+
+/* loupe init --highpass: each high-pass filter of the patch embedding has this L2 norm
+ * (a N(0, 0.02) filter of 3 x 14 x 14 values has about 0.49). */
+#define INIT_HIGHPASS_NORM 2.0
+
+/* One tensor of the file: name, shape, and its rule (a = mean / bound / value, b = std). */
+typedef struct init_tensor {
+    char name[160];
+    int ndim, dims[MAX_TENSOR_DIMS];
+    int rule;
+    double a, b;
+    int matrix; /* stored as --dtype (a weight matrix, README "Smaller weight files") */
+    int from_backbone;
+} init_tensor;
+
+/* splitmix64's output function. */
+static uint64_t init_mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* The stream key of a tensor: FNV-1a of its name mixed with the seed. */
+static uint64_t init_key(const char *name, uint64_t seed)
+{
+    uint64_t h = 0xCBF29CE484222325ull;
+    for (; *name; name++) h = (h ^ (unsigned char)*name) * 0x100000001B3ull;
+    return h ^ (seed * INIT_GOLDEN);
+}
+
+/* Uniform number i of a stream, in (0, 1), a multiple of 2^-53. */
+static double init_uniform(uint64_t key, uint64_t i)
+{
+    uint64_t z = init_mix64(key + (i + 1) * INIT_GOLDEN);
+    return ((double)(z >> 12) + 0.5) * (1.0 / 4503599627370496.0);
+}
+
+/* Natural logarithm of a positive finite x with +, -, *, / only (after frexp, which is
+ * exact): x = m 2^e, m in [sqrt(1/2), sqrt(2)), log m = 2 atanh((m-1)/(m+1)) as a series
+ * (|s| <= 0.172, terms to s^39), ln 2 split in two parts (fdlibm's). */
+static double init_log(double x)
+{
+    const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+    int e, k;
+    double m = frexp(x, &e), s, s2, p = 0.0;
+    if (m < LOUPE_SQRT1_2) { m *= 2.0; e--; }
+    s = (m - 1.0) / (m + 1.0);
+    s2 = s * s;
+    for (k = 19; k >= 0; k--) p = 1.0 / (double)(2 * k + 1) + s2 * p;
+    return (double)e * ln2_hi + ((double)e * ln2_lo + 2.0 * s * p);
+}
+
+/* Inverse of the standard normal CDF: Wichura's algorithm AS241 (PPND16). */
+static double init_normal_quantile(double u)
+{
+    static const double a[8] = {3.3871328727963666080e0, 1.3314166789178437745e+2, 1.9715909503065514427e+3,
+                                1.3731693765509461125e+4, 4.5921953931549871457e+4, 6.7265770927008700853e+4,
+                                3.3430575583588128105e+4, 2.5090809287301226727e+3};
+    static const double b[8] = {1.0, 4.2313330701600911252e+1, 6.8718700749205790830e+2, 5.3941960214247511077e+3,
+                                2.1213794301586595867e+4, 3.9307895800092710610e+4, 2.8729085735721942674e+4,
+                                5.2264952788528545610e+3};
+    static const double c[8] = {1.42343711074968357734e0, 4.63033784615654529590e0, 5.76949722146069140550e0,
+                                3.64784832476320460504e0, 1.27045825245236838258e0, 2.41780725177450611770e-1,
+                                2.27238449892691845833e-2, 7.74545014278341407640e-4};
+    static const double d[8] = {1.0, 2.05319162663775882187e0, 1.67638483018380384940e0, 6.89767334985100004550e-1,
+                                1.48103976427480074590e-1, 1.51986665636164571966e-2, 5.47593808499534494600e-4,
+                                1.05075007164441684324e-9};
+    static const double e[8] = {6.65790464350110377720e0, 5.46378491116411436990e0, 1.78482653991729133580e0,
+                                2.96560571828504891230e-1, 2.65321895265761230930e-2, 1.24266094738807843860e-3,
+                                2.71155556874348757815e-5, 2.01033439929228813265e-7};
+    static const double f[8] = {1.0, 5.99832206555887937690e-1, 1.36929880922735805310e-1, 1.48753612908506148525e-2,
+                                7.86869131145613259100e-4, 1.84631831751005468180e-5, 1.42151175831644588870e-7,
+                                2.04426310338993978564e-15};
+    const double *num, *den;
+    double q = u - 0.5, r, x, pn = 0.0, pd = 0.0;
+    int k;
+    if (fabs(q) <= 0.425) {
+        r = 0.180625 - q * q;
+        for (k = 7; k >= 0; k--) { pn = pn * r + a[k]; pd = pd * r + b[k]; }
+        return q * pn / pd;
+    }
+    r = sqrt(-init_log(q < 0 ? u : 1.0 - u));
+    if (r <= 5.0) { r -= 1.6; num = c; den = d; }
+    else { r -= 5.0; num = e; den = f; }
+    for (k = 7; k >= 0; k--) { pn = pn * r + num[k]; pd = pd * r + den[k]; }
+    x = pn / pd;
+    return q < 0 ? -x : x;
+}
+
+/* cos and sin of a float32 angle in [0, 2 pi], rounded to float32: Cody-Waite reduction
+ * by pi/2 (fdlibm's two-part constant) and Taylor series on |r| <= pi/4. */
+static void init_cos_sin(float theta, float *cs, float *sn)
+{
+    const double pio2_1 = 1.57079632673412561417e+00, pio2_1t = 6.07710050650619224932e-11;
+    double x = (double)theta, r, r2, ts, tc, s = 0.0, c = 0.0, cq, sq;
+    int k = (int)(x / (LOUPE_PI / 2) + 0.5), j;
+    r = (x - k * pio2_1) - k * pio2_1t;
+    r2 = r * r;
+    ts = r;
+    tc = 1.0;
+    for (j = 1; j <= 14; j++) {
+        s += ts;
+        c += tc;
+        ts *= -r2 / (double)((2 * j) * (2 * j + 1));
+        tc *= -r2 / (double)((2 * j - 1) * (2 * j));
+    }
+    switch (k & 3) {
+    case 0: cq = c; sq = s; break;
+    case 1: cq = -s; sq = c; break;
+    case 2: cq = -c; sq = -s; break;
+    default: cq = s; sq = -c; break;
+    }
+    *cs = (float)cq;
+    *sn = (float)sq;
+}
+
+/* The sampling_offsets bias [heads][levels][points][2] of the deformable attention. */
+static void init_offset_grid(float *out, int heads, int levels, int points)
+{
+    int h, l, p;
+    for (h = 0; h < heads; h++) {
+        float theta = (float)((double)(float)h * (double)(float)(2.0 * LOUPE_PI / heads)), c, s, mx;
+        init_cos_sin(theta, &c, &s);
+        mx = fabsf(c) > fabsf(s) ? fabsf(c) : fabsf(s);
+        c = (float)((double)c / mx);
+        s = (float)((double)s / mx);
+        for (l = 0; l < levels; l++)
+            for (p = 0; p < points; p++) {
+                float *o = out + (((size_t)h * levels + l) * points + p) * 2;
+                o[0] = (float)((double)c * (p + 1));
+                o[1] = (float)((double)s * (p + 1));
+            }
+    }
+}
+
+/* loupe init --highpass F (not upstream; the demo model's stem, weights/README.md): the
+ * patch embedding [W][3][P][P] drawn N(0, b) as usual, then its first round(F W) filters
+ * replaced by high-pass ones: a random (P-2) x (P-2) field r fully convolved with the
+ * 3 x 3 Laplacian [0 1 0; 1 -4 1; 0 1 0] gives a P x P kernel h, the same h in every
+ * colour channel times a random colour weight, the filter scaled to INIT_HIGHPASS_NORM.
+ * Because the Laplacian kills affine functions, such a filter answers exactly 0 to any
+ * patch whose channels are affine in x and y (flat colour, smooth gradients): what is
+ * left is texture, noise, blur and seams, the traces a from-scratch ViT otherwise never
+ * finds (its LayerNorms divide them away next to a patch's colour). */
+static void init_highpass(const init_tensor *t, uint64_t key, int P, float *x, size_t n)
+{
+    static const float lap[3][3] = {{0, 1, 0}, {1, -4, 1}, {0, 1, 0}};
+    int W = t->dims[0], nh = P >= 3 ? (int)(t->a * W + 0.5) : 0, R = P - 2, f, i, j, ch;
+    size_t K = (size_t)3 * P * P, PP = (size_t)P * P, k;
+    for (k = 0; k < n; k++) x[k] = (float)(t->b * init_normal_quantile(init_uniform(key, (uint64_t)k)));
+    for (f = 0; f < nh; f++) {
+        uint64_t base = (uint64_t)n + (uint64_t)f * (K + 3); /* draws past the plain filters' */
+        float *h = x + (size_t)f * K; /* h built in channel 0's place, copied out last */
+        double mix[3], hh = 0.0, scale;
+        for (k = 0; k < PP; k++) h[k] = 0.0f;
+        for (i = 0; i < R; i++)
+            for (j = 0; j < R; j++) {
+                float r = (float)init_normal_quantile(init_uniform(key, base + 3 + (uint64_t)i * R + j));
+                int dy, dx;
+                for (dy = 0; dy < 3; dy++)
+                    for (dx = 0; dx < 3; dx++) h[(i + dy) * P + j + dx] += lap[dy][dx] * r;
+            }
+        for (k = 0; k < PP; k++) hh += (double)h[k] * h[k];
+        for (ch = 0; ch < 3; ch++) mix[ch] = init_normal_quantile(init_uniform(key, base + (uint64_t)ch));
+        scale = INIT_HIGHPASS_NORM / sqrt(hh * (mix[0] * mix[0] + mix[1] * mix[1] + mix[2] * mix[2]));
+        for (ch = 2; ch >= 0; ch--)
+            for (k = 0; k < PP; k++) h[(size_t)ch * PP + k] = (float)(mix[ch] * scale * h[k]);
+    }
+}
+
+/* Fills n values of a tensor by its rule. */
+static void init_fill(const init_tensor *t, uint64_t seed, const loupe_config *c, float *x, size_t n)
+{
+    uint64_t key = init_key(t->name, seed);
+    long i, nn = (long)n;
+    if (t->rule == INIT_GRID) { init_offset_grid(x, c->m2f_heads, c->deform_levels, c->deform_points); return; }
+    if (t->rule == INIT_HIGHPASS) { init_highpass(t, key, c->patch_size, x, n); return; }
+    if (t->rule == INIT_CONST) {
+        for (i = 0; i < nn; i++) x[i] = (float)t->a;
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (nn > 65536)
+#endif
+    for (i = 0; i < nn; i++) {
+        double u = init_uniform(key, (uint64_t)i);
+        x[i] = t->rule == INIT_UNIFORM ? (float)(t->a * (2.0 * u - 1.0)) : (float)(t->a + t->b * init_normal_quantile(u));
+    }
+}
+
+/* ---- The config file: a small JSON reader ---- */
+
+enum { JSON_NULL, JSON_FALSE, JSON_TRUE, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT };
+
+typedef struct json_value {
+    int type, is_int; /* is_int: a number written without fraction or exponent */
+    double num;
+    char *str;        /* string value */
+    int n;            /* items of an array or members of an object */
+    struct json_value *items;
+    char **keys;      /* member names of an object */
+} json_value;
+
+typedef struct json_parser {
+    const char *p, *start;
+    int depth;
+    char *err;
+    size_t errsize;
+    const char *path;
+} json_parser;
+
+static void json_free(json_value *v)
+{
+    int i;
+    if (!v) return;
+    for (i = 0; i < v->n; i++) {
+        json_free(&v->items[i]);
+        if (v->keys) free(v->keys[i]);
+    }
+    free(v->items);
+    free(v->keys);
+    free(v->str);
+}
+
+static int json_error(json_parser *j, const char *what)
+{
+    int line = 1, col = 1;
+    const char *q;
+    for (q = j->start; q < j->p; q++) {
+        if (*q == '\n') { line++; col = 1; } else col++;
+    }
+    return fail(j->err, j->errsize, "%s: bad JSON at line %d, column %d: %s", j->path, line, col, what);
+}
+
+static void json_space(json_parser *j)
+{
+    while (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r') j->p++;
+}
+
+/* A string (after its opening quote); escapes decoded, \u above ASCII kept as '?'. */
+static int json_string(json_parser *j, char **out)
+{
+    size_t len = 0, cap = 16;
+    char *s = malloc(cap);
+    if (!s) return fail(j->err, j->errsize, "%s: out of memory", j->path);
+    for (;;) {
+        int ch = (unsigned char)*j->p;
+        if (ch == '"') { j->p++; break; }
+        if (ch == 0 || ch < 0x20) { free(s); return json_error(j, "unterminated string"); }
+        if (ch == '\\') {
+            j->p++;
+            switch (*j->p) {
+            case '"': ch = '"'; break;
+            case '\\': ch = '\\'; break;
+            case '/': ch = '/'; break;
+            case 'b': ch = '\b'; break;
+            case 'f': ch = '\f'; break;
+            case 'n': ch = '\n'; break;
+            case 'r': ch = '\r'; break;
+            case 't': ch = '\t'; break;
+            case 'u': {
+                int k, v = 0;
+                for (k = 1; k <= 4; k++) {
+                    int h = (unsigned char)j->p[k];
+                    if (!isxdigit(h)) { free(s); return json_error(j, "bad \\u escape"); }
+                    v = v * 16 + (isdigit(h) ? h - '0' : (h | 32) - 'a' + 10);
+                }
+                j->p += 4;
+                ch = v < 0x80 ? v : '?';
+                break;
+            }
+            default: free(s); return json_error(j, "bad escape in string");
+            }
+        }
+        j->p++;
+        if (len + 2 > cap) {
+            char *ns = realloc(s, cap *= 2);
+            if (!ns) { free(s); return fail(j->err, j->errsize, "%s: out of memory", j->path); }
+            s = ns;
+        }
+        s[len++] = (char)ch;
+    }
+    s[len] = 0;
+    *out = s;
+    return 0;
+}
+
+static int json_parse_value(json_parser *j, json_value *v);
+
+/* Appends one item (and key) to an array or object. */
+static int json_push(json_parser *j, json_value *v, char *key)
+{
+    json_value *items = realloc(v->items, (size_t)(v->n + 1) * sizeof *items);
+    if (!items) { free(key); return fail(j->err, j->errsize, "%s: out of memory", j->path); }
+    v->items = items;
+    memset(&v->items[v->n], 0, sizeof *items);
+    if (v->type == JSON_OBJECT) {
+        char **keys = realloc(v->keys, (size_t)(v->n + 1) * sizeof *keys);
+        if (!keys) { free(key); return fail(j->err, j->errsize, "%s: out of memory", j->path); }
+        v->keys = keys;
+        v->keys[v->n] = key;
+    }
+    v->n++;
+    return json_parse_value(j, &v->items[v->n - 1]);
+}
+
+static int json_parse_value(json_parser *j, json_value *v)
+{
+    const char *p;
+    json_space(j);
+    p = j->p;
+    if (*p == '{' || *p == '[') {
+        char close = *p == '{' ? '}' : ']';
+        v->type = *p == '{' ? JSON_OBJECT : JSON_ARRAY;
+        if (++j->depth > 64) return json_error(j, "nested too deeply");
+        j->p++;
+        json_space(j);
+        if (*j->p == close) { j->p++; j->depth--; return 0; }
+        for (;;) {
+            char *key = NULL;
+            json_space(j);
+            if (v->type == JSON_OBJECT) {
+                if (*j->p != '"') return json_error(j, "expected a member name in quotes");
+                j->p++;
+                if (json_string(j, &key)) return -1;
+                json_space(j);
+                if (*j->p != ':') { free(key); return json_error(j, "expected ':'"); }
+                j->p++;
+            }
+            if (json_push(j, v, key)) return -1;
+            json_space(j);
+            if (*j->p == ',') { j->p++; continue; }
+            if (*j->p == close) { j->p++; j->depth--; return 0; }
+            return json_error(j, close == '}' ? "expected ',' or '}'" : "expected ',' or ']'");
+        }
+    }
+    if (*p == '"') {
+        j->p++;
+        v->type = JSON_STRING;
+        return json_string(j, &v->str);
+    }
+    if (!strncmp(p, "true", 4)) { v->type = JSON_TRUE; j->p += 4; return 0; }
+    if (!strncmp(p, "false", 5)) { v->type = JSON_FALSE; j->p += 5; return 0; }
+    if (!strncmp(p, "null", 4)) { v->type = JSON_NULL; j->p += 4; return 0; }
+    if (*p == '-' || isdigit((unsigned char)*p)) { /* -?(0|[1-9]d*)(.d+)?([eE][+-]?d+)? */
+        char buf[64];
+        const char *q = p + (*p == '-');
+        v->is_int = 1;
+        if (*q == '0') q++;
+        else if (isdigit((unsigned char)*q)) while (isdigit((unsigned char)*q)) q++;
+        else return json_error(j, "bad number");
+        if (*q == '.') {
+            v->is_int = 0;
+            if (!isdigit((unsigned char)*++q)) return json_error(j, "bad number");
+            while (isdigit((unsigned char)*q)) q++;
+        }
+        if (*q == 'e' || *q == 'E') {
+            v->is_int = 0;
+            q++;
+            if (*q == '+' || *q == '-') q++;
+            if (!isdigit((unsigned char)*q)) return json_error(j, "bad number");
+            while (isdigit((unsigned char)*q)) q++;
+        }
+        if ((size_t)(q - p) >= sizeof buf) return json_error(j, "number too long");
+        memcpy(buf, p, (size_t)(q - p));
+        buf[q - p] = 0;
+        v->type = JSON_NUMBER;
+        v->num = strtod(buf, NULL);
+        j->p = q;
+        return 0;
+    }
+    return json_error(j, *p ? "unexpected character" : "unexpected end of file");
+}
+
+/* Reads and parses a whole JSON file (which must hold one object). */
+static int json_load(const char *path, json_value *root, char *err, size_t errsize)
+{
+    FILE *f = fopen(path, "rb");
+    char *text;
+    size_t n = 0, cap = 1 << 16, got;
+    json_parser j;
+    memset(root, 0, sizeof *root);
+    if (!f) return fail(err, errsize, "%s: cannot read config: %s", path, strerror(errno));
+    if (!(text = malloc(cap))) { fclose(f); return fail(err, errsize, "%s: out of memory", path); }
+    while ((got = fread(text + n, 1, cap - n - 1, f)) > 0) {
+        n += got;
+        if (n + 1 == cap) {
+            char *nt = cap > (1u << 26) ? NULL : realloc(text, cap * 2);
+            if (!nt) { free(text); fclose(f); return fail(err, errsize, "%s: config file too large", path); }
+            text = nt;
+            cap *= 2;
+        }
+    }
+    if (ferror(f)) { free(text); fclose(f); return fail(err, errsize, "%s: cannot read config: read error", path); }
+    fclose(f);
+    text[n] = 0;
+    j.p = j.start = text;
+    j.depth = 0;
+    j.err = err;
+    j.errsize = errsize;
+    j.path = path;
+    if (strlen(text) != n) { free(text); return fail(err, errsize, "%s: bad JSON: the file contains a NUL byte", path); }
+    if (json_parse_value(&j, root)) { free(text); json_free(root); memset(root, 0, sizeof *root); return -1; }
+    json_space(&j);
+    if (*j.p) { json_error(&j, "text after the end of the JSON value"); free(text); json_free(root); return -1; }
+    free(text);
+    if (root->type != JSON_OBJECT) { json_free(root); memset(root, 0, sizeof *root); return fail(err, errsize, "%s: not a JSON object", path); }
+    return 0;
+}
+
+/* Member key of an object (the last one when repeated, as Python's json), or NULL. */
+static const json_value *json_get(const json_value *obj, const char *key)
+{
+    int i;
+    if (!obj || obj->type != JSON_OBJECT) return NULL;
+    for (i = obj->n - 1; i >= 0; i--)
+        if (!strcmp(obj->keys[i], key)) return &obj->items[i];
+    return NULL;
+}
+
+/* ---- The config: tools/convert.py's hparams_from_config in C ---- */
+
+typedef struct init_cfg_reader {
+    const json_value *root;
+    const char *path;
+    char *err;
+    size_t errsize;
+} init_cfg_reader;
+
+static const char *json_type_name(const json_value *v)
+{
+    static const char *const names[] = {"null", "false", "true", "a number", "a string", "an array", "an object"};
+    return names[v->type];
+}
+
+/* A short description of a value for messages: 64.5, "abc", true, an array, ... */
+static const char *json_describe(const json_value *v, char *buf, size_t size)
+{
+    if (v->type == JSON_NUMBER) snprintf(buf, size, "%.17g", v->num);
+    else if (v->type == JSON_STRING) snprintf(buf, size, "\"%.40s\"", v->str);
+    else snprintf(buf, size, "%s", json_type_name(v));
+    return buf;
+}
+
+/* section.key, which must exist (an error naming it otherwise). */
+static const json_value *cfg_value(init_cfg_reader *r, const char *section, const char *key)
+{
+    const json_value *sec = json_get(r->root, section), *v = json_get(sec, key);
+    if (!sec || sec->type != JSON_OBJECT) {
+        fail(r->err, r->errsize, "%s: missing key %s.%s (no \"%s\" object)", r->path, section, key, section);
+        return NULL;
+    }
+    if (!v) fail(r->err, r->errsize, "%s: missing key %s.%s", r->path, section, key);
+    return v;
+}
+
+/* A positive integer (JSON integer literal), as convert.py requires. */
+static int cfg_int(init_cfg_reader *r, const char *section, const char *key, int *out)
+{
+    const json_value *v = cfg_value(r, section, key);
+    char buf[64];
+    if (!v) return -1;
+    if (v->type != JSON_NUMBER || !v->is_int || !(v->num >= 1 && v->num <= 2147483647.0))
+        return fail(r->err, r->errsize, "%s: %s.%s must be a positive integer (got %s)", r->path, section, key,
+                    json_describe(v, buf, sizeof buf));
+    *out = (int)v->num;
+    return 0;
+}
+
+/* A finite number (not a boolean). */
+static int cfg_number(init_cfg_reader *r, const char *section, const char *key, double *out)
+{
+    const json_value *v = cfg_value(r, section, key);
+    char buf[64];
+    if (!v) return -1;
+    if (v->type != JSON_NUMBER || !(v->num >= -DBL_MAX && v->num <= DBL_MAX))
+        return fail(r->err, r->errsize, "%s: %s.%s must be a finite number (got %s)", r->path, section, key,
+                    json_describe(v, buf, sizeof buf));
+    *out = v->num;
+    return 0;
+}
+
+/* A value that must be exactly `true`, `false` or `null` (type JSON_TRUE...). */
+static int cfg_literal(init_cfg_reader *r, const char *section, const char *key, int type, const char *why)
+{
+    const json_value *v = cfg_value(r, section, key);
+    char buf[64];
+    if (!v) return -1;
+    if (v->type != type) return fail(r->err, r->errsize, "%s: %s.%s must be %s (got %s)%s", r->path, section, key,
+                                     type == JSON_TRUE ? "true" : type == JSON_FALSE ? "false" : "null",
+                                     json_describe(v, buf, sizeof buf), why);
+    return 0;
+}
+
+/* A string that must equal want. */
+static int cfg_string(init_cfg_reader *r, const char *section, const char *key, const char *want)
+{
+    const json_value *v = cfg_value(r, section, key);
+    char buf[64];
+    if (!v) return -1;
+    if (v->type != JSON_STRING || strcmp(v->str, want))
+        return fail(r->err, r->errsize, "%s: %s.%s must be \"%s\" (got %s)", r->path, section, key, want,
+                    json_describe(v, buf, sizeof buf));
+    return 0;
+}
+
+/* An optional derived value (pe_derived.mlp_width, ...) must agree with the config. */
+static int cfg_derived(init_cfg_reader *r, const char *section, const char *key, double want)
+{
+    const json_value *v = json_get(json_get(r->root, section), key);
+    char buf[64];
+    if (v && !(v->type == JSON_NUMBER && v->num == want))
+        return fail(r->err, r->errsize, "%s: %s.%s is %s but the config implies %.17g", r->path, section, key,
+                    json_describe(v, buf, sizeof buf), want);
+    return 0;
+}
+
+/* An optional number with a default. */
+static int cfg_optional(init_cfg_reader *r, const char *section, const char *key, double dflt, double *out)
+{
+    const json_value *v = json_get(json_get(r->root, section), key);
+    *out = dflt;
+    if (!v) return 0;
+    if (v->type != JSON_NUMBER || !(v->num >= 0 && v->num < 1e6))
+        return fail(r->err, r->errsize, "%s: %s.%s must be a non-negative number", r->path, section, key);
+    *out = v->num;
+    return 0;
+}
+
+typedef struct init_hparams {
+    const char *names[INIT_N_HPARAMS];
+    double values[INIT_N_HPARAMS];
+    double std, xavier_gain;
+} init_hparams;
+
+/* Reads CONFIG into the header hyperparameters tools/convert.py writes (same names,
+ * order and values) and checks it as convert.py does; one error sentence naming the key. */
+static int init_read_config(const char *path, init_hparams *h, char *err, size_t errsize)
+{
+    json_value root;
+    init_cfg_reader r;
+    int S, P, W, layers, heads, pool_heads, cls_ratio, cls_layers, F, mask_f, hid, enc_ffn, enc_layers, dec_layers;
+    int m2f_heads, dec_ffn, Q, labels, points, k, rc = -1;
+    double mlp_ratio, fl[13];
+    const json_value *v;
+    static const char *const real_keys[13][2] = {
+        {"mask2former", "no_object_weight"}, {"mask2former", "class_weight"}, {"mask2former", "mask_weight"},
+        {"mask2former", "dice_weight"}, {"mask2former", "oversample_ratio"}, {"mask2former", "importance_sample_ratio"},
+        {"loupe", "pixel_forge_weight"}, {"loupe", "pixel_poly_epsilon"}, {"loupe", "tversky_alpha"},
+        {"loupe", "seg_loss_weight"}, {"mask2former", "common_stride"}, {"loupe", "cls_forge_weight"},
+        {"loupe", "patch_forge_weight"}};
+    if (json_load(path, &root, err, errsize)) return -1;
+    r.root = &root;
+    r.path = path;
+    r.err = err;
+    r.errsize = errsize;
+    if (cfg_int(&r, "pe", "image_size", &S) || cfg_int(&r, "pe", "patch_size", &P) || cfg_int(&r, "pe", "width", &W) ||
+        cfg_int(&r, "pe", "layers", &layers) || cfg_int(&r, "pe", "heads", &heads) ||
+        cfg_int(&r, "pe", "attn_pooler_heads", &pool_heads) || cfg_number(&r, "pe", "mlp_ratio", &mlp_ratio) ||
+        cfg_literal(&r, "pe", "output_dim", JSON_NULL, " (Loupe drops PE's projection)") ||
+        cfg_literal(&r, "pe", "ls_init_value", JSON_NULL, " (layer scale is not supported)") ||
+        cfg_literal(&r, "pe", "use_abs_posemb", JSON_TRUE, "") || cfg_literal(&r, "pe", "use_cls_token", JSON_TRUE, "") ||
+        cfg_literal(&r, "pe", "use_rope2d", JSON_TRUE, "") || cfg_string(&r, "pe", "pool_type", "attn") ||
+        cfg_literal(&r, "pe", "use_ln_pre", JSON_TRUE, "") || cfg_literal(&r, "pe", "use_ln_post", JSON_TRUE, "") ||
+        cfg_string(&r, "loupe", "hidden_act", "gelu") || cfg_int(&r, "loupe", "cls_mlp_ratio", &cls_ratio) ||
+        cfg_int(&r, "loupe", "cls_mlp_layers", &cls_layers) ||
+        cfg_literal(&r, "loupe", "enable_patch_cls", JSON_TRUE, "") ||
+        cfg_literal(&r, "loupe", "enable_cls_fusion", JSON_TRUE, "") ||
+        cfg_literal(&r, "loupe", "enable_conditional_queries", JSON_TRUE, "") ||
+        cfg_int(&r, "mask2former", "feature_size", &F) || cfg_int(&r, "mask2former", "mask_feature_size", &mask_f) ||
+        cfg_int(&r, "mask2former", "hidden_dim", &hid) ||
+        cfg_int(&r, "mask2former", "encoder_feedforward_dim", &enc_ffn) ||
+        cfg_string(&r, "mask2former", "activation_function", "relu") ||
+        cfg_int(&r, "mask2former", "encoder_layers", &enc_layers) ||
+        cfg_int(&r, "mask2former", "decoder_layers", &dec_layers) ||
+        cfg_int(&r, "mask2former", "num_attention_heads", &m2f_heads) ||
+        cfg_int(&r, "mask2former", "dim_feedforward", &dec_ffn) ||
+        cfg_literal(&r, "mask2former", "pre_norm", JSON_FALSE, "") ||
+        cfg_literal(&r, "mask2former", "enforce_input_projection", JSON_FALSE, "") ||
+        cfg_int(&r, "mask2former", "num_queries", &Q) || cfg_int(&r, "mask2former", "num_labels", &labels) ||
+        cfg_int(&r, "mask2former", "train_num_points", &points))
+        goto done;
+    for (k = 0; k < 13; k++)
+        if (cfg_number(&r, real_keys[k][0], real_keys[k][1], &fl[k])) goto done;
+    if (!(fl[11] >= 0.0 && fl[11] <= 1.0 && fl[12] >= 0.0 && fl[12] <= 1.0)) {
+        fail(err, errsize, "%s: loupe.cls_forge_weight and loupe.patch_forge_weight must be between 0 and 1", path);
+        goto done;
+    }
+    if (!(v = cfg_value(&r, "mask2former", "feature_strides"))) goto done;
+    if (fl[10] != 4 || v->type != JSON_ARRAY || v->n != 4 || v->items[0].type != JSON_NUMBER ||
+        v->items[0].num != 4 || v->items[1].type != JSON_NUMBER || v->items[1].num != 8 ||
+        v->items[2].type != JSON_NUMBER || v->items[2].num != 16 || v->items[3].type != JSON_NUMBER ||
+        v->items[3].num != 32) {
+        fail(err, errsize, "%s: mask2former.common_stride must be 4 and mask2former.feature_strides [4, 8, 16, 32]", path);
+        goto done;
+    }
+    if (W % (4 * heads)) { fail(err, errsize, "%s: pe.width must be pe.heads x a multiple of 4 (2-D RoPE rotates pairs on two axes)", path); goto done; }
+    if (W % pool_heads) { fail(err, errsize, "%s: pe.width is not divisible by pe.attn_pooler_heads", path); goto done; }
+    if (S % (2 * P)) { fail(err, errsize, "%s: pe.image_size must be an even multiple of pe.patch_size (the FPN has a g/2 level)", path); goto done; }
+    if (F != mask_f || F != hid) { fail(err, errsize, "%s: mask2former.feature_size, mask_feature_size and hidden_dim must be equal", path); goto done; }
+    if (F % m2f_heads) { fail(err, errsize, "%s: mask2former.feature_size is not divisible by mask2former.num_attention_heads", path); goto done; }
+    if (F % 32) { fail(err, errsize, "%s: mask2former.feature_size must be a multiple of 32 (GroupNorm groups)", path); goto done; }
+    if (labels != 1) { fail(err, errsize, "%s: mask2former.num_labels must be 1 (Loupe's single 'forgery' label)", path); goto done; }
+    if (!(mlp_ratio > 0 && (double)W * mlp_ratio < 2147483647.0) || (int)((double)W * mlp_ratio) < 1) {
+        fail(err, errsize, "%s: pe.mlp_ratio must be a positive number", path);
+        goto done;
+    }
+    if (cfg_derived(&r, "pe_derived", "mlp_width", (double)(int)((double)W * mlp_ratio)) ||
+        cfg_derived(&r, "pe_derived", "attn_pool_mlp_width", 4.0 * W) || cfg_derived(&r, "pe_derived", "grid", S / P) ||
+        cfg_derived(&r, "loupe", "cls_head_hidden", (double)W * cls_ratio) ||
+        cfg_optional(&r, "loupe", "initializer_range", INIT_STD, &h->std) ||
+        cfg_optional(&r, "mask2former", "init_xavier_std", INIT_XAVIER_GAIN, &h->xavier_gain))
+        goto done;
+    {
+        /* convert.py's hparams list, in its order */
+        const struct { const char *name; double value; } hp[INIT_N_HPARAMS] = {
+            {"image_size", S}, {"patch_size", P}, {"width", W}, {"layers", layers}, {"heads", heads},
+            {"mlp_width", (int)((double)W * mlp_ratio)}, {"pool_heads", pool_heads}, {"pool_mlp_width", 4.0 * W},
+            {"rope_theta", 10000.0}, {"ln_eps", 1e-5}, {"cls_hidden", (double)W * cls_ratio},
+            {"cls_layers", cls_layers}, {"fpn_ln_eps", 1e-6}, {"feature_size", F}, {"mask_feature_size", mask_f},
+            {"hidden_dim", hid}, {"m2f_heads", m2f_heads}, {"enc_layers", enc_layers}, {"enc_ffn", enc_ffn},
+            {"dec_layers", dec_layers}, {"dec_ffn", dec_ffn}, {"num_queries", Q}, {"num_labels", labels},
+            {"gn_groups", 32}, {"gn_eps", 1e-5}, {"deform_levels", 3}, {"deform_points", 4},
+            {"no_object_weight", fl[0]}, {"class_weight", fl[1]}, {"mask_weight", fl[2]}, {"dice_weight", fl[3]},
+            {"train_num_points", points}, {"oversample_ratio", fl[4]}, {"importance_sample_ratio", fl[5]},
+            {"pixel_forge_weight", fl[6]}, {"pixel_poly_epsilon", fl[7]}, {"tversky_alpha", fl[8]},
+            {"seg_loss_weight", fl[9]}, {"cls_forge_weight", fl[11]}, {"patch_forge_weight", fl[12]},
+        };
+        for (k = 0; k < INIT_N_HPARAMS; k++) {
+            h->names[k] = hp[k].name;
+            h->values[k] = hp[k].value;
+        }
+    }
+    rc = 0;
+done:
+    json_free(&root);
+    return rc;
+}
+
+/* ---- The tensor list: tools/convert.py's required_tensors, each with its rule ---- */
+
+typedef struct init_list {
+    init_tensor *t;
+    int n, cap, failed;
+    double std, xgain;
+} init_list;
+
+static init_tensor *init_add(init_list *l, int rule, double a, double b, int d0, int d1, int d2, int d3,
+                             const char *fmt, ...)
+{
+    init_tensor *t;
+    va_list ap;
+    if (l->failed) return NULL;
+    if (l->n == l->cap) {
+        init_tensor *nt = realloc(l->t, (size_t)(l->cap = l->cap ? 2 * l->cap : 256) * sizeof *nt);
+        if (!nt) { l->failed = 1; return NULL; }
+        l->t = nt;
+    }
+    t = &l->t[l->n++];
+    memset(t, 0, sizeof *t);
+    va_start(ap, fmt);
+    vsnprintf(t->name, sizeof t->name, fmt, ap);
+    va_end(ap);
+    t->dims[0] = d0; t->dims[1] = d1; t->dims[2] = d2; t->dims[3] = d3;
+    t->ndim = d3 ? 4 : d2 ? 3 : d1 ? 2 : 1;
+    t->rule = rule;
+    t->a = a;
+    t->b = b;
+    {   /* convert.py's is_weight_matrix */
+        size_t len = strlen(t->name);
+        static const char *const keep[] = {".conv2.weight", "fuser.fuse.weight", "queries_embedder.weight",
+                                           "queries_features.weight", "level_embed.weight"};
+        int k, ends = len > 7 && !strcmp(t->name + len - 7, ".weight");
+        ends = ends || (len >= 14 && !strcmp(t->name + len - 14, "in_proj_weight"));
+        for (k = 0; k < 5; k++) {
+            size_t kl = strlen(keep[k]);
+            if (len >= kl && !strcmp(t->name + len - kl, keep[k])) ends = 0;
+        }
+        t->matrix = t->ndim >= 2 && ends;
+    }
+    t->from_backbone = !strncmp(t->name, "backbone.", 9);
+    return t;
+}
+
+/* Shorthands. fan_in/fan_out as torch.nn.init._calculate_fan_in_and_fan_out. */
+static double init_xavier_bound(double gain, int d0, int d1, int receptive)
+{
+    double fan_in = (double)d1 * receptive, fan_out = (double)d0 * receptive;
+    return gain * sqrt(2.0 / (fan_in + fan_out)) * sqrt(3.0);
+}
+
+#define INIT_N(std) INIT_NORMAL, 0.0, (std)
+#define INIT_ZERO INIT_CONST, 0.0, 0.0
+#define INIT_ONE INIT_CONST, 1.0, 0.0
+#define INIT_XAVIER(gain, d0, d1, r) INIT_UNIFORM, init_xavier_bound(gain, d0, d1, r), 0.0
+
+static void init_norm(init_list *l, int n, const char *prefix)
+{
+    init_add(l, INIT_ONE, n, 0, 0, 0, "%s.weight", prefix);
+    init_add(l, INIT_ZERO, n, 0, 0, 0, "%s.bias", prefix);
+}
+
+/* nn.Linear [out][in] + bias: weight by (rule, a, b), bias zero. */
+static void init_linear(init_list *l, int rule, double a, double b, int out, int in, const char *prefix)
+{
+    init_add(l, rule, a, b, out, in, 0, 0, "%s.weight", prefix);
+    init_add(l, INIT_ZERO, out, 0, 0, 0, "%s.bias", prefix);
+}
+
+/* nn.MultiheadAttention (or PE's SelfAttention): xavier in_proj, zero biases, out_proj
+ * weight by (rule, a, b). */
+static void init_mha(init_list *l, double in_gain, int rule, double a, double b, int e, const char *prefix)
+{
+    char p[200];
+    init_add(l, INIT_XAVIER(in_gain, 3 * e, e, 1), 3 * e, e, 0, 0, "%s.in_proj_weight", prefix);
+    init_add(l, INIT_ZERO, 3 * e, 0, 0, 0, "%s.in_proj_bias", prefix);
+    snprintf(p, sizeof p, "%s.out_proj", prefix);
+    init_linear(l, rule, a, b, e, e, p);
+}
+
+static void init_cls_head(init_list *l, const char *prefix, int in, int hidden, int layers)
+{
+    int i, width = in;
+    for (i = 0; i < layers; i++) {
+        int out = i == layers - 1 ? 1 : hidden;
+        double bound = 1.0 / sqrt((double)width); /* nn.Linear.reset_parameters: kaiming_uniform(a=sqrt(5)) */
+        init_add(l, INIT_UNIFORM, bound, 0.0, out, width, 0, 0, "%s.layers.%d.weight", prefix, i);
+        init_add(l, INIT_UNIFORM, bound, 0.0, out, 0, 0, 0, "%s.layers.%d.bias", prefix, i);
+        width = hidden;
+    }
+}
+
+static void init_scale_block(init_list *l, const char *prefix, int W, int upsample)
+{
+    char p[200];
+    if (upsample) { /* ConvTranspose2d [in][out][2][2]: fan_in = out x 4 */
+        double bound = 1.0 / sqrt(4.0 * W);
+        init_add(l, INIT_UNIFORM, bound, 0.0, W, W, 2, 2, "%s.conv1.weight", prefix);
+        init_add(l, INIT_UNIFORM, bound, 0.0, W, 0, 0, 0, "%s.conv1.bias", prefix);
+    }
+    init_add(l, INIT_N(l->std), W, 1, 3, 3, "%s.conv2.weight", prefix);
+    snprintf(p, sizeof p, "%s.norm", prefix);
+    init_norm(l, W, p);
+}
+
+/* Every tensor of the weight file in convert.py's order, with its rule (table above). */
+static int init_tensor_list(const loupe_config *c, const init_hparams *h, double highpass, init_list *l)
+{
+    int W = c->width, g = c->grid, F = c->feature_size, i, k;
+    int n_off = c->m2f_heads * c->deform_levels * c->deform_points;
+    double pe_scale = 1.0 / sqrt((double)W), x1 = 1.0, xd = h->xavier_gain;
+    char p[200];
+    static const char *const dec_proj[4] = {"k_proj", "v_proj", "q_proj", "out_proj"};
+    memset(l, 0, sizeof *l);
+    l->std = h->std;
+    l->xgain = xd;
+    /* backbone */
+    init_add(l, INIT_N(pe_scale), W, 0, 0, 0, "backbone.class_embedding");
+    init_add(l, INIT_N(pe_scale), 1 + g * g, W, 0, 0, "backbone.positional_embedding");
+    if (highpass > 0.0) init_add(l, INIT_HIGHPASS, highpass, l->std, W, 3, c->patch_size, c->patch_size, "backbone.conv1.weight");
+    else init_add(l, INIT_N(l->std), W, 3, c->patch_size, c->patch_size, "backbone.conv1.weight");
+    init_norm(l, W, "backbone.ln_pre");
+    init_norm(l, W, "backbone.ln_post");
+    for (i = 0; i < c->layers; i++) {
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.attn", i);
+        init_mha(l, x1, INIT_N(l->std), W, p);
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.ln_1", i); init_norm(l, W, p);
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.ln_2", i); init_norm(l, W, p);
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.mlp.c_fc", i);
+        init_linear(l, INIT_N(l->std), c->mlp_width, W, p);
+        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.mlp.c_proj", i);
+        init_linear(l, INIT_N(l->std), W, c->mlp_width, p);
+    }
+    init_add(l, INIT_N(1.0), 1, 1, W, 0, "backbone.attn_pool.probe");
+    init_mha(l, x1, INIT_N(l->std), W, "backbone.attn_pool.attn");
+    init_norm(l, W, "backbone.attn_pool.layernorm");
+    init_linear(l, INIT_N(l->std), c->pool_mlp_width, W, "backbone.attn_pool.mlp.c_fc");
+    init_linear(l, INIT_N(l->std), W, c->pool_mlp_width, "backbone.attn_pool.mlp.c_proj");
+    /* classifier */
+    init_cls_head(l, "classifier.classifier", W, c->cls_hidden, c->cls_layers);
+    init_cls_head(l, "classifier.patch_classifier", W, c->cls_hidden, c->cls_layers);
+    init_add(l, INIT_CONST, 1.0 / (1 + g * g), 0.0, 1, 1 + g * g, 0, 0, "classifier.fuser.fuse.weight");
+    /* segmentor: feature pyramid 4x (two steps), 2x, 0.5x */
+    init_scale_block(l, "segmentor.fpn.scale_layers.0.0", W, 1);
+    init_scale_block(l, "segmentor.fpn.scale_layers.0.1", W, 1);
+    init_scale_block(l, "segmentor.fpn.scale_layers.1.0", W, 1);
+    init_scale_block(l, "segmentor.fpn.scale_layers.3.0", W, 0);
+    for (i = 0; i < 2; i++) init_add(l, INIT_N(l->std), F, 0, 0, 0, "segmentor.label_embedding.%d", i);
+    /* pixel decoder: every tensor of >= 2 dimensions xavier(1) */
+    init_add(l, INIT_ZERO, c->deform_levels, F, 0, 0, "segmentor.pixel_decoder.level_embed");
+    for (i = 0; i < c->deform_levels; i++) {
+        init_add(l, INIT_XAVIER(x1, F, W, 1), F, W, 1, 1, "segmentor.pixel_decoder.input_projections.%d.0.weight", i);
+        init_add(l, INIT_ZERO, F, 0, 0, 0, "segmentor.pixel_decoder.input_projections.%d.0.bias", i);
+        snprintf(p, sizeof p, "segmentor.pixel_decoder.input_projections.%d.1", i);
+        init_norm(l, F, p);
+    }
+    for (i = 0; i < c->enc_layers; i++) {
+#define ENC(s) (snprintf(p, sizeof p, "segmentor.pixel_decoder.encoder.layers.%d.%s", i, s), p)
+        init_add(l, INIT_XAVIER(x1, 2 * n_off, F, 1), 2 * n_off, F, 0, 0, "%s.weight", ENC("self_attn.sampling_offsets"));
+        init_add(l, INIT_GRID, 0.0, 0.0, 2 * n_off, 0, 0, 0, "%s.bias", p);
+        init_linear(l, INIT_XAVIER(x1, n_off, F, 1), n_off, F, ENC("self_attn.attention_weights"));
+        init_linear(l, INIT_XAVIER(x1, F, F, 1), F, F, ENC("self_attn.value_proj"));
+        init_linear(l, INIT_XAVIER(x1, F, F, 1), F, F, ENC("self_attn.output_proj"));
+        init_norm(l, F, ENC("self_attn_layer_norm"));
+        init_linear(l, INIT_XAVIER(x1, c->enc_ffn, F, 1), c->enc_ffn, F, ENC("fc1"));
+        init_linear(l, INIT_XAVIER(x1, F, c->enc_ffn, 1), F, c->enc_ffn, ENC("fc2"));
+        init_norm(l, F, ENC("final_layer_norm"));
+        init_mha(l, x1, INIT_XAVIER(x1, F, F, 1), F, ENC("cross_attn"));
+        init_norm(l, F, ENC("cross_attn_layer_norm"));
+#undef ENC
+    }
+    init_add(l, INIT_XAVIER(x1, F, F, 1), F, F, 1, 1, "segmentor.pixel_decoder.mask_projection.weight");
+    init_add(l, INIT_ZERO, F, 0, 0, 0, "segmentor.pixel_decoder.mask_projection.bias");
+    init_add(l, INIT_XAVIER(x1, F, W, 1), F, W, 1, 1, "segmentor.pixel_decoder.adapter_1.0.weight");
+    init_norm(l, F, "segmentor.pixel_decoder.adapter_1.1");
+    init_add(l, INIT_XAVIER(x1, F, F, 9), F, F, 3, 3, "segmentor.pixel_decoder.layer_1.0.weight");
+    init_norm(l, F, "segmentor.pixel_decoder.layer_1.1");
+    /* transformer decoder */
+    init_add(l, INIT_N(l->std), c->num_queries, F, 0, 0, "segmentor.mask2former_decoder.queries_embedder.weight");
+    init_add(l, INIT_N(l->std), c->num_queries, F, 0, 0, "segmentor.mask2former_decoder.queries_features.weight");
+    for (i = 0; i < c->dec_layers - 1; i++) {
+#define DEC(s) (snprintf(p, sizeof p, "segmentor.mask2former_decoder.decoder.layers.%d.%s", i, s), p)
+        for (k = 0; k < 4; k++) {
+            char s[40];
+            snprintf(s, sizeof s, "self_attn.%s", dec_proj[k]);
+            init_linear(l, INIT_XAVIER(xd, F, F, 1), F, F, DEC(s));
+        }
+        init_norm(l, F, DEC("self_attn_layer_norm"));
+        init_mha(l, xd, INIT_XAVIER(xd, F, F, 1), F, DEC("cross_attn"));
+        init_norm(l, F, DEC("cross_attn_layer_norm"));
+        init_linear(l, INIT_XAVIER(xd, c->dec_ffn, F, 1), c->dec_ffn, F, DEC("fc1"));
+        init_linear(l, INIT_XAVIER(xd, F, c->dec_ffn, 1), F, c->dec_ffn, DEC("fc2"));
+        init_norm(l, F, DEC("final_layer_norm"));
+#undef DEC
+    }
+    init_norm(l, F, "segmentor.mask2former_decoder.decoder.layernorm");
+    for (i = 0; i < 3; i++) {
+        snprintf(p, sizeof p, "segmentor.mask2former_decoder.decoder.mask_predictor.mask_embedder.%d.0", i);
+        init_linear(l, INIT_N(l->std), F, F, p);
+    }
+    init_add(l, INIT_N(l->std), c->deform_levels, F, 0, 0, "segmentor.mask2former_decoder.level_embed.weight");
+    init_linear(l, INIT_N(l->std), c->num_labels + 1, F, "segmentor.class_predictor");
+    return l->failed ? -1 : 0;
+}
+
+/* ---- Writing the file ---- */
+
+static uint32_t init_float_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static void put_u16(unsigned char *p, uint32_t v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); }
+static void put_u32(unsigned char *p, uint32_t v) { put_u16(p, v & 0xFFFF); put_u16(p + 2, v >> 16); }
+static void put_u64(unsigned char *p, uint64_t v) { put_u32(p, (uint32_t)v); put_u32(p + 4, (uint32_t)(v >> 32)); }
+static uint64_t init_align(uint64_t n) { return (n + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN; }
+
+/* Encodes n float32 values of a [rows][cols] tensor as dtype into out (little-endian;
+ * Q8 and BF16 exactly as tools/convert.py rounds them); returns the byte count. */
+static size_t init_encode(const float *x, size_t rows, size_t cols, int dtype, unsigned char *out)
+{
+    size_t n = rows * cols, i, r, c;
+    if (dtype == DTYPE_BF16) {
+        for (i = 0; i < n; i++) {
+            uint32_t u = init_float_bits(x[i]);
+            put_u16(out + 2 * i, (u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+        }
+        return 2 * n;
+    }
+    if (dtype == DTYPE_Q8) {
+        size_t cols32 = (size_t)q8_padded(cols), nb = cols32 / Q8_BLOCK;
+        unsigned char *sc = out + rows * cols32;
+        for (r = 0; r < rows; r++)
+            for (c = 0; c < nb; c++) {
+                const float *w = x + r * cols + c * Q8_BLOCK;
+                size_t k, m = cols - c * Q8_BLOCK < Q8_BLOCK ? cols - c * Q8_BLOCK : Q8_BLOCK;
+                float amax = 0.0f, scale;
+                double div;
+                for (k = 0; k < m; k++) amax = fabsf(w[k]) > amax ? fabsf(w[k]) : amax;
+                scale = (float)((double)amax / 127.0);
+                div = scale != 0.0f ? (double)scale : 1.0;
+                for (k = 0; k < Q8_BLOCK; k++)
+                    out[r * cols32 + c * Q8_BLOCK + k] = (unsigned char)(int8_t)(k < m ? (int)nearbyint((double)w[k] / div) : 0);
+                put_u32(sc + 4 * (r * nb + c), init_float_bits(scale));
+            }
+        return (size_t)tensor_bytes(DTYPE_Q8, rows, cols);
+    }
+    for (i = 0; i < n; i++) put_u32(out + 4 * i, init_float_bits(x[i]));
+    return 4 * n;
+}
+
+/* The entry called name in a parsed weight file, or NULL. */
+static const tensor_entry *init_find_entry(const loupe_model *m, const char *name)
+{
+    int i;
+    size_t len = strlen(name);
+    for (i = 0; i < m->n_entries; i++)
+        if ((size_t)m->entries[i].name_len == len && !memcmp(m->entries[i].name, name, len)) return &m->entries[i];
+    return NULL;
+}
+
+int loupe_init_weights(const char *config_path, const char *out_path, unsigned long long seed, const char *dtype,
+                       const char *backbone_path, char *err, size_t errsize)
+{
+    loupe_init_options o;
+    memset(&o, 0, sizeof o);
+    o.seed = seed;
+    o.dtype = dtype;
+    o.backbone_path = backbone_path;
+    return loupe_init_weights_with(config_path, out_path, &o, err, errsize);
+}
+
+int loupe_init_weights_with(const char *config_path, const char *out_path, const loupe_init_options *opt, char *err,
+                            size_t errsize)
+{
+    unsigned long long seed;
+    const char *dtype, *backbone_path;
+    init_hparams h;
+    init_list l;
+    loupe_model cm, *bm = NULL;
+    unsigned char *meta = NULL, *bytes = NULL;
+    const tensor_entry **src = NULL;
+    uint64_t *offsets = NULL, index_bytes = 0, data_offset, pos, file_size;
+    size_t most = 1, most_bytes = TENSOR_ALIGN, meta_len;
+    uint64_t nbytes;
+    float *x = NULL;
+    char tmp[1024];
+    FILE *f = NULL;
+    int matrix_dtype = DTYPE_F32, version = WEIGHTS_VERSION_F32_ONLY, i, k, rc = -1, ok = 1;
+
+    memset(&l, 0, sizeof l);
+    if (!config_path || !out_path || !opt)
+        return fail(err, errsize, "loupe_init_weights needs a config, an output path and options");
+    if (!(opt->highpass >= 0.0 && opt->highpass <= 1.0))
+        return fail(err, errsize, "the high-pass share of the patch embedding must be from 0 to 1 (got %g)", opt->highpass);
+    seed = opt->seed;
+    dtype = opt->dtype;
+    backbone_path = opt->backbone_path;
+    if (dtype && !strcmp(dtype, "bf16")) matrix_dtype = DTYPE_BF16;
+    else if (dtype && !strcmp(dtype, "q8")) matrix_dtype = DTYPE_Q8;
+    else if (dtype && strcmp(dtype, "f32")) return fail(err, errsize, "unknown dtype %s (f32, bf16 or q8)", dtype);
+    if (strlen(out_path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", out_path);
+    if (init_read_config(config_path, &h, err, errsize)) return -1;
+
+    /* The header's hyperparameters, checked by the loader's own rules (weights_config). */
+    meta_len = WEIGHTS_HEADER_BYTES + (size_t)INIT_N_HPARAMS * HPARAM_RECORD_BYTES;
+    if (!(meta = calloc(1, meta_len))) return fail(err, errsize, "out of memory");
+    memcpy(meta, WEIGHTS_MAGIC, WEIGHTS_MAGIC_LEN);
+    put_u32(meta + 12, INIT_N_HPARAMS);
+    for (k = 0; k < INIT_N_HPARAMS; k++) {
+        unsigned char *r = meta + WEIGHTS_HEADER_BYTES + (size_t)k * HPARAM_RECORD_BYTES;
+        uint64_t u;
+        memcpy(r, h.names[k], strlen(h.names[k]));
+        memcpy(&u, &h.values[k], sizeof u);
+        put_u64(r + HPARAM_NAME_BYTES, u);
+    }
+    memset(&cm, 0, sizeof cm);
+    cm.data = meta;
+    cm.size = meta_len;
+    snprintf(cm.path, sizeof cm.path, "%s", config_path);
+    if (weights_config(&cm, err, errsize)) goto done;
+    if (init_tensor_list(&cm.cfg, &h, opt->highpass, &l)) { fail(err, errsize, "out of memory"); goto done; }
+
+    /* The backbone's source tensors, shapes checked before anything is written. */
+    if (!(src = calloc((size_t)l.n, sizeof *src)) || !(offsets = calloc((size_t)l.n, sizeof *offsets))) {
+        fail(err, errsize, "out of memory");
+        goto done;
+    }
+    if (backbone_path) {
+        if (!host_is_little_endian()) { fail(err, errsize, "%s: big-endian hosts are not supported", backbone_path); goto done; }
+        if (!(bm = calloc(1, sizeof *bm))) { fail(err, errsize, "out of memory"); goto done; }
+        snprintf(bm->path, sizeof bm->path, "%s", backbone_path);
+        if (weights_map_file(bm, backbone_path, err, errsize) || weights_parse(bm, err, errsize)) goto done;
+        for (i = 0; i < l.n; i++) {
+            const init_tensor *t = &l.t[i];
+            const tensor_entry *e;
+            int same;
+            if (!t->from_backbone) continue;
+            if (!(e = init_find_entry(bm, t->name))) {
+                fail(err, errsize, "%s: tensor %s is missing (the backbone must match the config)", backbone_path, t->name);
+                goto done;
+            }
+            same = e->ndim == t->ndim;
+            for (k = 0; same && k < t->ndim; k++) same = e->dims[k] == (uint32_t)t->dims[k];
+            if (!same) {
+                fail(err, errsize, "%s: tensor %s has another shape than the config implies", backbone_path, t->name);
+                goto done;
+            }
+            src[i] = e;
+        }
+    }
+
+    /* Layout: header, hyperparameters, index, then each tensor 64-byte aligned (as convert.py). */
+    for (i = 0; i < l.n; i++) index_bytes += 4 + strlen(l.t[i].name) + 4u * (unsigned)l.t[i].ndim + 16;
+    data_offset = init_align(meta_len + index_bytes);
+    pos = data_offset;
+    for (i = 0; i < l.n; i++) {
+        init_tensor *t = &l.t[i];
+        size_t numel = 1;
+        for (k = 0; k < t->ndim; k++) numel *= (size_t)t->dims[k];
+        if (t->matrix && matrix_dtype != DTYPE_F32) version = WEIGHTS_VERSION;
+        offsets[i] = init_align(pos);
+        nbytes = tensor_bytes(t->matrix ? matrix_dtype : DTYPE_F32, (uint64_t)t->dims[0], numel / (size_t)t->dims[0]);
+        pos = offsets[i] + nbytes;
+        most = numel > most ? numel : most;
+        most_bytes = nbytes > most_bytes ? (size_t)nbytes : most_bytes;
+    }
+    file_size = pos;
+    {
+        unsigned char *nm = realloc(meta, (size_t)data_offset);
+        if (!nm) { fail(err, errsize, "out of memory"); goto done; }
+        meta = nm;
+        memset(meta + meta_len, 0, (size_t)(data_offset - meta_len));
+    }
+    put_u32(meta + 8, (uint32_t)version);
+    put_u32(meta + 16, (uint32_t)l.n);
+    put_u64(meta + 24, data_offset);
+    put_u64(meta + 32, file_size);
+    pos = meta_len;
+    for (i = 0; i < l.n; i++) {
+        const init_tensor *t = &l.t[i];
+        size_t len = strlen(t->name), numel = 1;
+        for (k = 0; k < t->ndim; k++) numel *= (size_t)t->dims[k];
+        put_u16(meta + pos, (uint32_t)len);
+        meta[pos + 2] = (unsigned char)(t->matrix ? matrix_dtype : DTYPE_F32);
+        meta[pos + 3] = (unsigned char)t->ndim;
+        memcpy(meta + pos + 4, t->name, len);
+        pos += 4 + len;
+        for (k = 0; k < t->ndim; k++, pos += 4) put_u32(meta + pos, (uint32_t)t->dims[k]);
+        put_u64(meta + pos, offsets[i]);
+        put_u64(meta + pos + 8, tensor_bytes(t->matrix ? matrix_dtype : DTYPE_F32, (uint64_t)t->dims[0], numel / (size_t)t->dims[0]));
+        pos += 16;
+    }
+
+    /* Data, written front to back into a temporary file renamed when complete. */
+    x = malloc(most * sizeof *x);
+    bytes = malloc(most_bytes);
+    if (!x || !bytes) { fail(err, errsize, "out of memory (the largest tensor has %llu values)", (unsigned long long)most); goto done; }
+    snprintf(tmp, sizeof tmp, "%s.tmp", out_path);
+    if (!(f = fopen(tmp, "wb"))) { fail(err, errsize, "%s: cannot create: %s", tmp, strerror(errno)); goto done; }
+    ok = fwrite(meta, 1, (size_t)data_offset, f) == (size_t)data_offset;
+    pos = data_offset;
+    for (i = 0; ok && i < l.n; i++) {
+        const init_tensor *t = &l.t[i];
+        size_t numel = 1, rows = (size_t)t->dims[0], n;
+        for (k = 0; k < t->ndim; k++) numel *= (size_t)t->dims[k];
+        memset(bytes, 0, TENSOR_ALIGN);
+        if (offsets[i] > pos) ok = fwrite(bytes, 1, (size_t)(offsets[i] - pos), f) == (size_t)(offsets[i] - pos);
+        if (src[i]) {
+            wmat w = entry_matrix(bm, src[i]);
+            size_t r, cols = numel / rows;
+            for (r = 0; r < rows; r++) wmat_to_float(w, r, 1, 0, (int)cols, x + r * cols, cols);
+        } else {
+            init_fill(t, (uint64_t)seed, &cm.cfg, x, numel);
+        }
+        n = init_encode(x, rows, numel / rows, t->matrix ? matrix_dtype : DTYPE_F32, bytes);
+        ok = ok && fwrite(bytes, 1, n, f) == n;
+        pos = offsets[i] + n;
+    }
+    if (fclose(f) != 0) ok = 0;
+    f = NULL;
+    if (!ok || pos != file_size) {
+        remove(tmp);
+        fail(err, errsize, "%s: cannot write the weight file (disk full?)", tmp);
+        goto done;
+    }
+    if (replace_file(tmp, out_path) != 0) {
+        fail(err, errsize, "%s: cannot rename %s to it: %s", out_path, tmp, strerror(errno));
+        remove(tmp);
+        goto done;
+    }
+    rc = 0;
+done:
+    if (f) { fclose(f); remove(tmp); }
+    free(x);
+    free(bytes);
+    free(meta);
+    free(src);
+    free(offsets);
+    free(l.t);
+    loupe_model_free(bm);
+    return rc;
+}
+
+/* ========================================================================== */
+/* 10. Image I/O                                                              */
 /* ========================================================================== */
 /* Decoders with the semantics of PIL 9.4's Image.open(path).convert("RGB") (PNG with
  * its own inflate, JPEG bit-exact with libjpeg-turbo's default decode, binary
@@ -4978,7524 +12498,7 @@ int loupe_image_load(const char *path, size_t max_pixels, loupe_image *out,
 }
 
 /* ========================================================================== */
-/* 3. Weights: the flat weight file                                           */
-/* ========================================================================== */
-/* Layout (little-endian; tools/convert.py writes it, README "Weight file format"):
- *   64-byte header: magic "LOUPEWTS", u32 version, u32 n_hparams, u32 n_tensors,
- *                   u32 reserved, u64 data_offset, u64 file_size, 24 reserved bytes
- *   n_hparams x 48 bytes: char name[40] (NUL-padded), f64 value
- *   n_tensors index records: u16 name_len, u8 dtype, u8 ndim, name, u32 dims[ndim],
- *                            u64 offset, u64 nbytes
- *   tensor data, each tensor 64-byte aligned.
- * Version 1 files hold F32 tensors only. Version 2 adds two storages for weight
- * matrices (a tensor of shape [d0][d1]...[dn] is the matrix of rows = d0 and
- * cols = d1 x ... x dn values, row-major):
- *   BF16  rows x cols bfloat16 values (the upper 16 bits of the float32, rounded
- *         to nearest even), 2 bytes each;
- *   Q8    rows x cols8 int8 values, where cols8 is cols rounded up to a multiple of
- *         Q8_BLOCK (zero padding), followed by rows x cols8 / Q8_BLOCK float32
- *         scales: value (r, c) = q[r][c] * scale[r][c / Q8_BLOCK]. Each block of
- *         Q8_BLOCK consecutive values of a row is quantised symmetrically, scale =
- *         max|w| / 127, q = round-to-nearest-even(w / scale).
- * Everything else (norms, biases, embeddings, the depthwise kernels and the fuser)
- * stays F32: bind refuses it in any other dtype. The converter writes
- * version 1 when every tensor is F32, so older readers still load such files. */
-
-#define WEIGHTS_MAGIC "LOUPEWTS"
-#define WEIGHTS_MAGIC_LEN 8
-#define WEIGHTS_VERSION 2
-#define WEIGHTS_VERSION_F32_ONLY 1
-/* Values per Q8 scale: small enough that one outlier spoils few values, large
- * enough that the scales add only 4 / 32 bytes per value (README "Smaller weight
- * files" has the measured choice); a multiple of the 8 values the packing converts
- * at once (gemm_load8_float). */
-#define Q8_BLOCK 32
-#define WEIGHTS_HEADER_BYTES 64
-#define HPARAM_RECORD_BYTES 48
-#define HPARAM_NAME_BYTES 40
-#define TENSOR_ALIGN 64
-#define MAX_TENSOR_DIMS 4
-#define MAX_HPARAMS 4096
-#define MAX_TENSORS 100000
-#define MAX_NAME_LEN 1024
-
-enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_Q8 = 2, DTYPE_COUNT };
-static const char *const dtype_names[DTYPE_COUNT] = {"F32", "BF16", "Q8"};
-static const unsigned dtype_sizes[DTYPE_COUNT] = {4, 2, 1};
-
-#define LOUPE_PI 3.14159265358979323846
-#define LOUPE_SQRT1_2 0.70710678118654752440
-#define LOUPE_INV_SQRT_2PI 0.39894228040143267794
-
-/* Limits that keep every size computation far from overflow. */
-#define MAX_IMAGE_SIZE 4096
-#define MAX_WIDTH 16384
-#define MAX_LAYERS 1024
-#define MAX_QUERIES 4096
-#define MAX_CLS_LAYERS 8
-#define SEG_SIZE 384 /* upstream post-processing resizes mask logits to 384x384 */
-
-/* Where a model's bytes live, which decides how they are released. */
-enum { WEIGHTS_MAPPED, WEIGHTS_READ, WEIGHTS_BORROWED };
-
-typedef struct tensor_entry {
-    const char *name; /* points into the mapped index, not NUL-terminated */
-    int name_len, dtype, ndim;
-    uint32_t dims[MAX_TENSOR_DIMS];
-    uint64_t offset, nbytes;
-} tensor_entry;
-
-/* A weight matrix [rows][cols] as the file stores it (F32, BF16 or Q8, layout above).
- * gemm_nt_w reads it directly, converting one packed block at a time. */
-typedef struct wmat {
-    const void *data;    /* row 0: float, bfloat16 bits (uint16_t) or int8 values */
-    const float *scale;  /* Q8: the scales of row 0 (ld / Q8_BLOCK per row); else NULL */
-    size_t ld;           /* values from one row to the next (Q8: cols padded to blocks) */
-    int dtype;
-} wmat;
-
-/* nn.Linear (weight [out][in], bias [out] or NULL) and norm (weight, bias) views. */
-typedef struct linear_w { wmat w; const float *b; } linear_w;
-typedef struct norm_w { const float *w, *b; } norm_w;
-
-/* backbone.transformer.resblocks[i] */
-typedef struct pe_block_w { norm_w ln_1, ln_2; linear_w qkv, out, fc, proj; } pe_block_w;
-/* backbone.attn_pool */
-typedef struct pe_pool_w { const float *probe; linear_w qkv, out; norm_w ln; linear_w fc, proj; } pe_pool_w;
-/* classifier.{classifier,patch_classifier} */
-typedef struct cls_head_w { linear_w layers[MAX_CLS_LAYERS]; } cls_head_w;
-/* segmentor.fpn.scale_layers[i][j]: conv1 (ConvTranspose2d), its weight read in place
- * as a matrix [Cin][Cout*4], is absent (data NULL) for the max-pool block; dw holds
- * conv2 repacked [9][C]. */
-typedef struct scale_block_w { linear_w conv1; const float *dw; norm_w norm; } scale_block_w;
-/* segmentor.pixel_decoder.encoder.layers[i] */
-typedef struct enc_layer_w {
-    linear_w offsets, attn_weights, value, output;
-    norm_w ln_self;
-    linear_w cross_qkv, cross_out;
-    norm_w ln_cross;
-    linear_w fc1, fc2;
-    norm_w ln_final;
-} enc_layer_w;
-/* segmentor.mask2former_decoder.decoder.layers[i] */
-typedef struct dec_layer_w {
-    linear_w q, k, v, o;
-    norm_w ln_self;
-    linear_w cross_qkv, cross_out;
-    norm_w ln_cross;
-    linear_w fc1, fc2;
-    norm_w ln_final;
-} dec_layer_w;
-
-/* Everything the forward pass reads: views into the weight file plus a few
- * read-only tables derived once at load time. */
-typedef struct loupe_weights {
-    /* backbone */
-    const float *class_embedding, *positional_embedding;
-    wmat conv1;          /* patch embedding [W][3*P*P] */
-    norm_w ln_pre, ln_post;
-    pe_block_w *blocks;
-    pe_pool_w pool;
-    /* classifier */
-    cls_head_w global_head, patch_head;
-    const float *fuser;
-    /* segmentor */
-    scale_block_w fpn4[2], fpn2, fpn_half;
-    const float *label_embedding[2];
-    const float *level_embed;
-    linear_w input_proj[3];
-    norm_w input_gn[3];
-    enc_layer_w *enc;
-    linear_w mask_projection, adapter_1;
-    norm_w adapter_gn, layer_1_gn;
-    const float *layer_1; /* 3x3 conv repacked tap-major [9][F][F] */
-    const float *query_embed, *query_feat, *dec_level_embed;
-    dec_layer_w *dec;
-    norm_w dec_ln;
-    linear_w mask_embed[3], class_predictor;
-} loupe_weights;
-
-/* Tables that depend only on the configuration and the weights. */
-typedef struct loupe_tables {
-    float *rope_cos, *rope_sin;  /* [1+g*g][head_dim] PE RoPE-2D angles */
-    float *enc_pos;              /* [T][F] pixel-decoder sine position + level embedding */
-    float *dec_pos;              /* [T][D] decoder sine position embedding per level */
-    float *ref_points;           /* [T][2] deformable-attention reference points (x, y) */
-    int level_h[3], level_w[3], level_start[3], tokens;  /* levels g/2, g, 2g */
-} loupe_tables;
-
-struct loupe_model {
-    loupe_config cfg;
-    unsigned char *data; /* the whole file: mapped, read, or borrowed from the caller */
-    size_t size;
-    int storage;         /* WEIGHTS_MAPPED, WEIGHTS_READ or WEIGHTS_BORROWED */
-    tensor_entry *entries;
-    int n_entries;
-    loupe_weights w;
-    loupe_tables t;
-    void *derived_raw; /* one block for repacked weights and tables */
-    char path[512];
-};
-
-/* Lets the system drop the mapped file's pages from memory (they are read again from
- * the file if used): a trainer that copied the tensors it trains calls it, so the model
- * is not held twice. A no-op where the weights were read or borrowed. */
-static void weights_release_pages(const loupe_model *m)
-{
-#if LOUPE_POSIX && defined(MADV_DONTNEED)
-    if (m->storage == WEIGHTS_MAPPED) madvise(m->data, m->size, MADV_DONTNEED);
-#else
-    (void)m;
-#endif
-}
-
-/* Little-endian readers for the header and index. */
-static uint16_t rd_u16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
-static uint32_t rd_u32(const unsigned char *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-static uint64_t rd_u64(const unsigned char *p) { return rd_u32(p) | (uint64_t)rd_u32(p + 4) << 32; }
-static double rd_f64(const unsigned char *p)
-{
-    uint64_t u = rd_u64(p);
-    double d;
-    memcpy(&d, &u, sizeof d);
-    return d;
-}
-
-/* True when the host stores numbers little-endian, as the weight file does. */
-static int host_is_little_endian(void)
-{
-    const uint32_t one = 1;
-    unsigned char b;
-    memcpy(&b, &one, 1);
-    return b == 1;
-}
-
-/* -DLOUPE_MAP_POPULATE=1 fills the mapping at once: with MAP_POPULATE (Linux) mmap
- * reads the file (if not cached) and maps all its pages in one call instead of on
- * first touch during the forward (about 21000 faults for the full-size model with the
- * kernel's 64 KiB fault-around); elsewhere madvise MADV_WILLNEED starts reading ahead.
- * Off by default: the pages mapped by MAP_POPULATE are counted as faults too, so
- * `loupe -v` cannot tell the two apart, and the saving (the exception per fault) is
- * for a quiet machine's timing to show. */
-#ifndef LOUPE_MAP_POPULATE
-#define LOUPE_MAP_POPULATE 0
-#endif
-#if LOUPE_MAP_POPULATE && defined(MAP_POPULATE)
-#define WEIGHTS_MAP_FLAGS MAP_POPULATE
-#else
-#define WEIGHTS_MAP_FLAGS 0
-#endif
-
-/* Maps (or reads) the whole file into memory. */
-static int weights_map_file(loupe_model *m, const char *path, char *err, size_t errsize)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) return fail(err, errsize, "%s: cannot open weight file: %s", path, strerror(errno));
-#if LOUPE_POSIX
-    {
-        struct stat st;
-        if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
-            fclose(f);
-            return fail(err, errsize, "%s: not a regular file", path);
-        }
-        if ((uint64_t)st.st_size > (uint64_t)SIZE_MAX) {
-            fclose(f);
-            return fail(err, errsize, "%s: file too large for this machine", path);
-        }
-        m->size = (size_t)st.st_size;
-        if (m->size >= WEIGHTS_HEADER_BYTES) {
-            void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE | WEIGHTS_MAP_FLAGS, fileno(f), 0);
-            if (p != MAP_FAILED) {
-                m->data = p;
-                m->storage = WEIGHTS_MAPPED;
-#if LOUPE_MAP_POPULATE && !defined(MAP_POPULATE) && defined(MADV_WILLNEED)
-                madvise(p, m->size, MADV_WILLNEED); /* a hint: failure is harmless */
-#endif
-                fclose(f);
-                return 0;
-            }
-        }
-    }
-#elif defined(_WIN32)
-    {
-        /* Windows: a read-only view of the whole file (the view keeps the mapping alive) */
-        HANDLE file = (HANDLE)_get_osfhandle(_fileno(f)), map;
-        LARGE_INTEGER size;
-        if (GetFileSizeEx(file, &size) && (uint64_t)size.QuadPart <= (uint64_t)SIZE_MAX &&
-            (size_t)size.QuadPart >= WEIGHTS_HEADER_BYTES &&
-            (map = CreateFileMappingA(file, NULL, PAGE_READONLY, 0, 0, NULL)) != NULL) {
-            void *p = MapViewOfFile(map, FILE_MAP_READ, 0, 0, 0);
-            CloseHandle(map);
-            if (p) {
-                m->data = p;
-                m->size = (size_t)size.QuadPart;
-                m->storage = WEIGHTS_MAPPED;
-                fclose(f);
-                return 0;
-            }
-        }
-    }
-#endif
-    {
-        /* Portable fallback: read the file once into memory, in chunks. */
-        size_t cap = 1 << 20, n = 0, got;
-        unsigned char *buf = malloc(cap);
-        if (!buf) { fclose(f); return fail(err, errsize, "%s: out of memory", path); }
-        while ((got = fread(buf + n, 1, cap - n, f)) > 0) {
-            n += got;
-            if (n == cap) {
-                unsigned char *nb = cap > SIZE_MAX / 2 ? NULL : realloc(buf, cap * 2);
-                if (!nb) { free(buf); fclose(f); return fail(err, errsize, "%s: out of memory", path); }
-                buf = nb;
-                cap *= 2;
-            }
-        }
-        if (ferror(f)) { free(buf); fclose(f); return fail(err, errsize, "%s: read error", path); }
-        fclose(f);
-        m->data = buf;
-        m->size = n;
-        m->storage = WEIGHTS_READ;
-    }
-    return 0;
-}
-
-/* Looks up a hyperparameter by name; *found tells whether it exists. */
-static double header_hparam(const unsigned char *hp, uint32_t n, const char *name, int *found)
-{
-    uint32_t i;
-    for (i = 0; i < n; i++) {
-        const unsigned char *r = hp + (size_t)i * HPARAM_RECORD_BYTES;
-        if (strncmp((const char *)r, name, HPARAM_NAME_BYTES) == 0) {
-            *found = 1;
-            return rd_f64(r + HPARAM_NAME_BYTES);
-        }
-    }
-    *found = 0;
-    return 0.0;
-}
-
-/* Cols of a Q8 row rounded up to whole blocks. */
-static uint64_t q8_padded(uint64_t cols) { return (cols + Q8_BLOCK - 1) / Q8_BLOCK * Q8_BLOCK; }
-
-/* Bytes of a tensor of rows x cols values stored as dtype (layout at the top). */
-static uint64_t tensor_bytes(int dtype, uint64_t rows, uint64_t cols)
-{
-    uint64_t cols8 = q8_padded(cols);
-    if (dtype == DTYPE_Q8) return rows * cols8 + rows * (cols8 / Q8_BLOCK) * sizeof(float);
-    return rows * cols * dtype_sizes[dtype];
-}
-
-/* Orders tensor entries by offset (for the overlap check). */
-static int entry_offset_cmp(const void *a, const void *b)
-{
-    const tensor_entry *x = a, *y = b;
-    return x->offset < y->offset ? -1 : x->offset > y->offset;
-}
-
-/* Validates the header and the tensor index against the file size. */
-static int weights_parse(loupe_model *m, char *err, size_t errsize)
-{
-    const unsigned char *d = m->data;
-    const char *path = m->path;
-    uint32_t version, n_hp, n_t, i;
-    uint64_t data_offset, file_size;
-    size_t pos;
-    tensor_entry *sorted;
-
-    if (m->size == 0) return fail(err, errsize, "%s: file is empty", path);
-    if (m->size >= WEIGHTS_MAGIC_LEN && memcmp(d, WEIGHTS_MAGIC, WEIGHTS_MAGIC_LEN) == 0 && m->size < WEIGHTS_HEADER_BYTES)
-        return fail(err, errsize, "%s: file is %llu bytes, shorter than the %d-byte header (truncated)", path,
-                    (unsigned long long)m->size, WEIGHTS_HEADER_BYTES);
-    if (m->size < WEIGHTS_HEADER_BYTES || memcmp(d, WEIGHTS_MAGIC, WEIGHTS_MAGIC_LEN) != 0)
-        return fail(err, errsize, "%s: not a loupe weight file (bad magic; convert checkpoints with tools/convert.py)", path);
-    version = rd_u32(d + 8);
-    if (version == 0 || version > WEIGHTS_VERSION)
-        return fail(err, errsize, "%s: weight file format version %u is not supported (this build reads versions 1 to %d)",
-                    path, (unsigned)version, WEIGHTS_VERSION);
-    n_hp = rd_u32(d + 12);
-    n_t = rd_u32(d + 16);
-    data_offset = rd_u64(d + 24);
-    file_size = rd_u64(d + 32);
-    if (file_size != (uint64_t)m->size)
-        return fail(err, errsize, "%s: file is %llu bytes but its header says %llu (truncated or padded)", path,
-                    (unsigned long long)m->size, (unsigned long long)file_size);
-    if (n_hp > MAX_HPARAMS || n_t == 0 || n_t > MAX_TENSORS)
-        return fail(err, errsize, "%s: header counts are implausible (%u hyperparameters, %u tensors)", path,
-                    (unsigned)n_hp, (unsigned)n_t);
-    if (data_offset % TENSOR_ALIGN != 0 || data_offset > file_size)
-        return fail(err, errsize, "%s: data offset %llu is not 64-byte aligned or lies past the end", path,
-                    (unsigned long long)data_offset);
-    pos = WEIGHTS_HEADER_BYTES + (size_t)n_hp * HPARAM_RECORD_BYTES;
-    if (pos > data_offset)
-        return fail(err, errsize, "%s: hyperparameter table overlaps the tensor data", path);
-
-    m->entries = calloc(n_t, sizeof *m->entries);
-    if (!m->entries) return fail(err, errsize, "%s: out of memory", path);
-    m->n_entries = (int)n_t;
-    for (i = 0; i < n_t; i++) {
-        tensor_entry *e = &m->entries[i];
-        uint64_t numel = 1;
-        int k;
-        if (pos + 4 > data_offset) return fail(err, errsize, "%s: tensor index runs into the data (entry %u)", path, (unsigned)i);
-        e->name_len = rd_u16(d + pos);
-        e->dtype = d[pos + 2];
-        e->ndim = d[pos + 3];
-        pos += 4;
-        if (e->name_len == 0 || e->name_len > MAX_NAME_LEN || e->ndim < 1 || e->ndim > MAX_TENSOR_DIMS ||
-            pos + (size_t)e->name_len + 4u * (size_t)e->ndim + 16 > data_offset)
-            return fail(err, errsize, "%s: tensor index entry %u is malformed", path, (unsigned)i);
-        e->name = (const char *)d + pos;
-        pos += (size_t)e->name_len;
-        for (k = 0; k < e->ndim; k++, pos += 4) {
-            e->dims[k] = rd_u32(d + pos);
-            if (e->dims[k] == 0 || e->dims[k] > (1u << 30))
-                return fail(err, errsize, "%s: tensor %.*s has an invalid dimension", path, e->name_len, e->name);
-            numel *= e->dims[k];
-            if (numel > ((uint64_t)1 << 40))
-                return fail(err, errsize, "%s: tensor %.*s is implausibly large", path, e->name_len, e->name);
-        }
-        e->offset = rd_u64(d + pos);
-        e->nbytes = rd_u64(d + pos + 8);
-        pos += 16;
-        if (e->dtype >= DTYPE_COUNT)
-            return fail(err, errsize, "%s: tensor %.*s has unknown dtype code %d (written by a newer converter?)", path,
-                        e->name_len, e->name, e->dtype);
-        if (e->dtype != DTYPE_F32 && version == WEIGHTS_VERSION_F32_ONLY)
-            return fail(err, errsize, "%s: tensor %.*s is %s, which format version %d does not define", path,
-                        e->name_len, e->name, dtype_names[e->dtype], WEIGHTS_VERSION_F32_ONLY);
-        if (e->nbytes != tensor_bytes(e->dtype, e->dims[0], numel / e->dims[0]))
-            return fail(err, errsize, "%s: tensor %.*s: %llu bytes do not match its %s shape", path, e->name_len, e->name,
-                        (unsigned long long)e->nbytes, dtype_names[e->dtype]);
-        if (e->offset % TENSOR_ALIGN != 0 || e->offset < data_offset || e->offset > file_size ||
-            e->nbytes > file_size - e->offset)
-            return fail(err, errsize, "%s: tensor %.*s points outside the file or is misaligned", path, e->name_len,
-                        e->name);
-    }
-    /* No two tensors may share bytes. */
-    sorted = malloc(n_t * sizeof *sorted);
-    if (!sorted) return fail(err, errsize, "%s: out of memory", path);
-    memcpy(sorted, m->entries, n_t * sizeof *sorted);
-    qsort(sorted, n_t, sizeof *sorted, entry_offset_cmp);
-    for (i = 1; i < n_t; i++)
-        if (sorted[i - 1].offset + sorted[i - 1].nbytes > sorted[i].offset) {
-            int rc = fail(err, errsize, "%s: tensors %.*s and %.*s overlap", path, sorted[i - 1].name_len,
-                          sorted[i - 1].name, sorted[i].name_len, sorted[i].name);
-            free(sorted);
-            return rc;
-        }
-    free(sorted);
-    return 0;
-}
-
-/* Reads the hyperparameters this version needs and checks they are supported. */
-static int weights_config(loupe_model *m, char *err, size_t errsize)
-{
-    static const struct { const char *name; size_t offset; double lo, hi; } ints[] = {
-#define HP(field, lo, hi) {#field, offsetof(loupe_config, field), lo, hi}
-        HP(image_size, 14, MAX_IMAGE_SIZE), HP(patch_size, 1, 512), HP(width, 8, MAX_WIDTH),
-        HP(layers, 1, MAX_LAYERS), HP(heads, 1, 1024), HP(mlp_width, 1, 8 * MAX_WIDTH),
-        HP(pool_heads, 1, 1024), HP(pool_mlp_width, 1, 8 * MAX_WIDTH), HP(cls_hidden, 1, 8 * MAX_WIDTH),
-        HP(cls_layers, 1, MAX_CLS_LAYERS), HP(feature_size, 32, MAX_WIDTH),
-        HP(mask_feature_size, 1, MAX_WIDTH), HP(hidden_dim, 1, MAX_WIDTH), HP(m2f_heads, 1, 1024),
-        HP(enc_layers, 0, MAX_LAYERS), HP(enc_ffn, 1, 8 * MAX_WIDTH), HP(dec_layers, 1, MAX_LAYERS),
-        HP(dec_ffn, 1, 8 * MAX_WIDTH), HP(num_queries, 1, MAX_QUERIES), HP(num_labels, 1, 1024),
-        HP(gn_groups, 1, MAX_WIDTH), HP(deform_levels, 3, 3), HP(deform_points, 1, 64),
-#undef HP
-    };
-    static const struct { const char *name; size_t offset; } reals[] = {
-        {"ln_eps", offsetof(loupe_config, ln_eps)}, {"fpn_ln_eps", offsetof(loupe_config, fpn_ln_eps)},
-        {"gn_eps", offsetof(loupe_config, gn_eps)}, {"rope_theta", offsetof(loupe_config, rope_theta)},
-    };
-    const unsigned char *hp = m->data + WEIGHTS_HEADER_BYTES;
-    uint32_t n_hp = rd_u32(m->data + 12);
-    loupe_config *c = &m->cfg;
-    size_t i;
-    int found;
-    for (i = 0; i < sizeof ints / sizeof ints[0]; i++) {
-        double v = header_hparam(hp, n_hp, ints[i].name, &found);
-        if (!found) return fail(err, errsize, "%s: hyperparameter %s is missing", m->path, ints[i].name);
-        if (!(v >= ints[i].lo && v <= ints[i].hi) || v != floor(v))
-            return fail(err, errsize, "%s: hyperparameter %s = %g is outside the supported range %g..%g", m->path,
-                        ints[i].name, v, ints[i].lo, ints[i].hi);
-        *(int *)(void *)((char *)c + ints[i].offset) = (int)v;
-    }
-    for (i = 0; i < sizeof reals / sizeof reals[0]; i++) {
-        double v = header_hparam(hp, n_hp, reals[i].name, &found);
-        if (!found) return fail(err, errsize, "%s: hyperparameter %s is missing", m->path, reals[i].name);
-        if (!(v > 0 && v < 1e9)) return fail(err, errsize, "%s: hyperparameter %s = %g is invalid", m->path, reals[i].name, v);
-        *(float *)(void *)((char *)c + reals[i].offset) = (float)v;
-    }
-    if (c->image_size % c->patch_size) return fail(err, errsize, "%s: image_size must be a multiple of patch_size", m->path);
-    c->grid = c->image_size / c->patch_size;
-    if (c->grid < 2) return fail(err, errsize, "%s: the patch grid must be at least 2x2", m->path);
-    if (c->width % c->heads || (c->width / c->heads) % 4)
-        return fail(err, errsize, "%s: width / heads must be a multiple of 4 for RoPE-2D", m->path);
-    if (c->width % c->pool_heads) return fail(err, errsize, "%s: width must be divisible by pool_heads", m->path);
-    if (c->feature_size != c->hidden_dim || c->feature_size != c->mask_feature_size)
-        return fail(err, errsize, "%s: feature_size, hidden_dim and mask_feature_size must be equal", m->path);
-    if (c->feature_size % c->m2f_heads || c->feature_size % c->gn_groups || c->feature_size % 4)
-        return fail(err, errsize, "%s: feature_size must be divisible by m2f_heads, gn_groups and 4", m->path);
-    return 0;
-}
-
-/* Binds weight views by name with shape checks; remembers the first error. */
-typedef struct binder {
-    const loupe_model *m;
-    char *err;
-    size_t errsize;
-    int failed;
-} binder;
-
-/* The float32 whose upper half is the bfloat16 h (lower half zero). */
-static float bf16_to_float(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* A float32 matrix whose rows are ld values apart. */
-static wmat wmat_f32(const float *data, size_t ld)
-{
-    wmat m;
-    m.data = data;
-    m.scale = NULL;
-    m.ld = ld;
-    m.dtype = DTYPE_F32;
-    return m;
-}
-
-/* The matrix m from its row r on (e.g. the key rows of a packed q/k/v projection). */
-static wmat wmat_rows(wmat m, size_t r)
-{
-    switch (m.dtype) {
-    case DTYPE_BF16: m.data = (const uint16_t *)m.data + r * m.ld; break;
-    case DTYPE_Q8:
-        m.data = (const int8_t *)m.data + r * m.ld;
-        m.scale += r * (m.ld / Q8_BLOCK);
-        break;
-    default: m.data = (const float *)m.data + r * m.ld;
-    }
-    return m;
-}
-
-/* Converts rows r0..r0+nr and columns c0..c0+nc of m to float32 in dst (rows ldd apart). */
-static void wmat_to_float(wmat m, size_t r0, int nr, size_t c0, int nc, float *dst, size_t ldd)
-{
-    int i, j;
-    for (i = 0; i < nr; i++) {
-        size_t row = r0 + (size_t)i;
-        float *d = dst + (size_t)i * ldd;
-        if (m.dtype == DTYPE_BF16) {
-            const uint16_t *h = (const uint16_t *)m.data + row * m.ld + c0;
-            for (j = 0; j < nc; j++) d[j] = bf16_to_float(h[j]);
-        } else if (m.dtype == DTYPE_Q8) {
-            const int8_t *q = (const int8_t *)m.data + row * m.ld;
-            const float *scale = m.scale + row * (m.ld / Q8_BLOCK);
-            size_t c = c0, end = c0 + (size_t)nc;
-            while (c < end) { /* one block (or the part of it in range) at a time */
-                size_t stop = (c / Q8_BLOCK + 1) * Q8_BLOCK;
-                float sc = scale[c / Q8_BLOCK];
-                if (stop > end) stop = end;
-                for (; c < stop; c++) d[c - c0] = (float)q[c] * sc;
-            }
-        } else {
-            memcpy(d, (const float *)m.data + row * m.ld + c0, (size_t)nc * sizeof *d);
-        }
-    }
-}
-
-/* The number of values of a tensor. */
-static size_t entry_numel(const tensor_entry *e)
-{
-    size_t n = 1;
-    int k;
-    for (k = 0; k < e->ndim; k++) n *= e->dims[k];
-    return n;
-}
-
-/* A tensor of the file as a weight matrix [dims[0]][the other dimensions]. */
-static wmat entry_matrix(const loupe_model *m, const tensor_entry *e)
-{
-    size_t rows = e->dims[0], cols = entry_numel(e) / rows;
-    wmat w = wmat_f32((const float *)(const void *)(m->data + e->offset), cols);
-    w.dtype = e->dtype;
-    if (e->dtype == DTYPE_Q8) {
-        w.ld = (size_t)q8_padded(cols);
-        w.scale = (const float *)(const void *)(m->data + e->offset + rows * w.ld);
-    }
-    return w;
-}
-
-/* The tensor called name if its shape is exactly dims (trailing zeros = fewer
- * dimensions), or NULL after recording an error. */
-static const tensor_entry *bind_entry(binder *b, const int dims[MAX_TENSOR_DIMS], const char *name)
-{
-    char want[96], got[96];
-    int ndim = dims[3] ? 4 : dims[2] ? 3 : dims[1] ? 2 : 1, i, k;
-    if (b->failed) return NULL;
-    for (i = 0; i < b->m->n_entries; i++) {
-        const tensor_entry *e = &b->m->entries[i];
-        int same = e->ndim == ndim;
-        if ((size_t)e->name_len != strlen(name) || memcmp(e->name, name, (size_t)e->name_len) != 0) continue;
-        for (k = 0; same && k < ndim; k++) same = e->dims[k] == (uint32_t)dims[k];
-        if (!same) {
-            int n = 0, wn = 0;
-            for (k = 0; k < e->ndim; k++) n += snprintf(got + n, sizeof got - (size_t)n, k ? ", %u" : "%u", (unsigned)e->dims[k]);
-            for (k = 0; k < ndim; k++) wn += snprintf(want + wn, sizeof want - (size_t)wn, k ? ", %d" : "%d", dims[k]);
-            b->failed = 1;
-            fail(b->err, b->errsize, "%s: tensor %s has shape [%s], expected [%s]", b->m->path, name, got, want);
-            return NULL;
-        }
-        return e;
-    }
-    b->failed = 1;
-    fail(b->err, b->errsize, "%s: tensor %s is missing", b->m->path, name);
-    return NULL;
-}
-
-/* Returns the F32 tensor called name (printf format) if its shape is exactly
- * d0..d3 (trailing zeros = fewer dimensions), or NULL after recording an error. */
-static const float *bind(binder *b, int d0, int d1, int d2, int d3, const char *fmt, ...)
-{
-    char name[256];
-    const int dims[MAX_TENSOR_DIMS] = {d0, d1, d2, d3};
-    const tensor_entry *e;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(name, sizeof name, fmt, ap);
-    va_end(ap);
-    if (!(e = bind_entry(b, dims, name))) return NULL;
-    if (e->dtype != DTYPE_F32) {
-        b->failed = 1;
-        fail(b->err, b->errsize, "%s: tensor %s is %s; only weight matrices may be stored as BF16 or Q8", b->m->path,
-             name, dtype_names[e->dtype]);
-        return NULL;
-    }
-    return (const float *)(const void *)(b->m->data + e->offset);
-}
-
-/* Returns the weight matrix called prefix + suffix (any storage) of shape d0..d3,
- * viewed as [d0][d1 x d2 x d3]; data NULL after recording an error. Not variadic: tcc
- * passes the arguments of a variadic function that returns a structure wrongly. */
-static wmat bind_matrix(binder *b, int d0, int d1, int d2, int d3, const char *prefix, const char *suffix)
-{
-    char name[256];
-    const int dims[MAX_TENSOR_DIMS] = {d0, d1, d2, d3};
-    const tensor_entry *e;
-    snprintf(name, sizeof name, "%s%s", prefix, suffix);
-    e = bind_entry(b, dims, name);
-    return e ? entry_matrix(b->m, e) : wmat_f32(NULL, 0);
-}
-
-/* The float32 values of a weight matrix [rows][cols]: the file's own when it is F32,
- * else converted into a malloc'd copy that *copy receives (free it after use). NULL
- * when out of memory. Used where weights are copied or repacked, never per image. */
-static const float *wmat_values(wmat m, size_t rows, size_t cols, float **copy)
-{
-    size_t r;
-    *copy = NULL;
-    if (m.dtype == DTYPE_F32) return m.data;
-    if (!(*copy = malloc(rows * cols * sizeof **copy))) return NULL;
-    for (r = 0; r < rows; r++) wmat_to_float(m, r, 1, 0, (int)cols, *copy + r * cols, cols);
-    return *copy;
-}
-
-/* Shorthands: a linear layer (weight [out][in], optional bias [out]) and a norm. */
-static linear_w bind_linear(binder *b, int out, int in, int has_bias, const char *prefix)
-{
-    linear_w l;
-    l.w = bind_matrix(b, out, in, 0, 0, prefix, ".weight");
-    l.b = has_bias ? bind(b, out, 0, 0, 0, "%s.bias", prefix) : NULL;
-    return l;
-}
-static norm_w bind_norm(binder *b, int n, const char *prefix)
-{
-    norm_w l;
-    l.w = bind(b, n, 0, 0, 0, "%s.weight", prefix);
-    l.b = bind(b, n, 0, 0, 0, "%s.bias", prefix);
-    return l;
-}
-/* nn.MultiheadAttention: packed in_proj_weight [3E][E] and out_proj. */
-static void bind_mha(binder *b, int e, const char *prefix, linear_w *qkv, linear_w *out)
-{
-    char name[256];
-    qkv->w = bind_matrix(b, 3 * e, e, 0, 0, prefix, ".in_proj_weight");
-    qkv->b = bind(b, 3 * e, 0, 0, 0, "%s.in_proj_bias", prefix);
-    snprintf(name, sizeof name, "%s.out_proj", prefix);
-    *out = bind_linear(b, e, e, 1, name);
-}
-
-/* A 1x1 convolution viewed as a linear layer: weight [out][in][1][1]. */
-static linear_w bind_conv1x1(binder *b, int out, int in, int has_bias, const char *prefix)
-{
-    linear_w l;
-    l.w = bind_matrix(b, out, in, 1, 1, prefix, ".weight");
-    l.b = has_bias ? bind(b, out, 0, 0, 0, "%s.bias", prefix) : NULL;
-    return l;
-}
-
-/* Repacks a depthwise 3x3 kernel [C][1][3][3] into tap-major [9][C]. */
-static void repack_depthwise(float *dst, const float *src, int c)
-{
-    int ch, t;
-    for (t = 0; t < 9; t++)
-        for (ch = 0; ch < c; ch++) dst[(size_t)t * c + ch] = src[(size_t)ch * 9 + t];
-}
-
-/* Repacks a 3x3 convolution [Co][Ci][3][3] into tap-major [9][Co][Ci]. */
-static void repack_conv3x3(float *dst, const float *src, int co, int ci)
-{
-    int o, i, t;
-    for (t = 0; t < 9; t++)
-        for (o = 0; o < co; o++)
-            for (i = 0; i < ci; i++) dst[((size_t)t * co + o) * ci + i] = src[((size_t)o * ci + i) * 9 + t];
-}
-
-/* Binds one ScaleBlock (segmentor.fpn.scale_layers[i][j]); conv1 absent for max-pool. */
-static void bind_scale_block(binder *b, scale_block_w *s, int w, int transposed, const char *prefix, const float **raw_dw)
-{
-    char name[256];
-    if (transposed) {
-        s->conv1.w = bind_matrix(b, w, w, 2, 2, prefix, ".conv1.weight");
-        s->conv1.b = bind(b, w, 0, 0, 0, "%s.conv1.bias", prefix);
-    } else {
-        s->conv1.w = wmat_f32(NULL, 0);
-        s->conv1.b = NULL;
-    }
-    *raw_dw = bind(b, w, 1, 3, 3, "%s.conv2.weight", prefix);
-    snprintf(name, sizeof name, "%s.norm", prefix);
-    s->norm = bind_norm(b, w, name);
-}
-
-/* Derived sizes of the Mask2Former levels [g/2, g, 2g] (low to high resolution). */
-static void level_sizes(const loupe_config *c, loupe_tables *t)
-{
-    int g = c->grid, l;
-    t->level_h[0] = t->level_w[0] = g / 2;
-    t->level_h[1] = t->level_w[1] = g;
-    t->level_h[2] = t->level_w[2] = 2 * g;
-    t->tokens = 0;
-    for (l = 0; l < 3; l++) {
-        t->level_start[l] = t->tokens;
-        t->tokens += t->level_h[l] * t->level_w[l];
-    }
-}
-
-static void sine_position_embedding(float *out, int ld, int h, int w, int num_pos_feats);
-
-/* Fills the read-only tables: RoPE angles, position embeddings, reference points. */
-static void tables_fill(loupe_model *m, const float *level_embed)
-{
-    const loupe_config *c = &m->cfg;
-    loupe_tables *t = &m->t;
-    int g = c->grid, dh = c->width / c->heads, half = dh / 2, f = c->feature_size;
-    int tok, i, l, y, x;
-    /* RoPE-2D (Rope2D.update_grid): per head [x-axis angles (dh/2), y-axis angles (dh/2)],
-     * each frequency used for a pair of channels; the cls token keeps angle 0. */
-    for (tok = 0; tok <= g * g; tok++) {
-        int py = tok ? (tok - 1) / g + 1 : 0, px = tok ? (tok - 1) % g + 1 : 0;
-        for (i = 0; i < half; i++) {
-            float freq = 1.0f / powf(c->rope_theta, (float)(2 * (i / 2)) / (float)half);
-            float ax = (float)px * freq, ay = (float)py * freq;
-            t->rope_cos[(size_t)tok * dh + i] = tok ? cosf(ax) : 1.0f;
-            t->rope_sin[(size_t)tok * dh + i] = tok ? sinf(ax) : 0.0f;
-            t->rope_cos[(size_t)tok * dh + half + i] = tok ? cosf(ay) : 1.0f;
-            t->rope_sin[(size_t)tok * dh + half + i] = tok ? sinf(ay) : 0.0f;
-        }
-    }
-    for (l = 0; l < 3; l++) {
-        float *ep = t->enc_pos + (size_t)t->level_start[l] * f;
-        float *dp = t->dec_pos + (size_t)t->level_start[l] * f;
-        int n = t->level_h[l] * t->level_w[l];
-        sine_position_embedding(ep, f, t->level_h[l], t->level_w[l], f / 2);
-        memcpy(dp, ep, (size_t)n * f * sizeof *dp);
-        for (i = 0; i < n; i++) {
-            int ch;
-            for (ch = 0; ch < f; ch++) ep[(size_t)i * f + ch] += level_embed[(size_t)l * f + ch];
-        }
-        /* get_reference_points: pixel centres normalised by the level size */
-        for (y = 0; y < t->level_h[l]; y++)
-            for (x = 0; x < t->level_w[l]; x++) {
-                float *r = t->ref_points + 2 * ((size_t)t->level_start[l] + (size_t)y * t->level_w[l] + x);
-                r[0] = ((float)x + 0.5f) / (float)t->level_w[l];
-                r[1] = ((float)y + 0.5f) / (float)t->level_h[l];
-            }
-    }
-}
-
-/* Binds every tensor the forward pass reads and builds the derived tables. */
-static int weights_bind(loupe_model *m, char *err, size_t errsize)
-{
-    const loupe_config *c = &m->cfg;
-    loupe_weights *w = &m->w;
-    binder b;
-    char p[200];
-    int W = c->width, g = c->grid, F = c->feature_size, i, k;
-    int n_off = c->m2f_heads * c->deform_levels * c->deform_points;
-    const float *raw_dw[4], *values;
-    float *copy;
-    wmat raw_layer_1;
-    scale_block_w *blocks[4];
-    size_t rope_n, tok_n, derived_floats, off = 0;
-    float *dv;
-
-    b.m = m; b.err = err; b.errsize = errsize; b.failed = 0;
-    /* backbone (VisionTransformer) */
-    w->class_embedding = bind(&b, W, 0, 0, 0, "backbone.class_embedding");
-    w->positional_embedding = bind(&b, 1 + g * g, W, 0, 0, "backbone.positional_embedding");
-    w->conv1 = bind_matrix(&b, W, 3, c->patch_size, c->patch_size, "backbone.conv1.weight", "");
-    w->ln_pre = bind_norm(&b, W, "backbone.ln_pre");
-    w->ln_post = bind_norm(&b, W, "backbone.ln_post");
-    w->blocks = calloc((size_t)c->layers, sizeof *w->blocks);
-    w->enc = calloc((size_t)c->enc_layers + 1, sizeof *w->enc);
-    w->dec = calloc((size_t)c->dec_layers, sizeof *w->dec);
-    if (!w->blocks || !w->enc || !w->dec) return fail(err, errsize, "%s: out of memory", m->path);
-    for (i = 0; i < c->layers; i++) {
-        pe_block_w *bl = &w->blocks[i];
-        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.ln_1", i); bl->ln_1 = bind_norm(&b, W, p);
-        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.ln_2", i); bl->ln_2 = bind_norm(&b, W, p);
-        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.attn", i); bind_mha(&b, W, p, &bl->qkv, &bl->out);
-        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.mlp.c_fc", i); bl->fc = bind_linear(&b, c->mlp_width, W, 1, p);
-        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.mlp.c_proj", i); bl->proj = bind_linear(&b, W, c->mlp_width, 1, p);
-    }
-    w->pool.probe = bind(&b, 1, 1, W, 0, "backbone.attn_pool.probe");
-    bind_mha(&b, W, "backbone.attn_pool.attn", &w->pool.qkv, &w->pool.out);
-    w->pool.ln = bind_norm(&b, W, "backbone.attn_pool.layernorm");
-    w->pool.fc = bind_linear(&b, c->pool_mlp_width, W, 1, "backbone.attn_pool.mlp.c_fc");
-    w->pool.proj = bind_linear(&b, W, c->pool_mlp_width, 1, "backbone.attn_pool.mlp.c_proj");
-    /* classifier (LoupeClassifier) */
-    for (k = 0; k < 2; k++) {
-        cls_head_w *h = k ? &w->patch_head : &w->global_head;
-        const char *name = k ? "patch_classifier" : "classifier";
-        for (i = 0; i < c->cls_layers; i++) {
-            int in = i == 0 ? W : c->cls_hidden, out = i == c->cls_layers - 1 ? 1 : c->cls_hidden;
-            snprintf(p, sizeof p, "classifier.%s.layers.%d", name, i);
-            h->layers[i] = bind_linear(&b, out, in, 1, p);
-        }
-    }
-    w->fuser = bind(&b, 1, 1 + g * g, 0, 0, "classifier.fuser.fuse.weight");
-    /* segmentor: feature pyramid, scale_layers sorted [4, 2, 1, 0.5] */
-    bind_scale_block(&b, &w->fpn4[0], W, 1, "segmentor.fpn.scale_layers.0.0", &raw_dw[0]);
-    bind_scale_block(&b, &w->fpn4[1], W, 1, "segmentor.fpn.scale_layers.0.1", &raw_dw[1]);
-    bind_scale_block(&b, &w->fpn2, W, 1, "segmentor.fpn.scale_layers.1.0", &raw_dw[2]);
-    bind_scale_block(&b, &w->fpn_half, W, 0, "segmentor.fpn.scale_layers.3.0", &raw_dw[3]);
-    w->label_embedding[0] = bind(&b, F, 0, 0, 0, "segmentor.label_embedding.0");
-    w->label_embedding[1] = bind(&b, F, 0, 0, 0, "segmentor.label_embedding.1");
-    /* pixel decoder */
-    w->level_embed = bind(&b, 3, F, 0, 0, "segmentor.pixel_decoder.level_embed");
-    for (i = 0; i < 3; i++) {
-        snprintf(p, sizeof p, "segmentor.pixel_decoder.input_projections.%d.0", i); w->input_proj[i] = bind_conv1x1(&b, F, W, 1, p);
-        snprintf(p, sizeof p, "segmentor.pixel_decoder.input_projections.%d.1", i); w->input_gn[i] = bind_norm(&b, F, p);
-    }
-    for (i = 0; i < c->enc_layers; i++) {
-        enc_layer_w *e = &w->enc[i];
-#define ENC(s) (snprintf(p, sizeof p, "segmentor.pixel_decoder.encoder.layers.%d.%s", i, s), p)
-        e->offsets = bind_linear(&b, n_off * 2, F, 1, ENC("self_attn.sampling_offsets"));
-        e->attn_weights = bind_linear(&b, n_off, F, 1, ENC("self_attn.attention_weights"));
-        e->value = bind_linear(&b, F, F, 1, ENC("self_attn.value_proj"));
-        e->output = bind_linear(&b, F, F, 1, ENC("self_attn.output_proj"));
-        e->ln_self = bind_norm(&b, F, ENC("self_attn_layer_norm"));
-        bind_mha(&b, F, ENC("cross_attn"), &e->cross_qkv, &e->cross_out);
-        e->ln_cross = bind_norm(&b, F, ENC("cross_attn_layer_norm"));
-        e->fc1 = bind_linear(&b, c->enc_ffn, F, 1, ENC("fc1"));
-        e->fc2 = bind_linear(&b, F, c->enc_ffn, 1, ENC("fc2"));
-        e->ln_final = bind_norm(&b, F, ENC("final_layer_norm"));
-#undef ENC
-    }
-    w->mask_projection = bind_conv1x1(&b, F, F, 1, "segmentor.pixel_decoder.mask_projection");
-    w->adapter_1 = bind_conv1x1(&b, F, W, 0, "segmentor.pixel_decoder.adapter_1.0");
-    w->adapter_gn = bind_norm(&b, F, "segmentor.pixel_decoder.adapter_1.1");
-    raw_layer_1 = bind_matrix(&b, F, F, 3, 3, "segmentor.pixel_decoder.layer_1.0.weight", "");
-    w->layer_1_gn = bind_norm(&b, F, "segmentor.pixel_decoder.layer_1.1");
-    /* transformer decoder */
-    w->query_embed = bind(&b, c->num_queries, F, 0, 0, "segmentor.mask2former_decoder.queries_embedder.weight");
-    w->query_feat = bind(&b, c->num_queries, F, 0, 0, "segmentor.mask2former_decoder.queries_features.weight");
-    w->dec_level_embed = bind(&b, 3, F, 0, 0, "segmentor.mask2former_decoder.level_embed.weight");
-    for (i = 0; i < c->dec_layers - 1; i++) {
-        dec_layer_w *d = &w->dec[i];
-#define DEC(s) (snprintf(p, sizeof p, "segmentor.mask2former_decoder.decoder.layers.%d.%s", i, s), p)
-        d->q = bind_linear(&b, F, F, 1, DEC("self_attn.q_proj"));
-        d->k = bind_linear(&b, F, F, 1, DEC("self_attn.k_proj"));
-        d->v = bind_linear(&b, F, F, 1, DEC("self_attn.v_proj"));
-        d->o = bind_linear(&b, F, F, 1, DEC("self_attn.out_proj"));
-        d->ln_self = bind_norm(&b, F, DEC("self_attn_layer_norm"));
-        bind_mha(&b, F, DEC("cross_attn"), &d->cross_qkv, &d->cross_out);
-        d->ln_cross = bind_norm(&b, F, DEC("cross_attn_layer_norm"));
-        d->fc1 = bind_linear(&b, c->dec_ffn, F, 1, DEC("fc1"));
-        d->fc2 = bind_linear(&b, F, c->dec_ffn, 1, DEC("fc2"));
-        d->ln_final = bind_norm(&b, F, DEC("final_layer_norm"));
-#undef DEC
-    }
-    w->dec_ln = bind_norm(&b, F, "segmentor.mask2former_decoder.decoder.layernorm");
-    for (i = 0; i < 3; i++) {
-        snprintf(p, sizeof p, "segmentor.mask2former_decoder.decoder.mask_predictor.mask_embedder.%d.0", i);
-        w->mask_embed[i] = bind_linear(&b, F, F, 1, p);
-    }
-    w->class_predictor = bind_linear(&b, c->num_labels + 1, F, 1, "segmentor.class_predictor");
-    if (b.failed) return -1;
-
-    /* Derived, read-only: repacked kernels and constant tables, one block. The 3x3
-     * convolution's kernel is float32 whatever the file stores (a BF16 or Q8 one is
-     * converted here, once); the products read every other weight matrix in place. */
-    blocks[0] = &w->fpn4[0]; blocks[1] = &w->fpn4[1]; blocks[2] = &w->fpn2; blocks[3] = &w->fpn_half;
-    level_sizes(c, &m->t);
-    rope_n = (size_t)(1 + g * g) * (size_t)(W / c->heads);
-    tok_n = (size_t)m->t.tokens * (size_t)F;
-    derived_floats = 4 * 9 * (size_t)W + 9 * (size_t)F * F + 2 * rope_n + 2 * tok_n + 2 * (size_t)m->t.tokens;
-    dv = aligned_block(derived_floats * sizeof(float), &m->derived_raw);
-    if (!dv) return fail(err, errsize, "%s: out of memory", m->path);
-    for (k = 0; k < 4; k++) {
-        repack_depthwise(dv + off, raw_dw[k], W);
-        blocks[k]->dw = dv + off;
-        off += 9 * (size_t)W;
-    }
-    if (!(values = wmat_values(raw_layer_1, (size_t)F, 9 * (size_t)F, &copy)))
-        return fail(err, errsize, "%s: out of memory", m->path);
-    repack_conv3x3(dv + off, values, F, F);
-    free(copy);
-    w->layer_1 = dv + off; off += 9 * (size_t)F * F;
-    m->t.rope_cos = dv + off; off += rope_n;
-    m->t.rope_sin = dv + off; off += rope_n;
-    m->t.enc_pos = dv + off; off += tok_n;
-    m->t.dec_pos = dv + off; off += tok_n;
-    m->t.ref_points = dv + off;
-    tables_fill(m, w->level_embed);
-    return 0;
-}
-
-/* Validates the bytes of a model (already in m->data) and binds its tensors. */
-static loupe_model *model_finish(loupe_model *m, char *err, size_t errsize)
-{
-    if (weights_parse(m, err, errsize) || weights_config(m, err, errsize) || weights_bind(m, err, errsize)) {
-        loupe_model_free(m);
-        return NULL;
-    }
-    return m;
-}
-
-loupe_model *loupe_model_load(const char *path, char *err, size_t errsize)
-{
-    loupe_model *m;
-    if (!path) { fail(err, errsize, "no weight file given"); return NULL; }
-    if (!host_is_little_endian()) { fail(err, errsize, "%s: big-endian hosts are not supported", path); return NULL; }
-    m = calloc(1, sizeof *m);
-    if (!m) { fail(err, errsize, "%s: out of memory", path); return NULL; }
-    snprintf(m->path, sizeof m->path, "%s", path);
-    if (weights_map_file(m, path, err, errsize)) {
-        loupe_model_free(m);
-        return NULL;
-    }
-    return model_finish(m, err, errsize);
-}
-
-loupe_model *loupe_model_load_memory(const void *data, size_t size, char *err, size_t errsize)
-{
-    loupe_model *m;
-    if (!data) { fail(err, errsize, "(memory): no weight data given"); return NULL; }
-    if ((uintptr_t)data % sizeof(float) != 0) {
-        fail(err, errsize, "(memory): weight data must be aligned to %u bytes", (unsigned)sizeof(float));
-        return NULL;
-    }
-    if (!host_is_little_endian()) { fail(err, errsize, "(memory): big-endian hosts are not supported"); return NULL; }
-    m = calloc(1, sizeof *m);
-    if (!m) { fail(err, errsize, "(memory): out of memory"); return NULL; }
-    snprintf(m->path, sizeof m->path, "(memory)");
-    m->data = (unsigned char *)(uintptr_t)data; /* read only: never written through */
-    m->size = size;
-    m->storage = WEIGHTS_BORROWED;
-    return model_finish(m, err, errsize);
-}
-
-const loupe_config *loupe_model_config(const loupe_model *m) { return &m->cfg; }
-
-void loupe_model_free(loupe_model *m)
-{
-    if (!m) return;
-#if LOUPE_POSIX
-    if (m->storage == WEIGHTS_MAPPED) munmap(m->data, m->size);
-#elif defined(_WIN32)
-    if (m->storage == WEIGHTS_MAPPED) UnmapViewOfFile(m->data);
-#endif
-    if (m->storage == WEIGHTS_READ) free(m->data);
-    free(m->entries);
-    free(m->w.blocks);
-    free(m->w.enc);
-    free(m->w.dec);
-    free(m->derived_raw);
-    free(m);
-}
-
-/* ========================================================================== */
-/* 3b. Random initialisation: upstream's from-scratch weights (loupe init)    */
-/* ========================================================================== */
-/* loupe_init_weights writes a complete weight file for any configuration (the config
- * format of tools/convert.py), every tensor drawn from the distribution upstream's
- * from-scratch construction gives it: `LoupeModel(config)` builds every module (PyTorch
- * default initialisation in the constructors), then `post_init()` applies
- * `LoupePreTrainedModel._init_weights` to every module, children before parents
- * (transformers' `smart_apply`), so a parent's rule overrides its children's.
- *
- * Rules, first match wins (W width, g grid, F feature size; std 0.02 =
- * config.initializer_range, xgain 1.0 = mask2former init_xavier_std; U(+-b) uniform;
- * xavier(gain) = U(+-gain sqrt(6 / (fan_in + fan_out))) with PyTorch's fans,
- * fan_in = dims[1] x receptive field, fan_out = dims[0] x receptive field):
- *
- *  tensor                                          value                     upstream function
- *  backbone.class_embedding [W]                    N(0, W^-1/2)              VisionTransformer.init_tensors
- *  backbone.positional_embedding [1+g^2][W]        N(0, W^-1/2)              VisionTransformer.init_tensors
- *  backbone.conv1.weight                           N(0, std)                 _init_weights nn.Conv2d branch
- *  backbone.*.attn.in_proj_weight (blocks)         xavier(1)                 SelfAttention.init_tensors
- *  backbone.*.attn.in_proj_bias, out_proj.bias     0                         SelfAttention.init_tensors
- *  backbone.attn_pool.attn.in_proj_weight          xavier(1)                 nn.MultiheadAttention._reset_parameters
- *  backbone.attn_pool.attn.in_proj_bias            0                         nn.MultiheadAttention._reset_parameters
- *  backbone.attn_pool.probe [1][1][W]              N(0, 1)                   AttentionPooling.__init__ (torch.randn)
- *  backbone *.out_proj, *.mlp.c_fc/c_proj .weight  N(0, std)                 _init_weights nn.Linear branch
- *  backbone *.out_proj, *.mlp.c_fc/c_proj .bias    0                         _init_weights nn.Linear branch
- *  every LayerNorm / LayerNorm2d / GroupNorm       weight 1, bias 0          nn.LayerNorm/GroupNorm.reset_parameters
- *  classifier.*.layers.i.weight [out][in]          U(+-1/sqrt(in))           LoupeClsHead.init_tensors -> nn.Linear.reset_parameters
- *  classifier.*.layers.i.bias                      U(+-1/sqrt(in))           LoupeClsHead.init_tensors -> nn.Linear.reset_parameters
- *  classifier.fuser.fuse.weight [1][1+g^2]         1 / (1+g^2)               FuseHead.init_tensors
- *  segmentor.fpn.*.conv1.weight [W][W][2][2]       U(+-1/sqrt(4W))           ConvTranspose2d: _ConvNd.reset_parameters (no branch matches)
- *  segmentor.fpn.*.conv1.bias                      U(+-1/sqrt(4W))           _ConvNd.reset_parameters
- *  segmentor.fpn.*.conv2.weight [W][1][3][3]       N(0, std)                 _init_weights nn.Conv2d branch
- *  segmentor.label_embedding.{0,1} [F]             N(0, std)                 LoupeSegmentor.__init__ (randn * initializer_range)
- *  segmentor.pixel_decoder.level_embed [3][F]      0                         _init_weights PixelDecoder branch (normal_, std=0)
- *  segmentor.pixel_decoder.* with >= 2 dims        xavier(1)                 _init_weights PixelDecoder branch (also
- *    (input projections, sampling_offsets,                                     PixelDecoderConditionalEncoder's); it runs
- *    attention_weights, value/output_proj, fc1,                                after the deformable-attention branch and
- *    fc2, cross_attn, mask_projection,                                         so replaces its zero sampling_offsets and
- *    adapter_1, layer_1 weights)                                               attention_weights weights, as in transformers
- *  ...encoder.layers.i.self_attn.sampling_offsets.bias  grid (below)         _init_weights deformable-attention branch
- *  ...self_attn.{attention_weights,value_proj,output_proj}.bias  0           _init_weights deformable-attention branch
- *  ...cross_attn.in_proj_bias                      0                         nn.MultiheadAttention._reset_parameters
- *  other pixel_decoder biases (fc1, fc2, cross_attn.out_proj, input
- *    projections, mask_projection)                 0                         _init_weights nn.Linear / nn.Conv2d branch
- *  ...mask2former_decoder.queries_embedder/queries_features/level_embed .weight
- *                                                  N(0, std)                 _init_weights nn.Embedding branch
- *  ...decoder.layers.i.* with >= 2 dims            xavier(xgain)             _init_weights Mask2FormerMaskedAttentionDecoderLayer branch
- *  ...decoder.layers.i.*.bias, cross_attn.in_proj_bias  0                    nn.Linear branch / MHA._reset_parameters
- *  ...mask_predictor.mask_embedder.i.0.weight      N(0, std)                 _init_weights nn.Linear branch
- *  ...mask_predictor.mask_embedder.i.0.bias        0                         _init_weights nn.Linear branch
- *  segmentor.class_predictor.weight / .bias        N(0, std) / 0             _init_weights nn.Linear branch
- *
- * The sampling-offset grid (deformable-attention branch): for head h of H, theta_h =
- * float32(h) * float32(2 pi / H) in float32, (c, s) = (cos, sin)(theta_h) rounded to
- * float32, divided by max(|c|, |s|) in float32; level l, point p, coordinate k of the
- * bias [H][levels][points][2] is that value times (p + 1). cos and sin are our own
- * series (init_cos_sin), correctly rounded to float32 but for ties: PyTorch's float32
- * cos/sin may differ from it by one ulp (e.g. -4.371139e-08 for cos(float32(pi/2))).
- *
- * Random numbers (a counter-based generator, so every tensor has its own stream and a
- * value does not depend on the order of tensors or on threads):
- *   key(name)   = FNV-1a-64(name) XOR (seed * 0x9E3779B97F4A7C15)
- *   x_i         = splitmix64 finaliser of (key + (i + 1) * 0x9E3779B97F4A7C15), i = 0, 1, ...
- *                 the element index in C order (all arithmetic mod 2^64)
- *   u_i         = ((x_i >> 12) + 0.5) / 2^52, exactly, in (0, 1)
- *   uniform     U(+-b): b * (2 u_i - 1)
- *   normal      N(m, s): m + s * z_i, z_i = inverse normal CDF of u_i by Wichura's
- *               AS241 (PPND16, relative accuracy about 1e-16)
- * each computed in double and rounded once to float32. The natural logarithm AS241 needs
- * in the tails is our own (init_log: frexp and an atanh series), so the whole generator
- * uses only +, -, *, /, sqrt and frexp: the same bits on every IEEE-754 platform that
- * evaluates double expressions in double (FLT_EVAL_METHOD 0: x86-64, SSE2, aarch64;
- * x87's 80-bit intermediates could move a value by one float32 ulp in rare ties). */
-
-#define INIT_GOLDEN 0x9E3779B97F4A7C15ull
-#define INIT_STD 0.02        /* LoupeConfig.initializer_range (configs/model/base.yaml) */
-#define INIT_XAVIER_GAIN 1.0 /* Mask2FormerConfig.init_xavier_std */
-#define INIT_N_HPARAMS 40
-
-enum { INIT_NORMAL, INIT_UNIFORM, INIT_CONST, INIT_GRID, INIT_HIGHPASS };
-
-/* loupe init --highpass: each high-pass filter of the patch embedding has this L2 norm
- * (a N(0, 0.02) filter of 3 x 14 x 14 values has about 0.49). */
-#define INIT_HIGHPASS_NORM 2.0
-
-/* One tensor of the file: name, shape, and its rule (a = mean / bound / value, b = std). */
-typedef struct init_tensor {
-    char name[160];
-    int ndim, dims[MAX_TENSOR_DIMS];
-    int rule;
-    double a, b;
-    int matrix; /* stored as --dtype (a weight matrix, README "Smaller weight files") */
-    int from_backbone;
-} init_tensor;
-
-/* splitmix64's output function. */
-static uint64_t init_mix64(uint64_t z)
-{
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-/* The stream key of a tensor: FNV-1a of its name mixed with the seed. */
-static uint64_t init_key(const char *name, uint64_t seed)
-{
-    uint64_t h = 0xCBF29CE484222325ull;
-    for (; *name; name++) h = (h ^ (unsigned char)*name) * 0x100000001B3ull;
-    return h ^ (seed * INIT_GOLDEN);
-}
-
-/* Uniform number i of a stream, in (0, 1), a multiple of 2^-53. */
-static double init_uniform(uint64_t key, uint64_t i)
-{
-    uint64_t z = init_mix64(key + (i + 1) * INIT_GOLDEN);
-    return ((double)(z >> 12) + 0.5) * (1.0 / 4503599627370496.0);
-}
-
-/* Natural logarithm of a positive finite x with +, -, *, / only (after frexp, which is
- * exact): x = m 2^e, m in [sqrt(1/2), sqrt(2)), log m = 2 atanh((m-1)/(m+1)) as a series
- * (|s| <= 0.172, terms to s^39), ln 2 split in two parts (fdlibm's). */
-static double init_log(double x)
-{
-    const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
-    int e, k;
-    double m = frexp(x, &e), s, s2, p = 0.0;
-    if (m < LOUPE_SQRT1_2) { m *= 2.0; e--; }
-    s = (m - 1.0) / (m + 1.0);
-    s2 = s * s;
-    for (k = 19; k >= 0; k--) p = 1.0 / (double)(2 * k + 1) + s2 * p;
-    return (double)e * ln2_hi + ((double)e * ln2_lo + 2.0 * s * p);
-}
-
-/* Inverse of the standard normal CDF: Wichura's algorithm AS241 (PPND16). */
-static double init_normal_quantile(double u)
-{
-    static const double a[8] = {3.3871328727963666080e0, 1.3314166789178437745e+2, 1.9715909503065514427e+3,
-                                1.3731693765509461125e+4, 4.5921953931549871457e+4, 6.7265770927008700853e+4,
-                                3.3430575583588128105e+4, 2.5090809287301226727e+3};
-    static const double b[8] = {1.0, 4.2313330701600911252e+1, 6.8718700749205790830e+2, 5.3941960214247511077e+3,
-                                2.1213794301586595867e+4, 3.9307895800092710610e+4, 2.8729085735721942674e+4,
-                                5.2264952788528545610e+3};
-    static const double c[8] = {1.42343711074968357734e0, 4.63033784615654529590e0, 5.76949722146069140550e0,
-                                3.64784832476320460504e0, 1.27045825245236838258e0, 2.41780725177450611770e-1,
-                                2.27238449892691845833e-2, 7.74545014278341407640e-4};
-    static const double d[8] = {1.0, 2.05319162663775882187e0, 1.67638483018380384940e0, 6.89767334985100004550e-1,
-                                1.48103976427480074590e-1, 1.51986665636164571966e-2, 5.47593808499534494600e-4,
-                                1.05075007164441684324e-9};
-    static const double e[8] = {6.65790464350110377720e0, 5.46378491116411436990e0, 1.78482653991729133580e0,
-                                2.96560571828504891230e-1, 2.65321895265761230930e-2, 1.24266094738807843860e-3,
-                                2.71155556874348757815e-5, 2.01033439929228813265e-7};
-    static const double f[8] = {1.0, 5.99832206555887937690e-1, 1.36929880922735805310e-1, 1.48753612908506148525e-2,
-                                7.86869131145613259100e-4, 1.84631831751005468180e-5, 1.42151175831644588870e-7,
-                                2.04426310338993978564e-15};
-    const double *num, *den;
-    double q = u - 0.5, r, x, pn = 0.0, pd = 0.0;
-    int k;
-    if (fabs(q) <= 0.425) {
-        r = 0.180625 - q * q;
-        for (k = 7; k >= 0; k--) { pn = pn * r + a[k]; pd = pd * r + b[k]; }
-        return q * pn / pd;
-    }
-    r = sqrt(-init_log(q < 0 ? u : 1.0 - u));
-    if (r <= 5.0) { r -= 1.6; num = c; den = d; }
-    else { r -= 5.0; num = e; den = f; }
-    for (k = 7; k >= 0; k--) { pn = pn * r + num[k]; pd = pd * r + den[k]; }
-    x = pn / pd;
-    return q < 0 ? -x : x;
-}
-
-/* cos and sin of a float32 angle in [0, 2 pi], rounded to float32: Cody-Waite reduction
- * by pi/2 (fdlibm's two-part constant) and Taylor series on |r| <= pi/4. */
-static void init_cos_sin(float theta, float *cs, float *sn)
-{
-    const double pio2_1 = 1.57079632673412561417e+00, pio2_1t = 6.07710050650619224932e-11;
-    double x = (double)theta, r, r2, ts, tc, s = 0.0, c = 0.0, cq, sq;
-    int k = (int)(x / (LOUPE_PI / 2) + 0.5), j;
-    r = (x - k * pio2_1) - k * pio2_1t;
-    r2 = r * r;
-    ts = r;
-    tc = 1.0;
-    for (j = 1; j <= 14; j++) {
-        s += ts;
-        c += tc;
-        ts *= -r2 / (double)((2 * j) * (2 * j + 1));
-        tc *= -r2 / (double)((2 * j - 1) * (2 * j));
-    }
-    switch (k & 3) {
-    case 0: cq = c; sq = s; break;
-    case 1: cq = -s; sq = c; break;
-    case 2: cq = -c; sq = -s; break;
-    default: cq = s; sq = -c; break;
-    }
-    *cs = (float)cq;
-    *sn = (float)sq;
-}
-
-/* The sampling_offsets bias [heads][levels][points][2] of the deformable attention. */
-static void init_offset_grid(float *out, int heads, int levels, int points)
-{
-    int h, l, p;
-    for (h = 0; h < heads; h++) {
-        float theta = (float)((double)(float)h * (double)(float)(2.0 * LOUPE_PI / heads)), c, s, mx;
-        init_cos_sin(theta, &c, &s);
-        mx = fabsf(c) > fabsf(s) ? fabsf(c) : fabsf(s);
-        c = (float)((double)c / mx);
-        s = (float)((double)s / mx);
-        for (l = 0; l < levels; l++)
-            for (p = 0; p < points; p++) {
-                float *o = out + (((size_t)h * levels + l) * points + p) * 2;
-                o[0] = (float)((double)c * (p + 1));
-                o[1] = (float)((double)s * (p + 1));
-            }
-    }
-}
-
-/* loupe init --highpass F (not upstream; the demo model's stem, weights/README.md): the
- * patch embedding [W][3][P][P] drawn N(0, b) as usual, then its first round(F W) filters
- * replaced by high-pass ones: a random (P-2) x (P-2) field r fully convolved with the
- * 3 x 3 Laplacian [0 1 0; 1 -4 1; 0 1 0] gives a P x P kernel h, the same h in every
- * colour channel times a random colour weight, the filter scaled to INIT_HIGHPASS_NORM.
- * Because the Laplacian kills affine functions, such a filter answers exactly 0 to any
- * patch whose channels are affine in x and y (flat colour, smooth gradients): what is
- * left is texture, noise, blur and seams, the traces a from-scratch ViT otherwise never
- * finds (its LayerNorms divide them away next to a patch's colour). */
-static void init_highpass(const init_tensor *t, uint64_t key, int P, float *x, size_t n)
-{
-    static const float lap[3][3] = {{0, 1, 0}, {1, -4, 1}, {0, 1, 0}};
-    int W = t->dims[0], nh = P >= 3 ? (int)(t->a * W + 0.5) : 0, R = P - 2, f, i, j, ch;
-    size_t K = (size_t)3 * P * P, PP = (size_t)P * P, k;
-    for (k = 0; k < n; k++) x[k] = (float)(t->b * init_normal_quantile(init_uniform(key, (uint64_t)k)));
-    for (f = 0; f < nh; f++) {
-        uint64_t base = (uint64_t)n + (uint64_t)f * (K + 3); /* draws past the plain filters' */
-        float *h = x + (size_t)f * K; /* h built in channel 0's place, copied out last */
-        double mix[3], hh = 0.0, scale;
-        for (k = 0; k < PP; k++) h[k] = 0.0f;
-        for (i = 0; i < R; i++)
-            for (j = 0; j < R; j++) {
-                float r = (float)init_normal_quantile(init_uniform(key, base + 3 + (uint64_t)i * R + j));
-                int dy, dx;
-                for (dy = 0; dy < 3; dy++)
-                    for (dx = 0; dx < 3; dx++) h[(i + dy) * P + j + dx] += lap[dy][dx] * r;
-            }
-        for (k = 0; k < PP; k++) hh += (double)h[k] * h[k];
-        for (ch = 0; ch < 3; ch++) mix[ch] = init_normal_quantile(init_uniform(key, base + (uint64_t)ch));
-        scale = INIT_HIGHPASS_NORM / sqrt(hh * (mix[0] * mix[0] + mix[1] * mix[1] + mix[2] * mix[2]));
-        for (ch = 2; ch >= 0; ch--)
-            for (k = 0; k < PP; k++) h[(size_t)ch * PP + k] = (float)(mix[ch] * scale * h[k]);
-    }
-}
-
-/* Fills n values of a tensor by its rule. */
-static void init_fill(const init_tensor *t, uint64_t seed, const loupe_config *c, float *x, size_t n)
-{
-    uint64_t key = init_key(t->name, seed);
-    long i, nn = (long)n;
-    if (t->rule == INIT_GRID) { init_offset_grid(x, c->m2f_heads, c->deform_levels, c->deform_points); return; }
-    if (t->rule == INIT_HIGHPASS) { init_highpass(t, key, c->patch_size, x, n); return; }
-    if (t->rule == INIT_CONST) {
-        for (i = 0; i < nn; i++) x[i] = (float)t->a;
-        return;
-    }
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (nn > 65536)
-#endif
-    for (i = 0; i < nn; i++) {
-        double u = init_uniform(key, (uint64_t)i);
-        x[i] = t->rule == INIT_UNIFORM ? (float)(t->a * (2.0 * u - 1.0)) : (float)(t->a + t->b * init_normal_quantile(u));
-    }
-}
-
-/* ---- The config file: a small JSON reader ---- */
-
-enum { JSON_NULL, JSON_FALSE, JSON_TRUE, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT };
-
-typedef struct json_value {
-    int type, is_int; /* is_int: a number written without fraction or exponent */
-    double num;
-    char *str;        /* string value */
-    int n;            /* items of an array or members of an object */
-    struct json_value *items;
-    char **keys;      /* member names of an object */
-} json_value;
-
-typedef struct json_parser {
-    const char *p, *start;
-    int depth;
-    char *err;
-    size_t errsize;
-    const char *path;
-} json_parser;
-
-static void json_free(json_value *v)
-{
-    int i;
-    if (!v) return;
-    for (i = 0; i < v->n; i++) {
-        json_free(&v->items[i]);
-        if (v->keys) free(v->keys[i]);
-    }
-    free(v->items);
-    free(v->keys);
-    free(v->str);
-}
-
-static int json_error(json_parser *j, const char *what)
-{
-    int line = 1, col = 1;
-    const char *q;
-    for (q = j->start; q < j->p; q++) {
-        if (*q == '\n') { line++; col = 1; } else col++;
-    }
-    return fail(j->err, j->errsize, "%s: bad JSON at line %d, column %d: %s", j->path, line, col, what);
-}
-
-static void json_space(json_parser *j)
-{
-    while (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r') j->p++;
-}
-
-/* A string (after its opening quote); escapes decoded, \u above ASCII kept as '?'. */
-static int json_string(json_parser *j, char **out)
-{
-    size_t len = 0, cap = 16;
-    char *s = malloc(cap);
-    if (!s) return fail(j->err, j->errsize, "%s: out of memory", j->path);
-    for (;;) {
-        int ch = (unsigned char)*j->p;
-        if (ch == '"') { j->p++; break; }
-        if (ch == 0 || ch < 0x20) { free(s); return json_error(j, "unterminated string"); }
-        if (ch == '\\') {
-            j->p++;
-            switch (*j->p) {
-            case '"': ch = '"'; break;
-            case '\\': ch = '\\'; break;
-            case '/': ch = '/'; break;
-            case 'b': ch = '\b'; break;
-            case 'f': ch = '\f'; break;
-            case 'n': ch = '\n'; break;
-            case 'r': ch = '\r'; break;
-            case 't': ch = '\t'; break;
-            case 'u': {
-                int k, v = 0;
-                for (k = 1; k <= 4; k++) {
-                    int h = (unsigned char)j->p[k];
-                    if (!isxdigit(h)) { free(s); return json_error(j, "bad \\u escape"); }
-                    v = v * 16 + (isdigit(h) ? h - '0' : (h | 32) - 'a' + 10);
-                }
-                j->p += 4;
-                ch = v < 0x80 ? v : '?';
-                break;
-            }
-            default: free(s); return json_error(j, "bad escape in string");
-            }
-        }
-        j->p++;
-        if (len + 2 > cap) {
-            char *ns = realloc(s, cap *= 2);
-            if (!ns) { free(s); return fail(j->err, j->errsize, "%s: out of memory", j->path); }
-            s = ns;
-        }
-        s[len++] = (char)ch;
-    }
-    s[len] = 0;
-    *out = s;
-    return 0;
-}
-
-static int json_parse_value(json_parser *j, json_value *v);
-
-/* Appends one item (and key) to an array or object. */
-static int json_push(json_parser *j, json_value *v, char *key)
-{
-    json_value *items = realloc(v->items, (size_t)(v->n + 1) * sizeof *items);
-    if (!items) { free(key); return fail(j->err, j->errsize, "%s: out of memory", j->path); }
-    v->items = items;
-    memset(&v->items[v->n], 0, sizeof *items);
-    if (v->type == JSON_OBJECT) {
-        char **keys = realloc(v->keys, (size_t)(v->n + 1) * sizeof *keys);
-        if (!keys) { free(key); return fail(j->err, j->errsize, "%s: out of memory", j->path); }
-        v->keys = keys;
-        v->keys[v->n] = key;
-    }
-    v->n++;
-    return json_parse_value(j, &v->items[v->n - 1]);
-}
-
-static int json_parse_value(json_parser *j, json_value *v)
-{
-    const char *p;
-    json_space(j);
-    p = j->p;
-    if (*p == '{' || *p == '[') {
-        char close = *p == '{' ? '}' : ']';
-        v->type = *p == '{' ? JSON_OBJECT : JSON_ARRAY;
-        if (++j->depth > 64) return json_error(j, "nested too deeply");
-        j->p++;
-        json_space(j);
-        if (*j->p == close) { j->p++; j->depth--; return 0; }
-        for (;;) {
-            char *key = NULL;
-            json_space(j);
-            if (v->type == JSON_OBJECT) {
-                if (*j->p != '"') return json_error(j, "expected a member name in quotes");
-                j->p++;
-                if (json_string(j, &key)) return -1;
-                json_space(j);
-                if (*j->p != ':') { free(key); return json_error(j, "expected ':'"); }
-                j->p++;
-            }
-            if (json_push(j, v, key)) return -1;
-            json_space(j);
-            if (*j->p == ',') { j->p++; continue; }
-            if (*j->p == close) { j->p++; j->depth--; return 0; }
-            return json_error(j, close == '}' ? "expected ',' or '}'" : "expected ',' or ']'");
-        }
-    }
-    if (*p == '"') {
-        j->p++;
-        v->type = JSON_STRING;
-        return json_string(j, &v->str);
-    }
-    if (!strncmp(p, "true", 4)) { v->type = JSON_TRUE; j->p += 4; return 0; }
-    if (!strncmp(p, "false", 5)) { v->type = JSON_FALSE; j->p += 5; return 0; }
-    if (!strncmp(p, "null", 4)) { v->type = JSON_NULL; j->p += 4; return 0; }
-    if (*p == '-' || isdigit((unsigned char)*p)) { /* -?(0|[1-9]d*)(.d+)?([eE][+-]?d+)? */
-        char buf[64];
-        const char *q = p + (*p == '-');
-        v->is_int = 1;
-        if (*q == '0') q++;
-        else if (isdigit((unsigned char)*q)) while (isdigit((unsigned char)*q)) q++;
-        else return json_error(j, "bad number");
-        if (*q == '.') {
-            v->is_int = 0;
-            if (!isdigit((unsigned char)*++q)) return json_error(j, "bad number");
-            while (isdigit((unsigned char)*q)) q++;
-        }
-        if (*q == 'e' || *q == 'E') {
-            v->is_int = 0;
-            q++;
-            if (*q == '+' || *q == '-') q++;
-            if (!isdigit((unsigned char)*q)) return json_error(j, "bad number");
-            while (isdigit((unsigned char)*q)) q++;
-        }
-        if ((size_t)(q - p) >= sizeof buf) return json_error(j, "number too long");
-        memcpy(buf, p, (size_t)(q - p));
-        buf[q - p] = 0;
-        v->type = JSON_NUMBER;
-        v->num = strtod(buf, NULL);
-        j->p = q;
-        return 0;
-    }
-    return json_error(j, *p ? "unexpected character" : "unexpected end of file");
-}
-
-/* Reads and parses a whole JSON file (which must hold one object). */
-static int json_load(const char *path, json_value *root, char *err, size_t errsize)
-{
-    FILE *f = fopen(path, "rb");
-    char *text;
-    size_t n = 0, cap = 1 << 16, got;
-    json_parser j;
-    memset(root, 0, sizeof *root);
-    if (!f) return fail(err, errsize, "%s: cannot read config: %s", path, strerror(errno));
-    if (!(text = malloc(cap))) { fclose(f); return fail(err, errsize, "%s: out of memory", path); }
-    while ((got = fread(text + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (n + 1 == cap) {
-            char *nt = cap > (1u << 26) ? NULL : realloc(text, cap * 2);
-            if (!nt) { free(text); fclose(f); return fail(err, errsize, "%s: config file too large", path); }
-            text = nt;
-            cap *= 2;
-        }
-    }
-    if (ferror(f)) { free(text); fclose(f); return fail(err, errsize, "%s: cannot read config: read error", path); }
-    fclose(f);
-    text[n] = 0;
-    j.p = j.start = text;
-    j.depth = 0;
-    j.err = err;
-    j.errsize = errsize;
-    j.path = path;
-    if (strlen(text) != n) { free(text); return fail(err, errsize, "%s: bad JSON: the file contains a NUL byte", path); }
-    if (json_parse_value(&j, root)) { free(text); json_free(root); memset(root, 0, sizeof *root); return -1; }
-    json_space(&j);
-    if (*j.p) { json_error(&j, "text after the end of the JSON value"); free(text); json_free(root); return -1; }
-    free(text);
-    if (root->type != JSON_OBJECT) { json_free(root); memset(root, 0, sizeof *root); return fail(err, errsize, "%s: not a JSON object", path); }
-    return 0;
-}
-
-/* Member key of an object (the last one when repeated, as Python's json), or NULL. */
-static const json_value *json_get(const json_value *obj, const char *key)
-{
-    int i;
-    if (!obj || obj->type != JSON_OBJECT) return NULL;
-    for (i = obj->n - 1; i >= 0; i--)
-        if (!strcmp(obj->keys[i], key)) return &obj->items[i];
-    return NULL;
-}
-
-/* ---- The config: tools/convert.py's hparams_from_config in C ---- */
-
-typedef struct init_cfg_reader {
-    const json_value *root;
-    const char *path;
-    char *err;
-    size_t errsize;
-} init_cfg_reader;
-
-static const char *json_type_name(const json_value *v)
-{
-    static const char *const names[] = {"null", "false", "true", "a number", "a string", "an array", "an object"};
-    return names[v->type];
-}
-
-/* A short description of a value for messages: 64.5, "abc", true, an array, ... */
-static const char *json_describe(const json_value *v, char *buf, size_t size)
-{
-    if (v->type == JSON_NUMBER) snprintf(buf, size, "%.17g", v->num);
-    else if (v->type == JSON_STRING) snprintf(buf, size, "\"%.40s\"", v->str);
-    else snprintf(buf, size, "%s", json_type_name(v));
-    return buf;
-}
-
-/* section.key, which must exist (an error naming it otherwise). */
-static const json_value *cfg_value(init_cfg_reader *r, const char *section, const char *key)
-{
-    const json_value *sec = json_get(r->root, section), *v = json_get(sec, key);
-    if (!sec || sec->type != JSON_OBJECT) {
-        fail(r->err, r->errsize, "%s: missing key %s.%s (no \"%s\" object)", r->path, section, key, section);
-        return NULL;
-    }
-    if (!v) fail(r->err, r->errsize, "%s: missing key %s.%s", r->path, section, key);
-    return v;
-}
-
-/* A positive integer (JSON integer literal), as convert.py requires. */
-static int cfg_int(init_cfg_reader *r, const char *section, const char *key, int *out)
-{
-    const json_value *v = cfg_value(r, section, key);
-    char buf[64];
-    if (!v) return -1;
-    if (v->type != JSON_NUMBER || !v->is_int || !(v->num >= 1 && v->num <= 2147483647.0))
-        return fail(r->err, r->errsize, "%s: %s.%s must be a positive integer (got %s)", r->path, section, key,
-                    json_describe(v, buf, sizeof buf));
-    *out = (int)v->num;
-    return 0;
-}
-
-/* A finite number (not a boolean). */
-static int cfg_number(init_cfg_reader *r, const char *section, const char *key, double *out)
-{
-    const json_value *v = cfg_value(r, section, key);
-    char buf[64];
-    if (!v) return -1;
-    if (v->type != JSON_NUMBER || !(v->num >= -DBL_MAX && v->num <= DBL_MAX))
-        return fail(r->err, r->errsize, "%s: %s.%s must be a finite number (got %s)", r->path, section, key,
-                    json_describe(v, buf, sizeof buf));
-    *out = v->num;
-    return 0;
-}
-
-/* A value that must be exactly `true`, `false` or `null` (type JSON_TRUE...). */
-static int cfg_literal(init_cfg_reader *r, const char *section, const char *key, int type, const char *why)
-{
-    const json_value *v = cfg_value(r, section, key);
-    char buf[64];
-    if (!v) return -1;
-    if (v->type != type) return fail(r->err, r->errsize, "%s: %s.%s must be %s (got %s)%s", r->path, section, key,
-                                     type == JSON_TRUE ? "true" : type == JSON_FALSE ? "false" : "null",
-                                     json_describe(v, buf, sizeof buf), why);
-    return 0;
-}
-
-/* A string that must equal want. */
-static int cfg_string(init_cfg_reader *r, const char *section, const char *key, const char *want)
-{
-    const json_value *v = cfg_value(r, section, key);
-    char buf[64];
-    if (!v) return -1;
-    if (v->type != JSON_STRING || strcmp(v->str, want))
-        return fail(r->err, r->errsize, "%s: %s.%s must be \"%s\" (got %s)", r->path, section, key, want,
-                    json_describe(v, buf, sizeof buf));
-    return 0;
-}
-
-/* An optional derived value (pe_derived.mlp_width, ...) must agree with the config. */
-static int cfg_derived(init_cfg_reader *r, const char *section, const char *key, double want)
-{
-    const json_value *v = json_get(json_get(r->root, section), key);
-    char buf[64];
-    if (v && !(v->type == JSON_NUMBER && v->num == want))
-        return fail(r->err, r->errsize, "%s: %s.%s is %s but the config implies %.17g", r->path, section, key,
-                    json_describe(v, buf, sizeof buf), want);
-    return 0;
-}
-
-/* An optional number with a default. */
-static int cfg_optional(init_cfg_reader *r, const char *section, const char *key, double dflt, double *out)
-{
-    const json_value *v = json_get(json_get(r->root, section), key);
-    *out = dflt;
-    if (!v) return 0;
-    if (v->type != JSON_NUMBER || !(v->num >= 0 && v->num < 1e6))
-        return fail(r->err, r->errsize, "%s: %s.%s must be a non-negative number", r->path, section, key);
-    *out = v->num;
-    return 0;
-}
-
-typedef struct init_hparams {
-    const char *names[INIT_N_HPARAMS];
-    double values[INIT_N_HPARAMS];
-    double std, xavier_gain;
-} init_hparams;
-
-/* Reads CONFIG into the header hyperparameters tools/convert.py writes (same names,
- * order and values) and checks it as convert.py does; one error sentence naming the key. */
-static int init_read_config(const char *path, init_hparams *h, char *err, size_t errsize)
-{
-    json_value root;
-    init_cfg_reader r;
-    int S, P, W, layers, heads, pool_heads, cls_ratio, cls_layers, F, mask_f, hid, enc_ffn, enc_layers, dec_layers;
-    int m2f_heads, dec_ffn, Q, labels, points, k, rc = -1;
-    double mlp_ratio, fl[13];
-    const json_value *v;
-    static const char *const real_keys[13][2] = {
-        {"mask2former", "no_object_weight"}, {"mask2former", "class_weight"}, {"mask2former", "mask_weight"},
-        {"mask2former", "dice_weight"}, {"mask2former", "oversample_ratio"}, {"mask2former", "importance_sample_ratio"},
-        {"loupe", "pixel_forge_weight"}, {"loupe", "pixel_poly_epsilon"}, {"loupe", "tversky_alpha"},
-        {"loupe", "seg_loss_weight"}, {"mask2former", "common_stride"}, {"loupe", "cls_forge_weight"},
-        {"loupe", "patch_forge_weight"}};
-    if (json_load(path, &root, err, errsize)) return -1;
-    r.root = &root;
-    r.path = path;
-    r.err = err;
-    r.errsize = errsize;
-    if (cfg_int(&r, "pe", "image_size", &S) || cfg_int(&r, "pe", "patch_size", &P) || cfg_int(&r, "pe", "width", &W) ||
-        cfg_int(&r, "pe", "layers", &layers) || cfg_int(&r, "pe", "heads", &heads) ||
-        cfg_int(&r, "pe", "attn_pooler_heads", &pool_heads) || cfg_number(&r, "pe", "mlp_ratio", &mlp_ratio) ||
-        cfg_literal(&r, "pe", "output_dim", JSON_NULL, " (Loupe drops PE's projection)") ||
-        cfg_literal(&r, "pe", "ls_init_value", JSON_NULL, " (layer scale is not supported)") ||
-        cfg_literal(&r, "pe", "use_abs_posemb", JSON_TRUE, "") || cfg_literal(&r, "pe", "use_cls_token", JSON_TRUE, "") ||
-        cfg_literal(&r, "pe", "use_rope2d", JSON_TRUE, "") || cfg_string(&r, "pe", "pool_type", "attn") ||
-        cfg_literal(&r, "pe", "use_ln_pre", JSON_TRUE, "") || cfg_literal(&r, "pe", "use_ln_post", JSON_TRUE, "") ||
-        cfg_string(&r, "loupe", "hidden_act", "gelu") || cfg_int(&r, "loupe", "cls_mlp_ratio", &cls_ratio) ||
-        cfg_int(&r, "loupe", "cls_mlp_layers", &cls_layers) ||
-        cfg_literal(&r, "loupe", "enable_patch_cls", JSON_TRUE, "") ||
-        cfg_literal(&r, "loupe", "enable_cls_fusion", JSON_TRUE, "") ||
-        cfg_literal(&r, "loupe", "enable_conditional_queries", JSON_TRUE, "") ||
-        cfg_int(&r, "mask2former", "feature_size", &F) || cfg_int(&r, "mask2former", "mask_feature_size", &mask_f) ||
-        cfg_int(&r, "mask2former", "hidden_dim", &hid) ||
-        cfg_int(&r, "mask2former", "encoder_feedforward_dim", &enc_ffn) ||
-        cfg_string(&r, "mask2former", "activation_function", "relu") ||
-        cfg_int(&r, "mask2former", "encoder_layers", &enc_layers) ||
-        cfg_int(&r, "mask2former", "decoder_layers", &dec_layers) ||
-        cfg_int(&r, "mask2former", "num_attention_heads", &m2f_heads) ||
-        cfg_int(&r, "mask2former", "dim_feedforward", &dec_ffn) ||
-        cfg_literal(&r, "mask2former", "pre_norm", JSON_FALSE, "") ||
-        cfg_literal(&r, "mask2former", "enforce_input_projection", JSON_FALSE, "") ||
-        cfg_int(&r, "mask2former", "num_queries", &Q) || cfg_int(&r, "mask2former", "num_labels", &labels) ||
-        cfg_int(&r, "mask2former", "train_num_points", &points))
-        goto done;
-    for (k = 0; k < 13; k++)
-        if (cfg_number(&r, real_keys[k][0], real_keys[k][1], &fl[k])) goto done;
-    if (!(fl[11] >= 0.0 && fl[11] <= 1.0 && fl[12] >= 0.0 && fl[12] <= 1.0)) {
-        fail(err, errsize, "%s: loupe.cls_forge_weight and loupe.patch_forge_weight must be between 0 and 1", path);
-        goto done;
-    }
-    if (!(v = cfg_value(&r, "mask2former", "feature_strides"))) goto done;
-    if (fl[10] != 4 || v->type != JSON_ARRAY || v->n != 4 || v->items[0].type != JSON_NUMBER ||
-        v->items[0].num != 4 || v->items[1].type != JSON_NUMBER || v->items[1].num != 8 ||
-        v->items[2].type != JSON_NUMBER || v->items[2].num != 16 || v->items[3].type != JSON_NUMBER ||
-        v->items[3].num != 32) {
-        fail(err, errsize, "%s: mask2former.common_stride must be 4 and mask2former.feature_strides [4, 8, 16, 32]", path);
-        goto done;
-    }
-    if (W % (4 * heads)) { fail(err, errsize, "%s: pe.width must be pe.heads x a multiple of 4 (2-D RoPE rotates pairs on two axes)", path); goto done; }
-    if (W % pool_heads) { fail(err, errsize, "%s: pe.width is not divisible by pe.attn_pooler_heads", path); goto done; }
-    if (S % (2 * P)) { fail(err, errsize, "%s: pe.image_size must be an even multiple of pe.patch_size (the FPN has a g/2 level)", path); goto done; }
-    if (F != mask_f || F != hid) { fail(err, errsize, "%s: mask2former.feature_size, mask_feature_size and hidden_dim must be equal", path); goto done; }
-    if (F % m2f_heads) { fail(err, errsize, "%s: mask2former.feature_size is not divisible by mask2former.num_attention_heads", path); goto done; }
-    if (F % 32) { fail(err, errsize, "%s: mask2former.feature_size must be a multiple of 32 (GroupNorm groups)", path); goto done; }
-    if (labels != 1) { fail(err, errsize, "%s: mask2former.num_labels must be 1 (Loupe's single 'forgery' label)", path); goto done; }
-    if (!(mlp_ratio > 0 && (double)W * mlp_ratio < 2147483647.0) || (int)((double)W * mlp_ratio) < 1) {
-        fail(err, errsize, "%s: pe.mlp_ratio must be a positive number", path);
-        goto done;
-    }
-    if (cfg_derived(&r, "pe_derived", "mlp_width", (double)(int)((double)W * mlp_ratio)) ||
-        cfg_derived(&r, "pe_derived", "attn_pool_mlp_width", 4.0 * W) || cfg_derived(&r, "pe_derived", "grid", S / P) ||
-        cfg_derived(&r, "loupe", "cls_head_hidden", (double)W * cls_ratio) ||
-        cfg_optional(&r, "loupe", "initializer_range", INIT_STD, &h->std) ||
-        cfg_optional(&r, "mask2former", "init_xavier_std", INIT_XAVIER_GAIN, &h->xavier_gain))
-        goto done;
-    {
-        /* convert.py's hparams list, in its order */
-        const struct { const char *name; double value; } hp[INIT_N_HPARAMS] = {
-            {"image_size", S}, {"patch_size", P}, {"width", W}, {"layers", layers}, {"heads", heads},
-            {"mlp_width", (int)((double)W * mlp_ratio)}, {"pool_heads", pool_heads}, {"pool_mlp_width", 4.0 * W},
-            {"rope_theta", 10000.0}, {"ln_eps", 1e-5}, {"cls_hidden", (double)W * cls_ratio},
-            {"cls_layers", cls_layers}, {"fpn_ln_eps", 1e-6}, {"feature_size", F}, {"mask_feature_size", mask_f},
-            {"hidden_dim", hid}, {"m2f_heads", m2f_heads}, {"enc_layers", enc_layers}, {"enc_ffn", enc_ffn},
-            {"dec_layers", dec_layers}, {"dec_ffn", dec_ffn}, {"num_queries", Q}, {"num_labels", labels},
-            {"gn_groups", 32}, {"gn_eps", 1e-5}, {"deform_levels", 3}, {"deform_points", 4},
-            {"no_object_weight", fl[0]}, {"class_weight", fl[1]}, {"mask_weight", fl[2]}, {"dice_weight", fl[3]},
-            {"train_num_points", points}, {"oversample_ratio", fl[4]}, {"importance_sample_ratio", fl[5]},
-            {"pixel_forge_weight", fl[6]}, {"pixel_poly_epsilon", fl[7]}, {"tversky_alpha", fl[8]},
-            {"seg_loss_weight", fl[9]}, {"cls_forge_weight", fl[11]}, {"patch_forge_weight", fl[12]},
-        };
-        for (k = 0; k < INIT_N_HPARAMS; k++) {
-            h->names[k] = hp[k].name;
-            h->values[k] = hp[k].value;
-        }
-    }
-    rc = 0;
-done:
-    json_free(&root);
-    return rc;
-}
-
-/* ---- The tensor list: tools/convert.py's required_tensors, each with its rule ---- */
-
-typedef struct init_list {
-    init_tensor *t;
-    int n, cap, failed;
-    double std, xgain;
-} init_list;
-
-static init_tensor *init_add(init_list *l, int rule, double a, double b, int d0, int d1, int d2, int d3,
-                             const char *fmt, ...)
-{
-    init_tensor *t;
-    va_list ap;
-    if (l->failed) return NULL;
-    if (l->n == l->cap) {
-        init_tensor *nt = realloc(l->t, (size_t)(l->cap = l->cap ? 2 * l->cap : 256) * sizeof *nt);
-        if (!nt) { l->failed = 1; return NULL; }
-        l->t = nt;
-    }
-    t = &l->t[l->n++];
-    memset(t, 0, sizeof *t);
-    va_start(ap, fmt);
-    vsnprintf(t->name, sizeof t->name, fmt, ap);
-    va_end(ap);
-    t->dims[0] = d0; t->dims[1] = d1; t->dims[2] = d2; t->dims[3] = d3;
-    t->ndim = d3 ? 4 : d2 ? 3 : d1 ? 2 : 1;
-    t->rule = rule;
-    t->a = a;
-    t->b = b;
-    {   /* convert.py's is_weight_matrix */
-        size_t len = strlen(t->name);
-        static const char *const keep[] = {".conv2.weight", "fuser.fuse.weight", "queries_embedder.weight",
-                                           "queries_features.weight", "level_embed.weight"};
-        int k, ends = len > 7 && !strcmp(t->name + len - 7, ".weight");
-        ends = ends || (len >= 14 && !strcmp(t->name + len - 14, "in_proj_weight"));
-        for (k = 0; k < 5; k++) {
-            size_t kl = strlen(keep[k]);
-            if (len >= kl && !strcmp(t->name + len - kl, keep[k])) ends = 0;
-        }
-        t->matrix = t->ndim >= 2 && ends;
-    }
-    t->from_backbone = !strncmp(t->name, "backbone.", 9);
-    return t;
-}
-
-/* Shorthands. fan_in/fan_out as torch.nn.init._calculate_fan_in_and_fan_out. */
-static double init_xavier_bound(double gain, int d0, int d1, int receptive)
-{
-    double fan_in = (double)d1 * receptive, fan_out = (double)d0 * receptive;
-    return gain * sqrt(2.0 / (fan_in + fan_out)) * sqrt(3.0);
-}
-
-#define INIT_N(std) INIT_NORMAL, 0.0, (std)
-#define INIT_ZERO INIT_CONST, 0.0, 0.0
-#define INIT_ONE INIT_CONST, 1.0, 0.0
-#define INIT_XAVIER(gain, d0, d1, r) INIT_UNIFORM, init_xavier_bound(gain, d0, d1, r), 0.0
-
-static void init_norm(init_list *l, int n, const char *prefix)
-{
-    init_add(l, INIT_ONE, n, 0, 0, 0, "%s.weight", prefix);
-    init_add(l, INIT_ZERO, n, 0, 0, 0, "%s.bias", prefix);
-}
-
-/* nn.Linear [out][in] + bias: weight by (rule, a, b), bias zero. */
-static void init_linear(init_list *l, int rule, double a, double b, int out, int in, const char *prefix)
-{
-    init_add(l, rule, a, b, out, in, 0, 0, "%s.weight", prefix);
-    init_add(l, INIT_ZERO, out, 0, 0, 0, "%s.bias", prefix);
-}
-
-/* nn.MultiheadAttention (or PE's SelfAttention): xavier in_proj, zero biases, out_proj
- * weight by (rule, a, b). */
-static void init_mha(init_list *l, double in_gain, int rule, double a, double b, int e, const char *prefix)
-{
-    char p[200];
-    init_add(l, INIT_XAVIER(in_gain, 3 * e, e, 1), 3 * e, e, 0, 0, "%s.in_proj_weight", prefix);
-    init_add(l, INIT_ZERO, 3 * e, 0, 0, 0, "%s.in_proj_bias", prefix);
-    snprintf(p, sizeof p, "%s.out_proj", prefix);
-    init_linear(l, rule, a, b, e, e, p);
-}
-
-static void init_cls_head(init_list *l, const char *prefix, int in, int hidden, int layers)
-{
-    int i, width = in;
-    for (i = 0; i < layers; i++) {
-        int out = i == layers - 1 ? 1 : hidden;
-        double bound = 1.0 / sqrt((double)width); /* nn.Linear.reset_parameters: kaiming_uniform(a=sqrt(5)) */
-        init_add(l, INIT_UNIFORM, bound, 0.0, out, width, 0, 0, "%s.layers.%d.weight", prefix, i);
-        init_add(l, INIT_UNIFORM, bound, 0.0, out, 0, 0, 0, "%s.layers.%d.bias", prefix, i);
-        width = hidden;
-    }
-}
-
-static void init_scale_block(init_list *l, const char *prefix, int W, int upsample)
-{
-    char p[200];
-    if (upsample) { /* ConvTranspose2d [in][out][2][2]: fan_in = out x 4 */
-        double bound = 1.0 / sqrt(4.0 * W);
-        init_add(l, INIT_UNIFORM, bound, 0.0, W, W, 2, 2, "%s.conv1.weight", prefix);
-        init_add(l, INIT_UNIFORM, bound, 0.0, W, 0, 0, 0, "%s.conv1.bias", prefix);
-    }
-    init_add(l, INIT_N(l->std), W, 1, 3, 3, "%s.conv2.weight", prefix);
-    snprintf(p, sizeof p, "%s.norm", prefix);
-    init_norm(l, W, p);
-}
-
-/* Every tensor of the weight file in convert.py's order, with its rule (table above). */
-static int init_tensor_list(const loupe_config *c, const init_hparams *h, double highpass, init_list *l)
-{
-    int W = c->width, g = c->grid, F = c->feature_size, i, k;
-    int n_off = c->m2f_heads * c->deform_levels * c->deform_points;
-    double pe_scale = 1.0 / sqrt((double)W), x1 = 1.0, xd = h->xavier_gain;
-    char p[200];
-    static const char *const dec_proj[4] = {"k_proj", "v_proj", "q_proj", "out_proj"};
-    memset(l, 0, sizeof *l);
-    l->std = h->std;
-    l->xgain = xd;
-    /* backbone */
-    init_add(l, INIT_N(pe_scale), W, 0, 0, 0, "backbone.class_embedding");
-    init_add(l, INIT_N(pe_scale), 1 + g * g, W, 0, 0, "backbone.positional_embedding");
-    if (highpass > 0.0) init_add(l, INIT_HIGHPASS, highpass, l->std, W, 3, c->patch_size, c->patch_size, "backbone.conv1.weight");
-    else init_add(l, INIT_N(l->std), W, 3, c->patch_size, c->patch_size, "backbone.conv1.weight");
-    init_norm(l, W, "backbone.ln_pre");
-    init_norm(l, W, "backbone.ln_post");
-    for (i = 0; i < c->layers; i++) {
-        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.attn", i);
-        init_mha(l, x1, INIT_N(l->std), W, p);
-        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.ln_1", i); init_norm(l, W, p);
-        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.ln_2", i); init_norm(l, W, p);
-        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.mlp.c_fc", i);
-        init_linear(l, INIT_N(l->std), c->mlp_width, W, p);
-        snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.mlp.c_proj", i);
-        init_linear(l, INIT_N(l->std), W, c->mlp_width, p);
-    }
-    init_add(l, INIT_N(1.0), 1, 1, W, 0, "backbone.attn_pool.probe");
-    init_mha(l, x1, INIT_N(l->std), W, "backbone.attn_pool.attn");
-    init_norm(l, W, "backbone.attn_pool.layernorm");
-    init_linear(l, INIT_N(l->std), c->pool_mlp_width, W, "backbone.attn_pool.mlp.c_fc");
-    init_linear(l, INIT_N(l->std), W, c->pool_mlp_width, "backbone.attn_pool.mlp.c_proj");
-    /* classifier */
-    init_cls_head(l, "classifier.classifier", W, c->cls_hidden, c->cls_layers);
-    init_cls_head(l, "classifier.patch_classifier", W, c->cls_hidden, c->cls_layers);
-    init_add(l, INIT_CONST, 1.0 / (1 + g * g), 0.0, 1, 1 + g * g, 0, 0, "classifier.fuser.fuse.weight");
-    /* segmentor: feature pyramid 4x (two steps), 2x, 0.5x */
-    init_scale_block(l, "segmentor.fpn.scale_layers.0.0", W, 1);
-    init_scale_block(l, "segmentor.fpn.scale_layers.0.1", W, 1);
-    init_scale_block(l, "segmentor.fpn.scale_layers.1.0", W, 1);
-    init_scale_block(l, "segmentor.fpn.scale_layers.3.0", W, 0);
-    for (i = 0; i < 2; i++) init_add(l, INIT_N(l->std), F, 0, 0, 0, "segmentor.label_embedding.%d", i);
-    /* pixel decoder: every tensor of >= 2 dimensions xavier(1) */
-    init_add(l, INIT_ZERO, c->deform_levels, F, 0, 0, "segmentor.pixel_decoder.level_embed");
-    for (i = 0; i < c->deform_levels; i++) {
-        init_add(l, INIT_XAVIER(x1, F, W, 1), F, W, 1, 1, "segmentor.pixel_decoder.input_projections.%d.0.weight", i);
-        init_add(l, INIT_ZERO, F, 0, 0, 0, "segmentor.pixel_decoder.input_projections.%d.0.bias", i);
-        snprintf(p, sizeof p, "segmentor.pixel_decoder.input_projections.%d.1", i);
-        init_norm(l, F, p);
-    }
-    for (i = 0; i < c->enc_layers; i++) {
-#define ENC(s) (snprintf(p, sizeof p, "segmentor.pixel_decoder.encoder.layers.%d.%s", i, s), p)
-        init_add(l, INIT_XAVIER(x1, 2 * n_off, F, 1), 2 * n_off, F, 0, 0, "%s.weight", ENC("self_attn.sampling_offsets"));
-        init_add(l, INIT_GRID, 0.0, 0.0, 2 * n_off, 0, 0, 0, "%s.bias", p);
-        init_linear(l, INIT_XAVIER(x1, n_off, F, 1), n_off, F, ENC("self_attn.attention_weights"));
-        init_linear(l, INIT_XAVIER(x1, F, F, 1), F, F, ENC("self_attn.value_proj"));
-        init_linear(l, INIT_XAVIER(x1, F, F, 1), F, F, ENC("self_attn.output_proj"));
-        init_norm(l, F, ENC("self_attn_layer_norm"));
-        init_linear(l, INIT_XAVIER(x1, c->enc_ffn, F, 1), c->enc_ffn, F, ENC("fc1"));
-        init_linear(l, INIT_XAVIER(x1, F, c->enc_ffn, 1), F, c->enc_ffn, ENC("fc2"));
-        init_norm(l, F, ENC("final_layer_norm"));
-        init_mha(l, x1, INIT_XAVIER(x1, F, F, 1), F, ENC("cross_attn"));
-        init_norm(l, F, ENC("cross_attn_layer_norm"));
-#undef ENC
-    }
-    init_add(l, INIT_XAVIER(x1, F, F, 1), F, F, 1, 1, "segmentor.pixel_decoder.mask_projection.weight");
-    init_add(l, INIT_ZERO, F, 0, 0, 0, "segmentor.pixel_decoder.mask_projection.bias");
-    init_add(l, INIT_XAVIER(x1, F, W, 1), F, W, 1, 1, "segmentor.pixel_decoder.adapter_1.0.weight");
-    init_norm(l, F, "segmentor.pixel_decoder.adapter_1.1");
-    init_add(l, INIT_XAVIER(x1, F, F, 9), F, F, 3, 3, "segmentor.pixel_decoder.layer_1.0.weight");
-    init_norm(l, F, "segmentor.pixel_decoder.layer_1.1");
-    /* transformer decoder */
-    init_add(l, INIT_N(l->std), c->num_queries, F, 0, 0, "segmentor.mask2former_decoder.queries_embedder.weight");
-    init_add(l, INIT_N(l->std), c->num_queries, F, 0, 0, "segmentor.mask2former_decoder.queries_features.weight");
-    for (i = 0; i < c->dec_layers - 1; i++) {
-#define DEC(s) (snprintf(p, sizeof p, "segmentor.mask2former_decoder.decoder.layers.%d.%s", i, s), p)
-        for (k = 0; k < 4; k++) {
-            char s[40];
-            snprintf(s, sizeof s, "self_attn.%s", dec_proj[k]);
-            init_linear(l, INIT_XAVIER(xd, F, F, 1), F, F, DEC(s));
-        }
-        init_norm(l, F, DEC("self_attn_layer_norm"));
-        init_mha(l, xd, INIT_XAVIER(xd, F, F, 1), F, DEC("cross_attn"));
-        init_norm(l, F, DEC("cross_attn_layer_norm"));
-        init_linear(l, INIT_XAVIER(xd, c->dec_ffn, F, 1), c->dec_ffn, F, DEC("fc1"));
-        init_linear(l, INIT_XAVIER(xd, F, c->dec_ffn, 1), F, c->dec_ffn, DEC("fc2"));
-        init_norm(l, F, DEC("final_layer_norm"));
-#undef DEC
-    }
-    init_norm(l, F, "segmentor.mask2former_decoder.decoder.layernorm");
-    for (i = 0; i < 3; i++) {
-        snprintf(p, sizeof p, "segmentor.mask2former_decoder.decoder.mask_predictor.mask_embedder.%d.0", i);
-        init_linear(l, INIT_N(l->std), F, F, p);
-    }
-    init_add(l, INIT_N(l->std), c->deform_levels, F, 0, 0, "segmentor.mask2former_decoder.level_embed.weight");
-    init_linear(l, INIT_N(l->std), c->num_labels + 1, F, "segmentor.class_predictor");
-    return l->failed ? -1 : 0;
-}
-
-/* ---- Writing the file ---- */
-
-static uint32_t init_float_bits(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-
-static void put_u16(unsigned char *p, uint32_t v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); }
-static void put_u32(unsigned char *p, uint32_t v) { put_u16(p, v & 0xFFFF); put_u16(p + 2, v >> 16); }
-static void put_u64(unsigned char *p, uint64_t v) { put_u32(p, (uint32_t)v); put_u32(p + 4, (uint32_t)(v >> 32)); }
-static uint64_t init_align(uint64_t n) { return (n + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN; }
-
-/* Encodes n float32 values of a [rows][cols] tensor as dtype into out (little-endian;
- * Q8 and BF16 exactly as tools/convert.py rounds them); returns the byte count. */
-static size_t init_encode(const float *x, size_t rows, size_t cols, int dtype, unsigned char *out)
-{
-    size_t n = rows * cols, i, r, c;
-    if (dtype == DTYPE_BF16) {
-        for (i = 0; i < n; i++) {
-            uint32_t u = init_float_bits(x[i]);
-            put_u16(out + 2 * i, (u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-        }
-        return 2 * n;
-    }
-    if (dtype == DTYPE_Q8) {
-        size_t cols32 = (size_t)q8_padded(cols), nb = cols32 / Q8_BLOCK;
-        unsigned char *sc = out + rows * cols32;
-        for (r = 0; r < rows; r++)
-            for (c = 0; c < nb; c++) {
-                const float *w = x + r * cols + c * Q8_BLOCK;
-                size_t k, m = cols - c * Q8_BLOCK < Q8_BLOCK ? cols - c * Q8_BLOCK : Q8_BLOCK;
-                float amax = 0.0f, scale;
-                double div;
-                for (k = 0; k < m; k++) amax = fabsf(w[k]) > amax ? fabsf(w[k]) : amax;
-                scale = (float)((double)amax / 127.0);
-                div = scale != 0.0f ? (double)scale : 1.0;
-                for (k = 0; k < Q8_BLOCK; k++)
-                    out[r * cols32 + c * Q8_BLOCK + k] = (unsigned char)(int8_t)(k < m ? (int)nearbyint((double)w[k] / div) : 0);
-                put_u32(sc + 4 * (r * nb + c), init_float_bits(scale));
-            }
-        return (size_t)tensor_bytes(DTYPE_Q8, rows, cols);
-    }
-    for (i = 0; i < n; i++) put_u32(out + 4 * i, init_float_bits(x[i]));
-    return 4 * n;
-}
-
-/* The entry called name in a parsed weight file, or NULL. */
-static const tensor_entry *init_find_entry(const loupe_model *m, const char *name)
-{
-    int i;
-    size_t len = strlen(name);
-    for (i = 0; i < m->n_entries; i++)
-        if ((size_t)m->entries[i].name_len == len && !memcmp(m->entries[i].name, name, len)) return &m->entries[i];
-    return NULL;
-}
-
-int loupe_init_weights(const char *config_path, const char *out_path, unsigned long long seed, const char *dtype,
-                       const char *backbone_path, char *err, size_t errsize)
-{
-    loupe_init_options o;
-    memset(&o, 0, sizeof o);
-    o.seed = seed;
-    o.dtype = dtype;
-    o.backbone_path = backbone_path;
-    return loupe_init_weights_with(config_path, out_path, &o, err, errsize);
-}
-
-int loupe_init_weights_with(const char *config_path, const char *out_path, const loupe_init_options *opt, char *err,
-                            size_t errsize)
-{
-    unsigned long long seed;
-    const char *dtype, *backbone_path;
-    init_hparams h;
-    init_list l;
-    loupe_model cm, *bm = NULL;
-    unsigned char *meta = NULL, *bytes = NULL;
-    const tensor_entry **src = NULL;
-    uint64_t *offsets = NULL, index_bytes = 0, data_offset, pos, file_size;
-    size_t most = 1, most_bytes = TENSOR_ALIGN, meta_len;
-    uint64_t nbytes;
-    float *x = NULL;
-    char tmp[1024];
-    FILE *f = NULL;
-    int matrix_dtype = DTYPE_F32, version = WEIGHTS_VERSION_F32_ONLY, i, k, rc = -1, ok = 1;
-
-    memset(&l, 0, sizeof l);
-    if (!config_path || !out_path || !opt)
-        return fail(err, errsize, "loupe_init_weights needs a config, an output path and options");
-    if (!(opt->highpass >= 0.0 && opt->highpass <= 1.0))
-        return fail(err, errsize, "the high-pass share of the patch embedding must be from 0 to 1 (got %g)", opt->highpass);
-    seed = opt->seed;
-    dtype = opt->dtype;
-    backbone_path = opt->backbone_path;
-    if (dtype && !strcmp(dtype, "bf16")) matrix_dtype = DTYPE_BF16;
-    else if (dtype && !strcmp(dtype, "q8")) matrix_dtype = DTYPE_Q8;
-    else if (dtype && strcmp(dtype, "f32")) return fail(err, errsize, "unknown dtype %s (f32, bf16 or q8)", dtype);
-    if (strlen(out_path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", out_path);
-    if (init_read_config(config_path, &h, err, errsize)) return -1;
-
-    /* The header's hyperparameters, checked by the loader's own rules (weights_config). */
-    meta_len = WEIGHTS_HEADER_BYTES + (size_t)INIT_N_HPARAMS * HPARAM_RECORD_BYTES;
-    if (!(meta = calloc(1, meta_len))) return fail(err, errsize, "out of memory");
-    memcpy(meta, WEIGHTS_MAGIC, WEIGHTS_MAGIC_LEN);
-    put_u32(meta + 12, INIT_N_HPARAMS);
-    for (k = 0; k < INIT_N_HPARAMS; k++) {
-        unsigned char *r = meta + WEIGHTS_HEADER_BYTES + (size_t)k * HPARAM_RECORD_BYTES;
-        uint64_t u;
-        memcpy(r, h.names[k], strlen(h.names[k]));
-        memcpy(&u, &h.values[k], sizeof u);
-        put_u64(r + HPARAM_NAME_BYTES, u);
-    }
-    memset(&cm, 0, sizeof cm);
-    cm.data = meta;
-    cm.size = meta_len;
-    snprintf(cm.path, sizeof cm.path, "%s", config_path);
-    if (weights_config(&cm, err, errsize)) goto done;
-    if (init_tensor_list(&cm.cfg, &h, opt->highpass, &l)) { fail(err, errsize, "out of memory"); goto done; }
-
-    /* The backbone's source tensors, shapes checked before anything is written. */
-    if (!(src = calloc((size_t)l.n, sizeof *src)) || !(offsets = calloc((size_t)l.n, sizeof *offsets))) {
-        fail(err, errsize, "out of memory");
-        goto done;
-    }
-    if (backbone_path) {
-        if (!host_is_little_endian()) { fail(err, errsize, "%s: big-endian hosts are not supported", backbone_path); goto done; }
-        if (!(bm = calloc(1, sizeof *bm))) { fail(err, errsize, "out of memory"); goto done; }
-        snprintf(bm->path, sizeof bm->path, "%s", backbone_path);
-        if (weights_map_file(bm, backbone_path, err, errsize) || weights_parse(bm, err, errsize)) goto done;
-        for (i = 0; i < l.n; i++) {
-            const init_tensor *t = &l.t[i];
-            const tensor_entry *e;
-            int same;
-            if (!t->from_backbone) continue;
-            if (!(e = init_find_entry(bm, t->name))) {
-                fail(err, errsize, "%s: tensor %s is missing (the backbone must match the config)", backbone_path, t->name);
-                goto done;
-            }
-            same = e->ndim == t->ndim;
-            for (k = 0; same && k < t->ndim; k++) same = e->dims[k] == (uint32_t)t->dims[k];
-            if (!same) {
-                fail(err, errsize, "%s: tensor %s has another shape than the config implies", backbone_path, t->name);
-                goto done;
-            }
-            src[i] = e;
-        }
-    }
-
-    /* Layout: header, hyperparameters, index, then each tensor 64-byte aligned (as convert.py). */
-    for (i = 0; i < l.n; i++) index_bytes += 4 + strlen(l.t[i].name) + 4u * (unsigned)l.t[i].ndim + 16;
-    data_offset = init_align(meta_len + index_bytes);
-    pos = data_offset;
-    for (i = 0; i < l.n; i++) {
-        init_tensor *t = &l.t[i];
-        size_t numel = 1;
-        for (k = 0; k < t->ndim; k++) numel *= (size_t)t->dims[k];
-        if (t->matrix && matrix_dtype != DTYPE_F32) version = WEIGHTS_VERSION;
-        offsets[i] = init_align(pos);
-        nbytes = tensor_bytes(t->matrix ? matrix_dtype : DTYPE_F32, (uint64_t)t->dims[0], numel / (size_t)t->dims[0]);
-        pos = offsets[i] + nbytes;
-        most = numel > most ? numel : most;
-        most_bytes = nbytes > most_bytes ? (size_t)nbytes : most_bytes;
-    }
-    file_size = pos;
-    {
-        unsigned char *nm = realloc(meta, (size_t)data_offset);
-        if (!nm) { fail(err, errsize, "out of memory"); goto done; }
-        meta = nm;
-        memset(meta + meta_len, 0, (size_t)(data_offset - meta_len));
-    }
-    put_u32(meta + 8, (uint32_t)version);
-    put_u32(meta + 16, (uint32_t)l.n);
-    put_u64(meta + 24, data_offset);
-    put_u64(meta + 32, file_size);
-    pos = meta_len;
-    for (i = 0; i < l.n; i++) {
-        const init_tensor *t = &l.t[i];
-        size_t len = strlen(t->name), numel = 1;
-        for (k = 0; k < t->ndim; k++) numel *= (size_t)t->dims[k];
-        put_u16(meta + pos, (uint32_t)len);
-        meta[pos + 2] = (unsigned char)(t->matrix ? matrix_dtype : DTYPE_F32);
-        meta[pos + 3] = (unsigned char)t->ndim;
-        memcpy(meta + pos + 4, t->name, len);
-        pos += 4 + len;
-        for (k = 0; k < t->ndim; k++, pos += 4) put_u32(meta + pos, (uint32_t)t->dims[k]);
-        put_u64(meta + pos, offsets[i]);
-        put_u64(meta + pos + 8, tensor_bytes(t->matrix ? matrix_dtype : DTYPE_F32, (uint64_t)t->dims[0], numel / (size_t)t->dims[0]));
-        pos += 16;
-    }
-
-    /* Data, written front to back into a temporary file renamed when complete. */
-    x = malloc(most * sizeof *x);
-    bytes = malloc(most_bytes);
-    if (!x || !bytes) { fail(err, errsize, "out of memory (the largest tensor has %llu values)", (unsigned long long)most); goto done; }
-    snprintf(tmp, sizeof tmp, "%s.tmp", out_path);
-    if (!(f = fopen(tmp, "wb"))) { fail(err, errsize, "%s: cannot create: %s", tmp, strerror(errno)); goto done; }
-    ok = fwrite(meta, 1, (size_t)data_offset, f) == (size_t)data_offset;
-    pos = data_offset;
-    for (i = 0; ok && i < l.n; i++) {
-        const init_tensor *t = &l.t[i];
-        size_t numel = 1, rows = (size_t)t->dims[0], n;
-        for (k = 0; k < t->ndim; k++) numel *= (size_t)t->dims[k];
-        memset(bytes, 0, TENSOR_ALIGN);
-        if (offsets[i] > pos) ok = fwrite(bytes, 1, (size_t)(offsets[i] - pos), f) == (size_t)(offsets[i] - pos);
-        if (src[i]) {
-            wmat w = entry_matrix(bm, src[i]);
-            size_t r, cols = numel / rows;
-            for (r = 0; r < rows; r++) wmat_to_float(w, r, 1, 0, (int)cols, x + r * cols, cols);
-        } else {
-            init_fill(t, (uint64_t)seed, &cm.cfg, x, numel);
-        }
-        n = init_encode(x, rows, numel / rows, t->matrix ? matrix_dtype : DTYPE_F32, bytes);
-        ok = ok && fwrite(bytes, 1, n, f) == n;
-        pos = offsets[i] + n;
-    }
-    if (fclose(f) != 0) ok = 0;
-    f = NULL;
-    if (!ok || pos != file_size) {
-        remove(tmp);
-        fail(err, errsize, "%s: cannot write the weight file (disk full?)", tmp);
-        goto done;
-    }
-    if (replace_file(tmp, out_path) != 0) {
-        fail(err, errsize, "%s: cannot rename %s to it: %s", out_path, tmp, strerror(errno));
-        remove(tmp);
-        goto done;
-    }
-    rc = 0;
-done:
-    if (f) { fclose(f); remove(tmp); }
-    free(x);
-    free(bytes);
-    free(meta);
-    free(src);
-    free(offsets);
-    free(l.t);
-    loupe_model_free(bm);
-    return rc;
-}
-
-/* ========================================================================== */
-/* 4. Kernels                                                                 */
-/* ========================================================================== */
-/* Plain loops the compiler vectorises. Every kernel that spreads work over threads
- * checks parallel_ok() first, so kernels may also be called inside a parallel region
- * (one head or one row per thread), where they run serially. */
-
-/* Minimum multiply-adds before a kernel starts threads. */
-#define PARALLEL_MIN_WORK 32768.0
-
-#ifdef _OPENMP
-/* True when a kernel of the given size should fork threads. */
-static int parallel_ok(double work) { return work >= PARALLEL_MIN_WORK && !omp_in_parallel(); }
-#endif
-
-/* Matrix products: gemm_nt (C (+)= A B^T + bias, B a PyTorch weight [out][in]) and
- * gemm_nn (C (+)= A B, B stored [K][N]), plus fma_peak_gflops for the benchmarks.
- *
- * Blocking scheme (Goto / BLIS, with A read in place and B packed on the fly):
- *   - C is cut into tasks: chunks of at most GEMM_MC rows times ranges of columns,
- *     enough tasks to keep every thread busy (threads take them one by one);
- *   - a task walks K in steps of GEMM_KC, and within a step its columns in blocks of
- *     GEMM_NC: the KC x NC block of B is packed into a stack buffer (it stays in L2)
- *     as panels of NR columns stored k-major, zero-padded to NR, so the micro-kernel
- *     reads NR consecutive floats per k;
- *   - for every strip of MR rows of A (MR x KC floats read in place, kept in L1 while
- *     it meets every panel of the block) the micro-kernel keeps an MR x NR tile of C
- *     in registers for the whole step: per k it loads NR floats of B, broadcasts MR
- *     floats of A and does MR x NR multiply-adds; then it adds the tile to C (first
- *     step: bias + tile, onto the old C when accumulating).
- * Each element of C is summed in the same order (k ascending within a step, steps in
- * order) whichever task, thread or tile computes it, so results do not depend on the
- * number of threads. Scratch is one packed block (GEMM_KC x GEMM_NC floats, at most 512 KiB)
- * and one tile on the stack of the calling thread: nothing is allocated. */
-
-/* Vector type, micro-tile and cache blocking for each instruction set. gemm_vec holds
- * GEMM_LANES floats; a micro-tile is GEMM_MR rows x GEMM_NV vectors (GEMM_NR floats).
- * The five blocking values are defaults: any of them can be set on the command line
- * (`-DGEMM_KC=256`), which is how `make bench-gemm` times candidate blockings
- * (test/bench_gemm.sh). The micro-kernel is written for any MR and NV; the checks
- * after this block reject tiles whose accumulators cannot stay in the GEMM_VREGS
- * vector registers and blocks too big for a thread's stack. */
-#if defined(__AVX512F__) && !defined(LOUPE_NO_SIMD)
-#include <immintrin.h>
-#define GEMM_ISA "AVX-512"
-#define GEMM_VREGS 32 /* vector registers */
-typedef __m512 gemm_vec;
-#define GEMM_LANES 16
-/* 6 x 64 tile (24 accumulators, 4 B vectors, 1 broadcast), KC 256, NC 128, MC 512:
- * the fastest of make bench-gemm's sweep on a Zen 5 (README, Performance) */
-#ifndef GEMM_MR
-#define GEMM_MR 6
-#endif
-#ifndef GEMM_NV
-#define GEMM_NV 4
-#endif
-#ifndef GEMM_KC
-#define GEMM_KC 256
-#endif
-#ifndef GEMM_NC
-#define GEMM_NC 128
-#endif
-#ifndef GEMM_MC
-#define GEMM_MC 512
-#endif
-#define GEMM_PEAK_CHAINS 12
-#define vec_zero() _mm512_setzero_ps()
-#define vec_load(p) _mm512_loadu_ps(p)
-#define vec_store(p, v) _mm512_storeu_ps(p, v)
-#define vec_bcast(p) _mm512_set1_ps(*(p))
-#define vec_fma(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define vec_add(a, b) _mm512_add_ps(a, b)
-#define GEMM_TRANSPOSE8 1
-#define gemm_prefetch(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
-#elif defined(__AVX2__) && defined(__FMA__) && !defined(LOUPE_NO_SIMD)
-#include <immintrin.h>
-#define GEMM_ISA "AVX2+FMA"
-#define GEMM_VREGS 16 /* vector registers */
-typedef __m256 gemm_vec;
-#define GEMM_LANES 8
-/* 6 x 16 tile (12 accumulators, 2 B vectors, 1 broadcast), KC 256, NC 128, MC 320: NC 128
- * beat NC 64 in make bench-gemm and in make bench on a Zen 4 built for AVX2 (README) */
-#ifndef GEMM_MR
-#define GEMM_MR 6
-#endif
-#ifndef GEMM_NV
-#define GEMM_NV 2
-#endif
-#ifndef GEMM_KC
-#define GEMM_KC 256
-#endif
-#ifndef GEMM_NC
-#define GEMM_NC 128
-#endif
-#ifndef GEMM_MC
-#define GEMM_MC 320
-#endif
-#define GEMM_PEAK_CHAINS 12
-#define vec_zero() _mm256_setzero_ps()
-#define vec_load(p) _mm256_loadu_ps(p)
-#define vec_store(p, v) _mm256_storeu_ps(p, v)
-#define vec_bcast(p) _mm256_broadcast_ss(p)
-#define vec_fma(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define vec_add(a, b) _mm256_add_ps(a, b)
-#define GEMM_TRANSPOSE8 1
-#define gemm_prefetch(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
-#elif defined(__ARM_NEON) && defined(__aarch64__) && !defined(LOUPE_NO_SIMD)
-#include <arm_neon.h>
-#define GEMM_ISA "NEON"
-#define GEMM_VREGS 32 /* vector registers */
-typedef float32x4_t gemm_vec;
-#define GEMM_LANES 4
-#ifndef GEMM_MR
-#define GEMM_MR 6
-#endif
-#ifndef GEMM_NV
-#define GEMM_NV 4
-#endif
-#ifndef GEMM_KC
-#define GEMM_KC 256
-#endif
-#ifndef GEMM_NC
-#define GEMM_NC 64
-#endif
-#ifndef GEMM_MC
-#define GEMM_MC 320
-#endif
-#define GEMM_PEAK_CHAINS 12
-#define vec_zero() vdupq_n_f32(0.0f)
-#define vec_load(p) vld1q_f32(p)
-#define vec_store(p, v) vst1q_f32(p, v)
-#define vec_bcast(p) vld1q_dup_f32(p)
-#define vec_fma(a, b, c) vfmaq_f32(c, a, b)
-#define vec_add(a, b) vaddq_f32(a, b)
-#define gemm_prefetch(p) ((void)(p)) /* no prefetch hint in C99 */
-#else
-/* Portable C: one "vector" is one float and the compiler vectorises the loops over a
- * tile row. Where the target has a fast fused multiply-add, use it (ISO C mode
- * forbids the compiler to fuse a * b + c on its own). */
-#define GEMM_ISA "portable C"
-typedef float gemm_vec;
-#define GEMM_LANES 1
-#ifndef GEMM_MR
-#define GEMM_MR 2
-#endif
-#ifndef GEMM_NV
-#define GEMM_NV 64
-#endif
-#ifndef GEMM_KC
-#define GEMM_KC 256
-#endif
-#ifndef GEMM_NC
-#define GEMM_NC 64
-#endif
-#ifndef GEMM_MC
-#define GEMM_MC 320
-#endif
-#define GEMM_PEAK_CHAINS 64
-#define vec_zero() 0.0f
-#define vec_load(p) (*(p))
-#define vec_store(p, v) (*(p) = (v))
-#define vec_bcast(p) (*(p))
-#ifdef FP_FAST_FMAF
-#define vec_fma(a, b, c) fmaf(a, b, c)
-#else
-#define vec_fma(a, b, c) ((a) * (b) + (c))
-#endif
-#define vec_add(a, b) ((a) + (b))
-#define gemm_prefetch(p) ((void)(p)) /* no portable prefetch hint */
-#endif
-
-#define GEMM_NR (GEMM_LANES * GEMM_NV)
-/* Overridden blockings that the kernels cannot run well or at all. */
-#if GEMM_MR < 1 || GEMM_NV < 1 || GEMM_KC < 8 || GEMM_MC < GEMM_MR
-#error "gemm blocking: need GEMM_MR >= 1, GEMM_NV >= 1, GEMM_KC >= 8 and GEMM_MC >= GEMM_MR"
-#endif
-#if GEMM_NC < GEMM_NR || GEMM_NC % GEMM_NR != 0
-#error "gemm blocking: GEMM_NC must be a multiple of GEMM_NR (GEMM_LANES * GEMM_NV)"
-#endif
-#if defined(GEMM_VREGS) && GEMM_MR * GEMM_NV + GEMM_NV + 1 > GEMM_VREGS
-/* MR x NV accumulators, NV vectors of B and one broadcast of A must fit in registers:
- * AVX-512 and NEON (32 registers) take e.g. MR x NV = 14 x 2, 12 x 2, 8 x 3, 6 x 4;
- * AVX2 (16 registers) 6 x 2, 4 x 2, 3 x 3. */
-#error "gemm blocking: GEMM_MR * GEMM_NV + GEMM_NV + 1 must not exceed GEMM_VREGS (the tile would spill)"
-#endif
-#if GEMM_KC * GEMM_NC > 131072
-/* The packed block lives on the stack of every thread that runs a task. */
-#error "gemm blocking: GEMM_KC * GEMM_NC must be at most 131072 floats (512 KiB of stack per thread)"
-#endif
-/* Floats in a cache line: packed blocks start on one. */
-#define GEMM_LINE_FLOATS 16
-/* GEMM_PACK_A 1 copies each MR-row strip of A (KC floats a row) into a stack buffer
- * whose rows are GEMM_KC + one line apart before the micro-kernel reads it: A read in
- * place has its MR rows lda floats apart, and when lda is a multiple of 4 KiB (every
- * backbone product: K = 1024 or 4096) the MR rows' lines all fall into the same L1
- * set and evict each other. 0 reads A in place. The same values are summed in the
- * same order either way; the choice is for `make bench-gemm`. */
-#ifndef GEMM_PACK_A
-#define GEMM_PACK_A 0
-#endif
-#define GEMM_A_STRIDE (GEMM_KC + GEMM_LINE_FLOATS)
-/* Products with at most this many rows and at least GEMM_SWAP_RATIO times as many
- * columns, B float32 [N][K], are computed as C^T = B A^T (written back transposed):
- * with few rows every packed block of B serves one or two strips of A, so packing B
- * costs about as much as the multiply-adds (the segmentor's masks, 20 queries x 9216
- * pixels x 256, and its attention scores). Not when the rows padded to NR columns
- * would be more than 1.5 times the rows padded to MR (a single row: a GEMV either
- * way). Each element of C is still the same sum in the same order, so the results are
- * the same bits. 0 never swaps; `make bench-gemm` times both. */
-#ifndef GEMM_SWAP_MAX_M
-#define GEMM_SWAP_MAX_M 32
-#endif
-#define GEMM_SWAP_RATIO 16
-/* Threads get about this many tasks each, so that uneven tasks still balance. */
-#define GEMM_TASKS_PER_THREAD 8
-
-/* Where the micro-kernel puts its tile: C = tile (+ bias) (+ C when load_c). */
-typedef struct gemm_out {
-    float *c;
-    size_t ldc;
-    const float *bias; /* NR values or NULL */
-    int load_c;
-} gemm_out;
-
-/* Rows of the short micro-kernel, for edge strips of at most this many rows (the 20
- * queries of the transformer decoder leave a 2-row strip after three of 6). */
-#define GEMM_MR_SHORT ((GEMM_MR + 1) / 2)
-
-#if defined(__GNUC__)
-#define GEMM_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define GEMM_ALWAYS_INLINE inline
-#endif
-
-/* The micro-kernel: the rows x NR tile a[0..rows)[0..kc) x bp[0..kc)[0..NR), accumulated
- * in registers, then written to out. a[r] points at row r of A at the step's first k;
- * bp is a packed panel (k-major, NR floats per k). rows is GEMM_MR or GEMM_MR_SHORT, a
- * constant at each call below, so that the compiler unrolls the row loops and keeps the
- * accumulators in registers. */
-static GEMM_ALWAYS_INLINE void gemm_micro_rows(int rows, int kc, const float *const a[GEMM_MR], const float *bp,
-                                               gemm_out out)
-{
-    gemm_vec acc[GEMM_MR][GEMM_NV];
-    int r, v, k;
-    for (r = 0; r < rows; r++) {
-        gemm_prefetch(out.c + (size_t)r * out.ldc);
-        gemm_prefetch(out.c + (size_t)r * out.ldc + GEMM_NR - 1);
-        for (v = 0; v < GEMM_NV; v++) acc[r][v] = vec_zero();
-    }
-#if GEMM_LANES > 1
-    /* k outermost: the NV vectors of B loaded for one k serve all the rows. */
-    for (k = 0; k < kc; k++, bp += GEMM_NR) {
-        gemm_vec b[GEMM_NV];
-        for (v = 0; v < GEMM_NV; v++) b[v] = vec_load(bp + v * GEMM_LANES);
-        for (r = 0; r < rows; r++) {
-            gemm_vec ar = vec_bcast(a[r] + k);
-            for (v = 0; v < GEMM_NV; v++) acc[r][v] = vec_fma(ar, b[v], acc[r][v]);
-        }
-    }
-#else
-    /* Portable: one row at a time, so that the innermost loop is a multiply-add over
-     * the NR columns, the form compilers vectorise reliably (with k outermost they
-     * tend to vectorise over k instead, needing shuffles). */
-    for (r = 0; r < rows; r++)
-        for (k = 0; k < kc; k++)
-            for (v = 0; v < GEMM_NV; v++) acc[r][v] = vec_fma(a[r][k], bp[(size_t)k * GEMM_NR + v], acc[r][v]);
-#endif
-    for (r = 0; r < rows; r++)
-        for (v = 0; v < GEMM_NV; v++) {
-            float *c = out.c + (size_t)r * out.ldc + v * GEMM_LANES;
-            gemm_vec t = acc[r][v];
-            if (out.bias) t = vec_add(t, vec_load(out.bias + v * GEMM_LANES));
-            if (out.load_c) t = vec_add(vec_load(c), t);
-            vec_store(c, t);
-        }
-}
-
-/* The MR-row kernel. */
-static void gemm_micro(int kc, const float *const a[GEMM_MR], const float *bp, gemm_out out)
-{
-    gemm_micro_rows(GEMM_MR, kc, a, bp, out);
-}
-
-/* A strip of mr <= MR rows (an edge strip): the short kernel when it covers them, with
- * the same sums for those rows; rows past mr of the tile are left unspecified. */
-static void gemm_micro_strip(int mr, int kc, const float *const a[GEMM_MR], const float *bp, gemm_out out)
-{
-    if (mr <= GEMM_MR_SHORT)
-        gemm_micro_rows(GEMM_MR_SHORT, kc, a, bp, out);
-    else
-        gemm_micro_rows(GEMM_MR, kc, a, bp, out);
-}
-
-#ifdef GEMM_TRANSPOSE8
-/* Writes the transpose of the 8 x 8 block at s (rows ldb apart) to d (rows GEMM_NR apart). */
-static void gemm_transpose8(const float *s, size_t ldb, float *d)
-{
-    __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + ldb), r2 = _mm256_loadu_ps(s + 2 * ldb);
-    __m256 r3 = _mm256_loadu_ps(s + 3 * ldb), r4 = _mm256_loadu_ps(s + 4 * ldb), r5 = _mm256_loadu_ps(s + 5 * ldb);
-    __m256 r6 = _mm256_loadu_ps(s + 6 * ldb), r7 = _mm256_loadu_ps(s + 7 * ldb);
-    /* pairs of rows interleaved, then quads, then the two 128-bit halves */
-    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3);
-    __m256 t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
-    _mm256_storeu_ps(d + GEMM_NR, _mm256_permute2f128_ps(u1, u5, 0x20));
-    _mm256_storeu_ps(d + 2 * GEMM_NR, _mm256_permute2f128_ps(u2, u6, 0x20));
-    _mm256_storeu_ps(d + 3 * GEMM_NR, _mm256_permute2f128_ps(u3, u7, 0x20));
-    _mm256_storeu_ps(d + 4 * GEMM_NR, _mm256_permute2f128_ps(u0, u4, 0x31));
-    _mm256_storeu_ps(d + 5 * GEMM_NR, _mm256_permute2f128_ps(u1, u5, 0x31));
-    _mm256_storeu_ps(d + 6 * GEMM_NR, _mm256_permute2f128_ps(u2, u6, 0x31));
-    _mm256_storeu_ps(d + 7 * GEMM_NR, _mm256_permute2f128_ps(u3, u7, 0x31));
-}
-#endif
-
-/* Packs one panel: nr <= NR columns of C over kc values of k into d (kc x NR, k-major,
- * zero-padded to NR columns). B points at the panel's first element; it is [N][K]
- * (ldb apart per column of C) when b_kn == 0 and [K][N] (ldb apart per k) otherwise. */
-static void gemm_pack_panel(int nr, int kc, const float *B, size_t ldb, int b_kn, float *d)
-{
-    int j = 0, k;
-    if (b_kn) {
-        for (k = 0; k < kc; k++) {
-            for (j = 0; j < nr; j++) d[(size_t)k * GEMM_NR + j] = B[(size_t)k * ldb + j];
-            for (; j < GEMM_NR; j++) d[(size_t)k * GEMM_NR + j] = 0.0f;
-        }
-        return;
-    }
-#ifdef GEMM_TRANSPOSE8
-    for (; j + 8 <= nr; j += 8) {
-        for (k = 0; k + 8 <= kc; k += 8) gemm_transpose8(B + (size_t)j * ldb + k, ldb, d + (size_t)k * GEMM_NR + j);
-        for (; k < kc; k++) {
-            int i;
-            for (i = 0; i < 8; i++) d[(size_t)k * GEMM_NR + j + i] = B[(size_t)(j + i) * ldb + k];
-        }
-    }
-#endif
-    /* the rest one column at a time: read a row of B in order, write a column of d */
-    for (; j < nr; j++)
-        for (k = 0; k < kc; k++) d[(size_t)k * GEMM_NR + j] = B[(size_t)j * ldb + k];
-    for (; j < GEMM_NR; j++)
-        for (k = 0; k < kc; k++) d[(size_t)k * GEMM_NR + j] = 0.0f;
-}
-
-/* Everything a task needs to know about the product. B is F32 unless it is a weight
- * matrix of gemm_nt_w or gemm_nn_w. */
-typedef struct gemm_args {
-    int M, N, K;
-    const float *A, *bias;
-    wmat B;
-    size_t lda, ldc;
-    int b_kn, accumulate;
-    int c_t; /* C holds the transpose: element (i, j) at C[j * ldc + i], bias by row */
-    int a_t; /* A holds the transpose: element (i, k) at A[k * lda + i] (weight gradients) */
-    const float *b_pre; /* B already packed by gemm_prepack (else NULL: packed per task) */
-    float *C;
-} gemm_args;
-
-/* Floats of a B [N][K] packed by gemm_prepack: every KC step's panels, N rounded up to whole panels. */
-#define GEMM_NPAD(n) (((size_t)(n) + GEMM_NR - 1) / GEMM_NR * GEMM_NR)
-#define GEMM_PREPACKED_FLOATS(n, k) (GEMM_NPAD(n) * (size_t)(k))
-/* Where gemm_prepack puts the panel of columns j.. for the KC step starting at k-index p0
- * (kc values deep): each step's panels one after the other, then the next step's. */
-#define GEMM_PREPACKED_AT(n, p0, j, kc) ((size_t)(p0) * GEMM_NPAD(n) + (size_t)(j) * (size_t)(kc))
-
-#ifdef GEMM_TRANSPOSE8
-/* Values c0..c0+8 of row `row` of a BF16 or Q8 matrix as float32 (c0 a multiple of 8,
- * so the 8 values share one Q8 scale); the same values as wmat_to_float. */
-static __m256 gemm_load8_float(const wmat *m, size_t row, size_t c0)
-{
-    if (m->dtype == DTYPE_BF16) {
-        __m128i h = _mm_loadu_si128((const __m128i *)(const void *)((const uint16_t *)m->data + row * m->ld + c0));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    } else {
-        __m128i q = _mm_loadl_epi64((const __m128i *)(const void *)((const int8_t *)m->data + row * m->ld + c0));
-        __m256 scale = _mm256_set1_ps(m->scale[row * (m->ld / Q8_BLOCK) + c0 / Q8_BLOCK]);
-        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), scale);
-    }
-}
-
-/* gemm_pack_panel for a whole panel (NR columns, kc a multiple of 8) of a BF16 or Q8
- * B: every 8 x 8 block is converted in registers, then transposed like a float one. */
-static void gemm_pack_panel_convert(const wmat *m, size_t n0, size_t p0, int kc, float *d)
-{
-    float rows[8 * 8];
-    int j, k, i;
-    for (j = 0; j < GEMM_NR; j += 8)
-        for (k = 0; k < kc; k += 8) {
-            for (i = 0; i < 8; i++)
-                _mm256_storeu_ps(rows + 8 * i, gemm_load8_float(m, n0 + (size_t)(j + i), p0 + (size_t)k));
-            gemm_transpose8(rows, 8, d + (size_t)k * GEMM_NR + j);
-        }
-}
-#endif
-
-/* Packs the panel of B for columns n0..n0+nr of C and k-range p0..p0+kc into d. A BF16
- * or Q8 weight is converted to float32 on the way (a [K][N] one straight into the
- * panel; an [N][K] one in registers for whole panels on AVX, else through float32
- * rows in strip, NR x KC floats): the conversion is paid
- * once per packed block, not per row of A, and no float32 copy of the weight exists
- * anywhere else. */
-static void gemm_pack_b(const gemm_args *g, int n0, int nr, int p0, int kc, float *strip, float *d)
-{
-    const float *b = g->B.data;
-    size_t ldb = g->B.ld;
-    int k;
-    if (g->B.dtype == DTYPE_F32) {
-        gemm_pack_panel(nr, kc, g->b_kn ? b + (size_t)p0 * ldb + n0 : b + (size_t)n0 * ldb + p0, ldb, g->b_kn, d);
-        return;
-    }
-    if (g->b_kn) { /* rows of B are already rows of the panel: convert them in place */
-        wmat_to_float(g->B, (size_t)p0, kc, (size_t)n0, nr, d, GEMM_NR);
-        if (nr < GEMM_NR)
-            for (k = 0; k < kc; k++) memset(d + (size_t)k * GEMM_NR + nr, 0, (size_t)(GEMM_NR - nr) * sizeof *d);
-        return;
-    }
-#ifdef GEMM_TRANSPOSE8
-    if (nr == GEMM_NR && kc % 8 == 0) {
-        gemm_pack_panel_convert(&g->B, (size_t)n0, (size_t)p0, kc, d);
-        return;
-    }
-#endif
-    wmat_to_float(g->B, (size_t)n0, nr, (size_t)p0, kc, strip, (size_t)kc);
-    gemm_pack_panel(nr, kc, strip, (size_t)kc, 0, d);
-}
-
-/* One packed block: rows m0..m1 (whole strips from m0) of C, columns n0..n0+nc,
- * k-range p0..p0+kc, with bp the block of B packed for that range; at is A's slice
- * packed by gemm_task_at when A is stored transposed (else NULL: A read in place). */
-static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p0, int kc, const float *bp,
-                       const float *at)
-{
-    float tile[GEMM_MR * GEMM_NR];
-#if GEMM_PACK_A
-    float apack[GEMM_MR * GEMM_A_STRIDE];
-#endif
-    int i0, j0, first = p0 == 0, load_c = !first || g->accumulate;
-    for (i0 = m0; i0 < m1; i0 += GEMM_MR) {
-        int mr = m1 - i0 < GEMM_MR ? m1 - i0 : GEMM_MR, r;
-        const float *a[GEMM_MR];
-        if (at) /* transposed A, packed by gemm_task_at: row i at at[(i - m0) * GEMM_A_STRIDE] */
-            for (r = 0; r < GEMM_MR; r++) a[r] = at + (size_t)(i0 - m0 + (r < mr ? r : mr - 1)) * GEMM_A_STRIDE;
-        else
-            for (r = 0; r < GEMM_MR; r++) {
-                a[r] = g->A + (size_t)(i0 + (r < mr ? r : mr - 1)) * g->lda + p0;
-#if GEMM_PACK_A
-                if (r < mr) memcpy(apack + (size_t)r * GEMM_A_STRIDE, a[r], (size_t)kc * sizeof(float));
-                a[r] = apack + (size_t)(r < mr ? r : mr - 1) * GEMM_A_STRIDE;
-#endif
-            }
-        for (j0 = 0; j0 < nc; j0 += GEMM_NR) {
-            int nr = nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR, j;
-            const float *panel = bp + (size_t)j0 * kc, *bias = first && g->bias ? g->bias + n0 + j0 : NULL;
-            float *c = g->C + (size_t)i0 * g->ldc + n0 + j0;
-            gemm_out out;
-            if (g->c_t) { /* transposed C: the tile aside, then added column by column */
-                bias = first && g->bias ? g->bias + i0 : NULL;
-                out.c = tile;
-                out.ldc = GEMM_NR;
-                out.bias = NULL;
-                out.load_c = 0;
-                gemm_micro_strip(mr, kc, a, panel, out);
-                for (j = 0; j < nr; j++) {
-                    float *cj = g->C + (size_t)(n0 + j0 + j) * g->ldc + i0;
-                    for (r = 0; r < mr; r++) {
-                        float t = tile[r * GEMM_NR + j];
-                        if (bias) t += bias[r];
-                        cj[r] = load_c ? cj[r] + t : t;
-                    }
-                }
-                continue;
-            }
-            if (mr == GEMM_MR && nr == GEMM_NR) {
-                out.c = c;
-                out.ldc = g->ldc;
-                out.bias = bias;
-                out.load_c = load_c;
-                gemm_micro(kc, a, panel, out);
-                continue;
-            }
-            /* Edge tile: compute the tile aside (only its first GEMM_MR_SHORT rows
-             * when that covers the strip), then add its valid part with the same
-             * operations as above. */
-            out.c = tile;
-            out.ldc = GEMM_NR;
-            out.bias = NULL;
-            out.load_c = 0;
-            gemm_micro_strip(mr, kc, a, panel, out);
-            for (r = 0; r < mr; r++)
-                for (j = 0; j < nr; j++) {
-                    float t = tile[r * GEMM_NR + j], *cij = c + (size_t)r * g->ldc + j;
-                    if (bias) t += bias[j];
-                    *cij = load_c ? *cij + t : t;
-                }
-        }
-    }
-}
-
-/* Rows of a task whose A is stored transposed (gemm_tn): see gemm_task. */
-#define GEMM_AT_ROWS (16 * GEMM_MR)
-
-/* One task: rows m0..m1 and columns n0..n1 of C. For each KC step, each NC-wide block
- * of B is packed and multiplied with the task's rows of A, whose KC-wide slice (at
- * most GEMM_MC x GEMM_KC floats, about half of L2) stays in L2 across the blocks.
- * When A is stored transposed (g->a_t, at most GEMM_AT_ROWS rows a task) the slice is
- * first packed row-major into `at` (GEMM_A_STRIDE floats a row), reading whole cache
- * lines of each k's row: gathering MR values per k, 4-16 KiB apart, missed the caches
- * at every k. at is NULL for A read in place. */
-static void gemm_task(const gemm_args *g, int m0, int m1, int n0, int n1, float *at)
-{
-    float block[GEMM_KC * GEMM_NC + GEMM_LINE_FLOATS], strip[GEMM_NR * GEMM_KC];
-    float *bp = block + (GEMM_LINE_FLOATS - (uintptr_t)block / sizeof(float) % GEMM_LINE_FLOATS) % GEMM_LINE_FLOATS;
-    int p0, kc, jc, j0, i, k;
-    for (p0 = 0; p0 < g->K; p0 += kc) {
-        kc = g->K - p0 < GEMM_KC ? g->K - p0 : GEMM_KC;
-        if (at)
-            for (k = 0; k < kc; k++) {
-                const float *src = g->A + (size_t)(p0 + k) * g->lda + m0;
-                for (i = 0; i < m1 - m0; i++) at[(size_t)i * GEMM_A_STRIDE + k] = src[i];
-            }
-        for (jc = n0; jc < n1; jc += GEMM_NC) {
-            int nc = n1 - jc < GEMM_NC ? n1 - jc : GEMM_NC;
-            if (g->b_pre) {
-                gemm_block(g, m0, m1, jc, nc, p0, kc, g->b_pre + GEMM_PREPACKED_AT(g->N, p0, jc, kc), at);
-                continue;
-            }
-            for (j0 = 0; j0 < nc; j0 += GEMM_NR)
-                gemm_pack_b(g, jc + j0, nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR, p0, kc, strip, bp + (size_t)j0 * kc);
-            gemm_block(g, m0, m1, jc, nc, p0, kc, bp, at);
-        }
-    }
-}
-
-/* gemm_task for a transposed A, with its slice's buffer on this thread's stack (only
- * such tasks pay for it). */
-static void gemm_task_at(const gemm_args *g, int m0, int m1, int n0, int n1)
-{
-    float at[GEMM_AT_ROWS * GEMM_A_STRIDE];
-    gemm_task(g, m0, m1, n0, n1, at);
-}
-
-/* Splits C into tasks, row chunks of at most GEMM_MC rows times column ranges of whole
- * NC blocks, enough of them to keep every thread busy, and runs them: on all threads
- * when that pays and the caller is not already in a parallel region. */
-static void gemm_run(const gemm_args *g)
-{
-    int strips = (g->M + GEMM_MR - 1) / GEMM_MR, blocks = (g->N + GEMM_NC - 1) / GEMM_NC;
-    int threads = 1, chunks, strips_per_chunk, ranges, blocks_per_range, tasks, t;
-    if (g->M <= 0 || g->N <= 0) return;
-    if (g->K <= 0) {
-        int i, j;
-        for (i = 0; i < g->M; i++)
-            for (j = 0; j < g->N; j++) {
-                float *c = g->C + (size_t)i * g->ldc + j, v = g->bias ? g->bias[j] : 0.0f;
-                *c = g->accumulate ? *c + v : v;
-            }
-        return;
-    }
-    if (g->M <= GEMM_SWAP_MAX_M && g->N >= GEMM_SWAP_RATIO * g->M && !g->b_kn && !g->c_t && !g->a_t && !g->b_pre &&
-        g->B.dtype == DTYPE_F32 && 2 * ((g->M + GEMM_NR - 1) / GEMM_NR * GEMM_NR) <= 3 * (strips * GEMM_MR)) {
-        gemm_args t = *g; /* C^T [N][M] = B [N][K] times A [M][K]^T, stored transposed */
-        t.M = g->N;
-        t.N = g->M;
-        t.A = (const float *)g->B.data;
-        t.lda = g->B.ld;
-        t.B = wmat_f32(g->A, g->lda);
-        t.c_t = 1;
-        gemm_run(&t);
-        return;
-    }
-#ifdef _OPENMP
-    if (parallel_ok((double)g->M * g->N * g->K)) threads = omp_get_max_threads();
-#endif
-    chunks = (strips * GEMM_MR + GEMM_MC - 1) / GEMM_MC;
-    if (g->a_t) chunks = (strips * GEMM_MR + GEMM_AT_ROWS - 1) / GEMM_AT_ROWS; /* gemm_task_at's slice */
-    strips_per_chunk = (strips + chunks - 1) / chunks;
-    chunks = (strips + strips_per_chunk - 1) / strips_per_chunk;
-    if (threads > 1 && blocks == 1 && chunks < GEMM_TASKS_PER_THREAD * threads) {
-        /* one column block (a swapped product): split the rows finer instead */
-        chunks = GEMM_TASKS_PER_THREAD * threads < strips ? GEMM_TASKS_PER_THREAD * threads : strips;
-        strips_per_chunk = (strips + chunks - 1) / chunks;
-        chunks = (strips + strips_per_chunk - 1) / strips_per_chunk;
-    }
-    ranges = (GEMM_TASKS_PER_THREAD * threads + chunks - 1) / chunks;
-    if (ranges > blocks) ranges = blocks;
-    blocks_per_range = (blocks + ranges - 1) / ranges;
-    ranges = (blocks + blocks_per_range - 1) / blocks_per_range;
-    tasks = chunks * ranges;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) if (threads > 1)
-#endif
-    for (t = 0; t < tasks; t++) { /* neighbouring tasks share columns: B is read once */
-        int m0 = t % chunks * strips_per_chunk * GEMM_MR, n0 = t / chunks * blocks_per_range * GEMM_NC;
-        int m1 = m0 + strips_per_chunk * GEMM_MR, n1 = n0 + blocks_per_range * GEMM_NC;
-        if (g->a_t)
-            gemm_task_at(g, m0, m1 < g->M ? m1 : g->M, n0, n1 < g->N ? n1 : g->N);
-        else
-            gemm_task(g, m0, m1 < g->M ? m1 : g->M, n0, n1 < g->N ? n1 : g->N, NULL);
-    }
-}
-
-/* C[M][N] (+)= A[M][K] B[N][K]^T (+ bias[N]): B is a weight matrix [out][in] in any
- * storage (F32, BF16, Q8). */
-static void gemm_nt_w(int M, int N, int K, const float *A, int lda, wmat B, const float *bias, float *C, int ldc,
-                      int accumulate)
-{
-    gemm_args g;
-    g.M = M; g.N = N; g.K = K;
-    g.A = A; g.B = B; g.bias = bias; g.C = C;
-    g.lda = (size_t)lda; g.ldc = (size_t)ldc;
-    g.b_kn = 0;
-    g.c_t = 0;
-    g.a_t = 0;
-    g.b_pre = NULL;
-    g.accumulate = accumulate;
-    gemm_run(&g);
-}
-
-/* C[M][N] (+)= A[M][K] B[N][K]^T (+ bias[N]) with float32 B, e.g. a PyTorch weight [out][in]. */
-static void gemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int ldb, const float *bias,
-                    float *C, int ldc, int accumulate)
-{
-    gemm_nt_w(M, N, K, A, lda, wmat_f32(B, (size_t)ldb), bias, C, ldc, accumulate);
-}
-
-/* Packs a float32 B [N][K] (row stride ldb) once, in the panels gemm_task would pack for
- * gemm_nt, into dst [GEMM_PREPACKED_FLOATS(N, K)]: for a B that many products share (the
- * mask features, multiplied by each of the decoder's predictions), so that products with
- * few rows do not spend most of their time packing it again. */
-static void gemm_prepack(int N, int K, const float *B, int ldb, float *dst)
-{
-    int panels = (N + GEMM_NR - 1) / GEMM_NR, p0, kc, jp;
-    for (p0 = 0; p0 < K; p0 += kc) {
-        kc = K - p0 < GEMM_KC ? K - p0 : GEMM_KC;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)N * kc))
-#endif
-        for (jp = 0; jp < panels; jp++) {
-            int j = jp * GEMM_NR, nr = N - j < GEMM_NR ? N - j : GEMM_NR;
-            gemm_pack_panel(nr, kc, B + (size_t)j * ldb + p0, (size_t)ldb, 0, dst + GEMM_PREPACKED_AT(N, p0, j, kc));
-        }
-    }
-}
-
-/* C[M][N] = A[M][K] B[N][K]^T with B packed by gemm_prepack: the same values as gemm_nt. */
-static void gemm_nt_prepacked(int M, int N, int K, const float *A, int lda, const float *b_pre, float *C, int ldc)
-{
-    gemm_args g;
-    g.M = M; g.N = N; g.K = K;
-    g.A = A; g.B = wmat_f32(NULL, (size_t)K); g.bias = NULL; g.C = C;
-    g.lda = (size_t)lda; g.ldc = (size_t)ldc;
-    g.b_kn = 0;
-    g.c_t = 0;
-    g.a_t = 0;
-    g.b_pre = b_pre;
-    g.accumulate = 0;
-    gemm_run(&g);
-}
-
-/* C[M][N] (+)= A[M][K] B[K][N]: B stored row by row, a weight matrix in any storage. */
-static void gemm_nn_w(int M, int N, int K, const float *A, int lda, wmat B, float *C, int ldc, int accumulate)
-{
-    gemm_args g;
-    g.M = M; g.N = N; g.K = K;
-    g.A = A; g.B = B; g.bias = NULL; g.C = C;
-    g.lda = (size_t)lda; g.ldc = (size_t)ldc;
-    g.b_kn = 1;
-    g.c_t = 0;
-    g.a_t = 0;
-    g.b_pre = NULL;
-    g.accumulate = accumulate;
-    gemm_run(&g);
-}
-
-/* C[M][N] (+)= A[M][K] B[K][N] with float32 B stored row by row (e.g. attention values). */
-static void gemm_nn(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc,
-                    int accumulate)
-{
-    gemm_nn_w(M, N, K, A, lda, wmat_f32(B, (size_t)ldb), C, ldc, accumulate);
-}
-
-/* y[rows][out] = x[rows][in] W^T + b: nn.Linear on a batch of rows. */
-static void linear(float *y, const float *x, int rows, int in, int out, linear_w l)
-{
-    gemm_nt_w(rows, out, in, x, in, l.w, l.b, y, out, 0);
-}
-
-/* Register tile and K-block of gemm_tn: the accumulators of one tile fill most of the
- * vector registers (AVX-512: 8 x 32 = 16 zmm; AVX2: 6 x 16 = 12 ymm). Each element of C
- * sums over K in the same order whatever the tile, so the result does not depend on it. */
-#ifndef GEMM_TN_MR
-#if defined(__AVX512F__) && !defined(LOUPE_NO_SIMD)
-#define GEMM_TN_MR 8
-#define GEMM_TN_NR 32
-#elif defined(__AVX2__) && !defined(LOUPE_NO_SIMD)
-#define GEMM_TN_MR 6
-#define GEMM_TN_NR 16
-#else
-#define GEMM_TN_MR 4
-#define GEMM_TN_NR 16
-#endif
-#endif
-#ifndef GEMM_TN_KC
-#define GEMM_TN_KC 256
-#endif
-
-/* a * b + c as one fused multiply-add where the target has a fast one (the loops
- * below then vectorise to FMA instructions: ISO C mode forbids the compiler to fuse
- * a * b + c on its own, and a multiply plus an add costs two instructions), else a
- * product and a sum. Full and edge tiles use the same form, so every element of C is
- * rounded the same way wherever its tile lies. */
-#ifdef FP_FAST_FMAF
-#define gemm_tn_madd(a, b, c) fmaf(a, b, c)
-#else
-#define gemm_tn_madd(a, b, c) ((a) * (b) + (c))
-#endif
-
-/* One tile of gemm_tn: C[mr][nr] += A[K][mr]^T B[K][nr]. */
-static void gemm_tn_tile(int mr, int nr, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc)
-{
-    float acc[GEMM_TN_MR][GEMM_TN_NR];
-    int i, j, k;
-    memset(acc, 0, sizeof acc);
-    if (mr == GEMM_TN_MR && nr == GEMM_TN_NR) {
-        for (k = 0; k < K; k++) {
-            const float *a = A + (size_t)k * lda, *b = B + (size_t)k * ldb;
-            for (i = 0; i < GEMM_TN_MR; i++)
-                for (j = 0; j < GEMM_TN_NR; j++) acc[i][j] = gemm_tn_madd(a[i], b[j], acc[i][j]);
-        }
-    } else {
-        for (k = 0; k < K; k++) {
-            const float *a = A + (size_t)k * lda, *b = B + (size_t)k * ldb;
-            for (i = 0; i < mr; i++)
-                for (j = 0; j < nr; j++) acc[i][j] = gemm_tn_madd(a[i], b[j], acc[i][j]);
-        }
-    }
-    for (i = 0; i < mr; i++)
-        for (j = 0; j < nr; j++) C[(size_t)i * ldc + j] += acc[i][j];
-}
-
-/* Products of gemm_tn at least this big (multiply-adds) go through gemm_run, which packs
- * A's transposed strips and B's panels; smaller ones (attention's per-head products)
- * use gemm_tn_tile's plain tiles, whose setup costs nothing. */
-#define GEMM_TN_BLOCKED_MIN (1 << 24)
-
-/* C[M][N] += A[K][M]^T B[K][N]: weight gradients (dW = dY^T X). K is walked in blocks
- * in order and every element of C belongs to one tile, so the sums do not depend on
- * the number of threads. */
-static void gemm_tn(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C, int ldc)
-{
-    int mb = (M + GEMM_TN_MR - 1) / GEMM_TN_MR, nb = (N + GEMM_TN_NR - 1) / GEMM_TN_NR, k0;
-    if ((double)M * N * K >= GEMM_TN_BLOCKED_MIN) {
-        gemm_args g;
-        g.M = M; g.N = N; g.K = K;
-        g.A = A; g.lda = (size_t)lda; g.a_t = 1;
-        g.B = wmat_f32(B, (size_t)ldb); g.b_kn = 1;
-        g.bias = NULL; g.C = C; g.ldc = (size_t)ldc; g.c_t = 0; g.b_pre = NULL;
-        g.accumulate = 1;
-        gemm_run(&g);
-        return;
-    }
-    for (k0 = 0; k0 < K; k0 += GEMM_TN_KC) {
-        int kc = K - k0 < GEMM_TN_KC ? K - k0 : GEMM_TN_KC, jb, ib;
-#ifdef _OPENMP
-#pragma omp parallel for collapse(2) schedule(static) if (parallel_ok((double)M * N * kc))
-#endif
-        for (jb = 0; jb < nb; jb++)
-            for (ib = 0; ib < mb; ib++) {
-                int i0 = ib * GEMM_TN_MR, j0 = jb * GEMM_TN_NR;
-                int mr = M - i0 < GEMM_TN_MR ? M - i0 : GEMM_TN_MR, nr = N - j0 < GEMM_TN_NR ? N - j0 : GEMM_TN_NR;
-                gemm_tn_tile(mr, nr, kc, A + (size_t)k0 * lda + i0, lda, B + (size_t)k0 * ldb + j0, ldb,
-                             C + (size_t)i0 * ldc + j0, ldc);
-            }
-    }
-}
-
-/* dst[n][m] = src[m][n]^T. */
-static void transpose(float *dst, const float *src, int m, int n)
-{
-    int j;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)m * n))
-#endif
-    for (j = 0; j < n; j++) {
-        int i; /* declared here: private to each thread */
-        for (i = 0; i < m; i++) dst[(size_t)j * m + i] = src[(size_t)i * n + j];
-    }
-}
-
-/* Columns handled together by bias_backward (double accumulators on the stack). */
-#define BIAS_BLOCK 64
-
-/* Bias gradient: db[n] += column sums of dy[rows][n] (row stride ldy), in double. */
-static void bias_backward(float *db, const float *dy, int ldy, int rows, int n)
-{
-    int nb = (n + BIAS_BLOCK - 1) / BIAS_BLOCK, blk;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)rows * n))
-#endif
-    for (blk = 0; blk < nb; blk++) {
-        double acc[BIAS_BLOCK];
-        int j0 = blk * BIAS_BLOCK, nj = n - j0 < BIAS_BLOCK ? n - j0 : BIAS_BLOCK, r, j;
-        for (j = 0; j < nj; j++) acc[j] = 0.0;
-        for (r = 0; r < rows; r++)
-            for (j = 0; j < nj; j++) acc[j] += dy[(size_t)r * ldy + j0 + j];
-        for (j = 0; j < nj; j++) db[j0 + j] += (float)acc[j];
-    }
-}
-
-/* nn.Linear backward: dy [rows][out] (row stride ldy), x [rows][in] ->
- * dx [rows][in] += dy W (when dx), dw [out][in] += dy^T x, db [out] += sums of dy (when db).
- * wt: scratch of in*out floats (W transposed, so that dx is a gemm_nt). */
-static void linear_backward(float *dx, float *dw, float *db, const float *dy, int ldy, const float *x, int rows,
-                            int in, int out, const float *w, float *wt)
-{
-    if (dx) {
-        transpose(wt, w, out, in);
-        gemm_nt(rows, in, out, dy, ldy, wt, out, NULL, dx, in, 1);
-    }
-    gemm_tn(out, in, rows, dy, ldy, x, in, dw, in);
-    if (db) bias_backward(db, dy, ldy, rows, out);
-}
-
-/* Gradient views of a linear layer and a norm (weight, bias): float32 buffers in
- * upstream layout ([out][in], [out]) that backwards add into; a NULL member is not
- * trained (its gradient is skipped, input gradients still flow). */
-typedef struct linear_g { float *w, *b; } linear_g;
-typedef struct norm_g { float *w, *b; } norm_g;
-
-/* nn.Linear backward with the weight in any storage (a frozen BF16/Q8 matrix included):
- * dy [rows][out] (row stride ldy), x [rows][in] (row stride ldx) -> dx [rows][in] (row
- * stride lddx) += dy W when dx, g.w [out][in] += dy^T x, g.b [out] += column sums of dy
- * (each when not NULL; x is read for g.w only). */
-static void linear_backward_w(float *dx, int lddx, linear_g g, const float *dy, int ldy, const float *x, int ldx,
-                              int rows, int in, int out, wmat w)
-{
-    if (dx) gemm_nn_w(rows, in, out, dy, ldy, w, dx, lddx, 1);
-    if (g.w) gemm_tn(out, in, rows, dy, ldy, x, ldx, g.w, in);
-    if (g.b) bias_backward(g.b, dy, ldy, rows, out);
-}
-
-/* Row sums and maxima are kept in this many lanes, combined in a fixed order at the
- * end: the loops vectorise and the result is the same on every instruction set. */
-#define ROW_LANES 8
-
-/* Mean and (biased) variance of one row of n floats, in double, each sum kept in
- * ROW_LANES partial sums added in a fixed order: the loops vectorise, and the forward
- * and the backward of LayerNorm see the same statistics. */
-static void row_mean_var(const float *x, int n, double *mean, double *var)
-{
-    double part[ROW_LANES], m = 0.0, v = 0.0;
-    int i, l;
-    for (l = 0; l < ROW_LANES; l++) part[l] = 0.0;
-    for (i = 0; i + ROW_LANES <= n; i += ROW_LANES)
-        for (l = 0; l < ROW_LANES; l++) part[l] += x[i + l];
-    for (l = 0; i < n; i++, l++) part[l] += x[i];
-    for (l = 0; l < ROW_LANES; l++) m += part[l];
-    m /= n;
-    for (l = 0; l < ROW_LANES; l++) part[l] = 0.0;
-    for (i = 0; i + ROW_LANES <= n; i += ROW_LANES)
-        for (l = 0; l < ROW_LANES; l++) part[l] += (x[i + l] - m) * (x[i + l] - m);
-    for (l = 0; i < n; i++, l++) part[l] += (x[i] - m) * (x[i] - m);
-    for (l = 0; l < ROW_LANES; l++) v += part[l];
-    *mean = m;
-    *var = v / n;
-}
-
-/* nn.LayerNorm over the last dimension of rows (in place allowed). */
-static void layernorm(float *y, const float *x, int rows, int dim, norm_w n, float eps)
-{
-    int r;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)rows * dim * 4))
-#endif
-    for (r = 0; r < rows; r++) {
-        const float *xr = x + (size_t)r * dim;
-        float *yr = y + (size_t)r * dim;
-        double mean, var;
-        float fm, rstd;
-        int i;
-        row_mean_var(xr, dim, &mean, &var);
-        fm = (float)mean;
-        rstd = (float)(1.0 / sqrt(var + eps));
-        for (i = 0; i < dim; i++) yr[i] = (xr[i] - fm) * rstd * n.w[i] + n.b[i];
-    }
-}
-
-/* Columns handled together by the norm backwards' parameter gradients. */
-#define NORM_BLOCK 64
-
-/* nn.LayerNorm backward, from its input x [rows][dim]: dx += rstd (g - mean g - xhat mean(g xhat))
- * with g = dy * weight, dw += sum of dy xhat, db += sum of dy (over rows; each skipped
- * when NULL, a frozen norm). dx must not alias dy. stats: scratch of 2*rows floats (mean
- * and 1/std of each row). */
-static void layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x, int rows, int dim,
-                               norm_w n, float eps, float *stats)
-{
-    int r, nb = (dim + NORM_BLOCK - 1) / NORM_BLOCK, blk;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)rows * dim * 6))
-#endif
-    for (r = 0; r < rows; r++) {
-        const float *xr = x + (size_t)r * dim, *gr = dy + (size_t)r * dim;
-        float *dr = dx + (size_t)r * dim;
-        /* the row sums in ROW_LANES partial sums each, as layernorm: the loops vectorise */
-        double mean, var, sg = 0.0, sgx = 0.0, rstd, p1[ROW_LANES], p2[ROW_LANES];
-        int i, l;
-        row_mean_var(xr, dim, &mean, &var);
-        rstd = 1.0 / sqrt(var + eps);
-        for (l = 0; l < ROW_LANES; l++) p1[l] = p2[l] = 0.0;
-        for (i = 0; i + ROW_LANES <= dim; i += ROW_LANES)
-            for (l = 0; l < ROW_LANES; l++) {
-                double g = (double)gr[i + l] * n.w[i + l];
-                p1[l] += g;
-                p2[l] += g * (xr[i + l] - mean) * rstd;
-            }
-        for (l = 0; i < dim; i++, l++) {
-            double g = (double)gr[i] * n.w[i];
-            p1[l] += g;
-            p2[l] += g * (xr[i] - mean) * rstd;
-        }
-        for (l = 0; l < ROW_LANES; l++) {
-            sg += p1[l];
-            sgx += p2[l];
-        }
-        sg /= dim;
-        sgx /= dim;
-        for (i = 0; i < dim; i++)
-            dr[i] += (float)(rstd * ((double)gr[i] * n.w[i] - sg - (xr[i] - mean) * rstd * sgx));
-        stats[2 * r] = (float)mean;
-        stats[2 * r + 1] = (float)rstd;
-    }
-    if (!dw && !db) return;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)rows * dim * 2))
-#endif
-    for (blk = 0; blk < nb; blk++) {
-        double aw[NORM_BLOCK], ab[NORM_BLOCK];
-        int i0 = blk * NORM_BLOCK, ni = dim - i0 < NORM_BLOCK ? dim - i0 : NORM_BLOCK, i, rr;
-        for (i = 0; i < ni; i++) aw[i] = ab[i] = 0.0;
-        for (rr = 0; rr < rows; rr++) {
-            const float *xr = x + (size_t)rr * dim + i0, *gr = dy + (size_t)rr * dim + i0;
-            double mean = stats[2 * rr], rstd = stats[2 * rr + 1];
-            for (i = 0; i < ni; i++) {
-                aw[i] += (double)gr[i] * (xr[i] - mean) * rstd;
-                ab[i] += gr[i];
-            }
-        }
-        for (i = 0; i < ni; i++) {
-            if (dw) dw[i0 + i] += (float)aw[i];
-            if (db) db[i0 + i] += (float)ab[i];
-        }
-    }
-}
-
-/* nn.GroupNorm on a channels-last map [hw][c] (in place). */
-static void groupnorm_hwc(float *x, int hw, int c, int groups, norm_w n, float eps)
-{
-    int g, cpg = c / groups;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)hw * c * 4))
-#endif
-    for (g = 0; g < groups; g++) {
-        double mean = 0.0, var = 0.0;
-        float fm, rstd;
-        int p, i, c0 = g * cpg;
-        for (p = 0; p < hw; p++)
-            for (i = 0; i < cpg; i++) mean += x[(size_t)p * c + c0 + i];
-        mean /= (double)hw * cpg;
-        for (p = 0; p < hw; p++)
-            for (i = 0; i < cpg; i++) {
-                double d = x[(size_t)p * c + c0 + i] - mean;
-                var += d * d;
-            }
-        var /= (double)hw * cpg;
-        fm = (float)mean;
-        rstd = (float)(1.0 / sqrt(var + eps));
-        for (p = 0; p < hw; p++)
-            for (i = 0; i < cpg; i++) {
-                float *v = &x[(size_t)p * c + c0 + i];
-                *v = (*v - fm) * rstd * n.w[c0 + i] + n.b[c0 + i];
-            }
-    }
-}
-
-/* nn.GroupNorm backward on channels-last maps, from its input x [hw][c]: per group,
- * dx += rstd (g - mean g - xhat mean(g xhat)) with g = dy * weight; dw, db [c] += per
- * channel sums of dy xhat and dy. Each group owns its channels (deterministic). */
-static void groupnorm_hwc_backward(float *dx, float *dw, float *db, const float *dy, const float *x, int hw, int c,
-                                   int groups, norm_w n, float eps)
-{
-    int g, cpg = c / groups;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)hw * c * 8))
-#endif
-    for (g = 0; g < groups; g++) {
-        double mean = 0.0, var = 0.0, sg = 0.0, sgx = 0.0, rstd, cnt = (double)hw * cpg;
-        int p, i, c0 = g * cpg;
-        for (p = 0; p < hw; p++)
-            for (i = 0; i < cpg; i++) mean += x[(size_t)p * c + c0 + i];
-        mean /= cnt;
-        for (p = 0; p < hw; p++)
-            for (i = 0; i < cpg; i++) {
-                double d = x[(size_t)p * c + c0 + i] - mean;
-                var += d * d;
-            }
-        var /= cnt;
-        rstd = 1.0 / sqrt(var + eps);
-        for (i = 0; i < cpg; i++) {
-            double sw = 0.0, sb = 0.0;
-            for (p = 0; p < hw; p++) {
-                size_t k = (size_t)p * c + c0 + i;
-                double xh = (x[k] - mean) * rstd;
-                sw += dy[k] * xh;
-                sb += dy[k];
-            }
-            dw[c0 + i] += (float)sw;
-            db[c0 + i] += (float)sb;
-            sg += sb * n.w[c0 + i];
-            sgx += sw * n.w[c0 + i];
-        }
-        sg /= cnt;
-        sgx /= cnt;
-        for (p = 0; p < hw; p++)
-            for (i = 0; i < cpg; i++) {
-                size_t k = (size_t)p * c + c0 + i;
-                dx[k] += (float)(rstd * ((double)dy[k] * n.w[c0 + i] - sg - (x[k] - mean) * rstd * sgx));
-            }
-    }
-}
-
-/* ---- exp and erf as plain arithmetic ----
- * libm's expf and erff are one call per element, which no compiler vectorises; the
- * softmax and GELU loops spend most of their time in them. These versions use only
- * multiply, add and bit operations, inline, so the loops around them vectorise. */
-
-/* The float's bits and back (memcpy: the C99 way to reinterpret, no aliasing). */
-static inline uint32_t float_bits(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-static inline float bits_float(uint32_t u)
-{
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-#define EXP_LOG2E 1.44269504088896341f
-/* ln 2 in two parts: HI has few significant bits, so n * HI is exact for our n. */
-#define EXP_LN2_HI 0.693359375f
-#define EXP_LN2_LO (-2.12194440054690583e-4f)
-/* 1.5 * 2^23: adding it to a float below 2^22 rounds it to an integer that then sits
- * in the low mantissa bits. */
-#define EXP_ROUNDER 12582912.0f
-#define EXP_MIN_ARG (-87.3365447505531f) /* e^x below FLT_MIN: flushed to 0 */
-#define EXP_MAX_ARG 88.0f                /* larger x saturate (never reached here) */
-#define FLOAT_EXP_BIAS 127u
-#define FLOAT_MANT_BITS 23
-
-/* e^x: x = n ln 2 + r with |r| <= ln 2 / 2, e^r by its Taylor series to r^7 (the rest
- * is below 1e-8 relative), times 2^n written into the exponent bits. Within 2 ulp of
- * expf; e^-inf = 0, NaN stays NaN. */
-static inline float exp_f32(float x)
-{
-    float xc = x < EXP_MIN_ARG ? EXP_MIN_ARG : x > EXP_MAX_ARG ? EXP_MAX_ARG : x;
-    float t = xc * EXP_LOG2E + EXP_ROUNDER, n = t - EXP_ROUNDER;
-    float r = (xc - n * EXP_LN2_HI) - n * EXP_LN2_LO;
-    float p = 1.0f / 5040;
-    p = p * r + 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 1.0f / 2;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    p *= bits_float((float_bits(t) - float_bits(EXP_ROUNDER) + FLOAT_EXP_BIAS) << FLOAT_MANT_BITS);
-    return x < EXP_MIN_ARG ? 0.0f : p;
-}
-
-/* erf(x) / x as a Chebyshev series in u = x^2 / 8 - 1 over |x| <= 4 (k = 0 term
- * halved); tools/erf_coefficients.py derives it. Beyond |x| = 4, erf rounds to +-1. */
-#define ERF_SATURATE 4.0f
-#define ERF_TERMS 18
-static const float erf_chebyshev[ERF_TERMS] = {
-    9.718259138e-01f, -3.454078550e-01f, 1.618291012e-01f, -7.648275611e-02f, 3.466993680e-02f,
-    -1.481186415e-02f, 5.922937956e-03f, -2.211840659e-03f, 7.714154278e-04f, -2.515965878e-04f,
-    7.688658221e-05f, -2.206549594e-05f, 5.961274041e-06f, -1.519775071e-06f, 3.664930433e-07f,
-    -8.378998354e-08f, 1.820144884e-08f, -3.764477919e-09f
-};
-
-/* Values erf_block takes at a time: its buffers stay in L1. */
-#define ERF_BLOCK 64
-
-/* y[i] = erf(x[i]) for m <= ERF_BLOCK values (y may alias x), by Clenshaw's recurrence
- * on that series run over all m values at once, so that the loops over values
- * vectorise: within 3e-7 of the exact value (libm's erff: 6e-8), far below the
- * forward pass's float noise. */
-static void erf_block(float *y, const float *x, int m)
-{
-    float xc[ERF_BLOCK], u[ERF_BLOCK], b1[ERF_BLOCK], b2[ERF_BLOCK];
-    int i, k;
-    for (i = 0; i < m; i++) {
-        float v = x[i] < -ERF_SATURATE ? -ERF_SATURATE : x[i];
-        xc[i] = v > ERF_SATURATE ? ERF_SATURATE : v;
-        u[i] = xc[i] * xc[i] * (2.0f / (ERF_SATURATE * ERF_SATURATE)) - 1.0f;
-        b1[i] = b2[i] = 0.0f;
-    }
-    for (k = ERF_TERMS - 1; k > 0; k--)
-        for (i = 0; i < m; i++) {
-            float b = erf_chebyshev[k] + 2.0f * u[i] * b1[i] - b2[i];
-            b2[i] = b1[i];
-            b1[i] = b;
-        }
-    for (i = 0; i < m; i++) y[i] = xc[i] * (0.5f * erf_chebyshev[0] + u[i] * b1[i] - b2[i]);
-}
-
-/* Exact (erf) GELU: y = x * (1 + erf(x / sqrt 2)) / 2 over n floats (y may be x). */
-static void gelu(float *y, const float *x, size_t n)
-{
-    size_t start;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)n * 16))
-#endif
-    for (start = 0; start < n; start += ERF_BLOCK) {
-        float e[ERF_BLOCK], *o = y + start;
-        const float *v = x + start;
-        int m = n - start < ERF_BLOCK ? (int)(n - start) : ERF_BLOCK, i;
-        for (i = 0; i < m; i++) e[i] = v[i] * (float)LOUPE_SQRT1_2;
-        erf_block(e, e, m);
-        for (i = 0; i < m; i++) o[i] = 0.5f * v[i] * (1.0f + e[i]);
-    }
-}
-
-/* GELU backward from its input x: dx += dy (Phi(x) + x phi(x)), Phi, phi the normal
- * distribution and density, in float32 as PyTorch's CPU kernel computes it; erf and exp
- * by the inline versions above, so that the loops vectorise (the backbone's MLPs pass
- * 577 x 4096 values a block through here). dx must not alias dy. */
-static void gelu_backward(float *dx, const float *dy, const float *x, size_t n)
-{
-    size_t start;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)n * 24))
-#endif
-    for (start = 0; start < n; start += ERF_BLOCK) {
-        float e[ERF_BLOCK];
-        const float *v = x + start;
-        int m = n - start < ERF_BLOCK ? (int)(n - start) : ERF_BLOCK, i;
-        for (i = 0; i < m; i++) e[i] = v[i] * (float)LOUPE_SQRT1_2;
-        erf_block(e, e, m);
-        for (i = 0; i < m; i++) {
-            float cdf = 0.5f * (1.0f + e[i]), pdf = (float)LOUPE_INV_SQRT_2PI * exp_f32(-0.5f * v[i] * v[i]);
-            dx[start + i] += dy[start + i] * (cdf + v[i] * pdf);
-        }
-    }
-}
-
-/* ReLU in place. */
-static void relu(float *x, size_t n)
-{
-    size_t i;
-    for (i = 0; i < n; i++) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
-}
-
-/* ReLU backward from its output y: dx += dy where y > 0. dx must not alias dy. */
-static void relu_backward(float *dx, const float *dy, const float *y, size_t n)
-{
-    size_t i;
-    for (i = 0; i < n; i++) dx[i] += y[i] > 0.0f ? dy[i] : 0.0f;
-}
-
-/* Logistic sigmoid as PyTorch computes it in float32. */
-static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
-
-/* sigmoidf(x) < 0.5f (upstream's attention mask test) without an expf for all but a
- * sliver of x: for x >= 0, expf(-x) <= 1 and the sigmoid is at least 0.5; below -1e-3,
- * 1 + expf(-x) exceeds 2 in float32 and it is below 0.5; NaN gives 0 either way. */
-static int sigmoid_below_half(float x)
-{
-    if (x >= 0.0f) return 0;
-    if (x < -1e-3f) return 1;
-    return sigmoidf(x) < 0.5f;
-}
-
-/* Softmax of scale * x over each row of x [rows][n], in place; entries whose mask byte
- * is nonzero ([rows][n], NULL for none) count as -inf. */
-static void softmax_rows(float *x, int rows, int n, float scale, const unsigned char *mask)
-{
-    int r, i, l;
-    for (r = 0; r < rows; r++) {
-        float *v = x + (size_t)r * n, part[ROW_LANES], mx, sum;
-        const unsigned char *m = mask ? mask + (size_t)r * n : NULL;
-        if (m)
-            for (i = 0; i < n; i++) v[i] = m[i] ? -INFINITY : v[i] * scale;
-        else
-            for (i = 0; i < n; i++) v[i] *= scale;
-        for (l = 0; l < ROW_LANES; l++) part[l] = -INFINITY;
-        for (i = 0; i + ROW_LANES <= n; i += ROW_LANES)
-            for (l = 0; l < ROW_LANES; l++) part[l] = v[i + l] > part[l] ? v[i + l] : part[l];
-        for (l = 0; i < n; i++, l++) part[l] = v[i] > part[l] ? v[i] : part[l];
-        for (mx = part[0], l = 1; l < ROW_LANES; l++) mx = part[l] > mx ? part[l] : mx;
-        for (i = 0; i < n; i++) v[i] = exp_f32(v[i] - mx);
-        for (l = 0; l < ROW_LANES; l++) part[l] = 0.0f;
-        for (i = 0; i + ROW_LANES <= n; i += ROW_LANES)
-            for (l = 0; l < ROW_LANES; l++) part[l] += v[i + l];
-        for (l = 0; i < n; i++, l++) part[l] += v[i];
-        for (sum = part[0], l = 1; l < ROW_LANES; l++) sum += part[l];
-        for (i = 0; i < n; i++) v[i] /= sum;
-    }
-}
-
-/* sum of a[i] b[i] over n floats in double, kept in ROW_LANES partial sums combined in
- * a fixed order: the loop vectorises (one running sum is a chain of dependent adds) and
- * the result is the same on every instruction set. */
-static double row_dot(const float *a, const float *b, int n)
-{
-    double part[ROW_LANES], sum = 0.0;
-    int i, l;
-    for (l = 0; l < ROW_LANES; l++) part[l] = 0.0;
-    for (i = 0; i + ROW_LANES <= n; i += ROW_LANES)
-        for (l = 0; l < ROW_LANES; l++) part[l] += (double)a[i + l] * b[i + l];
-    for (l = 0; i < n; i++, l++) part[l] += (double)a[i] * b[i];
-    for (l = 0; l < ROW_LANES; l++) sum += part[l];
-    return sum;
-}
-
-/* Softmax backward from its output y [rows][n]: dx += y (dy - sum(y dy)) per row.
- * dx must not alias dy. */
-static void softmax_rows_backward(float *dx, const float *dy, const float *y, int rows, int n)
-{
-    int r, i;
-    for (r = 0; r < rows; r++) {
-        const float *yr = y + (size_t)r * n, *gr = dy + (size_t)r * n;
-        double dot = row_dot(yr, gr, n);
-        for (i = 0; i < n; i++) dx[(size_t)r * n + i] += (float)(yr[i] * (gr[i] - dot));
-    }
-}
-
-/* Elementwise y = a + b over n floats (y may alias a). */
-static void add(float *y, const float *a, const float *b, size_t n)
-{
-    size_t i;
-    for (i = 0; i < n; i++) y[i] = a[i] + b[i];
-}
-
-/* Multi-head scaled dot-product attention. For every head h (columns h*dh..):
- * out[Tq][h] = softmax(scale * Q_h K_h^T, masked) V_h. mask is [Tq][Tk] bytes,
- * nonzero = may not attend (NULL: none). scratch holds max_threads() * Tq * Tk floats:
- * one head's score matrix per thread, never more. */
-static void attention(float *out, int ldo, const float *Q, int ldq, const float *K, int ldk, const float *V, int ldv,
-                      int Tq, int Tk, int heads, int dh, float scale, const unsigned char *mask, float *scratch)
-{
-    int h;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)Tq * Tk * dh * heads))
-#endif
-    for (h = 0; h < heads; h++) {
-        float *S = scratch + (size_t)thread_id() * Tq * Tk;
-        gemm_nt(Tq, Tk, dh, Q + (size_t)h * dh, ldq, K + (size_t)h * dh, ldk, NULL, S, Tk, 0);
-        softmax_rows(S, Tq, Tk, scale, mask);
-        gemm_nn(Tq, dh, Tk, S, Tk, V + (size_t)h * dh, ldv, out + (size_t)h * dh, ldo, 0);
-    }
-}
-
-/* Backward of attention (nn.MultiheadAttention's core, masked or not): dO [Tq][heads*dh]
- * -> dQ [Tq][heads*dh], dK, dV [Tk][heads*dh] += (row strides ld*). For every head h, with
- * P = softmax(scale Q_h K_h^T, masked): dP = dO_h V_h^T, dV_h += P^T dO_h,
- * dS = P (dP - rowsum(P dP)), dQ_h += scale dS K_h, dK_h += scale dS^T Q_h. Heads own
- * disjoint columns (deterministic). scratch holds max_threads() * 2 * Tq * Tk floats
- * (one head's P and dP per thread). */
-static void attention_backward(float *dQ, int lddq, float *dK, int lddk, float *dV, int lddv, const float *dO,
-                               int lddo, const float *Q, int ldq, const float *K, int ldk, const float *V, int ldv,
-                               int Tq, int Tk, int heads, int dh, float scale, const unsigned char *mask,
-                               float *scratch)
-{
-    int h;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)Tq * Tk * dh * heads * 4))
-#endif
-    for (h = 0; h < heads; h++) {
-        float *P = scratch + (size_t)thread_id() * 2 * Tq * Tk, *dP = P + (size_t)Tq * Tk;
-        size_t ho = (size_t)h * dh;
-        int r, j;
-        gemm_nt(Tq, Tk, dh, Q + ho, ldq, K + ho, ldk, NULL, P, Tk, 0);
-        softmax_rows(P, Tq, Tk, scale, mask);
-        gemm_nt(Tq, Tk, dh, dO + ho, lddo, V + ho, ldv, NULL, dP, Tk, 0);
-        gemm_tn(Tk, dh, Tq, P, Tk, dO + ho, lddo, dV + ho, lddv);
-        for (r = 0; r < Tq; r++) {
-            const float *pr = P + (size_t)r * Tk;
-            float *gr = dP + (size_t)r * Tk;
-            double dot = row_dot(pr, gr, Tk);
-            for (j = 0; j < Tk; j++) gr[j] = (float)(pr[j] * (gr[j] - dot) * scale);
-        }
-        gemm_nn(Tq, dh, Tk, dP, Tk, K + ho, ldk, dQ + ho, lddq, 1);
-        gemm_tn(Tk, dh, Tq, dP, Tk, Q + ho, ldq, dK + ho, lddk);
-    }
-}
-
-/* Source indices and weights of PyTorch's bilinear interpolation along one axis
- * (align_corners=False, no antialias): src = (dst + 0.5) * in/out - 0.5, clamped at 0. */
-static void interp_axis(int in, int out, int *i0, int *i1, float *w0, float *w1)
-{
-    float scale = (float)in / (float)out;
-    int d;
-    for (d = 0; d < out; d++) {
-        float src = scale * ((float)d + 0.5f) - 0.5f;
-        int x0;
-        if (src < 0.0f) src = 0.0f;
-        x0 = (int)src;
-        if (x0 > in - 1) x0 = in - 1;
-        i0[d] = x0;
-        i1[d] = x0 + (x0 < in - 1 ? 1 : 0);
-        w1[d] = src - (float)x0;
-        w0[d] = 1.0f - w1[d];
-    }
-}
-
-/* Scratch floats interp_plane needs for an out_h x out_w output. Half of it holds int
- * indices, so it must be allocated memory (malloc, arena), never a declared float array. */
-#define INTERP_SCRATCH(oh, ow) (4 * (size_t)((oh) + (ow)))
-
-/* F.interpolate(mode="bilinear", align_corners=False) of one [ih][iw] plane. */
-static void interp_plane(const float *in, int ih, int iw, float *out, int oh, int ow, float *scratch)
-{
-    int *y0 = (int *)(void *)scratch, *y1 = y0 + oh, *x0 = y1 + oh, *x1 = x0 + ow;
-    float *wy0 = (float *)(void *)(x1 + ow), *wy1 = wy0 + oh, *wx0 = wy1 + oh, *wx1 = wx0 + ow;
-    int y;
-    interp_axis(ih, oh, y0, y1, wy0, wy1);
-    interp_axis(iw, ow, x0, x1, wx0, wx1);
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok(4.0 * oh * ow))
-#endif
-    for (y = 0; y < oh; y++) { /* rows are independent: the same values on any number of threads */
-        const float *r0 = in + (size_t)y0[y] * iw, *r1 = in + (size_t)y1[y] * iw;
-        float *o = out + (size_t)y * ow;
-        int x;
-        for (x = 0; x < ow; x++)
-            o[x] = wy0[y] * (wx0[x] * r0[x0[x]] + wx1[x] * r0[x1[x]]) +
-                   wy1[y] * (wx0[x] * r1[x0[x]] + wx1[x] * r1[x1[x]]);
-    }
-}
-
-/* The same interpolation on a channels-last map [ih*iw][c]. */
-static void interp_hwc(const float *in, int ih, int iw, int c, float *out, int oh, int ow, float *scratch)
-{
-    int *y0 = (int *)(void *)scratch, *y1 = y0 + oh, *x0 = y1 + oh, *x1 = x0 + ow;
-    float *wy0 = (float *)(void *)(x1 + ow), *wy1 = wy0 + oh, *wx0 = wy1 + oh, *wx1 = wx0 + ow;
-    int y, x, ch;
-    interp_axis(ih, oh, y0, y1, wy0, wy1);
-    interp_axis(iw, ow, x0, x1, wx0, wx1);
-    for (y = 0; y < oh; y++)
-        for (x = 0; x < ow; x++) {
-            const float *a = in + ((size_t)y0[y] * iw + x0[x]) * c, *b = in + ((size_t)y0[y] * iw + x1[x]) * c;
-            const float *d = in + ((size_t)y1[y] * iw + x0[x]) * c, *e = in + ((size_t)y1[y] * iw + x1[x]) * c;
-            float *o = out + ((size_t)y * ow + x) * c;
-            for (ch = 0; ch < c; ch++)
-                o[ch] = wy0[y] * (wx0[x] * a[ch] + wx1[x] * b[ch]) + wy1[y] * (wx0[x] * d[ch] + wx1[x] * e[ch]);
-        }
-}
-
-/* Channels handled together by interp_hwc_backward. */
-#define INTERP_BLOCK 16
-
-/* Backward of interp_hwc: dout [oh*ow][c] scattered with the bilinear weights into
- * din [ih*iw][c] +=; threads own channel blocks (deterministic). */
-static void interp_hwc_backward(float *din, const float *dout, int ih, int iw, int c, int oh, int ow, float *scratch)
-{
-    int *y0 = (int *)(void *)scratch, *y1 = y0 + oh, *x0 = y1 + oh, *x1 = x0 + ow;
-    float *wy0 = (float *)(void *)(x1 + ow), *wy1 = wy0 + oh, *wx0 = wy1 + oh, *wx1 = wx0 + ow;
-    int nb = (c + INTERP_BLOCK - 1) / INTERP_BLOCK, blk;
-    interp_axis(ih, oh, y0, y1, wy0, wy1);
-    interp_axis(iw, ow, x0, x1, wx0, wx1);
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)oh * ow * c * 4))
-#endif
-    for (blk = 0; blk < nb; blk++) {
-        int c0 = blk * INTERP_BLOCK, nc = c - c0 < INTERP_BLOCK ? c - c0 : INTERP_BLOCK, y, x, ch;
-        for (y = 0; y < oh; y++)
-            for (x = 0; x < ow; x++) {
-                const float *g = dout + ((size_t)y * ow + x) * c + c0;
-                float *a = din + ((size_t)y0[y] * iw + x0[x]) * c + c0, *b = din + ((size_t)y0[y] * iw + x1[x]) * c + c0;
-                float *d = din + ((size_t)y1[y] * iw + x0[x]) * c + c0, *e = din + ((size_t)y1[y] * iw + x1[x]) * c + c0;
-                float w00 = wy0[y] * wx0[x], w01 = wy0[y] * wx1[x], w10 = wy1[y] * wx0[x], w11 = wy1[y] * wx1[x];
-                for (ch = 0; ch < nc; ch++) {
-                    a[ch] += w00 * g[ch];
-                    b[ch] += w01 * g[ch];
-                    d[ch] += w10 * g[ch];
-                    e[ch] += w11 * g[ch];
-                }
-            }
-    }
-}
-
-/* The 2 x 2 output pixels of a stride-2 transposed convolution: tap t = 2 * di + dj. */
-#define CONVT_TAPS 4
-
-/* nn.ConvTranspose2d(kernel 2, stride 2) on channels-last maps:
- * in [h*w][ci] -> out [2h*2w][co]. Every input pixel feeds its own 2 x 2 output pixels,
- * so the whole layer is one product with the PyTorch weight read in place as
- * [ci][co*4] (any storage): prod [h*w][co*4] = in x weight, whose column 4*o + t is channel o of
- * output pixel (2i + di, 2j + dj); then each column goes to its pixel, plus the bias.
- * prod: scratch of h*w*co*4 floats. */
-static void conv_transpose2x2_hwc(float *out, const float *in, int h, int w, int ci, int co, wmat weight,
-                                  const float *bias, float *prod)
-{
-    int i;
-    gemm_nn_w(h * w, CONVT_TAPS * co, ci, in, ci, weight, prod, CONVT_TAPS * co, 0);
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)h * w * co * CONVT_TAPS))
-#endif
-    for (i = 0; i < h; i++) {
-        int j, t, o;
-        for (j = 0; j < w; j++) {
-            const float *p = prod + ((size_t)i * w + j) * CONVT_TAPS * co;
-            for (t = 0; t < CONVT_TAPS; t++) {
-                float *dst = out + ((size_t)(2 * i + t / 2) * 2 * w + 2 * j + t % 2) * co;
-                for (o = 0; o < co; o++) dst[o] = p[(size_t)o * CONVT_TAPS + t] + bias[o];
-            }
-        }
-    }
-}
-
-/* nn.ConvTranspose2d(2, stride 2) backward on channels-last maps: dout [2h*2w][co] ->
- * din [h*w][ci] += (when din), dweight [ci][co][2][2] +=, db [co] +=. The output
- * gradient is gathered into the product's layout dprod [h*w][co*4] (scratch of
- * h*w*co*4 floats); then din += dprod weight^T and dweight += in^T dprod. */
-static void conv_transpose2x2_hwc_backward(float *din, float *dweight, float *db, const float *dout, const float *in,
-                                           int h, int w, int ci, int co, const float *weight, float *dprod)
-{
-    int i, n = CONVT_TAPS * co;
-    bias_backward(db, dout, co, 4 * h * w, co);
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)h * w * n))
-#endif
-    for (i = 0; i < h; i++) { /* rows are independent */
-        int j, t, o;
-        for (j = 0; j < w; j++) {
-            float *p = dprod + ((size_t)i * w + j) * n;
-            for (t = 0; t < CONVT_TAPS; t++) {
-                const float *src = dout + ((size_t)(2 * i + t / 2) * 2 * w + 2 * j + t % 2) * co;
-                for (o = 0; o < co; o++) p[(size_t)o * CONVT_TAPS + t] = src[o];
-            }
-        }
-    }
-    if (din) gemm_nt(h * w, ci, n, dprod, n, weight, n, NULL, din, ci, 1);
-    gemm_tn(ci, n, h * w, in, ci, dprod, n, dweight, n);
-}
-
-/* nn.MaxPool2d(2, 2) on a channels-last map: [h*w][c] -> [(h/2)*(w/2)][c]. */
-static void maxpool2x2_hwc(float *out, const float *in, int h, int w, int c)
-{
-    int oh = h / 2, ow = w / 2, y, x, ch;
-    for (y = 0; y < oh; y++)
-        for (x = 0; x < ow; x++) {
-            const float *a = in + ((size_t)(2 * y) * w + 2 * x) * c, *b = a + c;
-            const float *d = a + (size_t)w * c, *e = d + c;
-            float *o = out + ((size_t)y * ow + x) * c;
-            for (ch = 0; ch < c; ch++) {
-                float m0 = a[ch] > b[ch] ? a[ch] : b[ch], m1 = d[ch] > e[ch] ? d[ch] : e[ch];
-                o[ch] = m0 > m1 ? m0 : m1;
-            }
-        }
-}
-
-/* nn.MaxPool2d(2, 2) backward: dout [(h/2)*(w/2)][c] goes to the first maximum of each
- * window (row-major order, as PyTorch): din [h*w][c] +=. */
-static void maxpool2x2_hwc_backward(float *din, const float *dout, const float *in, int h, int w, int c)
-{
-    int oh = h / 2, ow = w / 2, y, x, ch, k;
-    for (y = 0; y < oh; y++)
-        for (x = 0; x < ow; x++) {
-            size_t at[4];
-            at[0] = ((size_t)(2 * y) * w + 2 * x) * c;
-            at[1] = at[0] + c;
-            at[2] = at[0] + (size_t)w * c;
-            at[3] = at[2] + c;
-            for (ch = 0; ch < c; ch++) {
-                size_t best = at[0] + ch;
-                for (k = 1; k < 4; k++)
-                    if (in[at[k] + ch] > in[best]) best = at[k] + ch;
-                din[best] += dout[((size_t)y * ow + x) * c + ch];
-            }
-        }
-}
-
-/* Depthwise 3x3 convolution, padding 1, no bias, channels-last; w9 is [9][c]. */
-static void depthwise3x3_hwc(float *out, const float *in, int h, int w, int c, const float *w9)
-{
-    int y;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)h * w * c * 9))
-#endif
-    for (y = 0; y < h; y++) {
-        int x, ty, tx, ch;
-        for (x = 0; x < w; x++) {
-            float *o = out + ((size_t)y * w + x) * c;
-            for (ch = 0; ch < c; ch++) o[ch] = 0.0f;
-            for (ty = 0; ty < 3; ty++)
-                for (tx = 0; tx < 3; tx++) {
-                    int yy = y + ty - 1, xx = x + tx - 1;
-                    const float *iv, *wv;
-                    if (yy < 0 || yy >= h || xx < 0 || xx >= w) continue;
-                    iv = in + ((size_t)yy * w + xx) * c;
-                    wv = w9 + (size_t)(ty * 3 + tx) * c;
-                    for (ch = 0; ch < c; ch++) o[ch] += iv[ch] * wv[ch];
-                }
-        }
-    }
-}
-
-/* Channels handled together by depthwise3x3_hwc_backward's kernel gradient. */
-#define DEPTHWISE_BLOCK 64
-
-/* Depthwise 3x3 convolution backward (padding 1): dout [h*w][c] -> din [h*w][c] +=
- * (when din; gathered per input row), dw9 [9][c] += (per channel block, in double). */
-static void depthwise3x3_hwc_backward(float *din, float *dw9, const float *dout, const float *in, int h, int w, int c,
-                                      const float *w9)
-{
-    int y, nb = (c + DEPTHWISE_BLOCK - 1) / DEPTHWISE_BLOCK, blk;
-    if (din) {
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)h * w * c * 9))
-#endif
-        for (y = 0; y < h; y++) {
-            int x, t, ch;
-            for (x = 0; x < w; x++) {
-                float *d = din + ((size_t)y * w + x) * c;
-                for (t = 0; t < 9; t++) {
-                    int oy = y - (t / 3 - 1), ox = x - (t % 3 - 1);
-                    const float *g, *wv;
-                    if (oy < 0 || oy >= h || ox < 0 || ox >= w) continue;
-                    g = dout + ((size_t)oy * w + ox) * c;
-                    wv = w9 + (size_t)t * c;
-                    for (ch = 0; ch < c; ch++) d[ch] += g[ch] * wv[ch];
-                }
-            }
-        }
-    }
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)h * w * c * 9))
-#endif
-    for (blk = 0; blk < nb; blk++) {
-        double acc[9][DEPTHWISE_BLOCK];
-        int c0 = blk * DEPTHWISE_BLOCK, nc = c - c0 < DEPTHWISE_BLOCK ? c - c0 : DEPTHWISE_BLOCK, t, yy, x, ch;
-        for (t = 0; t < 9; t++)
-            for (ch = 0; ch < nc; ch++) acc[t][ch] = 0.0;
-        for (yy = 0; yy < h; yy++)
-            for (x = 0; x < w; x++) {
-                const float *g = dout + ((size_t)yy * w + x) * c + c0;
-                for (t = 0; t < 9; t++) {
-                    int iy = yy + t / 3 - 1, ix = x + t % 3 - 1;
-                    const float *iv;
-                    if (iy < 0 || iy >= h || ix < 0 || ix >= w) continue;
-                    iv = in + ((size_t)iy * w + ix) * c + c0;
-                    for (ch = 0; ch < nc; ch++) acc[t][ch] += (double)g[ch] * iv[ch];
-                }
-            }
-        for (t = 0; t < 9; t++)
-            for (ch = 0; ch < nc; ch++) dw9[(size_t)t * c + c0 + ch] += (float)acc[t][ch];
-    }
-}
-
-/* Full 3x3 convolution, padding 1, no bias, channels-last: nine shifted matmuls;
- * wt is [9][co][ci]. */
-static void conv3x3_hwc(float *out, const float *in, int h, int w, int ci, int co, const float *wt)
-{
-    int y;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)h * w * ci * co * 9))
-#endif
-    for (y = 0; y < h; y++) {
-        int t, x;
-        float *o = out + (size_t)y * w * co;
-        for (x = 0; x < w * co; x++) o[x] = 0.0f;
-        for (t = 0; t < 9; t++) {
-            int yy = y + t / 3 - 1, dx = t % 3 - 1, x0 = dx < 0 ? 1 : 0, x1 = dx > 0 ? w - 1 : w;
-            if (yy < 0 || yy >= h || x1 <= x0) continue;
-            gemm_nt(x1 - x0, co, ci, in + ((size_t)yy * w + x0 + dx) * ci, ci, wt + (size_t)t * co * ci, ci, NULL,
-                    o + (size_t)x0 * co, co, 1);
-        }
-    }
-}
-
-/* Full 3x3 convolution backward (padding 1, channels-last): dout [h*w][co] ->
- * din [h*w][ci] += (when din; each input row gathers its nine taps), dwt [9][co][ci] +=.
- * scratch: 9*co*ci + h*w*ci floats (transposed taps, one tap's shifted input). */
-static void conv3x3_hwc_backward(float *din, float *dwt, const float *dout, const float *in, int h, int w, int ci,
-                                 int co, const float *wt, float *scratch)
-{
-    float *wtt = scratch, *shifted = scratch + (size_t)9 * co * ci;
-    int t, y;
-    if (din) {
-        for (t = 0; t < 9; t++) transpose(wtt + (size_t)t * ci * co, wt + (size_t)t * co * ci, co, ci);
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)h * w * ci * co * 9))
-#endif
-        for (y = 0; y < h; y++) {
-            int tt;
-            for (tt = 0; tt < 9; tt++) {
-                int dy = tt / 3 - 1, dx = tt % 3 - 1, oy = y - dy, x0 = dx > 0 ? 0 : -dx, x1 = dx > 0 ? w - dx : w;
-                if (oy < 0 || oy >= h || x1 <= x0) continue;
-                /* din[y][x + dx] += dout[oy][x] . wt[tt] for output columns x0..x1 */
-                gemm_nt(x1 - x0, ci, co, dout + ((size_t)oy * w + x0) * co, co, wtt + (size_t)tt * ci * co, co, NULL,
-                        din + ((size_t)y * w + x0 + dx) * ci, ci, 1);
-            }
-        }
-    }
-    for (t = 0; t < 9; t++) {
-        int dy = t / 3 - 1, dx = t % 3 - 1, x;
-        /* shifted[y][x] = in[y + dy][x + dx], zero outside */
-        for (y = 0; y < h; y++)
-            for (x = 0; x < w; x++) {
-                float *d = shifted + ((size_t)y * w + x) * ci;
-                int iy = y + dy, ix = x + dx;
-                if (iy < 0 || iy >= h || ix < 0 || ix >= w) memset(d, 0, (size_t)ci * sizeof *d);
-                else memcpy(d, in + ((size_t)iy * w + ix) * ci, (size_t)ci * sizeof *d);
-            }
-        gemm_tn(co, ci, h * w, dout, co, shifted, ci, dwt + (size_t)t * co * ci, ci);
-    }
-}
-
-/* Mask2FormerSinePositionEmbedding(normalize=True) of an h x w map, channels-last:
- * out[p][0..npf) = pos_y, out[p][npf..2npf) = pos_x, each (sin, cos) interleaved. */
-static void sine_position_embedding(float *out, int ld, int h, int w, int npf)
-{
-    const float temperature = 10000.0f, eps = 1e-6f, scale = (float)(2.0 * LOUPE_PI);
-    int y, x, k;
-    for (y = 0; y < h; y++)
-        for (x = 0; x < w; x++) {
-            float ye = (float)(y + 1) / ((float)h + eps) * scale, xe = (float)(x + 1) / ((float)w + eps) * scale;
-            float *o = out + ((size_t)y * w + x) * ld;
-            for (k = 0; k < npf; k++) {
-                float dim_t = powf(temperature, (float)(2 * (k / 2)) / (float)npf);
-                float py = ye / dim_t, px = xe / dim_t;
-                o[k] = k % 2 ? cosf(py) : sinf(py);
-                o[npf + k] = k % 2 ? cosf(px) : sinf(px);
-            }
-        }
-}
-
-/* Bilinear sample of one head's channels at (ix, iy) in pixel units, zero outside
- * (grid_sample, align_corners=False, padding zeros); accumulates weight * value. */
-static void sample_bilinear_acc(float *acc, const float *value, int ld, int h, int w, float ix, float iy,
-                                float weight, int dh)
-{
-    int x0, y0, x1, y1, d, xs[4], ys[4], k;
-    float fx, fy, wts[4], *wp = wts;
-    /* Points at or beyond one pixel outside the map (and NaN) only meet zero padding. */
-    if (!(ix > -1.0f && ix < (float)w && iy > -1.0f && iy < (float)h)) return;
-    x0 = (int)floorf(ix); y0 = (int)floorf(iy); x1 = x0 + 1; y1 = y0 + 1;
-    fx = ix - (float)x0; fy = iy - (float)y0;
-    wts[0] = (1.0f - fx) * (1.0f - fy); xs[0] = x0; ys[0] = y0;
-    wts[1] = fx * (1.0f - fy);          xs[1] = x1; ys[1] = y0;
-    wts[2] = (1.0f - fx) * fy;          xs[2] = x0; ys[2] = y1;
-    wts[3] = fx * fy;                   xs[3] = x1; ys[3] = y1;
-    for (k = 0; k < 4; k++, wp++) {
-        const float *v;
-        float c;
-        if (xs[k] < 0 || xs[k] >= w || ys[k] < 0 || ys[k] >= h) continue;
-        v = value + ((size_t)ys[k] * w + xs[k]) * ld;
-        c = weight * *wp;
-        for (d = 0; d < dh; d++) acc[d] += c * v[d];
-    }
-}
-
-/* Backward of sample_bilinear_acc for the gradient dacc [dh] of the accumulator:
- * dvalue (the four in-bounds neighbours) += weight * tap weight * dacc, *dix and *diy +=
- * the gradient of the sampling position; returns the gradient of weight (dacc . sample). */
-static float sample_bilinear_backward(float *dvalue, const float *value, int ld, int h, int w, float ix, float iy,
-                                      float weight, const float *dacc, int dh, float *dix, float *diy)
-{
-    int x0 = (int)floorf(ix), y0 = (int)floorf(iy), k, d;
-    float fx = ix - (float)x0, fy = iy - (float)y0;
-    float wts[4], dwx[4], dwy[4];
-    int xs[4], ys[4];
-    double dweight = 0.0, gx = 0.0, gy = 0.0;
-    wts[0] = (1.0f - fx) * (1.0f - fy); dwx[0] = -(1.0f - fy); dwy[0] = -(1.0f - fx); xs[0] = x0;     ys[0] = y0;
-    wts[1] = fx * (1.0f - fy);          dwx[1] = 1.0f - fy;    dwy[1] = -fx;          xs[1] = x0 + 1; ys[1] = y0;
-    wts[2] = (1.0f - fx) * fy;          dwx[2] = -fy;          dwy[2] = 1.0f - fx;    xs[2] = x0;     ys[2] = y0 + 1;
-    wts[3] = fx * fy;                   dwx[3] = fy;           dwy[3] = fx;           xs[3] = x0 + 1; ys[3] = y0 + 1;
-    for (k = 0; k < 4; k++) {
-        size_t at;
-        double dot;
-        float c;
-        if (xs[k] < 0 || xs[k] >= w || ys[k] < 0 || ys[k] >= h) continue;
-        at = ((size_t)ys[k] * w + xs[k]) * ld;
-        dot = row_dot(dacc, value + at, dh);
-        dweight += wts[k] * dot;
-        gx += dwx[k] * dot;
-        gy += dwy[k] * dot;
-        c = weight * wts[k];
-        for (d = 0; d < dh; d++) dvalue[at + d] += c * dacc[d];
-    }
-    *dix += (float)(weight * gx);
-    *diy += (float)(weight * gy);
-    return (float)dweight;
-}
-
-/* ========================================================================== */
-/* Sessions: one planned arena holds every activation of a forward pass        */
-/* ========================================================================== */
-
-/* Where one ScaleBlock puts its activations: conv1 (or max-pool) output, its GELU,
- * the depthwise output (LayerNorm2d input), each [h'*w'][W]. In inference they alias
- * (GELU in place, LayerNorm2d in place in the block's output). */
-typedef struct scale_block_acts { float *pre, *act, *dw; } scale_block_acts;
-
-/* Where one pixel-decoder encoder layer puts its activations (Te tokens, F channels):
- * query + position, value, offsets, softmaxed weights, deformable output [Te][F|2noff|noff|F];
- * a1/h1 the self-attention residual sum (LayerNorm input) and its norm; cq [F] the projected
- * conditional query, kv [Te][2F], catt [F] the attention output, co [F] its projection;
- * a2/h2 the cross-attention residual sum and norm; ffn [Te][E] after ReLU; a3 the FFN
- * residual sum. In inference the residual stream is updated in place in the output. */
-typedef struct enc_layer_acts {
-    float *qpos, *value, *offs, *aw, *msda, *a1, *h1, *cq, *kv, *catt, *co, *a2, *h2, *ffn, *a3;
-} enc_layer_acts;
-
-/* Where one masked-attention decoder layer puts its activations (Q queries, n tokens of
- * its level): mask [Q][n] (1 = may not attend); hq1 = hidden + query position, q1 [Q][F],
- * kv [n][2F] (keys from the session's dec_kin), att1 [Q][F], a1/h1 cross-attention sum
- * and norm; hq2, q2 [Q][F], kv2 [2][Q][F] (k, v), att2, a2/h2 the self-attention sum and norm;
- * ffn [Q][E] after ReLU, a3 the FFN sum. In inference they alias the session's scratch. */
-typedef struct dec_layer_acts {
-    unsigned char *mask;
-    float *hq1, *q1, *kv, *att1, *a1, *h1, *hq2, *q2, *kv2, *att2, *a2, *h2, *ffn, *a3;
-} dec_layer_acts;
-
-/* What a test-time-adaptation forward keeps for the backward (a loupe_tta owns the
- * buffers; section 9). Layer outputs the session keeps anyway are read from the session. */
-typedef struct tta_tape {
-    scale_block_acts fpn[4];      /* fpn4[0], fpn4[1], fpn2, fpn_half */
-    float *proj;                  /* [Te][F] input projections before their GroupNorm */
-    enc_layer_acts *enc;          /* [enc_layers] */
-    float *lat_pre, *conv_pre;    /* [(4g)^2][F] adapter_1 and layer_1 convolutions before GroupNorm */
-    float *hidden;                /* [L][Q][F] decoder hidden states: query features, then layer outputs */
-    dec_layer_acts *dec;          /* [L-1] */
-    float *me_a, *me_b, *me;      /* [L][Q][F] mask-embedding MLP of each prediction */
-} tta_tape;
-
-/* What a training forward keeps for the backward of the backbone (T = 1 + g*g tokens,
- * width W, MLP width M, pooling MLP width Mp); a trainer owns the buffers (sized by
- * pe_train_layout, section 5). Block i's activations start at i * (size of one block)
- * of each array. LayerNorm outputs and GELU outputs are recomputed by the backward, and
- * the attention probabilities by attention_backward. */
-typedef struct pe_tape {
-    float *embed;        /* [T][W] class and patch embeddings plus positions: ln_pre's input */
-    float *x;            /* [layers+1][T][W] residual stream entering block i; [layers]: ln_post's input */
-    float *qkv;          /* [layers][T][3W] q, k after RoPE, v */
-    float *att;          /* [layers][T][W] attention output before out_proj */
-    float *mid;          /* [layers][T][W] residual stream after attention: ln_2's input */
-    float *fc;           /* [layers][T][M] c_fc output before GELU */
-    float *pool_q;       /* [W] the probe's query */
-    float *pool_kv;      /* [T][2W] keys and values of backbone_features */
-    float *pool_att;     /* [W] attention output before out_proj */
-    float *pool_mid;     /* [W] out_proj output: the layernorm's input and the residual */
-    float *pool_fc;      /* [Mp] c_fc output before GELU */
-} pe_tape;
-
-/* What a training forward keeps for the classifier's backward: every hidden layer of
- * the two heads before its GELU (the heads' inputs stay in the session). */
-typedef struct cls_tape {
-    float *global_pre;   /* [cls_layers-1][cls_hidden] */
-    float *patch_pre;    /* [cls_layers-1][g*g][cls_hidden] */
-} cls_tape;
-
-struct loupe_session {
-    const loupe_model *m;
-    const loupe_weights *w;       /* weights in use: the model's or a trainer's (trained copies) */
-    const loupe_tables *t;        /* tables derived from them */
-    tta_tape *tape;               /* TTA: where the forward keeps what the backward needs (else NULL) */
-    pe_tape *bb_tape;             /* training: backbone activations for the backward (else NULL) */
-    cls_tape *cls_tape;           /* training: classifier activations for the backward (else NULL) */
-    scale_block_acts fpn_acts;    /* inference views of the activations (aliasing scratch) */
-    enc_layer_acts enc_acts;
-    dec_layer_acts dec_acts;
-    loupe_tap_fn tap;
-    void *tap_user;
-    void *raw;
-    size_t bytes;
-    int threads;                  /* threads the scratch buffers were sized for */
-    /* backbone: T = 1 + g*g tokens of width W */
-    float *patches;               /* [g*g][3*P*P] image patches (im2col) */
-    float *x, *h, *att;           /* [T][W] residual stream, normed input, attention output */
-    float *qkv;                   /* [T][3W] */
-    float *wide;                  /* [T][max(mlp_width, pool_mlp_width)] MLP hidden */
-    float *scores;                /* [threads][largest score matrix] */
-    float *feats;                 /* [T][W] backbone_features */
-    float *pool_q, *pool_att, *pooled, *pool_h; /* [W] attention pooling */
-    /* classifier */
-    float *cls_a, *cls_b;         /* [g*g][cls_hidden] MLP hidden layers */
-    float *patch_logits;          /* [g*g] */
-    float global_logit, fused_logit, prob;
-    float cond_label;             /* training: the conditional query's label (1 forged, 0 not);
-                                     negative: the classifier's probability (inference, TTA) */
-    /* segmentor: feature pyramid */
-    float *cond_query;            /* [F] */
-    float *fpn4, *fpn2, *fpn_half;/* [(4g)^2][W], [(2g)^2][W], [(g/2)^2][W] */
-    float *fpn_tmp, *fpn_mid;     /* [(4g)^2][W], [(2g)^2][W] scale-block temporaries */
-    /* pixel decoder, Te tokens over levels [g/2, g, 2g] */
-    float *enc_h;                 /* [enc_layers+1][Te][F] encoder input, then each layer's output */
-    float *qpos, *value, *msda, *tmp; /* [Te][F] */
-    float *offs, *aw;             /* [Te][heads*3*points*2], [Te][heads*3*points] */
-    float *kv;                    /* [Te][2F] */
-    float *ffn;                   /* [Te][enc_ffn] or [Q][dec_ffn], whichever is larger */
-    float *cq, *catt;             /* [F] conditional cross-attention */
-    float *lateral, *fpn_out, *mask_features; /* [(4g)^2][F] */
-    float *mask_features_packed; /* mask_features packed for the mask einsum (gemm_prepack; in fpn_tmp) */
-    float *interp;                /* interpolation index scratch */
-    /* transformer decoder, Q queries */
-    float *dec_feat;              /* [Te][F] multi-scale features + level embedding */
-    float *dec_kin;               /* [Te][F] dec_feat + position: the cross-attention's key input (in tmp) */
-    float *hidden, *hq, *dq, *datt, *dtmp; /* [Q][F] */
-    float *me_a, *me_b, *me;      /* [Q][F] mask-embedding MLP */
-    float *query_hidden;          /* [L][Q][F] */
-    float *class_logits;          /* [L][Q][labels+1] */
-    float *mask_logits;           /* [L][Q][(4g)^2] */
-    float *attn_logits;           /* [L][Q][(2g)^2] */
-    unsigned char *attn_mask;     /* [Q][(2g)^2] 1 = may not attend */
-    /* post-processing */
-    float *seg, *seg_tmp;         /* [384][384] */
-    loupe_outputs out;
-};
-
-/* Largest of three sizes. */
-static size_t max3(size_t a, size_t b, size_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
-
-/* Assigns (or, while measuring, counts) every activation buffer. */
-static void session_layout(loupe_session *s, arena *a)
-{
-    const loupe_config *c = &s->m->cfg;
-    const loupe_tables *t = &s->m->t;
-    size_t g = (size_t)c->grid, N = g * g, T = N + 1, W = (size_t)c->width, F = (size_t)c->feature_size;
-    size_t Q = (size_t)c->num_queries, L = (size_t)c->dec_layers, P = (size_t)c->patch_size;
-    size_t Te = (size_t)t->tokens, M4 = 16 * N, M2 = 4 * N, Mh = (g / 2) * (g / 2);
-    size_t noff = (size_t)c->m2f_heads * 3 * (size_t)c->deform_points;
-    size_t score = max3(T * T, Q * M2 + Q * Q, Te);
-    s->patches = arena_floats(a, N * 3 * P * P);
-    s->x = arena_floats(a, T * W);
-    s->h = arena_floats(a, T * W);
-    s->att = arena_floats(a, T * W);
-    s->qkv = arena_floats(a, T * 3 * W);
-    s->wide = arena_floats(a, T * max3((size_t)c->mlp_width, (size_t)c->pool_mlp_width, 1));
-    s->scores = arena_floats(a, (size_t)s->threads * score);
-    s->feats = arena_floats(a, T * W);
-    s->pool_q = arena_floats(a, W);
-    s->pool_att = arena_floats(a, W);
-    s->pooled = arena_floats(a, W);
-    s->pool_h = arena_floats(a, W);
-    s->cls_a = arena_floats(a, N * (size_t)c->cls_hidden);
-    s->cls_b = arena_floats(a, N * (size_t)c->cls_hidden);
-    s->patch_logits = arena_floats(a, N);
-    s->cond_query = arena_floats(a, F);
-    s->fpn4 = arena_floats(a, M4 * W);
-    s->fpn2 = arena_floats(a, M2 * W);
-    s->fpn_half = arena_floats(a, Mh * W);
-    /* the pyramid's scratch, dead once it is built: then the packed mask features */
-    s->fpn_tmp = arena_floats(a, max3(M4 * W, GEMM_PREPACKED_FLOATS(M4, F), 1));
-    s->mask_features_packed = s->fpn_tmp;
-    s->fpn_mid = arena_floats(a, M2 * W);
-    s->enc_h = arena_floats(a, ((size_t)c->enc_layers + 1) * Te * F);
-    s->qpos = arena_floats(a, Te * F);
-    s->value = arena_floats(a, Te * F);
-    s->msda = arena_floats(a, Te * F);
-    s->tmp = arena_floats(a, Te * F);
-    s->dec_kin = s->tmp; /* the pixel decoder's scratch, dead once its layers are done */
-    s->offs = arena_floats(a, Te * noff * 2);
-    s->aw = arena_floats(a, Te * noff);
-    s->kv = arena_floats(a, Te * 2 * F);
-    s->ffn = arena_floats(a, max3(Te * (size_t)c->enc_ffn, Q * (size_t)c->dec_ffn, 1)); /* encoder's, decoder's FFN */
-    s->cq = arena_floats(a, F);
-    s->catt = arena_floats(a, F);
-    s->lateral = arena_floats(a, M4 * F);
-    s->fpn_out = arena_floats(a, M4 * F);
-    s->mask_features = arena_floats(a, M4 * F);
-    s->interp = arena_floats(a, INTERP_SCRATCH(SEG_SIZE, SEG_SIZE) + INTERP_SCRATCH(4 * g, 4 * g));
-    s->dec_feat = arena_floats(a, Te * F);
-    s->hidden = arena_floats(a, Q * F);
-    s->hq = arena_floats(a, Q * F);
-    s->dq = arena_floats(a, Q * F);
-    s->datt = arena_floats(a, Q * F);
-    s->dtmp = arena_floats(a, Q * F);
-    s->me_a = arena_floats(a, Q * F);
-    s->me_b = arena_floats(a, Q * F);
-    s->me = arena_floats(a, Q * F);
-    s->query_hidden = arena_floats(a, L * Q * F);
-    s->class_logits = arena_floats(a, L * Q * ((size_t)c->num_labels + 1));
-    s->mask_logits = arena_floats(a, L * Q * M4);
-    s->attn_logits = arena_floats(a, L * Q * M2);
-    s->attn_mask = arena_bytes(a, Q * M2);
-    s->seg = arena_floats(a, (size_t)SEG_SIZE * SEG_SIZE);
-    s->seg_tmp = arena_floats(a, (size_t)SEG_SIZE * SEG_SIZE);
-    /* inference activation views: the scratch above, residual streams in place */
-    s->fpn_acts.pre = s->fpn_acts.act = s->fpn_tmp;
-    s->fpn_acts.dw = NULL; /* the block's output */
-    s->enc_acts.qpos = s->qpos; s->enc_acts.value = s->value; s->enc_acts.offs = s->offs;
-    s->enc_acts.aw = s->aw; s->enc_acts.msda = s->msda; s->enc_acts.a1 = s->tmp;
-    s->enc_acts.h1 = s->enc_acts.a2 = s->enc_acts.h2 = s->enc_acts.a3 = NULL; /* the layer's output */
-    s->enc_acts.cq = s->cq; s->enc_acts.kv = s->kv; s->enc_acts.catt = s->catt; s->enc_acts.co = s->cq;
-    s->enc_acts.ffn = s->ffn;
-    s->dec_acts.mask = s->attn_mask;
-    s->dec_acts.hq1 = s->dec_acts.hq2 = s->hq; s->dec_acts.q1 = s->dec_acts.q2 = s->dq;
-    s->dec_acts.kv = s->dec_acts.kv2 = s->kv; s->dec_acts.att1 = s->dec_acts.att2 = s->datt;
-    s->dec_acts.a1 = s->dec_acts.h1 = s->dec_acts.a2 = s->dec_acts.h2 = s->dec_acts.a3 = s->hidden;
-    s->dec_acts.ffn = s->ffn;
-}
-
-loupe_session *loupe_session_new(const loupe_model *m, char *err, size_t errsize)
-{
-    loupe_session *s;
-    arena a = {NULL, 0, 0};
-    if (!m) { fail(err, errsize, "no model given"); return NULL; }
-    s = calloc(1, sizeof *s);
-    if (!s) { fail(err, errsize, "out of memory"); return NULL; }
-    s->m = m;
-    s->w = &m->w;
-    s->t = &m->t;
-    s->threads = max_threads();
-    s->cond_label = -1.0f;
-    session_layout(s, &a); /* measure */
-    a.cap = a.used;
-    a.used = 0;
-    a.base = aligned_block(a.cap, &s->raw);
-    if (!a.base) {
-        fail(err, errsize, "out of memory: the activation arena needs %.1f MiB", (double)a.cap / (1 << 20));
-        free(s);
-        return NULL;
-    }
-    s->bytes = a.cap;
-    session_layout(s, &a); /* assign */
-    return s;
-}
-
-void loupe_session_free(loupe_session *s)
-{
-    if (!s) return;
-    free(s->raw);
-    free(s);
-}
-
-void loupe_set_tap(loupe_session *s, loupe_tap_fn fn, void *user)
-{
-    s->tap = fn;
-    s->tap_user = user;
-}
-
-/* Reports a named tensor to the tap, if one is installed. dims in upstream order. */
-static void tap(const loupe_session *s, const char *name, const float *data, int channels_last, int ndim, int d0,
-                int d1, int d2, int d3)
-{
-    int dims[4];
-    dims[0] = d0; dims[1] = d1; dims[2] = d2; dims[3] = d3;
-    if (s->tap) s->tap(s->tap_user, name, data, ndim, dims, channels_last);
-}
-
-/* ========================================================================== */
-/* 5. Backbone: Perception Encoder ViT (models/pe/pe.py)                       */
-/* ========================================================================== */
-/* Each module's forward is followed by its backward twin (training: sections 9 and up
- * drive them). A backward reads the activations its forward left on the session's
- * tapes (s->bb_tape, s->cls_tape; NULL in inference, which then costs nothing), takes
- * the gradient of the module's output, adds (+=) the gradient of its input and those
- * of its parameters into gradient views (float32, upstream layout). A NULL gradient
- * member means "not trained": that weight gradient is skipped, but input gradients
- * still flow, through frozen BF16/Q8 weights too (upstream trains the class and
- * position embeddings even when the rest of the backbone is frozen). */
-
-/* Gradient views of backbone.transformer.resblocks[i], backbone.attn_pool and the whole
- * backbone (blocks: [layers] views, or NULL when every block is frozen). */
-typedef struct pe_block_g { norm_g ln_1, ln_2; linear_g qkv, out, fc, proj; } pe_block_g;
-typedef struct pe_pool_g { float *probe; linear_g qkv, out; norm_g ln; linear_g fc, proj; } pe_pool_g;
-typedef struct pe_grads {
-    float *class_embedding, *positional_embedding; /* [W], [T][W] */
-    float *conv1;                                  /* [W][3][P][P] */
-    norm_g ln_pre, ln_post;
-    pe_block_g *blocks;
-    pe_pool_g pool;
-} pe_grads;
-
-/* Scratch of the backbone's and the classifier's backward (sized by pe_train_layout). */
-typedef struct pe_work {
-    float *d_feats;         /* [T][W] gradient of backbone_features (the caller's plus the pooling's) */
-    float *d_a, *d_b;       /* [T][W] gradient of the residual stream (two, swapped per block) */
-    float *d_mid, *d_h, *h; /* [T][W] d of a block's middle stream, of a LayerNorm output; that output */
-    float *d_qkv;           /* [T][3W] */
-    float *d_att;           /* [T][W] */
-    float *d_wide, *wide;   /* [T][max(M, Mp)] d of a GELU output; the output, then d of its input */
-    float *d_logits;        /* [g*g] gradient of the patch logits (loss + fuser) */
-    float *cls_act, *cls_d_act, *cls_d_pre; /* [g*g][cls_hidden] */
-    float *stats;           /* [2T] LayerNorm statistics */
-    float *att;             /* attention_backward scratch: [threads][2 T T] */
-} pe_work;
-
-/* Assigns (or, while measuring, counts) the backbone's and the classifier's tapes and
- * the backward scratch (each skipped when NULL), for a session of the model c. The
- * attention scratch is sized for max_threads() at this call. Full size (24 layers,
- * T = 577, W = 1024, M = 4096): backbone tape 577 MB, classifier tape 5 MB, scratch
- * 57 MB + 2.7 MB per thread. */
-static void pe_train_layout(const loupe_config *c, pe_tape *bt, cls_tape *ct, pe_work *k, arena *a)
-{
-    size_t N = (size_t)c->grid * c->grid, T = N + 1, W = (size_t)c->width, M = (size_t)c->mlp_width;
-    size_t Mp = (size_t)c->pool_mlp_width, L = (size_t)c->layers, Hd = (size_t)c->cls_hidden;
-    size_t Lc = (size_t)c->cls_layers - 1, wide = max3(M, Mp, 1);
-    if (bt) {
-        bt->embed = arena_floats(a, T * W);
-        bt->x = arena_floats(a, (L + 1) * T * W);
-        bt->qkv = arena_floats(a, L * T * 3 * W);
-        bt->att = arena_floats(a, L * T * W);
-        bt->mid = arena_floats(a, L * T * W);
-        bt->fc = arena_floats(a, L * T * M);
-        bt->pool_q = arena_floats(a, W);
-        bt->pool_kv = arena_floats(a, T * 2 * W);
-        bt->pool_att = arena_floats(a, W);
-        bt->pool_mid = arena_floats(a, W);
-        bt->pool_fc = arena_floats(a, Mp);
-    }
-    if (ct) {
-        ct->global_pre = arena_floats(a, Lc * Hd);
-        ct->patch_pre = arena_floats(a, Lc * N * Hd);
-    }
-    if (k) {
-        k->d_feats = arena_floats(a, T * W);
-        k->d_a = arena_floats(a, T * W);
-        k->d_b = arena_floats(a, T * W);
-        k->d_mid = arena_floats(a, T * W);
-        k->d_h = arena_floats(a, T * W);
-        k->h = arena_floats(a, T * W);
-        k->d_qkv = arena_floats(a, T * 3 * W);
-        k->d_att = arena_floats(a, T * W);
-        k->d_wide = arena_floats(a, T * wide);
-        k->wide = arena_floats(a, T * wide);
-        k->d_logits = arena_floats(a, N);
-        k->cls_act = arena_floats(a, N * Hd);
-        k->cls_d_act = arena_floats(a, N * Hd);
-        k->cls_d_pre = arena_floats(a, N * Hd);
-        k->stats = arena_floats(a, 2 * T);
-        k->att = arena_floats(a, (size_t)max_threads() * 2 * T * T);
-    }
-}
-
-/* Zeroes n floats: big buffers (the backward's scratch maps, tens of MB) in chunks on all
- * threads, as one thread's stores do not saturate the memory bus. */
-#define ZERO_CHUNK ((size_t)1 << 18)
-static void zero_floats(float *x, size_t n)
-{
-    long c, chunks = (long)((n + ZERO_CHUNK - 1) / ZERO_CHUNK);
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (chunks > 1 && parallel_ok((double)n))
-#endif
-    for (c = 0; c < chunks; c++) {
-        size_t lo = (size_t)c * ZERO_CHUNK, len = n - lo < ZERO_CHUNK ? n - lo : ZERO_CHUNK;
-        memset(x + lo, 0, len * sizeof *x);
-    }
-}
-
-/* VisionTransformer.conv1 + class_embedding + positional_embedding + ln_pre:
- * pixel_values [3][S][S] -> x [1+g*g][W]. */
-static void pe_embed(loupe_session *s, const float *pixels)
-{
-    const loupe_config *c = &s->m->cfg;
-    const loupe_weights *w = s->w;
-    int g = c->grid, P = c->patch_size, S = c->image_size, W = c->width, K = 3 * P * P, T = 1 + g * g;
-    int p, ch, ky, kx;
-    for (p = 0; p < g * g; p++) {
-        float *row = s->patches + (size_t)p * K;
-        int py = p / g, px = p % g;
-        for (ch = 0; ch < 3; ch++)
-            for (ky = 0; ky < P; ky++)
-                for (kx = 0; kx < P; kx++)
-                    row[(ch * P + ky) * P + kx] = pixels[((size_t)ch * S + py * P + ky) * S + px * P + kx];
-    }
-    gemm_nt_w(g * g, W, K, s->patches, K, w->conv1, NULL, s->x + W, W, 0);
-    memcpy(s->x, w->class_embedding, (size_t)W * sizeof *s->x);
-    add(s->x, s->x, w->positional_embedding, (size_t)T * W);
-    if (s->bb_tape) memcpy(s->bb_tape->embed, s->x, (size_t)T * W * sizeof *s->x);
-    layernorm(s->x, s->x, T, W, w->ln_pre, c->ln_eps);
-    tap(s, "backbone_ln_pre", s->x, 0, 3, 1, T, W, 0);
-}
-
-/* pe_embed backward (conv1 as the product of the patch matrix s->patches and its
- * weight): d ln_pre output dy [T][W] -> class_embedding [W], positional_embedding
- * [T][W], conv1 [W][3P^2], ln_pre gradients += (no pixel gradient). */
-static void pe_embed_backward(const loupe_session *s, const pe_grads *g, const float *dy, pe_work *k)
-{
-    const loupe_config *c = &s->m->cfg;
-    int N = c->grid * c->grid, T = N + 1, W = c->width, K = 3 * c->patch_size * c->patch_size, i;
-    size_t TW = (size_t)T * W, j;
-    float *d_x0 = k->d_h;
-    zero_floats(d_x0, TW);
-    layernorm_backward(d_x0, g->ln_pre.w, g->ln_pre.b, dy, s->bb_tape->embed, T, W, s->w->ln_pre, c->ln_eps,
-                       k->stats);
-    if (g->positional_embedding)
-        for (j = 0; j < TW; j++) g->positional_embedding[j] += d_x0[j];
-    if (g->class_embedding)
-        for (i = 0; i < W; i++) g->class_embedding[i] += d_x0[i];
-    if (g->conv1) gemm_tn(W, K, N, d_x0 + W, W, s->patches, K, g->conv1, K);
-}
-
-/* Turns the q and k parts of qkv [T][3W] in place, each channel pair (2i, 2i+1) of a
- * token: dir +1 rotates, (a, b) -> (a cos_2i - b sin_2i, b cos_2i+1 + a sin_2i+1); dir -1
- * applies the transposed matrix (the backward; the inverse rotation, as the tables
- * repeat every angle for both channels of a pair). */
-static void pe_rope2d_turn(float *qkv, int T, int W, int heads, const float *cosv, const float *sinv, float dir)
-{
-    int dh = W / heads, t;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)T * W * 4))
-#endif
-    for (t = 0; t < T; t++) {
-        const float *cs = cosv + (size_t)t * dh, *sn = sinv + (size_t)t * dh;
-        int part, h, i;
-        for (part = 0; part < 2; part++)
-            for (h = 0; h < heads; h++) {
-                float *v = qkv + (size_t)t * 3 * W + (size_t)part * W + (size_t)h * dh;
-                for (i = 0; i < dh; i += 2) {
-                    /* dir -1 is the transpose: each channel takes its partner's sine */
-                    float a = v[i], b = v[i + 1], s0 = dir * sn[i + (dir < 0)], s1 = dir * sn[i + (dir > 0)];
-                    v[i] = a * cs[i] - b * s0;
-                    v[i + 1] = b * cs[i + 1] + a * s1;
-                }
-            }
-    }
-}
-
-/* Rope2D.__call__: rotates the q and k parts of qkv [T][3W] in place by each token's
- * angles: (a, b) -> (a cos - b sin, b cos + a sin). */
-static void pe_rope2d(float *qkv, int T, int W, int heads, const float *cosv, const float *sinv)
-{
-    pe_rope2d_turn(qkv, T, W, heads, cosv, sinv, 1.0f);
-}
-
-/* Rope2D backward, in place on d qkv [T][3W] (q and k parts): the transposed (inverse)
- * rotation, (da', db') -> (da' cos + db' sin, db' cos - da' sin). */
-static void pe_rope2d_backward(float *dqkv, int T, int W, int heads, const float *cosv, const float *sinv)
-{
-    pe_rope2d_turn(dqkv, T, W, heads, cosv, sinv, -1.0f);
-}
-
-/* ResidualAttentionBlock.forward (SelfAttention with RoPE, then the GELU MLP) of block i:
- * x [T][W] -> x [T][W], updated in place. */
-static void pe_residual_attention_block(loupe_session *s, const pe_block_w *b, int i)
-{
-    const loupe_config *c = &s->m->cfg;
-    pe_tape *tp = s->bb_tape;
-    int g = c->grid, T = 1 + g * g, W = c->width, M = c->mlp_width, dh = W / c->heads;
-    size_t TW = (size_t)T * W, TM = (size_t)T * M;
-    float *qkv = tp ? tp->qkv + (size_t)i * 3 * TW : s->qkv, *att = tp ? tp->att + (size_t)i * TW : s->att;
-    if (tp) memcpy(tp->x + (size_t)i * TW, s->x, TW * sizeof *s->x);
-    layernorm(s->h, s->x, T, W, b->ln_1, c->ln_eps);
-    linear(qkv, s->h, T, W, 3 * W, b->qkv);
-    pe_rope2d(qkv, T, W, c->heads, s->m->t.rope_cos, s->m->t.rope_sin);
-    attention(att, W, qkv, 3 * W, qkv + W, 3 * W, qkv + 2 * W, 3 * W, T, T, c->heads, dh, 1.0f / sqrtf((float)dh), NULL,
-              s->scores);
-    gemm_nt_w(T, W, W, att, W, b->out.w, b->out.b, s->x, W, 1);
-    if (tp) memcpy(tp->mid + (size_t)i * TW, s->x, TW * sizeof *s->x);
-    layernorm(s->h, s->x, T, W, b->ln_2, c->ln_eps);
-    linear(tp ? tp->fc + (size_t)i * TM : s->wide, s->h, T, W, M, b->fc);
-    gelu(s->wide, tp ? tp->fc + (size_t)i * TM : s->wide, TM);
-    gemm_nt_w(T, W, M, s->wide, M, b->proj.w, b->proj.b, s->x, W, 1);
-}
-
-/* ResidualAttentionBlock backward of block i (resblocks[i]: x [T][W] -> x [T][W]):
- * d out dy [T][W] -> d in dx [T][W] +=, parameter gradients g +=. dx must not alias dy. */
-static void pe_residual_attention_block_backward(const loupe_session *s, const pe_block_w *b, const pe_block_g *g,
-                                                 int i, float *dx, const float *dy, pe_work *k)
-{
-    const loupe_config *c = &s->m->cfg;
-    const pe_tape *tp = s->bb_tape;
-    int T = 1 + c->grid * c->grid, W = c->width, M = c->mlp_width, H = c->heads, dh = W / H;
-    size_t TW = (size_t)T * W, TM = (size_t)T * M;
-    const float *x = tp->x + (size_t)i * TW, *qkv = tp->qkv + (size_t)i * 3 * TW, *att = tp->att + (size_t)i * TW;
-    const float *mid = tp->mid + (size_t)i * TW, *fc = tp->fc + (size_t)i * TM;
-    /* MLP branch: out = mid + c_proj(gelu(c_fc(ln_2(mid)))) */
-    memcpy(k->d_mid, dy, TW * sizeof *dy);
-    if (g->proj.w) gelu(k->wide, fc, TM);
-    zero_floats(k->d_wide, TM);
-    linear_backward_w(k->d_wide, M, g->proj, dy, W, k->wide, M, T, M, W, b->proj.w);
-    zero_floats(k->wide, TM);
-    gelu_backward(k->wide, k->d_wide, fc, TM); /* k->wide: d c_fc output */
-    if (g->fc.w) layernorm(k->h, mid, T, W, b->ln_2, c->ln_eps);
-    zero_floats(k->d_h, TW);
-    linear_backward_w(k->d_h, W, g->fc, k->wide, M, k->h, W, T, W, M, b->fc.w);
-    layernorm_backward(k->d_mid, g->ln_2.w, g->ln_2.b, k->d_h, mid, T, W, b->ln_2, c->ln_eps, k->stats);
-    /* attention branch: mid = x + out_proj(attention(rope(qkv(ln_1(x))))) */
-    zero_floats(k->d_att, TW);
-    linear_backward_w(k->d_att, W, g->out, k->d_mid, W, att, W, T, W, W, b->out.w);
-    zero_floats(k->d_qkv, 3 * TW);
-    attention_backward(k->d_qkv, 3 * W, k->d_qkv + W, 3 * W, k->d_qkv + 2 * W, 3 * W, k->d_att, W, qkv, 3 * W, qkv + W,
-                       3 * W, qkv + 2 * W, 3 * W, T, T, H, dh, 1.0f / sqrtf((float)dh), NULL, k->att);
-    pe_rope2d_backward(k->d_qkv, T, W, H, s->m->t.rope_cos, s->m->t.rope_sin);
-    if (g->qkv.w) layernorm(k->h, x, T, W, b->ln_1, c->ln_eps);
-    zero_floats(k->d_h, TW);
-    linear_backward_w(k->d_h, W, g->qkv, k->d_qkv, 3 * W, k->h, W, T, W, 3 * W, b->qkv.w);
-    add(dx, dx, k->d_mid, TW);
-    layernorm_backward(dx, g->ln_1.w, g->ln_1.b, k->d_h, x, T, W, b->ln_1, c->ln_eps, k->stats);
-}
-
-/* AttentionPooling.forward: a learned probe attends over all tokens, then a residual
- * GELU MLP: feats [T][W] -> pooled [W]. */
-static void pe_attention_pooling(loupe_session *s)
-{
-    const loupe_config *c = &s->m->cfg;
-    const pe_pool_w *p = &s->w->pool;
-    pe_tape *tp = s->bb_tape;
-    int g = c->grid, T = 1 + g * g, W = c->width, M = c->pool_mlp_width, dh = W / c->pool_heads;
-    float *q = tp ? tp->pool_q : s->pool_q, *kv = tp ? tp->pool_kv : s->qkv, *att = tp ? tp->pool_att : s->pool_att;
-    gemm_nt_w(1, W, W, p->probe, W, p->qkv.w, p->qkv.b, q, W, 0);
-    gemm_nt_w(T, 2 * W, W, s->feats, W, wmat_rows(p->qkv.w, (size_t)W), p->qkv.b + W, kv, 2 * W, 0);
-    attention(att, W, q, W, kv, 2 * W, kv + W, 2 * W, 1, T, c->pool_heads, dh, 1.0f / sqrtf((float)dh), NULL,
-              s->scores);
-    linear(s->pooled, att, 1, W, W, p->out);
-    if (tp) memcpy(tp->pool_mid, s->pooled, (size_t)W * sizeof *s->pooled);
-    layernorm(s->pool_h, s->pooled, 1, W, p->ln, c->ln_eps);
-    linear(s->wide, s->pool_h, 1, W, M, p->fc);
-    if (tp) memcpy(tp->pool_fc, s->wide, (size_t)M * sizeof *s->wide);
-    gelu(s->wide, s->wide, (size_t)M);
-    gemm_nt_w(1, W, M, s->wide, M, p->proj.w, p->proj.b, s->pooled, W, 1);
-}
-
-/* AttentionPooling backward (backbone.attn_pool: feats [T][W] -> pooled [W]):
- * d pooled dy [W] -> d feats [T][W] +=, probe and parameter gradients g +=. */
-static void pe_attention_pooling_backward(const loupe_session *s, const pe_pool_g *g, const float *dy, float *d_feats,
-                                          pe_work *k)
-{
-    const loupe_config *c = &s->m->cfg;
-    const pe_pool_w *p = &s->w->pool;
-    const pe_tape *tp = s->bb_tape;
-    int T = 1 + c->grid * c->grid, W = c->width, M = c->pool_mlp_width, H = c->pool_heads, dh = W / H;
-    float *d_mid = k->d_mid, *d_q = k->d_att + W, *d_kv = k->d_qkv;
-    linear_g q_g, kv_g;
-    /* MLP branch: pooled = mid + c_proj(gelu(c_fc(layernorm(mid)))) */
-    memcpy(d_mid, dy, (size_t)W * sizeof *dy);
-    if (g->proj.w) gelu(k->wide, tp->pool_fc, (size_t)M);
-    zero_floats(k->d_wide, (size_t)M);
-    linear_backward_w(k->d_wide, M, g->proj, dy, W, k->wide, M, 1, M, W, p->proj.w);
-    zero_floats(k->wide, (size_t)M);
-    gelu_backward(k->wide, k->d_wide, tp->pool_fc, (size_t)M);
-    if (g->fc.w) layernorm(k->h, tp->pool_mid, 1, W, p->ln, c->ln_eps);
-    zero_floats(k->d_h, (size_t)W);
-    linear_backward_w(k->d_h, W, g->fc, k->wide, M, k->h, W, 1, W, M, p->fc.w);
-    layernorm_backward(d_mid, g->ln.w, g->ln.b, k->d_h, tp->pool_mid, 1, W, p->ln, c->ln_eps, k->stats);
-    /* attention of the probe over the features */
-    zero_floats(k->d_att, (size_t)2 * W);
-    linear_backward_w(k->d_att, W, g->out, d_mid, W, tp->pool_att, W, 1, W, W, p->out.w);
-    zero_floats(d_kv, (size_t)T * 2 * W);
-    attention_backward(d_q, W, d_kv, 2 * W, d_kv + W, 2 * W, k->d_att, W, tp->pool_q, W, tp->pool_kv, 2 * W,
-                       tp->pool_kv + W, 2 * W, 1, T, H, dh, 1.0f / sqrtf((float)dh), NULL, k->att);
-    q_g.w = g->qkv.w;
-    q_g.b = g->qkv.b;
-    linear_backward_w(g->probe, W, q_g, d_q, W, p->probe, W, 1, W, W, p->qkv.w);
-    kv_g.w = g->qkv.w ? g->qkv.w + (size_t)W * W : NULL;
-    kv_g.b = g->qkv.b ? g->qkv.b + W : NULL;
-    linear_backward_w(d_feats, W, kv_g, d_kv, 2 * W, s->feats, W, T, W, 2 * W, wmat_rows(p->qkv.w, (size_t)W));
-}
-
-/* VisionTransformer.forward_features(norm=True) + _pool:
- * pixel_values -> backbone_features [T][W] and pooled_features [W]. */
-static void vision_transformer(loupe_session *s, const float *pixels)
-{
-    const loupe_config *c = &s->m->cfg;
-    int T = 1 + c->grid * c->grid, W = c->width, i;
-    char name[32];
-    pe_embed(s, pixels);
-    for (i = 0; i < c->layers; i++) {
-        pe_residual_attention_block(s, &s->w->blocks[i], i);
-        snprintf(name, sizeof name, "backbone_block%d", i);
-        tap(s, name, s->x, 0, 3, 1, T, W, 0);
-    }
-    if (s->bb_tape) memcpy(s->bb_tape->x + (size_t)c->layers * T * W, s->x, (size_t)T * W * sizeof *s->x);
-    layernorm(s->feats, s->x, T, W, s->w->ln_post, c->ln_eps);
-    tap(s, "backbone_features", s->feats, 0, 3, 1, T, W, 0);
-    pe_attention_pooling(s);
-    tap(s, "pooled_features", s->pooled, 0, 2, 1, W, 0, 0);
-}
-
-/* VisionTransformer backward after a forward with s->bb_tape: d backbone_features
- * [T][W] and d pooled_features [W] (either NULL for none) -> every backbone gradient of
- * g +=. */
-static void vision_transformer_backward(const loupe_session *s, const pe_grads *g, const float *d_feats,
-                                        const float *d_pooled, pe_work *k)
-{
-    const loupe_config *c = &s->m->cfg;
-    const loupe_weights *w = s->w;
-    int T = 1 + c->grid * c->grid, W = c->width, i;
-    size_t TW = (size_t)T * W;
-    float *dcur = k->d_a, *dnext = k->d_b, *swap;
-    pe_block_g frozen;
-    memset(&frozen, 0, sizeof frozen);
-    if (d_feats) memcpy(k->d_feats, d_feats, TW * sizeof *d_feats);
-    else zero_floats(k->d_feats, TW);
-    if (d_pooled) pe_attention_pooling_backward(s, &g->pool, d_pooled, k->d_feats, k);
-    zero_floats(dcur, TW);
-    layernorm_backward(dcur, g->ln_post.w, g->ln_post.b, k->d_feats, s->bb_tape->x + (size_t)c->layers * TW, T, W,
-                       w->ln_post, c->ln_eps, k->stats);
-    for (i = c->layers - 1; i >= 0; i--) {
-        zero_floats(dnext, TW);
-        pe_residual_attention_block_backward(s, &w->blocks[i], g->blocks ? &g->blocks[i] : &frozen, i, dnext, dcur, k);
-        swap = dcur; dcur = dnext; dnext = swap;
-    }
-    pe_embed_backward(s, g, dcur, k);
-}
-
-/* ========================================================================== */
-/* 6. Classifier (models/loupe/modules.py, modeling_loupe.py)                  */
-/* ========================================================================== */
-
-/* Gradient views of classifier.{classifier,patch_classifier} and of the classifier. */
-typedef struct cls_head_g { linear_g layers[MAX_CLS_LAYERS]; } cls_head_g;
-typedef struct cls_grads {
-    cls_head_g global_head, patch_head;
-    float *fuser;       /* [1][1+g*g] */
-} cls_grads;
-
-/* LoupeClsHead.forward: Linear, GELU between layers, last Linear to one logit:
- * x [rows][in] -> logits [rows]. pre (NULL, or a tape of [cls_layers-1][rows][hidden])
- * keeps every hidden layer before its GELU. */
-static void loupe_cls_head(loupe_session *s, const cls_head_w *h, const float *x, int rows, float *logits, float *pre)
-{
-    const loupe_config *c = &s->m->cfg;
-    int i, in = c->width;
-    const float *cur = x;
-    for (i = 0; i < c->cls_layers; i++) {
-        int last = i == c->cls_layers - 1, out = last ? 1 : c->cls_hidden;
-        float *dst = last ? logits : (i % 2 ? s->cls_b : s->cls_a);
-        linear(dst, cur, rows, in, out, h->layers[i]);
-        if (!last && pre) memcpy(pre + (size_t)i * rows * out, dst, (size_t)rows * out * sizeof *dst);
-        if (!last) gelu(dst, dst, (size_t)rows * out);
-        cur = dst;
-        in = out;
-    }
-}
-
-/* LoupeClsHead backward (x [rows][W] -> logits [rows]), pre its forward's tape: d logits
- * dy [rows] -> d x dx [rows][W] += (when dx), parameter gradients g +=. */
-static void loupe_cls_head_backward(const loupe_session *s, const cls_head_w *h, const cls_head_g *g, const float *x,
-                                    int rows, const float *pre, const float *dy, float *dx, pe_work *k)
-{
-    const loupe_config *c = &s->m->cfg;
-    int Hd = c->cls_hidden, W = c->width, i;
-    size_t n = (size_t)rows * Hd;
-    const float *d_out = dy;
-    for (i = c->cls_layers - 1; i >= 0; i--) {
-        int in = i ? Hd : W, out = i == c->cls_layers - 1 ? 1 : Hd;
-        const float *act = x;
-        if (i && g->layers[i].w) { /* the layer's input: GELU of the previous layer */
-            gelu(k->cls_act, pre + (size_t)(i - 1) * n, n);
-            act = k->cls_act;
-        }
-        if (i) zero_floats(k->cls_d_act, n);
-        linear_backward_w(i ? k->cls_d_act : dx, in, g->layers[i], d_out, out, act, in, rows, in, out, h->layers[i].w);
-        if (i) {
-            zero_floats(k->cls_d_pre, n);
-            gelu_backward(k->cls_d_pre, k->cls_d_act, pre + (size_t)(i - 1) * n, n);
-            d_out = k->cls_d_pre;
-        }
-    }
-}
-
-/* LoupeClassifier.forward + the pseudo label of LoupeModel.forward: global head on
- * the pooled vector, patch head on every patch token, FuseHead over [global, patches]. */
-static void loupe_classifier(loupe_session *s)
-{
-    const loupe_config *c = &s->m->cfg;
-    const loupe_weights *w = s->w;
-    cls_tape *ct = s->cls_tape;
-    int N = c->grid * c->grid, i;
-    double fused;
-    loupe_cls_head(s, &w->global_head, s->pooled, 1, &s->global_logit, ct ? ct->global_pre : NULL);
-    loupe_cls_head(s, &w->patch_head, s->feats + c->width, N, s->patch_logits, ct ? ct->patch_pre : NULL);
-    fused = (double)w->fuser[0] * s->global_logit;
-    for (i = 0; i < N; i++) fused += (double)w->fuser[1 + i] * s->patch_logits[i];
-    s->fused_logit = (float)fused;
-    s->prob = sigmoidf(s->fused_logit);
-    tap(s, "global_logit", &s->global_logit, 0, 2, 1, 1, 0, 0);
-    tap(s, "patch_logits", s->patch_logits, 0, 3, 1, N, 1, 0);
-    tap(s, "fused_logit", &s->fused_logit, 0, 2, 1, 1, 0, 0);
-    tap(s, "fused_prob", &s->prob, 0, 2, 1, 1, 0, 0);
-    tap(s, "pseudo_label", &s->prob, 0, 1, 1, 0, 0, 0);
-}
-
-/* LoupeClassifier backward after a forward with s->cls_tape (pooled [W], patch tokens
- * [g*g][W] -> global logit, patch logits [g*g], fused logit): d fused_logit and d
- * patch_logits [g*g] (NULL: none) -> fuser and both heads' gradients g +=, d pooled [W]
- * += and d backbone_features [T][W] += in its patch rows (each when not NULL). */
-static void loupe_classifier_backward(const loupe_session *s, const cls_grads *g, float d_fused,
-                                      const float *d_patch_logits, float *d_pooled, float *d_feats, pe_work *k)
-{
-    const loupe_config *c = &s->m->cfg;
-    const loupe_weights *w = s->w;
-    int N = c->grid * c->grid, W = c->width, i;
-    float d_global = d_fused * w->fuser[0];
-    if (g->fuser) {
-        g->fuser[0] += d_fused * s->global_logit;
-        for (i = 0; i < N; i++) g->fuser[1 + i] += d_fused * s->patch_logits[i];
-    }
-    for (i = 0; i < N; i++) k->d_logits[i] = (d_patch_logits ? d_patch_logits[i] : 0.0f) + d_fused * w->fuser[1 + i];
-    loupe_cls_head_backward(s, &w->global_head, &g->global_head, s->pooled, 1, s->cls_tape->global_pre, &d_global,
-                            d_pooled, k);
-    loupe_cls_head_backward(s, &w->patch_head, &g->patch_head, s->feats + W, N, s->cls_tape->patch_pre, k->d_logits,
-                            d_feats ? d_feats + W : NULL, k);
-}
-
-/* ---- LoupeClsLoss (models/loupe/loss.py) ----
- * Over a batch of B images: cls_part = mean over images of Poly1Focal(fused logit,
- * image label; alpha 0.2), patch_part = mean over all B*N patches of Poly1Focal(patch
- * logit, soft patch label; alpha 0.85), total = cls_part + patch_part. The global logit
- * is supervised only through the fuser. Evaluated per image in double, with the batch's
- * normalisers passed in (image weight 1/B, patch weight 1/(B*N)). */
-
-/* LoupeClsLoss's settings (configs/model: cls_forge_weight, patch_forge_weight;
- * Poly1FocalLoss's epsilon 1 and gamma 2). */
-typedef struct cls_loss_config {
-    double cls_forge_weight;     /* alpha of the image term (weight of the forged class) */
-    double patch_forge_weight;   /* alpha of the patch terms */
-    double poly_epsilon, focal_gamma;
-} cls_loss_config;
-
-static cls_loss_config cls_loss_config_default(void)
-{
-    cls_loss_config c;
-    c.cls_forge_weight = 0.2;
-    c.patch_forge_weight = 0.85;
-    c.poly_epsilon = 1.0;
-    c.focal_gamma = 2.0;
-    return c;
-}
-
-/* A loss setting from the weight file's header: *value becomes the recorded one when
- * the header has it within lo..hi, and is left as it is otherwise. */
-static void model_loss_setting(const loupe_model *m, const char *name, double lo, double hi, double *value)
-{
-    int found;
-    double v = header_hparam(m->data + WEIGHTS_HEADER_BYTES, rd_u32(m->data + 12), name, &found);
-    if (found && v >= lo && v <= hi) *value = v;
-}
-
-/* LoupeClsLoss's settings as the weight file's header records them (the config's
- * loupe.cls_forge_weight and patch_forge_weight, written by tools/convert.py and loupe
- * init), upstream's values for a file that lacks them. */
-static cls_loss_config cls_loss_config_from_model(const loupe_model *m)
-{
-    cls_loss_config c = cls_loss_config_default();
-    model_loss_setting(m, "cls_forge_weight", 0.0, 1.0, &c.cls_forge_weight);
-    model_loss_setting(m, "patch_forge_weight", 0.0, 1.0, &c.patch_forge_weight);
-    return c;
-}
-
-/* One Poly1FocalLoss term of logit x against soft label y: p = sigmoid(x),
- * ce = (alpha y + (1-alpha)(1-y)) (softplus(x) - x y), u = 1 - pt = y (1-p) + (1-y) p,
- * term = ce u^gamma + eps u^(gamma+1); *dx = d term / dx. */
-static double poly1_focal_term(double x, double y, double alpha, double gamma, double eps, double *dx)
-{
-    double e = exp(-fabs(x)), p = x >= 0.0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
-    double wgt = alpha * y + (1.0 - alpha) * (1.0 - y);
-    double ce = wgt * ((x > 0.0 ? x : 0.0) - x * y + log1p(e));
-    double u = y * (1.0 - p) + (1.0 - y) * p, du = (1.0 - 2.0 * y) * p * (1.0 - p);
-    double ug = pow(u, gamma);
-    *dx = wgt * (p - y) * ug + (ce * gamma * pow(u, gamma - 1.0) + eps * (gamma + 1.0) * ug) * du;
-    return ce * ug + eps * ug * u;
-}
-
-/* One image's share of LoupeClsLoss. */
-typedef struct cls_loss_terms {
-    double cls_term;        /* Poly1Focal(fused logit, label) */
-    double patch_sum;       /* sum of the image's patch terms */
-    double cls_part;        /* image_weight * cls_term: this image's share of cls_part */
-    double patch_part;      /* patch_weight * patch_sum: its share of patch_part */
-    double total;           /* cls_part + patch_part */
-} cls_loss_terms;
-
-/* LoupeClsLoss of one image of a batch: fused logit with its label (0 or 1), N patch
- * logits with soft labels in [0, 1]; image_weight = 1/B, patch_weight = 1/(B*N). Fills
- * out, the N patch terms into patch_terms (when not NULL), and adds the loss's
- * gradient to *d_fused and d_patch_logits [N] (when not NULL). Returns out->total. */
-static double loupe_cls_loss(const cls_loss_config *cfg, float fused_logit, float label, const float *patch_logits,
-                             const float *patch_labels, int N, double image_weight, double patch_weight,
-                             cls_loss_terms *out, double *patch_terms, float *d_fused, float *d_patch_logits)
-{
-    double d, sum = 0.0;
-    int i;
-    out->cls_term = poly1_focal_term(fused_logit, label, cfg->cls_forge_weight, cfg->focal_gamma, cfg->poly_epsilon,
-                                     &d);
-    if (d_fused) *d_fused += (float)(image_weight * d);
-    for (i = 0; i < N; i++) {
-        double t = poly1_focal_term(patch_logits[i], patch_labels[i], cfg->patch_forge_weight, cfg->focal_gamma,
-                                    cfg->poly_epsilon, &d);
-        if (patch_terms) patch_terms[i] = t;
-        if (d_patch_logits) d_patch_logits[i] += (float)(patch_weight * d);
-        sum += t;
-    }
-    out->patch_sum = sum;
-    out->cls_part = image_weight * out->cls_term;
-    out->patch_part = patch_weight * sum;
-    out->total = out->cls_part + out->patch_part;
-    return out->total;
-}
-
-/* ========================================================================== */
-/* 7. Segmentor (LoupeSegmentor: FeaturePyramid, PixelDecoder, Mask2Former)    */
-/* ========================================================================== */
-
-/* The conditional query's label: the forgery probability p (inference, test-time
- * adaptation) or, in training, whether the image has a target (upstream's labels). */
-static float conditional_label(const loupe_session *s)
-{
-    return s->cond_label >= 0.0f ? s->cond_label : s->prob;
-}
-
-/* LoupeSegmentor.forward, conditional queries: the label embeddings mixed by the
- * label p: label_embedding[1] * p + label_embedding[0] * (1 - p) -> [F]. */
-static void conditional_query(loupe_session *s)
-{
-    const loupe_weights *w = s->w;
-    int F = s->m->cfg.feature_size, i;
-    float p = conditional_label(s);
-    for (i = 0; i < F; i++) s->cond_query[i] = w->label_embedding[1][i] * p + w->label_embedding[0][i] * (1.0f - p);
-    tap(s, "conditional_query", s->cond_query, 0, 3, 1, 1, F, 0);
-}
-
-/* Copies n floats unless dst and src are the same buffer (in-place inference views). */
-static void copy_unless_same(float *dst, const float *src, size_t n)
-{
-    if (dst != src) memcpy(dst, src, n * sizeof *dst);
-}
-
-/* ScaleBlock.forward: conv1 (ConvTranspose2d 2x2/2 up, or MaxPool2d 2x2/2 down) ->
- * GELU -> depthwise 3x3 conv2 -> LayerNorm2d (eps 1e-6):
- * in [h*w][W] -> out [h'*w'][W]; *oh, *ow receive h', w'; A says where the
- * intermediates go (A->dw NULL: into out). */
-static void scale_block(loupe_session *s, const scale_block_w *b, const float *in, int h, int w, float *out,
-                        int *oh, int *ow, const scale_block_acts *A)
-{
-    const loupe_config *c = &s->m->cfg;
-    int W = c->width;
-    float *dw = A->dw ? A->dw : out;
-    size_t n;
-    if (b->conv1.w.data) { /* out is free until the end: the product's scratch */
-        conv_transpose2x2_hwc(A->pre, in, h, w, W, W, b->conv1.w, b->conv1.b, out);
-        *oh = 2 * h; *ow = 2 * w;
-    } else {
-        maxpool2x2_hwc(A->pre, in, h, w, W);
-        *oh = h / 2; *ow = w / 2;
-    }
-    n = (size_t)*oh * *ow * W;
-    gelu(A->act, A->pre, n);
-    depthwise3x3_hwc(dw, A->act, *oh, *ow, W, b->dw);
-    layernorm(out, dw, *oh * *ow, W, b->norm, c->fpn_ln_eps);
-}
-
-/* FeaturePyramid.forward: the patch grid [g*g][W] at scales 4x, 2x, 1x, 0.5x. */
-static void feature_pyramid(loupe_session *s)
-{
-    const loupe_config *c = &s->m->cfg;
-    const loupe_weights *w = s->w;
-    int g = c->grid, W = c->width, h, wd;
-    const float *grid = s->feats + W; /* patch tokens, row-major = channels-last g x g map */
-    const scale_block_acts *A = &s->fpn_acts;
-    scale_block(s, &w->fpn4[0], grid, g, g, s->fpn_mid, &h, &wd, s->tape ? &s->tape->fpn[0] : A);
-    scale_block(s, &w->fpn4[1], s->fpn_mid, h, wd, s->fpn4, &h, &wd, s->tape ? &s->tape->fpn[1] : A);
-    tap(s, "fpn_0", s->fpn4, 1, 4, 1, W, h, wd);
-    scale_block(s, &w->fpn2, grid, g, g, s->fpn2, &h, &wd, s->tape ? &s->tape->fpn[2] : A);
-    tap(s, "fpn_1", s->fpn2, 1, 4, 1, W, h, wd);
-    tap(s, "fpn_2", grid, 1, 4, 1, W, g, g);
-    scale_block(s, &w->fpn_half, grid, g, g, s->fpn_half, &h, &wd, s->tape ? &s->tape->fpn[3] : A);
-    tap(s, "fpn_3", s->fpn_half, 1, 4, 1, W, h, wd);
-}
-
-/* multi_scale_deformable_attention: for each token and head, the softmaxed weights
- * times bilinear samples (grid_sample, zeros padding) of the value maps at
- * reference point + offset / level size, over 3 levels x n_points points. */
-static void ms_deform_attn_core(float *out, const float *value, const float *offs, const float *aw,
-                                const loupe_tables *tb, int F, int heads, int points)
-{
-    int dh = F / heads, noff = heads * 3 * points, t;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)tb->tokens * noff * dh * 4))
-#endif
-    for (t = 0; t < tb->tokens; t++) {
-        const float *ref = tb->ref_points + 2 * (size_t)t;
-        int h, l, p, d;
-        for (h = 0; h < heads; h++) {
-            float *acc = out + (size_t)t * F + (size_t)h * dh;
-            for (d = 0; d < dh; d++) acc[d] = 0.0f;
-            for (l = 0; l < 3; l++) {
-                int lh = tb->level_h[l], lw = tb->level_w[l];
-                const float *v = value + (size_t)tb->level_start[l] * F + (size_t)h * dh;
-                for (p = 0; p < points; p++) {
-                    int idx = (h * 3 + l) * points + p;
-                    float lx = ref[0] + offs[(size_t)t * noff * 2 + 2 * idx] / (float)lw;
-                    float ly = ref[1] + offs[(size_t)t * noff * 2 + 2 * idx + 1] / (float)lh;
-                    float gx = 2.0f * lx - 1.0f, gy = 2.0f * ly - 1.0f;
-                    float ix = ((gx + 1.0f) * (float)lw - 1.0f) / 2.0f, iy = ((gy + 1.0f) * (float)lh - 1.0f) / 2.0f;
-                    sample_bilinear_acc(acc, v, F, lh, lw, ix, iy, aw[(size_t)t * noff + idx], dh);
-                }
-            }
-        }
-    }
-}
-
-/* Backward of ms_deform_attn_core: dout [Te][F] -> dvalue [Te][F] +=, doffs
- * [Te][heads*3*points*2] += (the sampling position moves one pixel per unit offset),
- * daw [Te][heads*3*points] += (the softmaxed weights). Each head owns its channels of
- * dvalue and its offsets and weights, so heads run in parallel deterministically. */
-static void ms_deform_attn_core_backward(float *dvalue, float *doffs, float *daw, const float *dout,
-                                         const float *value, const float *offs, const float *aw,
-                                         const loupe_tables *tb, int F, int heads, int points)
-{
-    int dh = F / heads, noff = heads * 3 * points, h;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)tb->tokens * noff * dh * 8))
-#endif
-    for (h = 0; h < heads; h++) {
-        int t, l, p;
-        for (t = 0; t < tb->tokens; t++) {
-            const float *ref = tb->ref_points + 2 * (size_t)t, *g = dout + (size_t)t * F + (size_t)h * dh;
-            for (l = 0; l < 3; l++) {
-                int lh = tb->level_h[l], lw = tb->level_w[l];
-                size_t base = (size_t)tb->level_start[l] * F + (size_t)h * dh;
-                for (p = 0; p < points; p++) {
-                    int idx = (h * 3 + l) * points + p;
-                    size_t o = (size_t)t * noff * 2 + 2 * (size_t)idx;
-                    float lx = ref[0] + offs[o] / (float)lw, ly = ref[1] + offs[o + 1] / (float)lh;
-                    float gx = 2.0f * lx - 1.0f, gy = 2.0f * ly - 1.0f;
-                    float ix = ((gx + 1.0f) * (float)lw - 1.0f) / 2.0f, iy = ((gy + 1.0f) * (float)lh - 1.0f) / 2.0f;
-                    daw[(size_t)t * noff + idx] += sample_bilinear_backward(dvalue + base, value + base, F, lh, lw, ix,
-                                                                            iy, aw[(size_t)t * noff + idx], g, dh,
-                                                                            &doffs[o], &doffs[o + 1]);
-                }
-            }
-        }
-    }
-}
-
-/* PixelDecoderEncoderLayer.forward (Loupe): deformable self-attention, the conditional
- * cross-attention of the label query over all tokens (its single output row is added
- * to every token), then the ReLU FFN; post-norm: hin [Te][F] -> hout [Te][F]. A says
- * where the intermediates go (NULL residual views: in place in hout). */
-static void pixel_decoder_encoder_layer(loupe_session *s, const enc_layer_w *e, const float *hin, float *hout,
-                                        const enc_layer_acts *A)
-{
-    const loupe_config *c = &s->m->cfg;
-    const loupe_tables *tb = s->t;
-    int T = tb->tokens, F = c->feature_size, H = c->m2f_heads, dh = F / H, E = c->enc_ffn, t;
-    int noff = H * 3 * c->deform_points;
-    float scale = 1.0f / sqrtf((float)dh);
-    float *h1 = A->h1 ? A->h1 : hout, *a2 = A->a2 ? A->a2 : hout, *h2 = A->h2 ? A->h2 : hout;
-    float *a3 = A->a3 ? A->a3 : hout;
-    /* Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention */
-    add(A->qpos, hin, tb->enc_pos, (size_t)T * F);
-    linear(A->value, hin, T, F, F, e->value);
-    linear(A->offs, A->qpos, T, F, 2 * noff, e->offsets);
-    linear(A->aw, A->qpos, T, F, noff, e->attn_weights);
-    softmax_rows(A->aw, T * H, 3 * c->deform_points, 1.0f, NULL);
-    ms_deform_attn_core(A->msda, A->value, A->offs, A->aw, tb, F, H, c->deform_points);
-    linear(A->a1, A->msda, T, F, F, e->output);
-    add(A->a1, A->a1, hin, (size_t)T * F);
-    layernorm(h1, A->a1, T, F, e->ln_self, c->ln_eps);
-    /* cross_attn (nn.MultiheadAttention): query = conditional query, keys/values = tokens */
-    gemm_nt_w(1, F, F, s->cond_query, F, e->cross_qkv.w, e->cross_qkv.b, A->cq, F, 0);
-    gemm_nt_w(T, 2 * F, F, h1, F, wmat_rows(e->cross_qkv.w, (size_t)F), e->cross_qkv.b + F, A->kv, 2 * F, 0);
-    attention(A->catt, F, A->cq, F, A->kv, 2 * F, A->kv + F, 2 * F, 1, T, H, dh, scale, NULL, s->scores);
-    linear(A->co, A->catt, 1, F, F, e->cross_out);
-    for (t = 0; t < T; t++) add(a2 + (size_t)t * F, h1 + (size_t)t * F, A->co, (size_t)F);
-    layernorm(h2, a2, T, F, e->ln_cross, c->ln_eps);
-    /* feed-forward */
-    linear(A->ffn, h2, T, F, E, e->fc1);
-    relu(A->ffn, (size_t)T * E);
-    copy_unless_same(a3, h2, (size_t)T * F);
-    gemm_nt_w(T, F, E, A->ffn, E, e->fc2.w, e->fc2.b, a3, F, 1);
-    layernorm(hout, a3, T, F, e->ln_final, c->ln_eps);
-}
-
-/* PixelDecoder.forward (Loupe's Mask2FormerPixelDecoder): input projections of the
- * 0.5x, 1x, 2x maps, the conditional deformable encoder, then the extra FPN level at
- * 4x (adapter_1 + upsampled 2x level, layer_1) and the mask projection. */
-static void pixel_decoder(loupe_session *s)
-{
-    const loupe_config *c = &s->m->cfg;
-    const loupe_weights *w = s->w;
-    const loupe_tables *tb = s->t;
-    int F = c->feature_size, W = c->width, T = tb->tokens, g = c->grid, M = 4 * g, l, i;
-    const float *inputs[3];
-    float *last, *lat_pre = s->tape ? s->tape->lat_pre : s->lateral, *conv_pre = s->tape ? s->tape->conv_pre : s->fpn_out;
-    char name[48];
-    inputs[0] = s->fpn_half; inputs[1] = s->feats + W; inputs[2] = s->fpn2;
-    for (l = 0; l < 3; l++) {
-        float *dst = s->enc_h + (size_t)tb->level_start[l] * F;
-        float *pre = s->tape ? s->tape->proj + (size_t)tb->level_start[l] * F : dst;
-        int n = tb->level_h[l] * tb->level_w[l];
-        linear(pre, inputs[l], n, W, F, w->input_proj[l]);
-        copy_unless_same(dst, pre, (size_t)n * F);
-        groupnorm_hwc(dst, n, F, c->gn_groups, w->input_gn[l], c->gn_eps);
-    }
-    tap(s, "pixdec_enc_input", s->enc_h, 0, 3, 1, T, F, 0);
-    tap(s, "pixdec_enc_pos", tb->enc_pos, 0, 3, 1, T, F, 0);
-    for (i = 0; i < c->enc_layers; i++) {
-        float *out = s->enc_h + (size_t)(i + 1) * T * F;
-        pixel_decoder_encoder_layer(s, &w->enc[i], s->enc_h + (size_t)i * T * F, out,
-                                    s->tape ? &s->tape->enc[i] : &s->enc_acts);
-        snprintf(name, sizeof name, "pixdec_enc_layer%d", i);
-        tap(s, name, out, 0, 3, 1, T, F, 0);
-    }
-    last = s->enc_h + (size_t)c->enc_layers * T * F;
-    for (l = 0; l < 3; l++) {
-        snprintf(name, sizeof name, "multi_scale_features_%d", l);
-        tap(s, name, last + (size_t)tb->level_start[l] * F, 1, 4, 1, F, tb->level_h[l], tb->level_w[l]);
-    }
-    /* extra FPN level: adapter_1 (1x1 conv + GroupNorm) + bilinear upsample of the 2x level */
-    linear(lat_pre, s->fpn4, M * M, W, F, w->adapter_1);
-    copy_unless_same(s->lateral, lat_pre, (size_t)M * M * F);
-    groupnorm_hwc(s->lateral, M * M, F, c->gn_groups, w->adapter_gn, c->gn_eps);
-    interp_hwc(last + (size_t)tb->level_start[2] * F, tb->level_h[2], tb->level_w[2], F, s->fpn_out, M, M, s->interp);
-    add(s->lateral, s->lateral, s->fpn_out, (size_t)M * M * F);
-    /* layer_1: 3x3 conv + GroupNorm + ReLU, then mask_projection (1x1 conv) */
-    conv3x3_hwc(conv_pre, s->lateral, M, M, F, F, w->layer_1);
-    copy_unless_same(s->fpn_out, conv_pre, (size_t)M * M * F);
-    groupnorm_hwc(s->fpn_out, M * M, F, c->gn_groups, w->layer_1_gn, c->gn_eps);
-    relu(s->fpn_out, (size_t)M * M * F);
-    linear(s->mask_features, s->fpn_out, M * M, F, F, w->mask_projection);
-    gemm_prepack(M * M, F, s->mask_features, F, s->mask_features_packed);
-    tap(s, "mask_features", s->mask_features, 1, 4, 1, F, M, M);
-}
-
-/* Mask2FormerMaskPredictor.forward + class_predictor for prediction i: mask-embedding
- * MLP, masks = embeddings . mask_features, the same masks resized to the attention level. */
-static void mask_predictor(loupe_session *s, int i, int level)
-{
-    const loupe_config *c = &s->m->cfg;
-    const loupe_weights *w = s->w;
-    const loupe_tables *tb = s->t;
-    int F = c->feature_size, Q = c->num_queries, M = 4 * c->grid, C = c->num_labels + 1, q;
-    int lh = tb->level_h[level], lw = tb->level_w[level];
-    const float *inter = s->query_hidden + (size_t)i * Q * F;
-    float *masks = s->mask_logits + (size_t)i * Q * M * M, *att = s->attn_logits + (size_t)i * Q * 4 * c->grid * c->grid;
-    float *me_a = s->tape ? s->tape->me_a + (size_t)i * Q * F : s->me_a;
-    float *me_b = s->tape ? s->tape->me_b + (size_t)i * Q * F : s->me_b;
-    float *me = s->tape ? s->tape->me + (size_t)i * Q * F : s->me;
-    char name[48];
-    linear(me_a, inter, Q, F, F, w->mask_embed[0]);
-    relu(me_a, (size_t)Q * F);
-    linear(me_b, me_a, Q, F, F, w->mask_embed[1]);
-    relu(me_b, (size_t)Q * F);
-    linear(me, me_b, Q, F, F, w->mask_embed[2]);
-    gemm_nt_prepacked(Q, M * M, F, me, F, s->mask_features_packed, masks, M * M);
-    for (q = 0; q < Q; q++) interp_plane(masks + (size_t)q * M * M, M, M, att + (size_t)q * lh * lw, lh, lw, s->interp);
-    linear(s->class_logits + (size_t)i * Q * C, inter, Q, F, C, w->class_predictor);
-    snprintf(name, sizeof name, "dec_query_hidden_%d", i);
-    tap(s, name, inter, 0, 3, 1, Q, F, 0);
-    snprintf(name, sizeof name, "dec_class_logits_%d", i);
-    tap(s, name, s->class_logits + (size_t)i * Q * C, 0, 3, 1, Q, C, 0);
-    snprintf(name, sizeof name, "dec_mask_logits_%d", i);
-    tap(s, name, masks, 0, 4, 1, Q, M, M);
-    snprintf(name, sizeof name, "dec_attn_mask_logits_%d", i);
-    tap(s, name, att, 0, 4, 1, Q, lh, lw);
-}
-
-/* Mask2FormerMaskedAttentionDecoderLayer.forward_post: masked cross-attention to one
- * level (mask from the previous prediction; a query whose mask blocks everything
- * attends everywhere), self-attention among queries, ReLU FFN; post-norm:
- * hin [Q][F] -> hout [Q][F] (may alias). A says where the intermediates go. */
-static void masked_attention_decoder_layer(loupe_session *s, const dec_layer_w *d, int level, const float *prev_att,
-                                           const float *hin, float *hout, const dec_layer_acts *A)
-{
-    const loupe_config *c = &s->m->cfg;
-    const loupe_tables *tb = s->t;
-    const loupe_weights *w = s->w;
-    int F = c->feature_size, Q = c->num_queries, H = c->m2f_heads, dh = F / H, E = c->dec_ffn, q, j;
-    int n = tb->level_h[level] * tb->level_w[level];
-    const float *feat = s->dec_feat + (size_t)tb->level_start[level] * F;
-    const float *kin = s->dec_kin + (size_t)tb->level_start[level] * F; /* feat + position */
-    float scale = 1.0f / sqrtf((float)dh);
-    for (q = 0; q < Q; q++) {
-        unsigned char *row = A->mask + (size_t)q * n;
-        int blocked = 0;
-        for (j = 0; j < n; j++) blocked += row[j] = sigmoid_below_half(prev_att[(size_t)q * n + j]);
-        if (blocked == n) memset(row, 0, (size_t)n);
-    }
-    /* cross_attn (nn.MultiheadAttention): q = hidden + query pos, k = features + pos, v = features */
-    add(A->hq1, hin, w->query_embed, (size_t)Q * F);
-    gemm_nt_w(Q, F, F, A->hq1, F, d->cross_qkv.w, d->cross_qkv.b, A->q1, F, 0);
-    gemm_nt_w(n, F, F, kin, F, wmat_rows(d->cross_qkv.w, (size_t)F), d->cross_qkv.b + F, A->kv, 2 * F, 0);
-    gemm_nt_w(n, F, F, feat, F, wmat_rows(d->cross_qkv.w, (size_t)2 * F), d->cross_qkv.b + 2 * F, A->kv + F, 2 * F, 0);
-    attention(A->att1, F, A->q1, F, A->kv, 2 * F, A->kv + F, 2 * F, Q, n, H, dh, scale, A->mask, s->scores);
-    copy_unless_same(A->a1, hin, (size_t)Q * F);
-    gemm_nt_w(Q, F, F, A->att1, F, d->cross_out.w, d->cross_out.b, A->a1, F, 1);
-    layernorm(A->h1, A->a1, Q, F, d->ln_cross, c->ln_eps);
-    /* self_attn (Mask2FormerAttention): q, k from hidden + query pos, v from hidden */
-    add(A->hq2, A->h1, w->query_embed, (size_t)Q * F);
-    linear(A->q2, A->hq2, Q, F, F, d->q);
-    linear(A->kv2, A->hq2, Q, F, F, d->k);
-    linear(A->kv2 + (size_t)Q * F, A->h1, Q, F, F, d->v);
-    attention(A->att2, F, A->q2, F, A->kv2, F, A->kv2 + (size_t)Q * F, F, Q, Q, H, dh, scale, NULL, s->scores);
-    copy_unless_same(A->a2, A->h1, (size_t)Q * F);
-    gemm_nt_w(Q, F, F, A->att2, F, d->o.w, d->o.b, A->a2, F, 1);
-    layernorm(A->h2, A->a2, Q, F, d->ln_self, c->ln_eps);
-    /* feed-forward */
-    linear(A->ffn, A->h2, Q, F, E, d->fc1);
-    relu(A->ffn, (size_t)Q * E);
-    copy_unless_same(A->a3, A->h2, (size_t)Q * F);
-    gemm_nt_w(Q, F, E, A->ffn, E, d->fc2.w, d->fc2.b, A->a3, F, 1);
-    layernorm(hout, A->a3, Q, F, d->ln_final, c->ln_eps);
-}
-
-/* Mask2FormerTransformerModule + Mask2FormerMaskedAttentionDecoder: learned queries,
- * one prediction before the first layer and one after each of the L-1 layers;
- * layer i attends to level i mod 3 using prediction i resized to that level. */
-static void masked_attention_decoder(loupe_session *s)
-{
-    const loupe_config *c = &s->m->cfg;
-    const loupe_weights *w = s->w;
-    const loupe_tables *tb = s->t;
-    int F = c->feature_size, Q = c->num_queries, L = c->dec_layers, T = tb->tokens, M = 4 * c->grid;
-    int l, p, i, C = c->num_labels + 1;
-    const float *ms = s->enc_h + (size_t)c->enc_layers * T * F;
-    float *hidden = s->tape ? s->tape->hidden : s->hidden;
-    size_t QF = (size_t)Q * F;
-    for (l = 0; l < 3; l++)
-        for (p = tb->level_start[l]; p < tb->level_start[l] + tb->level_h[l] * tb->level_w[l]; p++)
-            add(s->dec_feat + (size_t)p * F, ms + (size_t)p * F, w->dec_level_embed + (size_t)l * F, (size_t)F);
-    add(s->dec_kin, s->dec_feat, tb->dec_pos, (size_t)T * F); /* once, not per layer: three layers share a level */
-    memcpy(hidden, w->query_feat, QF * sizeof *hidden);
-    layernorm(s->query_hidden, hidden, Q, F, w->dec_ln, c->ln_eps);
-    mask_predictor(s, 0, 0);
-    for (i = 0; i < L - 1; i++) {
-        const float *hin = s->tape ? hidden + (size_t)i * QF : hidden;
-        float *hout = s->tape ? hidden + (size_t)(i + 1) * QF : hidden;
-        masked_attention_decoder_layer(s, &w->dec[i], i % 3, s->attn_logits + (size_t)i * Q * 4 * c->grid * c->grid,
-                                       hin, hout, s->tape ? &s->tape->dec[i] : &s->dec_acts);
-        layernorm(s->query_hidden + (size_t)(i + 1) * QF, hout, Q, F, w->dec_ln, c->ln_eps);
-        mask_predictor(s, i + 1, (i + 1) % 3);
-    }
-    tap(s, "class_queries_logits", s->class_logits + (size_t)(L - 1) * Q * C, 0, 3, 1, Q, C, 0);
-    tap(s, "masks_queries_logits", s->mask_logits + (size_t)(L - 1) * Q * M * M, 0, 4, 1, Q, M, M);
-}
-
-/* ========================================================================== */
-/* 8. Pre- and post-processing (LoupeImageProcessor)                          */
-/* ========================================================================== */
-
-int loupe_preprocess(const loupe_model *m, const loupe_image *img, float *pixel_values, char *err, size_t errsize)
-{
-    int S, c, p;
-    unsigned char *resized;
-    if (!m || !img || !img->rgb || !pixel_values) return fail(err, errsize, "loupe_preprocess needs a model, an image and an output");
-    S = m->cfg.image_size;
-    resized = malloc((size_t)S * S * 3);
-    if (!resized) return fail(err, errsize, "out of memory");
-    if (loupe_resize_rgb(img->rgb, img->width, img->height, resized, S, S)) {
-        free(resized);
-        return fail(err, errsize, "cannot resize a %dx%d image", img->width, img->height);
-    }
-    /* x * (1/255) in double, rounded to float, then (x - 0.5) / 0.5 in float, HWC -> CHW */
-    for (c = 0; c < 3; c++)
-        for (p = 0; p < S * S; p++) {
-            float v = (float)((double)resized[(size_t)p * 3 + c] * (1.0 / 255.0));
-            pixel_values[(size_t)c * S * S + p] = (v - 0.5f) / 0.5f;
-        }
-    free(resized);
-    return 0;
-}
-
-/* Mask logits -> bilinear 384x384 -> sum over queries of softmax(class)[forgery] *
- * sigmoid(mask): the forgery probability map seg [384][384] (may exceed 1). */
-static void post_process_segmentation(loupe_session *s)
-{
-    const loupe_config *c = &s->m->cfg;
-    int Q = c->num_queries, L = c->dec_layers, M = 4 * c->grid, C = c->num_labels + 1, q, k;
-    size_t n = (size_t)SEG_SIZE * SEG_SIZE, i;
-    long px;
-    const float *masks = s->mask_logits + (size_t)(L - 1) * Q * M * M;
-    const float *cls = s->class_logits + (size_t)(L - 1) * Q * C;
-    for (i = 0; i < n; i++) s->seg[i] = 0.0f;
-    for (q = 0; q < Q; q++) {
-        float mx = cls[(size_t)q * C], sum = 0.0f, p0;
-        for (k = 1; k < C; k++) mx = cls[(size_t)q * C + k] > mx ? cls[(size_t)q * C + k] : mx;
-        for (k = 0; k < C; k++) sum += expf(cls[(size_t)q * C + k] - mx);
-        p0 = expf(cls[(size_t)q * C] - mx) / sum;
-        interp_plane(masks + (size_t)q * M * M, M, M, s->seg_tmp, SEG_SIZE, SEG_SIZE, s->interp);
-        /* one expf per pixel (the stage's cost), each pixel on its own: threads share them */
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok(8.0 * (double)n))
-#endif
-        for (px = 0; px < (long)n; px++) s->seg[px] += p0 * sigmoidf(s->seg_tmp[px]);
-    }
-    tap(s, "seg_prob_384", s->seg, 0, 4, 1, 1, SEG_SIZE, SEG_SIZE);
-}
-
-int loupe_postprocess(const loupe_session *s, int width, int height, float threshold, float *seg_prob,
-                      unsigned char *mask, char *err, size_t errsize)
-{
-    float *prob = seg_prob, *scratch;
-    size_t n, i;
-    if (!s) return fail(err, errsize, "no session given");
-    if (width < 1 || height < 1 || width > (1 << 20) || height > (1 << 20) ||
-        (double)width * height > (double)SIZE_MAX / sizeof(float) / 2)
-        return fail(err, errsize, "output size %dx%d is invalid", width, height);
-    n = (size_t)width * height;
-    scratch = malloc(INTERP_SCRATCH(height, width) * sizeof *scratch + (seg_prob ? 0 : n * sizeof *prob));
-    if (!scratch) return fail(err, errsize, "out of memory for a %dx%d mask", width, height);
-    if (!prob) prob = scratch + INTERP_SCRATCH(height, width);
-    interp_plane(s->seg, SEG_SIZE, SEG_SIZE, prob, height, width, scratch);
-    if (mask)
-        for (i = 0; i < n; i++) mask[i] = prob[i] > threshold ? 255 : 0;
-    free(scratch);
-    return 0;
-}
-
-int loupe_forward(loupe_session *s, const float *pixel_values, char *err, size_t errsize)
-{
-    const loupe_config *c;
-    double t[LOUPE_STAGE_COUNT + 1];
-    int i;
-    if (!s || !pixel_values) return fail(err, errsize, "loupe_forward needs a session and an input tensor");
-    c = &s->m->cfg;
-    if (max_threads() > s->threads)
-        return fail(err, errsize, "the session was created for %d threads but %d are requested; create sessions "
-                    "after loupe_set_threads", s->threads, max_threads());
-    tap(s, "pixel_values", pixel_values, 0, 4, 1, 3, c->image_size, c->image_size);
-    t[0] = now_seconds();
-    vision_transformer(s, pixel_values);
-    t[1] = now_seconds();
-    loupe_classifier(s);
-    conditional_query(s);
-    t[2] = now_seconds();
-    feature_pyramid(s);
-    t[3] = now_seconds();
-    pixel_decoder(s);
-    t[4] = now_seconds();
-    masked_attention_decoder(s);
-    t[5] = now_seconds();
-    post_process_segmentation(s);
-    t[6] = now_seconds();
-    for (i = 0; i < LOUPE_STAGE_COUNT; i++) s->out.stage_seconds[i] = t[i + 1] - t[i];
-    s->out.global_logit = s->global_logit;
-    s->out.fused_logit = s->fused_logit;
-    s->out.prob = s->prob;
-    s->out.patch_logits = s->patch_logits;
-    s->out.grid = c->grid;
-    s->out.num_queries = c->num_queries;
-    s->out.mask_size = 4 * c->grid;
-    s->out.seg_size = SEG_SIZE;
-    s->out.class_logits = s->class_logits + (size_t)(c->dec_layers - 1) * c->num_queries * (c->num_labels + 1);
-    s->out.mask_logits = s->mask_logits + (size_t)(c->dec_layers - 1) * c->num_queries * 16 * c->grid * c->grid;
-    s->out.seg_prob = s->seg;
-    return 0;
-}
-
-const loupe_outputs *loupe_get_outputs(const loupe_session *s) { return &s->out; }
-
-
-/* ========================================================================== */
-/* 9. Training (LitModel.training_step, LoupeSegLoss; test-time adaptation)     */
-/* ========================================================================== */
-/* One trainer for upstream's stages cls, seg and cls_seg and for test-time adaptation
- * (TTA: the classifier's own verdict is the segmentor's target, and only the segmentor
- * trains). This section holds LoupeSegLoss with its gradient (LoupeClsLoss is in section
- * 6), the segmentor's backward (module by module, in the reverse order of section 7, on
- * the kernels' *_backward twins; the backbone's and the classifier's are in sections 5
- * and 6), the trainer (trained tensors copied out of the read-only model, parameter
- * groups, tapes, one image of a batch at a time), clipping and AdamW, state files, and
- * the loupe_trainer / loupe_tta API. */
-
-/* ---- Pseudo-label segmentation loss of test-time adaptation, and its gradient ----
- *
- * In test-time adaptation (TTA) Loupe trains its segmentor on the classifier's own
- * verdict: when the fused forgery probability p exceeds 0.5 there is one "forgery"
- * target whose soft mask is sigmoid(patch logits) on the g x g patch grid, otherwise
- * there is no target at all (LoupeModel.forward, stage "test"). The loss is upstream's
- * LoupeSegLoss (Kamichanw/Loupe src/models/loupe/loss.py), a Mask2FormerLoss from
- * transformers whose mask terms are replaced:
- *
- *   for each of the L mask predictions (loss call k = 0: the final one, k = 1..L-1:
- *   auxiliary prediction k-1, i.e. decoder prediction index L-1, 0, 1, ..., L-2):
- *     1. hungarian_matcher: 12544 uniform points; cost of query q = 5 * sigmoid-BCE
- *        + 5 * dice - softmax probability of "forgery"; the target goes to the
- *        cheapest query;
- *     2. sample_points_using_uncertainty: 37632 uniform candidates, keep the 9408
- *        whose mask logit is closest to 0, add 3136 uniform points;
- *     3. loss_masks: on those 12544 points, Poly-1 focal loss (soft labels) and
- *        Tversky loss between the matched query's mask and the target;
- *     4. loss_labels: class-weighted cross-entropy over all queries, the matched one
- *        labelled "forgery", the others "no-object".
- *   total = sum over calls of 5 * loss_mask + 5 * loss_dice + 2 * loss_cross_entropy.
- *
- * Points live in [0,1)^2 as (x, y) and are read with grid_sample (bilinear,
- * align_corners=False, zero padding): the mask logits on their M x M grid (M = 4g),
- * the target on its g x g grid. Matching and point selection are piecewise constant
- * (no gradient); everything else is differentiated analytically here, each
- * *_backward next to its *_forward, ending in grid_sample's backward, which
- * scatters a point's gradient into its four neighbouring pixels.
- *
- * Precision: the sampled values that feed discrete decisions (top-k of uncertainty,
- * the matching) are computed in float with the operations of PyTorch's CPU kernel in
- * its order (test/check_tta: upstream's matches, and every loss term within rel 6e-7);
- * the loss formulas are evaluated in double from those float samples and every sum is
- * accumulated in double. Log-sigmoid forms keep all terms finite for any finite logit.
- *
- * Random numbers come from a caller-supplied source (loss_rng) in upstream's
- * torch.rand call order, so a test can replay PyTorch's exact draws (without a target
- * upstream's point sampling draws zero numbers, so nothing is drawn here).
- *
- * Differences from upstream, by design: with no target in the batch upstream's Tversky
- * term is the mean over zero masks (NaN) and so is the total; here loss_dice (and
- * loss_mask) is 0. Every image has at most one target (one forgery class), which is
- * all Loupe's labels and pseudo labels produce; training labels are the same loss with
- * ground-truth targets (mask_labels at the input size) over a batch (seg_batch). */
-
-#define SEG_NUM_CLASSES 2                 /* class logits per query: [forgery, no-object] */
-#define SEG_FORGERY_CLASS 0               /* the pseudo target's class */
-#define SEG_NO_OBJECT_CLASS 1             /* Mask2Former's "no object" class (num_labels) */
-#define SEG_PSEUDO_LABEL_THRESHOLD 0.5f   /* LoupeModel.forward: a target exists when p > 0.5 */
-#define SEG_TVERSKY_SMOOTH 1e-6           /* TverskyLoss: added to numerator and denominator */
-#define SEG_MATCHER_COST_LIMIT 1e10f      /* matcher clamps costs to +-1e10 before the assignment */
-#define SEG_SPLITMIX_GOLDEN 0x9E3779B97F4A7C15ull /* splitmix64 increment */
-#define SEG_SPLITMIX_MUL1 0xBF58476D1CE4E5B9ull   /* splitmix64 finalizer multipliers */
-#define SEG_SPLITMIX_MUL2 0x94D049BB133111EBull
-#define SEG_UNIFORM_BITS 24               /* float32 uniforms carry 24 random bits */
-#define SEG_UNIFORM_SCALE (1.0f / 16777216.0f) /* 2^-24 */
-
-/* A source of uniform float32 numbers in [0, 1): fill writes the next n of them.
- * The loss draws, in this order (upstream's torch.rand calls of one TTA step):
- *   L-1 scalars (Mask2FormerMaskedAttentionDecoder's layerdrop draws, unused here),
- *   then per loss call k = 0..L-1: matcher points [P][2]; when there is a target,
- *   oversampled candidates [3P][2] and random points [P - round-down(0.75 P)][2]
- *   (P = train_num_points; pairs are (x, y)). */
-typedef struct loss_rng {
-    void (*fill)(void *state, float *out, size_t n);
-    void *state;
-    void (*seek)(void *state, uint64_t position); /* next fill starts at number `position` */
-} loss_rng;
-
-/* State of splitmix_uniform_fill: number i of the stream (counting from 0 over all
- * calls) is splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15) >> 40, divided by 2^24. */
-typedef struct splitmix_uniform {
-    uint64_t seed;
-    uint64_t counter;   /* numbers drawn so far */
-} splitmix_uniform;
-
-/* A small counter-based generator for loss_rng (the mixing function of the weight
- * generator, make_weights.py): every number depends only on (seed, position). */
-static void splitmix_uniform_fill(void *state, float *out, size_t n)
-{
-    splitmix_uniform *s = (splitmix_uniform *)state;
-    size_t i;
-    for (i = 0; i < n; i++) {
-        uint64_t z = s->seed + ++s->counter * SEG_SPLITMIX_GOLDEN;
-        z = (z ^ (z >> 30)) * SEG_SPLITMIX_MUL1;
-        z = (z ^ (z >> 27)) * SEG_SPLITMIX_MUL2;
-        z ^= z >> 31;
-        out[i] = (float)(z >> (64 - SEG_UNIFORM_BITS)) * SEG_UNIFORM_SCALE;
-    }
-}
-
-/* Moves the splitmix stream to number `position` (counter-based: any order of reads). */
-static void splitmix_uniform_seek(void *state, uint64_t position)
-{
-    ((splitmix_uniform *)state)->counter = position;
-}
-
-/* Hyperparameters of LoupeSegLoss (values of Loupe's configs in seg_loss_config_default). */
-typedef struct seg_loss_config {
-    double class_weight;             /* weight of loss_cross_entropy (Mask2FormerConfig.class_weight) */
-    double mask_weight;              /* weight of loss_mask, and the matcher's cost_mask */
-    double dice_weight;              /* weight of loss_dice, and the matcher's cost_dice */
-    double matcher_cost_class;       /* LoupeHungarianMatcher's cost_class (its default, 1) */
-    double no_object_weight;         /* cross-entropy weight of the no-object class */
-    int train_num_points;            /* P: points per mask */
-    double oversample_ratio;         /* candidates = int(P * ratio) */
-    double importance_sample_ratio;  /* most uncertain candidates kept = int(ratio * P) */
-    double pixel_forge_weight;       /* Poly1FocalLoss alpha (weight of the forged class) */
-    double pixel_poly_epsilon;       /* Poly1FocalLoss epsilon */
-    double focal_gamma;              /* Poly1FocalLoss gamma (hard-coded 2 upstream; >= 1) */
-    double tversky_alpha;            /* TverskyLoss weight of false positives */
-    double tversky_beta;             /* TverskyLoss weight of false negatives (upstream: 1 - alpha) */
-} seg_loss_config;
-
-/* Loupe's values (its configs/model yaml files and Mask2FormerConfig's defaults). */
-static seg_loss_config seg_loss_config_default(void)
-{
-    seg_loss_config c;
-    c.class_weight = 2.0;
-    c.mask_weight = 5.0;
-    c.dice_weight = 5.0;
-    c.matcher_cost_class = 1.0;
-    c.no_object_weight = 0.1;
-    c.train_num_points = 12544;
-    c.oversample_ratio = 3.0;
-    c.importance_sample_ratio = 0.75;
-    c.pixel_forge_weight = 0.8;
-    c.pixel_poly_epsilon = 1.0;
-    c.focal_gamma = 2.0;
-    c.tversky_alpha = 0.3;
-    c.tversky_beta = 1.0 - c.tversky_alpha;   /* LoupeSegLoss passes beta = 1 - alpha */
-    return c;
-}
-
-/* LoupeSegLoss's settings as the weight file's header records them (tools/convert.py
- * writes the config's values), upstream's defaults for any it lacks. */
-static seg_loss_config seg_loss_config_from_model(const loupe_model *m)
-{
-    seg_loss_config c = seg_loss_config_default();
-    double points = c.train_num_points;
-    model_loss_setting(m, "class_weight", 0.0, 1e6, &c.class_weight);
-    model_loss_setting(m, "mask_weight", 0.0, 1e6, &c.mask_weight);
-    model_loss_setting(m, "dice_weight", 0.0, 1e6, &c.dice_weight);
-    model_loss_setting(m, "no_object_weight", 1e-6, 1e6, &c.no_object_weight);
-    model_loss_setting(m, "oversample_ratio", 1.0, 64.0, &c.oversample_ratio);
-    model_loss_setting(m, "importance_sample_ratio", 0.0, 1.0, &c.importance_sample_ratio);
-    model_loss_setting(m, "pixel_forge_weight", 0.0, 1.0, &c.pixel_forge_weight);
-    model_loss_setting(m, "pixel_poly_epsilon", -1e6, 1e6, &c.pixel_poly_epsilon);
-    model_loss_setting(m, "tversky_alpha", 0.0, 1.0, &c.tversky_alpha);
-    model_loss_setting(m, "train_num_points", 1.0, (double)(1 << 20), &points);
-    if (points == floor(points)) c.train_num_points = (int)points;
-    c.tversky_beta = 1.0 - c.tversky_alpha;
-    return c;
-}
-
-/* One mask prediction of the decoder, and where its gradient goes. */
-typedef struct seg_prediction {
-    const float *class_logits;   /* [Q][2]: forgery, no-object */
-    const float *mask_logits;    /* [Q][M][M] */
-    float *grad_class_logits;    /* [Q][2]: += d total / d class_logits */
-    float *grad_mask_logits;     /* [Q][M][M]: += d total / d mask_logits */
-} seg_prediction;
-
-/* What one loss call k computed (k = 0: final prediction, k >= 1: auxiliary k-1,
- * whose upstream names carry the suffix _{k-1}). */
-typedef struct seg_loss_call {
-    int prediction;              /* decoder prediction index used: L-1 for k = 0, else k-1 */
-    int matched_query;           /* query matched to the target; -1 when there is no target */
-    double num_masks;            /* get_num_masks: targets, clamped to >= 1 */
-    double loss_mask, loss_dice, loss_cross_entropy;            /* raw terms */
-    double weighted_mask, weighted_dice, weighted_cross_entropy; /* times their weights */
-} seg_loss_call;
-
-/* ---- Numerically stable scalar helpers (double) ---- */
-
-/* log(1 + exp(x)) without overflow; softplus(-x) = -log(sigmoid(x)). */
-static double seg_softplus(double x)
-{
-    return (x > 0.0 ? x : 0.0) + log1p(exp(-fabs(x)));
-}
-
-/* 1 / (1 + exp(-x)) without overflow. */
-static double seg_sigmoid(double x)
-{
-    double e = exp(-fabs(x));
-    return x >= 0.0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
-}
-
-/* ---- grid_sample at points (bilinear, align_corners=False, zero padding) ---- */
-
-/* The four neighbours of one point of a h x w map and their bilinear weights,
- * computed in float with PyTorch's CPU kernel arithmetic (GridSamplerKernel.cpp);
- * idx[c] is -1 for a neighbour outside the map (zero padding). Corner order:
- * north-west, north-east, south-west, south-east. */
-typedef struct grid_taps {
-    int idx[4];
-    float w[4];
-} grid_taps;
-
-/* Point (px, py) in [0,1)^2 -> taps on a h x w map (sample_point's 2p-1 then grid_sample). */
-static void grid_sample_taps(float px, float py, int h, int w, grid_taps *t)
-{
-    /* One operation per statement, so no compiler fuses a multiply-add that PyTorch
-     * does not: these are the float operations of PyTorch's kernel, in its order. */
-    float gx = 2.0f * px, gy = 2.0f * py, x, y, fx, fy, ex, sy;
-    int x0, y0, c;
-    gx = gx - 1.0f;
-    gy = gy - 1.0f;
-    x = (gx + 1.0f) * ((float)w / 2.0f);
-    x = x - 0.5f;
-    y = (gy + 1.0f) * ((float)h / 2.0f);
-    y = y - 0.5f;
-    x0 = (int)floorf(x);
-    y0 = (int)floorf(y);
-    fx = x - (float)x0;           /* distance to the west column */
-    fy = y - (float)y0;           /* distance to the north row */
-    ex = 1.0f - fx;
-    sy = 1.0f - fy;
-    t->w[0] = sy * ex;
-    t->w[1] = sy * fx;
-    t->w[2] = fy * ex;
-    t->w[3] = fy * fx;
-    for (c = 0; c < 4; c++) {
-        int xc = x0 + (c & 1), yc = y0 + (c >> 1);
-        t->idx[c] = (xc >= 0 && xc < w && yc >= 0 && yc < h) ? yc * w + xc : -1;
-    }
-}
-
-/* transformers' sample_point (grid_sample) forward: map [h][w], points [n][2] -> out [n],
- * float, summed in PyTorch's order. */
-static void sample_point_forward(const float *map, int h, int w, const float *points, int n, float *out)
-{
-    int i, c;
-    for (i = 0; i < n; i++) {
-        grid_taps t;
-        float v = 0.0f;
-        grid_sample_taps(points[2 * i], points[2 * i + 1], h, w, &t);
-        for (c = 0; c < 4; c++) {
-            float term = t.idx[c] >= 0 ? map[t.idx[c]] * t.w[c] : 0.0f;
-            v = v + term;
-        }
-        out[i] = v;
-    }
-}
-
-/* sample_point backward: d out [n] -> += d map [h][w] (each point's gradient scattered
- * into its in-bounds neighbours with the bilinear weights). */
-static void sample_point_backward(const double *grad_out, int h, int w, const float *points, int n,
-                                  double *grad_map)
-{
-    int i, c;
-    for (i = 0; i < n; i++) {
-        grid_taps t;
-        grid_sample_taps(points[2 * i], points[2 * i + 1], h, w, &t);
-        for (c = 0; c < 4; c++)
-            if (t.idx[c] >= 0) grad_map[t.idx[c]] += (double)t.w[c] * grad_out[i];
-    }
-}
-
-/* ---- Matching ---- */
-
-/* transformers' pair_wise_sigmoid_cross_entropy_loss for one (query, target) pair:
- * mean over n points of BCE-with-logits(pred, target). pred, target [n]. */
-static double pair_wise_sigmoid_cross_entropy_loss(const float *pred, const float *target, int n)
-{
-    double sum = 0.0;
-    int i;
-    for (i = 0; i < n; i++)
-        sum += seg_softplus(pred[i]) - target[i] * pred[i];   /* t sp(-x) + (1-t) sp(x), sp(-x) = sp(x) - x */
-    return sum / n;
-}
-
-/* transformers' pair_wise_dice_loss for one pair: 1 - (2 sum(s t) + 1) / (sum s + sum t + 1),
- * s = sigmoid(pred). pred, target [n]. */
-static double pair_wise_dice_loss(const float *pred, const float *target, int n)
-{
-    double st = 0.0, s = 0.0, t = 0.0;
-    int i;
-    for (i = 0; i < n; i++) {
-        double p = seg_sigmoid(pred[i]);
-        st += p * target[i];
-        s += p;
-        t += target[i];
-    }
-    return 1.0 - (2.0 * st + 1.0) / (s + t + 1.0);
-}
-
-/* LoupeHungarianMatcher.forward for one image with one target: class_logits [Q][2],
- * mask_logits [Q][M][M], target [th][tw], points [P][2] (the matcher's uniform draw);
- * scratch [(1 + max_threads()) P + Q] floats. Returns the matched query. Queries' costs
- * are computed in parallel (each is one sampled map, 3 libm calls a point), then
- * compared in order. The cost matrix is float32 [Q][1] as upstream; scipy's
- * linear_sum_assignment on one column returns the cheapest row, the lowest index among
- * equal costs (it scans columns of the transposed 1 x Q problem from the last to the
- * first and keeps the last minimum it sees). */
-static int hungarian_matcher(const seg_loss_config *cfg, int Q, int M, const float *class_logits,
-                             const float *mask_logits, const float *target, int th, int tw, const float *points,
-                             int P, float *scratch)
-{
-    float *target_points = scratch, *costs = scratch + (size_t)(1 + max_threads()) * P, best = 0.0f;
-    int q, best_q = 0;
-    sample_point_forward(target, th, tw, points, P, target_points);
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)Q * P * 16))
-#endif
-    for (q = 0; q < Q; q++) {
-        const float *z = class_logits + (size_t)q * SEG_NUM_CLASSES;
-        float *pred_points = scratch + (size_t)(1 + thread_id()) * P;
-        float mx = z[0] > z[1] ? z[0] : z[1];
-        float e0 = expf(z[0] - mx), e1 = expf(z[1] - mx);
-        float cost_class = -(e0 / (e0 + e1));            /* -softmax(z)[forgery] */
-        float cost_mask, cost_dice, cost;
-        sample_point_forward(mask_logits + (size_t)q * M * M, M, M, points, P, pred_points);
-        cost_mask = (float)pair_wise_sigmoid_cross_entropy_loss(pred_points, target_points, P);
-        cost_dice = (float)pair_wise_dice_loss(pred_points, target_points, P);
-        cost = (float)cfg->mask_weight * cost_mask;
-        cost = cost + (float)cfg->matcher_cost_class * cost_class;
-        cost = cost + (float)cfg->dice_weight * cost_dice;
-        if (cost != cost) cost = 0.0f;                   /* nan_to_num(..., 0) */
-        if (cost > SEG_MATCHER_COST_LIMIT) cost = SEG_MATCHER_COST_LIMIT;
-        if (cost < -SEG_MATCHER_COST_LIMIT) cost = -SEG_MATCHER_COST_LIMIT;
-        costs[q] = cost;
-    }
-    for (q = 0; q < Q; q++)
-        if (q == 0 || costs[q] < best) {
-            best = costs[q];
-            best_q = q;
-        }
-    return best_q;
-}
-
-/* ---- Point selection ---- */
-
-/* A candidate point and its uncertainty, for sorting. */
-typedef struct uncertain_point {
-    float uncertainty;
-    int index;
-} uncertain_point;
-
-/* Most uncertain first; equal uncertainties in candidate order. */
-static int uncertain_point_cmp(const void *a, const void *b)
-{
-    const uncertain_point *x = (const uncertain_point *)a, *y = (const uncertain_point *)b;
-    if (x->uncertainty != y->uncertainty) return x->uncertainty > y->uncertainty ? -1 : 1;
-    return (x->index > y->index) - (x->index < y->index);
-}
-
-/* Moves the k most uncertain of n candidates (uncertain_point_cmp's order: largest
- * uncertainty, then the earlier candidate) to order[0..k-1], in that order: a
- * deterministic quickselect (median-of-three pivots) partitions, then the k are sorted.
- * The same set as sorting all n, at a fraction of the cost. */
-static void uncertain_select(uncertain_point *order, int n, int k)
-{
-    int lo = 0, hi = n - 1;
-    if (k <= 0) return;
-    if (k < n)
-        while (hi > lo) {
-            int mid = lo + (hi - lo) / 2, i = lo, j = hi;
-            uncertain_point a = order[lo], b = order[mid], c = order[hi], pivot, tmp;
-            /* the median of the three */
-            if (uncertain_point_cmp(&a, &b) > 0) { tmp = a; a = b; b = tmp; }
-            if (uncertain_point_cmp(&b, &c) > 0) { tmp = b; b = c; c = tmp; }
-            if (uncertain_point_cmp(&a, &b) > 0) { tmp = a; a = b; b = tmp; }
-            pivot = b;
-            while (i <= j) {
-                while (uncertain_point_cmp(&order[i], &pivot) < 0) i++;
-                while (uncertain_point_cmp(&order[j], &pivot) > 0) j--;
-                if (i <= j) { tmp = order[i]; order[i] = order[j]; order[j] = tmp; i++; j--; }
-            }
-            if (k - 1 <= j) hi = j;
-            else if (k - 1 >= i) lo = i;
-            else break;
-        }
-    qsort(order, (size_t)k, sizeof *order, uncertain_point_cmp);
-}
-
-/* Mask2FormerLoss.sample_points_using_uncertainty for one mask [M][M]: draws int(P *
- * oversample_ratio) candidates, keeps the int(importance_sample_ratio * P) with the
- * largest calculate_uncertainty = -|logit| (torch.topk; ties, which topk leaves
- * unspecified, go to the earlier candidate), then draws the remaining points uniformly.
- * The candidates are read from rng at position cand_pos, the uniform points at extra_pos.
- * points_out [P][2]; candidates [int(P * oversample_ratio)][2] floats, order [same count]. */
-static void sample_points_using_uncertainty(const seg_loss_config *cfg, const float *mask_logits, int M,
-                                            const loss_rng *rng, uint64_t cand_pos, uint64_t extra_pos,
-                                            float *points_out, float *candidates, float *candidate_logits,
-                                            uncertain_point *order)
-{
-    int P = cfg->train_num_points;
-    int num_sampled = (int)(P * cfg->oversample_ratio);
-    int num_uncertain = (int)(cfg->importance_sample_ratio * P);
-    int i;
-    rng->seek(rng->state, cand_pos);
-    rng->fill(rng->state, candidates, (size_t)num_sampled * 2);
-    sample_point_forward(mask_logits, M, M, candidates, num_sampled, candidate_logits);
-    for (i = 0; i < num_sampled; i++) {
-        order[i].uncertainty = -fabsf(candidate_logits[i]);
-        order[i].index = i;
-    }
-    uncertain_select(order, num_sampled, num_uncertain);
-    for (i = 0; i < num_uncertain; i++) {
-        points_out[2 * i] = candidates[2 * order[i].index];
-        points_out[2 * i + 1] = candidates[2 * order[i].index + 1];
-    }
-    rng->seek(rng->state, extra_pos);
-    if (P > num_uncertain)
-        rng->fill(rng->state, points_out + (size_t)num_uncertain * 2, (size_t)(P - num_uncertain) * 2);
-}
-
-/* ---- Mask losses ---- */
-
-/* Poly1FocalLoss (soft labels) forward, reduction mean: logits x [n], labels t [n].
- *   ce = (alpha t + (1-alpha)(1-t)) * BCE-with-logits(x, t),  1 - pt = t (1-s) + (1-t) s,
- *   loss = ce (1-pt)^gamma + epsilon (1-pt)^(gamma+1), s = sigmoid(x). */
-static double poly1_focal_loss_forward(const seg_loss_config *cfg, const float *x, const float *t, int n)
-{
-    double alpha = cfg->pixel_forge_weight, gamma = cfg->focal_gamma, eps = cfg->pixel_poly_epsilon;
-    double sum = 0.0;
-    int i;
-    for (i = 0; i < n; i++) {
-        double ti = t[i];
-        double bce = seg_softplus(x[i]) - ti * x[i];
-        double ce = (alpha * ti + (1.0 - alpha) * (1.0 - ti)) * bce;
-        double s = seg_sigmoid(x[i]);
-        double u = ti * (1.0 - s) + (1.0 - ti) * s;   /* 1 - pt */
-        double ug = gamma == 2.0 ? u * u : pow(u, gamma);
-        sum += ce * ug + eps * ug * u;
-    }
-    return sum / n;
-}
-
-/* Poly1FocalLoss backward: grad_x [n] += scale * d(mean loss)/dx. With
- * d bce/dx = s - t and d(1-pt)/dx = (1 - 2t) s (1-s). */
-static void poly1_focal_loss_backward(const seg_loss_config *cfg, const float *x, const float *t, int n,
-                                      double scale, double *grad_x)
-{
-    double alpha = cfg->pixel_forge_weight, gamma = cfg->focal_gamma, eps = cfg->pixel_poly_epsilon;
-    int i;
-    for (i = 0; i < n; i++) {
-        double ti = t[i], s = seg_sigmoid(x[i]), sm = 1.0 - s;
-        double wgt = alpha * ti + (1.0 - alpha) * (1.0 - ti);
-        double bce = seg_softplus(x[i]) - ti * x[i];
-        double u = ti * sm + (1.0 - ti) * s;
-        double du = (1.0 - 2.0 * ti) * s * sm;
-        double ug1 = gamma == 2.0 ? u : pow(u, gamma - 1.0), ug = ug1 * u;
-        double d = wgt * (s - ti) * ug + (wgt * bce * gamma * ug1 + eps * (gamma + 1.0) * ug) * du;
-        grad_x[i] += scale * d / n;
-    }
-}
-
-/* Sums of TverskyLoss for one mask: TP, FP, FN of s = sigmoid(x) against t. */
-static void tversky_sums(const float *x, const float *t, int n, double *tp, double *fp, double *fn)
-{
-    int i;
-    *tp = *fp = *fn = 0.0;
-    for (i = 0; i < n; i++) {
-        double s = seg_sigmoid(x[i]);
-        *tp += s * t[i];
-        *fp += s * (1.0 - t[i]);
-        *fn += seg_sigmoid(-x[i]) * t[i];
-    }
-}
-
-/* TverskyLoss forward for one mask: 1 - (TP + 1e-6) / (TP + alpha FP + beta FN + 1e-6). */
-static double tversky_loss_forward(const seg_loss_config *cfg, const float *x, const float *t, int n)
-{
-    double tp, fp, fn;
-    tversky_sums(x, t, n, &tp, &fp, &fn);
-    return 1.0 - (tp + SEG_TVERSKY_SMOOTH) /
-                 (tp + cfg->tversky_alpha * fp + cfg->tversky_beta * fn + SEG_TVERSKY_SMOOTH);
-}
-
-/* TverskyLoss backward for one mask: grad_x [n] += scale * d loss / dx. With N, D the
- * numerator and denominator, dN/ds_i = t_i and dD/ds_i = t_i + alpha (1-t_i) - beta t_i. */
-static void tversky_loss_backward(const seg_loss_config *cfg, const float *x, const float *t, int n,
-                                  double scale, double *grad_x)
-{
-    double tp, fp, fn, num, den;
-    int i;
-    tversky_sums(x, t, n, &tp, &fp, &fn);
-    num = tp + SEG_TVERSKY_SMOOTH;
-    den = tp + cfg->tversky_alpha * fp + cfg->tversky_beta * fn + SEG_TVERSKY_SMOOTH;
-    for (i = 0; i < n; i++) {
-        double ti = t[i];
-        double dden = ti + cfg->tversky_alpha * (1.0 - ti) - cfg->tversky_beta * ti;
-        double dratio = (ti * den - num * dden) / (den * den);
-        grad_x[i] += -scale * dratio * seg_sigmoid(x[i]) * seg_sigmoid(-x[i]);
-    }
-}
-
-/* Scratch for loss_masks: point logits, labels and the logits' gradient [P] each, and
- * the gradient of the matched mask [M][M]. */
-typedef struct loss_masks_scratch {
-    float *point_logits, *point_labels;
-    double *grad_points, *grad_mask;
-} loss_masks_scratch;
-
-/* LoupeSegLoss.loss_masks forward for one matched mask (num_masks as get_num_masks):
- * mask_logits [M][M] of the matched query, target [th][tw], points [P][2] ->
- * loss_mask = mean Poly-1 focal / num_masks, loss_dice = Tversky of this mask (the
- * caller averages over the batch's masks). */
-static void loss_masks_forward(const seg_loss_config *cfg, const float *mask_logits, int M, const float *target,
-                               int th, int tw, const float *points, double num_masks, loss_masks_scratch *s,
-                               double *loss_mask, double *loss_dice)
-{
-    int P = cfg->train_num_points;
-    sample_point_forward(target, th, tw, points, P, s->point_labels);
-    sample_point_forward(mask_logits, M, M, points, P, s->point_logits);
-    *loss_mask = poly1_focal_loss_forward(cfg, s->point_logits, s->point_labels, P) / num_masks;
-    *loss_dice = tversky_loss_forward(cfg, s->point_logits, s->point_labels, P);
-}
-
-/* loss_masks backward (after loss_masks_forward on the same points): grad_mask_logits
- * [M][M] += w_mask * d loss_mask/dlogits + w_dice * d loss_dice/dlogits. */
-static void loss_masks_backward(const seg_loss_config *cfg, int M, const float *points, double num_masks,
-                                double w_mask, double w_dice, loss_masks_scratch *s, float *grad_mask_logits)
-{
-    int P = cfg->train_num_points, i;
-    memset(s->grad_points, 0, (size_t)P * sizeof *s->grad_points);
-    memset(s->grad_mask, 0, (size_t)M * M * sizeof *s->grad_mask);
-    poly1_focal_loss_backward(cfg, s->point_logits, s->point_labels, P, w_mask / num_masks, s->grad_points);
-    tversky_loss_backward(cfg, s->point_logits, s->point_labels, P, w_dice, s->grad_points);
-    sample_point_backward(s->grad_points, M, M, points, P, s->grad_mask);
-    for (i = 0; i < M * M; i++) grad_mask_logits[i] += (float)s->grad_mask[i];
-}
-
-/* ---- Class loss ---- */
-
-/* Target class of query q: forgery for the matched query, no-object for the others. */
-static int loss_labels_target(int q, int matched_query)
-{
-    return q == matched_query ? SEG_FORGERY_CLASS : SEG_NO_OBJECT_CLASS;
-}
-
-/* Class weight of a target class: 1 for forgery, no_object_weight for no-object. */
-static double loss_labels_class_weight(const seg_loss_config *cfg, int cls)
-{
-    return cls == SEG_NO_OBJECT_CLASS ? cfg->no_object_weight : 1.0;
-}
-
-/* The denominator of loss_labels' weighted mean over a whole batch: the class weights
- * of all B*Q queries, `targets` of them matched (forgery, weight 1), the rest no-object. */
-static double loss_labels_weight_sum(const seg_loss_config *cfg, int images, int Q, int targets)
-{
-    return (double)targets + ((double)images * Q - targets) * cfg->no_object_weight;
-}
-
-/* Mask2FormerLoss.loss_labels forward, one image's share: class_logits [Q][2],
- * matched_query (-1: none), den = loss_labels_weight_sum of the batch ->
- * sum_q w_q (-log softmax(z_q)[c_q]) / den (the batch's term is the sum of its images'). */
-static double loss_labels_forward(const seg_loss_config *cfg, const float *class_logits, int Q, int matched_query,
-                                  double den)
-{
-    double num = 0.0;
-    int q;
-    for (q = 0; q < Q; q++) {
-        const float *z = class_logits + (size_t)q * SEG_NUM_CLASSES;
-        int c = loss_labels_target(q, matched_query);
-        /* -log softmax(z)[c] = softplus(z[other] - z[c]) for two classes */
-        num += loss_labels_class_weight(cfg, c) * seg_softplus((double)z[1 - c] - z[c]);
-    }
-    return num / den;
-}
-
-/* loss_labels backward: grad [Q][2] += scale * w_q / den * (softmax(z_q) - onehot(c_q)). */
-static void loss_labels_backward(const seg_loss_config *cfg, const float *class_logits, int Q, int matched_query,
-                                 double den, double scale, float *grad_class_logits)
-{
-    int q, j;
-    for (q = 0; q < Q; q++) {
-        const float *z = class_logits + (size_t)q * SEG_NUM_CLASSES;
-        int c = loss_labels_target(q, matched_query);
-        double w = scale * loss_labels_class_weight(cfg, c) / den;
-        for (j = 0; j < SEG_NUM_CLASSES; j++) {
-            double prob = seg_sigmoid((double)z[j] - z[1 - j]);   /* softmax(z)[j] */
-            grad_class_logits[(size_t)q * SEG_NUM_CLASSES + j] += (float)(w * (prob - (j == c)));
-        }
-    }
-}
-
-/* ---- The whole loss ---- */
-
-/* Ascending ints, for qsort. */
-static int int_cmp(const void *a, const void *b)
-{
-    int x = *(const int *)a, y = *(const int *)b;
-    return (x > y) - (x < y);
-}
-
-/* Mask2FormerLoss.get_num_masks: number of targets, clamped to >= 1 (one process). */
-static double get_num_masks(int num_targets)
-{
-    return num_targets > 1 ? (double)num_targets : 1.0;
-}
-
-/* Scratch of loupe_seg_loss (planned in the trainer's arena): the matcher's points [2P]
- * and its scratch (hungarian_matcher), the selected points [P][2], the oversampled
- * candidates [3P][2], their logits [3P] and sort order [3P], and loss_masks' buffers.
- * topk, when a test sets it, receives each call's importance-sampled candidate indices,
- * ascending ([L][0.75 P]). */
-typedef struct seg_loss_scratch {
-    float *matcher_points, *matcher_scratch, *points, *candidates, *candidate_logits;
-    uncertain_point *order;
-    loss_masks_scratch masks;
-    int *topk;
-} seg_loss_scratch;
-
-/* Where one image sits in its batch. The loss is a batch's (upstream collates B images):
- * num_masks, the Tversky mean and the cross-entropy's weighted mean run over all the
- * batch's targets and queries, and the random draws come in the batch's order. Images
- * have 0 or 1 target (one forgery class), so everything is known before any forward and
- * the images can be processed one at a time, each adding its share. */
-typedef struct seg_batch {
-    int images;                  /* B */
-    int targets;                 /* targets in the whole batch */
-    int image;                   /* this image's index b */
-    int targets_before;          /* targets of images 0..b-1 (this image's mask index) */
-    uint64_t base;               /* stream position of the batch's first random number */
-} seg_batch;
-
-/* Random numbers one loss call draws for a whole batch: per image the matcher's points
- * [P][2], then candidates [n][3P][2] and extra points [n][P - 0.75 P][2] for the n
- * targets of the batch (upstream's torch.rand calls, in order). */
-static uint64_t seg_call_draws(const seg_loss_config *cfg, int images, int targets)
-{
-    uint64_t P = (uint64_t)cfg->train_num_points;
-    uint64_t cand = (uint64_t)(int)(cfg->train_num_points * cfg->oversample_ratio);
-    uint64_t extra = P - (uint64_t)(int)(cfg->importance_sample_ratio * cfg->train_num_points);
-    return (uint64_t)images * 2 * P + (uint64_t)targets * 2 * (cand + extra);
-}
-
-/* Random numbers of one training step of a batch: the decoder's L-1 layerdrop draws
- * (unused: layerdrop 0), then L loss calls. */
-static uint64_t seg_batch_draws(const seg_loss_config *cfg, int L, int images, int targets)
-{
-    return (uint64_t)(L - 1) + (uint64_t)L * seg_call_draws(cfg, images, targets);
-}
-
-/* LoupeSegLoss.forward (with its auxiliary calls) followed by LoupeSegmentor.get_loss,
- * one image's share, and the gradient of `scale` times it. preds [L] in decoder order
- * (prediction i has class logits [Q][2], mask logits [Q][M][M]); target [th][tw] (read
- * when has_target): the image's forgery mask (training: mask_labels, S x S; test-time
- * adaptation: sigmoid(patch logits), g x g). Adds this image's share of each term to
- * calls [L] (in loss-call order; the caller zeroes them per batch, matched_query -1),
- * sets their matched_query to this image's when it has a target, adds the weighted share to *total, and accumulates the
- * gradients into the preds' grad buffers. Reads the random numbers of rng at the batch's
- * positions (seg_batch). */
-static void loupe_seg_loss(const seg_loss_config *cfg, int L, int Q, int M, const seg_prediction *preds,
-                           int has_target, const float *target, int th, int tw, const seg_batch *bt, double scale,
-                           const loss_rng *rng, seg_loss_scratch *s, seg_loss_call *calls, double *total)
-{
-    int P = cfg->train_num_points;
-    int cand = (int)(P * cfg->oversample_ratio), uncertain = (int)(cfg->importance_sample_ratio * P);
-    double num_masks = get_num_masks(bt->targets);
-    double ce_den = loss_labels_weight_sum(cfg, bt->images, Q, bt->targets);
-    uint64_t per_call = seg_call_draws(cfg, bt->images, bt->targets);
-    int k, i;
-
-    for (k = 0; k < L; k++) {
-        seg_loss_call *c = &calls[k];
-        const seg_prediction *pr = &preds[k == 0 ? L - 1 : k - 1];
-        uint64_t start = bt->base + (uint64_t)(L - 1) + (uint64_t)k * per_call;
-        double loss_mask = 0.0, loss_dice = 0.0, ce;
-        int matched = -1;
-        c->prediction = k == 0 ? L - 1 : k - 1;
-        c->num_masks = num_masks;
-        if (has_target) {
-            const float *mask;
-            uint64_t after = start + (uint64_t)bt->images * 2 * P;
-            rng->seek(rng->state, start + (uint64_t)bt->image * 2 * P);
-            rng->fill(rng->state, s->matcher_points, (size_t)P * 2);
-            matched = c->matched_query = hungarian_matcher(cfg, Q, M, pr->class_logits, pr->mask_logits, target, th,
-                                                           tw, s->matcher_points, P, s->matcher_scratch);
-            mask = pr->mask_logits + (size_t)matched * M * M;
-            /* this mask's rows of the batch's candidate and extra-point draws */
-            sample_points_using_uncertainty(cfg, mask, M, rng, after + (uint64_t)bt->targets_before * 2 * cand,
-                                            after + (uint64_t)bt->targets * 2 * cand +
-                                                (uint64_t)bt->targets_before * 2 * (P - uncertain),
-                                            s->points, s->candidates, s->candidate_logits, s->order);
-            if (s->topk) {
-                int *dst = s->topk + (size_t)k * uncertain;
-                for (i = 0; i < uncertain; i++) dst[i] = s->order[i].index;
-                qsort(dst, (size_t)uncertain, sizeof *dst, int_cmp);
-            }
-            loss_masks_forward(cfg, mask, M, target, th, tw, s->points, num_masks, &s->masks, &loss_mask, &loss_dice);
-            loss_dice /= bt->targets;   /* Tversky: mean over the batch's masks */
-            loss_masks_backward(cfg, M, s->points, num_masks, scale * cfg->mask_weight,
-                                scale * cfg->dice_weight / bt->targets, &s->masks,
-                                pr->grad_mask_logits + (size_t)matched * M * M);
-        }
-        ce = loss_labels_forward(cfg, pr->class_logits, Q, matched, ce_den);
-        loss_labels_backward(cfg, pr->class_logits, Q, matched, ce_den, scale * cfg->class_weight,
-                             pr->grad_class_logits);
-        c->loss_mask += loss_mask;
-        c->loss_dice += loss_dice;
-        c->loss_cross_entropy += ce;
-        c->weighted_mask += cfg->mask_weight * loss_mask;
-        c->weighted_dice += cfg->dice_weight * loss_dice;
-        c->weighted_cross_entropy += cfg->class_weight * ce;
-        *total += cfg->mask_weight * loss_mask + cfg->dice_weight * loss_dice + cfg->class_weight * ce;
-    }
-}
-
-/* ---- Trainable parameters: every segmentor.* tensor, copied out of the read-only model ---- */
-
-/* Layout of a trainable tensor inside loupe_tta: the one the forward reads. */
-enum {
-    PARAM_PLAIN,     /* as upstream */
-    PARAM_DEPTHWISE, /* depthwise conv [c][1][3][3] kept tap-major [9][c] */
-    PARAM_CONV3X3    /* 3x3 conv [co][ci][3][3] kept tap-major [9][co][ci] */
-};
-
-#define TRAIN_NAME_LEN 128
-#define TTA_SEGMENTOR_PREFIX "segmentor."
-#define TTA_CLIP_EPS 1e-6           /* clip_grad_norm_ divides by norm + 1e-6 */
-#define TTA_MAX_WEIGHT 1e6f         /* largest gradient weight loupe_tta_accumulate accepts */
-
-/* One trainable tensor. */
-typedef struct train_param {
-    char name[TRAIN_NAME_LEN];   /* upstream state-dict key without "loupe." */
-    int dims[MAX_TENSOR_DIMS];   /* upstream shape, trailing zeros */
-    int layout;
-    size_t offset, numel;        /* position in the trainer's param, grad, adam_m, adam_v */
-    double lr, weight_decay;     /* its parameter group's (LitModel.configure_optimizers): the
-                                    backbone's learning rate for names with "backbone", no
-                                    weight decay for names with "bias" */
-} train_param;
-
-/* Converts a tensor from upstream layout to the layout the forward reads. */
-static void param_from_upstream(const train_param *p, const float *src, float *dst)
-{
-    switch (p->layout) {
-    case PARAM_DEPTHWISE: repack_depthwise(dst, src, p->dims[0]); break;
-    case PARAM_CONV3X3: repack_conv3x3(dst, src, p->dims[0], p->dims[1]); break;
-    default: memcpy(dst, src, p->numel * sizeof *dst);
-    }
-}
-
-/* Converts a tensor (or its gradient) back to upstream layout. */
-static void param_to_upstream(const train_param *p, const float *src, float *dst)
-{
-    int a = p->dims[0], b = p->dims[1], i, j, t;
-    switch (p->layout) {
-    case PARAM_DEPTHWISE: /* [9][c=a] -> [c][1][3][3] */
-        for (t = 0; t < 9; t++)
-            for (i = 0; i < a; i++) dst[(size_t)i * 9 + t] = src[(size_t)t * a + i];
-        break;
-    case PARAM_CONV3X3: /* [9][co=a][ci=b] -> [co][ci][3][3] */
-        for (t = 0; t < 9; t++)
-            for (i = 0; i < a; i++)
-                for (j = 0; j < b; j++) dst[((size_t)i * b + j) * 9 + t] = src[((size_t)t * a + i) * b + j];
-        break;
-    default: memcpy(dst, src, p->numel * sizeof *dst);
-    }
-}
-
-/* Collects the trainable tensors: counts them (params NULL) or records and copies them. */
-typedef struct param_builder {
-    train_param *params;         /* NULL while counting */
-    float *data;                 /* the trained values, when recording */
-    binder b;                    /* finds each tensor in the weight file by name and shape */
-    const loupe_train_options *opt; /* learning rates and weight decay of the groups */
-    int count;
-    size_t floats;
-} param_builder;
-
-/* Registers one trainable tensor of upstream shape d0..d3 (trailing zeros) called fmt... and
- * points *view at its adapted copy. */
-static void add_param(param_builder *pb, const float **view, int layout, int d0, int d1, int d2, int d3,
-                      const char *fmt, ...)
-{
-    char name[TRAIN_NAME_LEN];
-    size_t numel = (size_t)d0 * (d1 ? d1 : 1) * (d2 ? d2 : 1) * (d3 ? d3 : 1);
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(name, sizeof name, fmt, ap);
-    va_end(ap);
-    if (pb->params) {
-        train_param *p = &pb->params[pb->count];
-        const int dims[MAX_TENSOR_DIMS] = {d0, d1, d2, d3};
-        const tensor_entry *e = bind_entry(&pb->b, dims, name);
-        const float *src = NULL;
-        float *copy = NULL;
-        /* a BF16 or Q8 weight matrix is converted: the adapter trains float32 copies */
-        if (e && !(src = wmat_values(entry_matrix(pb->b.m, e), e->dims[0], numel / e->dims[0], &copy))) {
-            pb->b.failed = 1;
-            fail(pb->b.err, pb->b.errsize, "out of memory");
-        }
-        memcpy(p->name, name, sizeof name);
-        p->dims[0] = d0; p->dims[1] = d1; p->dims[2] = d2; p->dims[3] = d3;
-        p->layout = layout;
-        p->offset = pb->floats;
-        p->numel = numel;
-        p->lr = strstr(name, "backbone") ? pb->opt->backbone_lr : pb->opt->lr;
-        p->weight_decay = strstr(name, "bias") ? 0.0 : pb->opt->weight_decay;
-        if (src) param_from_upstream(p, src, pb->data + p->offset);
-        free(copy);
-        *view = pb->data + p->offset;
-    }
-    pb->count++;
-    pb->floats += numel;
-}
-
-/* A linear layer's weight [out][in] and optional bias, or a norm's weight and bias. */
-static void add_linear(param_builder *pb, linear_w *l, int out, int in, int conv1x1, const char *prefix)
-{
-    const float *w = NULL;
-    add_param(pb, &w, PARAM_PLAIN, out, in, conv1x1, conv1x1, "%s.weight", prefix);
-    if (pb->params) l->w = wmat_f32(w, (size_t)in);
-    if (l->b) add_param(pb, &l->b, PARAM_PLAIN, out, 0, 0, 0, "%s.bias", prefix);
-}
-static void add_norm(param_builder *pb, norm_w *n, int dim, const char *prefix)
-{
-    add_param(pb, &n->w, PARAM_PLAIN, dim, 0, 0, 0, "%s.weight", prefix);
-    add_param(pb, &n->b, PARAM_PLAIN, dim, 0, 0, 0, "%s.bias", prefix);
-}
-static void add_mha(param_builder *pb, linear_w *qkv, linear_w *out, int e, const char *prefix)
-{
-    char name[TRAIN_NAME_LEN + 16];
-    const float *w = NULL;
-    add_param(pb, &w, PARAM_PLAIN, 3 * e, e, 0, 0, "%s.in_proj_weight", prefix);
-    if (pb->params) qkv->w = wmat_f32(w, (size_t)e);
-    add_param(pb, &qkv->b, PARAM_PLAIN, 3 * e, 0, 0, 0, "%s.in_proj_bias", prefix);
-    snprintf(name, sizeof name, "%s.out_proj", prefix);
-    add_linear(pb, out, e, e, 0, name);
-}
-
-/* Walks the backbone's tensors in upstream's state-dict order: only the class and
- * position embeddings when not full (upstream trains those two even in a frozen
- * backbone), else all; w->blocks must be the trainer's own copy of the views. */
-static void backbone_params(param_builder *pb, loupe_weights *w, const loupe_config *c, int full)
-{
-    int W = c->width, g = c->grid, P = c->patch_size, i;
-    char p[TRAIN_NAME_LEN];
-    add_param(pb, &w->class_embedding, PARAM_PLAIN, W, 0, 0, 0, "backbone.class_embedding");
-    add_param(pb, &w->positional_embedding, PARAM_PLAIN, 1 + g * g, W, 0, 0, "backbone.positional_embedding");
-    if (!full) return;
-    {
-        const float *conv1 = NULL;
-        add_param(pb, &conv1, PARAM_PLAIN, W, 3, P, P, "backbone.conv1.weight");
-        if (pb->params) w->conv1 = wmat_f32(conv1, (size_t)3 * P * P);
-    }
-    add_norm(pb, &w->ln_pre, W, "backbone.ln_pre");
-    add_norm(pb, &w->ln_post, W, "backbone.ln_post");
-    for (i = 0; i < c->layers; i++) {
-        pe_block_w *bl = &w->blocks[i];
-#define BLK(s) (snprintf(p, sizeof p, "backbone.transformer.resblocks.%d.%s", i, s), p)
-        add_mha(pb, &bl->qkv, &bl->out, W, BLK("attn"));
-        add_norm(pb, &bl->ln_1, W, BLK("ln_1"));
-        add_norm(pb, &bl->ln_2, W, BLK("ln_2"));
-        add_linear(pb, &bl->fc, c->mlp_width, W, 0, BLK("mlp.c_fc"));
-        add_linear(pb, &bl->proj, W, c->mlp_width, 0, BLK("mlp.c_proj"));
-#undef BLK
-    }
-    add_param(pb, &w->pool.probe, PARAM_PLAIN, 1, 1, W, 0, "backbone.attn_pool.probe");
-    add_mha(pb, &w->pool.qkv, &w->pool.out, W, "backbone.attn_pool.attn");
-    add_norm(pb, &w->pool.ln, W, "backbone.attn_pool.layernorm");
-    add_linear(pb, &w->pool.fc, c->pool_mlp_width, W, 0, "backbone.attn_pool.mlp.c_fc");
-    add_linear(pb, &w->pool.proj, W, c->pool_mlp_width, 0, "backbone.attn_pool.mlp.c_proj");
-}
-
-/* Walks the classifier's tensors (LoupeClassifier: two MLP heads and the fuser). */
-static void classifier_params(param_builder *pb, loupe_weights *w, const loupe_config *c)
-{
-    int k, i;
-    char p[TRAIN_NAME_LEN];
-    for (k = 0; k < 2; k++) {
-        cls_head_w *h = k ? &w->patch_head : &w->global_head;
-        for (i = 0; i < c->cls_layers; i++) {
-            int in = i == 0 ? c->width : c->cls_hidden, out = i == c->cls_layers - 1 ? 1 : c->cls_hidden;
-            snprintf(p, sizeof p, "classifier.%s.layers.%d", k ? "patch_classifier" : "classifier", i);
-            add_linear(pb, &h->layers[i], out, in, 0, p);
-        }
-    }
-    add_param(pb, &w->fuser, PARAM_PLAIN, 1, 1 + c->grid * c->grid, 0, 0, "classifier.fuser.fuse.weight");
-}
-
-/* Walks every segmentor tensor of w in upstream's state-dict order. */
-static void segmentor_params(param_builder *pb, loupe_weights *w, const loupe_config *c)
-{
-    static const char *const fpn_names[4] = {"0.0", "0.1", "1.0", "3.0"};
-    scale_block_w *blocks[4];
-    int W = c->width, F = c->feature_size, n_off = c->m2f_heads * c->deform_levels * c->deform_points, i, k;
-    char p[TRAIN_NAME_LEN];
-    blocks[0] = &w->fpn4[0]; blocks[1] = &w->fpn4[1]; blocks[2] = &w->fpn2; blocks[3] = &w->fpn_half;
-    for (k = 0; k < 4; k++) {
-        scale_block_w *b = blocks[k];
-        const char *s = fpn_names[k];
-        if (b->conv1.w.data) {
-            const float *convt = NULL;
-            add_param(pb, &convt, PARAM_PLAIN, W, W, 2, 2, "segmentor.fpn.scale_layers.%s.conv1.weight", s);
-            if (pb->params) b->conv1.w = wmat_f32(convt, (size_t)CONVT_TAPS * W);
-            add_param(pb, &b->conv1.b, PARAM_PLAIN, W, 0, 0, 0, "segmentor.fpn.scale_layers.%s.conv1.bias", s);
-        }
-        add_param(pb, &b->dw, PARAM_DEPTHWISE, W, 1, 3, 3, "segmentor.fpn.scale_layers.%s.conv2.weight", s);
-        snprintf(p, sizeof p, "segmentor.fpn.scale_layers.%s.norm", s);
-        add_norm(pb, &b->norm, W, p);
-    }
-    add_param(pb, &w->label_embedding[0], PARAM_PLAIN, F, 0, 0, 0, "segmentor.label_embedding.0");
-    add_param(pb, &w->label_embedding[1], PARAM_PLAIN, F, 0, 0, 0, "segmentor.label_embedding.1");
-    add_param(pb, &w->level_embed, PARAM_PLAIN, 3, F, 0, 0, "segmentor.pixel_decoder.level_embed");
-    for (i = 0; i < 3; i++) {
-        snprintf(p, sizeof p, "segmentor.pixel_decoder.input_projections.%d.0", i); add_linear(pb, &w->input_proj[i], F, W, 1, p);
-        snprintf(p, sizeof p, "segmentor.pixel_decoder.input_projections.%d.1", i); add_norm(pb, &w->input_gn[i], F, p);
-    }
-    for (i = 0; i < c->enc_layers; i++) {
-        enc_layer_w *e = &w->enc[i];
-#define ENC(s) (snprintf(p, sizeof p, "segmentor.pixel_decoder.encoder.layers.%d.%s", i, s), p)
-        add_linear(pb, &e->offsets, n_off * 2, F, 0, ENC("self_attn.sampling_offsets"));
-        add_linear(pb, &e->attn_weights, n_off, F, 0, ENC("self_attn.attention_weights"));
-        add_linear(pb, &e->value, F, F, 0, ENC("self_attn.value_proj"));
-        add_linear(pb, &e->output, F, F, 0, ENC("self_attn.output_proj"));
-        add_norm(pb, &e->ln_self, F, ENC("self_attn_layer_norm"));
-        add_linear(pb, &e->fc1, c->enc_ffn, F, 0, ENC("fc1"));
-        add_linear(pb, &e->fc2, F, c->enc_ffn, 0, ENC("fc2"));
-        add_norm(pb, &e->ln_final, F, ENC("final_layer_norm"));
-        add_mha(pb, &e->cross_qkv, &e->cross_out, F, ENC("cross_attn"));
-        add_norm(pb, &e->ln_cross, F, ENC("cross_attn_layer_norm"));
-#undef ENC
-    }
-    add_linear(pb, &w->mask_projection, F, F, 1, "segmentor.pixel_decoder.mask_projection");
-    add_linear(pb, &w->adapter_1, F, W, 1, "segmentor.pixel_decoder.adapter_1.0");
-    add_norm(pb, &w->adapter_gn, F, "segmentor.pixel_decoder.adapter_1.1");
-    add_param(pb, &w->layer_1, PARAM_CONV3X3, F, F, 3, 3, "segmentor.pixel_decoder.layer_1.0.weight");
-    add_norm(pb, &w->layer_1_gn, F, "segmentor.pixel_decoder.layer_1.1");
-    add_param(pb, &w->query_embed, PARAM_PLAIN, c->num_queries, F, 0, 0, "segmentor.mask2former_decoder.queries_embedder.weight");
-    add_param(pb, &w->query_feat, PARAM_PLAIN, c->num_queries, F, 0, 0, "segmentor.mask2former_decoder.queries_features.weight");
-    for (i = 0; i < c->dec_layers - 1; i++) {
-        dec_layer_w *d = &w->dec[i];
-#define DEC(s) (snprintf(p, sizeof p, "segmentor.mask2former_decoder.decoder.layers.%d.%s", i, s), p)
-        add_linear(pb, &d->k, F, F, 0, DEC("self_attn.k_proj"));
-        add_linear(pb, &d->v, F, F, 0, DEC("self_attn.v_proj"));
-        add_linear(pb, &d->q, F, F, 0, DEC("self_attn.q_proj"));
-        add_linear(pb, &d->o, F, F, 0, DEC("self_attn.out_proj"));
-        add_norm(pb, &d->ln_self, F, DEC("self_attn_layer_norm"));
-        add_mha(pb, &d->cross_qkv, &d->cross_out, F, DEC("cross_attn"));
-        add_norm(pb, &d->ln_cross, F, DEC("cross_attn_layer_norm"));
-        add_linear(pb, &d->fc1, c->dec_ffn, F, 0, DEC("fc1"));
-        add_linear(pb, &d->fc2, F, c->dec_ffn, 0, DEC("fc2"));
-        add_norm(pb, &d->ln_final, F, DEC("final_layer_norm"));
-#undef DEC
-    }
-    add_norm(pb, &w->dec_ln, F, "segmentor.mask2former_decoder.decoder.layernorm");
-    for (i = 0; i < 3; i++) {
-        snprintf(p, sizeof p, "segmentor.mask2former_decoder.decoder.mask_predictor.mask_embedder.%d.0", i);
-        add_linear(pb, &w->mask_embed[i], F, F, 0, p);
-    }
-    add_param(pb, &w->dec_level_embed, PARAM_PLAIN, 3, F, 0, 0, "segmentor.mask2former_decoder.level_embed.weight");
-    add_linear(pb, &w->class_predictor, c->num_labels + 1, F, 0, "segmentor.class_predictor");
-}
-
-/* ---- The adapter: adapted weights, AdamW state, saved activations, backward scratch ---- */
-
-/* Scratch of the backward pass (names: d_x is the gradient of activation x). */
-typedef struct tta_work {
-    float *d_class, *d_mask;          /* [L][Q][C], [L][Q][(4g)^2]: the loss's gradients */
-    float *pseudo_mask;               /* [g*g] sigmoid(patch logits) */
-    float *d_feats;                   /* [1+g*g][W] gradient of backbone_features */
-    float *d_pooled;                  /* [W] gradient of pooled_features */
-    float *d_patch;                   /* [g*g] gradient of the patch logits */
-    float *d_me, *mf_t, *d_mf;        /* [L][Q][F]; [F][(4g)^2] mask features transposed; [(4g)^2][F] */
-    float *d_qh, *d_x1, *d_x2, *d_x3; /* [Q][F] mask predictor and decoder temporaries */
-    float *d_h0, *d_h1;               /* [Q][F] gradient of the decoder hidden state (two, swapped) */
-    float *d_att, *d_q, *d_hq;        /* [Q][F] */
-    float *d_kv2;                     /* [2][Q][F] */
-    float *d_qffn, *d_qffn2;          /* [Q][dec_ffn] */
-    float *d_kv;                      /* [Te][2F]: decoder and encoder cross-attention keys/values */
-    float *d_dec_feat;                /* [Te][F] decoder features = multi-scale features */
-    float *d_e0, *d_e1;               /* [Te][F] gradient of the encoder stream (two, swapped) */
-    float *d_t1, *d_t2, *d_msda, *d_value, *d_qpos; /* [Te][F] */
-    float *d_offs, *d_aw, *d_awl;     /* [Te][2*noff], [Te][noff] x 2 */
-    float *d_effn, *d_effn2;          /* [Te][enc_ffn] */
-    float *d_cq, *d_catt, *d_co, *d_cond; /* [F] */
-    float *d_m1, *d_m2;               /* [(4g)^2][F] mask-feature level temporaries */
-    float *d_fpn4, *d_fpn_mid, *d_fpn2, *d_fpn_half; /* gradients of the pyramid outputs */
-    float *d_f1, *d_f2;               /* [(4g)^2][W] scale-block temporaries */
-    float *wt;                        /* transposed weights / convolution scratch */
-    float *stats;                     /* [2 * (4g)^2] norm statistics */
-    float *att;                       /* attention_backward scratch */
-    seg_loss_scratch loss;
-} tta_work;
-
-struct loupe_trainer {
-    const loupe_model *m;
-    loupe_session *s;                 /* runs the forward with w, t and tape */
-    loupe_weights w;                  /* the model's views, the trained ones pointing into param */
-    loupe_tables t;                   /* the model's tables; enc_pos from the trained level embedding */
-    enc_layer_w *enc;                 /* w.enc, w.dec, w.blocks: the trainer's copies of the layer views */
-    dec_layer_w *dec;
-    pe_block_w *blocks;
-    loupe_train_options opt;
-    int has_cls, has_seg;             /* the stage's modules (and losses) */
-    int pseudo;                       /* test-time adaptation: pseudo labels from the classifier */
-    int backbone_backward;            /* some backbone tensor trains: gradients flow into the backbone */
-    pe_tape bb_tape;                  /* the backbone's and the classifier's saved activations, */
-    cls_tape cls_tape;                /* their backward scratch and gradient views (section 5, 6) */
-    pe_work pw;
-    pe_grads pg;
-    cls_grads cg;
-    pe_block_g *block_grads;          /* [layers] when the whole backbone trains */
-    cls_loss_config cls_cfg;
-    train_param *params;
-    int n_params;
-    size_t n_floats;
-    float *param, *grad, *adam_m, *adam_v; /* [n_floats] each */
-    long steps;                       /* optimizer steps taken */
-    tta_tape tape;
-    tta_work wk;
-    seg_loss_config loss_cfg;
-    seg_loss_call *calls;             /* [L] */
-    seg_prediction *preds;            /* [L] */
-    splitmix_uniform rng_state;
-    loss_rng rng;                     /* the loss's random points (tests replay upstream's) */
-    uint64_t rng_position;            /* where the next batch's draws start in rng's stream */
-    void *raw;
-    size_t tape_bytes, work_bytes, state_bytes;
-};
-
-/* The gradient buffer of an adapted tensor (p points into t->param). */
-static float *grad_of(loupe_trainer *t, const float *p)
-{
-    uintptr_t a = (uintptr_t)p, lo = (uintptr_t)t->param, hi = (uintptr_t)(t->param + t->n_floats);
-    if (!p || a < lo || a >= hi) return NULL;   /* a frozen tensor: the model's own */
-    return t->grad + (p - t->param);
-}
-
-/* The values of one of the adapter's weight matrices: its own float32 copies. */
-static const float *tta_matrix(wmat m) { return m.data; }
-
-/* Assigns (or, while measuring, counts) the saved activations. */
-static void tta_tape_layout(loupe_trainer *t, arena *a)
-{
-    const loupe_config *c = &t->m->cfg;
-    size_t g = (size_t)c->grid, W = (size_t)c->width, F = (size_t)c->feature_size, Q = (size_t)c->num_queries;
-    size_t Te = (size_t)t->m->t.tokens, M2 = 16 * g * g, L = (size_t)c->dec_layers;
-    size_t noff = (size_t)c->m2f_heads * 3 * (size_t)c->deform_points;
-    size_t fpn_n[4];
-    int i, k;
-    fpn_n[0] = 4 * g * g; fpn_n[1] = M2; fpn_n[2] = 4 * g * g; fpn_n[3] = (g / 2) * (g / 2);
-    for (k = 0; k < 4; k++) {
-        t->tape.fpn[k].pre = arena_floats(a, fpn_n[k] * W);
-        t->tape.fpn[k].act = arena_floats(a, fpn_n[k] * W);
-        t->tape.fpn[k].dw = arena_floats(a, fpn_n[k] * W);
-    }
-    t->tape.proj = arena_floats(a, Te * F);
-    for (i = 0; i < c->enc_layers; i++) {
-        enc_layer_acts *A = &t->tape.enc[i];
-        A->qpos = arena_floats(a, Te * F); A->value = arena_floats(a, Te * F);
-        A->offs = arena_floats(a, Te * 2 * noff); A->aw = arena_floats(a, Te * noff);
-        A->msda = arena_floats(a, Te * F); A->a1 = arena_floats(a, Te * F); A->h1 = arena_floats(a, Te * F);
-        A->cq = arena_floats(a, F); A->kv = arena_floats(a, Te * 2 * F); A->catt = arena_floats(a, F);
-        A->co = arena_floats(a, F); A->a2 = arena_floats(a, Te * F); A->h2 = arena_floats(a, Te * F);
-        A->ffn = arena_floats(a, Te * (size_t)c->enc_ffn); A->a3 = arena_floats(a, Te * F);
-    }
-    t->tape.lat_pre = arena_floats(a, M2 * F);
-    t->tape.conv_pre = arena_floats(a, M2 * F);
-    t->tape.hidden = arena_floats(a, L * Q * F);
-    for (i = 0; i < c->dec_layers - 1; i++) {
-        dec_layer_acts *A = &t->tape.dec[i];
-        size_t n = (size_t)t->m->t.level_h[i % 3] * t->m->t.level_w[i % 3];
-        A->mask = arena_bytes(a, Q * n);
-        A->hq1 = arena_floats(a, Q * F); A->q1 = arena_floats(a, Q * F);
-        A->kv = arena_floats(a, n * 2 * F); A->att1 = arena_floats(a, Q * F); A->a1 = arena_floats(a, Q * F);
-        A->h1 = arena_floats(a, Q * F); A->hq2 = arena_floats(a, Q * F); A->q2 = arena_floats(a, Q * F);
-        A->kv2 = arena_floats(a, 2 * Q * F); A->att2 = arena_floats(a, Q * F); A->a2 = arena_floats(a, Q * F);
-        A->h2 = arena_floats(a, Q * F); A->ffn = arena_floats(a, Q * (size_t)c->dec_ffn); A->a3 = arena_floats(a, Q * F);
-    }
-    t->tape.me_a = arena_floats(a, L * Q * F);
-    t->tape.me_b = arena_floats(a, L * Q * F);
-    t->tape.me = arena_floats(a, L * Q * F);
-}
-
-/* Assigns (or counts) the backward scratch. */
-static void tta_work_layout(loupe_trainer *t, arena *a)
-{
-    const loupe_config *c = &t->m->cfg;
-    tta_work *k = &t->wk;
-    size_t g = (size_t)c->grid, W = (size_t)c->width, F = (size_t)c->feature_size, Q = (size_t)c->num_queries;
-    size_t Te = (size_t)t->m->t.tokens, M2 = 16 * g * g, L = (size_t)c->dec_layers, C = (size_t)c->num_labels + 1;
-    size_t noff = (size_t)c->m2f_heads * 3 * (size_t)c->deform_points, QF = Q * F;
-    size_t P = (size_t)t->loss_cfg.train_num_points, cand = (size_t)(P * t->loss_cfg.oversample_ratio);
-    /* transposed weights (linear_backward: in*out), convolution scratch (transposed taps,
-     * gathered outputs, shifted inputs) */
-    size_t wt = max3(max3(W * W, 4 * g * g * W, F * (size_t)c->enc_ffn), max3(F * (size_t)c->dec_ffn, 9 * F * F + M2 * F, C * F),
-                     max3(W * F, noff * 2 * F, 2 * F * F));
-    size_t att = (size_t)max_threads() * 2 * max3(Q * 4 * g * g, Te, Q * Q);
-    k->d_class = arena_floats(a, L * Q * C);
-    k->d_mask = arena_floats(a, L * Q * M2);
-    k->pseudo_mask = arena_floats(a, g * g);
-    k->d_feats = arena_floats(a, (1 + g * g) * W);
-    k->d_pooled = arena_floats(a, W);
-    k->d_patch = arena_floats(a, g * g);
-    k->d_me = arena_floats(a, L * QF);
-    k->mf_t = arena_floats(a, M2 * F);
-    k->d_mf = arena_floats(a, M2 * F);
-    k->d_qh = arena_floats(a, QF); k->d_x1 = arena_floats(a, QF); k->d_x2 = arena_floats(a, QF);
-    k->d_x3 = arena_floats(a, QF); k->d_h0 = arena_floats(a, QF); k->d_h1 = arena_floats(a, QF);
-    k->d_att = arena_floats(a, QF); k->d_q = arena_floats(a, QF); k->d_hq = arena_floats(a, QF);
-    k->d_kv2 = arena_floats(a, 2 * QF);
-    k->d_qffn = arena_floats(a, Q * (size_t)c->dec_ffn);
-    k->d_qffn2 = arena_floats(a, Q * (size_t)c->dec_ffn);
-    k->d_kv = arena_floats(a, Te * 2 * F);
-    k->d_dec_feat = arena_floats(a, Te * F);
-    k->d_e0 = arena_floats(a, Te * F); k->d_e1 = arena_floats(a, Te * F);
-    k->d_t1 = arena_floats(a, Te * F); k->d_t2 = arena_floats(a, Te * F); k->d_msda = arena_floats(a, Te * F);
-    k->d_value = arena_floats(a, Te * F); k->d_qpos = arena_floats(a, Te * F);
-    k->d_offs = arena_floats(a, Te * 2 * noff); k->d_aw = arena_floats(a, Te * noff); k->d_awl = arena_floats(a, Te * noff);
-    k->d_effn = arena_floats(a, Te * (size_t)c->enc_ffn); k->d_effn2 = arena_floats(a, Te * (size_t)c->enc_ffn);
-    k->d_cq = arena_floats(a, F); k->d_catt = arena_floats(a, F); k->d_co = arena_floats(a, F); k->d_cond = arena_floats(a, F);
-    k->d_m1 = arena_floats(a, M2 * F); k->d_m2 = arena_floats(a, M2 * F);
-    k->d_fpn4 = arena_floats(a, M2 * W);
-    k->d_fpn_mid = arena_floats(a, 4 * g * g * W);
-    k->d_fpn2 = arena_floats(a, 4 * g * g * W);
-    k->d_fpn_half = arena_floats(a, (g / 2) * (g / 2) * W);
-    k->d_f1 = arena_floats(a, M2 * W); k->d_f2 = arena_floats(a, M2 * W);
-    k->wt = arena_floats(a, wt);
-    k->stats = arena_floats(a, 2 * M2);
-    k->att = arena_floats(a, att);
-    k->loss.matcher_points = arena_floats(a, 2 * P);
-    k->loss.matcher_scratch = arena_floats(a, (1 + (size_t)max_threads()) * P + Q);
-    k->loss.points = arena_floats(a, 2 * P);
-    k->loss.candidates = arena_floats(a, 2 * cand);
-    k->loss.candidate_logits = arena_floats(a, cand);
-    k->loss.order = (uncertain_point *)(void *)arena_bytes(a, cand * sizeof(uncertain_point));
-    k->loss.masks.point_logits = arena_floats(a, P);
-    k->loss.masks.point_labels = arena_floats(a, P);
-    k->loss.masks.grad_points = (double *)(void *)arena_bytes(a, P * sizeof(double));
-    k->loss.masks.grad_mask = (double *)(void *)arena_bytes(a, M2 * sizeof(double));
-}
-
-/* Assigns (or counts) the adapted parameters, their gradients and AdamW's moments. */
-static void tta_state_layout(loupe_trainer *t, arena *a)
-{
-    t->param = arena_floats(a, t->n_floats);
-    t->grad = arena_floats(a, t->n_floats);
-    t->adam_m = arena_floats(a, t->n_floats);
-    t->adam_v = arena_floats(a, t->n_floats);
-    t->t.enc_pos = arena_floats(a, (size_t)t->m->t.tokens * (size_t)t->m->cfg.feature_size);
-}
-
-/* Recomputes the tables derived from adapted weights: the pixel decoder's position
- * embedding plus level embedding (as tables_fill does for the model). */
-static void tta_refresh_tables(loupe_trainer *t)
-{
-    const loupe_tables *mt = &t->m->t;
-    int F = t->m->cfg.feature_size, l, i, ch;
-    for (l = 0; l < 3; l++)
-        for (i = mt->level_start[l]; i < mt->level_start[l] + mt->level_h[l] * mt->level_w[l]; i++)
-            for (ch = 0; ch < F; ch++)
-                t->t.enc_pos[(size_t)i * F + ch] = mt->dec_pos[(size_t)i * F + ch] + t->w.level_embed[(size_t)l * F + ch];
-}
-
-/* ---- Backward pass of the segmentor, module by module (reverse order of section 7) ---- */
-
-/* Backward of Mask2FormerMaskPredictor's einsum masks[r][p] = me[r] . mf[p] (all rows of
- * all predictions at once): d_mask [rows][P] -> d_me [rows][F] +=, d_mf [P][F] +=.
- * mf_t: scratch of F*P floats (mf transposed, so that d_me is a gemm_nt). */
-static void mask_einsum_backward(float *d_me, float *d_mf, const float *d_mask, const float *me, const float *mf,
-                                 int rows, int P, int F, float *mf_t)
-{
-    transpose(mf_t, mf, P, F);
-    gemm_nt(rows, F, P, d_mask, P, mf_t, P, NULL, d_me, F, 1);
-    gemm_tn(P, F, rows, d_mask, P, me, F, d_mf, F);
-}
-
-/* Mask2FormerMaskPredictor + class_predictor backward for prediction i: the loss's
- * d class logits [Q][C] and d mask embedding (wk.d_me) -> d query_hidden[i] dqh [Q][F] (=). */
-static void mask_predictor_backward(loupe_trainer *t, int i, float *dqh)
-{
-    const loupe_config *c = &t->m->cfg;
-    const loupe_weights *w = &t->w;
-    tta_work *k = &t->wk;
-    int F = c->feature_size, Q = c->num_queries, C = c->num_labels + 1, l;
-    size_t QF = (size_t)Q * F;
-    const float *qh = t->s->query_hidden + (size_t)i * QF;
-    const float *acts[2];
-    const float *dy = k->d_me + (size_t)i * QF;
-    acts[0] = t->tape.me_a + (size_t)i * QF;
-    acts[1] = t->tape.me_b + (size_t)i * QF;
-    zero_floats(dqh, QF);
-    linear_backward(dqh, grad_of(t, tta_matrix(w->class_predictor.w)), grad_of(t, w->class_predictor.b),
-                    k->d_class + (size_t)i * Q * C, C, qh, Q, F, C, tta_matrix(w->class_predictor.w), k->wt);
-    /* mask_embedder: Linear-ReLU-Linear-ReLU-Linear, walked back from the last layer */
-    for (l = 2; l > 0; l--) {
-        zero_floats(k->d_x1, QF);
-        linear_backward(k->d_x1, grad_of(t, tta_matrix(w->mask_embed[l].w)), grad_of(t, w->mask_embed[l].b), dy, F,
-                        acts[l - 1], Q, F, F, tta_matrix(w->mask_embed[l].w), k->wt);
-        zero_floats(k->d_x2, QF);
-        relu_backward(k->d_x2, k->d_x1, acts[l - 1], QF);
-        memcpy(k->d_x3, k->d_x2, QF * sizeof *k->d_x3);
-        dy = k->d_x3;
-    }
-    linear_backward(dqh, grad_of(t, tta_matrix(w->mask_embed[0].w)), grad_of(t, w->mask_embed[0].b), dy, F, qh, Q, F, F,
-                    tta_matrix(w->mask_embed[0].w), k->wt);
-}
-
-/* Backward of the post-norm ReLU feed-forward block of the encoder and decoder layers,
- * LayerNorm(a), a = x + fc2(relu(fc1(x))): d out [rows][F] -> dx [rows][F] (=), using d_ln
- * [rows][F] and d_h, d_h2 [rows][E] as scratch; a, x and h = relu(fc1(x)) were saved by
- * the forward. Parameter gradients are accumulated. */
-static void ffn_block_backward(loupe_trainer *t, float *dx, float *d_ln, const float *dy, const float *a, const float *x,
-                               const float *h, int rows, int E, linear_w fc1, linear_w fc2, norm_w ln, float *d_h,
-                               float *d_h2)
-{
-    const loupe_config *c = &t->m->cfg;
-    tta_work *k = &t->wk;
-    int F = c->feature_size;
-    size_t n = (size_t)rows * F, ne = (size_t)rows * E;
-    zero_floats(d_ln, n);
-    layernorm_backward(d_ln, grad_of(t, ln.w), grad_of(t, ln.b), dy, a, rows, F, ln, c->ln_eps, k->stats);
-    memcpy(dx, d_ln, n * sizeof *dx);
-    zero_floats(d_h, ne);
-    linear_backward(d_h, grad_of(t, tta_matrix(fc2.w)), grad_of(t, fc2.b), d_ln, F, h, rows, E, F, tta_matrix(fc2.w),
-                    k->wt);
-    zero_floats(d_h2, ne);
-    relu_backward(d_h2, d_h, h, ne);
-    linear_backward(dx, grad_of(t, tta_matrix(fc1.w)), grad_of(t, fc1.b), d_h2, E, x, rows, F, E, tta_matrix(fc1.w),
-                    k->wt);
-}
-
-/* Mask2FormerMaskedAttentionDecoderLayer backward for layer i: d hout [Q][F] ->
- * d hin [Q][F] (=); d of its level's features += into wk.d_dec_feat. */
-static void masked_attention_decoder_layer_backward(loupe_trainer *t, int i, const float *dout, float *din)
-{
-    const loupe_config *c = &t->m->cfg;
-    const loupe_tables *tb = &t->t;
-    const dec_layer_w *d = &t->w.dec[i];
-    const dec_layer_acts *A = &t->tape.dec[i];
-    tta_work *k = &t->wk;
-    int F = c->feature_size, Q = c->num_queries, H = c->m2f_heads, dh = F / H, E = c->dec_ffn, level = i % 3;
-    int n = tb->level_h[level] * tb->level_w[level];
-    size_t QF = (size_t)Q * F, FF = (size_t)F * F;
-    const float *feat = t->s->dec_feat + (size_t)tb->level_start[level] * F;
-    const float *kin = t->s->dec_kin + (size_t)tb->level_start[level] * F;
-    float *dfeat = k->d_dec_feat + (size_t)tb->level_start[level] * F, *dqe = grad_of(t, t->w.query_embed);
-    float *gqkv = grad_of(t, tta_matrix(d->cross_qkv.w)), *gqkv_b = grad_of(t, d->cross_qkv.b);
-    float scale = 1.0f / sqrtf((float)dh);
-    /* feed-forward and final_layer_norm: a3 = h2 + fc2(relu(fc1(h2))) */
-    ffn_block_backward(t, k->d_x2, k->d_x1, dout, A->a3, A->h2, A->ffn, Q, E, d->fc1, d->fc2, d->ln_final, k->d_qffn,
-                       k->d_qffn2);
-    /* self-attention and its norm: a2 = h1 + o(attention(q(h1 + pos), k(h1 + pos), v(h1))) */
-    zero_floats(k->d_x1, QF);
-    layernorm_backward(k->d_x1, grad_of(t, d->ln_self.w), grad_of(t, d->ln_self.b), k->d_x2, A->a2, Q, F, d->ln_self,
-                       c->ln_eps, k->stats);
-    memcpy(k->d_x2, k->d_x1, QF * sizeof *k->d_x2);
-    zero_floats(k->d_att, QF);
-    linear_backward(k->d_att, grad_of(t, tta_matrix(d->o.w)), grad_of(t, d->o.b), k->d_x1, F, A->att2, Q, F, F,
-                    tta_matrix(d->o.w), k->wt);
-    zero_floats(k->d_q, QF);
-    zero_floats(k->d_kv2, 2 * QF);
-    attention_backward(k->d_q, F, k->d_kv2, F, k->d_kv2 + QF, F, k->d_att, F, A->q2, F, A->kv2, F, A->kv2 + QF, F, Q, Q,
-                       H, dh, scale, NULL, k->att);
-    zero_floats(k->d_hq, QF);
-    linear_backward(k->d_hq, grad_of(t, tta_matrix(d->q.w)), grad_of(t, d->q.b), k->d_q, F, A->hq2, Q, F, F,
-                    tta_matrix(d->q.w), k->wt);
-    linear_backward(k->d_hq, grad_of(t, tta_matrix(d->k.w)), grad_of(t, d->k.b), k->d_kv2, F, A->hq2, Q, F, F,
-                    tta_matrix(d->k.w), k->wt);
-    linear_backward(k->d_x2, grad_of(t, tta_matrix(d->v.w)), grad_of(t, d->v.b), k->d_kv2 + QF, F, A->h1, Q, F, F,
-                    tta_matrix(d->v.w), k->wt);
-    add(k->d_x2, k->d_x2, k->d_hq, QF);
-    add(dqe, dqe, k->d_hq, QF);
-    /* masked cross-attention and its norm: a1 = hin + out(attention(q(hin + pos), k(feat + pos), v(feat))) */
-    zero_floats(k->d_x1, QF);
-    layernorm_backward(k->d_x1, grad_of(t, d->ln_cross.w), grad_of(t, d->ln_cross.b), k->d_x2, A->a1, Q, F,
-                       d->ln_cross, c->ln_eps, k->stats);
-    memcpy(din, k->d_x1, QF * sizeof *din);
-    zero_floats(k->d_att, QF);
-    linear_backward(k->d_att, grad_of(t, tta_matrix(d->cross_out.w)), grad_of(t, d->cross_out.b), k->d_x1, F, A->att1,
-                    Q, F, F, tta_matrix(d->cross_out.w), k->wt);
-    zero_floats(k->d_q, QF);
-    zero_floats(k->d_kv, (size_t)n * 2 * F);
-    attention_backward(k->d_q, F, k->d_kv, 2 * F, k->d_kv + F, 2 * F, k->d_att, F, A->q1, F, A->kv, 2 * F, A->kv + F,
-                       2 * F, Q, n, H, dh, scale, A->mask, k->att);
-    zero_floats(k->d_hq, QF);
-    linear_backward(k->d_hq, gqkv, gqkv_b, k->d_q, F, A->hq1, Q, F, F, tta_matrix(d->cross_qkv.w), k->wt);
-    linear_backward(dfeat, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, kin, n, F, F, tta_matrix(d->cross_qkv.w) + FF,
-                    k->wt);
-    linear_backward(dfeat, gqkv + 2 * FF, gqkv_b + 2 * F, k->d_kv + F, 2 * F, feat, n, F, F,
-                    tta_matrix(d->cross_qkv.w) + 2 * FF, k->wt);
-    add(din, din, k->d_hq, QF);
-    add(dqe, dqe, k->d_hq, QF);
-}
-
-/* Mask2FormerMaskedAttentionDecoder backward: the loss's gradients of every prediction
- * -> d mask features (wk.d_mf), d multi-scale features (wk.d_dec_feat), parameter gradients. */
-static void masked_attention_decoder_backward(loupe_trainer *t)
-{
-    const loupe_config *c = &t->m->cfg;
-    const loupe_tables *tb = &t->t;
-    const loupe_weights *w = &t->w;
-    tta_work *k = &t->wk;
-    int F = c->feature_size, Q = c->num_queries, L = c->dec_layers, M2 = 16 * c->grid * c->grid, i, l;
-    size_t QF = (size_t)Q * F;
-    float *dcur = k->d_h0, *dnext = k->d_h1, *swap, *gqf = grad_of(t, w->query_feat);
-    /* the mask einsum of all L predictions: masks[q][p] = me[q] . mask_features[p] */
-    zero_floats(k->d_me, (size_t)L * QF);
-    zero_floats(k->d_mf, (size_t)M2 * F);
-    mask_einsum_backward(k->d_me, k->d_mf, k->d_mask, t->tape.me, t->s->mask_features, L * Q, M2, F, k->mf_t);
-    zero_floats(k->d_dec_feat, (size_t)tb->tokens * F);
-    /* hidden[i] feeds prediction i (through the decoder LayerNorm) and layer i */
-    for (i = L - 1; i >= 0; i--) {
-        if (i == L - 1) zero_floats(dcur, QF);
-        else masked_attention_decoder_layer_backward(t, i, dnext, dcur);
-        mask_predictor_backward(t, i, k->d_qh);
-        layernorm_backward(dcur, grad_of(t, w->dec_ln.w), grad_of(t, w->dec_ln.b), k->d_qh, t->tape.hidden + (size_t)i * QF,
-                           Q, F, w->dec_ln, c->ln_eps, k->stats);
-        swap = dcur; dcur = dnext; dnext = swap;
-    }
-    add(gqf, gqf, dnext, QF);
-    /* decoder features = multi-scale features + level embedding */
-    for (l = 0; l < 3; l++)
-        bias_backward(grad_of(t, w->dec_level_embed) + (size_t)l * F, k->d_dec_feat + (size_t)tb->level_start[l] * F, F,
-                      tb->level_h[l] * tb->level_w[l], F);
-}
-
-/* PixelDecoderEncoderLayer backward for layer i: d hout [Te][F] -> d hin [Te][F] (=);
- * the conditional query's gradient += into wk.d_cond. */
-static void pixel_decoder_encoder_layer_backward(loupe_trainer *t, int i, const float *dout, float *din)
-{
-    const loupe_config *c = &t->m->cfg;
-    const loupe_tables *tb = &t->t;
-    const enc_layer_w *e = &t->w.enc[i];
-    const enc_layer_acts *A = &t->tape.enc[i];
-    tta_work *k = &t->wk;
-    int T = tb->tokens, F = c->feature_size, H = c->m2f_heads, dh = F / H, E = c->enc_ffn, P = c->deform_points;
-    int noff = H * 3 * P, l;
-    size_t TF = (size_t)T * F, FF = (size_t)F * F;
-    const float *hin = t->s->enc_h + (size_t)i * TF;
-    float *gqkv = grad_of(t, tta_matrix(e->cross_qkv.w)), *gqkv_b = grad_of(t, e->cross_qkv.b);
-    float scale = 1.0f / sqrtf((float)dh);
-    /* feed-forward and final_layer_norm */
-    ffn_block_backward(t, k->d_t2, k->d_t1, dout, A->a3, A->h2, A->ffn, T, E, e->fc1, e->fc2, e->ln_final, k->d_effn,
-                       k->d_effn2);
-    /* conditional cross-attention: a2 = h1 + co on every token */
-    zero_floats(k->d_t1, TF);
-    layernorm_backward(k->d_t1, grad_of(t, e->ln_cross.w), grad_of(t, e->ln_cross.b), k->d_t2, A->a2, T, F, e->ln_cross,
-                       c->ln_eps, k->stats);
-    memcpy(k->d_t2, k->d_t1, TF * sizeof *k->d_t2);
-    zero_floats(k->d_co, (size_t)F);
-    bias_backward(k->d_co, k->d_t1, F, T, F);
-    zero_floats(k->d_catt, (size_t)F);
-    linear_backward(k->d_catt, grad_of(t, tta_matrix(e->cross_out.w)), grad_of(t, e->cross_out.b), k->d_co, F,
-                    A->catt, 1, F, F, tta_matrix(e->cross_out.w), k->wt);
-    zero_floats(k->d_cq, (size_t)F);
-    zero_floats(k->d_kv, TF * 2);
-    attention_backward(k->d_cq, F, k->d_kv, 2 * F, k->d_kv + F, 2 * F, k->d_catt, F, A->cq, F, A->kv, 2 * F, A->kv + F,
-                       2 * F, 1, T, H, dh, scale, NULL, k->att);
-    linear_backward(k->d_cond, gqkv, gqkv_b, k->d_cq, F, t->s->cond_query, 1, F, F, tta_matrix(e->cross_qkv.w), k->wt);
-    linear_backward(k->d_t2, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, A->h1, T, F, 2 * F,
-                    tta_matrix(e->cross_qkv.w) + FF, k->wt);
-    /* multi-scale deformable self-attention: a1 = hin + output(msda(value(hin), offsets(q), softmax(weights(q)))) */
-    zero_floats(k->d_t1, TF);
-    layernorm_backward(k->d_t1, grad_of(t, e->ln_self.w), grad_of(t, e->ln_self.b), k->d_t2, A->a1, T, F, e->ln_self,
-                       c->ln_eps, k->stats);
-    memcpy(din, k->d_t1, TF * sizeof *din);
-    zero_floats(k->d_msda, TF);
-    linear_backward(k->d_msda, grad_of(t, tta_matrix(e->output.w)), grad_of(t, e->output.b), k->d_t1, F, A->msda, T,
-                    F, F, tta_matrix(e->output.w), k->wt);
-    zero_floats(k->d_value, TF);
-    zero_floats(k->d_offs, (size_t)T * 2 * noff);
-    zero_floats(k->d_aw, (size_t)T * noff);
-    ms_deform_attn_core_backward(k->d_value, k->d_offs, k->d_aw, k->d_msda, A->value, A->offs, A->aw, tb, F, H, P);
-    zero_floats(k->d_awl, (size_t)T * noff);
-    softmax_rows_backward(k->d_awl, k->d_aw, A->aw, T * H, 3 * P);
-    zero_floats(k->d_qpos, TF);
-    linear_backward(k->d_qpos, grad_of(t, tta_matrix(e->attn_weights.w)), grad_of(t, e->attn_weights.b), k->d_awl,
-                    noff, A->qpos, T, F, noff, tta_matrix(e->attn_weights.w), k->wt);
-    linear_backward(k->d_qpos, grad_of(t, tta_matrix(e->offsets.w)), grad_of(t, e->offsets.b), k->d_offs, 2 * noff,
-                    A->qpos, T, F, 2 * noff, tta_matrix(e->offsets.w), k->wt);
-    linear_backward(din, grad_of(t, tta_matrix(e->value.w)), grad_of(t, e->value.b), k->d_value, F, hin, T, F, F,
-                    tta_matrix(e->value.w), k->wt);
-    /* q = hin + position, position = sine + level_embed[level] */
-    add(din, din, k->d_qpos, TF);
-    for (l = 0; l < 3; l++)
-        bias_backward(grad_of(t, t->w.level_embed) + (size_t)l * F, k->d_qpos + (size_t)tb->level_start[l] * F, F,
-                      tb->level_h[l] * tb->level_w[l], F);
-}
-
-/* PixelDecoder backward: d mask features and d multi-scale features -> d of the
- * pyramid levels it reads (wk.d_fpn4, d_fpn2, d_fpn_half; the 1x level into d_grid
- * when not NULL), parameter gradients. */
-static void pixel_decoder_backward(loupe_trainer *t, float *d_grid)
-{
-    const loupe_config *c = &t->m->cfg;
-    const loupe_tables *tb = &t->t;
-    const loupe_weights *w = &t->w;
-    loupe_session *s = t->s;
-    tta_work *k = &t->wk;
-    int F = c->feature_size, W = c->width, T = tb->tokens, M = 4 * c->grid, i, l;
-    size_t MF = (size_t)M * M * F;
-    float *dcur = k->d_e0, *dnext = k->d_e1, *swap;
-    const float *inputs[3];
-    float *d_inputs[3];
-    inputs[0] = s->fpn_half; inputs[1] = s->feats + W; inputs[2] = s->fpn2;
-    d_inputs[0] = k->d_fpn_half; d_inputs[1] = d_grid; d_inputs[2] = k->d_fpn2;
-    /* mask_projection, ReLU, layer_1 GroupNorm and 3x3 convolution */
-    zero_floats(k->d_m1, MF);
-    linear_backward(k->d_m1, grad_of(t, tta_matrix(w->mask_projection.w)), grad_of(t, w->mask_projection.b), k->d_mf,
-                    F, s->fpn_out, M * M, F, F, tta_matrix(w->mask_projection.w), k->wt);
-    zero_floats(k->d_m2, MF);
-    relu_backward(k->d_m2, k->d_m1, s->fpn_out, MF);
-    zero_floats(k->d_m1, MF);
-    groupnorm_hwc_backward(k->d_m1, grad_of(t, w->layer_1_gn.w), grad_of(t, w->layer_1_gn.b), k->d_m2, t->tape.conv_pre,
-                           M * M, F, c->gn_groups, w->layer_1_gn, c->gn_eps);
-    zero_floats(k->d_m2, MF);
-    conv3x3_hwc_backward(k->d_m2, grad_of(t, w->layer_1), k->d_m1, s->lateral, M, M, F, F, w->layer_1, k->wt);
-    /* the lateral sum: adapter_1 (1x1 conv + GroupNorm) + the upsampled 2x level */
-    memcpy(dcur, k->d_dec_feat, (size_t)T * F * sizeof *dcur);
-    interp_hwc_backward(dcur + (size_t)tb->level_start[2] * F, k->d_m2, tb->level_h[2], tb->level_w[2], F, M, M,
-                        s->interp);
-    zero_floats(k->d_m1, MF);
-    groupnorm_hwc_backward(k->d_m1, grad_of(t, w->adapter_gn.w), grad_of(t, w->adapter_gn.b), k->d_m2, t->tape.lat_pre,
-                           M * M, F, c->gn_groups, w->adapter_gn, c->gn_eps);
-    zero_floats(k->d_fpn4, (size_t)M * M * W);
-    linear_backward(k->d_fpn4, grad_of(t, tta_matrix(w->adapter_1.w)), NULL, k->d_m1, F, s->fpn4, M * M, W, F,
-                    tta_matrix(w->adapter_1.w), k->wt);
-    /* the deformable encoder, last layer first */
-    for (i = c->enc_layers - 1; i >= 0; i--) {
-        pixel_decoder_encoder_layer_backward(t, i, dcur, dnext);
-        swap = dcur; dcur = dnext; dnext = swap;
-    }
-    /* input projections: 1x1 conv + GroupNorm per level (the 1x level is the frozen grid) */
-    zero_floats(k->d_fpn_half, (size_t)tb->level_h[0] * tb->level_w[0] * W);
-    zero_floats(k->d_fpn2, (size_t)tb->level_h[2] * tb->level_w[2] * W);
-    for (l = 0; l < 3; l++) {
-        int n = tb->level_h[l] * tb->level_w[l];
-        size_t at = (size_t)tb->level_start[l] * F;
-        zero_floats(k->d_t1, (size_t)n * F);
-        groupnorm_hwc_backward(k->d_t1, grad_of(t, w->input_gn[l].w), grad_of(t, w->input_gn[l].b), dcur + at,
-                               t->tape.proj + at, n, F, c->gn_groups, w->input_gn[l], c->gn_eps);
-        linear_backward(d_inputs[l], grad_of(t, tta_matrix(w->input_proj[l].w)), grad_of(t, w->input_proj[l].b),
-                        k->d_t1, F, inputs[l], n, W, F, tta_matrix(w->input_proj[l].w), k->wt);
-    }
-}
-
-/* ScaleBlock backward for block blk of the tape: dout [h'*w'][W] -> din [h*w][W] +=
- * (when din), parameter gradients. */
-static void scale_block_backward(loupe_trainer *t, const scale_block_w *b, int blk, const float *in, int h, int w,
-                                 const float *dout, float *din)
-{
-    const loupe_config *c = &t->m->cfg;
-    const scale_block_acts *A = &t->tape.fpn[blk];
-    tta_work *k = &t->wk;
-    const float *convt = tta_matrix(b->conv1.w);
-    int W = c->width, oh = convt ? 2 * h : h / 2, ow = convt ? 2 * w : w / 2;
-    size_t n = (size_t)oh * ow * W;
-    zero_floats(k->d_f1, n);
-    layernorm_backward(k->d_f1, grad_of(t, b->norm.w), grad_of(t, b->norm.b), dout, A->dw, oh * ow, W, b->norm,
-                       c->fpn_ln_eps, k->stats);
-    zero_floats(k->d_f2, n);
-    depthwise3x3_hwc_backward(k->d_f2, grad_of(t, b->dw), k->d_f1, A->act, oh, ow, W, b->dw);
-    zero_floats(k->d_f1, n);
-    gelu_backward(k->d_f1, k->d_f2, A->pre, n);
-    if (convt) /* d_f2 (n floats) is free again: the product's scratch */
-        conv_transpose2x2_hwc_backward(din, grad_of(t, convt), grad_of(t, b->conv1.b), k->d_f1, in, h, w, W, W,
-                                       convt, k->d_f2);
-    else if (din)
-        maxpool2x2_hwc_backward(din, k->d_f1, in, h, w, W);
-}
-
-/* FeaturePyramid backward: the pixel decoder's gradients of the 4x, 2x and 0.5x maps
- * -> parameter gradients (and d of the patch grid into d_grid when not NULL). */
-static void feature_pyramid_backward(loupe_trainer *t, float *d_grid)
-{
-    const loupe_config *c = &t->m->cfg;
-    const loupe_weights *w = &t->w;
-    tta_work *k = &t->wk;
-    int g = c->grid, W = c->width;
-    const float *grid = t->s->feats + W;
-    scale_block_backward(t, &w->fpn_half, 3, grid, g, g, k->d_fpn_half, d_grid);
-    scale_block_backward(t, &w->fpn2, 2, grid, g, g, k->d_fpn2, d_grid);
-    zero_floats(k->d_fpn_mid, (size_t)4 * g * g * W);
-    scale_block_backward(t, &w->fpn4[1], 1, t->s->fpn_mid, 2 * g, 2 * g, k->d_fpn4, k->d_fpn_mid);
-    scale_block_backward(t, &w->fpn4[0], 0, grid, g, g, k->d_fpn_mid, d_grid);
-}
-
-/* Backward of conditional_query: label_embedding[1] gets p * d, label_embedding[0] (1 - p) * d. */
-static void conditional_query_backward(loupe_trainer *t)
-{
-    int F = t->m->cfg.feature_size, i;
-    float p = conditional_label(t->s), *g0 = grad_of(t, t->w.label_embedding[0]);
-    float *g1 = grad_of(t, t->w.label_embedding[1]);
-    for (i = 0; i < F; i++) {
-        g1[i] += p * t->wk.d_cond[i];
-        g0[i] += (1.0f - p) * t->wk.d_cond[i];
-    }
-}
-
-/* LoupeSegmentor backward after a TTA forward and the loss (wk.d_class, wk.d_mask):
- * every segmentor parameter's gradient +=; the patch grid's (backbone features) into
- * d_grid [g*g][W] += when not NULL (loupe.c keeps the backbone frozen; tests use it). */
-static void segmentor_backward(loupe_trainer *t, float *d_grid)
-{
-    zero_floats(t->wk.d_cond, (size_t)t->m->cfg.feature_size);
-    masked_attention_decoder_backward(t);
-    pixel_decoder_backward(t, d_grid);
-    feature_pyramid_backward(t, d_grid);
-    conditional_query_backward(t);
-}
-
-/* ---- One step: forward, pseudo-label loss, backward; clipping and AdamW ---- */
-
-/* The loss half of LoupeModel.forward in stage test with labels = None, after a forward
- * of t->s: turns the classifier's verdict into pseudo targets and evaluates LoupeSegLoss;
- * its gradients w.r.t. every prediction's logits land in wk.d_class, wk.d_mask (=). */
-static void tta_loss(loupe_trainer *t, loupe_tta_loss *out)
-{
-    const loupe_config *c = &t->m->cfg;
-    loupe_session *s = t->s;
-    tta_work *k = &t->wk;
-    int L = c->dec_layers, Q = c->num_queries, C = c->num_labels + 1, g = c->grid, M = 4 * g, i;
-    double total;
-    seg_batch bt;
-    for (i = 0; i < g * g; i++) k->pseudo_mask[i] = sigmoidf(s->patch_logits[i]);
-    zero_floats(k->d_class, (size_t)L * Q * C);
-    zero_floats(k->d_mask, (size_t)L * Q * M * M);
-    for (i = 0; i < L; i++) {
-        t->preds[i].class_logits = s->class_logits + (size_t)i * Q * C;
-        t->preds[i].mask_logits = s->mask_logits + (size_t)i * Q * M * M;
-        t->preds[i].grad_class_logits = k->d_class + (size_t)i * Q * C;
-        t->preds[i].grad_mask_logits = k->d_mask + (size_t)i * Q * M * M;
-    }
-    /* one image, its own batch; the stream moves on by the batch's draws */
-    bt.images = 1;
-    bt.targets = s->prob > SEG_PSEUDO_LABEL_THRESHOLD;
-    bt.image = bt.targets_before = 0;
-    bt.base = t->rng_position;
-    memset(t->calls, 0, (size_t)L * sizeof *t->calls);
-    for (i = 0; i < L; i++) t->calls[i].matched_query = -1;
-    total = 0.0;
-    loupe_seg_loss(&t->loss_cfg, L, Q, M, t->preds, bt.targets, k->pseudo_mask, g, g, &bt, 1.0, &t->rng, &k->loss,
-                   t->calls, &total);
-    t->rng_position += seg_batch_draws(&t->loss_cfg, L, 1, bt.targets);
-    memset(out, 0, sizeof *out);
-    out->total = total;
-    for (i = 0; i < L; i++) {
-        out->mask += t->calls[i].weighted_mask;
-        out->dice += t->calls[i].weighted_dice;
-        out->cross_entropy += t->calls[i].weighted_cross_entropy;
-    }
-    out->prob = s->prob;
-    out->has_target = s->prob > SEG_PSEUDO_LABEL_THRESHOLD;
-}
-
-/* LoupeModel.forward of a training stage without its loss: the modules the stage built,
- * with the trainer's weights, keeping what the backward needs. cond_label: the
- * conditional query's label (negative: the classifier's probability). */
-static int trainer_forward(loupe_trainer *t, const float *pixel_values, const float *features, float cond_label,
-                           char *err, size_t errsize)
-{
-    loupe_session *s = t->s;
-    const loupe_config *c = &t->m->cfg;
-    size_t TW = (size_t)(1 + c->grid * c->grid) * c->width;
-    if (max_threads() > s->threads)
-        return fail(err, errsize, "the trainer was created for %d threads but %d are requested; create it after "
-                    "loupe_set_threads", s->threads, max_threads());
-    if (features && !t->backbone_backward) { /* a frozen backbone's kept outputs */
-        memcpy(s->feats, features, TW * sizeof *s->feats);
-        memcpy(s->pooled, features + TW, (size_t)c->width * sizeof *s->pooled);
-    } else vision_transformer(s, pixel_values);
-    if (t->has_cls || t->pseudo) loupe_classifier(s);
-    if (!t->has_seg) return 0;
-    s->cond_label = cond_label;
-    conditional_query(s);
-    feature_pyramid(s);
-    pixel_decoder(s);
-    masked_attention_decoder(s);
-    return 0;
-}
-
-/* LoupeModel.forward in stage test with labels = None: the forward of pixel_values with
- * the adapted segmentor (keeping the tape), then tta_loss. */
-static int tta_forward_loss(loupe_trainer *t, const float *pixel_values, loupe_tta_loss *out, char *err, size_t errsize)
-{
-    if (trainer_forward(t, pixel_values, NULL, -1.0f, err, errsize)) return -1;
-    tta_loss(t, out);
-    return 0;
-}
-
-/* tta_forward_loss, then the backward: adds weight * the gradient to t->grad (and the
- * patch grid's into d_grid [g*g][W] when not NULL). */
-static int tta_accumulate(loupe_trainer *t, const float *pixel_values, float weight, loupe_tta_loss *out, float *d_grid,
-                          char *err, size_t errsize)
-{
-    const loupe_config *c = &t->m->cfg;
-    size_t nc = (size_t)c->dec_layers * c->num_queries * (c->num_labels + 1);
-    size_t nm = (size_t)c->dec_layers * c->num_queries * 16 * c->grid * c->grid, j;
-    loupe_tta_loss loss;
-    if (tta_forward_loss(t, pixel_values, &loss, err, errsize)) return -1;
-    if (weight != 1.0f) {
-        for (j = 0; j < nc; j++) t->wk.d_class[j] *= weight;
-        for (j = 0; j < nm; j++) t->wk.d_mask[j] *= weight;
-    }
-    segmentor_backward(t, d_grid);
-    if (out) *out = loss;
-    return 0;
-}
-
-/* Points the loss's prediction views at the session's logits and zeroes their gradients. */
-static void trainer_bind_predictions(loupe_trainer *t)
-{
-    const loupe_config *c = &t->m->cfg;
-    int L = c->dec_layers, Q = c->num_queries, C = c->num_labels + 1, M = 4 * c->grid, i;
-    zero_floats(t->wk.d_class, (size_t)L * Q * C);
-    zero_floats(t->wk.d_mask, (size_t)L * Q * M * M);
-    for (i = 0; i < L; i++) {
-        t->preds[i].class_logits = t->s->class_logits + (size_t)i * Q * C;
-        t->preds[i].mask_logits = t->s->mask_logits + (size_t)i * Q * M * M;
-        t->preds[i].grad_class_logits = t->wk.d_class + (size_t)i * Q * C;
-        t->preds[i].grad_mask_logits = t->wk.d_mask + (size_t)i * Q * M * M;
-    }
-}
-
-/* LitModel.training_step for one image of a batch (bt): forward, this image's share of
- * the stage's loss (added to *loss), backward of scale times it into the gradients. */
-static int trainer_image(loupe_trainer *t, const loupe_example *ex, const seg_batch *bt, double scale,
-                         loupe_train_loss *loss, char *err, size_t errsize)
-{
-    const loupe_config *c = &t->m->cfg;
-    int L = c->dec_layers, Q = c->num_queries, M = 4 * c->grid, S = c->image_size, W = c->width;
-    int has_target = ex->n_targets > 0;
-    double seg = 0.0;
-    if (trainer_forward(t, ex->pixel_values, ex->features, has_target ? 1.0f : 0.0f, err, errsize)) return -1;
-    if (t->backbone_backward) zero_floats(t->wk.d_feats, (size_t)(1 + c->grid * c->grid) * W);
-    if (t->has_seg) {
-        trainer_bind_predictions(t);
-        loupe_seg_loss(&t->loss_cfg, L, Q, M, t->preds, has_target, ex->mask_labels, S, S, bt,
-                       scale * t->opt.seg_loss_weight, &t->rng, &t->wk.loss, t->calls, &seg);
-        loss->seg += seg;
-        segmentor_backward(t, t->backbone_backward ? t->wk.d_feats + W : NULL);
-    }
-    if (t->has_cls) {
-        int N = c->grid * c->grid, i;
-        float d_fused = 0.0f, cw = (float)(scale * t->opt.cls_loss_weight);
-        cls_loss_terms ct;
-        zero_floats(t->wk.d_patch, (size_t)N);
-        loupe_cls_loss(&t->cls_cfg, t->s->fused_logit, (float)ex->label, t->s->patch_logits, ex->patch_labels, N,
-                       1.0 / bt->images, 1.0 / ((double)bt->images * N), &ct, NULL, &d_fused, t->wk.d_patch);
-        loss->cls_part += ct.cls_part;
-        loss->patch_part += ct.patch_part;
-        d_fused *= cw;
-        for (i = 0; i < N; i++) t->wk.d_patch[i] *= cw;
-        if (t->backbone_backward) zero_floats(t->wk.d_pooled, (size_t)W);
-        loupe_classifier_backward(t->s, &t->cg, d_fused, t->wk.d_patch, t->backbone_backward ? t->wk.d_pooled : NULL,
-                                  t->backbone_backward ? t->wk.d_feats : NULL, &t->pw);
-    }
-    if (t->backbone_backward)
-        vision_transformer_backward(t->s, &t->pg, t->wk.d_feats, t->has_cls ? t->wk.d_pooled : NULL, &t->pw);
-    return 0;
-}
-
-int loupe_trainer_accumulate(loupe_trainer *t, const loupe_example *batch, int n, double scale,
-                             loupe_train_loss *loss, char *err, size_t errsize)
-{
-    const loupe_config *c;
-    loupe_train_loss sum;
-    seg_batch bt;
-    int b, L, k;
-    if (!t || !batch || n < 1) return fail(err, errsize, "loupe_trainer_accumulate needs a trainer and at least one example");
-    if (t->pseudo) return fail(err, errsize, "a test-time-adaptation trainer takes loupe_tta_accumulate");
-    if (!(scale >= 0.0 && scale <= TTA_MAX_WEIGHT))
-        return fail(err, errsize, "gradient scale %g is outside 0..%g", scale, (double)TTA_MAX_WEIGHT);
-    c = &t->m->cfg;
-    L = c->dec_layers;
-    memset(&bt, 0, sizeof bt);
-    for (b = 0; b < n; b++) {
-        const loupe_example *ex = &batch[b];
-        if (!ex->pixel_values || (ex->n_targets > 0 && !ex->mask_labels) || (t->has_cls && !ex->patch_labels) ||
-            ex->n_targets < 0 || ex->n_targets > 1 || ex->label < 0 || ex->label > 1)
-            return fail(err, errsize, "example %d of the batch is incomplete (pixel values, a mask for its target, "
-                        "patch labels, label 0 or 1, at most one target)", b);
-        bt.targets += ex->n_targets;
-    }
-    bt.images = n;
-    bt.base = t->rng_position;
-    memset(&sum, 0, sizeof sum);
-    memset(t->calls, 0, (size_t)L * sizeof *t->calls);
-    for (k = 0; k < L; k++) t->calls[k].matched_query = -1;
-    for (b = 0; b < n; b++) {
-        bt.image = b;
-        if (trainer_image(t, &batch[b], &bt, scale, &sum, err, errsize)) return -1;
-        bt.targets_before += batch[b].n_targets;
-    }
-    if (t->has_seg) t->rng_position += seg_batch_draws(&t->loss_cfg, L, n, bt.targets);
-    for (k = 0; k < L; k++) {
-        sum.mask += t->calls[k].weighted_mask;
-        sum.dice += t->calls[k].weighted_dice;
-        sum.cross_entropy += t->calls[k].weighted_cross_entropy;
-    }
-    sum.cls = sum.cls_part + sum.patch_part;
-    sum.total = t->opt.cls_loss_weight * sum.cls + t->opt.seg_loss_weight * sum.seg;
-    if (loss) *loss = sum;
-    return 0;
-}
-
-/* L2 norm of all gradients (clip_grad_norm_'s total norm), accumulated in double. */
-#define NORM_CHUNK 65536   /* gradient-norm partial sums: fixed chunks, added in order */
-static double tta_grad_norm(const loupe_trainer *t)
-{
-    double sum = 0.0, part[64];
-    size_t n = t->n_floats, chunks = (n + NORM_CHUNK - 1) / NORM_CHUNK, c0, c;
-    /* chunk sums in parallel, then added in chunk order: the same bits for any thread count */
-    for (c0 = 0; c0 < chunks; c0 += 64) {
-        long k, nk = (long)(chunks - c0 < 64 ? chunks - c0 : 64);
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)nk * NORM_CHUNK))
-#endif
-        for (k = 0; k < nk; k++) {
-            size_t lo = (c0 + (size_t)k) * NORM_CHUNK, hi = lo + NORM_CHUNK < n ? lo + NORM_CHUNK : n;
-            part[k] = row_dot(t->grad + lo, t->grad + lo, (int)(hi - lo));
-        }
-        for (c = 0; c < (size_t)nk; c++) sum += part[c];
-    }
-    return sqrt(sum);
-}
-
-/* sqrtf(x) rounded to float32 on every target: on x87 (FLT_EVAL_METHOD 2) gcc keeps the
- * square root's 64-bit result and drops casts of it, but a volatile float must be stored. */
-static float sqrt_f32(float x)
-{
-#if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD == 0
-    return sqrtf(x);   /* float arithmetic is float: no store needed, and the loop vectorises */
-#else
-    volatile float r = sqrtf(x);
-    return r;
-#endif
-}
-
-/* torch.optim.AdamW (one step, PyTorch's float32 operations in its order: lerp, addcmul,
- * addcdiv as self + value * t1 / t2; upstream's step1 is reproduced bit for bit) on gradients
- * scaled by clip_coef, as clip_grad_norm_ leaves them. Each tensor uses its group's
- * learning rate times lr_factor (LambdaLR's factor) and weight decay. Zeroes the
- * gradients and refreshes the derived tables.
- * The casts round every operation to float32 as PyTorch does, also where C evaluates
- * float expressions in a wider format (x87: FLT_EVAL_METHOD 2). */
-static void adamw_step(loupe_trainer *t, float clip_coef, double lr_factor)
-{
-    const loupe_train_options *o = &t->opt;
-    double bc1, bc2;
-    float bc2_sqrt, one_b1 = (float)(1.0 - o->beta1), one_b2 = (float)(1.0 - o->beta2);
-    float b2 = (float)o->beta2, eps = (float)o->eps;
-    int p;
-    t->steps++;
-    bc1 = 1.0 - pow(o->beta1, (double)t->steps);
-    bc2 = 1.0 - pow(o->beta2, (double)t->steps);
-    bc2_sqrt = (float)sqrt(bc2);
-    for (p = 0; p < t->n_params; p++) {
-        const train_param *tp = &t->params[p];
-        double lr = tp->lr * lr_factor;
-        float step_size = (float)(lr / bc1);
-        float decay = (float)(1.0 - lr * tp->weight_decay);
-        float *w = t->param + tp->offset, *g = t->grad + tp->offset;
-        float *m = t->adam_m + tp->offset, *v = t->adam_v + tp->offset;
-        long i;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (parallel_ok((double)tp->numel * 8))
-#endif
-        for (i = 0; i < (long)tp->numel; i++) {
-            float gi = g[i] * clip_coef, denom;
-            w[i] *= decay;
-            m[i] += (float)(one_b1 * (float)(gi - m[i]));
-            v[i] = (float)(v[i] * b2) + (float)((float)(one_b2 * gi) * gi);
-            denom = (float)(sqrt_f32(v[i]) / bc2_sqrt) + eps;
-            w[i] -= (float)((float)(step_size * m[i]) / denom);
-            g[i] = 0.0f;   /* the next step's gradient starts from zero */
-        }
-    }
-    if (t->has_seg) tta_refresh_tables(t);
-}
-
-/* ---- Public API ---- */
-
-void loupe_tta_default_options(loupe_tta_options *o)
-{
-    o->lr = 1e-4;
-    o->beta1 = 0.9;
-    o->beta2 = 0.999;
-    o->eps = 1e-8;
-    o->weight_decay = 1e-3;
-    o->clip_norm = 1.0;
-    o->seed = 0;
-}
-
-/* Upstream's hyperparameters per stage (configs/hparams/{cls,seg,cls_seg}.yaml and
- * configs/model/ *.yaml): learning rates, weight decay, clipping, loss weights. */
-void loupe_train_default_options(loupe_train_options *o, int stage)
-{
-    memset(o, 0, sizeof *o);
-    o->stage = stage;
-    o->beta1 = 0.9;
-    o->beta2 = 0.999;
-    o->eps = 1e-8;
-    o->clip_norm = 1.0;
-    o->backbone_lr = 1e-5;
-    o->train_backbone = stage == LOUPE_TRAIN_CLS_SEG;
-    o->train_embeddings = 0;
-    o->cls_loss_weight = stage == LOUPE_TRAIN_CLS_SEG ? 2.0 : 1.0;
-    o->seg_loss_weight = 1.0;
-    if (stage == LOUPE_TRAIN_CLS) {
-        o->lr = 5e-4;
-        o->weight_decay = 1e-3;
-    } else if (stage == LOUPE_TRAIN_TTA) {
-        o->lr = o->backbone_lr = 1e-4;
-        o->weight_decay = 1e-3;
-        o->cls_loss_weight = 0.0;
-    } else {
-        o->lr = 3e-4;
-        o->weight_decay = 5e-2;
-    }
-}
-
-/* Counts the weight file's tensors under prefix; *unknown receives one that is not trainable here. */
-static int count_prefixed_tensors(const loupe_trainer *t, const char *prefix, const train_param *params, int n,
-                                  const tensor_entry **unknown)
-{
-    int i, j, count = 0;
-    size_t plen = strlen(prefix);
-    *unknown = NULL;
-    for (i = 0; i < t->m->n_entries; i++) {
-        const tensor_entry *e = &t->m->entries[i];
-        int known = 0;
-        if ((size_t)e->name_len < plen || memcmp(e->name, prefix, plen) != 0) continue;
-        count++;
-        for (j = 0; j < n && !known; j++)
-            known = strlen(params[j].name) == (size_t)e->name_len && !memcmp(params[j].name, e->name, (size_t)e->name_len);
-        if (!known && !*unknown) *unknown = e;
-    }
-    return count;
-}
-
-/* Walks the stage's trainable tensors: backbone (all, or its two embeddings), classifier,
- * segmentor. */
-static void trainer_params(loupe_trainer *t, param_builder *pb)
-{
-    const loupe_config *c = &t->m->cfg;
-    if (t->opt.train_backbone || t->opt.train_embeddings) backbone_params(pb, &t->w, c, t->opt.train_backbone);
-    if (t->has_cls) classifier_params(pb, &t->w, c);
-    if (t->has_seg) segmentor_params(pb, &t->w, c);
-}
-
-/* Assigns (or counts) the whole arena: tape, backward scratch, parameters and AdamW state. */
-static void trainer_layout(loupe_trainer *t, arena *a)
-{
-    size_t start = a->used;
-    if (t->has_seg) tta_tape_layout(t, a);
-    t->tape_bytes = a->used - start;
-    pe_train_layout(&t->m->cfg, t->backbone_backward ? &t->bb_tape : NULL, t->has_cls ? &t->cls_tape : NULL,
-                    t->has_cls || t->backbone_backward ? &t->pw : NULL, a);
-    t->tape_bytes = a->used - start;
-    start = a->used;
-    tta_work_layout(t, a);
-    t->work_bytes = a->used - start;
-    start = a->used;
-    tta_state_layout(t, a);
-    t->state_bytes = a->used - start;
-}
-
-/* Gradient views of a linear layer and a norm (NULL members: frozen). */
-static linear_g linear_grad_view(loupe_trainer *t, linear_w l)
-{
-    linear_g g;
-    g.w = grad_of(t, (const float *)l.w.data);
-    g.b = grad_of(t, l.b);
-    return g;
-}
-static norm_g norm_grad_view(loupe_trainer *t, norm_w n)
-{
-    norm_g g;
-    g.w = grad_of(t, n.w);
-    g.b = grad_of(t, n.b);
-    return g;
-}
-
-/* Points the backbone's and the classifier's gradient views at the trainer's gradients
- * (sections 5 and 6 write through them); -1 when out of memory. */
-static int trainer_grad_views(loupe_trainer *t)
-{
-    const loupe_config *c = &t->m->cfg;
-    const loupe_weights *w = &t->w;
-    pe_grads *g = &t->pg;
-    int i, k;
-    memset(g, 0, sizeof *g);
-    memset(&t->cg, 0, sizeof t->cg);
-    g->class_embedding = grad_of(t, w->class_embedding);
-    g->positional_embedding = grad_of(t, w->positional_embedding);
-    g->conv1 = grad_of(t, (const float *)w->conv1.data);
-    g->ln_pre = norm_grad_view(t, w->ln_pre);
-    g->ln_post = norm_grad_view(t, w->ln_post);
-    if (t->opt.train_backbone) {
-        t->block_grads = calloc((size_t)c->layers, sizeof *t->block_grads);
-        if (!t->block_grads) return -1;
-        for (i = 0; i < c->layers; i++) {
-            const pe_block_w *b = &w->blocks[i];
-            pe_block_g *bg = &t->block_grads[i];
-            bg->ln_1 = norm_grad_view(t, b->ln_1);
-            bg->ln_2 = norm_grad_view(t, b->ln_2);
-            bg->qkv = linear_grad_view(t, b->qkv);
-            bg->out = linear_grad_view(t, b->out);
-            bg->fc = linear_grad_view(t, b->fc);
-            bg->proj = linear_grad_view(t, b->proj);
-        }
-        g->blocks = t->block_grads;
-    }
-    g->pool.probe = grad_of(t, w->pool.probe);
-    g->pool.qkv = linear_grad_view(t, w->pool.qkv);
-    g->pool.out = linear_grad_view(t, w->pool.out);
-    g->pool.ln = norm_grad_view(t, w->pool.ln);
-    g->pool.fc = linear_grad_view(t, w->pool.fc);
-    g->pool.proj = linear_grad_view(t, w->pool.proj);
-    for (k = 0; k < c->cls_layers; k++) {
-        t->cg.global_head.layers[k] = linear_grad_view(t, w->global_head.layers[k]);
-        t->cg.patch_head.layers[k] = linear_grad_view(t, w->patch_head.layers[k]);
-    }
-    t->cg.fuser = grad_of(t, w->fuser);
-    return 0;
-}
-
-/* The trainer for any stage (test-time adaptation included). */
-static loupe_trainer *trainer_new(const loupe_model *m, const loupe_train_options *opt, char *err, size_t errsize)
-{
-    const loupe_config *c;
-    const loupe_train_options *o = opt;
-    loupe_trainer *t;
-    param_builder pb;
-    arena a = {NULL, 0, 0};
-    const tensor_entry *unknown;
-    int L, stage;
-    if (!m) { fail(err, errsize, "no model given"); return NULL; }
-    if (!o) { fail(err, errsize, "no training options given"); return NULL; }
-    c = &m->cfg;
-    L = c->dec_layers;
-    stage = o->stage;
-    if (stage < LOUPE_TRAIN_TTA || stage > LOUPE_TRAIN_CLS_SEG) {
-        fail(err, errsize, "unknown training stage %d", stage);
-        return NULL;
-    }
-    if (c->num_labels != 1) {
-        fail(err, errsize, "%s: training needs Loupe's single label (this model has %d)", m->path, c->num_labels);
-        return NULL;
-    }
-    if (!(o->lr >= 0.0 && o->lr < 1.0 && o->backbone_lr >= 0.0 && o->backbone_lr < 1.0 && o->beta1 >= 0.0 &&
-          o->beta1 < 1.0 && o->beta2 >= 0.0 && o->beta2 < 1.0 && o->eps > 0.0 && o->weight_decay >= 0.0 &&
-          o->weight_decay < 1.0 && o->clip_norm > 0.0 && o->cls_loss_weight >= 0.0 && o->seg_loss_weight >= 0.0)) {
-        fail(err, errsize, "invalid training options (learning rates, betas and weight decay in [0, 1), eps and clip "
-                           "norm > 0, loss weights >= 0)");
-        return NULL;
-    }
-    t = calloc(1, sizeof *t);
-    if (!t) { fail(err, errsize, "out of memory"); return NULL; }
-    t->m = m;
-    t->opt = *o;
-    t->pseudo = stage == LOUPE_TRAIN_TTA;
-    t->has_cls = stage == LOUPE_TRAIN_CLS || stage == LOUPE_TRAIN_CLS_SEG;
-    t->has_seg = stage != LOUPE_TRAIN_CLS;
-    if (t->pseudo) t->opt.train_backbone = t->opt.train_embeddings = 0;
-    t->backbone_backward = t->opt.train_backbone || t->opt.train_embeddings;
-    t->w = m->w;
-    t->t = m->t;
-    t->loss_cfg = seg_loss_config_from_model(m);
-    t->enc = calloc((size_t)c->enc_layers + 1, sizeof *t->enc);
-    t->dec = calloc((size_t)L, sizeof *t->dec);
-    t->blocks = calloc((size_t)c->layers, sizeof *t->blocks);
-    t->tape.enc = calloc((size_t)c->enc_layers + 1, sizeof *t->tape.enc);
-    t->tape.dec = calloc((size_t)L, sizeof *t->tape.dec);
-    t->calls = calloc((size_t)L, sizeof *t->calls);
-    t->preds = calloc((size_t)L, sizeof *t->preds);
-    if (!t->enc || !t->dec || !t->blocks || !t->tape.enc || !t->tape.dec || !t->calls || !t->preds) goto oom;
-    memcpy(t->enc, m->w.enc, (size_t)c->enc_layers * sizeof *t->enc);
-    memcpy(t->dec, m->w.dec, (size_t)(L - 1) * sizeof *t->dec);
-    memcpy(t->blocks, m->w.blocks, (size_t)c->layers * sizeof *t->blocks);
-    t->w.enc = t->enc;
-    t->w.dec = t->dec;
-    t->w.blocks = t->blocks;
-    /* count the trainable tensors, then plan one block: tape, scratch, parameters + AdamW */
-    memset(&pb, 0, sizeof pb);
-    pb.opt = &t->opt;
-    trainer_params(t, &pb);
-    t->n_params = pb.count;
-    t->n_floats = pb.floats;
-    t->params = calloc((size_t)t->n_params + 1, sizeof *t->params);
-    if (!t->params) goto oom;
-    trainer_layout(t, &a);
-    a.cap = a.used;
-    a.used = 0;
-    a.base = aligned_block(a.cap, &t->raw);
-    if (!a.base) {
-        fail(err, errsize, "out of memory: training needs %.1f MiB", (double)a.cap / (1 << 20));
-        loupe_trainer_free(t);
-        return NULL;
-    }
-    trainer_layout(t, &a);
-    zero_floats(t->grad, t->n_floats);
-    zero_floats(t->adam_m, t->n_floats);
-    zero_floats(t->adam_v, t->n_floats);
-    /* copy the trained tensors out of the read-only model */
-    pb.params = t->params;
-    pb.data = t->param;
-    pb.b.m = m; pb.b.err = err; pb.b.errsize = errsize; pb.b.failed = 0;
-    pb.count = 0;
-    pb.floats = 0;
-    trainer_params(t, &pb);
-    if (pb.b.failed) { loupe_trainer_free(t); return NULL; }
-    /* every tensor of a trained module must be one this build trains, and each once */
-    {
-        static const char *const prefixes[3] = {"backbone.", "classifier.", TTA_SEGMENTOR_PREFIX};
-        int k, j;
-        for (k = 0; k < 3; k++) {
-            int trained = k == 0 ? t->opt.train_backbone : k == 1 ? t->has_cls : t->has_seg, ours = 0;
-            size_t plen = strlen(prefixes[k]);
-            if (!trained) continue;
-            for (j = 0; j < t->n_params; j++) ours += !strncmp(t->params[j].name, prefixes[k], plen);
-            if (count_prefixed_tensors(t, prefixes[k], t->params, t->n_params, &unknown) != ours || unknown) {
-                if (unknown) fail(err, errsize, "%s: tensor %.*s is not one this build knows how to train", m->path,
-                                  unknown->name_len, unknown->name);
-                else fail(err, errsize, "%s: the weight file's %s tensors do not match this build's", m->path,
-                          prefixes[k]);
-                loupe_trainer_free(t);
-                return NULL;
-            }
-        }
-    }
-    if (t->has_seg) tta_refresh_tables(t);
-    if (trainer_grad_views(t)) goto oom;
-    weights_release_pages(m);
-    t->cls_cfg = cls_loss_config_from_model(m);
-    t->s = loupe_session_new(m, err, errsize);
-    if (!t->s) { loupe_trainer_free(t); return NULL; }
-    t->s->w = &t->w;
-    t->s->t = &t->t;
-    t->s->tape = t->has_seg ? &t->tape : NULL;
-    t->s->bb_tape = t->backbone_backward ? &t->bb_tape : NULL;
-    t->s->cls_tape = t->has_cls ? &t->cls_tape : NULL;
-    t->rng_state.seed = t->opt.seed;
-    t->rng_state.counter = 0;
-    t->rng.fill = splitmix_uniform_fill;
-    t->rng.seek = splitmix_uniform_seek;
-    t->rng.state = &t->rng_state;
-    return t;
-oom:
-    fail(err, errsize, "out of memory");
-    loupe_trainer_free(t);
-    return NULL;
-}
-
-loupe_trainer *loupe_tta_new(const loupe_model *m, const loupe_tta_options *opt, char *err, size_t errsize)
-{
-    loupe_tta_options d;
-    loupe_train_options o;
-    if (!opt) {
-        loupe_tta_default_options(&d);
-        opt = &d;
-    }
-    if (!(opt->lr >= 0.0 && opt->lr < 1.0 && opt->beta1 >= 0.0 && opt->beta1 < 1.0 && opt->beta2 >= 0.0 &&
-          opt->beta2 < 1.0 && opt->eps > 0.0 && opt->weight_decay >= 0.0 && opt->weight_decay < 1.0 &&
-          opt->clip_norm > 0.0)) {
-        fail(err, errsize, "invalid test-time adaptation options (learning rate, betas and weight decay in [0, 1), eps and clip norm > 0)");
-        return NULL;
-    }
-    if (m && m->cfg.num_labels != 1) {
-        fail(err, errsize, "%s: test-time adaptation needs Loupe's single label (this model has %d)", m->path,
-             m->cfg.num_labels);
-        return NULL;
-    }
-    loupe_train_default_options(&o, LOUPE_TRAIN_TTA);
-    o.lr = o.backbone_lr = opt->lr;
-    o.beta1 = opt->beta1;
-    o.beta2 = opt->beta2;
-    o.eps = opt->eps;
-    o.weight_decay = opt->weight_decay;
-    o.clip_norm = opt->clip_norm;
-    o.seed = opt->seed;
-    return trainer_new(m, &o, err, errsize);
-}
-
-loupe_trainer *loupe_trainer_new(const loupe_model *m, const loupe_train_options *opt, char *err, size_t errsize)
-{
-    if (opt && opt->stage == LOUPE_TRAIN_TTA) {
-        fail(err, errsize, "test-time adaptation trainers are made by loupe_tta_new");
-        return NULL;
-    }
-    return trainer_new(m, opt, err, errsize);
-}
-
-void loupe_trainer_free(loupe_trainer *t)
-{
-    if (!t) return;
-    loupe_session_free(t->s);
-    free(t->raw);
-    free(t->params);
-    free(t->enc);
-    free(t->dec);
-    free(t->blocks);
-    free(t->block_grads);
-    free(t->tape.enc);
-    free(t->tape.dec);
-    free(t->calls);
-    free(t->preds);
-    free(t);
-}
-
-size_t loupe_trainer_feature_floats(const loupe_trainer *t)
-{
-    const loupe_config *c = &t->m->cfg;
-    return t->backbone_backward ? 0 : (size_t)(2 + c->grid * c->grid) * c->width;
-}
-
-int loupe_trainer_features(loupe_trainer *t, const float *pixel_values, float *features, char *err, size_t errsize)
-{
-    const loupe_config *c;
-    size_t TW;
-    if (!t || !pixel_values || !features) return fail(err, errsize, "loupe_trainer_features needs a trainer, an input and a buffer");
-    if (t->backbone_backward) return fail(err, errsize, "the backbone trains: its outputs cannot be kept");
-    c = &t->m->cfg;
-    TW = (size_t)(1 + c->grid * c->grid) * c->width;
-    if (max_threads() > t->s->threads)
-        return fail(err, errsize, "the trainer was created for %d threads but %d are requested", t->s->threads, max_threads());
-    vision_transformer(t->s, pixel_values);
-    memcpy(features, t->s->feats, TW * sizeof *features);
-    memcpy(features + TW, t->s->pooled, (size_t)c->width * sizeof *features);
-    return 0;
-}
-
-/* transformers' get_wsd_schedule (linear warm-up, constant, cosine decay to 0) and
- * get_cosine_schedule_with_warmup, as LambdaLR factors (README 10.7 of the golden). */
-double loupe_lr_factor(int schedule, long step, double total, double warmup, double decay)
-{
-    const double pi = 3.14159265358979323846;
-    double s = (double)step;
-    if (schedule == LOUPE_SCHEDULE_CONSTANT) return 1.0;
-    if (s < warmup) return s / (warmup > 1.0 ? warmup : 1.0);
-    if (schedule == LOUPE_SCHEDULE_COSINE) {
-        double span = total - warmup > 1.0 ? total - warmup : 1.0, f = 0.5 * (1.0 + cos(pi * (s - warmup) / span));
-        return f > 0.0 ? f : 0.0;
-    }
-    if (s < total - decay) return 1.0;
-    if (s < total) return 0.5 * (1.0 + cos(pi * (s - total + decay) / (decay > 1.0 ? decay : 1.0)));
-    return 0.0;
-}
-
-void loupe_trainer_size(const loupe_trainer *t, int *tensors, size_t *values)
-{
-    if (tensors) *tensors = t ? t->n_params : 0;
-    if (values) *values = t ? t->n_floats : 0;
-}
-
-void loupe_tta_free(loupe_trainer *t) { loupe_trainer_free(t); }
-
-int loupe_tta_accumulate(loupe_trainer *t, const float *pixel_values, float weight, loupe_tta_loss *loss, char *err,
-                         size_t errsize)
-{
-    if (!t || !pixel_values) return fail(err, errsize, "loupe_tta_accumulate needs an adapter and an input tensor");
-    if (!(weight >= 0.0f && weight <= TTA_MAX_WEIGHT))
-        return fail(err, errsize, "gradient weight %g is outside 0..%g", (double)weight, (double)TTA_MAX_WEIGHT);
-    return tta_accumulate(t, pixel_values, weight, loss, NULL, err, errsize);
-}
-
-int loupe_tta_update(loupe_trainer *t, double *grad_norm, char *err, size_t errsize)
-{
-    if (!t) return fail(err, errsize, "loupe_tta_update needs an adapter");
-    return loupe_trainer_update(t, 1.0, grad_norm, err, errsize);
-}
-
-int loupe_trainer_update(loupe_trainer *t, double lr_factor, double *grad_norm, char *err, size_t errsize)
-{
-    double norm;
-    float coef;
-    if (!t) return fail(err, errsize, "loupe_trainer_update needs a trainer");
-    if (!(lr_factor >= 0.0 && lr_factor <= 1e3)) return fail(err, errsize, "learning-rate factor %g is outside 0..1000", lr_factor);
-    norm = tta_grad_norm(t);
-    if (!isfinite(norm)) {
-        zero_floats(t->grad, t->n_floats);
-        return fail(err, errsize, "the gradient is not finite; the update was skipped");
-    }
-    /* clip_grad_norm_ (in float32, like PyTorch): scale by max_norm / (norm + eps) when below 1 */
-    coef = (float)t->opt.clip_norm / ((float)norm + (float)TTA_CLIP_EPS);
-    adamw_step(t, coef < 1.0f ? coef : 1.0f, lr_factor);
-    if (grad_norm) *grad_norm = norm;
-    return 0;
-}
-
-int loupe_tta_step(loupe_trainer *t, const float *pixel_values, loupe_tta_loss *loss, char *err, size_t errsize)
-{
-    double norm = 0.0;
-    if (loupe_tta_accumulate(t, pixel_values, 1.0f, loss, err, errsize) || loupe_tta_update(t, &norm, err, errsize))
-        return -1;
-    if (loss) loss->grad_norm = norm;
-    return 0;
-}
-
-int loupe_tta_adapt(loupe_trainer *t, int n_images, loupe_tta_source source, void *user, int steps, int batch,
-                    loupe_tta_progress progress, char *err, size_t errsize)
-{
-    const loupe_config *c;
-    float *pixels;
-    int step, b, next = 0;
-    if (!t || !source || n_images < 1 || steps < 0 || batch < 1)
-        return fail(err, errsize, "loupe_tta_adapt needs an adapter, at least one image, steps >= 0 and batch >= 1");
-    c = &t->m->cfg;
-    pixels = malloc((size_t)3 * c->image_size * c->image_size * sizeof *pixels);
-    if (!pixels) return fail(err, errsize, "out of memory");
-    if (batch > n_images) batch = n_images;
-    for (step = 0; step < steps; step++) {
-        loupe_tta_loss sum, one;
-        memset(&sum, 0, sizeof sum);
-        /* one step = the mean loss of the next `batch` images, cycling through the set */
-        for (b = 0; b < batch; b++, next = (next + 1) % n_images) {
-            if (source(user, next, pixels, err, errsize) ||
-                loupe_tta_accumulate(t, pixels, 1.0f / (float)batch, &one, err, errsize)) {
-                free(pixels);
-                return -1;
-            }
-            sum.total += one.total / batch;
-            sum.mask += one.mask / batch;
-            sum.dice += one.dice / batch;
-            sum.cross_entropy += one.cross_entropy / batch;
-            sum.has_target += one.has_target;
-        }
-        if (loupe_tta_update(t, &sum.grad_norm, err, errsize)) { free(pixels); return -1; }
-        if (progress) progress(user, step, &sum);
-    }
-    free(pixels);
-    return 0;
-}
-
-int loupe_session_use_tta(loupe_session *s, const loupe_trainer *t, char *err, size_t errsize)
-{
-    if (!s) return fail(err, errsize, "no session given");
-    if (t && t->m != s->m) return fail(err, errsize, "the adapter was made for another model than the session's");
-    s->w = t ? &t->w : &s->m->w;
-    s->t = t ? &t->t : &s->m->t;
-    return 0;
-}
-
-void loupe_tta_get_memory(const loupe_trainer *t, loupe_tta_memory *mem)
-{
-    mem->saved_activations = t->tape_bytes;
-    mem->backward_scratch = t->work_bytes;
-    mem->parameters = t->state_bytes;
-    mem->session = t->s->bytes;
-    mem->trainable = t->n_floats;
-}
-
-/* The weight file's entry called name, or NULL. */
-static const tensor_entry *find_entry(const loupe_model *m, const char *name)
-{
-    size_t n = strlen(name);
-    int i;
-    for (i = 0; i < m->n_entries; i++)
-        if ((size_t)m->entries[i].name_len == n && !memcmp(m->entries[i].name, name, n)) return &m->entries[i];
-    return NULL;
-}
-
-/* Bytes copied per write while saving. */
-#define SAVE_CHUNK (1 << 20)
-
-/* An adapted tensor's place in the weight file: saving writes the file front to back
- * (no seeking, so no file offsets wider than long are needed). */
-typedef struct save_patch { uint64_t offset, nbytes; int param; } save_patch;
-
-static int save_patch_cmp(const void *a, const void *b)
-{
-    uint64_t x = ((const save_patch *)a)->offset, y = ((const save_patch *)b)->offset;
-    return (x > y) - (x < y);
-}
-
-/* Writes n bytes in chunks; returns 1 on success. */
-static int write_bytes(FILE *f, const unsigned char *p, uint64_t n)
-{
-    while (n > 0) {
-        size_t k = n < SAVE_CHUNK ? (size_t)n : SAVE_CHUNK;
-        if (fwrite(p, 1, k, f) != k) return 0;
-        p += k;
-        n -= k;
-    }
-    return 1;
-}
-
-int loupe_trainer_save(const loupe_trainer *t, const char *path, char *err, size_t errsize)
-{
-    char tmp[1024];
-    FILE *f;
-    size_t most = 0;
-    uint64_t pos = 0;
-    float *buf;
-    save_patch *patches;
-    int p, i, n = 0, ok = 1;
-    if (!t || !path) return fail(err, errsize, "saving needs a trainer and a path");
-    if (strlen(path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", path);
-    for (p = 0; p < t->n_params; p++) { /* the trained tensors are written over the file's own */
-        const tensor_entry *e = find_entry(t->m, t->params[p].name);
-        if (e && e->dtype != DTYPE_F32)
-            return fail(err, errsize, "%s: saving a trained model needs an F32 weight file (%s is %s; convert with --dtype f32)",
-                        t->m->path, t->params[p].name, dtype_names[e->dtype]);
-    }
-    for (p = 0; p < t->n_params; p++) most = t->params[p].numel > most ? t->params[p].numel : most;
-    buf = malloc(most * sizeof *buf);
-    patches = malloc((size_t)t->n_params * sizeof *patches + 1); /* + 1: never malloc(0) */
-    if (!buf || !patches) { free(buf); free(patches); return fail(err, errsize, "out of memory"); }
-    /* the model's file as it is, with each segmentor tensor replaced by the adapted one */
-    for (p = 0; p < t->n_params; p++) {
-        const train_param *tp = &t->params[p];
-        for (i = 0; i < t->m->n_entries; i++) {
-            const tensor_entry *e = &t->m->entries[i];
-            if ((size_t)e->name_len != strlen(tp->name) || memcmp(e->name, tp->name, (size_t)e->name_len)) continue;
-            ok = ok && e->nbytes == tp->numel * sizeof *buf;
-            patches[n].offset = e->offset;
-            patches[n].nbytes = e->nbytes;
-            patches[n++].param = p;
-            break;
-        }
-    }
-    qsort(patches, (size_t)n, sizeof *patches, save_patch_cmp);
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    f = ok ? fopen(tmp, "wb") : NULL;
-    if (!f) {
-        free(buf);
-        free(patches);
-        return ok ? fail(err, errsize, "%s: cannot create: %s", tmp, strerror(errno))
-                  : fail(err, errsize, "%s: an adapted tensor does not match the model's file", path);
-    }
-    for (i = 0; ok && i < n; i++) {
-        const train_param *tp = &t->params[patches[i].param];
-        param_to_upstream(tp, t->param + tp->offset, buf);
-        ok = write_bytes(f, t->m->data + pos, patches[i].offset - pos) &&
-             fwrite(buf, sizeof *buf, tp->numel, f) == tp->numel;
-        pos = patches[i].offset + patches[i].nbytes;
-    }
-    ok = ok && write_bytes(f, t->m->data + pos, t->m->size - pos);
-    free(buf);
-    free(patches);
-    if (fclose(f) != 0) ok = 0;
-    if (!ok || replace_file(tmp, path) != 0) {
-        remove(tmp);
-        return fail(err, errsize, "%s: cannot write the adapted weight file", path);
-    }
-    return 0;
-}
-
-/* Training state file: "LOUPESTA", version, stage, tensor count, value count, a
- * FNV-1a hash of the tensor names and sizes, step count, random-stream position, the
- * caller's byte count; then the caller's bytes, AdamW's first and second moments
- * (float32, little-endian as the host writes them: the file is checked by its size and
- * hash, and is meant for the machine that wrote it). */
-#define STATE_MAGIC "LOUPESTA"
-#define STATE_VERSION 1u
-#define STATE_HEADER_WORDS 8
-
-static uint64_t state_signature(const loupe_trainer *t)
-{
-    uint64_t h = 0xCBF29CE484222325ull;
-    int p, d;
-    for (p = 0; p < t->n_params; p++) {
-        const unsigned char *c = (const unsigned char *)t->params[p].name;
-        for (; *c; c++) h = (h ^ *c) * 0x100000001B3ull;
-        for (d = 0; d < MAX_TENSOR_DIMS; d++) h = (h ^ (uint64_t)(unsigned)t->params[p].dims[d]) * 0x100000001B3ull;
-    }
-    return h;
-}
-
-int loupe_trainer_save_state(const loupe_trainer *t, const char *path, const void *user, size_t user_size,
-                             char *err, size_t errsize)
-{
-    char tmp[1024];
-    uint64_t hdr[STATE_HEADER_WORDS];
-    FILE *f;
-    int ok;
-    if (!t || !path || (user_size && !user)) return fail(err, errsize, "saving a training state needs a trainer and a path");
-    if (strlen(path) + 5 > sizeof tmp) return fail(err, errsize, "%s: path too long", path);
-    hdr[0] = STATE_VERSION;
-    hdr[1] = (uint64_t)t->opt.stage;
-    hdr[2] = (uint64_t)t->n_params;
-    hdr[3] = (uint64_t)t->n_floats;
-    hdr[4] = state_signature(t);
-    hdr[5] = (uint64_t)t->steps;
-    hdr[6] = t->rng_position;
-    hdr[7] = (uint64_t)user_size;
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    if (!(f = fopen(tmp, "wb"))) return fail(err, errsize, "%s: cannot create: %s", tmp, strerror(errno));
-    ok = fwrite(STATE_MAGIC, 1, 8, f) == 8 && fwrite(hdr, sizeof hdr[0], STATE_HEADER_WORDS, f) == STATE_HEADER_WORDS &&
-         (!user_size || fwrite(user, 1, user_size, f) == user_size) &&
-         fwrite(t->adam_m, sizeof *t->adam_m, t->n_floats, f) == t->n_floats &&
-         fwrite(t->adam_v, sizeof *t->adam_v, t->n_floats, f) == t->n_floats;
-    if (fclose(f) != 0) ok = 0;
-    if (!ok || replace_file(tmp, path) != 0) {
-        remove(tmp);
-        return fail(err, errsize, "%s: cannot write the training state", path);
-    }
-    return 0;
-}
-
-int loupe_trainer_load_state(loupe_trainer *t, const char *path, void *user, size_t user_size,
-                             char *err, size_t errsize)
-{
-    uint64_t hdr[STATE_HEADER_WORDS];
-    char magic[8];
-    FILE *f;
-    int ok;
-    if (!t || !path || (user_size && !user)) return fail(err, errsize, "loading a training state needs a trainer and a path");
-    if (!(f = fopen(path, "rb"))) return fail(err, errsize, "%s: cannot open: %s", path, strerror(errno));
-    ok = fread(magic, 1, 8, f) == 8 && !memcmp(magic, STATE_MAGIC, 8) &&
-         fread(hdr, sizeof hdr[0], STATE_HEADER_WORDS, f) == STATE_HEADER_WORDS;
-    if (!ok || hdr[0] != STATE_VERSION) {
-        fclose(f);
-        return fail(err, errsize, "%s: not a loupe training state (or of another version)", path);
-    }
-    if (hdr[1] != (uint64_t)t->opt.stage || hdr[2] != (uint64_t)t->n_params || hdr[3] != (uint64_t)t->n_floats ||
-        hdr[4] != state_signature(t) || hdr[7] != (uint64_t)user_size) {
-        fclose(f);
-        return fail(err, errsize, "%s: the training state belongs to another stage, model or set of trained tensors", path);
-    }
-    ok = (!user_size || fread(user, 1, user_size, f) == user_size) &&
-         fread(t->adam_m, sizeof *t->adam_m, t->n_floats, f) == t->n_floats &&
-         fread(t->adam_v, sizeof *t->adam_v, t->n_floats, f) == t->n_floats && fgetc(f) == EOF;
-    fclose(f);
-    if (!ok) {
-        zero_floats(t->adam_m, t->n_floats);
-        zero_floats(t->adam_v, t->n_floats);
-        return fail(err, errsize, "%s: the training state is truncated or too long", path);
-    }
-    t->steps = (long)hdr[5];
-    t->rng_position = hdr[6];
-    zero_floats(t->grad, t->n_floats);
-    return 0;
-}
-
-int loupe_tta_save(const loupe_trainer *t, const char *path, char *err, size_t errsize)
-{
-    return loupe_trainer_save(t, path, err, errsize);
-}
-
-/* ========================================================================== */
-/* 10. Datasets and metrics (DataModule, LoupeImageProcessor, Metric)         */
+/* 11. Datasets and metrics (DataModule, LoupeImageProcessor, Metric)         */
 /* ========================================================================== */
 /* What upstream's training and validation read besides the model:
  *   - labelled datasets (a folder images/ + masks/, or a list file), every entry
@@ -13513,7 +13516,7 @@ done:
 }
 
 /* ========================================================================== */
-/* 11. CLI: the `loupe` command                                               */
+/* 12. CLI: the `loupe` command                                               */
 /* ========================================================================== */
 #ifndef LOUPE_NO_MAIN
 
@@ -14761,7 +14764,7 @@ static const char init_usage[] =
     "Writes a complete weight file for CONFIG (the config format of tools/convert.py; the\n"
     "header's hyperparameters are the ones convert.py writes for it), every tensor drawn\n"
     "as upstream Loupe's from-scratch construction draws it (LoupeModel(config) + post_init;\n"
-    "rules in loupe.c, section 3b), from a generator seeded by S (0 to 2^64-1): the same\n"
+    "rules in loupe.c, section 9), from a generator seeded by S (0 to 2^64-1): the same\n"
     "seed gives the same bytes on every platform.\n"
     "\n"
     "  --config FILE     the configuration (JSON), required\n"

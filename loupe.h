@@ -431,7 +431,7 @@ void loupe_trainer_size(const loupe_trainer *t, int *tensors, size_t *values);
 
 /* Writes a weight file for the configuration in config_path (tools/convert.py's JSON
  * config format) with every tensor drawn as upstream's from-scratch construction draws
- * it (LoupeModel(config) + post_init; the rules are listed in loupe.c, section 3b),
+ * it (LoupeModel(config) + post_init; the rules are listed in loupe.c, section 9),
  * from a deterministic generator seeded by seed: the same seed gives the same bytes on
  * every platform. dtype: "f32" (NULL), "bf16" or "q8" for the weight matrices.
  * backbone_path, unless NULL, names a weight file whose backbone.* tensors are copied

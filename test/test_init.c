@@ -1,4 +1,4 @@
-/* test_init.c - checks loupe_init_weights (`loupe init`, loupe.c section 3b).
+/* test_init.c - checks loupe_init_weights (`loupe init`, loupe.c section 9).
  *
  * Usage: test_init TMPDIR CONVERTED.bin CASE_DIR...
  *   CONVERTED.bin  the first case's golden weights converted by tools/convert.py (the
