@@ -10,10 +10,11 @@
  *   4. backbone             Perception Encoder ViT (PE-Core-L14-336), each module with
  *                           its backward twin (training tapes, gradient views)
  *   5. classifier           global MLP, patch MLP, fuser, their backward; LoupeClsLoss
- *   6. segmentor            feature pyramid, Mask2Former pixel decoder, masked-attention decoder
+ *   6. segmentor            feature pyramid, Mask2Former pixel decoder, masked-attention decoder,
+ *                           each module with its backward twin
  *   7. pre/post-processing  image to pixels; mask logits to a probability map and a binary mask
- *   8. training             LoupeSegLoss, the segmentor's backward, the trainer of
- *                           every stage (test-time adaptation is one), AdamW, state files
+ *   8. training             LoupeSegLoss, the trainer of every stage (test-time
+ *                           adaptation is one), AdamW, state files
  *   9. initialisation       upstream's from-scratch weights for any config (loupe init)
  *  10. image I/O            PNG, JPEG, PPM decoders, PIL-exact resize, PNG writer
  *  11. datasets, metrics    labelled datasets, upstream's training examples (masks
@@ -2911,9 +2912,9 @@ typedef struct dec_layer_acts {
     float *hq1, *q1, *kv, *att1, *a1, *h1, *hq2, *q2, *kv2, *att2, *a2, *h2, *ffn, *a3;
 } dec_layer_acts;
 
-/* What a test-time-adaptation forward keeps for the backward (a loupe_tta owns the
- * buffers; section 8). Layer outputs the session keeps anyway are read from the session. */
-typedef struct tta_tape {
+/* What a training forward keeps for the segmentor's backward (a trainer owns the buffers;
+ * section 8). Layer outputs the session keeps anyway are read from the session. */
+typedef struct seg_tape {
     scale_block_acts fpn[4];      /* fpn4[0], fpn4[1], fpn2, fpn_half */
     float *proj;                  /* [Te][F] input projections before their GroupNorm */
     enc_layer_acts *enc;          /* [enc_layers] */
@@ -2921,7 +2922,61 @@ typedef struct tta_tape {
     float *hidden;                /* [L][Q][F] decoder hidden states: query features, then layer outputs */
     dec_layer_acts *dec;          /* [L-1] */
     float *me_a, *me_b, *me;      /* [L][Q][F] mask-embedding MLP of each prediction */
-} tta_tape;
+} seg_tape;
+
+/* Scratch of the segmentor's backward (names: d_x is the gradient of activation x). */
+typedef struct seg_work {
+    float *d_class, *d_mask;          /* [L][Q][C], [L][Q][(4g)^2]: the loss's gradients */
+    float *pseudo_mask;               /* [g*g] sigmoid(patch logits) */
+    float *d_feats;                   /* [1+g*g][W] gradient of backbone_features */
+    float *d_pooled;                  /* [W] gradient of pooled_features */
+    float *d_patch;                   /* [g*g] gradient of the patch logits */
+    float *d_me, *mf_t, *d_mf;        /* [L][Q][F]; [F][(4g)^2] mask features transposed; [(4g)^2][F] */
+    float *d_qh, *d_x1, *d_x2, *d_x3; /* [Q][F] mask predictor and decoder temporaries */
+    float *d_h0, *d_h1;               /* [Q][F] gradient of the decoder hidden state (two, swapped) */
+    float *d_att, *d_q, *d_hq;        /* [Q][F] */
+    float *d_kv2;                     /* [2][Q][F] */
+    float *d_qffn, *d_qffn2;          /* [Q][dec_ffn] */
+    float *d_kv;                      /* [Te][2F]: decoder and encoder cross-attention keys/values */
+    float *d_dec_feat;                /* [Te][F] decoder features = multi-scale features */
+    float *d_e0, *d_e1;               /* [Te][F] gradient of the encoder stream (two, swapped) */
+    float *d_t1, *d_t2, *d_msda, *d_value, *d_qpos; /* [Te][F] */
+    float *d_offs, *d_aw, *d_awl;     /* [Te][2*noff], [Te][noff] x 2 */
+    float *d_effn, *d_effn2;          /* [Te][enc_ffn] */
+    float *d_cq, *d_catt, *d_co, *d_cond; /* [F] */
+    float *d_m1, *d_m2;               /* [(4g)^2][F] mask-feature level temporaries */
+    float *d_fpn4, *d_fpn_mid, *d_fpn2, *d_fpn_half; /* gradients of the pyramid outputs */
+    float *d_f1, *d_f2;               /* [(4g)^2][W] scale-block temporaries */
+    float *wt;                        /* transposed weights / convolution scratch */
+    float *stats;                     /* [2 * (4g)^2] norm statistics */
+    float *att;                       /* attention_backward scratch */
+} seg_work;
+
+/* What the segmentor's backward (section 6) reads and writes: the weights' views, the
+ * forward's session and tape, scratch, and the trained tensors' gradients. A trainer owns
+ * all of it; trained tensors are its float32 copies in param [n_floats], each tensor's
+ * gradient at the same offset in grad. */
+typedef struct seg_grads {
+    const loupe_config *cfg;
+    const loupe_weights *w;           /* views: trained tensors point into param */
+    const loupe_tables *tb;           /* tables, enc_pos from the trained level embedding */
+    loupe_session *s;                 /* the forward that the backward follows */
+    const seg_tape *tape;
+    seg_work *wk;
+    float *param, *grad;
+    size_t n_floats;
+} seg_grads;
+
+/* The gradient buffer of a tensor: NULL for a frozen one (the model's own, outside param). */
+static float *grad_of(const seg_grads *sg, const float *p)
+{
+    uintptr_t a = (uintptr_t)p, lo = (uintptr_t)sg->param, hi = (uintptr_t)(sg->param + sg->n_floats);
+    if (!p || a < lo || a >= hi) return NULL;
+    return sg->grad + (p - sg->param);
+}
+
+/* The values of a trained weight matrix: the trainer's float32 copy. */
+static const float *trained_matrix(wmat m) { return m.data; }
 
 /* What a training forward keeps for the backward of the backbone (T = 1 + g*g tokens,
  * width W, MLP width M, pooling MLP width Mp); a trainer owns the buffers (sized by
@@ -2953,7 +3008,7 @@ struct loupe_session {
     const loupe_model *m;
     const loupe_weights *w;       /* weights in use: the model's or a trainer's (trained copies) */
     const loupe_tables *t;        /* tables derived from them */
-    tta_tape *tape;               /* TTA: where the forward keeps what the backward needs (else NULL) */
+    seg_tape *tape;               /* TTA: where the forward keeps what the backward needs (else NULL) */
     pe_tape *bb_tape;             /* training: backbone activations for the backward (else NULL) */
     cls_tape *cls_tape;           /* training: classifier activations for the backward (else NULL) */
     scale_block_acts fpn_acts;    /* inference views of the activations (aliasing scratch) */
@@ -3702,6 +3757,18 @@ static void conditional_query(loupe_session *s)
     tap(s, "conditional_query", s->cond_query, 0, 3, 1, 1, F, 0);
 }
 
+/* Backward of conditional_query: label_embedding[1] gets p * d, label_embedding[0] (1 - p) * d. */
+static void conditional_query_backward(const seg_grads *sg)
+{
+    int F = sg->cfg->feature_size, i;
+    float p = conditional_label(sg->s), *g0 = grad_of(sg, sg->w->label_embedding[0]);
+    float *g1 = grad_of(sg, sg->w->label_embedding[1]);
+    for (i = 0; i < F; i++) {
+        g1[i] += p * sg->wk->d_cond[i];
+        g0[i] += (1.0f - p) * sg->wk->d_cond[i];
+    }
+}
+
 /* Copies n floats unless dst and src are the same buffer (in-place inference views). */
 static void copy_unless_same(float *dst, const float *src, size_t n)
 {
@@ -3732,6 +3799,31 @@ static void scale_block(loupe_session *s, const scale_block_w *b, const float *i
     layernorm(out, dw, *oh * *ow, W, b->norm, c->fpn_ln_eps);
 }
 
+/* ScaleBlock backward for block blk of the tape: dout [h'*w'][W] -> din [h*w][W] +=
+ * (when din), parameter gradients. */
+static void scale_block_backward(const seg_grads *sg, const scale_block_w *b, int blk, const float *in, int h, int w,
+                                 const float *dout, float *din)
+{
+    const loupe_config *c = sg->cfg;
+    const scale_block_acts *A = &sg->tape->fpn[blk];
+    seg_work *k = sg->wk;
+    const float *convt = trained_matrix(b->conv1.w);
+    int W = c->width, oh = convt ? 2 * h : h / 2, ow = convt ? 2 * w : w / 2;
+    size_t n = (size_t)oh * ow * W;
+    zero_floats(k->d_f1, n);
+    layernorm_backward(k->d_f1, grad_of(sg, b->norm.w), grad_of(sg, b->norm.b), dout, A->dw, oh * ow, W, b->norm,
+                       c->fpn_ln_eps, k->stats);
+    zero_floats(k->d_f2, n);
+    depthwise3x3_hwc_backward(k->d_f2, grad_of(sg, b->dw), k->d_f1, A->act, oh, ow, W, b->dw);
+    zero_floats(k->d_f1, n);
+    gelu_backward(k->d_f1, k->d_f2, A->pre, n);
+    if (convt) /* d_f2 (n floats) is free again: the product's scratch */
+        conv_transpose2x2_hwc_backward(din, grad_of(sg, convt), grad_of(sg, b->conv1.b), k->d_f1, in, h, w, W, W,
+                                       convt, k->d_f2);
+    else if (din)
+        maxpool2x2_hwc_backward(din, k->d_f1, in, h, w, W);
+}
+
 /* FeaturePyramid.forward: the patch grid [g*g][W] at scales 4x, 2x, 1x, 0.5x. */
 static void feature_pyramid(loupe_session *s)
 {
@@ -3748,6 +3840,22 @@ static void feature_pyramid(loupe_session *s)
     tap(s, "fpn_2", grid, 1, 4, 1, W, g, g);
     scale_block(s, &w->fpn_half, grid, g, g, s->fpn_half, &h, &wd, s->tape ? &s->tape->fpn[3] : A);
     tap(s, "fpn_3", s->fpn_half, 1, 4, 1, W, h, wd);
+}
+
+/* FeaturePyramid backward: the pixel decoder's gradients of the 4x, 2x and 0.5x maps
+ * -> parameter gradients (and d of the patch grid into d_grid when not NULL). */
+static void feature_pyramid_backward(const seg_grads *sg, float *d_grid)
+{
+    const loupe_config *c = sg->cfg;
+    const loupe_weights *w = sg->w;
+    seg_work *k = sg->wk;
+    int g = c->grid, W = c->width;
+    const float *grid = sg->s->feats + W;
+    scale_block_backward(sg, &w->fpn_half, 3, grid, g, g, k->d_fpn_half, d_grid);
+    scale_block_backward(sg, &w->fpn2, 2, grid, g, g, k->d_fpn2, d_grid);
+    zero_floats(k->d_fpn_mid, (size_t)4 * g * g * W);
+    scale_block_backward(sg, &w->fpn4[1], 1, sg->s->fpn_mid, 2 * g, 2 * g, k->d_fpn4, k->d_fpn_mid);
+    scale_block_backward(sg, &w->fpn4[0], 0, grid, g, g, k->d_fpn_mid, d_grid);
 }
 
 /* multi_scale_deformable_attention: for each token and head, the softmaxed weights
@@ -3855,6 +3963,93 @@ static void pixel_decoder_encoder_layer(loupe_session *s, const enc_layer_w *e, 
     layernorm(hout, a3, T, F, e->ln_final, c->ln_eps);
 }
 
+/* Backward of the post-norm ReLU feed-forward block of the encoder and decoder layers,
+ * LayerNorm(a), a = x + fc2(relu(fc1(x))): d out [rows][F] -> dx [rows][F] (=), using d_ln
+ * [rows][F] and d_h, d_h2 [rows][E] as scratch; a, x and h = relu(fc1(x)) were saved by
+ * the forward. Parameter gradients are accumulated. */
+static void ffn_block_backward(const seg_grads *sg, float *dx, float *d_ln, const float *dy, const float *a, const float *x,
+                               const float *h, int rows, int E, linear_w fc1, linear_w fc2, norm_w ln, float *d_h,
+                               float *d_h2)
+{
+    const loupe_config *c = sg->cfg;
+    seg_work *k = sg->wk;
+    int F = c->feature_size;
+    size_t n = (size_t)rows * F, ne = (size_t)rows * E;
+    zero_floats(d_ln, n);
+    layernorm_backward(d_ln, grad_of(sg, ln.w), grad_of(sg, ln.b), dy, a, rows, F, ln, c->ln_eps, k->stats);
+    memcpy(dx, d_ln, n * sizeof *dx);
+    zero_floats(d_h, ne);
+    linear_backward(d_h, grad_of(sg, trained_matrix(fc2.w)), grad_of(sg, fc2.b), d_ln, F, h, rows, E, F, trained_matrix(fc2.w),
+                    k->wt);
+    zero_floats(d_h2, ne);
+    relu_backward(d_h2, d_h, h, ne);
+    linear_backward(dx, grad_of(sg, trained_matrix(fc1.w)), grad_of(sg, fc1.b), d_h2, E, x, rows, F, E, trained_matrix(fc1.w),
+                    k->wt);
+}
+
+/* PixelDecoderEncoderLayer backward for layer i: d hout [Te][F] -> d hin [Te][F] (=);
+ * the conditional query's gradient += into wk.d_cond. */
+static void pixel_decoder_encoder_layer_backward(const seg_grads *sg, int i, const float *dout, float *din)
+{
+    const loupe_config *c = sg->cfg;
+    const loupe_tables *tb = sg->tb;
+    const enc_layer_w *e = &sg->w->enc[i];
+    const enc_layer_acts *A = &sg->tape->enc[i];
+    seg_work *k = sg->wk;
+    int T = tb->tokens, F = c->feature_size, H = c->m2f_heads, dh = F / H, E = c->enc_ffn, P = c->deform_points;
+    int noff = H * 3 * P, l;
+    size_t TF = (size_t)T * F, FF = (size_t)F * F;
+    const float *hin = sg->s->enc_h + (size_t)i * TF;
+    float *gqkv = grad_of(sg, trained_matrix(e->cross_qkv.w)), *gqkv_b = grad_of(sg, e->cross_qkv.b);
+    float scale = 1.0f / sqrtf((float)dh);
+    /* feed-forward and final_layer_norm */
+    ffn_block_backward(sg, k->d_t2, k->d_t1, dout, A->a3, A->h2, A->ffn, T, E, e->fc1, e->fc2, e->ln_final, k->d_effn,
+                       k->d_effn2);
+    /* conditional cross-attention: a2 = h1 + co on every token */
+    zero_floats(k->d_t1, TF);
+    layernorm_backward(k->d_t1, grad_of(sg, e->ln_cross.w), grad_of(sg, e->ln_cross.b), k->d_t2, A->a2, T, F, e->ln_cross,
+                       c->ln_eps, k->stats);
+    memcpy(k->d_t2, k->d_t1, TF * sizeof *k->d_t2);
+    zero_floats(k->d_co, (size_t)F);
+    bias_backward(k->d_co, k->d_t1, F, T, F);
+    zero_floats(k->d_catt, (size_t)F);
+    linear_backward(k->d_catt, grad_of(sg, trained_matrix(e->cross_out.w)), grad_of(sg, e->cross_out.b), k->d_co, F,
+                    A->catt, 1, F, F, trained_matrix(e->cross_out.w), k->wt);
+    zero_floats(k->d_cq, (size_t)F);
+    zero_floats(k->d_kv, TF * 2);
+    attention_backward(k->d_cq, F, k->d_kv, 2 * F, k->d_kv + F, 2 * F, k->d_catt, F, A->cq, F, A->kv, 2 * F, A->kv + F,
+                       2 * F, 1, T, H, dh, scale, NULL, k->att);
+    linear_backward(k->d_cond, gqkv, gqkv_b, k->d_cq, F, sg->s->cond_query, 1, F, F, trained_matrix(e->cross_qkv.w), k->wt);
+    linear_backward(k->d_t2, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, A->h1, T, F, 2 * F,
+                    trained_matrix(e->cross_qkv.w) + FF, k->wt);
+    /* multi-scale deformable self-attention: a1 = hin + output(msda(value(hin), offsets(q), softmax(weights(q)))) */
+    zero_floats(k->d_t1, TF);
+    layernorm_backward(k->d_t1, grad_of(sg, e->ln_self.w), grad_of(sg, e->ln_self.b), k->d_t2, A->a1, T, F, e->ln_self,
+                       c->ln_eps, k->stats);
+    memcpy(din, k->d_t1, TF * sizeof *din);
+    zero_floats(k->d_msda, TF);
+    linear_backward(k->d_msda, grad_of(sg, trained_matrix(e->output.w)), grad_of(sg, e->output.b), k->d_t1, F, A->msda, T,
+                    F, F, trained_matrix(e->output.w), k->wt);
+    zero_floats(k->d_value, TF);
+    zero_floats(k->d_offs, (size_t)T * 2 * noff);
+    zero_floats(k->d_aw, (size_t)T * noff);
+    ms_deform_attn_core_backward(k->d_value, k->d_offs, k->d_aw, k->d_msda, A->value, A->offs, A->aw, tb, F, H, P);
+    zero_floats(k->d_awl, (size_t)T * noff);
+    softmax_rows_backward(k->d_awl, k->d_aw, A->aw, T * H, 3 * P);
+    zero_floats(k->d_qpos, TF);
+    linear_backward(k->d_qpos, grad_of(sg, trained_matrix(e->attn_weights.w)), grad_of(sg, e->attn_weights.b), k->d_awl,
+                    noff, A->qpos, T, F, noff, trained_matrix(e->attn_weights.w), k->wt);
+    linear_backward(k->d_qpos, grad_of(sg, trained_matrix(e->offsets.w)), grad_of(sg, e->offsets.b), k->d_offs, 2 * noff,
+                    A->qpos, T, F, 2 * noff, trained_matrix(e->offsets.w), k->wt);
+    linear_backward(din, grad_of(sg, trained_matrix(e->value.w)), grad_of(sg, e->value.b), k->d_value, F, hin, T, F, F,
+                    trained_matrix(e->value.w), k->wt);
+    /* q = hin + position, position = sine + level_embed[level] */
+    add(din, din, k->d_qpos, TF);
+    for (l = 0; l < 3; l++)
+        bias_backward(grad_of(sg, sg->w->level_embed) + (size_t)l * F, k->d_qpos + (size_t)tb->level_start[l] * F, F,
+                      tb->level_h[l] * tb->level_w[l], F);
+}
+
 /* PixelDecoder.forward (Loupe's Mask2FormerPixelDecoder): input projections of the
  * 0.5x, 1x, 2x maps, the conditional deformable encoder, then the extra FPN level at
  * 4x (adapter_1 + upsampled 2x level, layer_1) and the mask projection. */
@@ -3906,6 +4101,63 @@ static void pixel_decoder(loupe_session *s)
     tap(s, "mask_features", s->mask_features, 1, 4, 1, F, M, M);
 }
 
+/* PixelDecoder backward: d mask features and d multi-scale features -> d of the
+ * pyramid levels it reads (wk.d_fpn4, d_fpn2, d_fpn_half; the 1x level into d_grid
+ * when not NULL), parameter gradients. */
+static void pixel_decoder_backward(const seg_grads *sg, float *d_grid)
+{
+    const loupe_config *c = sg->cfg;
+    const loupe_tables *tb = sg->tb;
+    const loupe_weights *w = sg->w;
+    loupe_session *s = sg->s;
+    seg_work *k = sg->wk;
+    int F = c->feature_size, W = c->width, T = tb->tokens, M = 4 * c->grid, i, l;
+    size_t MF = (size_t)M * M * F;
+    float *dcur = k->d_e0, *dnext = k->d_e1, *swap;
+    const float *inputs[3];
+    float *d_inputs[3];
+    inputs[0] = s->fpn_half; inputs[1] = s->feats + W; inputs[2] = s->fpn2;
+    d_inputs[0] = k->d_fpn_half; d_inputs[1] = d_grid; d_inputs[2] = k->d_fpn2;
+    /* mask_projection, ReLU, layer_1 GroupNorm and 3x3 convolution */
+    zero_floats(k->d_m1, MF);
+    linear_backward(k->d_m1, grad_of(sg, trained_matrix(w->mask_projection.w)), grad_of(sg, w->mask_projection.b), k->d_mf,
+                    F, s->fpn_out, M * M, F, F, trained_matrix(w->mask_projection.w), k->wt);
+    zero_floats(k->d_m2, MF);
+    relu_backward(k->d_m2, k->d_m1, s->fpn_out, MF);
+    zero_floats(k->d_m1, MF);
+    groupnorm_hwc_backward(k->d_m1, grad_of(sg, w->layer_1_gn.w), grad_of(sg, w->layer_1_gn.b), k->d_m2, sg->tape->conv_pre,
+                           M * M, F, c->gn_groups, w->layer_1_gn, c->gn_eps);
+    zero_floats(k->d_m2, MF);
+    conv3x3_hwc_backward(k->d_m2, grad_of(sg, w->layer_1), k->d_m1, s->lateral, M, M, F, F, w->layer_1, k->wt);
+    /* the lateral sum: adapter_1 (1x1 conv + GroupNorm) + the upsampled 2x level */
+    memcpy(dcur, k->d_dec_feat, (size_t)T * F * sizeof *dcur);
+    interp_hwc_backward(dcur + (size_t)tb->level_start[2] * F, k->d_m2, tb->level_h[2], tb->level_w[2], F, M, M,
+                        s->interp);
+    zero_floats(k->d_m1, MF);
+    groupnorm_hwc_backward(k->d_m1, grad_of(sg, w->adapter_gn.w), grad_of(sg, w->adapter_gn.b), k->d_m2, sg->tape->lat_pre,
+                           M * M, F, c->gn_groups, w->adapter_gn, c->gn_eps);
+    zero_floats(k->d_fpn4, (size_t)M * M * W);
+    linear_backward(k->d_fpn4, grad_of(sg, trained_matrix(w->adapter_1.w)), NULL, k->d_m1, F, s->fpn4, M * M, W, F,
+                    trained_matrix(w->adapter_1.w), k->wt);
+    /* the deformable encoder, last layer first */
+    for (i = c->enc_layers - 1; i >= 0; i--) {
+        pixel_decoder_encoder_layer_backward(sg, i, dcur, dnext);
+        swap = dcur; dcur = dnext; dnext = swap;
+    }
+    /* input projections: 1x1 conv + GroupNorm per level (the 1x level is the frozen grid) */
+    zero_floats(k->d_fpn_half, (size_t)tb->level_h[0] * tb->level_w[0] * W);
+    zero_floats(k->d_fpn2, (size_t)tb->level_h[2] * tb->level_w[2] * W);
+    for (l = 0; l < 3; l++) {
+        int n = tb->level_h[l] * tb->level_w[l];
+        size_t at = (size_t)tb->level_start[l] * F;
+        zero_floats(k->d_t1, (size_t)n * F);
+        groupnorm_hwc_backward(k->d_t1, grad_of(sg, w->input_gn[l].w), grad_of(sg, w->input_gn[l].b), dcur + at,
+                               sg->tape->proj + at, n, F, c->gn_groups, w->input_gn[l], c->gn_eps);
+        linear_backward(d_inputs[l], grad_of(sg, trained_matrix(w->input_proj[l].w)), grad_of(sg, w->input_proj[l].b),
+                        k->d_t1, F, inputs[l], n, W, F, trained_matrix(w->input_proj[l].w), k->wt);
+    }
+}
+
 /* Mask2FormerMaskPredictor.forward + class_predictor for prediction i: mask-embedding
  * MLP, masks = embeddings . mask_features, the same masks resized to the attention level. */
 static void mask_predictor(loupe_session *s, int i, int level)
@@ -3937,6 +4189,48 @@ static void mask_predictor(loupe_session *s, int i, int level)
     tap(s, name, masks, 0, 4, 1, Q, M, M);
     snprintf(name, sizeof name, "dec_attn_mask_logits_%d", i);
     tap(s, name, att, 0, 4, 1, Q, lh, lw);
+}
+
+/* Backward of Mask2FormerMaskPredictor's einsum masks[r][p] = me[r] . mf[p] (all rows of
+ * all predictions at once): d_mask [rows][P] -> d_me [rows][F] +=, d_mf [P][F] +=.
+ * mf_t: scratch of F*P floats (mf transposed, so that d_me is a gemm_nt). */
+static void mask_einsum_backward(float *d_me, float *d_mf, const float *d_mask, const float *me, const float *mf,
+                                 int rows, int P, int F, float *mf_t)
+{
+    transpose(mf_t, mf, P, F);
+    gemm_nt(rows, F, P, d_mask, P, mf_t, P, NULL, d_me, F, 1);
+    gemm_tn(P, F, rows, d_mask, P, me, F, d_mf, F);
+}
+
+/* Mask2FormerMaskPredictor + class_predictor backward for prediction i: the loss's
+ * d class logits [Q][C] and d mask embedding (wk.d_me) -> d query_hidden[i] dqh [Q][F] (=). */
+static void mask_predictor_backward(const seg_grads *sg, int i, float *dqh)
+{
+    const loupe_config *c = sg->cfg;
+    const loupe_weights *w = sg->w;
+    seg_work *k = sg->wk;
+    int F = c->feature_size, Q = c->num_queries, C = c->num_labels + 1, l;
+    size_t QF = (size_t)Q * F;
+    const float *qh = sg->s->query_hidden + (size_t)i * QF;
+    const float *acts[2];
+    const float *dy = k->d_me + (size_t)i * QF;
+    acts[0] = sg->tape->me_a + (size_t)i * QF;
+    acts[1] = sg->tape->me_b + (size_t)i * QF;
+    zero_floats(dqh, QF);
+    linear_backward(dqh, grad_of(sg, trained_matrix(w->class_predictor.w)), grad_of(sg, w->class_predictor.b),
+                    k->d_class + (size_t)i * Q * C, C, qh, Q, F, C, trained_matrix(w->class_predictor.w), k->wt);
+    /* mask_embedder: Linear-ReLU-Linear-ReLU-Linear, walked back from the last layer */
+    for (l = 2; l > 0; l--) {
+        zero_floats(k->d_x1, QF);
+        linear_backward(k->d_x1, grad_of(sg, trained_matrix(w->mask_embed[l].w)), grad_of(sg, w->mask_embed[l].b), dy, F,
+                        acts[l - 1], Q, F, F, trained_matrix(w->mask_embed[l].w), k->wt);
+        zero_floats(k->d_x2, QF);
+        relu_backward(k->d_x2, k->d_x1, acts[l - 1], QF);
+        memcpy(k->d_x3, k->d_x2, QF * sizeof *k->d_x3);
+        dy = k->d_x3;
+    }
+    linear_backward(dqh, grad_of(sg, trained_matrix(w->mask_embed[0].w)), grad_of(sg, w->mask_embed[0].b), dy, F, qh, Q, F, F,
+                    trained_matrix(w->mask_embed[0].w), k->wt);
 }
 
 /* Mask2FormerMaskedAttentionDecoderLayer.forward_post: masked cross-attention to one
@@ -3986,6 +4280,69 @@ static void masked_attention_decoder_layer(loupe_session *s, const dec_layer_w *
     layernorm(hout, A->a3, Q, F, d->ln_final, c->ln_eps);
 }
 
+/* Mask2FormerMaskedAttentionDecoderLayer backward for layer i: d hout [Q][F] ->
+ * d hin [Q][F] (=); d of its level's features += into wk.d_dec_feat. */
+static void masked_attention_decoder_layer_backward(const seg_grads *sg, int i, const float *dout, float *din)
+{
+    const loupe_config *c = sg->cfg;
+    const loupe_tables *tb = sg->tb;
+    const dec_layer_w *d = &sg->w->dec[i];
+    const dec_layer_acts *A = &sg->tape->dec[i];
+    seg_work *k = sg->wk;
+    int F = c->feature_size, Q = c->num_queries, H = c->m2f_heads, dh = F / H, E = c->dec_ffn, level = i % 3;
+    int n = tb->level_h[level] * tb->level_w[level];
+    size_t QF = (size_t)Q * F, FF = (size_t)F * F;
+    const float *feat = sg->s->dec_feat + (size_t)tb->level_start[level] * F;
+    const float *kin = sg->s->dec_kin + (size_t)tb->level_start[level] * F;
+    float *dfeat = k->d_dec_feat + (size_t)tb->level_start[level] * F, *dqe = grad_of(sg, sg->w->query_embed);
+    float *gqkv = grad_of(sg, trained_matrix(d->cross_qkv.w)), *gqkv_b = grad_of(sg, d->cross_qkv.b);
+    float scale = 1.0f / sqrtf((float)dh);
+    /* feed-forward and final_layer_norm: a3 = h2 + fc2(relu(fc1(h2))) */
+    ffn_block_backward(sg, k->d_x2, k->d_x1, dout, A->a3, A->h2, A->ffn, Q, E, d->fc1, d->fc2, d->ln_final, k->d_qffn,
+                       k->d_qffn2);
+    /* self-attention and its norm: a2 = h1 + o(attention(q(h1 + pos), k(h1 + pos), v(h1))) */
+    zero_floats(k->d_x1, QF);
+    layernorm_backward(k->d_x1, grad_of(sg, d->ln_self.w), grad_of(sg, d->ln_self.b), k->d_x2, A->a2, Q, F, d->ln_self,
+                       c->ln_eps, k->stats);
+    memcpy(k->d_x2, k->d_x1, QF * sizeof *k->d_x2);
+    zero_floats(k->d_att, QF);
+    linear_backward(k->d_att, grad_of(sg, trained_matrix(d->o.w)), grad_of(sg, d->o.b), k->d_x1, F, A->att2, Q, F, F,
+                    trained_matrix(d->o.w), k->wt);
+    zero_floats(k->d_q, QF);
+    zero_floats(k->d_kv2, 2 * QF);
+    attention_backward(k->d_q, F, k->d_kv2, F, k->d_kv2 + QF, F, k->d_att, F, A->q2, F, A->kv2, F, A->kv2 + QF, F, Q, Q,
+                       H, dh, scale, NULL, k->att);
+    zero_floats(k->d_hq, QF);
+    linear_backward(k->d_hq, grad_of(sg, trained_matrix(d->q.w)), grad_of(sg, d->q.b), k->d_q, F, A->hq2, Q, F, F,
+                    trained_matrix(d->q.w), k->wt);
+    linear_backward(k->d_hq, grad_of(sg, trained_matrix(d->k.w)), grad_of(sg, d->k.b), k->d_kv2, F, A->hq2, Q, F, F,
+                    trained_matrix(d->k.w), k->wt);
+    linear_backward(k->d_x2, grad_of(sg, trained_matrix(d->v.w)), grad_of(sg, d->v.b), k->d_kv2 + QF, F, A->h1, Q, F, F,
+                    trained_matrix(d->v.w), k->wt);
+    add(k->d_x2, k->d_x2, k->d_hq, QF);
+    add(dqe, dqe, k->d_hq, QF);
+    /* masked cross-attention and its norm: a1 = hin + out(attention(q(hin + pos), k(feat + pos), v(feat))) */
+    zero_floats(k->d_x1, QF);
+    layernorm_backward(k->d_x1, grad_of(sg, d->ln_cross.w), grad_of(sg, d->ln_cross.b), k->d_x2, A->a1, Q, F,
+                       d->ln_cross, c->ln_eps, k->stats);
+    memcpy(din, k->d_x1, QF * sizeof *din);
+    zero_floats(k->d_att, QF);
+    linear_backward(k->d_att, grad_of(sg, trained_matrix(d->cross_out.w)), grad_of(sg, d->cross_out.b), k->d_x1, F, A->att1,
+                    Q, F, F, trained_matrix(d->cross_out.w), k->wt);
+    zero_floats(k->d_q, QF);
+    zero_floats(k->d_kv, (size_t)n * 2 * F);
+    attention_backward(k->d_q, F, k->d_kv, 2 * F, k->d_kv + F, 2 * F, k->d_att, F, A->q1, F, A->kv, 2 * F, A->kv + F,
+                       2 * F, Q, n, H, dh, scale, A->mask, k->att);
+    zero_floats(k->d_hq, QF);
+    linear_backward(k->d_hq, gqkv, gqkv_b, k->d_q, F, A->hq1, Q, F, F, trained_matrix(d->cross_qkv.w), k->wt);
+    linear_backward(dfeat, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, kin, n, F, F, trained_matrix(d->cross_qkv.w) + FF,
+                    k->wt);
+    linear_backward(dfeat, gqkv + 2 * FF, gqkv_b + 2 * F, k->d_kv + F, 2 * F, feat, n, F, F,
+                    trained_matrix(d->cross_qkv.w) + 2 * FF, k->wt);
+    add(din, din, k->d_hq, QF);
+    add(dqe, dqe, k->d_hq, QF);
+}
+
 /* Mask2FormerTransformerModule + Mask2FormerMaskedAttentionDecoder: learned queries,
  * one prediction before the first layer and one after each of the L-1 layers;
  * layer i attends to level i mod 3 using prediction i resized to that level. */
@@ -4016,6 +4373,50 @@ static void masked_attention_decoder(loupe_session *s)
     }
     tap(s, "class_queries_logits", s->class_logits + (size_t)(L - 1) * Q * C, 0, 3, 1, Q, C, 0);
     tap(s, "masks_queries_logits", s->mask_logits + (size_t)(L - 1) * Q * M * M, 0, 4, 1, Q, M, M);
+}
+
+/* Mask2FormerMaskedAttentionDecoder backward: the loss's gradients of every prediction
+ * -> d mask features (wk.d_mf), d multi-scale features (wk.d_dec_feat), parameter gradients. */
+static void masked_attention_decoder_backward(const seg_grads *sg)
+{
+    const loupe_config *c = sg->cfg;
+    const loupe_tables *tb = sg->tb;
+    const loupe_weights *w = sg->w;
+    seg_work *k = sg->wk;
+    int F = c->feature_size, Q = c->num_queries, L = c->dec_layers, M2 = 16 * c->grid * c->grid, i, l;
+    size_t QF = (size_t)Q * F;
+    float *dcur = k->d_h0, *dnext = k->d_h1, *swap, *gqf = grad_of(sg, w->query_feat);
+    /* the mask einsum of all L predictions: masks[q][p] = me[q] . mask_features[p] */
+    zero_floats(k->d_me, (size_t)L * QF);
+    zero_floats(k->d_mf, (size_t)M2 * F);
+    mask_einsum_backward(k->d_me, k->d_mf, k->d_mask, sg->tape->me, sg->s->mask_features, L * Q, M2, F, k->mf_t);
+    zero_floats(k->d_dec_feat, (size_t)tb->tokens * F);
+    /* hidden[i] feeds prediction i (through the decoder LayerNorm) and layer i */
+    for (i = L - 1; i >= 0; i--) {
+        if (i == L - 1) zero_floats(dcur, QF);
+        else masked_attention_decoder_layer_backward(sg, i, dnext, dcur);
+        mask_predictor_backward(sg, i, k->d_qh);
+        layernorm_backward(dcur, grad_of(sg, w->dec_ln.w), grad_of(sg, w->dec_ln.b), k->d_qh, sg->tape->hidden + (size_t)i * QF,
+                           Q, F, w->dec_ln, c->ln_eps, k->stats);
+        swap = dcur; dcur = dnext; dnext = swap;
+    }
+    add(gqf, gqf, dnext, QF);
+    /* decoder features = multi-scale features + level embedding */
+    for (l = 0; l < 3; l++)
+        bias_backward(grad_of(sg, w->dec_level_embed) + (size_t)l * F, k->d_dec_feat + (size_t)tb->level_start[l] * F, F,
+                      tb->level_h[l] * tb->level_w[l], F);
+}
+
+/* LoupeSegmentor backward after a TTA forward and the loss (wk.d_class, wk.d_mask):
+ * every segmentor parameter's gradient +=; the patch grid's (backbone features) into
+ * d_grid [g*g][W] += when not NULL (loupe.c keeps the backbone frozen; tests use it). */
+static void segmentor_backward(const seg_grads *sg, float *d_grid)
+{
+    zero_floats(sg->wk->d_cond, (size_t)sg->cfg->feature_size);
+    masked_attention_decoder_backward(sg);
+    pixel_decoder_backward(sg, d_grid);
+    feature_pyramid_backward(sg, d_grid);
+    conditional_query_backward(sg);
 }
 
 /* ========================================================================== */
@@ -4139,11 +4540,10 @@ const loupe_outputs *loupe_get_outputs(const loupe_session *s) { return &s->out;
 /* One trainer for upstream's stages cls, seg and cls_seg and for test-time adaptation
  * (TTA: the classifier's own verdict is the segmentor's target, and only the segmentor
  * trains). This section holds LoupeSegLoss with its gradient (LoupeClsLoss is in section
- * 5), the segmentor's backward (module by module, in the reverse order of section 6, on
- * the kernels' *_backward twins; the backbone's and the classifier's are in sections 4
- * and 5), the trainer (trained tensors copied out of the read-only model, parameter
- * groups, tapes, one image of a batch at a time), clipping and AdamW, state files, and
- * the loupe_trainer / loupe_tta API. */
+ * 5; every module's backward follows its forward in sections 4 to 6), the trainer
+ * (trained tensors copied out of the read-only model, parameter groups, tapes, one image
+ * of a batch at a time), clipping and AdamW, state files, and the loupe_trainer /
+ * loupe_tta API. */
 
 /* ---- Pseudo-label segmentation loss of test-time adaptation, and its gradient ----
  *
@@ -5097,35 +5497,6 @@ static void segmentor_params(param_builder *pb, loupe_weights *w, const loupe_co
 
 /* ---- The adapter: adapted weights, AdamW state, saved activations, backward scratch ---- */
 
-/* Scratch of the backward pass (names: d_x is the gradient of activation x). */
-typedef struct tta_work {
-    float *d_class, *d_mask;          /* [L][Q][C], [L][Q][(4g)^2]: the loss's gradients */
-    float *pseudo_mask;               /* [g*g] sigmoid(patch logits) */
-    float *d_feats;                   /* [1+g*g][W] gradient of backbone_features */
-    float *d_pooled;                  /* [W] gradient of pooled_features */
-    float *d_patch;                   /* [g*g] gradient of the patch logits */
-    float *d_me, *mf_t, *d_mf;        /* [L][Q][F]; [F][(4g)^2] mask features transposed; [(4g)^2][F] */
-    float *d_qh, *d_x1, *d_x2, *d_x3; /* [Q][F] mask predictor and decoder temporaries */
-    float *d_h0, *d_h1;               /* [Q][F] gradient of the decoder hidden state (two, swapped) */
-    float *d_att, *d_q, *d_hq;        /* [Q][F] */
-    float *d_kv2;                     /* [2][Q][F] */
-    float *d_qffn, *d_qffn2;          /* [Q][dec_ffn] */
-    float *d_kv;                      /* [Te][2F]: decoder and encoder cross-attention keys/values */
-    float *d_dec_feat;                /* [Te][F] decoder features = multi-scale features */
-    float *d_e0, *d_e1;               /* [Te][F] gradient of the encoder stream (two, swapped) */
-    float *d_t1, *d_t2, *d_msda, *d_value, *d_qpos; /* [Te][F] */
-    float *d_offs, *d_aw, *d_awl;     /* [Te][2*noff], [Te][noff] x 2 */
-    float *d_effn, *d_effn2;          /* [Te][enc_ffn] */
-    float *d_cq, *d_catt, *d_co, *d_cond; /* [F] */
-    float *d_m1, *d_m2;               /* [(4g)^2][F] mask-feature level temporaries */
-    float *d_fpn4, *d_fpn_mid, *d_fpn2, *d_fpn_half; /* gradients of the pyramid outputs */
-    float *d_f1, *d_f2;               /* [(4g)^2][W] scale-block temporaries */
-    float *wt;                        /* transposed weights / convolution scratch */
-    float *stats;                     /* [2 * (4g)^2] norm statistics */
-    float *att;                       /* attention_backward scratch */
-    seg_loss_scratch loss;
-} tta_work;
-
 struct loupe_trainer {
     const loupe_model *m;
     loupe_session *s;                 /* runs the forward with w, t and tape */
@@ -5150,8 +5521,10 @@ struct loupe_trainer {
     size_t n_floats;
     float *param, *grad, *adam_m, *adam_v; /* [n_floats] each */
     long steps;                       /* optimizer steps taken */
-    tta_tape tape;
-    tta_work wk;
+    seg_tape tape;
+    seg_work wk;
+    seg_loss_scratch loss_scratch;   /* the loss's point sampling and matching */
+    seg_grads sg;                     /* what the segmentor's backward reads and writes (section 6) */
     seg_loss_config loss_cfg;
     seg_loss_call *calls;             /* [L] */
     seg_prediction *preds;            /* [L] */
@@ -5162,19 +5535,8 @@ struct loupe_trainer {
     size_t tape_bytes, work_bytes, state_bytes;
 };
 
-/* The gradient buffer of an adapted tensor (p points into t->param). */
-static float *grad_of(loupe_trainer *t, const float *p)
-{
-    uintptr_t a = (uintptr_t)p, lo = (uintptr_t)t->param, hi = (uintptr_t)(t->param + t->n_floats);
-    if (!p || a < lo || a >= hi) return NULL;   /* a frozen tensor: the model's own */
-    return t->grad + (p - t->param);
-}
-
-/* The values of one of the adapter's weight matrices: its own float32 copies. */
-static const float *tta_matrix(wmat m) { return m.data; }
-
 /* Assigns (or, while measuring, counts) the saved activations. */
-static void tta_tape_layout(loupe_trainer *t, arena *a)
+static void seg_tape_layout(loupe_trainer *t, arena *a)
 {
     const loupe_config *c = &t->m->cfg;
     size_t g = (size_t)c->grid, W = (size_t)c->width, F = (size_t)c->feature_size, Q = (size_t)c->num_queries;
@@ -5217,10 +5579,10 @@ static void tta_tape_layout(loupe_trainer *t, arena *a)
 }
 
 /* Assigns (or counts) the backward scratch. */
-static void tta_work_layout(loupe_trainer *t, arena *a)
+static void seg_work_layout(loupe_trainer *t, arena *a)
 {
     const loupe_config *c = &t->m->cfg;
-    tta_work *k = &t->wk;
+    seg_work *k = &t->wk;
     size_t g = (size_t)c->grid, W = (size_t)c->width, F = (size_t)c->feature_size, Q = (size_t)c->num_queries;
     size_t Te = (size_t)t->m->t.tokens, M2 = 16 * g * g, L = (size_t)c->dec_layers, C = (size_t)c->num_labels + 1;
     size_t noff = (size_t)c->m2f_heads * 3 * (size_t)c->deform_points, QF = Q * F;
@@ -5262,16 +5624,16 @@ static void tta_work_layout(loupe_trainer *t, arena *a)
     k->wt = arena_floats(a, wt);
     k->stats = arena_floats(a, 2 * M2);
     k->att = arena_floats(a, att);
-    k->loss.matcher_points = arena_floats(a, 2 * P);
-    k->loss.matcher_scratch = arena_floats(a, (1 + (size_t)max_threads()) * P + Q);
-    k->loss.points = arena_floats(a, 2 * P);
-    k->loss.candidates = arena_floats(a, 2 * cand);
-    k->loss.candidate_logits = arena_floats(a, cand);
-    k->loss.order = (uncertain_point *)(void *)arena_bytes(a, cand * sizeof(uncertain_point));
-    k->loss.masks.point_logits = arena_floats(a, P);
-    k->loss.masks.point_labels = arena_floats(a, P);
-    k->loss.masks.grad_points = (double *)(void *)arena_bytes(a, P * sizeof(double));
-    k->loss.masks.grad_mask = (double *)(void *)arena_bytes(a, M2 * sizeof(double));
+    t->loss_scratch.matcher_points = arena_floats(a, 2 * P);
+    t->loss_scratch.matcher_scratch = arena_floats(a, (1 + (size_t)max_threads()) * P + Q);
+    t->loss_scratch.points = arena_floats(a, 2 * P);
+    t->loss_scratch.candidates = arena_floats(a, 2 * cand);
+    t->loss_scratch.candidate_logits = arena_floats(a, cand);
+    t->loss_scratch.order = (uncertain_point *)(void *)arena_bytes(a, cand * sizeof(uncertain_point));
+    t->loss_scratch.masks.point_logits = arena_floats(a, P);
+    t->loss_scratch.masks.point_labels = arena_floats(a, P);
+    t->loss_scratch.masks.grad_points = (double *)(void *)arena_bytes(a, P * sizeof(double));
+    t->loss_scratch.masks.grad_mask = (double *)(void *)arena_bytes(a, M2 * sizeof(double));
 }
 
 /* Assigns (or counts) the adapted parameters, their gradients and AdamW's moments. */
@@ -5296,354 +5658,6 @@ static void tta_refresh_tables(loupe_trainer *t)
                 t->t.enc_pos[(size_t)i * F + ch] = mt->dec_pos[(size_t)i * F + ch] + t->w.level_embed[(size_t)l * F + ch];
 }
 
-/* ---- Backward pass of the segmentor, module by module (reverse order of section 6) ---- */
-
-/* Backward of Mask2FormerMaskPredictor's einsum masks[r][p] = me[r] . mf[p] (all rows of
- * all predictions at once): d_mask [rows][P] -> d_me [rows][F] +=, d_mf [P][F] +=.
- * mf_t: scratch of F*P floats (mf transposed, so that d_me is a gemm_nt). */
-static void mask_einsum_backward(float *d_me, float *d_mf, const float *d_mask, const float *me, const float *mf,
-                                 int rows, int P, int F, float *mf_t)
-{
-    transpose(mf_t, mf, P, F);
-    gemm_nt(rows, F, P, d_mask, P, mf_t, P, NULL, d_me, F, 1);
-    gemm_tn(P, F, rows, d_mask, P, me, F, d_mf, F);
-}
-
-/* Mask2FormerMaskPredictor + class_predictor backward for prediction i: the loss's
- * d class logits [Q][C] and d mask embedding (wk.d_me) -> d query_hidden[i] dqh [Q][F] (=). */
-static void mask_predictor_backward(loupe_trainer *t, int i, float *dqh)
-{
-    const loupe_config *c = &t->m->cfg;
-    const loupe_weights *w = &t->w;
-    tta_work *k = &t->wk;
-    int F = c->feature_size, Q = c->num_queries, C = c->num_labels + 1, l;
-    size_t QF = (size_t)Q * F;
-    const float *qh = t->s->query_hidden + (size_t)i * QF;
-    const float *acts[2];
-    const float *dy = k->d_me + (size_t)i * QF;
-    acts[0] = t->tape.me_a + (size_t)i * QF;
-    acts[1] = t->tape.me_b + (size_t)i * QF;
-    zero_floats(dqh, QF);
-    linear_backward(dqh, grad_of(t, tta_matrix(w->class_predictor.w)), grad_of(t, w->class_predictor.b),
-                    k->d_class + (size_t)i * Q * C, C, qh, Q, F, C, tta_matrix(w->class_predictor.w), k->wt);
-    /* mask_embedder: Linear-ReLU-Linear-ReLU-Linear, walked back from the last layer */
-    for (l = 2; l > 0; l--) {
-        zero_floats(k->d_x1, QF);
-        linear_backward(k->d_x1, grad_of(t, tta_matrix(w->mask_embed[l].w)), grad_of(t, w->mask_embed[l].b), dy, F,
-                        acts[l - 1], Q, F, F, tta_matrix(w->mask_embed[l].w), k->wt);
-        zero_floats(k->d_x2, QF);
-        relu_backward(k->d_x2, k->d_x1, acts[l - 1], QF);
-        memcpy(k->d_x3, k->d_x2, QF * sizeof *k->d_x3);
-        dy = k->d_x3;
-    }
-    linear_backward(dqh, grad_of(t, tta_matrix(w->mask_embed[0].w)), grad_of(t, w->mask_embed[0].b), dy, F, qh, Q, F, F,
-                    tta_matrix(w->mask_embed[0].w), k->wt);
-}
-
-/* Backward of the post-norm ReLU feed-forward block of the encoder and decoder layers,
- * LayerNorm(a), a = x + fc2(relu(fc1(x))): d out [rows][F] -> dx [rows][F] (=), using d_ln
- * [rows][F] and d_h, d_h2 [rows][E] as scratch; a, x and h = relu(fc1(x)) were saved by
- * the forward. Parameter gradients are accumulated. */
-static void ffn_block_backward(loupe_trainer *t, float *dx, float *d_ln, const float *dy, const float *a, const float *x,
-                               const float *h, int rows, int E, linear_w fc1, linear_w fc2, norm_w ln, float *d_h,
-                               float *d_h2)
-{
-    const loupe_config *c = &t->m->cfg;
-    tta_work *k = &t->wk;
-    int F = c->feature_size;
-    size_t n = (size_t)rows * F, ne = (size_t)rows * E;
-    zero_floats(d_ln, n);
-    layernorm_backward(d_ln, grad_of(t, ln.w), grad_of(t, ln.b), dy, a, rows, F, ln, c->ln_eps, k->stats);
-    memcpy(dx, d_ln, n * sizeof *dx);
-    zero_floats(d_h, ne);
-    linear_backward(d_h, grad_of(t, tta_matrix(fc2.w)), grad_of(t, fc2.b), d_ln, F, h, rows, E, F, tta_matrix(fc2.w),
-                    k->wt);
-    zero_floats(d_h2, ne);
-    relu_backward(d_h2, d_h, h, ne);
-    linear_backward(dx, grad_of(t, tta_matrix(fc1.w)), grad_of(t, fc1.b), d_h2, E, x, rows, F, E, tta_matrix(fc1.w),
-                    k->wt);
-}
-
-/* Mask2FormerMaskedAttentionDecoderLayer backward for layer i: d hout [Q][F] ->
- * d hin [Q][F] (=); d of its level's features += into wk.d_dec_feat. */
-static void masked_attention_decoder_layer_backward(loupe_trainer *t, int i, const float *dout, float *din)
-{
-    const loupe_config *c = &t->m->cfg;
-    const loupe_tables *tb = &t->t;
-    const dec_layer_w *d = &t->w.dec[i];
-    const dec_layer_acts *A = &t->tape.dec[i];
-    tta_work *k = &t->wk;
-    int F = c->feature_size, Q = c->num_queries, H = c->m2f_heads, dh = F / H, E = c->dec_ffn, level = i % 3;
-    int n = tb->level_h[level] * tb->level_w[level];
-    size_t QF = (size_t)Q * F, FF = (size_t)F * F;
-    const float *feat = t->s->dec_feat + (size_t)tb->level_start[level] * F;
-    const float *kin = t->s->dec_kin + (size_t)tb->level_start[level] * F;
-    float *dfeat = k->d_dec_feat + (size_t)tb->level_start[level] * F, *dqe = grad_of(t, t->w.query_embed);
-    float *gqkv = grad_of(t, tta_matrix(d->cross_qkv.w)), *gqkv_b = grad_of(t, d->cross_qkv.b);
-    float scale = 1.0f / sqrtf((float)dh);
-    /* feed-forward and final_layer_norm: a3 = h2 + fc2(relu(fc1(h2))) */
-    ffn_block_backward(t, k->d_x2, k->d_x1, dout, A->a3, A->h2, A->ffn, Q, E, d->fc1, d->fc2, d->ln_final, k->d_qffn,
-                       k->d_qffn2);
-    /* self-attention and its norm: a2 = h1 + o(attention(q(h1 + pos), k(h1 + pos), v(h1))) */
-    zero_floats(k->d_x1, QF);
-    layernorm_backward(k->d_x1, grad_of(t, d->ln_self.w), grad_of(t, d->ln_self.b), k->d_x2, A->a2, Q, F, d->ln_self,
-                       c->ln_eps, k->stats);
-    memcpy(k->d_x2, k->d_x1, QF * sizeof *k->d_x2);
-    zero_floats(k->d_att, QF);
-    linear_backward(k->d_att, grad_of(t, tta_matrix(d->o.w)), grad_of(t, d->o.b), k->d_x1, F, A->att2, Q, F, F,
-                    tta_matrix(d->o.w), k->wt);
-    zero_floats(k->d_q, QF);
-    zero_floats(k->d_kv2, 2 * QF);
-    attention_backward(k->d_q, F, k->d_kv2, F, k->d_kv2 + QF, F, k->d_att, F, A->q2, F, A->kv2, F, A->kv2 + QF, F, Q, Q,
-                       H, dh, scale, NULL, k->att);
-    zero_floats(k->d_hq, QF);
-    linear_backward(k->d_hq, grad_of(t, tta_matrix(d->q.w)), grad_of(t, d->q.b), k->d_q, F, A->hq2, Q, F, F,
-                    tta_matrix(d->q.w), k->wt);
-    linear_backward(k->d_hq, grad_of(t, tta_matrix(d->k.w)), grad_of(t, d->k.b), k->d_kv2, F, A->hq2, Q, F, F,
-                    tta_matrix(d->k.w), k->wt);
-    linear_backward(k->d_x2, grad_of(t, tta_matrix(d->v.w)), grad_of(t, d->v.b), k->d_kv2 + QF, F, A->h1, Q, F, F,
-                    tta_matrix(d->v.w), k->wt);
-    add(k->d_x2, k->d_x2, k->d_hq, QF);
-    add(dqe, dqe, k->d_hq, QF);
-    /* masked cross-attention and its norm: a1 = hin + out(attention(q(hin + pos), k(feat + pos), v(feat))) */
-    zero_floats(k->d_x1, QF);
-    layernorm_backward(k->d_x1, grad_of(t, d->ln_cross.w), grad_of(t, d->ln_cross.b), k->d_x2, A->a1, Q, F,
-                       d->ln_cross, c->ln_eps, k->stats);
-    memcpy(din, k->d_x1, QF * sizeof *din);
-    zero_floats(k->d_att, QF);
-    linear_backward(k->d_att, grad_of(t, tta_matrix(d->cross_out.w)), grad_of(t, d->cross_out.b), k->d_x1, F, A->att1,
-                    Q, F, F, tta_matrix(d->cross_out.w), k->wt);
-    zero_floats(k->d_q, QF);
-    zero_floats(k->d_kv, (size_t)n * 2 * F);
-    attention_backward(k->d_q, F, k->d_kv, 2 * F, k->d_kv + F, 2 * F, k->d_att, F, A->q1, F, A->kv, 2 * F, A->kv + F,
-                       2 * F, Q, n, H, dh, scale, A->mask, k->att);
-    zero_floats(k->d_hq, QF);
-    linear_backward(k->d_hq, gqkv, gqkv_b, k->d_q, F, A->hq1, Q, F, F, tta_matrix(d->cross_qkv.w), k->wt);
-    linear_backward(dfeat, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, kin, n, F, F, tta_matrix(d->cross_qkv.w) + FF,
-                    k->wt);
-    linear_backward(dfeat, gqkv + 2 * FF, gqkv_b + 2 * F, k->d_kv + F, 2 * F, feat, n, F, F,
-                    tta_matrix(d->cross_qkv.w) + 2 * FF, k->wt);
-    add(din, din, k->d_hq, QF);
-    add(dqe, dqe, k->d_hq, QF);
-}
-
-/* Mask2FormerMaskedAttentionDecoder backward: the loss's gradients of every prediction
- * -> d mask features (wk.d_mf), d multi-scale features (wk.d_dec_feat), parameter gradients. */
-static void masked_attention_decoder_backward(loupe_trainer *t)
-{
-    const loupe_config *c = &t->m->cfg;
-    const loupe_tables *tb = &t->t;
-    const loupe_weights *w = &t->w;
-    tta_work *k = &t->wk;
-    int F = c->feature_size, Q = c->num_queries, L = c->dec_layers, M2 = 16 * c->grid * c->grid, i, l;
-    size_t QF = (size_t)Q * F;
-    float *dcur = k->d_h0, *dnext = k->d_h1, *swap, *gqf = grad_of(t, w->query_feat);
-    /* the mask einsum of all L predictions: masks[q][p] = me[q] . mask_features[p] */
-    zero_floats(k->d_me, (size_t)L * QF);
-    zero_floats(k->d_mf, (size_t)M2 * F);
-    mask_einsum_backward(k->d_me, k->d_mf, k->d_mask, t->tape.me, t->s->mask_features, L * Q, M2, F, k->mf_t);
-    zero_floats(k->d_dec_feat, (size_t)tb->tokens * F);
-    /* hidden[i] feeds prediction i (through the decoder LayerNorm) and layer i */
-    for (i = L - 1; i >= 0; i--) {
-        if (i == L - 1) zero_floats(dcur, QF);
-        else masked_attention_decoder_layer_backward(t, i, dnext, dcur);
-        mask_predictor_backward(t, i, k->d_qh);
-        layernorm_backward(dcur, grad_of(t, w->dec_ln.w), grad_of(t, w->dec_ln.b), k->d_qh, t->tape.hidden + (size_t)i * QF,
-                           Q, F, w->dec_ln, c->ln_eps, k->stats);
-        swap = dcur; dcur = dnext; dnext = swap;
-    }
-    add(gqf, gqf, dnext, QF);
-    /* decoder features = multi-scale features + level embedding */
-    for (l = 0; l < 3; l++)
-        bias_backward(grad_of(t, w->dec_level_embed) + (size_t)l * F, k->d_dec_feat + (size_t)tb->level_start[l] * F, F,
-                      tb->level_h[l] * tb->level_w[l], F);
-}
-
-/* PixelDecoderEncoderLayer backward for layer i: d hout [Te][F] -> d hin [Te][F] (=);
- * the conditional query's gradient += into wk.d_cond. */
-static void pixel_decoder_encoder_layer_backward(loupe_trainer *t, int i, const float *dout, float *din)
-{
-    const loupe_config *c = &t->m->cfg;
-    const loupe_tables *tb = &t->t;
-    const enc_layer_w *e = &t->w.enc[i];
-    const enc_layer_acts *A = &t->tape.enc[i];
-    tta_work *k = &t->wk;
-    int T = tb->tokens, F = c->feature_size, H = c->m2f_heads, dh = F / H, E = c->enc_ffn, P = c->deform_points;
-    int noff = H * 3 * P, l;
-    size_t TF = (size_t)T * F, FF = (size_t)F * F;
-    const float *hin = t->s->enc_h + (size_t)i * TF;
-    float *gqkv = grad_of(t, tta_matrix(e->cross_qkv.w)), *gqkv_b = grad_of(t, e->cross_qkv.b);
-    float scale = 1.0f / sqrtf((float)dh);
-    /* feed-forward and final_layer_norm */
-    ffn_block_backward(t, k->d_t2, k->d_t1, dout, A->a3, A->h2, A->ffn, T, E, e->fc1, e->fc2, e->ln_final, k->d_effn,
-                       k->d_effn2);
-    /* conditional cross-attention: a2 = h1 + co on every token */
-    zero_floats(k->d_t1, TF);
-    layernorm_backward(k->d_t1, grad_of(t, e->ln_cross.w), grad_of(t, e->ln_cross.b), k->d_t2, A->a2, T, F, e->ln_cross,
-                       c->ln_eps, k->stats);
-    memcpy(k->d_t2, k->d_t1, TF * sizeof *k->d_t2);
-    zero_floats(k->d_co, (size_t)F);
-    bias_backward(k->d_co, k->d_t1, F, T, F);
-    zero_floats(k->d_catt, (size_t)F);
-    linear_backward(k->d_catt, grad_of(t, tta_matrix(e->cross_out.w)), grad_of(t, e->cross_out.b), k->d_co, F,
-                    A->catt, 1, F, F, tta_matrix(e->cross_out.w), k->wt);
-    zero_floats(k->d_cq, (size_t)F);
-    zero_floats(k->d_kv, TF * 2);
-    attention_backward(k->d_cq, F, k->d_kv, 2 * F, k->d_kv + F, 2 * F, k->d_catt, F, A->cq, F, A->kv, 2 * F, A->kv + F,
-                       2 * F, 1, T, H, dh, scale, NULL, k->att);
-    linear_backward(k->d_cond, gqkv, gqkv_b, k->d_cq, F, t->s->cond_query, 1, F, F, tta_matrix(e->cross_qkv.w), k->wt);
-    linear_backward(k->d_t2, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, A->h1, T, F, 2 * F,
-                    tta_matrix(e->cross_qkv.w) + FF, k->wt);
-    /* multi-scale deformable self-attention: a1 = hin + output(msda(value(hin), offsets(q), softmax(weights(q)))) */
-    zero_floats(k->d_t1, TF);
-    layernorm_backward(k->d_t1, grad_of(t, e->ln_self.w), grad_of(t, e->ln_self.b), k->d_t2, A->a1, T, F, e->ln_self,
-                       c->ln_eps, k->stats);
-    memcpy(din, k->d_t1, TF * sizeof *din);
-    zero_floats(k->d_msda, TF);
-    linear_backward(k->d_msda, grad_of(t, tta_matrix(e->output.w)), grad_of(t, e->output.b), k->d_t1, F, A->msda, T,
-                    F, F, tta_matrix(e->output.w), k->wt);
-    zero_floats(k->d_value, TF);
-    zero_floats(k->d_offs, (size_t)T * 2 * noff);
-    zero_floats(k->d_aw, (size_t)T * noff);
-    ms_deform_attn_core_backward(k->d_value, k->d_offs, k->d_aw, k->d_msda, A->value, A->offs, A->aw, tb, F, H, P);
-    zero_floats(k->d_awl, (size_t)T * noff);
-    softmax_rows_backward(k->d_awl, k->d_aw, A->aw, T * H, 3 * P);
-    zero_floats(k->d_qpos, TF);
-    linear_backward(k->d_qpos, grad_of(t, tta_matrix(e->attn_weights.w)), grad_of(t, e->attn_weights.b), k->d_awl,
-                    noff, A->qpos, T, F, noff, tta_matrix(e->attn_weights.w), k->wt);
-    linear_backward(k->d_qpos, grad_of(t, tta_matrix(e->offsets.w)), grad_of(t, e->offsets.b), k->d_offs, 2 * noff,
-                    A->qpos, T, F, 2 * noff, tta_matrix(e->offsets.w), k->wt);
-    linear_backward(din, grad_of(t, tta_matrix(e->value.w)), grad_of(t, e->value.b), k->d_value, F, hin, T, F, F,
-                    tta_matrix(e->value.w), k->wt);
-    /* q = hin + position, position = sine + level_embed[level] */
-    add(din, din, k->d_qpos, TF);
-    for (l = 0; l < 3; l++)
-        bias_backward(grad_of(t, t->w.level_embed) + (size_t)l * F, k->d_qpos + (size_t)tb->level_start[l] * F, F,
-                      tb->level_h[l] * tb->level_w[l], F);
-}
-
-/* PixelDecoder backward: d mask features and d multi-scale features -> d of the
- * pyramid levels it reads (wk.d_fpn4, d_fpn2, d_fpn_half; the 1x level into d_grid
- * when not NULL), parameter gradients. */
-static void pixel_decoder_backward(loupe_trainer *t, float *d_grid)
-{
-    const loupe_config *c = &t->m->cfg;
-    const loupe_tables *tb = &t->t;
-    const loupe_weights *w = &t->w;
-    loupe_session *s = t->s;
-    tta_work *k = &t->wk;
-    int F = c->feature_size, W = c->width, T = tb->tokens, M = 4 * c->grid, i, l;
-    size_t MF = (size_t)M * M * F;
-    float *dcur = k->d_e0, *dnext = k->d_e1, *swap;
-    const float *inputs[3];
-    float *d_inputs[3];
-    inputs[0] = s->fpn_half; inputs[1] = s->feats + W; inputs[2] = s->fpn2;
-    d_inputs[0] = k->d_fpn_half; d_inputs[1] = d_grid; d_inputs[2] = k->d_fpn2;
-    /* mask_projection, ReLU, layer_1 GroupNorm and 3x3 convolution */
-    zero_floats(k->d_m1, MF);
-    linear_backward(k->d_m1, grad_of(t, tta_matrix(w->mask_projection.w)), grad_of(t, w->mask_projection.b), k->d_mf,
-                    F, s->fpn_out, M * M, F, F, tta_matrix(w->mask_projection.w), k->wt);
-    zero_floats(k->d_m2, MF);
-    relu_backward(k->d_m2, k->d_m1, s->fpn_out, MF);
-    zero_floats(k->d_m1, MF);
-    groupnorm_hwc_backward(k->d_m1, grad_of(t, w->layer_1_gn.w), grad_of(t, w->layer_1_gn.b), k->d_m2, t->tape.conv_pre,
-                           M * M, F, c->gn_groups, w->layer_1_gn, c->gn_eps);
-    zero_floats(k->d_m2, MF);
-    conv3x3_hwc_backward(k->d_m2, grad_of(t, w->layer_1), k->d_m1, s->lateral, M, M, F, F, w->layer_1, k->wt);
-    /* the lateral sum: adapter_1 (1x1 conv + GroupNorm) + the upsampled 2x level */
-    memcpy(dcur, k->d_dec_feat, (size_t)T * F * sizeof *dcur);
-    interp_hwc_backward(dcur + (size_t)tb->level_start[2] * F, k->d_m2, tb->level_h[2], tb->level_w[2], F, M, M,
-                        s->interp);
-    zero_floats(k->d_m1, MF);
-    groupnorm_hwc_backward(k->d_m1, grad_of(t, w->adapter_gn.w), grad_of(t, w->adapter_gn.b), k->d_m2, t->tape.lat_pre,
-                           M * M, F, c->gn_groups, w->adapter_gn, c->gn_eps);
-    zero_floats(k->d_fpn4, (size_t)M * M * W);
-    linear_backward(k->d_fpn4, grad_of(t, tta_matrix(w->adapter_1.w)), NULL, k->d_m1, F, s->fpn4, M * M, W, F,
-                    tta_matrix(w->adapter_1.w), k->wt);
-    /* the deformable encoder, last layer first */
-    for (i = c->enc_layers - 1; i >= 0; i--) {
-        pixel_decoder_encoder_layer_backward(t, i, dcur, dnext);
-        swap = dcur; dcur = dnext; dnext = swap;
-    }
-    /* input projections: 1x1 conv + GroupNorm per level (the 1x level is the frozen grid) */
-    zero_floats(k->d_fpn_half, (size_t)tb->level_h[0] * tb->level_w[0] * W);
-    zero_floats(k->d_fpn2, (size_t)tb->level_h[2] * tb->level_w[2] * W);
-    for (l = 0; l < 3; l++) {
-        int n = tb->level_h[l] * tb->level_w[l];
-        size_t at = (size_t)tb->level_start[l] * F;
-        zero_floats(k->d_t1, (size_t)n * F);
-        groupnorm_hwc_backward(k->d_t1, grad_of(t, w->input_gn[l].w), grad_of(t, w->input_gn[l].b), dcur + at,
-                               t->tape.proj + at, n, F, c->gn_groups, w->input_gn[l], c->gn_eps);
-        linear_backward(d_inputs[l], grad_of(t, tta_matrix(w->input_proj[l].w)), grad_of(t, w->input_proj[l].b),
-                        k->d_t1, F, inputs[l], n, W, F, tta_matrix(w->input_proj[l].w), k->wt);
-    }
-}
-
-/* ScaleBlock backward for block blk of the tape: dout [h'*w'][W] -> din [h*w][W] +=
- * (when din), parameter gradients. */
-static void scale_block_backward(loupe_trainer *t, const scale_block_w *b, int blk, const float *in, int h, int w,
-                                 const float *dout, float *din)
-{
-    const loupe_config *c = &t->m->cfg;
-    const scale_block_acts *A = &t->tape.fpn[blk];
-    tta_work *k = &t->wk;
-    const float *convt = tta_matrix(b->conv1.w);
-    int W = c->width, oh = convt ? 2 * h : h / 2, ow = convt ? 2 * w : w / 2;
-    size_t n = (size_t)oh * ow * W;
-    zero_floats(k->d_f1, n);
-    layernorm_backward(k->d_f1, grad_of(t, b->norm.w), grad_of(t, b->norm.b), dout, A->dw, oh * ow, W, b->norm,
-                       c->fpn_ln_eps, k->stats);
-    zero_floats(k->d_f2, n);
-    depthwise3x3_hwc_backward(k->d_f2, grad_of(t, b->dw), k->d_f1, A->act, oh, ow, W, b->dw);
-    zero_floats(k->d_f1, n);
-    gelu_backward(k->d_f1, k->d_f2, A->pre, n);
-    if (convt) /* d_f2 (n floats) is free again: the product's scratch */
-        conv_transpose2x2_hwc_backward(din, grad_of(t, convt), grad_of(t, b->conv1.b), k->d_f1, in, h, w, W, W,
-                                       convt, k->d_f2);
-    else if (din)
-        maxpool2x2_hwc_backward(din, k->d_f1, in, h, w, W);
-}
-
-/* FeaturePyramid backward: the pixel decoder's gradients of the 4x, 2x and 0.5x maps
- * -> parameter gradients (and d of the patch grid into d_grid when not NULL). */
-static void feature_pyramid_backward(loupe_trainer *t, float *d_grid)
-{
-    const loupe_config *c = &t->m->cfg;
-    const loupe_weights *w = &t->w;
-    tta_work *k = &t->wk;
-    int g = c->grid, W = c->width;
-    const float *grid = t->s->feats + W;
-    scale_block_backward(t, &w->fpn_half, 3, grid, g, g, k->d_fpn_half, d_grid);
-    scale_block_backward(t, &w->fpn2, 2, grid, g, g, k->d_fpn2, d_grid);
-    zero_floats(k->d_fpn_mid, (size_t)4 * g * g * W);
-    scale_block_backward(t, &w->fpn4[1], 1, t->s->fpn_mid, 2 * g, 2 * g, k->d_fpn4, k->d_fpn_mid);
-    scale_block_backward(t, &w->fpn4[0], 0, grid, g, g, k->d_fpn_mid, d_grid);
-}
-
-/* Backward of conditional_query: label_embedding[1] gets p * d, label_embedding[0] (1 - p) * d. */
-static void conditional_query_backward(loupe_trainer *t)
-{
-    int F = t->m->cfg.feature_size, i;
-    float p = conditional_label(t->s), *g0 = grad_of(t, t->w.label_embedding[0]);
-    float *g1 = grad_of(t, t->w.label_embedding[1]);
-    for (i = 0; i < F; i++) {
-        g1[i] += p * t->wk.d_cond[i];
-        g0[i] += (1.0f - p) * t->wk.d_cond[i];
-    }
-}
-
-/* LoupeSegmentor backward after a TTA forward and the loss (wk.d_class, wk.d_mask):
- * every segmentor parameter's gradient +=; the patch grid's (backbone features) into
- * d_grid [g*g][W] += when not NULL (loupe.c keeps the backbone frozen; tests use it). */
-static void segmentor_backward(loupe_trainer *t, float *d_grid)
-{
-    zero_floats(t->wk.d_cond, (size_t)t->m->cfg.feature_size);
-    masked_attention_decoder_backward(t);
-    pixel_decoder_backward(t, d_grid);
-    feature_pyramid_backward(t, d_grid);
-    conditional_query_backward(t);
-}
-
 /* ---- One step: forward, pseudo-label loss, backward; clipping and AdamW ---- */
 
 /* The loss half of LoupeModel.forward in stage test with labels = None, after a forward
@@ -5653,7 +5667,7 @@ static void tta_loss(loupe_trainer *t, loupe_tta_loss *out)
 {
     const loupe_config *c = &t->m->cfg;
     loupe_session *s = t->s;
-    tta_work *k = &t->wk;
+    seg_work *k = &t->wk;
     int L = c->dec_layers, Q = c->num_queries, C = c->num_labels + 1, g = c->grid, M = 4 * g, i;
     double total;
     seg_batch bt;
@@ -5674,7 +5688,7 @@ static void tta_loss(loupe_trainer *t, loupe_tta_loss *out)
     memset(t->calls, 0, (size_t)L * sizeof *t->calls);
     for (i = 0; i < L; i++) t->calls[i].matched_query = -1;
     total = 0.0;
-    loupe_seg_loss(&t->loss_cfg, L, Q, M, t->preds, bt.targets, k->pseudo_mask, g, g, &bt, 1.0, &t->rng, &k->loss,
+    loupe_seg_loss(&t->loss_cfg, L, Q, M, t->preds, bt.targets, k->pseudo_mask, g, g, &bt, 1.0, &t->rng, &t->loss_scratch,
                    t->calls, &total);
     t->rng_position += seg_batch_draws(&t->loss_cfg, L, 1, bt.targets);
     memset(out, 0, sizeof *out);
@@ -5737,7 +5751,7 @@ static int tta_accumulate(loupe_trainer *t, const float *pixel_values, float wei
         for (j = 0; j < nc; j++) t->wk.d_class[j] *= weight;
         for (j = 0; j < nm; j++) t->wk.d_mask[j] *= weight;
     }
-    segmentor_backward(t, d_grid);
+    segmentor_backward(&t->sg, d_grid);
     if (out) *out = loss;
     return 0;
 }
@@ -5771,9 +5785,9 @@ static int trainer_image(loupe_trainer *t, const loupe_example *ex, const seg_ba
     if (t->has_seg) {
         trainer_bind_predictions(t);
         loupe_seg_loss(&t->loss_cfg, L, Q, M, t->preds, has_target, ex->mask_labels, S, S, bt,
-                       scale * t->opt.seg_loss_weight, &t->rng, &t->wk.loss, t->calls, &seg);
+                       scale * t->opt.seg_loss_weight, &t->rng, &t->loss_scratch, t->calls, &seg);
         loss->seg += seg;
-        segmentor_backward(t, t->backbone_backward ? t->wk.d_feats + W : NULL);
+        segmentor_backward(&t->sg, t->backbone_backward ? t->wk.d_feats + W : NULL);
     }
     if (t->has_cls) {
         int N = c->grid * c->grid, i;
@@ -5988,13 +6002,13 @@ static void trainer_params(loupe_trainer *t, param_builder *pb)
 static void trainer_layout(loupe_trainer *t, arena *a)
 {
     size_t start = a->used;
-    if (t->has_seg) tta_tape_layout(t, a);
+    if (t->has_seg) seg_tape_layout(t, a);
     t->tape_bytes = a->used - start;
     pe_train_layout(&t->m->cfg, t->backbone_backward ? &t->bb_tape : NULL, t->has_cls ? &t->cls_tape : NULL,
                     t->has_cls || t->backbone_backward ? &t->pw : NULL, a);
     t->tape_bytes = a->used - start;
     start = a->used;
-    tta_work_layout(t, a);
+    seg_work_layout(t, a);
     t->work_bytes = a->used - start;
     start = a->used;
     tta_state_layout(t, a);
@@ -6005,15 +6019,15 @@ static void trainer_layout(loupe_trainer *t, arena *a)
 static linear_g linear_grad_view(loupe_trainer *t, linear_w l)
 {
     linear_g g;
-    g.w = grad_of(t, (const float *)l.w.data);
-    g.b = grad_of(t, l.b);
+    g.w = grad_of(&t->sg, (const float *)l.w.data);
+    g.b = grad_of(&t->sg, l.b);
     return g;
 }
 static norm_g norm_grad_view(loupe_trainer *t, norm_w n)
 {
     norm_g g;
-    g.w = grad_of(t, n.w);
-    g.b = grad_of(t, n.b);
+    g.w = grad_of(&t->sg, n.w);
+    g.b = grad_of(&t->sg, n.b);
     return g;
 }
 
@@ -6027,9 +6041,9 @@ static int trainer_grad_views(loupe_trainer *t)
     int i, k;
     memset(g, 0, sizeof *g);
     memset(&t->cg, 0, sizeof t->cg);
-    g->class_embedding = grad_of(t, w->class_embedding);
-    g->positional_embedding = grad_of(t, w->positional_embedding);
-    g->conv1 = grad_of(t, (const float *)w->conv1.data);
+    g->class_embedding = grad_of(&t->sg, w->class_embedding);
+    g->positional_embedding = grad_of(&t->sg, w->positional_embedding);
+    g->conv1 = grad_of(&t->sg, (const float *)w->conv1.data);
     g->ln_pre = norm_grad_view(t, w->ln_pre);
     g->ln_post = norm_grad_view(t, w->ln_post);
     if (t->opt.train_backbone) {
@@ -6047,7 +6061,7 @@ static int trainer_grad_views(loupe_trainer *t)
         }
         g->blocks = t->block_grads;
     }
-    g->pool.probe = grad_of(t, w->pool.probe);
+    g->pool.probe = grad_of(&t->sg, w->pool.probe);
     g->pool.qkv = linear_grad_view(t, w->pool.qkv);
     g->pool.out = linear_grad_view(t, w->pool.out);
     g->pool.ln = norm_grad_view(t, w->pool.ln);
@@ -6057,7 +6071,7 @@ static int trainer_grad_views(loupe_trainer *t)
         t->cg.global_head.layers[k] = linear_grad_view(t, w->global_head.layers[k]);
         t->cg.patch_head.layers[k] = linear_grad_view(t, w->patch_head.layers[k]);
     }
-    t->cg.fuser = grad_of(t, w->fuser);
+    t->cg.fuser = grad_of(&t->sg, w->fuser);
     return 0;
 }
 
@@ -6135,6 +6149,14 @@ static loupe_trainer *trainer_new(const loupe_model *m, const loupe_train_option
         return NULL;
     }
     trainer_layout(t, &a);
+    t->sg.cfg = &m->cfg;
+    t->sg.w = &t->w;
+    t->sg.tb = &t->t;
+    t->sg.tape = &t->tape;
+    t->sg.wk = &t->wk;
+    t->sg.param = t->param;
+    t->sg.grad = t->grad;
+    t->sg.n_floats = t->n_floats;
     zero_floats(t->grad, t->n_floats);
     zero_floats(t->adam_m, t->n_floats);
     zero_floats(t->adam_v, t->n_floats);
@@ -6173,6 +6195,7 @@ static loupe_trainer *trainer_new(const loupe_model *m, const loupe_train_option
     if (!t->s) { loupe_trainer_free(t); return NULL; }
     t->s->w = &t->w;
     t->s->t = &t->t;
+    t->sg.s = t->s;
     t->s->tape = t->has_seg ? &t->tape : NULL;
     t->s->bb_tape = t->backbone_backward ? &t->bb_tape : NULL;
     t->s->cls_tape = t->has_cls ? &t->cls_tape : NULL;

@@ -78,7 +78,7 @@ int main(int argc, char **argv)
         /* the forward: the trainer's own session and weights, without its tapes */
         pe_tape *bt = t->s->bb_tape;
         cls_tape *ct = t->s->cls_tape;
-        tta_tape *tt = t->s->tape;
+        seg_tape *tt = t->s->tape;
         t->s->bb_tape = NULL; t->s->cls_tape = NULL; t->s->tape = NULL;
         t0 = now_seconds();
         if (loupe_forward(t->s, px, err, sizeof err)) { fprintf(stderr, "bench_train: %s\n", err); return 1; }

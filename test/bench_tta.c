@@ -78,7 +78,7 @@ int main(int argc, char **argv)
         c0 = clock();
         if (tta_forward_loss(t, px, &loss, err, sizeof err)) { fprintf(stderr, "bench_tta: %s\n", err); return 1; }
         t1 = now_seconds();
-        segmentor_backward(t, NULL);
+        segmentor_backward(&t->sg, NULL);
         t2 = now_seconds();
         loupe_tta_update(t, &loss.grad_norm, err, sizeof err);
         t3 = now_seconds();

@@ -132,7 +132,7 @@ static int check_tta(loupe_model *m, const float *px)
         return 1;
     }
     numel = entry_numel(e);
-    copy = tta_matrix(t->w.dec[0].fc1.w);
+    copy = trained_matrix(t->w.dec[0].fc1.w);
     want = malloc(numel * sizeof *want);
     if (!want) return 1;
     wmat_to_float(entry_matrix(m, e), 0, (int)e->dims[0], 0, (int)(numel / e->dims[0]), want, numel / e->dims[0]);

@@ -217,7 +217,7 @@ static void check_stage(const char *model_path, const char *dir, int si)
 
     /* the step: loss and gradients of the whole batch */
     t->rng_position = 0;
-    if (t->has_seg) t->wk.loss.topk = malloc((size_t)L * (size_t)(t->loss_cfg.importance_sample_ratio *
+    if (t->has_seg) t->loss_scratch.topk = malloc((size_t)L * (size_t)(t->loss_cfg.importance_sample_ratio *
                                                                   t->loss_cfg.train_num_points) * sizeof(int));
     if (loupe_trainer_accumulate(t, ex, B, 1.0, &loss, err, sizeof err)) { printf("%s\n", err); verdict(0); return; }
     if (t->has_seg) {
@@ -243,7 +243,7 @@ static void check_stage(const char *model_path, const char *dir, int si)
             }
             if (gi && gi->numel == nu) {
                 int same = 0;
-                for (j = 0; j < nu; j++) same += t->wk.loss.topk[(size_t)k * nu + j] == (int)gi->data[j];
+                for (j = 0; j < nu; j++) same += t->loss_scratch.topk[(size_t)k * nu + j] == (int)gi->data[j];
                 printf("%-58s %-4s %d of %d importance-sampled points as upstream\n", gi->name,
                        same == nu ? "ok" : "FAIL", same, nu);
                 verdict(same == nu);
@@ -340,8 +340,8 @@ static void check_stage(const char *model_path, const char *dir, int si)
                "end-to-end step", ok ? "ok" : "FAIL", moved, total, E2E_ABS, E2E_MAX_FRACTION * total, far);
         verdict(ok);
     }
-    free(t->wk.loss.topk);
-    t->wk.loss.topk = NULL;
+    free(t->loss_scratch.topk);
+    t->loss_scratch.topk = NULL;
     loupe_trainer_free(t);
 
     /* the optimizer alone: golden gradients and clip coefficient -> step1.* */
