@@ -4407,9 +4407,9 @@ static void masked_attention_decoder_backward(const seg_grads *sg)
                       tb->level_h[l] * tb->level_w[l], F);
 }
 
-/* LoupeSegmentor backward after a TTA forward and the loss (wk.d_class, wk.d_mask):
- * every segmentor parameter's gradient +=; the patch grid's (backbone features) into
- * d_grid [g*g][W] += when not NULL (loupe.c keeps the backbone frozen; tests use it). */
+/* LoupeSegmentor backward after a training forward (the session's seg_tape) and the
+ * loss (wk->d_class, wk->d_mask): every trained segmentor tensor's gradient +=; the patch
+ * grid's (backbone features) into d_grid [g*g][W] += when not NULL (the backbone trains). */
 static void segmentor_backward(const seg_grads *sg, float *d_grid)
 {
     zero_floats(sg->wk->d_cond, (size_t)sg->cfg->feature_size);
