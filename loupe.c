@@ -2924,7 +2924,8 @@ typedef struct seg_tape {
     float *me_a, *me_b, *me;      /* [L][Q][F] mask-embedding MLP of each prediction */
 } seg_tape;
 
-/* Scratch of the segmentor's backward (names: d_x is the gradient of activation x). */
+/* Scratch of a training backward: the segmentor's (section 6) and the gradients the
+ * trainer hands on to the classifier and the backbone (d_x is the gradient of activation x). */
 typedef struct seg_work {
     float *d_class, *d_mask;          /* [L][Q][C], [L][Q][(4g)^2]: the loss's gradients */
     float *pseudo_mask;               /* [g*g] sigmoid(patch logits) */
