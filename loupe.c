@@ -3968,9 +3968,9 @@ static void pixel_decoder_encoder_layer(loupe_session *s, const enc_layer_w *e, 
  * LayerNorm(a), a = x + fc2(relu(fc1(x))): d out [rows][F] -> dx [rows][F] (=), using d_ln
  * [rows][F] and d_h, d_h2 [rows][E] as scratch; a, x and h = relu(fc1(x)) were saved by
  * the forward. Parameter gradients are accumulated. */
-static void ffn_block_backward(const seg_grads *sg, float *dx, float *d_ln, const float *dy, const float *a, const float *x,
-                               const float *h, int rows, int E, linear_w fc1, linear_w fc2, norm_w ln, float *d_h,
-                               float *d_h2)
+static void ffn_block_backward(const seg_grads *sg, float *dx, float *d_ln, const float *dy, const float *a,
+                               const float *x, const float *h, int rows, int E, linear_w fc1, linear_w fc2, norm_w ln,
+                               float *d_h, float *d_h2)
 {
     const loupe_config *c = sg->cfg;
     seg_work *k = sg->wk;
@@ -3980,12 +3980,12 @@ static void ffn_block_backward(const seg_grads *sg, float *dx, float *d_ln, cons
     layernorm_backward(d_ln, grad_of(sg, ln.w), grad_of(sg, ln.b), dy, a, rows, F, ln, c->ln_eps, k->stats);
     memcpy(dx, d_ln, n * sizeof *dx);
     zero_floats(d_h, ne);
-    linear_backward(d_h, grad_of(sg, trained_matrix(fc2.w)), grad_of(sg, fc2.b), d_ln, F, h, rows, E, F, trained_matrix(fc2.w),
-                    k->wt);
+    linear_backward(d_h, grad_of(sg, trained_matrix(fc2.w)), grad_of(sg, fc2.b), d_ln, F, h, rows, E, F,
+                    trained_matrix(fc2.w), k->wt);
     zero_floats(d_h2, ne);
     relu_backward(d_h2, d_h, h, ne);
-    linear_backward(dx, grad_of(sg, trained_matrix(fc1.w)), grad_of(sg, fc1.b), d_h2, E, x, rows, F, E, trained_matrix(fc1.w),
-                    k->wt);
+    linear_backward(dx, grad_of(sg, trained_matrix(fc1.w)), grad_of(sg, fc1.b), d_h2, E, x, rows, F, E,
+                    trained_matrix(fc1.w), k->wt);
 }
 
 /* PixelDecoderEncoderLayer backward for layer i: d hout [Te][F] -> d hin [Te][F] (=);
@@ -4008,8 +4008,8 @@ static void pixel_decoder_encoder_layer_backward(const seg_grads *sg, int i, con
                        k->d_effn2);
     /* conditional cross-attention: a2 = h1 + co on every token */
     zero_floats(k->d_t1, TF);
-    layernorm_backward(k->d_t1, grad_of(sg, e->ln_cross.w), grad_of(sg, e->ln_cross.b), k->d_t2, A->a2, T, F, e->ln_cross,
-                       c->ln_eps, k->stats);
+    layernorm_backward(k->d_t1, grad_of(sg, e->ln_cross.w), grad_of(sg, e->ln_cross.b), k->d_t2, A->a2, T, F,
+                       e->ln_cross, c->ln_eps, k->stats);
     memcpy(k->d_t2, k->d_t1, TF * sizeof *k->d_t2);
     zero_floats(k->d_co, (size_t)F);
     bias_backward(k->d_co, k->d_t1, F, T, F);
@@ -4020,7 +4020,8 @@ static void pixel_decoder_encoder_layer_backward(const seg_grads *sg, int i, con
     zero_floats(k->d_kv, TF * 2);
     attention_backward(k->d_cq, F, k->d_kv, 2 * F, k->d_kv + F, 2 * F, k->d_catt, F, A->cq, F, A->kv, 2 * F, A->kv + F,
                        2 * F, 1, T, H, dh, scale, NULL, k->att);
-    linear_backward(k->d_cond, gqkv, gqkv_b, k->d_cq, F, sg->s->cond_query, 1, F, F, trained_matrix(e->cross_qkv.w), k->wt);
+    linear_backward(k->d_cond, gqkv, gqkv_b, k->d_cq, F, sg->s->cond_query, 1, F, F, trained_matrix(e->cross_qkv.w),
+                    k->wt);
     linear_backward(k->d_t2, gqkv + FF, gqkv_b + F, k->d_kv, 2 * F, A->h1, T, F, 2 * F,
                     trained_matrix(e->cross_qkv.w) + FF, k->wt);
     /* multi-scale deformable self-attention: a1 = hin + output(msda(value(hin), offsets(q), softmax(weights(q)))) */
@@ -4029,8 +4030,8 @@ static void pixel_decoder_encoder_layer_backward(const seg_grads *sg, int i, con
                        c->ln_eps, k->stats);
     memcpy(din, k->d_t1, TF * sizeof *din);
     zero_floats(k->d_msda, TF);
-    linear_backward(k->d_msda, grad_of(sg, trained_matrix(e->output.w)), grad_of(sg, e->output.b), k->d_t1, F, A->msda, T,
-                    F, F, trained_matrix(e->output.w), k->wt);
+    linear_backward(k->d_msda, grad_of(sg, trained_matrix(e->output.w)), grad_of(sg, e->output.b), k->d_t1, F, A->msda,
+                    T, F, F, trained_matrix(e->output.w), k->wt);
     zero_floats(k->d_value, TF);
     zero_floats(k->d_offs, (size_t)T * 2 * noff);
     zero_floats(k->d_aw, (size_t)T * noff);
@@ -4040,8 +4041,8 @@ static void pixel_decoder_encoder_layer_backward(const seg_grads *sg, int i, con
     zero_floats(k->d_qpos, TF);
     linear_backward(k->d_qpos, grad_of(sg, trained_matrix(e->attn_weights.w)), grad_of(sg, e->attn_weights.b), k->d_awl,
                     noff, A->qpos, T, F, noff, trained_matrix(e->attn_weights.w), k->wt);
-    linear_backward(k->d_qpos, grad_of(sg, trained_matrix(e->offsets.w)), grad_of(sg, e->offsets.b), k->d_offs, 2 * noff,
-                    A->qpos, T, F, 2 * noff, trained_matrix(e->offsets.w), k->wt);
+    linear_backward(k->d_qpos, grad_of(sg, trained_matrix(e->offsets.w)), grad_of(sg, e->offsets.b), k->d_offs,
+                    2 * noff, A->qpos, T, F, 2 * noff, trained_matrix(e->offsets.w), k->wt);
     linear_backward(din, grad_of(sg, trained_matrix(e->value.w)), grad_of(sg, e->value.b), k->d_value, F, hin, T, F, F,
                     trained_matrix(e->value.w), k->wt);
     /* q = hin + position, position = sine + level_embed[level] */
@@ -4121,13 +4122,13 @@ static void pixel_decoder_backward(const seg_grads *sg, float *d_grid)
     d_inputs[0] = k->d_fpn_half; d_inputs[1] = d_grid; d_inputs[2] = k->d_fpn2;
     /* mask_projection, ReLU, layer_1 GroupNorm and 3x3 convolution */
     zero_floats(k->d_m1, MF);
-    linear_backward(k->d_m1, grad_of(sg, trained_matrix(w->mask_projection.w)), grad_of(sg, w->mask_projection.b), k->d_mf,
-                    F, s->fpn_out, M * M, F, F, trained_matrix(w->mask_projection.w), k->wt);
+    linear_backward(k->d_m1, grad_of(sg, trained_matrix(w->mask_projection.w)), grad_of(sg, w->mask_projection.b),
+                    k->d_mf, F, s->fpn_out, M * M, F, F, trained_matrix(w->mask_projection.w), k->wt);
     zero_floats(k->d_m2, MF);
     relu_backward(k->d_m2, k->d_m1, s->fpn_out, MF);
     zero_floats(k->d_m1, MF);
-    groupnorm_hwc_backward(k->d_m1, grad_of(sg, w->layer_1_gn.w), grad_of(sg, w->layer_1_gn.b), k->d_m2, sg->tape->conv_pre,
-                           M * M, F, c->gn_groups, w->layer_1_gn, c->gn_eps);
+    groupnorm_hwc_backward(k->d_m1, grad_of(sg, w->layer_1_gn.w), grad_of(sg, w->layer_1_gn.b), k->d_m2,
+                           sg->tape->conv_pre, M * M, F, c->gn_groups, w->layer_1_gn, c->gn_eps);
     zero_floats(k->d_m2, MF);
     conv3x3_hwc_backward(k->d_m2, grad_of(sg, w->layer_1), k->d_m1, s->lateral, M, M, F, F, w->layer_1, k->wt);
     /* the lateral sum: adapter_1 (1x1 conv + GroupNorm) + the upsampled 2x level */
@@ -4135,8 +4136,8 @@ static void pixel_decoder_backward(const seg_grads *sg, float *d_grid)
     interp_hwc_backward(dcur + (size_t)tb->level_start[2] * F, k->d_m2, tb->level_h[2], tb->level_w[2], F, M, M,
                         s->interp);
     zero_floats(k->d_m1, MF);
-    groupnorm_hwc_backward(k->d_m1, grad_of(sg, w->adapter_gn.w), grad_of(sg, w->adapter_gn.b), k->d_m2, sg->tape->lat_pre,
-                           M * M, F, c->gn_groups, w->adapter_gn, c->gn_eps);
+    groupnorm_hwc_backward(k->d_m1, grad_of(sg, w->adapter_gn.w), grad_of(sg, w->adapter_gn.b), k->d_m2,
+                           sg->tape->lat_pre, M * M, F, c->gn_groups, w->adapter_gn, c->gn_eps);
     zero_floats(k->d_fpn4, (size_t)M * M * W);
     linear_backward(k->d_fpn4, grad_of(sg, trained_matrix(w->adapter_1.w)), NULL, k->d_m1, F, s->fpn4, M * M, W, F,
                     trained_matrix(w->adapter_1.w), k->wt);
@@ -4223,15 +4224,15 @@ static void mask_predictor_backward(const seg_grads *sg, int i, float *dqh)
     /* mask_embedder: Linear-ReLU-Linear-ReLU-Linear, walked back from the last layer */
     for (l = 2; l > 0; l--) {
         zero_floats(k->d_x1, QF);
-        linear_backward(k->d_x1, grad_of(sg, trained_matrix(w->mask_embed[l].w)), grad_of(sg, w->mask_embed[l].b), dy, F,
-                        acts[l - 1], Q, F, F, trained_matrix(w->mask_embed[l].w), k->wt);
+        linear_backward(k->d_x1, grad_of(sg, trained_matrix(w->mask_embed[l].w)), grad_of(sg, w->mask_embed[l].b), dy,
+                        F, acts[l - 1], Q, F, F, trained_matrix(w->mask_embed[l].w), k->wt);
         zero_floats(k->d_x2, QF);
         relu_backward(k->d_x2, k->d_x1, acts[l - 1], QF);
         memcpy(k->d_x3, k->d_x2, QF * sizeof *k->d_x3);
         dy = k->d_x3;
     }
-    linear_backward(dqh, grad_of(sg, trained_matrix(w->mask_embed[0].w)), grad_of(sg, w->mask_embed[0].b), dy, F, qh, Q, F, F,
-                    trained_matrix(w->mask_embed[0].w), k->wt);
+    linear_backward(dqh, grad_of(sg, trained_matrix(w->mask_embed[0].w)), grad_of(sg, w->mask_embed[0].b), dy, F, qh, Q,
+                    F, F, trained_matrix(w->mask_embed[0].w), k->wt);
 }
 
 /* Mask2FormerMaskedAttentionDecoderLayer.forward_post: masked cross-attention to one
@@ -4328,8 +4329,8 @@ static void masked_attention_decoder_layer_backward(const seg_grads *sg, int i, 
                        d->ln_cross, c->ln_eps, k->stats);
     memcpy(din, k->d_x1, QF * sizeof *din);
     zero_floats(k->d_att, QF);
-    linear_backward(k->d_att, grad_of(sg, trained_matrix(d->cross_out.w)), grad_of(sg, d->cross_out.b), k->d_x1, F, A->att1,
-                    Q, F, F, trained_matrix(d->cross_out.w), k->wt);
+    linear_backward(k->d_att, grad_of(sg, trained_matrix(d->cross_out.w)), grad_of(sg, d->cross_out.b), k->d_x1, F,
+                    A->att1, Q, F, F, trained_matrix(d->cross_out.w), k->wt);
     zero_floats(k->d_q, QF);
     zero_floats(k->d_kv, (size_t)n * 2 * F);
     attention_backward(k->d_q, F, k->d_kv, 2 * F, k->d_kv + F, 2 * F, k->d_att, F, A->q1, F, A->kv, 2 * F, A->kv + F,
@@ -4397,15 +4398,15 @@ static void masked_attention_decoder_backward(const seg_grads *sg)
         if (i == L - 1) zero_floats(dcur, QF);
         else masked_attention_decoder_layer_backward(sg, i, dnext, dcur);
         mask_predictor_backward(sg, i, k->d_qh);
-        layernorm_backward(dcur, grad_of(sg, w->dec_ln.w), grad_of(sg, w->dec_ln.b), k->d_qh, sg->tape->hidden + (size_t)i * QF,
-                           Q, F, w->dec_ln, c->ln_eps, k->stats);
+        layernorm_backward(dcur, grad_of(sg, w->dec_ln.w), grad_of(sg, w->dec_ln.b), k->d_qh,
+                           sg->tape->hidden + (size_t)i * QF, Q, F, w->dec_ln, c->ln_eps, k->stats);
         swap = dcur; dcur = dnext; dnext = swap;
     }
     add(gqf, gqf, dnext, QF);
     /* decoder features = multi-scale features + level embedding */
     for (l = 0; l < 3; l++)
-        bias_backward(grad_of(sg, w->dec_level_embed) + (size_t)l * F, k->d_dec_feat + (size_t)tb->level_start[l] * F, F,
-                      tb->level_h[l] * tb->level_w[l], F);
+        bias_backward(grad_of(sg, w->dec_level_embed) + (size_t)l * F, k->d_dec_feat + (size_t)tb->level_start[l] * F,
+                      F, tb->level_h[l] * tb->level_w[l], F);
 }
 
 /* LoupeSegmentor backward after a training forward (the session's seg_tape) and the
