@@ -1724,6 +1724,23 @@ static void gemm_task_at(const gemm_args *g, int m0, int m1, int n0, int n1)
     gemm_task(g, m0, m1, n0, n1, at);
 }
 
+static void gemm_run(const gemm_args *g);
+
+/* The product of g (float32 B [N][K], neither operand nor C already transposed) computed
+ * transposed, C^T [N][M] = B [N][K] A [M][K]^T, and written back transposed: gemm_run's
+ * way with products of few rows (GEMM_SWAP_MAX_M). The same sums in the same order. */
+static void gemm_run_transposed(const gemm_args *g)
+{
+    gemm_args t = *g;
+    t.M = g->N;
+    t.N = g->M;
+    t.A = (const float *)g->B.data;
+    t.lda = g->B.ld;
+    t.B = wmat_f32(g->A, g->lda);
+    t.c_t = 1;
+    gemm_run(&t);
+}
+
 /* Splits C into tasks, row chunks of at most GEMM_MC rows times column ranges of whole
  * NC blocks, enough of them to keep every thread busy, and runs them: on all threads
  * when that pays and the caller is not already in a parallel region. */
@@ -1743,14 +1760,7 @@ static void gemm_run(const gemm_args *g)
     }
     if (g->M <= GEMM_SWAP_MAX_M && g->N >= GEMM_SWAP_RATIO * g->M && !g->b_kn && !g->c_t && !g->a_t && !g->b_pre &&
         g->B.dtype == DTYPE_F32 && 2 * ((g->M + GEMM_NR - 1) / GEMM_NR * GEMM_NR) <= 3 * (strips * GEMM_MR)) {
-        gemm_args t = *g; /* C^T [N][M] = B [N][K] times A [M][K]^T, stored transposed */
-        t.M = g->N;
-        t.N = g->M;
-        t.A = (const float *)g->B.data;
-        t.lda = g->B.ld;
-        t.B = wmat_f32(g->A, g->lda);
-        t.c_t = 1;
-        gemm_run(&t);
+        gemm_run_transposed(g);
         return;
     }
 #ifdef _OPENMP

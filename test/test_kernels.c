@@ -85,7 +85,9 @@ static void test_gemm(void)
 
 /* Products with few rows and many columns that gemm_run computes transposed (C^T =
  * B A^T, GEMM_SWAP_MAX_M): the same bits as the same rows one at a time (never
- * swapped), with and without bias and accumulation, several KC steps, on all threads. */
+ * swapped), with and without bias and accumulation, several KC steps, on all threads;
+ * through gemm_nt (which swaps or not, by the tile of this build) and through
+ * gemm_run_transposed itself, so that every build tests the swapped orientation. */
 static void test_gemm_swap(void)
 {
     static const int rows[] = {3, 12, 20, 32};
@@ -93,7 +95,9 @@ static void test_gemm_swap(void)
     uint64_t st = 7;
     float *A = malloc(sizeof(float) * 32 * K), *B = malloc(sizeof(float) * N * K), *bias = malloc(sizeof(float) * N);
     float *C0 = malloc(sizeof(float) * 32 * N), *C = malloc(sizeof(float) * 32 * N), *R = malloc(sizeof(float) * 32 * N);
+    float *T = malloc(sizeof(float) * 32 * N);
     double *D = malloc(sizeof(double) * 32 * N);
+    gemm_args g;
     size_t t;
     int acc, wb, i, j, l;
     char what[96];
@@ -106,6 +110,11 @@ static void test_gemm_swap(void)
                 memcpy(C, C0, sizeof(float) * M * N);
                 memcpy(R, C0, sizeof(float) * M * N);
                 gemm_nt(M, N, K, A, K, B, K, bb, C, N, acc);
+                memcpy(T, C0, sizeof(float) * M * N);
+                memset(&g, 0, sizeof g);
+                g.M = M; g.N = N; g.K = K;
+                g.A = A; g.lda = K; g.B = wmat_f32(B, K); g.bias = bb; g.C = T; g.ldc = N; g.accumulate = acc;
+                gemm_run_transposed(&g);
                 for (i = 0; i < M; i++) gemm_nt(1, N, K, A + (size_t)i * K, K, B, K, bb, R + (size_t)i * N, N, acc);
                 for (i = 0; i < M; i++)
                     for (j = 0; j < N; j++) {
@@ -116,8 +125,10 @@ static void test_gemm_swap(void)
                 snprintf(what, sizeof what, "gemm_nt M=%d N=%d K=%d accumulate=%d bias=%d (few rows)", M, N, K, acc, wb);
                 check(memcmp(C, R, sizeof(float) * M * N) == 0 && max_diff_d(C, D, (size_t)M * N) < KERNEL_TOL * K,
                       what);
+                snprintf(what, sizeof what, "gemm_run_transposed M=%d N=%d K=%d accumulate=%d bias=%d", M, N, K, acc, wb);
+                check(memcmp(T, R, sizeof(float) * M * N) == 0, what);
             }
-    free(A); free(B); free(bias); free(C0); free(C); free(R); free(D);
+    free(A); free(B); free(bias); free(C0); free(C); free(R); free(T); free(D);
 }
 
 /* gemm_tn (weight gradients, C[M][N] += A[K][M]^T B[K][N]) on both of its paths: plain
