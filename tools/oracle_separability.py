@@ -113,7 +113,7 @@ def main():
             region = target(img.size, mask)
         else:
             borrowed = Image.open(rng.choice(masks)).convert("L").resize(img.size, Image.NEAREST)
-            region = target(img.size, None) | (np.asarray(borrowed) > 127)
+            region = np.asarray(borrowed) > 127
         if a.size:
             img = img.resize((a.size, a.size), Image.BICUBIC)
             region = np.asarray(Image.fromarray(region.astype(np.uint8) * 255).resize((a.size, a.size), Image.NEAREST)) > 127
