@@ -1244,6 +1244,9 @@ typedef __m512 gemm_vec;
 #ifndef GEMM_MC
 #define GEMM_MC 512
 #endif
+#ifndef GEMM_NV_NARROW
+#define GEMM_NV_NARROW 2
+#endif
 #define GEMM_PEAK_CHAINS 12
 #define vec_zero() _mm512_setzero_ps()
 #define vec_load(p) _mm512_loadu_ps(p)
@@ -1351,12 +1354,23 @@ typedef float gemm_vec;
 #endif
 
 #define GEMM_NR (GEMM_LANES * GEMM_NV)
+/* Vectors per tile row in products of at most GEMM_NR_NARROW columns: attention's per-head
+ * products with values (32 columns, one head's width) would leave half of AVX-512's
+ * 64-column tile empty; they use a 32-column one. Elsewhere the usual tile. The tile's
+ * width changes no sum. */
+#ifndef GEMM_NV_NARROW
+#define GEMM_NV_NARROW GEMM_NV
+#endif
+#define GEMM_NR_NARROW (GEMM_LANES * GEMM_NV_NARROW)
 /* Overridden blockings that the kernels cannot run well or at all. */
 #if GEMM_MR < 1 || GEMM_NV < 1 || GEMM_KC < 8 || GEMM_MC < GEMM_MR
 #error "gemm blocking: need GEMM_MR >= 1, GEMM_NV >= 1, GEMM_KC >= 8 and GEMM_MC >= GEMM_MR"
 #endif
 #if GEMM_NC < GEMM_NR || GEMM_NC % GEMM_NR != 0
 #error "gemm blocking: GEMM_NC must be a multiple of GEMM_NR (GEMM_LANES * GEMM_NV)"
+#endif
+#if GEMM_NV_NARROW < 1 || GEMM_NV_NARROW > GEMM_NV || GEMM_NC % GEMM_NR_NARROW != 0
+#error "gemm blocking: need 1 <= GEMM_NV_NARROW <= GEMM_NV, GEMM_NC a multiple of GEMM_LANES * GEMM_NV_NARROW"
 #endif
 #if defined(GEMM_VREGS) && GEMM_MR * GEMM_NV + GEMM_NV + 1 > GEMM_VREGS
 /* MR x NV accumulators, NV vectors of B and one broadcast of A must fit in registers:
@@ -1413,41 +1427,42 @@ typedef struct gemm_out {
 #define GEMM_ALWAYS_INLINE inline
 #endif
 
-/* The micro-kernel: the rows x NR tile a[0..rows)[0..kc) x bp[0..kc)[0..NR), accumulated
- * in registers, then written to out. a[r] points at row r of A at the step's first k;
- * bp is a packed panel (k-major, NR floats per k). rows is GEMM_MR or GEMM_MR_SHORT, a
- * constant at each call below, so that the compiler unrolls the row loops and keeps the
- * accumulators in registers. */
-static GEMM_ALWAYS_INLINE void gemm_micro_rows(int rows, int kc, const float *const a[GEMM_MR], const float *bp,
-                                               gemm_out out)
+/* The micro-kernel: the rows x (nv vectors) tile a[0..rows)[0..kc) x bp[0..kc)[0..nr),
+ * nr = nv * GEMM_LANES columns, accumulated in registers, then written to out. a[r]
+ * points at row r of A at the step's first k; bp is a packed panel (k-major, nr floats
+ * per k). rows (GEMM_MR or GEMM_MR_SHORT) and nv (GEMM_NV or GEMM_NV_NARROW) are constants
+ * at each call below, so that the compiler unrolls the loops and keeps the accumulators
+ * in registers. */
+static GEMM_ALWAYS_INLINE void gemm_micro_rows(int rows, int nv, int kc, const float *const a[GEMM_MR],
+                                               const float *bp, gemm_out out)
 {
     gemm_vec acc[GEMM_MR][GEMM_NV];
-    int r, v, k;
+    int r, v, k, nr = nv * GEMM_LANES;
     for (r = 0; r < rows; r++) {
         gemm_prefetch(out.c + (size_t)r * out.ldc);
-        gemm_prefetch(out.c + (size_t)r * out.ldc + GEMM_NR - 1);
-        for (v = 0; v < GEMM_NV; v++) acc[r][v] = vec_zero();
+        gemm_prefetch(out.c + (size_t)r * out.ldc + nr - 1);
+        for (v = 0; v < nv; v++) acc[r][v] = vec_zero();
     }
 #if GEMM_LANES > 1
-    /* k outermost: the NV vectors of B loaded for one k serve all the rows. */
-    for (k = 0; k < kc; k++, bp += GEMM_NR) {
+    /* k outermost: the nv vectors of B loaded for one k serve all the rows. */
+    for (k = 0; k < kc; k++, bp += nr) {
         gemm_vec b[GEMM_NV];
-        for (v = 0; v < GEMM_NV; v++) b[v] = vec_load(bp + v * GEMM_LANES);
+        for (v = 0; v < nv; v++) b[v] = vec_load(bp + v * GEMM_LANES);
         for (r = 0; r < rows; r++) {
             gemm_vec ar = vec_bcast(a[r] + k);
-            for (v = 0; v < GEMM_NV; v++) acc[r][v] = vec_fma(ar, b[v], acc[r][v]);
+            for (v = 0; v < nv; v++) acc[r][v] = vec_fma(ar, b[v], acc[r][v]);
         }
     }
 #else
     /* Portable: one row at a time, so that the innermost loop is a multiply-add over
-     * the NR columns, the form compilers vectorise reliably (with k outermost they
+     * the nr columns, the form compilers vectorise reliably (with k outermost they
      * tend to vectorise over k instead, needing shuffles). */
     for (r = 0; r < rows; r++)
         for (k = 0; k < kc; k++)
-            for (v = 0; v < GEMM_NV; v++) acc[r][v] = vec_fma(a[r][k], bp[(size_t)k * GEMM_NR + v], acc[r][v]);
+            for (v = 0; v < nv; v++) acc[r][v] = vec_fma(a[r][k], bp[(size_t)k * nr + v], acc[r][v]);
 #endif
     for (r = 0; r < rows; r++)
-        for (v = 0; v < GEMM_NV; v++) {
+        for (v = 0; v < nv; v++) {
             float *c = out.c + (size_t)r * out.ldc + v * GEMM_LANES;
             gemm_vec t = acc[r][v];
             if (out.bias) t = vec_add(t, vec_load(out.bias + v * GEMM_LANES));
@@ -1459,22 +1474,33 @@ static GEMM_ALWAYS_INLINE void gemm_micro_rows(int rows, int kc, const float *co
 /* The MR-row kernel. */
 static void gemm_micro(int kc, const float *const a[GEMM_MR], const float *bp, gemm_out out)
 {
-    gemm_micro_rows(GEMM_MR, kc, a, bp, out);
+    gemm_micro_rows(GEMM_MR, GEMM_NV, kc, a, bp, out);
 }
 
-/* A strip of mr <= MR rows (an edge strip): the short kernel when it covers them, with
- * the same sums for those rows; rows past mr of the tile are left unspecified. */
-static void gemm_micro_strip(int mr, int kc, const float *const a[GEMM_MR], const float *bp, gemm_out out)
+/* A strip of mr <= MR rows (an edge strip) with a tile of nv vectors a row: the short
+ * kernel when it covers the rows, with the same sums for them; rows past mr of the tile
+ * are left unspecified. */
+static void gemm_micro_strip(int mr, int nv, int kc, const float *const a[GEMM_MR], const float *bp, gemm_out out)
 {
+#if GEMM_NV_NARROW != GEMM_NV
+    if (nv == GEMM_NV_NARROW) {
+        if (mr <= GEMM_MR_SHORT)
+            gemm_micro_rows(GEMM_MR_SHORT, GEMM_NV_NARROW, kc, a, bp, out);
+        else
+            gemm_micro_rows(GEMM_MR, GEMM_NV_NARROW, kc, a, bp, out);
+        return;
+    }
+#endif
+    (void)nv;
     if (mr <= GEMM_MR_SHORT)
-        gemm_micro_rows(GEMM_MR_SHORT, kc, a, bp, out);
+        gemm_micro_rows(GEMM_MR_SHORT, GEMM_NV, kc, a, bp, out);
     else
-        gemm_micro_rows(GEMM_MR, kc, a, bp, out);
+        gemm_micro_rows(GEMM_MR, GEMM_NV, kc, a, bp, out);
 }
 
 #ifdef GEMM_TRANSPOSE8
-/* Writes the transpose of the 8 x 8 block at s (rows ldb apart) to d (rows GEMM_NR apart). */
-static void gemm_transpose8(const float *s, size_t ldb, float *d)
+/* Writes the transpose of the 8 x 8 block at s (rows ldb apart) to d (rows ldd apart). */
+static void gemm_transpose8(const float *s, size_t ldb, float *d, size_t ldd)
 {
     __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + ldb), r2 = _mm256_loadu_ps(s + 2 * ldb);
     __m256 r3 = _mm256_loadu_ps(s + 3 * ldb), r4 = _mm256_loadu_ps(s + 4 * ldb), r5 = _mm256_loadu_ps(s + 5 * ldb);
@@ -1488,43 +1514,44 @@ static void gemm_transpose8(const float *s, size_t ldb, float *d)
     __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
     __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
     _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
-    _mm256_storeu_ps(d + GEMM_NR, _mm256_permute2f128_ps(u1, u5, 0x20));
-    _mm256_storeu_ps(d + 2 * GEMM_NR, _mm256_permute2f128_ps(u2, u6, 0x20));
-    _mm256_storeu_ps(d + 3 * GEMM_NR, _mm256_permute2f128_ps(u3, u7, 0x20));
-    _mm256_storeu_ps(d + 4 * GEMM_NR, _mm256_permute2f128_ps(u0, u4, 0x31));
-    _mm256_storeu_ps(d + 5 * GEMM_NR, _mm256_permute2f128_ps(u1, u5, 0x31));
-    _mm256_storeu_ps(d + 6 * GEMM_NR, _mm256_permute2f128_ps(u2, u6, 0x31));
-    _mm256_storeu_ps(d + 7 * GEMM_NR, _mm256_permute2f128_ps(u3, u7, 0x31));
+    _mm256_storeu_ps(d + ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(d + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(d + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(d + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(d + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(d + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(d + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
 }
 #endif
 
-/* Packs one panel: nr <= NR columns of C over kc values of k into d (kc x NR, k-major,
- * zero-padded to NR columns). B points at the panel's first element; it is [N][K]
+/* Packs one panel: nr <= width columns of C over kc values of k into d (kc x width,
+ * k-major, zero-padded to width columns; width is GEMM_NR, or GEMM_NR_NARROW in narrow
+ * products). B points at the panel's first element; it is [N][K]
  * (ldb apart per column of C) when b_kn == 0 and [K][N] (ldb apart per k) otherwise. */
-static void gemm_pack_panel(int nr, int kc, const float *B, size_t ldb, int b_kn, float *d)
+static void gemm_pack_panel(int nr, int width, int kc, const float *B, size_t ldb, int b_kn, float *d)
 {
     int j = 0, k;
     if (b_kn) {
         for (k = 0; k < kc; k++) {
-            for (j = 0; j < nr; j++) d[(size_t)k * GEMM_NR + j] = B[(size_t)k * ldb + j];
-            for (; j < GEMM_NR; j++) d[(size_t)k * GEMM_NR + j] = 0.0f;
+            for (j = 0; j < nr; j++) d[(size_t)k * width + j] = B[(size_t)k * ldb + j];
+            for (; j < width; j++) d[(size_t)k * width + j] = 0.0f;
         }
         return;
     }
 #ifdef GEMM_TRANSPOSE8
     for (; j + 8 <= nr; j += 8) {
-        for (k = 0; k + 8 <= kc; k += 8) gemm_transpose8(B + (size_t)j * ldb + k, ldb, d + (size_t)k * GEMM_NR + j);
-        for (; k < kc; k++) {
-            int i;
-            for (i = 0; i < 8; i++) d[(size_t)k * GEMM_NR + j + i] = B[(size_t)(j + i) * ldb + k];
-        }
+        int i;
+        for (k = 0; k + 8 <= kc; k += 8)
+            gemm_transpose8(B + (size_t)j * ldb + k, ldb, d + (size_t)k * width + j, (size_t)width);
+        for (; k < kc; k++)
+            for (i = 0; i < 8; i++) d[(size_t)k * width + j + i] = B[(size_t)(j + i) * ldb + k];
     }
 #endif
     /* the rest one column at a time: read a row of B in order, write a column of d */
     for (; j < nr; j++)
-        for (k = 0; k < kc; k++) d[(size_t)k * GEMM_NR + j] = B[(size_t)j * ldb + k];
-    for (; j < GEMM_NR; j++)
-        for (k = 0; k < kc; k++) d[(size_t)k * GEMM_NR + j] = 0.0f;
+        for (k = 0; k < kc; k++) d[(size_t)k * width + j] = B[(size_t)j * ldb + k];
+    for (; j < width; j++)
+        for (k = 0; k < kc; k++) d[(size_t)k * width + j] = 0.0f;
 }
 
 /* Everything a task needs to know about the product. B is F32 unless it is a weight
@@ -1538,6 +1565,7 @@ typedef struct gemm_args {
     int c_t; /* C holds the transpose: element (i, j) at C[j * ldc + i], bias by row */
     int a_t; /* A holds the transpose: element (i, k) at A[k * lda + i] (weight gradients) */
     const float *b_pre; /* B already packed by gemm_prepack (else NULL: packed per task) */
+    int nv;             /* vectors per tile row: GEMM_NV, or GEMM_NV_NARROW in a narrow product */
     float *C;
 } gemm_args;
 
@@ -1573,7 +1601,7 @@ static void gemm_pack_panel_convert(const wmat *m, size_t n0, size_t p0, int kc,
         for (k = 0; k < kc; k += 8) {
             for (i = 0; i < 8; i++)
                 _mm256_storeu_ps(rows + 8 * i, gemm_load8_float(m, n0 + (size_t)(j + i), p0 + (size_t)k));
-            gemm_transpose8(rows, 8, d + (size_t)k * GEMM_NR + j);
+            gemm_transpose8(rows, 8, d + (size_t)k * GEMM_NR + j, GEMM_NR);
         }
 }
 #endif
@@ -1583,14 +1611,15 @@ static void gemm_pack_panel_convert(const wmat *m, size_t n0, size_t p0, int kc,
  * panel; an [N][K] one in registers for whole panels on AVX, else through float32
  * rows in strip, NR x KC floats): the conversion is paid
  * once per packed block, not per row of A, and no float32 copy of the weight exists
- * anywhere else. */
+ * anywhere else. Only a float32 B is packed for the narrow tile (gemm_run). */
 static void gemm_pack_b(const gemm_args *g, int n0, int nr, int p0, int kc, float *strip, float *d)
 {
     const float *b = g->B.data;
     size_t ldb = g->B.ld;
     int k;
     if (g->B.dtype == DTYPE_F32) {
-        gemm_pack_panel(nr, kc, g->b_kn ? b + (size_t)p0 * ldb + n0 : b + (size_t)n0 * ldb + p0, ldb, g->b_kn, d);
+        gemm_pack_panel(nr, g->nv * GEMM_LANES, kc, g->b_kn ? b + (size_t)p0 * ldb + n0 : b + (size_t)n0 * ldb + p0,
+                        ldb, g->b_kn, d);
         return;
     }
     if (g->b_kn) { /* rows of B are already rows of the panel: convert them in place */
@@ -1606,7 +1635,7 @@ static void gemm_pack_b(const gemm_args *g, int n0, int nr, int p0, int kc, floa
     }
 #endif
     wmat_to_float(g->B, (size_t)n0, nr, (size_t)p0, kc, strip, (size_t)kc);
-    gemm_pack_panel(nr, kc, strip, (size_t)kc, 0, d);
+    gemm_pack_panel(nr, GEMM_NR, kc, strip, (size_t)kc, 0, d);
 }
 
 /* One packed block: rows m0..m1 (whole strips from m0) of C, columns n0..n0+nc,
@@ -1619,7 +1648,7 @@ static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p
 #if GEMM_PACK_A
     float apack[GEMM_MR * GEMM_A_STRIDE];
 #endif
-    int i0, j0, first = p0 == 0, load_c = !first || g->accumulate;
+    int i0, j0, first = p0 == 0, load_c = !first || g->accumulate, nrw = g->nv * GEMM_LANES;
     for (i0 = m0; i0 < m1; i0 += GEMM_MR) {
         int mr = m1 - i0 < GEMM_MR ? m1 - i0 : GEMM_MR, r;
         const float *a[GEMM_MR];
@@ -1633,47 +1662,50 @@ static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p
                 a[r] = apack + (size_t)(r < mr ? r : mr - 1) * GEMM_A_STRIDE;
 #endif
             }
-        for (j0 = 0; j0 < nc; j0 += GEMM_NR) {
-            int nr = nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR, j;
+        for (j0 = 0; j0 < nc; j0 += nrw) {
+            int nr = nc - j0 < nrw ? nc - j0 : nrw, j;
             const float *panel = bp + (size_t)j0 * kc, *bias = first && g->bias ? g->bias + n0 + j0 : NULL;
             float *c = g->C + (size_t)i0 * g->ldc + n0 + j0;
             gemm_out out;
             if (g->c_t) { /* transposed C: the tile aside, then added column by column */
                 bias = first && g->bias ? g->bias + i0 : NULL;
                 out.c = tile;
-                out.ldc = GEMM_NR;
+                out.ldc = (size_t)nrw;
                 out.bias = NULL;
                 out.load_c = 0;
-                gemm_micro_strip(mr, kc, a, panel, out);
+                gemm_micro_strip(mr, g->nv, kc, a, panel, out);
                 for (j = 0; j < nr; j++) {
                     float *cj = g->C + (size_t)(n0 + j0 + j) * g->ldc + i0;
                     for (r = 0; r < mr; r++) {
-                        float t = tile[r * GEMM_NR + j];
+                        float t = tile[r * nrw + j];
                         if (bias) t += bias[r];
                         cj[r] = load_c ? cj[r] + t : t;
                     }
                 }
                 continue;
             }
-            if (mr == GEMM_MR && nr == GEMM_NR) {
+            if (mr == GEMM_MR && nr == nrw) {
                 out.c = c;
                 out.ldc = g->ldc;
                 out.bias = bias;
                 out.load_c = load_c;
-                gemm_micro(kc, a, panel, out);
+                if (g->nv == GEMM_NV)
+                    gemm_micro(kc, a, panel, out);
+                else
+                    gemm_micro_strip(mr, g->nv, kc, a, panel, out);
                 continue;
             }
             /* Edge tile: compute the tile aside (only its first GEMM_MR_SHORT rows
              * when that covers the strip), then add its valid part with the same
              * operations as above. */
             out.c = tile;
-            out.ldc = GEMM_NR;
+            out.ldc = (size_t)nrw;
             out.bias = NULL;
             out.load_c = 0;
-            gemm_micro_strip(mr, kc, a, panel, out);
+            gemm_micro_strip(mr, g->nv, kc, a, panel, out);
             for (r = 0; r < mr; r++)
                 for (j = 0; j < nr; j++) {
-                    float t = tile[r * GEMM_NR + j], *cij = c + (size_t)r * g->ldc + j;
+                    float t = tile[r * nrw + j], *cij = c + (size_t)r * g->ldc + j;
                     if (bias) t += bias[j];
                     *cij = load_c ? *cij + t : t;
                 }
@@ -1695,7 +1727,7 @@ static void gemm_task(const gemm_args *g, int m0, int m1, int n0, int n1, float 
 {
     float block[GEMM_KC * GEMM_NC + GEMM_LINE_FLOATS], strip[GEMM_NR * GEMM_KC];
     float *bp = block + (GEMM_LINE_FLOATS - (uintptr_t)block / sizeof(float) % GEMM_LINE_FLOATS) % GEMM_LINE_FLOATS;
-    int p0, kc, jc, j0, i, k;
+    int p0, kc, jc, j0, i, k, nrw = g->nv * GEMM_LANES;
     for (p0 = 0; p0 < g->K; p0 += kc) {
         kc = g->K - p0 < GEMM_KC ? g->K - p0 : GEMM_KC;
         if (at)
@@ -1709,8 +1741,8 @@ static void gemm_task(const gemm_args *g, int m0, int m1, int n0, int n1, float 
                 gemm_block(g, m0, m1, jc, nc, p0, kc, g->b_pre + GEMM_PREPACKED_AT(g->N, p0, jc, kc), at);
                 continue;
             }
-            for (j0 = 0; j0 < nc; j0 += GEMM_NR)
-                gemm_pack_b(g, jc + j0, nc - j0 < GEMM_NR ? nc - j0 : GEMM_NR, p0, kc, strip, bp + (size_t)j0 * kc);
+            for (j0 = 0; j0 < nc; j0 += nrw)
+                gemm_pack_b(g, jc + j0, nc - j0 < nrw ? nc - j0 : nrw, p0, kc, strip, bp + (size_t)j0 * kc);
             gemm_block(g, m0, m1, jc, nc, p0, kc, bp, at);
         }
     }
@@ -1758,6 +1790,14 @@ static void gemm_run(const gemm_args *g)
             }
         return;
     }
+#if GEMM_NV_NARROW < GEMM_NV
+    if (g->N <= GEMM_NR_NARROW && g->nv == GEMM_NV && g->B.dtype == DTYPE_F32 && !g->b_pre) {
+        gemm_args t = *g; /* few columns: the narrow tile */
+        t.nv = GEMM_NV_NARROW;
+        gemm_run(&t);
+        return;
+    }
+#endif
     if (g->M <= GEMM_SWAP_MAX_M && g->N >= GEMM_SWAP_RATIO * g->M && !g->b_kn && !g->c_t && !g->a_t && !g->b_pre &&
         g->B.dtype == DTYPE_F32 && 2 * ((g->M + GEMM_NR - 1) / GEMM_NR * GEMM_NR) <= 3 * (strips * GEMM_MR)) {
         gemm_run_transposed(g);
@@ -1807,6 +1847,7 @@ static void gemm_nt_w(int M, int N, int K, const float *A, int lda, wmat B, cons
     g.c_t = 0;
     g.a_t = 0;
     g.b_pre = NULL;
+    g.nv = GEMM_NV;
     g.accumulate = accumulate;
     gemm_run(&g);
 }
@@ -1832,7 +1873,8 @@ static void gemm_prepack(int N, int K, const float *B, int ldb, float *dst)
 #endif
         for (jp = 0; jp < panels; jp++) {
             int j = jp * GEMM_NR, nr = N - j < GEMM_NR ? N - j : GEMM_NR;
-            gemm_pack_panel(nr, kc, B + (size_t)j * ldb + p0, (size_t)ldb, 0, dst + GEMM_PREPACKED_AT(N, p0, j, kc));
+            gemm_pack_panel(nr, GEMM_NR, kc, B + (size_t)j * ldb + p0, (size_t)ldb, 0,
+                            dst + GEMM_PREPACKED_AT(N, p0, j, kc));
         }
     }
 }
@@ -1848,6 +1890,7 @@ static void gemm_nt_prepacked(int M, int N, int K, const float *A, int lda, cons
     g.c_t = 0;
     g.a_t = 0;
     g.b_pre = b_pre;
+    g.nv = GEMM_NV;
     g.accumulate = 0;
     gemm_run(&g);
 }
@@ -1863,6 +1906,7 @@ static void gemm_nn_w(int M, int N, int K, const float *A, int lda, wmat B, floa
     g.c_t = 0;
     g.a_t = 0;
     g.b_pre = NULL;
+    g.nv = GEMM_NV;
     g.accumulate = accumulate;
     gemm_run(&g);
 }
@@ -1949,7 +1993,7 @@ static void gemm_tn(int M, int N, int K, const float *A, int lda, const float *B
         g.M = M; g.N = N; g.K = K;
         g.A = A; g.lda = (size_t)lda; g.a_t = 1;
         g.B = wmat_f32(B, (size_t)ldb); g.b_kn = 1;
-        g.bias = NULL; g.C = C; g.ldc = (size_t)ldc; g.c_t = 0; g.b_pre = NULL;
+        g.bias = NULL; g.C = C; g.ldc = (size_t)ldc; g.c_t = 0; g.b_pre = NULL; g.nv = GEMM_NV;
         g.accumulate = 1;
         gemm_run(&g);
         return;

@@ -114,6 +114,7 @@ static void test_gemm_swap(void)
                 memset(&g, 0, sizeof g);
                 g.M = M; g.N = N; g.K = K;
                 g.A = A; g.lda = K; g.B = wmat_f32(B, K); g.bias = bb; g.C = T; g.ldc = N; g.accumulate = acc;
+                g.nv = GEMM_NV;
                 gemm_run_transposed(&g);
                 for (i = 0; i < M; i++) gemm_nt(1, N, K, A + (size_t)i * K, K, B, K, bb, R + (size_t)i * N, N, acc);
                 for (i = 0; i < M; i++)
@@ -129,6 +130,60 @@ static void test_gemm_swap(void)
                 check(memcmp(T, R, sizeof(float) * M * N) == 0, what);
             }
     free(A); free(B); free(bias); free(C0); free(C); free(R); free(T); free(D);
+}
+
+/* Products of at most GEMM_NR_NARROW columns, which gemm_run computes with the narrow
+ * tile (GEMM_NV_NARROW vectors a row; on builds where that is the usual tile, the same
+ * path): the same bits as those columns of a wider product (the usual tile), for
+ * gemm_nt and gemm_nn, whole and edge strips and panels, one and two KC steps, with and
+ * without accumulation; and within KERNEL_TOL of a double-precision product. */
+static void test_gemm_narrow(void)
+{
+    static const int ms[] = {2, 6, 20, 33}, ns[] = {5, 16, GEMM_NR_NARROW}, ks[] = {32, GEMM_KC + 44};
+    enum { WIDE = GEMM_NR_NARROW + GEMM_NR }; /* columns of the wide product: past the narrow limit */
+    uint64_t st = 5;
+    size_t a, b, k;
+    char what[112];
+    for (a = 0; a < sizeof ms / sizeof *ms; a++)
+        for (b = 0; b < sizeof ns / sizeof *ns; b++)
+            for (k = 0; k < sizeof ks / sizeof *ks; k++) {
+                int M = ms[a], N = ns[b], K = ks[k], acc, i, j, l, same_nt = 1, same_nn = 1;
+                float *A = malloc(sizeof(float) * M * K), *B = malloc(sizeof(float) * WIDE * K);
+                float *Bkn = malloc(sizeof(float) * K * WIDE), *C0 = malloc(sizeof(float) * M * WIDE);
+                float *Cn = malloc(sizeof(float) * M * N), *Cw = malloc(sizeof(float) * M * WIDE);
+                float *Dn = malloc(sizeof(float) * M * N), *Dw = malloc(sizeof(float) * M * WIDE);
+                double *R = malloc(sizeof(double) * M * N);
+                fill(A, (size_t)M * K, &st); fill(B, (size_t)WIDE * K, &st); fill(C0, (size_t)M * WIDE, &st);
+                for (j = 0; j < WIDE; j++)
+                    for (l = 0; l < K; l++) Bkn[(size_t)l * WIDE + j] = B[(size_t)j * K + l];
+                for (acc = 0; acc < 2; acc++) {
+                    for (i = 0; i < M; i++)
+                        for (j = 0; j < N; j++) {
+                            double s = acc ? C0[i * WIDE + j] : 0.0;
+                            for (l = 0; l < K; l++) s += (double)A[i * K + l] * B[j * K + l];
+                            R[i * N + j] = s;
+                            Cn[i * N + j] = Dn[i * N + j] = C0[i * WIDE + j];
+                        }
+                    memcpy(Cw, C0, sizeof(float) * M * WIDE);
+                    memcpy(Dw, C0, sizeof(float) * M * WIDE);
+                    gemm_nt(M, N, K, A, K, B, K, NULL, Cn, N, acc);
+                    gemm_nt(M, WIDE, K, A, K, B, K, NULL, Cw, WIDE, acc);
+                    gemm_nn(M, N, K, A, K, Bkn, WIDE, Dn, N, acc);
+                    gemm_nn(M, WIDE, K, A, K, Bkn, WIDE, Dw, WIDE, acc);
+                    for (i = 0; i < M; i++)
+                        for (j = 0; j < N; j++) {
+                            same_nt &= memcmp(&Cn[i * N + j], &Cw[i * WIDE + j], sizeof(float)) == 0;
+                            same_nn &= memcmp(&Dn[i * N + j], &Dw[i * WIDE + j], sizeof(float)) == 0;
+                        }
+                    snprintf(what, sizeof what, "gemm_nt M=%d N=%d K=%d accumulate=%d (narrow = wide bits)", M, N,
+                             K, acc);
+                    check(same_nt && max_diff_d(Cn, R, (size_t)M * N) < KERNEL_TOL * K, what);
+                    snprintf(what, sizeof what, "gemm_nn M=%d N=%d K=%d accumulate=%d (narrow = wide bits)", M, N,
+                             K, acc);
+                    check(same_nn && max_diff_d(Dn, R, (size_t)M * N) < KERNEL_TOL * K, what);
+                }
+                free(A); free(B); free(Bkn); free(C0); free(Cn); free(Cw); free(Dn); free(Dw); free(R);
+            }
 }
 
 /* gemm_tn (weight gradients, C[M][N] += A[K][M]^T B[K][N]) on both of its paths: plain
@@ -627,6 +682,7 @@ int main(int argc, char **argv)
     test_sigmoid_below_half();
     test_gemm();
     test_gemm_swap();
+    test_gemm_narrow();
     test_gemm_tn();
     test_gemm_lowp();
     test_convolutions();
