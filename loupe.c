@@ -1254,6 +1254,7 @@ typedef __m512 gemm_vec;
 #define vec_bcast(p) _mm512_set1_ps(*(p))
 #define vec_fma(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define vec_add(a, b) _mm512_add_ps(a, b)
+#define vec_max(a, b) _mm512_max_ps(a, b)
 #define GEMM_TRANSPOSE8 1
 #define gemm_prefetch(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(LOUPE_NO_SIMD)
@@ -1286,6 +1287,7 @@ typedef __m256 gemm_vec;
 #define vec_bcast(p) _mm256_broadcast_ss(p)
 #define vec_fma(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define vec_add(a, b) _mm256_add_ps(a, b)
+#define vec_max(a, b) _mm256_max_ps(a, b)
 #define GEMM_TRANSPOSE8 1
 #define gemm_prefetch(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 #elif defined(__ARM_NEON) && defined(__aarch64__) && !defined(LOUPE_NO_SIMD)
@@ -1316,6 +1318,7 @@ typedef float32x4_t gemm_vec;
 #define vec_bcast(p) vld1q_dup_f32(p)
 #define vec_fma(a, b, c) vfmaq_f32(c, a, b)
 #define vec_add(a, b) vaddq_f32(a, b)
+#define vec_max(a, b) vmaxq_f32(a, b)
 #define gemm_prefetch(p) ((void)(p)) /* no prefetch hint in C99 */
 #else
 /* Portable C: one "vector" is one float and the compiler vectorises the loops over a
@@ -1350,6 +1353,7 @@ typedef float gemm_vec;
 #define vec_fma(a, b, c) ((a) * (b) + (c))
 #endif
 #define vec_add(a, b) ((a) + (b))
+#define vec_max(a, b) ((a) > (b) ? (a) : (b))
 #define gemm_prefetch(p) ((void)(p)) /* no portable prefetch hint */
 #endif
 
@@ -2078,8 +2082,8 @@ static void linear_backward_w(float *dx, int lddx, linear_g g, const float *dy, 
     if (g.b) bias_backward(g.b, dy, ldy, rows, out);
 }
 
-/* Row sums and maxima are kept in this many lanes, combined in a fixed order at the
- * end: the loops vectorise and the result is the same on every instruction set. */
+/* Row sums are kept in this many lanes, combined in a fixed order at the end: the loops
+ * vectorise and the result is the same on every instruction set. */
 #define ROW_LANES 8
 
 /* Mean and (biased) variance of one row of n floats, in double, each sum kept in
@@ -2423,6 +2427,25 @@ static int sigmoid_below_half(float x)
     return sigmoidf(x) < 0.5f;
 }
 
+/* The largest of v[0..n), a vector of lanes at a time (compilers do not vectorise a
+ * maximum of floats on their own: it depends on the order when there are NaNs). Where
+ * a NaN is, softmax_rows' row is NaN whichever maximum this gives. */
+static float row_max(const float *v, int n)
+{
+    float mx = -INFINITY;
+    int i = 0;
+#if GEMM_LANES > 1
+    float lanes[GEMM_LANES];
+    gemm_vec m = vec_bcast(&mx);
+    int l;
+    for (; i + GEMM_LANES <= n; i += GEMM_LANES) m = vec_max(vec_load(v + i), m);
+    vec_store(lanes, m);
+    for (l = 0; l < GEMM_LANES; l++) mx = lanes[l] > mx ? lanes[l] : mx;
+#endif
+    for (; i < n; i++) mx = v[i] > mx ? v[i] : mx;
+    return mx;
+}
+
 /* Softmax of scale * x over each row of x [rows][n], in place; entries whose mask byte
  * is nonzero ([rows][n], NULL for none) count as -inf. */
 static void softmax_rows(float *x, int rows, int n, float scale, const unsigned char *mask)
@@ -2435,11 +2458,7 @@ static void softmax_rows(float *x, int rows, int n, float scale, const unsigned 
             for (i = 0; i < n; i++) v[i] = m[i] ? -INFINITY : v[i] * scale;
         else
             for (i = 0; i < n; i++) v[i] *= scale;
-        for (l = 0; l < ROW_LANES; l++) part[l] = -INFINITY;
-        for (i = 0; i + ROW_LANES <= n; i += ROW_LANES)
-            for (l = 0; l < ROW_LANES; l++) part[l] = v[i + l] > part[l] ? v[i + l] : part[l];
-        for (l = 0; i < n; i++, l++) part[l] = v[i] > part[l] ? v[i] : part[l];
-        for (mx = part[0], l = 1; l < ROW_LANES; l++) mx = part[l] > mx ? part[l] : mx;
+        mx = row_max(v, n);
         for (i = 0; i < n; i++) v[i] = exp_f32(v[i] - mx);
         for (l = 0; l < ROW_LANES; l++) part[l] = 0.0f;
         for (i = 0; i + ROW_LANES <= n; i += ROW_LANES)

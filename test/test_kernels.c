@@ -186,6 +186,64 @@ static void test_gemm_narrow(void)
             }
 }
 
+/* row_max with the largest value at each place in turn (the vector part and the tail),
+ * then softmax_rows against a double-precision softmax, with and without a mask, for
+ * row lengths around the vector and ROW_LANES widths (scores in [-6, 6)); masked
+ * entries exactly 0; a NaN score makes its whole row NaN. */
+static void test_softmax(void)
+{
+    static const int ns[] = {1, 7, 8, 16, 17, 33, 67, 577};
+    uint64_t st = 13;
+    size_t t;
+    char what[96];
+    for (t = 0; t < sizeof ns / sizeof *ns; t++) {
+        int n = ns[t], masked, p, i, rows = n, all_nan = 1, max_ok = 1, zeros_ok = 1;
+        float *x = malloc(sizeof(float) * n * n), *x0 = malloc(sizeof(float) * n * n);
+        unsigned char *mask = malloc((size_t)n * n);
+        double worst = 0.0;
+        fill(x0, (size_t)n * n, &st);
+        for (i = 0; i < n * n; i++) x0[i] *= 6.0f;
+        for (p = 0; p < n; p++) {
+            memcpy(x, x0, sizeof(float) * n);
+            x[p] = 7.0f + (float)p;
+            max_ok &= row_max(x, n) == 7.0f + (float)p;
+        }
+        snprintf(what, sizeof what, "row_max n=%d (the largest value at every place)", n);
+        check(max_ok, what);
+        for (i = 0; i < n * n; i++) mask[i] = (unsigned char)(i % 3 == 1 && i % n != i / n); /* never a whole row */
+        for (masked = 0; masked < 2; masked++) {
+            memcpy(x, x0, sizeof(float) * n * n);
+            softmax_rows(x, rows, n, 0.7f, masked ? mask : NULL);
+            for (p = 0; p < rows; p++) {
+                const float *s = x0 + (size_t)p * n;
+                double sum = 0.0, mx = -HUGE_VAL;
+                for (i = 0; i < n; i++)
+                    if (!(masked && mask[(size_t)p * n + i]) && 0.7 * s[i] > mx) mx = 0.7 * s[i];
+                for (i = 0; i < n; i++)
+                    if (!(masked && mask[(size_t)p * n + i])) sum += exp(0.7 * s[i] - mx);
+                for (i = 0; i < n; i++) {
+                    float got = x[(size_t)p * n + i];
+                    if (masked && mask[(size_t)p * n + i]) {
+                        zeros_ok &= got == 0.0f;
+                    } else {
+                        double d = fabs(got - exp(0.7 * s[i] - mx) / sum);
+                        if (!(d <= worst)) worst = d;
+                    }
+                }
+            }
+            snprintf(what, sizeof what, "softmax_rows n=%d masked=%d against a double softmax", n, masked);
+            check(worst < 1e-6 && zeros_ok, what);
+        }
+        memcpy(x, x0, sizeof(float) * n);
+        x[n / 2] = NAN;
+        softmax_rows(x, 1, n, 1.0f, NULL);
+        for (i = 0; i < n; i++) all_nan &= isnan(x[i]);
+        snprintf(what, sizeof what, "softmax_rows n=%d: a NaN score makes the row NaN", n);
+        check(all_nan, what);
+        free(x); free(x0); free(mask);
+    }
+}
+
 /* gemm_tn (weight gradients, C[M][N] += A[K][M]^T B[K][N]) on both of its paths: plain
  * tiles for small products and gemm_run with A packed transposed from GEMM_TN_BLOCKED_MIN
  * multiply-adds on; odd sizes, row strides wider than the rows, several K steps. */
@@ -683,6 +741,7 @@ int main(int argc, char **argv)
     test_gemm();
     test_gemm_swap();
     test_gemm_narrow();
+    test_softmax();
     test_gemm_tn();
     test_gemm_lowp();
     test_convolutions();
