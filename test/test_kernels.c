@@ -246,10 +246,12 @@ static void test_softmax(void)
 
 /* gemm_tn (weight gradients, C[M][N] += A[K][M]^T B[K][N]) on both of its paths: plain
  * tiles for small products and gemm_run with A packed transposed from GEMM_TN_BLOCKED_MIN
- * multiply-adds on; odd sizes, row strides wider than the rows, several K steps. */
+ * multiply-adds on (the last shape also with the narrow tile); odd sizes, row strides
+ * wider than the rows, several K steps. */
 static void test_gemm_tn(void)
 {
-    static const int shapes[][3] = {{5, 7, 3}, {33, 70, 17}, {203, 301, 2 * GEMM_KC + 37}, {97, 1000, 577}};
+    static const int shapes[][3] = {{5, 7, 3}, {33, 70, 17}, {203, 301, 2 * GEMM_KC + 37}, {97, 1000, 577},
+                                    {600, 29, 1000}};
     uint64_t st = 11;
     size_t t;
     char what[96];
