@@ -1245,7 +1245,7 @@ typedef __m512 gemm_vec;
 #define GEMM_MC 512
 #endif
 #ifndef GEMM_NV_NARROW
-#define GEMM_NV_NARROW 2
+#define GEMM_NV_NARROW (GEMM_NV < 2 ? GEMM_NV : 2)
 #endif
 #define GEMM_PEAK_CHAINS 12
 #define vec_zero() _mm512_setzero_ps()
