@@ -1569,9 +1569,19 @@ typedef struct gemm_args {
     int c_t; /* C holds the transpose: element (i, j) at C[j * ldc + i], bias by row */
     int a_t; /* A holds the transpose: element (i, k) at A[k * lda + i] (weight gradients) */
     const float *b_pre; /* B already packed by gemm_prepack (else NULL: packed per task) */
-    int nv;             /* vectors per tile row: GEMM_NV, or GEMM_NV_NARROW in a narrow product */
     float *C;
 } gemm_args;
+
+/* Vectors per tile row for the product g: the narrow tile when C has at most
+ * GEMM_NR_NARROW columns and B is packed here from float32, else the usual one. */
+static int gemm_nv(const gemm_args *g)
+{
+#if GEMM_NV_NARROW < GEMM_NV
+    if (g->N <= GEMM_NR_NARROW && g->B.dtype == DTYPE_F32 && !g->b_pre) return GEMM_NV_NARROW;
+#endif
+    (void)g;
+    return GEMM_NV;
+}
 
 /* Floats of a B [N][K] packed by gemm_prepack: every KC step's panels, N rounded up to whole panels. */
 #define GEMM_NPAD(n) (((size_t)(n) + GEMM_NR - 1) / GEMM_NR * GEMM_NR)
@@ -1615,14 +1625,14 @@ static void gemm_pack_panel_convert(const wmat *m, size_t n0, size_t p0, int kc,
  * panel; an [N][K] one in registers for whole panels on AVX, else through float32
  * rows in strip, NR x KC floats): the conversion is paid
  * once per packed block, not per row of A, and no float32 copy of the weight exists
- * anywhere else. Only a float32 B is packed for the narrow tile (gemm_run). */
+ * anywhere else. Only a float32 B is packed for the narrow tile (gemm_nv). */
 static void gemm_pack_b(const gemm_args *g, int n0, int nr, int p0, int kc, float *strip, float *d)
 {
     const float *b = g->B.data;
     size_t ldb = g->B.ld;
     int k;
     if (g->B.dtype == DTYPE_F32) {
-        gemm_pack_panel(nr, g->nv * GEMM_LANES, kc, g->b_kn ? b + (size_t)p0 * ldb + n0 : b + (size_t)n0 * ldb + p0,
+        gemm_pack_panel(nr, gemm_nv(g) * GEMM_LANES, kc, g->b_kn ? b + (size_t)p0 * ldb + n0 : b + (size_t)n0 * ldb + p0,
                         ldb, g->b_kn, d);
         return;
     }
@@ -1652,7 +1662,7 @@ static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p
 #if GEMM_PACK_A
     float apack[GEMM_MR * GEMM_A_STRIDE];
 #endif
-    int i0, j0, first = p0 == 0, load_c = !first || g->accumulate, nrw = g->nv * GEMM_LANES;
+    int i0, j0, first = p0 == 0, load_c = !first || g->accumulate, nv = gemm_nv(g), nrw = nv * GEMM_LANES;
     for (i0 = m0; i0 < m1; i0 += GEMM_MR) {
         int mr = m1 - i0 < GEMM_MR ? m1 - i0 : GEMM_MR, r;
         const float *a[GEMM_MR];
@@ -1677,7 +1687,7 @@ static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p
                 out.ldc = (size_t)nrw;
                 out.bias = NULL;
                 out.load_c = 0;
-                gemm_micro_strip(mr, g->nv, kc, a, panel, out);
+                gemm_micro_strip(mr, nv, kc, a, panel, out);
                 for (j = 0; j < nr; j++) {
                     float *cj = g->C + (size_t)(n0 + j0 + j) * g->ldc + i0;
                     for (r = 0; r < mr; r++) {
@@ -1693,10 +1703,10 @@ static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p
                 out.ldc = g->ldc;
                 out.bias = bias;
                 out.load_c = load_c;
-                if (g->nv == GEMM_NV)
+                if (nv == GEMM_NV)
                     gemm_micro(kc, a, panel, out);
                 else
-                    gemm_micro_strip(mr, g->nv, kc, a, panel, out);
+                    gemm_micro_strip(mr, nv, kc, a, panel, out);
                 continue;
             }
             /* Edge tile: compute the tile aside (only its first GEMM_MR_SHORT rows
@@ -1706,7 +1716,7 @@ static void gemm_block(const gemm_args *g, int m0, int m1, int n0, int nc, int p
             out.ldc = (size_t)nrw;
             out.bias = NULL;
             out.load_c = 0;
-            gemm_micro_strip(mr, g->nv, kc, a, panel, out);
+            gemm_micro_strip(mr, nv, kc, a, panel, out);
             for (r = 0; r < mr; r++)
                 for (j = 0; j < nr; j++) {
                     float t = tile[r * nrw + j], *cij = c + (size_t)r * g->ldc + j;
@@ -1731,7 +1741,7 @@ static void gemm_task(const gemm_args *g, int m0, int m1, int n0, int n1, float 
 {
     float block[GEMM_KC * GEMM_NC + GEMM_LINE_FLOATS], strip[GEMM_NR * GEMM_KC];
     float *bp = block + (GEMM_LINE_FLOATS - (uintptr_t)block / sizeof(float) % GEMM_LINE_FLOATS) % GEMM_LINE_FLOATS;
-    int p0, kc, jc, j0, i, k, nrw = g->nv * GEMM_LANES;
+    int p0, kc, jc, j0, i, k, nrw = gemm_nv(g) * GEMM_LANES;
     for (p0 = 0; p0 < g->K; p0 += kc) {
         kc = g->K - p0 < GEMM_KC ? g->K - p0 : GEMM_KC;
         if (at)
@@ -1794,14 +1804,6 @@ static void gemm_run(const gemm_args *g)
             }
         return;
     }
-#if GEMM_NV_NARROW < GEMM_NV
-    if (g->N <= GEMM_NR_NARROW && g->nv == GEMM_NV && g->B.dtype == DTYPE_F32 && !g->b_pre) {
-        gemm_args t = *g; /* few columns: the narrow tile */
-        t.nv = GEMM_NV_NARROW;
-        gemm_run(&t);
-        return;
-    }
-#endif
     if (g->M <= GEMM_SWAP_MAX_M && g->N >= GEMM_SWAP_RATIO * g->M && !g->b_kn && !g->c_t && !g->a_t && !g->b_pre &&
         g->B.dtype == DTYPE_F32 && 2 * ((g->M + GEMM_NR - 1) / GEMM_NR * GEMM_NR) <= 3 * (strips * GEMM_MR)) {
         gemm_run_transposed(g);
@@ -1851,7 +1853,6 @@ static void gemm_nt_w(int M, int N, int K, const float *A, int lda, wmat B, cons
     g.c_t = 0;
     g.a_t = 0;
     g.b_pre = NULL;
-    g.nv = GEMM_NV;
     g.accumulate = accumulate;
     gemm_run(&g);
 }
@@ -1894,7 +1895,6 @@ static void gemm_nt_prepacked(int M, int N, int K, const float *A, int lda, cons
     g.c_t = 0;
     g.a_t = 0;
     g.b_pre = b_pre;
-    g.nv = GEMM_NV;
     g.accumulate = 0;
     gemm_run(&g);
 }
@@ -1910,7 +1910,6 @@ static void gemm_nn_w(int M, int N, int K, const float *A, int lda, wmat B, floa
     g.c_t = 0;
     g.a_t = 0;
     g.b_pre = NULL;
-    g.nv = GEMM_NV;
     g.accumulate = accumulate;
     gemm_run(&g);
 }
@@ -1997,7 +1996,7 @@ static void gemm_tn(int M, int N, int K, const float *A, int lda, const float *B
         g.M = M; g.N = N; g.K = K;
         g.A = A; g.lda = (size_t)lda; g.a_t = 1;
         g.B = wmat_f32(B, (size_t)ldb); g.b_kn = 1;
-        g.bias = NULL; g.C = C; g.ldc = (size_t)ldc; g.c_t = 0; g.b_pre = NULL; g.nv = GEMM_NV;
+        g.bias = NULL; g.C = C; g.ldc = (size_t)ldc; g.c_t = 0; g.b_pre = NULL;
         g.accumulate = 1;
         gemm_run(&g);
         return;

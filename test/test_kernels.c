@@ -114,7 +114,6 @@ static void test_gemm_swap(void)
                 memset(&g, 0, sizeof g);
                 g.M = M; g.N = N; g.K = K;
                 g.A = A; g.lda = K; g.B = wmat_f32(B, K); g.bias = bb; g.C = T; g.ldc = N; g.accumulate = acc;
-                g.nv = GEMM_NV;
                 gemm_run_transposed(&g);
                 for (i = 0; i < M; i++) gemm_nt(1, N, K, A + (size_t)i * K, K, B, K, bb, R + (size_t)i * N, N, acc);
                 for (i = 0; i < M; i++)
